@@ -1,0 +1,3 @@
+from hoexp.cli import main
+
+main()

@@ -1,0 +1,220 @@
+"""The ``hoexp`` command line: ``hoexp run [overrides]`` (Hydra), ``hoexp --help``.
+
+This module and ``config.py`` are the only ones that know about Hydra / OmegaConf. Before Hydra
+launches anything, every job of the command (each combination of a ``-m`` sweep) is composed and
+validated, so a typo fails in one line (exit code 2) instead of a traceback halfway through a sweep.
+Set ``HYDRA_FULL_ERROR=1`` to see full tracebacks.
+"""
+
+from __future__ import annotations
+
+import difflib
+import itertools
+import os
+import re
+import sys
+from pathlib import Path
+
+from hoexp.errors import ConfigError, HoexpError
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+MAX_VALIDATED_JOBS = 256
+
+USAGE = """\
+usage: hoexp <command> [arguments]
+
+Gradient-based hyperparameter optimization experiments (hypergradients) in PyTorch.
+
+commands:
+  run       run one experiment from Hydra overrides, or a sweep with -m:
+              hoexp run method=neumann hp=weight_decay
+              hoexp run -m method=neumann,cg,none seed=0,1,2
+            'hoexp run --help' lists the config groups and their options;
+            'hoexp run --cfg job' prints the composed config without running.
+  version   print the version
+
+Runs write TensorBoard events, metrics.jsonl and summary.json under outputs/;
+view them with: tensorboard --logdir outputs
+"""
+
+HYDRA_FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
+                          "--config-dir", "-cd", "--info", "-i", "--experimental-rerun"}
+
+
+def fail(message: str, code: int = 2) -> None:
+    print(f"hoexp: error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+def conf_dir() -> Path:
+    if not (CONF_DIR / "config.yaml").is_file():
+        raise HoexpError(f"config folder not found at {CONF_DIR}; install hoexp from its source tree "
+                         "(make install, or pip install -e .)")
+    return CONF_DIR
+
+
+def group_options(group: str) -> list[str]:
+    folder = conf_dir() / group
+    return sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
+
+
+def split_hydra_args(args: list[str]) -> tuple[list[str], set[str]]:
+    """Separate Hydra's own flags from config overrides."""
+    overrides, flags = [], set()
+    it = iter(args)
+    for a in it:
+        if a.startswith("-"):
+            flags.add(a.split("=")[0])
+            if a in HYDRA_FLAGS_WITH_VALUE:
+                next(it, None)
+        else:
+            overrides.append(a)
+    return overrides, flags
+
+
+# ------------------------------------------------------------------------------------ validation
+def expand_sweeps(overrides: list[str]) -> list[list[str]]:
+    """The override lists of the jobs a ``-m`` sweep launches (all combinations, capped).
+
+    Overrides that cannot be expanded here (e.g. an Optuna ``interval(...)``) are left for the
+    sweeper; ``hydra.*`` overrides are left for Hydra.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides([o for o in overrides if not o.lstrip("+~").startswith("hydra")])
+    choices: list[list[str]] = []
+    for o in parsed:
+        key = o.get_key_element()
+        if o.is_sweep_override():
+            try:
+                values = list(o.sweep_string_iterator())
+            except Exception:  # not a plain list / range: the sweeper decides the values
+                continue
+            choices.append([f"{key}={v}" for v in values])
+        else:
+            choices.append([o.input_line])
+    jobs = list(itertools.islice(itertools.product(*choices), MAX_VALIDATED_JOBS))
+    if len(jobs) == MAX_VALIDATED_JOBS:  # too many to compose each: check every value once instead
+        firsts = [c[0] for c in choices]
+        jobs = [tuple(firsts[:i] + [v] + firsts[i + 1:]) for i, c in enumerate(choices) for v in c]
+    return [list(j) for j in jobs]
+
+
+def _explain_composition_error(message: str, overrides: list[str]) -> str:
+    first = message.strip().splitlines()[0] if message.strip() else "invalid override"
+    m = re.search(r"Could not find '([^']+)/([^'/]+)'", message)
+    if m:
+        group, option = m.group(1), m.group(2)
+        return f"unknown {group} '{option}'; choose one of: {', '.join(group_options(group))}"
+    m = re.search(r"Could not override '([^']+)'", message)
+    if m and "No match in the defaults list" in message:
+        groups = sorted(p.name for p in conf_dir().iterdir() if p.is_dir())
+        return f"unknown config group '{m.group(1)}'; groups: {', '.join(groups)}"
+    if m:
+        key = m.group(1)
+        parent, _, leaf = key.rpartition(".")
+        valid = _valid_keys(parent, [o for o in overrides if not o.lstrip("+~").startswith(key + "=")])
+        if not parent:  # a top-level name: config groups are valid too
+            valid = sorted(set(valid) | {p.name for p in conf_dir().iterdir() if p.is_dir()})
+        close = difflib.get_close_matches(leaf, valid, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        where = f" in {parent}" if parent else ""
+        return f"unknown key '{leaf}'{where}{hint}; valid keys: {', '.join(valid)}"
+    return first
+
+
+def _compose(overrides: list[str]):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        return compose(config_name="config", overrides=overrides)
+
+
+def _valid_keys(parent: str, overrides: list[str]) -> list[str]:
+    from omegaconf import DictConfig, OmegaConf
+
+    try:
+        cfg = _compose(overrides)
+        node = OmegaConf.select(cfg, parent) if parent else cfg
+    except Exception:
+        return []
+    if not isinstance(node, DictConfig):
+        return []
+    keys = [k for k in node.keys() if k != "hydra"]
+    if parent.startswith("optim") or parent in ("method", "hp", "model", "dataset"):
+        keys = [k for k in keys if k != "name"]
+    return sorted(str(k) for k in keys)
+
+
+def validate_job(overrides: list[str]) -> None:
+    """Compose one job's config and check it completely; raise ConfigError with one line."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from hoexp.build import preflight
+    from hoexp.config import validate
+
+    try:
+        cfg = _compose(overrides)
+    except (HydraException, OmegaConfBaseException) as e:
+        raise ConfigError(_explain_composition_error(str(e), overrides)) from None
+    preflight(validate(cfg))
+
+
+# ------------------------------------------------------------------------------------- commands
+def _task(cfg) -> float:
+    """The Hydra job: validate, run, return the best validation loss (for sweepers)."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    from hoexp.config import validate
+    from hoexp.runner import run_experiment
+
+    try:
+        spec = validate(cfg)
+        out_dir = HydraConfig.get().runtime.output_dir
+        summary = run_experiment(spec, out_dir, config_text=OmegaConf.to_yaml(cfg))
+    except HoexpError as e:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        fail(str(e), e.exit_code)
+    return float(summary["best"].get("val_loss", float("nan")))
+
+
+def cmd_run(args: list[str]) -> None:
+    import hydra
+
+    overrides, flags = split_hydra_args(args)
+    if not flags & {"--help", "-h", "--hydra-help", "--info", "-i", "--shell-completion", "-sc"}:
+        jobs = expand_sweeps(overrides) if flags & {"-m", "--multirun"} else [overrides]
+        for job in jobs:
+            validate_job(job)
+    sys.argv = ["hoexp run", *args]
+    hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")(_task)()
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE, end="")
+        sys.exit(0 if argv else 2)
+    command, rest = argv[0], argv[1:]
+    try:
+        if command == "run":
+            cmd_run(rest)
+        elif command in ("version", "--version"):
+            from hoexp import __version__
+
+            print(f"hoexp {__version__}")
+        else:
+            fail(f"unknown command '{command}'; commands: run, version (see 'hoexp --help')")
+    except HoexpError as e:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        fail(str(e), e.exit_code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,345 @@
+"""Typed structured configs: one dataclass per option of every config group.
+
+The YAML files under ``conf/`` choose and tune options; :func:`validate` merges each group's node
+into the dataclass its ``name`` selects, so unknown keys, wrong types and out-of-range values end
+in a one-line :class:`~hoexp.errors.ConfigError` before anything runs. Only this module and
+``cli.py`` know about OmegaConf.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, ValidationError
+
+from hoexp.errors import ConfigError
+
+
+# ---------------------------------------------------------------------------------------- dataset
+@dataclass
+class IrisConfig:
+    name: str = "iris"
+    train_size: int = 60
+    val_size: int = 60
+    test_size: int = 30
+    split_seed: int | None = None  # None: the run's seed (each seed its own split)
+    standardize: bool = True
+
+    def check(self) -> None:
+        _positive(self, "train_size", "val_size", "test_size")
+        total = self.train_size + self.val_size + self.test_size
+        if total > 150:
+            raise ConfigError(f"dataset.train_size + val_size + test_size = {total}, but Iris has 150 examples")
+
+
+# ------------------------------------------------------------------------------------------ model
+@dataclass
+class MLPConfig:
+    name: str = "mlp"
+    width: int = 128
+    depth: int = 2
+    activation: str = "relu"
+    bias: bool = False
+
+    def check(self) -> None:
+        _positive(self, "width")
+        if self.depth < 0:
+            raise ConfigError(f"model.depth must be >= 0 (number of hidden layers), got {self.depth}")
+        from hoexp.model.mlp import ACTIVATIONS
+
+        _choice("model.activation", self.activation, ACTIVATIONS)
+
+
+# -------------------------------------------------------------------------------- hyperparameters
+@dataclass
+class WeightDecayConfig:
+    name: str = "weight_decay"
+    granularity: str = "per_weight"  # global | per_layer | per_weight
+    init: float = 1e-3
+    include: list[str] = field(default_factory=lambda: ["*weight"])
+    min: float = 1e-12  # the view exp(raw) is clamped into [min, max] after each outer step
+    max: float = 10.0
+
+    def check(self) -> None:
+        from hoexp.hp.weight_decay import GRANULARITIES
+
+        _choice("hp.granularity", self.granularity, GRANULARITIES)
+        if not 0 < self.min <= self.init <= self.max:
+            raise ConfigError(f"hp.init must lie in [hp.min, hp.max] with hp.min > 0; got min={self.min}, "
+                              f"init={self.init}, max={self.max}")
+        if not self.include:
+            raise ConfigError("hp.include is empty: give parameter-name patterns to decay, e.g. ['*weight']")
+
+
+# ---------------------------------------------------------------------------------------- methods
+@dataclass
+class NoneMethodConfig:
+    """Train with the initial hyperparameters and no HO: the baseline every comparison needs."""
+
+    name: str = "none"
+
+    def check(self) -> None:
+        pass
+
+
+@dataclass
+class NeumannConfig:
+    name: str = "neumann"
+    terms: int = 5
+    alpha: float = 0.01
+    residual: bool = True  # one more HVP for the exact residual ‖Hu − v‖/‖v‖
+
+    def check(self) -> None:
+        _non_negative(self, "terms")
+        _positive(self, "alpha")
+
+
+@dataclass
+class CGConfig:
+    name: str = "cg"
+    iterations: int = 20
+    tol: float = 1e-10
+
+    def check(self) -> None:
+        _non_negative(self, "iterations", "tol")
+
+
+@dataclass
+class FixedPointConfig:
+    name: str = "fixed_point"
+    iterations: int = 5
+    alpha: float = 0.01
+    residual: bool = True
+
+    def check(self) -> None:
+        _non_negative(self, "iterations")
+        _positive(self, "alpha")
+
+
+@dataclass
+class ExactConfig:
+    name: str = "exact"
+    max_params: int = 20_000
+
+    def check(self) -> None:
+        _positive(self, "max_params")
+
+
+# ------------------------------------------------------------------------------------- optimizers
+@dataclass
+class SGDConfig:
+    name: str = "sgd"
+    lr: float = 0.01
+    momentum: float = 0.0
+    dampening: float = 0.0
+    weight_decay: float = 0.0
+    nesterov: bool = False
+
+    def check(self) -> None:
+        _positive(self, "lr")
+        _non_negative(self, "momentum", "dampening", "weight_decay")
+        if self.nesterov and (self.momentum <= 0 or self.dampening != 0):
+            raise ConfigError("nesterov needs momentum > 0 and dampening = 0")
+
+
+@dataclass
+class MomentumConfig(SGDConfig):
+    name: str = "momentum"
+    momentum: float = 0.9
+
+
+@dataclass
+class NesterovConfig(SGDConfig):
+    name: str = "nesterov"
+    momentum: float = 0.9
+    nesterov: bool = True
+
+
+@dataclass
+class AdamConfig:
+    name: str = "adam"
+    lr: float = 1e-3
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    amsgrad: bool = False
+
+    def check(self) -> None:
+        _positive(self, "lr", "eps")
+        _non_negative(self, "weight_decay")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"betas must be two numbers in [0, 1), got {list(self.betas)}")
+
+
+@dataclass
+class AdamWConfig(AdamConfig):
+    name: str = "adamw"
+    weight_decay: float = 1e-2
+
+
+@dataclass
+class RMSpropConfig:
+    name: str = "rmsprop"
+    lr: float = 1e-2
+    alpha: float = 0.99
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    momentum: float = 0.0
+    centered: bool = False
+
+    def check(self) -> None:
+        _positive(self, "lr", "eps")
+        _non_negative(self, "weight_decay", "momentum", "alpha")
+
+
+@dataclass
+class AdagradConfig:
+    name: str = "adagrad"
+    lr: float = 1e-2
+    lr_decay: float = 0.0
+    weight_decay: float = 0.0
+    initial_accumulator_value: float = 0.0
+    eps: float = 1e-10
+
+    def check(self) -> None:
+        _positive(self, "lr", "eps")
+        _non_negative(self, "lr_decay", "weight_decay", "initial_accumulator_value")
+
+
+# ------------------------------------------------------------------------------------- the run
+@dataclass
+class RunConfig:
+    """Top-level keys other tools rely on."""
+
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "float32"
+    outer_steps: int = 100  # hypergradient steps
+    inner_steps: int = 100  # training steps between hypergradients
+    threads: int = 0  # CPU threads; 0 = auto (1 for small models, where more threads only add overhead)
+    eval_every: int = 1  # evaluate train/val/test every N outer steps (and at the last)
+    histogram_every: int = 10  # hyperparameter histograms in TensorBoard every N outer steps
+    progress: bool = True  # rich bars on a terminal, plain lines otherwise
+    name: str = "run"
+
+    def check(self) -> None:
+        _non_negative(self, "outer_steps", "inner_steps", "threads", "seed")
+        _positive(self, "eval_every", "histogram_every")
+        if self.dtype not in ("float32", "float64"):
+            raise ConfigError(f"dtype must be float32 or float64, got '{self.dtype}'")
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got '{self.device}'")
+
+
+GROUPS: dict[str, dict[str, type]] = {
+    "dataset": {"iris": IrisConfig},
+    "model": {"mlp": MLPConfig},
+    "hp": {"weight_decay": WeightDecayConfig},
+    "method": {"none": NoneMethodConfig, "neumann": NeumannConfig, "cg": CGConfig,
+               "fixed_point": FixedPointConfig, "exact": ExactConfig},
+    "optim": {"sgd": SGDConfig, "momentum": MomentumConfig, "nesterov": NesterovConfig, "adam": AdamConfig,
+              "adamw": AdamWConfig, "rmsprop": RMSpropConfig, "adagrad": AdagradConfig},
+}
+
+
+@dataclass
+class Spec:
+    """A validated experiment: one typed config per group plus the top-level run keys."""
+
+    run: RunConfig
+    dataset: Any
+    model: Any
+    hp: Any
+    method: Any
+    inner_optim: Any
+    outer_optim: Any
+    raw: dict  # the composed config as plain containers, for logging
+
+
+def _positive(obj: Any, *names: str) -> None:
+    for n in names:
+        v = getattr(obj, n)
+        if not (isinstance(v, (int, float)) and v > 0 and math.isfinite(v)):
+            raise ConfigError(f"{_where(obj)}{n} must be > 0, got {v}")
+
+
+def _non_negative(obj: Any, *names: str) -> None:
+    for n in names:
+        v = getattr(obj, n)
+        if not (isinstance(v, (int, float)) and v >= 0 and math.isfinite(v)):
+            raise ConfigError(f"{_where(obj)}{n} must be >= 0, got {v}")
+
+
+def _where(obj: Any) -> str:
+    if isinstance(obj, RunConfig):
+        return ""
+    for group, options in GROUPS.items():
+        if type(obj) in options.values():
+            return f"{group}.{obj.name}: " if group != "method" else f"method={obj.name}: "
+    return ""
+
+
+def _choice(key: str, value: str, valid) -> None:
+    if value not in valid:
+        raise ConfigError(f"{key}='{value}' is not valid; choose one of: {', '.join(sorted(valid))}")
+
+
+def typed(group: str, node: Any, key: str) -> Any:
+    """Merge one group's node into the dataclass its ``name`` selects; check ranges."""
+    options = GROUPS[group]
+    if not isinstance(node, DictConfig) or "name" not in node:
+        raise ConfigError(f"'{key}' must be a config of the '{group}' group with a 'name'; "
+                          f"choose one of: {', '.join(sorted(options))}")
+    name = node.name
+    if name not in options:
+        raise ConfigError(f"unknown {key} '{name}'; choose one of: {', '.join(sorted(options))}")
+    schema = options[name]
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema), node)
+    except ConfigKeyError as e:
+        bad = getattr(e, "key", None) or "?"
+        valid = ", ".join(f.name for f in fields(schema) if f.name != "name")
+        raise ConfigError(f"unknown key '{key}.{bad}' for {key}={name}; valid keys: {valid}") from None
+    except ValidationError as e:
+        bad = str(getattr(e, "key", None) or "?")
+        expected = next((f.type for f in fields(schema) if f.name == bad), "?")
+        raise ConfigError(f"{key}.{bad}: {node.get(bad)!r} is not a valid {expected}") from None
+    obj = OmegaConf.to_object(merged)
+    obj.check()
+    return obj
+
+
+RUN_KEYS = {f.name for f in fields(RunConfig)}
+GROUP_KEYS = {"dataset", "model", "hp", "method", "optim"}
+
+
+def validate(cfg: DictConfig) -> Spec:
+    """Turn a composed Hydra config into a typed :class:`Spec`, or raise :class:`ConfigError`."""
+    top = {k: v for k, v in cfg.items() if k not in GROUP_KEYS and k != "hydra"}
+    unknown = set(top) - RUN_KEYS
+    if unknown:
+        raise ConfigError(f"unknown top-level key(s) {', '.join(sorted(unknown))}; valid: {', '.join(sorted(RUN_KEYS))}")
+    try:
+        run = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.create(top)))
+    except ValidationError as e:
+        k = str(getattr(e, "full_key", "?"))
+        expected = next((f.type for f in fields(RunConfig) if f.name == k), "?")
+        raise ConfigError(f"{k}: value {top.get(k)!r} is not a valid {expected}") from None
+    run.check()
+    optim = cfg.get("optim")
+    if not isinstance(optim, DictConfig) or "inner" not in optim or "outer" not in optim:
+        raise ConfigError("the config needs optim.inner and optim.outer (groups optim/inner and optim/outer)")
+    spec = Spec(
+        run=run,
+        dataset=typed("dataset", cfg.get("dataset"), "dataset"),
+        model=typed("model", cfg.get("model"), "model"),
+        hp=typed("hp", cfg.get("hp"), "hp"),
+        method=typed("method", cfg.get("method"), "method"),
+        inner_optim=typed("optim", optim.inner, "optim.inner"),
+        outer_optim=typed("optim", optim.outer, "optim.outer"),
+        raw=OmegaConf.to_container(cfg, resolve=True),
+    )
+    return spec

@@ -1,0 +1,151 @@
+"""Shared types and helpers for the functional (optax-style) optimizers.
+
+An :class:`Optimizer` is a pair of pure functions::
+
+    state = opt.init(params)
+    new_params, new_state = opt.update(params, grads, state, **overrides)
+
+Everything is out-of-place and built from differentiable torch ops, so an update
+can sit inside an unrolled (reverse-mode) hypergradient computation, inside
+``torch.func.jvp`` / ``torch.func.vmap``, or drive an outer loop over
+hyperparameters.
+
+Overrides: every scalar hyperparameter accepted by ``update`` may be ``None``
+(use the value given to the factory), a Python number, a 0-d tensor (possibly
+requiring grad), or a ``dict[str, Tensor]`` keyed by parameter name whose values
+broadcast against that parameter (per-layer / per-element hyperparameters).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple, Union
+
+import torch
+
+Params = dict[str, torch.Tensor]
+OptState = dict[str, Any]
+Scalar = Union[float, torch.Tensor]
+Hyper = Union[float, torch.Tensor, Mapping[str, Union[float, torch.Tensor]]]
+
+__all__ = [
+    "add_scaled",
+    "add_scaled_div",
+    "add_scaled_mul",
+    "Hyper",
+    "OptState",
+    "Optimizer",
+    "Params",
+    "Scalar",
+    "check_grads",
+    "check_nonneg",
+    "hyper",
+    "is_zero",
+    "lerp",
+    "safe_sqrt",
+    "zeros_like_params",
+]
+
+
+class Optimizer(NamedTuple):
+    """A functional optimizer: ``init(params) -> state`` and
+    ``update(params, grads, state, **overrides) -> (new_params, new_state)``."""
+
+    name: str
+    init: Callable[[Params], OptState]
+    update: Callable[..., tuple[Params, OptState]]
+
+
+def safe_sqrt(x: torch.Tensor) -> torch.Tensor:
+    """``sqrt(x)`` with derivative 0 (instead of +inf) where ``x <= 0``.
+
+    Forward value equals ``torch.sqrt(x)`` for ``x >= 0`` (0 for ``x < 0``
+    instead of NaN). Uses the double-``where`` trick so neither branch produces
+    inf/NaN in the backward or forward-mode pass; this keeps unrolled
+    hypergradients finite when a gradient entry is exactly 0 (e.g. dead ReLUs).
+    """
+    pos = x > 0
+    return torch.where(pos, torch.sqrt(torch.where(pos, x, torch.ones_like(x))), torch.zeros_like(x))
+
+
+def hyper(override: Hyper | None, default: Hyper, name: str) -> Scalar:
+    """Value of a hyperparameter for parameter ``name``.
+
+    ``override`` wins over ``default`` unless it is None; a mapping is indexed by
+    the parameter name (a missing name is an error, never a silent fallback).
+    """
+    value = default if override is None else override
+    if isinstance(value, Mapping):
+        try:
+            return value[name]
+        except KeyError:
+            raise KeyError(
+                f"per-parameter hyperparameter has no entry for parameter '{name}' "
+                f"(keys: {', '.join(sorted(map(str, value)))})"
+            ) from None
+    return value
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def is_zero(value: Scalar) -> bool:
+    """True only for a Python number equal to 0 (tensors are never treated as a
+    structural zero, so their gradient path is kept)."""
+    return _is_number(value) and value == 0
+
+
+def lerp(start: torch.Tensor, end: torch.Tensor, weight: Scalar) -> torch.Tensor:
+    """``start + weight * (end - start)``; uses ``torch.lerp`` for Python-number
+    weights (bitwise-identical to torch.optim), plain arithmetic otherwise (any
+    tensor weight dtype/shape that broadcasts)."""
+    if _is_number(weight):
+        return torch.lerp(start, end, weight)
+    return start + weight * (end - start)
+
+
+# The three helpers below compute ``x + a * (...)`` with torch's fused kernels when
+# ``a`` is a Python number (so results round exactly like torch.optim, which uses
+# ``add(alpha=)``, ``addcmul`` and ``addcdiv``), and with plain broadcasting
+# arithmetic when ``a`` is a tensor (differentiable w.r.t. ``a``).
+
+
+def add_scaled(x: torch.Tensor, a: Scalar, y: torch.Tensor) -> torch.Tensor:
+    """``x + a * y``."""
+    if _is_number(a):
+        return torch.add(x, y, alpha=a)
+    return x + a * y
+
+
+def add_scaled_mul(x: torch.Tensor, a: Scalar, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """``x + a * y * z``."""
+    if _is_number(a):
+        return torch.addcmul(x, y, z, value=a)
+    return x + a * y * z
+
+
+def add_scaled_div(x: torch.Tensor, a: Scalar, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """``x + a * y / z``."""
+    if _is_number(a):
+        return torch.addcdiv(x, y, z, value=a)
+    return x + a * y / z
+
+
+def zeros_like_params(params: Params) -> dict[str, torch.Tensor]:
+    """Fresh zero buffers (no autograd history) shaped like each parameter."""
+    return {k: torch.zeros_like(p) for k, p in params.items()}
+
+
+def check_grads(params: Params, grads: Params) -> None:
+    """Raise ValueError if some parameter has no gradient entry."""
+    missing = [k for k in params if k not in grads]
+    if missing:
+        raise ValueError(f"grads is missing entries for parameters: {', '.join(missing)}")
+
+
+def check_nonneg(**values: Any) -> None:
+    """torch.optim-style validation of numeric hyperparameters (tensors skipped)."""
+    for key, value in values.items():
+        if isinstance(value, (int, float)) and value < 0:
+            raise ValueError(f"Invalid {key} value: {value}")

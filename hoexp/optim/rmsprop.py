@@ -1,0 +1,110 @@
+"""Functional RMSprop, matching torch.optim.RMSprop."""
+
+from __future__ import annotations
+
+from hoexp.optim.base import (
+    Hyper,
+    OptState,
+    Optimizer,
+    Params,
+    add_scaled,
+    add_scaled_div,
+    add_scaled_mul,
+    check_grads,
+    check_nonneg,
+    hyper,
+    is_zero,
+    lerp,
+    safe_sqrt,
+    zeros_like_params,
+)
+
+__all__ = ["rmsprop"]
+
+
+def rmsprop(
+    lr: float = 1e-2,
+    alpha: float = 0.99,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    momentum: float = 0.0,
+    centered: bool = False,
+) -> Optimizer:
+    """RMSprop, exactly as ``torch.optim.RMSprop``.
+
+    Per parameter::
+
+        g   = g + wd * p
+        s   = alpha * s + (1 - alpha) * g^2
+        avg = sqrt(s - gbar^2) + eps,  gbar = lerp(gbar, g, 1 - alpha)   (centered)
+        avg = sqrt(s) + eps                                              (otherwise)
+        buf = mu * buf + g / avg;  p = p - lr * buf    (momentum buffer enabled)
+        p   = p - lr * g / avg                          (otherwise)
+
+    ``sqrt`` is :func:`safe_sqrt`. The momentum buffer exists iff ``momentum != 0``
+    at construction (overriding ``momentum`` requires it). Cost: O(n) flops per
+    step; n extra memory, +n centered, +n momentum. ``update`` overrides:
+    ``lr``, ``weight_decay``, ``momentum``, ``alpha``, ``eps``.
+    """
+    check_nonneg(lr=lr, eps=eps, momentum=momentum, weight_decay=weight_decay, alpha=alpha)
+    lr0, alpha0, eps0, wd0, mu0 = lr, alpha, eps, weight_decay, momentum
+    use_buffer = not is_zero(momentum)
+
+    def init(params: Params) -> OptState:
+        state: OptState = {"step": 0, "square_avg": zeros_like_params(params)}
+        if use_buffer:
+            state["momentum_buffer"] = zeros_like_params(params)
+        if centered:
+            state["grad_avg"] = zeros_like_params(params)
+        return state
+
+    def update(
+        params: Params,
+        grads: Params,
+        state: OptState,
+        lr: Hyper | None = None,
+        weight_decay: Hyper | None = None,
+        momentum: Hyper | None = None,
+        alpha: Hyper | None = None,
+        eps: Hyper | None = None,
+    ) -> tuple[Params, OptState]:
+        check_grads(params, grads)
+        if not use_buffer and momentum is not None:
+            raise ValueError(
+                "rmsprop was built with momentum=0 (no momentum buffer); "
+                "build it with momentum > 0 to override momentum"
+            )
+        new_params: Params = {}
+        new_sq: Params = {}
+        new_gavg: Params = {}
+        new_buf: Params = {}
+        for k, p in params.items():
+            g = grads[k]
+            wd = hyper(weight_decay, wd0, k)
+            a = hyper(alpha, alpha0, k)
+            if not is_zero(wd):
+                g = add_scaled(g, wd, p)
+            sq = add_scaled_mul(state["square_avg"][k] * a, 1 - a, g, g)
+            new_sq[k] = sq
+            if centered:
+                gavg = lerp(state["grad_avg"][k], g, 1 - a)
+                new_gavg[k] = gavg
+                avg = safe_sqrt(add_scaled_mul(sq, -1, gavg, gavg))
+            else:
+                avg = safe_sqrt(sq)
+            avg = avg + hyper(eps, eps0, k)
+            lr_k = hyper(lr, lr0, k)
+            if use_buffer:
+                buf = add_scaled_div(state["momentum_buffer"][k] * hyper(momentum, mu0, k), 1, g, avg)
+                new_buf[k] = buf
+                new_params[k] = add_scaled(p, -lr_k, buf)
+            else:
+                new_params[k] = add_scaled_div(p, -lr_k, g, avg)
+        new_state: OptState = {"step": state["step"] + 1, "square_avg": new_sq}
+        if use_buffer:
+            new_state["momentum_buffer"] = new_buf
+        if centered:
+            new_state["grad_avg"] = new_gavg
+        return new_params, new_state
+
+    return Optimizer("rmsprop", init, update)

@@ -1,0 +1,111 @@
+"""Functional SGD (plain, heavy-ball momentum, Nesterov), matching torch.optim.SGD."""
+
+from __future__ import annotations
+
+from hoexp.optim.base import (
+    Hyper,
+    OptState,
+    add_scaled,
+    Optimizer,
+    Params,
+    check_grads,
+    check_nonneg,
+    hyper,
+    is_zero,
+    zeros_like_params,
+)
+
+__all__ = ["momentum", "nesterov", "sgd"]
+
+
+def sgd(
+    lr: float,
+    momentum: float = 0.0,
+    dampening: float = 0.0,
+    weight_decay: float = 0.0,
+    nesterov: bool = False,
+    *,
+    name: str = "sgd",
+) -> Optimizer:
+    """SGD with optional momentum, exactly as ``torch.optim.SGD``.
+
+    Per parameter ``p`` with gradient ``g``::
+
+        d   = g + wd * p                       (coupled weight decay)
+        buf = d                    at step 1   (if momentum buffer enabled)
+        buf = mu * buf + (1 - dampening) * d   afterwards
+        d   = d + mu * buf  (nesterov)  or  d = buf
+        p   = p - lr * d
+
+    The momentum buffer (``state["momentum_buffer"]``) exists iff ``momentum != 0``
+    at construction; overriding ``momentum`` in ``update`` requires it.
+    Cost: O(n) flops per step; memory O(n) extra for the buffer (none without
+    momentum).
+
+    ``update(params, grads, state, lr=None, momentum=None, dampening=None,
+    weight_decay=None)`` accepts per-call overrides (number, 0-d tensor, or
+    per-parameter dict).
+    """
+    check_nonneg(lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if nesterov and (momentum <= 0 or dampening != 0):
+        raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+    lr0, mu0, damp0, wd0 = lr, momentum, dampening, weight_decay
+    use_buffer = not is_zero(momentum)
+
+    def init(params: Params) -> OptState:
+        state: OptState = {"step": 0}
+        if use_buffer:
+            state["momentum_buffer"] = zeros_like_params(params)
+        return state
+
+    def update(
+        params: Params,
+        grads: Params,
+        state: OptState,
+        lr: Hyper | None = None,
+        momentum: Hyper | None = None,
+        dampening: Hyper | None = None,
+        weight_decay: Hyper | None = None,
+    ) -> tuple[Params, OptState]:
+        check_grads(params, grads)
+        if not use_buffer and (momentum is not None or dampening is not None):
+            raise ValueError(
+                f"optimizer '{name}' was built with momentum=0 (no momentum buffer); "
+                "build it with momentum > 0 to override momentum/dampening"
+            )
+        first = state["step"] == 0
+        new_params: Params = {}
+        new_buf: Params = {}
+        for k, p in params.items():
+            d = grads[k]
+            wd = hyper(weight_decay, wd0, k)
+            if not is_zero(wd):
+                d = add_scaled(d, wd, p)
+            if use_buffer:
+                mu = hyper(momentum, mu0, k)
+                if first:
+                    buf = d.clone()
+                else:
+                    damp = hyper(dampening, damp0, k)
+                    buf = add_scaled(state["momentum_buffer"][k] * mu, 1 - damp, d)
+                new_buf[k] = buf
+                d = add_scaled(d, mu, buf) if nesterov else buf
+            new_params[k] = add_scaled(p, -hyper(lr, lr0, k), d)
+        new_state: OptState = {"step": state["step"] + 1}
+        if use_buffer:
+            new_state["momentum_buffer"] = new_buf
+        return new_params, new_state
+
+    return Optimizer(name, init, update)
+
+
+def momentum(
+    lr: float, momentum: float = 0.9, dampening: float = 0.0, weight_decay: float = 0.0
+) -> Optimizer:
+    """Heavy-ball momentum SGD preset: ``sgd(lr, momentum, dampening, weight_decay)``."""
+    return sgd(lr, momentum, dampening, weight_decay, nesterov=False, name="momentum")
+
+
+def nesterov(lr: float, momentum: float = 0.9, weight_decay: float = 0.0) -> Optimizer:
+    """Nesterov momentum SGD preset: ``sgd(lr, momentum, 0, weight_decay, nesterov=True)``."""
+    return sgd(lr, momentum, 0.0, weight_decay, nesterov=True, name="nesterov")

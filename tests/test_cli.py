@@ -1,0 +1,144 @@
+"""The command line: help, validation errors, and real runs as subprocesses."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hoexp.cli import main
+from hoexp.metrics import read_jsonl
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def hoexp(*args, cwd=ROOT, timeout=300):
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    return subprocess.run([sys.executable, "-m", "hoexp", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def test_help_lists_subcommands(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "run" in out and "version" in out and "tensorboard --logdir" in out
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["method=foo"], "unknown method 'foo'; choose one of: cg, exact, fixed_point, neumann, none"),
+    (["dataset=cifar"], "unknown dataset 'cifar'; choose one of: iris"),
+    (["optim/inner=adm"], "unknown optim/inner 'adm'; choose one of: adagrad, adam, adamw"),
+    (["method.termz=3"], "unknown key 'termz' in method (did you mean 'terms'?); valid keys: alpha, residual, terms"),
+    (["datset=iris"], "unknown key 'datset' (did you mean 'dataset'?)"),
+    (["method.terms=-1"], "method=neumann: terms must be >= 0, got -1"),
+    (["method.alpha=0"], "method=neumann: alpha must be > 0, got 0.0"),
+    (["method=cg", "method.iterations=-2"], "method=cg: iterations must be >= 0, got -2"),
+    (["method.terms=abc"], "method.terms: 'abc' is not a valid int"),
+    (["hp.granularity=per_unit"], "hp.granularity='per_unit' is not valid; choose one of: global, per_layer, per_weight"),
+    (["hp.include=[nothing]"], "match no parameter"),
+    (["device=tpu"], "device must be auto, cpu, cuda or cuda:N"),
+    (["dataset.train_size=100", "dataset.val_size=60"], "but Iris has 150 examples"),
+    (["optim.inner.lr=-1"], "lr must be > 0"),
+    (["+foo=1"], "unknown top-level key(s) foo"),
+])
+def test_bad_input_is_one_line_exit_2(capsys, args, expected):
+    with pytest.raises(SystemExit) as e:
+        main(["run", *args])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("hoexp: error: ") and err.count("\n") == 1, err
+    assert expected in err, err
+
+
+def test_sweep_is_validated_before_any_job_runs(capsys, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        main(["run", "-m", "method=cg,nope", f"hydra.sweep.dir={tmp_path}"])
+    assert e.value.code == 2
+    assert "unknown method 'nope'" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
+def test_error_from_a_subprocess_has_no_traceback():
+    r = hoexp("run", "method.terms=-1")
+    assert r.returncode == 2
+    assert r.stderr.strip() == "hoexp: error: method=neumann: terms must be >= 0, got -1"
+    assert "Traceback" not in r.stderr + r.stdout
+
+
+def _scalar_tags(run_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "histograms": 0, "tensors": 0})
+    acc.Reload()
+    return acc
+
+
+@pytest.mark.slow
+def test_short_run_writes_tensorboard_metrics_and_summary(tmp_path):
+    run_dir = tmp_path / "run"
+    r = hoexp("run", "outer_steps=3", "inner_steps=10", "histogram_every=2", f"hydra.run.dir={run_dir}")
+    assert r.returncode == 0, r.stderr
+    assert "done in" in r.stderr and "[outer 3/3]" in r.stderr
+
+    lines = read_jsonl(run_dir / "metrics.jsonl")
+    assert [ln["step"] for ln in lines] == [0, 1, 2, 3]  # one line per outer step, plus the start
+    for ln in lines[1:]:
+        for key in ("loss/train", "loss/val", "loss/test", "acc/train", "acc/val", "acc/test", "hypergrad/norm",
+                    "solver/residual", "inner/grad_norm", "hp/mean", "hp/std", "hp/min", "hp/max",
+                    "time/elapsed_s"):
+            assert key in ln, key
+        assert ln["solver/hvps"] == 6  # 5 Neumann terms + the residual
+        assert ln["hypergrad/norm"] > 0
+    assert lines[-1]["time/elapsed_s"] > lines[1]["time/elapsed_s"]
+
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed"
+    for block in ("final", "best"):
+        for key in ("val_loss", "val_acc", "test_loss", "test_acc"):
+            assert isinstance(summary[block][key], float)
+    assert summary["final"]["val_loss"] == pytest.approx(lines[-1]["loss/val"])
+    assert summary["best"]["val_loss"] == pytest.approx(min(ln["loss/val"] for ln in lines))
+    assert summary["num_hparams"] == 17_280 and summary["num_params"] == 17_280
+    assert summary["hypergradients"] == 3 and summary["wall_time_s"] > 0
+    assert 0 < summary["hp_final"]["moved_fraction"] <= 1
+
+    acc = _scalar_tags(run_dir)
+    tags = acc.Tags()
+    val = acc.Scalars("loss/val")
+    assert [e.step for e in val] == [0, 1, 2, 3]
+    assert val[-1].value == pytest.approx(lines[-1]["loss/val"], rel=1e-6)
+    for tag in ("hypergrad/norm", "solver/residual", "inner/grad_norm", "hp/mean", "acc/test", "time/elapsed_s"):
+        assert tag in tags["scalars"], tag
+    assert "hp/values" in tags["histograms"]
+    assert [e.step for e in acc.Histograms("hp/values")] == [0, 2, 3]
+    assert any("config" in t for t in tags["tensors"])  # the composed config as text
+
+    import torch
+
+    state = torch.load(run_dir / "final.pt", weights_only=True)
+    assert set(state) == {"params", "raw_hparams", "hparams"}
+    assert sum(v.numel() for v in state["hparams"].values()) == 17_280
+
+
+@pytest.mark.slow
+def test_multirun_sweeps_and_console_script(tmp_path):
+    sweep = tmp_path / "sweep"
+    exe = Path(sys.executable).parent / "hoexp"
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "hoexp"]
+    r = subprocess.run([*cmd, "run", "-m", "method=none,cg", "outer_steps=2", "inner_steps=5",
+                        f"hydra.sweep.dir={sweep}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    summaries = sorted(sweep.glob("*/summary.json"))
+    assert len(summaries) == 2
+    by_method = {json.loads(p.read_text())["method"]: json.loads(p.read_text()) for p in summaries}
+    assert by_method["none"]["hypergradients"] == 0 and by_method["none"]["hp_final"]["moved_fraction"] == 0
+    assert by_method["cg"]["hypergradients"] == 2
+
+
+def test_version(capsys):
+    main(["version"])
+    assert capsys.readouterr().out.startswith("hoexp ")
