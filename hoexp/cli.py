@@ -163,6 +163,17 @@ def validate_job(overrides: list[str]) -> None:
     preflight(validate(cfg))
 
 
+def compose_spec(overrides: list[str]):
+    """Compose and validate a config in-process (for scripts and tests): the typed Spec and the YAML."""
+    from omegaconf import OmegaConf
+
+    from hoexp.config import validate
+
+    validate_job(overrides)
+    cfg = _compose(overrides)
+    return validate(cfg), OmegaConf.to_yaml(cfg)
+
+
 # ------------------------------------------------------------------------------------- commands
 def _task(cfg) -> float:
     """The Hydra job: validate, run, return the best validation loss (for sweepers)."""

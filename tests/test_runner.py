@@ -1,0 +1,132 @@
+"""The bilevel loop in-process: methods, granularities, compatibility checks."""
+
+import io
+
+import pytest
+import torch
+from rich.console import Console
+
+from hoexp.build import build, check_compatibility
+from hoexp.cli import compose_spec
+from hoexp.errors import ConfigError
+from hoexp.method.base import InnerState, train_inner
+from hoexp.metrics import MemoryLogger
+from hoexp.problem import FullBatch
+from hoexp.runner import run_experiment
+
+SMALL = ["model.width=8", "model.depth=1", "progress=false", "dtype=float64"]
+
+
+def run(tmp_path, *overrides):
+    spec, text = compose_spec([*SMALL, *overrides])
+    mem = MemoryLogger()
+    summary = run_experiment(spec, tmp_path, config_text=text, console=Console(file=io.StringIO()), loggers=[mem])
+    return summary, mem
+
+
+@pytest.mark.parametrize("granularity,count", [("global", 1), ("per_layer", 2), ("per_weight", 4 * 8 + 8 * 3)])
+def test_granularities_run_and_move_hyperparameters(tmp_path, granularity, count):
+    summary, mem = run(tmp_path, f"hp.granularity={granularity}", "outer_steps=3", "inner_steps=20")
+    assert summary["status"] == "completed" and summary["num_hparams"] == count
+    assert summary["hypergradients"] == 3
+    means = [v for _, v in mem.series("hp/mean")]
+    assert len(means) == 4 and means[-1] != means[0]
+
+
+def test_none_keeps_hyperparameters_and_computes_no_hypergradient(tmp_path):
+    summary, mem = run(tmp_path, "method=none", "outer_steps=3", "inner_steps=20")
+    assert summary["hypergradients"] == 0 and summary["hp_final"]["moved_fraction"] == 0
+    assert summary["hp_final"]["min"] == summary["hp_final"]["max"] == pytest.approx(1e-3)
+    assert not mem.series("hypergrad/norm")
+    assert summary["final"]["train_loss"] < mem.series("loss/train")[0][1]  # it did train
+
+
+def test_same_seed_same_run(tmp_path):
+    a, _ = run(tmp_path / "a", "outer_steps=2", "inner_steps=10")
+    b, _ = run(tmp_path / "b", "outer_steps=2", "inner_steps=10")
+    c, _ = run(tmp_path / "c", "outer_steps=2", "inner_steps=10", "seed=1")
+    assert a["final"] == b["final"]
+    assert a["final"] != c["final"]
+
+
+@pytest.mark.slow
+def test_runner_methods_agree_with_exact_at_the_same_point():
+    """Inside the runner's method objects: CG and Neumann against the dense solve, same weights."""
+    from hoexp.build import build_method
+
+    smooth = [*SMALL, "model.activation=tanh", "hp.init=1e-2", "optim.inner.lr=0.1"]  # a strict minimum: H ≻ 0, CG applies
+    spec, _ = compose_spec([*smooth, "method=exact"])
+    exp = build(spec)
+    params = {k: v.detach().clone() for k, v in exp.model.named_parameters()}
+    raw = exp.problem.family.init(params)
+    state = InnerState(params, exp.inner_opt.init(params))
+    batches = FullBatch(exp.data.train)
+    state, _, _ = train_inner(exp.problem, exp.inner_opt, state, raw, batches, 3000)
+    val = (exp.data.val.x, exp.data.val.y)
+    hgs = {}
+    for overrides in (["method=exact"], ["method=cg", "method.iterations=500", "method.tol=1e-12"],
+                      ["method=neumann", "method.terms=2000", "method.alpha=0.05"]):
+        m = build_method(compose_spec([*smooth, *overrides])[0])
+        hg, _, stats = m.outer_step(exp.problem, exp.inner_opt, state, raw, batches, val, 0)
+        assert stats.inner_grad_norm < 1e-3, (overrides, stats)
+        assert stats.residual < (0.1 if overrides[0] == "method=neumann" else 1e-6), (overrides, stats)
+        hgs[overrides[0]] = torch.cat([v.flatten() for v in hg.values()])
+    ref = hgs["method=exact"]
+    assert float(ref.norm()) > 0
+    for name, bound in (("method=cg", 0.999), ("method=neumann", 0.99)):
+        cos = torch.nn.functional.cosine_similarity(hgs[name], ref, dim=0)
+        assert cos > bound, (name, float(cos))
+
+
+def test_iht_methods_refuse_families_that_do_not_move_the_optimum():
+    spec, _ = compose_spec(["method=cg"])
+
+    class LearningRateLike:
+        name = "lr"
+        moves_optimum = False
+
+    with pytest.raises(ConfigError, match="method=cg .* cannot tune hp=lr"):
+        check_compatibility(spec, LearningRateLike())
+
+
+def test_failed_run_still_writes_summary(tmp_path, monkeypatch):
+    """A run that dies part-way keeps what it logged and records why in summary.json."""
+    import json
+
+    from hoexp.method import implicit
+
+    calls = {"n": 0}
+    real = implicit.ift_hypergradient
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("boom")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(implicit, "ift_hypergradient", flaky)
+    with pytest.raises(RuntimeError, match="boom"):
+        run(tmp_path, "outer_steps=4", "inner_steps=5")
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["status"] == "failed" and "boom" in summary["error"]
+    assert summary["final"]["step"] == 1 and summary["hypergradients"] == 1
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 2  # steps 0 and 1 survived
+
+
+def test_nonfinite_hypergradient_stops_with_clear_error(tmp_path, monkeypatch):
+    import json
+
+    from hoexp.method import implicit
+    from hoexp.runner import Diverged
+
+    real = implicit.ift_hypergradient
+
+    def nan_hg(*args, **kwargs):
+        hg, stats = real(*args, **kwargs)
+        return {k: torch.full_like(v, float("nan")) for k, v in hg.items()}, stats
+
+    monkeypatch.setattr(implicit, "ift_hypergradient", nan_hg)
+    with pytest.raises(Diverged, match="non-finite hypergradient at outer step 1.*lower method.alpha"):
+        run(tmp_path, "outer_steps=3", "inner_steps=5")
+    assert json.loads((tmp_path / "summary.json").read_text())["status"] == "diverged"
