@@ -96,9 +96,13 @@ def measure_times(device: str, repeat: int) -> dict[str, float]:
         for name, overrides in METHODS.items():
             spec_m, _ = compose_spec(["experiment=iris_per_weight_decay", f"device={device}", *overrides])
             method = build_method(spec_m)
+            val = (exp.data.val.x, exp.data.val.y)
             out[f"hypergradient {name}"] = timeit(
-                lambda: method.outer_step(problem, exp.inner_opt, state, raw, batches, (exp.data.val.x, exp.data.val.y), 0),
+                lambda: method.outer_step(problem, exp.inner_opt, state, raw, batches, val, 0),
                 dev, max(5, repeat // 4))
+            stats = method.outer_step(problem, exp.inner_opt, state, raw, batches, val, 0)[2]
+            out[f"hvps {name}"] = stats.hvps
+            out[f"info {name}"] = stats.info
     return out
 
 
@@ -158,7 +162,7 @@ def main() -> None:
         r = subprocess.run([sys.executable, __file__, "--child", mode, "--device", args.device],
                            capture_output=True, text=True, check=True)
         memory[mode] = json.loads(r.stdout.strip().splitlines()[-1])
-    runs = measure_runs(args.device, outer_steps=20, inner_steps=10)
+    runs = {k: measure_runs(args.device, outer_steps=20, inner_steps=k) for k in (10, 100)}
 
     table = Table(title=f"Iris reference experiment (17,280 weights and decays), device={args.device}")
     for col in ("measure", "time (ms)", "ratio", "peak memory (MiB)", "memory ratio"):
@@ -170,11 +174,13 @@ def main() -> None:
     for name in METHODS:
         t = times[f"hypergradient {name}"]
         mem = memory[name]
-        table.add_row(f"hypergradient, {name}", f"{t * 1e3:.3f}", f"{t / step:.1f} (÷ step), {t / grad:.1f} (÷ grad)",
+        info = f" ({times[f'hvps {name}']} HVPs{', ' + times[f'info {name}'] if times[f'info {name}'] else ''})"
+        table.add_row(f"hypergradient, {name}{info}", f"{t * 1e3:.3f}", f"{t / step:.1f} (÷ step), {t / grad:.1f} (÷ grad)",
                       f"{mem:.2f}", f"{mem / max(memory['inner step'], 1e-9):.1f}")
-    table.add_row("HO run / none run (20×10 steps)", f"{runs['neumann K=5'] * 1e3:.0f}",
-                  f"{runs['neumann K=5'] / runs['none']:.2f}", "", "")
-    Console().print(table)
+    for k, r in runs.items():
+        table.add_row(f"HO run (Neumann K=5) / none run, 20 outer × {k} inner steps", f"{r['neumann K=5'] * 1e3:.0f}",
+                      f"{r['neumann K=5'] / r['none']:.2f}", "", "")
+    Console(width=140).print(table)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"device": args.device, "times_s": times, "peak_memory_mib": memory,

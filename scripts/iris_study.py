@@ -97,7 +97,30 @@ def main() -> None:
     print("|---|" + "---|" * len(keys))
     for config, rows in results.items():
         print(f"| {config} | " + " | ".join(f"{statistics.mean(r['decays'][k] for r in rows):.3g}" for k in keys) + " |")
+    plot_decays(out, [c for c in args.configs if c != "none"])
     sys.stdout.flush()
+
+
+def plot_decays(out: Path, configs: list[str]) -> None:
+    """Histogram of log10(learned decay) per layer, seed 0, one panel per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(configs), figsize=(4 * len(configs), 3.2), squeeze=False, sharey=True)
+    for ax, config in zip(axes[0], configs):
+        state = torch.load(out / config.replace(" ", "_").replace("=", "") / "seed0" / "final.pt", weights_only=True)
+        for name, lam in state["hparams"].items():
+            ax.hist(torch.log10(lam.flatten().double()).numpy(), bins=60, alpha=0.6, label=name.split(":")[-1])
+        ax.axvline(-3, color="k", lw=0.8, ls="--")
+        ax.set_title(config, fontsize=9)
+        ax.set_xlabel("log10 λ (initial: -3)")
+        ax.set_yscale("log")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out.parent / f"{out.name}_decays.png", dpi=110)
+    print(f"\nwrote {out.parent / (out.name + '_decays.png')}")
 
 
 if __name__ == "__main__":
