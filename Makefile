@@ -21,7 +21,7 @@ install: $(VENV)/.deps-ok
 $(VENV)/.deps-ok:
 	rm -rf $(VENV)
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install -qq -r requirements.txt  # -qq: hide pip.conf index warnings
 	touch $@
 
 run: install

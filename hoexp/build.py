@@ -130,10 +130,15 @@ def build(spec: Spec) -> Experiment:
         raise ConfigError(str(e)) from None
     data = build_data(spec).to(device)
     model = build_model(spec, data).to(device)
+    params = dict(model.named_parameters())
     try:
-        family.init(dict(model.named_parameters()))  # checks that `include` matches something
+        family.init(params)  # checks that `include` matches something
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    n = sum(p.numel() for p in params.values())
+    if spec.method.name == "exact" and n > spec.method.max_params:
+        raise ConfigError(f"method=exact would form a dense {n:,}x{n:,} Hessian, above method.max_params="
+                          f"{spec.method.max_params:,}; use method=cg or method=neumann, or raise method.max_params")
     return Experiment(spec, device, data, model, Problem(model, family), method, inner_opt, outer_opt)
 
 

@@ -44,6 +44,7 @@ def test_help_lists_subcommands(capsys):
     (["dataset.train_size=100", "dataset.val_size=60"], "but Iris has 150 examples"),
     (["optim.inner.lr=-1"], "lr must be > 0"),
     (["+foo=1"], "unknown top-level key(s) foo"),
+    (["method=exact", "method.max_params=1000"], "method=exact would form a dense 17,280x17,280 Hessian"),
 ])
 def test_bad_input_is_one_line_exit_2(capsys, args, expected):
     with pytest.raises(SystemExit) as e:
