@@ -19,15 +19,17 @@ from hoexp.errors import ConfigError
 from hoexp.hp.base import HyperFamily
 from hoexp.hp.weight_decay import WeightDecay
 from hoexp.method.base import HyperMethod
+from hoexp.method.forward import ForwardMethod
 from hoexp.method.implicit import ImplicitMethod, NoHO
+from hoexp.method.unrolled import UnrolledMethod
 from hoexp.method.solvers import ConjugateGradient, Exact, FixedPoint, Neumann
 from hoexp.model.mlp import MLP
 from hoexp.optim import Optimizer, build_optimizer
 from hoexp.problem import Problem
 
-IFT_METHODS = ("neumann", "cg", "fixed_point", "exact")
-# Methods that can tune hyperparameters that only change the optimization path (lr, momentum).
-PATH_METHODS: tuple[str, ...] = ()
+IFT_METHODS = ("neumann", "cg", "fixed_point", "exact", "t1t2")
+# Methods that differentiate the optimization path, so they can also tune lr and momentum.
+PATH_METHODS: tuple[str, ...] = ("unrolled", "truncated", "forward")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -82,6 +84,14 @@ def build_method(spec: Spec) -> HyperMethod:
         return ImplicitMethod(FixedPoint(cfg.iterations, cfg.alpha, cfg.residual), "fixed_point")
     if cfg.name == "exact":
         return ImplicitMethod(Exact(cfg.max_params), "exact")
+    if cfg.name == "t1t2":
+        return ImplicitMethod(Neumann(0, cfg.alpha, cfg.residual), "t1t2")
+    if cfg.name == "unrolled":
+        return UnrolledMethod(None, "unrolled")
+    if cfg.name == "truncated":
+        return UnrolledMethod(cfg.k, "truncated")
+    if cfg.name == "forward":
+        return ForwardMethod(cfg.max_hparams)
     raise ConfigError(f"unknown method '{cfg.name}'")
 
 
@@ -136,6 +146,12 @@ def build(spec: Spec) -> Experiment:
     except ValueError as e:
         raise ConfigError(str(e)) from None
     n = sum(p.numel() for p in params.values())
+    n_h = sum(v.numel() for v in family.init(params).values())
+    if spec.method.name == "forward" and n_h > spec.method.max_hparams:
+        raise ConfigError(
+            f"method=forward carries one tangent per hyperparameter and hp={family.name} has {n_h:,} here, above "
+            f"method.max_hparams={spec.method.max_hparams}; use a coarser granularity (e.g. hp.granularity=per_layer), "
+            "a reverse method (unrolled, truncated) or an IFT method (neumann, cg), or raise method.max_hparams")
     if spec.method.name == "exact" and n > spec.method.max_params:
         raise ConfigError(f"method=exact would form a dense {n:,}x{n:,} Hessian, above method.max_params="
                           f"{spec.method.max_params:,}; use method=cg or method=neumann, or raise method.max_params")

@@ -128,6 +128,50 @@ class ExactConfig:
         _positive(self, "max_params")
 
 
+@dataclass
+class T1T2Config:
+    """One-step greedy IFT with ``H⁻¹ ≈ αI`` (Luketina et al. 2016): Neumann with 0 terms."""
+
+    name: str = "t1t2"
+    alpha: float = 0.01
+    residual: bool = False  # the residual costs one HVP, a third of this method's cost
+
+    def check(self) -> None:
+        _positive(self, "alpha")
+
+
+@dataclass
+class UnrolledConfig:
+    """Backpropagate through all ``inner_steps`` steps (memory grows with them)."""
+
+    name: str = "unrolled"
+
+    def check(self) -> None:
+        pass
+
+
+@dataclass
+class TruncatedConfig:
+    """Backpropagate through the last ``k`` of the ``inner_steps`` steps (Shaban et al. 2019)."""
+
+    name: str = "truncated"
+    k: int = 10
+
+    def check(self) -> None:
+        _positive(self, "k")
+
+
+@dataclass
+class ForwardConfig:
+    """Forward mode: one JVP tangent per hyperparameter; refused above ``max_hparams``."""
+
+    name: str = "forward"
+    max_hparams: int = 64
+
+    def check(self) -> None:
+        _positive(self, "max_hparams")
+
+
 # ------------------------------------------------------------------------------------- optimizers
 @dataclass
 class SGDConfig:
@@ -239,7 +283,8 @@ GROUPS: dict[str, dict[str, type]] = {
     "model": {"mlp": MLPConfig},
     "hp": {"weight_decay": WeightDecayConfig},
     "method": {"none": NoneMethodConfig, "neumann": NeumannConfig, "cg": CGConfig,
-               "fixed_point": FixedPointConfig, "exact": ExactConfig},
+               "fixed_point": FixedPointConfig, "exact": ExactConfig, "t1t2": T1T2Config,
+               "unrolled": UnrolledConfig, "truncated": TruncatedConfig, "forward": ForwardConfig},
     "optim": {"sgd": SGDConfig, "momentum": MomentumConfig, "nesterov": NesterovConfig, "adam": AdamConfig,
               "adamw": AdamWConfig, "rmsprop": RMSpropConfig, "adagrad": AdagradConfig},
 }

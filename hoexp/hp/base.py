@@ -30,6 +30,8 @@ class HyperFamily(Protocol):
 
     def clamp(self, raw: Params) -> dict[str, Tensor]: ...
 
+    def optimizer_overrides(self, raw: Params) -> dict: ...  # e.g. {"lr": ...} for learning-rate families
+
 
 def select(names: Sequence[str], patterns: Sequence[str]) -> list[str]:
     """Parameter names matching any of the shell-style ``patterns`` (``*weight``, ``layers.0.*``)."""

@@ -68,6 +68,9 @@ class WeightDecay:
         prefix = self.name + ":"
         return {k[len(prefix):]: torch.exp(v) for k, v in raw.items() if k.startswith(prefix)}
 
+    def optimizer_overrides(self, raw: Params) -> dict:
+        return {}  # weight decay acts through the loss, not the optimizer
+
     def penalty(self, params: Params, raw: Params) -> Tensor:
         terms = [(lam * params[n] ** 2).sum() for n, lam in self.decays(params, raw).items()]
         return 0.5 * torch.stack(terms).sum()

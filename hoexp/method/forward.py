@@ -1,0 +1,126 @@
+"""Forward-mode hypergradients: carry ``Z_t = d(w_t, s_t)/dλ`` through training with JVPs.
+
+For each hyperparameter direction ``e_h`` the tangent of the weights and optimizer state is pushed
+through every step with ``torch.func.jvp`` (forward-over-reverse through the inner gradient), and
+``dL_V/dλ_h`` is the JVP of ``L_V(w_T, λ)`` at the end (Franceschi et al. 2017 "Forward-HG").
+No graph is stored: memory ``O(P·H)`` whatever ``T``; time ``~T·H`` JVPs, so it suits a handful of
+hyperparameters (learning rates, a global decay), not one per weight.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.func import grad, jvp
+
+from hoexp import tree
+from hoexp.method.base import InnerState, StepStats
+from hoexp.method.unrolled import StepLoss, UnrolledResult, detach_state
+from hoexp.optim import Optimizer
+from hoexp.problem import Batch, Problem
+
+
+def _split_state(state: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Tensor-valued parts of an optimizer state (which get tangents) and the rest (step counters)."""
+    tensors = {k: v for k, v in state.items() if isinstance(v, (Tensor, dict))}
+    rest = {k: v for k, v in state.items() if k not in tensors}
+    return tensors, rest
+
+
+def _zeros_like(x: Any) -> Any:
+    if isinstance(x, Tensor):
+        return torch.zeros_like(x)
+    return {k: _zeros_like(v) for k, v in x.items()}
+
+
+def forward_hypergradient(
+    train_loss: StepLoss,
+    val_loss: Callable[[dict[str, Tensor], dict[str, Tensor]], Tensor],
+    optimizer: Optimizer,
+    params: Mapping[str, Tensor],
+    opt_state: dict[str, Any],
+    hparams: Mapping[str, Tensor],
+    steps: int,
+    *,
+    overrides: Callable[[dict[str, Tensor]], dict[str, Any]] | None = None,
+    on_step: Callable[[], None] | None = None,
+) -> UnrolledResult:
+    """``dL_V(w_T)/dλ`` by forward mode: one tangent per scalar hyperparameter, carried for ``steps`` steps.
+
+    Same contract as :func:`hoexp.method.unrolled.unrolled_hypergradient` (without truncation).
+    """
+    lam = tree.detached(hparams)
+    lam_flat = tree.flatten(lam.values())
+    n_h = lam_flat.numel()
+    basis = torch.eye(n_h, dtype=lam_flat.dtype, device=lam_flat.device)
+    directions = [tree.unflatten(basis[i], lam) for i in range(n_h)]
+
+    w = tree.detached(params)
+    tensors, rest = _split_state(detach_state(opt_state))
+    tangents = [(_zeros_like(w), _zeros_like(tensors)) for _ in range(n_h)]
+    for t in range(steps):
+        captured: dict[str, Any] = {}
+
+        def step(w_, s_, h_):
+            g = grad(lambda p: train_loss(p, h_, t))(w_)
+            kwargs = overrides(h_) if overrides is not None else {}
+            new_w, new_state = optimizer.update(w_, g, {**s_, **rest}, **kwargs)
+            new_tensors, captured["rest"] = _split_state(new_state)
+            return new_w, new_tensors
+
+        if n_h == 0:
+            w_next, s_next = step(w, tensors, lam)
+        new_tangents = []
+        for (tw, ts), d in zip(tangents, directions):
+            # The primal outputs are the same for every direction (one plain step's worth of work).
+            (w_next, s_next), tangent = jvp(step, (w, tensors, lam), (tw, ts, d))
+            new_tangents.append(tangent)
+        w, tensors, tangents, rest = w_next, s_next, new_tangents, captured["rest"]
+        if on_step is not None:
+            on_step()
+    # Training loss and gradient norm at w_T on the last batch, for logging (one gradient).
+    loss_value = gnorm = None
+    if steps:
+        wg = tree.detached(w, requires_grad=True)
+        loss = train_loss(wg, lam, steps - 1)
+        gs = torch.autograd.grad(loss, list(wg.values()))
+        loss_value = loss.detach()
+        gnorm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in gs]))
+    lv = val_loss(w, lam)
+    hg_flat = [jvp(val_loss, (w, lam), (tw, d))[1] for (tw, _), d in zip(tangents, directions)]
+    hg = tree.unflatten(torch.stack(hg_flat) if hg_flat else lam_flat.new_zeros(0), lam)
+    return UnrolledResult(
+        hypergrad={k: v.detach().clone() for k, v in hg.items()},
+        params=tree.detached(w),
+        opt_state={**detach_state(tensors), **rest},
+        val_loss=float(lv.detach()),
+        last_train_loss=None if loss_value is None else float(loss_value),
+        last_grad_norm=None if gnorm is None else float(gnorm),
+    )
+
+
+@dataclass
+class ForwardMethod:
+    """``method=forward``: refuses more than ``max_hparams`` hyperparameters (checked when the run is built)."""
+
+    max_hparams: int = 64
+    name: str = "forward"
+
+    def outer_step(self, problem: Problem, inner_opt: Optimizer, state: InnerState, raw: dict[str, Tensor],
+                   train_batches: Iterator[Batch], val_batch: Batch, inner_steps: int,
+                   on_inner_step: Callable[[], None] | None = None,
+                   ) -> tuple[dict[str, Tensor], InnerState, StepStats]:
+        batches: Sequence[Batch] = [next(train_batches) for _ in range(inner_steps)]
+        res = forward_hypergradient(
+            lambda w, h, t: problem.train_loss(w, h, batches[t]),
+            lambda w, h: problem.val_loss(w, h, val_batch),
+            inner_opt, state.params, state.opt_state, raw, inner_steps,
+            overrides=problem.family.optimizer_overrides, on_step=on_inner_step,
+        )
+        stats = StepStats(inner_grad_norm=res.last_grad_norm, inner_loss=res.last_train_loss,
+                          hypergrad_norm=float(tree.norm(res.hypergrad)))
+        return res.hypergrad, InnerState(res.params, res.opt_state, state.step + inner_steps), stats

@@ -1,0 +1,126 @@
+"""Unrolled reverse-mode hypergradients: backpropagate through T differentiable inner steps.
+
+``w_{t+1} = U(w_t, s_t, ∇_w L_T(w_t, λ; B_t), λ)`` for any :mod:`hoexp.optim` optimizer ``U``;
+the hypergradient is ``d L_V(w_T, λ)/dλ`` through the whole trajectory (Maclaurin et al. 2015;
+Franceschi et al. 2017 "Reverse-HG"). Truncated to the last ``k`` steps it is Shaban et al. 2019:
+the first ``T − k`` steps run without a graph and ``w_{T−k}`` is treated as a constant.
+
+Cost: ``~2k`` gradients of ``L_T`` on top of the ``T`` training steps (each differentiable step keeps
+its ``create_graph`` gradient); memory ``O(k·P)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from hoexp import tree
+from hoexp.method.base import InnerState, StepStats
+from hoexp.optim import Optimizer
+from hoexp.problem import Batch, Problem
+
+StepLoss = Callable[[dict[str, Tensor], dict[str, Tensor], int], Tensor]
+
+
+def detach_state(state: Any) -> Any:
+    """An optimizer state (nested dicts of tensors and numbers) with every tensor detached."""
+    if isinstance(state, Tensor):
+        return state.detach()
+    if isinstance(state, dict):
+        return {k: detach_state(v) for k, v in state.items()}
+    return state
+
+
+@dataclass
+class UnrolledResult:
+    hypergrad: dict[str, Tensor]
+    params: dict[str, Tensor]  # w_T, detached
+    opt_state: dict[str, Any]  # s_T, detached
+    val_loss: float
+    last_train_loss: float | None
+    last_grad_norm: float | None
+
+
+def unrolled_hypergradient(
+    train_loss: StepLoss,
+    val_loss: Callable[[dict[str, Tensor], dict[str, Tensor]], Tensor],
+    optimizer: Optimizer,
+    params: Mapping[str, Tensor],
+    opt_state: dict[str, Any],
+    hparams: Mapping[str, Tensor],
+    steps: int,
+    *,
+    truncate: int | None = None,
+    overrides: Callable[[dict[str, Tensor]], dict[str, Any]] | None = None,
+    on_step: Callable[[], None] | None = None,
+) -> UnrolledResult:
+    """``dL_V(w_T)/dλ`` by reverse mode through ``steps`` optimizer steps from ``params``.
+
+    ``train_loss(w, λ, t)`` is the training loss of step ``t`` (its minibatch), ``val_loss(w, λ)``
+    the outer objective at ``w_T``. ``overrides(λ)`` returns optimizer keyword overrides
+    (e.g. ``{"lr": ...}``) so that learning-rate hyperparameters are differentiated too.
+    ``truncate=k`` differentiates only the last ``k`` steps.
+    """
+    lam = tree.detached(hparams, requires_grad=True)
+    lam_const = tree.detached(hparams)
+    first_graph_step = 0 if truncate is None else max(steps - truncate, 0)
+    w = tree.detached(params)
+    state = detach_state(opt_state)
+    loss = gnorm = None
+    for t in range(steps):
+        differentiable = t >= first_graph_step
+        h = lam if differentiable else lam_const
+        if t == first_graph_step:
+            w = tree.detached(w, requires_grad=True)  # the graph starts here (w is a constant leaf)
+        elif not differentiable:
+            w = tree.detached(w, requires_grad=True)
+        loss = train_loss(w, h, t)
+        grads = torch.autograd.grad(loss, list(w.values()), create_graph=differentiable)
+        kwargs = overrides(h) if overrides is not None else {}
+        if differentiable:
+            w, state = optimizer.update(w, dict(zip(w.keys(), grads)), state, **kwargs)
+        else:
+            with torch.no_grad():
+                w, state = optimizer.update(tree.detached(w), dict(zip(w.keys(), grads)), state, **kwargs)
+        gnorm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.detach()) for g in grads]))
+        if on_step is not None:
+            on_step()
+    lv = val_loss(w, lam)
+    hg = torch.autograd.grad(lv, list(lam.values()), allow_unused=True)
+    hg = {k: g.detach() for k, g in zip(lam.keys(), tree.fill_none(hg, list(lam.values())))}
+    return UnrolledResult(
+        hypergrad=hg,
+        params=tree.detached(w),
+        opt_state=detach_state(state),
+        val_loss=float(lv.detach()),
+        last_train_loss=None if loss is None else float(loss.detach()),
+        last_grad_norm=None if gnorm is None else float(gnorm),
+    )
+
+
+@dataclass
+class UnrolledMethod:
+    """``method=unrolled`` (all inner steps differentiated) and ``method=truncated`` (last ``k``)."""
+
+    truncate: int | None = None
+    name: str = "unrolled"
+
+    def outer_step(self, problem: Problem, inner_opt: Optimizer, state: InnerState, raw: dict[str, Tensor],
+                   train_batches: Iterator[Batch], val_batch: Batch, inner_steps: int,
+                   on_inner_step: Callable[[], None] | None = None,
+                   ) -> tuple[dict[str, Tensor], InnerState, StepStats]:
+        batches: Sequence[Batch] = [next(train_batches) for _ in range(inner_steps)]
+        family = problem.family
+        res = unrolled_hypergradient(
+            lambda w, h, t: problem.train_loss(w, h, batches[t]),
+            lambda w, h: problem.val_loss(w, h, val_batch),
+            inner_opt, state.params, state.opt_state, raw, inner_steps,
+            truncate=self.truncate, overrides=family.optimizer_overrides, on_step=on_inner_step,
+        )
+        stats = StepStats(inner_grad_norm=res.last_grad_norm, inner_loss=res.last_train_loss,
+                          hypergrad_norm=float(tree.norm(res.hypergrad)))
+        return res.hypergrad, InnerState(res.params, res.opt_state, state.step + inner_steps), stats
