@@ -20,6 +20,7 @@ from hoexp.hp.base import HyperFamily
 from hoexp.hp.weight_decay import WeightDecay
 from hoexp.method.base import HyperMethod
 from hoexp.method.forward import ForwardMethod
+from hoexp.method.hd import HDMethod
 from hoexp.method.implicit import ImplicitMethod, NoHO
 from hoexp.method.unrolled import UnrolledMethod
 from hoexp.method.solvers import ConjugateGradient, Exact, FixedPoint, Neumann
@@ -92,6 +93,10 @@ def build_method(spec: Spec) -> HyperMethod:
         return UnrolledMethod(cfg.k, "truncated")
     if cfg.name == "forward":
         return ForwardMethod(cfg.max_hparams)
+    if cfg.name == "hd":
+        lr0 = spec.inner_optim.lr if cfg.lr0 is None else cfg.lr0
+        return HDMethod(cfg.variant, beta=cfg.beta, lr0=lr0, momentum=cfg.momentum, betas=tuple(cfg.betas),
+                        eps=cfg.eps, name="hd")
     raise ConfigError(f"unknown method '{cfg.name}'")
 
 

@@ -31,6 +31,9 @@ commands:
               hoexp run -m method=neumann,cg,none seed=0,1,2
             'hoexp run --help' lists the config groups and their options;
             'hoexp run --cfg job' prints the composed config without running.
+  check     compare every applicable method's hypergradient with a reference (exact dense
+            solve when small, else long CG; full unroll for path methods), sweeping iterations:
+              hoexp check model.width=32 inner_steps=200 [--iterations 0,1,5,20] [--out DIR]
   version   print the version
 
 Runs write TensorBoard events, metrics.jsonl and summary.json under outputs/;
@@ -206,6 +209,39 @@ def cmd_run(args: list[str]) -> None:
     hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")(_task)()
 
 
+def cmd_check(args: list[str]) -> None:
+    import argparse
+    import time
+
+    from hoexp.check import ITERATIONS, run_check
+    from hoexp.runner import thread_policy
+
+    ap = argparse.ArgumentParser(prog="hoexp check", description="Hypergradient fidelity of every applicable "
+                                 "method against a reference, on the configured problem (Hydra overrides).")
+    ap.add_argument("overrides", nargs="*")
+    ap.add_argument("--iterations", default=",".join(map(str, ITERATIONS)),
+                    help="iteration counts to sweep (comma-separated)")
+    ap.add_argument("--dense-max", type=int, default=20_000, help="largest model for the exact dense reference")
+    ap.add_argument("--out", default=None, help="output folder (default: outputs/check/<date>_<time>)")
+    ns = ap.parse_args(args)
+    try:
+        iterations = tuple(int(v) for v in ns.iterations.split(","))
+    except ValueError:
+        raise ConfigError(f"--iterations must be comma-separated integers, got '{ns.iterations}'") from None
+    spec, _ = compose_spec(ns.overrides)
+    out = Path(ns.out or f"outputs/check/{time.strftime('%Y-%m-%d_%H-%M-%S')}")
+    from hoexp.build import resolve_device
+
+    # Small check problems run fastest on one CPU thread (see runner.thread_policy).
+    with thread_policy(spec.run.threads, resolve_device(spec.run.device), 0):
+        from rich.console import Console
+
+        console = Console()
+        if not console.is_terminal:
+            console = Console(width=150)  # a wide table in logs and pipes
+        run_check(spec, out, iterations=iterations, dense_max=ns.dense_max, console=console)
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -215,12 +251,14 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if command == "run":
             cmd_run(rest)
+        elif command == "check":
+            cmd_check(rest)
         elif command in ("version", "--version"):
             from hoexp import __version__
 
             print(f"hoexp {__version__}")
         else:
-            fail(f"unknown command '{command}'; commands: run, version (see 'hoexp --help')")
+            fail(f"unknown command '{command}'; commands: run, check, version (see 'hoexp --help')")
     except HoexpError as e:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise

@@ -172,6 +172,28 @@ class ForwardConfig:
         _positive(self, "max_hparams")
 
 
+@dataclass
+class HDConfig:
+    """Online hypergradient descent of the inner learning rate (Baydin et al. 2018).
+
+    Replaces ``optim/inner`` by SGD-HD, SGDN-HD or Adam-HD; the hp family stays at its initial value.
+    """
+
+    name: str = "hd"
+    variant: str = "sgd"  # sgd | sgdn | adam
+    beta: float = 1e-3  # hyper-learning rate (the paper: 1e-3 for SGD/SGDN-HD, 1e-7 for Adam-HD)
+    lr0: float | None = None  # initial learning rate; None: optim.inner.lr
+    momentum: float = 0.9  # sgdn
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adam
+    eps: float = 1e-8
+
+    def check(self) -> None:
+        _choice("method.variant", self.variant, ("sgd", "sgdn", "adam"))
+        _non_negative(self, "beta")
+        if not 0 <= self.momentum < 1:
+            raise ConfigError(f"method=hd: momentum must be in [0, 1), got {self.momentum}")
+
+
 # ------------------------------------------------------------------------------------- optimizers
 @dataclass
 class SGDConfig:
@@ -284,7 +306,8 @@ GROUPS: dict[str, dict[str, type]] = {
     "hp": {"weight_decay": WeightDecayConfig},
     "method": {"none": NoneMethodConfig, "neumann": NeumannConfig, "cg": CGConfig,
                "fixed_point": FixedPointConfig, "exact": ExactConfig, "t1t2": T1T2Config,
-               "unrolled": UnrolledConfig, "truncated": TruncatedConfig, "forward": ForwardConfig},
+               "unrolled": UnrolledConfig, "truncated": TruncatedConfig, "forward": ForwardConfig,
+               "hd": HDConfig},
     "optim": {"sgd": SGDConfig, "momentum": MomentumConfig, "nesterov": NesterovConfig, "adam": AdamConfig,
               "adamw": AdamWConfig, "rmsprop": RMSpropConfig, "adagrad": AdagradConfig},
 }

@@ -29,7 +29,7 @@ def test_help_lists_subcommands(capsys):
 
 
 @pytest.mark.parametrize("args,expected", [
-    (["method=foo"], "unknown method 'foo'; choose one of: cg, exact, fixed_point, forward, neumann, none, t1t2, truncated, unrolled"),
+    (["method=foo"], "unknown method 'foo'; choose one of: cg, exact, fixed_point, forward, hd, neumann, none, t1t2, truncated, unrolled"),
     (["dataset=cifar"], "unknown dataset 'cifar'; choose one of: iris"),
     (["optim/inner=adm"], "unknown optim/inner 'adm'; choose one of: adagrad, adam, adamw"),
     (["method.termz=3"], "unknown key 'termz' in method (did you mean 'terms'?); valid keys: alpha, residual, terms"),
@@ -45,6 +45,7 @@ def test_help_lists_subcommands(capsys):
     (["optim.inner.lr=-1"], "lr must be > 0"),
     (["+foo=1"], "unknown top-level key(s) foo"),
     (["method=forward"], "method=forward carries one tangent per hyperparameter and hp=weight_decay has 17,280"),
+    (["method=hd", "method.variant=rmsprop"], "method.variant='rmsprop' is not valid; choose one of: adam, sgd, sgdn"),
     (["method=truncated", "method.k=0"], "method=truncated: k must be > 0, got 0"),
     (["method=exact", "method.max_params=1000"], "method=exact would form a dense 17,280x17,280 Hessian"),
 ])

@@ -160,3 +160,13 @@ def test_unrolled_and_forward_agree_inside_the_runner():
     assert torch.allclose(out["unrolled"][0], out["forward"][0], rtol=1e-8, atol=1e-14)
     for k in params:
         assert torch.allclose(out["unrolled"][1].params[k], out["forward"][1].params[k], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("variant", ["sgd", "sgdn", "adam"])
+def test_hd_adapts_the_learning_rate_in_the_runner(tmp_path, variant):
+    summary, mem = run(tmp_path, "method=hd", f"method.variant={variant}", "method.beta=1e-3", "outer_steps=3",
+                       "inner_steps=10")
+    lrs = [v for _, v in mem.series("hd/lr")]
+    assert summary["status"] == "completed" and summary["hypergradients"] == 0 and len(lrs) == 3
+    assert lrs[-1] != 0.01  # moved away from optim.inner.lr
+    assert summary["hp_final"]["moved_fraction"] == 0  # the decays are not tuned by HD

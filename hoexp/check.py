@@ -1,0 +1,236 @@
+"""``hoexp check``: every applicable method's hypergradient against a reference, on the configured problem.
+
+After ``inner_steps`` training steps from the configured initialization, the IFT methods (Neumann,
+fixed-point, CG, T1-T2) are compared with the exact IFT hypergradient (a dense Hessian solve when
+the model has at most ``dense_max`` weights, otherwise a long CG run, stated in the output), and
+the path methods (truncated, forward) with a full unroll of ``inner_steps`` further steps. Each is
+swept over its iteration count; reported: cosine similarity, relative l2 error, time, and the
+memory the autograd graph holds (bytes of tensors saved for backward, peak CUDA memory on a GPU).
+Output: a rich table, ``check.json`` and ``check.png`` (in the style of Lorraine et al. Fig. 3).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.table import Table
+from torch import Tensor
+
+from hoexp import tree
+from hoexp.build import Experiment, build
+from hoexp.config import Spec
+from hoexp.method.base import InnerState, train_inner
+from hoexp.method.forward import forward_hypergradient
+from hoexp.method.ift import ift_hypergradient
+from hoexp.method.solvers import ConjugateGradient, Exact, FixedPoint, Neumann
+from hoexp.method.unrolled import unrolled_hypergradient
+from hoexp.metrics import write_json_atomic
+from hoexp.problem import FullBatch
+
+ITERATIONS = (0, 1, 2, 5, 10, 20, 50, 100)
+
+
+@dataclass
+class Row:
+    method: str
+    iterations: int
+    cosine: float
+    rel_error: float
+    time_s: float
+    graph_mib: float
+    residual: float | None = None
+    info: str = ""
+
+
+class GraphMemory:
+    """Bytes of distinct tensor storages saved for backward while the context is active (+ CUDA peak)."""
+
+    def __init__(self, device: torch.device, hooks: bool = True):
+        self.device = device
+        self.hooks = hooks
+        self.seen: set[int] = set()
+        self.bytes = 0
+
+    def _pack(self, t: Tensor) -> Tensor:
+        try:
+            key = t.untyped_storage().data_ptr()
+            if key not in self.seen:
+                self.seen.add(key)
+                self.bytes += t.untyped_storage().nbytes()
+        except (RuntimeError, NotImplementedError):  # e.g. functorch wrappers without storage
+            self.bytes += t.numel() * t.element_size()
+        return t
+
+    def __enter__(self) -> GraphMemory:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self._base = torch.cuda.memory_allocated()
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t) if self.hooks else None
+        if self._hooks is not None:
+            self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._hooks is not None:
+            self._hooks.__exit__(*exc)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            self.bytes = max(self.bytes, torch.cuda.max_memory_allocated() - self._base)
+
+    @property
+    def mib(self) -> float:
+        return self.bytes / 2**20
+
+
+def _compare(fn: Callable[[], tuple[dict[str, Tensor], Any]], reference: Tensor, device: torch.device,
+             hooks: bool = True) -> tuple[float, float, float, float, Any]:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    # torch.func transforms (forward mode) refuse saved-tensor hooks; they keep no graph between steps.
+    with GraphMemory(device, hooks) as mem:
+        t0 = time.perf_counter()
+        hg, extra = fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - t0
+    flat = tree.flatten(hg.values()).double()
+    ref = reference.double()
+    cos = float(torch.nn.functional.cosine_similarity(flat, ref, dim=0)) if flat.norm() > 0 else 0.0
+    err = float((flat - ref).norm() / ref.norm()) if ref.norm() > 0 else math.inf
+    return cos, err, elapsed, mem.mib, extra
+
+
+def run_check(spec: Spec, out_dir: Path, *, iterations: tuple[int, ...] = ITERATIONS, dense_max: int = 20_000,
+              reference_cg: int = 2000, console: Console | None = None) -> dict[str, Any]:
+    """Compare every applicable method with a reference; write check.json / check.png into ``out_dir``."""
+    console = console or Console()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    exp: Experiment = build(spec)
+    problem, dev = exp.problem, exp.device
+    params = {k: v.detach().clone() for k, v in exp.model.named_parameters()}
+    raw = problem.family.init(params)
+    state = InnerState(params, exp.inner_opt.init(params))
+    batches = FullBatch(exp.data.train)
+    state, _, _ = train_inner(problem, exp.inner_opt, state, raw, batches, spec.run.inner_steps)
+    train_batch, val_batch = next(batches), (exp.data.val.x, exp.data.val.y)
+    n_params, n_h = tree.numel(params), tree.numel(raw)
+
+    def tl(w, h):
+        return problem.train_loss(w, h, train_batch)
+
+    def vl(w, h):
+        return problem.val_loss(w, h, val_batch)
+
+    alpha = getattr(spec.method, "alpha", 0.01)
+    rows: list[Row] = []
+    # ---- IFT methods against the exact IFT hypergradient
+    if problem.family.moves_optimum:
+        if n_params <= dense_max:
+            ref_name = f"exact dense solve ({n_params:,}×{n_params:,} Hessian)"
+            ref_solver = Exact(max_params=dense_max)
+        else:
+            ref_name = f"CG, {reference_cg} iterations (model too large for a dense solve)"
+            ref_solver = ConjugateGradient(reference_cg, tol=0.0)
+        t0 = time.perf_counter()
+        ref_hg, ref_stats = ift_hypergradient(tl, vl, state.params, raw, ref_solver)
+        ref_time = time.perf_counter() - t0
+        ift_ref = tree.flatten(ref_hg.values())
+        console.print(f"IFT reference: {ref_name}, {ref_time:.1f}s, residual {ref_stats.residual:.2e}, "
+                      f"inner gradient norm {ref_stats.inner_grad_norm:.3e}", highlight=False)
+        solvers: list[tuple[str, Callable[[int], Any]]] = [
+            ("neumann", lambda k: Neumann(k, alpha)),
+            ("fixed_point", lambda k: FixedPoint(k, alpha)),
+            ("cg", lambda k: ConjugateGradient(k, tol=0.0)),
+        ]
+        for name, make in solvers:
+            for k in iterations:
+                cos, err, el, mib, stats = _compare(
+                    lambda: ift_hypergradient(tl, vl, state.params, raw, make(k)), ift_ref, dev)
+                rows.append(Row(name, k, cos, err, el, mib, stats.residual, stats.info))
+        cos, err, el, mib, stats = _compare(
+            lambda: ift_hypergradient(tl, vl, state.params, raw, Neumann(0, alpha, residual=False)), ift_ref, dev)
+        rows.append(Row("t1t2", 0, cos, err, el, mib, None, ""))
+    else:
+        ref_name = "(IFT methods do not apply to this family)"
+    # ---- path methods against the full unroll of inner_steps further steps
+    T = spec.run.inner_steps
+    overrides = problem.family.optimizer_overrides
+
+    def path_loss(w, h, t):
+        return problem.train_loss(w, h, train_batch)
+
+    full = unrolled_hypergradient(path_loss, vl, exp.inner_opt, state.params, state.opt_state, raw, T,
+                                  overrides=overrides)
+    unroll_ref = tree.flatten(full.hypergrad.values())
+    for k in sorted({k for k in iterations if 0 < k <= T} | {T}):
+        cos, err, el, mib, _ = _compare(lambda: (unrolled_hypergradient(
+            path_loss, vl, exp.inner_opt, state.params, state.opt_state, raw, T, truncate=k,
+            overrides=overrides).hypergrad, None), unroll_ref, dev)
+        rows.append(Row("truncated" if k < T else "unrolled", k, cos, err, el, mib))
+    max_fwd = getattr(spec.method, "max_hparams", 64)
+    if n_h <= max_fwd:
+        cos, err, el, mib, _ = _compare(lambda: (forward_hypergradient(
+            path_loss, vl, exp.inner_opt, state.params, state.opt_state, raw, T,
+            overrides=overrides).hypergrad, None), unroll_ref, dev, hooks=False)
+        rows.append(Row("forward", T, cos, err, el, mib, info="no graph kept across steps"))
+
+    report = {
+        "problem": {"dataset": spec.dataset.name, "model": spec.model.name, "hp": spec.hp.name,
+                    "granularity": getattr(spec.hp, "granularity", None), "num_params": n_params,
+                    "num_hparams": n_h, "inner_steps": T, "alpha": alpha, "device": str(dev)},
+        "ift_reference": ref_name,
+        "path_reference": f"full unroll of {T} steps of {spec.inner_optim.name}",
+        "rows": [asdict(r) for r in rows],
+    }
+    write_json_atomic(out_dir / "check.json", report)
+    _plot(rows, out_dir / "check.png", ref_name)
+    _table(rows, report, console)
+    console.print(f"wrote {out_dir / 'check.json'} and {out_dir / 'check.png'}", highlight=False)
+    return report
+
+
+def _table(rows: list[Row], report: dict, console: Console) -> None:
+    p = report["problem"]
+    table = Table(title=f"hoexp check: {p['dataset']} / {p['model']} ({p['num_params']:,} weights), "
+                        f"hp={p['hp']} ({p['num_hparams']:,}), α={p['alpha']}")
+    for col in ("method", "iterations", "cosine", "rel. l2 error", "time (ms)", "graph (MiB)", "residual", "note"):
+        table.add_column(col, justify="left" if col in ("method", "note") else "right")
+    for r in rows:
+        table.add_row(r.method, str(r.iterations), f"{r.cosine:.4f}", f"{r.rel_error:.3g}", f"{r.time_s * 1e3:.1f}",
+                      f"{r.graph_mib:.2f}", "" if r.residual is None else f"{r.residual:.3g}", r.info)
+    console.print(table)
+    console.print(f"IFT methods vs {report['ift_reference']}; truncated/forward vs {report['path_reference']}",
+                  highlight=False)
+
+
+def _plot(rows: list[Row], path: Path, ref_name: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for method in ("neumann", "fixed_point", "cg", "truncated"):
+        pts = [(r.iterations, r.cosine, r.rel_error) for r in rows if r.method == method]
+        if not pts:
+            continue
+        ks, cos, err = zip(*pts)
+        xs = [k + 1 for k in ks]  # log axis: iterations + 1
+        ax1.plot(xs, cos, marker="o", label=method)
+        ax2.plot(xs, err, marker="o", label=method)
+    ax1.set_xscale("log"), ax2.set_xscale("log"), ax2.set_yscale("log")
+    ax1.set_xlabel("iterations + 1"), ax2.set_xlabel("iterations + 1")
+    ax1.set_ylabel("cosine similarity to reference"), ax2.set_ylabel("relative l2 error")
+    ax1.legend(fontsize=8)
+    fig.suptitle(f"reference: {ref_name}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
