@@ -22,6 +22,7 @@ from hoexp.method.base import HyperMethod
 from hoexp.method.forward import ForwardMethod
 from hoexp.method.hd import HDMethod
 from hoexp.method.implicit import ImplicitMethod, NoHO
+from hoexp.method.reversible import ReversibleMethod
 from hoexp.method.unrolled import UnrolledMethod
 from hoexp.method.solvers import ConjugateGradient, Exact, FixedPoint, Neumann
 from hoexp.model.mlp import MLP
@@ -30,7 +31,7 @@ from hoexp.problem import Problem
 
 IFT_METHODS = ("neumann", "cg", "fixed_point", "exact", "t1t2")
 # Methods that differentiate the optimization path, so they can also tune lr and momentum.
-PATH_METHODS: tuple[str, ...] = ("unrolled", "truncated", "forward")
+PATH_METHODS: tuple[str, ...] = ("unrolled", "truncated", "forward", "reversible")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -93,6 +94,11 @@ def build_method(spec: Spec) -> HyperMethod:
         return UnrolledMethod(cfg.k, "truncated")
     if cfg.name == "forward":
         return ForwardMethod(cfg.max_hparams)
+    if cfg.name == "reversible":
+        inner = spec.inner_optim
+        mu = inner.momentum
+        return ReversibleMethod(lr=inner.lr / (1 - mu), momentum=mu, radix_bits=cfg.radix_bits,
+                                momentum_bits=cfg.momentum_bits)
     if cfg.name == "hd":
         lr0 = spec.inner_optim.lr if cfg.lr0 is None else cfg.lr0
         return HDMethod(cfg.variant, beta=cfg.beta, lr0=lr0, momentum=cfg.momentum, betas=tuple(cfg.betas),
@@ -111,6 +117,13 @@ def make_optimizer(cfg: Any) -> Optimizer:
 
 def check_compatibility(spec: Spec, family: HyperFamily) -> None:
     """Refuse pairings that cannot work, naming the ones that can."""
+    inner = spec.inner_optim
+    if spec.method.name == "reversible" and (inner.name not in ("sgd", "momentum") or inner.nesterov
+                                             or inner.dampening or inner.weight_decay or not 0 < inner.momentum < 1):
+        raise ConfigError(
+            f"method=reversible reverses SGD with heavy-ball momentum exactly; optim/inner={inner.name} (with these "
+            "options) is not reversible: use optim/inner=momentum (0 < momentum < 1, no dampening or weight_decay), "
+            "or method=unrolled / truncated for other optimizers")
     if spec.method.name in IFT_METHODS and not family.moves_optimum:
         alternatives = ", ".join(PATH_METHODS) or "none available yet"
         raise ConfigError(

@@ -194,6 +194,25 @@ class HDConfig:
             raise ConfigError(f"method=hd: momentum must be in [0, 1), got {self.momentum}")
 
 
+@dataclass
+class ReversibleConfig:
+    """Reversible learning (Maclaurin et al. 2015): SGD with momentum reversed exactly, no trajectory stored.
+
+    Trains with ``optim/inner`` = ``sgd`` or ``momentum`` (torch's ``buf = μ·buf + g``, ``w −= η·buf``,
+    which is Maclaurin's ``v ← γv − (1−γ)g``, ``w ← w + αv`` with ``γ = μ``, ``α = η/(1−μ)``).
+    """
+
+    name: str = "reversible"
+    radix_bits: int = 50  # fixed-point precision: values are integers times 2^-radix_bits (|w| < 4096)
+    momentum_bits: int = 16  # γ is rounded to N/2^momentum_bits
+
+    def check(self) -> None:
+        if not 20 <= self.radix_bits <= 56:
+            raise ConfigError(f"method=reversible: radix_bits must be in [20, 56], got {self.radix_bits}")
+        if not 4 <= self.momentum_bits <= 30:
+            raise ConfigError(f"method=reversible: momentum_bits must be in [4, 30], got {self.momentum_bits}")
+
+
 # ------------------------------------------------------------------------------------- optimizers
 @dataclass
 class SGDConfig:
@@ -307,7 +326,7 @@ GROUPS: dict[str, dict[str, type]] = {
     "method": {"none": NoneMethodConfig, "neumann": NeumannConfig, "cg": CGConfig,
                "fixed_point": FixedPointConfig, "exact": ExactConfig, "t1t2": T1T2Config,
                "unrolled": UnrolledConfig, "truncated": TruncatedConfig, "forward": ForwardConfig,
-               "hd": HDConfig},
+               "hd": HDConfig, "reversible": ReversibleConfig},
     "optim": {"sgd": SGDConfig, "momentum": MomentumConfig, "nesterov": NesterovConfig, "adam": AdamConfig,
               "adamw": AdamWConfig, "rmsprop": RMSpropConfig, "adagrad": AdagradConfig},
 }

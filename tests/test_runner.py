@@ -170,3 +170,36 @@ def test_hd_adapts_the_learning_rate_in_the_runner(tmp_path, variant):
     assert summary["status"] == "completed" and summary["hypergradients"] == 0 and len(lrs) == 3
     assert lrs[-1] != 0.01  # moved away from optim.inner.lr
     assert summary["hp_final"]["moved_fraction"] == 0  # the decays are not tuned by HD
+
+
+def test_reversible_matches_unrolled_inside_the_runner():
+    """Same first outer step (momentum buffer starts at zero in both): same hypergradient and weights."""
+    from hoexp.build import build_method
+
+    # γ = 0.75 is exactly representable (reversible learning rounds γ to a multiple of 2^-16).
+    base = [*SMALL, "optim/inner=momentum", "optim.inner.lr=0.05", "optim.inner.momentum=0.75"]
+    spec, _ = compose_spec([*base, "method=unrolled"])
+    exp = build(spec)
+    params = {k: v.detach().clone() for k, v in exp.model.named_parameters()}
+    raw = exp.problem.family.init(params)
+    state = InnerState(params, exp.inner_opt.init(params))
+    val = (exp.data.val.x, exp.data.val.y)
+    out = {}
+    for name in ("unrolled", "reversible"):
+        m = build_method(compose_spec([*base, f"method={name}"])[0])
+        hg, new_state, stats = m.outer_step(exp.problem, exp.inner_opt, state, raw, FullBatch(exp.data.train), val, 15)
+        out[name] = (torch.cat([v.flatten() for v in hg.values()]), new_state, stats)
+    a, b = out["unrolled"][0], out["reversible"][0]
+    assert float((a - b).norm() / a.norm()) < 1e-7
+    for k in params:
+        assert torch.allclose(out["unrolled"][1].params[k], out["reversible"][1].params[k], rtol=0, atol=1e-8)
+    assert 0 < out["reversible"][2].extra["reversible/bits_per_weight_step"] < 0.5  # log2(1/0.75) = 0.415
+
+
+def test_reversible_refuses_optimizers_it_cannot_reverse():
+    from hoexp.cli import validate_job
+
+    for inner in ("adam", "nesterov", "sgd"):  # sgd: momentum 0 cannot be reversed either
+        with pytest.raises(ConfigError, match="method=reversible reverses SGD"):
+            validate_job(["method=reversible", f"optim/inner={inner}"])
+    validate_job(["method=reversible", "optim/inner=momentum"])

@@ -1,0 +1,382 @@
+"""Reversible learning (Maclaurin, Duvenaud & Adams 2015): exact hypergradients through T steps of
+SGD with momentum without storing the trajectory.
+
+Inner dynamics (Maclaurin's parameterization), for ``t = 0 … T−1`` with ``g_t = ∇_w L_T(w_t, λ, t)``::
+
+    v_{t+1} = γ_t v_t − (1 − γ_t) g_t          w_{t+1} = w_t + α_t v_{t+1}
+
+The forward pass keeps ``w`` and ``v`` as fixed-point integers (int64, value = int · 2^-R), so the
+position update ``w ± round(α_t v)`` is exactly invertible. The only lossy operation is ``v ← γ v``;
+with ``γ = N/D`` (``D = 2^k``, ``N = round(γ D)``) it is made invertible by Maclaurin's trick::
+
+    forward  v ← γ v :  B ← B·D + (v mod D);  v ← (v div D)·N;  v ← v + (B mod N);  B ← B div N
+    reverse  v ← v / γ:  B ← B·N + (v mod N);  v ← (v div N)·D;  v ← v + (B mod D);  B ← B div D
+
+where ``B`` is one arbitrary-precision natural number per weight (the information buffer). Each
+multiplication grows ``B`` by a factor ``D/N``: ``log2(1/γ)`` bits per weight per step. Precisely,
+from ``B' + 1 ≤ (D/N)(B + 1) + 1`` and ``B_0 = 0``,
+
+    bit_length(B_i) ≤ Σ_t log2(D/N_t) + log2(1/(1 − γ_max)) + 1,
+
+so the per-weight constant over ``T·log2(1/γ)`` is ``log2(1/(1−γ)) + 1`` bits (4.32 at γ = 0.9).
+The price of this order (push, then pop) is that the low ``log2 N`` bits of ``v`` are replaced by
+buffer digits: ``|γ·v − v_new| < N ≤ 2^k`` units, i.e. ``< 2^(k−R)`` in value per multiplication.
+(Multiplying first and dithering with a popped digit would err by < 1 unit but costs ``k`` more
+bits per weight, since pops from the initially empty buffer return no information.)
+
+The reverse pass (Maclaurin's Algorithm 2) undoes the steps exactly, recomputing ``g_t`` at the
+bit-identical ``w_t`` (so the rounded integer ``(1−γ_t) g_t`` is the same one the forward pass
+subtracted; a fingerprint per step verifies it) and accumulates the adjoints::
+
+    dα_t = dw·v_{t+1};   dv += α_t dw;   (recover w_t, g_t, v_t);   dγ_t = dv·(v_t + g_t)
+    dw −= (1−γ_t) ∇²_w L_T dv;   dλ −= (1−γ_t) ∂²L_T/∂λ∂w dv;   dv ← γ_t dv
+
+starting from ``dw = ∂L_V/∂w (w_T)``, ``dv = 0``, ``dλ = ∂L_V/∂λ``.
+
+Defaults: radix ``R = 50`` bits and ``D = 2^16`` (Maclaurin's code used 2^52 and 2^16). Then the
+multiplication error is ``< 2^-34 ≈ 5.8e-11`` per step, the α·v and ``(1−γ)g`` roundings
+``2^-51``, ``|γ − N/D| ≤ 2^-17`` (hypergradients are those of the rational ``γ_t`` actually used,
+``ReversibleResult.momenta_used``), values ``|x| < 2^(53−R) = 8`` have an exact float64 view, and
+every integer is checked to stay below ``2^62``, i.e. values ``|x| < 2^(62−R) = 4096``
+(``OverflowError`` otherwise; the margin leaves one addition of headroom in int64). Measured on a
+small MLP over 40 steps, hypergradients agree with float64 autograd to ~1e-9 relative (R = 48:
+~1e-8, R = 44: ~1e-6). A smaller ``R`` buys range at the cost of precision.
+
+Cost: forward T gradients (built with ``create_graph`` so the reverse pass recomputes them through
+the same kernels), reverse T gradients plus T vector-Jacobian products (one HVP and the mixed term
+together): about 3T gradient costs; buffer arithmetic O(P·T) big-integer operations. Memory: O(P)
+tensors plus the buffer, ``≈ P·T·log2(1/γ)`` bits, against ``32·P·T`` bits for a float32
+trajectory (measured at γ = 0.9, T = 100: 0.144 bits per weight per step, 222x less; the buffer
+starts below its bound because pops from a nearly empty buffer return few bits).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from hoexp import tree
+from hoexp.method.base import InnerState, StepStats
+from hoexp.optim import Optimizer
+from hoexp.problem import Batch, Problem
+
+TrainLossFn = Callable[[dict[str, Tensor], dict[str, Tensor], int], Tensor]
+ValLossFn = Callable[[dict[str, Tensor], dict[str, Tensor]], Tensor]
+
+_LIMIT = 2 ** 62  # every fixed-point integer stays below this (int64 headroom for one addition)
+
+
+class InfoBuffer:
+    """One arbitrary-precision natural number per weight, used as a mixed-radix stack of digits.
+
+    ``push(d, base)``: ``B ← B·base + d`` (``0 ≤ d < base``); ``pop(base)``: ``d = B mod base``,
+    ``B ← B div base``. A pop after the matching push returns the digit and restores ``B``; popping
+    a base-N digit after pushing a base-D one stores ``log2(D/N)`` net bits. Python ints in a numpy
+    object array: each operation is O(P) big-integer operations on the host.
+    """
+
+    def __init__(self, n: int):
+        self._b = np.zeros(n, dtype=object)  # Python int 0s
+
+    def push(self, digits: Tensor, base: int) -> None:
+        self._b = self._b * base + digits.detach().cpu().numpy().astype(object)
+
+    def pop(self, base: int, device: torch.device | str = "cpu") -> Tensor:
+        digits = self._b % base
+        self._b = self._b // base
+        return torch.from_numpy(digits.astype(np.int64)).to(device)
+
+    def bit_lengths(self) -> list[int]:
+        """Each weight's number's bit length."""
+        return [int(x).bit_length() for x in self._b]
+
+    def bits_used(self) -> int:
+        """Total size: the sum of the numbers' bit lengths."""
+        return sum(self.bit_lengths())
+
+
+def _check(x: Tensor, what: str, radix_bits: int) -> Tensor:
+    if x.numel() and int(x.abs().max()) >= _LIMIT:
+        raise OverflowError(f"reversible learning: {what} left the fixed-point range |x| < 2^{62 - radix_bits}; "
+                            f"lower radix_bits (now {radix_bits}) or the learning rate")
+    return x
+
+
+def to_fixed(x: Tensor, radix_bits: int) -> Tensor:
+    """``round(x · 2^R)`` as int64 (exact for float64 ``x`` whose last mantissa bit is ≥ 2^-R)."""
+    scaled = torch.round(x.detach().to(torch.float64) * 2.0 ** radix_bits)
+    if scaled.numel() and not bool(torch.isfinite(scaled).all()):
+        raise OverflowError("reversible learning: non-finite value (the inner loop diverged)")
+    _check(scaled, "a value", radix_bits)
+    return scaled.to(torch.int64)
+
+
+def from_fixed(x: Tensor, radix_bits: int) -> Tensor:
+    """The float64 view ``x · 2^-R`` (exact while ``|x| < 2^53``)."""
+    return x.to(torch.float64) * 2.0 ** -radix_bits
+
+
+def rational_momentum(gamma: float, momentum_bits: int = 16) -> tuple[int, int]:
+    """``γ ≈ N/D`` with ``D = 2^k``, ``N = round(γ D)``; requires ``0 < N ≤ D`` (γ = 0 is irreversible)."""
+    d = 2 ** momentum_bits
+    n = round(float(gamma) * d)
+    if not 0 < n <= d:
+        raise ValueError(f"reversible learning needs momentum in (0, 1] (γ = 0 forgets v and cannot be reversed); "
+                         f"got {gamma}")
+    return n, d
+
+
+def _mul_gamma(v: Tensor, n: int, d: int, k: int, buf: InfoBuffer) -> Tensor:
+    """``v ← (N/D)·v`` exactly invertibly; ``D = 2^k``."""
+    buf.push(v & (d - 1), d)  # v mod D (non-negative for two's complement)
+    q = v >> k  # floor(v / D)
+    return q * n + buf.pop(n, v.device)
+
+
+def _div_gamma(v: Tensor, n: int, d: int, radix_bits: int, buf: InfoBuffer) -> Tensor:
+    """The exact inverse of :func:`_mul_gamma`."""
+    buf.push(torch.remainder(v, n), n)
+    q = torch.div(v, n, rounding_mode="floor")
+    _check(q.to(torch.float64) * d, "the velocity (reverse division by γ)", radix_bits)
+    return q * d + buf.pop(d, v.device)
+
+
+def _fingerprint(x: Tensor) -> tuple[int, int]:
+    """Two overflow-free sums of an int64 tensor; any change in one element changes one of them."""
+    return int((x & 0xFFFFFFFF).sum()), int((x >> 32).sum())
+
+
+def _per_step(x: Tensor | float, steps: int, what: str) -> Tensor:
+    x = torch.as_tensor(x, dtype=torch.float64).detach().cpu()
+    if x.dim() == 0:
+        x = x.expand(steps)
+    if x.shape != (steps,):
+        raise ValueError(f"{what} must be a scalar or a 1-D tensor of length steps={steps}, got shape {tuple(x.shape)}")
+    return x.clone()
+
+
+@dataclass
+class ReversibleResult:
+    """Output of :func:`reversible_hypergradient` (floats are host floats; hypergradients float64
+    for ``lrs``/``momenta``, the dtype of ``raw`` for ``hyper_raw``)."""
+
+    params: dict[str, Tensor]  # w_T (float view, the dtypes of params0)
+    velocity: Tensor  # v_T, flat float64
+    val_loss: float
+    hyper_raw: dict[str, Tensor]  # dL_V/dλ (direct term included)
+    hyper_lrs: Tensor  # dL_V/dα_t, [T]
+    hyper_momenta: Tensor  # dL_V/dγ_t at the rational γ_t, [T]
+    hyper_params0: dict[str, Tensor]  # dL_V/dw_0 (float64)
+    params0_recovered: dict[str, Tensor]  # w_0 from the reverse pass (float view, dtypes of params0)
+    params0_fixed: Tensor  # the fixed-point w_0 the forward pass started from (flat int64)
+    params0_fixed_recovered: Tensor  # the fixed-point w_0 the reverse pass ended at
+    velocity0_fixed_recovered: Tensor
+    momenta_used: Tensor  # the rational γ_t = N_t/D actually applied, [T]
+    bits_used: int  # the buffer's size after the forward pass
+    bits_max_per_weight: int  # the largest single weight's share of it
+    bits_bound: float  # P · Σ_t log2(D/N_t)  (= T·P·log2(1/γ) for constant γ)
+    buffer_bits_after_reverse: int  # 0 when every stored bit was consumed again
+    train_loss_last: float | None = None
+    grad_norm_last: float | None = None
+    trajectory_exact: list[bool] | None = None  # per step: reverse (w_t, v_t) == forward (w_t, v_t)
+    num_params: int = 0
+
+
+def reversible_hypergradient(
+    train_loss: TrainLossFn,
+    val_loss: ValLossFn,
+    params0: Mapping[str, Tensor],
+    raw: Mapping[str, Tensor],
+    lrs: Tensor | float,
+    momenta: Tensor | float,
+    steps: int,
+    *,
+    radix_bits: int = 50,
+    momentum_bits: int = 16,
+    velocity0: Tensor | None = None,
+    return_trajectory_check: bool = False,
+    on_step: Callable[[], None] | None = None,
+) -> ReversibleResult:
+    """Exact ``dL_V(w_T)/d(λ, α, γ, w_0)`` through ``steps`` SGD-momentum steps, by exact reversal.
+
+    ``train_loss(params, raw, t)`` is the step-``t`` training loss (minibatch ``t``; it must be a
+    deterministic function of its inputs), ``val_loss(params, raw)`` the outer objective. ``lrs``
+    and ``momenta`` are per-step ``α_t`` / ``γ_t`` (a scalar is repeated). ``velocity0`` (flat) is
+    ``v_0`` (default 0). ``return_trajectory_check`` also stores the fixed-point forward trajectory
+    (O(T·P) memory, for tests) and reports per step whether the reverse pass reproduced it.
+    See the module docstring for the math and cost.
+    """
+    if steps < 0:
+        raise ValueError(f"steps must be ≥ 0, got {steps}")
+    if not 8 <= radix_bits <= 56:
+        raise ValueError(f"radix_bits must be in [8, 56], got {radix_bits}")
+    if not 1 <= momentum_bits <= min(radix_bits, 31):
+        raise ValueError(f"momentum_bits must be in [1, min(radix_bits, 31)], got {momentum_bits}")
+    R, k = radix_bits, momentum_bits
+    alphas = _per_step(lrs, steps, "lrs")
+    gammas = _per_step(momenta, steps, "momenta")
+    rationals = [rational_momentum(float(g), k) for g in gammas]
+    gammas_used = torch.tensor([n / d for n, d in rationals], dtype=torch.float64)
+    one_minus = [(d - n) / d for n, d in rationals]  # exact in float64
+
+    like = {name: p.detach() for name, p in params0.items()}
+    device = next(iter(like.values())).device if like else torch.device("cpu")
+    P = tree.numel(like)
+    raw_leaves = tree.detached(raw, requires_grad=True)
+    raw_list = list(raw_leaves.values())
+
+    def view(w_int: Tensor) -> dict[str, Tensor]:
+        return {name: p.detach().to(like[name].dtype) for name, p in tree.unflatten(from_fixed(w_int, R), like).items()}
+
+    def grad_at(w_int: Tensor, t: int) -> tuple[Tensor, Tensor, Tensor]:
+        """(w leaf, L_T, ∇_w L_T with graph) at the float view of ``w_int``; the same code both ways."""
+        w_leaf = from_fixed(w_int, R).requires_grad_(True)
+        params = {name: p.to(like[name].dtype) for name, p in tree.unflatten(w_leaf, like).items()}
+        loss = train_loss(params, raw_leaves, t)
+        (g,) = torch.autograd.grad(loss, w_leaf, create_graph=True, allow_unused=True)
+        return w_leaf, loss, (torch.zeros_like(w_leaf) if g is None else g)
+
+    def gradient_integer(g: Tensor, t: int) -> Tensor:
+        return to_fixed(one_minus[t] * g.detach(), R)
+
+    w = to_fixed(tree.flatten(list(like.values())), R) if P else torch.zeros(0, dtype=torch.int64, device=device)
+    v = (to_fixed(velocity0, R).reshape(-1) if velocity0 is not None
+         else torch.zeros(P, dtype=torch.int64, device=device))
+    if v.numel() != P:
+        raise ValueError(f"velocity0 has {v.numel()} entries, params0 has {P}")
+    w0_fixed = w.clone()
+    buf = InfoBuffer(P)
+    fingerprints: list[tuple[int, int]] = []
+    trajectory: list[tuple[Tensor, Tensor]] = []
+    train_last = gnorm_last = None
+
+    # ---- forward: T exact steps, storing only the lost bits
+    with torch.enable_grad():
+        for t in range(steps):
+            if return_trajectory_check:
+                trajectory.append((w.clone(), v.clone()))
+            _, loss, g = grad_at(w, t)
+            G = gradient_integer(g, t)
+            fingerprints.append(_fingerprint(G))
+            n, d = rationals[t]
+            v = _check(_mul_gamma(v, n, d, k, buf) - G, "the velocity", R)
+            w = _check(w + _check(to_fixed(float(alphas[t]) * from_fixed(v, R), R), "α·v", R), "the weights", R)
+            if t == steps - 1:
+                train_last, gnorm_last = float(loss.detach()), float(torch.linalg.vector_norm(g.detach()))
+            del loss, g
+            if on_step is not None:
+                on_step()
+    bit_lengths = buf.bit_lengths()
+    bits_used, bits_max = sum(bit_lengths), max(bit_lengths, default=0)
+    bits_bound = P * sum(math.log2(d / n) for n, d in rationals)
+    wT, vT = w.clone(), v.clone()
+
+    # ---- outer objective at w_T
+    with torch.enable_grad():
+        w_leaf = from_fixed(w, R).requires_grad_(True)
+        params = {name: p.to(like[name].dtype) for name, p in tree.unflatten(w_leaf, like).items()}
+        lv = val_loss(params, raw_leaves)
+        grads = torch.autograd.grad(lv, [w_leaf, *raw_list], allow_unused=True)
+    dw = tree.fill_none(grads[:1], [w_leaf])[0].detach().to(torch.float64)
+    d_raw = [x.detach().to(torch.float64) for x in tree.fill_none(grads[1:], raw_list)]
+    dv = torch.zeros(P, dtype=torch.float64, device=device)
+    d_alpha = torch.zeros(steps, dtype=torch.float64)
+    d_gamma = torch.zeros(steps, dtype=torch.float64)
+    exact: list[bool] = [False] * steps if return_trajectory_check else []
+
+    # ---- reverse: undo each step exactly, accumulating adjoints (Maclaurin Algorithm 2)
+    for t in reversed(range(steps)):
+        n, d = rationals[t]
+        alpha, gamma = float(alphas[t]), float(gammas_used[t])
+        v_next = from_fixed(v, R)
+        d_alpha[t] = (dw @ v_next).cpu()
+        dv = dv + alpha * dw
+        w = w - to_fixed(alpha * v_next, R)
+        with torch.enable_grad():
+            w_leaf, _, g = grad_at(w, t)
+            G = gradient_integer(g, t)
+            if _fingerprint(G) != fingerprints[t]:
+                raise RuntimeError(
+                    f"reversible learning: the training gradient at step {t} differs between the forward and "
+                    "reverse pass (non-deterministic train_loss or kernels); exact reversal is impossible")
+            v = _div_gamma(v + G, n, d, R, buf)
+            gd = g.detach()
+            d_gamma[t] = (dv @ (from_fixed(v, R) + gd)).cpu()
+            if g.requires_grad:
+                vjp = torch.autograd.grad(g, [w_leaf, *raw_list], grad_outputs=dv.to(g.dtype), allow_unused=True)
+                vjp = tree.fill_none(vjp, [w_leaf, *raw_list])
+                dw = dw - one_minus[t] * vjp[0].detach().to(torch.float64)
+                d_raw = [a - one_minus[t] * b.detach().to(torch.float64) for a, b in zip(d_raw, vjp[1:])]
+            del g, w_leaf
+        dv = gamma * dv
+        if return_trajectory_check:
+            exact[t] = bool(torch.equal(w, trajectory[t][0]) and torch.equal(v, trajectory[t][1]))
+
+    hyper_raw = {name: x.to(r.dtype) for (name, r), x in zip(raw.items(), d_raw)}
+    return ReversibleResult(
+        params=view(wT),
+        velocity=from_fixed(vT, R),
+        val_loss=float(lv.detach()),
+        hyper_raw=hyper_raw,
+        hyper_lrs=d_alpha,
+        hyper_momenta=d_gamma,
+        hyper_params0=tree.unflatten(dw, like),
+        params0_recovered=view(w),
+        params0_fixed=w0_fixed,
+        params0_fixed_recovered=w,
+        velocity0_fixed_recovered=v,
+        momenta_used=gammas_used,
+        bits_used=bits_used,
+        bits_max_per_weight=bits_max,
+        bits_bound=bits_bound,
+        buffer_bits_after_reverse=buf.bits_used(),
+        train_loss_last=train_last,
+        grad_norm_last=gnorm_last,
+        trajectory_exact=exact if return_trajectory_check else None,
+        num_params=P,
+    )
+
+
+@dataclass
+class ReversibleMethod:
+    """``method=reversible``: ``inner_steps`` SGD-momentum steps (constant ``lr``, ``momentum``, from
+    ``v = 0`` each outer step) and the exact hypergradient w.r.t. ``raw`` by exact reversal.
+
+    The method owns its inner optimizer (Maclaurin's ``v ← γv − (1−γ)g``, ``w ← w + αv``): the
+    runner's ``inner_opt`` is not used and ``opt_state`` is passed through unchanged. The batches are
+    drawn once into a list so the reverse pass sees the same ones. Cost: ~3 gradient costs per inner
+    step, memory O(P) plus ``≈ inner_steps·P·log2(1/γ)`` bits.
+    """
+
+    lr: float = 0.1
+    momentum: float = 0.9
+    radix_bits: int = 50
+    momentum_bits: int = 16
+    name: str = "reversible"
+
+    def outer_step(self, problem: Problem, inner_opt: Optimizer, state: InnerState, raw: dict[str, Tensor],
+                   train_batches: Iterator[Batch], val_batch: Batch, inner_steps: int,
+                   on_inner_step: Callable[[], None] | None = None,
+                   ) -> tuple[dict[str, Tensor], InnerState, StepStats]:
+        batches = [next(train_batches) for _ in range(inner_steps)]
+        res = reversible_hypergradient(
+            lambda w, lam, t: problem.train_loss(w, lam, batches[t]),
+            lambda w, lam: problem.val_loss(w, lam, val_batch),
+            state.params, raw, self.lr, self.momentum, inner_steps,
+            radix_bits=self.radix_bits, momentum_bits=self.momentum_bits, on_step=on_inner_step,
+        )
+        params = {k: res.params[k].to(device=p.device) for k, p in state.params.items()}
+        new_state = InnerState(params, state.opt_state, state.step + inner_steps)
+        cells = max(res.num_params * inner_steps, 1)
+        extra = {
+            "reversible/bits_per_weight_step": res.bits_used / cells,
+            "reversible/memory_ratio_vs_float32_trajectory": 32.0 * cells / max(res.bits_used, 1),
+        }
+        stats = StepStats(inner_grad_norm=res.grad_norm_last, inner_loss=res.train_loss_last,
+                          hypergrad_norm=float(tree.norm(res.hyper_raw)), hvps=inner_steps, extra=extra)
+        return res.hyper_raw, new_state, stats
