@@ -10,7 +10,7 @@ from torch import Tensor
 from hoexp.method.ift import IFTStats, LossFn, ift_hypergradient
 from hoexp.method.solvers import ConjugateGradient, Exact, FixedPoint, Neumann, Solver
 
-IFT_SOLVERS = ("exact", "cg", "neumann", "fixed_point")
+IFT_SOLVERS = ("exact", "cg", "neumann", "fixed_point", "t1t2")
 
 
 def make_solver(method: str, **options: Any) -> Solver:
@@ -24,6 +24,7 @@ def make_solver(method: str, **options: Any) -> Solver:
         "cg": {"iterations", "tol"},
         "neumann": {"iterations", "alpha", "residual"},
         "fixed_point": {"iterations", "alpha", "residual"},
+        "t1t2": {"alpha", "residual"},
     }
     if method not in allowed:
         raise ValueError(f"unknown method '{method}'; valid: {', '.join(IFT_SOLVERS)}")
@@ -37,6 +38,8 @@ def make_solver(method: str, **options: Any) -> Solver:
         raise ValueError(f"iterations must be >= 0, got {options['iterations']}")
     if "alpha" in options and not float(options["alpha"]) > 0:
         raise ValueError(f"alpha must be > 0, got {options['alpha']}")
+    if method == "t1t2":  # H⁻¹ ≈ αI: a Neumann series with no terms
+        return Neumann(iterations=0, alpha=options.get("alpha", 0.01), residual=options.get("residual", False))
     cls = {"exact": Exact, "cg": ConjugateGradient, "neumann": Neumann, "fixed_point": FixedPoint}[method]
     return cls(**options)
 
@@ -55,7 +58,8 @@ def hypergradient(
 
     ``train_loss(params, hparams)`` and ``val_loss(params, hparams)`` return scalar tensors;
     ``params`` and ``hparams`` are ``dict[str, Tensor]``. ``method`` picks the inverse-HVP solver:
-    ``"exact"`` (dense Hessian, small models), ``"cg"``, ``"neumann"`` or ``"fixed_point"``;
+    ``"exact"`` (dense Hessian, small models), ``"cg"``, ``"neumann"``, ``"fixed_point"`` or ``"t1t2"``
+    (``H⁻¹ ≈ αI``);
     ``options`` are passed to it (``iterations``, ``alpha``, ``tol``, ``max_params``).
     Returns a dict shaped like ``hparams`` (and an :class:`IFTStats` with ``return_stats=True``).
 

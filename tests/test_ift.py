@@ -201,3 +201,15 @@ def test_exact_refuses_large_models():
     A, _ = spd(n=12)
     with pytest.raises(ValueError, match="max_params"):
         Exact(max_params=10)(MatrixOp(A), torch.ones(12, dtype=torch.float64))
+
+
+def test_t1t2_is_the_one_step_formula_on_ridge(ridge):
+    """T1-T2 (Luketina et al.): dL_V/dλ ≈ −(∂²L_T/∂λ∂w)·α·∂L_V/∂w; on ridge ∂²L_T/∂λ_i∂w_j = δ_ij e^{λ_i} w_i."""
+    w = ridge.w_star(ridge.raw)
+    alpha = 0.3
+    v = ridge.Xv.T @ (ridge.Xv @ w - ridge.yv) / len(ridge.yv)  # ∂L_V/∂w
+    expected = -torch.exp(ridge.raw) * w * alpha * v
+    hg = hypergradient(ridge.train_loss, ridge.val_loss, {"w": w}, {"log_decay": ridge.raw}, "t1t2", alpha=alpha)
+    assert rel_err(hg["log_decay"], expected) < 1e-12
+    # ... and it is biased: far from the IFT answer on this problem.
+    assert rel_err(hg["log_decay"], ridge.exact_hypergradient()) > 0.1
