@@ -24,6 +24,14 @@ def run(tmp_path, *overrides):
     return summary, mem
 
 
+def start(overrides):
+    """A built experiment at its initial point: (exp, inner state, raw hyperparameters, validation batch)."""
+    exp = build(compose_spec(overrides)[0])
+    params = {k: v.detach().clone() for k, v in exp.model.named_parameters()}
+    raw = exp.problem.family.init(params)
+    return exp, InnerState(params, exp.inner_opt.init(params)), raw, (exp.data.val.x, exp.data.val.y)
+
+
 @pytest.mark.parametrize("granularity,count", [("global", 1), ("per_layer", 2), ("per_weight", 4 * 8 + 8 * 3)])
 def test_granularities_run_and_move_hyperparameters(tmp_path, granularity, count):
     summary, mem = run(tmp_path, f"hp.granularity={granularity}", "outer_steps=3", "inner_steps=20")
@@ -55,14 +63,9 @@ def test_runner_methods_agree_with_exact_at_the_same_point():
     from hoexp.build import build_method
 
     smooth = [*SMALL, "model.activation=tanh", "hp.init=1e-2", "optim.inner.lr=0.1"]  # a strict minimum: H ≻ 0, CG applies
-    spec, _ = compose_spec([*smooth, "method=exact"])
-    exp = build(spec)
-    params = {k: v.detach().clone() for k, v in exp.model.named_parameters()}
-    raw = exp.problem.family.init(params)
-    state = InnerState(params, exp.inner_opt.init(params))
+    exp, state, raw, val = start([*smooth, "method=exact"])
     batches = FullBatch(exp.data.train)
     state, _, _ = train_inner(exp.problem, exp.inner_opt, state, raw, batches, 3000)
-    val = (exp.data.val.x, exp.data.val.y)
     hgs = {}
     for overrides in (["method=exact"], ["method=cg", "method.iterations=500", "method.tol=1e-12"],
                       ["method=neumann", "method.terms=2000", "method.alpha=0.05"]):
@@ -146,12 +149,8 @@ def test_unrolled_and_forward_agree_inside_the_runner():
     from hoexp.build import build_method
 
     base = [*SMALL, "hp.granularity=per_layer"]
-    spec, _ = compose_spec([*base, "method=unrolled"])
-    exp = build(spec)
-    params = {k: v.detach().clone() for k, v in exp.model.named_parameters()}
-    raw = exp.problem.family.init(params)
-    state = InnerState(params, exp.inner_opt.init(params))
-    val = (exp.data.val.x, exp.data.val.y)
+    exp, state, raw, val = start([*base, "method=unrolled"])
+    params = state.params
     out = {}
     for name in ("unrolled", "forward"):
         m = build_method(compose_spec([*base, f"method={name}"])[0])
@@ -178,12 +177,8 @@ def test_reversible_matches_unrolled_inside_the_runner():
 
     # γ = 0.75 is exactly representable (reversible learning rounds γ to a multiple of 2^-16).
     base = [*SMALL, "optim/inner=momentum", "optim.inner.lr=0.05", "optim.inner.momentum=0.75"]
-    spec, _ = compose_spec([*base, "method=unrolled"])
-    exp = build(spec)
-    params = {k: v.detach().clone() for k, v in exp.model.named_parameters()}
-    raw = exp.problem.family.init(params)
-    state = InnerState(params, exp.inner_opt.init(params))
-    val = (exp.data.val.x, exp.data.val.y)
+    exp, state, raw, val = start([*base, "method=unrolled"])
+    params = state.params
     out = {}
     for name in ("unrolled", "reversible"):
         m = build_method(compose_spec([*base, f"method={name}"])[0])

@@ -9,7 +9,7 @@ hyperparameters (learning rates, a global decay), not one per weight.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,7 +19,7 @@ from torch.func import grad, jvp
 
 from hoexp import tree
 from hoexp.method.base import InnerState, StepStats
-from hoexp.method.unrolled import StepLoss, UnrolledResult, detach_state
+from hoexp.method.unrolled import StepLoss, UnrolledResult, detach_state, path_outer_step
 from hoexp.optim import Optimizer
 from hoexp.problem import Batch, Problem
 
@@ -114,13 +114,5 @@ class ForwardMethod:
                    train_batches: Iterator[Batch], val_batch: Batch, inner_steps: int,
                    on_inner_step: Callable[[], None] | None = None,
                    ) -> tuple[dict[str, Tensor], InnerState, StepStats]:
-        batches: Sequence[Batch] = [next(train_batches) for _ in range(inner_steps)]
-        res = forward_hypergradient(
-            lambda w, h, t: problem.train_loss(w, h, batches[t]),
-            lambda w, h: problem.val_loss(w, h, val_batch),
-            inner_opt, state.params, state.opt_state, raw, inner_steps,
-            overrides=problem.family.optimizer_overrides, on_step=on_inner_step,
-        )
-        stats = StepStats(inner_grad_norm=res.last_grad_norm, inner_loss=res.last_train_loss,
-                          hypergrad_norm=float(tree.norm(res.hypergrad)))
-        return res.hypergrad, InnerState(res.params, res.opt_state, state.step + inner_steps), stats
+        return path_outer_step(forward_hypergradient, problem, inner_opt, state, raw, train_batches, val_batch,
+                               inner_steps, on_inner_step)
