@@ -17,6 +17,9 @@ from hoexp.config import Spec
 from hoexp.dataset.base import Splits
 from hoexp.errors import ConfigError
 from hoexp.hp.base import HyperFamily
+from hoexp.hp.composite import Composite
+from hoexp.hp.dropout import Dropout
+from hoexp.hp.learning_rate import LearningRate, Momentum
 from hoexp.hp.weight_decay import WeightDecay
 from hoexp.method.base import HyperMethod
 from hoexp.method.forward import ForwardMethod
@@ -67,11 +70,29 @@ def build_model(spec: Spec, data: Splits) -> nn.Module:
     return model.to(getattr(torch, spec.run.dtype))
 
 
-def build_family(spec: Spec) -> HyperFamily:
-    cfg = spec.hp
-    if cfg.name == "weight_decay":
-        return WeightDecay(cfg.granularity, cfg.init, tuple(cfg.include), min_value=cfg.min, max_value=cfg.max)
-    raise ConfigError(f"unknown hp '{cfg.name}'")
+def build_family(spec: Spec, model: nn.Module) -> HyperFamily:
+    """The tuned family (a :class:`Composite` when ``hp`` names several)."""
+    names = tuple(n for n, _ in model.named_parameters())
+    families = []
+    for cfg in spec.hp:
+        if cfg.name == "weight_decay":
+            families.append(WeightDecay(cfg.granularity, cfg.init, tuple(cfg.include), min_value=cfg.min,
+                                        max_value=cfg.max))
+        elif cfg.name == "dropout":
+            families.append(Dropout(model.unit_shapes(), cfg.granularity, cfg.init, cfg.temperature,
+                                    tuple(cfg.include), cfg.min, cfg.max))
+        elif cfg.name == "lr":
+            inner_lr = spec.inner_optim.lr
+            families.append(LearningRate(names, cfg.granularity, inner_lr if cfg.init is None else cfg.init,
+                                         max(spec.run.inner_steps, 1), tuple(cfg.include), cfg.min, cfg.max,
+                                         fill=inner_lr))
+        elif cfg.name == "momentum":
+            mu = spec.inner_optim.momentum
+            families.append(Momentum(names, mu if cfg.init is None else cfg.init, tuple(cfg.include), cfg.min,
+                                     cfg.max, fill=mu))
+        else:
+            raise ConfigError(f"unknown hp '{cfg.name}'")
+    return families[0] if len(families) == 1 else Composite(tuple(families))
 
 
 def build_method(spec: Spec) -> HyperMethod:
@@ -100,7 +121,8 @@ def build_method(spec: Spec) -> HyperMethod:
         return ReversibleMethod(lr=inner.lr / (1 - mu), momentum=mu, radix_bits=cfg.radix_bits,
                                 momentum_bits=cfg.momentum_bits)
     if cfg.name == "hd":
-        lr0 = spec.inner_optim.lr if cfg.lr0 is None else cfg.lr0
+        lr_init = spec.hp[0].init if spec.hp and spec.hp[0].name == "lr" else None
+        lr0 = cfg.lr0 if cfg.lr0 is not None else (lr_init if lr_init is not None else spec.inner_optim.lr)
         return HDMethod(cfg.variant, beta=cfg.beta, lr0=lr0, momentum=cfg.momentum, betas=tuple(cfg.betas),
                         eps=cfg.eps, name="hd")
     raise ConfigError(f"unknown method '{cfg.name}'")
@@ -115,22 +137,35 @@ def make_optimizer(cfg: Any) -> Optimizer:
     return build_optimizer(name, **kwargs)
 
 
-def check_compatibility(spec: Spec, family: HyperFamily) -> None:
-    """Refuse pairings that cannot work, naming the ones that can."""
+MOVES_OPTIMUM = {"weight_decay": True, "dropout": True, "lr": False, "momentum": False}
+MOMENTUM_OPTIMIZERS = ("momentum", "nesterov", "sgd")  # sgd only with momentum > 0
+
+
+def check_compatibility(spec: Spec) -> None:
+    """The method × family matrix (README), enforced before anything runs; refusals name what works."""
+    method, families = spec.method.name, [h.name for h in spec.hp]
+    path_only = [f for f in families if not MOVES_OPTIMUM[f]]
+    if method in IFT_METHODS and path_only:
+        raise ConfigError(
+            f"method={method} (implicit differentiation) cannot tune hp={path_only[0]}: it changes only the "
+            f"optimization path, not the inner optimum w*; use a method that differentiates the path "
+            f"({', '.join(PATH_METHODS[:3])})")
+    if method == "reversible" and path_only:
+        raise ConfigError(f"method=reversible tunes loss hyperparameters (weight_decay, dropout), not "
+                          f"hp={path_only[0]}; use method=unrolled, truncated or forward")
+    if method == "hd" and (families != ["lr"] or spec.hp[0].granularity != "global"):
+        raise ConfigError("method=hd adapts one global learning rate online: use hp=lr hp.lr.granularity=global "
+                          "(for other families use unrolled, truncated, forward or an IFT method)")
     inner = spec.inner_optim
-    if spec.method.name == "reversible" and (inner.name not in ("sgd", "momentum") or inner.nesterov
-                                             or inner.dampening or inner.weight_decay or not 0 < inner.momentum < 1):
+    if method == "reversible" and (inner.name not in ("sgd", "momentum") or inner.nesterov
+                                   or inner.dampening or inner.weight_decay or not 0 < inner.momentum < 1):
         raise ConfigError(
             f"method=reversible reverses SGD with heavy-ball momentum exactly; optim/inner={inner.name} (with these "
             "options) is not reversible: use optim/inner=momentum (0 < momentum < 1, no dampening or weight_decay), "
             "or method=unrolled / truncated for other optimizers")
-    if spec.method.name in IFT_METHODS and not family.moves_optimum:
-        alternatives = ", ".join(PATH_METHODS) or "none available yet"
-        raise ConfigError(
-            f"method={spec.method.name} (implicit differentiation) cannot tune hp={family.name}: it changes only "
-            f"the optimization path, not the inner optimum w*; use a method that differentiates the path "
-            f"({alternatives})"
-        )
+    if "momentum" in families and (inner.name not in MOMENTUM_OPTIMIZERS or not getattr(inner, "momentum", 0) > 0):
+        raise ConfigError(f"hp=momentum tunes SGD momentum, but optim/inner={inner.name} has no momentum buffer; "
+                          "use optim/inner=momentum or nesterov")
 
 
 @dataclass
@@ -149,8 +184,7 @@ class Experiment:
 
 def build(spec: Spec) -> Experiment:
     device = resolve_device(spec.run.device)
-    family = build_family(spec)
-    check_compatibility(spec, family)
+    check_compatibility(spec)
     method = build_method(spec)
     try:
         inner_opt, outer_opt = make_optimizer(spec.inner_optim), make_optimizer(spec.outer_optim)
@@ -160,6 +194,7 @@ def build(spec: Spec) -> Experiment:
     model = build_model(spec, data).to(device)
     params = dict(model.named_parameters())
     try:
+        family = build_family(spec, model)
         family.init(params)  # checks that `include` matches something
     except ValueError as e:
         raise ConfigError(str(e)) from None
@@ -167,7 +202,7 @@ def build(spec: Spec) -> Experiment:
     n_h = sum(v.numel() for v in family.init(params).values())
     if spec.method.name == "forward" and n_h > spec.method.max_hparams:
         raise ConfigError(
-            f"method=forward carries one tangent per hyperparameter and hp={family.name} has {n_h:,} here, above "
+            f"method=forward carries one tangent per hyperparameter and hp={spec.hp_name} has {n_h:,} here, above "
             f"method.max_hparams={spec.method.max_hparams}; use a coarser granularity (e.g. hp.granularity=per_layer), "
             "a reverse method (unrolled, truncated) or an IFT method (neumann, cg), or raise method.max_hparams")
     if spec.method.name == "exact" and n > spec.method.max_params:
@@ -180,7 +215,7 @@ def preflight(spec: Spec) -> None:
     """Every check :func:`build` makes that needs no data or model: device, method × family,
     optimizer options. Run for each job of a sweep before any job starts."""
     resolve_device(spec.run.device)
-    check_compatibility(spec, build_family(spec))
+    check_compatibility(spec)
     try:
         make_optimizer(spec.inner_optim), make_optimizer(spec.outer_optim)
     except ValueError as e:

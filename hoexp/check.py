@@ -32,7 +32,7 @@ from hoexp.method.ift import ift_hypergradient
 from hoexp.method.solvers import ConjugateGradient, Exact, FixedPoint, Neumann
 from hoexp.method.unrolled import unrolled_hypergradient
 from hoexp.metrics import write_json_atomic
-from hoexp.problem import FullBatch
+from hoexp.problem import training_batches
 
 ITERATIONS = (0, 1, 2, 5, 10, 20, 50, 100)
 
@@ -118,7 +118,7 @@ def run_check(spec: Spec, out_dir: Path, *, iterations: tuple[int, ...] = ITERAT
     params = {k: v.detach().clone() for k, v in exp.model.named_parameters()}
     raw = problem.family.init(params)
     state = InnerState(params, exp.inner_opt.init(params))
-    batches = FullBatch(exp.data.train)
+    batches = training_batches(problem, exp.data.train, spec.run.seed)
     state, _, _ = train_inner(problem, exp.inner_opt, state, raw, batches, spec.run.inner_steps)
     train_batch, val_batch = next(batches), (exp.data.val.x, exp.data.val.y)
     n_params, n_h = tree.numel(params), tree.numel(raw)
@@ -183,8 +183,8 @@ def run_check(spec: Spec, out_dir: Path, *, iterations: tuple[int, ...] = ITERAT
         rows.append(Row("forward", T, cos, err, el, mib, info="no graph kept across steps"))
 
     report = {
-        "problem": {"dataset": spec.dataset.name, "model": spec.model.name, "hp": spec.hp.name,
-                    "granularity": getattr(spec.hp, "granularity", None), "num_params": n_params,
+        "problem": {"dataset": spec.dataset.name, "model": spec.model.name, "hp": spec.hp_name,
+                    "granularity": ",".join(str(getattr(h, "granularity", "")) for h in spec.hp), "num_params": n_params,
                     "num_hparams": n_h, "inner_steps": T, "alpha": alpha, "device": str(dev)},
         "ift_reference": ref_name,
         "path_reference": f"full unroll of {T} steps of {spec.inner_optim.name}",

@@ -66,12 +66,63 @@ class WeightDecayConfig:
     def check(self) -> None:
         from hoexp.hp.weight_decay import GRANULARITIES
 
-        _choice("hp.granularity", self.granularity, GRANULARITIES)
+        _choice("hp.weight_decay.granularity", self.granularity, GRANULARITIES)
         if not 0 < self.min <= self.init <= self.max:
-            raise ConfigError(f"hp.init must lie in [hp.min, hp.max] with hp.min > 0; got min={self.min}, "
+            raise ConfigError(f"hp.weight_decay.init must lie in [min, max] with min > 0; got min={self.min}, "
                               f"init={self.init}, max={self.max}")
         if not self.include:
-            raise ConfigError("hp.include is empty: give parameter-name patterns to decay, e.g. ['*weight']")
+            raise ConfigError("hp.weight_decay.include is empty: give parameter-name patterns, e.g. ['*weight']")
+
+
+@dataclass
+class DropoutConfig:
+    name: str = "dropout"
+    granularity: str = "per_unit"  # per_layer | per_unit
+    init: float = 0.2  # initial dropout rate
+    temperature: float = 0.1  # of the concrete (relaxed Bernoulli) masks
+    include: list[str] = field(default_factory=lambda: ["*"])  # dropout sites (MLP: input, hidden0, ...)
+    min: float = 1e-4
+    max: float = 0.95
+
+    def check(self) -> None:
+        from hoexp.hp.dropout import GRANULARITIES
+
+        _choice("hp.dropout.granularity", self.granularity, GRANULARITIES)
+        _positive(self, "temperature")
+        if not 0 < self.min <= self.init <= self.max < 1:
+            raise ConfigError(f"hp.dropout: need 0 < min <= init <= max < 1; got min={self.min}, init={self.init}, "
+                              f"max={self.max}")
+
+
+@dataclass
+class LRConfig:
+    name: str = "lr"
+    granularity: str = "global"  # global | per_layer | per_step (one rate per layer per inner step)
+    init: float | None = None  # None: optim.inner.lr
+    include: list[str] = field(default_factory=lambda: ["*"])
+    min: float = 1e-8
+    max: float = 10.0
+
+    def check(self) -> None:
+        from hoexp.hp.learning_rate import LR_GRANULARITIES
+
+        _choice("hp.lr.granularity", self.granularity, LR_GRANULARITIES)
+        if not 0 < self.min < self.max or (self.init is not None and not self.min <= self.init <= self.max):
+            raise ConfigError(f"hp.lr: need 0 < min <= init <= max; got min={self.min}, init={self.init}, max={self.max}")
+
+
+@dataclass
+class MomentumHPConfig:
+    name: str = "momentum"
+    init: float | None = None  # None: optim.inner.momentum
+    include: list[str] = field(default_factory=lambda: ["*"])
+    min: float = 0.0
+    max: float = 0.999
+
+    def check(self) -> None:
+        if not 0 <= self.min < self.max < 1 or (self.init is not None and not self.min < self.init <= self.max):
+            raise ConfigError(f"hp.momentum: need 0 <= min < init <= max < 1; got min={self.min}, "
+                              f"init={self.init}, max={self.max}")
 
 
 # ---------------------------------------------------------------------------------------- methods
@@ -308,11 +359,15 @@ class RunConfig:
     eval_every: int = 1  # evaluate train/val/test every N outer steps (and at the last)
     histogram_every: int = 10  # hyperparameter histograms in TensorBoard every N outer steps
     progress: bool = True  # rich bars on a terminal, plain lines otherwise
+    reset_inner: bool = False  # re-initialize the weights before every outer step (Maclaurin-style meta-training)
+    outer_objective: str = "val"  # val: validation loss; train: final training loss (Maclaurin et al.'s meta-objective)
     name: str = "run"
 
     def check(self) -> None:
         _non_negative(self, "outer_steps", "inner_steps", "threads", "seed")
         _positive(self, "eval_every", "histogram_every")
+        if self.outer_objective not in ("val", "train"):
+            raise ConfigError(f"outer_objective must be val or train, got '{self.outer_objective}'")
         if self.dtype not in ("float32", "float64"):
             raise ConfigError(f"dtype must be float32 or float64, got '{self.dtype}'")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
@@ -322,7 +377,7 @@ class RunConfig:
 GROUPS: dict[str, dict[str, type]] = {
     "dataset": {"iris": IrisConfig},
     "model": {"mlp": MLPConfig},
-    "hp": {"weight_decay": WeightDecayConfig},
+    "hp": {"weight_decay": WeightDecayConfig, "dropout": DropoutConfig, "lr": LRConfig, "momentum": MomentumHPConfig},
     "method": {"none": NoneMethodConfig, "neumann": NeumannConfig, "cg": CGConfig,
                "fixed_point": FixedPointConfig, "exact": ExactConfig, "t1t2": T1T2Config,
                "unrolled": UnrolledConfig, "truncated": TruncatedConfig, "forward": ForwardConfig,
@@ -339,11 +394,15 @@ class Spec:
     run: RunConfig
     dataset: Any
     model: Any
-    hp: Any
+    hp: list  # one typed config per tuned family (hp=[weight_decay,dropout] tunes two)
     method: Any
     inner_optim: Any
     outer_optim: Any
     raw: dict  # the composed config as plain containers, for logging
+
+    @property
+    def hp_name(self) -> str:
+        return "+".join(h.name for h in self.hp)
 
 
 def _positive(obj: Any, *names: str) -> None:
@@ -365,7 +424,7 @@ def _where(obj: Any) -> str:
         return ""
     for group, options in GROUPS.items():
         if type(obj) in options.values():
-            return f"{group}.{obj.name}: " if group != "method" else f"method={obj.name}: "
+            return f"method={obj.name}: " if group == "method" else f"{group}.{obj.name}: "
     return ""
 
 
@@ -389,7 +448,8 @@ def typed(group: str, node: Any, key: str) -> Any:
     except ConfigKeyError as e:
         bad = getattr(e, "key", None) or "?"
         valid = ", ".join(f.name for f in fields(schema) if f.name != "name")
-        raise ConfigError(f"unknown key '{key}.{bad}' for {key}={name}; valid keys: {valid}") from None
+        where = f" for {key}={name}" if key in ("method", "dataset", "model") or key.startswith("optim") else ""
+        raise ConfigError(f"unknown key '{key}.{bad}'{where}; valid keys: {valid}") from None
     except ValidationError as e:
         bad = str(getattr(e, "key", None) or "?")
         expected = next((f.type for f in fields(schema) if f.name == bad), "?")
@@ -401,6 +461,21 @@ def typed(group: str, node: Any, key: str) -> Any:
 
 RUN_KEYS = {f.name for f in fields(RunConfig)}
 GROUP_KEYS = {"dataset", "model", "hp", "method", "optim"}
+
+
+def _families(node: Any) -> list:
+    """``hp`` holds one node per family, each under its own key (``hp.weight_decay``, ``hp.dropout``)."""
+    options = GROUPS["hp"]
+    if not isinstance(node, DictConfig) or not node:
+        raise ConfigError(f"choose at least one hp family: hp=<family> or hp=[a,b]; families: {', '.join(sorted(options))}")
+    out = []
+    for key, sub in node.items():
+        if key not in options:
+            raise ConfigError(f"unknown hp family '{key}'; choose from: {', '.join(sorted(options))}")
+        if isinstance(sub, DictConfig) and sub.get("name") not in (None, key):
+            raise ConfigError(f"hp.{key}.name must be '{key}'")
+        out.append(typed("hp", sub, f"hp.{key}"))
+    return out
 
 
 def validate(cfg: DictConfig) -> Spec:
@@ -423,7 +498,7 @@ def validate(cfg: DictConfig) -> Spec:
         run=run,
         dataset=typed("dataset", cfg.get("dataset"), "dataset"),
         model=typed("model", cfg.get("model"), "model"),
-        hp=typed("hp", cfg.get("hp"), "hp"),
+        hp=_families(cfg.get("hp")),
         method=typed("method", cfg.get("method"), "method"),
         inner_optim=typed("optim", optim.inner, "optim.inner"),
         outer_optim=typed("optim", optim.outer, "optim.outer"),

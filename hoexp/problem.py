@@ -2,6 +2,10 @@
 
 Losses are pure functions of explicit ``params`` / ``raw`` hyperparameter dicts
 (``torch.func.functional_call``), so every hypergradient method can differentiate them freely.
+A training batch is ``(x, y)`` or ``(x, y, noise)``: dropout noise is drawn once when the batch is
+drawn (:class:`NoisyBatches`) and travels with it, so the training loss of a batch is a
+deterministic function of ``(params, raw)`` — every HVP of a solve and every unrolled step sees
+the same function.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from torch.func import functional_call
 from hoexp.dataset.base import Split
 from hoexp.hp.base import HyperFamily
 
-Batch = tuple[Tensor, Tensor]
+Batch = tuple  # (x, y) or (x, y, noise: dict[str, Tensor])
 
 
 @dataclass
@@ -31,15 +35,23 @@ class Problem:
     model: nn.Module
     family: HyperFamily
 
-    def logits(self, params: Mapping[str, Tensor], x: Tensor) -> Tensor:
+    def logits(self, params: Mapping[str, Tensor], x: Tensor, masks: Mapping[str, Tensor] | None = None) -> Tensor:
+        if masks:
+            return functional_call(self.model, dict(params), (x,), {"masks": masks})
         return functional_call(self.model, dict(params), (x,))
 
-    def data_loss(self, params: Mapping[str, Tensor], batch: Batch) -> Tensor:
-        x, y = batch
-        return F.cross_entropy(self.logits(params, x), y)
+    def data_loss(self, params: Mapping[str, Tensor], batch: Batch,
+                  masks: Mapping[str, Tensor] | None = None) -> Tensor:
+        return F.cross_entropy(self.logits(params, batch[0], masks), batch[1])
+
+    def masks(self, raw: Mapping[str, Tensor], batch: Batch) -> dict[str, Tensor] | None:
+        """The family's dropout masks for this batch's noise (None without noise or dropout)."""
+        if len(batch) < 3 or not hasattr(self.family, "masks"):
+            return None
+        return self.family.masks(raw, batch[2])
 
     def train_loss(self, params: Mapping[str, Tensor], raw: Mapping[str, Tensor], batch: Batch) -> Tensor:
-        return self.data_loss(params, batch) + self.family.penalty(params, raw)
+        return self.data_loss(params, batch, self.masks(raw, batch)) + self.family.penalty(params, raw)
 
     def val_loss(self, params: Mapping[str, Tensor], raw: Mapping[str, Tensor], batch: Batch) -> Tensor:
         return self.data_loss(params, batch)
@@ -64,3 +76,27 @@ class FullBatch:
 
     def __next__(self) -> Batch:
         return self.batch
+
+
+class NoisyBatches:
+    """Adds fresh dropout noise to every batch of ``batches`` (from a seeded CPU generator)."""
+
+    def __init__(self, batches: Iterator[Batch], problem: Problem, generator: torch.Generator):
+        self.batches, self.problem, self.generator = batches, problem, generator
+
+    def __iter__(self) -> Iterator[Batch]:
+        return self
+
+    def __next__(self) -> Batch:
+        x, y = next(self.batches)[:2]
+        shapes = self.problem.model.dropout_sites(x.shape[0] if x.dim() > 1 else 1)
+        return (x, y, self.problem.family.noise(shapes, self.generator, x if x.is_floating_point()
+                                                else next(self.problem.model.parameters())))
+
+
+def training_batches(problem: Problem, split: Split, seed: int) -> Iterator[Batch]:
+    """The training stream of a run: full batches, with fresh dropout noise when the family has dropout."""
+    batches: Iterator[Batch] = FullBatch(split)
+    if hasattr(problem.family, "masks"):
+        batches = NoisyBatches(batches, problem, torch.Generator().manual_seed(seed + 1_000_003))
+    return batches

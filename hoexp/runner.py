@@ -25,7 +25,7 @@ from hoexp.config import Spec
 from hoexp.errors import HoexpError
 from hoexp.metrics import JsonlLogger, MetricLogger, MultiLogger, TensorBoardLogger, tensor_stats, write_json_atomic
 from hoexp.method.base import InnerState, StepStats
-from hoexp.problem import FullBatch
+from hoexp.problem import training_batches
 from hoexp.progress import make_progress
 
 # Below this many weights a CPU run uses one thread: a Hessian-vector product on the Iris MLP
@@ -144,15 +144,17 @@ class Run:
         family = problem.family
         self.raw = family.init(params)
         self.raw0 = hp_view(exp, self.raw).detach().clone()
+        initial = {k: v.clone() for k, v in params.items()}
         self.state = InnerState(params, exp.inner_opt.init(params))
         outer_state = exp.outer_opt.init(self.raw)
-        train_batches = FullBatch(exp.data.train)
-        val_batch = (exp.data.val.x, exp.data.val.y)
+        train_batches = training_batches(problem, exp.data.train, spec.run.seed)
+        outer_split = exp.data.train if spec.run.outer_objective == "train" else exp.data.val
+        val_batch = (outer_split.x, outer_split.y)
         if self.config_text:
             logger.log_text("config", self.config_text)
         self.console.print(
             f"hoexp: {spec.dataset.name} / {spec.model.name} ({tree.numel(params):,} weights) / "
-            f"hp={family.name} ({tree.numel(self.raw):,} hyperparameters) / method={exp.method.name} / "
+            f"hp={spec.hp_name} ({tree.numel(self.raw):,} hyperparameters) / method={exp.method.name} / "
             f"device={exp.device} threads={threads} → {self.out_dir}", soft_wrap=True, highlight=False, markup=False
         )
         self._log_eval(exp, logger, 0, {}, force_hist=True)
@@ -162,6 +164,9 @@ class Run:
             for step in range(1, spec.run.outer_steps + 1):
                 progress.start_outer(step)
                 t0 = time.perf_counter()
+                if spec.run.reset_inner and step > 1:  # every outer step trains from the same initialization
+                    fresh = {k: v.clone() for k, v in initial.items()}
+                    self.state = InnerState(fresh, exp.inner_opt.init(fresh), self.state.step)
                 hg, self.state, stats = exp.method.outer_step(
                     problem, exp.inner_opt, self.state, self.raw, train_batches, val_batch,
                     spec.run.inner_steps, progress.advance_inner)
@@ -229,7 +234,7 @@ class Run:
             "num_hparams": tree.numel(self.raw) if self.raw else 0,
             "num_params": tree.numel(self.state.params) if self.state else 0,
             "method": self.spec.method.name,
-            "hp": self.spec.hp.name,
+            "hp": self.spec.hp_name,
             "dataset": self.spec.dataset.name,
             "model": self.spec.model.name,
             "seed": self.spec.run.seed,
@@ -258,7 +263,7 @@ class Run:
 
     def _hparams(self) -> dict[str, Any]:
         s = self.spec
-        return {"method": s.method.name, "hp": s.hp.name, "dataset": s.dataset.name, "model": s.model.name,
+        return {"method": s.method.name, "hp": s.hp_name, "dataset": s.dataset.name, "model": s.model.name,
                 "seed": s.run.seed, "inner_steps": s.run.inner_steps, "outer_steps": s.run.outer_steps,
                 "inner_optim": s.inner_optim.name, "inner_lr": s.inner_optim.lr,
                 "outer_optim": s.outer_optim.name, "outer_lr": s.outer_optim.lr}

@@ -41,7 +41,7 @@ def problem(num_lrs: int):
     group = {n: i % num_lrs for i, n in enumerate(names)}
     raw = {f"lr:{g}": torch.tensor(-2.5) for g in range(num_lrs)}
 
-    def overrides(h):
+    def overrides(h, t):
         return {"lr": {n: torch.exp(h[f"lr:{group[n]}"]) for n in names}}
 
     def train_loss(w, h, t):

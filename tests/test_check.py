@@ -11,7 +11,7 @@ from hoexp.check import run_check
 from hoexp.cli import compose_spec, main
 
 # A tiny tanh MLP with a strong decay, trained long enough that the Hessian is positive definite.
-TINY = ["model.width=4", "model.depth=1", "model.activation=tanh", "hp.init=0.1", "hp.granularity=per_layer",
+TINY = ["model.width=4", "model.depth=1", "model.activation=tanh", "hp.weight_decay.init=0.1", "hp.weight_decay.granularity=per_layer",
         "inner_steps=400", "optim.inner.lr=0.1", "dtype=float64", "progress=false", "method=neumann",
         "method.alpha=0.5"]
 

@@ -34,7 +34,7 @@ def start(overrides):
 
 @pytest.mark.parametrize("granularity,count", [("global", 1), ("per_layer", 2), ("per_weight", 4 * 8 + 8 * 3)])
 def test_granularities_run_and_move_hyperparameters(tmp_path, granularity, count):
-    summary, mem = run(tmp_path, f"hp.granularity={granularity}", "outer_steps=3", "inner_steps=20")
+    summary, mem = run(tmp_path, f"hp.weight_decay.granularity={granularity}", "outer_steps=3", "inner_steps=20")
     assert summary["status"] == "completed" and summary["num_hparams"] == count
     assert summary["hypergradients"] == 3
     means = [v for _, v in mem.series("hp/mean")]
@@ -62,7 +62,7 @@ def test_runner_methods_agree_with_exact_at_the_same_point():
     """Inside the runner's method objects: CG and Neumann against the dense solve, same weights."""
     from hoexp.build import build_method
 
-    smooth = [*SMALL, "model.activation=tanh", "hp.init=1e-2", "optim.inner.lr=0.1"]  # a strict minimum: H ≻ 0, CG applies
+    smooth = [*SMALL, "model.activation=tanh", "hp.weight_decay.init=1e-2", "optim.inner.lr=0.1"]  # a strict minimum: H ≻ 0, CG applies
     exp, state, raw, val = start([*smooth, "method=exact"])
     batches = FullBatch(exp.data.train)
     state, _, _ = train_inner(exp.problem, exp.inner_opt, state, raw, batches, 3000)
@@ -81,15 +81,10 @@ def test_runner_methods_agree_with_exact_at_the_same_point():
         assert cos > bound, (name, float(cos))
 
 
-def test_iht_methods_refuse_families_that_do_not_move_the_optimum():
-    spec, _ = compose_spec(["method=cg"])
-
-    class LearningRateLike:
-        name = "lr"
-        moves_optimum = False
-
-    with pytest.raises(ConfigError, match="method=cg .* cannot tune hp=lr"):
-        check_compatibility(spec, LearningRateLike())
+def test_ift_methods_refuse_families_that_do_not_move_the_optimum():
+    for method in ("cg", "neumann", "exact", "t1t2", "fixed_point"):
+        with pytest.raises(ConfigError, match=f"method={method} .* cannot tune hp=lr"):
+            compose_spec([f"method={method}", "hp=lr"])
 
 
 def test_failed_run_still_writes_summary(tmp_path, monkeypatch):
@@ -136,7 +131,7 @@ def test_nonfinite_hypergradient_stops_with_clear_error(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("method", [["method=unrolled"], ["method=truncated", "method.k=3"],
-                                    ["method=forward", "hp.granularity=per_layer"], ["method=t1t2"],
+                                    ["method=forward", "hp.weight_decay.granularity=per_layer"], ["method=t1t2"],
                                     ["method=fixed_point"]])
 def test_every_method_runs_in_the_runner(tmp_path, method):
     summary, mem = run(tmp_path, *method, "outer_steps=2", "inner_steps=8")
@@ -148,7 +143,7 @@ def test_every_method_runs_in_the_runner(tmp_path, method):
 def test_unrolled_and_forward_agree_inside_the_runner():
     from hoexp.build import build_method
 
-    base = [*SMALL, "hp.granularity=per_layer"]
+    base = [*SMALL, "hp.weight_decay.granularity=per_layer"]
     exp, state, raw, val = start([*base, "method=unrolled"])
     params = state.params
     out = {}
@@ -163,12 +158,12 @@ def test_unrolled_and_forward_agree_inside_the_runner():
 
 @pytest.mark.parametrize("variant", ["sgd", "sgdn", "adam"])
 def test_hd_adapts_the_learning_rate_in_the_runner(tmp_path, variant):
-    summary, mem = run(tmp_path, "method=hd", f"method.variant={variant}", "method.beta=1e-3", "outer_steps=3",
-                       "inner_steps=10")
+    summary, mem = run(tmp_path, "hp=lr", "method=hd", f"method.variant={variant}", "method.beta=1e-3",
+                       "outer_steps=3", "inner_steps=10")
     lrs = [v for _, v in mem.series("hd/lr")]
     assert summary["status"] == "completed" and summary["hypergradients"] == 0 and len(lrs) == 3
     assert lrs[-1] != 0.01  # moved away from optim.inner.lr
-    assert summary["hp_final"]["moved_fraction"] == 0  # the decays are not tuned by HD
+    assert summary["hp"] == "lr"
 
 
 def test_reversible_matches_unrolled_inside_the_runner():

@@ -138,7 +138,7 @@ def test_learning_rate_override_gets_a_hypergradient(ridge):
     w0 = torch.zeros(5, dtype=torch.float64)
     lam = {"log_decay": ridge.raw, "log_lr": torch.tensor(-2.0, dtype=torch.float64)}
 
-    def overrides(h):
+    def overrides(h, t):
         return {"lr": torch.exp(h["log_lr"])}
 
     rev = unrolled_hypergradient(t_loss(ridge), v_loss(ridge), opt, {"w": w0}, opt.init({"w": w0}), lam, 10,

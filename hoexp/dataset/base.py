@@ -36,3 +36,19 @@ class Splits:
     def to(self, device: torch.device | str) -> "Splits":
         return Splits(self.train.to(device), self.val.to(device), self.test.to(device),
                       self.num_features, self.num_classes, self.task)
+
+
+@dataclass
+class TextSplits:
+    """Train / validation / test token streams (1-D int64 ids into ``vocab``) for language modelling."""
+
+    train: Tensor
+    val: Tensor
+    test: Tensor
+    vocab: list[str]
+    vocab_size: int
+    task: str = "language_model"
+
+    def to(self, device: torch.device | str) -> "TextSplits":
+        return TextSplits(self.train.to(device), self.val.to(device), self.test.to(device),
+                          self.vocab, self.vocab_size, self.task)

@@ -30,7 +30,7 @@ class HyperFamily(Protocol):
 
     def clamp(self, raw: Params) -> dict[str, Tensor]: ...
 
-    def optimizer_overrides(self, raw: Params) -> dict: ...  # e.g. {"lr": ...} for learning-rate families
+    def optimizer_overrides(self, raw: Params, step: int) -> dict: ...  # {"lr": ...} for lr families; step = inner step
 
 
 def select(names: Sequence[str], patterns: Sequence[str]) -> list[str]:

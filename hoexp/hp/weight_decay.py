@@ -52,13 +52,16 @@ class WeightDecay:
             return {f"{self.name}:{n}": torch.full((), raw0, dtype=ref.dtype, device=ref.device) for n in names}
         return {f"{self.name}:{n}": torch.full_like(params[n], raw0) for n in names}
 
+    def _mine(self, k: str) -> bool:
+        return k == self.name or k.startswith(self.name + ":")
+
     def clamp(self, raw: Params) -> dict[str, Tensor]:
-        """Raw values with ``λ = exp(raw)`` kept inside ``[min_value, max_value]``."""
+        """Raw values with ``λ = exp(raw)`` kept inside ``[min_value, max_value]`` (other families' untouched)."""
         lo, hi = math.log(self.min_value), math.log(self.max_value)
-        return {k: v.clamp(lo, hi) for k, v in raw.items()}
+        return {k: (v.clamp(lo, hi) if self._mine(k) else v) for k, v in raw.items()}
 
     def view(self, raw: Params) -> dict[str, Tensor]:
-        return {k: torch.exp(v) for k, v in raw.items() if k == self.name or k.startswith(self.name + ":")}
+        return {k: torch.exp(v) for k, v in raw.items() if self._mine(k)}
 
     def decays(self, params: Params, raw: Params) -> dict[str, Tensor]:
         """The decay applied to each covered parameter (broadcastable to it)."""
@@ -68,7 +71,7 @@ class WeightDecay:
         prefix = self.name + ":"
         return {k[len(prefix):]: torch.exp(v) for k, v in raw.items() if k.startswith(prefix)}
 
-    def optimizer_overrides(self, raw: Params) -> dict:
+    def optimizer_overrides(self, raw: Params, step: int) -> dict:
         return {}  # weight decay acts through the loss, not the optimizer
 
     def penalty(self, params: Params, raw: Params) -> Tensor:

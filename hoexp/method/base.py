@@ -61,13 +61,14 @@ def train_inner(problem: Problem, inner_opt: Optimizer, state: InnerState, raw: 
     raw = tree.detached(raw)
     params, opt_state = state.params, state.opt_state
     loss = gnorm = None
-    for _ in range(steps):
+    for t in range(steps):
         batch = next(batches)
         w = tree.detached(params, requires_grad=True)
         loss = problem.train_loss(w, raw, batch)
         grads = torch.autograd.grad(loss, list(w.values()))
         with torch.no_grad():
-            params, opt_state = inner_opt.update(params, dict(zip(w.keys(), grads)), opt_state)
+            params, opt_state = inner_opt.update(params, dict(zip(w.keys(), grads)), opt_state,
+                                                 **problem.family.optimizer_overrides(raw, t))
         gnorm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
         if on_step is not None:
             on_step()

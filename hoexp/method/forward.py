@@ -46,7 +46,7 @@ def forward_hypergradient(
     hparams: Mapping[str, Tensor],
     steps: int,
     *,
-    overrides: Callable[[dict[str, Tensor]], dict[str, Any]] | None = None,
+    overrides: Callable[[dict[str, Tensor], int], dict[str, Any]] | None = None,
     on_step: Callable[[], None] | None = None,
 ) -> UnrolledResult:
     """``dL_V(w_T)/dλ`` by forward mode: one tangent per scalar hyperparameter, carried for ``steps`` steps.
@@ -67,7 +67,7 @@ def forward_hypergradient(
 
         def step(w_, s_, h_):
             g = grad(lambda p: train_loss(p, h_, t))(w_)
-            kwargs = overrides(h_) if overrides is not None else {}
+            kwargs = overrides(h_, t) if overrides is not None else {}
             new_w, new_state = optimizer.update(w_, g, {**s_, **rest}, **kwargs)
             new_tensors, captured["rest"] = _split_state(new_state)
             return new_w, new_tensors

@@ -55,13 +55,13 @@ def unrolled_hypergradient(
     steps: int,
     *,
     truncate: int | None = None,
-    overrides: Callable[[dict[str, Tensor]], dict[str, Any]] | None = None,
+    overrides: Callable[[dict[str, Tensor], int], dict[str, Any]] | None = None,
     on_step: Callable[[], None] | None = None,
 ) -> UnrolledResult:
     """``dL_V(w_T)/dλ`` by reverse mode through ``steps`` optimizer steps from ``params``.
 
     ``train_loss(w, λ, t)`` is the training loss of step ``t`` (its minibatch), ``val_loss(w, λ)``
-    the outer objective at ``w_T``. ``overrides(λ)`` returns optimizer keyword overrides
+    the outer objective at ``w_T``. ``overrides(λ, t)`` returns step ``t``'s optimizer keyword overrides
     (e.g. ``{"lr": ...}``) so that learning-rate hyperparameters are differentiated too.
     ``truncate=k`` differentiates only the last ``k`` steps.
     """
@@ -80,7 +80,7 @@ def unrolled_hypergradient(
             w = tree.detached(w, requires_grad=True)
         loss = train_loss(w, h, t)
         grads = torch.autograd.grad(loss, list(w.values()), create_graph=differentiable)
-        kwargs = overrides(h) if overrides is not None else {}
+        kwargs = overrides(h, t) if overrides is not None else {}
         if differentiable:
             w, state = optimizer.update(w, dict(zip(w.keys(), grads)), state, **kwargs)
         else:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from torch import Tensor, nn
 
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU, "elu": nn.ELU, "softplus": nn.Softplus,
@@ -13,6 +15,10 @@ class MLP(nn.Module):
 
     Parameter names are ``layers.{i}.weight`` / ``layers.{i}.bias`` (the output layer is last).
     Smooth activations (tanh, softplus, gelu) give Hessians without the kinks of ReLU.
+
+    Dropout sites (multiplicative masks given to :meth:`forward`, e.g. by the dropout family):
+    ``input`` ([B, in], on the inputs) and ``hidden{i}`` ([B, width], after hidden layer ``i``'s
+    activation). No masks: no dropout (evaluation).
     """
 
     def __init__(self, in_features: int, out_features: int, width: int = 128, depth: int = 2,
@@ -23,8 +29,20 @@ class MLP(nn.Module):
         sizes = [in_features] + [width] * depth + [out_features]
         self.layers = nn.ModuleList(nn.Linear(a, b, bias=bias) for a, b in zip(sizes[:-1], sizes[1:]))
         self.activation = ACTIVATIONS[activation]()
+        self.in_features, self.width, self.depth = in_features, width, depth
 
-    def forward(self, x: Tensor) -> Tensor:
-        for layer in self.layers[:-1]:
+    def unit_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Per-unit shape of every dropout site (without the batch dimension)."""
+        return {"input": (self.in_features,), **{f"hidden{i}": (self.width,) for i in range(self.depth)}}
+
+    def dropout_sites(self, batch_size: int) -> dict[str, tuple[int, ...]]:
+        return {k: (batch_size, *v) for k, v in self.unit_shapes().items()}
+
+    def forward(self, x: Tensor, masks: Mapping[str, Tensor] | None = None) -> Tensor:
+        if masks and "input" in masks:
+            x = x * masks["input"]
+        for i, layer in enumerate(self.layers[:-1]):
             x = self.activation(layer(x))
+            if masks and f"hidden{i}" in masks:
+                x = x * masks[f"hidden{i}"]
         return self.layers[-1](x)

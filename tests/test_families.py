@@ -1,0 +1,106 @@
+"""Dropout, learning-rate and momentum families; their composition."""
+
+import math
+
+import pytest
+import torch
+
+from hoexp.hp.composite import Composite
+from hoexp.hp.dropout import Dropout, concrete_mask
+from hoexp.hp.learning_rate import LearningRate, Momentum
+from hoexp.hp.weight_decay import WeightDecay
+from hoexp.model.mlp import MLP
+
+
+def test_concrete_mask_rate_zero_is_the_identity():
+    u = torch.rand(1000, dtype=torch.float64)
+    m = concrete_mask(torch.tensor(-math.inf, dtype=torch.float64), u, 0.1)
+    assert torch.equal(m, torch.ones_like(m))
+
+
+@pytest.mark.parametrize("p", [0.1, 0.3, 0.5])
+def test_relaxed_mask_mean_matches_the_rate(p):
+    g = torch.Generator().manual_seed(0)
+    u = torch.rand(400_000, generator=g, dtype=torch.float64)
+    raw = torch.tensor(math.log(p) - math.log1p(-p), dtype=torch.float64)
+    m = concrete_mask(raw, u, temperature=0.1)
+    z = m * (1 - p)  # the relaxed keep indicator
+    assert float((z > 0.5).double().mean()) == pytest.approx(1 - p, abs=3e-3)  # exact in distribution
+    assert float(1 - z.mean()) == pytest.approx(p, abs=0.01)  # relaxed mean ≈ the rate at τ = 0.1
+    assert float(m.mean()) == pytest.approx(1.0, abs=0.015)  # inverted-dropout scaling
+
+
+def test_dropout_masks_are_reproducible_from_the_seed_and_differentiable():
+    model = MLP(4, 3, width=6, depth=2)
+    fam = Dropout(model.unit_shapes(), "per_unit", 0.3)
+    raw = fam.init(dict(model.named_parameters()))
+    assert {k: tuple(v.shape) for k, v in raw.items()} == {"dropout:input": (4,), "dropout:hidden0": (6,),
+                                                           "dropout:hidden1": (6,)}
+    like = torch.zeros(())
+    n1 = fam.noise(model.dropout_sites(5), torch.Generator().manual_seed(7), like)
+    n2 = fam.noise(model.dropout_sites(5), torch.Generator().manual_seed(7), like)
+    n3 = fam.noise(model.dropout_sites(5), torch.Generator().manual_seed(8), like)
+    assert all(torch.equal(n1[k], n2[k]) for k in n1) and not torch.equal(n1["input"], n3["input"])
+    r = {k: v.clone().requires_grad_(True) for k, v in raw.items()}
+    masks = fam.masks(r, n1)
+    assert masks["hidden0"].shape == (5, 6)
+    out = model(torch.randn(5, 4), masks)
+    g = torch.autograd.grad(out.sum(), list(r.values()))
+    assert all(torch.isfinite(x).all() and x.abs().sum() > 0 for x in g)
+    per_layer = Dropout(model.unit_shapes(), "per_layer", 0.3, include=("hidden*",))
+    assert set(per_layer.init({"w": like})) == {"dropout:hidden0", "dropout:hidden1"}
+    assert all(v.shape == () for v in per_layer.init({"w": like}).values())
+
+
+def test_mlp_with_unit_masks_is_the_plain_mlp_and_a_zero_mask_drops_a_unit():
+    torch.manual_seed(0)
+    model = MLP(4, 3, width=6, depth=1)
+    x = torch.randn(5, 4)
+    ones = {k: torch.ones(v) for k, v in model.dropout_sites(5).items()}
+    assert torch.equal(model(x, ones), model(x))
+    drop = dict(ones)
+    drop["hidden0"] = drop["hidden0"].clone()
+    drop["hidden0"][:, 2] = 0
+    w = model.layers[1].weight.detach().clone()
+    w[:, 2] = 0
+    h = torch.relu(model.layers[0](x))
+    assert torch.allclose(model(x, drop), h @ w.T + model.layers[1].bias, atol=1e-6)
+
+
+def test_learning_rate_overrides():
+    names = ("a.weight", "a.bias", "b.weight")
+    params = {n: torch.zeros(2) for n in names}
+    g = LearningRate(names, "global", 0.1)
+    raw = g.init(params)
+    assert float(g.optimizer_overrides(raw, 0)["lr"]) == pytest.approx(0.1)
+    pl = LearningRate(names, "per_layer", 0.1, include=("*weight",), fill=0.5)
+    raw = pl.init(params)
+    lrs = pl.optimizer_overrides(raw, 3)["lr"]
+    assert set(lrs) == set(names) and lrs["a.bias"] == 0.5 and float(lrs["b.weight"]) == pytest.approx(0.1)
+    ps = LearningRate(names, "per_step", 0.1, steps=4)
+    raw = {k: torch.log(torch.tensor([0.1, 0.2, 0.3, 0.4])) for k in ps.init(params)}
+    assert [float(ps.optimizer_overrides(raw, t)["lr"]["a.weight"]) for t in (0, 2, 3, 9)] == \
+        pytest.approx([0.1, 0.3, 0.4, 0.4])
+    mom = Momentum(names, 0.9, include=("a.*",), fill=0.5)
+    mus = mom.optimizer_overrides(mom.init(params), 0)["momentum"]
+    assert float(mus["a.weight"]) == pytest.approx(0.9) and mus["b.weight"] == 0.5
+
+
+def test_composite_merges_families():
+    model = MLP(4, 3, width=6, depth=1, bias=False)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    names = tuple(params)
+    fam = Composite((WeightDecay("per_layer", 0.01), Dropout(model.unit_shapes(), "per_layer", 0.2),
+                     LearningRate(names, "global", 0.05)))
+    raw = fam.init(params)
+    assert sorted(raw) == sorted(["weight_decay:layers.0.weight", "weight_decay:layers.1.weight", "dropout:input",
+                                  "dropout:hidden0", "lr"])
+    assert not fam.moves_optimum and fam.name == "weight_decay+dropout+lr"
+    expected = 0.5 * 0.01 * sum(float((p**2).sum()) for p in params.values())
+    assert float(fam.penalty(params, raw)) == pytest.approx(expected, rel=1e-5)
+    assert float(fam.optimizer_overrides(raw, 0)["lr"]) == pytest.approx(0.05)
+    clamped = fam.clamp({k: v + 50 for k, v in raw.items()})
+    assert float(torch.sigmoid(clamped["dropout:input"])) == pytest.approx(0.95)
+    assert float(torch.exp(clamped["weight_decay:layers.0.weight"])) == pytest.approx(10.0, rel=1e-5)
+    with pytest.raises(ValueError, match="same optimizer value"):
+        Composite((LearningRate(names), LearningRate(names)))
