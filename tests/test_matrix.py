@@ -1,0 +1,201 @@
+"""The method × family matrix: every cell gives a hypergradient that agrees with a reference, or a clean refusal.
+
+References: path methods (unrolled, truncated with k = T, forward, reversible) against central finite
+differences of L_V(w_T(λ)) along a random direction, with the same batches and dropout noise;
+IFT methods at a converged inner optimum against finite differences of L_V(w*(λ)) (exact), or against
+the exact dense solve (CG, Neumann, fixed point), or the one-step formula (T1-T2).
+"""
+
+import itertools
+
+import pytest
+import torch
+
+from hoexp.build import build, build_method
+from hoexp.cli import compose_spec
+from hoexp.errors import ConfigError
+from hoexp.method.base import InnerState, train_inner
+from hoexp.problem import training_batches
+
+FAMILIES = {
+    "wd_global": ["hp=weight_decay", "hp.weight_decay.granularity=global", "hp.weight_decay.init=0.05"],
+    "wd_per_layer": ["hp=weight_decay", "hp.weight_decay.granularity=per_layer", "hp.weight_decay.init=0.05"],
+    "wd_per_weight": ["hp=weight_decay", "hp.weight_decay.init=0.05"],
+    "dropout_per_layer": ["hp=[weight_decay,dropout]", "hp.weight_decay.granularity=global",
+                          "hp.weight_decay.init=0.05", "hp.dropout.granularity=per_layer"],
+    "dropout_per_unit": ["hp=[weight_decay,dropout]", "hp.weight_decay.granularity=global",
+                         "hp.weight_decay.init=0.05", "hp.dropout.init=0.1"],
+    "lr_global": ["hp=lr"],
+    "lr_per_layer": ["hp=lr", "hp.lr.granularity=per_layer"],
+    "lr_per_step": ["hp=lr", "hp.lr.granularity=per_step"],
+    "momentum": ["hp=momentum"],
+}
+METHODS = {
+    "none": ["method=none"],
+    "exact": ["method=exact"],
+    "cg": ["method=cg", "method.iterations=200", "method.tol=1e-13"],
+    "neumann": ["method=neumann", "method.terms=3000", "method.alpha=0.3"],
+    "fixed_point": ["method=fixed_point", "method.iterations=3000", "method.alpha=0.3"],
+    "t1t2": ["method=t1t2", "method.alpha=0.3"],
+    "unrolled": ["method=unrolled"],
+    "truncated": ["method=truncated", "method.k=6"],  # k = T: the full derivative
+    "forward": ["method=forward"],
+    "reversible": ["method=reversible"],
+    "hd": ["method=hd"],
+}
+BASE = ["model.width=5", "model.depth=1", "model.activation=tanh", "model.bias=false", "dtype=float64",
+        "progress=false", "inner_steps=6", "optim/inner=momentum", "optim.inner.lr=0.2",
+        "optim.inner.momentum=0.5"]
+IFT = {"exact", "cg", "neumann", "fixed_point", "t1t2"}
+PATH_ONLY = {"lr_global", "lr_per_layer", "lr_per_step", "momentum"}
+
+EXPECTED_REFUSALS = {
+    **{(m, f): "cannot tune hp=" for m in IFT for f in PATH_ONLY},
+    **{("reversible", f): "method=reversible tunes loss hyperparameters" for f in PATH_ONLY},
+    **{("hd", f): "method=hd adapts one global learning rate" for f in FAMILIES if f != "lr_global"},
+}
+
+
+def _dir(raw, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {k: torch.randn(v.shape, generator=g, dtype=v.dtype) for k, v in raw.items()}
+
+
+def _dot(a, b):
+    return sum(float((a[k] * b[k]).sum()) for k in a)
+
+
+def _shift(raw, d, eps):
+    return {k: raw[k] + eps * d[k] for k in raw}
+
+
+def _setup(overrides):
+    spec = compose_spec([*BASE, *overrides])[0]
+    exp = build(spec)
+    params = {k: v.detach().clone() for k, v in exp.model.named_parameters()}
+    raw = exp.problem.family.init(params)
+    stream = training_batches(exp.problem, exp.data.train, 0)
+    return spec, exp, params, raw, stream
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method,family", list(itertools.product(METHODS, FAMILIES)))
+def test_matrix_cell(method, family):
+    overrides = [*FAMILIES[family], *METHODS[method]]
+    if (method, family) in EXPECTED_REFUSALS:
+        with pytest.raises(ConfigError, match=EXPECTED_REFUSALS[(method, family)]):
+            compose_spec([*BASE, *overrides])
+        return
+    spec, exp, params, raw, stream = _setup(overrides)
+    problem, opt = exp.problem, exp.inner_opt
+    val = (exp.data.val.x, exp.data.val.y)
+    m = build_method(spec)
+    if method in ("none", "hd"):
+        hg, state, stats = m.outer_step(problem, opt, InnerState(params, opt.init(params)), raw, stream, val, 6)
+        assert hg is None and all(torch.isfinite(v).all() for v in state.params.values())
+        if method == "hd":
+            assert stats.extra["hd/lr"] != 0.2
+        return
+    if method in IFT:
+        _check_ift(method, spec, exp, params, raw, stream, val)
+        return
+    # Path methods: the same 6 batches (and dropout noise) for the method and the reference.
+    batches = [next(stream) for _ in range(6)]
+    hg, _, _ = m.outer_step(problem, opt, InnerState(params, opt.init(params)), raw, iter(batches), val, 6)
+    assert all(torch.isfinite(v).all() for v in hg.values())
+
+    def objective(r):
+        st, _, _ = train_inner(problem, opt, InnerState(params, opt.init(params)), r, iter(batches), 6)
+        return float(problem.val_loss(st.params, r, val))
+
+    d = _dir(raw)
+    eps = 1e-5
+    fd = (objective(_shift(raw, d, eps)) - objective(_shift(raw, d, -eps))) / (2 * eps)
+    assert abs(fd) > 1e-9
+    assert _dot(hg, d) == pytest.approx(fd, rel=2e-5 if method == "reversible" else 1e-6, abs=1e-10)
+
+
+def _check_ift(method, spec, exp, params, raw, stream, val):
+    """At a converged inner optimum of one (noisy) training batch."""
+    problem = exp.problem
+    batch = next(stream)
+
+    def solve_inner(r):
+        w = {k: v.clone().requires_grad_(True) for k, v in params.items()}
+        lbfgs = torch.optim.LBFGS(list(w.values()), max_iter=400, tolerance_grad=1e-13, tolerance_change=1e-15,
+                                  history_size=50, line_search_fn="strong_wolfe")
+
+        def closure():
+            lbfgs.zero_grad()
+            loss = problem.train_loss(w, r, batch)
+            loss.backward()
+            return loss
+
+        for _ in range(3):
+            lbfgs.step(closure)
+        # Newton steps with the dense Hessian polish w* to machine precision (finite differences need it).
+        from hoexp import tree
+
+        flat = tree.flatten(v.detach() for v in w.values())
+
+        def f(x):
+            return problem.train_loss(tree.unflatten(x, params), r, batch)
+
+        for _ in range(3):
+            g = torch.func.grad(f)(flat)
+            flat = flat - torch.linalg.solve(torch.func.hessian(f)(flat), g)
+        return tree.unflatten(flat, params)
+
+    w_star = solve_inner(raw)
+
+    class Once:  # the method draws its Hessian batch from the stream: give it the same batch
+        def __next__(self):
+            return batch
+
+    state = InnerState(w_star, exp.inner_opt.init(w_star))
+    if method in ("neumann", "fixed_point"):  # a step that makes the series converge: α = 1/λ_max(H)
+        from hoexp import tree
+        from hoexp.method.solvers import power_iteration
+
+        flat = tree.flatten(w_star.values())
+        H = torch.func.hessian(lambda x: problem.train_loss(tree.unflatten(x, params), raw, batch))(flat)
+        lam = power_iteration(lambda v: H @ v, H.shape[0], 300, like=flat)
+        assert torch.linalg.eigvalsh(H).min() > 0
+        key = "terms" if method == "neumann" else "iterations"
+        spec = compose_spec([*BASE, *spec_overrides(spec), f"method={method}", f"method.{key}=2000",
+                             f"method.alpha={1.0 / lam}"])[0]
+    hg, _, stats = build_method(spec).outer_step(problem, exp.inner_opt, state, raw, Once(), val, 0)
+    assert all(torch.isfinite(v).all() for v in hg.values())
+    assert stats.inner_grad_norm < 1e-6
+    exact_spec = compose_spec([*BASE, *[o for o in spec_overrides(spec)], "method=exact"])[0]
+    exact, _, _ = build_method(exact_spec).outer_step(problem, exp.inner_opt, state, raw, Once(), val, 0)
+    d = _dir(raw)
+    if method == "exact":
+        eps = 1e-5
+        fd = (float(problem.val_loss(solve_inner(_shift(raw, d, eps)), raw, val))
+              - float(problem.val_loss(solve_inner(_shift(raw, d, -eps)), raw, val))) / (2 * eps)
+        assert _dot(hg, d) == pytest.approx(fd, rel=1e-4, abs=1e-9)
+    elif method == "t1t2":
+        # −(∂²L_T/∂λ∂w)·α·∂L_V/∂w, computed as the λ-gradient of the scalar ∇_w L_T · (α v).
+        w = {k: v.clone().requires_grad_(True) for k, v in w_star.items()}
+        r = {k: v.clone().requires_grad_(True) for k, v in raw.items()}
+        v = torch.autograd.grad(problem.val_loss(w, r, val), list(w.values()))
+        g = torch.autograd.grad(problem.train_loss(w, r, batch), list(w.values()), create_graph=True)
+        s = sum((gi * 0.3 * vi).sum() for gi, vi in zip(g, v))
+        ref = torch.autograd.grad(s, list(r.values()))
+        for (k, h), x in zip(hg.items(), ref):
+            assert torch.allclose(h, -x, rtol=1e-9, atol=1e-14), k
+    else:
+        a = torch.cat([hg[k].flatten() for k in hg])
+        b = torch.cat([exact[k].flatten() for k in hg])
+        assert float((a - b).norm() / b.norm()) < (5e-3 if method in ("neumann", "fixed_point") else 1e-6), method
+
+
+def spec_overrides(spec):
+    """The family overrides of a spec (method-independent), to build the matching exact reference."""
+    out = ["hp=[" + ",".join(h.name for h in spec.hp) + "]"]
+    for h in spec.hp:
+        for key in ("granularity", "init"):
+            if hasattr(h, key) and getattr(h, key) is not None:
+                out.append(f"hp.{h.name}.{key}={getattr(h, key)}")
+    return out
