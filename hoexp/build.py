@@ -55,6 +55,13 @@ def build_data(spec: Spec) -> Splits:
         seed = spec.run.seed if cfg.split_seed is None else cfg.split_seed
         return load_iris(cfg.train_size, cfg.val_size, cfg.test_size, seed=seed,
                          standardize=cfg.standardize, dtype=dtype)
+    if cfg.name == "mnist":
+        from hoexp.dataset.mnist import load_mnist
+        from hoexp.dataset.root import data_root
+
+        seed = spec.run.seed if cfg.split_seed is None else cfg.split_seed
+        return load_mnist(data_root(cfg.data_root), val_size=cfg.val_size, train_size=cfg.train_size, seed=seed,
+                          download=cfg.download, dtype=dtype)
     raise ConfigError(f"unknown dataset '{cfg.name}'")
 
 

@@ -34,6 +34,9 @@ commands:
   check     compare every applicable method's hypergradient with a reference (exact dense
             solve when small, else long CG; full unroll for path methods), sweeping iterations:
               hoexp check model.width=32 inner_steps=200 [--iterations 0,1,5,20] [--out DIR]
+  report    compare finished runs (folders with summary.json, searched recursively): a table, plus
+            report.md, report.csv, runs.csv and PNG plots in --out (default outputs/reports/<date>_<time>):
+              hoexp report outputs/multirun/2025-01-01/12-00-00 [more folders] [--out DIR] [--no-plots]
   version   print the version
 
 Runs write TensorBoard events, metrics.jsonl and summary.json under outputs/;
@@ -179,17 +182,30 @@ def compose_spec(overrides: list[str]):
 
 # ------------------------------------------------------------------------------------- commands
 def _task(cfg) -> float:
-    """The Hydra job: validate, run, return the best validation loss (for sweepers)."""
+    """The Hydra job: validate, run, return the best validation loss (for sweepers).
+
+    A run that diverges inside a sweep reports ``inf`` and lets the sweep go on (its summary.json
+    says ``diverged``); any other error, or a divergence in a single run, ends with one line, exit 2.
+    """
     from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
     from omegaconf import OmegaConf
 
     from hoexp.config import validate
-    from hoexp.runner import run_experiment
+    from hoexp.runner import Diverged, run_experiment
 
     try:
         spec = validate(cfg)
         out_dir = HydraConfig.get().runtime.output_dir
         summary = run_experiment(spec, out_dir, config_text=OmegaConf.to_yaml(cfg))
+    except Diverged as e:
+        if HydraConfig.get().mode == RunMode.MULTIRUN and os.environ.get("HYDRA_FULL_ERROR") != "1":
+            print(f"hoexp: warning: job {HydraConfig.get().job.num} diverged ({e}); the sweep goes on",
+                  file=sys.stderr)
+            return float("inf")
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        fail(str(e), e.exit_code)
     except HoexpError as e:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
@@ -242,6 +258,28 @@ def cmd_check(args: list[str]) -> None:
         run_check(spec, out, iterations=iterations, dense_max=ns.dense_max, console=console)
 
 
+def cmd_report(args: list[str]) -> None:
+    import argparse
+    import time
+
+    from rich.console import Console
+
+    from hoexp.report import build_report
+
+    ap = argparse.ArgumentParser(prog="hoexp report", description="Compare finished runs: every folder with a "
+                                 "summary.json at or under PATH (runs, multirun and study folders). Seeds are "
+                                 "averaged; a black-box study counts as its best trial.")
+    ap.add_argument("paths", nargs="+", metavar="PATH")
+    ap.add_argument("--out", default=None, help="output folder (default: outputs/reports/<date>_<time>)")
+    ap.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    ns = ap.parse_args(args)
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=200)  # a wide table in logs and pipes
+    out = Path(ns.out or f"outputs/reports/{time.strftime('%Y-%m-%d_%H-%M-%S')}")
+    build_report(ns.paths, out, console=console, plots=not ns.no_plots)
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -253,12 +291,14 @@ def main(argv: list[str] | None = None) -> None:
             cmd_run(rest)
         elif command == "check":
             cmd_check(rest)
+        elif command == "report":
+            cmd_report(rest)
         elif command in ("version", "--version"):
             from hoexp import __version__
 
             print(f"hoexp {__version__}")
         else:
-            fail(f"unknown command '{command}'; commands: run, check, version (see 'hoexp --help')")
+            fail(f"unknown command '{command}'; commands: run, check, report, version (see 'hoexp --help')")
     except HoexpError as e:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise

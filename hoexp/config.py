@@ -27,12 +27,32 @@ class IrisConfig:
     test_size: int = 30
     split_seed: int | None = None  # None: the run's seed (each seed its own split)
     standardize: bool = True
+    batch_size: int = 0  # inner-step minibatch; 0 = full batch (the reference experiment)
+    val_batch_size: int = 0  # hypergradient validation minibatch; 0 = the whole validation split
 
     def check(self) -> None:
         _positive(self, "train_size", "val_size", "test_size")
         total = self.train_size + self.val_size + self.test_size
         if total > 150:
             raise ConfigError(f"dataset.train_size + val_size + test_size = {total}, but Iris has 150 examples")
+
+
+@dataclass
+class MNISTConfig:
+    name: str = "mnist"
+    data_root: str | None = None  # None: $HOEXP_DATA, else ~/.local/share/hoexp/data
+    download: bool = False
+    val_size: int = 1000  # carved from the training split (stratified, seeded)
+    train_size: int | None = None  # a seeded subset of the remaining training images (None: all)
+    split_seed: int | None = None
+    batch_size: int = 128  # inner-step minibatch; 0 = full batch
+    val_batch_size: int = 0  # hypergradient validation minibatch; 0 = the whole validation split
+
+    def check(self) -> None:
+        _positive(self, "val_size")
+        _non_negative(self, "batch_size", "val_batch_size")
+        if self.train_size is not None:
+            _positive(self, "train_size")
 
 
 # ------------------------------------------------------------------------------------------ model
@@ -375,7 +395,7 @@ class RunConfig:
 
 
 GROUPS: dict[str, dict[str, type]] = {
-    "dataset": {"iris": IrisConfig},
+    "dataset": {"iris": IrisConfig, "mnist": MNISTConfig},
     "model": {"mlp": MLPConfig},
     "hp": {"weight_decay": WeightDecayConfig, "dropout": DropoutConfig, "lr": LRConfig, "momentum": MomentumHPConfig},
     "method": {"none": NoneMethodConfig, "neumann": NeumannConfig, "cg": CGConfig,

@@ -94,9 +94,36 @@ class NoisyBatches:
                                                 else next(self.problem.model.parameters())))
 
 
-def training_batches(problem: Problem, split: Split, seed: int) -> Iterator[Batch]:
-    """The training stream of a run: full batches, with fresh dropout noise when the family has dropout."""
-    batches: Iterator[Batch] = FullBatch(split)
+def training_batches(problem: Problem, split: Split, seed: int, batch_size: int = 0) -> Iterator[Batch]:
+    """The training stream of a run: full batches (``batch_size`` 0) or seeded minibatches, with fresh
+    dropout noise when the family has dropout."""
+    if batch_size and batch_size < len(split):
+        batches: Iterator[Batch] = Minibatches(split, batch_size, torch.Generator().manual_seed(seed + 7919))
+    else:
+        batches = FullBatch(split)
     if hasattr(problem.family, "masks"):
         batches = NoisyBatches(batches, problem, torch.Generator().manual_seed(seed + 1_000_003))
     return batches
+
+
+class Minibatches:
+    """An endless stream of minibatches of ``split``: a fresh seeded permutation every epoch.
+
+    The generator is the stream's whole state, so a stream (and a resumed run) is reproducible.
+    """
+
+    def __init__(self, split: Split, batch_size: int, generator: torch.Generator):
+        self.split, self.batch_size, self.generator = split, batch_size, generator
+        self.order = torch.empty(0, dtype=torch.long)
+        self.pos = 0
+
+    def __iter__(self) -> Iterator[Batch]:
+        return self
+
+    def __next__(self) -> Batch:
+        if self.pos + self.batch_size > len(self.order):
+            self.order = torch.randperm(len(self.split), generator=self.generator)
+            self.pos = 0
+        idx = self.order[self.pos:self.pos + self.batch_size].to(self.split.x.device)
+        self.pos += self.batch_size
+        return (self.split.x[idx], self.split.y[idx])

@@ -25,7 +25,7 @@ from hoexp.config import Spec
 from hoexp.errors import HoexpError
 from hoexp.metrics import JsonlLogger, MetricLogger, MultiLogger, TensorBoardLogger, tensor_stats, write_json_atomic
 from hoexp.method.base import InnerState, StepStats
-from hoexp.problem import training_batches
+from hoexp.problem import FullBatch, Minibatches, training_batches
 from hoexp.progress import make_progress
 
 # Below this many weights a CPU run uses one thread: a Hessian-vector product on the Iris MLP
@@ -147,9 +147,10 @@ class Run:
         initial = {k: v.clone() for k, v in params.items()}
         self.state = InnerState(params, exp.inner_opt.init(params))
         outer_state = exp.outer_opt.init(self.raw)
-        train_batches = training_batches(problem, exp.data.train, spec.run.seed)
+        train_batches = training_batches(problem, exp.data.train, spec.run.seed, spec.dataset.batch_size)
         outer_split = exp.data.train if spec.run.outer_objective == "train" else exp.data.val
-        val_batch = (outer_split.x, outer_split.y)
+        val_stream = (Minibatches(outer_split, spec.dataset.val_batch_size, torch.Generator().manual_seed(spec.run.seed + 104729))
+                      if 0 < spec.dataset.val_batch_size < len(outer_split) else FullBatch(outer_split))
         if self.config_text:
             logger.log_text("config", self.config_text)
         self.console.print(
@@ -168,7 +169,7 @@ class Run:
                     fresh = {k: v.clone() for k, v in initial.items()}
                     self.state = InnerState(fresh, exp.inner_opt.init(fresh), self.state.step)
                 hg, self.state, stats = exp.method.outer_step(
-                    problem, exp.inner_opt, self.state, self.raw, train_batches, val_batch,
+                    problem, exp.inner_opt, self.state, self.raw, train_batches, next(val_stream),
                     spec.run.inner_steps, progress.advance_inner)
                 scalars = _stats_scalars(stats)
                 if hg is not None:

@@ -146,3 +146,21 @@ def test_multirun_sweeps_and_console_script(tmp_path):
 def test_version(capsys):
     main(["version"])
     assert capsys.readouterr().out.startswith("hoexp ")
+
+
+@pytest.mark.slow
+def test_a_diverging_job_does_not_stop_the_sweep(tmp_path):
+    sweep = tmp_path / "sweep"
+    r = hoexp("run", "-m", "optim.inner.lr=1e9,0.01", "outer_steps=2", "inner_steps=5", f"hydra.sweep.dir={sweep}")
+    assert r.returncode == 0, r.stderr
+    assert "diverged" in r.stderr and "the sweep goes on" in r.stderr
+    statuses = sorted(json.loads(p.read_text())["status"] for p in sweep.glob("*/summary.json"))
+    assert statuses == ["completed", "diverged"]
+
+
+def test_a_diverging_single_run_is_one_line_exit_2(tmp_path):
+    r = hoexp("run", "optim.inner.lr=1e9", "outer_steps=2", "inner_steps=5", f"hydra.run.dir={tmp_path}")
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1].startswith("hoexp: error: ")
+    assert "Traceback" not in r.stderr
+    assert json.loads((tmp_path / "summary.json").read_text())["status"] == "diverged"

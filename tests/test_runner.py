@@ -193,3 +193,27 @@ def test_reversible_refuses_optimizers_it_cannot_reverse():
         with pytest.raises(ConfigError, match="method=reversible reverses SGD"):
             validate_job(["method=reversible", f"optim/inner={inner}"])
     validate_job(["method=reversible", "optim/inner=momentum"])
+
+
+def test_minibatch_stream_is_seeded_and_covers_each_epoch():
+    from hoexp.dataset.base import Split
+    from hoexp.problem import Minibatches
+
+    split = Split(torch.arange(10.0).unsqueeze(1), torch.arange(10))
+    a = Minibatches(split, 3, torch.Generator().manual_seed(0))
+    b = Minibatches(split, 3, torch.Generator().manual_seed(0))
+    first = [next(a)[1] for _ in range(3)]
+    assert all(torch.equal(x, next(b)[1]) for x in first)
+    assert sorted(torch.cat(first).tolist()) == sorted(set(torch.cat(first).tolist()))  # no repeats in an epoch
+    assert len(set(torch.cat(first).tolist())) == 9
+
+
+@pytest.mark.slow
+def test_mnist_minibatch_run(tmp_path):
+    summary, mem = run(tmp_path, "dataset=mnist", "dataset.train_size=500", "dataset.val_size=200",
+                       "dataset.batch_size=64", "dataset.val_batch_size=100", "model.width=32", "model.depth=1",
+                       "hp=[weight_decay,dropout]", "hp.dropout.granularity=per_layer", "outer_steps=2",
+                       "inner_steps=5", "dtype=float32")
+    assert summary["status"] == "completed" and summary["dataset"] == "mnist" and summary["hypergradients"] == 2
+    assert summary["num_hparams"] == 784 * 32 + 32 * 10 + 2  # per-weight decays + 2 per-layer dropout rates
+    assert 0 < summary["final"]["test_acc"] <= 1

@@ -1,0 +1,751 @@
+"""``hoexp report PATH...``: compare finished runs in one table, Markdown, CSV and PNG plots.
+
+A *run* is any folder holding a ``summary.json`` (folders are searched recursively, so a run, a
+multirun folder or a whole ``outputs/`` tree all work). Runs are gathered into *rows*:
+
+* runs whose composed configs (``.hydra/config.yaml``) are equal except for ``seed`` (and cosmetic
+  keys such as ``progress``) form one row, numbers given as mean ± std over the seeds;
+* the trials of a black-box study (a multirun by a sweeper other than Hydra's basic one, e.g.
+  ``hydra/sweeper=random_search`` or ``tpe``) form one *study*, standing for its best trial (the
+  lowest best validation loss, the objective the sweeper minimized), and its wall time is the sum
+  of its trials' wall times (the budget it spent). Studies of the same search on other seeds form
+  one row, mean ± std over the studies.
+
+So "HO methods vs random search vs TPE at equal budget" reads as rows with a ``tuning`` column
+(``hypergradients``, ``fixed``, ``random search``, ``TPE``) and a ``wall time`` column. Written to
+``--out``: ``report.md`` (the table and one table per study), ``report.csv`` (one line per row),
+``runs.csv`` (one line per run: every trial of every study, with its searched values),
+``val_loss_vs_time.png`` (validation loss and best validation loss so far against wall time, the
+trials of a study back to back, so for trials run in parallel the axis is compute time) and
+``hparams.png`` (final hyperparameter histograms, log10).
+
+Nothing here knows Hydra: the YAML files Hydra writes are read as plain YAML.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import statistics
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from hoexp.errors import HoexpError
+from hoexp.metrics import read_json, read_jsonl
+
+__all__ = ["RunInfo", "Member", "Group", "Report", "gather", "group_runs", "build_report", "METRICS"]
+
+# (summary block, key, column title, format)
+METRICS: list[tuple[str, str, str, str]] = [
+    ("best", "val_loss", "val loss (best)", ".4f"),
+    ("final", "val_loss", "val loss (final)", ".4f"),
+    ("best", "test_loss", "test loss @best val", ".4f"),
+    ("best", "test_acc", "test acc @best val", ".3f"),
+    ("final", "test_loss", "test loss (final)", ".4f"),
+    ("final", "test_acc", "test acc (final)", ".3f"),
+]
+# Also in the CSV files.
+CSV_METRICS: list[tuple[str, str]] = [(b, k) for b in ("best", "final")
+                                      for k in ("step", "val_loss", "val_acc", "test_loss", "test_acc",
+                                                "train_loss", "train_acc")]
+LOWER_IS_BETTER = {"val_loss", "test_loss", "train_loss"}
+# Config keys that never split runs into different rows (seed: rows aggregate over seeds).
+IGNORED_KEYS = {"seed", "name", "progress", "threads", "histogram_every"}
+TUNING_ORDER = {"hypergradients": 0, "fixed": 1, "random search": 2, "quasi-random search": 3, "grid search": 4, "TPE": 5}
+SAMPLERS = {"RandomSampler": "random search", "TPESampler": "TPE", "CmaEsSampler": "CMA-ES",
+            "GridSampler": "grid search", "NSGAIISampler": "NSGA-II", "MOTPESampler": "MOTPE",
+            "QMCSampler": "quasi-random search"}
+
+
+# ------------------------------------------------------------------------------------- gathering
+def _yaml(path: Path) -> Any:
+    import yaml  # PyYAML, a dependency of omegaconf
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            return yaml.safe_load(f)
+    except (OSError, yaml.YAMLError):
+        return None
+
+
+def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(node, dict):
+        out: dict[str, Any] = {}
+        for k, v in node.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    if isinstance(node, list):
+        node = tuple(repr(v) if isinstance(v, (dict, list)) else v for v in node)
+    return {prefix[:-1]: node}
+
+
+def _num(v: Any) -> float:
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+@dataclass
+class RunInfo:
+    """One run folder: its summary, composed config and (for multirun jobs) its sweep."""
+
+    path: Path
+    summary: dict[str, Any]
+    config: dict[str, Any] = field(default_factory=dict)  # flattened .hydra/config.yaml
+    overrides: list[str] = field(default_factory=list)  # the job's task overrides
+    sweeper: str | None = None  # None: a single run or a basic (grid) multirun; else e.g. "TPE"
+    study: Path | None = None  # the sweep folder of a black-box study
+    study_info: dict[str, Any] = field(default_factory=dict)  # study_name, n_trials, searched keys
+    trial: int | None = None  # hydra.job.num
+    params: dict[str, str] = field(default_factory=dict)  # searched values of a trial (set by group_runs)
+
+    @property
+    def method(self) -> str:
+        return str(self.summary.get("method", self.config.get("method.name", "?")))
+
+    @property
+    def family(self) -> str:
+        """The hp family (families) with granularities, e.g. ``weight_decay (per_weight)``."""
+        names = str(self.summary.get("hp", "?")).split("+")
+        parts = []
+        for n in names:
+            gran = self.config.get(f"hp.{n}.granularity")
+            if gran is None and self.config.get("hp.name") == n:  # the one-family schema: hp.granularity
+                gran = self.config.get("hp.granularity")
+            parts.append(f"{n} ({gran})" if gran else n)
+        return " + ".join(parts)
+
+    @property
+    def num_hparams(self) -> int:
+        return int(self.summary.get("num_hparams", 0) or 0)
+
+    @property
+    def seed(self) -> Any:
+        return self.summary.get("seed", self.config.get("seed"))
+
+    @property
+    def status(self) -> str:
+        return str(self.summary.get("status", "?"))
+
+    @property
+    def wall_time_s(self) -> float:
+        return _num(self.summary.get("wall_time_s"))
+
+    @property
+    def hypergradients(self) -> int:
+        return int(self.summary.get("hypergradients", 0) or 0)
+
+    def metric(self, block: str, key: str) -> float:
+        return _num((self.summary.get(block) or {}).get(key))
+
+    @property
+    def objective(self) -> float:
+        """What ``hoexp run`` returns to a sweeper: the best validation loss (NaN counts as +inf)."""
+        v = self.metric("best", "val_loss")
+        return v if math.isfinite(v) else math.inf
+
+    def curve(self) -> list[tuple[float, float]]:
+        """``(time/elapsed_s, loss/val)`` from ``metrics.jsonl`` (empty if missing)."""
+        try:
+            lines = read_jsonl(self.path / "metrics.jsonl")
+        except (OSError, ValueError):
+            return []
+        return [(_num(ln["time/elapsed_s"]), _num(ln["loss/val"])) for ln in lines
+                if "time/elapsed_s" in ln and "loss/val" in ln]
+
+    def final_hparams(self) -> dict[str, Any]:
+        """Final constrained hyperparameters by family (``final.pt``), as flat float64 numpy arrays."""
+        import numpy as np
+        import torch
+
+        try:
+            state = torch.load(self.path / "final.pt", weights_only=True, map_location="cpu")
+        except Exception:  # noqa: BLE001 - missing or unreadable: no histogram for this run
+            return {}
+        by_family: dict[str, list] = {}
+        for k, v in (state.get("hparams") or {}).items():
+            by_family.setdefault(k.split(":")[0], []).append(v.detach().double().reshape(-1).numpy())
+        return {k: np.concatenate(v) for k, v in by_family.items()}
+
+
+def _study_folder(run_dir: Path, subdir_template: Any) -> Path:
+    """The sweep folder: ``run_dir`` minus as many levels as ``hydra.sweep.subdir`` has."""
+    depth = len([p for p in str(subdir_template).split("/") if p]) if subdir_template else 1
+    return run_dir.parents[min(max(depth, 1), len(run_dir.parents)) - 1]
+
+
+def _sweeper_label(hydra: dict[str, Any]) -> str | None:
+    """``None`` for single runs and Hydra's basic sweeper; else the search's name (``TPE``...)."""
+    if str(hydra.get("mode", "")).upper() != "MULTIRUN":
+        return None
+    sweeper = hydra.get("sweeper") or {}
+    target = str(sweeper.get("_target_", ""))
+    if not target or target.endswith("BasicSweeper"):
+        return None
+    sampler = str((sweeper.get("sampler") or {}).get("_target_", ""))
+    if sampler:
+        cls = sampler.rsplit(".", 1)[-1]
+        return SAMPLERS.get(cls, cls)
+    choice = ((hydra.get("runtime") or {}).get("choices") or {}).get("hydra/sweeper")
+    return str(choice or target.rsplit(".", 1)[-1])
+
+
+def load_run(path: Path) -> RunInfo:
+    """One run folder (holding ``summary.json``)."""
+    summary = read_json(path / "summary.json")
+    if not isinstance(summary, dict):
+        raise ValueError("summary.json is not an object")
+    cfg = _yaml(path / ".hydra" / "config.yaml")
+    hydra_file = _yaml(path / ".hydra" / "hydra.yaml")
+    hydra = hydra_file.get("hydra", {}) if isinstance(hydra_file, dict) else {}
+    info = RunInfo(path=path, summary=summary, config=_flatten(cfg) if isinstance(cfg, dict) else {})
+    info.overrides = [str(o) for o in ((hydra.get("overrides") or {}).get("task") or [])]
+    num = (hydra.get("job") or {}).get("num")
+    info.trial = int(num) if isinstance(num, int) else None
+    info.sweeper = _sweeper_label(hydra)
+    if info.sweeper is not None:
+        sweep = hydra.get("sweep") or {}
+        sweeper = hydra.get("sweeper") or {}
+        info.study = _study_folder(path, sweep.get("subdir"))
+        info.study_info = {
+            "study_name": sweeper.get("study_name"),
+            "n_trials": sweeper.get("n_trials"),
+            "direction": sweeper.get("direction"),
+            "space": {str(k): str(v) for k, v in (sweeper.get("params") or {}).items()},
+        }
+    return info
+
+
+def gather(paths: Iterable[str | Path], *, console: Console | None = None) -> list[RunInfo]:
+    """Every run (folder with ``summary.json``) at or under ``paths``, each once, in path order."""
+    paths = list(paths)
+    found: dict[Path, None] = {}
+    for p in paths:
+        p = Path(p)
+        if not p.exists():
+            raise HoexpError(f"report: no such file or folder: {p}")
+        if p.is_file():
+            if p.name != "summary.json":
+                raise HoexpError(f"report: {p} is not a summary.json or a folder of runs")
+            found[p.parent.resolve()] = None
+        else:
+            for s in sorted(p.rglob("summary.json")):
+                found[s.parent.resolve()] = None
+    runs = []
+    for d in sorted(found):
+        try:
+            runs.append(load_run(d))
+        except (OSError, ValueError) as e:
+            if console is not None:
+                console.print(f"hoexp report: skipping {d}: unreadable summary.json ({e})", markup=False,
+                              highlight=False)
+    if not runs:
+        raise HoexpError(f"report: no runs (summary.json) under {', '.join(map(str, paths))}")
+    return runs
+
+
+# -------------------------------------------------------------------------------------- grouping
+def _split_override(o: str) -> tuple[str, str]:
+    key, _, value = o.partition("=")
+    return key.lstrip("+~"), value
+
+
+@dataclass
+class Member:
+    """One run, or one black-box study standing for its best trial."""
+
+    runs: list[RunInfo]  # one run; or a study's trials in trial order
+    best: RunInfo  # the run whose numbers the member reports
+    study: Path | None = None
+
+    @property
+    def is_study(self) -> bool:
+        return self.study is not None
+
+    @property
+    def wall_time_s(self) -> float:
+        """The time the member spent: a run's wall time, or the sum over a study's trials."""
+        return math.fsum(r.wall_time_s for r in self.runs if math.isfinite(r.wall_time_s))
+
+    @property
+    def hypergradients(self) -> int:
+        return sum(r.hypergradients for r in self.runs)
+
+    def metric(self, block: str, key: str) -> float:
+        return self.best.metric(block, key)
+
+    def curve(self) -> list[tuple[float, float]]:
+        """Validation loss against wall time; a study's trials back to back (each offset by the
+        wall time of the trials before it)."""
+        out: list[tuple[float, float]] = []
+        offset = 0.0
+        for r in self.runs:
+            pts = r.curve()
+            out.extend((offset + t, v) for t, v in pts)
+            offset += r.wall_time_s if math.isfinite(r.wall_time_s) else (pts[-1][0] if pts else 0.0)
+        return out
+
+
+@dataclass
+class Group:
+    """One row of the report: members that differ only by seed."""
+
+    label: str  # method plus what distinguishes it from the other rows
+    tuning: str  # hypergradients | fixed | random search | TPE | ...
+    members: list[Member]
+    searched: list[str] = field(default_factory=list)  # keys a study searched
+
+    @property
+    def first(self) -> RunInfo:
+        return self.members[0].best
+
+    @property
+    def runs(self) -> list[RunInfo]:
+        return [r for m in self.members for r in m.runs]
+
+    def values(self, block: str, key: str) -> list[float]:
+        return [m.metric(block, key) for m in self.members]
+
+    def mean_std(self, values: Sequence[float]) -> tuple[float, float]:
+        vals = [v for v in values if math.isfinite(v)]
+        if not vals:
+            return math.nan, math.nan
+        return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else math.nan)
+
+    @property
+    def count(self) -> str:
+        """e.g. ``3 seeds``, ``20 trials``, ``2 studies × 20 trials`` (with failures noted)."""
+        n = len(self.members)
+        if self.members[0].is_study:
+            trials = sorted({len(m.runs) for m in self.members})
+            t = "/".join(map(str, trials))
+            text = f"{t} trials" if n == 1 else f"{n} studies × {t} trials"
+        else:
+            seeds = {str(m.best.seed) for m in self.members}
+            text = "1 run" if n == 1 else (f"{n} seeds" if len(seeds) == n else f"{n} runs")
+        bad = [r.status for r in self.runs if r.status != "completed"]
+        if bad:
+            text += " (" + ", ".join(f"{bad.count(s)} {s}" for s in sorted(set(bad))) + ")"
+        return text
+
+    @property
+    def best_params(self) -> str:
+        """The searched values of the best trial (one study), e.g. ``weight_decay.init=3.2e-04``."""
+        if not self.members[0].is_study or len(self.members) != 1:
+            return ""
+        return " ".join(f"{_short_key(k)}={_fmt_value(v)}" for k, v in self.members[0].best.params.items())
+
+
+def _short_key(key: str) -> str:
+    return key[3:] if key.startswith("hp.") else key
+
+
+def _fmt_value(v: Any) -> str:
+    x = _num(v)
+    if not math.isfinite(x) or isinstance(v, bool):
+        return str(v)
+    return f"{x:.3g}" if 1e-3 <= abs(x) < 1e4 or x == 0 else f"{x:.2e}"
+
+
+def _tuning(run: RunInfo) -> str:
+    if run.sweeper is not None:
+        return run.sweeper
+    return "fixed" if run.method == "none" else "hypergradients"
+
+
+def _config_key(run: RunInfo, drop: set[str]) -> tuple:
+    cfg = run.config or {f"summary.{k}": v for k, v in run.summary.items()
+                         if k in ("method", "hp", "dataset", "model", "outer_steps", "inner_steps", "num_hparams")}
+    return tuple(sorted((k, repr(v)) for k, v in cfg.items() if k not in IGNORED_KEYS and k not in drop))
+
+
+def group_runs(runs: Sequence[RunInfo]) -> list[Group]:
+    """Rows: runs equal but for the seed; studies (one per sweep folder) equal but for the seed."""
+    # 1. black-box studies: their trials, searched keys and best trial
+    studies: dict[Path, list[RunInfo]] = {}
+    singles: list[RunInfo] = []
+    for r in runs:
+        (studies.setdefault(r.study, []) if r.study is not None else singles).append(r)
+    members: list[tuple[tuple, Member, list[str]]] = []
+    for folder, trials in studies.items():
+        trials.sort(key=lambda r: (r.trial if r.trial is not None else 1 << 30, str(r.path)))
+        by_key: dict[str, set[str]] = {}
+        for r in trials:
+            for k, v in map(_split_override, r.overrides):
+                by_key.setdefault(k, set()).add(v)
+        searched = [k for k in trials[0].study_info.get("space", {})]
+        searched += [k for k, vs in by_key.items() if len(vs) > 1 and k not in searched]
+        for r in trials:
+            ov = dict(map(_split_override, r.overrides))
+            r.params = {k: ov[k] for k in searched if k in ov}
+        best = min(trials, key=lambda r: r.objective)
+        info = trials[0].study_info
+        key = ("study", trials[0].sweeper, info.get("n_trials"), tuple(sorted(info.get("space", {}).items())),
+               tuple(searched), _config_key(best, set(searched)))
+        members.append((key, Member(runs=trials, best=best, study=folder), searched))
+    for r in singles:
+        members.append((("run", _tuning(r), _config_key(r, set())), Member(runs=[r], best=r), []))
+
+    groups: dict[tuple, Group] = {}
+    for key, m, searched in members:
+        g = groups.get(key)
+        if g is None:
+            groups[key] = Group(label=m.best.method, tuning=_tuning(m.best), members=[m], searched=searched)
+        else:
+            g.members.append(m)
+    out = list(groups.values())
+    for g in out:
+        g.members.sort(key=lambda m: (str(m.best.seed), str(m.best.path)))
+    _label(out)
+    out.sort(key=lambda g: (TUNING_ORDER.get(g.tuning, len(TUNING_ORDER)), g.tuning, g.label))
+    return out
+
+
+def _label(groups: list[Group]) -> None:
+    """Add to each row's method the config values that tell it apart from comparable rows.
+
+    A key is shown when another row has it too with another value (so ``method.terms`` shows for two
+    Neumann rows, not for Neumann against CG); keys a study searched and the hp granularities (the
+    ``family`` column) are not.
+    """
+    labels = [g.label for g in groups]
+    for i, g in enumerate(groups):
+        cfg = g.first.config
+        parts = []
+        for k in sorted(cfg):
+            if (k in IGNORED_KEYS or k in g.searched or k == "method.name" or k.endswith(".granularity")
+                    or k.startswith("hydra.")):
+                continue
+            for j, h in enumerate(groups):
+                if j != i and k in h.first.config and k not in h.searched and h.first.config[k] != cfg[k]:
+                    parts.append(f"{_short_key(k)}={_fmt_value(cfg[k])}")
+                    break
+        if parts:
+            labels[i] = f"{g.label} ({', '.join(parts)})"
+    for g, label in zip(groups, labels):
+        g.label = label
+
+
+# ---------------------------------------------------------------------------------------- output
+def _fmt(mean: float, std: float, spec: str, sep: str = " ± ") -> str:
+    if not math.isfinite(mean):
+        return "—" if math.isnan(mean) else str(mean)
+    text = format(mean, spec)
+    return f"{text}{sep}{format(std, spec)}" if math.isfinite(std) else text
+
+
+def _bests(groups: list[Group]) -> dict[int, set[int]]:
+    """Metric column → the rows whose mean is the best as printed (ties included); only with 2+ rows."""
+    out: dict[int, set[int]] = {}
+    if len(groups) < 2:
+        return out
+    for c, (block, key, _, spec) in enumerate(METRICS):
+        means = [g.mean_std(g.values(block, key))[0] for g in groups]
+        finite = [m for m in means if math.isfinite(m)]
+        if len(finite) >= 2:
+            best = format(min(finite) if key in LOWER_IS_BETTER else max(finite), spec)
+            out[c] = {i for i, m in enumerate(means) if math.isfinite(m) and format(m, spec) == best}
+    return out
+
+
+def table_rows(groups: list[Group], sep: str = " ± ") -> tuple[list[str], list[list[str]]]:
+    """The report's table as text cells (rich and Markdown render the same rows)."""
+    header = ["method", "tuning", "family", "#hp", "runs", *(m[2] for m in METRICS), "wall time (s)",
+              "hypergradients", "best trial"]
+    rows = []
+    for g in groups:
+        metrics = [_fmt(*g.mean_std(g.values(b, k)), spec, sep) for b, k, _, spec in METRICS]
+        nh = sorted({r.num_hparams for r in g.runs})
+        rows.append([
+            g.label, g.tuning, g.first.family, "/".join(f"{n:,}" for n in nh), g.count, *metrics,
+            _fmt(*g.mean_std([m.wall_time_s for m in g.members]), ".1f", sep),
+            _fmt(*g.mean_std([float(m.hypergradients) for m in g.members]), ".0f", sep),
+            g.best_params,
+        ])
+    return header, rows
+
+
+def print_table(groups: list[Group], console: Console, title: str = "hoexp report") -> None:
+    """The table on the console; the best trials of studies are listed below it."""
+    header, rows = table_rows(groups, sep="±")
+    header, rows = header[:-1], [r[:-1] for r in rows]
+    bests = _bests(groups)
+    table = Table(title=title, title_justify="left", header_style="bold")
+    numeric = range(5, len(header))
+    for i, h in enumerate(header):
+        if i >= 5:
+            h = h.replace(" (", "\n(").replace(" @", "\n@").replace("hypergradients", "hyper-\ngradients")
+        table.add_column(h, justify="right" if i == 3 or i in numeric else "left", no_wrap=i != 0, overflow="fold")
+    for r, row in enumerate(rows):
+        row[2] = row[2].replace(" + ", " +\n")
+        table.add_row(*(f"[bold green]{escape(c)}[/]" if 5 <= i < 5 + len(METRICS) and r in bests.get(i - 5, ())
+                        else escape(c) for i, c in enumerate(row)))
+    console.print(table)
+    for g in groups:
+        for m in g.members:
+            if m.is_study:
+                params = " ".join(f"{_short_key(k)}={_fmt_value(v)}" for k, v in m.best.params.items())
+                console.print(f"  {g.tuning} ({g.label}): best of {len(m.runs)} trials: #{m.best.trial} {params} "
+                              f"(val loss {m.best.metric('best', 'val_loss'):.4f}) in {m.study}",
+                              markup=False, highlight=False, soft_wrap=True)
+
+
+def _md_escape(text: str) -> str:
+    return text.replace("|", r"\|")
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(_md_escape(h) for h in header) + " |",
+             "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(_md_escape(c) for c in row) + " |" for row in rows]
+    return lines
+
+
+def write_markdown(groups: list[Group], path: Path, sources: Sequence[str], plots: Sequence[Path]) -> None:
+    header, rows = table_rows(groups)
+    for c, best_rows in _bests(groups).items():
+        for r in best_rows:
+            rows[r][5 + c] = f"**{rows[r][5 + c]}**"
+    nruns = sum(len(g.runs) for g in groups)
+    lines = ["# hoexp report", "",
+             f"{nruns} run(s) from {', '.join(f'`{s}`' for s in sources)}; {time.strftime('%Y-%m-%d %H:%M:%S')}.", "",
+             *_md_table(header, rows), "",
+             "Mean ± std over seeds (or over studies). A black-box study stands for its best trial (the lowest "
+             "best validation loss, which the sweeper minimized); its wall time is the sum of its trials' wall "
+             "times, the budget it spent. `@best val`: at the outer step with the lowest validation loss. "
+             "Best mean of each column in bold. Every run: `runs.csv`.", ""]
+    studies = [(g, m) for g in groups for m in g.members if m.is_study]
+    if studies:
+        lines += ["## Studies", ""]
+        for g, m in studies:
+            lines += [f"### {g.tuning}: `{m.study}`", "",
+                      f"{len(m.runs)} trials, {m.wall_time_s:.1f} s in all; search space: "
+                      + (", ".join(f"`{k}: {v}`" for k, v in m.runs[0].study_info.get("space", {}).items())
+                         or ", ".join(f"`{k}`" for k in g.searched) or "—")
+                      + f"; best trial #{m.best.trial}.", ""]
+            th = ["trial", *(_short_key(k) for k in g.searched), "val loss (best)", "test loss @best val",
+                  "test acc @best val", "wall time (s)", "status"]
+            tr = []
+            for r in m.runs:
+                mark = " ★" if r is m.best else ""
+                tr.append([f"{r.trial}{mark}", *(_fmt_value(r.params.get(k, "")) for k in g.searched),
+                           _fmt(r.metric("best", "val_loss"), math.nan, ".4f"),
+                           _fmt(r.metric("best", "test_loss"), math.nan, ".4f"),
+                           _fmt(r.metric("best", "test_acc"), math.nan, ".3f"),
+                           _fmt(r.wall_time_s, math.nan, ".1f"), r.status])
+            lines += [*_md_table(th, tr), ""]
+    if plots:
+        lines += ["## Plots", ""]
+        lines += [f"![{p.stem}]({p.name})" for p in plots] + [""]
+    path.write_text("\n".join(lines), encoding="utf-8")
+
+
+def _csv_num(v: float) -> str:
+    if isinstance(v, float) and math.isnan(v):
+        return ""
+    return str(int(v)) if isinstance(v, float) and v.is_integer() and abs(v) < 2**53 else repr(v)
+
+
+def write_csv(groups: list[Group], path: Path) -> None:
+    """One line per row: means, stds and the member folders."""
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        cols = [f"{b}_{k}" for b, k in CSV_METRICS if k != "step"]
+        w.writerow(["label", "tuning", "method", "family", "num_hparams", "members", "runs", "count",
+                    *(c for col in cols for c in (col, f"{col}_std")), "wall_time_s", "wall_time_s_std",
+                    "hypergradients", "best_params", "folders"])
+        for g in groups:
+            stats = []
+            for b, k in CSV_METRICS:
+                if k != "step":
+                    stats.extend(map(_csv_num, g.mean_std(g.values(b, k))))
+            w.writerow([g.label, g.tuning, g.first.method, g.first.family, g.first.num_hparams, len(g.members),
+                        len(g.runs), g.count, *stats,
+                        *map(_csv_num, g.mean_std([m.wall_time_s for m in g.members])),
+                        _csv_num(g.mean_std([float(m.hypergradients) for m in g.members])[0]),
+                        g.best_params, ";".join(str(m.study or m.best.path) for m in g.members)])
+
+
+def write_runs_csv(groups: list[Group], path: Path) -> None:
+    """One line per run (every trial of every study), with its searched values as ``param:<key>``."""
+    keys = sorted({k for g in groups for k in g.searched})
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["label", "tuning", "study", "trial", "best_of_study", "seed", "method", "family", "num_hparams",
+                    "status", *(f"param:{k}" for k in keys), *(f"{b}_{k}" for b, k in CSV_METRICS),
+                    "wall_time_s", "hypergradients", "path"])
+        for g in groups:
+            for m in g.members:
+                for r in m.runs:
+                    w.writerow([g.label, g.tuning, m.study or "", "" if r.trial is None else r.trial,
+                                int(m.is_study and r is m.best), r.seed, r.method, r.family, r.num_hparams,
+                                r.status, *(r.params.get(k, "") for k in keys),
+                                *(_csv_num(r.metric(b, k)) for b, k in CSV_METRICS),
+                                _csv_num(r.wall_time_s), r.hypergradients, r.path])
+
+
+# ----------------------------------------------------------------------------------------- plots
+def _colors(n: int) -> list:
+    import matplotlib.pyplot as plt
+
+    cmap = plt.get_cmap("tab10" if n <= 10 else "tab20")
+    return [cmap(i % cmap.N) for i in range(n)]
+
+
+def plot_val_loss_vs_time(groups: list[Group], path: Path) -> bool:
+    """Left: validation loss against wall time for every run (a study's trials back to back, dots
+    where a trial starts); right: the best validation loss so far. One colour per row."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = [(g, m, m.curve()) for g in groups for m in g.members]
+    if not any(c for _, _, c in curves):
+        return False
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 4.8))
+    colors = dict(zip(map(id, groups), _colors(len(groups))))
+    labelled: set[int] = set()
+    finals: list[float] = []
+    top = -math.inf
+    for g, m, pts in curves:
+        pts = [(t, v) for t, v in pts if math.isfinite(t) and math.isfinite(v)]
+        if not pts:
+            continue
+        c = colors[id(g)]
+        label = None if id(g) in labelled else f"{g.label} [{g.tuning}]"
+        labelled.add(id(g))
+        ts, vs = zip(*pts)
+        ax.plot(ts, vs, color=c, lw=1.0, alpha=0.8, label=label)
+        if m.is_study:  # mark where each trial starts (its first evaluation)
+            offset, starts = 0.0, []
+            for r in m.runs:
+                rp = [(t, v) for t, v in r.curve() if math.isfinite(t) and math.isfinite(v)]
+                if rp:
+                    starts.append((offset + rp[0][0], rp[0][1]))
+                offset += r.wall_time_s if math.isfinite(r.wall_time_s) else (rp[-1][0] if rp else 0.0)
+            if starts:
+                ax.scatter(*zip(*starts), color=c, s=8, zorder=3)
+        run_min, best = [], math.inf
+        for v in vs:
+            best = min(best, v)
+            run_min.append(best)
+        finals.append(run_min[-1])
+        top = max(top, run_min[0])
+        bx.step(ts, run_min, where="post", color=c, lw=1.6, label=label)
+        bx.scatter([ts[-1]], [run_min[-1]], color=c, s=14, zorder=3)
+    if finals:  # zoom in on where the runs end up; the start (one value for all) is cut off
+        lo, hi = min(finals), max(finals)
+        span = max(hi - lo, 0.02 * abs(hi), 1e-12)
+        bx.set_ylim(lo - 0.5 * span, min(top + 0.05 * span, hi + 4 * span))
+    ax.set_yscale("log")
+    ax.set_title("validation loss (studies: trials back to back)")
+    bx.set_title("best validation loss so far (dot: end of run / study)")
+    for a in (ax, bx):
+        a.set_xlabel("wall time (s)")
+        a.set_ylabel("validation loss")
+        a.grid(alpha=0.3)
+    bx.legend(fontsize=8, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def plot_hparams(groups: list[Group], path: Path, max_panels: int = 24) -> bool:
+    """Histograms of the final hyperparameters (log10), one panel per row and family. A study shows
+    the values its trials tried (grey) and its best trial's (coloured)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    panels = []
+    colors = dict(zip(map(id, groups), _colors(len(groups))))
+    for g in groups:
+        best_vals: dict[str, list] = {}
+        tried: dict[str, list] = {}
+        for m in g.members:
+            for fam, v in m.best.final_hparams().items():
+                best_vals.setdefault(fam, []).append(v)
+            if m.is_study:
+                for r in m.runs:
+                    for fam, v in r.final_hparams().items():
+                        tried.setdefault(fam, []).append(v)
+        for fam, vals in best_vals.items():
+            panels.append((g, fam, np.concatenate(vals), np.concatenate(tried[fam]) if fam in tried else None))
+    if not panels:
+        return False
+    panels = panels[:max_panels]
+    ncols = min(3, len(panels))
+    nrows = math.ceil(len(panels) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 3.2 * nrows), squeeze=False)
+    for ax, (g, fam, vals, tried) in zip(axes.flat, panels):
+        c = colors[id(g)]
+        logv = np.log10(np.clip(vals[np.isfinite(vals)], 1e-300, None))
+        allv = logv if tried is None else np.concatenate([logv, np.log10(np.clip(tried, 1e-300, None))])
+        lo, hi = (float(allv.min()), float(allv.max())) if allv.size else (0.0, 1.0)
+        if hi - lo < 1e-6:
+            lo, hi = lo - 0.5, hi + 0.5
+        bins = np.linspace(lo, hi, 41)
+        if tried is not None:
+            ax.hist(np.log10(np.clip(tried, 1e-300, None)), bins=bins, color="0.75", label="trials")
+        if logv.size <= 8:  # a few values (global / per-layer): lines are clearer than bars
+            for x in logv:
+                ax.axvline(x, color=c, lw=2)
+        else:
+            ax.hist(logv, bins=bins, color=c, alpha=0.85)
+        med = float(np.median(vals)) if vals.size else math.nan
+        ax.set_title(f"{g.label} [{g.tuning}]\n{fam}: {vals.size:,} values, median {med:.3g}", fontsize=9)
+        ax.set_xlabel(f"log10 {fam}")
+        ax.grid(alpha=0.3)
+        if tried is not None:
+            ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+# ---------------------------------------------------------------------------------------- report
+@dataclass
+class Report:
+    runs: list[RunInfo]
+    groups: list[Group]
+    out_dir: Path
+    files: list[Path]
+
+
+def build_report(paths: Sequence[str | Path], out_dir: str | Path, *, console: Console | None = None,
+                 plots: bool = True) -> Report:
+    """Gather the runs under ``paths``, print the table and write the report files into ``out_dir``."""
+    console = console or Console()
+    runs = gather(paths, console=console)
+    groups = group_runs(runs)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    files: list[Path] = []
+    pngs: list[Path] = []
+    if plots:
+        for name, fn in (("val_loss_vs_time.png", plot_val_loss_vs_time), ("hparams.png", plot_hparams)):
+            if fn(groups, out / name):
+                pngs.append(out / name)
+    write_csv(groups, out / "report.csv")
+    write_runs_csv(groups, out / "runs.csv")
+    write_markdown(groups, out / "report.md", [str(p) for p in paths], pngs)
+    files = [out / "report.md", out / "report.csv", out / "runs.csv", *pngs]
+    print_table(groups, console, title=f"hoexp report: {len(runs)} run(s), {len(groups)} row(s)")
+    console.print(f"hoexp report: wrote {', '.join(f.name for f in files)} → {out}", markup=False,
+                  highlight=False, soft_wrap=True)
+    return Report(runs=runs, groups=groups, out_dir=out, files=files)

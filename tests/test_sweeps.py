@@ -1,0 +1,167 @@
+"""Sweeps: launcher and sweeper presets (joblib, submitit, Optuna random search / TPE) and the
+black-box experiment presets; end to end as `hoexp run -m` subprocesses."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from hoexp.cli import validate_job
+
+ROOT = Path(__file__).resolve().parents[1]
+BLACKBOX = ["iris_blackbox_wd", "iris_blackbox_wd_lr", "iris_blackbox_wd_dropout_lr"]
+
+
+def compose(overrides):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return hydra_compose(config_name="config", overrides=overrides, return_hydra_config=True)
+
+
+def hoexp(*args, timeout=300):
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    p = subprocess.Popen([sys.executable, "-m", "hoexp", *args], cwd=ROOT, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env=env)
+    out, err = p.communicate(timeout=timeout)
+    assert p.returncode == 0, err[-3000:]
+    return p.pid, out, err
+
+
+def summaries(folder):
+    return {p.parent.name: json.loads(p.read_text()) for p in sorted(Path(folder).glob("*/summary.json"))}
+
+
+def event_pid(run_dir):
+    (ev,) = Path(run_dir).glob("events.out.tfevents.*")
+    return int(ev.name.split(".")[-2])  # events.out.tfevents.<time>.<host>.<pid>.<n>
+
+
+# ------------------------------------------------------------------------------ presets (fast)
+@pytest.mark.parametrize("preset,sampler", [("random_search", "RandomSampler"), ("tpe", "TPESampler")])
+def test_sweeper_presets_minimize_with_a_seeded_sampler(preset, sampler):
+    cfg = compose([f"hydra/sweeper={preset}", "seed=3"])
+    sw = cfg.hydra.sweeper
+    assert sw._target_.endswith("OptunaSweeper") and sw.sampler._target_ == f"optuna.samplers.{sampler}"
+    assert str(sw.direction) == "minimize" and sw.n_trials == 20 and sw.n_jobs == 1
+    assert sw.sampler.seed == 3  # the run seed seeds the sampler
+
+
+@pytest.mark.parametrize("experiment", BLACKBOX)
+def test_blackbox_presets_search_inside_the_valid_ranges(experiment):
+    """Every point of the search space passes hoexp's validation (checked at the interval ends)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
+
+    cfg = compose([f"experiment={experiment}"])
+    assert cfg.method.name == "none" and cfg.hp.weight_decay.granularity == "global"
+    assert cfg.hydra.sweeper._target_.endswith("OptunaSweeper")
+    params = dict(cfg.hydra.sweeper.params)
+    assert "hp.weight_decay.init" in params
+    parser = OverridesParser.create()
+    for key, space in params.items():
+        sweep = parser.parse_override(f"{key}={space}").value()
+        node = OmegaConf.select(cfg, key.rsplit(".", 1)[0])
+        if key.startswith("hp."):
+            assert node.min <= sweep.start < sweep.end <= node.max, key
+        for end in (sweep.start, sweep.end):
+            validate_job([f"experiment={experiment}", f"{key}={end}"])
+    base = ["experiment=iris_per_weight_decay"]
+    assert cfg.outer_steps == compose(base).outer_steps and cfg.inner_steps == compose(base).inner_steps
+    assert cfg.optim.inner.name == compose(base).optim.inner.name  # the same training as the HO runs
+
+
+def test_launcher_presets_compose():
+    assert compose(["hydra/launcher=parallel"]).hydra.launcher._target_.endswith("JoblibLauncher")
+    slurm = compose(["hydra/launcher=slurm"]).hydra.launcher
+    gpu = compose(["hydra/launcher=slurm_gpu"]).hydra.launcher
+    assert slurm._target_.endswith("SlurmLauncher") and gpu._target_ == slurm._target_
+    assert slurm.gpus_per_node is None and gpu.gpus_per_node == 1 and slurm.max_num_timeout == 0
+
+
+@pytest.mark.parametrize("preset,expected", [
+    ("slurm", ["#SBATCH --cpus-per-task=2", "#SBATCH --mem=8GB", "#SBATCH --time=60", "#SBATCH --partition=cpu"]),
+    ("slurm_gpu", ["#SBATCH --gpus-per-node=1", "#SBATCH --cpus-per-task=8", "#SBATCH --mem=32GB",
+                   "#SBATCH --time=120", "#SBATCH --partition=cpu"]),
+])
+def test_slurm_presets_make_valid_sbatch_scripts(tmp_path, monkeypatch, preset, expected):
+    """What the launcher hands to submitit is accepted by its SLURM executor (no cluster needed:
+    submitit only looks for srun, which is faked), and becomes these #SBATCH lines."""
+    import submitit
+    from hydra.utils import instantiate
+    from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
+    from omegaconf import OmegaConf
+
+    cfg = compose([f"hydra/launcher={preset}", f"hydra.sweep.dir={tmp_path}", "hydra.launcher.partition=cpu"])
+    launcher = instantiate(cfg.hydra.launcher)
+    monkeypatch.setattr(submitit.SlurmExecutor, "affinity", staticmethod(lambda: 1))
+    params = launcher.params  # the same translation as BaseSubmititLauncher.launch
+    executor = submitit.AutoExecutor(cluster="slurm", folder=params["submitit_folder"],
+                                     slurm_max_num_timeout=params["max_num_timeout"])
+    base = set(OmegaConf.structured(BaseQueueConf).keys())
+    executor.update_parameters(**{k if k in base else f"slurm_{k}": v for k, v in params.items()
+                                  if k not in ("submitit_folder", "max_num_timeout")})
+    script = executor._executor._make_submission_file_text("python -m hoexp", "uid")
+    for line in expected:
+        assert line in script, script
+
+
+# ---------------------------------------------------------------------------------- end to end
+@pytest.mark.slow
+def test_joblib_launcher_runs_two_jobs_in_worker_processes(tmp_path):
+    sweep = tmp_path / "sweep"
+    pid, _, err = hoexp("run", "-m", "method=none,cg", "hydra/launcher=parallel", "hydra.launcher.n_jobs=2",
+                        "outer_steps=2", "inner_steps=5", "progress=false", f"hydra.sweep.dir={sweep}")
+    assert "Joblib.Parallel(n_jobs=2" in err + _
+    s = summaries(sweep)
+    assert sorted(s) == ["0_none", "1_cg"]
+    assert s["0_none"]["method"] == "none" and s["1_cg"]["method"] == "cg"
+    assert s["1_cg"]["hypergradients"] == 2 and s["0_none"]["hypergradients"] == 0
+    assert all(v["status"] == "completed" for v in s.values())
+    pids = {event_pid(sweep / name) for name in s}
+    assert pid not in pids  # the jobs ran in loky workers, not in the `hoexp run` process
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sweeper", ["random_search", "tpe"])
+def test_optuna_two_trial_study(tmp_path, sweeper):
+    sweep = tmp_path / "study"
+    _, out, err = hoexp("run", "-m", "experiment=iris_blackbox_wd_lr", f"hydra/sweeper={sweeper}",
+                        "hydra.sweeper.n_trials=2", "outer_steps=2", "inner_steps=5", "progress=false",
+                        f"hydra.sweep.dir={sweep}")
+    s = summaries(sweep)
+    assert len(s) == 2
+    trials = {}
+    for name, summ in s.items():
+        overrides = yaml.safe_load((sweep / name / ".hydra" / "overrides.yaml").read_text())
+        values = dict(o.split("=", 1) for o in overrides)
+        init, lr = float(values["hp.weight_decay.init"]), float(values["optim.inner.lr"])
+        assert 1e-6 <= init <= 1.0 and 1e-3 <= lr <= 0.1
+        assert summ["method"] == "none" and summ["num_hparams"] == 1 and summ["hypergradients"] == 0
+        # method=none keeps the one global decay at the trial's value
+        assert summ["hp_final"]["mean"] == pytest.approx(init, rel=1e-6)
+        trials[name] = (init, lr, summ["best"]["val_loss"])
+    assert len({t[:2] for t in trials.values()}) == 2  # two different points
+    result = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    best = min(trials.values(), key=lambda t: t[2])
+    assert result["best_value"] == pytest.approx(best[2])  # the objective is the run's best val loss
+    assert result["best_params"]["hp.weight_decay.init"] == pytest.approx(best[0])
+    assert result["best_params"]["optim.inner.lr"] == pytest.approx(best[1])
+
+
+@pytest.mark.slow
+def test_submitit_local_launcher(tmp_path):
+    sweep = tmp_path / "sweep"
+    pid, _, _ = hoexp("run", "-m", "method=none,cg", "hydra/launcher=submitit_local", "outer_steps=2",
+                      "inner_steps=5", "progress=false", f"hydra.sweep.dir={sweep}")
+    s = summaries(sweep)
+    assert sorted(s) == ["0_none", "1_cg"] and s["1_cg"]["hypergradients"] == 2
+    assert (sweep / ".submitit").is_dir()
+    assert pid not in {event_pid(sweep / name) for name in s}  # each job in its own process
