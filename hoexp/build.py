@@ -62,6 +62,13 @@ def build_data(spec: Spec) -> Splits:
         seed = spec.run.seed if cfg.split_seed is None else cfg.split_seed
         return load_mnist(data_root(cfg.data_root), val_size=cfg.val_size, train_size=cfg.train_size, seed=seed,
                           download=cfg.download, dtype=dtype)
+    if cfg.name == "ptb":
+        from hoexp.dataset.ptb import load_ptb
+        from hoexp.dataset.root import data_root
+        from hoexp.lm import lm_data
+
+        return lm_data(load_ptb(data_root(cfg.data_root), download=cfg.download), cfg.batch_size,
+                       cfg.eval_batch_size, cfg.bptt)
     raise ConfigError(f"unknown dataset '{cfg.name}'")
 
 
@@ -72,6 +79,10 @@ def build_model(spec: Spec, data: Splits) -> nn.Module:
         torch.manual_seed(spec.run.seed)
         if cfg.name == "mlp":
             model = MLP(data.num_features, data.num_classes, cfg.width, cfg.depth, cfg.activation, cfg.bias)
+        elif cfg.name == "lstm":
+            from hoexp.model.lstm import LSTMLanguageModel
+
+            model = LSTMLanguageModel(data.vocab_size, cfg.embed_dim, cfg.hidden, cfg.layers, cfg.tie_weights)
         else:
             raise ConfigError(f"unknown model '{cfg.name}'")
     return model.to(getattr(torch, spec.run.dtype))
@@ -148,9 +159,17 @@ MOVES_OPTIMUM = {"weight_decay": True, "dropout": True, "lr": False, "momentum":
 MOMENTUM_OPTIMIZERS = ("momentum", "nesterov", "sgd")  # sgd only with momentum > 0
 
 
+MODELS_FOR = {"iris": ("mlp",), "mnist": ("mlp",), "ptb": ("lstm",)}
+
+
 def check_compatibility(spec: Spec) -> None:
     """The method × family matrix (README), enforced before anything runs; refusals name what works."""
     method, families = spec.method.name, [h.name for h in spec.hp]
+    models = MODELS_FOR.get(spec.dataset.name, ())
+    if spec.model.name not in models:
+        raise ConfigError(f"model={spec.model.name} does not fit dataset={spec.dataset.name}; use model="
+                          f"{' or model='.join(models)} (classification: iris, mnist with mlp; language "
+                          "modelling: ptb with lstm)")
     path_only = [f for f in families if not MOVES_OPTIMUM[f]]
     if method in IFT_METHODS and path_only:
         raise ConfigError(
@@ -215,7 +234,14 @@ def build(spec: Spec) -> Experiment:
     if spec.method.name == "exact" and n > spec.method.max_params:
         raise ConfigError(f"method=exact would form a dense {n:,}x{n:,} Hessian, above method.max_params="
                           f"{spec.method.max_params:,}; use method=cg or method=neumann, or raise method.max_params")
-    return Experiment(spec, device, data, model, Problem(model, family), method, inner_opt, outer_opt)
+    if spec.dataset.name == "ptb":
+        from hoexp.lm import LMProblem
+
+        problem: Problem = LMProblem(model, family)
+        problem.bptt = spec.dataset.bptt
+    else:
+        problem = Problem(model, family)
+    return Experiment(spec, device, data, model, problem, method, inner_opt, outer_opt)
 
 
 def preflight(spec: Spec) -> None:

@@ -55,6 +55,20 @@ class MNISTConfig:
             _positive(self, "train_size")
 
 
+@dataclass
+class PTBConfig:
+    name: str = "ptb"
+    data_root: str | None = None  # None: $HOEXP_DATA, else ~/.local/share/hoexp/data
+    download: bool = False
+    batch_size: int = 20  # parallel streams for training (and hypergradient validation windows)
+    eval_batch_size: int = 10  # parallel streams for full validation / test evaluation
+    bptt: int = 35  # window length
+    val_batch_size: int = 0  # unused for text (a hypergradient uses one random validation window)
+
+    def check(self) -> None:
+        _positive(self, "batch_size", "eval_batch_size", "bptt")
+
+
 # ------------------------------------------------------------------------------------------ model
 @dataclass
 class MLPConfig:
@@ -71,6 +85,18 @@ class MLPConfig:
         from hoexp.model.mlp import ACTIVATIONS
 
         _choice("model.activation", self.activation, ACTIVATIONS)
+
+
+@dataclass
+class LSTMConfig:
+    name: str = "lstm"
+    embed_dim: int = 200
+    hidden: int = 200
+    layers: int = 2
+    tie_weights: bool = True
+
+    def check(self) -> None:
+        _positive(self, "embed_dim", "hidden", "layers")
 
 
 # -------------------------------------------------------------------------------- hyperparameters
@@ -395,8 +421,8 @@ class RunConfig:
 
 
 GROUPS: dict[str, dict[str, type]] = {
-    "dataset": {"iris": IrisConfig, "mnist": MNISTConfig},
-    "model": {"mlp": MLPConfig},
+    "dataset": {"iris": IrisConfig, "mnist": MNISTConfig, "ptb": PTBConfig},
+    "model": {"mlp": MLPConfig, "lstm": LSTMConfig},
     "hp": {"weight_decay": WeightDecayConfig, "dropout": DropoutConfig, "lr": LRConfig, "momentum": MomentumHPConfig},
     "method": {"none": NoneMethodConfig, "neumann": NeumannConfig, "cg": CGConfig,
                "fixed_point": FixedPointConfig, "exact": ExactConfig, "t1t2": T1T2Config,

@@ -34,6 +34,11 @@ class Problem:
 
     model: nn.Module
     family: HyperFamily
+    task = "classification"
+
+    def batch_size(self, x: Tensor) -> int:
+        """Examples in a batch's input (the dimension dropout masks are drawn over)."""
+        return x.shape[0]
 
     def logits(self, params: Mapping[str, Tensor], x: Tensor, masks: Mapping[str, Tensor] | None = None) -> Tensor:
         if masks:
@@ -89,21 +94,38 @@ class NoisyBatches:
 
     def __next__(self) -> Batch:
         x, y = next(self.batches)[:2]
-        shapes = self.problem.model.dropout_sites(x.shape[0] if x.dim() > 1 else 1)
+        shapes = self.problem.model.dropout_sites(self.problem.batch_size(x))
         return (x, y, self.problem.family.noise(shapes, self.generator, x if x.is_floating_point()
                                                 else next(self.problem.model.parameters())))
 
 
-def training_batches(problem: Problem, split: Split, seed: int, batch_size: int = 0) -> Iterator[Batch]:
-    """The training stream of a run: full batches (``batch_size`` 0) or seeded minibatches, with fresh
-    dropout noise when the family has dropout."""
-    if batch_size and batch_size < len(split):
+def training_batches(problem: Problem, split, seed: int, batch_size: int = 0) -> Iterator[Batch]:
+    """The training stream of a run: full batches (``batch_size`` 0), seeded minibatches, or BPTT
+    windows (language models), with fresh dropout noise when the family has dropout."""
+    if problem.task == "language_model":
+        from hoexp.lm import BPTTStream
+
+        batches: Iterator[Batch] = BPTTStream(split, problem.bptt)
+    elif batch_size and batch_size < len(split):
         batches: Iterator[Batch] = Minibatches(split, batch_size, torch.Generator().manual_seed(seed + 7919))
     else:
         batches = FullBatch(split)
     if hasattr(problem.family, "masks"):
         batches = NoisyBatches(batches, problem, torch.Generator().manual_seed(seed + 1_000_003))
     return batches
+
+
+def validation_batches(problem: Problem, split, seed: int, batch_size: int = 0) -> Iterator[Batch]:
+    """The batches hypergradients are evaluated on: the whole split, seeded minibatches of it, or
+    random BPTT windows of validation text (language models)."""
+    generator = torch.Generator().manual_seed(seed + 104_729)
+    if problem.task == "language_model":
+        from hoexp.lm import BPTTStream
+
+        return BPTTStream(split, problem.bptt, generator)
+    if 0 < batch_size < len(split):
+        return Minibatches(split, batch_size, generator)
+    return FullBatch(split)
 
 
 class Minibatches:

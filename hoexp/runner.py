@@ -25,12 +25,12 @@ from hoexp.config import Spec
 from hoexp.errors import HoexpError
 from hoexp.metrics import JsonlLogger, MetricLogger, MultiLogger, TensorBoardLogger, tensor_stats, write_json_atomic
 from hoexp.method.base import InnerState, StepStats
-from hoexp.problem import FullBatch, Minibatches, training_batches
+from hoexp.problem import training_batches, validation_batches
 from hoexp.progress import make_progress
 
 # Below this many weights a CPU run uses one thread: a Hessian-vector product on the Iris MLP
 # took 42 ms with 2 threads and 4 ms with 1 (DESIGN.md §3), thread start-up dominating the work.
-SMALL_MODEL_PARAMS = 200_000
+SMALL_MODEL_PARAMS = 1_000_000
 
 
 class Diverged(HoexpError):
@@ -62,7 +62,11 @@ def evaluate(exp: Experiment, params: Mapping[str, Tensor]) -> dict[str, float]:
         values.extend(exp.problem.evaluate(params, split))
     host = torch.stack(values).tolist()
     keys = ("train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc")
-    return dict(zip(keys, host))
+    out = dict(zip(keys, host))
+    if exp.problem.task == "language_model":  # perplexity = exp(mean NLL per token)
+        for split in ("train", "val", "test"):
+            out[f"{split}_ppl"] = math.exp(min(out[f"{split}_loss"], 700.0))
+    return out
 
 
 def _stats_scalars(stats: StepStats) -> dict[str, float]:
@@ -148,9 +152,9 @@ class Run:
         self.state = InnerState(params, exp.inner_opt.init(params))
         outer_state = exp.outer_opt.init(self.raw)
         train_batches = training_batches(problem, exp.data.train, spec.run.seed, spec.dataset.batch_size)
-        outer_split = exp.data.train if spec.run.outer_objective == "train" else exp.data.val
-        val_stream = (Minibatches(outer_split, spec.dataset.val_batch_size, torch.Generator().manual_seed(spec.run.seed + 104729))
-                      if 0 < spec.dataset.val_batch_size < len(outer_split) else FullBatch(outer_split))
+        outer_split = exp.data.train if spec.run.outer_objective == "train" else \
+            getattr(exp.data, "val_train_layout", exp.data.val)
+        val_stream = validation_batches(problem, outer_split, spec.run.seed, spec.dataset.val_batch_size)
         if self.config_text:
             logger.log_text("config", self.config_text)
         self.console.print(

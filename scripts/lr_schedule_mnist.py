@@ -28,20 +28,20 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--outer-steps", type=int, default=40)
     ap.add_argument("--inner-steps", type=int, default=100)
+    ap.add_argument("--lr0", type=float, default=0.05, help="the initial (constant) schedule")
     ap.add_argument("--out", default="outputs/studies/lr_schedule_mnist")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     overrides = [
         "dataset=mnist", "dataset.train_size=1000", "dataset.batch_size=0", "model.width=100", "model.depth=1",
-        "model.bias=false", "model.activation=tanh", "hp=lr", "hp.lr.granularity=per_step", "hp.lr.init=0.05",
-        "method=unrolled", "optim/inner=momentum", "optim.inner.lr=0.05", "optim.inner.momentum=0.9",
+        "model.bias=false", "model.activation=tanh", "hp=lr", "hp.lr.granularity=per_step", f"hp.lr.init={args.lr0}",
+        "method=unrolled", "optim/inner=momentum", f"optim.inner.lr={args.lr0}", "optim.inner.momentum=0.9",
         "optim/outer=adam", "optim.outer.lr=0.05", "reset_inner=true", "outer_objective=train",
         f"outer_steps={args.outer_steps}", f"inner_steps={args.inner_steps}", "progress=false", *args.overrides]
     spec, text = compose_spec(overrides)
     out = Path(args.out)
     summary = run_experiment(spec, out, config_text=text, console=Console(file=io.StringIO()))
     lines = read_jsonl(out / "metrics.jsonl")
-    meta = [ln["inner/loss"] for ln in lines if "inner/loss" in ln]  # training loss after each re-training
     final_train = [ln["loss/train"] for ln in lines if "loss/train" in ln]
     state = torch.load(out / "final.pt", weights_only=True)
     schedule = {k.split(":")[1]: v.numpy() for k, v in state["hparams"].items()}
@@ -61,7 +61,6 @@ def main() -> None:
     for k, (a, b) in ends.items():
         print(f"{k}: mean lr over steps 1-{T - 10} = {a:.4f}, over the last 10 = {b:.4f} "
               f"({'smaller' if b < a else 'larger'} at the end)")
-    del meta
 
     import matplotlib
 
@@ -71,7 +70,7 @@ def main() -> None:
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for k, v in schedule.items():
         ax.plot(range(1, T + 1), v, label=k)
-    ax.axhline(0.05, color="k", lw=0.8, ls="--", label="initial (0.05)")
+    ax.axhline(args.lr0, color="k", lw=0.8, ls="--", label=f"initial ({args.lr0})")
     ax.set_xlabel("inner step"), ax.set_ylabel("learning rate")
     ax.set_title(f"learned per-layer schedule, MNIST MLP, {args.outer_steps} meta-iterations", fontsize=9)
     ax.legend(fontsize=8)

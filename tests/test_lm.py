@@ -1,0 +1,81 @@
+"""The language-modelling problem (PTB + LSTM) and the dataset presets."""
+
+import io
+import math
+
+import pytest
+import torch
+from rich.console import Console
+
+from hoexp.cli import compose_spec
+from hoexp.dataset.ptb import batchify
+from hoexp.lm import BPTTStream, LMProblem
+from hoexp.model.lstm import LSTMLanguageModel, lm_loss
+from hoexp.runner import run_experiment
+
+TINY_LSTM = ["model.embed_dim=12", "model.hidden=12", "progress=false"]
+
+
+class NoFamily:
+    name = "none"
+
+    def penalty(self, params, raw):
+        return 0.0
+
+
+def test_evaluate_carries_the_state_through_the_stream():
+    torch.manual_seed(0)
+    model = LSTMLanguageModel(20, 6, 6, 2).double()
+    source = batchify(torch.randint(0, 20, (203,)), 4)  # [50, 4]
+    problem = LMProblem(model, NoFamily())
+    problem.bptt = 7
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    loss, acc = problem.evaluate(params, source)
+    with torch.no_grad():
+        logits, _ = model(source[:-1])  # one pass over the whole stream = windows with the state carried
+    assert float(loss) == pytest.approx(float(lm_loss(logits, source[1:])), rel=1e-10)
+    assert float(acc) == pytest.approx(float((logits.argmax(-1) == source[1:]).double().mean()), rel=1e-6)
+
+
+def test_bptt_stream_windows():
+    source = torch.arange(40).reshape(20, 2)
+    s = BPTTStream(source, 5)
+    windows = [next(s) for _ in range(5)]
+    assert torch.equal(windows[0][0], source[0:5]) and torch.equal(windows[0][1], source[1:6])
+    assert torch.equal(windows[1][0], source[5:10])
+    assert windows[3][0].shape[0] == 4  # the last window is shorter (19 targets in all)
+    assert torch.equal(windows[4][0], source[0:5])  # wraps around: the next epoch
+    r1 = BPTTStream(source, 5, torch.Generator().manual_seed(3))
+    r2 = BPTTStream(source, 5, torch.Generator().manual_seed(3))
+    assert all(torch.equal(next(r1)[0], next(r2)[0]) for _ in range(4))
+
+
+@pytest.mark.slow
+def test_ptb_lstm_dropout_preset_runs(tmp_path):
+    spec, text = compose_spec(["experiment=ptb_lstm_dropout", *TINY_LSTM, "outer_steps=2", "inner_steps=2",
+                               "eval_every=2"])
+    summary = run_experiment(spec, tmp_path, config_text=text, console=Console(file=io.StringIO()))
+    assert summary["status"] == "completed" and summary["hypergradients"] == 2
+    f = summary["final"]
+    assert f["val_ppl"] == pytest.approx(math.exp(f["val_loss"]), rel=1e-6) and f["val_ppl"] < 6100  # < vocab
+    # per-unit dropout on embedding, layer0, output (12 units each) and per-weight DropConnect on 2 × 48×12
+    assert summary["num_hparams"] == 3 * 12 + 2 * 48 * 12
+    assert summary["hp_final"]["moved_fraction"] > 0
+
+
+@pytest.mark.slow
+def test_mnist_per_weight_decay_preset_runs(tmp_path):
+    spec, text = compose_spec(["experiment=mnist_per_weight_decay", "model.width=16", "dataset.train_size=300",
+                               "outer_steps=2", "inner_steps=3", "eval_every=1", "progress=false"])
+    summary = run_experiment(spec, tmp_path, config_text=text, console=Console(file=io.StringIO()))
+    assert summary["status"] == "completed" and summary["dataset"] == "mnist"
+    assert summary["num_hparams"] == 784 * 16 + 16 * 16 + 16 * 10
+
+
+def test_dataset_model_mismatch_is_refused():
+    from hoexp.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="model=lstm does not fit dataset=iris"):
+        compose_spec(["model=lstm"])
+    with pytest.raises(ConfigError, match="model=mlp does not fit dataset=ptb"):
+        compose_spec(["dataset=ptb"])
