@@ -406,11 +406,15 @@ class RunConfig:
     histogram_every: int = 10  # hyperparameter histograms in TensorBoard every N outer steps
     progress: bool = True  # rich bars on a terminal, plain lines otherwise
     reset_inner: bool = False  # re-initialize the weights before every outer step (Maclaurin-style meta-training)
+    checkpoint_every: int = 10  # outer steps between checkpoints (0: none, except on SIGTERM/SIGINT)
+    resume: bool = False  # continue from checkpoint.pt in the run folder (pass hydra.run.dir=<that folder>)
+    max_nonfinite: int = 3  # non-finite hypergradients in a row (each skips its outer update) before aborting
     outer_objective: str = "val"  # val: validation loss; train: final training loss (Maclaurin et al.'s meta-objective)
     name: str = "run"
 
     def check(self) -> None:
-        _non_negative(self, "outer_steps", "inner_steps", "threads", "seed")
+        _non_negative(self, "outer_steps", "inner_steps", "threads", "seed", "checkpoint_every")
+        _positive(self, "max_nonfinite")
         _positive(self, "eval_every", "histogram_every")
         if self.outer_objective not in ("val", "train"):
             raise ConfigError(f"outer_objective must be val or train, got '{self.outer_objective}'")

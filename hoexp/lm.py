@@ -98,3 +98,11 @@ class BPTTStream:
             i = self.pos
             self.pos += self.bptt
         return bptt_batch(self.source, i, self.bptt)
+
+    def state_dict(self) -> dict:
+        return {"pos": self.pos, "generator": None if self.generator is None else self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.pos = int(state["pos"])
+        if self.generator is not None and state.get("generator") is not None:
+            self.generator.set_state(state["generator"])

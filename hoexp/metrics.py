@@ -225,11 +225,12 @@ def _fix_bool_hparams(exp: Any, ssi: Any, keys: list[str]) -> None:
 class TensorBoardLogger:
     """Logs to TensorBoard event files in ``log_dir`` (hparams included, same folder)."""
 
-    def __init__(self, log_dir: str | os.PathLike[str], *, flush_secs: int = 30) -> None:
+    def __init__(self, log_dir: str | os.PathLike[str], *, flush_secs: int = 30, purge_step: int | None = None) -> None:
+        """``purge_step``: when resuming, TensorBoard hides events at or after this step from earlier files."""
         from torch.utils.tensorboard import SummaryWriter
 
         self.log_dir = Path(log_dir)
-        self.writer = SummaryWriter(log_dir=str(self.log_dir), flush_secs=flush_secs)
+        self.writer = SummaryWriter(log_dir=str(self.log_dir), flush_secs=flush_secs, purge_step=purge_step)
         self._last_step = 0
 
     def log_scalars(self, step: int, values: Mapping[str, float]) -> None:
@@ -290,6 +291,13 @@ class TensorBoardLogger:
         self.writer.close()
 
 
+def _line_step(line: str) -> float:
+    try:
+        return float(json.loads(line).get("step", math.inf))
+    except (json.JSONDecodeError, AttributeError, TypeError, ValueError):
+        return math.inf  # a torn last line: dropped
+
+
 class JsonlLogger:
     """Appends one JSON object per ``log_scalars`` call to ``path`` (``metrics.jsonl``).
 
@@ -300,12 +308,19 @@ class JsonlLogger:
     """
 
     def __init__(
-        self, path: str | os.PathLike[str], *, summarize_histograms: bool = True
+        self, path: str | os.PathLike[str], *, summarize_histograms: bool = True, keep_until: int | None = None
     ) -> None:
+        """``keep_until``: when resuming, drop earlier lines with a step after it (logged after the checkpoint)."""
         path = Path(path)
         if path.is_dir():
             path = path / "metrics.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)
+        if keep_until is not None and path.exists():
+            kept = [ln for ln in path.read_text(encoding="utf-8").splitlines(keepends=True)
+                    if ln.strip() and _line_step(ln) <= keep_until]
+            tmp = path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(kept), encoding="utf-8")
+            os.replace(tmp, path)
         self.path = path
         self.summarize_histograms = summarize_histograms
         self._f: IO[str] | None = open(path, "a", encoding="utf-8")

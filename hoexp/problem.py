@@ -82,6 +82,12 @@ class FullBatch:
     def __next__(self) -> Batch:
         return self.batch
 
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
 
 class NoisyBatches:
     """Adds fresh dropout noise to every batch of ``batches`` (from a seeded CPU generator)."""
@@ -97,6 +103,13 @@ class NoisyBatches:
         shapes = self.problem.model.dropout_sites(self.problem.batch_size(x))
         return (x, y, self.problem.family.noise(shapes, self.generator, x if x.is_floating_point()
                                                 else next(self.problem.model.parameters())))
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state(), "batches": self.batches.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+        self.batches.load_state_dict(state["batches"])
 
 
 def training_batches(problem: Problem, split, seed: int, batch_size: int = 0) -> Iterator[Batch]:
@@ -149,3 +162,10 @@ class Minibatches:
         idx = self.order[self.pos:self.pos + self.batch_size].to(self.split.x.device)
         self.pos += self.batch_size
         return (self.split.x[idx], self.split.y[idx])
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state(), "order": self.order.clone(), "pos": self.pos}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+        self.order, self.pos = state["order"].clone(), int(state["pos"])

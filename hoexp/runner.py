@@ -9,7 +9,11 @@ on any failure, to ``summary.json``, so a run never loses what it already logged
 from __future__ import annotations
 
 import contextlib
+import json
 import math
+import os
+import signal
+import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -35,6 +39,51 @@ SMALL_MODEL_PARAMS = 1_000_000
 
 class Diverged(HoexpError):
     """A loss or hypergradient became NaN or infinite."""
+
+
+class Preempted(HoexpError):
+    """SIGTERM or SIGINT: the run saved a checkpoint and stops (exit code 128 + signal number)."""
+
+    def __init__(self, message: str, exit_code: int = 130):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class preemption_signals:
+    """While active, SIGTERM and SIGINT raise :class:`Preempted` in the main thread (restored after)."""
+
+    def __enter__(self) -> "preemption_signals":
+        self.previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self.previous[sig] = signal.signal(sig, self._raise)
+        return self
+
+    @staticmethod
+    def _raise(signum, frame):
+        raise Preempted(f"stopped by {signal.Signals(signum).name}", 128 + signum)
+
+    def ignore(self) -> None:
+        for sig in self.previous:
+            signal.signal(sig, signal.SIG_IGN)
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def _to(x: Any, device: torch.device) -> Any:
+    if isinstance(x, Tensor):
+        return x.to(device)
+    if isinstance(x, dict):
+        return {k: _to(v, device) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(_to(v, device) for v in x)
+    return x
+
+
+def _to_cpu(x: Any) -> Any:
+    return _to(x, torch.device("cpu"))
 
 
 @contextlib.contextmanager
@@ -105,23 +154,42 @@ class Run:
         self.raw0: Tensor | None = None
         self.raw: dict[str, Tensor] = {}
         self.state: InnerState | None = None
+        self.snapshot: dict | None = None
+        self.nonfinite = 0
+        self.warned_residual = False
+        self.elapsed_before = 0.0
 
     # ----------------------------------------------------------------------------- the loop
     def execute(self) -> dict[str, Any]:
         spec = self.spec
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise HoexpError(f"cannot create the run folder {self.out_dir} ({e.strerror}); "
+                             "choose a writable one with hydra.run.dir=...") from None
+        ckpt = self._load_checkpoint() if spec.run.resume else None
+        if ckpt is not None and ckpt.get("status") == "completed":
+            self.console.print(f"hoexp: {self.out_dir} already completed; nothing to resume", highlight=False,
+                               soft_wrap=True)
+            return json.loads((self.out_dir / "summary.json").read_text())
         self.exp = exp = build(spec)
         params = {k: v.detach().clone() for k, v in exp.model.named_parameters()}
-        with thread_policy(spec.run.threads, exp.device, tree.numel(params)) as threads:
-            logger = MultiLogger([TensorBoardLogger(self.out_dir), JsonlLogger(self.out_dir / "metrics.jsonl", summarize_histograms=False),
-                                  *self.extra_loggers])
+        start = 0 if ckpt is None else int(ckpt["step"])
+        with thread_policy(spec.run.threads, exp.device, tree.numel(params)) as threads, \
+                preemption_signals() as signals:
+            logger = MultiLogger([
+                TensorBoardLogger(self.out_dir, purge_step=None if ckpt is None else start + 1),
+                JsonlLogger(self.out_dir / "metrics.jsonl", summarize_histograms=False,
+                            keep_until=None if ckpt is None else start),
+                *self.extra_loggers])
             try:
                 self.status = "running"
-                self._loop(exp, params, logger, threads)
+                self._loop(exp, params, logger, threads, ckpt)
                 self.status = "completed"
-            except KeyboardInterrupt:
-                self.status = "interrupted"
-                raise
+            except Preempted as e:
+                self.status, self.error = "interrupted", str(e)
+                raise Preempted(f"{e} at outer step {self._snapshot_step()}; checkpoint saved. Resume with the "
+                                f"same command plus: resume=true hydra.run.dir={self.out_dir}", e.exit_code) from None
             except Diverged as e:
                 self.status, self.error = "diverged", str(e)
                 raise
@@ -129,6 +197,10 @@ class Run:
                 self.status, self.error = "failed", f"{type(e).__name__}: {e}"
                 raise
             finally:
+                signals.ignore()  # a second signal must not interrupt the writing below
+                if self.snapshot is not None and (self.status in ("interrupted", "completed")
+                                                  or spec.run.checkpoint_every):
+                    self._write_checkpoint()
                 summary = self.summary()
                 write_json_atomic(self.out_dir / "summary.json", summary)
                 self._save_state()
@@ -143,7 +215,8 @@ class Run:
             f"at step {b['step']} → {self.out_dir / 'summary.json'}", soft_wrap=True, highlight=False, markup=False)
         return summary
 
-    def _loop(self, exp: Experiment, params: dict[str, Tensor], logger: MetricLogger, threads: int) -> None:
+    def _loop(self, exp: Experiment, params: dict[str, Tensor], logger: MetricLogger, threads: int,
+              ckpt: dict | None) -> None:
         spec, problem = self.spec, exp.problem
         family = problem.family
         self.raw = family.init(params)
@@ -151,43 +224,118 @@ class Run:
         initial = {k: v.clone() for k, v in params.items()}
         self.state = InnerState(params, exp.inner_opt.init(params))
         outer_state = exp.outer_opt.init(self.raw)
-        train_batches = training_batches(problem, exp.data.train, spec.run.seed, spec.dataset.batch_size)
+        self.train_batches = training_batches(problem, exp.data.train, spec.run.seed, spec.dataset.batch_size)
         outer_split = exp.data.train if spec.run.outer_objective == "train" else \
             getattr(exp.data, "val_train_layout", exp.data.val)
-        val_stream = validation_batches(problem, outer_split, spec.run.seed, spec.dataset.val_batch_size)
-        if self.config_text:
-            logger.log_text("config", self.config_text)
+        self.val_stream = validation_batches(problem, outer_split, spec.run.seed, spec.dataset.val_batch_size)
+        start = 0
+        if ckpt is not None:
+            start, outer_state = self._restore(ckpt, exp)
         self.console.print(
             f"hoexp: {spec.dataset.name} / {spec.model.name} ({tree.numel(params):,} weights) / "
             f"hp={spec.hp_name} ({tree.numel(self.raw):,} hyperparameters) / method={exp.method.name} / "
-            f"device={exp.device} threads={threads} → {self.out_dir}", soft_wrap=True, highlight=False, markup=False
-        )
-        self._log_eval(exp, logger, 0, {}, force_hist=True)
+            f"device={exp.device} threads={threads} → {self.out_dir}"
+            + (f" (resumed after outer step {start})" if ckpt is not None else ""),
+            soft_wrap=True, highlight=False, markup=False)
+        if ckpt is None:
+            if self.config_text:
+                logger.log_text("config", self.config_text)
+            self._log_eval(exp, logger, 0, {}, force_hist=True)
+        self._take_snapshot(start, outer_state)
         progress = make_progress(spec.run.outer_steps, spec.run.inner_steps, console=self.console,
                                  enabled=spec.run.progress)
         with progress:
-            for step in range(1, spec.run.outer_steps + 1):
+            for step in range(start + 1, spec.run.outer_steps + 1):
                 progress.start_outer(step)
                 t0 = time.perf_counter()
                 if spec.run.reset_inner and step > 1:  # every outer step trains from the same initialization
                     fresh = {k: v.clone() for k, v in initial.items()}
                     self.state = InnerState(fresh, exp.inner_opt.init(fresh), self.state.step)
                 hg, self.state, stats = exp.method.outer_step(
-                    problem, exp.inner_opt, self.state, self.raw, train_batches, next(val_stream),
+                    problem, exp.inner_opt, self.state, self.raw, self.train_batches, next(self.val_stream),
                     spec.run.inner_steps, progress.advance_inner)
                 scalars = _stats_scalars(stats)
+                abort = None
                 if hg is not None:
-                    if not _all_finite(list(hg.values())):
-                        raise Diverged(
-                            f"non-finite hypergradient at outer step {step} (solver residual "
-                            f"{stats.residual}); lower method.alpha or optim.outer.lr")
-                    with torch.no_grad():
-                        self.raw, outer_state = exp.outer_opt.update(self.raw, hg, outer_state)
-                        self.raw = family.clamp(self.raw)
-                    self.hypergradients += 1
+                    if _all_finite(list(hg.values())):
+                        with torch.no_grad():
+                            self.raw, outer_state = exp.outer_opt.update(self.raw, hg, outer_state)
+                            self.raw = family.clamp(self.raw)
+                        self.hypergradients += 1
+                        self.nonfinite = 0
+                    else:  # skip this outer update; abort after max_nonfinite in a row
+                        self.nonfinite += 1
+                        scalars["hypergrad/nonfinite"] = 1.0
+                        progress.message(f"hoexp: warning: non-finite hypergradient at outer step {step} "
+                                         f"({self.nonfinite} in a row): outer update skipped")
+                        if self.nonfinite >= spec.run.max_nonfinite:  # raised once this step is logged
+                            abort = Diverged(
+                                f"{self.nonfinite} non-finite hypergradients in a row (outer step {step}, solver "
+                                f"residual {stats.residual}); lower method.alpha or optim.outer.lr")
+                    if stats.residual is not None and stats.residual > 1 and exp.method.name in ("neumann",
+                                                                                              "fixed_point"):
+                        if not self.warned_residual:
+                            progress.message(
+                                f"hoexp: warning: {exp.method.name} residual ‖Hu−v‖/‖v‖ = {stats.residual:.3g} > 1 at "
+                                f"outer step {step}: the series diverges; lower method.alpha (it must stay below "
+                                "2/λ_max(H))")
+                        self.warned_residual = True
                 scalars["time/outer_step_s"] = time.perf_counter() - t0
                 fields = self._log_eval(exp, logger, step, scalars)
+                if abort is not None:
+                    raise abort
+                self._take_snapshot(step, outer_state)
+                if spec.run.checkpoint_every and step % spec.run.checkpoint_every == 0:
+                    self._write_checkpoint()
                 progress.end_outer(step, fields)
+
+    # --------------------------------------------------------------------------- checkpoints
+    def _take_snapshot(self, step: int, outer_state: dict) -> None:
+        """References to the state after ``step`` (tensors are replaced, never mutated: no copies)."""
+        self.snapshot = {
+            "step": step, "params": self.state.params, "opt_state": self.state.opt_state,
+            "inner_step": self.state.step, "raw": self.raw, "outer_state": outer_state,
+            "train_stream": self.train_batches.state_dict(), "val_stream": self.val_stream.state_dict(),
+            "evals": list(self.evals), "hypergradients": self.hypergradients, "nonfinite": self.nonfinite,
+            "elapsed_s": self.elapsed(), "raw0": self.raw0, "torch_rng": torch.get_rng_state(),
+        }
+
+    def _snapshot_step(self) -> int:
+        return self.snapshot["step"] if self.snapshot else 0
+
+    def _write_checkpoint(self) -> None:
+        """``checkpoint.pt`` in the run folder, atomically (temporary file, then rename)."""
+        payload = {**self.snapshot, "status": self.status, "version": 1}
+        tmp = self.out_dir / ".checkpoint.pt.tmp"
+        torch.save(_to_cpu(payload), tmp)
+        os.replace(tmp, self.out_dir / "checkpoint.pt")
+
+    def _load_checkpoint(self) -> dict:
+        path = self.out_dir / "checkpoint.pt"
+        if not path.exists():
+            raise HoexpError(f"resume=true but there is no checkpoint.pt in {self.out_dir}; pass the run's folder: "
+                             "hydra.run.dir=<that folder> (or hydra.sweep.dir=<sweep folder> with -m)")
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # a truncated or foreign file
+            raise HoexpError(f"cannot read {path} ({type(e).__name__}); it is damaged: delete it to start over") from None
+
+    def _restore(self, ckpt: dict, exp: Experiment) -> tuple[int, dict]:
+        dev = exp.device
+        self.state = InnerState(_to(ckpt["params"], dev), _to(ckpt["opt_state"], dev), int(ckpt["inner_step"]))
+        self.raw = _to(ckpt["raw"], dev)
+        self.raw0 = _to(ckpt["raw0"], dev)
+        self.train_batches.load_state_dict(ckpt["train_stream"])
+        self.val_stream.load_state_dict(ckpt["val_stream"])
+        self.evals = list(ckpt["evals"])
+        self.hypergradients = int(ckpt["hypergradients"])
+        self.nonfinite = int(ckpt["nonfinite"])
+        self.elapsed_before = float(ckpt["elapsed_s"])
+        torch.set_rng_state(ckpt["torch_rng"])
+        return int(ckpt["step"]), _to(ckpt["outer_state"], dev)
+
+    def elapsed(self) -> float:
+        return self.elapsed_before + time.perf_counter() - self.started
 
     # ------------------------------------------------------------------------- bookkeeping
     def _log_eval(self, exp: Experiment, logger: MetricLogger, step: int, scalars: dict[str, float],
@@ -213,7 +361,7 @@ class Run:
                 logger.log_histograms(step, {"hp/values": values, "hp/log10_values": torch.log10(values)})
         if "hypergrad/norm" in scalars:
             fields["hg_norm"] = scalars["hypergrad/norm"]
-        scalars["time/elapsed_s"] = time.perf_counter() - self.started
+        scalars["time/elapsed_s"] = self.elapsed()
         logger.log_scalars(step, scalars)
         logger.flush()
         return fields
@@ -234,7 +382,7 @@ class Run:
             "status": self.status,
             "final": final,
             "best": best,
-            "wall_time_s": time.perf_counter() - self.started,
+            "wall_time_s": self.elapsed(),
             "hypergradients": self.hypergradients,
             "num_hparams": tree.numel(self.raw) if self.raw else 0,
             "num_params": tree.numel(self.state.params) if self.state else 0,

@@ -112,24 +112,40 @@ def test_failed_run_still_writes_summary(tmp_path, monkeypatch):
     assert len(lines) == 2  # steps 0 and 1 survived
 
 
-def test_nonfinite_hypergradient_stops_with_clear_error(tmp_path, monkeypatch):
+def test_nonfinite_hypergradients_are_skipped_then_abort(tmp_path, monkeypatch):
     import json
 
     from hoexp.method import implicit
     from hoexp.runner import Diverged
 
     real = implicit.ift_hypergradient
+    calls = {"n": 0}
 
-    def nan_hg(*args, **kwargs):
+    def nan_after_first(*args, **kwargs):
         hg, stats = real(*args, **kwargs)
-        return {k: torch.full_like(v, float("nan")) for k, v in hg.items()}, stats
+        calls["n"] += 1
+        if calls["n"] >= 2:  # the first hypergradient is fine, then NaN forever
+            hg = {k: torch.full_like(v, float("nan")) for k, v in hg.items()}
+        return hg, stats
 
-    monkeypatch.setattr(implicit, "ift_hypergradient", nan_hg)
-    with pytest.raises(Diverged, match="non-finite hypergradient at outer step 1.*lower method.alpha"):
-        run(tmp_path, "outer_steps=3", "inner_steps=5")
+    monkeypatch.setattr(implicit, "ift_hypergradient", nan_after_first)
+    with pytest.raises(Diverged, match="3 non-finite hypergradients in a row .outer step 4.*lower method.alpha"):
+        run(tmp_path, "outer_steps=6", "inner_steps=5")
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["status"] == "diverged" and summary["hypergradients"] == 1
+    lines = [json.loads(ln) for ln in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [ln.get("hypergrad/nonfinite", 0) for ln in lines] == [0, 0, 1, 1, 1]
+    assert lines[2]["hp/mean"] == lines[3]["hp/mean"] == lines[4]["hp/mean"]  # updates skipped
+
+
+def test_nonfinite_training_loss_stops_the_run(tmp_path):
+    import json
+
+    from hoexp.runner import Diverged
+
+    with pytest.raises(Diverged, match="training loss became nan at outer step 1; lower optim.inner.lr"):
+        run(tmp_path, "optim.inner.lr=1e12", "outer_steps=3", "inner_steps=20")
     assert json.loads((tmp_path / "summary.json").read_text())["status"] == "diverged"
-
-
 @pytest.mark.parametrize("method", [["method=unrolled"], ["method=truncated", "method.k=3"],
                                     ["method=forward", "hp.weight_decay.granularity=per_layer"], ["method=t1t2"],
                                     ["method=fixed_point"]])
