@@ -213,14 +213,33 @@ def _task(cfg) -> float:
     return float(summary["best"].get("val_loss", float("nan")))
 
 
+def check_output_dir(overrides: list[str], multirun: bool) -> None:
+    """The run (or sweep) folder must be creatable: its nearest existing ancestor a writable folder."""
+    key = "hydra.sweep.dir=" if multirun else "hydra.run.dir="
+    given = [o.split("=", 1)[1] for o in overrides if o.startswith(key)]
+    target = Path(given[-1] if given else "outputs").expanduser().absolute()
+    probe = target
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ConfigError(f"cannot create the output folder {target}: {probe} is a file; choose another folder with "
+                          f"{key}<path>")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(f"cannot write to {probe} (for the output folder {target}); choose a writable folder "
+                          f"with {key}<path>")
+
+
 def cmd_run(args: list[str]) -> None:
     import hydra
 
     overrides, flags = split_hydra_args(args)
     if not flags & {"--help", "-h", "--hydra-help", "--info", "-i", "--shell-completion", "-sc"}:
-        jobs = expand_sweeps(overrides) if flags & {"-m", "--multirun"} else [overrides]
+        multirun = bool(flags & {"-m", "--multirun"})
+        jobs = expand_sweeps(overrides) if multirun else [overrides]
         for job in jobs:
             validate_job(job)
+        if not flags & {"--cfg", "-c"}:
+            check_output_dir(overrides, multirun)
     sys.argv = ["hoexp run", *args]
     hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")(_task)()
 

@@ -164,3 +164,61 @@ def test_a_diverging_single_run_is_one_line_exit_2(tmp_path):
     assert r.stderr.strip().splitlines()[-1].startswith("hoexp: error: ")
     assert "Traceback" not in r.stderr
     assert json.loads((tmp_path / "summary.json").read_text())["status"] == "diverged"
+
+
+BAD_DATA = [
+    # (files to create under <root>, overrides, expected message)
+    ("mnist_truncated", ["dataset=mnist"], "corrupt"),
+    ("mnist_missing", ["dataset=mnist"], "MNIST not found under"),
+    ("ptb_empty", ["dataset=ptb", "model=lstm"], "empty"),
+    ("ptb_missing", ["dataset=ptb", "model=lstm"], "not found"),
+]
+
+
+@pytest.mark.parametrize("case,overrides,expected", BAD_DATA)
+def test_bad_data_folders_are_one_line_errors(tmp_path, case, overrides, expected):
+    import shutil
+
+    shared = Path(os.environ["HOEXP_DATA"])
+    root = tmp_path / "data"
+    if case == "mnist_truncated":
+        shutil.copytree(shared / "mnist", root / "mnist")
+        f = root / "mnist" / "MNIST" / "raw" / "train-images-idx3-ubyte"
+        if not f.exists():
+            f = next((root / "mnist" / "MNIST" / "raw").glob("train-images*"))
+        f.write_bytes(f.read_bytes()[:5000])
+    elif case == "ptb_empty":
+        shutil.copytree(shared / "ptb", root / "ptb")
+        (root / "ptb" / "ptb.valid.txt").write_text("")
+    else:
+        root.mkdir()
+    r = hoexp("run", *overrides, f"dataset.data_root={root}", "outer_steps=1", "inner_steps=1",
+              f"hydra.run.dir={tmp_path / 'run'}")
+    assert r.returncode == 2, r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("hoexp: error: ") and expected in last and "Traceback" not in r.stderr, r.stderr
+
+
+def test_unwritable_output_folder_is_refused(capsys, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    with pytest.raises(SystemExit) as e:
+        main(["run", f"hydra.run.dir={blocker}/run"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("hoexp: error: cannot create the output folder") and "is a file" in err
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_without_cuda(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["run", "device=cuda"])
+    assert e.value.code == 2
+    assert "device=cuda but CUDA is not available here; use device=auto or device=cpu" in capsys.readouterr().err
+
+
+def test_hydra_full_error_shows_the_detail():
+    env = {**os.environ, "HYDRA_FULL_ERROR": "1"}
+    r = subprocess.run([sys.executable, "-m", "hoexp", "run", "method.terms=-1"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120, env=env)
+    assert r.returncode != 0 and "Traceback" in r.stderr and "terms must be >= 0" in r.stderr
