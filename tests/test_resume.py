@@ -112,3 +112,21 @@ def test_checkpoint_is_loadable_with_weights_only(tmp_path):
     assert ckpt["step"] == 2 and ckpt["status"] == "completed" and ckpt["hypergradients"] == 2
     assert set(ckpt["params"]) == {"layers.0.weight", "layers.1.weight", "layers.2.weight"}
     assert not list(tmp_path.glob(".checkpoint*"))  # no temporary file left behind
+
+
+@pytest.mark.slow
+def test_multirun_jobs_resume_in_their_folders(tmp_path):
+    def sweep(*extra):
+        return subprocess.run([sys.executable, "-m", "hoexp", "run", "-m", "seed=0,1", "outer_steps=3",
+                               "inner_steps=5", "checkpoint_every=1", "progress=false", f"hydra.sweep.dir={tmp_path}",
+                               *extra], cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+    r = sweep()
+    assert r.returncode == 0, r.stderr
+    jobs = sorted(p.parent for p in tmp_path.glob("*/summary.json"))
+    assert len(jobs) == 2
+    first = json.loads((jobs[1] / "summary.json").read_text())
+    again = sweep("resume=true")
+    assert again.returncode == 0, again.stderr
+    assert again.stderr.count("already completed") == 2
+    assert json.loads((jobs[1] / "summary.json").read_text())["final"] == first["final"]
