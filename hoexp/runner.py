@@ -107,7 +107,8 @@ def hp_view(exp: Experiment, raw: Mapping[str, Tensor]) -> Tensor:
 def evaluate(exp: Experiment, params: Mapping[str, Tensor]) -> dict[str, float]:
     """Data loss and accuracy on every split, one host sync for all six numbers."""
     values = []
-    for split in (exp.data.train, exp.data.val, exp.data.test):
+    train = getattr(exp.data, "train_eval", None)
+    for split in (exp.data.train if train is None else train, exp.data.val, exp.data.test):
         values.extend(exp.problem.evaluate(params, split))
     host = torch.stack(values).tolist()
     keys = ("train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc")
