@@ -5,6 +5,11 @@ through every step with ``torch.func.jvp`` (forward-over-reverse through the inn
 ``dL_V/dλ_h`` is the JVP of ``L_V(w_T, λ)`` at the end (Franceschi et al. 2017 "Forward-HG").
 No graph is stored: memory ``O(P·H)`` whatever ``T``; time ``~T·H`` JVPs, so it suits a handful of
 hyperparameters (learning rates, a global decay), not one per weight.
+
+By default the ``H`` tangents of a step are pushed together, ``torch.func.vmap`` over the directions
+of one ``jvp`` (the primal step computed once, every tangent operation batched: one kernel per
+operation instead of ``H``); ``vectorize=False`` is the reference, one ``jvp`` per direction in a
+Python loop. ``chunk_size`` bounds how many directions share one batched call (memory).
 """
 
 from __future__ import annotations
@@ -13,9 +18,11 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import warnings
+
 import torch
 from torch import Tensor
-from torch.func import grad, jvp
+from torch.func import grad, jvp, vmap
 
 from hoexp import tree
 from hoexp.method.base import InnerState, StepStats
@@ -48,11 +55,39 @@ def forward_hypergradient(
     *,
     overrides: Callable[[dict[str, Tensor], int], dict[str, Any]] | None = None,
     on_step: Callable[[], None] | None = None,
+    vectorize: bool = True,
+    chunk_size: int | None = None,
 ) -> UnrolledResult:
     """``dL_V(w_T)/dλ`` by forward mode: one tangent per scalar hyperparameter, carried for ``steps`` steps.
 
     Same contract as :func:`hoexp.method.unrolled.unrolled_hypergradient` (without truncation).
+    ``vectorize``: push all tangents of a step through one ``vmap``-ed ``jvp`` (default) or one ``jvp``
+    per direction (the reference); the two agree to rounding. If ``vmap`` cannot handle the problem
+    (an operation without a batching rule that raises), the loop is used, with a warning.
     """
+    args = (train_loss, val_loss, optimizer, params, opt_state, hparams, steps)
+    if vectorize:
+        try:
+            return _forward_vectorized(*args, overrides=overrides, on_step=on_step, chunk_size=chunk_size)
+        except (RuntimeError, NotImplementedError) as e:  # pragma: no cover - depends on the model's ops
+            warnings.warn(f"forward mode: vmap over hyperparameter directions failed ({e}); "
+                          "falling back to one jvp per direction", RuntimeWarning, stacklevel=2)
+    return _forward_loop(*args, overrides=overrides, on_step=on_step)
+
+
+def _forward_loop(
+    train_loss: StepLoss,
+    val_loss: Callable[[dict[str, Tensor], dict[str, Tensor]], Tensor],
+    optimizer: Optimizer,
+    params: Mapping[str, Tensor],
+    opt_state: dict[str, Any],
+    hparams: Mapping[str, Tensor],
+    steps: int,
+    *,
+    overrides: Callable[[dict[str, Tensor], int], dict[str, Any]] | None = None,
+    on_step: Callable[[], None] | None = None,
+) -> UnrolledResult:
+    """The reference: one ``jvp`` per hyperparameter direction, in a Python loop."""
     lam = tree.detached(hparams)
     lam_flat = tree.flatten(lam.values())
     n_h = lam_flat.numel()
@@ -82,6 +117,14 @@ def forward_hypergradient(
         w, tensors, tangents, rest = w_next, s_next, new_tangents, captured["rest"]
         if on_step is not None:
             on_step()
+    hg_flat = [jvp(val_loss, (w, lam), (tw, d))[1] for (tw, _), d in zip(tangents, directions)]
+    hg_vector = torch.stack(hg_flat) if hg_flat else lam_flat.new_zeros(0)
+    return _result(train_loss, val_loss, w, tensors, rest, lam, hg_vector, steps)
+
+
+def _result(train_loss: StepLoss, val_loss: Callable[[dict[str, Tensor], dict[str, Tensor]], Tensor],
+            w: dict[str, Tensor], tensors: dict[str, Any], rest: dict[str, Any], lam: dict[str, Tensor],
+            hg_vector: Tensor, steps: int) -> UnrolledResult:
     # Training loss and gradient norm at w_T on the last batch, for logging (one gradient).
     loss_value = gnorm = None
     if steps:
@@ -91,8 +134,7 @@ def forward_hypergradient(
         loss_value = loss.detach()
         gnorm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in gs]))
     lv = val_loss(w, lam)
-    hg_flat = [jvp(val_loss, (w, lam), (tw, d))[1] for (tw, _), d in zip(tangents, directions)]
-    hg = tree.unflatten(torch.stack(hg_flat) if hg_flat else lam_flat.new_zeros(0), lam)
+    hg = tree.unflatten(hg_vector, lam)
     return UnrolledResult(
         hypergrad={k: v.detach().clone() for k, v in hg.items()},
         params=tree.detached(w),
@@ -103,16 +145,94 @@ def forward_hypergradient(
     )
 
 
+def _forward_vectorized(
+    train_loss: StepLoss,
+    val_loss: Callable[[dict[str, Tensor], dict[str, Tensor]], Tensor],
+    optimizer: Optimizer,
+    params: Mapping[str, Tensor],
+    opt_state: dict[str, Any],
+    hparams: Mapping[str, Tensor],
+    steps: int,
+    *,
+    overrides: Callable[[dict[str, Tensor], int], dict[str, Any]] | None = None,
+    on_step: Callable[[], None] | None = None,
+    chunk_size: int | None = None,
+) -> UnrolledResult:
+    """All directions at once: the tangents are batched ``[H, ...]`` pytrees, one ``vmap``-ed ``jvp`` a step."""
+    lam = tree.detached(hparams)
+    lam_flat = tree.flatten(lam.values()) if lam else torch.zeros(0)
+    n_h = lam_flat.numel()
+    w = tree.detached(params)
+    tensors, rest = _split_state(detach_state(opt_state))
+    if n_h == 0:
+        return _forward_loop(train_loss, val_loss, optimizer, params, opt_state, hparams, steps,
+                             overrides=overrides, on_step=on_step)
+    basis = torch.eye(n_h, dtype=lam_flat.dtype, device=lam_flat.device)
+    directions = {k: d.reshape(n_h, *v.shape) for (k, v), d in zip(lam.items(), torch.split(basis, [
+        v.numel() for v in lam.values()], dim=1))}
+    tangent_w = {k: torch.zeros(n_h, *v.shape, dtype=v.dtype, device=v.device) for k, v in w.items()}
+    tangent_s = _batched_zeros(tensors, n_h)
+    for t in range(steps):
+        captured: dict[str, Any] = {}
+
+        def step(w_, s_, h_):
+            g = grad(lambda p: train_loss(p, h_, t))(w_)
+            kwargs = overrides(h_, t) if overrides is not None else {}
+            new_w, new_state = optimizer.update(w_, g, {**s_, **rest}, **kwargs)
+            new_tensors, captured["rest"] = _split_state(new_state)
+            return new_w, new_tensors
+
+        def push(tw, ts, d):
+            return jvp(step, (w, tensors, lam), (tw, ts, d))
+
+        # The primal outputs do not depend on the tangents: vmap returns them unbatched (out_dims None).
+        # Chunks are split here (vmap's own chunk_size does not take out_dims=None); each chunk
+        # recomputes the primal step.
+        pieces = []
+        for lo in range(0, n_h, chunk_size or n_h):
+            sl = slice(lo, lo + (chunk_size or n_h))
+            pieces.append(vmap(push, out_dims=(None, 0))(_index(tangent_w, sl), _index(tangent_s, sl),
+                                                         _index(directions, sl)))
+        (w_next, s_next) = pieces[0][0]
+        tangent_w, tangent_s = _cat([p[1][0] for p in pieces]), _cat([p[1][1] for p in pieces])
+        w, tensors, rest = w_next, s_next, captured["rest"]
+        if on_step is not None:
+            on_step()
+    hg_vector = vmap(lambda tw, d: jvp(val_loss, (w, lam), (tw, d))[1], chunk_size=chunk_size)(tangent_w, directions)
+    return _result(train_loss, val_loss, w, tensors, rest, lam, hg_vector, steps)
+
+
+def _index(x: Any, sl: slice) -> Any:
+    if isinstance(x, Tensor):
+        return x[sl]
+    return {k: _index(v, sl) for k, v in x.items()}
+
+
+def _cat(parts: list[Any]) -> Any:
+    if len(parts) == 1:
+        return parts[0]
+    if isinstance(parts[0], Tensor):
+        return torch.cat(parts)
+    return {k: _cat([p[k] for p in parts]) for k in parts[0]}
+
+
+def _batched_zeros(x: Any, n: int) -> Any:
+    if isinstance(x, Tensor):
+        return torch.zeros(n, *x.shape, dtype=x.dtype, device=x.device)
+    return {k: _batched_zeros(v, n) for k, v in x.items()}
+
+
 @dataclass
 class ForwardMethod:
     """``method=forward``: refuses more than ``max_hparams`` hyperparameters (checked when the run is built)."""
 
     max_hparams: int = 64
     name: str = "forward"
+    vectorize: bool = True
 
     def outer_step(self, problem: Problem, inner_opt: Optimizer, state: InnerState, raw: dict[str, Tensor],
                    train_batches: Iterator[Batch], val_batch: Batch, inner_steps: int,
                    on_inner_step: Callable[[], None] | None = None,
                    ) -> tuple[dict[str, Tensor], InnerState, StepStats]:
         return path_outer_step(forward_hypergradient, problem, inner_opt, state, raw, train_batches, val_batch,
-                               inner_steps, on_inner_step)
+                               inner_steps, on_inner_step, vectorize=self.vectorize)

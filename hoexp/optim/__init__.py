@@ -14,7 +14,17 @@ from typing import Any
 
 from hoexp.optim.adagrad import adagrad
 from hoexp.optim.adam import adam, adamw
-from hoexp.optim.base import Hyper, OptState, Optimizer, Params, hyper, safe_sqrt
+from hoexp.optim.base import (
+    Hyper,
+    OptState,
+    Optimizer,
+    Params,
+    compile_update,
+    hyper,
+    reference_paths,
+    safe_sqrt,
+    set_fast_paths,
+)
 from hoexp.optim.rmsprop import rmsprop
 from hoexp.optim.sgd import momentum, nesterov, sgd
 
@@ -50,10 +60,13 @@ __all__ = [
     "adam",
     "adamw",
     "build_optimizer",
+    "compile_update",
     "hyper",
     "momentum",
     "nesterov",
+    "reference_paths",
     "rmsprop",
     "safe_sqrt",
+    "set_fast_paths",
     "sgd",
 ]

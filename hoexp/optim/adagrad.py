@@ -14,6 +14,7 @@ from hoexp.optim.base import (
     add_scaled_mul,
     check_grads,
     check_nonneg,
+    fast_path,
     hyper,
     is_zero,
     safe_sqrt,
@@ -64,6 +65,10 @@ def adagrad(
     ) -> tuple[Params, OptState]:
         check_grads(params, grads)
         step = state["step"] + 1
+        values = tuple(d if o is None else o for o, d in
+                       ((lr, lr0), (weight_decay, wd0), (lr_decay, decay0), (eps, eps0)))
+        if fast_path((params, grads, state["sum"]), values):
+            return _adagrad_multi_tensor(params, grads, state, step, *values)
         new_params: Params = {}
         new_sum: Params = {}
         for k, p in params.items():
@@ -79,3 +84,18 @@ def adagrad(
         return new_params, {"step": step, "sum": new_sum}
 
     return Optimizer("adagrad", init, update)
+
+
+def _adagrad_multi_tensor(params: Params, grads: Params, state: OptState, step: int, lr: float, wd: float,
+                          lr_decay: float, eps: float) -> tuple[Params, OptState]:
+    """The Adagrad update for all tensors at once (``torch._foreach_*``), same operations as the loop."""
+    keys = list(params)
+    p = [params[k] for k in keys]
+    g = [grads[k] for k in keys]
+    if wd != 0:
+        g = torch._foreach_add(g, p, alpha=wd)
+    s = torch._foreach_addcmul([state["sum"][k] for k in keys], g, g, value=1)
+    std = torch._foreach_sqrt(s)
+    torch._foreach_add_(std, eps)
+    clr = lr / (1 + (step - 1) * lr_decay)
+    return dict(zip(keys, torch._foreach_addcdiv(p, g, std, value=-clr))), {"step": step, "sum": dict(zip(keys, s))}

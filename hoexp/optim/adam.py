@@ -14,6 +14,7 @@ from hoexp.optim.base import (
     add_scaled_mul,
     check_grads,
     check_nonneg,
+    fast_path,
     hyper,
     is_zero,
     lerp,
@@ -61,6 +62,11 @@ def _adam_like(
     ) -> tuple[Params, OptState]:
         check_grads(params, grads)
         step = state["step"] + 1
+        values = tuple(d if o is None else o for o, d in
+                       ((lr, lr0), (weight_decay, wd0), (beta1, b10), (beta2, b20), (eps, eps0)))
+        buffers = [state["exp_avg"], state["exp_avg_sq"]] + ([state["max_exp_avg_sq"]] if amsgrad else [])
+        if fast_path((params, grads, *buffers), values):
+            return _adam_multi_tensor(params, grads, state, step, *values, amsgrad=amsgrad, decoupled=decoupled)
         new_params: Params = {}
         new_m: Params = {}
         new_v: Params = {}
@@ -93,6 +99,35 @@ def _adam_like(
         return new_params, new_state
 
     return Optimizer(name, init, update)
+
+
+def _adam_multi_tensor(params: Params, grads: Params, state: OptState, step: int, lr: float, wd: float,
+                       b1: float, b2: float, eps: float, *, amsgrad: bool, decoupled: bool,
+                       ) -> tuple[Params, OptState]:
+    """The Adam/AdamW update for all tensors at once (``torch._foreach_*``), same operations as the loop.
+
+    ``√v`` is a plain square root here: ``v`` is a sum of squares, never negative.
+    """
+    keys = list(params)
+    p = [params[k] for k in keys]
+    g = [grads[k] for k in keys]
+    if wd != 0:
+        if decoupled:
+            p = torch._foreach_mul(p, 1 - lr * wd)
+        else:
+            g = torch._foreach_add(g, p, alpha=wd)
+    m = torch._foreach_lerp([state["exp_avg"][k] for k in keys], g, 1 - b1)
+    v = torch._foreach_mul([state["exp_avg_sq"][k] for k in keys], b2)
+    torch._foreach_addcmul_(v, g, g, value=1 - b2)
+    new_state: OptState = {"step": step, "exp_avg": dict(zip(keys, m)), "exp_avg_sq": dict(zip(keys, v))}
+    if amsgrad:
+        v = torch._foreach_maximum([state["max_exp_avg_sq"][k] for k in keys], v)
+        new_state["max_exp_avg_sq"] = dict(zip(keys, v))
+    denom = torch._foreach_sqrt(v)
+    torch._foreach_div_(denom, (1 - b2**step) ** 0.5)
+    torch._foreach_add_(denom, eps)
+    new_p = torch._foreach_addcdiv(p, m, denom, value=-(lr / (1 - b1**step)))
+    return dict(zip(keys, new_p)), new_state
 
 
 def adam(

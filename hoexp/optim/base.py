@@ -14,14 +14,24 @@ Overrides: every scalar hyperparameter accepted by ``update`` may be ``None``
 (use the value given to the factory), a Python number, a 0-d tensor (possibly
 requiring grad), or a ``dict[str, Tensor]`` keyed by parameter name whose values
 broadcast against that parameter (per-layer / per-element hyperparameters).
+
+Fast path: when nothing is being differentiated (no input requires grad, or grad mode is off; no
+``torch.func`` transform or forward-AD level is active) and every hyperparameter is a Python number,
+``update`` runs a multi-tensor path (``torch._foreach_*``: one call per operation for all tensors,
+results computed in place into freshly allocated outputs, so inputs are still never modified). It
+computes the same operations as the per-tensor reference path (same fused kernels, same rounding);
+it exists for plain training steps, where the reference path's many temporaries cost more than the
+arithmetic. :func:`reference_paths` turns it off (tests compare the two).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import contextlib
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, NamedTuple, Union
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 
 Params = dict[str, torch.Tensor]
 OptState = dict[str, Any]
@@ -30,6 +40,10 @@ Hyper = Union[float, torch.Tensor, Mapping[str, Union[float, torch.Tensor]]]
 
 __all__ = [
     "add_scaled",
+    "compile_update",
+    "fast_path",
+    "reference_paths",
+    "set_fast_paths",
     "add_scaled_div",
     "add_scaled_mul",
     "Hyper",
@@ -65,7 +79,7 @@ def safe_sqrt(x: torch.Tensor) -> torch.Tensor:
     hypergradients finite when a gradient entry is exactly 0 (e.g. dead ReLUs).
     """
     pos = x > 0
-    return torch.where(pos, torch.sqrt(torch.where(pos, x, torch.ones_like(x))), torch.zeros_like(x))
+    return torch.where(pos, torch.sqrt(torch.where(pos, x, 1.0)), 0.0)
 
 
 def hyper(override: Hyper | None, default: Hyper, name: str) -> Scalar:
@@ -149,3 +163,71 @@ def check_nonneg(**values: Any) -> None:
     for key, value in values.items():
         if isinstance(value, (int, float)) and value < 0:
             raise ValueError(f"Invalid {key} value: {value}")
+
+
+# --------------------------------------------------------------------------- fast paths
+_FAST_PATHS = True
+
+
+def set_fast_paths(enabled: bool) -> bool:
+    """Enable or disable the multi-tensor fast paths process-wide; returns the previous setting."""
+    global _FAST_PATHS
+    previous, _FAST_PATHS = _FAST_PATHS, bool(enabled)
+    return previous
+
+
+@contextlib.contextmanager
+def reference_paths() -> Iterator[None]:
+    """Within the block every optimizer runs its per-tensor reference path."""
+    previous = set_fast_paths(False)
+    try:
+        yield
+    finally:
+        set_fast_paths(previous)
+
+
+def fast_path(trees: Iterable[Mapping[str, torch.Tensor]], values: Iterable[Any]) -> bool:
+    """True when an update over ``trees`` with hyperparameter ``values`` may take the fast path.
+
+    ``values`` are the effective hyperparameters (override or factory default): all must be Python
+    numbers. No tensor may require grad while grad mode is on, and no ``torch.func`` transform,
+    forward-AD level or ``torch.compile`` trace may be active (those need the reference path's
+    differentiable, out-of-place ops).
+    """
+    if not _FAST_PATHS or torch.compiler.is_compiling():
+        return False
+    if not all(_is_number(v) for v in values):
+        return False
+    if torch._C._functorch.peek_interpreter_stack() is not None or _forward_ad._current_level >= 0:
+        return False
+    empty = True
+    grad_mode = torch.is_grad_enabled()
+    for tree in trees:
+        for t in tree.values():
+            empty = False
+            if grad_mode and t.requires_grad:
+                return False
+    return not empty
+
+
+def compile_update(opt: Optimizer, **compile_kwargs: Any) -> Optimizer:
+    """``opt`` with its non-differentiable updates compiled by ``torch.compile`` (opt-in).
+
+    Plain (no-grad) updates with number hyperparameters run the per-tensor reference path through
+    ``torch.compile``, which fuses each tensor's elementwise chain into one kernel; anything else
+    (a graph being built, tensor overrides, ``torch.func`` transforms) falls back to ``opt.update``.
+    Compilation costs seconds to tens of seconds on first use, so it pays off only in long runs.
+    """
+    compile_kwargs.setdefault("dynamic", True)
+    compiled = torch.compile(opt.update, **compile_kwargs)
+
+    def update(params: Params, grads: Params, state: OptState, **overrides: Any) -> tuple[Params, OptState]:
+        plain = all(v is None or _is_number(v) for v in overrides.values())
+        if plain and torch._C._functorch.peek_interpreter_stack() is None and _forward_ad._current_level < 0:
+            grad_mode = torch.is_grad_enabled()
+            if not grad_mode or not any(t.requires_grad for tree in (params, grads) for t in tree.values()):
+                with torch.no_grad():
+                    return compiled(params, grads, state, **overrides)
+        return opt.update(params, grads, state, **overrides)
+
+    return Optimizer(opt.name, opt.init, update)

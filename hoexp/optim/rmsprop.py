@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from hoexp.optim.base import (
     Hyper,
     OptState,
@@ -12,6 +14,7 @@ from hoexp.optim.base import (
     add_scaled_mul,
     check_grads,
     check_nonneg,
+    fast_path,
     hyper,
     is_zero,
     lerp,
@@ -74,6 +77,12 @@ def rmsprop(
                 "rmsprop was built with momentum=0 (no momentum buffer); "
                 "build it with momentum > 0 to override momentum"
             )
+        values = tuple(d if o is None else o for o, d in
+                       ((lr, lr0), (weight_decay, wd0), (alpha, alpha0), (eps, eps0), (momentum, mu0)))
+        buffers = [state["square_avg"]] + ([state["momentum_buffer"]] if use_buffer else []) \
+            + ([state["grad_avg"]] if centered else [])
+        if fast_path((params, grads, *buffers), values):
+            return _rmsprop_multi_tensor(params, grads, state, *values, centered=centered, use_buffer=use_buffer)
         new_params: Params = {}
         new_sq: Params = {}
         new_gavg: Params = {}
@@ -108,3 +117,37 @@ def rmsprop(
         return new_params, new_state
 
     return Optimizer("rmsprop", init, update)
+
+
+def _rmsprop_multi_tensor(params: Params, grads: Params, state: OptState, lr: float, wd: float, a: float,
+                          eps: float, mu: float, *, centered: bool, use_buffer: bool) -> tuple[Params, OptState]:
+    """The RMSprop update for all tensors at once (``torch._foreach_*``), same operations as the loop.
+
+    The centered variance ``s − ḡ²`` is clamped at 0 before the square root, as :func:`safe_sqrt` does.
+    """
+    keys = list(params)
+    p = [params[k] for k in keys]
+    g = [grads[k] for k in keys]
+    if wd != 0:
+        g = torch._foreach_add(g, p, alpha=wd)
+    sq = torch._foreach_mul([state["square_avg"][k] for k in keys], a)
+    torch._foreach_addcmul_(sq, g, g, value=1 - a)
+    new_state: OptState = {"step": state["step"] + 1, "square_avg": dict(zip(keys, sq))}
+    if centered:
+        gavg = torch._foreach_lerp([state["grad_avg"][k] for k in keys], g, 1 - a)
+        new_state["grad_avg"] = dict(zip(keys, gavg))
+        avg = torch._foreach_addcmul(sq, gavg, gavg, value=-1)
+        torch._foreach_clamp_min_(avg, 0.0)
+        torch._foreach_sqrt_(avg)
+    else:
+        avg = torch._foreach_sqrt(sq)
+    torch._foreach_add_(avg, eps)
+    if use_buffer:
+        buf = torch._foreach_mul([state["momentum_buffer"][k] for k in keys], mu)
+        torch._foreach_addcdiv_(buf, g, avg, value=1)
+        new_state["momentum_buffer"] = dict(zip(keys, buf))
+        new_p = torch._foreach_add(p, buf, alpha=-lr)
+    else:
+        new_p = torch._foreach_addcdiv(p, g, avg, value=-lr)
+    return dict(zip(keys, new_p)), {k: new_state[k] for k in ("step", "square_avg", "momentum_buffer", "grad_avg")
+                                      if k in new_state}
