@@ -37,7 +37,7 @@ tb: install
 	$(VENV)/bin/tensorboard --logdir outputs
 
 bench: install
-	$(PY) scripts/bench_hypergradient.py $(ARGS)
+	$(PY) scripts/bench.py $(ARGS)
 
 clean-venv:
 	rm -rf $(VENV)
