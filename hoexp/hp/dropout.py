@@ -94,7 +94,8 @@ class Dropout:
         out = {}
         for s in self.covered():
             u = torch.rand(mask_shapes[s], generator=generator, dtype=torch.float64)
-            out[s] = u.clamp(1e-12, 1 - 1e-12).to(device=like.device, dtype=like.dtype)
+            # non_blocking: no wait for the device's queue (the source is a fresh host tensor)
+            out[s] = u.clamp(1e-12, 1 - 1e-12).to(like.dtype).to(like.device, non_blocking=True)
         return out
 
     def masks(self, raw: Params, noise: Mapping[str, Tensor]) -> dict[str, Tensor]:
