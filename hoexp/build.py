@@ -241,6 +241,7 @@ def build(spec: Spec) -> Experiment:
         problem.bptt = spec.dataset.bptt
     else:
         problem = Problem(model, family)
+    problem.compile = spec.run.compile
     return Experiment(spec, device, data, model, problem, method, inner_opt, outer_opt)
 
 

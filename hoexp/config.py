@@ -406,6 +406,7 @@ class RunConfig:
     histogram_every: int = 10  # hyperparameter histograms in TensorBoard every N outer steps
     progress: bool = True  # rich bars on a terminal, plain lines otherwise
     reset_inner: bool = False  # re-initialize the weights before every outer step (Maclaurin-style meta-training)
+    compile: bool = False  # plain training steps through torch.compile (seconds to compile; faster steps)
     checkpoint_every: int = 10  # outer steps between checkpoints (0: none, except on SIGTERM/SIGINT)
     resume: bool = False  # continue from checkpoint.pt in the run folder (pass hydra.run.dir=<that folder>)
     max_nonfinite: int = 3  # non-finite hypergradients in a row (each skips its outer update) before aborting

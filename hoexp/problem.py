@@ -11,7 +11,7 @@ the same function.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +34,8 @@ class Problem:
 
     model: nn.Module
     family: HyperFamily
+    compile: bool = False  # run.compile: plain training steps through torch.compile (hoexp.method.base)
+    compiled: dict = field(default_factory=dict, repr=False)  # inner optimizer → its compiled step
     task = "classification"
 
     def batch_size(self, x: Tensor) -> int:

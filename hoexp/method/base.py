@@ -8,14 +8,17 @@ reversible) differentiate through the steps themselves, hence the shape of the p
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
 from torch import Tensor
+from torch.func import grad_and_value
 
 from hoexp import tree
+from hoexp.errors import HoexpError
 from hoexp.optim import Optimizer
 from hoexp.problem import Batch, Problem
 
@@ -50,26 +53,73 @@ class HyperMethod(Protocol):
                    ) -> tuple[dict[str, Tensor] | None, InnerState, StepStats]: ...
 
 
+def plain_step(problem: Problem, inner_opt: Optimizer, params: dict[str, Tensor], opt_state: dict[str, Any],
+               raw: dict[str, Tensor], batch: Batch, overrides: dict[str, Any],
+               ) -> tuple[dict[str, Tensor], dict[str, Any], Tensor, Tensor]:
+    """One training step as a pure function: ``g = ∇_w L_T(w, λ; batch)``, ``w, s ← update(w, g, s)``.
+
+    Returns the new weights and optimizer state, the loss and ``‖g‖``. This is what ``run.compile``
+    hands to ``torch.compile`` (``torch.func.grad_and_value``: no autograd state crosses the call).
+    """
+    grads, loss = grad_and_value(lambda w: problem.train_loss(w, raw, batch))(params)
+    new_params, new_state = inner_opt.update(params, grads, opt_state, **overrides)
+    return new_params, new_state, loss, tree.norm(grads)
+
+
+def compiled_step(problem: Problem, inner_opt: Optimizer) -> Callable[..., Any]:
+    """:func:`plain_step` for ``(problem, inner_opt)`` through ``torch.compile``, made once per pair
+    (``problem.compiled`` holds it: the problem owns its compiled code, nothing global).
+
+    The first call compiles (seconds to a minute); a failure there is reported as one line.
+    """
+    key = inner_opt
+    fn = problem.compiled.get(key)
+    if fn is None:
+        compiled = torch.compile(functools.partial(plain_step, problem, inner_opt))
+        first = [True]
+
+        def fn(*args: Any) -> Any:
+            if not first[0]:
+                return compiled(*args)
+            try:
+                out = compiled(*args)
+            except Exception as e:  # a missing C++ compiler, an unsupported operation, ...
+                raise HoexpError(f"compile=true: torch.compile failed ({type(e).__name__}: "
+                                 f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}); run with "
+                                 "compile=false") from e
+            first[0] = False
+            return out
+
+        problem.compiled[key] = fn
+    return fn
+
+
 def train_inner(problem: Problem, inner_opt: Optimizer, state: InnerState, raw: dict[str, Tensor],
                 batches: Iterator[Batch], steps: int, on_step: Callable[[], None] | None = None,
                 ) -> tuple[InnerState, Tensor | None, Tensor | None]:
     """``steps`` plain (non-differentiable) training steps at fixed hyperparameters.
 
     Returns the new state and the last step's training loss and gradient norm (0-d tensors,
-    not synced to the host). Cost: one forward and backward pass per step.
+    not synced to the host). Cost: one forward and backward pass per step. With
+    ``problem.compile`` each step is :func:`plain_step` compiled by ``torch.compile``.
     """
     raw = tree.detached(raw)
     params, opt_state = state.params, state.opt_state
+    step_fn = compiled_step(problem, inner_opt) if problem.compile else None
     loss = gnorm = None
     for t in range(steps):
         batch = next(batches)
-        w = tree.detached(params, requires_grad=True)
-        loss = problem.train_loss(w, raw, batch)
-        grads = torch.autograd.grad(loss, list(w.values()))
-        with torch.no_grad():
-            params, opt_state = inner_opt.update(params, dict(zip(w.keys(), grads)), opt_state,
-                                                 **problem.family.optimizer_overrides(raw, t))
-        gnorm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+        overrides = problem.family.optimizer_overrides(raw, t)
+        if step_fn is not None:
+            params, opt_state, loss, gnorm = step_fn(params, opt_state, raw, batch, overrides)
+        else:
+            w = tree.detached(params, requires_grad=True)
+            loss = problem.train_loss(w, raw, batch)
+            grads = torch.autograd.grad(loss, list(w.values()))
+            with torch.no_grad():
+                params, opt_state = inner_opt.update(params, dict(zip(w.keys(), grads)), opt_state, **overrides)
+            if t == steps - 1:  # only the last step's norm is returned
+                gnorm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
         if on_step is not None:
             on_step()
     return InnerState(params, opt_state, state.step + steps), (None if loss is None else loss.detach()), gnorm

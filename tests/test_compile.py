@@ -1,0 +1,65 @@
+"""``run.compile=true``: plain training steps through ``torch.compile`` give the eager steps' results."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+import torch
+from rich.console import Console
+
+from hoexp.build import build
+from hoexp.cli import compose_spec
+from hoexp.errors import HoexpError
+from hoexp.method.base import InnerState, train_inner
+from hoexp.problem import training_batches
+from hoexp.runner import run_experiment
+
+
+def _train(overrides, compile_, steps=12):
+    spec = compose_spec(["progress=false", "threads=1", *overrides, f"compile={str(compile_).lower()}"])[0]
+    exp = build(spec)
+    params = {k: v.detach().clone() for k, v in exp.model.named_parameters()}
+    raw = exp.problem.family.init(params)
+    batches = training_batches(exp.problem, exp.data.train, spec.run.seed, spec.dataset.batch_size)
+    state = InnerState(params, exp.inner_opt.init(params))
+    state, loss, gnorm = train_inner(exp.problem, exp.inner_opt, state, raw, batches, steps)
+    return exp, state, loss, gnorm
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("overrides", [
+    ["hp=weight_decay", "optim/inner=nesterov"],  # the default problem: first-step branch of the buffer
+    ["hp=lr", "hp.lr.granularity=per_step", "optim/inner=adam", "method=unrolled"],  # tensor overrides per step
+    ["hp=dropout", "optim/inner=sgd"],  # dropout noise in the batch
+], ids=["wd-nesterov", "lr-per-step-adam", "dropout-sgd"])
+def test_compiled_steps_match_eager_steps(overrides):
+    _, eager, loss_e, gnorm_e = _train(overrides, False)
+    exp, compiled, loss_c, gnorm_c = _train(overrides, True)
+    assert exp.problem.compiled  # the compiled path ran
+    assert compiled.step == eager.step == 12
+    for k, v in eager.params.items():
+        torch.testing.assert_close(compiled.params[k], v, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loss_c, loss_e, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gnorm_c, gnorm_e, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_a_run_with_compile_completes(tmp_path):
+    spec, text = compose_spec(["progress=false", "outer_steps=2", "inner_steps=5", "compile=true"])
+    summary = run_experiment(spec, tmp_path, config_text=text, console=Console(file=io.StringIO()))
+    assert summary["status"] == "completed" and summary["hypergradients"] == 2
+    assert json.loads((tmp_path / "summary.json").read_text())["status"] == "completed"
+
+
+def test_a_compile_failure_is_one_line_naming_the_fix(monkeypatch):
+    def broken(fn, **kwargs):
+        def call(*args):
+            raise RuntimeError("no C++ compiler found\nlong detail")
+        return call
+
+    monkeypatch.setattr(torch, "compile", broken)
+    with pytest.raises(HoexpError, match=r"torch.compile failed \(RuntimeError: no C\+\+ compiler found\); run with "
+                                         r"compile=false$"):
+        _train(["hp=weight_decay"], True, steps=1)
