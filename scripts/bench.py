@@ -49,6 +49,8 @@ numerator and its denominator measured side by side, so load changes affect both
   one-time costs such as lazy initialisation and the first double backward); ``wall`` the runs'
   whole wall times (``summary.json``: setup, that first step, evaluation at the first and last step
   and logging included);
+* ``compiled step/step`` (title line): ``compile=true``'s training step (``torch.compile`` of the pure step
+  function) over the eager step, for the problems in ``--compile`` (iris and mnist by default);
 * ptb: training throughput in tokens per second, from the runs' median outer step (the JSON also
   has it from the step timings, ``tokens_per_s_from_timings``).
 
@@ -86,7 +88,7 @@ if str(ROOT) not in sys.path:  # run from a checkout without `make install`
 from hoexp import tree  # noqa: E402
 from hoexp.build import build, build_method  # noqa: E402
 from hoexp.cli import compose_spec  # noqa: E402
-from hoexp.method.base import InnerState, train_inner  # noqa: E402
+from hoexp.method.base import InnerState, compiled_step, train_inner  # noqa: E402
 from hoexp.method.ift import HessianOperator  # noqa: E402
 from hoexp.problem import training_batches, validation_batches  # noqa: E402
 from hoexp.runner import thread_policy  # noqa: E402
@@ -233,15 +235,26 @@ def time_problem(problem: str, args: argparse.Namespace, log: Callable[[str], No
     g, w = gradient(create_graph=True)
     op = HessianOperator(tree.flatten(g), list(w.values()))
     v = torch.randn(op.n, generator=torch.Generator().manual_seed(0), dtype=op.grad_flat.dtype).to(ctx.device)
-    t = rounds({"step": step, "grad": gradient, "grad_create_graph": lambda: gradient(create_graph=True),
-                "val_grad": val_gradient, "hvp": lambda: op.matvec(v)}, ctx.device,
-               min_rounds=3 if quick else 15, max_rounds=5 if quick else 300, budget_s=budget)
+    fns = {"step": step, "grad": gradient, "grad_create_graph": lambda: gradient(create_graph=True),
+           "val_grad": val_gradient, "hvp": lambda: op.matvec(v)}
+    if problem in args.compile.split(","):  # compile=true's training step, timed beside the eager one
+        fn = compiled_step(prob, exp.inner_opt)
+        raw = tree.detached(ctx.raw)
+        overrides = prob.family.optimizer_overrides(raw, 0)
+        t0 = time.perf_counter()
+        fn(ctx.state.params, ctx.state.opt_state, raw, batch, overrides)
+        sync(ctx.device)
+        out["compile_s"] = time.perf_counter() - t0
+        fns["step_compiled"] = lambda: fn(ctx.state.params, ctx.state.opt_state, raw, batch, overrides)
+    t = rounds(fns, ctx.device, min_rounds=3 if quick else 15, max_rounds=5 if quick else 300, budget_s=budget)
     del g, w, op
     base = {k: med(x) for k, x in t.items()}
     out["times_ms"] = {k: 1e3 * x for k, x in base.items()}
     out["hvp_over_grad"] = base["hvp"] / base["grad"]
     out["step_over_grad"] = base["step"] / base["grad"]
     out["val_grad_over_grad"] = base["val_grad"] / base["grad"]
+    if "step_compiled" in base:
+        out["compiled_step_over_step"] = base["step_compiled"] / base["step"]
     # The passes a K-term IFT hypergradient cannot avoid: the validation gradient, the create_graph
     # training gradient and K HVPs (the mixed-term pass comes on top: a few elementwise operations for
     # weight decay, about one HVP for dropout unless it rides along with the solve's HVPs).
@@ -251,7 +264,9 @@ def time_problem(problem: str, args: argparse.Namespace, log: Callable[[str], No
     if ctx.device.type == "cuda":
         out["cuda_peak_note"] = "memory from max_memory_allocated"
     log(f"  {problem}: step {base['step'] * 1e3:.2f} ms, gradient {base['grad'] * 1e3:.2f} ms, "
-        f"HVP {base['hvp'] * 1e3:.2f} ms (HVP/grad {out['hvp_over_grad']:.2f}), threads={ctx.threads}")
+        f"HVP {base['hvp'] * 1e3:.2f} ms (HVP/grad {out['hvp_over_grad']:.2f}), threads={ctx.threads}"
+        + (f", compiled step {base['step_compiled'] * 1e3:.2f} ms after {out['compile_s']:.0f} s of compiling"
+           if "step_compiled" in base else ""))
 
     variants: dict[tuple[str, ...], Context] = {(): ctx}
     methods: dict[str, Any] = {}
@@ -471,7 +486,9 @@ def print_tables(result: dict[str, Any]) -> None:
                  f"device={p['device']}, threads={p['threads']}, T={p['inner_steps']} — step {tm['step']:.2f} ms, "
                  f"gradient {tm['grad']:.2f} ms, HVP {tm['hvp']:.2f} ms: HVP/grad {p['hvp_over_grad']:.2f}, "
                  f"step/grad {p['step_over_grad']:.2f}, validation gradient/grad {p['val_grad_over_grad']:.2f}, "
-                 f"K={K} IFT floor/grad {p['ift_floor_K_over_grad']:.2f}")
+                 f"K={K} IFT floor/grad {p['ift_floor_K_over_grad']:.2f}"
+                 + (f", compiled step/step {p['compiled_step_over_step']:.2f} (compile=true)"
+                    if "compiled_step_over_step" in p else ""))
         table = Table(title=title, title_justify="left")
         cols = ["method", "note", "HVPs", "hg (ms)", "hg/step", "hg/grad", "hg/floor", "peak MiB", "mem", "run",
                 "wall"]
@@ -511,11 +528,15 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="threads=N for every measurement (0: runner's policy)")
     ap.add_argument("--budget", type=float, default=10.0, help="seconds of timing per measurement before stopping "
                     "once the minimum rounds are done (default 10)")
+    ap.add_argument("--compile", default=None, help="problems whose compile=true training step is also timed "
+                    "(default iris,mnist; none with --quick; '' for none)")
     ap.add_argument("--no-memory", action="store_true", help="skip the memory measurements")
     ap.add_argument("--no-runs", action="store_true", help="skip the whole-run comparisons")
     ap.add_argument("--runs-dir", default="outputs/bench/runs", help="where the whole runs write")
     ap.add_argument("--child-memory", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.compile is None:
+        args.compile = "" if args.quick else "iris,mnist"
     if args.child_memory:
         problem, row = args.child_memory.split(":", 1)
         print(json.dumps(child_memory(problem, row, args)))

@@ -20,7 +20,7 @@ def test_bench_quick_writes_positive_ratios(tmp_path):
     env = dict(os.environ)
     env.setdefault("HOEXP_DATA", str(ROOT.parent / "shared" / "data"))
     cmd = [sys.executable, str(ROOT / "scripts" / "bench.py"), "--quick", "--device", "cpu",
-           "--methods", "neumann,neumann-nores,unrolled", "--out", str(out), "--runs-dir", str(tmp_path / "runs")]
+           "--methods", "neumann,neumann-nores,unrolled", "--compile", "iris", "--out", str(out), "--runs-dir", str(tmp_path / "runs")]
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "Targets" in r.stdout and f"wrote {out}" in r.stdout
@@ -59,6 +59,8 @@ def test_bench_quick_writes_positive_ratios(tmp_path):
                 assert positive(m["run_ratio"]) and positive(m["wall_ratio"]), (name, mname)
     assert positive(result["problems"]["ptb"]["methods"]["neumann"]["tokens_per_s_from_timings"])
     assert result["problems"]["mnist"]["methods"]["neumann"]["num_hparams"] > 0
+    assert positive(result["problems"]["iris"]["compiled_step_over_step"])  # --compile iris
+    assert "compiled_step_over_step" not in result["problems"]["mnist"]
     targets = result["targets"]
     assert {t["problem"] for t in targets} == {"iris", "mnist", "ptb"}
     assert all(positive(t["value"]) and isinstance(t["met"], bool) for t in targets)
