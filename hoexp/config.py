@@ -264,9 +264,12 @@ class ForwardConfig:
 
     name: str = "forward"
     max_hparams: int = 64
+    strategy: str = "hessian"  # hessian | vmap | loop: how tangents are pushed (hoexp.method.forward)
 
     def check(self) -> None:
         _positive(self, "max_hparams")
+        if self.strategy not in ("hessian", "vmap", "loop"):
+            raise ConfigError(f"method.strategy must be hessian, vmap or loop, got '{self.strategy}'")
 
 
 @dataclass

@@ -308,9 +308,9 @@ def ridge():
     return Ridge.make(n=30, m=20, d=5, seed=2)
 
 
-@pytest.mark.parametrize("chunk_size", [None, 2])
+@pytest.mark.parametrize("strategy, chunk_size", [("hessian", None), ("vmap", None), ("vmap", 2)])
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
-def test_forward_vmap_over_directions_matches_loop(ridge, name, chunk_size):
+def test_forward_strategies_match_the_loop(ridge, name, strategy, chunk_size):
     import warnings
 
     opt = make(name)
@@ -321,10 +321,10 @@ def test_forward_vmap_over_directions_matches_loop(ridge, name, chunk_size):
         return {"lr": torch.exp(h["log_lr"])}
 
     args = (t_loss(ridge), v_loss(ridge), opt, {"w": w0}, opt.init({"w": w0}), lam, 8)
-    ref = forward_hypergradient(*args, overrides=overrides, vectorize=False)
+    ref = forward_hypergradient(*args, overrides=overrides, strategy="loop")
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # no silent fallback to the loop
-        fast = forward_hypergradient(*args, overrides=overrides, chunk_size=chunk_size)
+        fast = forward_hypergradient(*args, overrides=overrides, strategy=strategy, chunk_size=chunk_size)
     for k in lam:
         torch.testing.assert_close(fast.hypergrad[k], ref.hypergrad[k], rtol=1e-12, atol=1e-15)
     torch.testing.assert_close(fast.params["w"], ref.params["w"], rtol=0, atol=1e-15)

@@ -6,10 +6,21 @@ through every step with ``torch.func.jvp`` (forward-over-reverse through the inn
 No graph is stored: memory ``O(P·H)`` whatever ``T``; time ``~T·H`` JVPs, so it suits a handful of
 hyperparameters (learning rates, a global decay), not one per weight.
 
-By default the ``H`` tangents of a step are pushed together, ``torch.func.vmap`` over the directions
-of one ``jvp`` (the primal step computed once, every tangent operation batched: one kernel per
-operation instead of ``H``); ``vectorize=False`` is the reference, one ``jvp`` per direction in a
-Python loop. ``chunk_size`` bounds how many directions share one batched call (memory).
+Three strategies compute the same tangents (tests hold them to rounding):
+
+* ``"hessian"`` (default): the tangent of the gradient ``ġ = H_ww ẇ + H_wλ λ̇`` is one reverse pass
+  through the ``create_graph`` gradient of ``L_T`` with respect to ``(w, λ)`` together, with
+  ``(ẇ, λ̇)`` as its output gradient: by the symmetry of the joint Hessian of ``L_T``,
+  ``∂/∂w ⟨∇_{w,λ} L_T, (ẇ, λ̇)⟩ = H_ww ẇ + H_wλ λ̇``. One gradient with ``create_graph`` per step
+  plus one backward pass per direction, all in autograd's C++ engine; only the optimizer update
+  (elementwise) goes through ``torch.func.jvp``, vmapped over the directions. The validation
+  hypergradient is one gradient: ``dL_V/dλ_h = ⟨∇_w L_V, ẇ_h⟩ + ⟨∇_λ L_V, λ̇_h⟩``;
+* ``"vmap"``: ``torch.func.vmap`` over the directions of one ``jvp`` of the whole step
+  (forward-over-reverse through ``torch.func.grad``; every op passes three functorch layers, which
+  costs more than the arithmetic on small models);
+* ``"loop"``: the reference, one ``jvp`` of the whole step per direction in a Python loop.
+
+``chunk_size`` bounds how many directions share one batched call (memory; ``vmap`` strategy).
 """
 
 from __future__ import annotations
@@ -55,24 +66,30 @@ def forward_hypergradient(
     *,
     overrides: Callable[[dict[str, Tensor], int], dict[str, Any]] | None = None,
     on_step: Callable[[], None] | None = None,
-    vectorize: bool = True,
+    strategy: str = "hessian",
     chunk_size: int | None = None,
 ) -> UnrolledResult:
     """``dL_V(w_T)/dλ`` by forward mode: one tangent per scalar hyperparameter, carried for ``steps`` steps.
 
     Same contract as :func:`hoexp.method.unrolled.unrolled_hypergradient` (without truncation).
-    ``vectorize``: push all tangents of a step through one ``vmap``-ed ``jvp`` (default) or one ``jvp``
-    per direction (the reference); the two agree to rounding. If ``vmap`` cannot handle the problem
-    (an operation without a batching rule that raises), the loop is used, with a warning.
+    ``strategy``: ``"hessian"``, ``"vmap"`` or ``"loop"`` (see the module doc); they agree to rounding.
+    If ``vmap`` cannot handle the problem (an operation without a batching rule that raises), the
+    loop is used, with a warning.
     """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
     args = (train_loss, val_loss, optimizer, params, opt_state, hparams, steps)
-    if vectorize:
+    if strategy != "loop":
+        impl = _forward_hessian if strategy == "hessian" else _forward_vectorized
         try:
-            return _forward_vectorized(*args, overrides=overrides, on_step=on_step, chunk_size=chunk_size)
+            return impl(*args, overrides=overrides, on_step=on_step, chunk_size=chunk_size)
         except (RuntimeError, NotImplementedError) as e:  # pragma: no cover - depends on the model's ops
             warnings.warn(f"forward mode: vmap over hyperparameter directions failed ({e}); "
                           "falling back to one jvp per direction", RuntimeWarning, stacklevel=2)
     return _forward_loop(*args, overrides=overrides, on_step=on_step)
+
+
+STRATEGIES = ("hessian", "vmap", "loop")
 
 
 def _forward_loop(
@@ -202,6 +219,86 @@ def _forward_vectorized(
     return _result(train_loss, val_loss, w, tensors, rest, lam, hg_vector, steps)
 
 
+def _forward_hessian(
+    train_loss: StepLoss,
+    val_loss: Callable[[dict[str, Tensor], dict[str, Tensor]], Tensor],
+    optimizer: Optimizer,
+    params: Mapping[str, Tensor],
+    opt_state: dict[str, Any],
+    hparams: Mapping[str, Tensor],
+    steps: int,
+    *,
+    overrides: Callable[[dict[str, Tensor], int], dict[str, Any]] | None = None,
+    on_step: Callable[[], None] | None = None,
+    chunk_size: int | None = None,
+) -> UnrolledResult:
+    """Tangents of the gradient from reverse passes through the joint Hessian of ``L_T`` (module doc).
+
+    Cost per step: one ``create_graph`` gradient of ``L_T`` in ``(w, λ)``, ``H`` backward passes
+    through it (HVPs), and ``vmap(jvp(update))`` over the directions (elementwise).
+    """
+    lam = tree.detached(hparams)
+    lam_flat = tree.flatten(lam.values()) if lam else torch.zeros(0)
+    n_h = lam_flat.numel()
+    if n_h == 0:
+        return _forward_loop(train_loss, val_loss, optimizer, params, opt_state, hparams, steps,
+                             overrides=overrides, on_step=on_step)
+    basis = torch.eye(n_h, dtype=lam_flat.dtype, device=lam_flat.device)
+    directions = {k: d.reshape(n_h, *v.shape) for (k, v), d in zip(lam.items(), torch.split(basis, [
+        v.numel() for v in lam.values()], dim=1))}
+    w = tree.detached(params)
+    tensors, rest = _split_state(detach_state(opt_state))
+    tangent_w = {k: torch.zeros(n_h, *v.shape, dtype=v.dtype, device=v.device) for k, v in w.items()}
+    tangent_s = _batched_zeros(tensors, n_h)
+    w_keys, lam_keys = list(w), list(lam)
+    for t in range(steps):
+        w_req = tree.detached(w, requires_grad=True)
+        lam_req = tree.detached(lam, requires_grad=True)
+        inputs = list(w_req.values()) + list(lam_req.values())
+        g_all = torch.autograd.grad(train_loss(w_req, lam_req, t), inputs, create_graph=True, allow_unused=True)
+        g = {k: (x.detach() if x is not None else torch.zeros_like(w[k])) for k, x in zip(w_keys, g_all)}
+        # Outputs that depend on w (the others contribute nothing to ġ), with their tangents as output gradients.
+        pieces = [(x, tangent_w[k]) for k, x in zip(w_keys, g_all) if x is not None and x.requires_grad]
+        pieces += [(x, directions[k]) for k, x in zip(lam_keys, g_all[len(w_keys):])
+                   if x is not None and x.requires_grad]
+        w_list = list(w_req.values())
+        tangent_g = {k: torch.zeros_like(v) for k, v in tangent_w.items()}
+        if pieces:
+            outs = [x for x, _ in pieces]
+            for h in range(n_h):  # one HVP of the joint Hessian per direction
+                dg = torch.autograd.grad(outs, w_list, [tx[h] for _, tx in pieces], retain_graph=h < n_h - 1,
+                                         allow_unused=True)
+                for k, x in zip(w_keys, dg):
+                    if x is not None:
+                        tangent_g[k][h] = x
+        del g_all, pieces, w_req, lam_req
+        captured: dict[str, Any] = {}
+
+        def update(w_, g_, s_, h_):
+            kwargs = overrides(h_, t) if overrides is not None else {}
+            new_w, new_state = optimizer.update(w_, g_, {**s_, **rest}, **kwargs)
+            new_tensors, captured["rest"] = _split_state(new_state)
+            return new_w, new_tensors
+
+        def push(tw, tg, ts, d):
+            return jvp(update, (w, g, tensors, lam), (tw, tg, ts, d))
+
+        (w_next, s_next), (tangent_w, tangent_s) = vmap(push, out_dims=(None, 0))(tangent_w, tangent_g, tangent_s,
+                                                                                  directions)
+        w, tensors, rest = w_next, s_next, captured["rest"]
+        if on_step is not None:
+            on_step()
+    # dL_V/dλ_h = ⟨∇_w L_V, ẇ_h⟩ + ⟨∇_λ L_V, λ̇_h⟩: one gradient for all directions.
+    w_req, lam_req = tree.detached(w, requires_grad=True), tree.detached(lam, requires_grad=True)
+    gv = torch.autograd.grad(val_loss(w_req, lam_req), list(w_req.values()) + list(lam_req.values()),
+                             allow_unused=True)
+    hg_vector = lam_flat.new_zeros(n_h)
+    for x, tx in zip(gv, list(tangent_w.values()) + list(directions.values())):
+        if x is not None:
+            hg_vector = hg_vector + (tx.reshape(n_h, -1) @ x.reshape(-1).to(tx.dtype))
+    return _result(train_loss, val_loss, w, tensors, rest, lam, hg_vector, steps)
+
+
 def _index(x: Any, sl: slice) -> Any:
     if isinstance(x, Tensor):
         return x[sl]
@@ -228,11 +325,11 @@ class ForwardMethod:
 
     max_hparams: int = 64
     name: str = "forward"
-    vectorize: bool = True
+    strategy: str = "hessian"
 
     def outer_step(self, problem: Problem, inner_opt: Optimizer, state: InnerState, raw: dict[str, Tensor],
                    train_batches: Iterator[Batch], val_batch: Batch, inner_steps: int,
                    on_inner_step: Callable[[], None] | None = None,
                    ) -> tuple[dict[str, Tensor], InnerState, StepStats]:
         return path_outer_step(forward_hypergradient, problem, inner_opt, state, raw, train_batches, val_batch,
-                               inner_steps, on_inner_step, vectorize=self.vectorize)
+                               inner_steps, on_inner_step, strategy=self.strategy)
