@@ -176,19 +176,10 @@ def _forward_vectorized(
     chunk_size: int | None = None,
 ) -> UnrolledResult:
     """All directions at once: the tangents are batched ``[H, ...]`` pytrees, one ``vmap``-ed ``jvp`` a step."""
-    lam = tree.detached(hparams)
-    lam_flat = tree.flatten(lam.values()) if lam else torch.zeros(0)
-    n_h = lam_flat.numel()
-    w = tree.detached(params)
-    tensors, rest = _split_state(detach_state(opt_state))
-    if n_h == 0:
+    if not tree.numel(hparams):
         return _forward_loop(train_loss, val_loss, optimizer, params, opt_state, hparams, steps,
                              overrides=overrides, on_step=on_step)
-    basis = torch.eye(n_h, dtype=lam_flat.dtype, device=lam_flat.device)
-    directions = {k: d.reshape(n_h, *v.shape) for (k, v), d in zip(lam.items(), torch.split(basis, [
-        v.numel() for v in lam.values()], dim=1))}
-    tangent_w = {k: torch.zeros(n_h, *v.shape, dtype=v.dtype, device=v.device) for k, v in w.items()}
-    tangent_s = _batched_zeros(tensors, n_h)
+    lam, lam_flat, n_h, directions, w, tensors, rest, tangent_w, tangent_s = _batched_start(params, opt_state, hparams)
     for t in range(steps):
         captured: dict[str, Any] = {}
 
@@ -237,19 +228,10 @@ def _forward_hessian(
     Cost per step: one ``create_graph`` gradient of ``L_T`` in ``(w, λ)``, ``H`` backward passes
     through it (HVPs), and ``vmap(jvp(update))`` over the directions (elementwise).
     """
-    lam = tree.detached(hparams)
-    lam_flat = tree.flatten(lam.values()) if lam else torch.zeros(0)
-    n_h = lam_flat.numel()
-    if n_h == 0:
+    if not tree.numel(hparams):
         return _forward_loop(train_loss, val_loss, optimizer, params, opt_state, hparams, steps,
                              overrides=overrides, on_step=on_step)
-    basis = torch.eye(n_h, dtype=lam_flat.dtype, device=lam_flat.device)
-    directions = {k: d.reshape(n_h, *v.shape) for (k, v), d in zip(lam.items(), torch.split(basis, [
-        v.numel() for v in lam.values()], dim=1))}
-    w = tree.detached(params)
-    tensors, rest = _split_state(detach_state(opt_state))
-    tangent_w = {k: torch.zeros(n_h, *v.shape, dtype=v.dtype, device=v.device) for k, v in w.items()}
-    tangent_s = _batched_zeros(tensors, n_h)
+    lam, lam_flat, n_h, directions, w, tensors, rest, tangent_w, tangent_s = _batched_start(params, opt_state, hparams)
     w_keys, lam_keys = list(w), list(lam)
     for t in range(steps):
         w_req = tree.detached(w, requires_grad=True)
@@ -297,6 +279,22 @@ def _forward_hessian(
         if x is not None:
             hg_vector = hg_vector + (tx.reshape(n_h, -1) @ x.reshape(-1).to(tx.dtype))
     return _result(train_loss, val_loss, w, tensors, rest, lam, hg_vector, steps)
+
+
+def _batched_start(params: Mapping[str, Tensor], opt_state: dict[str, Any], hparams: Mapping[str, Tensor]
+                   ) -> tuple[Any, ...]:
+    """Detached copies and the batched starting tangents: ``(λ, λ_flat, H, directions [H, ...] (the unit
+    basis, shaped like ``λ``), w, optimizer tensors, the rest of the state, ẇ = 0, ṡ = 0)``."""
+    lam = tree.detached(hparams)
+    lam_flat = tree.flatten(lam.values())
+    n_h = lam_flat.numel()
+    w = tree.detached(params)
+    tensors, rest = _split_state(detach_state(opt_state))
+    basis = torch.eye(n_h, dtype=lam_flat.dtype, device=lam_flat.device)
+    directions = {k: d.reshape(n_h, *v.shape) for (k, v), d in zip(lam.items(), torch.split(basis, [
+        v.numel() for v in lam.values()], dim=1))}
+    tangent_w = {k: torch.zeros(n_h, *v.shape, dtype=v.dtype, device=v.device) for k, v in w.items()}
+    return lam, lam_flat, n_h, directions, w, tensors, rest, tangent_w, _batched_zeros(tensors, n_h)
 
 
 def _index(x: Any, sl: slice) -> Any:
