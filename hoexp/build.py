@@ -192,6 +192,10 @@ def check_compatibility(spec: Spec) -> None:
     if "momentum" in families and (inner.name not in MOMENTUM_OPTIMIZERS or not getattr(inner, "momentum", 0) > 0):
         raise ConfigError(f"hp=momentum tunes SGD momentum, but optim/inner={inner.name} has no momentum buffer; "
                           "use optim/inner=momentum or nesterov")
+    if spec.run.compile and method not in (*IFT_METHODS, "none"):
+        raise ConfigError(f"compile=true compiles plain training steps, and method={method} takes none (it "
+                          "differentiates its steps); drop compile=true, or use an IFT method (neumann, cg, "
+                          "fixed_point, exact, t1t2) or none")
 
 
 @dataclass

@@ -11,7 +11,7 @@ from rich.console import Console
 
 from hoexp.build import build
 from hoexp.cli import compose_spec
-from hoexp.errors import HoexpError
+from hoexp.errors import ConfigError, HoexpError
 from hoexp.method.base import InnerState, train_inner
 from hoexp.problem import training_batches
 from hoexp.runner import run_experiment
@@ -63,3 +63,12 @@ def test_a_compile_failure_is_one_line_naming_the_fix(monkeypatch):
     with pytest.raises(HoexpError, match=r"torch.compile failed \(RuntimeError: no C\+\+ compiler found\); run with "
                                          r"compile=false$"):
         _train(["hp=weight_decay"], True, steps=1)
+
+
+@pytest.mark.parametrize("method", ["unrolled", "truncated", "forward", "reversible", "hd"])
+def test_compile_is_refused_for_methods_without_plain_steps(method):
+    extra = {"forward": ["hp.weight_decay.granularity=global"], "reversible": ["optim/inner=momentum"],
+             "hd": ["hp=lr"]}.get(method, [])
+    with pytest.raises(ConfigError, match=f"compile=true compiles plain training steps, and method={method} takes "
+                                          "none"):
+        compose_spec([f"method={method}", "compile=true", *extra])
