@@ -113,33 +113,6 @@ def test_multi_tensor_update_is_pure(case):
         assert new_params[k].data_ptr() != params[k].data_ptr()
 
 
-def test_compiled_update_falls_back_when_differentiating():
-    """``compile_update`` only routes plain updates to the compiled function."""
-    from hoexp.optim import compile_update
-
-    opt = build_optimizer("sgd", lr=0.1, momentum=0.9)
-    wrapped = compile_update(opt, backend="eager")
-    data = make_data(torch.float64)
-    params = {k: v.requires_grad_(True) for k, v in make_params(torch.float64).items()}
-    state = wrapped.init(params)
-    lr = torch.tensor(0.1, dtype=torch.float64, requires_grad=True)
-    new, _ = wrapped.update(params, grads_of(params, data, create_graph=True), state, lr=lr)
-    assert new["w1"].requires_grad  # the differentiable update ran eagerly
-    ref, _ = opt.update(params, grads_of(params, data, create_graph=True), state, lr=lr)
-    _assert_trees_equal({k: v.detach() for k, v in new.items()}, {k: v.detach() for k, v in ref.items()})
-
-
-@pytest.mark.slow
-def test_compiled_update_matches_eager():
-    from hoexp.optim import compile_update
-
-    opt = build_optimizer("adam", lr=0.05, weight_decay=0.1)
-    compiled = compile_update(opt)
-    eager = _trajectory(opt, steps=4)
-    fused = _trajectory(compiled, steps=4)
-    _assert_trees_equal(fused, eager, atol=1e-12)
-
-
 # ----------------------------------------------------------------------------------- solvers
 from hoexp.method.ift import HessianOperator, ift_hypergradient, mixed_term_is_deep  # noqa: E402
 from hoexp.method.solvers import ConjugateGradient, FixedPoint, Neumann  # noqa: E402

@@ -40,7 +40,6 @@ Hyper = Union[float, torch.Tensor, Mapping[str, Union[float, torch.Tensor]]]
 
 __all__ = [
     "add_scaled",
-    "compile_update",
     "fast_path",
     "reference_paths",
     "set_fast_paths",
@@ -208,26 +207,3 @@ def fast_path(trees: Iterable[Mapping[str, torch.Tensor]], values: Iterable[Any]
             if grad_mode and t.requires_grad:
                 return False
     return not empty
-
-
-def compile_update(opt: Optimizer, **compile_kwargs: Any) -> Optimizer:
-    """``opt`` with its non-differentiable updates compiled by ``torch.compile`` (opt-in).
-
-    Plain (no-grad) updates with number hyperparameters run the per-tensor reference path through
-    ``torch.compile``, which fuses each tensor's elementwise chain into one kernel; anything else
-    (a graph being built, tensor overrides, ``torch.func`` transforms) falls back to ``opt.update``.
-    Compilation costs seconds to tens of seconds on first use, so it pays off only in long runs.
-    """
-    compile_kwargs.setdefault("dynamic", True)
-    compiled = torch.compile(opt.update, **compile_kwargs)
-
-    def update(params: Params, grads: Params, state: OptState, **overrides: Any) -> tuple[Params, OptState]:
-        plain = all(v is None or _is_number(v) for v in overrides.values())
-        if plain and torch._C._functorch.peek_interpreter_stack() is None and _forward_ad._current_level < 0:
-            grad_mode = torch.is_grad_enabled()
-            if not grad_mode or not any(t.requires_grad for tree in (params, grads) for t in tree.values()):
-                with torch.no_grad():
-                    return compiled(params, grads, state, **overrides)
-        return opt.update(params, grads, state, **overrides)
-
-    return Optimizer(opt.name, opt.init, update)
