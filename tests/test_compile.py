@@ -18,8 +18,9 @@ from hoexp.runner import run_experiment
 
 
 def _train(overrides, compile_, steps=12):
-    spec = compose_spec(["progress=false", "threads=1", *overrides, f"compile={str(compile_).lower()}"])[0]
+    spec = compose_spec(["progress=false", "threads=1", *overrides])[0]
     exp = build(spec)
+    exp.problem.compile = compile_  # what compile=true sets (set here: path methods refuse the key)
     params = {k: v.detach().clone() for k, v in exp.model.named_parameters()}
     raw = exp.problem.family.init(params)
     batches = training_batches(exp.problem, exp.data.train, spec.run.seed, spec.dataset.batch_size)
