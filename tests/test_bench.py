@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+COMPILER = any(shutil.which(c) for c in ("c++", "g++", "clang++"))  # torch.compile on CPU needs one
 
 
 @pytest.mark.slow
@@ -20,7 +22,7 @@ def test_bench_quick_writes_positive_ratios(tmp_path):
     env = dict(os.environ)
     env.setdefault("HOEXP_DATA", str(ROOT.parent / "shared" / "data"))
     cmd = [sys.executable, str(ROOT / "scripts" / "bench.py"), "--quick", "--device", "cpu",
-           "--methods", "neumann,neumann-nores,unrolled", "--compile", "iris", "--out", str(out), "--runs-dir", str(tmp_path / "runs")]
+           "--methods", "neumann,neumann-nores,unrolled", "--compile", "iris" if COMPILER else "", "--out", str(out), "--runs-dir", str(tmp_path / "runs")]
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "Targets" in r.stdout and f"wrote {out}" in r.stdout
@@ -59,7 +61,8 @@ def test_bench_quick_writes_positive_ratios(tmp_path):
                 assert positive(m["run_ratio"]) and positive(m["wall_ratio"]), (name, mname)
     assert positive(result["problems"]["ptb"]["methods"]["neumann"]["tokens_per_s_from_timings"])
     assert result["problems"]["mnist"]["methods"]["neumann"]["num_hparams"] > 0
-    assert positive(result["problems"]["iris"]["compiled_step_over_step"])  # --compile iris
+    if COMPILER:
+        assert positive(result["problems"]["iris"]["compiled_step_over_step"])  # --compile iris
     assert "compiled_step_over_step" not in result["problems"]["mnist"]
     targets = result["targets"]
     assert {t["problem"] for t in targets} == {"iris", "mnist", "ptb"}
