@@ -115,11 +115,11 @@ def train_inner(problem: Problem, inner_opt: Optimizer, state: InnerState, raw: 
         else:
             w = tree.detached(params, requires_grad=True)
             loss = problem.train_loss(w, raw, batch)
-            grads = torch.autograd.grad(loss, list(w.values()))
+            grads = dict(zip(w.keys(), torch.autograd.grad(loss, list(w.values()))))
             with torch.no_grad():
-                params, opt_state = inner_opt.update(params, dict(zip(w.keys(), grads)), opt_state, **overrides)
+                params, opt_state = inner_opt.update(params, grads, opt_state, **overrides)
             if t == steps - 1:  # only the last step's norm is returned
-                gnorm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+                gnorm = tree.norm(grads)
         if on_step is not None:
             on_step()
     return InnerState(params, opt_state, state.step + steps), (None if loss is None else loss.detach()), gnorm

@@ -49,6 +49,20 @@ def _split_state(state: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]
     return tensors, rest
 
 
+def _update_fn(optimizer: Optimizer, overrides: Callable[[dict[str, Tensor], int], dict[str, Any]] | None,
+               rest: dict[str, Any], t: int, captured: dict[str, Any]) -> Callable[..., Any]:
+    """Step ``t``'s optimizer update as a function of ``(w, g, state tensors, λ)`` → ``(w', state tensors')``,
+    the form every strategy differentiates; the non-tensor rest of the new state lands in ``captured``."""
+
+    def update(w_, g_, s_, h_):
+        kwargs = overrides(h_, t) if overrides is not None else {}
+        new_w, new_state = optimizer.update(w_, g_, {**s_, **rest}, **kwargs)
+        new_tensors, captured["rest"] = _split_state(new_state)
+        return new_w, new_tensors
+
+    return update
+
+
 def _zeros_like(x: Any) -> Any:
     if isinstance(x, Tensor):
         return torch.zeros_like(x)
@@ -79,7 +93,7 @@ def forward_hypergradient(
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
     args = (train_loss, val_loss, optimizer, params, opt_state, hparams, steps)
-    if strategy != "loop":
+    if strategy != "loop" and tree.numel(hparams):  # no hyperparameters: nothing to batch
         impl = _forward_hessian if strategy == "hessian" else _forward_vectorized
         try:
             return impl(*args, overrides=overrides, on_step=on_step, chunk_size=chunk_size)
@@ -116,13 +130,10 @@ def _forward_loop(
     tangents = [(_zeros_like(w), _zeros_like(tensors)) for _ in range(n_h)]
     for t in range(steps):
         captured: dict[str, Any] = {}
+        update = _update_fn(optimizer, overrides, rest, t, captured)
 
         def step(w_, s_, h_):
-            g = grad(lambda p: train_loss(p, h_, t))(w_)
-            kwargs = overrides(h_, t) if overrides is not None else {}
-            new_w, new_state = optimizer.update(w_, g, {**s_, **rest}, **kwargs)
-            new_tensors, captured["rest"] = _split_state(new_state)
-            return new_w, new_tensors
+            return update(w_, grad(lambda p: train_loss(p, h_, t))(w_), s_, h_)
 
         if n_h == 0:
             w_next, s_next = step(w, tensors, lam)
@@ -176,19 +187,13 @@ def _forward_vectorized(
     chunk_size: int | None = None,
 ) -> UnrolledResult:
     """All directions at once: the tangents are batched ``[H, ...]`` pytrees, one ``vmap``-ed ``jvp`` a step."""
-    if not tree.numel(hparams):
-        return _forward_loop(train_loss, val_loss, optimizer, params, opt_state, hparams, steps,
-                             overrides=overrides, on_step=on_step)
     lam, lam_flat, n_h, directions, w, tensors, rest, tangent_w, tangent_s = _batched_start(params, opt_state, hparams)
     for t in range(steps):
         captured: dict[str, Any] = {}
+        update = _update_fn(optimizer, overrides, rest, t, captured)
 
         def step(w_, s_, h_):
-            g = grad(lambda p: train_loss(p, h_, t))(w_)
-            kwargs = overrides(h_, t) if overrides is not None else {}
-            new_w, new_state = optimizer.update(w_, g, {**s_, **rest}, **kwargs)
-            new_tensors, captured["rest"] = _split_state(new_state)
-            return new_w, new_tensors
+            return update(w_, grad(lambda p: train_loss(p, h_, t))(w_), s_, h_)
 
         def push(tw, ts, d):
             return jvp(step, (w, tensors, lam), (tw, ts, d))
@@ -228,9 +233,6 @@ def _forward_hessian(
     Cost per step: one ``create_graph`` gradient of ``L_T`` in ``(w, λ)``, ``H`` backward passes
     through it (HVPs), and ``vmap(jvp(update))`` over the directions (elementwise).
     """
-    if not tree.numel(hparams):
-        return _forward_loop(train_loss, val_loss, optimizer, params, opt_state, hparams, steps,
-                             overrides=overrides, on_step=on_step)
     lam, lam_flat, n_h, directions, w, tensors, rest, tangent_w, tangent_s = _batched_start(params, opt_state, hparams)
     w_keys, lam_keys = list(w), list(lam)
     for t in range(steps):
@@ -255,12 +257,7 @@ def _forward_hessian(
                         tangent_g[k][h] = x
         del g_all, pieces, w_req, lam_req
         captured: dict[str, Any] = {}
-
-        def update(w_, g_, s_, h_):
-            kwargs = overrides(h_, t) if overrides is not None else {}
-            new_w, new_state = optimizer.update(w_, g_, {**s_, **rest}, **kwargs)
-            new_tensors, captured["rest"] = _split_state(new_state)
-            return new_w, new_tensors
+        update = _update_fn(optimizer, overrides, rest, t, captured)
 
         def push(tw, tg, ts, d):
             return jvp(update, (w, g, tensors, lam), (tw, tg, ts, d))
