@@ -6,15 +6,20 @@ REQ_HASH := $(shell $(PYTHON) -c "import hashlib;print(hashlib.sha256(open('requ
 HOEXP_CACHE ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/hoexp
 VENV ?= $(HOEXP_CACHE)/venv-$(REQ_HASH)
 PY := $(VENV)/bin/python
-HOEXP_DATA ?= $(abspath ../shared/data)
+# The small real datasets beside the clone (../shared/data) when they are there; else the loaders default.
+HOEXP_DATA ?= $(wildcard $(abspath ../shared/data))
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: install run test test-fast tb bench clean-venv
+.PHONY: install venv run test test-fast tb bench clean-venv
 
+# hoexp is installed (editable) from this clone unless the venv already has that: the check runs
+# from / so that Python cannot pick up ./hoexp from the working directory, and the console script
+# must exist. Any other clone's install is replaced.
 install: $(VENV)/.deps-ok
-	@$(PY) -c "import hoexp, pathlib, sys; sys.exit(pathlib.Path(hoexp.__file__).resolve().parent != pathlib.Path('hoexp').resolve())" 2>/dev/null \
-	  || $(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+	@cd / && test -x $(VENV)/bin/hoexp && $(PY) -c "import hoexp, pathlib, sys; \
+	  sys.exit(pathlib.Path(hoexp.__file__).resolve().parent != pathlib.Path('$(CURDIR)/hoexp').resolve())" 2>/dev/null \
+	  || $(PY) -m pip install --quiet --no-deps --no-build-isolation -e "$(CURDIR)"
 
 # No prerequisites on purpose: the path already encodes requirements.txt's hash, and a fresh
 # clone's newer file times must not trigger a 1.5-minute reinstall.
@@ -24,10 +29,18 @@ $(VENV)/.deps-ok:
 	$(PY) -m pip install -qq -r requirements.txt  # -qq: hide pip.conf index warnings
 	touch $@
 
+# The environment's folder: source "$$(make -s venv)/bin/activate"
+venv: install
+	@echo $(VENV)
+
 run: install
 	$(VENV)/bin/hoexp run $(ARGS)
 
+# The README's first command on a short configuration (in a scratch folder), then the suite.
+SMOKE_DIR := $(shell mktemp -u -d -t hoexp-smoke-XXXXXX)
 test: install
+	$(MAKE) --no-print-directory run ARGS="outer_steps=2 inner_steps=5 progress=false hydra.run.dir=$(SMOKE_DIR)"
+	rm -rf $(SMOKE_DIR)
 	HOEXP_DATA=$(HOEXP_DATA) $(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: install
@@ -37,7 +50,7 @@ tb: install
 	$(VENV)/bin/tensorboard --logdir outputs
 
 bench: install
-	$(PY) scripts/bench.py $(ARGS)
+	HOEXP_DATA=$(HOEXP_DATA) $(PY) scripts/bench.py $(ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -17,7 +17,10 @@ from pathlib import Path
 
 from hoexp.errors import ConfigError, HoexpError
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+# The configs ship inside the package (hoexp/conf), so an installed hoexp (wheel, pip install git+...)
+# finds them wherever it runs from; Hydra reads them through its pkg:// search path.
+CONF_DIR = Path(__file__).resolve().parent / "conf"
+CONF_PKG = "pkg://hoexp.conf"
 MAX_VALIDATED_JOBS = 256
 
 USAGE = """\
@@ -54,9 +57,13 @@ def fail(message: str, code: int = 2) -> None:
 
 def conf_dir() -> Path:
     if not (CONF_DIR / "config.yaml").is_file():
-        raise HoexpError(f"config folder not found at {CONF_DIR}; install hoexp from its source tree "
-                         "(make install, or pip install -e .)")
+        raise HoexpError(f"config folder not found at {CONF_DIR}: this hoexp installation is incomplete; "
+                         "reinstall it (pip install --force-reinstall hoexp, or make install in a checkout)")
     return CONF_DIR
+
+
+def config_groups() -> list[str]:
+    return sorted(p.name for p in conf_dir().iterdir() if p.is_dir() and not p.name.startswith(("_", ".")))
 
 
 def group_options(group: str) -> list[str]:
@@ -114,14 +121,14 @@ def _explain_composition_error(message: str, overrides: list[str]) -> str:
         return f"unknown {group} '{option}'; choose one of: {', '.join(group_options(group))}"
     m = re.search(r"Could not override '([^']+)'", message)
     if m and "No match in the defaults list" in message:
-        groups = sorted(p.name for p in conf_dir().iterdir() if p.is_dir())
+        groups = config_groups()
         return f"unknown config group '{m.group(1)}'; groups: {', '.join(groups)}"
     if m:
         key = m.group(1)
         parent, _, leaf = key.rpartition(".")
         valid = _valid_keys(parent, [o for o in overrides if not o.lstrip("+~").startswith(key + "=")])
         if not parent:  # a top-level name: config groups are valid too
-            valid = sorted(set(valid) | {p.name for p in conf_dir().iterdir() if p.is_dir()})
+            valid = sorted(set(valid) | set(config_groups()))
         close = difflib.get_close_matches(leaf, valid, n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         where = f" in {parent}" if parent else ""
@@ -130,11 +137,12 @@ def _explain_composition_error(message: str, overrides: list[str]) -> str:
 
 
 def _compose(overrides: list[str]):
-    from hydra import compose, initialize_config_dir
+    from hydra import compose, initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
 
+    conf_dir()
     GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+    with initialize_config_module(config_module=CONF_PKG.removeprefix("pkg://"), version_base="1.3"):
         return compose(config_name="config", overrides=overrides)
 
 
@@ -241,7 +249,8 @@ def cmd_run(args: list[str]) -> None:
         if not flags & {"--cfg", "-c"}:
             check_output_dir(overrides, multirun)
     sys.argv = ["hoexp run", *args]
-    hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")(_task)()
+    conf_dir()
+    hydra.main(config_path=CONF_PKG, config_name="config", version_base="1.3")(_task)()
 
 
 def cmd_check(args: list[str]) -> None:

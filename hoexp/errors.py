@@ -10,3 +10,24 @@ class HoexpError(Exception):
 class ConfigError(HoexpError):
     """An invalid configuration: unknown option or key, wrong type, out-of-range value,
     or an incompatible combination (method × family, dataset × model)."""
+
+
+def run_main(main, prog: str | None = None) -> None:
+    """Run a script's ``main()`` the way the CLI runs a command: a :class:`HoexpError` (bad input,
+    missing data, ...) ends with one line ``<prog>: error: ...`` and its exit code, Ctrl-C with one
+    line and 130; ``HYDRA_FULL_ERROR=1`` shows the traceback instead."""
+    import os
+    import sys
+    from pathlib import Path
+
+    prog = prog or Path(sys.argv[0]).name
+    try:
+        main()
+    except HoexpError as e:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        sys.exit(130)

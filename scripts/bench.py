@@ -82,16 +82,15 @@ from typing import Any
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # run from a checkout without `make install`
-    sys.path.insert(0, str(ROOT))
 
-from hoexp import tree  # noqa: E402
-from hoexp.build import build, build_method  # noqa: E402
-from hoexp.cli import compose_spec  # noqa: E402
-from hoexp.method.base import InnerState, compiled_step, train_inner  # noqa: E402
-from hoexp.method.ift import HessianOperator  # noqa: E402
-from hoexp.problem import training_batches, validation_batches  # noqa: E402
-from hoexp.runner import thread_policy  # noqa: E402
+from hoexp import tree
+from hoexp.build import build, build_method
+from hoexp.cli import compose_spec
+from hoexp.method.base import InnerState, compiled_step, train_inner
+from hoexp.method.ift import HessianOperator
+from hoexp.problem import training_batches, validation_batches
+from hoexp.runner import thread_policy
+from hoexp.errors import run_main
 
 # name → (preset overrides, extra overrides for --quick, outer steps of the whole runs (full, quick))
 PROBLEMS: dict[str, tuple[list[str], list[str], tuple[int, int]]] = {
@@ -406,7 +405,6 @@ def child_memory(problem: str, row_name: str, args: argparse.Namespace) -> dict[
 
 def measure_memory(problem: str, row_name: str, args: argparse.Namespace) -> dict[str, Any]:
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="131072")
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child-memory", f"{problem}:{row_name}",
            "--device", args.device, "--threads", str(args.threads)] + (["--quick"] if args.quick else [])
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
@@ -620,4 +618,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

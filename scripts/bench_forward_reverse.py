@@ -30,6 +30,7 @@ from hoexp.method.forward import forward_hypergradient
 from hoexp.method.unrolled import unrolled_hypergradient
 from hoexp.model.mlp import MLP
 from hoexp.optim import build_optimizer
+from hoexp.errors import run_main
 
 
 def problem(num_lrs: int):
@@ -155,4 +156,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -138,4 +138,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from hoexp.errors import run_main
+
+    run_main(main)

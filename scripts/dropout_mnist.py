@@ -20,6 +20,7 @@ from rich.console import Console
 
 from hoexp.cli import compose_spec
 from hoexp.runner import run_experiment
+from hoexp.errors import run_main
 
 BASE = ["dataset=mnist", "dataset.batch_size=128", "dataset.val_batch_size=500", "model.width=256",
         "model.depth=2", "model.bias=true", "optim/inner=momentum", "optim.inner.lr=0.05", "hp=dropout",
@@ -73,4 +74,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

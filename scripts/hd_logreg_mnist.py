@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from hoexp.method.hd import hd_init, hd_sgd_step
+from hoexp.errors import run_main
 
 
 def load(root: Path, normalize: bool):
@@ -84,4 +85,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -21,6 +21,7 @@ from rich.console import Console
 
 from hoexp.cli import compose_spec
 from hoexp.runner import run_experiment
+from hoexp.errors import run_main
 
 DEFAULT_CONFIGS = [
     "none",
@@ -124,4 +125,4 @@ def plot_decays(out: Path, configs: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

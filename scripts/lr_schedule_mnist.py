@@ -22,6 +22,7 @@ from rich.console import Console
 from hoexp.cli import compose_spec
 from hoexp.metrics import read_jsonl
 from hoexp.runner import run_experiment
+from hoexp.errors import run_main
 
 
 def main() -> None:
@@ -80,4 +81,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

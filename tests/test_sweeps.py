@@ -18,11 +18,11 @@ BLACKBOX = ["iris_blackbox_wd", "iris_blackbox_wd_lr", "iris_blackbox_wd_dropout
 
 def compose(overrides):
     from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
+    from hydra import initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
 
     GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+    with initialize_config_module(config_module="hoexp.conf", version_base="1.3"):
         return hydra_compose(config_name="config", overrides=overrides, return_hydra_config=True)
 
 

@@ -1,0 +1,1 @@
+"""hoexp's Hydra configs (read through pkg://hoexp.conf); a group per folder, mirroring hoexp/."""
