@@ -28,7 +28,7 @@ from hoexp.build import Experiment, build
 from hoexp.config import Spec
 from hoexp.errors import HoexpError
 from hoexp.metrics import JsonlLogger, MetricLogger, MultiLogger, TensorBoardLogger, tensor_stats, write_json_atomic
-from hoexp.method.base import InnerState, StepStats
+from hoexp.method.base import CarriesState, InnerState, StepStats
 from hoexp.problem import training_batches, validation_batches
 from hoexp.progress import make_progress
 
@@ -252,6 +252,8 @@ class Run:
                 if spec.run.reset_inner and step > 1:  # every outer step trains from the same initialization
                     fresh = {k: v.clone() for k, v in initial.items()}
                     self.state = InnerState(fresh, exp.inner_opt.init(fresh), self.state.step)
+                    if isinstance(exp.method, CarriesState):  # what it carried belongs to the old weights
+                        exp.method.load_state_dict({})
                 hg, self.state, stats = exp.method.outer_step(
                     problem, exp.inner_opt, self.state, self.raw, self.train_batches, next(self.val_stream),
                     spec.run.inner_steps, progress.advance_inner)
@@ -299,6 +301,7 @@ class Run:
             "train_stream": self.train_batches.state_dict(), "val_stream": self.val_stream.state_dict(),
             "evals": list(self.evals), "hypergradients": self.hypergradients, "nonfinite": self.nonfinite,
             "elapsed_s": self.elapsed(), "raw0": self.raw0, "torch_rng": torch.get_rng_state(),
+            "method_state": self.exp.method.state_dict() if isinstance(self.exp.method, CarriesState) else {},
         }
 
     def _snapshot_step(self) -> int:
@@ -333,6 +336,8 @@ class Run:
         self.nonfinite = int(ckpt["nonfinite"])
         self.elapsed_before = float(ckpt["elapsed_s"])
         torch.set_rng_state(ckpt["torch_rng"])
+        if isinstance(exp.method, CarriesState):
+            exp.method.load_state_dict(_to(ckpt.get("method_state", {}), dev))
         return int(ckpt["step"]), _to(ckpt["outer_state"], dev)
 
     def elapsed(self) -> float:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -51,6 +51,18 @@ class HyperMethod(Protocol):
                    train_batches: Iterator[Batch], val_batch: Batch, inner_steps: int,
                    on_inner_step: Callable[[], None] | None = None,
                    ) -> tuple[dict[str, Tensor] | None, InnerState, StepStats]: ...
+
+
+@runtime_checkable
+class CarriesState(Protocol):
+    """A method that carries state from one outer step to the next (a warm-started solver's vector,
+    forward-mode tangents kept since step 0). The runner checkpoints it with the run and restores it
+    on resume; ``load_state_dict({})`` resets it (``reset_inner``). ``state_dict`` returns tensors the
+    method will replace, never mutate in place (the runner keeps references, not copies)."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 def plain_step(problem: Problem, inner_opt: Optimizer, params: dict[str, Tensor], opt_state: dict[str, Any],
