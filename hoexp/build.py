@@ -132,7 +132,7 @@ def build_method(spec: Spec) -> HyperMethod:
     if cfg.name == "truncated":
         return UnrolledMethod(cfg.k, "truncated")
     if cfg.name == "forward":
-        return ForwardMethod(cfg.max_hparams, strategy=cfg.strategy)
+        return ForwardMethod(cfg.max_hparams, strategy=cfg.strategy, carry=cfg.carry, decay=cfg.decay)
     if cfg.name == "reversible":
         inner = spec.inner_optim
         mu = inner.momentum

@@ -37,6 +37,8 @@ commands:
   check     compare every applicable method's hypergradient with a reference (exact dense
             solve when small, else long CG; full unroll for path methods), sweeping iterations:
               hoexp check model.width=32 inner_steps=200 [--iterations 0,1,5,20] [--out DIR]
+            with --horizon: against d(final validation loss)/dλ over the whole remaining run:
+              hoexp check --horizon hp=dropout hp.dropout.granularity=per_layer [--method forward:method.carry=true]
   report    compare finished runs (folders with summary.json, searched recursively): a table, plus
             report.md, report.csv, runs.csv and PNG plots in --out (default outputs/reports/<date>_<time>):
               hoexp report outputs/multirun/2025-01-01/12-00-00 [more folders] [--out DIR] [--no-plots]
@@ -258,20 +260,35 @@ def cmd_check(args: list[str]) -> None:
     import time
 
     from hoexp.check import ITERATIONS, run_check
+    from hoexp.horizon import DEFAULT_CONTENDERS
     from hoexp.runner import thread_policy
 
     ap = argparse.ArgumentParser(prog="hoexp check", description="Hypergradient fidelity of every applicable "
-                                 "method against a reference, on the configured problem (Hydra overrides).")
+                                 "method against a reference, on the configured problem (Hydra overrides). "
+                                 "With --horizon: against the long-horizon truth (finite differences of the final "
+                                 "validation loss over the whole remaining run).")
     ap.add_argument("overrides", nargs="*")
     ap.add_argument("--iterations", default=",".join(map(str, ITERATIONS)),
                     help="iteration counts to sweep (comma-separated)")
     ap.add_argument("--dense-max", type=int, default=20_000, help="largest model for the exact dense reference")
+    ap.add_argument("--horizon", action="store_true",
+                    help="compare each method's hypergradient with d(final validation loss)/dλ (few hyperparameters: "
+                         "global or per_layer granularity)")
+    ap.add_argument("--method", action="append", default=None, metavar="NAME[:OVERRIDES]",
+                    help="--horizon contender, repeatable: a method, then comma-separated overrides, e.g. "
+                         f"forward:method.carry=true (default: {' '.join(DEFAULT_CONTENDERS)})")
+    ap.add_argument("--at", default=None, help="--horizon checkpoints, outer steps (default: 0, N/4, N/2, 3N/4)")
+    ap.add_argument("--eps", type=float, default=0.05, help="--horizon finite-difference step on the raw "
+                    "hyperparameters (default 0.05)")
     ap.add_argument("--out", default=None, help="output folder (default: outputs/check/<date>_<time>)")
     ns = ap.parse_args(args)
     try:
         iterations = tuple(int(v) for v in ns.iterations.split(","))
+        at = None if ns.at is None else [int(v) for v in ns.at.split(",")]
     except ValueError:
-        raise ConfigError(f"--iterations must be comma-separated integers, got '{ns.iterations}'") from None
+        raise ConfigError("--iterations and --at must be comma-separated integers") from None
+    if not ns.eps > 0:
+        raise ConfigError(f"--eps must be > 0, got {ns.eps}")
     spec, _ = compose_spec(ns.overrides)
     out = Path(ns.out or f"outputs/check/{time.strftime('%Y-%m-%d_%H-%M-%S')}")
     from hoexp.build import resolve_device
@@ -283,7 +300,17 @@ def cmd_check(args: list[str]) -> None:
         console = Console()
         if not console.is_terminal:
             console = Console(width=150)  # a wide table in logs and pipes
-        run_check(spec, out, iterations=iterations, dense_max=ns.dense_max, console=console)
+        if ns.horizon:
+            from hoexp.horizon import parse_contender, run_horizon
+
+            base = [o for o in ns.overrides if not o.startswith(("method=", "method."))]
+            contenders = []
+            for text in ns.method or DEFAULT_CONTENDERS:
+                c = parse_contender(text)
+                contenders.append((c, compose_spec(base + c.overrides)[0]))
+            run_horizon(spec, contenders, out, at=at, eps=ns.eps, console=console)
+        else:
+            run_check(spec, out, iterations=iterations, dense_max=ns.dense_max, console=console)
 
 
 def cmd_report(args: list[str]) -> None:

@@ -265,11 +265,18 @@ class ForwardConfig:
     name: str = "forward"
     max_hparams: int = 64
     strategy: str = "hessian"  # hessian | vmap | loop: how tangents are pushed (hoexp.method.forward)
+    carry: bool = False  # keep the tangents across outer steps (real-time HO: λ's effect since step 0)
+    decay: float = 1.0  # carried tangents are multiplied by this at every outer step (forgetting)
 
     def check(self) -> None:
         _positive(self, "max_hparams")
         if self.strategy not in ("hessian", "vmap", "loop"):
             raise ConfigError(f"method.strategy must be hessian, vmap or loop, got '{self.strategy}'")
+        if not 0 < self.decay <= 1:
+            raise ConfigError(f"method.decay must be in (0, 1], got {self.decay}")
+        if self.carry and self.strategy == "loop":
+            raise ConfigError("method.carry=true needs method.strategy=hessian or vmap (the loop strategy keeps "
+                              "no batched tangents)")
 
 
 @dataclass

@@ -26,7 +26,7 @@ Three strategies compute the same tangents (tests hold them to rounding):
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import warnings
@@ -37,7 +37,7 @@ from torch.func import grad, jvp, vmap
 
 from hoexp import tree
 from hoexp.method.base import InnerState, StepStats
-from hoexp.method.unrolled import StepLoss, UnrolledResult, detach_state, path_outer_step
+from hoexp.method.unrolled import StepLoss, UnrolledResult, detach_state
 from hoexp.optim import Optimizer
 from hoexp.problem import Batch, Problem
 
@@ -82,6 +82,7 @@ def forward_hypergradient(
     on_step: Callable[[], None] | None = None,
     strategy: str = "hessian",
     chunk_size: int | None = None,
+    tangents: tuple[dict[str, Tensor], Any] | None = None,
 ) -> UnrolledResult:
     """``dL_V(w_T)/dλ`` by forward mode: one tangent per scalar hyperparameter, carried for ``steps`` steps.
 
@@ -89,14 +90,21 @@ def forward_hypergradient(
     ``strategy``: ``"hessian"``, ``"vmap"`` or ``"loop"`` (see the module doc); they agree to rounding.
     If ``vmap`` cannot handle the problem (an operation without a batching rule that raises), the
     loop is used, with a warning.
+
+    ``tangents``: the starting ``(ẇ, ṡ) = d(w_0, s_0)/dλ``, batched ``[H, ...]`` like the result's
+    ``tangents`` (default zero: ``w_0`` taken as independent of ``λ``). Passing the previous call's
+    result carries the derivative across calls (real-time HO, :class:`ForwardMethod` ``carry``);
+    batched strategies only.
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
     args = (train_loss, val_loss, optimizer, params, opt_state, hparams, steps)
+    if tangents is not None and (strategy == "loop" or not tree.numel(hparams)):
+        raise ValueError("carried tangents need a batched strategy (hessian or vmap) and hyperparameters")
     if strategy != "loop" and tree.numel(hparams):  # no hyperparameters: nothing to batch
         impl = _forward_hessian if strategy == "hessian" else _forward_vectorized
         try:
-            return impl(*args, overrides=overrides, on_step=on_step, chunk_size=chunk_size)
+            return impl(*args, overrides=overrides, on_step=on_step, chunk_size=chunk_size, tangents=tangents)
         except (RuntimeError, NotImplementedError) as e:  # pragma: no cover - depends on the model's ops
             warnings.warn(f"forward mode: vmap over hyperparameter directions failed ({e}); "
                           "falling back to one jvp per direction", RuntimeWarning, stacklevel=2)
@@ -152,7 +160,7 @@ def _forward_loop(
 
 def _result(train_loss: StepLoss, val_loss: Callable[[dict[str, Tensor], dict[str, Tensor]], Tensor],
             w: dict[str, Tensor], tensors: dict[str, Any], rest: dict[str, Any], lam: dict[str, Tensor],
-            hg_vector: Tensor, steps: int) -> UnrolledResult:
+            hg_vector: Tensor, steps: int, tangents: Any = None) -> UnrolledResult:
     # Training loss and gradient norm at w_T on the last batch, for logging (one gradient).
     loss_value = gnorm = None
     if steps:
@@ -170,6 +178,7 @@ def _result(train_loss: StepLoss, val_loss: Callable[[dict[str, Tensor], dict[st
         val_loss=float(lv.detach()),
         last_train_loss=None if loss_value is None else float(loss_value),
         last_grad_norm=None if gnorm is None else float(gnorm),
+        tangents=tangents,
     )
 
 
@@ -185,9 +194,11 @@ def _forward_vectorized(
     overrides: Callable[[dict[str, Tensor], int], dict[str, Any]] | None = None,
     on_step: Callable[[], None] | None = None,
     chunk_size: int | None = None,
+    tangents: tuple[dict[str, Tensor], Any] | None = None,
 ) -> UnrolledResult:
     """All directions at once: the tangents are batched ``[H, ...]`` pytrees, one ``vmap``-ed ``jvp`` a step."""
-    lam, lam_flat, n_h, directions, w, tensors, rest, tangent_w, tangent_s = _batched_start(params, opt_state, hparams)
+    lam, lam_flat, n_h, directions, w, tensors, rest, tangent_w, tangent_s = _batched_start(params, opt_state, hparams,
+                                                                                           tangents)
     for t in range(steps):
         captured: dict[str, Any] = {}
         update = _update_fn(optimizer, overrides, rest, t, captured)
@@ -212,7 +223,7 @@ def _forward_vectorized(
         if on_step is not None:
             on_step()
     hg_vector = vmap(lambda tw, d: jvp(val_loss, (w, lam), (tw, d))[1], chunk_size=chunk_size)(tangent_w, directions)
-    return _result(train_loss, val_loss, w, tensors, rest, lam, hg_vector, steps)
+    return _result(train_loss, val_loss, w, tensors, rest, lam, hg_vector, steps, (tangent_w, tangent_s))
 
 
 def _forward_hessian(
@@ -227,13 +238,15 @@ def _forward_hessian(
     overrides: Callable[[dict[str, Tensor], int], dict[str, Any]] | None = None,
     on_step: Callable[[], None] | None = None,
     chunk_size: int | None = None,
+    tangents: tuple[dict[str, Tensor], Any] | None = None,
 ) -> UnrolledResult:
     """Tangents of the gradient from reverse passes through the joint Hessian of ``L_T`` (module doc).
 
     Cost per step: one ``create_graph`` gradient of ``L_T`` in ``(w, λ)``, ``H`` backward passes
     through it (HVPs), and ``vmap(jvp(update))`` over the directions (elementwise).
     """
-    lam, lam_flat, n_h, directions, w, tensors, rest, tangent_w, tangent_s = _batched_start(params, opt_state, hparams)
+    lam, lam_flat, n_h, directions, w, tensors, rest, tangent_w, tangent_s = _batched_start(params, opt_state, hparams,
+                                                                                           tangents)
     w_keys, lam_keys = list(w), list(lam)
     for t in range(steps):
         w_req = tree.detached(w, requires_grad=True)
@@ -275,13 +288,14 @@ def _forward_hessian(
     for x, tx in zip(gv, list(tangent_w.values()) + list(directions.values())):
         if x is not None:
             hg_vector = hg_vector + (tx.reshape(n_h, -1) @ x.reshape(-1).to(tx.dtype))
-    return _result(train_loss, val_loss, w, tensors, rest, lam, hg_vector, steps)
+    return _result(train_loss, val_loss, w, tensors, rest, lam, hg_vector, steps, (tangent_w, tangent_s))
 
 
-def _batched_start(params: Mapping[str, Tensor], opt_state: dict[str, Any], hparams: Mapping[str, Tensor]
-                   ) -> tuple[Any, ...]:
+def _batched_start(params: Mapping[str, Tensor], opt_state: dict[str, Any], hparams: Mapping[str, Tensor],
+                   tangents: tuple[dict[str, Tensor], Any] | None = None) -> tuple[Any, ...]:
     """Detached copies and the batched starting tangents: ``(λ, λ_flat, H, directions [H, ...] (the unit
-    basis, shaped like ``λ``), w, optimizer tensors, the rest of the state, ẇ = 0, ṡ = 0)``."""
+    basis, shaped like ``λ``), w, optimizer tensors, the rest of the state, ẇ, ṡ)`` (``ẇ = ṡ = 0``
+    unless ``tangents`` are given)."""
     lam = tree.detached(hparams)
     lam_flat = tree.flatten(lam.values())
     n_h = lam_flat.numel()
@@ -290,6 +304,8 @@ def _batched_start(params: Mapping[str, Tensor], opt_state: dict[str, Any], hpar
     basis = torch.eye(n_h, dtype=lam_flat.dtype, device=lam_flat.device)
     directions = {k: d.reshape(n_h, *v.shape) for (k, v), d in zip(lam.items(), torch.split(basis, [
         v.numel() for v in lam.values()], dim=1))}
+    if tangents is not None:
+        return lam, lam_flat, n_h, directions, w, tensors, rest, tangents[0], tangents[1]
     tangent_w = {k: torch.zeros(n_h, *v.shape, dtype=v.dtype, device=v.device) for k, v in w.items()}
     return lam, lam_flat, n_h, directions, w, tensors, rest, tangent_w, _batched_zeros(tensors, n_h)
 
@@ -316,15 +332,57 @@ def _batched_zeros(x: Any, n: int) -> Any:
 
 @dataclass
 class ForwardMethod:
-    """``method=forward``: refuses more than ``max_hparams`` hyperparameters (checked when the run is built)."""
+    """``method=forward``: refuses more than ``max_hparams`` hyperparameters (checked when the run is built).
+
+    With ``carry`` the tangents ``Z = d(w, s)/dλ`` are not reset between outer steps (real-time HO,
+    RTHO: Franceschi et al. 2017): the hypergradient is the derivative of the current validation
+    loss with respect to ``λ`` held constant since step 0, its effect over the whole run so far,
+    instead of over the last ``inner_steps`` steps only (the short-horizon bias of Wu et al. 2018).
+    ``λ`` moves, so ``Z`` mixes derivatives taken at past values (as in RTRL); ``decay`` ``γ ≤ 1``
+    multiplies ``Z`` at every outer step to forget old ones. Same cost per step as without carry;
+    memory ``O(P·H)``.
+    """
 
     max_hparams: int = 64
     name: str = "forward"
     strategy: str = "hessian"
+    carry: bool = False
+    decay: float = 1.0
+    tangents: tuple[dict[str, Tensor], Any] | None = field(default=None, repr=False)
 
     def outer_step(self, problem: Problem, inner_opt: Optimizer, state: InnerState, raw: dict[str, Tensor],
                    train_batches: Iterator[Batch], val_batch: Batch, inner_steps: int,
                    on_inner_step: Callable[[], None] | None = None,
                    ) -> tuple[dict[str, Tensor], InnerState, StepStats]:
-        return path_outer_step(forward_hypergradient, problem, inner_opt, state, raw, train_batches, val_batch,
-                               inner_steps, on_inner_step, strategy=self.strategy)
+        start = None
+        if self.carry and self.tangents is not None:
+            start = self.tangents if self.decay == 1 else _scale(self.tangents, self.decay)
+        batches = [next(train_batches) for _ in range(inner_steps)]
+        res = forward_hypergradient(
+            lambda w, h, t: problem.train_loss(w, h, batches[t]), lambda w, h: problem.val_loss(w, h, val_batch),
+            inner_opt, state.params, state.opt_state, raw, inner_steps, overrides=problem.family.optimizer_overrides,
+            on_step=on_inner_step, strategy=self.strategy, tangents=start)
+        if self.carry:
+            self.tangents = res.tangents
+        stats = StepStats(inner_grad_norm=res.last_grad_norm, inner_loss=res.last_train_loss,
+                          hypergrad_norm=float(tree.norm(res.hypergrad)))
+        if self.carry and res.tangents is not None:
+            stats.extra["forward/tangent_norm"] = float(tree.norm(res.tangents[0]))
+        return res.hypergrad, InnerState(res.params, res.opt_state, state.step + inner_steps), stats
+
+    # CarriesState: the carried tangents are checkpointed with the run (empty without carry).
+    def state_dict(self) -> dict[str, Any]:
+        if self.tangents is None:
+            return {}
+        return {"tangent_w": self.tangents[0], "tangent_s": self.tangents[1]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.tangents = (state["tangent_w"], state["tangent_s"]) if state else None
+
+
+def _scale(x: Any, c: float) -> Any:
+    if isinstance(x, Tensor):
+        return x * c
+    if isinstance(x, tuple):
+        return tuple(_scale(v, c) for v in x)
+    return {k: _scale(v, c) for k, v in x.items()}

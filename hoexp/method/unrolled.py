@@ -43,6 +43,7 @@ class UnrolledResult:
     val_loss: float
     last_train_loss: float | None
     last_grad_norm: float | None
+    tangents: Any = None  # forward mode: (ẇ, ṡ) batched over the directions, for carrying them on
 
 
 def unrolled_hypergradient(

@@ -1,0 +1,261 @@
+"""``hoexp check --horizon``: does a method's hypergradient point where the *final* model improves?
+
+The user's objective is the validation loss at the end of training. Its derivative with respect to
+the hyperparameters, applied from outer step ``s`` on, is the *long-horizon truth*
+
+    g*_s = d/dλ  L_V( w_{N·T}(λ) ),   λ used for every training step after outer step s,
+
+measured by central finite differences over the whole remaining run with common random numbers
+(the same minibatches and dropout noise for ``λ ± ε e_i``: the batch streams are restored from the
+checkpoint at ``s``). Each method's hypergradient at ``s`` (the one its outer step starting at ``s``
+returns; methods that carry state across outer steps run from step 0) is compared with it:
+cosine, the fraction of coordinates whose sign agrees, and the relative error. Hyperparameters stay
+at their initial values throughout (no outer updates), so every method sees one trajectory.
+
+Cost: ``2·H`` remaining runs per checkpoint for ``H`` hyperparameters (use global or per-layer
+granularity), plus one run per stateful method. Output: a rich table, ``horizon.json``, ``horizon.png``.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.table import Table
+from torch import Tensor
+
+from hoexp import tree
+from hoexp.build import build, build_method
+from hoexp.config import Spec
+from hoexp.errors import ConfigError
+from hoexp.method.base import CarriesState, InnerState, train_inner
+from hoexp.metrics import write_json_atomic
+from hoexp.problem import training_batches, validation_batches
+
+MAX_HPARAMS = 32
+
+
+def central_differences(f: Callable[[Tensor], float], x: Tensor, eps: float) -> Tensor:
+    """``(f(x + ε e_i) − f(x − ε e_i)) / 2ε`` for every coordinate of the flat vector ``x`` (2·dim calls)."""
+    out = torch.zeros(x.numel(), dtype=torch.float64)
+    for i in range(x.numel()):
+        e = torch.zeros_like(x)
+        e.view(-1)[i] = eps
+        out[i] = (f(x + e) - f(x - e)) / (2 * eps)
+    return out
+
+
+def agreement(hg: Tensor, truth: Tensor) -> dict[str, float]:
+    """Cosine, sign agreement (fraction of coordinates where both signs match) and ``‖hg − g*‖/‖g*‖``."""
+    a, b = hg.reshape(-1).double(), truth.reshape(-1).double()
+    na, nb = float(a.norm()), float(b.norm())
+    return {
+        "cosine": float(a @ b) / (na * nb) if na > 0 and nb > 0 else 0.0,
+        "sign": float((torch.sign(a) == torch.sign(b)).double().mean()) if b.numel() else float("nan"),
+        "rel_error": float((a - b).norm()) / nb if nb > 0 else float("inf"),
+    }
+
+
+@dataclass
+class Contender:
+    """A method to diagnose: a label and the Hydra overrides that select it (e.g. ``method=cg``)."""
+
+    label: str
+    overrides: list[str]
+
+
+def parse_contender(text: str) -> Contender:
+    """``neumann`` or ``neumann:method.terms=20,method.alpha=0.05`` (a method name, then overrides)."""
+    name, _, rest = text.partition(":")
+    overrides = [f"method={name}"] + [o for o in rest.split(",") if o]
+    return Contender(text, overrides)
+
+
+DEFAULT_CONTENDERS = ("t1t2", "neumann", "cg", "truncated", "unrolled", "forward", "forward:method.carry=true")
+
+
+@dataclass
+class _Checkpoint:
+    step: int
+    state: InnerState
+    train_stream: dict
+    val_stream: dict
+
+
+@dataclass
+class HorizonResult:
+    at: list[int]
+    eps: float
+    truth: dict[int, list[float]]
+    hypergradients: dict[str, dict[int, list[float]]] = field(default_factory=dict)
+    scores: dict[str, dict[str, float]] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def run_horizon(spec: Spec, contenders: Sequence[tuple[Contender, Spec]], out_dir: Path, *,
+                at: Sequence[int] | None = None, eps: float = 0.05, console: Console | None = None) -> HorizonResult:
+    """The long-horizon truth at the checkpoints ``at`` (outer steps) and every contender against it."""
+    console = console or Console(stderr=True)
+    run = spec.run
+    at = sorted(set(at if at is not None else [0, run.outer_steps // 4, run.outer_steps // 2,
+                                               3 * run.outer_steps // 4]))
+    if not at or at[0] < 0 or at[-1] >= run.outer_steps:
+        raise ConfigError(f"--at must list outer steps in [0, outer_steps={run.outer_steps}), got {at}")
+    exp = build(spec)
+    problem, family = exp.problem, exp.problem.family
+    params = {k: v.detach().clone() for k, v in exp.model.named_parameters()}
+    raw = family.init(params)
+    n_h = tree.numel(raw)
+    if n_h > MAX_HPARAMS:
+        raise ConfigError(f"the horizon diagnostic differentiates the whole remaining run per hyperparameter; "
+                          f"hp={spec.hp_name} has {n_h:,} here (limit {MAX_HPARAMS}): use a global or per_layer "
+                          "granularity")
+    train = training_batches(problem, exp.data.train, run.seed, spec.dataset.batch_size)
+    val = validation_batches(problem, exp.data.val, run.seed, spec.dataset.val_batch_size)
+    state = InnerState(params, exp.inner_opt.init(params))
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    # The reference trajectory at the initial hyperparameters, with snapshots at the checkpoints.
+    checkpoints: dict[int, _Checkpoint] = {}
+    for step in range(run.outer_steps):
+        if step in at:
+            checkpoints[step] = _Checkpoint(step, state, copy.deepcopy(train.state_dict()),
+                                            copy.deepcopy(val.state_dict()))
+        state, _, _ = train_inner(problem, exp.inner_opt, state, raw, train, run.inner_steps)
+        next(val)  # the runner draws one validation batch per outer step
+    base_final = float(problem.evaluate(state.params, exp.data.val)[0])
+
+    raw_flat = tree.flatten(raw.values()).detach()
+
+    def final_val_loss(ck: _Checkpoint, flat: Tensor) -> float:
+        lam = tree.unflatten(flat, raw)
+        stream = training_batches(problem, exp.data.train, run.seed, spec.dataset.batch_size)
+        stream.load_state_dict(copy.deepcopy(ck.train_stream))
+        st, _, _ = train_inner(problem, exp.inner_opt, ck.state, lam, stream, (run.outer_steps - ck.step) * run.inner_steps)
+        return float(problem.evaluate(st.params, exp.data.val)[0].double())
+
+    result = HorizonResult(at=list(at), eps=eps, truth={})
+    t0 = time.perf_counter()
+    for s in at:
+        result.truth[s] = central_differences(lambda x: final_val_loss(checkpoints[s], x), raw_flat, eps).tolist()
+        console.print(f"hoexp: truth at outer step {s}: {_fmt(result.truth[s])}", highlight=False, soft_wrap=True)
+    result.seconds["truth"] = time.perf_counter() - t0
+
+    for contender, cspec in contenders:
+        t0 = time.perf_counter()
+        try:
+            hgs = _contender_hypergradients(cspec, exp, raw, params, checkpoints, at)
+        except Exception as e:  # one contender failing (e.g. a refused combination) must not end the check
+            result.errors[contender.label] = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e) else ''}"
+            console.print(f"hoexp: {contender.label}: {result.errors[contender.label]}", highlight=False,
+                          soft_wrap=True, markup=False)
+            continue
+        result.seconds[contender.label] = time.perf_counter() - t0
+        result.hypergradients[contender.label] = {s: hg.tolist() for s, hg in hgs.items()}
+        result.scores[contender.label] = _score(hgs, result.truth)
+
+    report = {"at": result.at, "eps": eps, "num_hparams": n_h, "base_final_val_loss": base_final,
+              "truth": {str(k): v for k, v in result.truth.items()},
+              "hypergradients": {m: {str(k): v for k, v in d.items()} for m, d in result.hypergradients.items()},
+              "scores": result.scores, "errors": result.errors, "seconds": result.seconds,
+              "hp_layout": {k: list(v.shape) for k, v in raw.items()}}
+    write_json_atomic(out_dir / "horizon.json", report)
+    _table(result, console)
+    _plot(result, out_dir / "horizon.png")
+    console.print(f"hoexp: horizon diagnostic written to {out_dir}", highlight=False, soft_wrap=True)
+    return result
+
+
+def _contender_hypergradients(cspec: Spec, exp: Any, raw: dict[str, Tensor], params0: dict[str, Tensor],
+                              checkpoints: dict[int, _Checkpoint], at: Sequence[int]) -> dict[int, Tensor]:
+    """The contender's hypergradient at each checkpoint: from the checkpoint's state for stateless
+    methods; along its own run from step 0 (no outer updates) for methods that carry state."""
+    from hoexp.build import check_compatibility
+
+    check_compatibility(cspec)
+    method = build_method(cspec)
+    problem, run, spec = exp.problem, cspec.run, exp.spec
+    out: dict[int, Tensor] = {}
+    if isinstance(method, CarriesState):
+        train = training_batches(problem, exp.data.train, run.seed, spec.dataset.batch_size)
+        val = validation_batches(problem, exp.data.val, run.seed, spec.dataset.val_batch_size)
+        state = InnerState(dict(params0), exp.inner_opt.init(params0))
+        for step in range(max(at) + 1):
+            hg, state, _ = method.outer_step(problem, exp.inner_opt, state, raw, train, next(val), run.inner_steps)
+            if step in at:
+                out[step] = tree.flatten(hg.values()).detach().double()
+        return out
+    for s in at:
+        ck = checkpoints[s]
+        train = training_batches(problem, exp.data.train, run.seed, spec.dataset.batch_size)
+        train.load_state_dict(copy.deepcopy(ck.train_stream))
+        val = validation_batches(problem, exp.data.val, run.seed, spec.dataset.val_batch_size)
+        val.load_state_dict(copy.deepcopy(ck.val_stream))
+        hg, _, _ = method.outer_step(problem, exp.inner_opt, ck.state, raw, train, next(val), run.inner_steps)
+        out[s] = tree.flatten(hg.values()).detach().double()
+    return out
+
+
+def _score(hgs: dict[int, Tensor], truth: dict[int, list[float]]) -> dict[str, float]:
+    per = {s: agreement(hg, torch.tensor(truth[s], dtype=torch.float64)) for s, hg in hgs.items()}
+    pooled_sign = torch.cat([(torch.sign(hg) == torch.sign(torch.tensor(truth[s], dtype=torch.float64))).double()
+                             for s, hg in hgs.items()]).mean()
+    out = {"cosine": sum(p["cosine"] for p in per.values()) / len(per), "sign": float(pooled_sign),
+           "rel_error": sum(p["rel_error"] for p in per.values()) / len(per)}
+    out.update({f"cosine@{s}": p["cosine"] for s, p in per.items()})
+    out.update({f"sign@{s}": p["sign"] for s, p in per.items()})
+    return out
+
+
+def _fmt(v: Sequence[float]) -> str:
+    return "[" + ", ".join(f"{x:+.3g}" for x in v[:8]) + (", ..." if len(v) > 8 else "") + "]"
+
+
+def _table(result: HorizonResult, console: Console) -> None:
+    table = Table(title=f"hypergradient vs long-horizon truth (central differences, ε = {result.eps:g}, "
+                        f"checkpoints {result.at})")
+    table.add_column("method")
+    table.add_column("sign agreement", justify="right")
+    table.add_column("cosine (mean)", justify="right")
+    for s in result.at:
+        table.add_column(f"cos@{s}", justify="right")
+    table.add_column("rel. error", justify="right")
+    table.add_column("time s", justify="right")
+    for label, sc in result.scores.items():
+        table.add_row(label, f"{sc['sign']:.2f}", f"{sc['cosine']:+.3f}", *[f"{sc[f'cosine@{s}']:+.2f}" for s in result.at],
+                      f"{sc['rel_error']:.3g}", f"{result.seconds.get(label, math.nan):.1f}")
+    for label, err in result.errors.items():
+        table.add_row(label, "-", "-", *["-" for _ in result.at], "-", err[:60])
+    console.print(table)
+
+
+def _plot(result: HorizonResult, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for label, sc in result.scores.items():
+        ax1.plot(result.at, [sc[f"cosine@{s}"] for s in result.at], marker="o", label=label)
+    ax1.axhline(0, color="grey", lw=0.5)
+    ax1.set_xlabel("outer step of the checkpoint")
+    ax1.set_ylabel("cosine with the long-horizon truth")
+    ax1.set_ylim(-1.05, 1.05)
+    ax1.legend(fontsize=7)
+    labels = list(result.scores)
+    ax2.barh(labels, [result.scores[m]["sign"] for m in labels])
+    ax2.set_xlim(0, 1)
+    ax2.axvline(0.5, color="grey", lw=0.5)
+    ax2.set_xlabel("sign agreement (all checkpoints and coordinates)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
