@@ -1,0 +1,113 @@
+"""Long-horizon hypergradients: the horizon diagnostic's truth and carried forward mode (RTHO)."""
+
+import json
+
+import torch
+
+from hoexp import tree
+from hoexp.build import build, build_method
+from hoexp.cli import compose_spec
+from hoexp.horizon import agreement, central_differences, parse_contender, run_horizon
+from hoexp.method.base import InnerState, train_inner
+from hoexp.problem import training_batches, validation_batches
+from tests.problems import Ridge, rel_err
+
+TINY = ["model.width=5", "model.depth=1", "model.activation=tanh", "model.bias=false", "dtype=float64",
+        "progress=false", "optim/inner=momentum", "optim.inner.lr=0.2", "optim.inner.momentum=0.5"]
+
+
+def test_central_differences_of_a_converged_run_are_the_ift_answer():
+    """On ridge, the final validation loss of a run long enough to converge is L_V(w*(λ)), so the
+    diagnostic's truth must equal the closed-form hypergradient."""
+    ridge = Ridge.make(n=40, m=30, d=6, seed=3)
+    H = ridge.hessian()
+    lr = 1.0 / float(torch.linalg.eigvalsh(H)[-1])
+
+    def final_val(raw):
+        w = torch.zeros(6, dtype=torch.float64)
+        for _ in range(4000):
+            wg = w.clone().requires_grad_(True)
+            (g,) = torch.autograd.grad(ridge.train_loss({"w": wg}, {"log_decay": raw}), [wg])
+            w = w - lr * g
+        return float(ridge.val_loss({"w": w}, None))
+
+    truth = central_differences(final_val, ridge.raw, 1e-4)
+    assert rel_err(truth, ridge.exact_hypergradient()) < 1e-6
+
+
+def test_agreement_scores():
+    a, b = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64), torch.tensor([2.0, -1.0, -0.5], dtype=torch.float64)
+    s = agreement(a, b)
+    assert abs(s["sign"] - 2 / 3) < 1e-12
+    assert abs(s["cosine"] - 3.75 / 5.25) < 1e-12
+    assert agreement(-b, b)["sign"] == 0.0 and agreement(b, b)["rel_error"] == 0.0
+
+
+def test_horizon_truth_matches_exact_ift_when_training_converges(tmp_path):
+    """Full-batch training that converges within each outer step: the long-horizon truth at every
+    checkpoint is the IFT hypergradient at w*, which method=exact computes."""
+    base = TINY + ["hp.weight_decay.granularity=per_layer", "hp.weight_decay.init=0.05", "outer_steps=2",
+                   "inner_steps=1500", "optim.inner.lr=0.3"]
+    spec, _ = compose_spec(base)
+    contenders = [(parse_contender(t), compose_spec(base + parse_contender(t).overrides)[0])
+                  for t in ("exact", "t1t2:method.alpha=0.3")]
+    res = run_horizon(spec, contenders, tmp_path, at=[0, 1], eps=1e-4)
+    for s in (0, 1):
+        exact = torch.tensor(res.hypergradients["exact"][s])
+        assert rel_err(exact, torch.tensor(res.truth[s])) < 1e-3, (exact, res.truth[s])
+    assert res.scores["exact"]["sign"] == 1.0 and res.scores["exact"]["cosine"] > 0.999
+    report = json.loads((tmp_path / "horizon.json").read_text())
+    assert set(report["scores"]) == {"exact", "t1t2:method.alpha=0.3"} and report["at"] == [0, 1]
+    assert (tmp_path / "horizon.png").stat().st_size > 0
+
+
+def test_carried_forward_mode_is_the_derivative_since_step_zero():
+    """method=forward with carry=true, after J outer steps at fixed λ, equals central differences of
+    L_V(w_{J·T}(λ)) with λ held constant from step 0 (same batches and dropout noise)."""
+    overrides = TINY + ["hp=[weight_decay,dropout]", "hp.weight_decay.granularity=per_layer",
+                        "hp.weight_decay.init=0.05", "hp.dropout.granularity=per_layer", "dataset.batch_size=16",
+                        "method=forward", "method.carry=true", "inner_steps=4"]
+    spec, _ = compose_spec(overrides)
+    exp = build(spec)
+    problem = exp.problem
+    params = {k: v.detach().clone() for k, v in exp.model.named_parameters()}
+    raw = problem.family.init(params)
+    J, T = 3, spec.run.inner_steps
+
+    def streams():
+        return (training_batches(problem, exp.data.train, spec.run.seed, spec.dataset.batch_size),
+                validation_batches(problem, exp.data.val, spec.run.seed, spec.dataset.val_batch_size))
+
+    method = build_method(spec)
+    train, val = streams()
+    state = InnerState(params, exp.inner_opt.init(params))
+    for _ in range(J):
+        val_batch = next(val)
+        hg, state, _ = method.outer_step(problem, exp.inner_opt, state, raw, train, val_batch, T)
+    carried = tree.flatten(hg.values())
+
+    def final_val(flat):
+        lam = tree.unflatten(flat, raw)
+        train, _ = streams()
+        st, _, _ = train_inner(problem, exp.inner_opt, InnerState(params, exp.inner_opt.init(params)), lam, train,
+                               J * T)
+        return float(problem.val_loss(st.params, lam, val_batch))
+
+    fd = central_differences(final_val, tree.flatten(raw.values()), 1e-5)
+    assert rel_err(carried, fd) < 1e-6, (carried, fd)
+
+    # Without carry the same method sees only the last T steps: a different (short-horizon) answer.
+    short = build_method(compose_spec(overrides[:-2] + ["method.carry=false"] + overrides[-1:])[0])
+    train, val = streams()
+    state = InnerState(params, exp.inner_opt.init(params))
+    for _ in range(J):
+        hg, state, _ = short.outer_step(problem, exp.inner_opt, state, raw, train, next(val), T)
+    assert rel_err(tree.flatten(hg.values()), fd) > 1e-2
+
+    # The carried tangents are the method's state: saved and restored they continue the same way.
+    saved = method.state_dict()
+    assert set(saved) == {"tangent_w", "tangent_s"}
+    method.load_state_dict({})
+    assert method.tangents is None
+    method.load_state_dict(saved)
+    assert method.tangents is not None
