@@ -8,7 +8,8 @@ from typing import Any
 from torch import Tensor
 
 from hoexp.method.ift import IFTStats, LossFn, ift_hypergradient
-from hoexp.method.solvers import ConjugateGradient, Exact, FixedPoint, Neumann, Solver
+from hoexp.method.curvature import CURVATURES
+from hoexp.method.solvers import AutoStep, ConjugateGradient, Exact, FixedPoint, Neumann, Solver
 
 IFT_SOLVERS = ("exact", "cg", "neumann", "fixed_point", "t1t2")
 
@@ -17,7 +18,8 @@ def make_solver(method: str, **options: Any) -> Solver:
     """Build the linear solver behind an IFT method from user-facing option names.
 
     ``iterations`` is the number of Neumann terms / CG or fixed-point iterations, ``alpha`` the
-    Neumann / fixed-point step, ``tol`` CG's relative tolerance, ``max_params`` exact's size cap.
+    Neumann / fixed-point step (``"auto"``: ``1/λ_max`` by 20 power iterations per call), ``tol`` CG's
+    relative tolerance, ``max_params`` exact's size cap.
     """
     allowed = {
         "exact": {"max_params"},
@@ -36,12 +38,17 @@ def make_solver(method: str, **options: Any) -> Solver:
         )
     if "iterations" in options and int(options["iterations"]) < 0:
         raise ValueError(f"iterations must be >= 0, got {options['iterations']}")
-    if "alpha" in options and not float(options["alpha"]) > 0:
-        raise ValueError(f"alpha must be > 0, got {options['alpha']}")
+    auto = options.get("alpha") == "auto"
+    if auto:
+        del options["alpha"]
+    elif "alpha" in options and not float(options["alpha"]) > 0:
+        raise ValueError(f"alpha must be > 0 or 'auto', got {options['alpha']}")
     if method == "t1t2":  # H⁻¹ ≈ αI: a Neumann series with no terms
-        return Neumann(iterations=0, alpha=options.get("alpha", 0.01), residual=options.get("residual", False))
-    cls = {"exact": Exact, "cg": ConjugateGradient, "neumann": Neumann, "fixed_point": FixedPoint}[method]
-    return cls(**options)
+        solver = Neumann(iterations=0, alpha=options.get("alpha", 0.01), residual=options.get("residual", False))
+    else:
+        cls = {"exact": Exact, "cg": ConjugateGradient, "neumann": Neumann, "fixed_point": FixedPoint}[method]
+        solver = cls(**options)
+    return AutoStep(solver) if auto else solver
 
 
 def hypergradient(
@@ -52,6 +59,8 @@ def hypergradient(
     method: str = "exact",
     *,
     return_stats: bool = False,
+    damping: float = 0.0,
+    curvature: str = "hessian",
     **options: Any,
 ) -> dict[str, Tensor] | tuple[dict[str, Tensor], IFTStats]:
     """Hypergradient ``dL_V/dλ`` by implicit differentiation at ``params`` (taken as ``w*(λ)``).
@@ -61,10 +70,18 @@ def hypergradient(
     ``"exact"`` (dense Hessian, small models), ``"cg"``, ``"neumann"``, ``"fixed_point"`` or ``"t1t2"``
     (``H⁻¹ ≈ αI``);
     ``options`` are passed to it (``iterations``, ``alpha``, ``tol``, ``max_params``).
+    ``damping`` ``μ ≥ 0`` solves with ``H + μI``; ``curvature="gauss_newton"`` with the Gauss-Newton
+    matrix instead of ``H``, which needs ``train_loss`` as a
+    :class:`~hoexp.method.curvature.SplitLoss` (outputs, loss on outputs, penalty).
     Returns a dict shaped like ``hparams`` (and an :class:`IFTStats` with ``return_stats=True``).
 
     >>> hg = hypergradient(train_loss, val_loss, w, {"log_decay": raw}, method="cg", iterations=50)
     """
+    if curvature not in CURVATURES:
+        raise ValueError(f"unknown curvature '{curvature}'; valid: {', '.join(CURVATURES)}")
+    if not float(damping) >= 0:
+        raise ValueError(f"damping must be >= 0, got {damping}")
     solver = make_solver(method, **options)
-    hg, stats = ift_hypergradient(train_loss, val_loss, params, hparams, solver)
+    hg, stats = ift_hypergradient(train_loss, val_loss, params, hparams, solver, curvature=CURVATURES[curvature],
+                                  damping=float(damping))
     return (hg, stats) if return_stats else hg

@@ -22,12 +22,13 @@ from hoexp.hp.dropout import Dropout
 from hoexp.hp.learning_rate import LearningRate, Momentum
 from hoexp.hp.weight_decay import WeightDecay
 from hoexp.method.base import HyperMethod
+from hoexp.method.curvature import CURVATURES
 from hoexp.method.forward import ForwardMethod
 from hoexp.method.hd import HDMethod
 from hoexp.method.implicit import ImplicitMethod, NoHO
 from hoexp.method.reversible import ReversibleMethod
 from hoexp.method.unrolled import UnrolledMethod
-from hoexp.method.solvers import ConjugateGradient, Exact, FixedPoint, Neumann
+from hoexp.method.solvers import ConjugateGradient, Exact, FixedPoint, Neumann, Solver
 from hoexp.model.mlp import MLP
 from hoexp.optim import Optimizer, build_optimizer
 from hoexp.problem import Problem
@@ -113,20 +114,31 @@ def build_family(spec: Spec, model: nn.Module) -> HyperFamily:
     return families[0] if len(families) == 1 else Composite(tuple(families))
 
 
+def ift_solver(cfg: Any) -> Solver:
+    """The linear solver of an IFT method's config (with ``alpha=auto`` the method sets ``α`` per solve)."""
+    alpha = 0.01 if getattr(cfg, "alpha", None) == "auto" else getattr(cfg, "alpha", None)
+    if cfg.name == "neumann":
+        return Neumann(cfg.terms, alpha, cfg.residual)
+    if cfg.name == "cg":
+        return ConjugateGradient(cfg.iterations, cfg.tol)
+    if cfg.name == "fixed_point":
+        return FixedPoint(cfg.iterations, alpha, cfg.residual)
+    if cfg.name == "exact":
+        return Exact(cfg.max_params)
+    if cfg.name == "t1t2":
+        return Neumann(0, alpha, cfg.residual)
+    raise ConfigError(f"unknown IFT method '{cfg.name}'")
+
+
 def build_method(spec: Spec) -> HyperMethod:
     cfg = spec.method
     if cfg.name == "none":
         return NoHO()
-    if cfg.name == "neumann":
-        return ImplicitMethod(Neumann(cfg.terms, cfg.alpha, cfg.residual), "neumann")
-    if cfg.name == "cg":
-        return ImplicitMethod(ConjugateGradient(cfg.iterations, cfg.tol), "cg")
-    if cfg.name == "fixed_point":
-        return ImplicitMethod(FixedPoint(cfg.iterations, cfg.alpha, cfg.residual), "fixed_point")
-    if cfg.name == "exact":
-        return ImplicitMethod(Exact(cfg.max_params), "exact")
-    if cfg.name == "t1t2":
-        return ImplicitMethod(Neumann(0, cfg.alpha, cfg.residual), "t1t2")
+    if cfg.name in IFT_METHODS:
+        auto = getattr(cfg, "alpha", None) == "auto"
+        return ImplicitMethod(ift_solver(cfg), cfg.name, curvature=CURVATURES[cfg.curvature], damping=cfg.damping,
+                              warm_start=getattr(cfg, "warm_start", False),
+                              alpha_every=cfg.alpha_every if auto else 0)
     if cfg.name == "unrolled":
         return UnrolledMethod(None, "unrolled")
     if cfg.name == "truncated":

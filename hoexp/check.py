@@ -29,7 +29,7 @@ from hoexp.config import Spec
 from hoexp.method.base import InnerState, train_inner
 from hoexp.method.forward import forward_hypergradient
 from hoexp.method.ift import ift_hypergradient
-from hoexp.method.solvers import ConjugateGradient, Exact, FixedPoint, Neumann
+from hoexp.method.solvers import AutoStep, ConjugateGradient, Exact, FixedPoint, Neumann
 from hoexp.method.unrolled import unrolled_hypergradient
 from hoexp.metrics import write_json_atomic
 from hoexp.problem import training_batches
@@ -130,6 +130,8 @@ def run_check(spec: Spec, out_dir: Path, *, iterations: tuple[int, ...] = ITERAT
         return problem.val_loss(w, h, val_batch)
 
     alpha = getattr(spec.method, "alpha", 0.01)
+    if alpha == "auto":  # 1/λ_max(H) at the trained weights, by power iteration
+        alpha = ift_hypergradient(tl, vl, state.params, raw, AutoStep(Neumann(0)))[1].extra["solver/alpha"]
     rows: list[Row] = []
     # ---- IFT methods against the exact IFT hypergradient
     if problem.family.moves_optimum:

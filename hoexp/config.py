@@ -182,16 +182,26 @@ class NoneMethodConfig:
         pass
 
 
+# IFT options shared by neumann, cg, fixed_point, exact, t1t2 (hoexp.method.curvature, hoexp.method.solvers):
+#   curvature: hessian | gauss_newton (Jᵀ H_ℓ J + penalty Hessian: PSD, for non-convex nets)
+#   damping: μ ≥ 0, solve with C + μI
+#   warm_start (neumann, cg, fixed_point): start each solve from the previous outer step's solution
+#   alpha: a step > 0, or auto: 1/λ_max of the (damped) operator by power iteration, re-estimated every
+#   alpha_every outer steps (neumann, fixed_point, t1t2)
 @dataclass
 class NeumannConfig:
     name: str = "neumann"
     terms: int = 5
-    alpha: float = 0.01
+    alpha: Any = 0.01  # a float > 0, or "auto"
     residual: bool = True  # one more HVP for the exact residual ‖Hu − v‖/‖v‖
+    curvature: str = "hessian"
+    damping: float = 0.0
+    warm_start: bool = False
+    alpha_every: int = 10
 
     def check(self) -> None:
         _non_negative(self, "terms")
-        _positive(self, "alpha")
+        _check_ift(self)
 
 
 @dataclass
@@ -199,30 +209,44 @@ class CGConfig:
     name: str = "cg"
     iterations: int = 20
     tol: float = 1e-10
+    curvature: str = "hessian"
+    damping: float = 0.0
+    warm_start: bool = False
 
     def check(self) -> None:
         _non_negative(self, "iterations", "tol")
+        _check_ift(self)
 
 
 @dataclass
 class FixedPointConfig:
     name: str = "fixed_point"
     iterations: int = 5
-    alpha: float = 0.01
+    alpha: Any = 0.01  # a float > 0, or "auto"
     residual: bool = True
+    curvature: str = "hessian"
+    damping: float = 0.0
+    warm_start: bool = False
+    alpha_every: int = 10
 
     def check(self) -> None:
         _non_negative(self, "iterations")
-        _positive(self, "alpha")
+        _check_ift(self)
+        if self.warm_start and self.iterations == 0:
+            raise ConfigError("method=fixed_point: warm_start needs iterations >= 1 (0 would return the carried "
+                              "vector unchanged)")
 
 
 @dataclass
 class ExactConfig:
     name: str = "exact"
     max_params: int = 20_000
+    curvature: str = "hessian"
+    damping: float = 0.0
 
     def check(self) -> None:
         _positive(self, "max_params")
+        _check_ift(self)
 
 
 @dataclass
@@ -230,11 +254,32 @@ class T1T2Config:
     """One-step greedy IFT with ``H⁻¹ ≈ αI`` (Luketina et al. 2016): Neumann with 0 terms."""
 
     name: str = "t1t2"
-    alpha: float = 0.01
+    alpha: Any = 0.01  # a float > 0, or "auto"
     residual: bool = False  # the residual costs one HVP, a third of this method's cost
+    curvature: str = "hessian"
+    damping: float = 0.0
+    alpha_every: int = 10
 
     def check(self) -> None:
-        _positive(self, "alpha")
+        _check_ift(self)
+
+
+def _check_ift(obj: Any) -> None:
+    """The IFT options above, where ``obj`` has them; a numeric ``alpha`` becomes a float."""
+    from hoexp.method.curvature import CURVATURES
+
+    _choice("method.curvature", obj.curvature, CURVATURES)
+    _non_negative(obj, "damping")
+    if hasattr(obj, "alpha_every"):
+        _positive(obj, "alpha_every")
+    if not hasattr(obj, "alpha") or obj.alpha == "auto":
+        return
+    if isinstance(obj.alpha, bool) or not isinstance(obj.alpha, (int, float)):
+        raise ConfigError(f"{_where(obj)}alpha must be a number > 0 or auto, got {obj.alpha!r}")
+    obj.alpha = float(obj.alpha)
+    if not (obj.alpha > 0 and math.isfinite(obj.alpha)):
+        raise ConfigError(f"{_where(obj)}alpha must be > 0, got {obj.alpha} (or alpha=auto: 1/λ_max by power "
+                          "iteration)")
 
 
 @dataclass

@@ -64,8 +64,8 @@ class LMProblem(Problem):
         kwargs = {"masks": masks} if masks else {}
         return functional_call(self.model, dict(params), (x,), kwargs)[0]
 
-    def data_loss(self, params, batch: Batch, masks=None) -> Tensor:
-        return lm_loss(self.logits(params, batch[0], masks), batch[1])
+    def output_loss(self, logits: Tensor, targets: Tensor) -> Tensor:
+        return lm_loss(logits, targets)
 
     @torch.no_grad()
     def evaluate(self, params: Mapping[str, Tensor], source: Tensor) -> tuple[Tensor, Tensor]:

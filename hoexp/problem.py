@@ -10,7 +10,7 @@ the same function.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -47,9 +47,13 @@ class Problem:
             return functional_call(self.model, dict(params), (x,), {"masks": masks})
         return functional_call(self.model, dict(params), (x,))
 
+    def output_loss(self, logits: Tensor, targets: Tensor) -> Tensor:
+        """The data loss of the model's outputs (mean cross-entropy: convex in the logits)."""
+        return F.cross_entropy(logits, targets)
+
     def data_loss(self, params: Mapping[str, Tensor], batch: Batch,
                   masks: Mapping[str, Tensor] | None = None) -> Tensor:
-        return F.cross_entropy(self.logits(params, batch[0], masks), batch[1])
+        return self.output_loss(self.logits(params, batch[0], masks), batch[1])
 
     def masks(self, raw: Mapping[str, Tensor], batch: Batch) -> dict[str, Tensor] | None:
         """The family's dropout masks for this batch's noise (None without noise or dropout)."""
@@ -59,6 +63,13 @@ class Problem:
 
     def train_loss(self, params: Mapping[str, Tensor], raw: Mapping[str, Tensor], batch: Batch) -> Tensor:
         return self.data_loss(params, batch, self.masks(raw, batch)) + self.family.penalty(params, raw)
+
+    def train_parts(self, batch: Batch) -> tuple[Callable, Callable, Callable]:
+        """``train_loss(·, ·, batch)`` split as ``(outputs(w, raw), output_loss(z), penalty(w, raw))``:
+        ``L_T = output_loss(outputs(w, raw)) + penalty(w, raw)`` (a Gauss-Newton curvature needs the
+        outputs; ``hoexp.method.curvature.SplitLoss``)."""
+        return (lambda w, raw: self.logits(w, batch[0], self.masks(raw, batch)),
+                lambda z: self.output_loss(z, batch[1]), self.family.penalty)
 
     def val_loss(self, params: Mapping[str, Tensor], raw: Mapping[str, Tensor], batch: Batch) -> Tensor:
         return self.data_loss(params, batch)

@@ -32,7 +32,8 @@ def test_help_lists_subcommands(capsys):
     (["method=foo"], "unknown method 'foo'; choose one of: cg, exact, fixed_point, forward, hd, neumann, none, reversible, t1t2, truncated, unrolled"),
     (["dataset=cifar"], "unknown dataset 'cifar'; choose one of: iris"),
     (["optim/inner=adm"], "unknown optim/inner 'adm'; choose one of: adagrad, adam, adamw"),
-    (["method.termz=3"], "unknown key 'termz' in method (did you mean 'terms'?); valid keys: alpha, residual, terms"),
+    (["method.termz=3"], "unknown key 'termz' in method (did you mean 'terms'?); valid keys: alpha, alpha_every, "
+                         "curvature, damping, residual, terms, warm_start"),
     (["datset=iris"], "unknown key 'datset' (did you mean 'dataset'?)"),
     (["method.terms=-1"], "method=neumann: terms must be >= 0, got -1"),
     (["method.alpha=0"], "method=neumann: alpha must be > 0, got 0.0"),
@@ -48,6 +49,15 @@ def test_help_lists_subcommands(capsys):
     (["method=hd", "method.variant=rmsprop"], "method.variant='rmsprop' is not valid; choose one of: adam, sgd, sgdn"),
     (["method=truncated", "method.k=0"], "method=truncated: k must be > 0, got 0"),
     (["method=exact", "method.max_params=1000"], "method=exact would form a dense 17,280x17,280 Hessian"),
+    (["method.alpha=-1"], "method=neumann: alpha must be > 0, got -1.0 (or alpha=auto"),
+    (["method=fixed_point", "method.alpha=foo"], "method=fixed_point: alpha must be a number > 0 or auto, got 'foo'"),
+    (["method=t1t2", "method.alpha=auto", "method.alpha_every=0"], "method=t1t2: alpha_every must be > 0, got 0"),
+    (["method.curvature=fisher"], "method.curvature='fisher' is not valid; choose one of: gauss_newton, hessian"),
+    (["method=cg", "method.damping=-0.1"], "method=cg: damping must be >= 0, got -0.1"),
+    (["method=cg", "method.alpha=auto"], "unknown key 'alpha' in method; valid keys: curvature, damping, iterations"),
+    (["method=exact", "method.warm_start=true"], "unknown key 'warm_start' in method; valid keys: curvature, damping"),
+    (["method=fixed_point", "method.warm_start=true", "method.iterations=0"], "warm_start needs iterations >= 1"),
+    (["method.warm_start=maybe"], "method.warm_start: 'maybe' is not a valid bool"),
 ])
 def test_bad_input_is_one_line_exit_2(capsys, args, expected):
     with pytest.raises(SystemExit) as e:

@@ -9,6 +9,11 @@ Cost: one gradient of ``L_V``, one gradient of ``L_T`` with ``create_graph`` (ke
 every Hessian-vector product of the solve: reverse-over-reverse), the solver's HVPs, and one
 vector-Jacobian product for the mixed term.
 
+Long horizons (``hoexp.method.curvature``, ``hoexp.method.solvers``): the operator can be the
+Gauss-Newton matrix ``G`` instead of ``H`` (PSD where ``H`` is indefinite: the hypergradient is then
+``∂L_V/∂λ − (∂²L_T/∂λ∂w) u`` with ``G u = ∂L_V/∂w``), damped (``C + μI``), and the solve can start
+from the previous outer step's ``u`` (warm start), so the iterations add up over training.
+
 The mixed term can also ride along with the solve's HVPs (``mixed="merged"``): each HVP's backward
 pass then computes ``(∂²L_T/∂λ∂w) v`` as well, and solvers whose answer is a linear combination
 of vectors they multiply by ``H`` (CG; Neumann and fixed-point with their residual) return the
@@ -23,71 +28,17 @@ is ``"separate"``.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 from torch import Tensor
 
 from hoexp import tree
-from hoexp.method.solvers import Solver
+from hoexp.method.curvature import Curvature, Hessian, HessianOperator  # noqa: F401 (HessianOperator: re-exported)
+from hoexp.method.solvers import Damped, Solver
 
 LossFn = Callable[[dict[str, Tensor], dict[str, Tensor]], Tensor]
-
-
-class HessianOperator:
-    """``v ↦ H v`` for ``H = ∂²L/∂w²``, from one differentiable gradient ``g = ∂L/∂w``.
-
-    Each matvec is one backward pass through the graph of ``g`` (``retain_graph``), so the
-    forward and first backward pass are paid once per solve, not once per HVP.
-
-    With ``mixed_inputs`` (the hyperparameter leaves) it also offers :meth:`matvec_mixed`, which
-    returns ``(H v, M v)`` with ``M v = (∂g/∂λ)ᵀ v`` flattened, from the same backward pass.
-    """
-
-    def __init__(self, grad_flat: Tensor, params: list[Tensor], mixed_inputs: list[Tensor] | None = None):
-        self.grad_flat = grad_flat
-        self.params = params
-        self.n = grad_flat.numel()
-        self.hvps = 0
-        self.mixed_inputs = list(mixed_inputs or [])
-        self.tracks_mixed = bool(self.mixed_inputs)
-
-    def matvec(self, v: Tensor) -> Tensor:
-        self.hvps += 1
-        if not self.grad_flat.requires_grad:  # the loss is linear in w: zero curvature
-            return torch.zeros_like(v)
-        hv = torch.autograd.grad(self.grad_flat, self.params, v, retain_graph=True, allow_unused=True)
-        return tree.flatten(tree.fill_none(hv, self.params))
-
-    def matvec_mixed(self, v: Tensor) -> tuple[Tensor, Tensor]:
-        """``(H v, M v)`` from one backward pass (``M v`` flat, ordered like ``mixed_inputs``)."""
-        self.hvps += 1
-        inputs = self.params + self.mixed_inputs
-        if not self.grad_flat.requires_grad:
-            out = [torch.zeros_like(x) for x in inputs]
-        else:
-            out = tree.fill_none(torch.autograd.grad(self.grad_flat, inputs, v, retain_graph=True,
-                                                     allow_unused=True), inputs)
-        k = len(self.params)
-        return tree.flatten(out[:k]), tree.flatten(out[k:])
-
-    def dense(self, chunk: int = 512) -> Tensor:
-        """The full ``n×n`` Hessian, ``chunk`` rows at a time through batched HVPs."""
-        rows = []
-        eye = torch.eye(self.n, dtype=self.grad_flat.dtype, device=self.grad_flat.device)
-        for start in range(0, self.n, chunk):
-            basis = eye[start:start + chunk]
-            try:
-                cols = torch.autograd.grad(self.grad_flat, self.params, basis, retain_graph=True,
-                                           allow_unused=True, is_grads_batched=True)
-                cols = [torch.zeros(len(basis), *p.shape, dtype=p.dtype, device=p.device) if c is None else c
-                        for c, p in zip(cols, self.params)]
-                rows.append(torch.cat([c.reshape(len(basis), -1) for c in cols], dim=1))
-            except RuntimeError:  # an op without a batching rule: fall back to one HVP per row
-                rows.append(torch.stack([self.matvec(e) for e in basis]))
-        self.hvps += self.n
-        return torch.cat(rows, dim=0)
 
 
 # Autograd nodes whose backward is a matrix product or a reduction over a large axis: where the
@@ -142,6 +93,8 @@ class IFTStats:
     iterations: int
     hvps: int
     info: str
+    solution: Tensor | None = None  # the solve's u (flat, detached): what a warm start carries to the next step
+    extra: dict[str, float] = field(default_factory=dict)  # solver scalars to log (solver/alpha, solver/warm_norm)
 
 
 def ift_hypergradient(
@@ -152,6 +105,9 @@ def ift_hypergradient(
     solver: Solver,
     *,
     mixed: str = "separate",
+    curvature: Curvature = Hessian(),
+    damping: float = 0.0,
+    x0: Tensor | None = None,
 ) -> tuple[dict[str, Tensor], IFTStats]:
     """``dL_V/dλ`` at ``params`` (taken as the inner optimum) by the implicit function theorem.
 
@@ -160,6 +116,11 @@ def ift_hypergradient(
     term is computed, ``"separate"`` (one VJP after the solve), ``"merged"`` (with the solve's HVPs
     where the solver allows it, else separately) or ``"auto"`` (merged when
     :func:`mixed_term_is_deep`); the answer is the same up to rounding.
+
+    ``curvature``: the operator solved with, :class:`~hoexp.method.curvature.Hessian` (default) or
+    :class:`~hoexp.method.curvature.GaussNewton` (``train_loss`` a ``SplitLoss``); ``damping`` ``μ ≥ 0``
+    solves with ``C + μI`` instead; ``x0``: the solver's start (a warm start; ignored when its shape
+    or dtype does not match ``∂L_V/∂w``'s). ``stats.solution`` is the solve's ``u``.
     """
     if mixed not in ("auto", "merged", "separate"):
         raise ValueError(f"mixed must be 'auto', 'merged' or 'separate', got {mixed!r}")
@@ -177,8 +138,12 @@ def ift_hypergradient(
     g_flat = tree.flatten(tree.fill_none(g, w_list))
     merge = g_flat.requires_grad and (mixed == "merged"
                                       or (mixed == "auto" and mixed_term_is_deep(g_flat, lam_list)))
-    op = HessianOperator(g_flat, w_list, lam_list if merge else None)
-    result = solver(op, v)
+    op = curvature.operator(train_loss, w, lam, g_flat, lam_list if merge else None)
+    if damping:
+        op = Damped(op, damping)
+    if x0 is not None and (x0.shape != v.shape or x0.dtype != v.dtype):
+        x0 = None  # carried from another model: start from zero
+    result = solver(op, v) if x0 is None else solver(op, v, x0.to(v.device))
 
     if result.mixed is not None:
         mixed_terms = list(tree.unflatten(result.mixed.detach(), lam).values())
@@ -188,8 +153,13 @@ def ift_hypergradient(
     else:
         mixed_terms = [torch.zeros_like(x) for x in lam_list]
     hypergrad = {k: (d - m).detach() for k, d, m in zip(lam.keys(), direct, mixed_terms)}
-    train_value, val_value, grad_norm = torch.stack(  # one host sync for the three numbers
-        [lt.detach(), lv.detach(), torch.linalg.vector_norm(g_flat.detach()).to(lt.dtype)]).tolist()
+    host = [lt.detach(), lv.detach(), torch.linalg.vector_norm(g_flat.detach()).to(lt.dtype)]
+    if x0 is not None:
+        host.append(torch.linalg.vector_norm(x0).to(device=lt.device, dtype=lt.dtype))
+    train_value, val_value, grad_norm, *warm = torch.stack(host).tolist()  # one host sync for these numbers
+    extra = dict(result.extra)
+    if warm:
+        extra["solver/warm_norm"] = warm[0]
     stats = IFTStats(
         train_loss=train_value,
         val_loss=val_value,
@@ -198,5 +168,7 @@ def ift_hypergradient(
         iterations=result.iterations,
         hvps=op.hvps,
         info=result.info,
+        solution=result.x.detach(),
+        extra=extra,
     )
     return hypergrad, stats

@@ -1,16 +1,18 @@
-"""Runner-facing IFT methods (``neumann``, ``cg``, ``fixed_point``, ``exact``) and ``none``."""
+"""Runner-facing IFT methods (``neumann``, ``cg``, ``fixed_point``, ``exact``, ``t1t2``) and ``none``."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from torch import Tensor
 
 from hoexp import tree
 from hoexp.method.base import InnerState, StepStats, train_inner
+from hoexp.method.curvature import Curvature, Hessian, SplitLoss
 from hoexp.method.ift import ift_hypergradient
-from hoexp.method.solvers import Solver
+from hoexp.method.solvers import AutoStep, Solver
 from hoexp.optim import Optimizer
 from hoexp.problem import Batch, Problem
 
@@ -21,10 +23,39 @@ class ImplicitMethod:
 
     The Hessian and mixed term use the next training batch, the validation gradient ``val_batch``.
     Cost per outer step: ``inner_steps`` training steps + the solver's HVPs + ~3 gradients.
+
+    Long-horizon options (``hoexp.method.ift``): ``curvature`` (Hessian or Gauss-Newton), ``damping``
+    ``μ`` (solve with ``C + μI``), and two that carry state across outer steps (:class:`CarriesState`:
+    checkpointed with the run, reset by ``load_state_dict({})``):
+
+    * ``warm_start`` (amortized IFT, as AmIGO / SOBA): the solve's ``u`` is the next solve's start,
+      so over ``J`` outer steps a ``K``-iteration solver has run ``J·K`` iterations on a slowly
+      moving system (a fixed system: exactly one solve of ``J·K``). No extra cost; ``P`` floats kept.
+      A ``u`` whose residual exceeds 1 (worse than ``u = 0``: a diverged series, CG stopped on
+      negative curvature) is dropped, so one bad solve does not poison the following ones.
+    * ``alpha_every > 0`` (``method.alpha=auto``, Neumann / fixed point / T1-T2): ``α = 1/λ_max`` of
+      the (damped) operator, re-estimated by power iteration (:class:`AutoStep`, 20 HVPs) every
+      ``alpha_every`` outer steps (``20/alpha_every`` HVPs per step on average), and at the step after
+      a solve whose residual exceeded 1 (the series diverged: ``α > 2/λ_max`` now). Curvature grows
+      early in training: on the Iris preset ``λ_max(G)`` rose from 3.1 to 9.0 over the first 20 outer
+      steps, so without that rule ``α = 1/3.1`` diverged (residuals 6-12) until the next estimate.
+      With an indefinite Hessian the series diverges along negative curvature for any ``α`` and the
+      rule re-estimates every step; use ``curvature=gauss_newton`` there.
     """
 
     solver: Solver
     name: str
+    curvature: Curvature = Hessian()
+    damping: float = 0.0
+    warm_start: bool = False
+    alpha_every: int = 0  # > 0: α = 1/λ_max, re-estimated every alpha_every outer steps; 0: the solver's α
+    carried: dict[str, Any] = field(default_factory=dict, repr=False)  # u, lambda_max, step
+
+    def state_dict(self) -> dict[str, Any]:
+        return dict(self.carried)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.carried = dict(state)
 
     def outer_step(self, problem: Problem, inner_opt: Optimizer, state: InnerState, raw: dict[str, Tensor],
                    train_batches: Iterator[Batch], val_batch: Batch, inner_steps: int,
@@ -32,15 +63,27 @@ class ImplicitMethod:
                    ) -> tuple[dict[str, Tensor], InnerState, StepStats]:
         state, loss, _ = train_inner(problem, inner_opt, state, raw, train_batches, inner_steps, on_inner_step)
         train_batch = next(train_batches)
+        solver, step = self.solver, int(self.carried.get("step", 0))
+        if self.alpha_every:
+            lam = self.carried.get("lambda_max") if step % self.alpha_every else None
+            solver = AutoStep(solver, lam, seed=step)
         hg, s = ift_hypergradient(
-            lambda w, lam: problem.train_loss(w, lam, train_batch),
+            SplitLoss(*problem.train_parts(train_batch)),
             lambda w, lam: problem.val_loss(w, lam, val_batch),
-            state.params, raw, self.solver,
+            state.params, raw, solver, curvature=self.curvature, damping=self.damping,
+            x0=self.carried.get("u") if self.warm_start else None,
         )
+        diverged = s.residual is not None and s.residual > 1  # worse than u = 0, whose residual is 1
+        carried: dict[str, Any] = {}
+        if self.warm_start and not diverged:
+            carried["u"] = s.solution
+        if self.alpha_every:  # after a diverged series α is stale: estimate again next step
+            carried.update(step=step + 1, lambda_max=None if diverged else s.extra["solver/lambda_max"])
+        self.carried = carried
         stats = StepStats(
             inner_grad_norm=s.inner_grad_norm, inner_loss=s.train_loss,
             hypergrad_norm=float(tree.norm(hg)), residual=s.residual,
-            solver_iterations=s.iterations, hvps=s.hvps, info=s.info,
+            solver_iterations=s.iterations, hvps=s.hvps, info=s.info, extra=s.extra,
         )
         return hg, state, stats
 

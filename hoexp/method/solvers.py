@@ -12,6 +12,10 @@ Fast paths (all optional, results unchanged):
   a linear combination of vectors the solver multiplies by ``H`` anyway (CG; Neumann and
   fixed-point iteration with ``residual``), the solver returns ``M x`` as ``SolveResult.mixed`` and
   the IFT saves its separate mixed-term pass;
+* warm starts: every solver takes an optional start ``x0`` (the previous outer step's solution, see
+  ``ImplicitMethod.warm_start``): CG starts from ``r = b − H x0``, fixed-point iteration from
+  ``u₀ = x0``; a Neumann series from ``x0`` is fixed-point iteration from ``x0``; the dense solve
+  ignores it;
 * no host synchronisation inside the Neumann and fixed-point loops; conjugate gradient checks its
   stopping rules on the host only every ``check_every`` iterations (default: every iteration on
   CPU, where a check is free, every 8 on accelerators), carrying the same iterates on the device
@@ -21,7 +25,7 @@ Fast paths (all optional, results unchanged):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Callable, Protocol
 
 import torch
@@ -44,6 +48,7 @@ class SolveResult:
     residual: float | None  # ‖H x − b‖ / ‖b‖ (None when not computed)
     info: str = ""
     mixed: Tensor | None = None  # M x, when the operator tracks a mixed map and the solver could form it
+    extra: dict[str, float] = field(default_factory=dict)  # solver scalars to log (e.g. solver/alpha)
 
 
 def _tracks_mixed(op: LinearOperator) -> bool:
@@ -53,7 +58,32 @@ def _tracks_mixed(op: LinearOperator) -> bool:
 class Solver(Protocol):
     name: str
 
-    def __call__(self, op: LinearOperator, b: Tensor) -> SolveResult: ...
+    def __call__(self, op: LinearOperator, b: Tensor, x0: Tensor | None = None) -> SolveResult: ...
+
+
+class Damped:
+    """``H + μI`` (Levenberg-Marquardt / Tikhonov damping): shifts every eigenvalue by ``μ``, so a PSD
+    curvature becomes positive definite and the solve's condition number ``(λ_max+μ)/(λ_min+μ)``
+    bounded. Free: one ``axpy`` per product. The mixed map ``M`` is not damped."""
+
+    def __init__(self, op: LinearOperator, mu: float):
+        self.op, self.mu, self.n = op, float(mu), op.n
+        self.tracks_mixed = _tracks_mixed(op)
+
+    @property
+    def hvps(self) -> int:
+        return self.op.hvps
+
+    def matvec(self, v: Tensor) -> Tensor:
+        return torch.add(self.op.matvec(v), v, alpha=self.mu)
+
+    def matvec_mixed(self, v: Tensor) -> tuple[Tensor, Tensor]:
+        hv, mv = self.op.matvec_mixed(v)
+        return torch.add(hv, v, alpha=self.mu), mv
+
+    def dense(self) -> Tensor:
+        H = self.op.dense()
+        return H + self.mu * torch.eye(self.n, dtype=H.dtype, device=H.device)
 
 
 def _relative(r: Tensor, b_norm: Tensor) -> float:
@@ -69,6 +99,10 @@ class Neumann:
     the exact residual ``‖Hx − b‖/‖b‖ = ‖(I − αH)^{K+1} b‖/‖b‖`` when ``residual`` is set.
     Unlike the published code this returns ``α·p`` (not ``p``), so the result is ``≈ H⁻¹b`` and
     comparable across solvers.
+
+    Warm start: the series is the fixed-point iteration from zero, so from a start ``x0`` this *is*
+    :class:`FixedPoint` from ``x0`` (``iterations`` HVPs, same residual rule); carried over outer
+    steps the series keeps growing instead of restarting at ``b``.
     """
 
     iterations: int = 5
@@ -76,7 +110,9 @@ class Neumann:
     residual: bool = True
     name: str = "neumann"
 
-    def __call__(self, op: LinearOperator, b: Tensor) -> SolveResult:
+    def __call__(self, op: LinearOperator, b: Tensor, x0: Tensor | None = None) -> SolveResult:
+        if x0 is not None:
+            return FixedPoint(self.iterations, self.alpha, self.residual)(op, b, x0)
         # With the residual every term j = 0..K is multiplied by H, so M x = α Σ_j M term_j comes free.
         mixed = self.residual and _tracks_mixed(op)
         matvec = op.matvec_mixed if mixed else op.matvec
@@ -106,11 +142,16 @@ class Neumann:
 
 @dataclass(frozen=True)
 class FixedPoint:
-    """Fixed-point iteration ``u ← u − α(Hu − b)`` from ``u₀ = 0`` (Grazzi et al. 2020).
+    """Fixed-point iteration ``u ← u − α(Hu − b)`` from ``u₀ = 0`` or a start ``x0`` (Grazzi et al. 2020).
 
     From zero it produces the same iterates as :class:`Neumann` (``u_k = α Σ_{j<k} (I − αH)^j b``),
     with the residual ``b − Hu`` as a by-product: ``iterations`` HVPs in all, the last of which
     also gives the residual of the returned point when ``residual`` is set (one extra HVP).
+
+    ``iterations`` counts HVPs: from zero the first step ``u₁ = αb`` is free (``iterations + 1``
+    steps), from ``x0`` every step costs one (``iterations`` steps). So ``J`` calls chained through
+    ``x0`` (the first from zero) are exactly one call with ``J·iterations`` (amortized IFT: the error
+    contracts like ``‖I − αH‖^{J·K}`` while ``H`` and ``b`` stay put).
     """
 
     iterations: int = 5
@@ -118,8 +159,8 @@ class FixedPoint:
     residual: bool = True
     name: str = "fixed_point"
 
-    def __call__(self, op: LinearOperator, b: Tensor) -> SolveResult:
-        u = self.alpha * b  # the first iterate from u₀ = 0 needs no HVP
+    def __call__(self, op: LinearOperator, b: Tensor, x0: Tensor | None = None) -> SolveResult:
+        u = self.alpha * b if x0 is None else x0  # the first iterate from u₀ = 0 needs no HVP
         hvps = 0
         for _ in range(self.iterations):
             u = torch.add(u, op.matvec(u).sub_(b), alpha=-self.alpha)
@@ -135,6 +176,15 @@ class FixedPoint:
         return SolveResult(u, self.iterations, hvps, res, mixed=mixed)
 
 
+def _start(op: LinearOperator, b: Tensor, x0: Tensor | None, mixed: bool,
+           ) -> tuple[Tensor, Tensor, Tensor | None, int]:
+    """CG's start: ``x``, ``r = b − Hx``, ``Mx`` (None from zero) and the HVPs spent (0 or 1)."""
+    if x0 is None:
+        return torch.zeros_like(b), b, None, 0
+    hx, mx = op.matvec_mixed(x0) if mixed else (op.matvec(x0), None)
+    return x0, b - hx, mx, 1
+
+
 @dataclass(frozen=True)
 class ConjugateGradient:
     """Conjugate gradient on ``H u = b`` (HOAG, Pedregosa 2016): one HVP per iteration.
@@ -148,6 +198,10 @@ class ConjugateGradient:
     iteration (a stopped solve is frozen: same iterates, same answer) and read on the host every
     ``c`` iterations, at the price of up to ``c − 1`` wasted HVPs after the stop (counted in
     ``hvps``, not in ``iterations``). ``0`` (default): 1 on CPU, 8 elsewhere.
+
+    Warm start from ``x0``: ``r₀ = b − H x0`` (one more HVP), then the same iterations; each call
+    minimizes the ``H``-norm error over ``x0 + K_k(H, r₀)``, so calls chained through ``x0`` are
+    restarted CG and converge on a fixed positive-definite system.
     """
 
     iterations: int = 20
@@ -155,14 +209,12 @@ class ConjugateGradient:
     name: str = "cg"
     check_every: int = 0
 
-    def __call__(self, op: LinearOperator, b: Tensor) -> SolveResult:
+    def __call__(self, op: LinearOperator, b: Tensor, x0: Tensor | None = None) -> SolveResult:
         every = self.check_every or (1 if b.device.type == "cpu" else 8)
         if every > 1:
-            return self._deferred(op, b, every)
+            return self._deferred(op, b, every, x0)
         mixed = _tracks_mixed(op)
-        m_x = None
-        x = torch.zeros_like(b)
-        r = b
+        x, r, m_x, start_hvps = _start(op, b, x0, mixed)
         p = r
         rs = torch.dot(r, r)
         b_norm = torch.linalg.vector_norm(b)
@@ -170,7 +222,7 @@ class ConjugateGradient:
         info = "max iterations"
         k = 0
         if float(rs) <= threshold:
-            return SolveResult(x, 0, 0, _relative(r, b_norm), "converged")
+            return SolveResult(x, 0, start_hvps, _relative(r, b_norm), "converged", mixed=m_x)
         while k < self.iterations:
             Ap = op.matvec_mixed(p) if mixed else op.matvec(p)
             if mixed:
@@ -191,14 +243,12 @@ class ConjugateGradient:
                 break
             p = r + (rs_new / rs) * p
             rs = rs_new
-        return SolveResult(x, k, k, _relative(r, b_norm), info, mixed=m_x)
+        return SolveResult(x, k, k + start_hvps, _relative(r, b_norm), info, mixed=m_x)
 
-    def _deferred(self, op: LinearOperator, b: Tensor, every: int) -> SolveResult:
+    def _deferred(self, op: LinearOperator, b: Tensor, every: int, x0: Tensor | None = None) -> SolveResult:
         """The same iterations with the stopping rules kept on the device (see the class doc)."""
         mixed = _tracks_mixed(op)
-        m_x = None
-        x = torch.zeros_like(b)
-        r = b
+        x, r, m_x, hvps = _start(op, b, x0, mixed)
         p = r
         rs = torch.dot(r, r)
         b_norm = torch.linalg.vector_norm(b)
@@ -207,7 +257,6 @@ class ConjugateGradient:
         # 0: max iterations, 1: converged, 2: non-positive curvature
         reason = torch.where(active, 0, 1)
         counted = torch.zeros((), dtype=torch.long, device=b.device)
-        hvps = 0
         zero = torch.zeros((), dtype=b.dtype, device=b.device)
         for k in range(1, self.iterations + 1):
             if k > 1 and (k - 1) % every == 0 and not bool(active):  # the only host sync in the loop
@@ -240,14 +289,15 @@ class ConjugateGradient:
 class Exact:
     """Dense solve: form ``H`` (``n`` HVPs, batched) and solve with LU, ``O(n³)`` time, ``O(n²)`` memory.
 
-    A singular ``H`` falls back to least squares (the minimum-norm solution). Refuses above
+    A singular ``H`` falls back to least squares (the minimum-norm solution); a start ``x0`` is
+    ignored. Refuses above
     ``max_params`` so a large model does not silently allocate gigabytes.
     """
 
     max_params: int = 20_000
     name: str = "exact"
 
-    def __call__(self, op: LinearOperator, b: Tensor) -> SolveResult:
+    def __call__(self, op: LinearOperator, b: Tensor, x0: Tensor | None = None) -> SolveResult:
         if op.n > self.max_params:
             raise ValueError(
                 f"method=exact forms the dense {op.n}x{op.n} Hessian, above max_params={self.max_params}; "
@@ -284,3 +334,36 @@ def power_iteration(matvec: Callable[[Tensor], Tensor], n: int, iterations: int 
             break
         v = w / w_norm
     return lam
+
+
+@dataclass(frozen=True)
+class AutoStep:
+    """Neumann or fixed-point iteration with ``α = 1/λ_max`` of the operator (``method.alpha=auto``).
+
+    ``α·λ_max = 1`` solves the top eigendirection in one step and contracts every mode with
+    ``0 < λ ≤ λ_max``: the largest safe step (below ``2/λ_max``) that needs no tuning. ``lambda_max``:
+    an earlier estimate to reuse (the runner re-estimates every ``method.alpha_every`` outer steps);
+    ``None``: estimate ``|λ|_max`` now by :func:`power_iteration` (``power_iterations`` HVPs, from a
+    random start drawn from ``seed``; the Rayleigh quotient approaches ``λ_max`` from below, so ``α``
+    errs large by the estimate's error, far inside ``2/λ_max``). A zero or non-finite estimate keeps
+    the wrapped solver's ``α``. Logs ``solver/alpha`` and ``solver/lambda_max``.
+    """
+
+    solver: Neumann | FixedPoint
+    lambda_max: float | None = None
+    power_iterations: int = 20
+    seed: int = 0
+
+    @property
+    def name(self) -> str:
+        return self.solver.name
+
+    def __call__(self, op: LinearOperator, b: Tensor, x0: Tensor | None = None) -> SolveResult:
+        lam = self.lambda_max
+        if lam is None:
+            lam = abs(power_iteration(op.matvec, op.n, self.power_iterations, like=b,
+                                      generator=torch.Generator().manual_seed(self.seed)))
+        alpha = 1.0 / lam if 0 < lam < math.inf else self.solver.alpha
+        result = replace(self.solver, alpha=alpha)(op, b, x0)
+        result.extra.update({"solver/alpha": alpha, "solver/lambda_max": lam})
+        return result
