@@ -86,11 +86,32 @@ def split_hydra_args(args: list[str]) -> tuple[list[str], set[str]]:
 
 
 # ------------------------------------------------------------------------------------ validation
+# Config choices that are gone, and what replaces them (refused in one line before anything runs).
+REMOVED = {
+    "hydra/sweeper": "the Optuna sweepers (hydra/sweeper={value}) are gone (hydra-optuna-sweeper needs optuna<3); "
+                     "random search and TPE at an equal wall-clock budget: hoexp compare experiment=<preset> "
+                     "--search random,tpe (see 'hoexp compare --help')",
+    "experiment": "experiment={value} is gone with the Optuna sweepers; black-box baselines now run with: "
+                  "hoexp compare experiment=iris_per_weight_decay --search random,tpe [--search-lr]",
+}
+REMOVED_EXPERIMENTS = ("iris_blackbox_wd", "iris_blackbox_wd_lr", "iris_blackbox_wd_dropout_lr")
+
+
+def refuse_removed(overrides: list[str]) -> None:
+    """Raise ConfigError (one line naming ``hoexp compare``) for a removed sweeper or black-box preset."""
+    for o in overrides:
+        key, _, value = o.lstrip("+~").partition("=")
+        if key == "hydra/sweeper" and value not in ("basic", ""):
+            raise ConfigError(REMOVED["hydra/sweeper"].format(value=value))
+        if key == "experiment" and any(v.strip() in REMOVED_EXPERIMENTS for v in value.split(",")):
+            raise ConfigError(REMOVED["experiment"].format(value=value))
+
+
 def expand_sweeps(overrides: list[str]) -> list[list[str]]:
     """The override lists of the jobs a ``-m`` sweep launches (all combinations, capped).
 
-    Overrides that cannot be expanded here (e.g. an Optuna ``interval(...)``) are left for the
-    sweeper; ``hydra.*`` overrides are left for Hydra.
+    Overrides that cannot be expanded here (e.g. ``interval(...)``) are left for the sweeper;
+    ``hydra.*`` overrides are left for Hydra.
     """
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
@@ -170,6 +191,7 @@ def validate_job(overrides: list[str]) -> None:
     from hoexp.build import preflight
     from hoexp.config import validate
 
+    refuse_removed(overrides)
     try:
         cfg = _compose(overrides)
     except (HydraException, OmegaConfBaseException) as e:
@@ -241,6 +263,7 @@ def cmd_run(args: list[str]) -> None:
     import hydra
 
     overrides, flags = split_hydra_args(args)
+    refuse_removed(overrides)
     if not flags & {"--help", "-h", "--hydra-help", "--info", "-i", "--shell-completion", "-sc"}:
         multirun = bool(flags & {"-m", "--multirun"})
         jobs = expand_sweeps(overrides) if multirun else [overrides]

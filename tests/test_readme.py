@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from hoexp.cli import split_hydra_args, validate_job, expand_sweeps
+from hoexp.cli import expand_sweeps, refuse_removed, split_hydra_args, validate_job
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,6 +39,7 @@ def test_readme_run_line_validates(line):
     args = words[words.index("run") + 1:]
     overrides, flags = split_hydra_args(args)
     overrides = [o for o in overrides if "<" not in o and o != "..."]  # placeholders: <sweep folder>, ...
+    refuse_removed(overrides)  # hydra/* overrides too, which expand_sweeps leaves to Hydra
     jobs = expand_sweeps(overrides) if flags & {"-m", "--multirun"} else [overrides]
     for job in jobs:
         validate_job(job)
