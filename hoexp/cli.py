@@ -1,4 +1,4 @@
-"""The ``hoexp`` command line: ``hoexp run [overrides]`` (Hydra), ``hoexp --help``.
+"""The ``hoexp`` command line: ``hoexp run [overrides]`` (Hydra), ``check``, ``report``, ``compare``, ``--help``.
 
 This module and ``config.py`` are the only ones that know about Hydra / OmegaConf. Before Hydra
 launches anything, every job of the command (each combination of a ``-m`` sweep) is composed and
@@ -40,6 +40,10 @@ commands:
   report    compare finished runs (folders with summary.json, searched recursively): a table, plus
             report.md, report.csv, runs.csv and PNG plots in --out (default outputs/reports/<date>_<time>):
               hoexp report outputs/multirun/2025-01-01/12-00-00 [more folders] [--out DIR] [--no-plots]
+  compare   HO methods against a fixed baseline, a grid, random search and TPE (Optuna) over the
+            family's global value, at an equal wall-clock budget, over seeds; ends with a report:
+              hoexp compare experiment=iris_per_weight_decay --methods neumann,cg --seeds 0,1,2
+            'hoexp compare --help' lists its options (--grid, --budget-factor, --workers, ...).
   version   print the version
 
 Runs write TensorBoard events, metrics.jsonl and summary.json under outputs/;
@@ -331,6 +335,18 @@ def cmd_report(args: list[str]) -> None:
     build_report(ns.paths, out, console=console, plots=not ns.no_plots)
 
 
+def cmd_compare(args: list[str]) -> None:
+    from rich.console import Console
+
+    from hoexp.compare import parse_args, run_compare
+
+    plan = parse_args(args)  # every check before anything runs
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=240)  # a wide table in logs and pipes
+    run_compare(plan, console=console)
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -344,12 +360,14 @@ def main(argv: list[str] | None = None) -> None:
             cmd_check(rest)
         elif command == "report":
             cmd_report(rest)
+        elif command == "compare":
+            cmd_compare(rest)
         elif command in ("version", "--version"):
             from hoexp import __version__
 
             print(f"hoexp {__version__}")
         else:
-            fail(f"unknown command '{command}'; commands: run, check, report, version (see 'hoexp --help')")
+            fail(f"unknown command '{command}'; commands: run, check, report, compare, version (see 'hoexp --help')")
     except HoexpError as e:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise

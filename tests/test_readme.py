@@ -45,6 +45,22 @@ def test_readme_run_line_validates(line):
         validate_job(job)
 
 
+COMPARE_LINES = [c for c in readme_commands() if c.startswith(("hoexp compare", "python -m hoexp compare"))
+                 and "--help" not in c]
+
+
+@pytest.mark.parametrize("line", COMPARE_LINES)
+def test_readme_compare_line_validates(line, tmp_path):
+    """Every check hoexp compare makes before running anything (its folder: a scratch one)."""
+    from hoexp.compare import parse_args
+
+    words = shlex.split(line)
+    args = [a for a in words[words.index("compare") + 1:] if "<" not in a and a != "..."]
+    if "--out" in args:
+        del args[args.index("--out"):args.index("--out") + 2]
+    parse_args([*args, "--out", str(tmp_path / "compare")])
+
+
 def test_readme_scripts_and_targets_exist():
     makefile = (ROOT / "Makefile").read_text()
     for line in readme_commands():

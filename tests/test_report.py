@@ -262,11 +262,12 @@ def hoexp(*args, timeout=300):
 
 @pytest.mark.slow
 def test_report_on_a_multirun_and_a_study_end_to_end(tmp_path):
-    ho, tpe, out = tmp_path / "ho", tmp_path / "tpe", tmp_path / "report"
+    ho, cmp, out = tmp_path / "ho", tmp_path / "cmp", tmp_path / "report"
+    tpe = cmp / "tpe" / "seed0"  # a TPE study of hoexp compare (2 trials, no pruning before 3)
     hoexp("run", "-m", "method=neumann,none", "seed=0,1", "outer_steps=2", "inner_steps=5", "progress=false",
           f"hydra.sweep.dir={ho}")
-    hoexp("run", "-m", "experiment=iris_blackbox_wd", "hydra/sweeper=tpe", "hydra.sweeper.n_trials=2", "outer_steps=2",
-          "inner_steps=5", "progress=false", f"hydra.sweep.dir={tpe}")
+    hoexp("compare", "outer_steps=2", "inner_steps=5", "--methods", "neumann", "--grid", "none", "--search", "tpe",
+          "--max-trials", "2", "--budget-s", "600", "--no-plots", "--out", str(cmp))
     r = hoexp("report", str(ho), str(tpe), "--out", str(out))
     assert "4 row(s)" not in r.stdout and "3 row(s)" in r.stdout  # neumann, none (2 seeds each), TPE
 
@@ -284,9 +285,10 @@ def test_report_on_a_multirun_and_a_study_end_to_end(tmp_path):
     best = min(trials, key=lambda s: s["best"]["val_loss"])
     assert float(rows["TPE"]["best_val_loss"]) == pytest.approx(best["best"]["val_loss"])
     assert float(rows["TPE"]["wall_time_s"]) == pytest.approx(sum(s["wall_time_s"] for s in trials))
-    assert rows["hypergradients"]["hypergradients"] == "2" and rows["TPE"]["num_hparams"] == "1"
-    assert yaml.safe_load((tpe / "optimization_results.yaml").read_text())["best_value"] == pytest.approx(
-        best["best"]["val_loss"])
+    assert rows["hypergradients"]["hypergradients"] == "2" and rows["TPE"]["hypergradients"] == "0"
+    (study,) = next(c for c in json.loads((cmp / "compare.json").read_text())["contenders"]
+                    if c["name"] == "TPE")["studies"]
+    assert study["best"]["best"]["val_loss"] == pytest.approx(best["best"]["val_loss"])
     for png in ("val_loss_vs_time.png", "hparams.png"):
         assert (out / png).read_bytes().startswith(b"\x89PNG")
 
