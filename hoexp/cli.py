@@ -1,4 +1,4 @@
-"""The ``hoexp`` command line: ``hoexp run [overrides]`` (Hydra), ``hoexp --help``.
+"""The ``hoexp`` command line: ``hoexp run [overrides]`` (Hydra), ``check``, ``report``, ``compare``, ``--help``.
 
 This module and ``config.py`` are the only ones that know about Hydra / OmegaConf. Before Hydra
 launches anything, every job of the command (each combination of a ``-m`` sweep) is composed and
@@ -42,6 +42,10 @@ commands:
   report    compare finished runs (folders with summary.json, searched recursively): a table, plus
             report.md, report.csv, runs.csv and PNG plots in --out (default outputs/reports/<date>_<time>):
               hoexp report outputs/multirun/2025-01-01/12-00-00 [more folders] [--out DIR] [--no-plots]
+  compare   HO methods against a fixed baseline, a grid, random search and TPE (Optuna) over the
+            family's global value, at an equal wall-clock budget, over seeds; ends with a report:
+              hoexp compare experiment=iris_per_weight_decay --methods neumann,cg --seeds 0,1,2
+            'hoexp compare --help' lists its options (--grid, --budget-factor, --workers, ...).
   version   print the version
 
 Runs write TensorBoard events, metrics.jsonl and summary.json under outputs/;
@@ -88,11 +92,32 @@ def split_hydra_args(args: list[str]) -> tuple[list[str], set[str]]:
 
 
 # ------------------------------------------------------------------------------------ validation
+# Config choices that are gone, and what replaces them (refused in one line before anything runs).
+REMOVED = {
+    "hydra/sweeper": "the Optuna sweepers (hydra/sweeper={value}) are gone (hydra-optuna-sweeper needs optuna<3); "
+                     "random search and TPE at an equal wall-clock budget: hoexp compare experiment=<preset> "
+                     "--search random,tpe (see 'hoexp compare --help')",
+    "experiment": "experiment={value} is gone with the Optuna sweepers; black-box baselines now run with: "
+                  "hoexp compare experiment=iris_per_weight_decay --search random,tpe [--search-lr]",
+}
+REMOVED_EXPERIMENTS = ("iris_blackbox_wd", "iris_blackbox_wd_lr", "iris_blackbox_wd_dropout_lr")
+
+
+def refuse_removed(overrides: list[str]) -> None:
+    """Raise ConfigError (one line naming ``hoexp compare``) for a removed sweeper or black-box preset."""
+    for o in overrides:
+        key, _, value = o.lstrip("+~").partition("=")
+        if key == "hydra/sweeper" and value not in ("basic", ""):
+            raise ConfigError(REMOVED["hydra/sweeper"].format(value=value))
+        if key == "experiment" and any(v.strip() in REMOVED_EXPERIMENTS for v in value.split(",")):
+            raise ConfigError(REMOVED["experiment"].format(value=value))
+
+
 def expand_sweeps(overrides: list[str]) -> list[list[str]]:
     """The override lists of the jobs a ``-m`` sweep launches (all combinations, capped).
 
-    Overrides that cannot be expanded here (e.g. an Optuna ``interval(...)``) are left for the
-    sweeper; ``hydra.*`` overrides are left for Hydra.
+    Overrides that cannot be expanded here (e.g. ``interval(...)``) are left for the sweeper;
+    ``hydra.*`` overrides are left for Hydra.
     """
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
@@ -172,6 +197,7 @@ def validate_job(overrides: list[str]) -> None:
     from hoexp.build import preflight
     from hoexp.config import validate
 
+    refuse_removed(overrides)
     try:
         cfg = _compose(overrides)
     except (HydraException, OmegaConfBaseException) as e:
@@ -243,6 +269,7 @@ def cmd_run(args: list[str]) -> None:
     import hydra
 
     overrides, flags = split_hydra_args(args)
+    refuse_removed(overrides)
     if not flags & {"--help", "-h", "--hydra-help", "--info", "-i", "--shell-completion", "-sc"}:
         multirun = bool(flags & {"-m", "--multirun"})
         jobs = expand_sweeps(overrides) if multirun else [overrides]
@@ -335,6 +362,18 @@ def cmd_report(args: list[str]) -> None:
     build_report(ns.paths, out, console=console, plots=not ns.no_plots)
 
 
+def cmd_compare(args: list[str]) -> None:
+    from rich.console import Console
+
+    from hoexp.compare import parse_args, run_compare
+
+    plan = parse_args(args)  # every check before anything runs
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=240)  # a wide table in logs and pipes
+    run_compare(plan, console=console)
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -348,12 +387,14 @@ def main(argv: list[str] | None = None) -> None:
             cmd_check(rest)
         elif command == "report":
             cmd_report(rest)
+        elif command == "compare":
+            cmd_compare(rest)
         elif command in ("version", "--version"):
             from hoexp import __version__
 
             print(f"hoexp {__version__}")
         else:
-            fail(f"unknown command '{command}'; commands: run, check, report, version (see 'hoexp --help')")
+            fail(f"unknown command '{command}'; commands: run, check, report, compare, version (see 'hoexp --help')")
     except HoexpError as e:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise

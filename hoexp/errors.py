@@ -12,6 +12,14 @@ class ConfigError(HoexpError):
     or an incompatible combination (method × family, dataset × model)."""
 
 
+class StopRun(Exception):
+    """Raised by one of a run's extra metric loggers to end the run early on purpose (e.g. a pruned
+    search trial); the runner writes the summary with ``status`` = the exception's ``status`` and
+    re-raises it. Not a :class:`HoexpError`: nothing went wrong."""
+
+    status = "stopped"
+
+
 def run_main(main, prog: str | None = None) -> None:
     """Run a script's ``main()`` the way the CLI runs a command: a :class:`HoexpError` (bad input,
     missing data, ...) ends with one line ``<prog>: error: ...`` and its exit code, Ctrl-C with one

@@ -5,19 +5,25 @@ multirun folder or a whole ``outputs/`` tree all work). Runs are gathered into *
 
 * runs whose composed configs (``.hydra/config.yaml``) are equal except for ``seed`` (and cosmetic
   keys such as ``progress``) form one row, numbers given as mean ± std over the seeds;
-* the trials of a black-box study (a multirun by a sweeper other than Hydra's basic one, e.g.
-  ``hydra/sweeper=random_search`` or ``tpe``) form one *study*, standing for its best trial (the
-  lowest best validation loss, the objective the sweeper minimized), and its wall time is the sum
-  of its trials' wall times (the budget it spent). Studies of the same search on other seeds form
-  one row, mean ± std over the studies.
+* the trials of a black-box study form one *study*, standing for its best trial (the lowest
+  validation loss it minimized, never the test loss), and its wall time is the sum of its trials'
+  wall times (the budget it spent). Studies of the same search on other seeds form one row, mean ±
+  std over the studies. Studies are the searches and grids of ``hoexp compare`` (a folder with
+  ``study.json`` whose trial folders hold ``trial.json``; its ``objective`` says which validation
+  loss, ``best`` or ``final``, was minimized) and, from older outputs, multiruns of a Hydra sweeper
+  other than the basic one (the Optuna sweepers, best validation loss). Each point of a
+  ``hoexp compare`` grid is also a row of its own (``grid point``).
 
 So "HO methods vs random search vs TPE at equal budget" reads as rows with a ``tuning`` column
-(``hypergradients``, ``fixed``, ``random search``, ``TPE``) and a ``wall time`` column. Written to
-``--out``: ``report.md`` (the table and one table per study), ``report.csv`` (one line per row),
-``runs.csv`` (one line per run: every trial of every study, with its searched values),
-``val_loss_vs_time.png`` (validation loss and best validation loss so far against wall time, the
-trials of a study back to back, so for trials run in parallel the axis is compute time) and
-``hparams.png`` (final hyperparameter histograms, log10).
+(``hypergradients``, ``fixed``, ``grid point``, ``grid search``, ``random search``, ``TPE``) and a
+``wall time`` column. Written to ``--out``: ``report.md`` (the table, one table per study and, for a
+``hoexp compare`` folder, its budgets and when each search matched HO, from ``compare.json``),
+``report.csv`` (one line per row), ``runs.csv`` (one line per run: every trial of every study, with
+its searched values), ``val_loss_vs_time.png`` (validation loss and best validation loss so far
+against wall time, the trials of a study back to back, so for trials run in parallel the axis is
+compute time), ``best_so_far.png`` (one panel: each contender's best validation loss so far against
+wall time; runs from their metrics.jsonl, studies as the best objective of their finished trials
+over cumulative trial time) and ``hparams.png`` (final hyperparameter histograms, log10).
 
 Nothing here knows Hydra: the YAML files Hydra writes are read as plain YAML.
 """
@@ -58,7 +64,8 @@ CSV_METRICS: list[tuple[str, str]] = [(b, k) for b in ("best", "final")
 LOWER_IS_BETTER = {"val_loss", "test_loss", "train_loss"}
 # Config keys that never split runs into different rows (seed: rows aggregate over seeds).
 IGNORED_KEYS = {"seed", "name", "progress", "threads", "histogram_every"}
-TUNING_ORDER = {"hypergradients": 0, "fixed": 1, "random search": 2, "quasi-random search": 3, "grid search": 4, "TPE": 5}
+TUNING_ORDER = {"hypergradients": 0, "fixed": 1, "grid point": 2, "grid search": 3, "random search": 4,
+                "quasi-random search": 5, "TPE": 6}
 SAMPLERS = {"RandomSampler": "random search", "TPESampler": "TPE", "CmaEsSampler": "CMA-ES",
             "GridSampler": "grid search", "NSGAIISampler": "NSGA-II", "MOTPESampler": "MOTPE",
             "QMCSampler": "quasi-random search"}
@@ -148,8 +155,12 @@ class RunInfo:
 
     @property
     def objective(self) -> float:
-        """What ``hoexp run`` returns to a sweeper: the best validation loss (NaN counts as +inf)."""
-        v = self.metric("best", "val_loss")
+        """What the study minimized: the best validation loss (a Hydra sweeper's, the default) or the
+        final one (``objective`` in a compare study.json); +inf when not finite or the run was stopped
+        early (pruned, failed)."""
+        if self.status in ("pruned", "failed", "interrupted", "stopped"):
+            return math.inf
+        v = self.metric(str(self.study_info.get("objective") or "best"), "val_loss")
         return v if math.isfinite(v) else math.inf
 
     def curve(self) -> list[tuple[float, float]]:
@@ -198,6 +209,25 @@ def _sweeper_label(hydra: dict[str, Any]) -> str | None:
     return str(choice or target.rsplit(".", 1)[-1])
 
 
+def _compare_trial(info: RunInfo) -> bool:
+    """A trial of a ``hoexp compare`` grid or search: ``trial.json`` here, ``study.json`` one folder up."""
+    trial, study = info.path / "trial.json", info.path.parent / "study.json"
+    if not (trial.is_file() and study.is_file()):
+        return False
+    t, st = read_json(trial), read_json(study)
+    if not (isinstance(t, dict) and isinstance(st, dict)):
+        return False
+    info.sweeper = str(st.get("label") or st.get("sampler") or "search")
+    info.study = info.path.parent
+    info.trial = int(t.get("number", 0))
+    info.overrides = [f"{k}={v}" for k, v in (t.get("params") or {}).items()]
+    info.study_info = {"study_name": info.path.parent.name, "n_trials": None, "direction": "minimize",
+                       "space": {str(k): str(v) for k, v in (st.get("space") or {}).items()},
+                       "objective": st.get("objective", "best"), "each_row": st.get("kind") == "grid",
+                       "budget_s": st.get("budget_s"), "wall_clock_s": st.get("wall_clock_s")}
+    return True
+
+
 def load_run(path: Path) -> RunInfo:
     """One run folder (holding ``summary.json``)."""
     summary = read_json(path / "summary.json")
@@ -207,6 +237,8 @@ def load_run(path: Path) -> RunInfo:
     hydra_file = _yaml(path / ".hydra" / "hydra.yaml")
     hydra = hydra_file.get("hydra", {}) if isinstance(hydra_file, dict) else {}
     info = RunInfo(path=path, summary=summary, config=_flatten(cfg) if isinstance(cfg, dict) else {})
+    if _compare_trial(info):
+        return info
     info.overrides = [str(o) for o in ((hydra.get("overrides") or {}).get("task") or [])]
     num = (hydra.get("job") or {}).get("num")
     info.trial = int(num) if isinstance(num, int) else None
@@ -374,7 +406,7 @@ def group_runs(runs: Sequence[RunInfo]) -> list[Group]:
     singles: list[RunInfo] = []
     for r in runs:
         (studies.setdefault(r.study, []) if r.study is not None else singles).append(r)
-    members: list[tuple[tuple, Member, list[str]]] = []
+    members: list[tuple[tuple, str, Member, list[str]]] = []
     for folder, trials in studies.items():
         trials.sort(key=lambda r: (r.trial if r.trial is not None else 1 << 30, str(r.path)))
         by_key: dict[str, set[str]] = {}
@@ -390,31 +422,38 @@ def group_runs(runs: Sequence[RunInfo]) -> list[Group]:
         info = trials[0].study_info
         key = ("study", trials[0].sweeper, info.get("n_trials"), tuple(sorted(info.get("space", {}).items())),
                tuple(searched), _config_key(best, set(searched)))
-        members.append((key, Member(runs=trials, best=best, study=folder), searched))
+        members.append((key, _tuning(best), Member(runs=trials, best=best, study=folder), searched))
+        if info.get("each_row"):  # a grid: each point is also a row (over seeds)
+            for r in trials:
+                members.append((("run", "grid point", _config_key(r, set())), "grid point",
+                                Member(runs=[r], best=r), []))
     for r in singles:
-        members.append((("run", _tuning(r), _config_key(r, set())), Member(runs=[r], best=r), []))
+        members.append((("run", _tuning(r), _config_key(r, set())), _tuning(r), Member(runs=[r], best=r), []))
 
     groups: dict[tuple, Group] = {}
-    for key, m, searched in members:
+    for key, tuning, m, searched in members:
         g = groups.get(key)
         if g is None:
-            groups[key] = Group(label=m.best.method, tuning=_tuning(m.best), members=[m], searched=searched)
+            groups[key] = Group(label=m.best.method, tuning=tuning, members=[m], searched=searched)
         else:
             g.members.append(m)
     out = list(groups.values())
     for g in out:
         g.members.sort(key=lambda m: (str(m.best.seed), str(m.best.path)))
     _label(out)
-    out.sort(key=lambda g: (TUNING_ORDER.get(g.tuning, len(TUNING_ORDER)), g.tuning, g.label))
+    out.sort(key=lambda g: (TUNING_ORDER.get(g.tuning, len(TUNING_ORDER)), g.tuning,
+                            [_num(v) for v in g.first.params.values()] if g.tuning == "grid point" else [],
+                            g.label))
     return out
 
 
 def _label(groups: list[Group]) -> None:
     """Add to each row's method the config values that tell it apart from comparable rows.
 
-    A key is shown when another row has it too with another value (so ``method.terms`` shows for two
-    Neumann rows, not for Neumann against CG); keys a study searched and the hp granularities (the
-    ``family`` column) are not.
+    A key is shown when another row of the same method has it too with another value (so
+    ``method.terms`` shows for two Neumann rows, not for Neumann against CG, and the grid value for
+    the ``none`` rows of a grid); keys a study searched and the hp granularities (the ``family``
+    column) are not.
     """
     labels = [g.label for g in groups]
     for i, g in enumerate(groups):
@@ -425,7 +464,8 @@ def _label(groups: list[Group]) -> None:
                     or k.startswith("hydra.")):
                 continue
             for j, h in enumerate(groups):
-                if j != i and k in h.first.config and k not in h.searched and h.first.config[k] != cfg[k]:
+                if (j != i and h.label == g.label and k in h.first.config and k not in h.searched
+                        and h.first.config[k] != cfg[k]):
                     parts.append(f"{_short_key(k)}={_fmt_value(cfg[k])}")
                     break
         if parts:
@@ -483,7 +523,8 @@ def print_table(groups: list[Group], console: Console, title: str = "hoexp repor
     for i, h in enumerate(header):
         if i >= 5:
             h = h.replace(" (", "\n(").replace(" @", "\n@").replace("hypergradients", "hyper-\ngradients")
-        table.add_column(h, justify="right" if i == 3 or i in numeric else "left", no_wrap=i != 0, overflow="fold")
+        table.add_column(h, justify="right" if i == 3 or i in numeric else "left", no_wrap=i != 0, overflow="fold",
+                         min_width=min(16, max(len(r[0]) for r in rows)) if i == 0 and rows else None)
     for r, row in enumerate(rows):
         row[2] = row[2].replace(" + ", " +\n")
         table.add_row(*(f"[bold green]{escape(c)}[/]" if 5 <= i < 5 + len(METRICS) and r in bests.get(i - 5, ())
@@ -514,7 +555,7 @@ def write_markdown(groups: list[Group], path: Path, sources: Sequence[str], plot
     for c, best_rows in _bests(groups).items():
         for r in best_rows:
             rows[r][5 + c] = f"**{rows[r][5 + c]}**"
-    nruns = sum(len(g.runs) for g in groups)
+    nruns = len({r.path for g in groups for r in g.runs})  # a grid's runs are in two rows
     lines = ["# hoexp report", "",
              f"{nruns} run(s) from {', '.join(f'`{s}`' for s in sources)}; {time.strftime('%Y-%m-%d %H:%M:%S')}.", "",
              *_md_table(header, rows), "",
@@ -660,6 +701,66 @@ def plot_val_loss_vs_time(groups: list[Group], path: Path) -> bool:
     return True
 
 
+def best_so_far(member: Member) -> list[tuple[float, float]]:
+    """``(wall time, best validation loss so far)``: a run's running minimum over its evaluations;
+    a study's best objective over its finished trials, at the cumulative run time of its trials."""
+    if not member.is_study:
+        out, best = [], math.inf
+        for t, v in member.curve():
+            if math.isfinite(t) and math.isfinite(v):
+                best = min(best, v)
+                out.append((t, best))
+        return out
+    out, best, cum = [], math.inf, 0.0
+    for r in member.runs:
+        cum += r.wall_time_s if math.isfinite(r.wall_time_s) else 0.0
+        best = min(best, r.objective)
+        if math.isfinite(best):
+            out.append((cum, best))
+    return out
+
+
+def plot_best_so_far(groups: list[Group], path: Path) -> bool:
+    """One panel: every contender's best validation loss so far against wall time, one line per
+    seed (study), one colour per row; grid points are left to their ``grid search`` row."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = [g for g in groups if g.tuning != "grid point"]
+    curves = [(g, m, best_so_far(m)) for g in shown for m in g.members]
+    if not any(c for _, _, c in curves):
+        return False
+    fig, ax = plt.subplots(figsize=(8, 5))
+    colors = dict(zip(map(id, shown), _colors(len(shown))))
+    labelled: set[int] = set()
+    ends = []
+    for g, m, pts in curves:
+        if not pts:
+            continue
+        c = colors[id(g)]
+        label = None if id(g) in labelled else f"{g.label} [{g.tuning}]"
+        labelled.add(id(g))
+        ts, vs = zip(*pts)
+        ax.step(ts, vs, where="post", color=c, lw=1.6, alpha=0.85, label=label,
+                marker="o" if m.is_study else None, ms=3)
+        ends.append(vs[-1])
+    if ends:  # zoom in on where the contenders end up
+        lo, hi = min(ends), max(ends)
+        span = max(hi - lo, 0.05 * abs(hi), 1e-12)
+        ax.set_ylim(lo - 0.5 * span, hi + 3 * span)
+    ax.set_xlabel("wall time (s); searches: cumulative trial time")
+    ax.set_ylabel("best validation loss so far")
+    ax.set_title("best validation loss so far (dots: a search's finished trials)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def plot_hparams(groups: list[Group], path: Path, max_panels: int = 24) -> bool:
     """Histograms of the final hyperparameters (log10), one panel per row and family. A study shows
     the values its trials tried (grey) and its best trial's (coloured)."""
@@ -718,6 +819,75 @@ def plot_hparams(groups: list[Group], path: Path, max_panels: int = 24) -> bool:
     return True
 
 
+# ------------------------------------------------------------------------------- hoexp compare
+def _compare_files(paths: Sequence[str | Path]) -> list[tuple[Path, dict[str, Any]]]:
+    out = []
+    for p in paths:
+        f = Path(p) / "compare.json"
+        if f.is_file():
+            try:
+                data = read_json(f)
+            except (OSError, ValueError):
+                continue
+            if isinstance(data, dict) and "contenders" in data:
+                out.append((f, data))
+    return out
+
+
+def compare_lines(data: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """Markdown lines for a ``compare.json`` (budgets; when each search matched each HO contender)
+    and the short summary lines printed on the console."""
+    obj = data.get("objective", "best")
+    budget = data.get("budget") or {}
+    per_seed = budget.get("per_seed") or {}
+    md = [f"Objective of the grid and the searches: the **{obj}** validation loss (test loss is never used to "
+          f"choose). Search budget per seed: {budget.get('rule', '?')}"
+          + (": " + ", ".join(f"seed {k}: {v:.1f} s" for k, v in per_seed.items()) if per_seed else "")
+          + f"; {data.get('workers', 1)} worker(s) per search; pruning "
+          + ("on (MedianPruner)" if data.get("prune") else "off") + ".", ""]
+    studies = [(c["name"], s) for c in data.get("contenders", []) if c.get("kind") == "search" for s in c["studies"]]
+    if studies:
+        rows = []
+        for name, s in studies:
+            states = ", ".join(f"{n} {k.lower()}" for k, n in (s.get("states") or {}).items())
+            params = " ".join(f"{_short_key(k)}={_fmt_value(v)}" for k, v in (s.get("best_params") or {}).items())
+            rows.append([name, str(s["seed"]), f"{s['budget_s']:.1f}", f"{s['wall_clock_s']:.1f}",
+                         f"{s['trial_time_s']:.1f}", f"{s['n_trials']} ({states})",
+                         "—" if s.get("best_trial") is None else f"#{s['best_trial']} {params}"])
+        md += _md_table(["search", "seed", "budget (s)", "spent: wall clock (s)", "spent: trial time (s)", "trials",
+                         "best trial"], rows) + [""]
+    match = data.get("match") or []
+    short: list[str] = []
+    if match:
+        rows = []
+        for m in match:
+            worth = m.get("fixed_runs")
+            worth_text = "—" if worth is None else f"{worth:.2f}"
+            if m["matched"]:
+                rows.append([m["search"], m["ho"], str(m["seed"]), f"{m['target']:.4f}", "yes", str(m["trials"]),
+                             f"{m['time_s']:.1f}", worth_text])
+            else:
+                rows.append([m["search"], m["ho"], str(m["seed"]), f"{m['target']:.4f}",
+                             f"no, not in its {m['trials']} trials ({worth_text} fixed runs' worth)",
+                             "—", "—", "—"])
+        md += ["When each search's best-so-far validation loss first reached the HO run's (same seed), in trials, "
+               "cumulative trial time and fixed runs' worth (that time / the `method=none` baseline run's "
+               "wall time):", ""]
+        md += _md_table(["search", "HO", "seed", "HO val loss", "matched", "trials", "trial time (s)",
+                         "fixed runs' worth"], rows) + [""]
+        for key in dict.fromkeys((m["search"], m["ho"]) for m in match):
+            ms = [m for m in match if (m["search"], m["ho"]) == key]
+            hit = [m["fixed_runs"] for m in ms if m["matched"] and m.get("fixed_runs") is not None]
+            text = f"{key[0]} matched {key[1]}'s {obj} validation loss on {len(hit)}/{len(ms)} seed(s)"
+            if hit:
+                mean = statistics.fmean(hit)
+                text += f", after {mean:.2f}" + (f" ± {statistics.stdev(hit):.2f}" if len(hit) > 1 else "") + \
+                        " fixed runs' worth of wall time"
+            short.append(text)
+        md += [f"- {t}" for t in short] + [""]
+    return md, short
+
+
 # ---------------------------------------------------------------------------------------- report
 @dataclass
 class Report:
@@ -738,14 +908,23 @@ def build_report(paths: Sequence[str | Path], out_dir: str | Path, *, console: C
     files: list[Path] = []
     pngs: list[Path] = []
     if plots:
-        for name, fn in (("val_loss_vs_time.png", plot_val_loss_vs_time), ("hparams.png", plot_hparams)):
+        for name, fn in (("val_loss_vs_time.png", plot_val_loss_vs_time), ("best_so_far.png", plot_best_so_far),
+                         ("hparams.png", plot_hparams)):
             if fn(groups, out / name):
                 pngs.append(out / name)
     write_csv(groups, out / "report.csv")
     write_runs_csv(groups, out / "runs.csv")
     write_markdown(groups, out / "report.md", [str(p) for p in paths], pngs)
+    summary_lines: list[str] = []
+    for f, data in _compare_files(paths):
+        md, short = compare_lines(data)
+        summary_lines += short
+        with open(out / "report.md", "a", encoding="utf-8") as fh:
+            fh.write("\n".join([f"## hoexp compare: `{f}`", "", *md]))
     files = [out / "report.md", out / "report.csv", out / "runs.csv", *pngs]
     print_table(groups, console, title=f"hoexp report: {len(runs)} run(s), {len(groups)} row(s)")
+    for text in summary_lines:
+        console.print(f"  {text}", markup=False, highlight=False, soft_wrap=True)
     console.print(f"hoexp report: wrote {', '.join(f.name for f in files)} → {out}", markup=False,
                   highlight=False, soft_wrap=True)
     return Report(runs=runs, groups=groups, out_dir=out, files=files)

@@ -26,7 +26,7 @@ from torch import Tensor
 from hoexp import tree
 from hoexp.build import Experiment, build
 from hoexp.config import Spec
-from hoexp.errors import HoexpError
+from hoexp.errors import HoexpError, StopRun
 from hoexp.metrics import JsonlLogger, MetricLogger, MultiLogger, TensorBoardLogger, tensor_stats, write_json_atomic
 from hoexp.method.base import CarriesState, InnerState, StepStats
 from hoexp.problem import training_batches, validation_batches
@@ -193,6 +193,9 @@ class Run:
                                 f"same command plus: resume=true hydra.run.dir={self.out_dir}", e.exit_code) from None
             except Diverged as e:
                 self.status, self.error = "diverged", str(e)
+                raise
+            except StopRun as e:  # an extra logger ended the run on purpose (a pruned search trial)
+                self.status, self.error = e.status, str(e)
                 raise
             except BaseException as e:
                 self.status, self.error = "failed", f"{type(e).__name__}: {e}"

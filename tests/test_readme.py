@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from hoexp.cli import split_hydra_args, validate_job, expand_sweeps
+from hoexp.cli import expand_sweeps, refuse_removed, split_hydra_args, validate_job
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,9 +39,26 @@ def test_readme_run_line_validates(line):
     args = words[words.index("run") + 1:]
     overrides, flags = split_hydra_args(args)
     overrides = [o for o in overrides if "<" not in o and o != "..."]  # placeholders: <sweep folder>, ...
+    refuse_removed(overrides)  # hydra/* overrides too, which expand_sweeps leaves to Hydra
     jobs = expand_sweeps(overrides) if flags & {"-m", "--multirun"} else [overrides]
     for job in jobs:
         validate_job(job)
+
+
+COMPARE_LINES = [c for c in readme_commands() if c.startswith(("hoexp compare", "python -m hoexp compare"))
+                 and "--help" not in c]
+
+
+@pytest.mark.parametrize("line", COMPARE_LINES)
+def test_readme_compare_line_validates(line, tmp_path):
+    """Every check hoexp compare makes before running anything (its folder: a scratch one)."""
+    from hoexp.compare import parse_args
+
+    words = shlex.split(line)
+    args = [a for a in words[words.index("compare") + 1:] if "<" not in a and a != "..."]
+    if "--out" in args:
+        del args[args.index("--out"):args.index("--out") + 2]
+    parse_args([*args, "--out", str(tmp_path / "compare")])
 
 
 def test_readme_scripts_and_targets_exist():

@@ -170,6 +170,65 @@ def test_failed_runs_are_counted_and_never_best_trials(tmp_path):
     assert float(row["best_val_loss"]) == pytest.approx(0.7)
 
 
+def compare_study(folder: Path, kind: str, trials: list[dict], objective="best", seed=0):
+    """A hoexp compare study: study.json, and trial folders with trial.json beside summary.json."""
+    folder.mkdir(parents=True)
+    label = {"grid": "grid search", "random": "random search", "tpe": "TPE"}[kind]
+    write_json_atomic(folder / "study.json", {"kind": "grid" if kind == "grid" else "search", "label": label,
+                                              "objective": objective, "seed": seed,
+                                              "space": {"hp.weight_decay.init": "log-uniform [1e-05, 0.1]"}})
+    for i, t in enumerate(trials):
+        run = folder / f"trial_{i:03d}"
+        init = t.pop("init")
+        make_run(run, method="none", seed=seed, hypergradients=0, **t)
+        cfg = yaml.safe_load((run / ".hydra" / "config.yaml").read_text())
+        cfg["hp"]["weight_decay"]["init"] = init
+        (run / ".hydra" / "config.yaml").write_text(yaml.safe_dump(cfg))
+        (run / ".hydra" / "hydra.yaml").unlink()  # compare runs are not Hydra jobs
+        write_json_atomic(run / "trial.json", {"number": i, "params": {"hp.weight_decay.init": repr(init)},
+                                               "state": "PRUNED" if t.get("status") == "pruned" else "COMPLETE"})
+
+
+def test_compare_studies_grids_and_their_objective(tmp_path):
+    """hoexp compare folders: a search study stands for its best trial by its objective (here the
+    final validation loss; a pruned trial never counts), a grid is one row per point plus its best."""
+    for seed in (0, 1):
+        compare_study(tmp_path / f"tpe/seed{seed}", "tpe", objective="final", seed=seed, trials=[
+            {"init": 1e-3, "best": 0.30, "final": 0.50, "wall": 1.0},
+            {"init": 1e-2, "best": 0.40, "final": 0.45 + seed / 100, "wall": 2.0},  # best on final val
+            {"init": 1e-4, "best": 0.10, "final": 0.10, "wall": 0.5, "status": "pruned"}])
+        compare_study(tmp_path / f"grid/seed{seed}", "grid", seed=seed, trials=[
+            {"init": 1e-4, "best": 0.50 + seed / 10, "test": 0.1},
+            {"init": 1e-2, "best": 0.30 + seed / 10, "test": 0.9}])  # best on validation, worst on test
+    rep, text = report(tmp_path, tmp_path)
+    rows = [(g.label, g.tuning, g.count) for g in rep.groups]
+    assert rows == [("none (weight_decay.init=1.00e-04)", "grid point", "2 seeds"),
+                    ("none (weight_decay.init=0.01)", "grid point", "2 seeds"),
+                    ("none", "grid search", "2 studies × 2 trials"),
+                    ("none", "TPE", "2 studies × 3 trials (2 pruned)")]
+    tpe, grid = rep.groups[3], rep.groups[2]
+    assert [m.best.trial for m in tpe.members] == [1, 1]
+    assert tpe.mean_std(tpe.values("final", "val_loss"))[0] == pytest.approx(0.455)
+    assert tpe.members[0].wall_time_s == pytest.approx(3.5)  # every trial's time, the pruned one too
+    assert [m.best.trial for m in grid.members] == [1, 1]  # on validation loss, not test loss
+    assert grid.mean_std(grid.values("best", "test_loss"))[0] == pytest.approx(0.9)
+    assert len(rep.runs) == 10
+    assert "10 run(s)" in (tmp_path / "report" / "report.md").read_text()
+    assert (tmp_path / "report" / "best_so_far.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_best_so_far_of_a_study_is_over_finished_trials_at_cumulative_trial_time(tmp_path):
+    from hoexp.report import best_so_far
+
+    compare_study(tmp_path / "s", "random", trials=[
+        {"init": 1e-3, "best": 0.40, "wall": 1.0},
+        {"init": 1e-2, "best": 0.10, "wall": 0.5, "status": "pruned"},
+        {"init": 1e-4, "best": 0.30, "wall": 2.0}])
+    rep, _ = report(tmp_path, tmp_path / "s")
+    (member,) = rep.groups[0].members
+    assert best_so_far(member) == [(1.0, 0.40), (1.5, 0.40), (3.5, 0.30)]
+
+
 def test_report_command_errors_are_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["report", str(tmp_path / "missing")])
@@ -203,11 +262,12 @@ def hoexp(*args, timeout=300):
 
 @pytest.mark.slow
 def test_report_on_a_multirun_and_a_study_end_to_end(tmp_path):
-    ho, tpe, out = tmp_path / "ho", tmp_path / "tpe", tmp_path / "report"
+    ho, cmp, out = tmp_path / "ho", tmp_path / "cmp", tmp_path / "report"
+    tpe = cmp / "tpe" / "seed0"  # a TPE study of hoexp compare (2 trials, no pruning before 3)
     hoexp("run", "-m", "method=neumann,none", "seed=0,1", "outer_steps=2", "inner_steps=5", "progress=false",
           f"hydra.sweep.dir={ho}")
-    hoexp("run", "-m", "experiment=iris_blackbox_wd", "hydra/sweeper=tpe", "hydra.sweeper.n_trials=2", "outer_steps=2",
-          "inner_steps=5", "progress=false", f"hydra.sweep.dir={tpe}")
+    hoexp("compare", "outer_steps=2", "inner_steps=5", "--methods", "neumann", "--grid", "none", "--search", "tpe",
+          "--max-trials", "2", "--budget-s", "600", "--no-plots", "--out", str(cmp))
     r = hoexp("report", str(ho), str(tpe), "--out", str(out))
     assert "4 row(s)" not in r.stdout and "3 row(s)" in r.stdout  # neumann, none (2 seeds each), TPE
 
@@ -225,9 +285,10 @@ def test_report_on_a_multirun_and_a_study_end_to_end(tmp_path):
     best = min(trials, key=lambda s: s["best"]["val_loss"])
     assert float(rows["TPE"]["best_val_loss"]) == pytest.approx(best["best"]["val_loss"])
     assert float(rows["TPE"]["wall_time_s"]) == pytest.approx(sum(s["wall_time_s"] for s in trials))
-    assert rows["hypergradients"]["hypergradients"] == "2" and rows["TPE"]["num_hparams"] == "1"
-    assert yaml.safe_load((tpe / "optimization_results.yaml").read_text())["best_value"] == pytest.approx(
-        best["best"]["val_loss"])
+    assert rows["hypergradients"]["hypergradients"] == "2" and rows["TPE"]["hypergradients"] == "0"
+    (study,) = next(c for c in json.loads((cmp / "compare.json").read_text())["contenders"]
+                    if c["name"] == "TPE")["studies"]
+    assert study["best"]["best"]["val_loss"] == pytest.approx(best["best"]["val_loss"])
     for png in ("val_loss_vs_time.png", "hparams.png"):
         assert (out / png).read_bytes().startswith(b"\x89PNG")
 

@@ -1,5 +1,6 @@
-"""Sweeps: launcher and sweeper presets (joblib, submitit, Optuna random search / TPE) and the
-black-box experiment presets; end to end as `hoexp run -m` subprocesses."""
+"""Sweeps: launcher presets (joblib, submitit), end to end as `hoexp run -m` subprocesses; the
+Optuna sweeper presets and black-box experiment presets are gone (random search and TPE are
+`hoexp compare`, tests/test_compare.py) and refused in one line."""
 
 import json
 import os
@@ -8,9 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
-from hoexp.cli import validate_job
+from hoexp.cli import group_options, validate_job
+from hoexp.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 BLACKBOX = ["iris_blackbox_wd", "iris_blackbox_wd_lr", "iris_blackbox_wd_dropout_lr"]
@@ -45,37 +46,22 @@ def event_pid(run_dir):
 
 
 # ------------------------------------------------------------------------------ presets (fast)
-@pytest.mark.parametrize("preset,sampler", [("random_search", "RandomSampler"), ("tpe", "TPESampler")])
-def test_sweeper_presets_minimize_with_a_seeded_sampler(preset, sampler):
-    cfg = compose([f"hydra/sweeper={preset}", "seed=3"])
-    sw = cfg.hydra.sweeper
-    assert sw._target_.endswith("OptunaSweeper") and sw.sampler._target_ == f"optuna.samplers.{sampler}"
-    assert str(sw.direction) == "minimize" and sw.n_trials == 20 and sw.n_jobs == 1
-    assert sw.sampler.seed == 3  # the run seed seeds the sampler
+def test_optuna_sweeper_and_blackbox_presets_are_gone():
+    assert not (ROOT / "hoexp" / "conf" / "hydra" / "sweeper").exists()
+    assert not set(BLACKBOX) & set(group_options("experiment"))
 
 
-@pytest.mark.parametrize("experiment", BLACKBOX)
-def test_blackbox_presets_search_inside_the_valid_ranges(experiment):
-    """Every point of the search space passes hoexp's validation (checked at the interval ends)."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from omegaconf import OmegaConf
+@pytest.mark.parametrize("override", ["hydra/sweeper=tpe", "hydra/sweeper=random_search",
+                                      *(f"experiment={e}" for e in BLACKBOX)])
+def test_removed_presets_are_refused_naming_hoexp_compare(override):
+    with pytest.raises(ConfigError, match="hoexp compare") as e:
+        validate_job([override, "method=none"])
+    assert "\n" not in str(e.value)
 
-    cfg = compose([f"experiment={experiment}"])
-    assert cfg.method.name == "none" and cfg.hp.weight_decay.granularity == "global"
-    assert cfg.hydra.sweeper._target_.endswith("OptunaSweeper")
-    params = dict(cfg.hydra.sweeper.params)
-    assert "hp.weight_decay.init" in params
-    parser = OverridesParser.create()
-    for key, space in params.items():
-        sweep = parser.parse_override(f"{key}={space}").value()
-        node = OmegaConf.select(cfg, key.rsplit(".", 1)[0])
-        if key.startswith("hp."):
-            assert node.min <= sweep.start < sweep.end <= node.max, key
-        for end in (sweep.start, sweep.end):
-            validate_job([f"experiment={experiment}", f"{key}={end}"])
-    base = ["experiment=iris_per_weight_decay"]
-    assert cfg.outer_steps == compose(base).outer_steps and cfg.inner_steps == compose(base).inner_steps
-    assert cfg.optim.inner.name == compose(base).optim.inner.name  # the same training as the HO runs
+
+def test_basic_sweeper_still_composes():
+    assert compose(["hydra/sweeper=basic"]).hydra.sweeper._target_.endswith("BasicSweeper")
+    validate_job(["hydra/sweeper=basic", "method=none"])
 
 
 def test_launcher_presets_compose():
@@ -127,33 +113,6 @@ def test_joblib_launcher_runs_two_jobs_in_worker_processes(tmp_path):
     assert all(v["status"] == "completed" for v in s.values())
     pids = {event_pid(sweep / name) for name in s}
     assert pid not in pids  # the jobs ran in loky workers, not in the `hoexp run` process
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("sweeper", ["random_search", "tpe"])
-def test_optuna_two_trial_study(tmp_path, sweeper):
-    sweep = tmp_path / "study"
-    _, out, err = hoexp("run", "-m", "experiment=iris_blackbox_wd_lr", f"hydra/sweeper={sweeper}",
-                        "hydra.sweeper.n_trials=2", "outer_steps=2", "inner_steps=5", "progress=false",
-                        f"hydra.sweep.dir={sweep}")
-    s = summaries(sweep)
-    assert len(s) == 2
-    trials = {}
-    for name, summ in s.items():
-        overrides = yaml.safe_load((sweep / name / ".hydra" / "overrides.yaml").read_text())
-        values = dict(o.split("=", 1) for o in overrides)
-        init, lr = float(values["hp.weight_decay.init"]), float(values["optim.inner.lr"])
-        assert 1e-6 <= init <= 1.0 and 1e-3 <= lr <= 0.1
-        assert summ["method"] == "none" and summ["num_hparams"] == 1 and summ["hypergradients"] == 0
-        # method=none keeps the one global decay at the trial's value
-        assert summ["hp_final"]["mean"] == pytest.approx(init, rel=1e-6)
-        trials[name] = (init, lr, summ["best"]["val_loss"])
-    assert len({t[:2] for t in trials.values()}) == 2  # two different points
-    result = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
-    best = min(trials.values(), key=lambda t: t[2])
-    assert result["best_value"] == pytest.approx(best[2])  # the objective is the run's best val loss
-    assert result["best_params"]["hp.weight_decay.init"] == pytest.approx(best[0])
-    assert result["best_params"]["optim.inner.lr"] == pytest.approx(best[1])
 
 
 @pytest.mark.slow

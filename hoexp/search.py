@@ -1,0 +1,348 @@
+"""Black-box search on a wall-clock budget: Optuna ask/tell driven by hoexp (random search, TPE).
+
+:func:`run_search` asks Optuna for a point, calls ``objective(ctx)`` (``ctx`` holds the trial's
+number and values, and ``ctx.report(step, value)`` feeds Optuna's pruner: it raises
+:class:`Pruned` when the trial should stop), tells the result, and starts no trial once the budget
+has run out, so a search overshoots its budget by at most one trial. Trials run in ``workers``
+local processes (``spawn``) sharing one study in an Optuna JournalStorage file; with one worker
+they run in this process. The budget's clock starts when every worker is set up (imports, and
+``objective.prepare()`` if the objective has one), as an HO run's wall time excludes start-up.
+A trial that raises :class:`Pruned` is told ``PRUNED`` (it freed the rest of its time); any other
+exception is told ``FAIL`` and ends the search. The objective is minimized; a trial's ``start_s``
+and ``end_s`` are seconds after the common start.
+
+Reproducibility: with one worker and a deterministic objective, the same ``seed`` gives the same
+trials. With several workers each gets its own sampler seed (``seed + 7919 * worker``) and the order
+in which trials finish depends on timing.
+"""
+
+from __future__ import annotations
+
+import math
+import multiprocessing
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hoexp.errors import ConfigError, HoexpError, StopRun
+
+__all__ = ["Dim", "parse_dim", "SearchSettings", "TrialContext", "Pruned", "TrialRecord", "SearchResult",
+           "run_search", "SAMPLERS"]
+
+SAMPLERS = {"random": "random search", "tpe": "TPE"}  # --search names → labels in reports
+WORKER_SEED_STRIDE = 7919
+
+
+class Pruned(StopRun):
+    """The pruner stopped this trial (its validation loss is hopeless next to the other trials')."""
+
+    status = "pruned"
+
+
+@dataclass(frozen=True)
+class Dim:
+    """One searched value: an override key and its range (log-uniform when ``log``)."""
+
+    key: str
+    low: float
+    high: float
+    log: bool = False
+
+    def describe(self) -> str:
+        return f"{'log-uniform' if self.log else 'uniform'} [{self.low:g}, {self.high:g}]"
+
+
+def parse_dim(text: str) -> Dim:
+    """``KEY=LOW:HIGH`` or ``KEY=LOW:HIGH:log`` (e.g. ``hp.weight_decay.init=1e-6:1:log``)."""
+    key, sep, rng = text.partition("=")
+    parts = rng.split(":")
+    if not sep or not key or len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] not in ("log", "linear")):
+        raise ConfigError(f"--space '{text}': expected KEY=LOW:HIGH or KEY=LOW:HIGH:log")
+    try:
+        low, high = float(parts[0]), float(parts[1])
+    except ValueError:
+        raise ConfigError(f"--space '{text}': LOW and HIGH must be numbers") from None
+    log = len(parts) == 3 and parts[2] == "log"
+    if not (math.isfinite(low) and math.isfinite(high) and low < high):
+        raise ConfigError(f"--space '{text}': need finite LOW < HIGH")
+    if log and low <= 0:
+        raise ConfigError(f"--space '{text}': a log range needs LOW > 0")
+    return Dim(key.strip(), low, high, log)
+
+
+@dataclass
+class SearchSettings:
+    """What one search does: ``sampler`` (random | tpe) over ``space`` for ``budget_s`` seconds."""
+
+    sampler: str
+    space: list[Dim]
+    budget_s: float
+    seed: int = 0
+    workers: int = 1
+    prune: bool = True
+    prune_startup: int = 3  # MedianPruner: completed trials before any pruning
+    prune_warmup: int = 0  # MedianPruner: reported steps before a trial can be pruned
+    tpe_startup: int = 5  # TPE: random trials before it models (Optuna's default of 10 is long here)
+    max_trials: int | None = None  # also stop after this many trials (None: the budget alone)
+
+    def check(self) -> None:
+        if self.sampler not in SAMPLERS:
+            raise ConfigError(f"unknown search '{self.sampler}'; choose from: {', '.join(SAMPLERS)}")
+        if not self.space:
+            raise ConfigError("the search space is empty")
+        if not (math.isfinite(self.budget_s) and self.budget_s > 0):
+            raise ConfigError(f"the search budget must be > 0 seconds, got {self.budget_s}")
+        if self.workers < 1:
+            raise ConfigError(f"--workers must be >= 1, got {self.workers}")
+        if self.max_trials is not None and self.max_trials < 1:
+            raise ConfigError(f"--max-trials must be >= 1, got {self.max_trials}")
+
+
+@dataclass
+class TrialContext:
+    """What an objective gets: the trial's ``number`` and ``params`` ({key: value}); ``report``."""
+
+    number: int
+    params: dict[str, float]
+    _trial: Any = field(repr=False, default=None)
+    attrs: dict[str, Any] = field(default_factory=dict)  # stored with the trial (e.g. its run folder)
+
+    def report(self, step: int, value: float) -> None:
+        """Report an intermediate value (lower is better); raise :class:`Pruned` if the pruner says so."""
+        if self._trial is None:
+            return
+        v = float(value) if math.isfinite(value) else 1e300  # Optuna refuses non-finite intermediates
+        self._trial.report(v, int(step))
+        if self._trial.should_prune():
+            raise Pruned(f"pruned at step {step} (intermediate value {value:.4g})")
+
+
+@dataclass
+class TrialRecord:
+    number: int
+    params: dict[str, float]
+    state: str  # COMPLETE | PRUNED | FAIL | RUNNING
+    value: float | None  # the objective (COMPLETE only)
+    start_s: float  # seconds after the search started
+    end_s: float | None
+    worker: int
+    attrs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def duration_s(self) -> float:
+        return (self.end_s - self.start_s) if self.end_s is not None else math.nan
+
+
+@dataclass
+class SearchResult:
+    settings: SearchSettings
+    trials: list[TrialRecord]  # in trial-number order
+    wall_clock_s: float  # from the common start until the last trial ended
+    storage: str
+
+    @property
+    def best(self) -> TrialRecord | None:
+        done = [t for t in self.trials if t.state == "COMPLETE" and t.value is not None and not math.isnan(t.value)]
+        return min(done, key=lambda t: t.value) if done else None
+
+    def to_json(self) -> dict[str, Any]:
+        s = asdict(self.settings)
+        s["space"] = [asdict(d) for d in self.settings.space]
+        return {"settings": s, "wall_clock_s": self.wall_clock_s, "storage": self.storage,
+                "best_trial": None if self.best is None else self.best.number,
+                "trials": [{**asdict(t), "duration_s": t.duration_s} for t in self.trials]}
+
+
+# ---------------------------------------------------------------------------------------- optuna
+def _storage(path: Path):
+    import optuna
+
+    return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
+
+
+def _study(settings: SearchSettings, storage, name: str, worker: int):
+    import optuna
+
+    seed = settings.seed + WORKER_SEED_STRIDE * worker
+    if settings.sampler == "tpe":
+        sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=settings.tpe_startup,
+                                             constant_liar=settings.workers > 1)
+    else:
+        sampler = optuna.samplers.RandomSampler(seed=seed)
+    pruner = (optuna.pruners.MedianPruner(n_startup_trials=settings.prune_startup,
+                                          n_warmup_steps=settings.prune_warmup)
+              if settings.prune else optuna.pruners.NopPruner())
+    return optuna.create_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner,
+                               direction="minimize", load_if_exists=True)
+
+
+def _distributions(space: list[Dim]) -> dict[str, Any]:
+    import optuna
+
+    return {d.key: optuna.distributions.FloatDistribution(d.low, d.high, log=d.log) for d in space}
+
+
+def _quiet_optuna() -> None:
+    import warnings
+
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # constant_liar
+
+
+def _prepare(objective: Callable[[TrialContext], float]) -> None:
+    """Set-up the budget does not count (like an HO run's imports): ``objective.prepare()`` if any."""
+    prepare = getattr(objective, "prepare", None)
+    if callable(prepare):
+        prepare()
+
+
+def _loop(settings: SearchSettings, objective: Callable[[TrialContext], float], study, start: float,
+          worker: int) -> None:
+    """Ask, run, tell until the budget (or ``max_trials``) is spent."""
+    from optuna.trial import TrialState
+
+    dists = _distributions(settings.space)
+    deadline = start + settings.budget_s
+    while (now := time.time()) < deadline:
+        if settings.max_trials is not None and len(study.get_trials(deepcopy=False)) >= settings.max_trials:
+            break
+        trial = study.ask(dists)
+        trial.set_user_attr("start_s", now - start)  # when it was decided to start it (ask included)
+        trial.set_user_attr("worker", worker)
+        ctx = TrialContext(trial.number, dict(trial.params), trial)
+        try:
+            value = float(objective(ctx))
+        except Pruned:
+            _finish(trial, ctx, start)
+            study.tell(trial, state=TrialState.PRUNED)
+            continue
+        except BaseException:
+            _finish(trial, ctx, start)
+            study.tell(trial, state=TrialState.FAIL)
+            raise
+        _finish(trial, ctx, start)
+        if math.isnan(value):
+            study.tell(trial, state=TrialState.FAIL)
+        else:
+            study.tell(trial, value)  # +inf (a diverged run) is a valid, worst value
+
+
+def _finish(trial, ctx: TrialContext, start: float) -> None:
+    trial.set_user_attr("end_s", time.time() - start)
+    for k, v in ctx.attrs.items():
+        trial.set_user_attr(k, v)
+
+
+def _worker_process(settings: SearchSettings, objective: Callable[[TrialContext], float], storage_path: str,
+                    name: str, worker: int, messages, go, start_box) -> None:
+    """A worker process: set up, say ready, wait for the common start, then :func:`_loop`."""
+    import traceback
+
+    try:
+        _quiet_optuna()
+        study = _study(settings, _storage(Path(storage_path)), name, worker)
+        _prepare(objective)
+        messages.put(("ready", worker, ""))
+        go.wait()
+        _loop(settings, objective, study, start_box.value, worker)
+    except BaseException as e:  # noqa: BLE001 - reported to the parent, which raises it
+        kind = "hoexp" if isinstance(e, HoexpError) else "bug"
+        messages.put((kind, worker, str(e) if kind == "hoexp" else traceback.format_exc()))
+        raise SystemExit(1) from None
+
+
+def run_search(settings: SearchSettings, objective: Callable[[TrialContext], float], folder: str | Path,
+               name: str = "search") -> SearchResult:
+    """Run one search into ``folder`` (``journal.log`` holds the Optuna study) and return its trials.
+
+    The budget's clock starts once every worker is set up (imports, ``objective.prepare()``).
+    ``objective`` must be picklable when ``settings.workers > 1`` (a module-level function or class).
+    """
+    import optuna
+
+    settings.check()
+    _quiet_optuna()
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    journal = folder / "journal.log"
+    study = _study(settings, _storage(journal), name, 0)
+    if settings.workers == 1:
+        _prepare(objective)
+        start = time.time()
+        _loop(settings, objective, study, start, 0)
+    else:
+        start = _run_workers(settings, objective, str(journal), name)
+    stopped = time.time() - start
+    study = optuna.load_study(study_name=name, storage=_storage(journal))
+    trials = []
+    for t in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number):
+        ua = dict(t.user_attrs)
+        trials.append(TrialRecord(
+            number=t.number, params={k: float(v) for k, v in t.params.items()}, state=t.state.name,
+            value=None if t.value is None else float(t.value), start_s=float(ua.pop("start_s", math.nan)),
+            end_s=ua.pop("end_s", None), worker=int(ua.pop("worker", 0)), attrs=ua))
+    ends = [t.end_s for t in trials if t.end_s is not None]
+    wall = max(ends) if ends else stopped  # the search's work, not the workers' exit
+    return SearchResult(settings=settings, trials=trials, wall_clock_s=wall, storage=str(journal))
+
+
+def _run_workers(settings: SearchSettings, objective, journal: str, name: str) -> float:
+    """Start ``settings.workers`` processes, start their common clock once all are ready, wait for
+    them; return the start time. A worker's error is raised here (a HoexpError stays one)."""
+    import queue
+
+    ctx = multiprocessing.get_context("spawn")
+    messages, go, start_box = ctx.Queue(), ctx.Event(), ctx.Value("d", 0.0)
+    procs = [ctx.Process(target=_worker_process, args=(settings, objective, journal, name, w, messages, go, start_box),
+                         daemon=True) for w in range(settings.workers)]
+    for p in procs:
+        p.start()
+    errors: list[tuple[str, int, str]] = []
+    ready = 0
+    try:
+        while ready < len(procs) and not errors:
+            try:
+                kind, w, text = messages.get(timeout=0.5)
+            except queue.Empty:
+                if any(p.exitcode not in (None, 0) for p in procs):
+                    time.sleep(0.5)  # let its message arrive
+                    errors.extend(_drain(messages))
+                    if not errors:
+                        errors.append(("bug", -1, "a search worker died while starting"))
+                continue
+            if kind == "ready":
+                ready += 1
+            else:
+                errors.append((kind, w, text))
+        start_box.value = time.time()
+        go.set()
+        if not errors:
+            for p in procs:
+                p.join()
+            errors.extend(e for e in _drain(messages) if e[0] != "ready")
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+                p.join()
+    if errors:
+        kind, w, text = errors[0]
+        if kind == "hoexp":
+            raise HoexpError(f"search worker {w}: {text}")
+        raise RuntimeError(f"search worker {w} failed:\n{text}")
+    return start_box.value
+
+
+def _drain(messages) -> list[tuple[str, int, str]]:
+    import queue
+
+    out = []
+    while True:
+        try:
+            out.append(messages.get_nowait())
+        except queue.Empty:
+            return out

@@ -1,0 +1,24 @@
+"""A fake search objective for tests/test_compare.py, in a module of its own so that spawned
+search workers import only this (not torch) to unpickle it."""
+
+import math
+import time
+
+
+class Sleepy:
+    """Sleeps ``seconds`` per trial in ``steps`` reports; value (log10 x + 3)² (lowest at x = 1e-3);
+    trials numbered in ``bad`` report 100 at every step."""
+
+    def __init__(self, seconds=0.1, steps=5, bad=()):
+        self.seconds, self.steps, self.bad = seconds, steps, set(bad)
+
+    def __call__(self, ctx):
+        x = ctx.params["x"]
+        final = (math.log10(x) + 3) ** 2
+        ctx.attrs["reported"] = 0
+        for step in range(1, self.steps + 1):
+            time.sleep(self.seconds / self.steps)
+            value = 100.0 if ctx.number in self.bad else final + 1.0 / step
+            ctx.attrs["reported"] = step
+            ctx.report(step, value)
+        return 100.0 if ctx.number in self.bad else final
