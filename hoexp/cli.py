@@ -307,6 +307,8 @@ def cmd_check(args: list[str]) -> None:
     ap.add_argument("--at", default=None, help="--horizon checkpoints, outer steps (default: 0, N/4, N/2, 3N/4)")
     ap.add_argument("--eps", type=float, default=0.05, help="--horizon finite-difference step on the raw "
                     "hyperparameters (default 0.05)")
+    ap.add_argument("--truth", default=None, metavar="HORIZON_JSON", help="--horizon: reuse the truth of an earlier "
+                    "horizon.json measured on the same configuration (any methods)")
     ap.add_argument("--out", default=None, help="output folder (default: outputs/check/<date>_<time>)")
     ns = ap.parse_args(args)
     try:
@@ -335,7 +337,8 @@ def cmd_check(args: list[str]) -> None:
             for text in ns.method or DEFAULT_CONTENDERS:
                 c = parse_contender(text)
                 contenders.append((c, compose_spec(base + c.overrides)[0]))
-            run_horizon(spec, contenders, out, at=at, eps=ns.eps, console=console)
+            run_horizon(spec, contenders, out, at=at, eps=ns.eps, console=console,
+                        truth_from=None if ns.truth is None else Path(ns.truth))
         else:
             run_check(spec, out, iterations=iterations, dense_max=ns.dense_max, console=console)
 

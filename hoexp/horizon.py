@@ -19,6 +19,7 @@ granularity), plus one run per stateful method. Output: a rich table, ``horizon.
 from __future__ import annotations
 
 import copy
+import json
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -100,9 +101,20 @@ class HorizonResult:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
+def _fingerprint(spec: Spec, eps: float) -> dict:
+    """What the truth depends on: the whole configuration except the method (and where it is written)."""
+    raw = {k: v for k, v in spec.raw.items() if k not in ("method", "name", "hydra")}
+    return {"config": raw, "eps": eps}
+
+
 def run_horizon(spec: Spec, contenders: Sequence[tuple[Contender, Spec]], out_dir: Path, *,
-                at: Sequence[int] | None = None, eps: float = 0.05, console: Console | None = None) -> HorizonResult:
-    """The long-horizon truth at the checkpoints ``at`` (outer steps) and every contender against it."""
+                at: Sequence[int] | None = None, eps: float = 0.05, console: Console | None = None,
+                truth_from: Path | None = None) -> HorizonResult:
+    """The long-horizon truth at the checkpoints ``at`` (outer steps) and every contender against it.
+
+    ``truth_from``: a previous ``horizon.json`` whose truth is reused for the checkpoints it has, when
+    it was measured on the same configuration (all but the method) and ``eps``; the rest is measured.
+    """
     console = console or Console(stderr=True)
     run = spec.run
     at = sorted(set(at if at is not None else [0, run.outer_steps // 4, run.outer_steps // 2,
@@ -143,8 +155,21 @@ def run_horizon(spec: Spec, contenders: Sequence[tuple[Contender, Spec]], out_di
         return float(problem.evaluate(st.params, exp.data.val)[0].double())
 
     result = HorizonResult(at=list(at), eps=eps, truth={})
+    known: dict[int, list[float]] = {}
+    if truth_from is not None:
+        try:
+            old = json.loads(Path(truth_from).read_text())
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"--truth {truth_from}: cannot read it ({e}); pass a horizon.json") from None
+        if old.get("fingerprint") != json.loads(json.dumps(_fingerprint(spec, eps))):
+            raise ConfigError(f"--truth {truth_from} was measured on another configuration or --eps; drop --truth "
+                              "to measure it again")
+        known = {int(k): v for k, v in old.get("truth", {}).items()}
     t0 = time.perf_counter()
     for s in at:
+        if s in known:
+            result.truth[s] = known[s]
+            continue
         result.truth[s] = central_differences(lambda x: final_val_loss(checkpoints[s], x), raw_flat, eps).tolist()
         console.print(f"hoexp: truth at outer step {s}: {_fmt(result.truth[s])}", highlight=False, soft_wrap=True)
     result.seconds["truth"] = time.perf_counter() - t0
@@ -163,6 +188,7 @@ def run_horizon(spec: Spec, contenders: Sequence[tuple[Contender, Spec]], out_di
         result.scores[contender.label] = _score(hgs, result.truth)
 
     report = {"at": result.at, "eps": eps, "num_hparams": n_h, "base_final_val_loss": base_final,
+              "fingerprint": _fingerprint(spec, eps),
               "truth": {str(k): v for k, v in result.truth.items()},
               "hypergradients": {m: {str(k): v for k, v in d.items()} for m, d in result.hypergradients.items()},
               "scores": result.scores, "errors": result.errors, "seconds": result.seconds,
@@ -184,7 +210,7 @@ def _contender_hypergradients(cspec: Spec, exp: Any, raw: dict[str, Tensor], par
     method = build_method(cspec)
     problem, run, spec = exp.problem, cspec.run, exp.spec
     out: dict[int, Tensor] = {}
-    if isinstance(method, CarriesState):
+    if isinstance(method, CarriesState) and getattr(method, "carries", True):
         train = training_batches(problem, exp.data.train, run.seed, spec.dataset.batch_size)
         val = validation_batches(problem, exp.data.val, run.seed, spec.dataset.val_batch_size)
         state = InnerState(dict(params0), exp.inner_opt.init(params0))

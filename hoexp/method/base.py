@@ -58,7 +58,9 @@ class CarriesState(Protocol):
     """A method that carries state from one outer step to the next (a warm-started solver's vector,
     forward-mode tangents kept since step 0). The runner checkpoints it with the run and restores it
     on resume; ``load_state_dict({})`` resets it (``reset_inner``). ``state_dict`` returns tensors the
-    method will replace, never mutate in place (the runner keeps references, not copies)."""
+    method will replace, never mutate in place (the runner keeps references, not copies).
+    ``carries`` (optional, default true) says whether this configuration carries anything: when false,
+    an outer step depends only on its inputs (diagnostics then need not replay earlier steps)."""
 
     def state_dict(self) -> dict[str, Any]: ...
 

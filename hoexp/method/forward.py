@@ -370,6 +370,10 @@ class ForwardMethod:
             stats.extra["forward/tangent_norm"] = float(tree.norm(res.tangents[0]))
         return res.hypergrad, InnerState(res.params, res.opt_state, state.step + inner_steps), stats
 
+    @property
+    def carries(self) -> bool:
+        return self.carry
+
     # CarriesState: the carried tangents are checkpointed with the run (empty without carry).
     def state_dict(self) -> dict[str, Any]:
         if self.tangents is None:

@@ -51,6 +51,11 @@ class ImplicitMethod:
     alpha_every: int = 0  # > 0: α = 1/λ_max, re-estimated every alpha_every outer steps; 0: the solver's α
     carried: dict[str, Any] = field(default_factory=dict, repr=False)  # u, lambda_max, step
 
+    @property
+    def carries(self) -> bool:
+        """Whether an outer step's answer depends on earlier outer steps (warm start, auto α)."""
+        return self.warm_start or bool(self.alpha_every)
+
     def state_dict(self) -> dict[str, Any]:
         return dict(self.carried)
 
