@@ -111,3 +111,32 @@ def test_carried_forward_mode_is_the_derivative_since_step_zero():
     assert method.tangents is None
     method.load_state_dict(saved)
     assert method.tangents is not None
+
+
+def _hoexp(*args, cwd):
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    return subprocess.run([sys.executable, "-m", "hoexp", *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_horizon_cli_refuses_many_hyperparameters_and_foreign_truth(tmp_path):
+    p = _hoexp("check", "--horizon", "model.width=4", "outer_steps=2", "inner_steps=2", "--out", str(tmp_path / "a"),
+               cwd=tmp_path)
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1
+    assert "per_layer" in p.stderr and "hoexp: error:" in p.stderr
+    small = ["model.width=4", "hp.weight_decay.granularity=global", "outer_steps=2", "inner_steps=2", "dtype=float64"]
+    ok = _hoexp("check", "--horizon", *small, "--method", "t1t2", "--at", "0,1", "--out", str(tmp_path / "b"),
+                cwd=tmp_path)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    truth = tmp_path / "b" / "horizon.json"
+    again = _hoexp("check", "--horizon", *small, "--method", "neumann", "--at", "0,1", "--truth", str(truth),
+                   "--out", str(tmp_path / "c"), cwd=tmp_path)
+    assert again.returncode == 0 and "truth at outer step" not in again.stdout  # reused, not measured again
+    assert json.loads((tmp_path / "c" / "horizon.json").read_text())["truth"] == json.loads(truth.read_text())["truth"]
+    foreign = _hoexp("check", "--horizon", *small[:-1], "--method", "t1t2", "--at", "0,1", "--truth", str(truth),
+                     "--out", str(tmp_path / "d"), cwd=tmp_path)
+    assert foreign.returncode == 2 and "another configuration" in foreign.stderr
