@@ -263,25 +263,35 @@ def _table(result: HorizonResult, console: Console) -> None:
     console.print(table)
 
 
+def _short(label: str) -> str:
+    """A contender's label for plots: without the ``method.`` prefixes, wrapped."""
+    import textwrap
+
+    return "\n".join(textwrap.wrap(label.replace("method.", ""), 28, break_on_hyphens=False)) or label
+
+
 def _plot(result: HorizonResult, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    for label, sc in result.scores.items():
-        ax1.plot(result.at, [sc[f"cosine@{s}"] for s in result.at], marker="o", label=label)
+    labels = list(result.scores)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 1.5 + 0.45 * max(len(labels), 4)), layout="constrained")
+    for label in labels:
+        sc = result.scores[label]
+        ax1.plot(result.at, [sc[f"cosine@{s}"] for s in result.at], marker="o", label=_short(label))
     ax1.axhline(0, color="grey", lw=0.5)
     ax1.set_xlabel("outer step of the checkpoint")
     ax1.set_ylabel("cosine with the long-horizon truth")
     ax1.set_ylim(-1.05, 1.05)
-    ax1.legend(fontsize=7)
-    labels = list(result.scores)
-    ax2.barh(labels, [result.scores[m]["sign"] for m in labels])
+    ax1.set_title(f"long-horizon truth: central differences, ε = {result.eps:g}", fontsize=9)
+    ax2.barh(range(len(labels)), [result.scores[m]["sign"] for m in labels])
+    ax2.set_yticks(range(len(labels)), [_short(m) for m in labels], fontsize=7)
+    ax2.invert_yaxis()
     ax2.set_xlim(0, 1)
     ax2.axvline(0.5, color="grey", lw=0.5)
     ax2.set_xlabel("sign agreement (all checkpoints and coordinates)")
-    fig.tight_layout()
+    fig.legend(loc="outside lower center", ncol=min(len(labels), 3), fontsize=7)
     fig.savefig(path, dpi=120)
     plt.close(fig)
