@@ -27,8 +27,8 @@ from hoexp.method.forward import ForwardMethod
 from hoexp.method.hd import HDMethod
 from hoexp.method.implicit import ImplicitMethod, NoHO
 from hoexp.method.reversible import ReversibleMethod
-from hoexp.method.unrolled import UnrolledMethod
 from hoexp.method.solvers import ConjugateGradient, Exact, FixedPoint, Neumann, Solver
+from hoexp.method.unrolled import UnrolledMethod
 from hoexp.model.mlp import MLP
 from hoexp.optim import Optimizer, build_optimizer
 from hoexp.problem import Problem

@@ -34,7 +34,7 @@ class LMData:
     task: str = "language_model"
     train_eval: Tensor | None = None  # the training tokens that training metrics are measured on
 
-    def to(self, device) -> "LMData":
+    def to(self, device) -> LMData:
         return LMData(self.train.to(device), self.val.to(device), self.test.to(device),
                       self.val_train_layout.to(device), self.vocab_size, self.bptt,
                       train_eval=None if self.train_eval is None else self.train_eval.to(device))

@@ -27,8 +27,8 @@ from hoexp import tree
 from hoexp.build import Experiment, build
 from hoexp.config import Spec
 from hoexp.errors import HoexpError, StopRun
-from hoexp.metrics import JsonlLogger, MetricLogger, MultiLogger, TensorBoardLogger, tensor_stats, write_json_atomic
 from hoexp.method.base import CarriesState, InnerState, StepStats
+from hoexp.metrics import JsonlLogger, MetricLogger, MultiLogger, TensorBoardLogger, tensor_stats, write_json_atomic
 from hoexp.problem import training_batches, validation_batches
 from hoexp.progress import make_progress
 
@@ -52,7 +52,7 @@ class Preempted(HoexpError):
 class preemption_signals:
     """While active, SIGTERM and SIGINT raise :class:`Preempted` in the main thread (restored after)."""
 
-    def __enter__(self) -> "preemption_signals":
+    def __enter__(self) -> preemption_signals:
         self.previous = {}
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):

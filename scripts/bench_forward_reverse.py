@@ -26,11 +26,11 @@ from torch.func import functional_call
 from hoexp import tree
 from hoexp.check import GraphMemory
 from hoexp.dataset.iris import load_iris
+from hoexp.errors import run_main
 from hoexp.method.forward import forward_hypergradient
 from hoexp.method.unrolled import unrolled_hypergradient
 from hoexp.model.mlp import MLP
 from hoexp.optim import build_optimizer
-from hoexp.errors import run_main
 
 
 def problem(num_lrs: int):

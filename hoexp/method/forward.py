@@ -25,11 +25,10 @@ Three strategies compute the same tangents (tests hold them to rounding):
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
-
-import warnings
 
 import torch
 from torch import Tensor

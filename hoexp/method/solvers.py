@@ -25,8 +25,9 @@ Fast paths (all optional, results unchanged):
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Callable, Protocol
+from typing import Protocol
 
 import torch
 from torch import Tensor

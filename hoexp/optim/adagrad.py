@@ -6,8 +6,8 @@ import torch
 
 from hoexp.optim.base import (
     Hyper,
-    OptState,
     Optimizer,
+    OptState,
     Params,
     add_scaled,
     add_scaled_div,

@@ -28,15 +28,15 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Any, NamedTuple, Union
+from typing import Any, NamedTuple
 
 import torch
 import torch.autograd.forward_ad as _forward_ad
 
 Params = dict[str, torch.Tensor]
 OptState = dict[str, Any]
-Scalar = Union[float, torch.Tensor]
-Hyper = Union[float, torch.Tensor, Mapping[str, Union[float, torch.Tensor]]]
+Scalar = float | torch.Tensor
+Hyper = float | torch.Tensor | Mapping[str, float | torch.Tensor]
 
 __all__ = [
     "add_scaled",

@@ -6,10 +6,10 @@ import torch
 
 from hoexp.optim.base import (
     Hyper,
-    OptState,
-    add_scaled,
     Optimizer,
+    OptState,
     Params,
+    add_scaled,
     check_grads,
     check_nonneg,
     fast_path,
