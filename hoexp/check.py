@@ -29,7 +29,7 @@ from hoexp.config import Spec
 from hoexp.method.base import InnerState, train_inner
 from hoexp.method.forward import forward_hypergradient
 from hoexp.method.ift import ift_hypergradient
-from hoexp.method.solvers import AutoStep, ConjugateGradient, Exact, FixedPoint, Neumann
+from hoexp.method.solvers import AutoStep, ConjugateGradient, Exact, FixedPoint, Neumann, Solver
 from hoexp.method.unrolled import unrolled_hypergradient
 from hoexp.metrics import write_json_atomic
 from hoexp.problem import training_batches
@@ -137,7 +137,7 @@ def run_check(spec: Spec, out_dir: Path, *, iterations: tuple[int, ...] = ITERAT
     if problem.family.moves_optimum:
         if n_params <= dense_max:
             ref_name = f"exact dense solve ({n_params:,}×{n_params:,} Hessian)"
-            ref_solver = Exact(max_params=dense_max)
+            ref_solver: Solver = Exact(max_params=dense_max)
         else:
             ref_name = f"CG, {reference_cg} iterations (model too large for a dense solve)"
             ref_solver = ConjugateGradient(reference_cg, tol=0.0)
