@@ -106,7 +106,7 @@ def hp_view(exp: Experiment, raw: Mapping[str, Tensor]) -> Tensor:
 
 def evaluate(exp: Experiment, params: Mapping[str, Tensor]) -> dict[str, float]:
     """Data loss and accuracy on every split, one host sync for all six numbers."""
-    values = []
+    values: list[Tensor] = []
     train = getattr(exp.data, "train_eval", None)
     for split in (exp.data.train if train is None else train, exp.data.val, exp.data.test):
         values.extend(exp.problem.evaluate(params, split))
@@ -298,6 +298,7 @@ class Run:
     # --------------------------------------------------------------------------- checkpoints
     def _take_snapshot(self, step: int, outer_state: dict) -> None:
         """References to the state after ``step`` (tensors are replaced, never mutated: no copies)."""
+        assert self.state is not None and self.exp is not None  # set by execute and _loop before any snapshot
         self.snapshot = {
             "step": step, "params": self.state.params, "opt_state": self.state.opt_state,
             "inner_step": self.state.step, "raw": self.raw, "outer_state": outer_state,
@@ -312,6 +313,7 @@ class Run:
 
     def _write_checkpoint(self) -> None:
         """``checkpoint.pt`` in the run folder, atomically (temporary file, then rename)."""
+        assert self.snapshot is not None  # written only after _loop's first snapshot
         payload = {**self.snapshot, "status": self.status, "version": 1}
         tmp = self.out_dir / ".checkpoint.pt.tmp"
         torch.save(_to_cpu(payload), tmp)

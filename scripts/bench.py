@@ -235,8 +235,9 @@ def time_problem(problem: str, args: argparse.Namespace, log: Callable[[str], No
     g, w = gradient(create_graph=True)
     op = HessianOperator(tree.flatten(g), list(w.values()))
     v = torch.randn(op.n, generator=torch.Generator().manual_seed(0), dtype=op.grad_flat.dtype).to(ctx.device)
-    fns = {"step": step, "grad": gradient, "grad_create_graph": lambda: gradient(create_graph=True),
-           "val_grad": val_gradient, "hvp": functools.partial(op.matvec, v)}
+    fns: dict[str, Callable[[], Any]] = {
+        "step": step, "grad": gradient, "grad_create_graph": lambda: gradient(create_graph=True),
+        "val_grad": val_gradient, "hvp": functools.partial(op.matvec, v)}
     if problem in args.compile.split(","):  # compile=true's training step, timed beside the eager one
         fn = compiled_step(prob, exp.inner_opt)
         raw = tree.detached(ctx.raw)
@@ -305,13 +306,16 @@ def time_problem(problem: str, args: argparse.Namespace, log: Callable[[str], No
                                                    val_batch if vctx is ctx else next(vctx.val), steps)[2]
 
         heavy = row.kind == "path"
-        fns = {"step": vstep, "grad": vgrad, "hg": hypergradient}
+        vfns: dict[str, Callable[[], Any]] = {"step": vstep, "grad": vgrad, "hg": hypergradient}
         if heavy:  # the same T plain steps (method=none), timed beside the path method's outer step
             plain = build_method(spec_for(problem, quick, args.device, args.threads, *row.problem_overrides,
                                           "method=none"))
-            fns["plain"] = lambda plain=plain, vctx=vctx, vprob=vprob, vexp=vexp: plain.outer_step(
-                vprob, vexp.inner_opt, vctx.state, vctx.raw, vctx.train, None, INNER_STEPS)
-        t = rounds(fns, vctx.device, min_rounds=2 if quick else (5 if (heavy or problem == "ptb") else 11),
+
+            def plain_steps(plain=plain, vctx=vctx, vprob=vprob, vexp=vexp):
+                return plain.outer_step(vprob, vexp.inner_opt, vctx.state, vctx.raw, vctx.train, None, INNER_STEPS)
+
+            vfns["plain"] = plain_steps
+        t = rounds(vfns, vctx.device, min_rounds=2 if quick else (5 if (heavy or problem == "ptb") else 11),
                    max_rounds=3 if quick else 200, budget_s=budget * (2 if heavy else 1), warmup=1 if quick else 2)
         step_s, grad_s, outer_s = med(t["step"]), med(t["grad"]), med(t["hg"])
         # Path methods: the outer step minus the plain steps, paired round by round.

@@ -16,6 +16,7 @@ import argparse
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -72,7 +73,7 @@ def main() -> None:
     torch.set_num_threads(1)
     opt = build_optimizer("sgd", lr=0.05, momentum=0.9)
     console = Console(width=130)
-    result = {"time": [], "memory": []}
+    result: dict[str, Any] = {"time": [], "memory": []}
 
     params, raw, overrides, tl, vl = problem(1)
     state = opt.init(params)
