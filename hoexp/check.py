@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from rich.console import Console
@@ -26,6 +26,7 @@ from torch import Tensor
 from hoexp import tree
 from hoexp.build import Experiment, build
 from hoexp.config import Spec
+from hoexp.dataset.base import Splits
 from hoexp.method.base import InnerState, train_inner
 from hoexp.method.forward import forward_hypergradient
 from hoexp.method.ift import ift_hypergradient
@@ -120,7 +121,10 @@ def run_check(spec: Spec, out_dir: Path, *, iterations: tuple[int, ...] = ITERAT
     state = InnerState(params, exp.inner_opt.init(params))
     batches = training_batches(problem, exp.data.train, spec.run.seed, spec.dataset.batch_size)
     state, _, _ = train_inner(problem, exp.inner_opt, state, raw, batches, spec.run.inner_steps)
-    train_batch, val_batch = next(batches), (exp.data.val.x, exp.data.val.y)
+    # Classification splits only: a language model's data (dataset=ptb, LMData) has a token stream as val, and
+    # this line fails there with AttributeError (hoexp check does not handle language models yet).
+    val_split = cast(Splits, exp.data).val
+    train_batch, val_batch = next(batches), (val_split.x, val_split.y)
     n_params, n_h = tree.numel(params), tree.numel(raw)
 
     def tl(w, h):
