@@ -11,7 +11,7 @@ HOEXP_DATA ?= $(wildcard $(abspath ../shared/data))
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: install venv run test test-fast tb bench clean-venv
+.PHONY: install venv run test test-fast lint tb bench clean-venv
 
 # hoexp is installed (editable) from this clone unless the venv already has that: the check runs
 # from / so that Python cannot pick up ./hoexp from the working directory, and the console script
@@ -45,6 +45,11 @@ test: install
 
 test-fast: install
 	HOEXP_DATA=$(HOEXP_DATA) $(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+# ruff and mypy, both configured in pyproject.toml.
+lint: install
+	$(PY) -m ruff check hoexp tests scripts
+	$(PY) -m mypy hoexp scripts
 
 tb: install
 	$(VENV)/bin/tensorboard --logdir outputs

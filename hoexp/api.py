@@ -7,8 +7,8 @@ from typing import Any
 
 from torch import Tensor
 
-from hoexp.method.ift import IFTStats, LossFn, ift_hypergradient
 from hoexp.method.curvature import CURVATURES
+from hoexp.method.ift import IFTStats, LossFn, ift_hypergradient
 from hoexp.method.solvers import AutoStep, ConjugateGradient, Exact, FixedPoint, Neumann, Solver
 
 IFT_SOLVERS = ("exact", "cg", "neumann", "fixed_point", "t1t2")

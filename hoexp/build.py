@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
@@ -27,11 +27,15 @@ from hoexp.method.forward import ForwardMethod
 from hoexp.method.hd import HDMethod
 from hoexp.method.implicit import ImplicitMethod, NoHO
 from hoexp.method.reversible import ReversibleMethod
-from hoexp.method.unrolled import UnrolledMethod
 from hoexp.method.solvers import ConjugateGradient, Exact, FixedPoint, Neumann, Solver
+from hoexp.method.unrolled import UnrolledMethod
 from hoexp.model.mlp import MLP
 from hoexp.optim import Optimizer, build_optimizer
 from hoexp.problem import Problem
+
+if TYPE_CHECKING:
+    from hoexp.lm import LMData
+    from hoexp.model.lstm import LSTMLanguageModel
 
 IFT_METHODS = ("neumann", "cg", "fixed_point", "exact", "t1t2")
 # Methods that differentiate the optimization path, so they can also tune lr and momentum.
@@ -47,7 +51,7 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def build_data(spec: Spec) -> Splits:
+def build_data(spec: Spec) -> Splits | LMData:
     cfg = spec.dataset
     dtype = getattr(torch, spec.run.dtype)
     if cfg.name == "iris":
@@ -73,26 +77,31 @@ def build_data(spec: Spec) -> Splits:
     raise ConfigError(f"unknown dataset '{cfg.name}'")
 
 
-def build_model(spec: Spec, data: Splits) -> nn.Module:
-    """The model, initialized from the run's seed without touching the global RNG."""
+def build_model(spec: Spec, data: Splits | LMData) -> MLP | LSTMLanguageModel:
+    """The model, initialized from the run's seed without touching the global RNG.
+
+    ``data`` matches the model (check_compatibility: mlp on iris / mnist splits, lstm on ptb streams)."""
     cfg = spec.model
+    model: MLP | LSTMLanguageModel
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.run.seed)
         if cfg.name == "mlp":
-            model = MLP(data.num_features, data.num_classes, cfg.width, cfg.depth, cfg.activation, cfg.bias)
+            splits = cast(Splits, data)
+            model = MLP(splits.num_features, splits.num_classes, cfg.width, cfg.depth, cfg.activation, cfg.bias)
         elif cfg.name == "lstm":
             from hoexp.model.lstm import LSTMLanguageModel
 
-            model = LSTMLanguageModel(data.vocab_size, cfg.embed_dim, cfg.hidden, cfg.layers, cfg.tie_weights)
+            model = LSTMLanguageModel(cast("LMData", data).vocab_size, cfg.embed_dim, cfg.hidden, cfg.layers,
+                                      cfg.tie_weights)
         else:
             raise ConfigError(f"unknown model '{cfg.name}'")
     return model.to(getattr(torch, spec.run.dtype))
 
 
-def build_family(spec: Spec, model: nn.Module) -> HyperFamily:
+def build_family(spec: Spec, model: MLP | LSTMLanguageModel) -> HyperFamily:
     """The tuned family (a :class:`Composite` when ``hp`` names several)."""
     names = tuple(n for n, _ in model.named_parameters())
-    families = []
+    families: list[HyperFamily] = []
     for cfg in spec.hp:
         if cfg.name == "weight_decay":
             families.append(WeightDecay(cfg.granularity, cfg.init, tuple(cfg.include), min_value=cfg.min,
@@ -116,18 +125,22 @@ def build_family(spec: Spec, model: nn.Module) -> HyperFamily:
 
 def ift_solver(cfg: Any) -> Solver:
     """The linear solver of an IFT method's config (with ``alpha=auto`` the method sets ``α`` per solve)."""
-    alpha = 0.01 if getattr(cfg, "alpha", None) == "auto" else getattr(cfg, "alpha", None)
     if cfg.name == "neumann":
-        return Neumann(cfg.terms, alpha, cfg.residual)
+        return Neumann(cfg.terms, _alpha(cfg), cfg.residual)
     if cfg.name == "cg":
         return ConjugateGradient(cfg.iterations, cfg.tol)
     if cfg.name == "fixed_point":
-        return FixedPoint(cfg.iterations, alpha, cfg.residual)
+        return FixedPoint(cfg.iterations, _alpha(cfg), cfg.residual)
     if cfg.name == "exact":
         return Exact(cfg.max_params)
     if cfg.name == "t1t2":
-        return Neumann(0, alpha, cfg.residual)
+        return Neumann(0, _alpha(cfg), cfg.residual)
     raise ConfigError(f"unknown IFT method '{cfg.name}'")
+
+
+def _alpha(cfg: Any) -> float:
+    """``method.alpha`` of a series method (0.01 stands in for ``auto`` until the method sets ``α``)."""
+    return 0.01 if cfg.alpha == "auto" else cfg.alpha
 
 
 def build_method(spec: Spec) -> HyperMethod:
@@ -216,7 +229,7 @@ class Experiment:
 
     spec: Spec
     device: torch.device
-    data: Splits
+    data: Splits | LMData  # LMData for language models (dataset=ptb)
     model: nn.Module
     problem: Problem
     method: HyperMethod
@@ -253,8 +266,9 @@ def build(spec: Spec) -> Experiment:
     if spec.dataset.name == "ptb":
         from hoexp.lm import LMProblem
 
-        problem: Problem = LMProblem(model, family)
-        problem.bptt = spec.dataset.bptt
+        lm_problem = LMProblem(model, family)
+        lm_problem.bptt = spec.dataset.bptt
+        problem: Problem = lm_problem
     else:
         problem = Problem(model, family)
     problem.compile = spec.run.compile

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from rich.console import Console
@@ -26,10 +26,11 @@ from torch import Tensor
 from hoexp import tree
 from hoexp.build import Experiment, build
 from hoexp.config import Spec
+from hoexp.dataset.base import Splits
 from hoexp.method.base import InnerState, train_inner
 from hoexp.method.forward import forward_hypergradient
 from hoexp.method.ift import ift_hypergradient
-from hoexp.method.solvers import AutoStep, ConjugateGradient, Exact, FixedPoint, Neumann
+from hoexp.method.solvers import AutoStep, ConjugateGradient, Exact, FixedPoint, Neumann, Solver
 from hoexp.method.unrolled import unrolled_hypergradient
 from hoexp.metrics import write_json_atomic
 from hoexp.problem import training_batches
@@ -120,7 +121,10 @@ def run_check(spec: Spec, out_dir: Path, *, iterations: tuple[int, ...] = ITERAT
     state = InnerState(params, exp.inner_opt.init(params))
     batches = training_batches(problem, exp.data.train, spec.run.seed, spec.dataset.batch_size)
     state, _, _ = train_inner(problem, exp.inner_opt, state, raw, batches, spec.run.inner_steps)
-    train_batch, val_batch = next(batches), (exp.data.val.x, exp.data.val.y)
+    # Classification splits only: a language model's data (dataset=ptb, LMData) has a token stream as val, and
+    # this line fails there with AttributeError (hoexp check does not handle language models yet).
+    val_split = cast(Splits, exp.data).val
+    train_batch, val_batch = next(batches), (val_split.x, val_split.y)
     n_params, n_h = tree.numel(params), tree.numel(raw)
 
     def tl(w, h):
@@ -137,7 +141,7 @@ def run_check(spec: Spec, out_dir: Path, *, iterations: tuple[int, ...] = ITERAT
     if problem.family.moves_optimum:
         if n_params <= dense_max:
             ref_name = f"exact dense solve ({n_params:,}×{n_params:,} Hessian)"
-            ref_solver = Exact(max_params=dense_max)
+            ref_solver: Solver = Exact(max_params=dense_max)
         else:
             ref_name = f"CG, {reference_cg} iterations (model too large for a dense solve)"
             ref_solver = ConjugateGradient(reference_cg, tol=0.0)

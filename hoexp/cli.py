@@ -132,6 +132,7 @@ def expand_sweeps(overrides: list[str]) -> list[list[str]]:
                 continue
             choices.append([f"{key}={v}" for v in values])
         else:
+            assert o.input_line is not None  # parse_overrides sets it to the override's text
             choices.append([o.input_line])
     jobs = list(itertools.islice(itertools.product(*choices), MAX_VALIDATED_JOBS))
     if len(jobs) == MAX_VALIDATED_JOBS:  # too many to compose each: check every value once instead

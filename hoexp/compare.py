@@ -30,13 +30,16 @@ import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 
 from hoexp.errors import ConfigError
 from hoexp.metrics import read_json, write_json_atomic
 from hoexp.search import SAMPLERS, Dim, SearchSettings, TrialContext, parse_dim, run_search
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
 
 __all__ = ["Plan", "parse_args", "run_compare", "DEFAULT_GRIDS", "pick_best", "match_time"]
 
@@ -274,7 +277,7 @@ class Composer:
 
     def __init__(self, overrides: list[str]):
         self.overrides = list(overrides)
-        self._cfg = None
+        self._cfg: DictConfig | None = None
 
     def __getstate__(self):
         return {"overrides": self.overrides, "_cfg": None}
@@ -351,6 +354,8 @@ class PruneLogger:
 def objective_value(summary: dict[str, Any], objective: str) -> float:
     """The validation loss a search minimizes (``best`` or ``final`` block); +inf if not finite."""
     v = (summary.get(objective) or {}).get("val_loss")
+    if v is None:
+        return math.inf
     try:
         v = float(v)
     except (TypeError, ValueError):
@@ -495,6 +500,7 @@ class _Compare:
 
     def grid(self, seed: int) -> None:
         plan, key = self.plan, self.plan.grid_key
+        assert key is not None  # a grid comes with its key (parse_args sets one)
         gdir = self.out / "grid" / f"seed{seed}"
         gdir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(gdir / "study.json", {
@@ -533,9 +539,9 @@ class _Compare:
                  f"→ {sdir}")
         result = run_search(settings, RunTrial(self.none, seed, str(sdir), self.obj), sdir,
                             name=f"{sampler}_seed{seed}")
-        trials = []
+        trials: list[dict[str, Any]] = []
         for t in result.trials:
-            rec = {"number": t.number, "params": t.params, "state": t.state, "value": t.value, "start_s": t.start_s,
+            rec: dict[str, Any] = {"number": t.number, "params": t.params, "state": t.state, "value": t.value, "start_s": t.start_s,
                    "end_s": t.end_s, "duration_s": t.duration_s, "worker": t.worker,
                    "wall_time_s": t.attrs.get("wall_time_s"), "status": t.attrs.get("status"),
                    "path": t.attrs.get("run_dir")}

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, cast
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
@@ -560,7 +560,7 @@ def typed(group: str, node: Any, key: str) -> Any:
         bad = str(getattr(e, "key", None) or "?")
         expected = next((f.type for f in fields(schema) if f.name == bad), "?")
         raise ConfigError(f"{key}.{bad}: {node.get(bad)!r} is not a valid {expected}") from None
-    obj = OmegaConf.to_object(merged)
+    obj: Any = OmegaConf.to_object(merged)  # an instance of schema (every config dataclass has check())
     obj.check()
     return obj
 
@@ -575,7 +575,8 @@ def _families(node: Any) -> list:
     if not isinstance(node, DictConfig) or not node:
         raise ConfigError(f"choose at least one hp family: hp=<family> or hp=[a,b]; families: {', '.join(sorted(options))}")
     out = []
-    for key, sub in node.items():
+    for node_key, sub in node.items():
+        key = str(node_key)  # the family's name (hp keys are strings)
         if key not in options:
             raise ConfigError(f"unknown hp family '{key}'; choose from: {', '.join(sorted(options))}")
         if isinstance(sub, DictConfig) and sub.get("name") not in (None, key):
@@ -587,11 +588,12 @@ def _families(node: Any) -> list:
 def validate(cfg: DictConfig) -> Spec:
     """Turn a composed Hydra config into a typed :class:`Spec`, or raise :class:`ConfigError`."""
     top = {k: v for k, v in cfg.items() if k not in GROUP_KEYS and k != "hydra"}
-    unknown = set(top) - RUN_KEYS
+    unknown = {str(k) for k in top} - RUN_KEYS
     if unknown:
         raise ConfigError(f"unknown top-level key(s) {', '.join(sorted(unknown))}; valid: {', '.join(sorted(RUN_KEYS))}")
     try:
-        run = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.create(top)))
+        run = cast(RunConfig, OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RunConfig),
+                                                                   OmegaConf.create(top))))
     except ValidationError as e:
         k = str(getattr(e, "full_key", "?"))
         expected = next((f.type for f in fields(RunConfig) if f.name == k), "?")
@@ -608,6 +610,6 @@ def validate(cfg: DictConfig) -> Spec:
         method=typed("method", cfg.get("method"), "method"),
         inner_optim=typed("optim", optim.inner, "optim.inner"),
         outer_optim=typed("optim", optim.outer, "optim.outer"),
-        raw=OmegaConf.to_container(cfg, resolve=True),
+        raw=cast(dict, OmegaConf.to_container(cfg, resolve=True)),  # a DictConfig's container is a dict
     )
     return spec

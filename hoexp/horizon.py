@@ -217,7 +217,7 @@ def _contender_hypergradients(cspec: Spec, exp: Any, raw: dict[str, Tensor], par
         for step in range(max(at) + 1):
             hg, state, _ = method.outer_step(problem, exp.inner_opt, state, raw, train, next(val), run.inner_steps)
             if step in at:
-                out[step] = tree.flatten(hg.values()).detach().double()
+                out[step] = _flat(hg)
         return out
     for s in at:
         ck = checkpoints[s]
@@ -226,8 +226,15 @@ def _contender_hypergradients(cspec: Spec, exp: Any, raw: dict[str, Tensor], par
         val = validation_batches(problem, exp.data.val, run.seed, spec.dataset.val_batch_size)
         val.load_state_dict(copy.deepcopy(ck.val_stream))
         hg, _, _ = method.outer_step(problem, exp.inner_opt, ck.state, raw, train, next(val), run.inner_steps)
-        out[s] = tree.flatten(hg.values()).detach().double()
+        out[s] = _flat(hg)
     return out
+
+
+def _flat(hg: dict[str, Tensor] | None) -> Tensor:
+    """A contender's hypergradient as one float64 vector (method=none computes none)."""
+    if hg is None:
+        raise ValueError("the method computes no hypergradient")
+    return tree.flatten(hg.values()).detach().double()
 
 
 def _score(hgs: dict[int, Tensor], truth: dict[int, list[float]]) -> dict[str, float]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import Tensor
@@ -34,7 +35,7 @@ class LMData:
     task: str = "language_model"
     train_eval: Tensor | None = None  # the training tokens that training metrics are measured on
 
-    def to(self, device) -> "LMData":
+    def to(self, device) -> LMData:
         return LMData(self.train.to(device), self.val.to(device), self.test.to(device),
                       self.val_train_layout.to(device), self.vocab_size, self.bptt,
                       train_eval=None if self.train_eval is None else self.train_eval.to(device))
@@ -56,6 +57,7 @@ class LMProblem(Problem):
     ``L_V`` = the same on a validation window without dropout."""
 
     task = "language_model"
+    bptt: int  # the window length (dataset.bptt), set on the instance by build
 
     def batch_size(self, x: Tensor) -> int:
         return x.shape[1]
@@ -70,7 +72,9 @@ class LMProblem(Problem):
     @torch.no_grad()
     def evaluate(self, params: Mapping[str, Tensor], source: Tensor) -> tuple[Tensor, Tensor]:
         """Mean NLL per token and next-token accuracy over a whole batchified stream (state carried)."""
-        state, nll, correct, count = None, 0.0, 0.0, 0
+        state, count = None, 0
+        nll: Tensor | float = 0.0
+        correct: Tensor | float = 0.0
         bptt = getattr(self, "bptt", 35)
         for i in range(0, source.shape[0] - 1, bptt):
             inp, tgt = bptt_batch(source, i, bptt)
@@ -78,7 +82,8 @@ class LMProblem(Problem):
             nll = nll + lm_loss(logits, tgt) * tgt.numel()
             correct = correct + (logits.argmax(-1) == tgt).sum()
             count += tgt.numel()
-        return nll / count, (correct / count).to(torch.float32)
+        # tensors after the first window (a stream has at least one)
+        return cast(Tensor, nll) / count, (cast(Tensor, correct) / count).to(torch.float32)
 
 
 class BPTTStream:

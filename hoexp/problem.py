@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +22,27 @@ from torch.func import functional_call
 from hoexp.dataset.base import Split
 from hoexp.hp.base import HyperFamily
 
+if TYPE_CHECKING:
+    from hoexp.lm import LMProblem
+
 Batch = tuple  # (x, y) or (x, y, noise: dict[str, Tensor])
+
+
+class BatchStream(Iterator[Batch], Protocol):
+    """An endless batch iterator whose position is checkpointed (``state_dict`` / ``load_state_dict``)."""
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+class _DropoutModel(Protocol):
+    def dropout_sites(self, batch_size: int) -> dict[str, tuple[int, ...]]: ...
+
+
+class _DropoutFamily(Protocol):
+    def noise(self, mask_shapes: Mapping[str, tuple[int, ...]], generator: torch.Generator, like: Tensor,
+              ) -> dict[str, Tensor]: ...
 
 
 @dataclass
@@ -75,8 +96,10 @@ class Problem:
         return self.data_loss(params, batch)
 
     @torch.no_grad()
-    def evaluate(self, params: Mapping[str, Tensor], split: Split) -> tuple[Tensor, Tensor]:
-        """Mean cross-entropy and accuracy on a whole split (0-d tensors; no host sync)."""
+    def evaluate(self, params: Mapping[str, Tensor], split: Any) -> tuple[Tensor, Tensor]:
+        """Mean cross-entropy and accuracy on a whole split (0-d tensors; no host sync).
+
+        ``split``: a :class:`Split` here; a subclass evaluates its own data (``LMProblem``: a token stream)."""
         logits = self.logits(params, split.x)
         loss = F.cross_entropy(logits, split.y)
         acc = (logits.argmax(-1) == split.y).to(logits.dtype).mean()
@@ -105,7 +128,7 @@ class FullBatch:
 class NoisyBatches:
     """Adds fresh dropout noise to every batch of ``batches`` (from a seeded CPU generator)."""
 
-    def __init__(self, batches: Iterator[Batch], problem: Problem, generator: torch.Generator):
+    def __init__(self, batches: BatchStream, problem: Problem, generator: torch.Generator):
         self.batches, self.problem, self.generator = batches, problem, generator
 
     def __iter__(self) -> Iterator[Batch]:
@@ -113,9 +136,11 @@ class NoisyBatches:
 
     def __next__(self) -> Batch:
         x, y = next(self.batches)[:2]
-        shapes = self.problem.model.dropout_sites(self.problem.batch_size(x))
-        return (x, y, self.problem.family.noise(shapes, self.generator, x if x.is_floating_point()
-                                                else next(self.problem.model.parameters())))
+        # Wrapped only around problems whose family has dropout (see training_batches), on a model with sites.
+        model, family = cast(_DropoutModel, self.problem.model), cast(_DropoutFamily, self.problem.family)
+        shapes = model.dropout_sites(self.problem.batch_size(x))
+        return (x, y, family.noise(shapes, self.generator, x if x.is_floating_point()
+                                   else next(self.problem.model.parameters())))
 
     def state_dict(self) -> dict:
         return {"generator": self.generator.get_state(), "batches": self.batches.state_dict()}
@@ -125,15 +150,15 @@ class NoisyBatches:
         self.batches.load_state_dict(state["batches"])
 
 
-def training_batches(problem: Problem, split, seed: int, batch_size: int = 0) -> Iterator[Batch]:
+def training_batches(problem: Problem, split, seed: int, batch_size: int = 0) -> BatchStream:
     """The training stream of a run: full batches (``batch_size`` 0), seeded minibatches, or BPTT
     windows (language models), with fresh dropout noise when the family has dropout."""
     if problem.task == "language_model":
         from hoexp.lm import BPTTStream
 
-        batches: Iterator[Batch] = BPTTStream(split, problem.bptt)
+        batches: BatchStream = BPTTStream(split, cast("LMProblem", problem).bptt)  # the language_model task's
     elif batch_size and batch_size < len(split):
-        batches: Iterator[Batch] = Minibatches(split, batch_size, torch.Generator().manual_seed(seed + 7919))
+        batches = Minibatches(split, batch_size, torch.Generator().manual_seed(seed + 7919))
     else:
         batches = FullBatch(split)
     if hasattr(problem.family, "masks"):
@@ -141,14 +166,14 @@ def training_batches(problem: Problem, split, seed: int, batch_size: int = 0) ->
     return batches
 
 
-def validation_batches(problem: Problem, split, seed: int, batch_size: int = 0) -> Iterator[Batch]:
+def validation_batches(problem: Problem, split, seed: int, batch_size: int = 0) -> BatchStream:
     """The batches hypergradients are evaluated on: the whole split, seeded minibatches of it, or
     random BPTT windows of validation text (language models)."""
     generator = torch.Generator().manual_seed(seed + 104_729)
     if problem.task == "language_model":
         from hoexp.lm import BPTTStream
 
-        return BPTTStream(split, problem.bptt, generator)
+        return BPTTStream(split, cast("LMProblem", problem).bptt, generator)
     if 0 < batch_size < len(split):
         return Minibatches(split, batch_size, generator)
     return FullBatch(split)

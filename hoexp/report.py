@@ -553,8 +553,8 @@ def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
 def write_markdown(groups: list[Group], path: Path, sources: Sequence[str], plots: Sequence[Path]) -> None:
     header, rows = table_rows(groups)
     for c, best_rows in _bests(groups).items():
-        for r in best_rows:
-            rows[r][5 + c] = f"**{rows[r][5 + c]}**"
+        for i in best_rows:
+            rows[i][5 + c] = f"**{rows[i][5 + c]}**"
     nruns = len({r.path for g in groups for r in g.runs})  # a grid's runs are in two rows
     lines = ["# hoexp report", "",
              f"{nruns} run(s) from {', '.join(f'`{s}`' for s in sources)}; {time.strftime('%Y-%m-%d %H:%M:%S')}.", "",
@@ -604,7 +604,7 @@ def write_csv(groups: list[Group], path: Path) -> None:
                     *(c for col in cols for c in (col, f"{col}_std")), "wall_time_s", "wall_time_s_std",
                     "hypergradients", "best_params", "folders"])
         for g in groups:
-            stats = []
+            stats: list[str] = []
             for b, k in CSV_METRICS:
                 if k != "step":
                     stats.extend(map(_csv_num, g.mean_std(g.values(b, k))))
@@ -790,26 +790,27 @@ def plot_hparams(groups: list[Group], path: Path, max_panels: int = 24) -> bool:
     ncols = min(3, len(panels))
     nrows = math.ceil(len(panels) / ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 3.2 * nrows), squeeze=False)
-    for ax, (g, fam, vals, tried) in zip(axes.flat, panels):
+    for ax, (g, fam, values, tried_values) in zip(axes.flat, panels):
         c = colors[id(g)]
-        logv = np.log10(np.clip(vals[np.isfinite(vals)], 1e-300, None))
-        allv = logv if tried is None else np.concatenate([logv, np.log10(np.clip(tried, 1e-300, None))])
+        logv = np.log10(np.clip(values[np.isfinite(values)], 1e-300, None))
+        allv = logv if tried_values is None else \
+            np.concatenate([logv, np.log10(np.clip(tried_values, 1e-300, None))])
         lo, hi = (float(allv.min()), float(allv.max())) if allv.size else (0.0, 1.0)
         if hi - lo < 1e-6:
             lo, hi = lo - 0.5, hi + 0.5
         bins = np.linspace(lo, hi, 41)
-        if tried is not None:
-            ax.hist(np.log10(np.clip(tried, 1e-300, None)), bins=bins, color="0.75", label="trials")
+        if tried_values is not None:
+            ax.hist(np.log10(np.clip(tried_values, 1e-300, None)), bins=bins, color="0.75", label="trials")
         if logv.size <= 8:  # a few values (global / per-layer): lines are clearer than bars
             for x in logv:
                 ax.axvline(x, color=c, lw=2)
         else:
             ax.hist(logv, bins=bins, color=c, alpha=0.85)
-        med = float(np.median(vals)) if vals.size else math.nan
-        ax.set_title(f"{g.label} [{g.tuning}]\n{fam}: {vals.size:,} values, median {med:.3g}", fontsize=9)
+        med = float(np.median(values)) if values.size else math.nan
+        ax.set_title(f"{g.label} [{g.tuning}]\n{fam}: {values.size:,} values, median {med:.3g}", fontsize=9)
         ax.set_xlabel(f"log10 {fam}")
         ax.grid(alpha=0.3)
-        if tried is not None:
+        if tried_values is not None:
             ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")

@@ -27,8 +27,8 @@ from hoexp import tree
 from hoexp.build import Experiment, build
 from hoexp.config import Spec
 from hoexp.errors import HoexpError, StopRun
-from hoexp.metrics import JsonlLogger, MetricLogger, MultiLogger, TensorBoardLogger, tensor_stats, write_json_atomic
 from hoexp.method.base import CarriesState, InnerState, StepStats
+from hoexp.metrics import JsonlLogger, MetricLogger, MultiLogger, TensorBoardLogger, tensor_stats, write_json_atomic
 from hoexp.problem import training_batches, validation_batches
 from hoexp.progress import make_progress
 
@@ -52,7 +52,7 @@ class Preempted(HoexpError):
 class preemption_signals:
     """While active, SIGTERM and SIGINT raise :class:`Preempted` in the main thread (restored after)."""
 
-    def __enter__(self) -> "preemption_signals":
+    def __enter__(self) -> preemption_signals:
         self.previous = {}
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
@@ -106,7 +106,7 @@ def hp_view(exp: Experiment, raw: Mapping[str, Tensor]) -> Tensor:
 
 def evaluate(exp: Experiment, params: Mapping[str, Tensor]) -> dict[str, float]:
     """Data loss and accuracy on every split, one host sync for all six numbers."""
-    values = []
+    values: list[Tensor] = []
     train = getattr(exp.data, "train_eval", None)
     for split in (exp.data.train if train is None else train, exp.data.val, exp.data.test):
         values.extend(exp.problem.evaluate(params, split))
@@ -298,6 +298,7 @@ class Run:
     # --------------------------------------------------------------------------- checkpoints
     def _take_snapshot(self, step: int, outer_state: dict) -> None:
         """References to the state after ``step`` (tensors are replaced, never mutated: no copies)."""
+        assert self.state is not None and self.exp is not None  # set by execute and _loop before any snapshot
         self.snapshot = {
             "step": step, "params": self.state.params, "opt_state": self.state.opt_state,
             "inner_step": self.state.step, "raw": self.raw, "outer_state": outer_state,
@@ -312,6 +313,7 @@ class Run:
 
     def _write_checkpoint(self) -> None:
         """``checkpoint.pt`` in the run folder, atomically (temporary file, then rename)."""
+        assert self.snapshot is not None  # written only after _loop's first snapshot
         payload = {**self.snapshot, "status": self.status, "version": 1}
         tmp = self.out_dir / ".checkpoint.pt.tmp"
         torch.save(_to_cpu(payload), tmp)

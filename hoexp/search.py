@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from hoexp.errors import ConfigError, HoexpError, StopRun
 
@@ -145,7 +145,7 @@ class SearchResult:
     @property
     def best(self) -> TrialRecord | None:
         done = [t for t in self.trials if t.state == "COMPLETE" and t.value is not None and not math.isnan(t.value)]
-        return min(done, key=lambda t: t.value) if done else None
+        return min(done, key=lambda t: cast(float, t.value)) if done else None  # done: values are floats
 
     def to_json(self) -> dict[str, Any]:
         s = asdict(self.settings)
@@ -166,6 +166,7 @@ def _study(settings: SearchSettings, storage, name: str, worker: int):
     import optuna
 
     seed = settings.seed + WORKER_SEED_STRIDE * worker
+    sampler: optuna.samplers.BaseSampler
     if settings.sampler == "tpe":
         sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=settings.tpe_startup,
                                              constant_liar=settings.workers > 1)

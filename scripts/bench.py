@@ -63,6 +63,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import functools
 import gc
 import io
 import json
@@ -81,16 +82,16 @@ from typing import Any
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-
 from hoexp import tree
 from hoexp.build import build, build_method
 from hoexp.cli import compose_spec
+from hoexp.errors import run_main
 from hoexp.method.base import InnerState, compiled_step, train_inner
 from hoexp.method.ift import HessianOperator
 from hoexp.problem import training_batches, validation_batches
 from hoexp.runner import thread_policy
-from hoexp.errors import run_main
+
+ROOT = Path(__file__).resolve().parent.parent
 
 # name → (preset overrides, extra overrides for --quick, outer steps of the whole runs (full, quick))
 PROBLEMS: dict[str, tuple[list[str], list[str], tuple[int, int]]] = {
@@ -234,8 +235,9 @@ def time_problem(problem: str, args: argparse.Namespace, log: Callable[[str], No
     g, w = gradient(create_graph=True)
     op = HessianOperator(tree.flatten(g), list(w.values()))
     v = torch.randn(op.n, generator=torch.Generator().manual_seed(0), dtype=op.grad_flat.dtype).to(ctx.device)
-    fns = {"step": step, "grad": gradient, "grad_create_graph": lambda: gradient(create_graph=True),
-           "val_grad": val_gradient, "hvp": lambda: op.matvec(v)}
+    fns: dict[str, Callable[[], Any]] = {
+        "step": step, "grad": gradient, "grad_create_graph": lambda: gradient(create_graph=True),
+        "val_grad": val_gradient, "hvp": functools.partial(op.matvec, v)}
     if problem in args.compile.split(","):  # compile=true's training step, timed beside the eager one
         fn = compiled_step(prob, exp.inner_opt)
         raw = tree.detached(ctx.raw)
@@ -246,7 +248,7 @@ def time_problem(problem: str, args: argparse.Namespace, log: Callable[[str], No
         out["compile_s"] = time.perf_counter() - t0
         fns["step_compiled"] = lambda: fn(ctx.state.params, ctx.state.opt_state, raw, batch, overrides)
     t = rounds(fns, ctx.device, min_rounds=3 if quick else 15, max_rounds=5 if quick else 300, budget_s=budget)
-    del g, w, op
+    del fns, g, w, op  # frees the create_graph gradient the HVPs differentiate
     base = {k: med(x) for k, x in t.items()}
     out["times_ms"] = {k: 1e3 * x for k, x in base.items()}
     out["hvp_over_grad"] = base["hvp"] / base["grad"]
@@ -304,13 +306,16 @@ def time_problem(problem: str, args: argparse.Namespace, log: Callable[[str], No
                                                    val_batch if vctx is ctx else next(vctx.val), steps)[2]
 
         heavy = row.kind == "path"
-        fns = {"step": vstep, "grad": vgrad, "hg": hypergradient}
+        vfns: dict[str, Callable[[], Any]] = {"step": vstep, "grad": vgrad, "hg": hypergradient}
         if heavy:  # the same T plain steps (method=none), timed beside the path method's outer step
             plain = build_method(spec_for(problem, quick, args.device, args.threads, *row.problem_overrides,
                                           "method=none"))
-            fns["plain"] = lambda plain=plain, vctx=vctx, vprob=vprob, vexp=vexp: plain.outer_step(
-                vprob, vexp.inner_opt, vctx.state, vctx.raw, vctx.train, None, INNER_STEPS)
-        t = rounds(fns, vctx.device, min_rounds=2 if quick else (5 if (heavy or problem == "ptb") else 11),
+
+            def plain_steps(plain=plain, vctx=vctx, vprob=vprob, vexp=vexp):
+                return plain.outer_step(vprob, vexp.inner_opt, vctx.state, vctx.raw, vctx.train, None, INNER_STEPS)
+
+            vfns["plain"] = plain_steps
+        t = rounds(vfns, vctx.device, min_rounds=2 if quick else (5 if (heavy or problem == "ptb") else 11),
                    max_rounds=3 if quick else 200, budget_s=budget * (2 if heavy else 1), warmup=1 if quick else 2)
         step_s, grad_s, outer_s = med(t["step"]), med(t["grad"]), med(t["hg"])
         # Path methods: the outer step minus the plain steps, paired round by round.

@@ -16,6 +16,7 @@ import argparse
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -26,11 +27,11 @@ from torch.func import functional_call
 from hoexp import tree
 from hoexp.check import GraphMemory
 from hoexp.dataset.iris import load_iris
+from hoexp.errors import run_main
 from hoexp.method.forward import forward_hypergradient
 from hoexp.method.unrolled import unrolled_hypergradient
 from hoexp.model.mlp import MLP
 from hoexp.optim import build_optimizer
-from hoexp.errors import run_main
 
 
 def problem(num_lrs: int):
@@ -72,7 +73,7 @@ def main() -> None:
     torch.set_num_threads(1)
     opt = build_optimizer("sgd", lr=0.05, momentum=0.9)
     console = Console(width=130)
-    result = {"time": [], "memory": []}
+    result: dict[str, Any] = {"time": [], "memory": []}
 
     params, raw, overrides, tl, vl = problem(1)
     state = opt.init(params)
@@ -120,6 +121,7 @@ def main() -> None:
     # Reversible learning against the unrolled graph: Iris reference MLP, T = 100, γ = 0.9.
     from hoexp.build import build, build_method
     from hoexp.cli import compose_spec
+    from hoexp.dataset.base import Splits
     from hoexp.method.base import InnerState
     from hoexp.problem import FullBatch
 
@@ -128,12 +130,14 @@ def main() -> None:
     p0 = {k: v.detach().clone() for k, v in exp.model.named_parameters()}
     raw0 = exp.problem.family.init(p0)
     st = InnerState(p0, exp.inner_opt.init(p0))
-    val = (exp.data.val.x, exp.data.val.y)
+    data = exp.data
+    assert isinstance(data, Splits)  # Iris
+    val = (data.val.x, data.val.y)
     with GraphMemory(torch.device("cpu")) as g:
         build_method(compose_spec([*base, "method=unrolled"])[0]).outer_step(
-            exp.problem, exp.inner_opt, st, raw0, FullBatch(exp.data.train), val, 100)
+            exp.problem, exp.inner_opt, st, raw0, FullBatch(data.train), val, 100)
     _, _, rs = build_method(compose_spec([*base, "method=reversible"])[0]).outer_step(
-        exp.problem, exp.inner_opt, st, raw0, FullBatch(exp.data.train), val, 100)
+        exp.problem, exp.inner_opt, st, raw0, FullBatch(data.train), val, 100)
     P = tree.numel(p0)
     bits_per_step = rs.extra["reversible/bits_per_weight_step"]
     rev_bytes = P * 100 * bits_per_step / 8 + 2 * 8 * P  # the bit store + int64 weights and velocity

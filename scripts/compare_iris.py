@@ -16,7 +16,6 @@ from __future__ import annotations
 import sys
 
 
-
 def main() -> None:
     from rich.console import Console
 

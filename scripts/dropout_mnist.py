@@ -19,8 +19,8 @@ from pathlib import Path
 from rich.console import Console
 
 from hoexp.cli import compose_spec
-from hoexp.runner import run_experiment
 from hoexp.errors import run_main
+from hoexp.runner import run_experiment
 
 BASE = ["dataset=mnist", "dataset.batch_size=128", "dataset.val_batch_size=500", "model.width=256",
         "model.depth=2", "model.bias=true", "optim/inner=momentum", "optim.inner.lr=0.05", "hp=dropout",

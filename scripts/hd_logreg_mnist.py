@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from hoexp.method.hd import hd_init, hd_sgd_step
 from hoexp.errors import run_main
+from hoexp.method.hd import hd_init, hd_sgd_step
 
 
 def load(root: Path, normalize: bool):

@@ -20,8 +20,8 @@ import torch
 from rich.console import Console
 
 from hoexp.cli import compose_spec
-from hoexp.runner import run_experiment
 from hoexp.errors import run_main
+from hoexp.runner import run_experiment
 
 DEFAULT_CONFIGS = [
     "none",

@@ -20,9 +20,9 @@ import torch
 from rich.console import Console
 
 from hoexp.cli import compose_spec
+from hoexp.errors import run_main
 from hoexp.metrics import read_jsonl
 from hoexp.runner import run_experiment
-from hoexp.errors import run_main
 
 
 def main() -> None:

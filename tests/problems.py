@@ -23,7 +23,7 @@ class Ridge:
     raw: Tensor
 
     @staticmethod
-    def make(n=40, m=30, d=8, seed=0, dtype=torch.float64) -> "Ridge":
+    def make(n=40, m=30, d=8, seed=0, dtype=torch.float64) -> Ridge:
         g = torch.Generator().manual_seed(seed)
         w_true = torch.randn(d, generator=g, dtype=dtype)
         X = torch.randn(n, d, generator=g, dtype=dtype)

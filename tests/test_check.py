@@ -1,10 +1,9 @@
 """`hoexp check`: method fidelity against references, with JSON and PNG output."""
 
 import io
-
-import pytest
 import json
 
+import pytest
 from rich.console import Console
 
 from hoexp.check import run_check

@@ -13,8 +13,7 @@ import torch
 from hoexp.dataset import ptb as ptb_mod
 from hoexp.dataset.base import TextSplits
 from hoexp.dataset.mnist import load_mnist
-from hoexp.dataset.ptb import (EOS, OFFICIAL, UNK, URL, batchify, bptt_batch, bptt_windows, download_ptb,
-                               load_ptb)
+from hoexp.dataset.ptb import EOS, OFFICIAL, UNK, URL, batchify, bptt_batch, bptt_windows, download_ptb, load_ptb
 from hoexp.dataset.root import data_root
 from hoexp.errors import HoexpError
 

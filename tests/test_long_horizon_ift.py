@@ -17,10 +17,10 @@ from hoexp.hp.composite import Composite
 from hoexp.hp.dropout import Dropout
 from hoexp.hp.weight_decay import WeightDecay
 from hoexp.lm import LMProblem
+from hoexp.method.base import InnerState
 from hoexp.method.curvature import GaussNewton, GaussNewtonOperator, Hessian, HessianOperator, SplitLoss
 from hoexp.method.ift import ift_hypergradient
 from hoexp.method.implicit import ImplicitMethod
-from hoexp.method.base import InnerState
 from hoexp.method.solvers import AutoStep, ConjugateGradient, Damped, Exact, FixedPoint, Neumann
 from hoexp.model.lstm import LSTMLanguageModel
 from hoexp.model.mlp import MLP

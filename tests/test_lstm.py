@@ -43,15 +43,15 @@ def test_cell_loop_matches_nn_lstm(layers, with_state):
     model = tiny(layers, tie=False, embed=5, hidden=6)
     ref = nn.LSTM(5, 6, num_layers=layers).double()
     with torch.no_grad():
-        for l, layer in enumerate(model.lstm):
+        for i, layer in enumerate(model.lstm):
             for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
-                getattr(ref, f"{name}_l{l}").copy_(getattr(layer, name))
+                getattr(ref, f"{name}_l{i}").copy_(getattr(layer, name))
     tokens, _ = data(t=9, b=3)
     state = None
     h0 = c0 = torch.zeros(layers, 3, 6, dtype=torch.float64)
     if with_state:
         h0, c0 = torch.randn(layers, 3, 6, dtype=torch.float64), torch.randn(layers, 3, 6, dtype=torch.float64)
-        state = [(h0[l], c0[l]) for l in range(layers)]
+        state = [(h0[i], c0[i]) for i in range(layers)]
     with torch.no_grad():
         logits, new_state = model(tokens, state)
         ref_out, (h_n, c_n) = ref(model.embedding(tokens), (h0, c0))
@@ -59,9 +59,9 @@ def test_cell_loop_matches_nn_lstm(layers, with_state):
     assert logits.shape == (9, 3, V)
     assert (logits - ref_logits).abs().max() < 1e-10
     assert ref_out.abs().max() > 0.05  # the comparison is not vacuous
-    for l, (h, c) in enumerate(new_state):
-        assert (h - h_n[l]).abs().max() < 1e-10
-        assert (c - c_n[l]).abs().max() < 1e-10
+    for i, (h, c) in enumerate(new_state):
+        assert (h - h_n[i]).abs().max() < 1e-10
+        assert (c - c_n[i]).abs().max() < 1e-10
 
 
 def test_layer_sizes_and_tying():
@@ -185,12 +185,12 @@ def test_activation_mask_zero_equals_zeroed_weights():
 def test_dropconnect_mask_acts_on_w_hh():
     model = tiny(2)
     tokens, _ = data()
-    masks = {f"hh{l}": (torch.rand(s, dtype=torch.float64) > 0.4).double()
-             for l, s in enumerate([(4 * H, H)] * 2)}
+    masks = {f"hh{i}": (torch.rand(s, dtype=torch.float64) > 0.4).double()
+             for i, s in enumerate([(4 * H, H)] * 2)}
     masked, masked_state = model(tokens, masks=masks)
     params = params_of(model)
-    for l in range(2):
-        params[f"lstm.{l}.weight_hh"] *= masks[f"hh{l}"]
+    for i in range(2):
+        params[f"lstm.{i}.weight_hh"] *= masks[f"hh{i}"]
     zeroed, zeroed_state = functional_call(model, params, (tokens,))
     assert torch.allclose(masked, zeroed, atol=1e-14)
     assert torch.allclose(masked_state[1][1], zeroed_state[1][1], atol=1e-14)

@@ -10,8 +10,13 @@ import torch.nn.functional as F
 
 from hoexp.hp.weight_decay import WeightDecay
 from hoexp.method.base import InnerState
-from hoexp.method.reversible import (InfoBuffer, ReversibleMethod, from_fixed, rational_momentum,
-                                     reversible_hypergradient)
+from hoexp.method.reversible import (
+    InfoBuffer,
+    ReversibleMethod,
+    from_fixed,
+    rational_momentum,
+    reversible_hypergradient,
+)
 from hoexp.model.mlp import MLP
 from hoexp.problem import Problem
 from tests.problems import Ridge, rel_err

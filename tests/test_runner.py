@@ -6,7 +6,7 @@ import pytest
 import torch
 from rich.console import Console
 
-from hoexp.build import build, check_compatibility
+from hoexp.build import build
 from hoexp.cli import compose_spec
 from hoexp.errors import ConfigError
 from hoexp.method.base import InnerState, train_inner

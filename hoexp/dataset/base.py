@@ -18,7 +18,7 @@ class Split:
     def __len__(self) -> int:
         return len(self.y)
 
-    def to(self, device: torch.device | str) -> "Split":
+    def to(self, device: torch.device | str) -> Split:
         return Split(self.x.to(device), self.y.to(device))
 
 
@@ -33,7 +33,7 @@ class Splits:
     num_classes: int
     task: str = "classification"
 
-    def to(self, device: torch.device | str) -> "Splits":
+    def to(self, device: torch.device | str) -> Splits:
         return Splits(self.train.to(device), self.val.to(device), self.test.to(device),
                       self.num_features, self.num_classes, self.task)
 
@@ -49,6 +49,6 @@ class TextSplits:
     vocab_size: int
     task: str = "language_model"
 
-    def to(self, device: torch.device | str) -> "TextSplits":
+    def to(self, device: torch.device | str) -> TextSplits:
         return TextSplits(self.train.to(device), self.val.to(device), self.test.to(device),
                           self.vocab, self.vocab_size, self.task)

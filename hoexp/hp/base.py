@@ -17,10 +17,14 @@ Params = Mapping[str, Tensor]
 
 
 class HyperFamily(Protocol):
-    name: str
+    # Read-only members: frozen dataclass fields and properties (Composite) both provide them.
+    @property
+    def name(self) -> str: ...
+
     # False for families that change only the optimization path (learning rate, momentum):
     # they do not move w*, so implicit differentiation cannot tune them.
-    moves_optimum: bool
+    @property
+    def moves_optimum(self) -> bool: ...
 
     def init(self, params: Params) -> dict[str, Tensor]: ...
 

@@ -60,9 +60,10 @@ class Curvature(Protocol):
     ∂L_T/∂w`` was taken from (with its graph); ``mixed_inputs``: leaves whose mixed map the operator
     may track (see :class:`HessianOperator`), ignored by operators that cannot."""
 
-    name: str
+    @property
+    def name(self) -> str: ...
 
-    def operator(self, train_loss: Callable[[Params, Params], Tensor], w: dict[str, Tensor],
+    def operator(self, train_loss: Callable[[dict[str, Tensor], dict[str, Tensor]], Tensor], w: dict[str, Tensor],
                  lam: dict[str, Tensor], grad_flat: Tensor, mixed_inputs: list[Tensor] | None,
                  ) -> LinearOperator: ...
 
@@ -111,10 +112,10 @@ class HessianOperator:
         for start in range(0, self.n, chunk):
             basis = eye[start:start + chunk]
             try:
-                cols = torch.autograd.grad(self.grad_flat, self.params, basis, retain_graph=True,
-                                           allow_unused=True, is_grads_batched=True)
+                batched = torch.autograd.grad(self.grad_flat, self.params, basis, retain_graph=True,
+                                              allow_unused=True, is_grads_batched=True)
                 cols = [torch.zeros(len(basis), *p.shape, dtype=p.dtype, device=p.device) if c is None else c
-                        for c, p in zip(cols, self.params)]
+                        for c, p in zip(batched, self.params)]
                 rows.append(torch.cat([c.reshape(len(basis), -1) for c in cols], dim=1))
             except RuntimeError:  # an op without a batching rule: fall back to one HVP per row
                 rows.append(torch.stack([self.matvec(e) for e in basis]))

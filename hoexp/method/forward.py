@@ -25,11 +25,10 @@ Three strategies compute the same tangents (tests hold them to rounding):
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
-
-import warnings
 
 import torch
 from torch import Tensor
@@ -148,7 +147,8 @@ def _forward_loop(
         new_tangents = []
         for (tw, ts), d in zip(tangents, directions):
             # The primal outputs are the same for every direction (one plain step's worth of work).
-            (w_next, s_next), tangent = jvp(step, (w, tensors, lam), (tw, ts, d))
+            # torch's stub types jvp's result as a 2- or 3-tuple (has_aux) with no overloads: it is 2 here
+            (w_next, s_next), tangent = jvp(step, (w, tensors, lam), (tw, ts, d))  # type: ignore[misc]
             new_tangents.append(tangent)
         w, tensors, tangents, rest = w_next, s_next, new_tangents, captured["rest"]
         if on_step is not None:
@@ -215,7 +215,8 @@ def _forward_vectorized(
         pieces = []
         for lo in range(0, n_h, chunk_size or n_h):
             sl = slice(lo, lo + (chunk_size or n_h))
-            pieces.append(vmap(push, out_dims=(None, 0))(_index(tangent_w, sl), _index(tangent_s, sl),
+            # torch's stub allows no None inside an out_dims tuple; vmap documents and supports it
+            pieces.append(vmap(push, out_dims=(None, 0))(_index(tangent_w, sl), _index(tangent_s, sl),  # type: ignore[arg-type]
                                                          _index(directions, sl)))
         (w_next, s_next) = pieces[0][0]
         tangent_w, tangent_s = _cat([p[1][0] for p in pieces]), _cat([p[1][1] for p in pieces])
@@ -275,8 +276,9 @@ def _forward_hessian(
         def push(tw, tg, ts, d):
             return jvp(update, (w, g, tensors, lam), (tw, tg, ts, d))
 
-        (w_next, s_next), (tangent_w, tangent_s) = vmap(push, out_dims=(None, 0))(tangent_w, tangent_g, tangent_s,
-                                                                                  directions)
+        # torch's stub allows no None inside an out_dims tuple; vmap documents and supports it
+        (w_next, s_next), (tangent_w, tangent_s) = vmap(push, out_dims=(None, 0))(  # type: ignore[arg-type]
+            tangent_w, tangent_g, tangent_s, directions)
         w, tensors, rest = w_next, s_next, captured["rest"]
         if on_step is not None:
             on_step()

@@ -34,7 +34,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -47,7 +47,7 @@ from hoexp.problem import Batch, Problem
 
 __all__ = ["VARIANTS", "HDMethod", "hd_adam_step", "hd_init", "hd_sgd_step", "hd_sgdn_step"]
 
-Lr = Union[float, Tensor]
+Lr = float | Tensor
 Params = dict[str, Tensor]
 State = dict[str, Any]
 

@@ -12,7 +12,7 @@ from hoexp import tree
 from hoexp.method.base import InnerState, StepStats, train_inner
 from hoexp.method.curvature import Curvature, Hessian, SplitLoss
 from hoexp.method.ift import ift_hypergradient
-from hoexp.method.solvers import AutoStep, Solver
+from hoexp.method.solvers import AutoStep, FixedPoint, Neumann, Solver
 from hoexp.optim import Optimizer
 from hoexp.problem import Batch, Problem
 
@@ -71,6 +71,8 @@ class ImplicitMethod:
         solver, step = self.solver, int(self.carried.get("step", 0))
         if self.alpha_every:
             lam = self.carried.get("lambda_max") if step % self.alpha_every else None
+            # build.py gives alpha_every only to Neumann / fixed point (T1-T2 is a Neumann): AutoStep needs an α
+            assert isinstance(solver, (Neumann, FixedPoint)), f"alpha=auto needs an α to set, not {solver.name}"
             solver = AutoStep(solver, lam, seed=step)
         hg, s = ift_hypergradient(
             SplitLoss(*problem.train_parts(train_batch)),

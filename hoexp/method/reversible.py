@@ -308,8 +308,8 @@ def reversible_hypergradient(
             gd = g.detach()
             d_gamma[t] = (dv @ (from_fixed(v, R) + gd)).cpu()
             if g.requires_grad:
-                vjp = torch.autograd.grad(g, [w_leaf, *raw_list], grad_outputs=dv.to(g.dtype), allow_unused=True)
-                vjp = tree.fill_none(vjp, [w_leaf, *raw_list])
+                vjp = tree.fill_none(torch.autograd.grad(g, [w_leaf, *raw_list], grad_outputs=dv.to(g.dtype),
+                                                         allow_unused=True), [w_leaf, *raw_list])
                 dw = dw - one_minus[t] * vjp[0].detach().to(torch.float64)
                 d_raw = [a - one_minus[t] * b.detach().to(torch.float64) for a, b in zip(d_raw, vjp[1:])]
             del g, w_leaf

@@ -25,8 +25,9 @@ Fast paths (all optional, results unchanged):
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Callable, Protocol
+from typing import Protocol, TypeGuard, cast
 
 import torch
 from torch import Tensor
@@ -35,9 +36,18 @@ from torch import Tensor
 class LinearOperator(Protocol):
     n: int
 
+    @property
+    def hvps(self) -> int: ...  # products so far (``dense`` counts ``n``)
+
     def matvec(self, v: Tensor) -> Tensor: ...
 
     def dense(self) -> Tensor: ...
+
+
+class MixedOperator(LinearOperator, Protocol):
+    """An operator with ``tracks_mixed`` set: it also offers ``(H v, M v)`` from one backward pass."""
+
+    def matvec_mixed(self, v: Tensor) -> tuple[Tensor, Tensor]: ...
 
 
 @dataclass
@@ -51,12 +61,20 @@ class SolveResult:
     extra: dict[str, float] = field(default_factory=dict)  # solver scalars to log (e.g. solver/alpha)
 
 
-def _tracks_mixed(op: LinearOperator) -> bool:
+def _tracks_mixed(op: LinearOperator) -> TypeGuard[MixedOperator]:
     return bool(getattr(op, "tracks_mixed", False))
 
 
+def _matvec(op: LinearOperator, v: Tensor, mixed: bool) -> tuple[Tensor, Tensor | None]:
+    """``(H v, M v)`` when ``mixed`` (the caller's ``_tracks_mixed(op)``), else ``(H v, None)``."""
+    if mixed:
+        return cast(MixedOperator, op).matvec_mixed(v)
+    return op.matvec(v), None
+
+
 class Solver(Protocol):
-    name: str
+    @property
+    def name(self) -> str: ...
 
     def __call__(self, op: LinearOperator, b: Tensor, x0: Tensor | None = None) -> SolveResult: ...
 
@@ -77,8 +95,8 @@ class Damped:
     def matvec(self, v: Tensor) -> Tensor:
         return torch.add(self.op.matvec(v), v, alpha=self.mu)
 
-    def matvec_mixed(self, v: Tensor) -> tuple[Tensor, Tensor]:
-        hv, mv = self.op.matvec_mixed(v)
+    def matvec_mixed(self, v: Tensor) -> tuple[Tensor, Tensor]:  # only when the wrapped operator tracks_mixed
+        hv, mv = cast(MixedOperator, self.op).matvec_mixed(v)
         return torch.add(hv, v, alpha=self.mu), mv
 
     def dense(self) -> Tensor:
@@ -115,23 +133,20 @@ class Neumann:
             return FixedPoint(self.iterations, self.alpha, self.residual)(op, b, x0)
         # With the residual every term j = 0..K is multiplied by H, so M x = α Σ_j M term_j comes free.
         mixed = self.residual and _tracks_mixed(op)
-        matvec = op.matvec_mixed if mixed else op.matvec
         term = b
         total = b.clone()
         m_total = None
         for _ in range(self.iterations):
-            hv = matvec(term)
-            if mixed:
-                hv, mv = hv
+            hv, mv = _matvec(op, term, mixed)
+            if mv is not None:
                 m_total = mv if m_total is None else m_total.add_(mv)
             term = torch.add(term, hv, alpha=-self.alpha)
             total.add_(term)
         hvps = self.iterations
         res = None
         if self.residual:
-            hv = matvec(term)
-            if mixed:
-                hv, mv = hv
+            hv, mv = _matvec(op, term, mixed)
+            if mv is not None:
                 m_total = mv if m_total is None else m_total.add_(mv)
             r = torch.add(term, hv, alpha=-self.alpha)
             hvps += 1
@@ -181,7 +196,7 @@ def _start(op: LinearOperator, b: Tensor, x0: Tensor | None, mixed: bool,
     """CG's start: ``x``, ``r = b − Hx``, ``Mx`` (None from zero) and the HVPs spent (0 or 1)."""
     if x0 is None:
         return torch.zeros_like(b), b, None, 0
-    hx, mx = op.matvec_mixed(x0) if mixed else (op.matvec(x0), None)
+    hx, mx = _matvec(op, x0, mixed)
     return x0, b - hx, mx, 1
 
 
@@ -224,9 +239,7 @@ class ConjugateGradient:
         if float(rs) <= threshold:
             return SolveResult(x, 0, start_hvps, _relative(r, b_norm), "converged", mixed=m_x)
         while k < self.iterations:
-            Ap = op.matvec_mixed(p) if mixed else op.matvec(p)
-            if mixed:
-                Ap, Mp = Ap
+            Ap, Mp = _matvec(op, p, mixed)
             k += 1
             pAp = torch.dot(p, Ap)
             if not float(pAp) > 0:
@@ -234,7 +247,7 @@ class ConjugateGradient:
                 break
             a = rs / pAp
             x = x + a * p
-            if mixed:
+            if Mp is not None:
                 m_x = a * Mp if m_x is None else m_x + a * Mp
             r = r - a * Ap
             rs_new = torch.dot(r, r)
@@ -261,9 +274,7 @@ class ConjugateGradient:
         for k in range(1, self.iterations + 1):
             if k > 1 and (k - 1) % every == 0 and not bool(active):  # the only host sync in the loop
                 break
-            Ap = op.matvec_mixed(p) if mixed else op.matvec(p)
-            if mixed:
-                Ap, Mp = Ap
+            Ap, Mp = _matvec(op, p, mixed)
             hvps += 1
             counted = counted + active.long()
             pAp = torch.dot(p, Ap)
@@ -271,7 +282,7 @@ class ConjugateGradient:
             reason = torch.where(active & ~step, 2, reason)
             a = torch.where(step, rs / torch.where(step, pAp, 1.0), zero)
             x = x + a * p
-            if mixed:
+            if Mp is not None:
                 m_x = a * Mp if m_x is None else m_x + a * Mp
             r = r - a * Ap
             rs_new = torch.dot(r, r)

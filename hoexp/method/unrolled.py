@@ -91,8 +91,8 @@ def unrolled_hypergradient(
         if on_step is not None:
             on_step()
     lv = val_loss(w, lam)
-    hg = torch.autograd.grad(lv, list(lam.values()), allow_unused=True)
-    hg = {k: g.detach() for k, g in zip(lam.keys(), tree.fill_none(hg, list(lam.values())))}
+    grads_lam = torch.autograd.grad(lv, list(lam.values()), allow_unused=True)
+    hg = {k: g.detach() for k, g in zip(lam.keys(), tree.fill_none(grads_lam, list(lam.values())))}
     return UnrolledResult(
         hypergrad=hg,
         params=tree.detached(w),

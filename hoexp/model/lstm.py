@@ -114,11 +114,11 @@ class LSTMLanguageModel(nn.Module):
     def unit_shapes(self) -> dict[str, tuple[int, ...]]:
         """Per-unit shape of every dropout site (no batch dim): how many rates a per-unit family needs."""
         shapes: dict[str, tuple[int, ...]] = {"embedding": (self.embed_dim,)}
-        for l, h in enumerate(self.hidden_sizes[:-1]):
-            shapes[f"layer{l}"] = (h,)
+        for i, h in enumerate(self.hidden_sizes[:-1]):
+            shapes[f"layer{i}"] = (h,)
         shapes["output"] = (self.hidden_sizes[-1],)
-        for l, h in enumerate(self.hidden_sizes):
-            shapes[f"hh{l}"] = (4 * h, h)
+        for i, h in enumerate(self.hidden_sizes):
+            shapes[f"hh{i}"] = (4 * h, h)
         return shapes
 
     def dropout_sites(self, batch_size: int) -> dict[str, tuple[int, ...]]:
@@ -167,11 +167,11 @@ class LSTMLanguageModel(nn.Module):
         if "embedding" in masks:
             x = x * masks["embedding"]
         new_state: State = []
-        for l, layer in enumerate(self.lstm):
-            h, c = state[l]
-            x, h, c = layer(x, h, c, masks.get(f"hh{l}"))
+        for i, layer in enumerate(self.lstm):
+            h, c = state[i]
+            x, h, c = layer(x, h, c, masks.get(f"hh{i}"))
             new_state.append((h, c))
-            site = f"layer{l}" if l < self.layers - 1 else "output"
+            site = f"layer{i}" if i < self.layers - 1 else "output"
             if site in masks:
                 x = x * masks[site]
         return self.decoder(x), new_state

@@ -16,8 +16,8 @@ from hoexp.optim.adagrad import adagrad
 from hoexp.optim.adam import adam, adamw
 from hoexp.optim.base import (
     Hyper,
-    OptState,
     Optimizer,
+    OptState,
     Params,
     hyper,
     reference_paths,

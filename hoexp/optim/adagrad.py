@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 
 from hoexp.optim.base import (
     Hyper,
-    OptState,
     Optimizer,
+    OptState,
     Params,
+    TensorList,
     add_scaled,
     add_scaled_div,
     add_scaled_mul,
@@ -68,7 +71,8 @@ def adagrad(
         values = tuple(d if o is None else o for o, d in
                        ((lr, lr0), (weight_decay, wd0), (lr_decay, decay0), (eps, eps0)))
         if fast_path((params, grads, state["sum"]), values):
-            return _adagrad_multi_tensor(params, grads, state, step, *values)
+            numbers = cast("tuple[float, ...]", values)  # fast_path: all Python numbers
+            return _adagrad_multi_tensor(params, grads, state, step, *numbers)
         new_params: Params = {}
         new_sum: Params = {}
         for k, p in params.items():
@@ -91,7 +95,7 @@ def _adagrad_multi_tensor(params: Params, grads: Params, state: OptState, step: 
     """The Adagrad update for all tensors at once (``torch._foreach_*``), same operations as the loop."""
     keys = list(params)
     p = [params[k] for k in keys]
-    g = [grads[k] for k in keys]
+    g: TensorList = [grads[k] for k in keys]
     if wd != 0:
         g = torch._foreach_add(g, p, alpha=wd)
     s = torch._foreach_addcmul([state["sum"][k] for k in keys], g, g, value=1)

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 
 from hoexp.optim.base import (
     Hyper,
-    OptState,
     Optimizer,
+    OptState,
     Params,
+    TensorList,
     add_scaled,
     add_scaled_div,
     add_scaled_mul,
@@ -66,7 +69,8 @@ def _adam_like(
                        ((lr, lr0), (weight_decay, wd0), (beta1, b10), (beta2, b20), (eps, eps0)))
         buffers = [state["exp_avg"], state["exp_avg_sq"]] + ([state["max_exp_avg_sq"]] if amsgrad else [])
         if fast_path((params, grads, *buffers), values):
-            return _adam_multi_tensor(params, grads, state, step, *values, amsgrad=amsgrad, decoupled=decoupled)
+            numbers = cast("tuple[float, ...]", values)  # fast_path: all Python numbers
+            return _adam_multi_tensor(params, grads, state, step, *numbers, amsgrad=amsgrad, decoupled=decoupled)
         new_params: Params = {}
         new_m: Params = {}
         new_v: Params = {}
@@ -109,8 +113,8 @@ def _adam_multi_tensor(params: Params, grads: Params, state: OptState, step: int
     ``√v`` is a plain square root here: ``v`` is a sum of squares, never negative.
     """
     keys = list(params)
-    p = [params[k] for k in keys]
-    g = [grads[k] for k in keys]
+    p: TensorList = [params[k] for k in keys]
+    g: TensorList = [grads[k] for k in keys]
     if wd != 0:
         if decoupled:
             p = torch._foreach_mul(p, 1 - lr * wd)

@@ -28,15 +28,17 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Any, NamedTuple, Union
+from typing import Any, NamedTuple, TypeGuard
 
 import torch
 import torch.autograd.forward_ad as _forward_ad
 
 Params = dict[str, torch.Tensor]
 OptState = dict[str, Any]
-Scalar = Union[float, torch.Tensor]
-Hyper = Union[float, torch.Tensor, Mapping[str, Union[float, torch.Tensor]]]
+Scalar = float | torch.Tensor
+Hyper = float | torch.Tensor | Mapping[str, float | torch.Tensor]
+# The tensor lists that torch._foreach_* take (lists or tuples) and return (tuples, per torch's stubs).
+TensorList = list[torch.Tensor] | tuple[torch.Tensor, ...]
 
 __all__ = [
     "add_scaled",
@@ -50,6 +52,7 @@ __all__ = [
     "Optimizer",
     "Params",
     "Scalar",
+    "TensorList",
     "check_grads",
     "check_nonneg",
     "hyper",
@@ -99,7 +102,7 @@ def hyper(override: Hyper | None, default: Hyper, name: str) -> Scalar:
     return value
 
 
-def _is_number(value: Any) -> bool:
+def _is_number(value: object) -> TypeGuard[float]:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
@@ -145,7 +148,7 @@ def add_scaled_div(x: torch.Tensor, a: Scalar, y: torch.Tensor, z: torch.Tensor)
     return x + a * y / z
 
 
-def zeros_like_params(params: Params) -> dict[str, torch.Tensor]:
+def zeros_like_params(params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Fresh zero buffers (no autograd history) shaped like each parameter."""
     return {k: torch.zeros_like(p) for k, p in params.items()}
 

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 
 from hoexp.optim.base import (
     Hyper,
-    OptState,
     Optimizer,
+    OptState,
     Params,
+    TensorList,
     add_scaled,
     add_scaled_div,
     add_scaled_mul,
@@ -82,7 +85,8 @@ def rmsprop(
         buffers = [state["square_avg"]] + ([state["momentum_buffer"]] if use_buffer else []) \
             + ([state["grad_avg"]] if centered else [])
         if fast_path((params, grads, *buffers), values):
-            return _rmsprop_multi_tensor(params, grads, state, *values, centered=centered, use_buffer=use_buffer)
+            numbers = cast("tuple[float, ...]", values)  # fast_path: all Python numbers
+            return _rmsprop_multi_tensor(params, grads, state, *numbers, centered=centered, use_buffer=use_buffer)
         new_params: Params = {}
         new_sq: Params = {}
         new_gavg: Params = {}
@@ -127,7 +131,7 @@ def _rmsprop_multi_tensor(params: Params, grads: Params, state: OptState, lr: fl
     """
     keys = list(params)
     p = [params[k] for k in keys]
-    g = [grads[k] for k in keys]
+    g: TensorList = [grads[k] for k in keys]
     if wd != 0:
         g = torch._foreach_add(g, p, alpha=wd)
     sq = torch._foreach_mul([state["square_avg"][k] for k in keys], a)

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 
 from hoexp.optim.base import (
     Hyper,
-    OptState,
-    add_scaled,
     Optimizer,
+    OptState,
     Params,
+    TensorList,
+    add_scaled,
     check_grads,
     check_nonneg,
     fast_path,
@@ -77,12 +80,13 @@ def sgd(
                 "build it with momentum > 0 to override momentum/dampening"
             )
         first = state["step"] == 0
-        values = (lr0 if lr is None else lr, wd0 if weight_decay is None else weight_decay)
+        values: tuple[Hyper, ...] = (lr0 if lr is None else lr, wd0 if weight_decay is None else weight_decay)
         if use_buffer:
             values += (mu0 if momentum is None else momentum, damp0 if dampening is None else dampening)
         buffers = () if not use_buffer or first else (state["momentum_buffer"],)
         if fast_path((params, grads, *buffers), values):
-            return _sgd_multi_tensor(params, grads, state, *values, nesterov=nesterov, use_buffer=use_buffer)
+            numbers = cast("tuple[float, ...]", values)  # fast_path: all Python numbers
+            return _sgd_multi_tensor(params, grads, state, *numbers, nesterov=nesterov, use_buffer=use_buffer)
         new_params: Params = {}
         new_buf: Params = {}
         for k, p in params.items():
@@ -114,13 +118,13 @@ def _sgd_multi_tensor(params: Params, grads: Params, state: OptState, lr: float,
     """The SGD update for all tensors at once (``torch._foreach_*``), same operations as the loop above."""
     keys = list(params)
     p = [params[k] for k in keys]
-    d = [grads[k] for k in keys]
+    d: TensorList = [grads[k] for k in keys]
     if wd != 0:
         d = torch._foreach_add(d, p, alpha=wd)
     new_state: OptState = {"step": state["step"] + 1}
     if use_buffer:
         if state["step"] == 0:
-            buf = [x.clone() for x in d]
+            buf: TensorList = [x.clone() for x in d]
         else:
             buf = torch._foreach_mul([state["momentum_buffer"][k] for k in keys], mu)
             torch._foreach_add_(buf, d, alpha=1 - damp)
