@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import torch
 from rich.console import Console
@@ -26,14 +26,13 @@ from torch import Tensor
 from hoexp import tree
 from hoexp.build import Experiment, build
 from hoexp.config import Spec
-from hoexp.dataset.base import Splits
 from hoexp.method.base import InnerState, train_inner
 from hoexp.method.forward import forward_hypergradient
 from hoexp.method.ift import ift_hypergradient
 from hoexp.method.solvers import AutoStep, ConjugateGradient, Exact, FixedPoint, Neumann, Solver
 from hoexp.method.unrolled import unrolled_hypergradient
 from hoexp.metrics import write_json_atomic
-from hoexp.problem import training_batches
+from hoexp.problem import training_batches, validation_batches
 
 ITERATIONS = (0, 1, 2, 5, 10, 20, 50, 100)
 
@@ -121,10 +120,10 @@ def run_check(spec: Spec, out_dir: Path, *, iterations: tuple[int, ...] = ITERAT
     state = InnerState(params, exp.inner_opt.init(params))
     batches = training_batches(problem, exp.data.train, spec.run.seed, spec.dataset.batch_size)
     state, _, _ = train_inner(problem, exp.inner_opt, state, raw, batches, spec.run.inner_steps)
-    # Classification splits only: a language model's data (dataset=ptb, LMData) has a token stream as val, and
-    # this line fails there with AttributeError (hoexp check does not handle language models yet).
-    val_split = cast(Splits, exp.data).val
-    train_batch, val_batch = next(batches), (val_split.x, val_split.y)
+    # The runner's validation stream: the whole split (classification, val_batch_size 0), a seeded minibatch,
+    # or a BPTT window of validation text (language models).
+    val_batch = next(validation_batches(problem, exp.data.val, spec.run.seed, spec.dataset.val_batch_size))
+    train_batch = next(batches)
     n_params, n_h = tree.numel(params), tree.numel(raw)
 
     def tl(w, h):

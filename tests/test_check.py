@@ -42,3 +42,12 @@ def test_check_command_line(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "hoexp check" in out and "neumann" in out and "exact dense solve" in out
     assert (tmp_path / "check.json").exists()
+
+
+def test_check_runs_on_the_language_model(tmp_path):
+    """dataset=ptb: the validation batch is a BPTT window (it was an AttributeError on the token stream)."""
+    spec, _ = compose_spec(["experiment=ptb_lstm_dropout", "model.embed_dim=4", "model.hidden=4", "dataset.bptt=3",
+                            "inner_steps=2", "hp.dropout.granularity=per_layer", "progress=false"])
+    report = run_check(spec, tmp_path, iterations=(0, 1), reference_cg=5, console=Console(file=io.StringIO()))
+    rows = {(r["method"], r["iterations"]) for r in report["rows"]}
+    assert ("unrolled", 2) in rows and ("neumann", 1) in rows
