@@ -36,7 +36,7 @@ from torch.func import grad, jvp, vmap
 
 from hoexp import tree
 from hoexp.method.base import InnerState, StepStats
-from hoexp.method.unrolled import StepLoss, UnrolledResult, detach_state
+from hoexp.method.unrolled import StepLoss, UnrolledResult, detach_state, path_outputs, path_result
 from hoexp.optim import Optimizer
 from hoexp.problem import Batch, Problem
 
@@ -359,18 +359,14 @@ class ForwardMethod:
         start = None
         if self.carry and self.tangents is not None:
             start = self.tangents if self.decay == 1 else _scale(self.tangents, self.decay)
-        batches = [next(train_batches) for _ in range(inner_steps)]
-        res = forward_hypergradient(
-            lambda w, h, t: problem.train_loss(w, h, batches[t]), lambda w, h: problem.val_loss(w, h, val_batch),
-            inner_opt, state.params, state.opt_state, raw, inner_steps, overrides=problem.family.optimizer_overrides,
-            on_step=on_inner_step, strategy=self.strategy, tangents=start)
+        res = path_result(forward_hypergradient, problem, inner_opt, state, raw, train_batches, val_batch,
+                          inner_steps, on_inner_step, strategy=self.strategy, tangents=start)
+        hg, new_state, stats = path_outputs(res, state, inner_steps)
         if self.carry:
             self.tangents = res.tangents
-        stats = StepStats(inner_grad_norm=res.last_grad_norm, inner_loss=res.last_train_loss,
-                          hypergrad_norm=float(tree.norm(res.hypergrad)))
-        if self.carry and res.tangents is not None:
-            stats.extra["forward/tangent_norm"] = float(tree.norm(res.tangents[0]))
-        return res.hypergrad, InnerState(res.params, res.opt_state, state.step + inner_steps), stats
+            if res.tangents is not None:
+                stats.extra["forward/tangent_norm"] = float(tree.norm(res.tangents[0]))
+        return hg, new_state, stats
 
     @property
     def carries(self) -> bool:

@@ -103,24 +103,39 @@ def unrolled_hypergradient(
     )
 
 
-def path_outer_step(hypergradient_fn: Callable[..., UnrolledResult], problem: Problem, inner_opt: Optimizer,
-                    state: InnerState, raw: dict[str, Tensor], train_batches: Iterator[Batch], val_batch: Batch,
-                    inner_steps: int, on_inner_step: Callable[[], None] | None = None, **options: Any,
-                    ) -> tuple[dict[str, Tensor], InnerState, StepStats]:
-    """One outer step of a method that differentiates the training path (unrolled, truncated, forward).
+def path_result(hypergradient_fn: Callable[..., UnrolledResult], problem: Problem, inner_opt: Optimizer,
+                state: InnerState, raw: dict[str, Tensor], train_batches: Iterator[Batch], val_batch: Batch,
+                inner_steps: int, on_inner_step: Callable[[], None] | None = None, **options: Any,
+                ) -> UnrolledResult:
+    """``hypergradient_fn`` over the next ``inner_steps`` training batches (unrolled, truncated, forward).
 
     The ``inner_steps`` batches are drawn once, so every pass over the path sees the same ones.
     """
     batches: Sequence[Batch] = [next(train_batches) for _ in range(inner_steps)]
-    res = hypergradient_fn(
+    return hypergradient_fn(
         lambda w, h, t: problem.train_loss(w, h, batches[t]),
         lambda w, h: problem.val_loss(w, h, val_batch),
         inner_opt, state.params, state.opt_state, raw, inner_steps,
         overrides=problem.family.optimizer_overrides, on_step=on_inner_step, **options,
     )
+
+
+def path_outputs(res: UnrolledResult, state: InnerState, inner_steps: int,
+                 ) -> tuple[dict[str, Tensor], InnerState, StepStats]:
+    """A path result as an outer step's ``(hypergradient, new inner state, stats)``."""
     stats = StepStats(inner_grad_norm=res.last_grad_norm, inner_loss=res.last_train_loss,
                       hypergrad_norm=float(tree.norm(res.hypergrad)))
     return res.hypergrad, InnerState(res.params, res.opt_state, state.step + inner_steps), stats
+
+
+def path_outer_step(hypergradient_fn: Callable[..., UnrolledResult], problem: Problem, inner_opt: Optimizer,
+                    state: InnerState, raw: dict[str, Tensor], train_batches: Iterator[Batch], val_batch: Batch,
+                    inner_steps: int, on_inner_step: Callable[[], None] | None = None, **options: Any,
+                    ) -> tuple[dict[str, Tensor], InnerState, StepStats]:
+    """One outer step of a method that differentiates the training path (:func:`path_result`)."""
+    res = path_result(hypergradient_fn, problem, inner_opt, state, raw, train_batches, val_batch, inner_steps,
+                      on_inner_step, **options)
+    return path_outputs(res, state, inner_steps)
 
 
 @dataclass
