@@ -130,8 +130,7 @@ def run_horizon(spec: Spec, contenders: Sequence[tuple[Contender, Spec]], out_di
         raise ConfigError(f"the horizon diagnostic differentiates the whole remaining run per hyperparameter; "
                           f"hp={spec.hp_name} has {n_h:,} here (limit {MAX_HPARAMS}): use a global or per_layer "
                           "granularity")
-    train = training_batches(problem, exp.data.train, run.seed, spec.dataset.batch_size)
-    val = validation_batches(problem, exp.data.val, run.seed, spec.dataset.val_batch_size)
+    train, val = _streams(exp)
     state = InnerState(params, exp.inner_opt.init(params))
     out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -149,8 +148,7 @@ def run_horizon(spec: Spec, contenders: Sequence[tuple[Contender, Spec]], out_di
 
     def final_val_loss(ck: _Checkpoint, flat: Tensor) -> float:
         lam = tree.unflatten(flat, raw)
-        stream = training_batches(problem, exp.data.train, run.seed, spec.dataset.batch_size)
-        stream.load_state_dict(copy.deepcopy(ck.train_stream))
+        stream, _ = _streams(exp, ck)
         st, _, _ = train_inner(problem, exp.inner_opt, ck.state, lam, stream, (run.outer_steps - ck.step) * run.inner_steps)
         return float(problem.evaluate(st.params, exp.data.val)[0].double())
 
@@ -200,6 +198,18 @@ def run_horizon(spec: Spec, contenders: Sequence[tuple[Contender, Spec]], out_di
     return result
 
 
+def _streams(exp: Any, at: _Checkpoint | None = None) -> tuple[Any, Any]:
+    """The run's training and validation streams (as the runner makes them), fresh or restored to
+    the position they had at checkpoint ``at``: the common random numbers of every comparison."""
+    spec = exp.spec
+    train = training_batches(exp.problem, exp.data.train, spec.run.seed, spec.dataset.batch_size)
+    val = validation_batches(exp.problem, exp.data.val, spec.run.seed, spec.dataset.val_batch_size)
+    if at is not None:
+        train.load_state_dict(copy.deepcopy(at.train_stream))
+        val.load_state_dict(copy.deepcopy(at.val_stream))
+    return train, val
+
+
 def _contender_hypergradients(cspec: Spec, exp: Any, raw: dict[str, Tensor], params0: dict[str, Tensor],
                               checkpoints: dict[int, _Checkpoint], at: Sequence[int]) -> dict[int, Tensor]:
     """The contender's hypergradient at each checkpoint: from the checkpoint's state for stateless
@@ -208,11 +218,10 @@ def _contender_hypergradients(cspec: Spec, exp: Any, raw: dict[str, Tensor], par
 
     check_compatibility(cspec)
     method = build_method(cspec)
-    problem, run, spec = exp.problem, cspec.run, exp.spec
+    problem, run = exp.problem, cspec.run
     out: dict[int, Tensor] = {}
     if isinstance(method, CarriesState) and getattr(method, "carries", True):
-        train = training_batches(problem, exp.data.train, run.seed, spec.dataset.batch_size)
-        val = validation_batches(problem, exp.data.val, run.seed, spec.dataset.val_batch_size)
+        train, val = _streams(exp)
         state = InnerState(dict(params0), exp.inner_opt.init(params0))
         for step in range(max(at) + 1):
             hg, state, _ = method.outer_step(problem, exp.inner_opt, state, raw, train, next(val), run.inner_steps)
@@ -221,10 +230,7 @@ def _contender_hypergradients(cspec: Spec, exp: Any, raw: dict[str, Tensor], par
         return out
     for s in at:
         ck = checkpoints[s]
-        train = training_batches(problem, exp.data.train, run.seed, spec.dataset.batch_size)
-        train.load_state_dict(copy.deepcopy(ck.train_stream))
-        val = validation_batches(problem, exp.data.val, run.seed, spec.dataset.val_batch_size)
-        val.load_state_dict(copy.deepcopy(ck.val_stream))
+        train, val = _streams(exp, ck)
         hg, _, _ = method.outer_step(problem, exp.inner_opt, ck.state, raw, train, next(val), run.inner_steps)
         out[s] = _flat(hg)
     return out
