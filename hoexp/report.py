@@ -683,10 +683,8 @@ def plot_val_loss_vs_time(groups: list[Group], path: Path) -> bool:
         top = max(top, run_min[0])
         bx.step(ts, run_min, where="post", color=c, lw=1.6, label=label)
         bx.scatter([ts[-1]], [run_min[-1]], color=c, s=14, zorder=3)
-    if finals:  # zoom in on where the runs end up; the start (one value for all) is cut off
-        lo, hi = min(finals), max(finals)
-        span = max(hi - lo, 0.02 * abs(hi), 1e-12)
-        bx.set_ylim(lo - 0.5 * span, min(top + 0.05 * span, hi + 4 * span))
+    # zoom in on where the runs end up; the start (one value for all) is cut off
+    _zoom_on_ends(bx, finals, min_span=0.02, above=4, top=top)
     ax.set_yscale("log")
     ax.set_title("validation loss (studies: trials back to back)")
     bx.set_title("best validation loss so far (dot: end of run / study)")
@@ -694,11 +692,27 @@ def plot_val_loss_vs_time(groups: list[Group], path: Path) -> bool:
         a.set_xlabel("wall time (s)")
         a.set_ylabel("validation loss")
         a.grid(alpha=0.3)
-    bx.legend(fontsize=8, loc="upper right")
+    _save_with_legend(fig, bx, path)
+    return True
+
+
+def _zoom_on_ends(ax: Any, ends: list[float], *, min_span: float, above: float, top: float = math.inf) -> None:
+    """y-limits around the curves' final values: half a span below the lowest, ``above`` spans over
+    the highest (not past ``top``); the span is at least ``min_span`` of the highest value."""
+    if not ends:
+        return
+    lo, hi = min(ends), max(ends)
+    span = max(hi - lo, min_span * abs(hi), 1e-12)
+    ax.set_ylim(lo - 0.5 * span, min(top + 0.05 * span, hi + above * span))
+
+
+def _save_with_legend(fig: Any, ax: Any, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    ax.legend(fontsize=8, loc="upper right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    return True
 
 
 def best_so_far(member: Member) -> list[tuple[float, float]]:
@@ -746,18 +760,12 @@ def plot_best_so_far(groups: list[Group], path: Path) -> bool:
         ax.step(ts, vs, where="post", color=c, lw=1.6, alpha=0.85, label=label,
                 marker="o" if m.is_study else None, ms=3)
         ends.append(vs[-1])
-    if ends:  # zoom in on where the contenders end up
-        lo, hi = min(ends), max(ends)
-        span = max(hi - lo, 0.05 * abs(hi), 1e-12)
-        ax.set_ylim(lo - 0.5 * span, hi + 3 * span)
+    _zoom_on_ends(ax, ends, min_span=0.05, above=3)  # where the contenders end up
     ax.set_xlabel("wall time (s); searches: cumulative trial time")
     ax.set_ylabel("best validation loss so far")
     ax.set_title("best validation loss so far (dots: a search's finished trials)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="upper right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save_with_legend(fig, ax, path)
     return True
 
 
