@@ -108,7 +108,8 @@ def build_family(spec: Spec, model: MLP | LSTMLanguageModel) -> HyperFamily:
                                         max_value=cfg.max))
         elif cfg.name == "dropout":
             families.append(Dropout(model.unit_shapes(), cfg.granularity, cfg.init, cfg.temperature,
-                                    tuple(cfg.include), cfg.min, cfg.max))
+                                    tuple(cfg.include), cfg.min, cfg.max, relaxation=cfg.relaxation,
+                                    offset_scale=cfg.offset_scale))
         elif cfg.name == "lr":
             inner_lr = spec.inner_optim.lr
             families.append(LearningRate(names, cfg.granularity, inner_lr if cfg.init is None else cfg.init,

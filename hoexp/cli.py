@@ -303,8 +303,8 @@ def cmd_check(args: list[str]) -> None:
                     help="compare each method's hypergradient with d(final validation loss)/dλ (few hyperparameters: "
                          "global or per_layer granularity)")
     ap.add_argument("--method", action="append", default=None, metavar="NAME[:OVERRIDES]",
-                    help="--horizon contender, repeatable: a method, then comma-separated overrides, e.g. "
-                         f"forward:method.carry=true (default: {' '.join(DEFAULT_CONTENDERS)})")
+                    help="--horizon contender, repeatable: a method, then space-separated overrides (as "
+                         "compare --ho), e.g. 'forward:method.carry=true method.decay=0.7' (default: {' '.join(DEFAULT_CONTENDERS)})")
     ap.add_argument("--at", default=None, help="--horizon checkpoints, outer steps (default: 0, N/4, N/2, 3N/4)")
     ap.add_argument("--eps", type=float, default=0.05, help="--horizon finite-difference step on the raw "
                     "hyperparameters (default 0.05)")

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 from rich.console import Console
 
 from hoexp.errors import ConfigError
+from hoexp.horizon import split_overrides
 from hoexp.metrics import read_json, write_json_atomic
 from hoexp.search import SAMPLERS, Dim, SearchSettings, TrialContext, parse_dim, run_search
 
@@ -189,7 +190,7 @@ def parse_args(argv: list[str]) -> Plan:
                               + ", ".join(valid))
         if method not in valid:
             raise ConfigError(f"unknown method '{method}'; choose one of: {', '.join(valid)}")
-        extra = opts.split()
+        extra = split_overrides(opts)
         name = _name(method + ("_" + "_".join(extra) if extra else ""))
         while name in {n for n, _ in ho}:
             name += "_"

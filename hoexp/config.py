@@ -123,18 +123,22 @@ class WeightDecayConfig:
 @dataclass
 class DropoutConfig:
     name: str = "dropout"
-    granularity: str = "per_unit"  # per_layer | per_unit
+    granularity: str = "per_unit"  # per_layer | per_unit | layer_and_unit (a rate per layer + per-unit offsets)
     init: float = 0.2  # initial dropout rate
     temperature: float = 0.1  # of the concrete (relaxed Bernoulli) masks
+    relaxation: str = "concrete"  # concrete | gaussian (multiplicative N(1, p/(1-p)) noise)
+    offset_scale: float = 0.1  # layer_and_unit: unit j's raw rate = layer + offset_scale · offset_j
     include: list[str] = field(default_factory=lambda: ["*"])  # dropout sites (MLP: input, hidden0, ...)
     min: float = 1e-4
     max: float = 0.95
 
     def check(self) -> None:
-        from hoexp.hp.dropout import GRANULARITIES
+        from hoexp.hp.dropout import GRANULARITIES, RELAXATIONS
 
         _choice("hp.dropout.granularity", self.granularity, GRANULARITIES)
+        _choice("hp.dropout.relaxation", self.relaxation, RELAXATIONS)
         _positive(self, "temperature")
+        _positive(self, "offset_scale")
         if not 0 < self.min <= self.init <= self.max < 1:
             raise ConfigError(f"hp.dropout: need 0 < min <= init <= max < 1; got min={self.min}, init={self.init}, "
                               f"max={self.max}")

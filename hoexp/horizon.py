@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -72,11 +73,17 @@ class Contender:
     overrides: list[str]
 
 
+def split_overrides(text: str) -> list[str]:
+    """Overrides separated by spaces (``method.terms=20 method.alpha=0.05``), as ``hoexp compare --ho``
+    takes them; a comma directly before ``key=`` also separates (the older form), one inside a value
+    (``include=[a,b]``) does not."""
+    return [o for o in re.split(r"\s+|,(?=[\w.@/+~-]+=)", text.strip()) if o]
+
+
 def parse_contender(text: str) -> Contender:
-    """``neumann`` or ``neumann:method.terms=20,method.alpha=0.05`` (a method name, then overrides)."""
+    """``neumann`` or ``neumann:method.terms=20 method.alpha=0.05`` (a method name, then overrides)."""
     name, _, rest = text.partition(":")
-    overrides = [f"method={name}"] + [o for o in rest.split(",") if o]
-    return Contender(text, overrides)
+    return Contender(text, [f"method={name.strip()}", *split_overrides(rest)])
 
 
 DEFAULT_CONTENDERS = ("t1t2", "neumann", "cg", "truncated", "unrolled", "forward", "forward:method.carry=true")

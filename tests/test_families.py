@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from hoexp.hp.composite import Composite
-from hoexp.hp.dropout import Dropout, concrete_mask
+from hoexp.hp.dropout import Dropout, concrete_mask, gaussian_mask
 from hoexp.hp.learning_rate import LearningRate, Momentum
 from hoexp.hp.weight_decay import WeightDecay
 from hoexp.model.mlp import MLP
@@ -28,6 +28,53 @@ def test_relaxed_mask_mean_matches_the_rate(p):
     assert float((z > 0.5).double().mean()) == pytest.approx(1 - p, abs=3e-3)  # exact in distribution
     assert float(1 - z.mean()) == pytest.approx(p, abs=0.01)  # relaxed mean ≈ the rate at τ = 0.1
     assert float(m.mean()) == pytest.approx(1.0, abs=0.015)  # inverted-dropout scaling
+
+
+@pytest.mark.parametrize("p", [0.05, 0.3, 0.5])
+def test_gaussian_mask_has_the_mean_and_variance_of_bernoulli_dropout_and_its_exact_derivative(p):
+    g = torch.Generator().manual_seed(0)
+    u = torch.rand(400_000, generator=g, dtype=torch.float64)
+    raw = torch.tensor(math.log(p) - math.log1p(-p), dtype=torch.float64, requires_grad=True)
+    m = gaussian_mask(raw, u)
+    assert float(m.mean()) == pytest.approx(1.0, abs=0.01)
+    assert float(m.var()) == pytest.approx(p / (1 - p), rel=0.01)  # Var of z/q, z ~ Bernoulli(q)
+    # dm/draw = ½√α·ε = (m − 1)/2 for every unit: smooth, not concentrated near a threshold
+    (d,) = torch.autograd.grad(m.sum(), raw)
+    assert float(d) == pytest.approx(float((m.detach() - 1).sum() / 2), rel=1e-10)
+    ones = gaussian_mask(torch.tensor(-math.inf, dtype=torch.float64), u[:10])
+    assert torch.equal(ones, torch.ones_like(ones))  # rate 0: no noise
+    # float32 noise at the clamp's edge stays finite
+    assert torch.isfinite(gaussian_mask(torch.tensor(0.0), torch.tensor([0.0, 1.0]))).all()
+
+
+def test_layer_and_unit_rates_are_a_shared_layer_value_plus_scaled_unit_offsets():
+    model = MLP(4, 3, width=6, depth=1)
+    fam = Dropout(model.unit_shapes(), "layer_and_unit", 0.2, offset_scale=0.1, max_value=0.9)
+    raw = fam.init(dict(model.named_parameters()))
+    assert {k: tuple(v.shape) for k, v in raw.items()} == {
+        "dropout:input": (), "dropout:input/unit": (4,), "dropout:hidden0": (), "dropout:hidden0/unit": (6,)}
+    assert {k: tuple(v.shape) for k, v in fam.view(raw).items()} == {"dropout:input": (4,), "dropout:hidden0": (6,)}
+    assert torch.allclose(fam.view(raw)["dropout:input"], torch.full((4,), 0.2))
+    raw["dropout:input/unit"] = torch.tensor([1.0, -1.0, 0.0, 2.0])
+    logit = math.log(0.2 / 0.8)
+    want = torch.sigmoid(logit + 0.1 * raw["dropout:input/unit"])
+    assert torch.allclose(fam.view(raw)["dropout:input"], want)
+    # the layer value's hypergradient is the sum of its units' (through the same masks), an offset's 0.1×
+    r = {k: v.clone().requires_grad_(True) for k, v in raw.items()}
+    noise = fam.noise(model.dropout_sites(5), torch.Generator().manual_seed(0), torch.zeros(()))
+    out = model(torch.randn(5, 4), fam.masks(r, noise)).square().sum()
+    g = dict(zip(r, torch.autograd.grad(out, list(r.values())), strict=True))
+    assert torch.allclose(g["dropout:input/unit"].sum() / 0.1, g["dropout:input"], rtol=1e-5)
+    # the combined rate stays within [min, max]; an offset alone cannot run away
+    big = fam.clamp({**raw, "dropout:input": torch.tensor(50.0), "dropout:input/unit": torch.full((4,), 1e6)})
+    assert float(big["dropout:input"]) == pytest.approx(math.log(0.9 / 0.1))
+    assert float(fam.view(big)["dropout:input"].max()) == pytest.approx(0.9)
+    assert float(big["dropout:input/unit"].max()) < 1e3
+
+
+def test_dropout_relaxation_is_validated():
+    with pytest.raises(ValueError, match="relaxation"):
+        Dropout({"x": (3,)}, relaxation="bernoulli")
 
 
 def test_dropout_masks_are_reproducible_from_the_seed_and_differentiable():

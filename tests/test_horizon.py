@@ -140,3 +140,12 @@ def test_horizon_cli_refuses_many_hyperparameters_and_foreign_truth(tmp_path):
     foreign = _hoexp("check", "--horizon", *small[:-1], "--method", "t1t2", "--at", "0,1", "--truth", str(truth),
                      "--out", str(tmp_path / "d"), cwd=tmp_path)
     assert foreign.returncode == 2 and "another configuration" in foreign.stderr
+
+
+def test_contender_overrides_are_space_separated_like_compare_and_commas_before_a_key_still_split():
+    assert parse_contender("neumann").overrides == ["method=neumann"]
+    want = ["method=forward", "method.carry=true", "method.decay=0.7"]
+    assert parse_contender("forward:method.carry=true method.decay=0.7").overrides == want
+    assert parse_contender("forward:method.carry=true,method.decay=0.7").overrides == want
+    assert parse_contender("cg:hp.dropout.include=[input,hidden0]").overrides == [
+        "method=cg", "hp.dropout.include=[input,hidden0]"]

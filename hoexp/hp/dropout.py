@@ -1,11 +1,15 @@
-"""Dropout rates as hyperparameters, made differentiable by concrete (relaxed Bernoulli) masks.
+"""Dropout rates as hyperparameters, made differentiable by relaxed masks.
 
-For a unit kept with probability ``q = 1 − p`` the mask is ``m = z / q`` with
-``z = σ((logit q + log u − log(1 − u)) / τ)``, ``u ~ U(0, 1)`` (Maddison et al. 2017; Lorraine et al.
-2020): ``P(z > ½) = q`` exactly, ``z → Bernoulli(q)`` as ``τ → 0``, and ``m`` is differentiable in
-``p``. Rates ``p = σ(raw)`` stay in (0, 1); ``logit q = −raw``. The uniform noise ``u`` is drawn once
-per batch (it travels with the batch), so every HVP and unrolled step of one hypergradient sees the
-same function of ``(w, p)``. Evaluation uses no masks.
+``relaxation=concrete`` (default): for a unit kept with probability ``q = 1 − p`` the mask is
+``m = z / q`` with ``z = σ((logit q + log u − log(1 − u)) / τ)``, ``u ~ U(0, 1)`` (Maddison et al. 2017;
+Lorraine et al. 2020): ``P(z > ½) = q`` exactly, ``z → Bernoulli(q)`` as ``τ → 0``, and ``m`` is
+differentiable in ``p``. ``relaxation=gaussian``: ``m = 1 + √(p/(1 − p))·ε``, ``ε ~ N(0, 1)``, the same mean
+and variance (Srivastava et al. 2014). Rates ``p = σ(raw)`` stay in (0, 1). The uniform noise ``u`` is
+drawn once per batch (it travels with the batch), so every HVP and unrolled step of one hypergradient
+sees the same function of ``(w, p)``. Evaluation uses no masks.
+
+Granularity: one rate per site (``per_layer``), per unit (``per_unit``), or per unit as a shared
+layer value plus scaled per-unit offsets (``layer_and_unit``).
 """
 
 from __future__ import annotations
@@ -19,7 +23,9 @@ from torch import Tensor
 
 from hoexp.hp.base import Params
 
-GRANULARITIES = ("per_layer", "per_unit")
+GRANULARITIES = ("per_layer", "per_unit", "layer_and_unit")
+OFFSETS = "/unit"  # suffix of a layer_and_unit site's per-unit offsets
+RELAXATIONS = ("concrete", "gaussian")
 
 
 def concrete_mask(raw: Tensor, u: Tensor, temperature: float) -> Tensor:
@@ -33,6 +39,19 @@ def concrete_mask(raw: Tensor, u: Tensor, temperature: float) -> Tensor:
     return z / q
 
 
+def gaussian_mask(raw: Tensor, u: Tensor) -> Tensor:
+    """Gaussian dropout ``m = 1 + √α·ε``, ``α = p/(1 − p) = e^raw``, ``ε = Φ⁻¹(u) ~ N(0, 1)``.
+
+    The multiplicative noise with the mean (1) and variance (``p/(1 − p)``) of Bernoulli dropout
+    (Srivastava et al. 2014; Wang & Manning 2013). Unlike a low-temperature concrete mask, whose
+    derivative in ``p`` comes from the few units whose noise sits near the threshold, every unit's
+    mask moves smoothly with ``p``, so the pathwise hypergradient sees the noise's regularizing effect.
+    """
+    u = u.clamp(1e-6, 1 - 1e-6)  # float32 rounds 1 − 1e-12 to 1, and erfinv(1) = ∞
+    eps = math.sqrt(2.0) * torch.erfinv(2 * u - 1)
+    return 1 + torch.exp(raw / 2) * eps
+
+
 @dataclass(frozen=True)
 class Dropout:
     sites: Mapping[str, tuple[int, ...]] = field(default_factory=dict)  # unit shape of every model site
@@ -44,12 +63,18 @@ class Dropout:
     max_value: float = 0.95
     name: str = "dropout"
     moves_optimum: bool = True
+    relaxation: str = "concrete"  # concrete | gaussian
+    offset_scale: float = 0.1  # layer_and_unit: raw_j = layer + offset_scale · offset_j
 
     def __post_init__(self):
         if self.granularity not in GRANULARITIES:
             raise ValueError(f"unknown dropout granularity '{self.granularity}'; valid: {', '.join(GRANULARITIES)}")
         if not 0 < self.init_value < 1:
             raise ValueError(f"dropout init must be in (0, 1), got {self.init_value}")
+        if self.relaxation not in RELAXATIONS:
+            raise ValueError(f"unknown dropout relaxation '{self.relaxation}'; valid: {', '.join(RELAXATIONS)}")
+        if not self.offset_scale > 0:
+            raise ValueError(f"dropout offset_scale must be > 0, got {self.offset_scale}")
         if not self.temperature > 0:
             raise ValueError(f"dropout temperature must be > 0, got {self.temperature}")
 
@@ -65,20 +90,38 @@ class Dropout:
     def init(self, params: Params) -> dict[str, Tensor]:
         ref = next(iter(params.values()))
         raw0 = math.log(self.init_value) - math.log1p(-self.init_value)
-        return {f"{self.name}:{s}": torch.full(() if self.granularity == "per_layer" else self.sites[s], raw0,
-                                               dtype=ref.dtype, device=ref.device) for s in self.covered()}
+        out = {}
+        for s in self.covered():
+            shape = () if self.granularity in ("per_layer", "layer_and_unit") else self.sites[s]
+            out[f"{self.name}:{s}"] = torch.full(shape, raw0, dtype=ref.dtype, device=ref.device)
+            if self.granularity == "layer_and_unit":
+                out[f"{self.name}:{s}{OFFSETS}"] = torch.zeros(self.sites[s], dtype=ref.dtype, device=ref.device)
+        return out
 
     def _own(self, raw: Params) -> dict[str, Tensor]:
+        """The raw rate of every site (``layer + offset_scale·offsets`` for ``layer_and_unit``, clamped
+        to the rate bounds: a layer's shared value gets the summed, low-variance hypergradient of its
+        units, each unit a small offset around it)."""
         prefix = self.name + ":"
-        return {k[len(prefix):]: v for k, v in raw.items() if k.startswith(prefix)}
+        own = {k[len(prefix):]: v for k, v in raw.items() if k.startswith(prefix)}
+        if self.granularity != "layer_and_unit":
+            return own
+        lo, hi = self._bounds()
+        return {s: (v + self.offset_scale * own[s + OFFSETS]).clamp(lo, hi)
+                for s, v in own.items() if not s.endswith(OFFSETS)}
+
+    def _bounds(self) -> tuple[float, float]:
+        return (math.log(self.min_value) - math.log1p(-self.min_value),
+                math.log(self.max_value) - math.log1p(-self.max_value))
 
     def view(self, raw: Params) -> dict[str, Tensor]:
         return {f"{self.name}:{s}": torch.sigmoid(v) for s, v in self._own(raw).items()}
 
     def clamp(self, raw: Params) -> dict[str, Tensor]:
-        lo = math.log(self.min_value) - math.log1p(-self.min_value)
-        hi = math.log(self.max_value) - math.log1p(-self.max_value)
-        return {k: (v.clamp(lo, hi) if k.startswith(self.name + ":") else v) for k, v in raw.items()}
+        lo, hi = self._bounds()
+        span = (hi - lo) / self.offset_scale  # an offset alone can span the whole range, no more
+        return {k: (v if not k.startswith(self.name + ":") else v.clamp(-span, span) if k.endswith(OFFSETS)
+                    else v.clamp(lo, hi)) for k, v in raw.items()}
 
     def penalty(self, params: Params, raw: Params) -> float:
         return 0.0
@@ -99,4 +142,6 @@ class Dropout:
         return out
 
     def masks(self, raw: Params, noise: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        if self.relaxation == "gaussian":
+            return {s: gaussian_mask(r, noise[s]) for s, r in self._own(raw).items() if s in noise}
         return {s: concrete_mask(r, noise[s], self.temperature) for s, r in self._own(raw).items() if s in noise}
