@@ -105,7 +105,7 @@ def build_family(spec: Spec, model: MLP | LSTMLanguageModel) -> HyperFamily:
     for cfg in spec.hp:
         if cfg.name == "weight_decay":
             families.append(WeightDecay(cfg.granularity, cfg.init, tuple(cfg.include), min_value=cfg.min,
-                                        max_value=cfg.max))
+                                        max_value=cfg.max, offset_scale=cfg.offset_scale))
         elif cfg.name == "dropout":
             families.append(Dropout(model.unit_shapes(), cfg.granularity, cfg.init, cfg.temperature,
                                     tuple(cfg.include), cfg.min, cfg.max, relaxation=cfg.relaxation,

@@ -103,16 +103,18 @@ class LSTMConfig:
 @dataclass
 class WeightDecayConfig:
     name: str = "weight_decay"
-    granularity: str = "per_weight"  # global | per_layer | per_weight
+    granularity: str = "per_weight"  # global | per_layer | per_weight | layer_and_weight
     init: float = 1e-3
     include: list[str] = field(default_factory=lambda: ["*weight"])
     min: float = 1e-12  # the view exp(raw) is clamped into [min, max] after each outer step
     max: float = 10.0
+    offset_scale: float = 0.1  # layer_and_weight: weight i's raw decay = layer + offset_scale · offset_i
 
     def check(self) -> None:
         from hoexp.hp.weight_decay import GRANULARITIES
 
         _choice("hp.weight_decay.granularity", self.granularity, GRANULARITIES)
+        _positive(self, "offset_scale")
         if not 0 < self.min <= self.init <= self.max:
             raise ConfigError(f"hp.weight_decay.init must lie in [min, max] with min > 0; got min={self.min}, "
                               f"init={self.init}, max={self.max}")

@@ -72,6 +72,25 @@ def test_layer_and_unit_rates_are_a_shared_layer_value_plus_scaled_unit_offsets(
     assert float(big["dropout:input/unit"].max()) < 1e3
 
 
+def test_layer_and_weight_decays_are_a_shared_layer_value_plus_scaled_weight_offsets():
+    model = MLP(4, 3, width=6, depth=1, bias=False)
+    params = dict(model.named_parameters())
+    fam = WeightDecay("layer_and_weight", 1e-3, offset_scale=0.1, max_value=1.0)
+    raw = fam.init(params)
+    names = [n for n in params if n.endswith("weight")]
+    assert set(raw) == {f"weight_decay:{n}" for n in names} | {f"weight_decay:{n}/weight" for n in names}
+    n0 = names[0]
+    raw[f"weight_decay:{n0}/weight"] = torch.randn_like(params[n0])
+    lam = fam.view(raw)[f"weight_decay:{n0}"]
+    assert lam.shape == params[n0].shape
+    assert torch.allclose(lam, torch.exp(math.log(1e-3) + 0.1 * raw[f"weight_decay:{n0}/weight"]))
+    r = {k: v.clone().requires_grad_(True) for k, v in raw.items()}
+    g = dict(zip(r, torch.autograd.grad(fam.penalty(params, r), list(r.values())), strict=True))
+    assert torch.allclose(g[f"weight_decay:{n0}/weight"].sum() / 0.1, g[f"weight_decay:{n0}"], rtol=1e-5)
+    big = fam.clamp({**raw, f"weight_decay:{n0}": torch.tensor(9.0)})
+    assert float(fam.view(big)[f"weight_decay:{n0}"].max()) == pytest.approx(1.0)
+
+
 def test_dropout_relaxation_is_validated():
     with pytest.raises(ValueError, match="relaxation"):
         Dropout({"x": (3,)}, relaxation="bernoulli")

@@ -1,4 +1,5 @@
-"""Weight decay as hyperparameters: one global decay, one per layer, or one per weight.
+"""Weight decay as hyperparameters: one global decay, one per layer, or one per weight (free, or a
+shared layer value plus scaled per-weight offsets: ``layer_and_weight``).
 
 Training loss gains ``½ Σ_i λ_i w_i²`` (so ``∂/∂w = λ w``, the same convention as an optimizer's
 ``weight_decay``). Decays are kept positive by ``λ = exp(r)``; the outer optimizer updates ``r``.
@@ -14,7 +15,8 @@ from torch import Tensor
 
 from hoexp.hp.base import Params, select
 
-GRANULARITIES = ("global", "per_layer", "per_weight")
+GRANULARITIES = ("global", "per_layer", "per_weight", "layer_and_weight")
+OFFSETS = "/weight"  # suffix of a layer_and_weight parameter's per-weight offsets
 
 
 @dataclass(frozen=True)
@@ -26,12 +28,15 @@ class WeightDecay:
     max_value: float = 10.0
     name: str = "weight_decay"
     moves_optimum: bool = True
+    offset_scale: float = 0.1  # layer_and_weight: raw_i = layer + offset_scale · offset_i
 
     def __post_init__(self):
         if self.granularity not in GRANULARITIES:
             raise ValueError(f"unknown weight-decay granularity '{self.granularity}'; valid: {', '.join(GRANULARITIES)}")
         if not self.init_value > 0:
             raise ValueError(f"weight-decay init must be > 0 (it is parameterized as exp(raw)), got {self.init_value}")
+        if not self.offset_scale > 0:
+            raise ValueError(f"weight-decay offset_scale must be > 0, got {self.offset_scale}")
 
     def covered(self, params: Params) -> list[str]:
         names = select(list(params), self.include)
@@ -50,26 +55,47 @@ class WeightDecay:
             return {self.name: torch.full((), raw0, dtype=ref.dtype, device=ref.device)}
         if self.granularity == "per_layer":
             return {f"{self.name}:{n}": torch.full((), raw0, dtype=ref.dtype, device=ref.device) for n in names}
+        if self.granularity == "layer_and_weight":
+            out = {}
+            for n in names:
+                out[f"{self.name}:{n}"] = torch.full((), raw0, dtype=ref.dtype, device=ref.device)
+                out[f"{self.name}:{n}{OFFSETS}"] = torch.zeros_like(params[n])
+            return out
         return {f"{self.name}:{n}": torch.full_like(params[n], raw0) for n in names}
 
     def _mine(self, k: str) -> bool:
         return k == self.name or k.startswith(self.name + ":")
 
     def clamp(self, raw: Params) -> dict[str, Tensor]:
-        """Raw values with ``λ = exp(raw)`` kept inside ``[min_value, max_value]`` (other families' untouched)."""
+        """Raw values with ``λ = exp(raw)`` kept inside ``[min_value, max_value]`` (other families' untouched);
+        an offset alone may span the whole range, no more."""
         lo, hi = math.log(self.min_value), math.log(self.max_value)
-        return {k: (v.clamp(lo, hi) if self._mine(k) else v) for k, v in raw.items()}
+        span = (hi - lo) / self.offset_scale
+        return {k: (v if not self._mine(k) else v.clamp(-span, span) if k.endswith(OFFSETS) else v.clamp(lo, hi))
+                for k, v in raw.items()}
 
     def view(self, raw: Params) -> dict[str, Tensor]:
-        return {k: torch.exp(v) for k, v in raw.items() if self._mine(k)}
+        if self.granularity == "global":
+            return {self.name: torch.exp(raw[self.name])}
+        return {f"{self.name}:{n}": lam for n, lam in self._decays(raw).items()}
 
     def decays(self, params: Params, raw: Params) -> dict[str, Tensor]:
         """The decay applied to each covered parameter (broadcastable to it)."""
         if self.granularity == "global":
             lam = torch.exp(raw[self.name])
             return {n: lam for n in self.covered(params)}
+        return self._decays(raw)
+
+    def _decays(self, raw: Params) -> dict[str, Tensor]:
+        """``exp(raw)`` per covered parameter; ``layer_and_weight``: ``exp(clamp(layer + offset_scale·offset))``
+        (a layer's value gets the summed, low-variance hypergradient of its weights)."""
         prefix = self.name + ":"
-        return {k[len(prefix):]: torch.exp(v) for k, v in raw.items() if k.startswith(prefix)}
+        own = {k[len(prefix):]: v for k, v in raw.items() if k.startswith(prefix)}
+        if self.granularity != "layer_and_weight":
+            return {n: torch.exp(v) for n, v in own.items()}
+        lo, hi = math.log(self.min_value), math.log(self.max_value)
+        return {n: torch.exp((v + self.offset_scale * own[n + OFFSETS]).clamp(lo, hi))
+                for n, v in own.items() if not n.endswith(OFFSETS)}
 
     def optimizer_overrides(self, raw: Params, step: int) -> dict:
         return {}  # weight decay acts through the loss, not the optimizer
