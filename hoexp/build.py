@@ -276,10 +276,12 @@ def build(spec: Spec) -> Experiment:
     return Experiment(spec, device, data, model, problem, method, inner_opt, outer_opt)
 
 
-def preflight(spec: Spec) -> None:
-    """Every check :func:`build` makes that needs no data or model: device, method × family,
-    optimizer options. Run for each job of a sweep before any job starts."""
-    resolve_device(spec.run.device)
+def preflight(spec: Spec, device: bool = True) -> None:
+    """Every check :func:`build` makes that needs no data or model: device (unless ``device`` is false:
+    a config printed, not run), method × family, optimizer options. Run for each job of a sweep before
+    any job starts."""
+    if device:
+        resolve_device(spec.run.device)
     check_compatibility(spec)
     try:
         make_optimizer(spec.inner_optim), make_optimizer(spec.outer_optim)
