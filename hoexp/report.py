@@ -913,7 +913,11 @@ def build_report(paths: Sequence[str | Path], out_dir: str | Path, *, console: C
     runs = gather(paths, console=console)
     groups = group_runs(runs)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise HoexpError(f"report: cannot create the output folder {out} ({e.strerror}); choose another with "
+                         "--out <folder>") from None
     files: list[Path] = []
     pngs: list[Path] = []
     if plots:
