@@ -472,9 +472,9 @@ class RunConfig:
     reset_inner: bool = False  # re-initialize the weights before every outer step (Maclaurin-style meta-training)
     compile: bool = False  # plain training steps through torch.compile (seconds to compile; faster steps)
     checkpoint_every: int = 10  # outer steps between checkpoints (0: none, except on SIGTERM/SIGINT)
-    # false: start (refused where a run already logged); true: continue from checkpoint.pt (pass
-    # hydra.run.dir=<that folder>); auto: continue if there is a checkpoint, else start over
-    resume: str = "false"
+    # auto: continue from checkpoint.pt in the run folder if there is one, else start (over); true: continue
+    # (an error without checkpoint); false: start (refused where a run already logged)
+    resume: str = "auto"
     max_nonfinite: int = 3  # non-finite hypergradients in a row (each skips its outer update) before aborting
     outer_objective: str = "val"  # val: validation loss; train: final training loss (Maclaurin et al.'s meta-objective)
     name: str = "run"

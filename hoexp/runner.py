@@ -152,6 +152,8 @@ def _outcome(e: BaseException) -> tuple[str, str]:
         return "diverged", str(e)
     if isinstance(e, StopRun):  # an extra logger ended the run on purpose (a pruned search trial)
         return e.status, str(e)
+    if isinstance(e, SystemExit):  # from a signal handler, e.g. submitit requeueing a SLURM job on SIGUSR2
+        return "interrupted", f"exit requested (code {e.code})"
     if isinstance(e, OSError):
         return "failed", f"{e.strerror or e}" + (f": {e.filename}" if e.filename else "")
     return "failed", f"{type(e).__name__}: {e}"

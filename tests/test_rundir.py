@@ -72,7 +72,7 @@ def test_lock_refuses_a_second_writer_in_one_line(tmp_path):
         assert "\n" not in str(e.value)
         assert not (tmp_path / "metrics.jsonl").exists()
     assert not (tmp_path / rundir.LOCK_NAME).exists()  # released and removed
-    assert run(tmp_path)["status"] == "completed"  # free again
+    assert run(tmp_path, "resume=false")["status"] == "completed"  # free again
 
 
 def test_second_command_on_a_busy_folder_is_one_line(tmp_path):
@@ -111,7 +111,7 @@ def test_a_start_where_a_run_logged_is_refused(tmp_path):
     run(tmp_path)
     before = (tmp_path / "metrics.jsonl").read_text()
     with pytest.raises(HoexpError, match="already holds a run .* continue it with resume=auto"):
-        run(tmp_path, "seed=1")
+        run(tmp_path, "resume=false")
     assert (tmp_path / "metrics.jsonl").read_text() == before  # nothing appended
 
 
@@ -158,7 +158,7 @@ def test_resume_of_a_completed_run_with_fewer_steps_is_refused(tmp_path):
 
 def test_resume_auto_starts_over_where_no_checkpoint_was_written(tmp_path):
     """A run killed before its first checkpoint: resume=auto truncates what it logged and starts over."""
-    with pytest.raises(SystemExit):
+    with pytest.raises(RuntimeError, match="killed"):
         run(tmp_path, "checkpoint_every=0", "outer_steps=5", loggers=[StopAt(2, hard=True)])
     assert not (tmp_path / "checkpoint.pt").exists() and len(lines(tmp_path)) == 3
     events = list(tmp_path.glob("events.out.tfevents.*"))
@@ -190,7 +190,7 @@ def test_resume_accepts_auto_true_false_only():
 # ------------------------------------------------------------------------------------------ signals
 class StopAt:
     """A logger that ends the run when outer step ``step`` is logged (before its checkpoint): SIGTERM, or
-    with ``hard=True`` an exit that saves nothing (as ``kill -9`` with ``checkpoint_every=0``)."""
+    with ``hard=True`` a failure that saves no checkpoint (as ``kill -9`` with ``checkpoint_every=0``)."""
 
     def __init__(self, step, hard=False):
         self.step, self.hard = step, hard
@@ -198,7 +198,7 @@ class StopAt:
     def log_scalars(self, step, values):
         if step == self.step:
             if self.hard:
-                raise SystemExit(9)
+                raise RuntimeError("killed")
             os.kill(os.getpid(), signal.SIGTERM)
 
     def __getattr__(self, name):

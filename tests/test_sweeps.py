@@ -69,7 +69,10 @@ def test_launcher_presets_compose():
     slurm = compose(["hydra/launcher=slurm"]).hydra.launcher
     gpu = compose(["hydra/launcher=slurm_gpu"]).hydra.launcher
     assert slurm._target_.endswith("SlurmLauncher") and gpu._target_ == slurm._target_
-    assert slurm.gpus_per_node is None and gpu.gpus_per_node == 1 and slurm.max_num_timeout == 0
+    assert slurm.gpus_per_node is None and gpu.gpus_per_node == 1
+    # Requeued on time-out (3 times) and preemption, a job reruns with the same overrides and continues
+    # from its checkpoint: resume=auto is the default.
+    assert slurm.max_num_timeout == gpu.max_num_timeout == 3 and compose(["hydra/launcher=slurm"]).resume == "auto"
 
 
 @pytest.mark.parametrize("preset,expected", [
@@ -124,3 +127,30 @@ def test_submitit_local_launcher(tmp_path):
     assert sorted(s) == ["0_none", "1_cg"] and s["1_cg"]["hypergradients"] == 2
     assert (sweep / ".submitit").is_dir()
     assert pid not in {event_pid(sweep / name) for name in s}  # each job in its own process
+
+
+@pytest.mark.slow
+def test_interrupted_sweep_resumes_with_the_same_command(tmp_path):
+    """SIGTERM while job 1 of 3 runs: the same command again finishes job 1 from its checkpoint and runs
+    job 2, which never started (README: hydra.sweep.dir=... resume=true did stop at it)."""
+    import signal
+    import time
+
+    args = ["run", "-m", "seed=0,1,2", "outer_steps=4", "inner_steps=100", "checkpoint_every=1", "progress=false",
+            f"hydra.sweep.dir={tmp_path}"]
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    p = subprocess.Popen([sys.executable, "-m", "hoexp", *args], cwd=ROOT, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 200
+    while time.time() < deadline and not any('"step": 1,' in f.read_text() for f in tmp_path.glob("1_*/metrics.jsonl")):
+        time.sleep(0.05)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 128 + signal.SIGTERM, err
+    assert sorted(summaries(tmp_path)) == ["0_neumann", "1_neumann"] and not (tmp_path / "2_neumann").exists()
+    assert summaries(tmp_path)["1_neumann"]["status"] == "interrupted"
+    _, _, err = hoexp(*args, "resume=true")
+    s = summaries(tmp_path)
+    assert sorted(s) == ["0_neumann", "1_neumann", "2_neumann"], err
+    assert all(v["status"] == "completed" and v["hypergradients"] == 4 for v in s.values())
+    assert "already completed" in err and "resumed after outer step" in err
