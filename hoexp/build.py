@@ -202,9 +202,6 @@ def check_compatibility(spec: Spec) -> None:
             f"method={method} (implicit differentiation) cannot tune hp={path_only[0]}: it changes only the "
             f"optimization path, not the inner optimum w*; use a method that differentiates the path "
             f"({', '.join(PATH_METHODS[:3])})")
-    if method == "reversible" and path_only:
-        raise ConfigError(f"method=reversible tunes loss hyperparameters (weight_decay, dropout), not "
-                          f"hp={path_only[0]}; use method=unrolled, truncated or forward")
     if method == "hd" and (families != ["lr"] or spec.hp[0].granularity != "global"):
         raise ConfigError("method=hd adapts one global learning rate online: use hp=lr hp.lr.granularity=global "
                           "(for other families use unrolled, truncated, forward or an IFT method)")
