@@ -25,7 +25,8 @@ compute time), ``best_so_far.png`` (one panel: each contender's best validation 
 wall time; runs from their metrics.jsonl, studies as the best objective of their finished trials
 over cumulative trial time) and ``hparams.png`` (final hyperparameter histograms, log10).
 
-Nothing here knows Hydra: the YAML files Hydra writes are read as plain YAML.
+The YAML files Hydra writes are read as plain YAML; only the jobs a sweep should have (to list the
+missing ones) are expanded with Hydra's override parser, through ``hoexp.cli.expand_sweeps``.
 """
 
 from __future__ import annotations
