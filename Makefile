@@ -15,11 +15,13 @@ PYTEST_ARGS ?=
 
 # hoexp is installed (editable) from this clone unless the venv already has that: the check runs
 # from / so that Python cannot pick up ./hoexp from the working directory, and the console script
-# must exist. Any other clone's install is replaced.
+# must exist, as must the parallel launcher's Hydra plugin (hydra_plugins/hoexp_launcher). Any other
+# clone's install is replaced.
 install: $(VENV)/.deps-ok
-	@cd / && test -x $(VENV)/bin/hoexp && $(PY) -c "import hoexp, pathlib, sys; \
-	  sys.exit(pathlib.Path(hoexp.__file__).resolve().parent != pathlib.Path('$(CURDIR)/hoexp').resolve())" 2>/dev/null \
-	  || $(PY) -m pip install --quiet --no-deps --no-build-isolation -e "$(CURDIR)"
+	@cd / && test -x $(VENV)/bin/hoexp && $(PY) -c "import hoexp, hydra_plugins.hoexp_launcher as p, pathlib, sys; \
+	  sys.exit(pathlib.Path(hoexp.__file__).resolve().parent != pathlib.Path('$(CURDIR)/hoexp').resolve() \
+	  or pathlib.Path(p.__file__).resolve().parent != pathlib.Path('$(CURDIR)/hydra_plugins/hoexp_launcher').resolve())" \
+	  2>/dev/null || $(PY) -m pip install --quiet --no-deps --no-build-isolation -e "$(CURDIR)"
 
 # No prerequisites on purpose: the path already encodes requirements.txt's hash, and a fresh
 # clone's newer file times must not trigger a 1.5-minute reinstall.
@@ -48,8 +50,8 @@ test-fast: install
 
 # ruff and mypy, both configured in pyproject.toml.
 lint: install
-	$(PY) -m ruff check hoexp tests scripts
-	$(PY) -m mypy hoexp scripts
+	$(PY) -m ruff check hoexp hydra_plugins tests scripts
+	$(PY) -m mypy hoexp hydra_plugins scripts
 
 tb: install
 	$(VENV)/bin/tensorboard --logdir outputs

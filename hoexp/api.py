@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import dataclasses
+import math
+from collections.abc import Callable, Mapping
 from typing import Any
 
+import torch
 from torch import Tensor
 
-from hoexp.method.curvature import CURVATURES
+from hoexp import tree
+from hoexp.method.curvature import CURVATURES, SplitLoss
 from hoexp.method.ift import IFTStats, LossFn, ift_hypergradient
 from hoexp.method.solvers import AutoStep, ConjugateGradient, Exact, FixedPoint, Neumann, Solver
 
@@ -82,6 +86,56 @@ def hypergradient(
     if not float(damping) >= 0:
         raise ValueError(f"damping must be >= 0, got {damping}")
     solver = make_solver(method, **options)
-    hg, stats = ift_hypergradient(train_loss, val_loss, params, hparams, solver, curvature=CURVATURES[curvature],
-                                  damping=float(damping))
+    train_loss, val_loss = _scalar_loss(train_loss, "train_loss"), _scalar_loss(val_loss, "val_loss")
+    with torch.enable_grad():  # like torch.func: works inside torch.no_grad() too
+        hg, stats = ift_hypergradient(train_loss, val_loss, params, hparams, solver,
+                                      curvature=CURVATURES[curvature], damping=float(damping))
+        _check_solve(method, train_loss, val_loss, params, hparams, hg, stats)
     return (hg, stats) if return_stats else hg
+
+
+def _scalar(fn: Callable[..., Any], what: str) -> Callable[..., Any]:
+    """``fn`` with a one-element tensor result as a 0-d tensor (a loss shaped ``(1,)``); more elements
+    are a ValueError."""
+    def one(*args: Any) -> Any:
+        out = fn(*args)
+        if isinstance(out, Tensor) and out.dim():
+            if out.numel() != 1:
+                raise ValueError(f"{what} must return one number (a 0-d tensor), got shape {tuple(out.shape)}")
+            return out.reshape(())
+        return out
+    return one
+
+
+def _scalar_loss(loss: LossFn, what: str) -> LossFn:
+    if isinstance(loss, SplitLoss):
+        return dataclasses.replace(loss, output_loss=_scalar(loss.output_loss, f"{what}.output_loss"),
+                                   penalty=_scalar(loss.penalty, f"{what}.penalty"))
+    return _scalar(loss, what)
+
+
+def _check_solve(method: str, train_loss: LossFn, val_loss: LossFn, params: Mapping[str, Tensor],
+                 hparams: Mapping[str, Tensor], hg: Mapping[str, Tensor], stats: IFTStats) -> None:
+    """A ValueError when the solve diverged (a non-finite answer or residual): ``H u = ∂L_V/∂w`` has
+    no solution, e.g. because the validation loss uses a parameter the training loss does not (zero
+    rows in ``H``; then the error names it). Cost: nothing unless the residual exceeds 1 (the residual
+    of ``u = 0``); then one gradient of each loss."""
+    residual = stats.residual if stats.residual is not None else 0.0
+    answers = [*hg.values(), *([] if stats.solution is None else [stats.solution])]
+    finite = math.isfinite(residual) and all(bool(torch.isfinite(t).all()) for t in answers)
+    if finite and residual <= 1:
+        return
+    w = tree.detached(params, requires_grad=True)
+    lam = tree.detached(hparams, requires_grad=True)
+    names = list(w)
+    used = torch.autograd.grad(train_loss(w, lam), list(w.values()), allow_unused=True)
+    val = torch.autograd.grad(val_loss(w, lam), list(w.values()), allow_unused=True)
+    orphans = [n for n, t, v in zip(names, used, val) if t is None and v is not None and bool(v.ne(0).any())]
+    if orphans:
+        raise ValueError(f"val_loss depends on params {orphans} but train_loss does not: the Hessian is zero there and "
+                         f"H u = ∂L_V/∂w has no solution (method={method!r}: residual {residual:.3g}); leave them out "
+                         "of params (they are not trained), or pass damping > 0")
+    if not finite:
+        raise ValueError(f"the {method!r} solve diverged (residual {residual:.3g}, {stats.info or 'no info'}): H u = "
+                         "∂L_V/∂w has no solution or H is far from positive definite; pass damping > 0, "
+                         "curvature='gauss_newton', or method='exact' (least squares)")

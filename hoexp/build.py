@@ -202,9 +202,6 @@ def check_compatibility(spec: Spec) -> None:
             f"method={method} (implicit differentiation) cannot tune hp={path_only[0]}: it changes only the "
             f"optimization path, not the inner optimum w*; use a method that differentiates the path "
             f"({', '.join(PATH_METHODS[:3])})")
-    if method == "reversible" and path_only:
-        raise ConfigError(f"method=reversible tunes loss hyperparameters (weight_decay, dropout), not "
-                          f"hp={path_only[0]}; use method=unrolled, truncated or forward")
     if method == "hd" and (families != ["lr"] or spec.hp[0].granularity != "global"):
         raise ConfigError("method=hd adapts one global learning rate online: use hp=lr hp.lr.granularity=global "
                           "(for other families use unrolled, truncated, forward or an IFT method)")
@@ -276,10 +273,12 @@ def build(spec: Spec) -> Experiment:
     return Experiment(spec, device, data, model, problem, method, inner_opt, outer_opt)
 
 
-def preflight(spec: Spec) -> None:
-    """Every check :func:`build` makes that needs no data or model: device, method × family,
-    optimizer options. Run for each job of a sweep before any job starts."""
-    resolve_device(spec.run.device)
+def preflight(spec: Spec, device: bool = True) -> None:
+    """Every check :func:`build` makes that needs no data or model: device (unless ``device`` is false:
+    a config printed, not run), method × family, optimizer options. Run for each job of a sweep before
+    any job starts."""
+    if device:
+        resolve_device(spec.run.device)
     check_compatibility(spec)
     try:
         make_optimizer(spec.inner_optim), make_optimizer(spec.outer_optim)

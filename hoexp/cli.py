@@ -164,14 +164,15 @@ def _explain_composition_error(message: str, overrides: list[str]) -> str:
     return first
 
 
-def _compose(overrides: list[str]):
+def _compose(overrides: list[str], hydra: bool = False):
+    """The composed config of one job (with Hydra's own node when ``hydra``)."""
     from hydra import compose, initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
 
     conf_dir()
     GlobalHydra.instance().clear()
     with initialize_config_module(config_module=CONF_PKG.removeprefix("pkg://"), version_base="1.3"):
-        return compose(config_name="config", overrides=overrides)
+        return compose(config_name="config", overrides=overrides, return_hydra_config=hydra)
 
 
 def _valid_keys(parent: str, overrides: list[str]) -> list[str]:
@@ -190,8 +191,9 @@ def _valid_keys(parent: str, overrides: list[str]) -> list[str]:
     return sorted(str(k) for k in keys)
 
 
-def validate_job(overrides: list[str]) -> None:
-    """Compose one job's config and check it completely; raise ConfigError with one line."""
+def validate_job(overrides: list[str], device: bool = True) -> None:
+    """Compose one job's config and check it completely (``device``: also that the device exists here);
+    raise ConfigError with one line."""
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
@@ -203,7 +205,7 @@ def validate_job(overrides: list[str]) -> None:
         cfg = _compose(overrides)
     except (HydraException, OmegaConfBaseException) as e:
         raise ConfigError(_explain_composition_error(str(e), overrides)) from None
-    preflight(validate(cfg))
+    preflight(validate(cfg), device=device)
 
 
 def compose_spec(overrides: list[str]):
@@ -233,6 +235,8 @@ def _task(cfg) -> float:
 
     try:
         spec = validate(cfg)
+        if HydraConfig.get().mode == RunMode.MULTIRUN and spec.run.resume == "true":
+            spec.run.resume = "auto"  # a sweep resumes as a whole: jobs that never started (or checkpointed) start
         out_dir = HydraConfig.get().runtime.output_dir
         summary = run_experiment(spec, out_dir, config_text=OmegaConf.to_yaml(cfg))
     except Diverged as e:
@@ -266,6 +270,49 @@ def check_output_dir(overrides: list[str], multirun: bool) -> None:
                           f"with {key}<path>")
 
 
+def claim_output_dir(overrides: list[str], multirun: bool, cfg) -> list[str]:
+    """The override that gives this run (sweep) a folder of its own: the configured ``hydra.run.dir``
+    (``hydra.sweep.dir``), created now, or that name plus ``-2``, ``-3``, ... when another start took it
+    (runs started in the same second). ``[]`` when the command names its folder. ``cfg``: the first
+    job's config with Hydra's node."""
+    from omegaconf import OmegaConf
+
+    from hoexp import rundir
+
+    key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+    if any(o.lstrip("+~").startswith(key + "=") for o in overrides):
+        return []
+    path = str(OmegaConf.select(cfg, key))
+    try:
+        folder = rundir.claim(path)
+    except OSError as e:
+        raise ConfigError(f"cannot create the output folder {path} ({e.strerror}); choose another folder with "
+                          f"{key}=<path>") from None
+    text = str(folder)
+    return [f"{key}={text}" if re.fullmatch(r"[\w./:-]+", text) else f"{key}='{text}'"]
+
+
+def check_launcher(cfg) -> None:
+    """A SLURM launcher needs SLURM here (submitit looks for ``srun``): else one line, before anything runs."""
+    import shutil
+
+    target = str(cfg.hydra.launcher.get("_target_", ""))
+    if target.endswith("SlurmLauncher") and shutil.which("srun") is None:
+        raise ConfigError("hydra/launcher=slurm needs a SLURM cluster (no srun on PATH here); try the same sweep "
+                          "locally with hydra/launcher=submitit_local or hydra/launcher=parallel")
+
+
+def print_configs(jobs: list[list[str]], args: list[str]) -> None:
+    """``--cfg job|hydra|all`` for a sweep (Hydra prints one config only): each job's config in turn."""
+    from omegaconf import OmegaConf
+
+    which = next((args[i + 1] for i, a in enumerate(args[:-1]) if a in ("--cfg", "-c")), "job")
+    for i, job in enumerate(jobs):
+        cfg = _compose(job, hydra=which != "job")
+        node = cfg.hydra if which == "hydra" else cfg
+        print(f"# job {i}: {' '.join(job)}\n{OmegaConf.to_yaml(node, resolve='--resolve' in args)}")
+
+
 def cmd_run(args: list[str]) -> None:
     import hydra
 
@@ -274,10 +321,17 @@ def cmd_run(args: list[str]) -> None:
     if not flags & {"--help", "-h", "--hydra-help", "--info", "-i", "--shell-completion", "-sc"}:
         multirun = bool(flags & {"-m", "--multirun"})
         jobs = expand_sweeps(overrides) if multirun else [overrides]
+        printing = bool(flags & {"--cfg", "-c"})
         for job in jobs:
-            validate_job(job)
-        if not flags & {"--cfg", "-c"}:
+            validate_job(job, device=not printing)  # printing a config runs nothing: a GPU preset prints anywhere
+        if printing and multirun:
+            return print_configs(jobs, args)
+        if not printing:
             check_output_dir(overrides, multirun)
+            first = [*(o for o in overrides if o.lstrip("+~").startswith("hydra")), *jobs[0]] if multirun else jobs[0]
+            cfg = _compose(first, hydra=True)
+            check_launcher(cfg)
+            args = [*args, *claim_output_dir(overrides, multirun, cfg)]
     sys.argv = ["hoexp run", *args]
     conf_dir()
     hydra.main(config_path=CONF_PKG, config_name="config", version_base="1.3")(_task)()
@@ -403,6 +457,11 @@ def main(argv: list[str] | None = None) -> None:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         fail(str(e), e.exit_code)
+    except KeyboardInterrupt:  # Ctrl-C before a run has its own handler (imports, composing, loading data)
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print("hoexp: interrupted", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

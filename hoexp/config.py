@@ -9,6 +9,7 @@ in a one-line :class:`~hoexp.errors.ConfigError` before anything runs. Only this
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field, fields
 from typing import Any, cast
 
@@ -453,6 +454,10 @@ class AdagradConfig:
 
 
 # ------------------------------------------------------------------------------------- the run
+RESUME_MODES = ("false", "true", "auto")
+NAME = re.compile(r"[A-Za-z0-9_.,+=@-]{1,100}")  # one folder name: nothing that escapes outputs/
+
+
 @dataclass
 class RunConfig:
     """Top-level keys other tools rely on."""
@@ -469,7 +474,9 @@ class RunConfig:
     reset_inner: bool = False  # re-initialize the weights before every outer step (Maclaurin-style meta-training)
     compile: bool = False  # plain training steps through torch.compile (seconds to compile; faster steps)
     checkpoint_every: int = 10  # outer steps between checkpoints (0: none, except on SIGTERM/SIGINT)
-    resume: bool = False  # continue from checkpoint.pt in the run folder (pass hydra.run.dir=<that folder>)
+    # auto: continue from checkpoint.pt in the run folder if there is one, else start (over); true: continue
+    # (an error without checkpoint); false: start (refused where a run already logged)
+    resume: str = "auto"
     max_nonfinite: int = 3  # non-finite hypergradients in a row (each skips its outer update) before aborting
     outer_objective: str = "val"  # val: validation loss; train: final training loss (Maclaurin et al.'s meta-objective)
     name: str = "run"
@@ -484,6 +491,11 @@ class RunConfig:
             raise ConfigError(f"dtype must be float32 or float64, got '{self.dtype}'")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got '{self.device}'")
+        self.resume = self.resume.lower()  # YAML booleans arrive as 'True' / 'False'
+        _choice("resume", self.resume, RESUME_MODES)
+        if not NAME.fullmatch(self.name) or self.name in (".", ".."):
+            raise ConfigError(f"name={self.name!r} must be a plain folder name (letters, digits and . _ - + = , @; "
+                              "no '/' or spaces): it names the run's folder")
 
 
 GROUPS: dict[str, dict[str, type]] = {

@@ -319,8 +319,12 @@ class JsonlLogger:
             kept = [ln for ln in path.read_text(encoding="utf-8").splitlines(keepends=True)
                     if ln.strip() and _line_step(ln) <= keep_until]
             tmp = path.with_suffix(".jsonl.tmp")
-            tmp.write_text("".join(kept), encoding="utf-8")
-            os.replace(tmp, path)
+            try:
+                tmp.write_text("".join(kept), encoding="utf-8")
+                os.replace(tmp, path)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
         self.path = path
         self.summarize_histograms = summarize_histograms
         self._f: IO[str] | None = open(path, "a", encoding="utf-8")
@@ -328,8 +332,11 @@ class JsonlLogger:
     def _write(self, record: Mapping[str, Any]) -> None:
         if self._f is None:
             raise ValueError(f"JsonlLogger({self.path}) is closed")
-        self._f.write(_dumps(record) + "\n")
-        self._f.flush()
+        try:
+            self._f.write(_dumps(record) + "\n")
+            self._f.flush()
+        except OSError as e:  # a full disk: say which file
+            raise OSError(e.errno, e.strerror, str(self.path)) from None
 
     def log_scalars(self, step: int, values: Mapping[str, float]) -> None:
         self._write({"step": int(step), **{k: _float(k, v) for k, v in values.items()}})

@@ -25,7 +25,8 @@ compute time), ``best_so_far.png`` (one panel: each contender's best validation 
 wall time; runs from their metrics.jsonl, studies as the best objective of their finished trials
 over cumulative trial time) and ``hparams.png`` (final hyperparameter histograms, log10).
 
-Nothing here knows Hydra: the YAML files Hydra writes are read as plain YAML.
+The YAML files Hydra writes are read as plain YAML; only the jobs a sweep should have (to list the
+missing ones) are expanded with Hydra's override parser, through ``hoexp.cli.expand_sweeps``.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from rich.table import Table
 
 from hoexp.errors import HoexpError
 from hoexp.metrics import read_json, read_jsonl
+from hoexp.resume import RUN_CONTROL_KEYS
 
 __all__ = ["RunInfo", "Member", "Group", "Report", "gather", "group_runs", "build_report", "METRICS"]
 
@@ -62,8 +64,9 @@ CSV_METRICS: list[tuple[str, str]] = [(b, k) for b in ("best", "final")
                                       for k in ("step", "val_loss", "val_acc", "test_loss", "test_acc",
                                                 "train_loss", "train_acc")]
 LOWER_IS_BETTER = {"val_loss", "test_loss", "train_loss"}
-# Config keys that never split runs into different rows (seed: rows aggregate over seeds).
-IGNORED_KEYS = {"seed", "name", "progress", "threads", "histogram_every"}
+# Config keys that never split runs into different rows (seed: rows aggregate over seeds; the others
+# change how a run is executed or stored, not what it computes).
+IGNORED_KEYS = {"seed", *RUN_CONTROL_KEYS}
 TUNING_ORDER = {"hypergradients": 0, "fixed": 1, "grid point": 2, "grid search": 3, "random search": 4,
                 "quasi-random search": 5, "TPE": 6}
 SAMPLERS = {"RandomSampler": "random search", "TPESampler": "TPE", "CmaEsSampler": "CMA-ES",
@@ -113,6 +116,7 @@ class RunInfo:
     study_info: dict[str, Any] = field(default_factory=dict)  # study_name, n_trials, searched keys
     trial: int | None = None  # hydra.job.num
     params: dict[str, str] = field(default_factory=dict)  # searched values of a trial (set by group_runs)
+    sweep: Path | None = None  # the multirun folder of a job of a basic (grid) sweep
 
     @property
     def method(self) -> str:
@@ -237,12 +241,17 @@ def load_run(path: Path) -> RunInfo:
     hydra_file = _yaml(path / ".hydra" / "hydra.yaml")
     hydra = hydra_file.get("hydra", {}) if isinstance(hydra_file, dict) else {}
     info = RunInfo(path=path, summary=summary, config=_flatten(cfg) if isinstance(cfg, dict) else {})
+    if info.config:  # .hydra/ keeps the config a run started with; a resume may have extended it
+        for resume in summary.get("resumes") or []:
+            info.config.update({k: v[1] for k, v in (resume.get("changes") or {}).items()})
     if _compare_trial(info):
         return info
     info.overrides = [str(o) for o in ((hydra.get("overrides") or {}).get("task") or [])]
     num = (hydra.get("job") or {}).get("num")
     info.trial = int(num) if isinstance(num, int) else None
     info.sweeper = _sweeper_label(hydra)
+    if info.sweeper is None and str(hydra.get("mode", "")).upper() == "MULTIRUN" and info.trial is not None:
+        info.sweep = _study_folder(path, (hydra.get("sweep") or {}).get("subdir"))
     if info.sweeper is not None:
         sweep = hydra.get("sweep") or {}
         sweeper = hydra.get("sweeper") or {}
@@ -282,6 +291,42 @@ def gather(paths: Iterable[str | Path], *, console: Console | None = None) -> li
     if not runs:
         raise HoexpError(f"report: no runs (summary.json) under {', '.join(map(str, paths))}")
     return runs
+
+
+def missing_jobs(runs: Sequence[RunInfo]) -> list[tuple[Path, int, list[str]]]:
+    """Jobs of the (basic) sweeps that ``runs`` come from which have no summary here: ``(sweep folder,
+    number of jobs, ["#<num> <overrides>", ...])`` for each sweep with missing jobs. The jobs are the
+    combinations of the task overrides in the sweep's ``multirun.yaml``, in Hydra's order."""
+    from hoexp.cli import MAX_VALIDATED_JOBS, expand_sweeps
+
+    found: dict[Path, set[int]] = {}
+    for r in runs:
+        if r.sweep is not None and r.trial is not None:
+            found.setdefault(r.sweep, set()).add(r.trial)
+    out = []
+    for folder, nums in sorted(found.items()):
+        multirun = _yaml(folder / "multirun.yaml")
+        if not isinstance(multirun, dict):
+            continue
+        hydra = multirun.get("hydra") or {}
+        task = [str(o) for o in ((hydra.get("overrides") or {}).get("task") or [])]
+        try:
+            jobs = expand_sweeps(task)
+        except Exception:  # noqa: BLE001 - an override hoexp cannot expand: nothing to list
+            continue
+        if len(jobs) >= MAX_VALIDATED_JOBS:
+            continue
+        missing = [f"#{i} {' '.join(j)}" for i, j in enumerate(jobs) if i not in nums]
+        if missing:
+            out.append((folder, len(jobs), missing))
+    return out
+
+
+def missing_lines(missing: list[tuple[Path, int, list[str]]]) -> list[str]:
+    """One line per sweep with missing jobs, and the command that runs them."""
+    return [f"sweep {folder}: {len(jobs)} of {n} jobs have no summary.json (never run, or stopped): "
+            f"{'; '.join(jobs[:8])}{' ...' if len(jobs) > 8 else ''}; run them with the sweep's command plus "
+            f"hydra.sweep.dir={folder}" for folder, n, jobs in missing]
 
 
 # -------------------------------------------------------------------------------------- grouping
@@ -513,23 +558,27 @@ def table_rows(groups: list[Group], sep: str = " ± ") -> tuple[list[str], list[
     return header, rows
 
 
+# Console columns left out, in this order, until the table fits the terminal (report.md has them all).
+NARROW_DROPS = ("hypergradients", "test acc (final)", "test acc @best val", "val loss (final)", "#hp", "family",
+                "wall time (s)", "tuning", "test loss (final)")
+
+
 def print_table(groups: list[Group], console: Console, title: str = "hoexp report") -> None:
-    """The table on the console; the best trials of studies are listed below it."""
+    """The table on the console; the best trials of studies are listed below it. On a narrow terminal
+    the least important columns are left out (the method column never is) and named below the table."""
     header, rows = table_rows(groups, sep="±")
     header, rows = header[:-1], [r[:-1] for r in rows]
-    bests = _bests(groups)
-    table = Table(title=title, title_justify="left", header_style="bold")
-    numeric = range(5, len(header))
-    for i, h in enumerate(header):
-        if i >= 5:
-            h = h.replace(" (", "\n(").replace(" @", "\n@").replace("hypergradients", "hyper-\ngradients")
-        table.add_column(h, justify="right" if i == 3 or i in numeric else "left", no_wrap=i != 0, overflow="fold",
-                         min_width=min(16, max(len(r[0]) for r in rows)) if i == 0 and rows else None)
-    for r, row in enumerate(rows):
-        row[2] = row[2].replace(" + ", " +\n")
-        table.add_row(*(f"[bold green]{escape(c)}[/]" if 5 <= i < 5 + len(METRICS) and r in bests.get(i - 5, ())
-                        else escape(c) for i, c in enumerate(row)))
-    console.print(table)
+    keep = list(range(len(header)))
+    dropped: list[str] = []
+    for name in NARROW_DROPS:
+        if _table_width(header, rows, keep) <= console.width:
+            break
+        keep.remove(header.index(name))
+        dropped.append(name)
+    console.print(_console_table(groups, header, rows, keep, title))
+    if dropped:
+        console.print(f"  (left out at this width: {', '.join(dropped)}; report.md has every column)",
+                      markup=False, highlight=False, soft_wrap=True)
     for g in groups:
         for m in g.members:
             if m.is_study:
@@ -537,6 +586,40 @@ def print_table(groups: list[Group], console: Console, title: str = "hoexp repor
                 console.print(f"  {g.tuning} ({g.label}): best of {len(m.runs)} trials: #{m.best.trial} {params} "
                               f"(val loss {m.best.metric('best', 'val_loss'):.4f}) in {m.study}",
                               markup=False, highlight=False, soft_wrap=True)
+
+
+def _table_width(header: list[str], rows: list[list[str]], keep: list[int]) -> int:
+    """Columns the console table of ``keep`` takes unwrapped (cells as laid out by :func:`_console_table`:
+    headers split before ``(`` and ``@``, family terms one per line), with padding and borders."""
+    from rich.cells import cell_len
+
+    def lines(i: int, text: str) -> list[str]:
+        if i == 2:
+            return text.split(" + ")
+        if i >= 5:
+            return text.replace(" (", "\n(").replace(" @", "\n@").replace("hypergradients", "hyper-\ngradients").split("\n")
+        return [text]
+
+    widths = [max(cell_len(ln) for cell in [header[i], *(r[i] for r in rows)] for ln in lines(i, cell)) for i in keep]
+    return sum(widths) + 3 * len(keep) + 1
+
+
+def _console_table(groups: list[Group], header: list[str], rows: list[list[str]], keep: list[int],
+                   title: str) -> Table:
+    """The rich table of the columns ``keep`` (indices into ``header``); best means in bold green."""
+    bests = _bests(groups)
+    table = Table(title=title, title_justify="left", header_style="bold")
+    for i in keep:
+        h = header[i]
+        if i >= 5:
+            h = h.replace(" (", "\n(").replace(" @", "\n@").replace("hypergradients", "hyper-\ngradients")
+        table.add_column(h, justify="right" if i == 3 or i >= 5 else "left", no_wrap=i not in (0, 2),
+                         min_width=min(24, max(len(r[0]) for r in rows)) if i == 0 and rows else None)
+    for r, row in enumerate(rows):
+        cells = [c.replace(" + ", " +\n") if i == 2 else c for i, c in enumerate(row)]
+        table.add_row(*(f"[bold green]{escape(cells[i])}[/]" if 5 <= i < 5 + len(METRICS) and r in bests.get(i - 5, ())
+                        else escape(cells[i]) for i in keep))
+    return table
 
 
 def _md_escape(text: str) -> str:
@@ -550,7 +633,8 @@ def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
     return lines
 
 
-def write_markdown(groups: list[Group], path: Path, sources: Sequence[str], plots: Sequence[Path]) -> None:
+def write_markdown(groups: list[Group], path: Path, sources: Sequence[str], plots: Sequence[Path],
+                   missing: Sequence[str] = ()) -> None:
     header, rows = table_rows(groups)
     for c, best_rows in _bests(groups).items():
         for i in best_rows:
@@ -563,6 +647,8 @@ def write_markdown(groups: list[Group], path: Path, sources: Sequence[str], plot
              "best validation loss, which the sweeper minimized); its wall time is the sum of its trials' wall "
              "times, the budget it spent. `@best val`: at the outer step with the lowest validation loss. "
              "Best mean of each column in bold. Every run: `runs.csv`.", ""]
+    if missing:
+        lines += ["## Missing jobs", "", *(f"- {_md_escape(m)}" for m in missing), ""]
     studies = [(g, m) for g in groups for m in g.members if m.is_study]
     if studies:
         lines += ["## Studies", ""]
@@ -913,7 +999,11 @@ def build_report(paths: Sequence[str | Path], out_dir: str | Path, *, console: C
     runs = gather(paths, console=console)
     groups = group_runs(runs)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise HoexpError(f"report: cannot create the output folder {out} ({e.strerror}); choose another with "
+                         "--out <folder>") from None
     files: list[Path] = []
     pngs: list[Path] = []
     if plots:
@@ -923,7 +1013,8 @@ def build_report(paths: Sequence[str | Path], out_dir: str | Path, *, console: C
                 pngs.append(out / name)
     write_csv(groups, out / "report.csv")
     write_runs_csv(groups, out / "runs.csv")
-    write_markdown(groups, out / "report.md", [str(p) for p in paths], pngs)
+    missing = missing_lines(missing_jobs(runs))
+    write_markdown(groups, out / "report.md", [str(p) for p in paths], pngs, missing)
     summary_lines: list[str] = []
     for f, data in _compare_files(paths):
         md, short = compare_lines(data)
@@ -934,6 +1025,8 @@ def build_report(paths: Sequence[str | Path], out_dir: str | Path, *, console: C
     print_table(groups, console, title=f"hoexp report: {len(runs)} run(s), {len(groups)} row(s)")
     for text in summary_lines:
         console.print(f"  {text}", markup=False, highlight=False, soft_wrap=True)
+    for text in missing:
+        console.print(f"hoexp report: {text}", markup=False, highlight=False, soft_wrap=True)
     console.print(f"hoexp report: wrote {', '.join(f.name for f in files)} → {out}", markup=False,
                   highlight=False, soft_wrap=True)
     return Report(runs=runs, groups=groups, out_dir=out, files=files)

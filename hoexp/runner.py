@@ -9,9 +9,9 @@ on any failure, to ``summary.json``, so a run never loses what it already logged
 from __future__ import annotations
 
 import contextlib
-import json
+import errno
+import io
 import math
-import os
 import signal
 import threading
 import time
@@ -23,18 +23,30 @@ import torch
 from rich.console import Console
 from torch import Tensor
 
-from hoexp import tree
+from hoexp import rundir, tree
 from hoexp.build import Experiment, build
 from hoexp.config import Spec
 from hoexp.errors import HoexpError, StopRun
 from hoexp.method.base import CarriesState, InnerState, StepStats
-from hoexp.metrics import JsonlLogger, MetricLogger, MultiLogger, TensorBoardLogger, tensor_stats, write_json_atomic
+from hoexp.metrics import (
+    JsonlLogger,
+    MetricLogger,
+    MultiLogger,
+    TensorBoardLogger,
+    read_json,
+    tensor_stats,
+    write_json_atomic,
+)
 from hoexp.problem import training_batches, validation_batches
 from hoexp.progress import make_progress
+from hoexp.resume import check_resume
 
 # Below this many weights a CPU run uses one thread: a Hessian-vector product on the Iris MLP
 # took 42 ms with 2 threads and 4 ms with 1 (DESIGN.md §3), thread start-up dominating the work.
 SMALL_MODEL_PARAMS = 1_000_000
+CHECKPOINT_VERSION = 2  # 2: with the config, the first .hydra/ files and the resumes
+CHECKPOINT_KEYS = frozenset({"step", "params", "opt_state", "inner_step", "raw", "outer_state", "train_stream",
+                             "val_stream", "evals", "hypergradients", "nonfinite", "elapsed_s", "raw0", "torch_rng"})
 
 
 class Diverged(HoexpError):
@@ -132,6 +144,33 @@ def _stats_scalars(stats: StepStats) -> dict[str, float]:
     return {k: float(v) for k, v in out.items() if v is not None}
 
 
+def _outcome(e: BaseException) -> tuple[str, str]:
+    """``(status, error)`` recorded in summary.json for a run that ended with ``e``."""
+    if isinstance(e, Preempted):
+        return "interrupted", str(e)
+    if isinstance(e, Diverged):
+        return "diverged", str(e)
+    if isinstance(e, StopRun):  # an extra logger ended the run on purpose (a pruned search trial)
+        return e.status, str(e)
+    if isinstance(e, SystemExit):  # from a signal handler, e.g. submitit requeueing a SLURM job on SIGUSR2
+        return "interrupted", f"exit requested (code {e.code})"
+    if isinstance(e, OSError):
+        return "failed", f"{e.strerror or e}" + (f": {e.filename}" if e.filename else "")
+    return "failed", f"{type(e).__name__}: {e}"
+
+
+def _task_config(spec: Spec) -> dict[str, Any]:
+    """The run's composed config without Hydra's own node: what a resume must match."""
+    return {k: v for k, v in spec.raw.items() if k != "hydra"}
+
+
+def _save(obj: Any, path: Path) -> None:
+    """``torch.save`` through memory, then an atomic write (a full disk raises ``OSError`` and leaves no file)."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    rundir.write_atomic(path, buf.getvalue())
+
+
 def _all_finite(tensors: Sequence[Tensor]) -> bool:
     return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()) if tensors else True
 
@@ -159,23 +198,33 @@ class Run:
         self.nonfinite = 0
         self.warned_residual = False
         self.elapsed_before = 0.0
+        self.hydra_files: dict[str, str] = {}  # .hydra/*.yaml as first written (restored on resume)
+        self.resumes: list[dict] = []  # per resume with allowed changes: {"step", "changes": {key: [old, new]}}
+        self.checkpointed = False  # this process wrote checkpoint.pt
+        self.summary_written = False
+        self.summary_data: dict[str, Any] = {}
 
     # ----------------------------------------------------------------------------- the loop
     def execute(self) -> dict[str, Any]:
-        spec = self.spec
         try:
             self.out_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise HoexpError(f"cannot create the run folder {self.out_dir} ({e.strerror}); "
                              "choose a writable one with hydra.run.dir=...") from None
-        ckpt = self._load_checkpoint() if spec.run.resume else None
-        if ckpt is not None and ckpt.get("status") == "completed":
+        with rundir.RunLock(self.out_dir):  # one writer per folder
+            return self._execute()
+
+    def _execute(self) -> dict[str, Any]:
+        spec = self.spec
+        ckpt = self._start_or_resume()
+        if ckpt is not None and ckpt.get("status") == "completed" and spec.run.outer_steps <= int(ckpt["step"]):
             self.console.print(f"hoexp: {self.out_dir} already completed; nothing to resume", highlight=False,
                                soft_wrap=True)
-            return json.loads((self.out_dir / "summary.json").read_text())
+            return read_json(self.out_dir / "summary.json")
         self.exp = exp = build(spec)
         params = {k: v.detach().clone() for k, v in exp.model.named_parameters()}
         start = 0 if ckpt is None else int(ckpt["step"])
+        error: BaseException | None = None
         with thread_policy(spec.run.threads, exp.device, tree.numel(params)) as threads, \
                 preemption_signals() as signals:
             logger = MultiLogger([
@@ -187,37 +236,112 @@ class Run:
                 self.status = "running"
                 self._loop(exp, params, logger, threads, ckpt)
                 self.status = "completed"
-            except Preempted as e:
-                self.status, self.error = "interrupted", str(e)
-                raise Preempted(f"{e} at outer step {self._snapshot_step()}; checkpoint saved. Resume with the "
-                                f"same command plus: resume=true hydra.run.dir={self.out_dir}", e.exit_code) from None
-            except Diverged as e:
-                self.status, self.error = "diverged", str(e)
-                raise
-            except StopRun as e:  # an extra logger ended the run on purpose (a pruned search trial)
-                self.status, self.error = e.status, str(e)
-                raise
             except BaseException as e:
-                self.status, self.error = "failed", f"{type(e).__name__}: {e}"
-                raise
+                error = e
+                self.status, self.error = _outcome(e)
             finally:
                 signals.ignore()  # a second signal must not interrupt the writing below
-                if self.snapshot is not None and (self.status in ("interrupted", "completed")
-                                                  or spec.run.checkpoint_every):
-                    self._write_checkpoint()
-                summary = self.summary()
-                write_json_atomic(self.out_dir / "summary.json", summary)
-                self._save_state()
-                with contextlib.suppress(Exception):
-                    logger.log_hparams(self._hparams(), {f"final/{k}": v for k, v in summary["final"].items()
-                                                         if isinstance(v, float)})
-                logger.close()
+                failed_write = self._finish(logger)
+        if error is not None:
+            raise self._explain(error)
+        if failed_write is not None:
+            raise self._explain(failed_write)
+        summary = self.summary_data
         f, b = summary["final"], summary["best"]
         self.console.print(
             f"hoexp: done in {summary['wall_time_s']:.1f}s: final val_loss={f['val_loss']:.4f} "
             f"test_loss={f['test_loss']:.4f} test_acc={f['test_acc']:.3f}; best val_loss={b['val_loss']:.4f} "
             f"at step {b['step']} → {self.out_dir / 'summary.json'}", soft_wrap=True, highlight=False, markup=False)
         return summary
+
+    def _start_or_resume(self) -> dict | None:
+        """The checkpoint to continue from, or ``None`` to start (``spec.run.resume``: false, true, auto).
+
+        A start is refused where an earlier run logged (``resume=false``) and clears what a start
+        without checkpoint logged (``resume=auto``); a resume restores ``.hydra/`` as the run first
+        wrote it and refuses a changed configuration (:func:`hoexp.resume.check_resume`).
+        """
+        mode, folder = self.spec.run.resume, self.out_dir
+        if mode == "false":
+            left = rundir.logged_files(folder)
+            if left:
+                raise HoexpError(f"{folder} already holds a run ({', '.join(p.name for p in left[:3])}); continue it "
+                                 "with resume=auto, or start a new run in another folder (hydra.run.dir=<path>)")
+            self._keep_hydra_files()
+            return None
+        if not (folder / "checkpoint.pt").exists():
+            if mode == "true":
+                raise HoexpError(f"resume=true but there is no checkpoint.pt in {folder}; pass the run's folder: "
+                                 "hydra.run.dir=<that folder> (or hydra.sweep.dir=<sweep folder> with -m), or use "
+                                 "resume=auto to start it over")
+            cleared = rundir.clear(folder)
+            if cleared:
+                self.console.print(f"hoexp: no checkpoint in {folder}: starting over (removed {len(cleared)} files an "
+                                   "earlier start logged)", highlight=False, soft_wrap=True, markup=False)
+            self._keep_hydra_files()
+            return None
+        ckpt = self._load_checkpoint()
+        self.hydra_files = dict(ckpt.get("hydra_files") or {})
+        for name, text in self.hydra_files.items():  # Hydra has just rewritten them for this command
+            path = folder / ".hydra" / name
+            if not path.is_file() or path.read_text(encoding="utf-8") != text:
+                rundir.write_atomic(path, text.encode("utf-8"))
+        self.resumes = list(ckpt.get("resumes") or [])
+        if "config" in ckpt:  # checkpoints before hoexp 0.1 (version 1) did not store it
+            changes = check_resume(ckpt["config"], _task_config(self.spec), folder, int(ckpt["step"]))
+            if changes:
+                self.resumes.append({"step": int(ckpt["step"]), "changes": {k: list(v) for k, v in changes.items()}})
+                shown = ", ".join(f"{k} {a} → {b}" for k, (a, b) in changes.items())
+                self.console.print(f"hoexp: resuming with {shown} (recorded in summary.json)", highlight=False,
+                                   soft_wrap=True, markup=False)
+        return ckpt
+
+    def _keep_hydra_files(self) -> None:
+        """Remember ``.hydra/*.yaml`` as Hydra wrote them for this start (restored on every resume)."""
+        folder = self.out_dir / ".hydra"
+        self.hydra_files = {p.name: p.read_text(encoding="utf-8") for p in sorted(folder.glob("*.yaml"))}
+
+    def _finish(self, logger: MetricLogger) -> BaseException | None:
+        """Write the checkpoint, ``summary.json`` and ``final.pt``, close the loggers: each step is tried
+        even if an earlier one fails (a full disk); returns the first failure."""
+        failures: list[BaseException] = []
+
+        def attempt(fn: Any) -> bool:
+            try:
+                fn()
+                return True
+            except Exception as e:  # noqa: BLE001 - reported by the caller
+                failures.append(e)
+                return False
+
+        if self.snapshot is not None and (self.status in ("interrupted", "completed") or self.spec.run.checkpoint_every):
+            if not attempt(self._write_checkpoint) and self.status == "completed":
+                self.status, self.error = _outcome(failures[-1])
+        self.summary_data = self.summary()
+        self.summary_written = attempt(lambda: write_json_atomic(self.out_dir / "summary.json", self.summary_data))
+        attempt(self._save_state)
+        with contextlib.suppress(Exception):
+            logger.log_hparams(self._hparams(), {f"final/{k}": v for k, v in self.summary_data["final"].items()
+                                                 if isinstance(v, float)})
+        attempt(logger.close)
+        return failures[0] if failures else None
+
+    def _explain(self, error: BaseException) -> BaseException:
+        """The exception to raise for ``error``: one line for a signal or a failed write, else ``error``."""
+        step, folder = self._snapshot_step(), self.out_dir
+        if isinstance(error, Preempted):
+            if self.checkpointed:
+                return Preempted(f"{error} at outer step {step}; checkpoint saved. Resume with the same command plus: "
+                                 f"resume=true hydra.run.dir={folder}", error.exit_code)
+            return Preempted(f"{error} before the first checkpoint, nothing to resume; to start it over in this folder "
+                             f"run the same command plus: resume=auto hydra.run.dir={folder}", error.exit_code)
+        if isinstance(error, OSError):
+            where = f" ({error.filename})" if error.filename else ""
+            saved = "summary.json says status 'failed'" if self.summary_written else "summary.json could not be written"
+            hint = ("free some space, then continue" if error.errno in (errno.ENOSPC, errno.EDQUOT) else "then continue")
+            return HoexpError(f"the run stopped at outer step {step}: {error.strerror or error}{where}; {saved}; "
+                              f"{hint} with: resume=auto hydra.run.dir={folder}")
+        return error
 
     def _loop(self, exp: Experiment, params: dict[str, Tensor], logger: MetricLogger, threads: int,
               ckpt: dict | None) -> None:
@@ -312,22 +436,25 @@ class Run:
         return self.snapshot["step"] if self.snapshot else 0
 
     def _write_checkpoint(self) -> None:
-        """``checkpoint.pt`` in the run folder, atomically (temporary file, then rename)."""
+        """``checkpoint.pt`` in the run folder, atomically; with the run's config and first ``.hydra/``
+        files, against which a resume is checked."""
         assert self.snapshot is not None  # written only after _loop's first snapshot
-        payload = {**self.snapshot, "status": self.status, "version": 1}
-        tmp = self.out_dir / ".checkpoint.pt.tmp"
-        torch.save(_to_cpu(payload), tmp)
-        os.replace(tmp, self.out_dir / "checkpoint.pt")
+        payload = {**self.snapshot, "status": self.status, "version": CHECKPOINT_VERSION,
+                   "config": _task_config(self.spec), "hydra_files": self.hydra_files, "resumes": self.resumes}
+        _save(_to_cpu(payload), self.out_dir / "checkpoint.pt")
+        self.checkpointed = True
 
     def _load_checkpoint(self) -> dict:
         path = self.out_dir / "checkpoint.pt"
-        if not path.exists():
-            raise HoexpError(f"resume=true but there is no checkpoint.pt in {self.out_dir}; pass the run's folder: "
-                             "hydra.run.dir=<that folder> (or hydra.sweep.dir=<sweep folder> with -m)")
         try:
-            return torch.load(path, map_location="cpu", weights_only=True)
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # a truncated or foreign file
             raise HoexpError(f"cannot read {path} ({type(e).__name__}); it is damaged: delete it to start over") from None
+        missing = CHECKPOINT_KEYS - set(ckpt) if isinstance(ckpt, dict) else CHECKPOINT_KEYS
+        if missing:
+            raise HoexpError(f"{path} is not a hoexp checkpoint (no {', '.join(sorted(missing)[:3])}); move it away "
+                             "to start over in this folder")
+        return ckpt
 
     def _restore(self, ckpt: dict, exp: Experiment) -> tuple[int, dict]:
         dev = exp.device
@@ -411,6 +538,8 @@ class Run:
             stats = tensor_stats("hp", values) if values.numel() else {}
             out["hp_final"] = {k.split("/")[-1]: v for k, v in stats.items()}
             out["hp_final"]["moved_fraction"] = self._moved_fraction(values)
+        if self.resumes:
+            out["resumes"] = self.resumes
         if self.error:
             out["error"] = self.error
         return out
@@ -419,7 +548,7 @@ class Run:
         """Final weights and hyperparameters (raw and constrained), loadable with ``weights_only=True``."""
         if not self.raw or self.state is None or self.exp is None:
             return
-        torch.save({
+        _save({
             "params": {k: v.detach().cpu() for k, v in self.state.params.items()},
             "raw_hparams": {k: v.detach().cpu() for k, v in self.raw.items()},
             "hparams": {k: v.detach().cpu() for k, v in self.exp.problem.family.view(self.raw).items()},

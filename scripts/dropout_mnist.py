@@ -18,6 +18,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from hoexp import rundir
 from hoexp.cli import compose_spec
 from hoexp.errors import run_main
 from hoexp.runner import run_experiment
@@ -48,6 +49,7 @@ def main() -> None:
             spec, text = compose_spec([*BASE, *extra, f"seed={seed}", f"outer_steps={args.outer_steps}",
                                        f"inner_steps={args.inner_steps}", *args.overrides])
             out = Path(args.out) / name.split(",")[0].replace(" ", "_").replace("=", "") / f"seed{seed}"
+            rundir.clear(out)  # a study recomputes its runs (else resume=auto would reuse them)
             s = run_experiment(spec, out, config_text=text, console=Console(file=io.StringIO()))
             rows.setdefault(name, []).append(s)
             print(f"{name:38s} seed {seed}: val {s['final']['val_loss']:.4f} test {s['final']['test_loss']:.4f} "

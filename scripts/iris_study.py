@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
+from hoexp import rundir
 from hoexp.cli import compose_spec
 from hoexp.errors import run_main
 from hoexp.runner import run_experiment
@@ -73,6 +74,7 @@ def main() -> None:
                          *overrides_for(config), *args.extra]
             spec, text = compose_spec(overrides)
             run_dir = out / config.replace(" ", "_").replace("=", "") / f"seed{seed}"
+            rundir.clear(run_dir)  # a study recomputes its runs (else resume=auto would reuse them)
             summary = run_experiment(spec, run_dir, config_text=text, console=Console(file=open("/dev/null", "w")))
             row = {"seed": seed, "final": summary["final"], "best": summary["best"],
                    "wall_time_s": summary["wall_time_s"], "decays": decay_distribution(run_dir)}

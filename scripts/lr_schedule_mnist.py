@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
+from hoexp import rundir
 from hoexp.cli import compose_spec
 from hoexp.errors import run_main
 from hoexp.metrics import read_jsonl
@@ -41,6 +42,7 @@ def main() -> None:
         f"outer_steps={args.outer_steps}", f"inner_steps={args.inner_steps}", "progress=false", *args.overrides]
     spec, text = compose_spec(overrides)
     out = Path(args.out)
+    rundir.clear(out)  # a study recomputes its run (else resume=auto would reuse it)
     summary = run_experiment(spec, out, config_text=text, console=Console(file=io.StringIO()))
     lines = read_jsonl(out / "metrics.jsonl")
     final_train = [ln["loss/train"] for ln in lines if "loss/train" in ln]

@@ -56,3 +56,65 @@ def test_unknown_option_is_refused():
     with pytest.raises(ValueError, match="unknown option"):
         hoexp.hypergradient(ridge.train_loss, ridge.val_loss, {"w": ridge.w_star(ridge.raw)},
                             {"log_decay": ridge.raw}, "neumann", terms=3)
+
+
+# ----------------------------------------------------------------------- issue 17, item 11
+def test_works_inside_no_grad_like_torch_func():
+    ridge = Ridge.make()
+    args = (ridge.train_loss, ridge.val_loss, {"w": ridge.w_star(ridge.raw)}, {"log_decay": ridge.raw}, "cg")
+    with torch.no_grad():
+        hg = hoexp.hypergradient(*args, iterations=50)
+    assert rel_err(hg["log_decay"], ridge.exact_hypergradient()) < 1e-8
+
+
+def test_a_shape_1_hyperparameter_whose_losses_are_shape_1():
+    """One global decay of shape (1,): the losses broadcast to shape (1,) (was: stack expects each tensor to
+    be equal size); the answer matches the closed form."""
+    ridge = Ridge.make(d=4)
+    n = len(ridge.y)
+
+    def train_loss(p, h):  # shape (1,)
+        r = ridge.X @ p["w"] - ridge.y
+        return 0.5 * (r @ r) / n + 0.5 * torch.exp(h["ld"]) * (p["w"] ** 2).sum()
+
+    def val_loss(p, h):
+        return ridge.val_loss(p, h).reshape(1)
+
+    ld = torch.tensor([-1.5], dtype=torch.float64)
+    w = ridge.w_star(ld.expand(4))
+    raw = ld.clone().requires_grad_(True)
+    (truth,) = torch.autograd.grad(ridge.val_loss({"w": ridge.w_star(raw.expand(4))}, {}), raw)
+    for method, opts in [("exact", {}), ("cg", {"iterations": 50})]:
+        hg = hoexp.hypergradient(train_loss, val_loss, {"w": w}, {"ld": ld}, method, **opts)
+        assert hg["ld"].shape == (1,) and rel_err(hg["ld"], truth) < 1e-8, method
+    with pytest.raises(ValueError, match=r"train_loss must return one number \(a 0-d tensor\), got shape \(4,\)"):
+        hoexp.hypergradient(lambda p, h: p["w"] ** 2, val_loss, {"w": w}, {"ld": ld})
+
+
+def test_cg_without_solution_raises_naming_the_parameter():
+    """The validation loss uses a parameter (an offset b) the training loss does not: H is zero in b's
+    row, H u = ∂L_V/∂w has no solution, and CG ran off (residual 5e31 after 10 iterations, inf after 50)
+    without complaint."""
+    ridge = Ridge.make(d=4)
+    w = {"w": ridge.w_star(ridge.raw), "b": torch.tensor(0.3, dtype=torch.float64)}
+
+    def val_loss(p, h):
+        r = ridge.Xv @ p["w"] + p["b"] - ridge.yv
+        return 0.5 * (r @ r) / len(ridge.yv)
+
+    for iterations in (10, 50):
+        with pytest.raises(ValueError, match=r"val_loss depends on params \['b'\] but train_loss does not") as e:
+            hoexp.hypergradient(ridge.train_loss, val_loss, w, {"log_decay": ridge.raw}, "cg", iterations=iterations)
+        assert "\n" not in str(e.value)
+    w_only = {"w": w["w"]}  # the fix the message names: b out of params (a constant of the problem)
+    hg = hoexp.hypergradient(ridge.train_loss, lambda p, h: val_loss({**p, "b": w["b"]}, h), w_only,
+                             {"log_decay": ridge.raw}, "cg", iterations=50)
+    assert torch.isfinite(hg["log_decay"]).all()
+
+
+def test_a_diverged_solve_raises():
+    """A non-finite solve of a well-posed problem (step far above 2/λ_max) is an error, not an answer."""
+    ridge = Ridge.make(d=4)
+    with pytest.raises(ValueError, match="the 'neumann' solve diverged"):
+        hoexp.hypergradient(ridge.train_loss, ridge.val_loss, {"w": ridge.w_star(ridge.raw)}, {"log_decay": ridge.raw},
+                            "neumann", iterations=2000, alpha=50.0)

@@ -232,3 +232,51 @@ def test_hydra_full_error_shows_the_detail():
     r = subprocess.run([sys.executable, "-m", "hoexp", "run", "method.terms=-1"], cwd=ROOT, capture_output=True,
                        text=True, timeout=120, env=env)
     assert r.returncode != 0 and "Traceback" in r.stderr and "terms must be >= 0" in r.stderr
+
+
+# --------------------------------------------------------------------- one line, not a traceback (issue 17)
+def test_cfg_job_of_a_sweep_prints_each_job(capsys):
+    main(["run", "-m", "seed=0,1", "method=cg", "--cfg", "job"])  # Hydra refuses -m with --cfg
+    out = capsys.readouterr().out
+    assert "# job 0: seed=0 method=cg\nseed: 0\n" in out and "# job 1: seed=1 method=cg\nseed: 1\n" in out
+    assert "hydra:" not in out
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has CUDA")
+def test_cfg_job_prints_gpu_presets_on_a_cpu_machine(capsys):
+    main(["run", "experiment=mnist_per_weight_decay_gpu", "--cfg", "job"])
+    assert "device: cuda" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(__import__("shutil").which("srun") is not None, reason="this machine has SLURM")
+def test_slurm_launcher_without_slurm_is_one_line(capsys, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        main(["run", "-m", "hydra/launcher=slurm", "seed=0,1", f"hydra.sweep.dir={tmp_path}"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "hydra/launcher=slurm needs a SLURM cluster" in err and "submitit_local" in err
+    assert not list(tmp_path.iterdir())
+
+
+def test_report_into_a_file_is_one_line(capsys, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "summary.json").write_text('{"status": "completed", "method": "none", "final": {}, "best": {}}')
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SystemExit) as e:
+        main(["report", str(run), "--out", str(tmp_path / "file" / "x"), "--no-plots"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("hoexp: error: report: cannot create the output folder"), err
+
+
+def test_ctrl_c_during_start_up_is_one_line(capsys, monkeypatch):
+    import hoexp.cli
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(hoexp.cli, "validate_job", interrupted)  # e.g. while torch is imported
+    with pytest.raises(SystemExit) as e:
+        main(["run", "outer_steps=1"])
+    assert e.value.code == 130 and capsys.readouterr().err == "hoexp: interrupted\n"

@@ -58,6 +58,7 @@ def test_wheel_ships_the_configs(installed):
     expected = {str(p.relative_to(ROOT)) for p in (ROOT / "hoexp" / "conf").rglob("*.yaml")}
     assert expected and shipped == expected
     assert "hoexp/dataset/iris.csv" in names
+    assert "hydra_plugins/hoexp_launcher/__init__.py" in names  # hydra/launcher=parallel's plugin class
 
 
 @pytest.mark.slow
@@ -78,6 +79,11 @@ def test_installed_hoexp_runs_from_any_folder(installed, tmp_path):
                          text=True)
     assert bad.returncode == 2 and bad.stderr.strip().startswith("hoexp: error: unknown method 'nope'")
     assert len(bad.stderr.strip().splitlines()) == 1
+    sweep = subprocess.run([str(hoexp_bin), "run", "-m", "hydra/launcher=parallel", "hydra.launcher.n_jobs=2",
+                            "seed=0,1", "outer_steps=1", "inner_steps=2", "progress=false", "model.width=8"],
+                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert sweep.returncode == 0, sweep.stderr[-2000:]
+    assert len(list(tmp_path.glob("outputs/multirun/*/*/*/summary.json"))) == 2
 
 
 @pytest.mark.slow

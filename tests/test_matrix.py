@@ -57,7 +57,6 @@ PATH_ONLY = {"lr_global", "lr_per_layer", "lr_per_step", "momentum"}
 
 EXPECTED_REFUSALS = {
     **{(m, f): "cannot tune hp=" for m in IFT for f in PATH_ONLY},
-    **{("reversible", f): "method=reversible tunes loss hyperparameters" for f in PATH_ONLY},
     **{("hd", f): "method=hd adapts one global learning rate" for f in FAMILIES if f != "lr_global"},
 }
 

@@ -308,3 +308,48 @@ def test_report_on_a_multirun_and_a_study_end_to_end(tmp_path):
         assert hp["method"].string_value == s["method"] and hp["seed"].number_value == s["seed"]
         exp = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
         assert "final/val_loss" in {m.name.tag for m in exp.metric_infos}
+
+
+# ------------------------------------------------------------------------------- issue 17, item 9
+def test_run_control_keys_and_extensions_are_not_configuration_differences(tmp_path):
+    """A resumed run (resume, checkpoint_every set), a fresh one and one extended from 2 to 3 outer steps
+    by a resume are runs of one experiment: one row."""
+    for seed in (0, 1, 2):
+        make_run(tmp_path / f"r{seed}", seed=seed)
+    cfg = yaml.safe_load((tmp_path / "r1/.hydra/config.yaml").read_text())
+    (tmp_path / "r1/.hydra/config.yaml").write_text(yaml.safe_dump({**cfg, "resume": True, "checkpoint_every": 1}))
+    cfg = yaml.safe_load((tmp_path / "r2/.hydra/config.yaml").read_text())
+    (tmp_path / "r2/.hydra/config.yaml").write_text(yaml.safe_dump({**cfg, "outer_steps": 2}))
+    summary = json.loads((tmp_path / "r2/summary.json").read_text())
+    summary["resumes"] = [{"step": 2, "changes": {"outer_steps": [2, 3]}}]
+    write_json_atomic(tmp_path / "r2/summary.json", summary)
+    rep, _ = report(tmp_path, tmp_path)
+    assert [g.count for g in rep.groups] == ["3 seeds"]
+
+
+def test_report_lists_the_jobs_a_sweep_has_not_finished(tmp_path):
+    import shutil
+
+    sweep = tmp_path / "sweep"
+    main(["run", "-m", "seed=0,1", "method=none,cg", "model.width=4", "model.depth=1", "outer_steps=1",
+          "inner_steps=1", "progress=false", f"hydra.sweep.dir={sweep}"])
+    assert sorted(p.name for p in sweep.iterdir()) == ["0_none", "1_cg", "2_none", "3_cg", "multirun.yaml"]
+    shutil.rmtree(sweep / "1_cg")  # never started
+    (sweep / "3_cg" / "summary.json").unlink()  # killed
+    rep, text = report(tmp_path, sweep)
+    line = next(ln for ln in text.splitlines() if "jobs have no summary.json" in ln)
+    assert line.startswith(f"hoexp report: sweep {sweep}: 2 of 4 jobs have no summary.json")
+    assert "#1 seed=0 method=cg " in line and "#3 seed=1 method=cg " in line and "#0 " not in line
+    assert f"hydra.sweep.dir={sweep}" in line
+    assert "## Missing jobs" in (tmp_path / "report" / "report.md").read_text()
+
+
+def test_console_table_keeps_the_method_column_when_narrow(tmp_path, runs):
+    out = io.StringIO()
+    build_report([str(tmp_path / "ho"), str(tmp_path / "rs")], tmp_path / "report", plots=False,
+                 console=Console(file=out, width=90))
+    text = out.getvalue()
+    rows = [ln for ln in text.splitlines() if ln.startswith("│")]
+    assert [ln.split("│")[1].strip() for ln in rows] == ["cg", "neumann", "none"]
+    assert max(len(ln) for ln in text.splitlines() if ln[:1] in "┏│└") <= 90
+    assert "left out at this width: hypergradients" in text

@@ -1,4 +1,4 @@
-"""Sweeps: launcher presets (joblib, submitit), end to end as `hoexp run -m` subprocesses; the
+"""Sweeps: launcher presets (parallel, submitit), end to end as `hoexp run -m` subprocesses; the
 Optuna sweeper presets and black-box experiment presets are gone (random search and TPE are
 `hoexp compare`, tests/test_compare.py) and refused in one line."""
 
@@ -65,11 +65,14 @@ def test_basic_sweeper_still_composes():
 
 
 def test_launcher_presets_compose():
-    assert compose(["hydra/launcher=parallel"]).hydra.launcher._target_.endswith("JoblibLauncher")
+    assert compose(["hydra/launcher=parallel"]).hydra.launcher._target_ == "hydra_plugins.hoexp_launcher.ParallelLauncher"
     slurm = compose(["hydra/launcher=slurm"]).hydra.launcher
     gpu = compose(["hydra/launcher=slurm_gpu"]).hydra.launcher
     assert slurm._target_.endswith("SlurmLauncher") and gpu._target_ == slurm._target_
-    assert slurm.gpus_per_node is None and gpu.gpus_per_node == 1 and slurm.max_num_timeout == 0
+    assert slurm.gpus_per_node is None and gpu.gpus_per_node == 1
+    # Requeued on time-out (3 times) and preemption, a job reruns with the same overrides and continues
+    # from its checkpoint: resume=auto is the default.
+    assert slurm.max_num_timeout == gpu.max_num_timeout == 3 and compose(["hydra/launcher=slurm"]).resume == "auto"
 
 
 @pytest.mark.parametrize("preset,expected", [
@@ -101,18 +104,142 @@ def test_slurm_presets_make_valid_sbatch_scripts(tmp_path, monkeypatch, preset, 
 
 # ---------------------------------------------------------------------------------- end to end
 @pytest.mark.slow
-def test_joblib_launcher_runs_two_jobs_in_worker_processes(tmp_path):
+def test_parallel_launcher_runs_jobs_in_worker_processes(tmp_path):
     sweep = tmp_path / "sweep"
     pid, _, err = hoexp("run", "-m", "method=none,cg", "hydra/launcher=parallel", "hydra.launcher.n_jobs=2",
                         "outer_steps=2", "inner_steps=5", "progress=false", f"hydra.sweep.dir={sweep}")
-    assert "Joblib.Parallel(n_jobs=2" in err + _
+    assert "launching 2 jobs, 2 at a time" in err and "job #1 (method=cg outer_steps=2" in err
     s = summaries(sweep)
     assert sorted(s) == ["0_none", "1_cg"]
     assert s["0_none"]["method"] == "none" and s["1_cg"]["method"] == "cg"
     assert s["1_cg"]["hypergradients"] == 2 and s["0_none"]["hypergradients"] == 0
     assert all(v["status"] == "completed" for v in s.values())
     pids = {event_pid(sweep / name) for name in s}
-    assert pid not in pids  # the jobs ran in loky workers, not in the `hoexp run` process
+    assert pid not in pids and len(pids) == 2  # each job in a worker of its own, not in `hoexp run`
+    assert "hoexp: done in" in (sweep / "1_cg" / "job.log").read_text()
+
+
+def _lock_pid(folder, timeout=200):
+    """The pid of the worker that holds ``folder``'s run lock, once it has logged outer step 1."""
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if '"step": 1,' in (folder / "metrics.jsonl").read_text():
+                return int((folder / ".hoexp.lock").read_text().split()[1])
+        except (OSError, ValueError, IndexError):
+            pass
+        time.sleep(0.05)
+    raise AssertionError(f"{folder} did not start")
+
+
+def _alive(pid):
+    """Running (not gone, not a zombie); Linux /proc."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+PARALLEL = ["run", "-m", "hydra/launcher=parallel", "hydra.launcher.n_jobs=2", "seed=0,1,2", "inner_steps=100",
+            "checkpoint_every=1", "progress=false"]
+
+
+@pytest.mark.slow
+def test_parallel_sweep_survives_a_killed_worker_and_reports_it(tmp_path):
+    """kill -9 of one worker: its siblings finish with their summaries, the sweep names the lost job in
+    one line (exit 1), and the same command finishes it from its checkpoint (was: a joblib traceback
+    that also killed the sibling without a summary)."""
+    import signal
+
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    args = [*PARALLEL, "outer_steps=6", f"hydra.sweep.dir={tmp_path}"]
+    p = subprocess.Popen([sys.executable, "-m", "hoexp", *args], cwd=ROOT, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env=env)
+    os.kill(_lock_pid(tmp_path / "0_neumann"), signal.SIGKILL)
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 1 and "Traceback" not in err, err
+    assert "hoexp: job #0 lost (worker killed by SIGKILL)" in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("hoexp: error: 1 of 3 jobs did not finish (#0 lost (worker killed by SIGKILL))")
+    assert f"hydra.sweep.dir={tmp_path}" in last
+    s = summaries(tmp_path)
+    assert sorted(s) == ["1_neumann", "2_neumann"] and all(v["status"] == "completed" for v in s.values())
+    _, _, err = hoexp(*args)
+    s = summaries(tmp_path)
+    assert sorted(s) == ["0_neumann", "1_neumann", "2_neumann"] and all(v["status"] == "completed" for v in s.values())
+    assert "resumed after outer step" in (tmp_path / "0_neumann" / "job.log").read_text()
+
+
+@pytest.mark.slow
+def test_sigterm_to_a_parallel_sweep_stops_its_workers(tmp_path):
+    """SIGTERM to `hoexp run -m`: the running workers save and stop (no orphans), the job not started
+    stays so, and the sweep ends with one line (exit 143)."""
+    import signal
+
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    p = subprocess.Popen([sys.executable, "-m", "hoexp", *PARALLEL, "outer_steps=200", f"hydra.sweep.dir={tmp_path}"],
+                         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    workers = [_lock_pid(tmp_path / "0_neumann"), _lock_pid(tmp_path / "1_neumann")]
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 128 + signal.SIGTERM and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1].startswith("hoexp: error: stopped by SIGTERM: 3 of 3 jobs did not finish")
+    assert "#2 not started" in err and not (tmp_path / "2_neumann").exists()
+    assert not any(_alive(w) for w in workers)
+    s = summaries(tmp_path)
+    assert sorted(s) == ["0_neumann", "1_neumann"] and all(v["status"] == "interrupted" for v in s.values())
+
+
+@pytest.mark.slow
+def test_workers_stop_when_the_launcher_is_killed(tmp_path):
+    """kill -9 of the launcher itself: the kernel sends its workers SIGTERM (they save and stop)."""
+    import time
+
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    p = subprocess.Popen([sys.executable, "-m", "hoexp", *PARALLEL, "outer_steps=200", f"hydra.sweep.dir={tmp_path}"],
+                         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    workers = [_lock_pid(tmp_path / "0_neumann"), _lock_pid(tmp_path / "1_neumann")]
+    p.kill()
+    p.wait(timeout=60)
+    deadline = time.time() + 60
+    while time.time() < deadline and any(_alive(w) for w in workers):
+        time.sleep(0.1)
+    assert not any(_alive(w) for w in workers)
+    assert all(v["status"] == "interrupted" for v in summaries(tmp_path).values())
+
+
+@pytest.mark.slow
+def test_parallel_workers_draw_no_bars_on_a_terminal(tmp_path):
+    """On a terminal (a pty here) the workers' progress goes to their job.log as plain lines; the
+    terminal gets the launcher's lines only, without cursor movements from several bars."""
+    import pty
+
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    leader, follower = pty.openpty()
+    p = subprocess.Popen([sys.executable, "-m", "hoexp", "run", "-m", "hydra/launcher=parallel",
+                          "hydra.launcher.n_jobs=2", "seed=0,1", "outer_steps=3", "inner_steps=20", "progress=true",
+                          f"hydra.sweep.dir={tmp_path}"], cwd=ROOT, stdin=follower, stdout=follower, stderr=follower,
+                         env=env)
+    os.close(follower)
+    out = b""
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        out += chunk
+    p.wait(timeout=300)
+    os.close(leader)
+    text = out.decode(errors="replace")
+    assert p.returncode == 0, text
+    assert "\x1b[" not in text.replace("\x1b[?25l", "").replace("\x1b[?25h", "") and "━" not in text, text
+    for job in ("0_neumann", "1_neumann"):
+        log = (tmp_path / job / "job.log").read_text()
+        assert "[outer 3/3]" in log and "━" not in log
 
 
 @pytest.mark.slow
@@ -124,3 +251,30 @@ def test_submitit_local_launcher(tmp_path):
     assert sorted(s) == ["0_none", "1_cg"] and s["1_cg"]["hypergradients"] == 2
     assert (sweep / ".submitit").is_dir()
     assert pid not in {event_pid(sweep / name) for name in s}  # each job in its own process
+
+
+@pytest.mark.slow
+def test_interrupted_sweep_resumes_with_the_same_command(tmp_path):
+    """SIGTERM while job 1 of 3 runs: the same command again finishes job 1 from its checkpoint and runs
+    job 2, which never started (README: hydra.sweep.dir=... resume=true did stop at it)."""
+    import signal
+    import time
+
+    args = ["run", "-m", "seed=0,1,2", "outer_steps=4", "inner_steps=100", "checkpoint_every=1", "progress=false",
+            f"hydra.sweep.dir={tmp_path}"]
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    p = subprocess.Popen([sys.executable, "-m", "hoexp", *args], cwd=ROOT, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 200
+    while time.time() < deadline and not any('"step": 1,' in f.read_text() for f in tmp_path.glob("1_*/metrics.jsonl")):
+        time.sleep(0.05)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 128 + signal.SIGTERM, err
+    assert sorted(summaries(tmp_path)) == ["0_neumann", "1_neumann"] and not (tmp_path / "2_neumann").exists()
+    assert summaries(tmp_path)["1_neumann"]["status"] == "interrupted"
+    _, _, err = hoexp(*args, "resume=true")
+    s = summaries(tmp_path)
+    assert sorted(s) == ["0_neumann", "1_neumann", "2_neumann"], err
+    assert all(v["status"] == "completed" and v["hypergradients"] == 4 for v in s.values())
+    assert "already completed" in err and "resumed after outer step" in err

@@ -55,6 +55,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -83,10 +84,11 @@ class InfoBuffer:
     def __init__(self, n: int):
         self._b = np.zeros(n, dtype=object)  # Python int 0s
 
-    def push(self, digits: Tensor, base: int) -> None:
-        self._b = self._b * base + digits.detach().cpu().numpy().astype(object)
+    def push(self, digits: Tensor, base: int | Tensor) -> None:
+        self._b = self._b * _objects(base) + digits.detach().cpu().numpy().astype(object)
 
-    def pop(self, base: int, device: torch.device | str = "cpu") -> Tensor:
+    def pop(self, base: int | Tensor, device: torch.device | str = "cpu") -> Tensor:
+        base = _objects(base)
         digits = self._b % base
         self._b = self._b // base
         return torch.from_numpy(digits.astype(np.int64)).to(device)
@@ -98,6 +100,11 @@ class InfoBuffer:
     def bits_used(self) -> int:
         """Total size: the sum of the numbers' bit lengths."""
         return sum(self.bit_lengths())
+
+
+def _objects(base: int | Tensor) -> Any:
+    """A base for :class:`InfoBuffer`: an int, or one per weight as Python ints (an object array)."""
+    return base.detach().cpu().numpy().astype(object) if isinstance(base, Tensor) else base
 
 
 def _check(x: Tensor, what: str, radix_bits: int) -> Tensor:
@@ -131,14 +138,24 @@ def rational_momentum(gamma: float, momentum_bits: int = 16) -> tuple[int, int]:
     return n, d
 
 
-def _mul_gamma(v: Tensor, n: int, d: int, k: int, buf: InfoBuffer) -> Tensor:
+def rational_momenta(gamma: Tensor, momentum_bits: int = 16) -> tuple[Tensor, int]:
+    """:func:`rational_momentum` of each entry: ``(N as int64, D)``."""
+    d = 2 ** momentum_bits
+    n = torch.round(gamma.detach().to(torch.float64) * d).to(torch.int64)
+    if n.numel() and not bool(((n > 0) & (n <= d)).all()):
+        raise ValueError("reversible learning needs momentum in (0, 1] (γ = 0 forgets v and cannot be reversed); "
+                         f"got values in [{float(gamma.min())}, {float(gamma.max())}]")
+    return n, d
+
+
+def _mul_gamma(v: Tensor, n: int | Tensor, d: int, k: int, buf: InfoBuffer) -> Tensor:
     """``v ← (N/D)·v`` exactly invertibly; ``D = 2^k``."""
     buf.push(v & (d - 1), d)  # v mod D (non-negative for two's complement)
     q = v >> k  # floor(v / D)
     return q * n + buf.pop(n, v.device)
 
 
-def _div_gamma(v: Tensor, n: int, d: int, radix_bits: int, buf: InfoBuffer) -> Tensor:
+def _div_gamma(v: Tensor, n: int | Tensor, d: int, radix_bits: int, buf: InfoBuffer) -> Tensor:
     """The exact inverse of :func:`_mul_gamma`."""
     buf.push(torch.remainder(v, n), n)
     q = torch.div(v, n, rounding_mode="floor")
@@ -187,6 +204,9 @@ class ReversibleResult:
     num_params: int = 0
 
 
+Schedule = Callable[[dict[str, Tensor], int], tuple[Tensor, Tensor]]
+
+
 def reversible_hypergradient(
     train_loss: TrainLossFn,
     val_loss: ValLossFn,
@@ -201,6 +221,7 @@ def reversible_hypergradient(
     velocity0: Tensor | None = None,
     return_trajectory_check: bool = False,
     on_step: Callable[[], None] | None = None,
+    schedule: Schedule | None = None,
 ) -> ReversibleResult:
     """Exact ``dL_V(w_T)/d(λ, α, γ, w_0)`` through ``steps`` SGD-momentum steps, by exact reversal.
 
@@ -209,7 +230,13 @@ def reversible_hypergradient(
     and ``momenta`` are per-step ``α_t`` / ``γ_t`` (a scalar is repeated). ``velocity0`` (flat) is
     ``v_0`` (default 0). ``return_trajectory_check`` also stores the fixed-point forward trajectory
     (O(T·P) memory, for tests) and reports per step whether the reverse pass reproduced it.
-    See the module docstring for the math and cost.
+
+    ``schedule(raw, t) → (α_t, γ_t)`` replaces ``lrs`` and ``momenta`` when the step sizes and momenta
+    are themselves hyperparameters (Maclaurin et al.'s learned schedules): flat per-weight tensors (or
+    0-d), differentiable functions of ``raw``. It is called once per step forward and once in reverse
+    (with its graph), so nothing ``P × T`` is stored; ``dL_V/dα_t`` and ``dL_V/dγ_t`` flow through it
+    into ``hyper_raw``, and ``hyper_lrs`` / ``hyper_momenta`` / ``momenta_used`` report per-step sums /
+    means over the weights. See the module docstring for the math and cost.
     """
     if steps < 0:
         raise ValueError(f"steps must be ≥ 0, got {steps}")
@@ -218,17 +245,26 @@ def reversible_hypergradient(
     if not 1 <= momentum_bits <= min(radix_bits, 31):
         raise ValueError(f"momentum_bits must be in [1, min(radix_bits, 31)], got {momentum_bits}")
     R, k = radix_bits, momentum_bits
-    alphas = _per_step(lrs, steps, "lrs")
-    gammas = _per_step(momenta, steps, "momenta")
-    rationals = [rational_momentum(float(g), k) for g in gammas]
-    gammas_used = torch.tensor([n / d for n, d in rationals], dtype=torch.float64)
-    one_minus = [(d - n) / d for n, d in rationals]  # exact in float64
-
     like = {name: p.detach() for name, p in params0.items()}
     device = next(iter(like.values())).device if like else torch.device("cpu")
     P = tree.numel(like)
     raw_leaves = tree.detached(raw, requires_grad=True)
     raw_list = list(raw_leaves.values())
+    if schedule is None:
+        alphas = _per_step(lrs, steps, "lrs")
+        rationals = [rational_momentum(float(g), k) for g in _per_step(momenta, steps, "momenta")]
+
+    def at(t: int, graph: bool = False) -> tuple[Any, Any, Any, Any, tuple[Tensor, Tensor] | None]:
+        """Step ``t``'s ``(α, N, γ = N/D, 1 − γ, (α, γ) with their graph to raw or None)``: floats and
+        ints, or per-weight tensors under a schedule (computed the same way forward and in reverse)."""
+        if schedule is None:
+            n, d = rationals[t]
+            return float(alphas[t]), n, n / d, (d - n) / d, None
+        with torch.set_grad_enabled(graph):
+            a, g = (torch.as_tensor(x, dtype=torch.float64, device=device).expand(P) for x in schedule(raw_leaves, t))
+        nt, dt = rational_momenta(g, k)
+        gamma = nt.to(torch.float64) / dt  # exact: N < 2^31, D a power of two
+        return a.detach(), nt, gamma, 1.0 - gamma, ((a, g) if graph else None)
 
     def view(w_int: Tensor) -> dict[str, Tensor]:
         return {name: p.detach().to(like[name].dtype) for name, p in tree.unflatten(from_fixed(w_int, R), like).items()}
@@ -241,9 +277,6 @@ def reversible_hypergradient(
         (g,) = torch.autograd.grad(loss, w_leaf, create_graph=True, allow_unused=True)
         return w_leaf, loss, (torch.zeros_like(w_leaf) if g is None else g)
 
-    def gradient_integer(g: Tensor, t: int) -> Tensor:
-        return to_fixed(one_minus[t] * g.detach(), R)
-
     w = to_fixed(tree.flatten(list(like.values())), R) if P else torch.zeros(0, dtype=torch.int64, device=device)
     v = (to_fixed(velocity0, R).reshape(-1) if velocity0 is not None
          else torch.zeros(P, dtype=torch.int64, device=device))
@@ -254,18 +287,23 @@ def reversible_hypergradient(
     fingerprints: list[tuple[int, int]] = []
     trajectory: list[tuple[Tensor, Tensor]] = []
     train_last = gnorm_last = None
+    gammas_used = torch.zeros(steps, dtype=torch.float64)
+    bits_bound = 0.0
+    d = 2 ** k
 
     # ---- forward: T exact steps, storing only the lost bits
     with torch.enable_grad():
         for t in range(steps):
             if return_trajectory_check:
                 trajectory.append((w.clone(), v.clone()))
+            alpha, n, gamma, one_minus, _ = at(t)
+            gammas_used[t] = float(gamma.mean()) if isinstance(gamma, Tensor) else gamma
+            bits_bound += float(torch.log2(d / n.double()).sum()) if isinstance(n, Tensor) else P * math.log2(d / n)
             _, loss, g = grad_at(w, t)
-            G = gradient_integer(g, t)
+            G = to_fixed(one_minus * g.detach(), R)
             fingerprints.append(_fingerprint(G))
-            n, d = rationals[t]
             v = _check(_mul_gamma(v, n, d, k, buf) - G, "the velocity", R)
-            w = _check(w + _check(to_fixed(float(alphas[t]) * from_fixed(v, R), R), "α·v", R), "the weights", R)
+            w = _check(w + _check(to_fixed(alpha * from_fixed(v, R), R), "α·v", R), "the weights", R)
             if t == steps - 1:
                 train_last, gnorm_last = float(loss.detach()), float(torch.linalg.vector_norm(g.detach()))
             del loss, g
@@ -273,7 +311,6 @@ def reversible_hypergradient(
                 on_step()
     bit_lengths = buf.bit_lengths()
     bits_used, bits_max = sum(bit_lengths), max(bit_lengths, default=0)
-    bits_bound = P * sum(math.log2(d / n) for n, d in rationals)
     wT, vT = w.clone(), v.clone()
 
     # ---- outer objective at w_T
@@ -291,28 +328,33 @@ def reversible_hypergradient(
 
     # ---- reverse: undo each step exactly, accumulating adjoints (Maclaurin Algorithm 2)
     for t in reversed(range(steps)):
-        n, d = rationals[t]
-        alpha, gamma = float(alphas[t]), float(gammas_used[t])
+        alpha, n, gamma, one_minus, graph = at(t, graph=schedule is not None)
         v_next = from_fixed(v, R)
-        d_alpha[t] = (dw @ v_next).cpu()
+        da = dw * v_next  # dL_V/dα_t, per weight
+        d_alpha[t] = da.sum().cpu()
         dv = dv + alpha * dw
         w = w - to_fixed(alpha * v_next, R)
         with torch.enable_grad():
             w_leaf, _, g = grad_at(w, t)
-            G = gradient_integer(g, t)
+            G = to_fixed(one_minus * g.detach(), R)
             if _fingerprint(G) != fingerprints[t]:
                 raise RuntimeError(
                     f"reversible learning: the training gradient at step {t} differs between the forward and "
                     "reverse pass (non-deterministic train_loss or kernels); exact reversal is impossible")
             v = _div_gamma(v + G, n, d, R, buf)
-            gd = g.detach()
-            d_gamma[t] = (dv @ (from_fixed(v, R) + gd)).cpu()
+            dg = dv * (from_fixed(v, R) + g.detach())  # dL_V/dγ_t, per weight
+            d_gamma[t] = dg.sum().cpu()
             if g.requires_grad:
-                vjp = tree.fill_none(torch.autograd.grad(g, [w_leaf, *raw_list], grad_outputs=dv.to(g.dtype),
+                vjp = tree.fill_none(torch.autograd.grad(g, [w_leaf, *raw_list], grad_outputs=(one_minus * dv).to(g.dtype),
                                                          allow_unused=True), [w_leaf, *raw_list])
-                dw = dw - one_minus[t] * vjp[0].detach().to(torch.float64)
-                d_raw = [a - one_minus[t] * b.detach().to(torch.float64) for a, b in zip(d_raw, vjp[1:])]
-            del g, w_leaf
+                dw = dw - vjp[0].detach().to(torch.float64)
+                d_raw = [a - b.detach().to(torch.float64) for a, b in zip(d_raw, vjp[1:])]
+            outs = [(x, dx) for x, dx in zip(graph or (), (da, dg)) if x.requires_grad]
+            if outs and raw_list:  # α_t and γ_t are functions of λ
+                through = tree.fill_none(torch.autograd.grad([x for x, _ in outs], raw_list, [dx for _, dx in outs],
+                                                             allow_unused=True), raw_list)
+                d_raw = [a + b.detach().to(torch.float64) for a, b in zip(d_raw, through)]
+            del g, w_leaf, graph
         dv = gamma * dv
         if return_trajectory_check:
             exact[t] = bool(torch.equal(w, trajectory[t][0]) and torch.equal(v, trajectory[t][1]))
@@ -344,12 +386,16 @@ def reversible_hypergradient(
 
 @dataclass
 class ReversibleMethod:
-    """``method=reversible``: ``inner_steps`` SGD-momentum steps (constant ``lr``, ``momentum``, from
-    ``v = 0`` each outer step) and the exact hypergradient w.r.t. ``raw`` by exact reversal.
+    """``method=reversible``: ``inner_steps`` SGD-momentum steps (from ``v = 0`` each outer step) and the
+    exact hypergradient w.r.t. ``raw`` by exact reversal.
 
-    The method owns its inner optimizer (Maclaurin's ``v ← γv − (1−γ)g``, ``w ← w + αv``): the
-    runner's ``inner_opt`` is not used and ``opt_state`` is passed through unchanged. The batches are
-    drawn once into a list so the reverse pass sees the same ones. Cost: ~3 gradient costs per inner
+    The method owns its inner optimizer (Maclaurin's ``v ← γv − (1−γ)g``, ``w ← w + αv``, which is
+    torch's ``buf ← μ·buf + g``, ``w ← w − η·buf`` with ``γ = μ``, ``α = η/(1−μ)``): the runner's
+    ``inner_opt`` is not used and ``opt_state`` is passed through unchanged. ``lr`` is ``α`` and
+    ``momentum`` ``γ`` while no family tunes them; a family that tunes the learning rate or the momentum
+    (``hp=lr``, any granularity, ``hp=momentum``) sets ``η_t`` and ``μ`` per weight through its optimizer
+    overrides, and their hypergradients come from the same reverse pass (``dα_t``, ``dγ_t``). The batches
+    are drawn once into a list so the reverse pass sees the same ones. Cost: ~3 gradient costs per inner
     step, memory O(P) plus ``≈ inner_steps·P·log2(1/γ)`` bits.
     """
 
@@ -369,6 +415,7 @@ class ReversibleMethod:
             lambda w, lam: problem.val_loss(w, lam, val_batch),
             state.params, raw, self.lr, self.momentum, inner_steps,
             radix_bits=self.radix_bits, momentum_bits=self.momentum_bits, on_step=on_inner_step,
+            schedule=self.schedule(problem, state.params, raw),
         )
         params = {k: res.params[k].to(device=p.device) for k, p in state.params.items()}
         new_state = InnerState(params, state.opt_state, state.step + inner_steps)
@@ -380,3 +427,29 @@ class ReversibleMethod:
         stats = StepStats(inner_grad_norm=res.grad_norm_last, inner_loss=res.train_loss_last,
                           hypergrad_norm=float(tree.norm(res.hyper_raw)), hvps=inner_steps, extra=extra)
         return res.hyper_raw, new_state, stats
+
+    def schedule(self, problem: Problem, params: Mapping[str, Tensor], raw: Mapping[str, Tensor]) -> Schedule | None:
+        """``(α_t, γ_t)`` per weight from the family's optimizer overrides (``lr``: torch's ``η``,
+        ``momentum``: ``μ``), or ``None`` when the family tunes neither."""
+        family = problem.family
+        tuned = set(family.optimizer_overrides(dict(raw), 0))
+        if not tuned:
+            return None
+        if tuned - {"lr", "momentum"}:
+            raise ValueError(f"method=reversible cannot tune the optimizer's {', '.join(sorted(tuned))}")
+        eta0 = self.lr * (1 - self.momentum)  # torch's lr
+
+        def schedule(lam: dict[str, Tensor], t: int) -> tuple[Tensor, Tensor]:
+            o = family.optimizer_overrides(lam, t)
+            gamma = _per_weight(o.get("momentum", self.momentum), params)
+            return _per_weight(o.get("lr", eta0), params) / (1 - gamma), gamma
+
+        return schedule
+
+
+def _per_weight(value: Any, params: Mapping[str, Tensor]) -> Tensor:
+    """An optimizer override (a number, a 0-d tensor, or one of these per parameter name) as one flat
+    float64 value per weight, differentiable in the tensors it came from."""
+    per_name = value if isinstance(value, Mapping) else dict.fromkeys(params, value)
+    return torch.cat([torch.as_tensor(per_name[n], dtype=torch.float64, device=p.device).expand(p.shape).reshape(-1)
+                      for n, p in params.items()])
