@@ -39,7 +39,7 @@ def test_help_lists_subcommands(capsys):
     (["method.alpha=0"], "method=neumann: alpha must be > 0, got 0.0"),
     (["method=cg", "method.iterations=-2"], "method=cg: iterations must be >= 0, got -2"),
     (["method.terms=abc"], "method.terms: 'abc' is not a valid int"),
-    (["hp.weight_decay.granularity=per_unit"], "hp.weight_decay.granularity='per_unit' is not valid; choose one of: global, per_layer, per_weight"),
+    (["hp.weight_decay.granularity=per_unit"], "hp.weight_decay.granularity='per_unit' is not valid; choose one of: global, layer_and_weight, per_layer, per_weight"),
     (["hp.weight_decay.include=[nothing]"], "match no parameter"),
     (["device=tpu"], "device must be auto, cpu, cuda or cuda:N"),
     (["dataset.train_size=100", "dataset.val_size=60"], "but Iris has 150 examples"),
