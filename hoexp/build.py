@@ -23,6 +23,7 @@ from hoexp.hp.learning_rate import LearningRate, Momentum
 from hoexp.hp.weight_decay import WeightDecay
 from hoexp.method.base import HyperMethod
 from hoexp.method.curvature import CURVATURES
+from hoexp.method.first_order import FiniteDifferenceMethod
 from hoexp.method.forward import ForwardMethod
 from hoexp.method.hd import HDMethod
 from hoexp.method.implicit import ImplicitMethod, NoHO
@@ -38,6 +39,9 @@ if TYPE_CHECKING:
     from hoexp.model.lstm import LSTMLanguageModel
 
 IFT_METHODS = ("neumann", "cg", "fixed_point", "exact", "t1t2")
+# Methods that train with plain steps and differentiate at the reached weights (IFT and the first-order fd):
+# they cannot tune lr or momentum, and their steps can be compiled or run in mixed precision.
+PLAIN_STEP_METHODS: tuple[str, ...] = (*IFT_METHODS, "fd")
 # Methods that differentiate the optimization path, so they can also tune lr and momentum.
 PATH_METHODS: tuple[str, ...] = ("unrolled", "truncated", "forward", "reversible")
 
@@ -153,6 +157,8 @@ def build_method(spec: Spec) -> HyperMethod:
         return ImplicitMethod(ift_solver(cfg), cfg.name, curvature=CURVATURES[cfg.curvature], damping=cfg.damping,
                               warm_start=getattr(cfg, "warm_start", False),
                               alpha_every=cfg.alpha_every if auto else 0)
+    if cfg.name == "fd":
+        return FiniteDifferenceMethod(cfg.alpha, cfg.eps, cfg.terms)
     if cfg.name == "unrolled":
         return UnrolledMethod(None, "unrolled")
     if cfg.name == "truncated":
@@ -197,9 +203,9 @@ def check_compatibility(spec: Spec) -> None:
                           f"{' or model='.join(models)} (classification: iris, mnist with mlp; language "
                           "modelling: ptb with lstm)")
     path_only = [f for f in families if not MOVES_OPTIMUM[f]]
-    if method in IFT_METHODS and path_only:
+    if method in PLAIN_STEP_METHODS and path_only:
         raise ConfigError(
-            f"method={method} (implicit differentiation) cannot tune hp={path_only[0]}: it changes only the "
+            f"method={method} ({'first-order ' if method == 'fd' else ''}implicit differentiation) cannot tune hp={path_only[0]}: it changes only the "
             f"optimization path, not the inner optimum w*; use a method that differentiates the path "
             f"({', '.join(PATH_METHODS[:3])})")
     if method == "hd" and (families != ["lr"] or spec.hp[0].granularity != "global"):

@@ -290,6 +290,21 @@ def _check_ift(obj: Any) -> None:
 
 
 @dataclass
+class FDConfig:
+    """First-order hypergradient (hoexp.method.first_order): ``H⁻¹ ≈ αI`` (or ``terms`` Neumann terms) and
+    every second derivative a central difference of gradients (DARTS / SAMA): no double backward."""
+
+    name: str = "fd"
+    alpha: float = 0.01  # H⁻¹ ≈ αI (DARTS's ξ)
+    eps: float = 0.01  # w ± εu with ε = eps/‖u‖: the perturbation's length
+    terms: int = 0  # > 0: Neumann terms with finite-difference Hessian-vector products (two gradients each)
+
+    def check(self) -> None:
+        _positive(self, "alpha", "eps")
+        _non_negative(self, "terms")
+
+
+@dataclass
 class UnrolledConfig:
     """Backpropagate through all ``inner_steps`` steps (memory grows with them)."""
 
@@ -503,7 +518,7 @@ GROUPS: dict[str, dict[str, type]] = {
     "model": {"mlp": MLPConfig, "lstm": LSTMConfig},
     "hp": {"weight_decay": WeightDecayConfig, "dropout": DropoutConfig, "lr": LRConfig, "momentum": MomentumHPConfig},
     "method": {"none": NoneMethodConfig, "neumann": NeumannConfig, "cg": CGConfig,
-               "fixed_point": FixedPointConfig, "exact": ExactConfig, "t1t2": T1T2Config,
+               "fixed_point": FixedPointConfig, "exact": ExactConfig, "t1t2": T1T2Config, "fd": FDConfig,
                "unrolled": UnrolledConfig, "truncated": TruncatedConfig, "forward": ForwardConfig,
                "hd": HDConfig, "reversible": ReversibleConfig},
     "optim": {"sgd": SGDConfig, "momentum": MomentumConfig, "nesterov": NesterovConfig, "adam": AdamConfig,

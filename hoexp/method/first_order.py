@@ -1,0 +1,133 @@
+"""A first-order hypergradient (``method=fd``): finite differences of gradients instead of second derivatives.
+
+The IFT hypergradient with ``H⁻¹ ≈ αI`` (T1-T2; DARTS's one-step approximation, Liu et al. 2019) is
+
+    dL_V/dλ ≈ ∂L_V/∂λ − (∂²L_T/∂λ∂w) u,    u = α ∂L_V/∂w,
+
+and its mixed term is a directional derivative of ``∇_λ L_T`` along ``u``, taken here by central
+differences (DARTS; SAMA, Choe et al. 2023, uses the same first-order mixed term):
+
+    (∂²L_T/∂λ∂w) u ≈ [∇_λ L_T(w + εu, λ) − ∇_λ L_T(w − εu, λ)] / 2ε,    ε = eps / ‖u‖,
+
+so ``w ± εu`` lies ``eps`` away from ``w``. Cost: one validation gradient and two gradients of ``L_T``
+(no double backward): it runs wherever a gradient does (data-parallel runs, ``compile=true`` inner
+steps, mixed-precision inner steps). The truncation error is ``O(ε²)`` (zero where ``∇_λ L_T`` is
+quadratic in ``w``, as for weight decay ``½λw²``), the rounding error ``O(δ/ε)`` for a machine
+epsilon ``δ``; ``eps = 0.01`` balances them in float32.
+
+``terms = K > 0`` replaces ``αI`` by the Neumann series ``α Σ_{j≤K} (I − αH)^j`` whose Hessian-vector
+products are central differences of ``∇_w L_T`` as well (:class:`FiniteDifferenceHessian`, two
+gradients each), a first-order Neumann IFT.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from hoexp import tree
+from hoexp.method.base import InnerState, StepStats, train_inner
+from hoexp.method.ift import LossFn
+from hoexp.method.solvers import Neumann
+from hoexp.optim import Optimizer
+from hoexp.problem import Batch, Problem
+
+
+def _step(v: Tensor, eps: float) -> Tensor:
+    """``eps/‖v‖`` as a 0-d tensor (no host sync); ``v = 0`` gives a finite step and a zero difference."""
+    return eps / torch.linalg.vector_norm(v).clamp_min(torch.finfo(v.dtype).tiny)
+
+
+def _grads(loss: LossFn, w: Mapping[str, Tensor], lam: Mapping[str, Tensor], wrt: str) -> Tensor:
+    """The flat gradient of ``loss(w, lam)`` with respect to ``w`` (``wrt="w"``) or ``lam``."""
+    w_ = tree.detached(w, requires_grad=wrt == "w")
+    lam_ = tree.detached(lam, requires_grad=wrt == "lam")
+    inputs = list((w_ if wrt == "w" else lam_).values())
+    out = loss(w_, lam_)
+    grads = torch.autograd.grad(out, inputs, allow_unused=True) if out.requires_grad else [None] * len(inputs)
+    return tree.flatten(tree.fill_none(grads, inputs))
+
+
+class FiniteDifferenceHessian:
+    """``v ↦ H v ≈ [∇_w L_T(w + εv) − ∇_w L_T(w − εv)] / 2ε`` with ``ε = eps/‖v‖`` (two gradients)."""
+
+    def __init__(self, train_loss: LossFn, w: Mapping[str, Tensor], lam: Mapping[str, Tensor], eps: float):
+        self.train_loss, self.w, self.lam, self.eps = train_loss, w, lam, eps
+        self.flat = tree.flatten(w.values()).detach()
+        self.n = self.flat.numel()
+        self.hvps = 0
+
+    def matvec(self, v: Tensor) -> Tensor:
+        self.hvps += 1
+        h = _step(v, self.eps)
+        plus = _grads(self.train_loss, tree.unflatten(self.flat + h * v, self.w), self.lam, "w")
+        minus = _grads(self.train_loss, tree.unflatten(self.flat - h * v, self.w), self.lam, "w")
+        return (plus - minus) / (2 * h)
+
+    def dense(self) -> Tensor:
+        raise NotImplementedError("a finite-difference Hessian has no dense form here")
+
+
+@dataclass
+class FDStats:
+    val_loss: float
+    step: float  # ε·‖u‖ = eps: how far w ± εu lies from w
+    u_norm: float
+    hvps: int  # finite-difference Hessian-vector products (terms > 0), two gradients each
+
+
+def fd_hypergradient(train_loss: LossFn, val_loss: LossFn, params: Mapping[str, Tensor],
+                     hparams: Mapping[str, Tensor], *, alpha: float = 0.01, eps: float = 0.01, terms: int = 0,
+                     ) -> tuple[dict[str, Tensor], FDStats]:
+    """``∂L_V/∂λ − (∂²L_T/∂λ∂w) u`` with ``u = α Σ_{j≤terms} (I − αH)^j ∂L_V/∂w`` and every second
+    derivative a central difference (see the module doc). Inputs are not modified; detached result."""
+    w = tree.detached(params, requires_grad=True)
+    lam = tree.detached(hparams, requires_grad=True)
+    w_list, lam_list = list(w.values()), list(lam.values())
+    lv = val_loss(w, lam)
+    grads_v = torch.autograd.grad(lv, w_list + lam_list, allow_unused=True)
+    v = tree.flatten(tree.fill_none(grads_v[:len(w_list)], w_list)).detach()
+    direct = tree.fill_none(grads_v[len(w_list):], lam_list)
+    hvps = 0
+    if terms:
+        op = FiniteDifferenceHessian(train_loss, params, hparams, eps)
+        u = Neumann(terms, alpha, residual=False)(op, v).x
+        hvps = op.hvps
+    else:
+        u = alpha * v
+    h = _step(u, eps)
+    flat = tree.flatten(w_list).detach()
+    plus = _grads(train_loss, tree.unflatten(flat + h * u, params), hparams, "lam")
+    minus = _grads(train_loss, tree.unflatten(flat - h * u, params), hparams, "lam")
+    mixed = tree.unflatten((plus - minus) / (2 * h), hparams)
+    hypergrad = {k: (d - mixed[k]).detach() for k, d in zip(lam.keys(), direct)}
+    val_value, u_norm = torch.stack([lv.detach(), torch.linalg.vector_norm(u).to(lv.dtype)]).tolist()
+    return hypergrad, FDStats(val_value, eps, u_norm, hvps)
+
+
+@dataclass
+class FiniteDifferenceMethod:
+    """``method=fd``: train ``inner_steps`` plain steps, then :func:`fd_hypergradient` at the reached weights
+    (mixed term on the next training batch, validation gradient on ``val_batch``, as the IFT methods)."""
+
+    alpha: float = 0.01
+    eps: float = 0.01
+    terms: int = 0
+    name: str = "fd"
+
+    def outer_step(self, problem: Problem, inner_opt: Optimizer, state: InnerState, raw: dict[str, Tensor],
+                   train_batches: Iterator[Batch], val_batch: Batch, inner_steps: int,
+                   on_inner_step: Callable[[], None] | None = None,
+                   ) -> tuple[dict[str, Tensor], InnerState, StepStats]:
+        state, loss, gnorm = train_inner(problem, inner_opt, state, raw, train_batches, inner_steps, on_inner_step)
+        batch = next(train_batches)
+        hg, s = fd_hypergradient(lambda w, lam: problem.train_loss(w, lam, batch),
+                                 lambda w, lam: problem.val_loss(w, lam, val_batch),
+                                 state.params, raw, alpha=self.alpha, eps=self.eps, terms=self.terms)
+        stats = StepStats(inner_grad_norm=None if gnorm is None else float(gnorm),
+                          inner_loss=None if loss is None else float(loss), hypergrad_norm=float(tree.norm(hg)),
+                          solver_iterations=self.terms, hvps=s.hvps, extra={"fd/u_norm": s.u_norm})
+        return hg, state, stats
