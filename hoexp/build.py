@@ -221,10 +221,46 @@ def check_compatibility(spec: Spec) -> None:
     if "momentum" in families and (inner.name not in MOMENTUM_OPTIMIZERS or not getattr(inner, "momentum", 0) > 0):
         raise ConfigError(f"hp=momentum tunes SGD momentum, but optim/inner={inner.name} has no momentum buffer; "
                           "use optim/inner=momentum or nesterov")
-    if spec.run.compile and method not in (*IFT_METHODS, "none"):
+    if spec.run.compile and method not in (*PLAIN_STEP_METHODS, "none"):
         raise ConfigError(f"compile=true compiles plain training steps, and method={method} takes none (it "
                           "differentiates its steps); drop compile=true, or use an IFT method (neumann, cg, "
-                          "fixed_point, exact, t1t2) or none")
+                          "fixed_point, exact, t1t2), fd or none")
+    check_precision(spec)
+    check_distributed(spec)
+
+
+def check_precision(spec: Spec) -> None:
+    """``precision=bf16|fp16``: only plain training steps (IFT methods, fd, none), float32 runs."""
+    run, method = spec.run, spec.method.name
+    if run.precision == "fp32":
+        return
+    if method not in (*PLAIN_STEP_METHODS, "none"):
+        raise ConfigError(f"precision={run.precision} applies to plain training steps, and method={method} "
+                          "differentiates its steps (in the run's dtype); use precision=fp32, or an IFT method "
+                          "(neumann, cg, fixed_point, exact, t1t2), fd or none")
+    if run.dtype != "float32":
+        raise ConfigError(f"precision={run.precision} runs float32 weights' steps in lower precision; with "
+                          f"dtype={run.dtype} use precision=fp32")
+    if run.precision == "fp16" and run.compile:
+        raise ConfigError("precision=fp16 scales the loss and skips overflowing steps, which compile=true does not "
+                          "do; use precision=bf16 with compile=true, or compile=false")
+
+
+def check_distributed(spec: Spec) -> None:
+    """A data-parallel run (``torchrun``, or a multi-task SLURM job): supported methods only."""
+    from hoexp import distributed
+
+    ctx = distributed.launched()
+    if not ctx.active:
+        return
+    method = spec.method.name
+    if method not in distributed.SUPPORTED_METHODS:
+        raise ConfigError(f"method={method} does not run data-parallel ({ctx.world_size} processes): it "
+                          f"{distributed.UNSUPPORTED_WHY.get(method, 'is not supported')}; use one of "
+                          f"{', '.join(distributed.SUPPORTED_METHODS)}, or run it in one process")
+    if spec.run.compile:
+        raise ConfigError("compile=true does not run data-parallel (the compiled step cannot all-reduce inside "
+                          "torch.func); drop compile=true, or run in one process")
 
 
 @dataclass
@@ -242,7 +278,9 @@ class Experiment:
 
 
 def build(spec: Spec) -> Experiment:
-    device = resolve_device(spec.run.device)
+    from hoexp import distributed
+
+    device = resolve_device(distributed.device_for(spec.run.device, distributed.current()))
     check_compatibility(spec)
     method = build_method(spec)
     try:
@@ -276,6 +314,14 @@ def build(spec: Spec) -> Experiment:
     else:
         problem = Problem(model, family)
     problem.compile = spec.run.compile
+    if spec.run.precision != "fp32":
+        from hoexp.precision import Precision
+
+        problem.precision = Precision(spec.run.precision, device.type)
+    from hoexp import distributed
+
+    if distributed.current().active:
+        problem.sync = distributed.sync
     return Experiment(spec, device, data, model, problem, method, inner_opt, outer_opt)
 
 

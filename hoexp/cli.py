@@ -56,8 +56,19 @@ HYDRA_FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--config-path", "-c
                           "--config-dir", "-cd", "--info", "-i", "--experimental-rerun"}
 
 
-def fail(message: str, code: int = 2) -> None:
-    print(f"hoexp: error: {message}", file=sys.stderr)
+def fail(message: str, code: int = 2, error: BaseException | None = None) -> None:
+    """Print ``hoexp: error: <message>`` and exit with ``code``. In a data-parallel run (``error`` given) ranks
+    other than 0 print only their own failures (prefixed ``rank R of N:``, and left for rank 0's summary)."""
+    from hoexp import distributed
+
+    if error is not None and distributed.launched().active:
+        if distributed.quiet_failure(error):
+            sys.exit(code)
+        message = distributed.prefix() + message
+        if not distributed.launched().is_main:
+            status = "interrupted" if type(error).__name__ == "Preempted" else "failed"
+            distributed.tell_ended(status, message)
+    print(f"hoexp: error: {message}", file=sys.stderr, flush=True)
     sys.exit(code)
 
 
@@ -230,11 +241,14 @@ def _task(cfg) -> float:
     from hydra.types import RunMode
     from omegaconf import OmegaConf
 
+    from hoexp import distributed
     from hoexp.config import validate
     from hoexp.runner import Diverged, run_experiment
 
     try:
         spec = validate(cfg)
+        if distributed.launched().active:  # torchrun joined in cmd_run; a multi-task SLURM job joins here
+            distributed.init(spec.run.device)
         if HydraConfig.get().mode == RunMode.MULTIRUN and spec.run.resume == "true":
             spec.run.resume = "auto"  # a sweep resumes as a whole: jobs that never started (or checkpointed) start
         out_dir = HydraConfig.get().runtime.output_dir
@@ -246,11 +260,17 @@ def _task(cfg) -> float:
             return float("inf")
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
-        fail(str(e), e.exit_code)
+        fail(str(e), e.exit_code, e)
     except HoexpError as e:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
-        fail(str(e), e.exit_code)
+        fail(str(e), e.exit_code, e)
+    except Exception as e:  # a data-parallel rank's own failure ends the job with one line (one process: traceback)
+        if not distributed.launched().active or os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        fail(f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}", 1, e)
+    finally:
+        distributed.finish(distributed.current())
     return float(summary["best"].get("val_loss", float("nan")))
 
 
@@ -292,6 +312,37 @@ def claim_output_dir(overrides: list[str], multirun: bool, cfg) -> list[str]:
     return [f"{key}={text}" if re.fullmatch(r"[\w./:-]+", text) else f"{key}='{text}'"]
 
 
+def launched_ranks() -> int:
+    """The number of processes this command was started as (torchrun, or a multi-task SLURM step); 0 for one."""
+    from hoexp import distributed
+
+    ctx = distributed.launched()
+    return ctx.world_size if ctx.active else 0
+
+
+def join_job(overrides: list[str], multirun: bool, cfg) -> list[str]:
+    """One run on several processes (``torchrun -m hoexp run``): join the process group, then rank 0 claims the
+    run folder (:func:`claim_output_dir`) and every rank takes the same; only rank 0 lets Hydra write ``.hydra/``."""
+    from hoexp import distributed
+
+    if multirun:
+        raise ConfigError(f"hoexp run -m under torchrun ({launched_ranks()} processes) would run every job of the "
+                          "sweep on all of them; run one job per torchrun, or sweep with hydra/launcher=slurm_ddp "
+                          "(one task per GPU per job)")
+    ctx = distributed.init(str(cfg.device))
+    claim: list[str] | str = []
+    if ctx.is_main:
+        try:
+            claim = claim_output_dir(overrides, multirun, cfg)
+        except ConfigError as e:
+            distributed.broadcast(str(e), ctx)
+            raise
+    claim = distributed.broadcast(claim, ctx)
+    if isinstance(claim, str):  # rank 0 could not create the folder (and says so)
+        raise distributed.PeerLost(claim, reported=True)
+    return [*claim, *([] if ctx.is_main else ["hydra.output_subdir=null"])]
+
+
 def check_launcher(cfg) -> None:
     """A SLURM launcher needs SLURM here (submitit looks for ``srun``): else one line, before anything runs."""
     import shutil
@@ -331,7 +382,8 @@ def cmd_run(args: list[str]) -> None:
             first = [*(o for o in overrides if o.lstrip("+~").startswith("hydra")), *jobs[0]] if multirun else jobs[0]
             cfg = _compose(first, hydra=True)
             check_launcher(cfg)
-            args = [*args, *claim_output_dir(overrides, multirun, cfg)]
+            args = [*args, *(join_job(overrides, multirun, cfg) if launched_ranks() else
+                             claim_output_dir(overrides, multirun, cfg))]
     sys.argv = ["hoexp run", *args]
     conf_dir()
     hydra.main(config_path=CONF_PKG, config_name="config", version_base="1.3")(_task)()
@@ -456,7 +508,7 @@ def main(argv: list[str] | None = None) -> None:
     except HoexpError as e:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
-        fail(str(e), e.exit_code)
+        fail(str(e), e.exit_code, e)
     except KeyboardInterrupt:  # Ctrl-C before a run has its own handler (imports, composing, loading data)
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise

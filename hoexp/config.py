@@ -494,6 +494,7 @@ class RunConfig:
     resume: str = "auto"
     max_nonfinite: int = 3  # non-finite hypergradients in a row (each skips its outer update) before aborting
     outer_objective: str = "val"  # val: validation loss; train: final training loss (Maclaurin et al.'s meta-objective)
+    precision: str = "fp32"  # fp32 | bf16 | fp16: plain inner training steps under autocast (hoexp.precision)
     name: str = "run"
 
     def check(self) -> None:
@@ -506,6 +507,7 @@ class RunConfig:
             raise ConfigError(f"dtype must be float32 or float64, got '{self.dtype}'")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got '{self.device}'")
+        _choice("precision", self.precision, ("fp32", "bf16", "fp16"))
         self.resume = self.resume.lower()  # YAML booleans arrive as 'True' / 'False'
         _choice("resume", self.resume, RESUME_MODES)
         if not NAME.fullmatch(self.name) or self.name in (".", ".."):

@@ -57,6 +57,7 @@ class LMProblem(Problem):
     ``L_V`` = the same on a validation window without dropout."""
 
     task = "language_model"
+    batch_dim = 1  # windows are [T, B]
     bptt: int  # the window length (dataset.bptt), set on the instance by build
 
     def batch_size(self, x: Tensor) -> int:

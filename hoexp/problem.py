@@ -57,7 +57,25 @@ class Problem:
     family: HyperFamily
     compile: bool = False  # run.compile: plain training steps through torch.compile (hoexp.method.base)
     compiled: dict = field(default_factory=dict, repr=False)  # inner optimizer → its compiled step
+    # Data-parallel runs (hoexp.distributed.sync): (params, raw) → the same values through a node that
+    # averages their gradients over the ranks; applied where a data loss reads them. None: one process.
+    sync: Callable[[Mapping[str, Tensor], Mapping[str, Tensor]], tuple[dict, dict]] | None = field(
+        default=None, repr=False)
+    # Inner training steps in mixed precision (hoexp.precision.Precision: autocast, fp16 loss scaling); None:
+    # the run's dtype. Only plain training steps use it (step_loss), never a hypergradient's derivatives.
+    precision: Any = field(default=None, repr=False)
     task = "classification"
+    batch_dim = 0  # the examples' dimension of a batch's inputs and targets (data-parallel shards split it)
+
+    def synced(self, params: Mapping[str, Tensor], raw: Mapping[str, Tensor], batch: Batch | None = None,
+               ) -> tuple[Mapping[str, Tensor], Mapping[str, Tensor]]:
+        """``(params, raw)`` as the data loss of ``batch`` should read them: through ``sync`` in a data-parallel
+        run (``raw`` only where the batch's masks read it; ``batch`` None: never)."""
+        if self.sync is None:
+            return params, raw
+        reads_raw = batch is not None and len(batch) >= 3 and hasattr(self.family, "masks")
+        w, r = self.sync(params, raw if reads_raw else {})
+        return w, (r if reads_raw else raw)
 
     def batch_size(self, x: Tensor) -> int:
         """Examples in a batch's input (the dimension dropout masks are drawn over)."""
@@ -83,17 +101,28 @@ class Problem:
         return self.family.masks(raw, batch[2])
 
     def train_loss(self, params: Mapping[str, Tensor], raw: Mapping[str, Tensor], batch: Batch) -> Tensor:
-        return self.data_loss(params, batch, self.masks(raw, batch)) + self.family.penalty(params, raw)
+        w, r = self.synced(params, raw, batch)  # the penalty is the same on every rank: its gradient needs no mean
+        return self.data_loss(w, batch, self.masks(r, batch)) + self.family.penalty(params, raw)
+
+    def step_loss(self, params: Mapping[str, Tensor], raw: Mapping[str, Tensor], batch: Batch) -> Tensor:
+        """The training loss of a plain training step: :meth:`train_loss`, under autocast with ``precision``."""
+        if self.precision is None:
+            return self.train_loss(params, raw, batch)
+        with self.precision.autocast():
+            return self.train_loss(params, raw, batch).float()
 
     def train_parts(self, batch: Batch) -> tuple[Callable, Callable, Callable]:
         """``train_loss(·, ·, batch)`` split as ``(outputs(w, raw), output_loss(z), penalty(w, raw))``:
         ``L_T = output_loss(outputs(w, raw)) + penalty(w, raw)`` (a Gauss-Newton curvature needs the
         outputs; ``hoexp.method.curvature.SplitLoss``)."""
-        return (lambda w, raw: self.logits(w, batch[0], self.masks(raw, batch)),
-                lambda z: self.output_loss(z, batch[1]), self.family.penalty)
+        def outputs(w: Mapping[str, Tensor], raw: Mapping[str, Tensor]) -> Tensor:
+            w, raw = self.synced(w, raw, batch)
+            return self.logits(w, batch[0], self.masks(raw, batch))
+
+        return outputs, lambda z: self.output_loss(z, batch[1]), self.family.penalty
 
     def val_loss(self, params: Mapping[str, Tensor], raw: Mapping[str, Tensor], batch: Batch) -> Tensor:
-        return self.data_loss(params, batch)
+        return self.data_loss(self.synced(params, raw)[0], batch)  # L_V reads no hyperparameter
 
     @torch.no_grad()
     def evaluate(self, params: Mapping[str, Tensor], split: Any) -> tuple[Tensor, Tensor]:

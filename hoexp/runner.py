@@ -23,7 +23,7 @@ import torch
 from rich.console import Console
 from torch import Tensor
 
-from hoexp import rundir, tree
+from hoexp import distributed, rundir, tree
 from hoexp.build import Experiment, build
 from hoexp.config import Spec
 from hoexp.errors import HoexpError, StopRun
@@ -45,6 +45,8 @@ from hoexp.resume import check_resume
 # took 42 ms with 2 threads and 4 ms with 1 (DESIGN.md §3), thread start-up dominating the work.
 SMALL_MODEL_PARAMS = 1_000_000
 CHECKPOINT_VERSION = 2  # 2: with the config, the first .hydra/ files and the resumes
+# Top-level keys added after checkpoints were first written, with the value that reproduces older runs.
+ADDED_KEYS = {"precision": "fp32"}
 CHECKPOINT_KEYS = frozenset({"step", "params", "opt_state", "inner_step", "raw", "outer_state", "train_stream",
                              "val_stream", "evals", "hypergradients", "nonfinite", "elapsed_s", "raw0", "torch_rng"})
 
@@ -150,6 +152,8 @@ def _outcome(e: BaseException) -> tuple[str, str]:
         return "interrupted", str(e)
     if isinstance(e, Diverged):
         return "diverged", str(e)
+    if isinstance(e, distributed.PeerLost):  # another rank's failure, in its words
+        return "failed", str(e)
     if isinstance(e, StopRun):  # an extra logger ended the run on purpose (a pruned search trial)
         return e.status, str(e)
     if isinstance(e, SystemExit):  # from a signal handler, e.g. submitit requeueing a SLURM job on SIGUSR2
@@ -183,8 +187,11 @@ class Run:
         self.spec = spec
         self.out_dir = Path(out_dir)
         self.config_text = config_text
-        self.console = console or Console(stderr=True)
-        self.extra_loggers = list(loggers or [])
+        # A data-parallel run (hoexp.distributed): rank 0 writes and shows everything, the other ranks nothing.
+        self.ctx = distributed.current()
+        self.main = self.ctx.is_main
+        self.console = (console or Console(stderr=True)) if self.main else Console(stderr=True, quiet=True)
+        self.extra_loggers = list(loggers or []) if self.main else []
         self.evals: list[dict[str, float]] = []
         self.hypergradients = 0
         self.status = "created"
@@ -206,6 +213,8 @@ class Run:
 
     # ----------------------------------------------------------------------------- the loop
     def execute(self) -> dict[str, Any]:
+        if not self.main:  # rank 0 owns the folder (created, locked, cleared or resumed) and broadcasts its decisions
+            return self._execute()
         try:
             self.out_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -216,11 +225,11 @@ class Run:
 
     def _execute(self) -> dict[str, Any]:
         spec = self.spec
-        ckpt = self._start_or_resume()
+        ckpt = self._decide_start()
         if ckpt is not None and ckpt.get("status") == "completed" and spec.run.outer_steps <= int(ckpt["step"]):
             self.console.print(f"hoexp: {self.out_dir} already completed; nothing to resume", highlight=False,
                                soft_wrap=True)
-            return read_json(self.out_dir / "summary.json")
+            return distributed.broadcast(read_json(self.out_dir / "summary.json") if self.main else None, self.ctx)
         self.exp = exp = build(spec)
         params = {k: v.detach().clone() for k, v in exp.model.named_parameters()}
         start = 0 if ckpt is None else int(ckpt["step"])
@@ -231,7 +240,7 @@ class Run:
                 TensorBoardLogger(self.out_dir, purge_step=None if ckpt is None else start + 1),
                 JsonlLogger(self.out_dir / "metrics.jsonl", summarize_histograms=False,
                             keep_until=None if ckpt is None else start),
-                *self.extra_loggers])
+                *self.extra_loggers] if self.main else [])
             try:
                 self.status = "running"
                 self._loop(exp, params, logger, threads, ckpt)
@@ -241,18 +250,54 @@ class Run:
                 self.status, self.error = _outcome(e)
             finally:
                 signals.ignore()  # a second signal must not interrupt the writing below
+                if isinstance(error, distributed.PeerLost):
+                    error = self._peer_outcome(error)
+                    self.status, self.error = _outcome(error)
                 failed_write = self._finish(logger)
         if error is not None:
             raise self._explain(error)
         if failed_write is not None:
             raise self._explain(failed_write)
         summary = self.summary_data
+        if self.ctx.active:  # every rank returns rank 0's summary (the others computed theirs but wrote nothing)
+            summary = distributed.broadcast(summary, self.ctx)
         f, b = summary["final"], summary["best"]
         self.console.print(
             f"hoexp: done in {summary['wall_time_s']:.1f}s: final val_loss={f['val_loss']:.4f} "
             f"test_loss={f['test_loss']:.4f} test_acc={f['test_acc']:.3f}; best val_loss={b['val_loss']:.4f} "
             f"at step {b['step']} → {self.out_dir / 'summary.json'}", soft_wrap=True, highlight=False, markup=False)
         return summary
+
+    def _decide_start(self) -> dict | None:
+        """:meth:`_start_or_resume` on rank 0; in a data-parallel run its answer (the checkpoint, or the one-line
+        error) is broadcast, so every rank starts or resumes alike and the others never read the folder."""
+        if not self.ctx.active:
+            return self._start_or_resume()
+        if self.main:
+            try:
+                ckpt = self._start_or_resume()
+            except HoexpError as e:
+                distributed.broadcast(("error", str(e)), self.ctx)
+                raise
+            distributed.broadcast(("ok", ckpt), self.ctx)
+            return ckpt
+        kind, payload = distributed.broadcast(None, self.ctx)
+        if kind == "error":
+            raise distributed.PeerLost(payload, reported=True)
+        return payload
+
+    def _peer_outcome(self, error: distributed.PeerLost) -> BaseException:
+        """What ended the job when another rank did: its own report (failed / interrupted) from the store."""
+        ended = distributed.why_ended() if self.main else None
+        if ended is None:
+            if self.main and not error.reported:
+                return distributed.PeerLost(f"another rank of the {self.ctx.world_size}-process job ended without a "
+                                            f"message (killed?) after outer step {self._snapshot_step()}", )
+            return error
+        status, message = ended
+        if status == "interrupted":
+            return Preempted(message)
+        return distributed.PeerLost(message, reported=True)
 
     def _start_or_resume(self) -> dict | None:
         """The checkpoint to continue from, or ``None`` to start (``spec.run.resume``: false, true, auto).
@@ -288,7 +333,8 @@ class Run:
                 rundir.write_atomic(path, text.encode("utf-8"))
         self.resumes = list(ckpt.get("resumes") or [])
         if "config" in ckpt:  # checkpoints before hoexp 0.1 (version 1) did not store it
-            changes = check_resume(ckpt["config"], _task_config(self.spec), folder, int(ckpt["step"]))
+            old = {**ADDED_KEYS, **ckpt["config"]}  # a key added since the checkpoint was written: its default
+            changes = check_resume(old, _task_config(self.spec), folder, int(ckpt["step"]))
             if changes:
                 self.resumes.append({"step": int(ckpt["step"]), "changes": {k: list(v) for k, v in changes.items()}})
                 shown = ", ".join(f"{k} {a} → {b}" for k, (a, b) in changes.items())
@@ -314,6 +360,9 @@ class Run:
                 failures.append(e)
                 return False
 
+        if not self.main:  # the other ranks of a data-parallel run write nothing
+            self.summary_data = self.summary()
+            return None
         if self.snapshot is not None and (self.status in ("interrupted", "completed") or self.spec.run.checkpoint_every):
             if not attempt(self._write_checkpoint) and self.status == "completed":
                 self.status, self.error = _outcome(failures[-1])
@@ -356,13 +405,19 @@ class Run:
         outer_split = exp.data.train if spec.run.outer_objective == "train" else \
             getattr(exp.data, "val_train_layout", exp.data.val)
         self.val_stream = validation_batches(problem, outer_split, spec.run.seed, spec.dataset.val_batch_size)
+        if self.ctx.active:  # every rank draws the global batches and keeps its shard
+            self.train_batches = distributed.ShardedStream(self.train_batches, problem.batch_dim, problem.model,
+                                                           self.ctx)
+            self.val_stream = distributed.ShardedStream(self.val_stream, problem.batch_dim, problem.model, self.ctx)
         start = 0
         if ckpt is not None:
             start, outer_state = self._restore(ckpt, exp)
         self.console.print(
             f"hoexp: {spec.dataset.name} / {spec.model.name} ({tree.numel(params):,} weights) / "
             f"hp={spec.hp_name} ({tree.numel(self.raw):,} hyperparameters) / method={exp.method.name} / "
-            f"device={exp.device} threads={threads} → {self.out_dir}"
+            f"device={exp.device} threads={threads}"
+            + (f" processes={self.ctx.world_size}" if self.ctx.active else "")
+            + (f" precision={spec.run.precision}" if spec.run.precision != "fp32" else "") + f" → {self.out_dir}"
             + (f" (resumed after outer step {start})" if ckpt is not None else ""),
             soft_wrap=True, highlight=False, markup=False)
         if ckpt is None:
@@ -371,7 +426,7 @@ class Run:
             self._log_eval(exp, logger, 0, {}, force_hist=True)
         self._take_snapshot(start, outer_state)
         progress = make_progress(spec.run.outer_steps, spec.run.inner_steps, console=self.console,
-                                 enabled=spec.run.progress)
+                                 enabled=spec.run.progress and self.main)
         with progress:
             for step in range(start + 1, spec.run.outer_steps + 1):
                 progress.start_outer(step)
@@ -385,6 +440,8 @@ class Run:
                     problem, exp.inner_opt, self.state, self.raw, self.train_batches, next(self.val_stream),
                     spec.run.inner_steps, progress.advance_inner)
                 scalars = _stats_scalars(stats)
+                if self.ctx.active and "inner/loss" in scalars:  # each rank's is its shard's: log the global mean
+                    scalars["inner/loss"] = distributed.mean_floats([scalars["inner/loss"]], self.ctx)[0]
                 abort = None
                 if hg is not None:
                     if _all_finite(list(hg.values())):
@@ -439,6 +496,8 @@ class Run:
         """``checkpoint.pt`` in the run folder, atomically; with the run's config and first ``.hydra/``
         files, against which a resume is checked."""
         assert self.snapshot is not None  # written only after _loop's first snapshot
+        if not self.main:  # rank 0 alone writes
+            return
         payload = {**self.snapshot, "status": self.status, "version": CHECKPOINT_VERSION,
                    "config": _task_config(self.spec), "hydra_files": self.hydra_files, "resumes": self.resumes}
         _save(_to_cpu(payload), self.out_dir / "checkpoint.pt")
@@ -532,6 +591,8 @@ class Run:
             "outer_steps": self.spec.run.outer_steps,
             "inner_steps": self.spec.run.inner_steps,
             "device": str(exp.device) if exp else None,
+            "world_size": self.ctx.world_size,
+            "precision": self.spec.run.precision,
         }
         if self.raw and exp is not None:
             values = hp_view(exp, self.raw).detach()

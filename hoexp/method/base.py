@@ -20,6 +20,7 @@ from torch.func import grad_and_value
 from hoexp import tree
 from hoexp.errors import HoexpError
 from hoexp.optim import Optimizer
+from hoexp.precision import all_finite
 from hoexp.problem import Batch, Problem
 
 
@@ -75,7 +76,7 @@ def plain_step(problem: Problem, inner_opt: Optimizer, params: dict[str, Tensor]
     Returns the new weights and optimizer state, the loss and ``‖g‖``. This is what ``run.compile``
     hands to ``torch.compile`` (``torch.func.grad_and_value``: no autograd state crosses the call).
     """
-    grads, loss = grad_and_value(lambda w: problem.train_loss(w, raw, batch))(params)
+    grads, loss = grad_and_value(lambda w: problem.step_loss(w, raw, batch))(params)
     new_params, new_state = inner_opt.update(params, grads, opt_state, **overrides)
     return new_params, new_state, loss, tree.norm(grads)
 
@@ -120,6 +121,7 @@ def train_inner(problem: Problem, inner_opt: Optimizer, state: InnerState, raw: 
     raw = tree.detached(raw)
     params, opt_state = state.params, state.opt_state
     step_fn = compiled_step(problem, inner_opt) if problem.compile else None
+    scaler = problem.precision if problem.precision is not None and problem.precision.scaled else None
     loss = gnorm = None
     for t in range(steps):
         batch = next(batches)
@@ -128,8 +130,18 @@ def train_inner(problem: Problem, inner_opt: Optimizer, state: InnerState, raw: 
             params, opt_state, loss, gnorm = step_fn(params, opt_state, raw, batch, overrides)
         else:
             w = tree.detached(params, requires_grad=True)
-            loss = problem.train_loss(w, raw, batch)
-            grads = dict(zip(w.keys(), torch.autograd.grad(loss, list(w.values()))))
+            loss = problem.step_loss(w, raw, batch)
+            if scaler is not None:  # fp16: gradients of scale·L, unscaled; an overflowing step is skipped
+                scale = scaler.scale()
+                grads = {k: g / scale for k, g in zip(w.keys(), torch.autograd.grad(loss * scale, list(w.values())))}
+                finite = all_finite(grads)
+                scaler.update(finite)
+                if not finite:
+                    if on_step is not None:
+                        on_step()
+                    continue
+            else:
+                grads = dict(zip(w.keys(), torch.autograd.grad(loss, list(w.values()))))
             with torch.no_grad():
                 params, opt_state = inner_opt.update(params, grads, opt_state, **overrides)
             if t == steps - 1:  # only the last step's norm is returned
