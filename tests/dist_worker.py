@@ -1,0 +1,62 @@
+"""Helpers for the data-parallel tests: one outer step of a method on this process's shards.
+
+Imported by ``tests/test_distributed.py`` in the test process (one process: the reference on the whole
+batch) and by the ranks it spawns (``torch.multiprocessing.spawn``, gloo, a file store).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+BASE = ["model.width=5", "model.depth=1", "model.activation=tanh", "dtype=float64", "progress=false",
+        "optim/inner=momentum", "optim.inner.lr=0.2", "hp=[weight_decay,dropout]", "hp.weight_decay.init=0.05",
+        "hp.dropout.relaxation=gaussian", "hp.dropout.init=0.1"]
+CASES = {
+    "neumann": ["method=neumann", "method.terms=4", "method.alpha=0.1"],
+    "cg": ["method=cg", "method.iterations=6"],
+    "fd": ["method=fd", "method.alpha=0.1"],
+    "fd_terms": ["method=fd", "method.alpha=0.1", "method.terms=2"],
+    "cg_gn": ["method=cg_gn"],
+    "unrolled": ["method=unrolled"],
+}
+
+
+def outer_step(name: str, sync: bool = True) -> dict[str, torch.Tensor]:
+    """The hypergradient (and weights after the step) of one outer step of 3 inner steps; in a data-parallel
+    process on its shards of every batch (``sync=False``: without averaging derivatives over the ranks)."""
+    from hoexp import distributed
+    from hoexp.build import build, build_method
+    from hoexp.cli import compose_spec
+    from hoexp.method.base import InnerState
+    from hoexp.problem import training_batches
+
+    spec = compose_spec([*BASE, *CASES[name]])[0]
+    exp = build(spec)
+    ctx = distributed.current()
+    if not sync:
+        exp.problem.sync = None
+    params = {k: v.detach().clone() for k, v in exp.model.named_parameters()}
+    raw = exp.problem.family.init(params)
+    stream = training_batches(exp.problem, exp.data.train, 0)
+    val = (exp.data.val.x, exp.data.val.y)
+    if ctx.active:
+        stream = distributed.ShardedStream(stream, 0, exp.problem.model, ctx)
+        val = distributed.shard_batch(val, 0, exp.problem.model, ctx)
+    hg, state, _ = build_method(spec).outer_step(exp.problem, exp.inner_opt, InnerState(params, exp.inner_opt.init(params)),
+                                                 raw, stream, val, 3)
+    return {**{f"hg/{k}": v for k, v in hg.items()}, **{f"w/{k}": v for k, v in state.params.items()}}
+
+
+def worker(rank: int, world: int, folder: str, names: list[str]) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{folder}/store", rank=rank, world_size=world)
+    try:
+        out = {n: outer_step(n) for n in names}
+        out["unsynced"] = outer_step(names[0], sync=False)
+        torch.save(out, f"{folder}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()

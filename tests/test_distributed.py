@@ -1,0 +1,169 @@
+"""Data-parallel HO (hoexp.distributed): N processes compute what one process computes on the concatenated
+batch; a torchrun run writes one folder, resumes after a kill, and a failing rank ends it with one line."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from hoexp.cli import compose_spec
+from hoexp.errors import ConfigError
+from tests import dist_worker
+
+ROOT = Path(__file__).resolve().parents[1]
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+
+
+def test_two_processes_compute_the_single_process_hypergradient(tmp_path):
+    """Neumann, CG and fd (and Gauss-Newton CG, fd with terms, unrolled): the hypergradient and the weights
+    after an outer step (3 inner steps, per-unit Gaussian dropout with its noise sharded) of 2 gloo processes,
+    each on half of every batch, equal the single-process ones on the whole batch, and are identical on both
+    ranks; without averaging the derivatives each rank's would differ."""
+    names = list(dist_worker.CASES)
+    mp.spawn(dist_worker.worker, args=(2, str(tmp_path), names), nprocs=2)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for name in names:
+        ref = dist_worker.outer_step(name)
+        for key, value in ref.items():
+            for r in ranks:
+                assert torch.equal(r[name][key], ranks[0][name][key]), (name, key)  # the same on every rank
+            err = float((ranks[0][name][key] - value).abs().max())
+            assert err <= 1e-10 * max(1.0, float(value.abs().max())), (name, key, err)
+        assert any(float(v.abs().max()) > 1e-6 for k, v in ref.items() if k.startswith("hg/")), name
+    unsynced, ref = ranks[0]["unsynced"], dist_worker.outer_step(names[0])
+    assert max(float((unsynced[k] - ref[k]).abs().max()) for k in ref if k.startswith("hg/")) > 1e-6
+
+
+def test_unsupported_methods_and_options_are_refused_in_one_line(monkeypatch):
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for method, why in (("exact", "dense Hessian"), ("forward", "torch.func"), ("reversible", "fixed-point"),
+                        ("hd", "learning rate")):
+        with pytest.raises(ConfigError, match=f"method={method} does not run data-parallel .*{why}") as e:
+            compose_spec([f"method={method}", *{"hd": ["hp=lr"], "reversible": ["optim/inner=momentum"]}.get(method, [])])
+        assert "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match="compile=true does not run data-parallel"):
+        compose_spec(["compile=true"])
+    compose_spec(["method=fd"])  # supported: no error
+
+
+def _env(**extra):
+    env = {k: v for k, v in os.environ.items() if k not in ("HYDRA_FULL_ERROR", "RANK", "WORLD_SIZE")}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    env["OMP_NUM_THREADS"] = "1"
+    env.update(extra)
+    return env
+
+
+ARGS = ["outer_steps=6", "inner_steps=200", "checkpoint_every=1", "progress=false", "method.terms=3",
+        "model.width=64"]
+
+
+def torchrun(cwd, *extra, env=None):
+    return subprocess.Popen([*TORCHRUN, "-m", "hoexp", "run", *ARGS, *extra], cwd=cwd, env=env or _env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def _metrics(folder):
+    lines = [json.loads(ln) for ln in (Path(folder) / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in ln.items() if not k.startswith("time/")} for ln in lines]
+
+
+def _wait_for_step(folder, step, proc, timeout=300):
+    path = Path(folder) / "metrics.jsonl"
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if path.exists() and any(f'"step": {step},' in ln for ln in path.read_text().splitlines()):
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def _children(pid):
+    return [int(c) for t in Path(f"/proc/{pid}/task").iterdir() for c in (t / "children").read_text().split()]
+
+
+def _wait_gone(pid, timeout=30):
+    deadline = time.time() + timeout
+    while time.time() < deadline and Path(f"/proc/{pid}").exists():
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_torchrun_run_writes_one_folder_and_resumes_after_a_kill(tmp_path):
+    ref_cwd = tmp_path / "ref"
+    ref_cwd.mkdir()
+    p = torchrun(ref_cwd)
+    out, err = p.communicate(timeout=600)
+    assert p.returncode == 0, err
+    folders = [d for d in (ref_cwd / "outputs" / "runs").glob("*/*") if d.is_dir()]
+    assert len(folders) == 1, folders  # one run folder for the two processes
+    ref = folders[0]
+    assert sorted(p.name for p in ref.iterdir()) == sorted(
+        [".hydra", "checkpoint.pt", "final.pt", "metrics.jsonl", "summary.json", *[p.name for p in ref.glob("events*")]])
+    summary = json.loads((ref / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["world_size"] == 2
+    assert err.count("hoexp: done") == 1  # rank 0 alone reports
+
+    run = tmp_path / "killed"
+    p = torchrun(tmp_path, f"hydra.run.dir={run}")
+    assert _wait_for_step(run, 2, p), p.communicate()[1]
+    workers = _children(p.pid)
+    assert len(workers) == 2, workers
+    for pid in [p.pid, *workers]:  # torchrun and both ranks, at once (a lost node)
+        os.kill(pid, signal.SIGKILL)
+    p.wait(timeout=60)
+    for pid in workers:
+        _wait_gone(pid)
+    r = torchrun(tmp_path, f"hydra.run.dir={run}")
+    out, err = r.communicate(timeout=600)
+    assert r.returncode == 0, err
+    assert "resumed after outer step" in err
+    a, b = json.loads((run / "summary.json").read_text()), summary
+    assert a["final"] == b["final"] and a["best"] == b["best"] and a["hp_final"] == b["hp_final"]
+    assert _metrics(run) == _metrics(ref)
+
+
+SITE = '''
+import os
+if os.environ.get("RANK") == "1":
+    import hoexp.method.base as base
+    calls = [0]
+    original = base.train_inner
+    def failing(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 2:
+            raise ValueError("injected failure")
+        return original(*args, **kwargs)
+    base.train_inner = failing
+    import hoexp.method.implicit as implicit
+    implicit.train_inner = failing
+'''
+
+
+@pytest.mark.slow
+def test_a_failing_rank_ends_the_job_with_one_line(tmp_path):
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(SITE)
+    env = _env()
+    env["PYTHONPATH"] = os.pathsep.join([str(site), env["PYTHONPATH"]])
+    run = tmp_path / "run"
+    p = torchrun(tmp_path, f"hydra.run.dir={run}", env=env)
+    out, err = p.communicate(timeout=600)
+    assert p.returncode != 0
+    lines = [ln for ln in err.splitlines() if ln.startswith("hoexp: error:")]
+    assert lines == ["hoexp: error: rank 1 of 2: ValueError: injected failure"], err
+    # no traceback from hoexp (torchrun follows with its own report of the failed worker, ChildFailedError)
+    assert not any(str(ROOT / "hoexp") in ln for ln in err.splitlines() if ln.strip().startswith("File "))
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["error"] == "rank 1 of 2: ValueError: injected failure"
+    assert summary["final"]["step"] == 1  # the first outer step completed and was checkpointed
+    assert (run / "checkpoint.pt").exists()
