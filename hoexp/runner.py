@@ -487,6 +487,7 @@ class Run:
             "evals": list(self.evals), "hypergradients": self.hypergradients, "nonfinite": self.nonfinite,
             "elapsed_s": self.elapsed(), "raw0": self.raw0, "torch_rng": torch.get_rng_state(),
             "method_state": self.exp.method.state_dict() if isinstance(self.exp.method, CarriesState) else {},
+            "precision_state": self.exp.problem.precision.state_dict() if self.exp.problem.precision else {},
         }
 
     def _snapshot_step(self) -> int:
@@ -529,6 +530,8 @@ class Run:
         torch.set_rng_state(ckpt["torch_rng"])
         if isinstance(exp.method, CarriesState):
             exp.method.load_state_dict(_to(ckpt.get("method_state", {}), dev))
+        if exp.problem.precision is not None:  # fp16's loss scale
+            exp.problem.precision.load_state_dict(ckpt.get("precision_state", {}))
         return int(ckpt["step"]), _to(ckpt["outer_state"], dev)
 
     def elapsed(self) -> float:
