@@ -246,16 +246,17 @@ def check_precision(spec: Spec) -> None:
                           "do; use precision=bf16 with compile=true, or compile=false")
 
 
-def check_distributed(spec: Spec) -> None:
-    """A data-parallel run (``torchrun``, or a multi-task SLURM job): supported methods only."""
+def check_distributed(spec: Spec, world_size: int = 0) -> None:
+    """A data-parallel run (``torchrun``, a multi-task SLURM job, or ``world_size`` > 1: a sweep for such a
+    launcher): supported methods only."""
     from hoexp import distributed
 
-    ctx = distributed.launched()
-    if not ctx.active:
+    world_size = world_size or distributed.launched().world_size
+    if world_size < 2:
         return
     method = spec.method.name
     if method not in distributed.SUPPORTED_METHODS:
-        raise ConfigError(f"method={method} does not run data-parallel ({ctx.world_size} processes): it "
+        raise ConfigError(f"method={method} does not run data-parallel ({world_size} processes): it "
                           f"{distributed.UNSUPPORTED_WHY.get(method, 'is not supported')}; use one of "
                           f"{', '.join(distributed.SUPPORTED_METHODS)}, or run it in one process")
     if spec.run.compile:

@@ -343,6 +343,19 @@ def join_job(overrides: list[str], multirun: bool, cfg) -> list[str]:
     return [*claim, *([] if ctx.is_main else ["hydra.output_subdir=null"])]
 
 
+def check_launcher_tasks(cfg, jobs: list[list[str]]) -> None:
+    """A launcher with several tasks per job (``hydra/launcher=slurm_ddp``) runs each job data-parallel: every
+    job's method must support it (refused in one line before anything is submitted)."""
+    from hoexp.build import check_distributed
+    from hoexp.config import validate
+
+    launcher = cfg.hydra.launcher
+    tasks = int(launcher.get("tasks_per_node", 1) or 1) * int(launcher.get("nodes", 1) or 1)
+    if tasks > 1:
+        for job in jobs:
+            check_distributed(validate(_compose(job)), tasks)
+
+
 def check_launcher(cfg) -> None:
     """A SLURM launcher needs SLURM here (submitit looks for ``srun``): else one line, before anything runs."""
     import shutil
@@ -382,6 +395,7 @@ def cmd_run(args: list[str]) -> None:
             first = [*(o for o in overrides if o.lstrip("+~").startswith("hydra")), *jobs[0]] if multirun else jobs[0]
             cfg = _compose(first, hydra=True)
             check_launcher(cfg)
+            check_launcher_tasks(cfg, jobs)
             args = [*args, *(join_job(overrides, multirun, cfg) if launched_ranks() else
                              claim_output_dir(overrides, multirun, cfg))]
     sys.argv = ["hoexp run", *args]

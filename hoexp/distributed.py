@@ -93,8 +93,8 @@ def launched() -> Context:
     env = os.environ
     if "RANK" in env and "WORLD_SIZE" in env:
         return Context(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", "0")))
-    if int(env.get("SUBMITIT_LOCAL_NTASKS", env.get("SLURM_NTASKS", "1")) or 1) > 1 and _submitit_env() is not None:
-        job = _submitit_env()
+    job = _submitit_env() if env.get("SUBMITIT_EXECUTOR") else None  # a task of a submitit job (SLURM or local)
+    if job is not None and job.num_tasks > 1:
         return Context(job.global_rank, job.num_tasks, job.local_rank)
     return Context()
 

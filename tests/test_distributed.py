@@ -167,3 +167,33 @@ def test_a_failing_rank_ends_the_job_with_one_line(tmp_path):
     assert summary["status"] == "failed" and summary["error"] == "rank 1 of 2: ValueError: injected failure"
     assert summary["final"]["step"] == 1  # the first outer step completed and was checkpointed
     assert (run / "checkpoint.pt").exists()
+
+
+def test_slurm_ddp_preset_and_its_refusals(capsys, tmp_path):
+    from hoexp.cli import _compose, main
+
+    launcher = _compose(["hydra/launcher=slurm_ddp"], hydra=True).hydra.launcher
+    assert launcher.tasks_per_node == launcher.gpus_per_node == 8 and launcher.nodes == 1
+    assert launcher.max_num_timeout == 3  # requeued like the other SLURM presets
+    with pytest.raises(SystemExit) as e:  # a multi-task launcher runs each job data-parallel: checked up front
+        main(["run", "-m", "hydra/launcher=submitit_local", "hydra.launcher.tasks_per_node=2", "method=neumann,exact",
+              f"hydra.sweep.dir={tmp_path}"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("hoexp: error: method=exact does not run data-parallel (2 processes)")
+
+
+@pytest.mark.slow
+def test_a_multi_task_submitit_job_is_one_data_parallel_run(tmp_path):
+    """The path of hydra/launcher=slurm_ddp, through submitit's local executor: one job, two tasks, one folder."""
+    r = subprocess.run([sys.executable, "-m", "hoexp", "run", "-m", "hydra/launcher=submitit_local",
+                        "hydra.launcher.tasks_per_node=2", "outer_steps=2", "inner_steps=5", "progress=false",
+                        f"hydra.sweep.dir={tmp_path}"], cwd=ROOT, env=_env(), capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr
+    jobs = [d for d in tmp_path.iterdir() if d.is_dir() and not d.name.startswith(".")]
+    assert [d.name for d in jobs] == ["0_neumann"]
+    summary = json.loads((jobs[0] / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["world_size"] == 2
+    logs = sorted((tmp_path / ".submitit").glob("*/*_log.err"))
+    assert len(logs) == 2 and "hoexp: done" in logs[0].read_text() and "hoexp:" not in logs[1].read_text()
