@@ -61,7 +61,7 @@ def main() -> None:
     out = Path(ns.out)
     out.mkdir(parents=True, exist_ok=True)
     overrides = [*DEFAULTS, *overrides]
-    rows = []
+    rows: list[dict] = []
     for procs in (int(p) for p in ns.procs.split(",")):
         row = _run(procs, overrides, out / f"procs{procs}_{time.strftime('%H%M%S')}")
         row["max_rel_diff"] = _max_diff(rows[0]["metrics"], row["metrics"]) if rows else 0.0
