@@ -62,12 +62,12 @@ def fail(message: str, code: int = 2, error: BaseException | None = None) -> Non
     from hoexp import distributed
 
     if error is not None and distributed.launched().active:
+        message = distributed.prefix() + message
+        if not distributed.launched().is_main and not isinstance(error, distributed.PeerLost):
+            status = "interrupted" if type(error).__name__ == "Preempted" else "failed"
+            distributed.tell_ended(status, message)  # for rank 0's summary.json (and its own one line)
         if distributed.quiet_failure(error):
             sys.exit(code)
-        message = distributed.prefix() + message
-        if not distributed.launched().is_main:
-            status = "interrupted" if type(error).__name__ == "Preempted" else "failed"
-            distributed.tell_ended(status, message)
     print(f"hoexp: error: {message}", file=sys.stderr, flush=True)
     sys.exit(code)
 

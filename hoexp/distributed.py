@@ -37,6 +37,7 @@ from __future__ import annotations
 import datetime
 import os
 import sys
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -311,16 +312,20 @@ def tell_ended(status: str, message: str) -> None:
         pass
 
 
-def why_ended(wait_s: float = 3.0) -> tuple[str, str] | None:
-    """``(status, message)`` that another rank left (waiting up to ``wait_s``), or None."""
+def why_ended(wait_s: float = 3.0, stop: Any = None) -> tuple[str, str] | None:
+    """``(status, message)`` that another rank left (waiting up to ``wait_s``, or until ``stop()``), or None."""
     store = _store()
     if store is None:
         return None
+    deadline = time.monotonic() + wait_s
     try:
-        store.wait([STORE_KEY], datetime.timedelta(seconds=wait_s))
+        while not store.check([STORE_KEY]):  # polled: a timed-out store.wait logs a warning of its own
+            if time.monotonic() > deadline or (stop is not None and stop()):
+                return None
+            time.sleep(0.05)
         status, _, message = store.get(STORE_KEY).decode().partition("\t")
         return status, message
-    except Exception:  # noqa: BLE001 - nothing left (a rank killed outright) or the store is gone
+    except Exception:  # noqa: BLE001 - the store is gone (its host ended)
         return None
 
 

@@ -68,18 +68,23 @@ class preemption_signals:
 
     def __enter__(self) -> preemption_signals:
         self.previous = {}
+        self.received: int | None = None  # the first signal seen, also while ignoring
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 self.previous[sig] = signal.signal(sig, self._raise)
         return self
 
-    @staticmethod
-    def _raise(signum, frame):
+    def _raise(self, signum, frame):
+        self.received = self.received or signum
         raise Preempted(f"stopped by {signal.Signals(signum).name}", 128 + signum)
 
+    def _record(self, signum, frame):
+        self.received = self.received or signum
+
     def ignore(self) -> None:
+        """Signals no longer interrupt (the final writes); they are only recorded in ``received``."""
         for sig in self.previous:
-            signal.signal(sig, signal.SIG_IGN)
+            signal.signal(sig, self._record)
 
     def __exit__(self, *exc) -> None:
         for sig, handler in self.previous.items():
@@ -251,7 +256,7 @@ class Run:
             finally:
                 signals.ignore()  # a second signal must not interrupt the writing below
                 if isinstance(error, distributed.PeerLost):
-                    error = self._peer_outcome(error)
+                    error = self._peer_outcome(error, signals)
                     self.status, self.error = _outcome(error)
                 failed_write = self._finish(logger)
         if error is not None:
@@ -286,9 +291,13 @@ class Run:
             raise distributed.PeerLost(payload, reported=True)
         return payload
 
-    def _peer_outcome(self, error: distributed.PeerLost) -> BaseException:
-        """What ended the job when another rank did: its own report (failed / interrupted) from the store."""
-        ended = distributed.why_ended() if self.main else None
+    def _peer_outcome(self, error: distributed.PeerLost, signals: preemption_signals) -> BaseException:
+        """What ended the job when another rank did: a signal this rank got too (torchrun passes SIGTERM to
+        every rank; another may see it first), else that rank's own report (failed / interrupted) from the store."""
+        ended = distributed.why_ended(stop=lambda: signals.received is not None) if self.main else None
+        if signals.received is not None:
+            name = signal.Signals(signals.received).name
+            return Preempted(f"stopped by {name}", 128 + signals.received)
         if ended is None:
             if self.main and not error.reported:
                 return distributed.PeerLost(f"another rank of the {self.ctx.world_size}-process job ended without a "
@@ -296,7 +305,7 @@ class Run:
             return error
         status, message = ended
         if status == "interrupted":
-            return Preempted(message)
+            return Preempted(message, 128 + signal.SIGTERM if "SIGTERM" in message else 130)
         return distributed.PeerLost(message, reported=True)
 
     def _start_or_resume(self) -> dict | None:
@@ -378,6 +387,8 @@ class Run:
     def _explain(self, error: BaseException) -> BaseException:
         """The exception to raise for ``error``: one line for a signal or a failed write, else ``error``."""
         step, folder = self._snapshot_step(), self.out_dir
+        if not self.main:  # rank 0 explains (what to resume, where); the others report the bare reason
+            return error
         if isinstance(error, Preempted):
             if self.checkpointed:
                 return Preempted(f"{error} at outer step {step}; checkpoint saved. Resume with the same command plus: "

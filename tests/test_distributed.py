@@ -197,3 +197,20 @@ def test_a_multi_task_submitit_job_is_one_data_parallel_run(tmp_path):
     assert summary["status"] == "completed" and summary["world_size"] == 2
     logs = sorted((tmp_path / ".submitit").glob("*/*_log.err"))
     assert len(logs) == 2 and "hoexp: done" in logs[0].read_text() and "hoexp:" not in logs[1].read_text()
+
+
+@pytest.mark.slow
+def test_sigterm_to_torchrun_checkpoints_and_says_how_to_resume(tmp_path):
+    run = tmp_path / "run"
+    p = torchrun(tmp_path, f"hydra.run.dir={run}", "checkpoint_every=5")
+    assert _wait_for_step(run, 2, p)
+    p.send_signal(signal.SIGTERM)  # torchrun passes it to both ranks
+    out, err = p.communicate(timeout=120)
+    lines = [ln for ln in err.splitlines() if ln.startswith("hoexp: error:")]
+    assert len(lines) == 1 and "stopped by SIGTERM at outer step" in lines[0], err
+    assert f"resume=true hydra.run.dir={run}" in lines[0]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["final"]["step"] >= 2
+    r = torchrun(tmp_path, f"hydra.run.dir={run}", "checkpoint_every=5", "resume=true")
+    out, err = r.communicate(timeout=600)
+    assert r.returncode == 0 and "resumed after outer step" in err, err
