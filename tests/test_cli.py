@@ -29,7 +29,7 @@ def test_help_lists_subcommands(capsys):
 
 
 @pytest.mark.parametrize("args,expected", [
-    (["method=foo"], "unknown method 'foo'; choose one of: cg, cg_gn, exact, fixed_point, forward, hd, neumann, none, reversible, t1t2, truncated, unrolled"),
+    (["method=foo"], "unknown method 'foo'; choose one of: cg, cg_gn, exact, fd, fixed_point, forward, hd, neumann, none, reversible, t1t2, truncated, unrolled"),
     (["dataset=cifar"], "unknown dataset 'cifar'; choose one of: iris"),
     (["optim/inner=adm"], "unknown optim/inner 'adm'; choose one of: adagrad, adam, adamw"),
     (["method.termz=3"], "unknown key 'termz' in method (did you mean 'terms'?); valid keys: alpha, alpha_every, "
