@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 from torch import Tensor
 
-from hoexp.method.curvature import CURVATURES
+from hoexp.method.curvature import CURVATURES, SplitLoss
 from hoexp.method.functional import HVP_MODES, CompiledIFT
 from hoexp.method.ift import IFTStats, LossFn, ift_hypergradient
 from hoexp.method.solvers import AutoStep, ConjugateGradient, Exact, FixedPoint, Neumann, Solver
@@ -100,7 +100,7 @@ def hypergradient(
             if len(_COMPILED) >= 8:  # a few problems at a time; the oldest goes
                 _COMPILED.pop(next(iter(_COMPILED)))
             fn = _COMPILED[key] = CompiledIFT(solver, train_loss, val_loss,
-                                              split=(lambda: train_loss) if curvature == "gauss_newton" else None,
+                                              split=(lambda: cast(SplitLoss, train_loss)) if curvature == "gauss_newton" else None,
                                               curvature=curvature, hvp=hvp, damping=float(damping))
         hg, stats = fn(params, hparams)
     else:

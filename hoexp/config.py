@@ -285,7 +285,6 @@ class T1T2Config:
 def _check_ift(obj: Any) -> None:
     """The IFT options above, where ``obj`` has them; a numeric ``alpha`` becomes a float."""
     from hoexp.method.curvature import CURVATURES
-
     from hoexp.method.functional import HVP_MODES
 
     _choice("method.curvature", obj.curvature, CURVATURES)

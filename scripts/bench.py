@@ -87,6 +87,7 @@ from hoexp.build import build, build_method
 from hoexp.cli import compose_spec
 from hoexp.errors import run_main
 from hoexp.method.base import InnerState, compiled_step, train_inner
+from hoexp.method.functional import FunctionalOperator, hvp_fwd_rev
 from hoexp.method.ift import HessianOperator
 from hoexp.problem import training_batches, validation_batches
 from hoexp.runner import thread_policy
@@ -126,6 +127,8 @@ def method_rows(problem: str, only: str | None = None) -> list[MethodRow]:
         MethodRow("truncated", ("method=truncated", f"method.k={INNER_STEPS // 2}"), "path",
                   note=f"k={INNER_STEPS // 2} of T={INNER_STEPS}"),
         MethodRow("unrolled", ("method=unrolled",), "path", note=f"T={INNER_STEPS}"),
+        MethodRow("unrolled-ckpt", ("method=unrolled", "method.checkpoint_every=3"), "path",
+                  note=f"T={INNER_STEPS}, checkpoint_every=3", runs=True),
     ]
     if problem in ("iris", "mnist"):
         rows.append(MethodRow("forward", ("method=forward",), "path", ("hp.weight_decay.granularity=per_layer",),
@@ -235,9 +238,13 @@ def time_problem(problem: str, args: argparse.Namespace, log: Callable[[str], No
     g, w = gradient(create_graph=True)
     op = HessianOperator(tree.flatten(g), list(w.values()))
     v = torch.randn(op.n, generator=torch.Generator().manual_seed(0), dtype=op.grad_flat.dtype).to(ctx.device)
+    raw_c = tree.detached(ctx.raw)
+    fr_op = FunctionalOperator(lambda w_, lam_, u_: hvp_fwd_rev(lambda a, b: prob.train_loss(a, b, batch), w_, lam_, u_),
+                               tree.detached(ctx.state.params), raw_c)
     fns: dict[str, Callable[[], Any]] = {
         "step": step, "grad": gradient, "grad_create_graph": lambda: gradient(create_graph=True),
-        "val_grad": val_gradient, "hvp": functools.partial(op.matvec, v)}
+        "val_grad": val_gradient, "hvp": functools.partial(op.matvec, v),
+        "hvp_fwd_rev": functools.partial(fr_op.matvec, v)}
     if problem in args.compile.split(","):  # compile=true's training step, timed beside the eager one
         fn = compiled_step(prob, exp.inner_opt)
         raw = tree.detached(ctx.raw)
@@ -247,11 +254,15 @@ def time_problem(problem: str, args: argparse.Namespace, log: Callable[[str], No
         sync(ctx.device)
         out["compile_s"] = time.perf_counter() - t0
         fns["step_compiled"] = lambda: fn(ctx.state.params, ctx.state.opt_state, raw, batch, overrides)
-    t = rounds(fns, ctx.device, min_rounds=3 if quick else 15, max_rounds=5 if quick else 300, budget_s=budget)
-    del fns, g, w, op  # frees the create_graph gradient the HVPs differentiate
+    t = rounds(fns, ctx.device, min_rounds=3 if quick else (5 if problem == "ptb" else 15), max_rounds=5 if quick else 300,
+               budget_s=budget)
+    del fns, g, w, op, fr_op  # frees the create_graph gradient the HVPs differentiate
     base = {k: med(x) for k, x in t.items()}
     out["times_ms"] = {k: 1e3 * x for k, x in base.items()}
     out["hvp_over_grad"] = base["hvp"] / base["grad"]
+    # forward-over-reverse (torch.func.jvp of grad, eager) against the kept-graph reverse-over-reverse product
+    out["hvp_fwd_rev_over_grad"] = base["hvp_fwd_rev"] / base["grad"]
+    out["fwd_rev_over_rev_rev"] = base["hvp_fwd_rev"] / base["hvp"]
     out["step_over_grad"] = base["step"] / base["grad"]
     out["val_grad_over_grad"] = base["val_grad"] / base["grad"]
     if "step_compiled" in base:
@@ -265,7 +276,8 @@ def time_problem(problem: str, args: argparse.Namespace, log: Callable[[str], No
     if ctx.device.type == "cuda":
         out["cuda_peak_note"] = "memory from max_memory_allocated"
     log(f"  {problem}: step {base['step'] * 1e3:.2f} ms, gradient {base['grad'] * 1e3:.2f} ms, "
-        f"HVP {base['hvp'] * 1e3:.2f} ms (HVP/grad {out['hvp_over_grad']:.2f}), threads={ctx.threads}"
+        f"HVP {base['hvp'] * 1e3:.2f} ms (HVP/grad {out['hvp_over_grad']:.2f}; forward-over-reverse "
+        f"{out['hvp_fwd_rev_over_grad']:.2f}), threads={ctx.threads}"
         + (f", compiled step {base['step_compiled'] * 1e3:.2f} ms after {out['compile_s']:.0f} s of compiling"
            if "step_compiled" in base else ""))
 
@@ -463,6 +475,9 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
     for name, p in result["problems"].items():
         m = p["methods"]
         out.append({"problem": name, "target": "HVP ≤ 2.5× gradient", "value": p["hvp_over_grad"], "limit": 2.5})
+        if name == "ptb":
+            out.append({"problem": name, "target": "LSTM HVP ≤ 1.5× gradient (best of rev_rev, fwd_rev)",
+                        "value": min(p["hvp_over_grad"], p["hvp_fwd_rev_over_grad"]), "limit": 1.5})
         for key, label in (("neumann-nores", f"Neumann K={K} hypergradient ≤ (K+3)× gradient"),
                            ("neumann", f"Neumann K={K} + residual hypergradient ≤ (K+3)× gradient")):
             if "hg_over_grad" in m.get(key, {}):
@@ -473,6 +488,15 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
         if name == "mnist" and m.get("neumann", {}).get("mem_ratio") is not None:
             out.append({"problem": name, "target": "million-hyperparameter run ≤ 3× the memory of plain training "
                         "(Neumann)", "value": m["neumann"]["mem_ratio"], "limit": 3.0})
+    peers = result.get("peers") or {}
+    ratios = peers.get("ratios", {})
+    for key, limit in (("hoexp CG-10 / hypertorch", 0.5), ("hoexp Neumann-10 / hypertorch", 0.5),
+                       ("hoexp CG-10 compiled / hypertorch", 0.5), ("hoexp Neumann-10 compiled / hypertorch", 0.5),
+                       ("hoexp CG-10 / jaxopt", 2.0), ("hoexp Neumann-10 / jaxopt", 2.0),
+                       ("hoexp CG-10 compiled / jaxopt", 2.0), ("hoexp Neumann-10 compiled / jaxopt", 2.0),
+                       ("hoexp exact / direct solve", 3.0), ("hoexp exact compiled / direct solve", 3.0)):
+        if key in ratios:
+            out.append({"problem": "peers", "target": f"{key} ≤ {limit}", "value": ratios[key], "limit": limit})
     for t in out:
         t["met"] = bool(t["value"] <= t["limit"])
     return out
@@ -487,7 +511,8 @@ def print_tables(result: dict[str, Any]) -> None:
         tm = p["times_ms"]
         title = (f"{name}: {p['num_params']:,} weights, {p['num_hparams']:,} hyperparameters, "
                  f"device={p['device']}, threads={p['threads']}, T={p['inner_steps']} — step {tm['step']:.2f} ms, "
-                 f"gradient {tm['grad']:.2f} ms, HVP {tm['hvp']:.2f} ms: HVP/grad {p['hvp_over_grad']:.2f}, "
+                 f"gradient {tm['grad']:.2f} ms, HVP {tm['hvp']:.2f} ms: HVP/grad {p['hvp_over_grad']:.2f} "
+                 f"(forward-over-reverse {p['hvp_fwd_rev_over_grad']:.2f}), "
                  f"step/grad {p['step_over_grad']:.2f}, validation gradient/grad {p['val_grad_over_grad']:.2f}, "
                  f"K={K} IFT floor/grad {p['ift_floor_K_over_grad']:.2f}"
                  + (f", compiled step/step {p['compiled_step_over_step']:.2f} (compile=true)"
@@ -536,6 +561,10 @@ def main() -> None:
     ap.add_argument("--no-memory", action="store_true", help="skip the memory measurements")
     ap.add_argument("--no-runs", action="store_true", help="skip the whole-run comparisons")
     ap.add_argument("--runs-dir", default="outputs/bench/runs", help="where the whole runs write")
+    ap.add_argument("--peers", default=os.environ.get("HOEXP_PEERS"),
+                    help="folder with the peers' sources (hypertorch/, torchopt/) and a pip --target site/ for their "
+                    "needs (scripts/bench_peers.py); without it the peer problem runs hoexp and the direct solve only")
+    ap.add_argument("--no-peers", action="store_true", help="skip the peer problem")
     ap.add_argument("--child-memory", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.compile is None:
@@ -569,10 +598,12 @@ def main() -> None:
         rows = [r for r in method_rows(problem, args.methods) if r.runs and "skipped" not in p["methods"][r.name]]
         if not args.no_memory:
             log(f"[{time.perf_counter() - started:6.0f}s] {problem}: memory, one fresh process per method")
-            mem = {r.name: measure_memory(problem, r.name, args) for r in rows}
+            # --quick: the rows whose memory this suite is about (each is a fresh process: seconds apiece)
+            mem_rows = [r for r in rows if not args.quick or r.name in ("neumann", "unrolled", "unrolled-ckpt", "none")]
+            mem = {r.name: measure_memory(problem, r.name, args) for r in mem_rows}
             ref = mem.get("none", {})
             ref_peak = ref.get("persistent_bytes", 0) + ref.get("working_bytes", 0) if "error" not in ref else None
-            for r in rows:
+            for r in mem_rows:
                 m, entry = mem[r.name], p["methods"][r.name]
                 if "error" in m:
                     entry["mem_error"] = m["error"]
@@ -613,9 +644,18 @@ def main() -> None:
                 per_outer_ms = INNER_STEPS * step_ms + entry.get("hg_ms", 0.0)
                 entry["tokens_per_s_from_timings"] = tokens * INNER_STEPS / (per_outer_ms / 1e3)
                 entry.setdefault("tokens_per_s", None)
+    if not args.no_peers:
+        from bench_peers import print_table as print_peers
+        from bench_peers import run_peers
+
+        log(f"[{time.perf_counter() - started:6.0f}s] peer problem (logistic regression 1,000 × 100, float64)")
+        result["peers"] = run_peers(args.peers, args.quick, compile_="cg" if args.quick else "all",
+                                    log=lambda m: log(m))
     result["targets"] = targets(result)
     result["meta"]["bench_wall_s"] = time.perf_counter() - started
     print_tables(result)
+    if result.get("peers"):
+        print_peers(result["peers"])
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2, default=str))

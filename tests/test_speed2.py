@@ -20,8 +20,7 @@ from hoexp.build import build_method
 from hoexp.cli import compose_spec
 from hoexp.errors import ConfigError
 from hoexp.method.curvature import GaussNewtonOperator, HessianOperator, SplitLoss
-from hoexp.method.functional import (CompiledIFT, FunctionalOperator, ggn_product, hvp_fwd_rev, hvp_rev_rev,
-                                     ift_tensors)
+from hoexp.method.functional import CompiledIFT, FunctionalOperator, ggn_product, hvp_fwd_rev, hvp_rev_rev, ift_tensors
 from hoexp.method.ift import ift_hypergradient
 from hoexp.method.implicit import ImplicitMethod
 from hoexp.method.solvers import ConjugateGradient, Exact, FixedPoint, Neumann

@@ -60,7 +60,7 @@ def hvp_rev_rev(loss: Loss, w: Params, lam: Params, v: Params) -> Params:
 def ggn_product(split: SplitLoss, w: Params, lam: Params, v: Params) -> Params:
     """``G v = Jᵀ H_ℓ J v + ∇²r v`` (Gauss-Newton; see :mod:`hoexp.method.curvature`) as a pure function."""
     outputs = lambda w_: split.outputs(w_, lam)  # noqa: E731
-    z, pullback = vjp(outputs, w)
+    z, pullback = vjp(outputs, w)[:2]
     jv = jvp(outputs, (w,), (v,))[1]
     hjv = jvp(grad(split.output_loss), (z,), (jv,))[1]
     out = pullback(hjv)[0]
