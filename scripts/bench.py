@@ -99,11 +99,14 @@ PROBLEMS: dict[str, tuple[list[str], list[str], tuple[int, int]]] = {
     "iris": (["experiment=iris_per_weight_decay"], [], (20, 4)),
     "mnist": (["experiment=mnist_per_weight_decay", "model.width=1280", "model.depth=1"],
               ["model.width=64"], (10, 2)),
+    # the long-unroll memory section only (not in --only's default): the MNIST preset, T = LONG_T
+    "mnist_preset": (["experiment=mnist_per_weight_decay"], ["model.width=64"], (0, 0)),
     "ptb": (["experiment=ptb_lstm_dropout"],
             ["model.embed_dim=24", "model.hidden=24", "dataset.bptt=8", "dataset.eval_batch_size=40"], (3, 0)),
 }
 INNER_STEPS = 10
 K = 5
+LONG_T = 100  # inner steps of the long-unroll memory section (unrolled vs checkpointed on the MNIST preset)
 
 
 @dataclass(frozen=True)
@@ -117,6 +120,11 @@ class MethodRow:
 
 
 def method_rows(problem: str, only: str | None = None) -> list[MethodRow]:
+    if problem == "mnist_preset":  # T = LONG_T: the stored trajectory against checkpoints every √T steps
+        return [MethodRow("unrolled", ("method=unrolled",), "path", note=f"T={LONG_T}"),
+                MethodRow("unrolled-ckpt", ("method=unrolled", "method.checkpoint_every=10"), "path",
+                          note=f"T={LONG_T}, checkpoint_every=10"),
+                MethodRow("none", ("method=none",), "none")]
     rows = [
         MethodRow("neumann", ("method=neumann", f"method.terms={K}"), "ift", note=f"K={K} + residual"),
         MethodRow("neumann-nores", ("method=neumann", f"method.terms={K}", "method.residual=false"), "ift",
@@ -403,7 +411,9 @@ def child_memory(problem: str, row_name: str, args: argparse.Namespace) -> dict[
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
         outer_step()
+        elapsed = time.perf_counter() - t0
         working = torch.cuda.max_memory_allocated() - base
         how = "cuda max_memory_allocated"
     else:
@@ -414,16 +424,19 @@ def child_memory(problem: str, row_name: str, args: argparse.Namespace) -> dict[
             how = "VmHWM after clear_refs"
         except OSError:
             how = "ru_maxrss (peak not reset: an upper bound)"
+        t0 = time.perf_counter()
         outer_step()
+        elapsed = time.perf_counter() - t0
         working = _status_kib("VmHWM") * 1024 - base
     ctx.stack.close()
-    return {"persistent_bytes": persistent, "working_bytes": max(working, 0), "how": how}
+    return {"persistent_bytes": persistent, "working_bytes": max(working, 0), "how": how, "outer_step_s": elapsed}
 
 
 def measure_memory(problem: str, row_name: str, args: argparse.Namespace) -> dict[str, Any]:
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="131072")
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child-memory", f"{problem}:{row_name}",
-           "--device", args.device, "--threads", str(args.threads)] + (["--quick"] if args.quick else [])
+           "--device", args.device, "--threads", str(args.threads), "--inner-steps", str(INNER_STEPS)] \
+        + (["--quick"] if args.quick else [])
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
     if r.returncode != 0:
         tail = (r.stderr or r.stdout).strip().splitlines()[-3:]
@@ -488,6 +501,13 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
         if name == "mnist" and m.get("neumann", {}).get("mem_ratio") is not None:
             out.append({"problem": name, "target": "million-hyperparameter run ≤ 3× the memory of plain training "
                         "(Neumann)", "value": m["neumann"]["mem_ratio"], "limit": 3.0})
+    long = result.get("long_unroll") or {}
+    if "unrolled-ckpt" in long.get("mem_ratio", {}):
+        out.append({"problem": "mnist preset", "target": f"unrolled T={LONG_T}, checkpointed: memory ≤ 2× plain training",
+                    "value": long["mem_ratio"]["unrolled-ckpt"], "limit": 2.0})
+    if "ckpt_time_over_stored" in long:
+        out.append({"problem": "mnist preset", "target": f"unrolled T={LONG_T}, checkpointed: time ≤ 1.5× stored "
+                    "trajectory", "value": long["ckpt_time_over_stored"], "limit": 1.5})
     peers = result.get("peers") or {}
     ratios = peers.get("ratios", {})
     for key, limit in (("hoexp CG-10 / hypertorch", 0.5), ("hoexp Neumann-10 / hypertorch", 0.5),
@@ -546,6 +566,7 @@ def print_tables(result: dict[str, Any]) -> None:
 
 
 def main() -> None:
+    global INNER_STEPS
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small sizes and few repeats: a smoke test")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
@@ -565,8 +586,12 @@ def main() -> None:
                     help="folder with the peers' sources (hypertorch/, torchopt/) and a pip --target site/ for their "
                     "needs (scripts/bench_peers.py); without it the peer problem runs hoexp and the direct solve only")
     ap.add_argument("--no-peers", action="store_true", help="skip the peer problem")
+    ap.add_argument("--no-long-unroll", action="store_true", help=f"skip the T={LONG_T} unrolling memory section "
+                    "(the MNIST preset: stored trajectory against checkpointing; not run with --quick)")
     ap.add_argument("--child-memory", help=argparse.SUPPRESS)
+    ap.add_argument("--inner-steps", type=int, default=INNER_STEPS, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    INNER_STEPS = args.inner_steps
     if args.compile is None:
         args.compile = "" if args.quick else "iris,mnist"
     if args.child_memory:
@@ -644,6 +669,21 @@ def main() -> None:
                 per_outer_ms = INNER_STEPS * step_ms + entry.get("hg_ms", 0.0)
                 entry["tokens_per_s_from_timings"] = tokens * INNER_STEPS / (per_outer_ms / 1e3)
                 entry.setdefault("tokens_per_s", None)
+    if "mnist" in problems and not args.quick and not args.no_long_unroll and not args.no_memory:
+        log(f"[{time.perf_counter() - started:6.0f}s] long unroll: T={LONG_T} on the MNIST preset, memory and time")
+        saved, INNER_STEPS = INNER_STEPS, LONG_T
+        mem = {r.name: measure_memory("mnist_preset", r.name, args) for r in method_rows("mnist_preset")}
+        INNER_STEPS = saved
+        long: dict[str, Any] = {"inner_steps": LONG_T, "rows": mem}
+        peak = {k: m["persistent_bytes"] + m["working_bytes"] for k, m in mem.items() if "error" not in m}
+        if "none" in peak:
+            long["mem_ratio"] = {k: v / peak["none"] for k, v in peak.items()}
+        if "unrolled" in mem and "unrolled-ckpt" in mem and "error" not in mem["unrolled"] \
+                and "error" not in mem["unrolled-ckpt"]:
+            long["ckpt_time_over_stored"] = mem["unrolled-ckpt"]["outer_step_s"] / mem["unrolled"]["outer_step_s"]
+        result["long_unroll"] = long
+        log(f"  long unroll: memory / plain training {long.get('mem_ratio')}, checkpointed time / stored "
+            f"{long.get('ckpt_time_over_stored')}")
     if not args.no_peers:
         from bench_peers import print_table as print_peers
         from bench_peers import run_peers
