@@ -5,13 +5,14 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
 
 from hoexp import tree
 from hoexp.method.curvature import CURVATURES, SplitLoss
+from hoexp.method.functional import HVP_MODES, CompiledIFT
 from hoexp.method.ift import IFTStats, LossFn, ift_hypergradient
 from hoexp.method.solvers import AutoStep, ConjugateGradient, Exact, FixedPoint, Neumann, Solver
 
@@ -65,6 +66,8 @@ def hypergradient(
     return_stats: bool = False,
     damping: float = 0.0,
     curvature: str = "hessian",
+    hvp: str = "rev_rev",
+    compile: bool = False,
     **options: Any,
 ) -> dict[str, Tensor] | tuple[dict[str, Tensor], IFTStats]:
     """Hypergradient ``dL_V/dλ`` by implicit differentiation at ``params`` (taken as ``w*(λ)``).
@@ -77,6 +80,12 @@ def hypergradient(
     ``damping`` ``μ ≥ 0`` solves with ``H + μI``; ``curvature="gauss_newton"`` with the Gauss-Newton
     matrix instead of ``H``, which needs ``train_loss`` as a
     :class:`~hoexp.method.curvature.SplitLoss` (outputs, loss on outputs, penalty).
+    ``hvp``: how Hessian-vector products are formed, ``"rev_rev"`` (a kept ``create_graph`` gradient,
+    differentiated again) or ``"fwd_rev"`` (``torch.func.jvp`` of ``torch.func.grad``).
+    ``compile=True`` runs the whole hypergradient (products, solver loop, mixed term) as one
+    ``torch.compile``'d pure function (:class:`~hoexp.method.functional.CompiledIFT`, compiled at the
+    first call with a given ``(train_loss, val_loss)`` and options, checked then against the eager
+    path, which it falls back to on a failure or a disagreement; ``alpha="auto"`` always runs eagerly).
     Returns a dict shaped like ``hparams`` (and an :class:`IFTStats` with ``return_stats=True``).
 
     >>> hg = hypergradient(train_loss, val_loss, w, {"log_decay": raw}, method="cg", iterations=50)
@@ -85,13 +94,31 @@ def hypergradient(
         raise ValueError(f"unknown curvature '{curvature}'; valid: {', '.join(CURVATURES)}")
     if not float(damping) >= 0:
         raise ValueError(f"damping must be >= 0, got {damping}")
+    if hvp not in HVP_MODES[1:]:
+        raise ValueError(f"unknown hvp '{hvp}'; valid: {', '.join(HVP_MODES[1:])}")
     solver = make_solver(method, **options)
     train_loss, val_loss = _scalar_loss(train_loss, "train_loss"), _scalar_loss(val_loss, "val_loss")
     with torch.enable_grad():  # like torch.func: works inside torch.no_grad() too
-        hg, stats = ift_hypergradient(train_loss, val_loss, params, hparams, solver,
-                                      curvature=CURVATURES[curvature], damping=float(damping))
+        if compile:
+            key = (train_loss, val_loss, solver, curvature, hvp, float(damping))
+            fn = _COMPILED.get(key)
+            if fn is None:
+                if len(_COMPILED) >= 8:  # a few problems at a time; the oldest goes
+                    _COMPILED.pop(next(iter(_COMPILED)))
+                tl = train_loss
+                fn = _COMPILED[key] = CompiledIFT(
+                    solver, train_loss, val_loss,
+                    split=(lambda: cast(SplitLoss, tl)) if curvature == "gauss_newton" else None,
+                    curvature=curvature, hvp=hvp, damping=float(damping))
+            hg, stats = fn(params, hparams)
+        else:
+            hg, stats = ift_hypergradient(train_loss, val_loss, params, hparams, solver,
+                                          curvature=CURVATURES[curvature], damping=float(damping), hvp=hvp)
         _check_solve(method, train_loss, val_loss, params, hparams, hg, stats)
     return (hg, stats) if return_stats else hg
+
+
+_COMPILED: dict[tuple, CompiledIFT] = {}  # hypergradient(compile=True)'s compiled functions
 
 
 def _scalar(fn: Callable[..., Any], what: str) -> Callable[..., Any]:

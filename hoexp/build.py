@@ -156,13 +156,13 @@ def build_method(spec: Spec) -> HyperMethod:
         auto = getattr(cfg, "alpha", None) == "auto"
         return ImplicitMethod(ift_solver(cfg), cfg.name, curvature=CURVATURES[cfg.curvature], damping=cfg.damping,
                               warm_start=getattr(cfg, "warm_start", False),
-                              alpha_every=cfg.alpha_every if auto else 0)
+                              alpha_every=cfg.alpha_every if auto else 0, hvp=cfg.hvp, compile=cfg.compile)
     if cfg.name == "fd":
         return FiniteDifferenceMethod(cfg.alpha, cfg.eps, cfg.terms)
     if cfg.name == "unrolled":
-        return UnrolledMethod(None, "unrolled")
+        return UnrolledMethod(None, "unrolled", checkpoint_every=cfg.checkpoint_every)
     if cfg.name == "truncated":
-        return UnrolledMethod(cfg.k, "truncated")
+        return UnrolledMethod(cfg.k, "truncated", checkpoint_every=cfg.checkpoint_every)
     if cfg.name == "forward":
         return ForwardMethod(cfg.max_hparams, strategy=cfg.strategy, carry=cfg.carry, decay=cfg.decay)
     if cfg.name == "reversible":
@@ -262,6 +262,9 @@ def check_distributed(spec: Spec, world_size: int = 0) -> None:
     if spec.run.compile:
         raise ConfigError("compile=true does not run data-parallel (the compiled step cannot all-reduce inside "
                           "torch.func); drop compile=true, or run in one process")
+    if getattr(spec.method, "compile", False):
+        raise ConfigError("method.compile=true does not run data-parallel (the compiled hypergradient cannot "
+                          "all-reduce inside torch.compile); drop method.compile=true, or run in one process")
 
 
 @dataclass

@@ -195,6 +195,10 @@ class NoneMethodConfig:
 #   warm_start (neumann, cg, fixed_point): start each solve from the previous outer step's solution
 #   alpha: a step > 0, or auto: 1/λ_max of the (damped) operator by power iteration, re-estimated every
 #   alpha_every outer steps (neumann, fixed_point, t1t2)
+#   hvp: rev_rev (a kept create_graph gradient differentiated again), fwd_rev (jvp of grad, torch.func), or
+#   auto (both timed once at the first hypergradient, the faster kept)
+#   compile: the hypergradient (products, solver loop, mixed term) as one torch.compile'd pure function,
+#   checked once against the eager one (hoexp.method.functional.CompiledIFT)
 @dataclass
 class NeumannConfig:
     name: str = "neumann"
@@ -203,6 +207,8 @@ class NeumannConfig:
     residual: bool = True  # one more HVP for the exact residual ‖Hu − v‖/‖v‖
     curvature: str = "hessian"
     damping: float = 0.0
+    hvp: str = "rev_rev"  # rev_rev | fwd_rev | auto (hoexp.method.functional)
+    compile: bool = False  # the whole hypergradient through torch.compile
     warm_start: bool = False
     alpha_every: int = 10
 
@@ -218,6 +224,8 @@ class CGConfig:
     tol: float = 1e-10
     curvature: str = "hessian"
     damping: float = 0.0
+    hvp: str = "rev_rev"  # rev_rev | fwd_rev | auto (hoexp.method.functional)
+    compile: bool = False  # the whole hypergradient through torch.compile
     warm_start: bool = False
 
     def check(self) -> None:
@@ -233,6 +241,8 @@ class FixedPointConfig:
     residual: bool = True
     curvature: str = "hessian"
     damping: float = 0.0
+    hvp: str = "rev_rev"  # rev_rev | fwd_rev | auto (hoexp.method.functional)
+    compile: bool = False  # the whole hypergradient through torch.compile
     warm_start: bool = False
     alpha_every: int = 10
 
@@ -250,6 +260,8 @@ class ExactConfig:
     max_params: int = 20_000
     curvature: str = "hessian"
     damping: float = 0.0
+    hvp: str = "rev_rev"  # rev_rev | fwd_rev | auto (hoexp.method.functional)
+    compile: bool = False  # the whole hypergradient through torch.compile
 
     def check(self) -> None:
         _positive(self, "max_params")
@@ -265,6 +277,8 @@ class T1T2Config:
     residual: bool = False  # the residual costs one HVP, a third of this method's cost
     curvature: str = "hessian"
     damping: float = 0.0
+    hvp: str = "rev_rev"  # rev_rev | fwd_rev | auto (hoexp.method.functional)
+    compile: bool = False  # the whole hypergradient through torch.compile
     alpha_every: int = 10
 
     def check(self) -> None:
@@ -274,9 +288,14 @@ class T1T2Config:
 def _check_ift(obj: Any) -> None:
     """The IFT options above, where ``obj`` has them; a numeric ``alpha`` becomes a float."""
     from hoexp.method.curvature import CURVATURES
+    from hoexp.method.functional import HVP_MODES
 
     _choice("method.curvature", obj.curvature, CURVATURES)
+    _choice("method.hvp", obj.hvp, HVP_MODES)
     _non_negative(obj, "damping")
+    if obj.compile and getattr(obj, "alpha", None) == "auto":
+        raise ConfigError(f"{_where(obj)}compile=true needs a fixed alpha (alpha=auto's power iteration reads the "
+                          "host); set method.alpha to a number or method.compile=false")
     if hasattr(obj, "alpha_every"):
         _positive(obj, "alpha_every")
     if not hasattr(obj, "alpha") or obj.alpha == "auto":
@@ -309,9 +328,10 @@ class UnrolledConfig:
     """Backpropagate through all ``inner_steps`` steps (memory grows with them)."""
 
     name: str = "unrolled"
+    checkpoint_every: int = 0  # > 0: gradient checkpointing (recompute segments of this many steps)
 
     def check(self) -> None:
-        pass
+        _non_negative(self, "checkpoint_every")
 
 
 @dataclass
@@ -320,9 +340,11 @@ class TruncatedConfig:
 
     name: str = "truncated"
     k: int = 10
+    checkpoint_every: int = 0  # > 0: gradient checkpointing (recompute segments of this many steps)
 
     def check(self) -> None:
         _positive(self, "k")
+        _non_negative(self, "checkpoint_every")
 
 
 @dataclass

@@ -87,6 +87,7 @@ from hoexp.build import build, build_method
 from hoexp.cli import compose_spec
 from hoexp.errors import run_main
 from hoexp.method.base import InnerState, compiled_step, train_inner
+from hoexp.method.functional import FunctionalOperator, hvp_fwd_rev
 from hoexp.method.ift import HessianOperator
 from hoexp.problem import training_batches, validation_batches
 from hoexp.runner import thread_policy
@@ -98,11 +99,14 @@ PROBLEMS: dict[str, tuple[list[str], list[str], tuple[int, int]]] = {
     "iris": (["experiment=iris_per_weight_decay"], [], (20, 4)),
     "mnist": (["experiment=mnist_per_weight_decay", "model.width=1280", "model.depth=1"],
               ["model.width=64"], (10, 2)),
+    # the long-unroll memory section only (not in --only's default): the MNIST preset, T = LONG_T
+    "mnist_preset": (["experiment=mnist_per_weight_decay"], ["model.width=64"], (0, 0)),
     "ptb": (["experiment=ptb_lstm_dropout"],
             ["model.embed_dim=24", "model.hidden=24", "dataset.bptt=8", "dataset.eval_batch_size=40"], (3, 0)),
 }
 INNER_STEPS = 10
 K = 5
+LONG_T = 100  # inner steps of the long-unroll memory section (unrolled vs checkpointed on the MNIST preset)
 
 
 @dataclass(frozen=True)
@@ -116,6 +120,11 @@ class MethodRow:
 
 
 def method_rows(problem: str, only: str | None = None) -> list[MethodRow]:
+    if problem == "mnist_preset":  # T = LONG_T: the stored trajectory against checkpoints every √T steps
+        return [MethodRow("unrolled", ("method=unrolled",), "path", note=f"T={LONG_T}"),
+                MethodRow("unrolled-ckpt", ("method=unrolled", "method.checkpoint_every=10"), "path",
+                          note=f"T={LONG_T}, checkpoint_every=10"),
+                MethodRow("none", ("method=none",), "none")]
     rows = [
         MethodRow("neumann", ("method=neumann", f"method.terms={K}"), "ift", note=f"K={K} + residual"),
         MethodRow("neumann-nores", ("method=neumann", f"method.terms={K}", "method.residual=false"), "ift",
@@ -126,6 +135,8 @@ def method_rows(problem: str, only: str | None = None) -> list[MethodRow]:
         MethodRow("truncated", ("method=truncated", f"method.k={INNER_STEPS // 2}"), "path",
                   note=f"k={INNER_STEPS // 2} of T={INNER_STEPS}"),
         MethodRow("unrolled", ("method=unrolled",), "path", note=f"T={INNER_STEPS}"),
+        MethodRow("unrolled-ckpt", ("method=unrolled", "method.checkpoint_every=3"), "path",
+                  note=f"T={INNER_STEPS}, checkpoint_every=3", runs=True),
     ]
     if problem in ("iris", "mnist"):
         rows.append(MethodRow("forward", ("method=forward",), "path", ("hp.weight_decay.granularity=per_layer",),
@@ -235,9 +246,13 @@ def time_problem(problem: str, args: argparse.Namespace, log: Callable[[str], No
     g, w = gradient(create_graph=True)
     op = HessianOperator(tree.flatten(g), list(w.values()))
     v = torch.randn(op.n, generator=torch.Generator().manual_seed(0), dtype=op.grad_flat.dtype).to(ctx.device)
+    raw_c = tree.detached(ctx.raw)
+    fr_op = FunctionalOperator(lambda w_, lam_, u_: hvp_fwd_rev(lambda a, b: prob.train_loss(a, b, batch), w_, lam_, u_),
+                               tree.detached(ctx.state.params), raw_c)
     fns: dict[str, Callable[[], Any]] = {
         "step": step, "grad": gradient, "grad_create_graph": lambda: gradient(create_graph=True),
-        "val_grad": val_gradient, "hvp": functools.partial(op.matvec, v)}
+        "val_grad": val_gradient, "hvp": functools.partial(op.matvec, v),
+        "hvp_fwd_rev": functools.partial(fr_op.matvec, v)}
     if problem in args.compile.split(","):  # compile=true's training step, timed beside the eager one
         fn = compiled_step(prob, exp.inner_opt)
         raw = tree.detached(ctx.raw)
@@ -247,11 +262,15 @@ def time_problem(problem: str, args: argparse.Namespace, log: Callable[[str], No
         sync(ctx.device)
         out["compile_s"] = time.perf_counter() - t0
         fns["step_compiled"] = lambda: fn(ctx.state.params, ctx.state.opt_state, raw, batch, overrides)
-    t = rounds(fns, ctx.device, min_rounds=3 if quick else 15, max_rounds=5 if quick else 300, budget_s=budget)
-    del fns, g, w, op  # frees the create_graph gradient the HVPs differentiate
+    t = rounds(fns, ctx.device, min_rounds=3 if quick else (5 if problem == "ptb" else 15), max_rounds=5 if quick else 300,
+               budget_s=budget)
+    del fns, g, w, op, fr_op  # frees the create_graph gradient the HVPs differentiate
     base = {k: med(x) for k, x in t.items()}
     out["times_ms"] = {k: 1e3 * x for k, x in base.items()}
     out["hvp_over_grad"] = base["hvp"] / base["grad"]
+    # forward-over-reverse (torch.func.jvp of grad, eager) against the kept-graph reverse-over-reverse product
+    out["hvp_fwd_rev_over_grad"] = base["hvp_fwd_rev"] / base["grad"]
+    out["fwd_rev_over_rev_rev"] = base["hvp_fwd_rev"] / base["hvp"]
     out["step_over_grad"] = base["step"] / base["grad"]
     out["val_grad_over_grad"] = base["val_grad"] / base["grad"]
     if "step_compiled" in base:
@@ -265,7 +284,8 @@ def time_problem(problem: str, args: argparse.Namespace, log: Callable[[str], No
     if ctx.device.type == "cuda":
         out["cuda_peak_note"] = "memory from max_memory_allocated"
     log(f"  {problem}: step {base['step'] * 1e3:.2f} ms, gradient {base['grad'] * 1e3:.2f} ms, "
-        f"HVP {base['hvp'] * 1e3:.2f} ms (HVP/grad {out['hvp_over_grad']:.2f}), threads={ctx.threads}"
+        f"HVP {base['hvp'] * 1e3:.2f} ms (HVP/grad {out['hvp_over_grad']:.2f}; forward-over-reverse "
+        f"{out['hvp_fwd_rev_over_grad']:.2f}), threads={ctx.threads}"
         + (f", compiled step {base['step_compiled'] * 1e3:.2f} ms after {out['compile_s']:.0f} s of compiling"
            if "step_compiled" in base else ""))
 
@@ -391,7 +411,9 @@ def child_memory(problem: str, row_name: str, args: argparse.Namespace) -> dict[
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
         outer_step()
+        elapsed = time.perf_counter() - t0
         working = torch.cuda.max_memory_allocated() - base
         how = "cuda max_memory_allocated"
     else:
@@ -402,16 +424,19 @@ def child_memory(problem: str, row_name: str, args: argparse.Namespace) -> dict[
             how = "VmHWM after clear_refs"
         except OSError:
             how = "ru_maxrss (peak not reset: an upper bound)"
+        t0 = time.perf_counter()
         outer_step()
+        elapsed = time.perf_counter() - t0
         working = _status_kib("VmHWM") * 1024 - base
     ctx.stack.close()
-    return {"persistent_bytes": persistent, "working_bytes": max(working, 0), "how": how}
+    return {"persistent_bytes": persistent, "working_bytes": max(working, 0), "how": how, "outer_step_s": elapsed}
 
 
 def measure_memory(problem: str, row_name: str, args: argparse.Namespace) -> dict[str, Any]:
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="131072")
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child-memory", f"{problem}:{row_name}",
-           "--device", args.device, "--threads", str(args.threads)] + (["--quick"] if args.quick else [])
+           "--device", args.device, "--threads", str(args.threads), "--inner-steps", str(INNER_STEPS)] \
+        + (["--quick"] if args.quick else [])
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
     if r.returncode != 0:
         tail = (r.stderr or r.stdout).strip().splitlines()[-3:]
@@ -463,6 +488,9 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
     for name, p in result["problems"].items():
         m = p["methods"]
         out.append({"problem": name, "target": "HVP ≤ 2.5× gradient", "value": p["hvp_over_grad"], "limit": 2.5})
+        if name == "ptb":
+            out.append({"problem": name, "target": "LSTM HVP ≤ 1.5× gradient (best of rev_rev, fwd_rev)",
+                        "value": min(p["hvp_over_grad"], p["hvp_fwd_rev_over_grad"]), "limit": 1.5})
         for key, label in (("neumann-nores", f"Neumann K={K} hypergradient ≤ (K+3)× gradient"),
                            ("neumann", f"Neumann K={K} + residual hypergradient ≤ (K+3)× gradient")):
             if "hg_over_grad" in m.get(key, {}):
@@ -473,6 +501,22 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
         if name == "mnist" and m.get("neumann", {}).get("mem_ratio") is not None:
             out.append({"problem": name, "target": "million-hyperparameter run ≤ 3× the memory of plain training "
                         "(Neumann)", "value": m["neumann"]["mem_ratio"], "limit": 3.0})
+    long = result.get("long_unroll") or {}
+    if "unrolled-ckpt" in long.get("mem_ratio", {}):
+        out.append({"problem": "mnist preset", "target": f"unrolled T={LONG_T}, checkpointed: memory ≤ 2× plain training",
+                    "value": long["mem_ratio"]["unrolled-ckpt"], "limit": 2.0})
+    if "ckpt_time_over_stored" in long:
+        out.append({"problem": "mnist preset", "target": f"unrolled T={LONG_T}, checkpointed: time ≤ 1.5× stored "
+                    "trajectory", "value": long["ckpt_time_over_stored"], "limit": 1.5})
+    peers = result.get("peers") or {}
+    ratios = peers.get("ratios", {})
+    for key, limit in (("hoexp CG-10 / hypertorch", 0.5), ("hoexp Neumann-10 / hypertorch", 0.5),
+                       ("hoexp CG-10 compiled / hypertorch", 0.5), ("hoexp Neumann-10 compiled / hypertorch", 0.5),
+                       ("hoexp CG-10 / jaxopt", 2.0), ("hoexp Neumann-10 / jaxopt", 2.0),
+                       ("hoexp CG-10 compiled / jaxopt", 2.0), ("hoexp Neumann-10 compiled / jaxopt", 2.0),
+                       ("hoexp exact / direct solve", 3.0), ("hoexp exact compiled / direct solve", 3.0)):
+        if key in ratios:
+            out.append({"problem": "peers", "target": f"{key} ≤ {limit}", "value": ratios[key], "limit": limit})
     for t in out:
         t["met"] = bool(t["value"] <= t["limit"])
     return out
@@ -487,7 +531,8 @@ def print_tables(result: dict[str, Any]) -> None:
         tm = p["times_ms"]
         title = (f"{name}: {p['num_params']:,} weights, {p['num_hparams']:,} hyperparameters, "
                  f"device={p['device']}, threads={p['threads']}, T={p['inner_steps']} — step {tm['step']:.2f} ms, "
-                 f"gradient {tm['grad']:.2f} ms, HVP {tm['hvp']:.2f} ms: HVP/grad {p['hvp_over_grad']:.2f}, "
+                 f"gradient {tm['grad']:.2f} ms, HVP {tm['hvp']:.2f} ms: HVP/grad {p['hvp_over_grad']:.2f} "
+                 f"(forward-over-reverse {p['hvp_fwd_rev_over_grad']:.2f}), "
                  f"step/grad {p['step_over_grad']:.2f}, validation gradient/grad {p['val_grad_over_grad']:.2f}, "
                  f"K={K} IFT floor/grad {p['ift_floor_K_over_grad']:.2f}"
                  + (f", compiled step/step {p['compiled_step_over_step']:.2f} (compile=true)"
@@ -521,6 +566,7 @@ def print_tables(result: dict[str, Any]) -> None:
 
 
 def main() -> None:
+    global INNER_STEPS
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small sizes and few repeats: a smoke test")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
@@ -536,8 +582,16 @@ def main() -> None:
     ap.add_argument("--no-memory", action="store_true", help="skip the memory measurements")
     ap.add_argument("--no-runs", action="store_true", help="skip the whole-run comparisons")
     ap.add_argument("--runs-dir", default="outputs/bench/runs", help="where the whole runs write")
+    ap.add_argument("--peers", default=os.environ.get("HOEXP_PEERS"),
+                    help="folder with the peers' sources (hypertorch/, torchopt/) and a pip --target site/ for their "
+                    "needs (scripts/bench_peers.py); without it the peer problem runs hoexp and the direct solve only")
+    ap.add_argument("--no-peers", action="store_true", help="skip the peer problem")
+    ap.add_argument("--no-long-unroll", action="store_true", help=f"skip the T={LONG_T} unrolling memory section "
+                    "(the MNIST preset: stored trajectory against checkpointing; not run with --quick)")
     ap.add_argument("--child-memory", help=argparse.SUPPRESS)
+    ap.add_argument("--inner-steps", type=int, default=INNER_STEPS, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    INNER_STEPS = args.inner_steps
     if args.compile is None:
         args.compile = "" if args.quick else "iris,mnist"
     if args.child_memory:
@@ -569,10 +623,12 @@ def main() -> None:
         rows = [r for r in method_rows(problem, args.methods) if r.runs and "skipped" not in p["methods"][r.name]]
         if not args.no_memory:
             log(f"[{time.perf_counter() - started:6.0f}s] {problem}: memory, one fresh process per method")
-            mem = {r.name: measure_memory(problem, r.name, args) for r in rows}
+            # --quick: the rows whose memory this suite is about (each is a fresh process: seconds apiece)
+            mem_rows = [r for r in rows if not args.quick or r.name in ("neumann", "unrolled", "unrolled-ckpt", "none")]
+            mem = {r.name: measure_memory(problem, r.name, args) for r in mem_rows}
             ref = mem.get("none", {})
             ref_peak = ref.get("persistent_bytes", 0) + ref.get("working_bytes", 0) if "error" not in ref else None
-            for r in rows:
+            for r in mem_rows:
                 m, entry = mem[r.name], p["methods"][r.name]
                 if "error" in m:
                     entry["mem_error"] = m["error"]
@@ -613,9 +669,33 @@ def main() -> None:
                 per_outer_ms = INNER_STEPS * step_ms + entry.get("hg_ms", 0.0)
                 entry["tokens_per_s_from_timings"] = tokens * INNER_STEPS / (per_outer_ms / 1e3)
                 entry.setdefault("tokens_per_s", None)
+    if "mnist" in problems and not args.quick and not args.no_long_unroll and not args.no_memory:
+        log(f"[{time.perf_counter() - started:6.0f}s] long unroll: T={LONG_T} on the MNIST preset, memory and time")
+        saved, INNER_STEPS = INNER_STEPS, LONG_T
+        mem = {r.name: measure_memory("mnist_preset", r.name, args) for r in method_rows("mnist_preset")}
+        INNER_STEPS = saved
+        long: dict[str, Any] = {"inner_steps": LONG_T, "rows": mem}
+        peak = {k: m["persistent_bytes"] + m["working_bytes"] for k, m in mem.items() if "error" not in m}
+        if "none" in peak:
+            long["mem_ratio"] = {k: v / peak["none"] for k, v in peak.items()}
+        if "unrolled" in mem and "unrolled-ckpt" in mem and "error" not in mem["unrolled"] \
+                and "error" not in mem["unrolled-ckpt"]:
+            long["ckpt_time_over_stored"] = mem["unrolled-ckpt"]["outer_step_s"] / mem["unrolled"]["outer_step_s"]
+        result["long_unroll"] = long
+        log(f"  long unroll: memory / plain training {long.get('mem_ratio')}, checkpointed time / stored "
+            f"{long.get('ckpt_time_over_stored')}")
+    if not args.no_peers:
+        from bench_peers import print_table as print_peers
+        from bench_peers import run_peers
+
+        log(f"[{time.perf_counter() - started:6.0f}s] peer problem (logistic regression 1,000 × 100, float64)")
+        result["peers"] = run_peers(args.peers, args.quick, compile_="cg" if args.quick else "all",
+                                    log=lambda m: log(m))
     result["targets"] = targets(result)
     result["meta"]["bench_wall_s"] = time.perf_counter() - started
     print_tables(result)
+    if result.get("peers"):
+        print_peers(result["peers"])
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2, default=str))

@@ -21,6 +21,7 @@ def test_bench_quick_writes_positive_ratios(tmp_path):
     out = tmp_path / "bench.json"
     env = dict(os.environ)
     env.setdefault("HOEXP_DATA", str(ROOT.parent / "shared" / "data"))
+    env.pop("HOEXP_PEERS", None)  # the peer problem without peers: hoexp and the direct solve
     cmd = [sys.executable, str(ROOT / "scripts" / "bench.py"), "--quick", "--device", "cpu",
            "--methods", "neumann,neumann-nores,unrolled", "--compile", "iris" if COMPILER else "", "--out", str(out), "--runs-dir", str(tmp_path / "runs")]
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
@@ -64,6 +65,15 @@ def test_bench_quick_writes_positive_ratios(tmp_path):
     if COMPILER:
         assert positive(result["problems"]["iris"]["compiled_step_over_step"])  # --compile iris
     assert "compiled_step_over_step" not in result["problems"]["mnist"]
+    for p in result["problems"].values():  # forward-over-reverse products, timed beside the kept-graph ones
+        assert positive(p["hvp_fwd_rev_over_grad"]) and positive(p["fwd_rev_over_rev_rev"])
+    # the peer problem, without --peers: hoexp (eager, and compiled CG with a compiler) against the direct solve
+    peers = result["peers"]
+    assert set(peers["skipped"]) == {"hypertorch", "torchopt", "jaxopt"}
+    assert peers["rel_error"]["direct solve"] == 0.0 and peers["rel_error"]["hoexp exact"] < 1e-10
+    assert peers["rel_error"]["hoexp CG-10"] < 1e-2 and positive(peers["ratios"]["hoexp exact / direct solve"])
+    if COMPILER:
+        assert abs(peers["rel_error"]["hoexp CG-10 compiled"] - peers["rel_error"]["hoexp CG-10"]) < 1e-8
     targets = result["targets"]
-    assert {t["problem"] for t in targets} == {"iris", "mnist", "ptb"}
+    assert {t["problem"] for t in targets} == {"iris", "mnist", "ptb", "peers"}
     assert all(positive(t["value"]) and isinstance(t["met"], bool) for t in targets)

@@ -11,6 +11,7 @@ from torch import Tensor
 from hoexp import tree
 from hoexp.method.base import InnerState, StepStats, train_inner
 from hoexp.method.curvature import Curvature, Hessian, SplitLoss
+from hoexp.method.functional import CompiledIFT, time_hvp_modes
 from hoexp.method.ift import ift_hypergradient
 from hoexp.method.solvers import AutoStep, FixedPoint, Neumann, Solver
 from hoexp.optim import Optimizer
@@ -41,6 +42,13 @@ class ImplicitMethod:
       steps, so without that rule ``α = 1/3.1`` diverged (residuals 6-12) until the next estimate.
       With an indefinite Hessian the series diverges along negative curvature for any ``α`` and the
       rule re-estimates every step; use ``curvature=gauss_newton`` there.
+
+    Speed options (same answer up to rounding): ``hvp`` (``rev_rev``: products through the kept
+    ``create_graph`` gradient; ``fwd_rev``: ``jvp`` of ``grad``; ``auto``: both timed once at the
+    first hypergradient, the faster kept, the ratio logged as ``solver/fwd_rev_over_rev_rev``) and
+    ``compile`` (the whole hypergradient as one ``torch.compile``'d pure function,
+    :class:`~hoexp.method.functional.CompiledIFT`: compiled once per run, checked once against the
+    eager path, which it falls back to on a failure or a disagreement).
     """
 
     solver: Solver
@@ -49,6 +57,10 @@ class ImplicitMethod:
     damping: float = 0.0
     warm_start: bool = False
     alpha_every: int = 0  # > 0: α = 1/λ_max, re-estimated every alpha_every outer steps; 0: the solver's α
+    hvp: str = "rev_rev"  # rev_rev | fwd_rev | auto
+    compile: bool = False
+    _hvp_chosen: str | None = field(default=None, repr=False, compare=False)
+    _compiled: dict[int, CompiledIFT] = field(default_factory=dict, repr=False, compare=False)
     carried: dict[str, Any] = field(default_factory=dict, repr=False)  # u, lambda_max, step
 
     @property
@@ -74,12 +86,30 @@ class ImplicitMethod:
             # build.py gives alpha_every only to Neumann / fixed point (T1-T2 is a Neumann): AutoStep needs an α
             assert isinstance(solver, (Neumann, FixedPoint)), f"alpha=auto needs an α to set, not {solver.name}"
             solver = AutoStep(solver, lam, seed=step)
-        hg, s = ift_hypergradient(
-            SplitLoss(*problem.train_parts(train_batch)),
-            lambda w, lam: problem.val_loss(w, lam, val_batch),
-            state.params, raw, solver, curvature=self.curvature, damping=self.damping,
-            x0=self.carried.get("u") if self.warm_start else None,
-        )
+        x0 = self.carried.get("u") if self.warm_start else None
+        hvp_extra: dict[str, float] = {}
+        hvp = self.hvp
+        if hvp == "auto":
+            if self._hvp_chosen is None:
+                t = time_hvp_modes(lambda w, lam: problem.train_loss(w, lam, train_batch), state.params, raw)
+                self._hvp_chosen = "fwd_rev" if t["fwd_rev"] < t["rev_rev"] else "rev_rev"
+                hvp_extra["solver/fwd_rev_over_rev_rev"] = t["fwd_rev"] / t["rev_rev"]
+            hvp = self._hvp_chosen
+        if self.compile:
+            fn = self._compiled.get(id(problem))
+            if fn is None:
+                fn = self._compiled[id(problem)] = CompiledIFT(
+                    solver, problem.train_loss, problem.val_loss,
+                    split=lambda batch: SplitLoss(*problem.train_parts(batch)), curvature=self.curvature.name,
+                    hvp="rev_rev" if hvp == "auto" else hvp, damping=self.damping)
+            hg, s = fn(state.params, raw, x0, (train_batch,), (val_batch,))
+        else:
+            hg, s = ift_hypergradient(
+                SplitLoss(*problem.train_parts(train_batch)),
+                lambda w, lam: problem.val_loss(w, lam, val_batch),
+                state.params, raw, solver, curvature=self.curvature, damping=self.damping, x0=x0, hvp=hvp,
+            )
+        s.extra.update(hvp_extra)
         diverged = s.residual is not None and s.residual > 1  # worse than u = 0, whose residual is 1
         carried: dict[str, Any] = {}
         if self.warm_start and not diverged:

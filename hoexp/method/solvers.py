@@ -61,6 +61,30 @@ class SolveResult:
     extra: dict[str, float] = field(default_factory=dict)  # solver scalars to log (e.g. solver/alpha)
 
 
+@dataclass
+class TensorSolve:
+    """A solve with every figure left on the device (:meth:`Neumann.solve_tensors` and siblings): what a
+    compiled hypergradient returns, read on the host once afterwards. ``residual``: ``‖Hx − b‖/‖b‖`` as
+    a 0-d tensor (None when not computed); ``iterations`` and ``reason`` (0 max iterations, 1
+    converged, 2 non-positive curvature, 3 singular) as 0-d tensors or ints."""
+
+    x: Tensor
+    residual: Tensor | None
+    iterations: Tensor | int
+    reason: Tensor | int
+    hvps: int
+
+
+REASONS = ("max iterations", "converged", "non-positive curvature", "singular")
+
+
+def _relative_tensor(r: Tensor, b: Tensor) -> Tensor:
+    """``‖r‖/‖b‖`` on the device (0 where ``b = 0``): no host sync."""
+    b_norm = torch.linalg.vector_norm(b)
+    return torch.where(b_norm > 0, torch.linalg.vector_norm(r) / torch.where(b_norm > 0, b_norm, 1.0),
+                       torch.zeros_like(b_norm))
+
+
 def _tracks_mixed(op: LinearOperator) -> TypeGuard[MixedOperator]:
     return bool(getattr(op, "tracks_mixed", False))
 
@@ -131,8 +155,23 @@ class Neumann:
     def __call__(self, op: LinearOperator, b: Tensor, x0: Tensor | None = None) -> SolveResult:
         if x0 is not None:
             return FixedPoint(self.iterations, self.alpha, self.residual)(op, b, x0)
+        x, r, m_total = self._iterate(op, b)
+        res = None if r is None else _relative(r, torch.linalg.vector_norm(b))
+        return SolveResult(x, self.iterations, self.iterations + self.residual, res, mixed=m_total)
+
+    def solve_tensors(self, op: LinearOperator, b: Tensor, x0: Tensor | None = None) -> TensorSolve:
+        """The same solve with no host sync (for a compiled hypergradient); no mixed map."""
+        if x0 is not None:
+            return FixedPoint(self.iterations, self.alpha, self.residual).solve_tensors(op, b, x0)
+        x, r, _ = self._iterate(op, b, mixed=False)
+        return TensorSolve(x, None if r is None else _relative_tensor(r, b), self.iterations, 0,
+                           self.iterations + self.residual)
+
+    def _iterate(self, op: LinearOperator, b: Tensor, mixed: bool | None = None,
+                 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """``(x, r = b − Hx or None, M x or None)``; no host sync."""
         # With the residual every term j = 0..K is multiplied by H, so M x = α Σ_j M term_j comes free.
-        mixed = self.residual and _tracks_mixed(op)
+        mixed = self.residual and _tracks_mixed(op) if mixed is None else mixed
         term = b
         total = b.clone()
         m_total = None
@@ -142,17 +181,13 @@ class Neumann:
                 m_total = mv if m_total is None else m_total.add_(mv)
             term = torch.add(term, hv, alpha=-self.alpha)
             total.add_(term)
-        hvps = self.iterations
-        res = None
-        if self.residual:
+        r = None
+        if self.residual:  # b − Hx = (I − αH)^{K+1} b
             hv, mv = _matvec(op, term, mixed)
             if mv is not None:
                 m_total = mv if m_total is None else m_total.add_(mv)
             r = torch.add(term, hv, alpha=-self.alpha)
-            hvps += 1
-            res = _relative(r, torch.linalg.vector_norm(b))
-        return SolveResult(total.mul_(self.alpha), self.iterations, hvps, res,
-                           mixed=None if m_total is None else m_total.mul_(self.alpha))
+        return total.mul_(self.alpha), r, None if m_total is None else m_total.mul_(self.alpha)
 
 
 @dataclass(frozen=True)
@@ -175,20 +210,26 @@ class FixedPoint:
     name: str = "fixed_point"
 
     def __call__(self, op: LinearOperator, b: Tensor, x0: Tensor | None = None) -> SolveResult:
+        u, r, mixed = self._iterate(op, b, x0, _tracks_mixed(op))
+        res = None if r is None else _relative(r, torch.linalg.vector_norm(b))
+        return SolveResult(u, self.iterations, self.iterations + self.residual, res, mixed=mixed)
+
+    def solve_tensors(self, op: LinearOperator, b: Tensor, x0: Tensor | None = None) -> TensorSolve:
+        """The same solve with no host sync (for a compiled hypergradient); no mixed map."""
+        u, r, _ = self._iterate(op, b, x0, False)
+        return TensorSolve(u, None if r is None else _relative_tensor(r, b), self.iterations, 0,
+                           self.iterations + self.residual)
+
+    def _iterate(self, op: LinearOperator, b: Tensor, x0: Tensor | None, mixed: bool,
+                 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
         u = self.alpha * b if x0 is None else x0  # the first iterate from u₀ = 0 needs no HVP
-        hvps = 0
         for _ in range(self.iterations):
             u = torch.add(u, op.matvec(u).sub_(b), alpha=-self.alpha)
-            hvps += 1
-        res = mixed = None
+        r = m = None
         if self.residual:  # the residual's HVP is of u itself: with a mixed map, M u comes with it
-            if _tracks_mixed(op):
-                hu, mixed = op.matvec_mixed(u)
-            else:
-                hu = op.matvec(u)
-            res = _relative(b - hu, torch.linalg.vector_norm(b))
-            hvps += 1
-        return SolveResult(u, self.iterations, hvps, res, mixed=mixed)
+            hu, m = _matvec(op, u, mixed)
+            r = b - hu
+        return u, r, m
 
 
 def _start(op: LinearOperator, b: Tensor, x0: Tensor | None, mixed: bool,
@@ -260,7 +301,19 @@ class ConjugateGradient:
 
     def _deferred(self, op: LinearOperator, b: Tensor, every: int, x0: Tensor | None = None) -> SolveResult:
         """The same iterations with the stopping rules kept on the device (see the class doc)."""
-        mixed = _tracks_mixed(op)
+        x, r, m_x, hvps, counted, reason = self._deferred_core(op, b, every, x0, _tracks_mixed(op))
+        iterations, why = torch.stack([counted, reason.long()]).tolist()
+        return SolveResult(x, iterations, hvps, _relative(r, torch.linalg.vector_norm(b)), REASONS[why], mixed=m_x)
+
+    def solve_tensors(self, op: LinearOperator, b: Tensor, x0: Tensor | None = None) -> TensorSolve:
+        """All ``iterations`` with the stopping rules on the device and no host sync at all (a stopped
+        solve is frozen, so the answer equals :meth:`__call__`'s); no mixed map."""
+        x, r, _, hvps, counted, reason = self._deferred_core(op, b, self.iterations + 1, x0, False)
+        return TensorSolve(x, _relative_tensor(r, b), counted, reason, hvps)
+
+    def _deferred_core(self, op: LinearOperator, b: Tensor, every: int, x0: Tensor | None, mixed: bool,
+                       ) -> tuple[Tensor, Tensor, Tensor | None, int, Tensor, Tensor]:
+        """``(x, r, M x, HVPs, iterations, reason)``; reads the host only every ``every`` iterations."""
         x, r, m_x, hvps = _start(op, b, x0, mixed)
         p = r
         rs = torch.dot(r, r)
@@ -291,9 +344,7 @@ class ConjugateGradient:
             active = step & ~converged
             p = torch.where(active, r + (rs_new / torch.where(active, rs, 1.0)) * p, p)
             rs = torch.where(active, rs_new, rs)
-        iterations, why = torch.stack([counted, reason.long()]).tolist()
-        info = ("max iterations", "converged", "non-positive curvature")[why]
-        return SolveResult(x, iterations, hvps, _relative(r, b_norm), info, mixed=m_x)
+        return x, r, m_x, hvps, counted, reason
 
 
 @dataclass(frozen=True)
@@ -326,6 +377,17 @@ class Exact:
             info = "lstsq (singular Hessian)"
         res = _relative(H @ x - b, torch.linalg.vector_norm(b))
         return SolveResult(x, 1, op.n, res, info)
+
+    def solve_tensors(self, op: LinearOperator, b: Tensor, x0: Tensor | None = None) -> TensorSolve:
+        """LU on the device, no host sync: ``reason`` 3 when ``H`` is singular (then :meth:`__call__`'s
+        least squares is the answer: the caller falls back to it)."""
+        if op.n > self.max_params:
+            self(op, b)  # raises
+        H = op.dense()
+        H = 0.5 * (H + H.T)
+        x, status = torch.linalg.solve_ex(H, b)
+        singular = (status != 0) | ~torch.isfinite(x).all()
+        return TensorSolve(x, _relative_tensor(H @ x - b, b), 1, torch.where(singular, 3, 1), op.n)
 
 
 def power_iteration(matvec: Callable[[Tensor], Tensor], n: int, iterations: int = 20, *,

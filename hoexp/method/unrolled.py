@@ -7,6 +7,13 @@ the first ``T − k`` steps run without a graph and ``w_{T−k}`` is treated as 
 
 Cost: ``~2k`` gradients of ``L_T`` on top of the ``T`` training steps (each differentiable step keeps
 its ``create_graph`` gradient); memory ``O(k·P)``.
+
+Gradient checkpointing (``checkpoint_every = c``): the steps run once without a graph, keeping only
+the weights and optimizer state at every ``c``-th differentiable step; the backward pass then goes
+segment by segment from the last, re-running each segment's ``c`` steps with their graph from its
+stored start and back-propagating the adjoint ``(dL_V/dw, dL_V/ds)`` through it alone. Memory
+``O((k/c + c)·P)`` instead of ``O(k·P)`` (least near ``c = √k``), time one more pass of plain
+steps; the hypergradient is the stored-trajectory one up to rounding.
 """
 
 from __future__ import annotations
@@ -58,14 +65,20 @@ def unrolled_hypergradient(
     truncate: int | None = None,
     overrides: Callable[[dict[str, Tensor], int], dict[str, Any]] | None = None,
     on_step: Callable[[], None] | None = None,
+    checkpoint_every: int = 0,
 ) -> UnrolledResult:
     """``dL_V(w_T)/dλ`` by reverse mode through ``steps`` optimizer steps from ``params``.
 
     ``train_loss(w, λ, t)`` is the training loss of step ``t`` (its minibatch), ``val_loss(w, λ)``
     the outer objective at ``w_T``. ``overrides(λ, t)`` returns step ``t``'s optimizer keyword overrides
     (e.g. ``{"lr": ...}``) so that learning-rate hyperparameters are differentiated too.
-    ``truncate=k`` differentiates only the last ``k`` steps.
+    ``truncate=k`` differentiates only the last ``k`` steps. ``checkpoint_every=c > 0`` keeps only every
+    ``c``-th step's weights and optimizer state and re-runs the segments in the backward pass (see the
+    module doc).
     """
+    if checkpoint_every > 0:
+        return _checkpointed(train_loss, val_loss, optimizer, params, opt_state, hparams, steps, truncate=truncate,
+                             overrides=overrides, on_step=on_step, every=checkpoint_every)
     lam = tree.detached(hparams, requires_grad=True)
     lam_const = tree.detached(hparams)
     first_graph_step = 0 if truncate is None else max(steps - truncate, 0)
@@ -95,6 +108,84 @@ def unrolled_hypergradient(
     hg = {k: g.detach() for k, g in zip(lam.keys(), tree.fill_none(grads_lam, list(lam.values())))}
     return UnrolledResult(
         hypergrad=hg,
+        params=tree.detached(w),
+        opt_state=detach_state(state),
+        val_loss=float(lv.detach()),
+        last_train_loss=None if loss is None else float(loss.detach()),
+        last_grad_norm=None if gnorm is None else float(gnorm),
+    )
+
+
+def _state_leaves(state: Any) -> list[Tensor]:
+    """The tensors of an optimizer state (nested dicts), in a fixed order."""
+    if isinstance(state, Tensor):
+        return [state]
+    if isinstance(state, dict):
+        return [t for v in state.values() for t in _state_leaves(v)]
+    return []
+
+
+def _with_leaves(state: Any, leaves: Iterator[Tensor]) -> Any:
+    """``state`` with its tensors replaced, in :func:`_state_leaves`'s order, by ``leaves``."""
+    if isinstance(state, Tensor):
+        return next(leaves)
+    if isinstance(state, dict):
+        return {k: _with_leaves(v, leaves) for k, v in state.items()}
+    return state
+
+
+def _checkpointed(train_loss: StepLoss, val_loss: Callable[[dict[str, Tensor], dict[str, Tensor]], Tensor],
+                  optimizer: Optimizer, params: Mapping[str, Tensor], opt_state: dict[str, Any],
+                  hparams: Mapping[str, Tensor], steps: int, *, truncate: int | None,
+                  overrides: Callable[[dict[str, Tensor], int], dict[str, Any]] | None,
+                  on_step: Callable[[], None] | None, every: int) -> UnrolledResult:
+    """:func:`unrolled_hypergradient` with gradient checkpointing every ``every`` differentiable steps."""
+    lam = tree.detached(hparams, requires_grad=True)
+    lam_const = tree.detached(hparams)
+    first = 0 if truncate is None else max(steps - truncate, 0)
+    w, state = tree.detached(params), detach_state(opt_state)
+    starts: dict[int, tuple[dict[str, Tensor], Any]] = {}
+    loss = gnorm = None
+    for t in range(steps):  # forward: plain steps, keeping the segments' starts
+        if t >= first and (t - first) % every == 0:
+            starts[t] = (w, state)
+        wr = tree.detached(w, requires_grad=True)
+        loss = train_loss(wr, lam_const, t)
+        grads = torch.autograd.grad(loss, list(wr.values()))
+        with torch.no_grad():
+            w, state = optimizer.update(w, dict(zip(w.keys(), grads)),
+                                        state, **(overrides(lam_const, t) if overrides is not None else {}))
+        gnorm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+        if on_step is not None:
+            on_step()
+    w_end = tree.detached(w, requires_grad=True)
+    lv = val_loss(w_end, lam)
+    lam_list = list(lam.values())
+    out = tree.fill_none(torch.autograd.grad(lv, list(w_end.values()) + lam_list, allow_unused=True),
+                         list(w_end.values()) + lam_list)
+    adj_w: list[Tensor | None] = list(out[:len(w_end)])
+    hg = out[len(w_end):]
+    adj_s: list[Tensor | None] = [None] * len(_state_leaves(state))
+    for t0 in sorted(starts, reverse=True):  # backward: segment by segment, from the last
+        w0 = tree.detached(starts[t0][0], requires_grad=True)
+        s_leaves = [x.detach().requires_grad_(x.is_floating_point()) for x in _state_leaves(starts[t0][1])]
+        ws, s = w0, _with_leaves(starts[t0][1], iter(s_leaves))
+        for t in range(t0, min(t0 + every, steps)):
+            g = torch.autograd.grad(train_loss(ws, lam, t), list(ws.values()), create_graph=True)
+            ws, s = optimizer.update(ws, dict(zip(ws.keys(), g)), s,
+                                     **(overrides(lam, t) if overrides is not None else {}))
+        pairs = [(o, a) for o, a in zip(list(ws.values()) + _state_leaves(s), adj_w + adj_s)
+                 if a is not None and o.requires_grad]
+        inputs = list(w0.values()) + s_leaves + lam_list
+        differentiable = [x for x in inputs if x.requires_grad]
+        got = iter(torch.autograd.grad([o for o, _ in pairs], differentiable, [a for _, a in pairs],
+                                       allow_unused=True) if pairs else [None] * len(differentiable))
+        grads_in = [next(got) if x.requires_grad else None for x in inputs]
+        adj_w = [g if g is not None else torch.zeros_like(x) for g, x in zip(grads_in[:len(w0)], w0.values())]
+        adj_s = grads_in[len(w0):len(w0) + len(s_leaves)]
+        hg = [h if g is None else h + g for h, g in zip(hg, grads_in[len(w0) + len(s_leaves):])]
+    return UnrolledResult(
+        hypergrad={k: g.detach() for k, g in zip(lam.keys(), hg)},
         params=tree.detached(w),
         opt_state=detach_state(state),
         val_loss=float(lv.detach()),
@@ -144,10 +235,12 @@ class UnrolledMethod:
 
     truncate: int | None = None
     name: str = "unrolled"
+    checkpoint_every: int = 0  # > 0: gradient checkpointing, a stored start every this many steps
 
     def outer_step(self, problem: Problem, inner_opt: Optimizer, state: InnerState, raw: dict[str, Tensor],
                    train_batches: Iterator[Batch], val_batch: Batch, inner_steps: int,
                    on_inner_step: Callable[[], None] | None = None,
                    ) -> tuple[dict[str, Tensor], InnerState, StepStats]:
         return path_outer_step(unrolled_hypergradient, problem, inner_opt, state, raw, train_batches, val_batch,
-                               inner_steps, on_inner_step, truncate=self.truncate)
+                               inner_steps, on_inner_step, truncate=self.truncate,
+                               checkpoint_every=self.checkpoint_every)
