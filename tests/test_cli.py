@@ -33,7 +33,7 @@ def test_help_lists_subcommands(capsys):
     (["dataset=cifar"], "unknown dataset 'cifar'; choose one of: iris"),
     (["optim/inner=adm"], "unknown optim/inner 'adm'; choose one of: adagrad, adam, adamw"),
     (["method.termz=3"], "unknown key 'termz' in method (did you mean 'terms'?); valid keys: alpha, alpha_every, "
-                         "curvature, damping, residual, terms, warm_start"),
+                         "compile, curvature, damping, hvp, residual, terms, warm_start"),
     (["datset=iris"], "unknown key 'datset' (did you mean 'dataset'?)"),
     (["method.terms=-1"], "method=neumann: terms must be >= 0, got -1"),
     (["method.alpha=0"], "method=neumann: alpha must be > 0, got 0.0"),
@@ -54,8 +54,8 @@ def test_help_lists_subcommands(capsys):
     (["method=t1t2", "method.alpha=auto", "method.alpha_every=0"], "method=t1t2: alpha_every must be > 0, got 0"),
     (["method.curvature=fisher"], "method.curvature='fisher' is not valid; choose one of: gauss_newton, hessian"),
     (["method=cg", "method.damping=-0.1"], "method=cg: damping must be >= 0, got -0.1"),
-    (["method=cg", "method.alpha=auto"], "unknown key 'alpha' in method; valid keys: curvature, damping, iterations"),
-    (["method=exact", "method.warm_start=true"], "unknown key 'warm_start' in method; valid keys: curvature, damping"),
+    (["method=cg", "method.alpha=auto"], "unknown key 'alpha' in method; valid keys: compile, curvature, damping, hvp, iterations"),
+    (["method=exact", "method.warm_start=true"], "unknown key 'warm_start' in method; valid keys: compile, curvature, damping, hvp, max_params"),
     (["method=fixed_point", "method.warm_start=true", "method.iterations=0"], "warm_start needs iterations >= 1"),
     (["method.warm_start=maybe"], "method.warm_start: 'maybe' is not a valid bool"),
 ])
