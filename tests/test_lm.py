@@ -69,7 +69,8 @@ def test_mnist_per_weight_decay_preset_runs(tmp_path):
                                "outer_steps=2", "inner_steps=3", "eval_every=1", "progress=false"])
     summary = run_experiment(spec, tmp_path, config_text=text, console=Console(file=io.StringIO()))
     assert summary["status"] == "completed" and summary["dataset"] == "mnist"
-    assert summary["num_hparams"] == 784 * 16 + 16 * 16 + 16 * 10
+    # layer_and_weight: one decay per weight (as offsets) plus one shared value per layer
+    assert summary["num_hparams"] == 784 * 16 + 16 * 16 + 16 * 10 + 3
 
 
 def test_dataset_model_mismatch_is_refused():
