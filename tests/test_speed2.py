@@ -173,7 +173,7 @@ def test_a_compile_failure_or_a_disagreement_falls_back(logreg, monkeypatch):
 
 @pytest.mark.slow
 @needs_compiler
-@pytest.mark.parametrize("method, options", [("cg", dict(iterations=10, tol=0.0)),
+@pytest.mark.parametrize("method, options", [("cg", dict(iterations=30, tol=1e-14)),
                                              ("neumann", dict(iterations=10, alpha=1.0)), ("exact", {})])
 def test_the_compiled_hypergradient_equals_the_dense_solve(logreg, method, options):
     tl, vl, w, lam = _losses(logreg)
@@ -182,7 +182,7 @@ def test_the_compiled_hypergradient_equals_the_dense_solve(logreg, method, optio
                                        hvp="rev_rev", **options)
     assert "eager" not in cs.info  # the compiled path ran (and agreed with the eager one on its first call)
     torch.testing.assert_close(compiled["lam"], eager["lam"], rtol=1e-9, atol=1e-14)
-    if method != "neumann":  # 10 CG iterations on 12 unknowns, and the dense solve: the exact answer
+    if method != "neumann":  # CG run to convergence (12 unknowns), and the dense solve: the exact answer
         assert rel_err(compiled["lam"], logreg.direct()) < 1e-8
 
 
