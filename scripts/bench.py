@@ -8,7 +8,8 @@
 Problems (presets composed in-process with ``compose_spec``):
 
 * ``iris``: ``experiment=iris_per_weight_decay``, a 4→128→128→3 MLP, 17,280 weights and per-weight decays;
-* ``mnist``: ``experiment=mnist_per_weight_decay model.width=1280 model.depth=1``, a 784→1280→10 MLP,
+* ``mnist``: ``experiment=mnist_per_weight_decay model.width=1280 model.depth=1
+  hp.weight_decay.granularity=per_weight``, a 784→1280→10 MLP,
   1,017,610 weights and 1,016,320 per-weight decays (more than a million hyperparameters);
 * ``ptb``: ``experiment=ptb_lstm_dropout``, the small shared PTB language model (2-layer, 200-unit tied
   LSTM) with per-unit dropout and per-weight DropConnect (320,600 rates), Adam inside.
@@ -97,7 +98,8 @@ ROOT = Path(__file__).resolve().parent.parent
 # name → (preset overrides, extra overrides for --quick, outer steps of the whole runs (full, quick))
 PROBLEMS: dict[str, tuple[list[str], list[str], tuple[int, int]]] = {
     "iris": (["experiment=iris_per_weight_decay"], [], (20, 4)),
-    "mnist": (["experiment=mnist_per_weight_decay", "model.width=1280", "model.depth=1"],
+    "mnist": (["experiment=mnist_per_weight_decay", "model.width=1280", "model.depth=1",
+               "hp.weight_decay.granularity=per_weight"],  # the preset moved to layer_and_weight: keep the 1M decays
               ["model.width=64"], (10, 2)),
     # the long-unroll memory section only (not in --only's default): the MNIST preset, T = LONG_T
     "mnist_preset": (["experiment=mnist_per_weight_decay"], ["model.width=64"], (0, 0)),
