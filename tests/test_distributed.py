@@ -16,6 +16,7 @@ import torch.multiprocessing as mp
 from hoexp.cli import compose_spec
 from hoexp.errors import ConfigError
 from tests import dist_worker
+from tests.test_resume import wait_for_step
 
 ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
@@ -76,16 +77,6 @@ def _metrics(folder):
     return [{k: v for k, v in ln.items() if not k.startswith("time/")} for ln in lines]
 
 
-def _wait_for_step(folder, step, proc, timeout=300):
-    path = Path(folder) / "metrics.jsonl"
-    deadline = time.time() + timeout
-    while time.time() < deadline and proc.poll() is None:
-        if path.exists() and any(f'"step": {step},' in ln for ln in path.read_text().splitlines()):
-            return True
-        time.sleep(0.02)
-    return False
-
-
 def _children(pid):
     return [int(c) for t in Path(f"/proc/{pid}/task").iterdir() for c in (t / "children").read_text().split()]
 
@@ -114,7 +105,7 @@ def test_torchrun_run_writes_one_folder_and_resumes_after_a_kill(tmp_path):
 
     run = tmp_path / "killed"
     p = torchrun(tmp_path, f"hydra.run.dir={run}")
-    assert _wait_for_step(run, 2, p), p.communicate()[1]
+    assert wait_for_step(run, 2, p, timeout=300), p.communicate()[1]
     workers = _children(p.pid)
     assert len(workers) == 2, workers
     for pid in [p.pid, *workers]:  # torchrun and both ranks, at once (a lost node)
@@ -203,7 +194,7 @@ def test_a_multi_task_submitit_job_is_one_data_parallel_run(tmp_path):
 def test_sigterm_to_torchrun_checkpoints_and_says_how_to_resume(tmp_path):
     run = tmp_path / "run"
     p = torchrun(tmp_path, f"hydra.run.dir={run}", "checkpoint_every=5")
-    assert _wait_for_step(run, 2, p)
+    assert wait_for_step(run, 2, p, timeout=300)
     p.send_signal(signal.SIGTERM)  # torchrun passes it to both ranks
     out, err = p.communicate(timeout=120)
     lines = [ln for ln in err.splitlines() if ln.startswith("hoexp: error:")]

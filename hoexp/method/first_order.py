@@ -30,7 +30,7 @@ from torch import Tensor
 
 from hoexp import tree
 from hoexp.method.base import InnerState, StepStats, train_inner
-from hoexp.method.ift import LossFn
+from hoexp.method.ift import LossFn, validation_gradient
 from hoexp.method.solvers import Neumann
 from hoexp.optim import Optimizer
 from hoexp.problem import Batch, Problem
@@ -86,11 +86,7 @@ def fd_hypergradient(train_loss: LossFn, val_loss: LossFn, params: Mapping[str, 
     derivative a central difference (see the module doc). Inputs are not modified; detached result."""
     w = tree.detached(params, requires_grad=True)
     lam = tree.detached(hparams, requires_grad=True)
-    w_list, lam_list = list(w.values()), list(lam.values())
-    lv = val_loss(w, lam)
-    grads_v = torch.autograd.grad(lv, w_list + lam_list, allow_unused=True)
-    v = tree.flatten(tree.fill_none(grads_v[:len(w_list)], w_list)).detach()
-    direct = tree.fill_none(grads_v[len(w_list):], lam_list)
+    lv, v, direct = validation_gradient(val_loss, w, lam)
     hvps = 0
     if terms:
         op = FiniteDifferenceHessian(train_loss, params, hparams, eps)
@@ -99,7 +95,7 @@ def fd_hypergradient(train_loss: LossFn, val_loss: LossFn, params: Mapping[str, 
     else:
         u = alpha * v
     h = _step(u, eps)
-    flat = tree.flatten(w_list).detach()
+    flat = tree.flatten(w.values()).detach()
     plus = _grads(train_loss, tree.unflatten(flat + h * u, params), hparams, "lam")
     minus = _grads(train_loss, tree.unflatten(flat - h * u, params), hparams, "lam")
     mixed = tree.unflatten((plus - minus) / (2 * h), hparams)

@@ -97,6 +97,17 @@ class IFTStats:
     extra: dict[str, float] = field(default_factory=dict)  # solver scalars to log (solver/alpha, solver/warm_norm)
 
 
+def validation_gradient(val_loss: LossFn, w: dict[str, Tensor], lam: dict[str, Tensor],
+                        ) -> tuple[Tensor, Tensor, list[Tensor]]:
+    """``L_V(w, λ)``, ``v = ∂L_V/∂w`` (flat, detached) and ``∂L_V/∂λ`` per hyperparameter (zeros where
+    ``L_V`` does not use one), for leaves ``w``, ``λ`` that require grad. One backward pass."""
+    w_list, lam_list = list(w.values()), list(lam.values())
+    lv = val_loss(w, lam)
+    grads_v = torch.autograd.grad(lv, w_list + lam_list, allow_unused=True)
+    v = tree.flatten(tree.fill_none(grads_v[: len(w_list)], w_list)).detach()
+    return lv, v, tree.fill_none(grads_v[len(w_list):], lam_list)
+
+
 def ift_hypergradient(
     train_loss: LossFn,
     val_loss: LossFn,
@@ -135,11 +146,7 @@ def ift_hypergradient(
     w = tree.detached(params, requires_grad=True)
     lam = tree.detached(hparams, requires_grad=True)
     w_list, lam_list = list(w.values()), list(lam.values())
-
-    lv = val_loss(w, lam)
-    grads_v = torch.autograd.grad(lv, w_list + lam_list, allow_unused=True)
-    v = tree.flatten(tree.fill_none(grads_v[: len(w_list)], w_list)).detach()
-    direct = tree.fill_none(grads_v[len(w_list):], lam_list)
+    lv, v, direct = validation_gradient(val_loss, w, lam)
 
     lt = train_loss(w, lam)
     g = torch.autograd.grad(lt, w_list, create_graph=True, allow_unused=True)
