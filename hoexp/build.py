@@ -1,49 +1,42 @@
-"""Config → objects: data, model, hyperparameter family, method, optimizers.
+"""A checked :class:`~hoexp.config.Spec` → the objects of one run, with no list of options.
 
-Compatibility checks live here (method × family, dataset × model), so that a bad combination
-fails with one clear line before any training starts.
+Every group's option names its factory (``_target_``); :func:`build` calls them in a fixed order,
+each with the one runtime argument its group receives (:mod:`hoexp.components`):
+
+1. the optimizers (``optim/inner``, ``optim/outer``);
+2. ``data = dataset(DataContext(seed, dtype))``;
+3. ``model = model(data)``, seeded by the run without touching the global RNG;
+4. one family per ``hp`` entry, ``family(BuildContext)`` (several are combined);
+5. ``method(...)`` (``method(BuildContext)`` when partial);
+6. ``problem = data.problem(model, family)``;
+7. compatibility from what the objects declare (``moves_optimum``, ``needs_stationary_point``,
+   ``differentiates_steps``, ``refuses_data_parallel``, an optional ``method.check``), so a bad
+   combination fails in one line before training starts.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, cast
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
+from hoexp.components import BuildContext, CheckContext, DataContext
 from hoexp.config import Spec
-from hoexp.dataset.base import Splits
 from hoexp.errors import ConfigError
 from hoexp.hp.base import HyperFamily
 from hoexp.hp.composite import Composite
-from hoexp.hp.dropout import Dropout
-from hoexp.hp.learning_rate import LearningRate, Momentum
-from hoexp.hp.weight_decay import WeightDecay
 from hoexp.method.base import HyperMethod
-from hoexp.method.curvature import CURVATURES
-from hoexp.method.first_order import FiniteDifferenceMethod
-from hoexp.method.forward import ForwardMethod
-from hoexp.method.hd import HDMethod
-from hoexp.method.implicit import ImplicitMethod, NoHO
-from hoexp.method.reversible import ReversibleMethod
-from hoexp.method.solvers import ConjugateGradient, Exact, FixedPoint, Neumann, Solver
-from hoexp.method.unrolled import UnrolledMethod
-from hoexp.model.mlp import MLP
-from hoexp.optim import Optimizer, build_optimizer
+from hoexp.optim import Optimizer
 from hoexp.problem import Problem
 
 if TYPE_CHECKING:
+    from hoexp.dataset.base import Splits
     from hoexp.lm import LMData
-    from hoexp.model.lstm import LSTMLanguageModel
 
-IFT_METHODS = ("neumann", "cg", "fixed_point", "exact", "t1t2")
-# Methods that train with plain steps and differentiate at the reached weights (IFT and the first-order fd):
-# they cannot tune lr or momentum, and their steps can be compiled or run in mixed precision.
-PLAIN_STEP_METHODS: tuple[str, ...] = (*IFT_METHODS, "fd")
-# Methods that differentiate the optimization path, so they can also tune lr and momentum.
-PATH_METHODS: tuple[str, ...] = ("unrolled", "truncated", "forward", "reversible")
+# Methods whose hypergradient differentiates the optimization path: what a refusal recommends instead.
+PATH_METHODS = "unrolled, truncated, forward"
 
 
 def resolve_device(name: str) -> torch.device:
@@ -56,186 +49,76 @@ def resolve_device(name: str) -> torch.device:
 
 
 def build_data(spec: Spec) -> Splits | LMData:
-    cfg = spec.dataset
-    dtype = getattr(torch, spec.run.dtype)
-    if cfg.name == "iris":
-        from hoexp.dataset.iris import load_iris
-
-        seed = spec.run.seed if cfg.split_seed is None else cfg.split_seed
-        return load_iris(cfg.train_size, cfg.val_size, cfg.test_size, seed=seed,
-                         standardize=cfg.standardize, dtype=dtype)
-    if cfg.name == "mnist":
-        from hoexp.dataset.mnist import load_mnist
-        from hoexp.dataset.root import data_root
-
-        seed = spec.run.seed if cfg.split_seed is None else cfg.split_seed
-        return load_mnist(data_root(cfg.data_root), val_size=cfg.val_size, train_size=cfg.train_size, seed=seed,
-                          download=cfg.download, dtype=dtype)
-    if cfg.name == "ptb":
-        from hoexp.dataset.ptb import load_ptb
-        from hoexp.dataset.root import data_root
-        from hoexp.lm import lm_data
-
-        return lm_data(load_ptb(data_root(cfg.data_root), download=cfg.download), cfg.batch_size,
-                       cfg.eval_batch_size, cfg.bptt)
-    raise ConfigError(f"unknown dataset '{cfg.name}'")
+    return spec.dataset.build(DataContext(spec.run.seed, getattr(torch, spec.run.dtype)))
 
 
-def build_model(spec: Spec, data: Splits | LMData) -> MLP | LSTMLanguageModel:
-    """The model, initialized from the run's seed without touching the global RNG.
-
-    ``data`` matches the model (check_compatibility: mlp on iris / mnist splits, lstm on ptb streams)."""
-    cfg = spec.model
-    model: MLP | LSTMLanguageModel
+def build_model(spec: Spec, data: Any) -> nn.Module:
+    """The model, initialized from the run's seed without touching the global RNG."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.run.seed)
-        if cfg.name == "mlp":
-            splits = cast(Splits, data)
-            model = MLP(splits.num_features, splits.num_classes, cfg.width, cfg.depth, cfg.activation, cfg.bias)
-        elif cfg.name == "lstm":
-            from hoexp.model.lstm import LSTMLanguageModel
-
-            model = LSTMLanguageModel(cast("LMData", data).vocab_size, cfg.embed_dim, cfg.hidden, cfg.layers,
-                                      cfg.tie_weights)
-        else:
-            raise ConfigError(f"unknown model '{cfg.name}'")
+        try:
+            model = spec.model.build(data)
+        except ConfigError as e:
+            raise ConfigError(f"model={spec.model.name} does not fit dataset={spec.dataset.name}: "
+                              f"{str(e).removeprefix(spec.model.prefix)}") from None
     return model.to(getattr(torch, spec.run.dtype))
 
 
-def build_family(spec: Spec, model: MLP | LSTMLanguageModel) -> HyperFamily:
+def build_family(spec: Spec, ctx: BuildContext) -> HyperFamily:
     """The tuned family (a :class:`Composite` when ``hp`` names several)."""
-    names = tuple(n for n, _ in model.named_parameters())
     families: list[HyperFamily] = []
-    for cfg in spec.hp:
-        if cfg.name == "weight_decay":
-            families.append(WeightDecay(cfg.granularity, cfg.init, tuple(cfg.include), min_value=cfg.min,
-                                        max_value=cfg.max, offset_scale=cfg.offset_scale))
-        elif cfg.name == "dropout":
-            families.append(Dropout(model.unit_shapes(), cfg.granularity, cfg.init, cfg.temperature,
-                                    tuple(cfg.include), cfg.min, cfg.max, relaxation=cfg.relaxation,
-                                    offset_scale=cfg.offset_scale))
-        elif cfg.name == "lr":
-            inner_lr = spec.inner_optim.lr
-            families.append(LearningRate(names, cfg.granularity, inner_lr if cfg.init is None else cfg.init,
-                                         max(spec.run.inner_steps, 1), tuple(cfg.include), cfg.min, cfg.max,
-                                         fill=inner_lr))
-        elif cfg.name == "momentum":
-            mu = spec.inner_optim.momentum
-            families.append(Momentum(names, mu if cfg.init is None else cfg.init, tuple(cfg.include), cfg.min,
-                                     cfg.max, fill=mu))
-        else:
-            raise ConfigError(f"unknown hp '{cfg.name}'")
+    for h in spec.hp:
+        families.append(h.build(ctx))
+        ctx = replace(ctx, families=tuple(families))
     return families[0] if len(families) == 1 else Composite(tuple(families))
 
 
-def ift_solver(cfg: Any) -> Solver:
-    """The linear solver of an IFT method's config (with ``alpha=auto`` the method sets ``α`` per solve)."""
-    if cfg.name == "neumann":
-        return Neumann(cfg.terms, _alpha(cfg), cfg.residual)
-    if cfg.name == "cg":
-        return ConjugateGradient(cfg.iterations, cfg.tol)
-    if cfg.name == "fixed_point":
-        return FixedPoint(cfg.iterations, _alpha(cfg), cfg.residual)
-    if cfg.name == "exact":
-        return Exact(cfg.max_params)
-    if cfg.name == "t1t2":
-        return Neumann(0, _alpha(cfg), cfg.residual)
-    raise ConfigError(f"unknown IFT method '{cfg.name}'")
+def build_method(spec: Spec, ctx: BuildContext | None = None) -> HyperMethod:
+    """The method; a partial one (``hd``, ``reversible``) needs the run's :class:`BuildContext` (without one, the
+    whole experiment is built to get it)."""
+    if not spec.method.partial:
+        return spec.method.build()
+    return spec.method.build(ctx) if ctx is not None else build(spec).method
 
 
-def _alpha(cfg: Any) -> float:
-    """``method.alpha`` of a series method (0.01 stands in for ``auto`` until the method sets ``α``)."""
-    return 0.01 if cfg.alpha == "auto" else cfg.alpha
+def make_optimizer(component: Any) -> Optimizer:
+    return component.build()
 
 
-def build_method(spec: Spec) -> HyperMethod:
-    cfg = spec.method
-    if cfg.name == "none":
-        return NoHO()
-    if cfg.name in IFT_METHODS:
-        auto = getattr(cfg, "alpha", None) == "auto"
-        return ImplicitMethod(ift_solver(cfg), cfg.name, curvature=CURVATURES[cfg.curvature], damping=cfg.damping,
-                              warm_start=getattr(cfg, "warm_start", False),
-                              alpha_every=cfg.alpha_every if auto else 0, hvp=cfg.hvp, compile=cfg.compile)
-    if cfg.name == "fd":
-        return FiniteDifferenceMethod(cfg.alpha, cfg.eps, cfg.terms)
-    if cfg.name == "unrolled":
-        return UnrolledMethod(None, "unrolled", checkpoint_every=cfg.checkpoint_every)
-    if cfg.name == "truncated":
-        return UnrolledMethod(cfg.k, "truncated", checkpoint_every=cfg.checkpoint_every)
-    if cfg.name == "forward":
-        return ForwardMethod(cfg.max_hparams, strategy=cfg.strategy, carry=cfg.carry, decay=cfg.decay)
-    if cfg.name == "reversible":
-        inner = spec.inner_optim
-        mu = inner.momentum
-        return ReversibleMethod(lr=inner.lr / (1 - mu), momentum=mu, radix_bits=cfg.radix_bits,
-                                momentum_bits=cfg.momentum_bits)
-    if cfg.name == "hd":
-        lr_init = spec.hp[0].init if spec.hp and spec.hp[0].name == "lr" else None
-        lr0 = cfg.lr0 if cfg.lr0 is not None else (lr_init if lr_init is not None else spec.inner_optim.lr)
-        return HDMethod(cfg.variant, beta=cfg.beta, lr0=lr0, momentum=cfg.momentum, betas=tuple(cfg.betas),
-                        eps=cfg.eps, name="hd")
-    raise ConfigError(f"unknown method '{cfg.name}'")
-
-
-def make_optimizer(cfg: Any) -> Optimizer:
-    """An optimizer from its typed config (``momentum`` / ``nesterov`` are SGD presets)."""
-    kwargs = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name != "name"}
-    if "betas" in kwargs:
-        kwargs["betas"] = tuple(kwargs["betas"])
-    name = "sgd" if cfg.name in ("momentum", "nesterov") else cfg.name
-    return build_optimizer(name, **kwargs)
-
-
-MOVES_OPTIMUM = {"weight_decay": True, "dropout": True, "lr": False, "momentum": False}
-MOMENTUM_OPTIMIZERS = ("momentum", "nesterov", "sgd")  # sgd only with momentum > 0
-
-
-MODELS_FOR = {"iris": ("mlp",), "mnist": ("mlp",), "ptb": ("lstm",)}
-
-
-def check_compatibility(spec: Spec) -> None:
-    """The method × family matrix (README), enforced before anything runs; refusals name what works."""
-    method, families = spec.method.name, [h.name for h in spec.hp]
-    models = MODELS_FOR.get(spec.dataset.name, ())
-    if spec.model.name not in models:
-        raise ConfigError(f"model={spec.model.name} does not fit dataset={spec.dataset.name}; use model="
-                          f"{' or model='.join(models)} (classification: iris, mnist with mlp; language "
-                          "modelling: ptb with lstm)")
-    path_only = [f for f in families if not MOVES_OPTIMUM[f]]
-    if method in PLAIN_STEP_METHODS and path_only:
-        raise ConfigError(
-            f"method={method} ({'first-order ' if method == 'fd' else ''}implicit differentiation) cannot tune hp={path_only[0]}: it changes only the "
-            f"optimization path, not the inner optimum w*; use a method that differentiates the path "
-            f"({', '.join(PATH_METHODS[:3])})")
-    if method == "hd" and (families != ["lr"] or spec.hp[0].granularity != "global"):
-        raise ConfigError("method=hd adapts one global learning rate online: use hp=lr hp.lr.granularity=global "
-                          "(for other families use unrolled, truncated, forward or an IFT method)")
-    inner = spec.inner_optim
-    if method == "reversible" and (inner.name not in ("sgd", "momentum") or inner.nesterov
-                                   or inner.dampening or inner.weight_decay or not 0 < inner.momentum < 1):
-        raise ConfigError(
-            f"method=reversible reverses SGD with heavy-ball momentum exactly; optim/inner={inner.name} (with these "
-            "options) is not reversible: use optim/inner=momentum (0 < momentum < 1, no dampening or weight_decay), "
-            "or method=unrolled / truncated for other optimizers")
-    if "momentum" in families and (inner.name not in MOMENTUM_OPTIMIZERS or not getattr(inner, "momentum", 0) > 0):
-        raise ConfigError(f"hp=momentum tunes SGD momentum, but optim/inner={inner.name} has no momentum buffer; "
-                          "use optim/inner=momentum or nesterov")
-    if spec.run.compile and method not in (*PLAIN_STEP_METHODS, "none"):
-        raise ConfigError(f"compile=true compiles plain training steps, and method={method} takes none (it "
+def check_compatibility(spec: Spec, method: HyperMethod, family: Any, ctx: CheckContext) -> None:
+    """What the objects declare, enforced before anything runs; refusals name what works. ``family``: the built
+    family, or (before a run, :func:`preflight`) the classes the hp factories declare they return."""
+    name = getattr(method, "name", spec.method.name)
+    check = getattr(method, "check", None)  # method-specific limits (dense solve size, tangents, optimizer)
+    if check is not None:
+        try:
+            check(ctx)
+        except ValueError as e:
+            raise ConfigError(f"{spec.method.prefix}{e}") from None
+    if getattr(method, "needs_stationary_point", False):
+        members = family if isinstance(family, list) else list(getattr(family, "families", (family,)))
+        path_only = [f.name for f in members if f is not None and getattr(f, "moves_optimum", True) is False]
+        if path_only:
+            first_order = "first-order " if name == "fd" else ""
+            raise ConfigError(
+                f"method={name} ({first_order}implicit differentiation) cannot tune hp={path_only[0]}: it changes "
+                f"only the optimization path, not the inner optimum w*; use a method that differentiates the path "
+                f"({PATH_METHODS})")
+    if spec.run.compile and getattr(method, "differentiates_steps", False):
+        raise ConfigError(f"compile=true compiles plain training steps, and method={name} takes none (it "
                           "differentiates its steps); drop compile=true, or use an IFT method (neumann, cg, "
                           "fixed_point, exact, t1t2), fd or none")
-    check_precision(spec)
-    check_distributed(spec)
+    check_precision(spec, method)
+    check_distributed(spec, method=method)
 
 
-def check_precision(spec: Spec) -> None:
+def check_precision(spec: Spec, method: HyperMethod) -> None:
     """``precision=bf16|fp16``: only plain training steps (IFT methods, fd, none), float32 runs."""
-    run, method = spec.run, spec.method.name
+    run = spec.run
     if run.precision == "fp32":
         return
-    if method not in (*PLAIN_STEP_METHODS, "none"):
-        raise ConfigError(f"precision={run.precision} applies to plain training steps, and method={method} "
+    if getattr(method, "differentiates_steps", False):
+        raise ConfigError(f"precision={run.precision} applies to plain training steps, and method={spec.method.name} "
                           "differentiates its steps (in the run's dtype); use precision=fp32, or an IFT method "
                           "(neumann, cg, fixed_point, exact, t1t2), fd or none")
     if run.dtype != "float32":
@@ -246,34 +129,37 @@ def check_precision(spec: Spec) -> None:
                           "do; use precision=bf16 with compile=true, or compile=false")
 
 
-def check_distributed(spec: Spec, world_size: int = 0) -> None:
+def check_distributed(spec: Spec, world_size: int = 0, method: HyperMethod | None = None) -> None:
     """A data-parallel run (``torchrun``, a multi-task SLURM job, or ``world_size`` > 1: a sweep for such a
-    launcher): supported methods only."""
+    launcher): only methods whose every derivative goes through the synced losses (``refuses_data_parallel``
+    empty). ``method`` None: built here when it needs no runtime context."""
     from hoexp import distributed
 
     world_size = world_size or distributed.launched().world_size
     if world_size < 2:
         return
-    method = spec.method.name
-    if method not in distributed.SUPPORTED_METHODS:
-        raise ConfigError(f"method={method} does not run data-parallel ({world_size} processes): it "
-                          f"{distributed.UNSUPPORTED_WHY.get(method, 'is not supported')}; use one of "
-                          f"{', '.join(distributed.SUPPORTED_METHODS)}, or run it in one process")
+    if method is None and not spec.method.partial:
+        method = spec.method.build()
+    why = getattr(method, "refuses_data_parallel", "") if method is not None else ""
+    if why:
+        raise ConfigError(f"method={spec.method.name} does not run data-parallel ({world_size} processes): it {why}; "
+                          "use an IFT method without a dense solve (neumann, cg, fixed_point, t1t2), fd, unrolled, "
+                          "truncated or none, or run it in one process")
     if spec.run.compile:
         raise ConfigError("compile=true does not run data-parallel (the compiled step cannot all-reduce inside "
                           "torch.func); drop compile=true, or run in one process")
-    if getattr(spec.method, "compile", False):
+    if getattr(method, "compile", False):
         raise ConfigError("method.compile=true does not run data-parallel (the compiled hypergradient cannot "
                           "all-reduce inside torch.compile); drop method.compile=true, or run in one process")
 
 
 @dataclass
 class Experiment:
-    """Everything one run needs, built from a validated :class:`Spec`."""
+    """Everything one run needs, built from a checked :class:`Spec`."""
 
     spec: Spec
     device: torch.device
-    data: Splits | LMData  # LMData for language models (dataset=ptb)
+    data: Any  # what the dataset factory returned: Splits, LMData, or a user's data with .problem(model, family)
     model: nn.Module
     problem: Problem
     method: HyperMethod
@@ -282,61 +168,56 @@ class Experiment:
 
 
 def build(spec: Spec) -> Experiment:
+    """The objects of one run, built in the order of the module docstring."""
     from hoexp import distributed
 
     device = resolve_device(distributed.device_for(spec.run.device, distributed.current()))
-    check_compatibility(spec)
-    method = build_method(spec)
-    try:
-        inner_opt, outer_opt = make_optimizer(spec.inner_optim), make_optimizer(spec.outer_optim)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
+    inner_opt, outer_opt = spec.inner_optim.build(), spec.outer_optim.build()
     data = build_data(spec).to(device)
     model = build_model(spec, data).to(device)
     params = dict(model.named_parameters())
+    ctx = BuildContext(model, inner_opt, spec.run.inner_steps, spec.run.seed, data)
     try:
-        family = build_family(spec, model)
-        family.init(params)  # checks that `include` matches something
+        family = build_family(spec, ctx)
+        raw = family.init(params)  # checks that `include` matches something
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    n = sum(p.numel() for p in params.values())
-    n_h = sum(v.numel() for v in family.init(params).values())
-    if spec.method.name == "forward" and n_h > spec.method.max_hparams:
-        raise ConfigError(
-            f"method=forward carries one tangent per hyperparameter and hp={spec.hp_name} has {n_h:,} here, above "
-            f"method.max_hparams={spec.method.max_hparams}; use a coarser granularity (e.g. hp.granularity=per_layer), "
-            "a reverse method (unrolled, truncated) or an IFT method (neumann, cg), or raise method.max_hparams")
-    if spec.method.name == "exact" and n > spec.method.max_params:
-        raise ConfigError(f"method=exact would form a dense {n:,}x{n:,} Hessian, above method.max_params="
-                          f"{spec.method.max_params:,}; use method=cg or method=neumann, or raise method.max_params")
-    if spec.dataset.name == "ptb":
-        from hoexp.lm import LMProblem
-
-        lm_problem = LMProblem(model, family)
-        lm_problem.bptt = spec.dataset.bptt
-        problem: Problem = lm_problem
-    else:
-        problem = Problem(model, family)
+    method = build_method(spec, replace(ctx, families=tuple(getattr(family, "families", (family,)))))
+    problem: Problem = data.problem(model, family)
+    check_compatibility(spec, method, family, CheckContext(inner_opt, family, sum(p.numel() for p in params.values()),
+                                                           sum(v.numel() for v in raw.values())))
     problem.compile = spec.run.compile
     if spec.run.precision != "fp32":
         from hoexp.precision import Precision
 
         problem.precision = Precision(spec.run.precision, device.type)
-    from hoexp import distributed
-
     if distributed.current().active:
         problem.sync = distributed.sync
     return Experiment(spec, device, data, model, problem, method, inner_opt, outer_opt)
 
 
 def preflight(spec: Spec, device: bool = True) -> None:
-    """Every check :func:`build` makes that needs no data or model: device (unless ``device`` is false:
-    a config printed, not run), method × family, optimizer options. Run for each job of a sweep before
-    any job starts."""
+    """Every check :func:`build` makes that needs no data or model: device (unless ``device`` is false: a
+    config printed, not run), the optimizers', method's and model-free families' options (their factories run),
+    and the method's
+    compile / precision / data-parallel compatibility. Run for each job of a sweep before any job starts;
+    checks that need the model (family × method, sizes) run when the job builds."""
     if device:
         resolve_device(spec.run.device)
-    check_compatibility(spec)
+    spec.inner_optim.build(), spec.outer_optim.build()
+    families = [h.build() if not h.partial else declared_type(h.target) for h in spec.hp]  # model-free ones whole
+    if not spec.method.partial:
+        inner = spec.inner_optim.build()
+        check_compatibility(spec, spec.method.build(), families, CheckContext(inner))
+
+
+def declared_type(factory: Any) -> Any:
+    """The class a factory's return annotation names (its class attributes declare capabilities such as
+    ``moves_optimum``), or None."""
+    import typing
+
     try:
-        make_optimizer(spec.inner_optim), make_optimizer(spec.outer_optim)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
+        hint = typing.get_type_hints(factory).get("return")
+    except Exception:  # unresolvable annotations: the capabilities are checked when the run is built
+        return None
+    return hint if isinstance(hint, type) else None

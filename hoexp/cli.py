@@ -13,6 +13,7 @@ import itertools
 import os
 import re
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 from hoexp.errors import ConfigError, HoexpError
@@ -79,13 +80,46 @@ def conf_dir() -> Path:
     return CONF_DIR
 
 
-def config_groups() -> list[str]:
-    return sorted(p.name for p in conf_dir().iterdir() if p.is_dir() and not p.name.startswith(("_", ".")))
+def user_config_dirs(overrides: list[str]) -> list[Path]:
+    """The users' config folders on the search path (``--config-dir``, turned into ``hydra.searchpath``)."""
+    dirs: list[Path] = []
+    for o in overrides:
+        key, _, value = o.lstrip("+~").partition("=")
+        if key == "hydra.searchpath":
+            dirs += [Path(v.strip().strip("'\"").removeprefix("file://")) for v in value.strip("[]").split(",")
+                     if v.strip().strip("'\"").startswith("file://")]
+    return dirs
 
 
-def group_options(group: str) -> list[str]:
-    folder = conf_dir() / group
-    return sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
+def with_config_dir(args: list[str]) -> list[str]:
+    """``--config-dir DIR`` (``-cd DIR``, ``--config-dir=DIR``) → the override ``hydra.searchpath=[file://DIR]``:
+    the folder's options (``DIR/model/x.yaml``, ...) join hoexp's own, for validation and for Hydra alike."""
+    out, dirs = [], []
+    it = iter(args)
+    for a in it:
+        flag, eq, value = a.partition("=")
+        if flag in ("--config-dir", "-cd"):
+            value = value if eq else next(it, "")
+            folder = Path(value).expanduser().absolute()
+            if not value or not folder.is_dir():
+                raise ConfigError(f"--config-dir {value or '(missing)'}: no such folder; give the folder that holds "
+                                  "your config groups (e.g. DIR/model/my_model.yaml)")
+            dirs.append(f"file://{folder}")
+        else:
+            out.append(a)
+    return [*out, f"hydra.searchpath=[{','.join(dirs)}]"] if dirs else out
+
+
+def config_groups(overrides: Sequence[str] = ()) -> list[str]:
+    folders = [conf_dir(), *user_config_dirs(list(overrides))]
+    return sorted({p.name for f in folders if f.is_dir() for p in f.iterdir()
+                   if p.is_dir() and not p.name.startswith(("_", "."))})
+
+
+def group_options(group: str, overrides: Sequence[str] = ()) -> list[str]:
+    """The options of a config group: hoexp's and those in the users' config folders."""
+    folders = [conf_dir() / group, *(d / group for d in user_config_dirs(list(overrides)))]
+    return sorted({p.stem for f in folders if f.is_dir() for p in f.glob("*.yaml")})
 
 
 def split_hydra_args(args: list[str]) -> tuple[list[str], set[str]]:
@@ -157,17 +191,17 @@ def _explain_composition_error(message: str, overrides: list[str]) -> str:
     m = re.search(r"Could not find '([^']+)/([^'/]+)'", message)
     if m:
         group, option = m.group(1), m.group(2)
-        return f"unknown {group} '{option}'; choose one of: {', '.join(group_options(group))}"
+        return f"unknown {group} '{option}'; choose one of: {', '.join(group_options(group, overrides))}"
     m = re.search(r"Could not override '([^']+)'", message)
     if m and "No match in the defaults list" in message:
-        groups = config_groups()
+        groups = config_groups(overrides)
         return f"unknown config group '{m.group(1)}'; groups: {', '.join(groups)}"
     if m:
         key = m.group(1)
         parent, _, leaf = key.rpartition(".")
         valid = _valid_keys(parent, [o for o in overrides if not o.lstrip("+~").startswith(key + "=")])
         if not parent:  # a top-level name: config groups are valid too
-            valid = sorted(set(valid) | set(config_groups()))
+            valid = sorted(set(valid) | set(config_groups(overrides)))
         close = difflib.get_close_matches(leaf, valid, n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         where = f" in {parent}" if parent else ""
@@ -196,8 +230,8 @@ def _valid_keys(parent: str, overrides: list[str]) -> list[str]:
         return []
     if not isinstance(node, DictConfig):
         return []
-    keys = [k for k in node.keys() if k != "hydra"]
-    if parent.startswith("optim") or parent in ("method", "hp", "model", "dataset"):
+    keys = [k for k in node.keys() if k not in ("hydra", "_target_", "_partial_")]
+    if parent.startswith("optim") or parent.startswith("hp.") or parent in ("method", "model", "dataset"):
         keys = [k for k in keys if k != "name"]
     return sorted(str(k) for k in keys)
 
@@ -219,12 +253,15 @@ def validate_job(overrides: list[str], device: bool = True) -> None:
     preflight(validate(cfg), device=device)
 
 
-def compose_spec(overrides: list[str]):
-    """Compose and validate a config in-process (for scripts and tests): the typed Spec and the YAML."""
+def compose_spec(overrides: list[str], config_dir: str | os.PathLike | None = None):
+    """Compose and validate a config in-process (for scripts and tests): the checked Spec and the YAML.
+    ``config_dir``: a folder of your own config groups (``hoexp run --config-dir``)."""
     from omegaconf import OmegaConf
 
     from hoexp.config import validate
 
+    if config_dir is not None:
+        overrides = with_config_dir([*overrides, "--config-dir", str(config_dir)])
     validate_job(overrides)
     cfg = _compose(overrides)
     return validate(cfg), OmegaConf.to_yaml(cfg)
@@ -380,11 +417,13 @@ def print_configs(jobs: list[list[str]], args: list[str]) -> None:
 def cmd_run(args: list[str]) -> None:
     import hydra
 
+    args = with_config_dir(args)
     overrides, flags = split_hydra_args(args)
     refuse_removed(overrides)
     if not flags & {"--help", "-h", "--hydra-help", "--info", "-i", "--shell-completion", "-sc"}:
         multirun = bool(flags & {"-m", "--multirun"})
-        jobs = expand_sweeps(overrides) if multirun else [overrides]
+        search = [o for o in overrides if o.startswith("hydra.searchpath=")]
+        jobs = [[*search, *j] for j in expand_sweeps(overrides)] if multirun else [overrides]
         printing = bool(flags & {"--cfg", "-c"})
         for job in jobs:
             validate_job(job, device=not printing)  # printing a config runs nothing: a GPU preset prints anywhere
@@ -392,7 +431,8 @@ def cmd_run(args: list[str]) -> None:
             return print_configs(jobs, args)
         if not printing:
             check_output_dir(overrides, multirun)
-            first = [*(o for o in overrides if o.lstrip("+~").startswith("hydra")), *jobs[0]] if multirun else jobs[0]
+            first = ([*(o for o in overrides if o.lstrip("+~").startswith("hydra") and o not in search), *jobs[0]]
+                     if multirun else jobs[0])
             cfg = _compose(first, hydra=True)
             check_launcher(cfg)
             check_launcher_tasks(cfg, jobs)
@@ -508,11 +548,11 @@ def main(argv: list[str] | None = None) -> None:
         if command == "run":
             cmd_run(rest)
         elif command == "check":
-            cmd_check(rest)
+            cmd_check(with_config_dir(rest))
         elif command == "report":
             cmd_report(rest)
         elif command == "compare":
-            cmd_compare(rest)
+            cmd_compare(with_config_dir(rest))
         elif command in ("version", "--version"):
             from hoexp import __version__
 

@@ -222,9 +222,12 @@ def _contender_hypergradients(cspec: Spec, exp: Any, raw: dict[str, Tensor], par
     """The contender's hypergradient at each checkpoint: from the checkpoint's state for stateless
     methods; along its own run from step 0 (no outer updates) for methods that carry state."""
     from hoexp.build import check_compatibility
+    from hoexp.components import CheckContext
 
-    check_compatibility(cspec)
     method = build_method(cspec)
+    family = exp.problem.family
+    check_compatibility(cspec, method, family, CheckContext(exp.inner_opt, family, tree.numel(params0),
+                                                            tree.numel(raw)))
     problem, run = exp.problem, cspec.run
     out: dict[int, Tensor] = {}
     if isinstance(method, CarriesState) and getattr(method, "carries", True):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -34,6 +34,14 @@ class LMData:
     bptt: int
     task: str = "language_model"
     train_eval: Tensor | None = None  # the training tokens that training metrics are measured on
+    batch_size: int = 0  # the streams are already batchified; kept for the data-layout interface
+    val_batch_size: int = 0
+
+    def problem(self, model: Any, family: Any) -> LMProblem:
+        """The language-modelling problem: next-token cross-entropy over ``bptt``-token windows."""
+        lm = LMProblem(model, family)
+        lm.bptt = self.bptt
+        return lm
 
     def to(self, device) -> LMData:
         return LMData(self.train.to(device), self.val.to(device), self.test.to(device),

@@ -74,9 +74,11 @@ def test_mnist_per_weight_decay_preset_runs(tmp_path):
 
 
 def test_dataset_model_mismatch_is_refused():
+    """The model factory receives the loaded data and refuses what it cannot fit: one line when the run is built."""
+    from hoexp.build import build
     from hoexp.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="model=lstm does not fit dataset=iris"):
-        compose_spec(["model=lstm"])
-    with pytest.raises(ConfigError, match="model=mlp does not fit dataset=ptb"):
-        compose_spec(["dataset=ptb"])
+    with pytest.raises(ConfigError, match="model=lstm does not fit dataset=iris: .*model=mlp fits them"):
+        build(compose_spec(["model=lstm"])[0])
+    with pytest.raises(ConfigError, match="model=mlp does not fit dataset=ptb: .*model=lstm fits text"):
+        build(compose_spec(["dataset=ptb"])[0])

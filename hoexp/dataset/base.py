@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from hoexp.problem import Problem
 
 
 @dataclass
@@ -32,10 +36,17 @@ class Splits:
     num_features: int
     num_classes: int
     task: str = "classification"
+    batch_size: int = 0  # inner-step minibatch; 0 = full batch
+    val_batch_size: int = 0  # hypergradient validation minibatch; 0 = the whole validation split
 
     def to(self, device: torch.device | str) -> Splits:
-        return Splits(self.train.to(device), self.val.to(device), self.test.to(device),
-                      self.num_features, self.num_classes, self.task)
+        return replace(self, train=self.train.to(device), val=self.val.to(device), test=self.test.to(device))
+
+    def problem(self, model: Any, family: Any) -> Problem:
+        """The bilevel problem on these splits: cross-entropy of ``model`` plus ``family``'s penalty."""
+        from hoexp.problem import Problem
+
+        return Problem(model, family)
 
 
 @dataclass

@@ -6,10 +6,12 @@ The default 60 / 60 / 30 split is the reference HO experiment's (seed document 0
 from __future__ import annotations
 
 import csv
+from dataclasses import replace
 from importlib import resources
 
 import torch
 
+from hoexp.components import DataContext, NonNegInt, PositiveInt
 from hoexp.dataset.base import Split, Splits
 
 CLASSES = ("setosa", "versicolor", "virginica")
@@ -77,3 +79,16 @@ def load_iris(train_size: int = 60, val_size: int = 60, test_size: int = 30, see
     x = x.to(dtype)
     train, val, test = (Split(x[i], y[i]) for i in idx)
     return Splits(train, val, test, num_features=4, num_classes=len(CLASSES))
+
+
+def iris(ctx: DataContext, *, train_size: PositiveInt = 60, val_size: PositiveInt = 60, test_size: PositiveInt = 30,
+         split_seed: int | None = None, standardize: bool = True, batch_size: NonNegInt = 0,
+         val_batch_size: NonNegInt = 0) -> Splits:
+    """``dataset=iris``: :func:`load_iris` with the run's seed (unless ``split_seed``) and dtype;
+    ``batch_size`` / ``val_batch_size`` 0 = full batch (the reference experiment)."""
+    total = train_size + val_size + test_size
+    if total > 150:
+        raise ValueError(f"train_size + val_size + test_size = {total}, but Iris has 150 examples")
+    splits = load_iris(train_size, val_size, test_size, seed=ctx.seed if split_seed is None else split_seed,
+                       standardize=standardize, dtype=ctx.dtype)
+    return replace(splits, batch_size=batch_size, val_batch_size=val_batch_size)

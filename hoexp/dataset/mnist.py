@@ -12,10 +12,12 @@ import os
 import shutil
 import struct
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
+from hoexp.components import DataContext, NonNegInt, PositiveInt
 from hoexp.dataset.base import Split, Splits
 from hoexp.dataset.iris import stratified_split
 from hoexp.errors import HoexpError
@@ -176,3 +178,15 @@ def load_mnist(root: Path, *, val_size: int = 1000, train_size: int | None = Non
     val = Split(prep(x_tr[val_idx]), y_tr[val_idx].clone())
     test = Split(prep(x_te), y_te.clone())
     return Splits(train, val, test, num_features=SIDE * SIDE, num_classes=NUM_CLASSES)
+
+
+def mnist(ctx: DataContext, *, data_root: str | None = None, download: bool = False, val_size: PositiveInt = 1000,
+          train_size: PositiveInt | None = None, split_seed: int | None = None, batch_size: NonNegInt = 128,
+          val_batch_size: NonNegInt = 0) -> Splits:
+    """``dataset=mnist``: :func:`load_mnist` from ``<data_root>/mnist`` (``data_root``: ``$HOEXP_DATA``, else
+    ``~/.local/share/hoexp/data``), seeded by the run unless ``split_seed``; ``batch_size`` 0 = full batch."""
+    from hoexp.dataset.root import data_root as resolve_root
+
+    splits = load_mnist(resolve_root(data_root), val_size=val_size, train_size=train_size,
+                        seed=ctx.seed if split_seed is None else split_seed, download=download, dtype=ctx.dtype)
+    return replace(splits, batch_size=batch_size, val_batch_size=val_batch_size)

@@ -16,12 +16,17 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
+from hoexp.components import DataContext, NonNegInt, PositiveInt
 from hoexp.dataset.base import TextSplits
 from hoexp.errors import HoexpError
+
+if TYPE_CHECKING:
+    from hoexp.lm import LMData
 
 EOS, UNK = "<eos>", "<unk>"
 FILES = ("ptb.train.txt", "ptb.valid.txt", "ptb.test.txt")
@@ -185,3 +190,14 @@ def bptt_windows(source: Tensor, bptt: int) -> Iterator[tuple[Tensor, Tensor]]:
     together their targets cover rows 1 .. len-1 once."""
     for i in range(0, len(source) - 1, bptt):
         yield bptt_batch(source, i, bptt)
+
+
+def ptb(ctx: DataContext, *, data_root: str | None = None, download: bool = False, batch_size: PositiveInt = 20,
+        eval_batch_size: PositiveInt = 10, bptt: PositiveInt = 35, val_batch_size: NonNegInt = 0) -> LMData:
+    """``dataset=ptb``: the batchified token streams (``batch_size`` parallel streams for training and
+    hypergradient windows, ``eval_batch_size`` for evaluation, windows of ``bptt`` tokens).
+    ``val_batch_size`` is unused for text (a hypergradient uses one random validation window)."""
+    from hoexp.dataset.root import data_root as resolve_root
+    from hoexp.lm import lm_data
+
+    return lm_data(load_ptb(resolve_root(data_root), download=download), batch_size, eval_batch_size, bptt)

@@ -57,4 +57,5 @@ class Composite:
 
 
 def _override_keys(family: HyperFamily) -> list[str]:
-    return {"lr": ["lr"], "momentum": ["momentum"]}.get(family.name, [])
+    """The optimizer values a family overrides, as it declares them (``sets``: none by default)."""
+    return sorted(getattr(family, "sets", ()))

@@ -15,12 +15,14 @@ layer value plus scaled per-unit offsets (``layer_and_unit``).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Annotated, Literal
 
 import torch
 from torch import Tensor
 
+from hoexp.components import BuildContext, PositiveFloat, Range
 from hoexp.hp.base import Params
 
 GRANULARITIES = ("per_layer", "per_unit", "layer_and_unit")
@@ -145,3 +147,22 @@ class Dropout:
         if self.relaxation == "gaussian":
             return {s: gaussian_mask(r, noise[s]) for s, r in self._own(raw).items() if s in noise}
         return {s: concrete_mask(r, noise[s], self.temperature) for s, r in self._own(raw).items() if s in noise}
+
+
+Rate = Annotated[float, Range(gt=0, lt=1)]
+
+
+def dropout(ctx: BuildContext, *, granularity: Literal["per_layer", "per_unit", "layer_and_unit"] = "per_unit",
+            init: Rate = 0.2, temperature: PositiveFloat = 0.1, relaxation: Literal["concrete", "gaussian"] = "concrete",
+            offset_scale: PositiveFloat = 0.1, include: Sequence[str] = ("*",), min: Rate = 1e-4,
+            max: Rate = 0.95) -> Dropout:
+    """``hp=dropout``: rates ``p = σ(raw)`` in ``[min, max]`` at the model's dropout sites matching ``include``
+    (``model.unit_shapes()``: site → unit shape), with relaxed masks (module docstring)."""
+    if not min <= init <= max:
+        raise ValueError(f"need min <= init <= max; got min={min}, init={init}, max={max}")
+    unit_shapes = getattr(ctx.model, "unit_shapes", None)
+    if unit_shapes is None:
+        raise ValueError(f"{type(ctx.model).__name__} has no dropout sites: a model tuned by hp=dropout defines "
+                         "unit_shapes() and forward(x, masks=...) (see hoexp.model.mlp.MLP)")
+    return Dropout(unit_shapes(), granularity, init, temperature, tuple(include), min, max, relaxation=relaxation,
+                   offset_scale=offset_scale)

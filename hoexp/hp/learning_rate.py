@@ -7,12 +7,16 @@ differentiation cannot tune them; unrolled, truncated and forward mode can.
 
 from __future__ import annotations
 
+import builtins
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Annotated, ClassVar, Literal
 
 import torch
 from torch import Tensor
 
+from hoexp.components import BuildContext, PositiveFloat, Range
 from hoexp.hp.base import Params, select
 
 LR_GRANULARITIES = ("global", "per_layer", "per_step")
@@ -33,6 +37,7 @@ class LearningRate:
     fill: float = 0.01  # the rate of parameters not covered by `include` (the optimizer's configured lr)
     name: str = "lr"
     moves_optimum: bool = False
+    sets: ClassVar[frozenset[str]] = frozenset({"lr"})  # the optimizer value its overrides set
 
     def __post_init__(self):
         if self.granularity not in LR_GRANULARITIES:
@@ -92,6 +97,7 @@ class Momentum:
     fill: float = 0.9  # the momentum of parameters not covered by `include`
     name: str = "momentum"
     moves_optimum: bool = False
+    sets: ClassVar[frozenset[str]] = frozenset({"momentum"})
     granularity: str = field(default="per_layer")
 
     def __post_init__(self):
@@ -121,3 +127,35 @@ class Momentum:
         prefix = self.name + ":"
         mus = {k[len(prefix):]: torch.sigmoid(v) for k, v in raw.items() if k.startswith(prefix)}
         return {"momentum": {n: mus.get(n, self.fill) for n in self.param_names}}
+
+
+def lr(ctx: BuildContext, *, granularity: Literal["global", "per_layer", "per_step"] = "global",
+       init: PositiveFloat | None = None, include: Sequence[str] = ("*",), min: PositiveFloat = 1e-8,
+       max: PositiveFloat = 10.0) -> LearningRate:
+    """``hp=lr``: inner learning rates ``exp(raw)`` (``init`` None: the inner optimizer's ``lr``); parameters
+    outside ``include`` keep that configured rate."""
+    configured = ctx.inner_opt.defaults.get("lr")
+    if init is None:
+        if configured is None:
+            raise ValueError(f"optim/inner={ctx.inner_opt.name} has no configured lr; set hp.lr.init")
+        init = float(configured)
+    start = init
+    if not min < max or not min <= start <= max:
+        raise ValueError(f"need 0 < min <= init <= max; got min={min}, init={start}, max={max}")
+    return LearningRate(ctx.param_names, granularity, start, builtins.max(ctx.inner_steps, 1), tuple(include), min,
+                        max, fill=float(configured if configured is not None else start))
+
+
+def momentum(ctx: BuildContext, *, init: Annotated[float, Range(gt=0, lt=1)] | None = None,
+             include: Sequence[str] = ("*",), min: Annotated[float, Range(ge=0, lt=1)] = 0.0,
+             max: Annotated[float, Range(gt=0, lt=1)] = 0.999) -> Momentum:
+    """``hp=momentum``: per-layer momentum ``σ(raw)`` of an SGD inner optimizer with momentum (``init`` None: its
+    configured momentum)."""
+    mu = float(ctx.inner_opt.defaults.get("momentum", 0.0))
+    if not mu > 0:
+        raise ValueError(f"hp=momentum tunes SGD momentum, but optim/inner={ctx.inner_opt.name} has no momentum "
+                         "buffer; use optim/inner=momentum or nesterov")
+    start = mu if init is None else init
+    if not min < start <= max:
+        raise ValueError(f"need 0 <= min < init <= max < 1; got min={min}, init={start}, max={max}")
+    return Momentum(ctx.param_names, start, tuple(include), min, max, fill=mu)

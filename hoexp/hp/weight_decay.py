@@ -8,11 +8,14 @@ Training loss gains ``½ Σ_i λ_i w_i²`` (so ``∂/∂w = λ w``, the same con
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor
 
+from hoexp.components import PositiveFloat
 from hoexp.hp.base import Params, select
 
 GRANULARITIES = ("global", "per_layer", "per_weight", "layer_and_weight")
@@ -105,3 +108,15 @@ class WeightDecay:
         # over the weights per Hessian-vector product (measured 5.0 against 1.0 ms at 1M weights)
         terms = [(lam * params[n].square()).sum() for n, lam in self.decays(params, raw).items()]
         return 0.5 * torch.stack(terms).sum()
+
+
+def weight_decay(*, granularity: Literal["global", "per_layer", "per_weight", "layer_and_weight"] = "per_weight",
+                 init: PositiveFloat = 1e-3, include: Sequence[str] = ("*weight",), min: PositiveFloat = 1e-12,
+                 max: PositiveFloat = 10.0, offset_scale: PositiveFloat = 0.1) -> WeightDecay:
+    """``hp=weight_decay``: ``L_T += ½ Σ λ_i w_i²`` over the parameters matching ``include``, ``λ = exp(raw)``
+    clamped into ``[min, max]``; ``layer_and_weight``: weight i's raw decay is ``layer + offset_scale·offset_i``."""
+    if not min <= init <= max:
+        raise ValueError(f"init must lie in [min, max]; got min={min}, init={init}, max={max}")
+    if not include:
+        raise ValueError("include is empty: give parameter-name patterns, e.g. ['*weight']")
+    return WeightDecay(granularity, init, tuple(include), min_value=min, max_value=max, offset_scale=offset_scale)

@@ -87,7 +87,7 @@ def compiled_step(problem: Problem, inner_opt: Optimizer) -> Callable[..., Any]:
 
     The first call compiles (seconds to a minute); a failure there is reported as one line.
     """
-    key = inner_opt
+    key = (inner_opt.name, inner_opt.init, inner_opt.update)  # its functions: `defaults` is a dict
     fn = problem.compiled.get(key)
     if fn is None:
         compiled = torch.compile(functools.partial(plain_step, problem, inner_opt))

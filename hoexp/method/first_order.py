@@ -24,11 +24,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor
 
 from hoexp import tree
+from hoexp.components import NonNegInt, PositiveFloat
 from hoexp.method.base import InnerState, StepStats, train_inner
 from hoexp.method.ift import LossFn, validation_gradient
 from hoexp.method.solvers import Neumann
@@ -109,9 +111,13 @@ class FiniteDifferenceMethod:
     """``method=fd``: train ``inner_steps`` plain steps, then :func:`fd_hypergradient` at the reached weights
     (mixed term on the next training batch, validation gradient on ``val_batch``, as the IFT methods)."""
 
-    alpha: float = 0.01
-    eps: float = 0.01
-    terms: int = 0
+    needs_stationary_point: ClassVar[bool] = True  # the IFT's approximation: refused for lr / momentum
+    differentiates_steps: ClassVar[bool] = False  # plain inner steps: compile=true and mixed precision apply
+    refuses_data_parallel: ClassVar[str] = ""
+
+    alpha: PositiveFloat = 0.01  # H⁻¹ ≈ αI (DARTS's ξ)
+    eps: PositiveFloat = 0.01  # w ± εu with ε = eps/‖u‖: the perturbation's length
+    terms: NonNegInt = 0  # > 0: Neumann terms with finite-difference Hessian-vector products (two gradients each)
     name: str = "fd"
 
     def outer_step(self, problem: Problem, inner_opt: Optimizer, state: InnerState, raw: dict[str, Tensor],

@@ -28,13 +28,15 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor
 from torch.func import grad, jvp, vmap
 
 from hoexp import tree
+from hoexp.components import CheckContext, PositiveInt
+from hoexp.errors import ConfigError
 from hoexp.method.base import InnerState, StepStats
 from hoexp.method.unrolled import StepLoss, UnrolledResult, detach_state, path_outputs, path_result
 from hoexp.optim import Optimizer
@@ -345,12 +347,27 @@ class ForwardMethod:
     memory ``O(P·H)``.
     """
 
+    needs_stationary_point: ClassVar[bool] = False
+    differentiates_steps: ClassVar[bool] = True
+    refuses_data_parallel: ClassVar[str] = ("pushes tangents with torch.func.jvp/vmap, which cannot all-reduce inside "
+                                            "the transform")
+
     max_hparams: int = 64
     name: str = "forward"
     strategy: str = "hessian"
     carry: bool = False
     decay: float = 1.0
     tangents: tuple[dict[str, Tensor], Any] | None = field(default=None, repr=False)
+
+    def check(self, ctx: CheckContext) -> None:
+        """One tangent per hyperparameter: refuse more than ``max_hparams`` before training starts."""
+        if ctx.n_hparams is not None and ctx.n_hparams > self.max_hparams:
+            n_hparams = ctx.n_hparams
+            raise ConfigError(
+                f"method={self.name} carries one tangent per hyperparameter and hp={ctx.family.name} has "
+                f"{n_hparams:,} here, above method.max_hparams={self.max_hparams}; use a coarser granularity (e.g. "
+                "hp.granularity=per_layer), a reverse method (unrolled, truncated) or an IFT method (neumann, cg), "
+                "or raise method.max_hparams")
 
     def outer_step(self, problem: Problem, inner_opt: Optimizer, state: InnerState, raw: dict[str, Tensor],
                    train_batches: Iterator[Batch], val_batch: Batch, inner_steps: int,
@@ -388,3 +405,14 @@ def _scale(x: Any, c: float) -> Any:
     if isinstance(x, tuple):
         return tuple(_scale(v, c) for v in x)
     return {k: _scale(v, c) for k, v in x.items()}
+
+
+def forward(*, max_hparams: PositiveInt = 64, strategy: Literal["hessian", "vmap", "loop"] = "hessian",
+            carry: bool = False, decay: float = 1.0, name: str = "forward") -> ForwardMethod:
+    """``method=forward``: one JVP tangent per hyperparameter (refused above ``max_hparams``); ``carry`` keeps the
+    tangents across outer steps (RTHO), multiplied by ``decay`` ∈ (0, 1] at each."""
+    if not 0 < decay <= 1:
+        raise ValueError(f"decay must be in (0, 1], got {decay}")
+    if carry and strategy == "loop":
+        raise ValueError("carry=true needs strategy=hessian or vmap (the loop strategy keeps no batched tangents)")
+    return ForwardMethod(max_hparams, name, strategy=strategy, carry=carry, decay=decay)

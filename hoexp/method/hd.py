@@ -34,12 +34,14 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor
 
 from hoexp import tree
+from hoexp.components import CheckContext, NonNegFloat, Probability
+from hoexp.errors import ConfigError
 from hoexp.method.base import InnerState, StepStats
 from hoexp.optim import Optimizer
 from hoexp.optim.base import add_scaled, add_scaled_div, add_scaled_mul, lerp, safe_sqrt, zeros_like_params
@@ -183,10 +185,14 @@ class HDMethod:
     Cost per inner step: one forward and backward pass plus O(P) (see the module docstring).
     """
 
+    needs_stationary_point: ClassVar[bool] = False
+    differentiates_steps: ClassVar[bool] = True  # the hypergradient of its last step: no compile, no mixed precision
+    refuses_data_parallel: ClassVar[str] = "adapts the learning rate inside its own optimizer, on one process's gradients"
+
     variant: str = "sgd"
     _: dataclasses.KW_ONLY
     beta: float
-    lr0: float
+    lr0: float | None = None  # None: the tuned lr family's initial value, else optim/inner's lr
     momentum: float = 0.9
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
@@ -208,9 +214,28 @@ class HDMethod:
         if self.min_lr is not None and self.max_lr is not None and self.min_lr > self.max_lr:
             raise ValueError(f"min_lr={self.min_lr} exceeds max_lr={self.max_lr}")
 
-    def init_state(self, params: Mapping[str, Tensor]) -> State:
+    def check(self, ctx: CheckContext) -> None:
+        """HD adapts one global learning rate: the family must be exactly that, and ``lr0`` known."""
+        if self.lr0 is None and "lr" not in ctx.inner_opt.defaults:
+            raise ValueError(f"optim/inner={ctx.inner_opt.name} has no configured lr; set method.lr0")
+        family = ctx.family
+        if family is not None and (family.name != "lr" or getattr(family, "granularity", None) != "global"):
+            raise ConfigError("method=hd adapts one global learning rate online: use hp=lr hp.lr.granularity=global "
+                              "(for other families use unrolled, truncated, forward or an IFT method)")
+
+    def init_state(self, params: Mapping[str, Tensor], lr0: float | None = None) -> State:
+        """The HD state at ``lr0`` (default: ``self.lr0``)."""
         device = next(iter(params.values())).device if params else None
-        return hd_init(params, torch.tensor(float(self.lr0), dtype=torch.float64, device=device), self.variant)
+        start = self.lr0 if lr0 is None else lr0
+        if start is None:
+            raise ValueError("HDMethod.init_state needs lr0 (the method's lr0 is None: the run supplies it)")
+        return hd_init(params, torch.tensor(float(start), dtype=torch.float64, device=device), self.variant)
+
+    def start_lr(self, problem: Problem, inner_opt: Optimizer) -> float:
+        """``lr0``, or the tuned lr family's initial value, or the inner optimizer's configured ``lr``."""
+        if self.lr0 is not None:
+            return float(self.lr0)
+        return float(getattr(problem.family, "init_value", None) or inner_opt.defaults["lr"])
 
     def step(self, params: Params, grads: Params, state: State) -> tuple[Params, State]:
         """One HD step of this method's variant (see :func:`hd_sgd_step` and siblings)."""
@@ -228,7 +253,7 @@ class HDMethod:
         raw = tree.detached(raw)
         params, opt_state = state.params, state.opt_state
         if "hd_lr" not in opt_state:
-            opt_state = {**opt_state, **self.init_state(params)}
+            opt_state = {**opt_state, **self.init_state(params, self.start_lr(problem, inner_opt))}
         _check_keys(opt_state, self.variant)
         loss = gnorm = None
         for _ in range(inner_steps):
@@ -247,3 +272,12 @@ class HDMethod:
             extra={"hd/lr": float(opt_state["hd_lr"]), "hd/h": float(opt_state["hd_h"])},
         )
         return None, InnerState(params, opt_state, state.step + inner_steps), stats
+
+
+
+def hd(*, variant: Literal["sgd", "sgdn", "adam"] = "sgd", beta: NonNegFloat = 1e-3, lr0: float | None = None,
+       momentum: Probability = 0.9, betas: tuple[float, float] = (0.9, 0.999), eps: NonNegFloat = 1e-8,
+       name: str = "hd") -> HDMethod:
+    """``method=hd``: SGD-HD, SGDN-HD or Adam-HD (Baydin et al. 2018) replacing ``optim/inner``; ``lr0`` None starts
+    from the tuned lr family's initial value, else the inner optimizer's ``lr``."""
+    return HDMethod(variant, beta=beta, lr0=lr0, momentum=momentum, betas=(betas[0], betas[1]), eps=eps, name=name)

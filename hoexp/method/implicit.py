@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 from torch import Tensor
 
 from hoexp import tree
+from hoexp.components import CheckContext, NonNegFloat, NonNegInt, PositiveInt
+from hoexp.errors import ConfigError
 from hoexp.method.base import InnerState, StepStats, train_inner
-from hoexp.method.curvature import Curvature, Hessian, SplitLoss
+from hoexp.method.curvature import CURVATURES, Curvature, Hessian, SplitLoss
 from hoexp.method.functional import CompiledIFT, time_hvp_modes
 from hoexp.method.ift import ift_hypergradient
-from hoexp.method.solvers import AutoStep, FixedPoint, Neumann, Solver
+from hoexp.method.solvers import AutoStep, ConjugateGradient, Exact, FixedPoint, Neumann, Solver
 from hoexp.optim import Optimizer
 from hoexp.problem import Batch, Problem
 
@@ -51,6 +54,12 @@ class ImplicitMethod:
     eager path, which it falls back to on a failure or a disagreement).
     """
 
+    # What compatibility checks read (hoexp.build.check_compatibility): IFT differentiates at a stationary
+    # point of L_T, so it cannot tune families that change only the path (lr, momentum); its inner steps are
+    # plain ones (compile=true and mixed precision apply).
+    needs_stationary_point: ClassVar[bool] = True
+    differentiates_steps: ClassVar[bool] = False
+
     solver: Solver
     name: str
     curvature: Curvature = Hessian()
@@ -62,6 +71,20 @@ class ImplicitMethod:
     _hvp_chosen: str | None = field(default=None, repr=False, compare=False)
     _compiled: dict[int, CompiledIFT] = field(default_factory=dict, repr=False, compare=False)
     carried: dict[str, Any] = field(default_factory=dict, repr=False)  # u, lambda_max, step
+
+    @property
+    def refuses_data_parallel(self) -> str:
+        """Why this method cannot run data-parallel ("" when it can): the dense solve vmaps its backward passes."""
+        return ("forms the dense Hessian with batched (vmapped) backward passes, which cannot all-reduce"
+                if isinstance(self.solver, Exact) else "")
+
+    def check(self, ctx: CheckContext) -> None:
+        """Refuse a dense solve above ``max_params`` before training starts."""
+        limit, n_params = getattr(self.solver, "max_params", None), ctx.n_params
+        if limit is not None and n_params is not None and n_params > limit:
+            raise ConfigError(f"method={self.name} would form a dense {n_params:,}x{n_params:,} Hessian, above "
+                              f"method.max_params={limit:,}; use method=cg or method=neumann, or raise "
+                              "method.max_params")
 
     @property
     def carries(self) -> bool:
@@ -129,6 +152,10 @@ class ImplicitMethod:
 class NoHO:
     """``method=none``: train with the initial hyperparameters; never returns a hypergradient."""
 
+    needs_stationary_point: ClassVar[bool] = False
+    differentiates_steps: ClassVar[bool] = False
+    refuses_data_parallel: ClassVar[str] = ""
+
     name: str = "none"
 
     def outer_step(self, problem: Problem, inner_opt: Optimizer, state: InnerState, raw: dict[str, Tensor],
@@ -139,3 +166,84 @@ class NoHO:
         stats = StepStats(inner_grad_norm=None if gnorm is None else float(gnorm),
                           inner_loss=None if loss is None else float(loss))
         return None, state, stats
+
+
+# ------------------------------------------------------------------------------------------- factories
+# conf/method/{neumann,cg,fixed_point,exact,t1t2}.yaml name these: one ImplicitMethod, a different solve.
+# The keys shared by all (hoexp.method.ift, hoexp.method.functional):
+#   curvature: hessian | gauss_newton (Jᵀ H_ℓ J + penalty Hessian: PSD, for non-convex nets)
+#   damping: μ ≥ 0, solve with C + μI
+#   hvp: rev_rev (a kept create_graph gradient differentiated again), fwd_rev (jvp of grad), or auto (both
+#   timed once at the first hypergradient, the faster kept)
+#   compile: the hypergradient as one torch.compile'd pure function, checked once against the eager one
+#   warm_start (neumann, cg, fixed_point): start each solve from the previous outer step's solution
+#   alpha: a step > 0, or auto: 1/λ_max of the (damped) operator by power iteration, re-estimated every
+#   alpha_every outer steps (neumann, fixed_point, t1t2)
+CurvatureName = Literal["hessian", "gauss_newton"]
+HVPMode = Literal["rev_rev", "fwd_rev", "auto"]
+
+
+def _alpha(alpha: float | str, compile: bool) -> float:
+    """A series step: a number > 0 (returned), or ``auto`` (0.01 stands in until the method sets ``α``)."""
+    if alpha == "auto":
+        if compile:
+            raise ValueError("compile=true needs a fixed alpha (alpha=auto's power iteration reads the host); set "
+                             "method.alpha to a number or method.compile=false")
+        return 0.01
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+        raise ValueError(f"alpha must be a number > 0 or auto, got {alpha!r}")
+    if not (alpha > 0 and math.isfinite(alpha)):
+        raise ValueError(f"alpha must be > 0, got {float(alpha)} (or alpha=auto: 1/λ_max by power iteration)")
+    return float(alpha)
+
+
+def ift(solver: Solver, *, name: str = "ift", curvature: CurvatureName = "hessian", damping: NonNegFloat = 0.0,
+        hvp: HVPMode = "rev_rev", compile: bool = False, warm_start: bool = False, auto_alpha: bool = False,
+        alpha_every: PositiveInt = 10) -> ImplicitMethod:
+    """IFT with any linear ``solver`` (``solver(op, b) -> SolveResult``, e.g. your own under ``_target_``)."""
+    return ImplicitMethod(solver, name, curvature=CURVATURES[curvature], damping=damping, warm_start=warm_start,
+                          alpha_every=alpha_every if auto_alpha else 0, hvp=hvp, compile=compile)
+
+
+def neumann(*, terms: NonNegInt = 5, alpha: float | str = 0.01, residual: bool = True,
+            curvature: CurvatureName = "hessian", damping: NonNegFloat = 0.0, hvp: HVPMode = "rev_rev",
+            compile: bool = False, warm_start: bool = False, alpha_every: PositiveInt = 10,
+            name: str = "neumann") -> ImplicitMethod:
+    """``method=neumann``: ``H⁻¹v ≈ α Σ_{j=0..terms} (I − αH)^j v`` (Lorraine et al. 2020)."""
+    solver = Neumann(terms, _alpha(alpha, compile), residual)
+    return ift(solver, name=name, curvature=curvature, damping=damping, hvp=hvp, compile=compile,
+               warm_start=warm_start, auto_alpha=alpha == "auto", alpha_every=alpha_every)
+
+
+def t1t2(*, alpha: float | str = 0.01, residual: bool = False, curvature: CurvatureName = "hessian",
+         damping: NonNegFloat = 0.0, hvp: HVPMode = "rev_rev", compile: bool = False, alpha_every: PositiveInt = 10,
+         name: str = "t1t2") -> ImplicitMethod:
+    """``method=t1t2``: one-step greedy IFT, ``H⁻¹ ≈ αI`` (Luketina et al. 2016): Neumann with 0 terms."""
+    return ift(Neumann(0, _alpha(alpha, compile), residual), name=name, curvature=curvature, damping=damping,
+               hvp=hvp, compile=compile, auto_alpha=alpha == "auto", alpha_every=alpha_every)
+
+
+def fixed_point(*, iterations: NonNegInt = 5, alpha: float | str = 0.01, residual: bool = True,
+                curvature: CurvatureName = "hessian", damping: NonNegFloat = 0.0, hvp: HVPMode = "rev_rev",
+                compile: bool = False, warm_start: bool = False, alpha_every: PositiveInt = 10,
+                name: str = "fixed_point") -> ImplicitMethod:
+    """``method=fixed_point``: ``u ← u − α(Hu − v)`` (Grazzi et al. 2020)."""
+    if warm_start and iterations == 0:
+        raise ValueError("warm_start needs iterations >= 1 (0 would return the carried vector unchanged)")
+    return ift(FixedPoint(iterations, _alpha(alpha, compile), residual), name=name, curvature=curvature,
+               damping=damping, hvp=hvp, compile=compile, warm_start=warm_start, auto_alpha=alpha == "auto",
+               alpha_every=alpha_every)
+
+
+def cg(*, iterations: NonNegInt = 20, tol: NonNegFloat = 1e-10, curvature: CurvatureName = "hessian",
+       damping: NonNegFloat = 0.0, hvp: HVPMode = "rev_rev", compile: bool = False, warm_start: bool = False,
+       name: str = "cg") -> ImplicitMethod:
+    """``method=cg``: conjugate gradient on ``Hu = v`` (HOAG, Pedregosa 2016)."""
+    return ift(ConjugateGradient(iterations, tol), name=name, curvature=curvature, damping=damping, hvp=hvp,
+               compile=compile, warm_start=warm_start)
+
+
+def exact(*, max_params: PositiveInt = 20_000, curvature: CurvatureName = "hessian", damping: NonNegFloat = 0.0,
+          hvp: HVPMode = "rev_rev", compile: bool = False, name: str = "exact") -> ImplicitMethod:
+    """``method=exact``: a dense solve; ``O(P²)`` memory, ``O(P³)`` time, refused above ``max_params``."""
+    return ift(Exact(max_params), name=name, curvature=curvature, damping=damping, hvp=hvp, compile=compile)

@@ -55,13 +55,15 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any, ClassVar
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from hoexp import tree
+from hoexp.components import CheckContext, Range
+from hoexp.errors import ConfigError
 from hoexp.method.base import InnerState, StepStats
 from hoexp.optim import Optimizer
 from hoexp.problem import Batch, Problem
@@ -399,8 +401,12 @@ class ReversibleMethod:
     step, memory O(P) plus ``≈ inner_steps·P·log2(1/γ)`` bits.
     """
 
-    lr: float = 0.1
-    momentum: float = 0.9
+    needs_stationary_point: ClassVar[bool] = False
+    differentiates_steps: ClassVar[bool] = True
+    refuses_data_parallel: ClassVar[str] = "reverses the optimizer in fixed-point arithmetic on one process's gradients"
+
+    lr: float | None = None  # Maclaurin's α; None: optim/inner's lr / (1 − momentum)
+    momentum: float | None = None  # γ; None: optim/inner's momentum
     radix_bits: int = 50
     momentum_bits: int = 16
     name: str = "reversible"
@@ -410,12 +416,13 @@ class ReversibleMethod:
                    on_inner_step: Callable[[], None] | None = None,
                    ) -> tuple[dict[str, Tensor], InnerState, StepStats]:
         batches = [next(train_batches) for _ in range(inner_steps)]
+        lr, mu = self.rates(inner_opt)
         res = reversible_hypergradient(
             lambda w, lam, t: problem.train_loss(w, lam, batches[t]),
             lambda w, lam: problem.val_loss(w, lam, val_batch),
-            state.params, raw, self.lr, self.momentum, inner_steps,
+            state.params, raw, lr, mu, inner_steps,
             radix_bits=self.radix_bits, momentum_bits=self.momentum_bits, on_step=on_inner_step,
-            schedule=self.schedule(problem, state.params, raw),
+            schedule=self.schedule(problem, state.params, raw, lr, mu),
         )
         params = {k: res.params[k].to(device=p.device) for k, p in state.params.items()}
         new_state = InnerState(params, state.opt_state, state.step + inner_steps)
@@ -428,20 +435,39 @@ class ReversibleMethod:
                           hypergrad_norm=float(tree.norm(res.hyper_raw)), hvps=inner_steps, extra=extra)
         return res.hyper_raw, new_state, stats
 
-    def schedule(self, problem: Problem, params: Mapping[str, Tensor], raw: Mapping[str, Tensor]) -> Schedule | None:
+    def rates(self, inner_opt: Optimizer) -> tuple[float, float]:
+        """``(α, γ)``: the configured ones, else from the inner heavy-ball optimizer (``α = η/(1 − μ)``, ``γ = μ``)."""
+        mu = float(inner_opt.defaults["momentum"]) if self.momentum is None else self.momentum
+        lr = float(inner_opt.defaults["lr"]) / (1 - mu) if self.lr is None else self.lr
+        return lr, mu
+
+    def check(self, ctx: CheckContext) -> None:
+        """It reverses SGD with heavy-ball momentum exactly: refuse any other inner optimizer."""
+        if self.lr is not None and self.momentum is not None:
+            return
+        opt = ctx.inner_opt.defaults
+        sgd = set(opt) == {"lr", "momentum", "dampening", "weight_decay", "nesterov"}  # what hoexp.optim.sgd sets
+        if not sgd or opt["nesterov"] or opt["dampening"] or opt["weight_decay"] or not 0 < opt["momentum"] < 1:
+            raise ConfigError(
+                f"method=reversible reverses SGD with heavy-ball momentum exactly; optim/inner={ctx.inner_opt.name} "
+                "(with these options) is not reversible: use optim/inner=momentum (0 < momentum < 1, no dampening or "
+                "weight_decay), or method=unrolled / truncated for other optimizers")
+
+    def schedule(self, problem: Problem, params: Mapping[str, Tensor], raw: Mapping[str, Tensor], lr: float,
+                 momentum: float) -> Schedule | None:
         """``(α_t, γ_t)`` per weight from the family's optimizer overrides (``lr``: torch's ``η``,
-        ``momentum``: ``μ``), or ``None`` when the family tunes neither."""
+        ``momentum``: ``μ``; others: ``α = lr``, ``γ = momentum``), or ``None`` when the family tunes neither."""
         family = problem.family
         tuned = set(family.optimizer_overrides(dict(raw), 0))
         if not tuned:
             return None
         if tuned - {"lr", "momentum"}:
             raise ValueError(f"method=reversible cannot tune the optimizer's {', '.join(sorted(tuned))}")
-        eta0 = self.lr * (1 - self.momentum)  # torch's lr
+        eta0 = lr * (1 - momentum)  # torch's lr
 
         def schedule(lam: dict[str, Tensor], t: int) -> tuple[Tensor, Tensor]:
             o = family.optimizer_overrides(lam, t)
-            gamma = _per_weight(o.get("momentum", self.momentum), params)
+            gamma = _per_weight(o.get("momentum", momentum), params)
             return _per_weight(o.get("lr", eta0), params) / (1 - gamma), gamma
 
         return schedule
@@ -453,3 +479,11 @@ def _per_weight(value: Any, params: Mapping[str, Tensor]) -> Tensor:
     per_name = value if isinstance(value, Mapping) else dict.fromkeys(params, value)
     return torch.cat([torch.as_tensor(per_name[n], dtype=torch.float64, device=p.device).expand(p.shape).reshape(-1)
                       for n, p in params.items()])
+
+
+
+def reversible(*, radix_bits: Annotated[int, Range(ge=20, le=56)] = 50,
+               momentum_bits: Annotated[int, Range(ge=4, le=30)] = 16, name: str = "reversible") -> ReversibleMethod:
+    """``method=reversible``: reverses ``optim/inner``'s heavy-ball SGD exactly, with that optimizer's ``lr`` ``η``
+    and momentum ``μ`` (Maclaurin's ``α = η/(1 − μ)``, ``γ = μ``)."""
+    return ReversibleMethod(radix_bits=radix_bits, momentum_bits=momentum_bits, name=name)

@@ -20,12 +20,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from hoexp import tree
+from hoexp.components import NonNegInt, PositiveInt
 from hoexp.method.base import InnerState, StepStats
 from hoexp.optim import Optimizer
 from hoexp.problem import Batch, Problem
@@ -233,6 +234,10 @@ def path_outer_step(hypergradient_fn: Callable[..., UnrolledResult], problem: Pr
 class UnrolledMethod:
     """``method=unrolled`` (all inner steps differentiated) and ``method=truncated`` (last ``k``)."""
 
+    needs_stationary_point: ClassVar[bool] = False  # it differentiates the path, so it tunes lr and momentum too
+    differentiates_steps: ClassVar[bool] = True  # its steps are differentiated: no compile=true, no mixed precision
+    refuses_data_parallel: ClassVar[str] = ""
+
     truncate: int | None = None
     name: str = "unrolled"
     checkpoint_every: int = 0  # > 0: gradient checkpointing, a stored start every this many steps
@@ -244,3 +249,14 @@ class UnrolledMethod:
         return path_outer_step(unrolled_hypergradient, problem, inner_opt, state, raw, train_batches, val_batch,
                                inner_steps, on_inner_step, truncate=self.truncate,
                                checkpoint_every=self.checkpoint_every)
+
+
+def unrolled(*, checkpoint_every: NonNegInt = 0, name: str = "unrolled") -> UnrolledMethod:
+    """``method=unrolled``: reverse mode through all ``inner_steps`` steps (memory ``O(inner_steps·P)``;
+    ``checkpoint_every`` > 0 keeps every c-th step and recomputes segments)."""
+    return UnrolledMethod(None, name, checkpoint_every=checkpoint_every)
+
+
+def truncated(*, k: PositiveInt = 10, checkpoint_every: NonNegInt = 0, name: str = "truncated") -> UnrolledMethod:
+    """``method=truncated``: reverse mode through the last ``k`` of the ``inner_steps`` steps (Shaban et al. 2019)."""
+    return UnrolledMethod(k, name, checkpoint_every=checkpoint_every)

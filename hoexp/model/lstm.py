@@ -14,10 +14,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from hoexp.components import PositiveInt
 
 State = list[tuple[Tensor, Tensor]]
 
@@ -192,3 +195,12 @@ def lm_loss(logits: Tensor, targets: Tensor) -> Tensor:
 def perplexity(mean_nll: Tensor | float) -> Tensor | float:
     """``exp(mean NLL per token)``; a tensor in gives a tensor out."""
     return torch.exp(mean_nll) if isinstance(mean_nll, Tensor) else math.exp(mean_nll)
+
+
+def lstm(data: Any, *, embed_dim: PositiveInt = 200, hidden: PositiveInt = 200, layers: PositiveInt = 2,
+         tie_weights: bool = True) -> LSTMLanguageModel:
+    """``model=lstm``: an :class:`LSTMLanguageModel` over ``data.vocab_size`` tokens."""
+    if not hasattr(data, "vocab_size"):
+        raise ValueError("the LSTM language model needs a token stream with a vocabulary, and this dataset gives "
+                         "feature vectors (model=mlp fits them)")
+    return LSTMLanguageModel(data.vocab_size, embed_dim, hidden, layers, tie_weights)

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any, Literal
 
 from torch import Tensor, nn
+
+from hoexp.components import NonNegInt, PositiveInt
 
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU, "elu": nn.ELU, "softplus": nn.Softplus,
                "sigmoid": nn.Sigmoid}
@@ -46,3 +49,12 @@ class MLP(nn.Module):
             if masks and f"hidden{i}" in masks:
                 x = x * masks[f"hidden{i}"]
         return self.layers[-1](x)
+
+
+def mlp(data: Any, *, width: PositiveInt = 128, depth: NonNegInt = 2,
+        activation: Literal["relu", "tanh", "gelu", "elu", "softplus", "sigmoid"] = "relu", bias: bool = False) -> MLP:
+    """``model=mlp``: an :class:`MLP` sized by ``data`` (``num_features`` inputs, ``num_classes`` outputs)."""
+    if not hasattr(data, "num_features"):
+        raise ValueError("the MLP needs feature inputs and class labels, and this dataset gives token streams "
+                         "(model=lstm fits text)")
+    return MLP(data.num_features, data.num_classes, width, depth, activation, bias)

@@ -6,6 +6,7 @@ from typing import cast
 
 import torch
 
+from hoexp.components import PositiveFloat
 from hoexp.optim.base import (
     Hyper,
     Optimizer,
@@ -27,7 +28,7 @@ __all__ = ["adagrad"]
 
 
 def adagrad(
-    lr: float = 1e-2,
+    lr: PositiveFloat = 1e-2,
     lr_decay: float = 0.0,
     weight_decay: float = 0.0,
     initial_accumulator_value: float = 0.0,
@@ -87,7 +88,8 @@ def adagrad(
             new_params[k] = add_scaled_div(p, -clr, g, std)
         return new_params, {"step": step, "sum": new_sum}
 
-    return Optimizer("adagrad", init, update)
+    return Optimizer("adagrad", init, update, dict(lr=lr, lr_decay=lr_decay, weight_decay=weight_decay,
+                                                   initial_accumulator_value=initial_accumulator_value, eps=eps))
 
 
 def _adagrad_multi_tensor(params: Params, grads: Params, state: OptState, step: int, lr: float, wd: float,

@@ -6,6 +6,7 @@ from typing import cast
 
 import torch
 
+from hoexp.components import PositiveFloat
 from hoexp.optim.base import (
     Hyper,
     Optimizer,
@@ -102,7 +103,8 @@ def _adam_like(
             new_state["max_exp_avg_sq"] = new_vmax
         return new_params, new_state
 
-    return Optimizer(name, init, update)
+    return Optimizer(name, init, update, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                                              amsgrad=amsgrad))
 
 
 def _adam_multi_tensor(params: Params, grads: Params, state: OptState, step: int, lr: float, wd: float,
@@ -135,9 +137,9 @@ def _adam_multi_tensor(params: Params, grads: Params, state: OptState, step: int
 
 
 def adam(
-    lr: float = 1e-3,
+    lr: PositiveFloat = 1e-3,
     betas: tuple[float, float] = (0.9, 0.999),
-    eps: float = 1e-8,
+    eps: PositiveFloat = 1e-8,
     weight_decay: float = 0.0,
     amsgrad: bool = False,
 ) -> Optimizer:
@@ -159,9 +161,9 @@ def adam(
 
 
 def adamw(
-    lr: float = 1e-3,
+    lr: PositiveFloat = 1e-3,
     betas: tuple[float, float] = (0.9, 0.999),
-    eps: float = 1e-8,
+    eps: PositiveFloat = 1e-8,
     weight_decay: float = 1e-2,
     amsgrad: bool = False,
 ) -> Optimizer:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from types import MappingProxyType
 from typing import Any, NamedTuple, TypeGuard
 
 import torch
@@ -70,6 +71,8 @@ class Optimizer(NamedTuple):
     name: str
     init: Callable[[Params], OptState]
     update: Callable[..., tuple[Params, OptState]]
+    # The configured values (lr, momentum, ...): families and methods read what the user set here.
+    defaults: Mapping[str, Any] = MappingProxyType({})
 
 
 def safe_sqrt(x: torch.Tensor) -> torch.Tensor:

@@ -6,6 +6,7 @@ from typing import cast
 
 import torch
 
+from hoexp.components import PositiveFloat
 from hoexp.optim.base import (
     Hyper,
     Optimizer,
@@ -29,7 +30,7 @@ __all__ = ["rmsprop"]
 
 
 def rmsprop(
-    lr: float = 1e-2,
+    lr: PositiveFloat = 1e-2,
     alpha: float = 0.99,
     eps: float = 1e-8,
     weight_decay: float = 0.0,
@@ -120,7 +121,8 @@ def rmsprop(
             new_state["grad_avg"] = new_gavg
         return new_params, new_state
 
-    return Optimizer("rmsprop", init, update)
+    return Optimizer("rmsprop", init, update, dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay,
+                                                   momentum=momentum, centered=centered))
 
 
 def _rmsprop_multi_tensor(params: Params, grads: Params, state: OptState, lr: float, wd: float, a: float,

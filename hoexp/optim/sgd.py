@@ -6,6 +6,7 @@ from typing import cast
 
 import torch
 
+from hoexp.components import NonNegFloat, PositiveFloat
 from hoexp.optim.base import (
     Hyper,
     Optimizer,
@@ -25,10 +26,10 @@ __all__ = ["momentum", "nesterov", "sgd"]
 
 
 def sgd(
-    lr: float,
-    momentum: float = 0.0,
-    dampening: float = 0.0,
-    weight_decay: float = 0.0,
+    lr: PositiveFloat,
+    momentum: NonNegFloat = 0.0,
+    dampening: NonNegFloat = 0.0,
+    weight_decay: NonNegFloat = 0.0,
     nesterov: bool = False,
     *,
     name: str = "sgd",
@@ -109,7 +110,8 @@ def sgd(
             new_state["momentum_buffer"] = new_buf
         return new_params, new_state
 
-    return Optimizer(name, init, update)
+    return Optimizer(name, init, update, dict(lr=lr, momentum=momentum, dampening=dampening,
+                                              weight_decay=weight_decay, nesterov=nesterov))
 
 
 def _sgd_multi_tensor(params: Params, grads: Params, state: OptState, lr: float, wd: float,

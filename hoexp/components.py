@@ -1,0 +1,107 @@
+"""What a component factory receives and declares.
+
+Every option of a config group (``conf/<group>/<option>.yaml``) names its code with ``_target_``: a
+factory whose keyword arguments are the YAML keys. Defaults are written once, in the signature, and
+the annotations are the schema, checked before anything runs (:mod:`hoexp.config.explain`):
+
+* ``int``, ``float``, ``bool``, ``str``, ``list[...]``, ``X | None`` and ``Literal[...]`` (choices);
+* ranges with the aliases below, e.g. ``terms: NonNegInt = 5`` or
+  ``Annotated[float, Range(gt=0, le=1)]``.
+
+Groups whose objects need run-time values say ``_partial_: true``; the factory then receives one
+positional argument, built by hoexp:
+
+=============  ==============================  ====================================================
+group          runtime argument                 the factory returns
+=============  ==============================  ====================================================
+``dataset``    :class:`DataContext`             data with ``.problem(model, family)`` (e.g. Splits)
+``model``      the loaded data                  an ``nn.Module``
+``hp``         :class:`BuildContext`            a hyperparameter family (``hoexp.hp.base.HyperFamily``)
+``method``     :class:`BuildContext`            a hypergradient method (``hoexp.method.base``)
+``optim/*``    (none: not partial)              an :class:`~hoexp.optim.Optimizer`
+=============  ==============================  ====================================================
+
+Checks that involve several keys belong in the factory (a ``ValueError`` there becomes a one-line
+error naming the option).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Annotated, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from hoexp.optim import Optimizer
+
+
+@dataclass(frozen=True)
+class Range:
+    """An allowed interval for a numeric option: ``Annotated[float, Range(gt=0)]``."""
+
+    gt: float | None = None
+    ge: float | None = None
+    lt: float | None = None
+    le: float | None = None
+
+    def violation(self, value: float) -> str | None:
+        """``None`` when ``value`` is finite and inside, else what it must be (``"must be > 0"``)."""
+        bounds = [(">", self.gt), (">=", self.ge), ("<", self.lt), ("<=", self.le)]
+        want = " and ".join(f"{op} {b:g}" for op, b in bounds if b is not None)
+        ok = math.isfinite(value) and all(
+            b is None or {">": value > b, ">=": value >= b, "<": value < b, "<=": value <= b}[op] for op, b in bounds)
+        return None if ok else f"must be {want}"
+
+
+PositiveInt = Annotated[int, Range(gt=0)]
+NonNegInt = Annotated[int, Range(ge=0)]
+PositiveFloat = Annotated[float, Range(gt=0)]
+NonNegFloat = Annotated[float, Range(ge=0)]
+Probability = Annotated[float, Range(ge=0, lt=1)]  # momentum, betas
+
+
+@dataclass(frozen=True)
+class DataContext:
+    """What a ``dataset`` factory receives: the run's seed (for seeded splits) and floating dtype."""
+
+    seed: int = 0
+    dtype: torch.dtype = torch.float32
+
+
+@dataclass(frozen=True)
+class CheckContext:
+    """What a method's optional ``check(ctx)`` sees: raise a ``ValueError`` (or ConfigError) to refuse a run.
+
+    It is called twice: before a run (or every job of a sweep) starts, with the inner optimizer only, and
+    when the run is built, with its family and sizes too (``None`` until then)."""
+
+    inner_opt: Optimizer
+    family: Any = None
+    n_params: int | None = None
+    n_hparams: int | None = None
+
+
+@dataclass(frozen=True)
+class BuildContext:
+    """What ``hp`` and ``method`` factories receive.
+
+    ``model``: the built model (its parameters name what a family can cover; a dropout family reads
+    ``model.unit_shapes()``). ``inner_opt``: the inner optimizer; ``inner_opt.defaults`` are its configured
+    values (``lr``, ``momentum``, ...). ``data``: what the dataset factory returned (a per-example family
+    reads its size). ``families``: the families built so far (a method sees all).
+    """
+
+    model: nn.Module
+    inner_opt: Optimizer
+    inner_steps: int
+    seed: int = 0
+    data: Any = None
+    families: tuple[Any, ...] = ()
+
+    @property
+    def param_names(self) -> tuple[str, ...]:
+        return tuple(n for n, _ in self.model.named_parameters())

@@ -1,0 +1,144 @@
+"""A composed config → a checked :class:`Spec`: the run's top-level keys and one Component per group.
+
+Every option of a group names its factory with ``_target_`` (:mod:`hoexp.config.explain` checks the
+node against the factory's signature); there is no list of options here. The top-level keys are the
+:class:`RunConfig` dataclass. Only ``hoexp.config`` and ``cli.py`` know about OmegaConf.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, fields
+from typing import Any, cast
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ValidationError
+
+from hoexp.config.explain import Component, component
+from hoexp.errors import ConfigError
+
+# ------------------------------------------------------------------------------------- the run
+RESUME_MODES = ("false", "true", "auto")
+NAME = re.compile(r"[A-Za-z0-9_.,+=@-]{1,100}")  # one folder name: nothing that escapes outputs/
+
+
+@dataclass
+class RunConfig:
+    """Top-level keys other tools rely on."""
+
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "float32"
+    outer_steps: int = 100  # hypergradient steps
+    inner_steps: int = 100  # training steps between hypergradients
+    threads: int = 0  # CPU threads; 0 = auto (1 for small models, where more threads only add overhead)
+    eval_every: int = 1  # evaluate train/val/test every N outer steps (and at the last)
+    histogram_every: int = 10  # hyperparameter histograms in TensorBoard every N outer steps
+    progress: bool = True  # rich bars on a terminal, plain lines otherwise
+    reset_inner: bool = False  # re-initialize the weights before every outer step (Maclaurin-style meta-training)
+    compile: bool = False  # plain training steps through torch.compile (seconds to compile; faster steps)
+    checkpoint_every: int = 10  # outer steps between checkpoints (0: none, except on SIGTERM/SIGINT)
+    # auto: continue from checkpoint.pt in the run folder if there is one, else start (over); true: continue
+    # (an error without checkpoint); false: start (refused where a run already logged)
+    resume: str = "auto"
+    max_nonfinite: int = 3  # non-finite hypergradients in a row (each skips its outer update) before aborting
+    outer_objective: str = "val"  # val: validation loss; train: final training loss (Maclaurin et al.'s meta-objective)
+    precision: str = "fp32"  # fp32 | bf16 | fp16: plain inner training steps under autocast (hoexp.precision)
+    name: str = "run"
+
+    def check(self) -> None:
+        _non_negative(self, "outer_steps", "inner_steps", "threads", "seed", "checkpoint_every")
+        _positive(self, "max_nonfinite")
+        _positive(self, "eval_every", "histogram_every")
+        if self.outer_objective not in ("val", "train"):
+            raise ConfigError(f"outer_objective must be val or train, got '{self.outer_objective}'")
+        if self.dtype not in ("float32", "float64"):
+            raise ConfigError(f"dtype must be float32 or float64, got '{self.dtype}'")
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got '{self.device}'")
+        _choice("precision", self.precision, ("fp32", "bf16", "fp16"))
+        self.resume = self.resume.lower()  # YAML booleans arrive as 'True' / 'False'
+        _choice("resume", self.resume, RESUME_MODES)
+        if not NAME.fullmatch(self.name) or self.name in (".", ".."):
+            raise ConfigError(f"name={self.name!r} must be a plain folder name (letters, digits and . _ - + = , @; "
+                              "no '/' or spaces): it names the run's folder")
+
+
+
+
+@dataclass
+class Spec:
+    """A checked experiment config: the top-level run keys plus one :class:`Component` per group."""
+
+    run: RunConfig
+    dataset: Component
+    model: Component
+    hp: list[Component]  # one per tuned family (hp=[weight_decay,dropout] tunes two)
+    method: Component
+    inner_optim: Component
+    outer_optim: Component
+    raw: dict  # the composed config as plain containers, for logging
+
+    @property
+    def hp_name(self) -> str:
+        return "+".join(h.name for h in self.hp)
+
+
+def _positive(obj: Any, *names: str) -> None:
+    for n in names:
+        v = getattr(obj, n)
+        if not (isinstance(v, (int, float)) and v > 0 and math.isfinite(v)):
+            raise ConfigError(f"{n} must be > 0, got {v}")
+
+
+def _non_negative(obj: Any, *names: str) -> None:
+    for n in names:
+        v = getattr(obj, n)
+        if not (isinstance(v, (int, float)) and v >= 0 and math.isfinite(v)):
+            raise ConfigError(f"{n} must be >= 0, got {v}")
+
+
+def _choice(key: str, value: str, valid) -> None:
+    if value not in valid:
+        raise ConfigError(f"{key}='{value}' is not valid; choose one of: {', '.join(sorted(valid))}")
+
+
+RUN_KEYS = {f.name for f in fields(RunConfig)}
+GROUP_KEYS = {"dataset", "model", "hp", "method", "optim"}
+
+
+def _families(node: Any) -> list[Component]:
+    """``hp`` holds one node per family, each under its own key (``hp.weight_decay``, ``hp.dropout``)."""
+    if not isinstance(node, DictConfig) or not node:
+        raise ConfigError("choose at least one hp family: hp=<family> or hp=[a,b] ('hoexp run --help' lists them)")
+    return [component(sub, f"hp.{key!s}", "hp") for key, sub in node.items()]
+
+
+def validate(cfg: DictConfig) -> Spec:
+    """Turn a composed Hydra config into a checked :class:`Spec`, or raise :class:`ConfigError`."""
+    top = {k: v for k, v in cfg.items() if k not in GROUP_KEYS and k != "hydra"}
+    unknown = {str(k) for k in top} - RUN_KEYS
+    if unknown:
+        raise ConfigError(f"unknown top-level key(s) {', '.join(sorted(unknown))}; valid: {', '.join(sorted(RUN_KEYS))}")
+    try:
+        run = cast(RunConfig, OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RunConfig),
+                                                                   OmegaConf.create(top))))
+    except ValidationError as e:
+        k = str(getattr(e, "full_key", "?"))
+        expected = next((f.type for f in fields(RunConfig) if f.name == k), "?")
+        raise ConfigError(f"{k}: value {top.get(k)!r} is not a valid {expected}") from None
+    run.check()
+    optim = cfg.get("optim")
+    if not isinstance(optim, DictConfig) or "inner" not in optim or "outer" not in optim:
+        raise ConfigError("the config needs optim.inner and optim.outer (groups optim/inner and optim/outer)")
+    return Spec(
+        run=run,
+        dataset=component(cfg.get("dataset"), "dataset", "dataset"),
+        model=component(cfg.get("model"), "model", "model"),
+        hp=_families(cfg.get("hp")),
+        method=component(cfg.get("method"), "method", "method"),
+        inner_optim=component(optim.inner, "optim.inner", "optim"),
+        outer_optim=component(optim.outer, "optim.outer", "optim"),
+        raw=cast(dict, OmegaConf.to_container(cfg, resolve=True)),  # a DictConfig's container is a dict
+    )
