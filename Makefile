@@ -50,8 +50,8 @@ test-fast: install
 
 # ruff and mypy, both configured in pyproject.toml.
 lint: install
-	$(PY) -m ruff check hoexp hydra_plugins tests scripts
-	$(PY) -m mypy hoexp hydra_plugins scripts
+	$(PY) -m ruff check hoexp hydra_plugins tests scripts examples
+	$(PY) -m mypy hoexp hydra_plugins scripts examples
 
 tb: install
 	$(VENV)/bin/tensorboard --logdir outputs

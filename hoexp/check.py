@@ -118,11 +118,11 @@ def run_check(spec: Spec, out_dir: Path, *, iterations: tuple[int, ...] = ITERAT
     params = {k: v.detach().clone() for k, v in exp.model.named_parameters()}
     raw = problem.family.init(params)
     state = InnerState(params, exp.inner_opt.init(params))
-    batches = training_batches(problem, exp.data.train, spec.run.seed, spec.dataset.batch_size)
+    batches = training_batches(problem, exp.data.train, spec.run.seed, exp.data.batch_size)
     state, _, _ = train_inner(problem, exp.inner_opt, state, raw, batches, spec.run.inner_steps)
     # The runner's validation stream: the whole split (classification, val_batch_size 0), a seeded minibatch,
     # or a BPTT window of validation text (language models).
-    val_batch = next(validation_batches(problem, exp.data.val, spec.run.seed, spec.dataset.val_batch_size))
+    val_batch = next(validation_batches(problem, exp.data.val, spec.run.seed, exp.data.val_batch_size))
     train_batch = next(batches)
     n_params, n_h = tree.numel(params), tree.numel(raw)
 

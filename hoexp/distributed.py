@@ -49,15 +49,7 @@ from torch.autograd import Function
 
 from hoexp.errors import HoexpError
 
-# Methods whose every derivative goes through the synced losses with torch.autograd (README "Distributed").
-SUPPORTED_METHODS = ("none", "neumann", "cg", "fixed_point", "t1t2", "fd", "unrolled", "truncated")
-# Why the others are refused (one line each).
-UNSUPPORTED_WHY = {
-    "exact": "forms the dense Hessian with batched (vmapped) backward passes, which cannot all-reduce",
-    "forward": "pushes tangents with torch.func.jvp/vmap, which cannot all-reduce inside the transform",
-    "reversible": "reverses the optimizer in fixed-point arithmetic on one process's gradients",
-    "hd": "adapts the learning rate inside its own optimizer, on one process's gradients",
-}
+# Which methods run data-parallel is declared by each method (refuses_data_parallel; hoexp.build.check_distributed).
 STORE_KEY = "hoexp/ended"  # a rank that ends abnormally leaves "<status>\t<message>" here for rank 0
 TIMEOUT_S = float(os.environ.get("HOEXP_DIST_TIMEOUT", "1800"))  # collectives (a slow rank is not a dead one)
 

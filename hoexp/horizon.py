@@ -209,8 +209,8 @@ def _streams(exp: Any, at: _Checkpoint | None = None) -> tuple[Any, Any]:
     """The run's training and validation streams (as the runner makes them), fresh or restored to
     the position they had at checkpoint ``at``: the common random numbers of every comparison."""
     spec = exp.spec
-    train = training_batches(exp.problem, exp.data.train, spec.run.seed, spec.dataset.batch_size)
-    val = validation_batches(exp.problem, exp.data.val, spec.run.seed, spec.dataset.val_batch_size)
+    train = training_batches(exp.problem, exp.data.train, spec.run.seed, exp.data.batch_size)
+    val = validation_batches(exp.problem, exp.data.val, spec.run.seed, exp.data.val_batch_size)
     if at is not None:
         train.load_state_dict(copy.deepcopy(at.train_stream))
         val.load_state_dict(copy.deepcopy(at.val_stream))

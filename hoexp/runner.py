@@ -412,10 +412,10 @@ class Run:
         initial = {k: v.clone() for k, v in params.items()}
         self.state = InnerState(params, exp.inner_opt.init(params))
         outer_state = exp.outer_opt.init(self.raw)
-        self.train_batches = training_batches(problem, exp.data.train, spec.run.seed, spec.dataset.batch_size)
+        self.train_batches = training_batches(problem, exp.data.train, spec.run.seed, exp.data.batch_size)
         outer_split = exp.data.train if spec.run.outer_objective == "train" else \
             getattr(exp.data, "val_train_layout", exp.data.val)
-        self.val_stream = validation_batches(problem, outer_split, spec.run.seed, spec.dataset.val_batch_size)
+        self.val_stream = validation_batches(problem, outer_split, spec.run.seed, exp.data.val_batch_size)
         if self.ctx.active:  # every rank draws the global batches and keeps its shard
             self.train_batches = distributed.ShardedStream(self.train_batches, problem.batch_dim, problem.model,
                                                            self.ctx)

@@ -181,9 +181,9 @@ def setup(problem: str, quick: bool, device: str, threads: int, problem_override
     exp = build(spec)
     params = {k: v.detach().clone() for k, v in exp.model.named_parameters()}
     ctx = Context(spec, exp, InnerState(params, exp.inner_opt.init(params)), exp.problem.family.init(params),
-                  training_batches(exp.problem, exp.data.train, spec.run.seed, spec.dataset.batch_size), None)
+                  training_batches(exp.problem, exp.data.train, spec.run.seed, exp.data.batch_size), None)
     outer_split = getattr(exp.data, "val_train_layout", exp.data.val)
-    ctx.val = validation_batches(exp.problem, outer_split, spec.run.seed, spec.dataset.val_batch_size)
+    ctx.val = validation_batches(exp.problem, outer_split, spec.run.seed, exp.data.val_batch_size)
     ctx.threads = ctx.stack.enter_context(thread_policy(spec.run.threads, exp.device, tree.numel(params)))
     ctx.state, _, _ = train_inner(exp.problem, exp.inner_opt, ctx.state, ctx.raw, ctx.train, 3)  # off the init
     return ctx

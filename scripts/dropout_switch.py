@@ -46,7 +46,7 @@ def _val(exp, params) -> float:
 def switch(overrides: list[str], p_from: float, p_to: float, at: list[int | None], every: int) -> None:
     for k in at:
         spec, exp, state, raw = _setup(overrides)
-        batches = training_batches(exp.problem, exp.data.train, spec.run.seed, spec.dataset.batch_size)
+        batches = training_batches(exp.problem, exp.data.train, spec.run.seed, exp.data.batch_size)
         curve = []
         for step in range(spec.run.outer_steps):
             p = p_from if k is None or step < k else p_to
@@ -62,13 +62,13 @@ def switch(overrides: list[str], p_from: float, p_to: float, at: list[int | None
 
 def branch(overrides: list[str], p_from: float, at: int, rates: list[float]) -> None:
     spec, exp, state, raw = _setup(overrides)
-    batches = training_batches(exp.problem, exp.data.train, spec.run.seed, spec.dataset.batch_size)
+    batches = training_batches(exp.problem, exp.data.train, spec.run.seed, exp.data.batch_size)
     for _ in range(at):
         state, _, _ = train_inner(exp.problem, exp.inner_opt, state, _at_rate(raw, p_from), batches,
                                   spec.run.inner_steps)
     saved = copy.deepcopy(batches.state_dict())
     for p in rates:
-        stream = training_batches(exp.problem, exp.data.train, spec.run.seed, spec.dataset.batch_size)
+        stream = training_batches(exp.problem, exp.data.train, spec.run.seed, exp.data.batch_size)
         stream.load_state_dict(copy.deepcopy(saved))
         st, out = state, []
         for k in range(1, 21):

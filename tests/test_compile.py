@@ -29,7 +29,7 @@ def _train(overrides, compile_, steps=12):
     exp.problem.compile = compile_  # what compile=true sets (set here: path methods refuse the key)
     params = {k: v.detach().clone() for k, v in exp.model.named_parameters()}
     raw = exp.problem.family.init(params)
-    batches = training_batches(exp.problem, exp.data.train, spec.run.seed, spec.dataset.batch_size)
+    batches = training_batches(exp.problem, exp.data.train, spec.run.seed, exp.data.batch_size)
     state = InnerState(params, exp.inner_opt.init(params))
     state, loss, gnorm = train_inner(exp.problem, exp.inner_opt, state, raw, batches, steps)
     return exp, state, loss, gnorm

@@ -75,8 +75,8 @@ def test_carried_forward_mode_is_the_derivative_since_step_zero():
     J, T = 3, spec.run.inner_steps
 
     def streams():
-        return (training_batches(problem, exp.data.train, spec.run.seed, spec.dataset.batch_size),
-                validation_batches(problem, exp.data.val, spec.run.seed, spec.dataset.val_batch_size))
+        return (training_batches(problem, exp.data.train, spec.run.seed, exp.data.batch_size),
+                validation_batches(problem, exp.data.val, spec.run.seed, exp.data.val_batch_size))
 
     method = build_method(spec)
     train, val = streams()

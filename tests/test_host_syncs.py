@@ -48,9 +48,9 @@ def setup(*overrides):
     params = {k: v.detach().clone() for k, v in exp.model.named_parameters()}
     state = InnerState(params, exp.inner_opt.init(params))
     raw = exp.problem.family.init(params)
-    train = training_batches(exp.problem, exp.data.train, spec.run.seed, spec.dataset.batch_size)
+    train = training_batches(exp.problem, exp.data.train, spec.run.seed, exp.data.batch_size)
     val = validation_batches(exp.problem, getattr(exp.data, "val_train_layout", exp.data.val), spec.run.seed,
-                             spec.dataset.val_batch_size)
+                             exp.data.val_batch_size)
     return spec, exp, state, raw, train, val
 
 

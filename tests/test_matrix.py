@@ -97,7 +97,7 @@ def test_matrix_cell(method, family):
     overrides = [*FAMILIES[family], *METHODS[method]]
     if (method, family) in EXPECTED_REFUSALS:
         with pytest.raises(ConfigError, match=EXPECTED_REFUSALS[(method, family)]):
-            compose_spec([*BASE, *overrides])
+            build(compose_spec([*BASE, *overrides])[0])  # refused before any training (IFT × lr: when composed)
         return
     spec, exp, params, raw, stream = _setup(overrides)
     problem, opt = exp.problem, exp.inner_opt

@@ -127,8 +127,12 @@ class ImplicitMethod:
                     hvp="rev_rev" if hvp == "auto" else hvp, damping=self.damping)
             hg, s = fn(state.params, raw, x0, (train_batch,), (val_batch,))
         else:
+            # Gauss-Newton needs the loss split at the model's outputs; the Hessian needs only L_T itself (so a
+            # task that overrides train_loss alone, e.g. a per-example weighted loss, works with it).
+            train_loss = (SplitLoss(*problem.train_parts(train_batch)) if self.curvature.name == "gauss_newton"
+                          else lambda w, lam: problem.train_loss(w, lam, train_batch))
             hg, s = ift_hypergradient(
-                SplitLoss(*problem.train_parts(train_batch)),
+                train_loss,
                 lambda w, lam: problem.val_loss(w, lam, val_batch),
                 state.params, raw, solver, curvature=self.curvature, damping=self.damping, x0=x0, hvp=hvp,
             )
