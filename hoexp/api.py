@@ -61,7 +61,7 @@ def hypergradient(
     val_loss: LossFn,
     params: Mapping[str, Tensor],
     hparams: Mapping[str, Tensor],
-    method: str = "exact",
+    method: str | Solver = "exact",
     *,
     return_stats: bool = False,
     damping: float = 0.0,
@@ -75,8 +75,9 @@ def hypergradient(
     ``train_loss(params, hparams)`` and ``val_loss(params, hparams)`` return scalar tensors;
     ``params`` and ``hparams`` are ``dict[str, Tensor]``. ``method`` picks the inverse-HVP solver:
     ``"exact"`` (dense Hessian, small models), ``"cg"``, ``"neumann"``, ``"fixed_point"`` or ``"t1t2"``
-    (``H⁻¹ ≈ αI``);
-    ``options`` are passed to it (``iterations``, ``alpha``, ``tol``, ``max_params``).
+    (``H⁻¹ ≈ αI``), or is a solver object of your own (``solver(op, b) -> SolveResult``, see
+    :mod:`hoexp.method.solvers`); ``options`` are passed to a named one (``iterations``, ``alpha``, ``tol``,
+    ``max_params``).
     ``damping`` ``μ ≥ 0`` solves with ``H + μI``; ``curvature="gauss_newton"`` with the Gauss-Newton
     matrix instead of ``H``, which needs ``train_loss`` as a
     :class:`~hoexp.method.curvature.SplitLoss` (outputs, loss on outputs, penalty).
@@ -96,7 +97,12 @@ def hypergradient(
         raise ValueError(f"damping must be >= 0, got {damping}")
     if hvp not in HVP_MODES[1:]:
         raise ValueError(f"unknown hvp '{hvp}'; valid: {', '.join(HVP_MODES[1:])}")
-    solver = make_solver(method, **options)
+    if isinstance(method, str):
+        solver = make_solver(method, **options)
+    elif options:
+        raise ValueError(f"options {', '.join(sorted(options))} apply to a named method, not to a solver object")
+    else:
+        solver, method = method, type(method).__name__
     train_loss, val_loss = _scalar_loss(train_loss, "train_loss"), _scalar_loss(val_loss, "val_loss")
     with torch.enable_grad():  # like torch.func: works inside torch.no_grad() too
         if compile:

@@ -42,16 +42,10 @@ from hoexp.search import SAMPLERS, Dim, SearchSettings, TrialContext, parse_dim,
 if TYPE_CHECKING:
     from omegaconf import DictConfig
 
-__all__ = ["Plan", "parse_args", "run_compare", "DEFAULT_GRIDS", "pick_best", "match_time"]
+__all__ = ["Plan", "parse_args", "run_compare", "pick_best", "match_time"]
 
-# Default grids of each family's global value (--grid); log-scale families are searched on a log scale.
-DEFAULT_GRIDS: dict[str, list[float]] = {
-    "weight_decay": [1e-5, 1e-4, 1e-3, 1e-2, 1e-1],
-    "dropout": [0.05, 0.2, 0.35, 0.5, 0.65],
-    "lr": [1e-3, 3e-3, 1e-2, 3e-2, 1e-1],
-    "momentum": [0.5, 0.7, 0.8, 0.9, 0.95],
-}
-LOG_FAMILIES = {"weight_decay", "lr"}
+# A family's default grid of its global value (--grid) and whether it is searched on a log scale are declared
+# by the family's class (`grid`, `log_scale`; hoexp.hp.*), read from its factory's return annotation.
 OBJECTIVES = ("best", "final")
 
 
@@ -149,6 +143,14 @@ def _check(overrides: list[str], what: str) -> None:
         raise ConfigError(f"{what}: {e}" if what else str(e)) from None
 
 
+def _declared(spec: Any, family: str | None) -> Any:
+    """The class the ``hp.<family>`` factory declares it returns (its ``grid`` and ``log_scale``), or None."""
+    from hoexp.build import declared_type
+
+    component = next((h for h in spec.hp if h.key == f"hp.{family}"), None)
+    return None if component is None else declared_type(component.target)
+
+
 def _fmt_value(x: float) -> str:
     """A value as an override: integral ones as ints (so int keys take them too), others exactly."""
     x = float(x)
@@ -180,7 +182,7 @@ def parse_args(argv: list[str]) -> Plan:
     methods = [m.strip() for m in ns.methods.split(",")] if ns.methods else []
     if not methods and not ns.ho:
         methods = [spec.method.name]
-    valid = [m for m in group_options("method") if m != "none"]
+    valid = [m for m in group_options("method", base) if m != "none"]
     ho: list[tuple[str, list[str]]] = []
     for entry in [*methods, *ns.ho]:
         method, _, opts = entry.partition(":")
@@ -209,11 +211,13 @@ def parse_args(argv: list[str]) -> Plan:
                               "--grid-key, e.g. --grid-key hp.weight_decay.init")
         key = f"hp.{families[0]}.init"
     family = key.split(".")[1] if key.startswith("hp.") and key.count(".") >= 2 else None
+    declared = _declared(spec, family)
+    default_grid = list(getattr(declared, "grid", ())) if key == f"hp.{family}.init" else []
     none_ov = [*base, f"seed={seeds[0]}", "method=none"]
     if ns.grid is None:
-        if family not in DEFAULT_GRIDS:
+        if not default_grid:
             raise ConfigError(f"no default grid for --grid-key {key}: give the values with --grid")
-        grid = list(DEFAULT_GRIDS[family])
+        grid = default_grid
     elif ns.grid.strip().lower() == "none":
         grid = []
     else:
@@ -232,10 +236,10 @@ def parse_args(argv: list[str]) -> Plan:
             raise ConfigError(f"unknown search '{s}'; choose from: {', '.join(SAMPLERS)} (or none)")
     space = [parse_dim(t) for t in ns.space]
     if not space:
-        values = grid or DEFAULT_GRIDS.get(family or "", [])
+        values = grid or default_grid
         if len(values) < 2:
             raise ConfigError(f"give the search range with --space {key}=LOW:HIGH[:log]")
-        space = [Dim(key, min(values), max(values), family in LOG_FAMILIES or key.endswith(".lr"))]
+        space = [Dim(key, min(values), max(values), bool(getattr(declared, "log_scale", False)) or key.endswith(".lr"))]
     if ns.search_lr:
         lr = float(spec.inner_optim.lr)
         space.append(Dim("optim.inner.lr", lr / 10, lr * 10, True))

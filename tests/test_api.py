@@ -118,3 +118,26 @@ def test_a_diverged_solve_raises():
     with pytest.raises(ValueError, match="the 'neumann' solve diverged"):
         hoexp.hypergradient(ridge.train_loss, ridge.val_loss, {"w": ridge.w_star(ridge.raw)}, {"log_decay": ridge.raw},
                             "neumann", iterations=2000, alpha=50.0)
+
+
+def test_a_solver_object_of_your_own_plugs_in():
+    """``method`` may be a solver object (``solver(op, b) -> SolveResult``): a plain Richardson iteration written
+    here matches the closed-form ridge hypergradient, as the named CG does."""
+    from hoexp.method.solvers import SolveResult
+
+    ridge = Ridge.make(d=5, seed=3)
+    w = {"w": ridge.w_star(ridge.raw)}
+
+    class Richardson:
+        def __call__(self, op, b, x0=None):
+            x = torch.zeros_like(b)
+            for _ in range(3000):
+                x = x + 0.2 * (b - op.matvec(x))
+            return SolveResult(x, 3000, 3000, float((op.matvec(x) - b).norm() / b.norm()))
+
+    truth = ridge.exact_hypergradient()
+    mine = hoexp.hypergradient(ridge.train_loss, ridge.val_loss, w, {"log_decay": ridge.raw}, method=Richardson())
+    assert rel_err(mine["log_decay"], truth) < 1e-6
+    with pytest.raises(ValueError, match="apply to a named method"):
+        hoexp.hypergradient(ridge.train_loss, ridge.val_loss, w, {"log_decay": ridge.raw}, method=Richardson(),
+                            iterations=3)

@@ -51,8 +51,8 @@ class CleaningData(Splits):
         return replace(self, train=self.train.to(device), val=self.val.to(device), test=self.test.to(device))
 
 
-def corrupted_mnist(ctx: DataContext, *, corruption: Probability = 0.5, train_size: PositiveInt = 4000,
-                    val_size: PositiveInt = 1000, keep: Literal["all", "clean"] = "all", l2: NonNegFloat = 1e-3,
+def corrupted_mnist(ctx: DataContext, *, corruption: Probability = 0.5, train_size: PositiveInt = 2500,
+                    val_size: PositiveInt = 2500, keep: Literal["all", "clean"] = "all", l2: NonNegFloat = 1e-3,
                     batch_size: NonNegInt = 0, val_batch_size: NonNegInt = 0, data_root: str | None = None,
                     split_seed: int | None = None) -> CleaningData:
     """MNIST with ``corruption`` of the training labels replaced by a different class drawn uniformly (seeded).

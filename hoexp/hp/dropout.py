@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
 import torch
 from torch import Tensor
@@ -65,6 +65,8 @@ class Dropout:
     max_value: float = 0.95
     name: str = "dropout"
     moves_optimum: bool = True
+    grid: ClassVar[tuple[float, ...]] = (0.05, 0.2, 0.35, 0.5, 0.65)  # hoexp compare's default grid of rates
+    log_scale: ClassVar[bool] = False
     relaxation: str = "concrete"  # concrete | gaussian
     offset_scale: float = 0.1  # layer_and_unit: raw_j = layer + offset_scale · offset_j
 

@@ -38,6 +38,8 @@ class LearningRate:
     name: str = "lr"
     moves_optimum: bool = False
     sets: ClassVar[frozenset[str]] = frozenset({"lr"})  # the optimizer value its overrides set
+    grid: ClassVar[tuple[float, ...]] = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)  # hoexp compare's default grid
+    log_scale: ClassVar[bool] = True
 
     def __post_init__(self):
         if self.granularity not in LR_GRANULARITIES:
@@ -98,6 +100,8 @@ class Momentum:
     name: str = "momentum"
     moves_optimum: bool = False
     sets: ClassVar[frozenset[str]] = frozenset({"momentum"})
+    grid: ClassVar[tuple[float, ...]] = (0.5, 0.7, 0.8, 0.9, 0.95)
+    log_scale: ClassVar[bool] = False
     granularity: str = field(default="per_layer")
 
     def __post_init__(self):

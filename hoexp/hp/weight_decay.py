@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor
@@ -31,6 +31,9 @@ class WeightDecay:
     max_value: float = 10.0
     name: str = "weight_decay"
     moves_optimum: bool = True
+    # hoexp compare: the default grid of the global value, searched on a log scale
+    grid: ClassVar[tuple[float, ...]] = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+    log_scale: ClassVar[bool] = True
     offset_scale: float = 0.1  # layer_and_weight: raw_i = layer + offset_scale · offset_i
 
     def __post_init__(self):
