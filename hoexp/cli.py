@@ -8,21 +8,25 @@ Set ``HYDRA_FULL_ERROR=1`` to see full tracebacks.
 
 from __future__ import annotations
 
-import difflib
-import itertools
 import os
 import re
 import sys
-from collections.abc import Sequence
 from pathlib import Path
 
+from hoexp.config.compose import (  # noqa: F401 -- the config API, importable from here as before
+    CONF_DIR,
+    CONF_PKG,
+    compose_spec,
+    conf_dir,
+    config_groups,
+    expand_sweeps,
+    group_options,
+    refuse_removed,
+    validate_job,
+    with_config_dir,
+)
+from hoexp.config.compose import compose as _compose
 from hoexp.errors import ConfigError, HoexpError
-
-# The configs ship inside the package (hoexp/conf), so an installed hoexp (wheel, pip install git+...)
-# finds them wherever it runs from; Hydra reads them through its pkg:// search path.
-CONF_DIR = Path(__file__).resolve().parent / "conf"
-CONF_PKG = "pkg://hoexp.conf"
-MAX_VALIDATED_JOBS = 256
 
 USAGE = """\
 usage: hoexp <command> [arguments]
@@ -73,55 +77,6 @@ def fail(message: str, code: int = 2, error: BaseException | None = None) -> Non
     sys.exit(code)
 
 
-def conf_dir() -> Path:
-    if not (CONF_DIR / "config.yaml").is_file():
-        raise HoexpError(f"config folder not found at {CONF_DIR}: this hoexp installation is incomplete; "
-                         "reinstall it (pip install --force-reinstall hoexp, or make install in a checkout)")
-    return CONF_DIR
-
-
-def user_config_dirs(overrides: list[str]) -> list[Path]:
-    """The users' config folders on the search path (``--config-dir``, turned into ``hydra.searchpath``)."""
-    dirs: list[Path] = []
-    for o in overrides:
-        key, _, value = o.lstrip("+~").partition("=")
-        if key == "hydra.searchpath":
-            dirs += [Path(v.strip().strip("'\"").removeprefix("file://")) for v in value.strip("[]").split(",")
-                     if v.strip().strip("'\"").startswith("file://")]
-    return dirs
-
-
-def with_config_dir(args: list[str]) -> list[str]:
-    """``--config-dir DIR`` (``-cd DIR``, ``--config-dir=DIR``) → the override ``hydra.searchpath=[file://DIR]``:
-    the folder's options (``DIR/model/x.yaml``, ...) join hoexp's own, for validation and for Hydra alike."""
-    out, dirs = [], []
-    it = iter(args)
-    for a in it:
-        flag, eq, value = a.partition("=")
-        if flag in ("--config-dir", "-cd"):
-            value = value if eq else next(it, "")
-            folder = Path(value).expanduser().absolute()
-            if not value or not folder.is_dir():
-                raise ConfigError(f"--config-dir {value or '(missing)'}: no such folder; give the folder that holds "
-                                  "your config groups (e.g. DIR/model/my_model.yaml)")
-            dirs.append(f"file://{folder}")
-        else:
-            out.append(a)
-    return [*out, f"hydra.searchpath=[{','.join(dirs)}]"] if dirs else out
-
-
-def config_groups(overrides: Sequence[str] = ()) -> list[str]:
-    folders = [conf_dir(), *user_config_dirs(list(overrides))]
-    return sorted({p.name for f in folders if f.is_dir() for p in f.iterdir()
-                   if p.is_dir() and not p.name.startswith(("_", "."))})
-
-
-def group_options(group: str, overrides: Sequence[str] = ()) -> list[str]:
-    """The options of a config group: hoexp's and those in the users' config folders."""
-    folders = [conf_dir() / group, *(d / group for d in user_config_dirs(list(overrides)))]
-    return sorted({p.stem for f in folders if f.is_dir() for p in f.glob("*.yaml")})
-
-
 def split_hydra_args(args: list[str]) -> tuple[list[str], set[str]]:
     """Separate Hydra's own flags from config overrides."""
     overrides, flags = [], set()
@@ -134,137 +89,6 @@ def split_hydra_args(args: list[str]) -> tuple[list[str], set[str]]:
         else:
             overrides.append(a)
     return overrides, flags
-
-
-# ------------------------------------------------------------------------------------ validation
-# Config choices that are gone, and what replaces them (refused in one line before anything runs).
-REMOVED = {
-    "hydra/sweeper": "the Optuna sweepers (hydra/sweeper={value}) are gone (hydra-optuna-sweeper needs optuna<3); "
-                     "random search and TPE at an equal wall-clock budget: hoexp compare experiment=<preset> "
-                     "--search random,tpe (see 'hoexp compare --help')",
-    "experiment": "experiment={value} is gone with the Optuna sweepers; black-box baselines now run with: "
-                  "hoexp compare experiment=iris_per_weight_decay --search random,tpe [--search-lr]",
-}
-REMOVED_EXPERIMENTS = ("iris_blackbox_wd", "iris_blackbox_wd_lr", "iris_blackbox_wd_dropout_lr")
-
-
-def refuse_removed(overrides: list[str]) -> None:
-    """Raise ConfigError (one line naming ``hoexp compare``) for a removed sweeper or black-box preset."""
-    for o in overrides:
-        key, _, value = o.lstrip("+~").partition("=")
-        if key == "hydra/sweeper" and value not in ("basic", ""):
-            raise ConfigError(REMOVED["hydra/sweeper"].format(value=value))
-        if key == "experiment" and any(v.strip() in REMOVED_EXPERIMENTS for v in value.split(",")):
-            raise ConfigError(REMOVED["experiment"].format(value=value))
-
-
-def expand_sweeps(overrides: list[str]) -> list[list[str]]:
-    """The override lists of the jobs a ``-m`` sweep launches (all combinations, capped).
-
-    Overrides that cannot be expanded here (e.g. ``interval(...)``) are left for the sweeper;
-    ``hydra.*`` overrides are left for Hydra.
-    """
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    parsed = OverridesParser.create().parse_overrides([o for o in overrides if not o.lstrip("+~").startswith("hydra")])
-    choices: list[list[str]] = []
-    for o in parsed:
-        key = o.get_key_element()
-        if o.is_sweep_override():
-            try:
-                values = list(o.sweep_string_iterator())
-            except Exception:  # not a plain list / range: the sweeper decides the values
-                continue
-            choices.append([f"{key}={v}" for v in values])
-        else:
-            assert o.input_line is not None  # parse_overrides sets it to the override's text
-            choices.append([o.input_line])
-    jobs = list(itertools.islice(itertools.product(*choices), MAX_VALIDATED_JOBS))
-    if len(jobs) == MAX_VALIDATED_JOBS:  # too many to compose each: check every value once instead
-        firsts = [c[0] for c in choices]
-        jobs = [tuple(firsts[:i] + [v] + firsts[i + 1:]) for i, c in enumerate(choices) for v in c]
-    return [list(j) for j in jobs]
-
-
-def _explain_composition_error(message: str, overrides: list[str]) -> str:
-    first = message.strip().splitlines()[0] if message.strip() else "invalid override"
-    m = re.search(r"Could not find '([^']+)/([^'/]+)'", message)
-    if m:
-        group, option = m.group(1), m.group(2)
-        return f"unknown {group} '{option}'; choose one of: {', '.join(group_options(group, overrides))}"
-    m = re.search(r"Could not override '([^']+)'", message)
-    if m and "No match in the defaults list" in message:
-        groups = config_groups(overrides)
-        return f"unknown config group '{m.group(1)}'; groups: {', '.join(groups)}"
-    if m:
-        key = m.group(1)
-        parent, _, leaf = key.rpartition(".")
-        valid = _valid_keys(parent, [o for o in overrides if not o.lstrip("+~").startswith(key + "=")])
-        if not parent:  # a top-level name: config groups are valid too
-            valid = sorted(set(valid) | set(config_groups(overrides)))
-        close = difflib.get_close_matches(leaf, valid, n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
-        where = f" in {parent}" if parent else ""
-        return f"unknown key '{leaf}'{where}{hint}; valid keys: {', '.join(valid)}"
-    return first
-
-
-def _compose(overrides: list[str], hydra: bool = False):
-    """The composed config of one job (with Hydra's own node when ``hydra``)."""
-    from hydra import compose, initialize_config_module
-    from hydra.core.global_hydra import GlobalHydra
-
-    conf_dir()
-    GlobalHydra.instance().clear()
-    with initialize_config_module(config_module=CONF_PKG.removeprefix("pkg://"), version_base="1.3"):
-        return compose(config_name="config", overrides=overrides, return_hydra_config=hydra)
-
-
-def _valid_keys(parent: str, overrides: list[str]) -> list[str]:
-    from omegaconf import DictConfig, OmegaConf
-
-    try:
-        cfg = _compose(overrides)
-        node = OmegaConf.select(cfg, parent) if parent else cfg
-    except Exception:
-        return []
-    if not isinstance(node, DictConfig):
-        return []
-    keys = [k for k in node.keys() if k not in ("hydra", "_target_", "_partial_")]
-    if parent.startswith("optim") or parent.startswith("hp.") or parent in ("method", "model", "dataset"):
-        keys = [k for k in keys if k != "name"]
-    return sorted(str(k) for k in keys)
-
-
-def validate_job(overrides: list[str], device: bool = True) -> None:
-    """Compose one job's config and check it completely (``device``: also that the device exists here);
-    raise ConfigError with one line."""
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    from hoexp.build import preflight
-    from hoexp.config import validate
-
-    refuse_removed(overrides)
-    try:
-        cfg = _compose(overrides)
-    except (HydraException, OmegaConfBaseException) as e:
-        raise ConfigError(_explain_composition_error(str(e), overrides)) from None
-    preflight(validate(cfg), device=device)
-
-
-def compose_spec(overrides: list[str], config_dir: str | os.PathLike | None = None):
-    """Compose and validate a config in-process (for scripts and tests): the checked Spec and the YAML.
-    ``config_dir``: a folder of your own config groups (``hoexp run --config-dir``)."""
-    from omegaconf import OmegaConf
-
-    from hoexp.config import validate
-
-    if config_dir is not None:
-        overrides = with_config_dir([*overrides, "--config-dir", str(config_dir)])
-    validate_job(overrides)
-    cfg = _compose(overrides)
-    return validate(cfg), OmegaConf.to_yaml(cfg)
 
 
 # ------------------------------------------------------------------------------------- commands

@@ -135,7 +135,7 @@ def _name(text: str) -> str:
 
 def _check(overrides: list[str], what: str) -> None:
     """Validate one run's overrides (the same checks as ``hoexp run``); prefix errors with ``what``."""
-    from hoexp.cli import validate_job
+    from hoexp.config.compose import validate_job
 
     try:
         validate_job(overrides)
@@ -159,7 +159,7 @@ def _fmt_value(x: float) -> str:
 
 def parse_args(argv: list[str]) -> Plan:
     """Parse and validate ``hoexp compare`` arguments; every error is one :class:`ConfigError`."""
-    from hoexp.cli import compose_spec, group_options, refuse_removed
+    from hoexp.config.compose import compose_spec, group_options, refuse_removed
 
     ns = _parser().parse_intermixed_args(argv)
     refuse_removed(ns.overrides)
@@ -295,8 +295,8 @@ class Composer:
         from omegaconf import OmegaConf
 
         from hoexp.build import preflight
-        from hoexp.cli import _compose
         from hoexp.config import validate
+        from hoexp.config.compose import compose as _compose
 
         if self._cfg is None:
             self._cfg = _compose(self.overrides)

@@ -297,7 +297,7 @@ def missing_jobs(runs: Sequence[RunInfo]) -> list[tuple[Path, int, list[str]]]:
     """Jobs of the (basic) sweeps that ``runs`` come from which have no summary here: ``(sweep folder,
     number of jobs, ["#<num> <overrides>", ...])`` for each sweep with missing jobs. The jobs are the
     combinations of the task overrides in the sweep's ``multirun.yaml``, in Hydra's order."""
-    from hoexp.cli import MAX_VALIDATED_JOBS, expand_sweeps
+    from hoexp.config.compose import MAX_VALIDATED_JOBS, expand_sweeps
 
     found: dict[Path, set[int]] = {}
     for r in runs:
