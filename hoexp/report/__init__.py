@@ -1,0 +1,168 @@
+"""``hoexp report PATH...``: compare finished runs in one table, Markdown, CSV and PNG plots.
+
+A *run* is any folder holding a ``summary.json`` (folders are searched recursively, so a run, a
+multirun folder or a whole ``outputs/`` tree all work). Runs are gathered into *rows*:
+
+* runs whose composed configs (``.hydra/config.yaml``) are equal except for ``seed`` (and cosmetic
+  keys such as ``progress``) form one row, numbers given as mean ± std over the seeds;
+* the trials of a black-box study form one *study*, standing for its best trial (the lowest
+  validation loss it minimized, never the test loss), and its wall time is the sum of its trials'
+  wall times (the budget it spent). Studies of the same search on other seeds form one row, mean ±
+  std over the studies. Studies are the searches and grids of ``hoexp compare`` (a folder with
+  ``study.json`` whose trial folders hold ``trial.json``; its ``objective`` says which validation
+  loss, ``best`` or ``final``, was minimized) and, from older outputs, multiruns of a Hydra sweeper
+  other than the basic one (the Optuna sweepers, best validation loss). Each point of a
+  ``hoexp compare`` grid is also a row of its own (``grid point``).
+
+So "HO methods vs random search vs TPE at equal budget" reads as rows with a ``tuning`` column
+(``hypergradients``, ``fixed``, ``grid point``, ``grid search``, ``random search``, ``TPE``) and a
+``wall time`` column. Written to ``--out``: ``report.md`` (the table, one table per study and, for a
+``hoexp compare`` folder, its budgets and when each search matched HO, from ``compare.json``),
+``report.csv`` (one line per row), ``runs.csv`` (one line per run: every trial of every study, with
+its searched values), ``val_loss_vs_time.png`` (validation loss and best validation loss so far
+against wall time, the trials of a study back to back, so for trials run in parallel the axis is
+compute time), ``best_so_far.png`` (one panel: each contender's best validation loss so far against
+wall time; runs from their metrics.jsonl, studies as the best objective of their finished trials
+over cumulative trial time) and ``hparams.png`` (final hyperparameter histograms, log10).
+
+The YAML files Hydra writes are read as plain YAML; only the jobs a sweep should have (to list the
+missing ones) are expanded with Hydra's override parser, through ``hoexp.config.compose.expand_sweeps``.
+"""
+
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from hoexp.errors import HoexpError
+from hoexp.metrics import read_json
+from hoexp.report.group import Group, Member, _fmt_value, _short_key, group_runs
+from hoexp.report.load import METRICS, RunInfo, gather, missing_jobs, missing_lines
+from hoexp.report.plots import best_so_far, plot_best_so_far, plot_hparams, plot_val_loss_vs_time
+from hoexp.report.tables import _md_table, print_table, write_csv, write_markdown, write_runs_csv
+
+__all__ = ["RunInfo", "Member", "Group", "Report", "gather", "group_runs", "build_report", "best_so_far", "METRICS"]
+
+
+# ------------------------------------------------------------------------------- hoexp compare
+def _compare_files(paths: Sequence[str | Path]) -> list[tuple[Path, dict[str, Any]]]:
+    out = []
+    for p in paths:
+        f = Path(p) / "compare.json"
+        if f.is_file():
+            try:
+                data = read_json(f)
+            except (OSError, ValueError):
+                continue
+            if isinstance(data, dict) and "contenders" in data:
+                out.append((f, data))
+    return out
+
+
+def compare_lines(data: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """Markdown lines for a ``compare.json`` (budgets; when each search matched each HO contender)
+    and the short summary lines printed on the console."""
+    obj = data.get("objective", "best")
+    budget = data.get("budget") or {}
+    per_seed = budget.get("per_seed") or {}
+    md = [f"Objective of the grid and the searches: the **{obj}** validation loss (test loss is never used to "
+          f"choose). Search budget per seed: {budget.get('rule', '?')}"
+          + (": " + ", ".join(f"seed {k}: {v:.1f} s" for k, v in per_seed.items()) if per_seed else "")
+          + f"; {data.get('workers', 1)} worker(s) per search; pruning "
+          + ("on (MedianPruner)" if data.get("prune") else "off") + ".", ""]
+    studies = [(c["name"], s) for c in data.get("contenders", []) if c.get("kind") == "search" for s in c["studies"]]
+    if studies:
+        rows = []
+        for name, s in studies:
+            states = ", ".join(f"{n} {k.lower()}" for k, n in (s.get("states") or {}).items())
+            params = " ".join(f"{_short_key(k)}={_fmt_value(v)}" for k, v in (s.get("best_params") or {}).items())
+            rows.append([name, str(s["seed"]), f"{s['budget_s']:.1f}", f"{s['wall_clock_s']:.1f}",
+                         f"{s['trial_time_s']:.1f}", f"{s['n_trials']} ({states})",
+                         "—" if s.get("best_trial") is None else f"#{s['best_trial']} {params}"])
+        md += _md_table(["search", "seed", "budget (s)", "spent: wall clock (s)", "spent: trial time (s)", "trials",
+                         "best trial"], rows) + [""]
+    match = data.get("match") or []
+    short: list[str] = []
+    if match:
+        rows = []
+        for m in match:
+            worth = m.get("fixed_runs")
+            worth_text = "—" if worth is None else f"{worth:.2f}"
+            if m["matched"]:
+                rows.append([m["search"], m["ho"], str(m["seed"]), f"{m['target']:.4f}", "yes", str(m["trials"]),
+                             f"{m['time_s']:.1f}", worth_text])
+            else:
+                rows.append([m["search"], m["ho"], str(m["seed"]), f"{m['target']:.4f}",
+                             f"no, not in its {m['trials']} trials ({worth_text} fixed runs' worth)",
+                             "—", "—", "—"])
+        md += ["When each search's best-so-far validation loss first reached the HO run's (same seed), in trials, "
+               "cumulative trial time and fixed runs' worth (that time / the `method=none` baseline run's "
+               "wall time):", ""]
+        md += _md_table(["search", "HO", "seed", "HO val loss", "matched", "trials", "trial time (s)",
+                         "fixed runs' worth"], rows) + [""]
+        for key in dict.fromkeys((m["search"], m["ho"]) for m in match):
+            ms = [m for m in match if (m["search"], m["ho"]) == key]
+            hit = [m["fixed_runs"] for m in ms if m["matched"] and m.get("fixed_runs") is not None]
+            text = f"{key[0]} matched {key[1]}'s {obj} validation loss on {len(hit)}/{len(ms)} seed(s)"
+            if hit:
+                mean = statistics.fmean(hit)
+                text += f", after {mean:.2f}" + (f" ± {statistics.stdev(hit):.2f}" if len(hit) > 1 else "") + \
+                        " fixed runs' worth of wall time"
+            short.append(text)
+        md += [f"- {t}" for t in short] + [""]
+    return md, short
+
+
+# ---------------------------------------------------------------------------------------- report
+@dataclass
+class Report:
+    runs: list[RunInfo]
+    groups: list[Group]
+    out_dir: Path
+    files: list[Path]
+
+
+def build_report(paths: Sequence[str | Path], out_dir: str | Path, *, console: Console | None = None,
+                 plots: bool = True) -> Report:
+    """Gather the runs under ``paths``, print the table and write the report files into ``out_dir``."""
+    console = console or Console()
+    runs = gather(paths, console=console)
+    groups = group_runs(runs)
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise HoexpError(f"report: cannot create the output folder {out} ({e.strerror}); choose another with "
+                         "--out <folder>") from None
+    files: list[Path] = []
+    pngs: list[Path] = []
+    if plots:
+        for name, fn in (("val_loss_vs_time.png", plot_val_loss_vs_time), ("best_so_far.png", plot_best_so_far),
+                         ("hparams.png", plot_hparams)):
+            if fn(groups, out / name):
+                pngs.append(out / name)
+    write_csv(groups, out / "report.csv")
+    write_runs_csv(groups, out / "runs.csv")
+    missing = missing_lines(missing_jobs(runs))
+    write_markdown(groups, out / "report.md", [str(p) for p in paths], pngs, missing)
+    summary_lines: list[str] = []
+    for f, data in _compare_files(paths):
+        md, short = compare_lines(data)
+        summary_lines += short
+        with open(out / "report.md", "a", encoding="utf-8") as fh:
+            fh.write("\n".join([f"## hoexp compare: `{f}`", "", *md]))
+    files = [out / "report.md", out / "report.csv", out / "runs.csv", *pngs]
+    print_table(groups, console, title=f"hoexp report: {len(runs)} run(s), {len(groups)} row(s)")
+    for text in summary_lines:
+        console.print(f"  {text}", markup=False, highlight=False, soft_wrap=True)
+    for text in missing:
+        console.print(f"hoexp report: {text}", markup=False, highlight=False, soft_wrap=True)
+    console.print(f"hoexp report: wrote {', '.join(f.name for f in files)} → {out}", markup=False,
+                  highlight=False, soft_wrap=True)
+    return Report(runs=runs, groups=groups, out_dir=out, files=files)

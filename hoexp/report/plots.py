@@ -1,0 +1,206 @@
+"""The report's plots: validation loss and best-so-far against wall time, final hyperparameter histograms."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from hoexp.report.group import Group, Member
+
+
+# ----------------------------------------------------------------------------------------- plots
+def _colors(n: int) -> list:
+    import matplotlib.pyplot as plt
+
+    cmap = plt.get_cmap("tab10" if n <= 10 else "tab20")
+    return [cmap(i % cmap.N) for i in range(n)]
+
+
+def plot_val_loss_vs_time(groups: list[Group], path: Path) -> bool:
+    """Left: validation loss against wall time for every run (a study's trials back to back, dots
+    where a trial starts); right: the best validation loss so far. One colour per row."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = [(g, m, m.curve()) for g in groups for m in g.members]
+    if not any(c for _, _, c in curves):
+        return False
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 4.8))
+    colors = dict(zip(map(id, groups), _colors(len(groups))))
+    labelled: set[int] = set()
+    finals: list[float] = []
+    top = -math.inf
+    for g, m, pts in curves:
+        pts = [(t, v) for t, v in pts if math.isfinite(t) and math.isfinite(v)]
+        if not pts:
+            continue
+        c = colors[id(g)]
+        label = None if id(g) in labelled else f"{g.label} [{g.tuning}]"
+        labelled.add(id(g))
+        ts, vs = zip(*pts)
+        ax.plot(ts, vs, color=c, lw=1.0, alpha=0.8, label=label)
+        if m.is_study:  # mark where each trial starts (its first evaluation)
+            offset, starts = 0.0, []
+            for r in m.runs:
+                rp = [(t, v) for t, v in r.curve() if math.isfinite(t) and math.isfinite(v)]
+                if rp:
+                    starts.append((offset + rp[0][0], rp[0][1]))
+                offset += r.wall_time_s if math.isfinite(r.wall_time_s) else (rp[-1][0] if rp else 0.0)
+            if starts:
+                ax.scatter(*zip(*starts), color=c, s=8, zorder=3)
+        run_min, best = [], math.inf
+        for v in vs:
+            best = min(best, v)
+            run_min.append(best)
+        finals.append(run_min[-1])
+        top = max(top, run_min[0])
+        bx.step(ts, run_min, where="post", color=c, lw=1.6, label=label)
+        bx.scatter([ts[-1]], [run_min[-1]], color=c, s=14, zorder=3)
+    # zoom in on where the runs end up; the start (one value for all) is cut off
+    _zoom_on_ends(bx, finals, min_span=0.02, above=4, top=top)
+    ax.set_yscale("log")
+    ax.set_title("validation loss (studies: trials back to back)")
+    bx.set_title("best validation loss so far (dot: end of run / study)")
+    for a in (ax, bx):
+        a.set_xlabel("wall time (s)")
+        a.set_ylabel("validation loss")
+        a.grid(alpha=0.3)
+    _save_with_legend(fig, bx, path)
+    return True
+
+
+def _zoom_on_ends(ax: Any, ends: list[float], *, min_span: float, above: float, top: float = math.inf) -> None:
+    """y-limits around the curves' final values: half a span below the lowest, ``above`` spans over
+    the highest (not past ``top``); the span is at least ``min_span`` of the highest value."""
+    if not ends:
+        return
+    lo, hi = min(ends), max(ends)
+    span = max(hi - lo, min_span * abs(hi), 1e-12)
+    ax.set_ylim(lo - 0.5 * span, min(top + 0.05 * span, hi + above * span))
+
+
+def _save_with_legend(fig: Any, ax: Any, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    ax.legend(fontsize=8, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def best_so_far(member: Member) -> list[tuple[float, float]]:
+    """``(wall time, best validation loss so far)``: a run's running minimum over its evaluations;
+    a study's best objective over its finished trials, at the cumulative run time of its trials."""
+    if not member.is_study:
+        out, best = [], math.inf
+        for t, v in member.curve():
+            if math.isfinite(t) and math.isfinite(v):
+                best = min(best, v)
+                out.append((t, best))
+        return out
+    out, best, cum = [], math.inf, 0.0
+    for r in member.runs:
+        cum += r.wall_time_s if math.isfinite(r.wall_time_s) else 0.0
+        best = min(best, r.objective)
+        if math.isfinite(best):
+            out.append((cum, best))
+    return out
+
+
+def plot_best_so_far(groups: list[Group], path: Path) -> bool:
+    """One panel: every contender's best validation loss so far against wall time, one line per
+    seed (study), one colour per row; grid points are left to their ``grid search`` row."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = [g for g in groups if g.tuning != "grid point"]
+    curves = [(g, m, best_so_far(m)) for g in shown for m in g.members]
+    if not any(c for _, _, c in curves):
+        return False
+    fig, ax = plt.subplots(figsize=(8, 5))
+    colors = dict(zip(map(id, shown), _colors(len(shown))))
+    labelled: set[int] = set()
+    ends = []
+    for g, m, pts in curves:
+        if not pts:
+            continue
+        c = colors[id(g)]
+        label = None if id(g) in labelled else f"{g.label} [{g.tuning}]"
+        labelled.add(id(g))
+        ts, vs = zip(*pts)
+        ax.step(ts, vs, where="post", color=c, lw=1.6, alpha=0.85, label=label,
+                marker="o" if m.is_study else None, ms=3)
+        ends.append(vs[-1])
+    _zoom_on_ends(ax, ends, min_span=0.05, above=3)  # where the contenders end up
+    ax.set_xlabel("wall time (s); searches: cumulative trial time")
+    ax.set_ylabel("best validation loss so far")
+    ax.set_title("best validation loss so far (dots: a search's finished trials)")
+    ax.grid(alpha=0.3)
+    _save_with_legend(fig, ax, path)
+    return True
+
+
+def plot_hparams(groups: list[Group], path: Path, max_panels: int = 24) -> bool:
+    """Histograms of the final hyperparameters (log10), one panel per row and family. A study shows
+    the values its trials tried (grey) and its best trial's (coloured)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    panels = []
+    colors = dict(zip(map(id, groups), _colors(len(groups))))
+    for g in groups:
+        best_vals: dict[str, list] = {}
+        tried: dict[str, list] = {}
+        for m in g.members:
+            for fam, v in m.best.final_hparams().items():
+                best_vals.setdefault(fam, []).append(v)
+            if m.is_study:
+                for r in m.runs:
+                    for fam, v in r.final_hparams().items():
+                        tried.setdefault(fam, []).append(v)
+        for fam, vals in best_vals.items():
+            panels.append((g, fam, np.concatenate(vals), np.concatenate(tried[fam]) if fam in tried else None))
+    if not panels:
+        return False
+    panels = panels[:max_panels]
+    ncols = min(3, len(panels))
+    nrows = math.ceil(len(panels) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 3.2 * nrows), squeeze=False)
+    for ax, (g, fam, values, tried_values) in zip(axes.flat, panels):
+        c = colors[id(g)]
+        logv = np.log10(np.clip(values[np.isfinite(values)], 1e-300, None))
+        allv = logv if tried_values is None else \
+            np.concatenate([logv, np.log10(np.clip(tried_values, 1e-300, None))])
+        lo, hi = (float(allv.min()), float(allv.max())) if allv.size else (0.0, 1.0)
+        if hi - lo < 1e-6:
+            lo, hi = lo - 0.5, hi + 0.5
+        bins = np.linspace(lo, hi, 41)
+        if tried_values is not None:
+            ax.hist(np.log10(np.clip(tried_values, 1e-300, None)), bins=bins, color="0.75", label="trials")
+        if logv.size <= 8:  # a few values (global / per-layer): lines are clearer than bars
+            for x in logv:
+                ax.axvline(x, color=c, lw=2)
+        else:
+            ax.hist(logv, bins=bins, color=c, alpha=0.85)
+        med = float(np.median(values)) if values.size else math.nan
+        ax.set_title(f"{g.label} [{g.tuning}]\n{fam}: {values.size:,} values, median {med:.3g}", fontsize=9)
+        ax.set_xlabel(f"log10 {fam}")
+        ax.grid(alpha=0.3)
+        if tried_values is not None:
+            ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
