@@ -32,11 +32,12 @@ from hoexp.method.solvers import ConjugateGradient, Exact, FixedPoint, Neumann, 
 from hoexp.method.unrolled import UnrolledMethod
 from hoexp.model.mlp import MLP
 from hoexp.optim import Optimizer, build_optimizer
-from hoexp.problem import Problem
+from hoexp.task import Classification, Task
+from hoexp.types import RunSettings
 
 if TYPE_CHECKING:
-    from hoexp.lm import LMData
     from hoexp.model.lstm import LSTMLanguageModel
+    from hoexp.task.language_model import LMData
 
 IFT_METHODS = ("neumann", "cg", "fixed_point", "exact", "t1t2")
 # Methods that train with plain steps and differentiate at the reached weights (IFT and the first-order fd):
@@ -74,7 +75,7 @@ def build_data(spec: Spec) -> Splits | LMData:
     if cfg.name == "ptb":
         from hoexp.dataset.ptb import load_ptb
         from hoexp.dataset.root import data_root
-        from hoexp.lm import lm_data
+        from hoexp.task.language_model import lm_data
 
         return lm_data(load_ptb(data_root(cfg.data_root), download=cfg.download), cfg.batch_size,
                        cfg.eval_batch_size, cfg.bptt)
@@ -275,10 +276,20 @@ class Experiment:
     device: torch.device
     data: Splits | LMData  # LMData for language models (dataset=ptb)
     model: nn.Module
-    problem: Problem
+    problem: Classification  # the task (LanguageModel for dataset=ptb)
     method: HyperMethod
     inner_opt: Optimizer
     outer_opt: Optimizer
+
+    @property
+    def task(self) -> Task:
+        """The task (an alias of ``problem``): what :func:`hoexp.run` reads."""
+        return self.problem
+
+    @property
+    def settings(self) -> RunSettings:
+        """The loop's settings, from ``spec.run``."""
+        return RunSettings.from_spec(self.spec)
 
 
 def build(spec: Spec) -> Experiment:
@@ -309,14 +320,14 @@ def build(spec: Spec) -> Experiment:
     if spec.method.name == "exact" and n > spec.method.max_params:
         raise ConfigError(f"method=exact would form a dense {n:,}x{n:,} Hessian, above method.max_params="
                           f"{spec.method.max_params:,}; use method=cg or method=neumann, or raise method.max_params")
+    problem: Classification
     if spec.dataset.name == "ptb":
-        from hoexp.lm import LMProblem
+        from hoexp.task.language_model import LanguageModel
 
-        lm_problem = LMProblem(model, family)
-        lm_problem.bptt = spec.dataset.bptt
-        problem: Problem = lm_problem
+        problem = LanguageModel(model, family, data=data, bptt=spec.dataset.bptt)
     else:
-        problem = Problem(model, family)
+        problem = Classification(model, family, data=data, batch_size=spec.dataset.batch_size,
+                                 val_batch_size=spec.dataset.val_batch_size)
     problem.compile = spec.run.compile
     if spec.run.precision != "fp32":
         from hoexp.precision import Precision

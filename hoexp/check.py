@@ -32,7 +32,6 @@ from hoexp.method.ift import ift_hypergradient
 from hoexp.method.solvers import AutoStep, ConjugateGradient, Exact, FixedPoint, Neumann, Solver
 from hoexp.method.unrolled import unrolled_hypergradient
 from hoexp.metrics import write_json_atomic
-from hoexp.problem import training_batches, validation_batches
 
 ITERATIONS = (0, 1, 2, 5, 10, 20, 50, 100)
 
@@ -118,11 +117,11 @@ def run_check(spec: Spec, out_dir: Path, *, iterations: tuple[int, ...] = ITERAT
     params = {k: v.detach().clone() for k, v in exp.model.named_parameters()}
     raw = problem.family.init(params)
     state = InnerState(params, exp.inner_opt.init(params))
-    batches = training_batches(problem, exp.data.train, spec.run.seed, spec.dataset.batch_size)
+    batches = problem.train_stream(spec.run.seed)
     state, _, _ = train_inner(problem, exp.inner_opt, state, raw, batches, spec.run.inner_steps)
     # The runner's validation stream: the whole split (classification, val_batch_size 0), a seeded minibatch,
     # or a BPTT window of validation text (language models).
-    val_batch = next(validation_batches(problem, exp.data.val, spec.run.seed, spec.dataset.val_batch_size))
+    val_batch = next(problem.val_stream(spec.run.seed))
     train_batch = next(batches)
     n_params, n_h = tree.numel(params), tree.numel(raw)
 

@@ -39,7 +39,6 @@ from hoexp.config import Spec
 from hoexp.errors import ConfigError
 from hoexp.method.base import CarriesState, InnerState, train_inner
 from hoexp.metrics import write_json_atomic
-from hoexp.problem import training_batches, validation_batches
 
 MAX_HPARAMS = 32
 
@@ -209,8 +208,8 @@ def _streams(exp: Any, at: _Checkpoint | None = None) -> tuple[Any, Any]:
     """The run's training and validation streams (as the runner makes them), fresh or restored to
     the position they had at checkpoint ``at``: the common random numbers of every comparison."""
     spec = exp.spec
-    train = training_batches(exp.problem, exp.data.train, spec.run.seed, spec.dataset.batch_size)
-    val = validation_batches(exp.problem, exp.data.val, spec.run.seed, spec.dataset.val_batch_size)
+    train = exp.problem.train_stream(spec.run.seed)
+    val = exp.problem.val_stream(spec.run.seed)
     if at is not None:
         train.load_state_dict(copy.deepcopy(at.train_stream))
         val.load_state_dict(copy.deepcopy(at.val_stream))

@@ -37,7 +37,6 @@ from hoexp.metrics import (
     tensor_stats,
     write_json_atomic,
 )
-from hoexp.problem import training_batches, validation_batches
 from hoexp.progress import make_progress
 from hoexp.resume import check_resume
 
@@ -124,18 +123,10 @@ def hp_view(exp: Experiment, raw: Mapping[str, Tensor]) -> Tensor:
 
 
 def evaluate(exp: Experiment, params: Mapping[str, Tensor]) -> dict[str, float]:
-    """Data loss and accuracy on every split, one host sync for all six numbers."""
-    values: list[Tensor] = []
-    train = getattr(exp.data, "train_eval", None)
-    for split in (exp.data.train if train is None else train, exp.data.val, exp.data.test):
-        values.extend(exp.problem.evaluate(params, split))
-    host = torch.stack(values).tolist()
-    keys = ("train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc")
-    out = dict(zip(keys, host))
-    if exp.problem.task == "language_model":  # perplexity = exp(mean NLL per token)
-        for split in ("train", "val", "test"):
-            out[f"{split}_ppl"] = math.exp(min(out[f"{split}_loss"], 700.0))
-    return out
+    """Data loss and accuracy on every split (plus what the task derives from them), one host sync."""
+    values = exp.problem.evaluate_all(params)
+    out = dict(zip(values, torch.stack(list(values.values())).tolist()))
+    return {**out, **exp.problem.derived_metrics(out)}
 
 
 def _stats_scalars(stats: StepStats) -> dict[str, float]:
@@ -412,10 +403,8 @@ class Run:
         initial = {k: v.clone() for k, v in params.items()}
         self.state = InnerState(params, exp.inner_opt.init(params))
         outer_state = exp.outer_opt.init(self.raw)
-        self.train_batches = training_batches(problem, exp.data.train, spec.run.seed, spec.dataset.batch_size)
-        outer_split = exp.data.train if spec.run.outer_objective == "train" else \
-            getattr(exp.data, "val_train_layout", exp.data.val)
-        self.val_stream = validation_batches(problem, outer_split, spec.run.seed, spec.dataset.val_batch_size)
+        self.train_batches = problem.train_stream(spec.run.seed)
+        self.val_stream = problem.val_stream(spec.run.seed, spec.run.outer_objective)
         if self.ctx.active:  # every rank draws the global batches and keeps its shard
             self.train_batches = distributed.ShardedStream(self.train_batches, problem.batch_dim, problem.model,
                                                            self.ctx)

@@ -90,7 +90,6 @@ from hoexp.errors import run_main
 from hoexp.method.base import InnerState, compiled_step, train_inner
 from hoexp.method.functional import FunctionalOperator, hvp_fwd_rev
 from hoexp.method.ift import HessianOperator
-from hoexp.problem import training_batches, validation_batches
 from hoexp.runner import thread_policy
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -181,9 +180,8 @@ def setup(problem: str, quick: bool, device: str, threads: int, problem_override
     exp = build(spec)
     params = {k: v.detach().clone() for k, v in exp.model.named_parameters()}
     ctx = Context(spec, exp, InnerState(params, exp.inner_opt.init(params)), exp.problem.family.init(params),
-                  training_batches(exp.problem, exp.data.train, spec.run.seed, spec.dataset.batch_size), None)
-    outer_split = getattr(exp.data, "val_train_layout", exp.data.val)
-    ctx.val = validation_batches(exp.problem, outer_split, spec.run.seed, spec.dataset.val_batch_size)
+                  exp.problem.train_stream(spec.run.seed), None)
+    ctx.val = exp.problem.val_stream(spec.run.seed)
     ctx.threads = ctx.stack.enter_context(thread_policy(spec.run.threads, exp.device, tree.numel(params)))
     ctx.state, _, _ = train_inner(exp.problem, exp.inner_opt, ctx.state, ctx.raw, ctx.train, 3)  # off the init
     return ctx

@@ -123,7 +123,7 @@ def main() -> None:
     from hoexp.cli import compose_spec
     from hoexp.dataset.base import Splits
     from hoexp.method.base import InnerState
-    from hoexp.problem import FullBatch
+    from hoexp.task.streams import FullBatch
 
     base = ["experiment=iris_per_weight_decay", "optim/inner=momentum", "optim.inner.momentum=0.9", "progress=false"]
     exp = build(compose_spec([*base, "method=unrolled"])[0])

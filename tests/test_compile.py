@@ -14,7 +14,6 @@ from hoexp.build import build
 from hoexp.cli import compose_spec
 from hoexp.errors import ConfigError, HoexpError
 from hoexp.method.base import InnerState, train_inner
-from hoexp.problem import training_batches
 from hoexp.runner import run_experiment
 
 # torch.compile's CPU backend (inductor) builds C++ kernels; without a compiler compile=true reports
@@ -29,7 +28,7 @@ def _train(overrides, compile_, steps=12):
     exp.problem.compile = compile_  # what compile=true sets (set here: path methods refuse the key)
     params = {k: v.detach().clone() for k, v in exp.model.named_parameters()}
     raw = exp.problem.family.init(params)
-    batches = training_batches(exp.problem, exp.data.train, spec.run.seed, spec.dataset.batch_size)
+    batches = exp.problem.train_stream(spec.run.seed)
     state = InnerState(params, exp.inner_opt.init(params))
     state, loss, gnorm = train_inner(exp.problem, exp.inner_opt, state, raw, batches, steps)
     return exp, state, loss, gnorm

@@ -11,7 +11,7 @@ from hoexp.cli import compose_spec
 from hoexp.method.base import InnerState
 from hoexp.method.hd import HDMethod, hd_init, hd_sgd_step
 from hoexp.optim import build_optimizer
-from hoexp.problem import FullBatch
+from hoexp.task.streams import FullBatch
 
 MU, BETAS, EPS = 0.9, (0.9, 0.999), 1e-8
 

@@ -9,7 +9,6 @@ from hoexp.build import build, build_method
 from hoexp.cli import compose_spec
 from hoexp.horizon import agreement, central_differences, parse_contender, run_horizon
 from hoexp.method.base import InnerState, train_inner
-from hoexp.problem import training_batches, validation_batches
 from tests.problems import Ridge, rel_err
 
 TINY = ["model.width=5", "model.depth=1", "model.activation=tanh", "model.bias=false", "dtype=float64",
@@ -75,8 +74,8 @@ def test_carried_forward_mode_is_the_derivative_since_step_zero():
     J, T = 3, spec.run.inner_steps
 
     def streams():
-        return (training_batches(problem, exp.data.train, spec.run.seed, spec.dataset.batch_size),
-                validation_batches(problem, exp.data.val, spec.run.seed, spec.dataset.val_batch_size))
+        return (problem.train_stream(spec.run.seed),
+                problem.val_stream(spec.run.seed))
 
     method = build_method(spec)
     train, val = streams()

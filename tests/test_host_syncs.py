@@ -19,7 +19,6 @@ from hoexp.cli import compose_spec
 from hoexp.method.base import InnerState, train_inner
 from hoexp.method.ift import HessianOperator
 from hoexp.method.solvers import ConjugateGradient, FixedPoint, Neumann
-from hoexp.problem import training_batches, validation_batches
 
 
 class HostSyncs(TorchDispatchMode):
@@ -48,9 +47,8 @@ def setup(*overrides):
     params = {k: v.detach().clone() for k, v in exp.model.named_parameters()}
     state = InnerState(params, exp.inner_opt.init(params))
     raw = exp.problem.family.init(params)
-    train = training_batches(exp.problem, exp.data.train, spec.run.seed, spec.dataset.batch_size)
-    val = validation_batches(exp.problem, getattr(exp.data, "val_train_layout", exp.data.val), spec.run.seed,
-                             spec.dataset.val_batch_size)
+    train = exp.problem.train_stream(spec.run.seed)
+    val = exp.problem.val_stream(spec.run.seed)
     return spec, exp, state, raw, train, val
 
 

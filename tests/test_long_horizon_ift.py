@@ -16,7 +16,6 @@ from hoexp.cli import compose_spec
 from hoexp.hp.composite import Composite
 from hoexp.hp.dropout import Dropout
 from hoexp.hp.weight_decay import WeightDecay
-from hoexp.lm import LMProblem
 from hoexp.method.base import InnerState
 from hoexp.method.curvature import GaussNewton, GaussNewtonOperator, Hessian, HessianOperator, SplitLoss
 from hoexp.method.ift import ift_hypergradient
@@ -25,8 +24,9 @@ from hoexp.method.solvers import AutoStep, ConjugateGradient, Damped, Exact, Fix
 from hoexp.model.lstm import LSTMLanguageModel
 from hoexp.model.mlp import MLP
 from hoexp.optim import build_optimizer
-from hoexp.problem import NoisyBatches, Problem
 from hoexp.runner import Preempted, Run
+from hoexp.task import Classification, LanguageModel
+from hoexp.task.streams import WithNoise
 from tests.problems import Ridge, rel_err
 
 D = torch.float64
@@ -37,9 +37,9 @@ def noisy_problem(model, x, y, seed=0, decay=1e-2):
     """``model`` with per-weight decay and per-unit dropout; one training batch with its dropout noise."""
     model = model.to(D)
     family = Composite((WeightDecay("per_weight", decay, ("*",)), Dropout(model.unit_shapes(), init_value=0.2)))
-    problem = LMProblem(model, family) if isinstance(model, LSTMLanguageModel) else Problem(model, family)
+    problem = LanguageModel(model, family) if isinstance(model, LSTMLanguageModel) else Classification(model, family)
     params = {k: v.detach().clone() for k, v in model.named_parameters()}
-    batch = next(NoisyBatches(iter([(x, y)]), problem, torch.Generator().manual_seed(seed)))
+    batch = next(WithNoise(iter([(x, y)]), problem.noise, torch.Generator().manual_seed(seed)))
     return problem, params, family.init(params), batch
 
 

@@ -15,7 +15,7 @@ from hoexp.build import build, build_method
 from hoexp.cli import compose_spec
 from hoexp.errors import ConfigError
 from hoexp.method.base import InnerState, train_inner
-from hoexp.problem import training_batches
+from hoexp.task.streams import FullBatch
 
 FAMILIES = {
     "wd_global": ["hp=weight_decay", "hp.weight_decay.granularity=global", "hp.weight_decay.init=0.05"],
@@ -80,7 +80,7 @@ def _setup(overrides):
     exp = build(spec)
     params = {k: v.detach().clone() for k, v in exp.model.named_parameters()}
     raw = exp.problem.family.init(params)
-    stream = training_batches(exp.problem, exp.data.train, 0)
+    stream = exp.problem.with_noise(FullBatch(exp.data.train), 0)
     return spec, exp, params, raw, stream
 
 

@@ -11,7 +11,7 @@ from hoexp.method.curvature import SplitLoss
 from hoexp.method.ift import ift_hypergradient
 from hoexp.method.solvers import Neumann
 from hoexp.precision import Precision
-from hoexp.problem import training_batches
+from hoexp.task.streams import FullBatch
 
 SMALL = ["model.width=32", "progress=false", "hp.weight_decay.granularity=per_layer", "method.terms=3"]
 
@@ -26,7 +26,7 @@ def _setup(*overrides):
 def test_bf16_inner_steps_train_and_leave_the_hypergradient_in_fp32():
     spec, exp, params, raw = _setup("precision=bf16")
     problem = exp.problem
-    stream = training_batches(problem, exp.data.train, 0)
+    stream = problem.with_noise(FullBatch(exp.data.train), 0)
     val = (exp.data.val.x, exp.data.val.y)
     before = float(problem.train_loss(params, raw, next(stream)))
     calls = []
@@ -48,7 +48,7 @@ def test_bf16_inner_steps_train_and_leave_the_hypergradient_in_fp32():
                                                                                  for h in hg.values())
     # The hypergradient is the float32 one at the weights the bf16 steps reached.
     problem.logits, problem.precision = logits, None
-    batch = next(training_batches(problem, exp.data.train, 0))  # full batch: the method's Hessian batch
+    batch = next(problem.with_noise(FullBatch(exp.data.train), 0))  # full batch: the method's Hessian batch
     ref, _ = ift_hypergradient(SplitLoss(*problem.train_parts(batch)), lambda w, lam: problem.val_loss(w, lam, val),
                                state.params, raw, Neumann(3, spec.method.alpha, True))
     assert all(torch.equal(hg[k], ref[k]) for k in hg)
@@ -58,7 +58,7 @@ def test_fp16_scales_the_loss_and_skips_overflowing_steps():
     spec, exp, params, raw = _setup("precision=fp16")
     problem = exp.problem
     problem.precision = Precision("fp16", "cpu", init_scale=2.0 ** 40, growth_interval=3)  # overflows fp16
-    stream = training_batches(problem, exp.data.train, 0)
+    stream = problem.with_noise(FullBatch(exp.data.train), 0)
     state = InnerState(params, exp.inner_opt.init(params))
     state, _, _ = train_inner(problem, exp.inner_opt, state, raw, stream, 1)
     assert all(torch.equal(state.params[k], params[k]) for k in params)  # skipped

@@ -18,7 +18,7 @@ from hoexp.method.reversible import (
     reversible_hypergradient,
 )
 from hoexp.model.mlp import MLP
-from hoexp.problem import Problem
+from hoexp.task import Classification
 from tests.problems import Ridge, rel_err
 
 SHAPES = {"w1": (8, 4), "b1": (8,), "w2": (3, 8), "b2": (3,)}  # P = 67
@@ -217,7 +217,7 @@ def test_reversible_method_outer_step_matches_unrolled_problem():
     torch.manual_seed(0)
     model = MLP(4, 3, width=6, depth=1, activation="tanh").double()
     family = WeightDecay(granularity="per_layer", init_value=1e-2)
-    problem = Problem(model, family)
+    problem = Classification(model, family)
     params = {k: v.detach().clone() for k, v in model.named_parameters()}
     raw = family.init(params)
     g = torch.Generator().manual_seed(3)
@@ -271,7 +271,7 @@ def test_reversible_learns_lr_schedules_and_momentum_like_unrolled_reverse_mode(
     from hoexp.build import build, build_method
     from hoexp.cli import compose_spec
     from hoexp.method.base import train_inner
-    from hoexp.problem import training_batches
+    from hoexp.task.streams import FullBatch
 
     spec = compose_spec([*LR_BASE, *family, "method=reversible"])[0]
     exp = build(spec)
@@ -283,7 +283,7 @@ def test_reversible_learns_lr_schedules_and_momentum_like_unrolled_reverse_mode(
     mus = iter([0.875, 0.625])
     raw = {k: torch.logit(torch.tensor(next(mus), dtype=v.dtype)) if k.startswith("momentum:") else v
            for k, v in raw.items()}
-    stream = training_batches(exp.problem, exp.data.train, 0)
+    stream = exp.problem.with_noise(FullBatch(exp.data.train), 0)
     batches = [next(stream) for _ in range(8)]
     val = (exp.data.val.x, exp.data.val.y)
     problem, opt = exp.problem, exp.inner_opt

@@ -11,8 +11,8 @@ from hoexp.cli import compose_spec
 from hoexp.errors import ConfigError
 from hoexp.method.base import InnerState, train_inner
 from hoexp.metrics import MemoryLogger
-from hoexp.problem import FullBatch
 from hoexp.runner import run_experiment
+from hoexp.task.streams import FullBatch
 
 SMALL = ["model.width=8", "model.depth=1", "progress=false", "dtype=float64"]
 
@@ -213,7 +213,7 @@ def test_reversible_refuses_optimizers_it_cannot_reverse():
 
 def test_minibatch_stream_is_seeded_and_covers_each_epoch():
     from hoexp.dataset.base import Split
-    from hoexp.problem import Minibatches
+    from hoexp.task.streams import Minibatches
 
     split = Split(torch.arange(10.0).unsqueeze(1), torch.arange(10))
     a = Minibatches(split, 3, torch.Generator().manual_seed(0))

@@ -21,14 +21,8 @@ from hoexp import tree
 from hoexp.errors import HoexpError
 from hoexp.optim import Optimizer
 from hoexp.precision import all_finite
-from hoexp.problem import Batch, Problem
-
-
-@dataclass
-class InnerState:
-    params: dict[str, Tensor]
-    opt_state: dict[str, Any]
-    step: int = 0  # inner steps taken so far
+from hoexp.task.base import Task
+from hoexp.types import InnerState
 
 
 @dataclass
@@ -48,8 +42,8 @@ class StepStats:
 class HyperMethod(Protocol):
     name: str
 
-    def outer_step(self, problem: Problem, inner_opt: Optimizer, state: InnerState, raw: dict[str, Tensor],
-                   train_batches: Iterator[Batch], val_batch: Batch, inner_steps: int,
+    def outer_step(self, problem: Task, inner_opt: Optimizer, state: InnerState, raw: dict[str, Tensor],
+                   train_batches: Iterator[tuple], val_batch: tuple, inner_steps: int,
                    on_inner_step: Callable[[], None] | None = None,
                    ) -> tuple[dict[str, Tensor] | None, InnerState, StepStats]: ...
 
@@ -68,8 +62,8 @@ class CarriesState(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
-def plain_step(problem: Problem, inner_opt: Optimizer, params: dict[str, Tensor], opt_state: dict[str, Any],
-               raw: dict[str, Tensor], batch: Batch, overrides: dict[str, Any],
+def plain_step(problem: Task, inner_opt: Optimizer, params: dict[str, Tensor], opt_state: dict[str, Any],
+               raw: dict[str, Tensor], batch: tuple, overrides: dict[str, Any],
                ) -> tuple[dict[str, Tensor], dict[str, Any], Tensor, Tensor]:
     """One training step as a pure function: ``g = ∇_w L_T(w, λ; batch)``, ``w, s ← update(w, g, s)``.
 
@@ -81,7 +75,7 @@ def plain_step(problem: Problem, inner_opt: Optimizer, params: dict[str, Tensor]
     return new_params, new_state, loss, tree.norm(grads)
 
 
-def compiled_step(problem: Problem, inner_opt: Optimizer) -> Callable[..., Any]:
+def compiled_step(problem: Task, inner_opt: Optimizer) -> Callable[..., Any]:
     """:func:`plain_step` for ``(problem, inner_opt)`` through ``torch.compile``, made once per pair
     (``problem.compiled`` holds it: the problem owns its compiled code, nothing global).
 
@@ -109,8 +103,8 @@ def compiled_step(problem: Problem, inner_opt: Optimizer) -> Callable[..., Any]:
     return fn
 
 
-def train_inner(problem: Problem, inner_opt: Optimizer, state: InnerState, raw: dict[str, Tensor],
-                batches: Iterator[Batch], steps: int, on_step: Callable[[], None] | None = None,
+def train_inner(problem: Task, inner_opt: Optimizer, state: InnerState, raw: dict[str, Tensor],
+                batches: Iterator[tuple], steps: int, on_step: Callable[[], None] | None = None,
                 ) -> tuple[InnerState, Tensor | None, Tensor | None]:
     """``steps`` plain (non-differentiable) training steps at fixed hyperparameters.
 

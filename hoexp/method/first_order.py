@@ -33,7 +33,7 @@ from hoexp.method.base import InnerState, StepStats, train_inner
 from hoexp.method.ift import LossFn, validation_gradient
 from hoexp.method.solvers import Neumann
 from hoexp.optim import Optimizer
-from hoexp.problem import Batch, Problem
+from hoexp.task.base import Task
 
 
 def _step(v: Tensor, eps: float) -> Tensor:
@@ -114,8 +114,8 @@ class FiniteDifferenceMethod:
     terms: int = 0
     name: str = "fd"
 
-    def outer_step(self, problem: Problem, inner_opt: Optimizer, state: InnerState, raw: dict[str, Tensor],
-                   train_batches: Iterator[Batch], val_batch: Batch, inner_steps: int,
+    def outer_step(self, problem: Task, inner_opt: Optimizer, state: InnerState, raw: dict[str, Tensor],
+                   train_batches: Iterator[tuple], val_batch: tuple, inner_steps: int,
                    on_inner_step: Callable[[], None] | None = None,
                    ) -> tuple[dict[str, Tensor], InnerState, StepStats]:
         state, loss, gnorm = train_inner(problem, inner_opt, state, raw, train_batches, inner_steps, on_inner_step)

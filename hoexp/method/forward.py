@@ -38,7 +38,7 @@ from hoexp import tree
 from hoexp.method.base import InnerState, StepStats
 from hoexp.method.unrolled import StepLoss, UnrolledResult, detach_state, path_outputs, path_result
 from hoexp.optim import Optimizer
-from hoexp.problem import Batch, Problem
+from hoexp.task.base import Task
 
 
 def _split_state(state: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -352,8 +352,8 @@ class ForwardMethod:
     decay: float = 1.0
     tangents: tuple[dict[str, Tensor], Any] | None = field(default=None, repr=False)
 
-    def outer_step(self, problem: Problem, inner_opt: Optimizer, state: InnerState, raw: dict[str, Tensor],
-                   train_batches: Iterator[Batch], val_batch: Batch, inner_steps: int,
+    def outer_step(self, problem: Task, inner_opt: Optimizer, state: InnerState, raw: dict[str, Tensor],
+                   train_batches: Iterator[tuple], val_batch: tuple, inner_steps: int,
                    on_inner_step: Callable[[], None] | None = None,
                    ) -> tuple[dict[str, Tensor], InnerState, StepStats]:
         start = None

@@ -43,7 +43,7 @@ from hoexp import tree
 from hoexp.method.base import InnerState, StepStats
 from hoexp.optim import Optimizer
 from hoexp.optim.base import add_scaled, add_scaled_div, add_scaled_mul, lerp, safe_sqrt, zeros_like_params
-from hoexp.problem import Batch, Problem
+from hoexp.task.base import Task
 
 __all__ = ["VARIANTS", "HDMethod", "hd_adam_step", "hd_init", "hd_sgd_step", "hd_sgdn_step"]
 
@@ -221,8 +221,8 @@ class HDMethod:
             return hd_sgdn_step(params, grads, state, self.beta, self.momentum, **clamp)
         return hd_adam_step(params, grads, state, self.beta, self.betas, self.eps, **clamp)
 
-    def outer_step(self, problem: Problem, inner_opt: Optimizer, state: InnerState, raw: dict[str, Tensor],
-                   train_batches: Iterator[Batch], val_batch: Batch, inner_steps: int,
+    def outer_step(self, problem: Task, inner_opt: Optimizer, state: InnerState, raw: dict[str, Tensor],
+                   train_batches: Iterator[tuple], val_batch: tuple, inner_steps: int,
                    on_inner_step: Callable[[], None] | None = None,
                    ) -> tuple[None, InnerState, StepStats]:
         raw = tree.detached(raw)

@@ -15,7 +15,7 @@ from hoexp.method.functional import CompiledIFT, time_hvp_modes
 from hoexp.method.ift import ift_hypergradient
 from hoexp.method.solvers import AutoStep, FixedPoint, Neumann, Solver
 from hoexp.optim import Optimizer
-from hoexp.problem import Batch, Problem
+from hoexp.task.base import Task
 
 
 @dataclass
@@ -74,8 +74,8 @@ class ImplicitMethod:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.carried = dict(state)
 
-    def outer_step(self, problem: Problem, inner_opt: Optimizer, state: InnerState, raw: dict[str, Tensor],
-                   train_batches: Iterator[Batch], val_batch: Batch, inner_steps: int,
+    def outer_step(self, problem: Task, inner_opt: Optimizer, state: InnerState, raw: dict[str, Tensor],
+                   train_batches: Iterator[tuple], val_batch: tuple, inner_steps: int,
                    on_inner_step: Callable[[], None] | None = None,
                    ) -> tuple[dict[str, Tensor], InnerState, StepStats]:
         state, loss, _ = train_inner(problem, inner_opt, state, raw, train_batches, inner_steps, on_inner_step)
@@ -131,8 +131,8 @@ class NoHO:
 
     name: str = "none"
 
-    def outer_step(self, problem: Problem, inner_opt: Optimizer, state: InnerState, raw: dict[str, Tensor],
-                   train_batches: Iterator[Batch], val_batch: Batch, inner_steps: int,
+    def outer_step(self, problem: Task, inner_opt: Optimizer, state: InnerState, raw: dict[str, Tensor],
+                   train_batches: Iterator[tuple], val_batch: tuple, inner_steps: int,
                    on_inner_step: Callable[[], None] | None = None,
                    ) -> tuple[None, InnerState, StepStats]:
         state, loss, gnorm = train_inner(problem, inner_opt, state, raw, train_batches, inner_steps, on_inner_step)

@@ -64,7 +64,7 @@ from torch import Tensor
 from hoexp import tree
 from hoexp.method.base import InnerState, StepStats
 from hoexp.optim import Optimizer
-from hoexp.problem import Batch, Problem
+from hoexp.task.base import Task
 
 TrainLossFn = Callable[[dict[str, Tensor], dict[str, Tensor], int], Tensor]
 ValLossFn = Callable[[dict[str, Tensor], dict[str, Tensor]], Tensor]
@@ -405,8 +405,8 @@ class ReversibleMethod:
     momentum_bits: int = 16
     name: str = "reversible"
 
-    def outer_step(self, problem: Problem, inner_opt: Optimizer, state: InnerState, raw: dict[str, Tensor],
-                   train_batches: Iterator[Batch], val_batch: Batch, inner_steps: int,
+    def outer_step(self, problem: Task, inner_opt: Optimizer, state: InnerState, raw: dict[str, Tensor],
+                   train_batches: Iterator[tuple], val_batch: tuple, inner_steps: int,
                    on_inner_step: Callable[[], None] | None = None,
                    ) -> tuple[dict[str, Tensor], InnerState, StepStats]:
         batches = [next(train_batches) for _ in range(inner_steps)]
@@ -428,7 +428,7 @@ class ReversibleMethod:
                           hypergrad_norm=float(tree.norm(res.hyper_raw)), hvps=inner_steps, extra=extra)
         return res.hyper_raw, new_state, stats
 
-    def schedule(self, problem: Problem, params: Mapping[str, Tensor], raw: Mapping[str, Tensor]) -> Schedule | None:
+    def schedule(self, problem: Task, params: Mapping[str, Tensor], raw: Mapping[str, Tensor]) -> Schedule | None:
         """``(α_t, γ_t)`` per weight from the family's optimizer overrides (``lr``: torch's ``η``,
         ``momentum``: ``μ``), or ``None`` when the family tunes neither."""
         family = problem.family

@@ -28,7 +28,7 @@ from torch import Tensor
 from hoexp import tree
 from hoexp.method.base import InnerState, StepStats
 from hoexp.optim import Optimizer
-from hoexp.problem import Batch, Problem
+from hoexp.task.base import Task
 
 StepLoss = Callable[[dict[str, Tensor], dict[str, Tensor], int], Tensor]
 
@@ -194,15 +194,15 @@ def _checkpointed(train_loss: StepLoss, val_loss: Callable[[dict[str, Tensor], d
     )
 
 
-def path_result(hypergradient_fn: Callable[..., UnrolledResult], problem: Problem, inner_opt: Optimizer,
-                state: InnerState, raw: dict[str, Tensor], train_batches: Iterator[Batch], val_batch: Batch,
+def path_result(hypergradient_fn: Callable[..., UnrolledResult], problem: Task, inner_opt: Optimizer,
+                state: InnerState, raw: dict[str, Tensor], train_batches: Iterator[tuple], val_batch: tuple,
                 inner_steps: int, on_inner_step: Callable[[], None] | None = None, **options: Any,
                 ) -> UnrolledResult:
     """``hypergradient_fn`` over the next ``inner_steps`` training batches (unrolled, truncated, forward).
 
     The ``inner_steps`` batches are drawn once, so every pass over the path sees the same ones.
     """
-    batches: Sequence[Batch] = [next(train_batches) for _ in range(inner_steps)]
+    batches: Sequence[tuple] = [next(train_batches) for _ in range(inner_steps)]
     return hypergradient_fn(
         lambda w, h, t: problem.train_loss(w, h, batches[t]),
         lambda w, h: problem.val_loss(w, h, val_batch),
@@ -219,8 +219,8 @@ def path_outputs(res: UnrolledResult, state: InnerState, inner_steps: int,
     return res.hypergrad, InnerState(res.params, res.opt_state, state.step + inner_steps), stats
 
 
-def path_outer_step(hypergradient_fn: Callable[..., UnrolledResult], problem: Problem, inner_opt: Optimizer,
-                    state: InnerState, raw: dict[str, Tensor], train_batches: Iterator[Batch], val_batch: Batch,
+def path_outer_step(hypergradient_fn: Callable[..., UnrolledResult], problem: Task, inner_opt: Optimizer,
+                    state: InnerState, raw: dict[str, Tensor], train_batches: Iterator[tuple], val_batch: tuple,
                     inner_steps: int, on_inner_step: Callable[[], None] | None = None, **options: Any,
                     ) -> tuple[dict[str, Tensor], InnerState, StepStats]:
     """One outer step of a method that differentiates the training path (:func:`path_result`)."""
@@ -237,8 +237,8 @@ class UnrolledMethod:
     name: str = "unrolled"
     checkpoint_every: int = 0  # > 0: gradient checkpointing, a stored start every this many steps
 
-    def outer_step(self, problem: Problem, inner_opt: Optimizer, state: InnerState, raw: dict[str, Tensor],
-                   train_batches: Iterator[Batch], val_batch: Batch, inner_steps: int,
+    def outer_step(self, problem: Task, inner_opt: Optimizer, state: InnerState, raw: dict[str, Tensor],
+                   train_batches: Iterator[tuple], val_batch: tuple, inner_steps: int,
                    on_inner_step: Callable[[], None] | None = None,
                    ) -> tuple[dict[str, Tensor], InnerState, StepStats]:
         return path_outer_step(unrolled_hypergradient, problem, inner_opt, state, raw, train_batches, val_batch,
