@@ -37,7 +37,7 @@ from hoexp import tree
 from hoexp.build import build, build_method
 from hoexp.config import Spec
 from hoexp.errors import ConfigError
-from hoexp.method.base import CarriesState, InnerState, train_inner
+from hoexp.method.base import CarriesState, InnerState, outer_step, train_inner
 from hoexp.metrics import write_json_atomic
 
 MAX_HPARAMS = 32
@@ -230,14 +230,14 @@ def _contender_hypergradients(cspec: Spec, exp: Any, raw: dict[str, Tensor], par
         train, val = _streams(exp)
         state = InnerState(dict(params0), exp.inner_opt.init(params0))
         for step in range(max(at) + 1):
-            hg, state, _ = method.outer_step(problem, exp.inner_opt, state, raw, train, next(val), run.inner_steps)
+            hg, state, _ = outer_step(method, problem, exp.inner_opt, state, raw, train, next(val), run.inner_steps)
             if step in at:
                 out[step] = _flat(hg)
         return out
     for s in at:
         ck = checkpoints[s]
         train, val = _streams(exp, ck)
-        hg, _, _ = method.outer_step(problem, exp.inner_opt, ck.state, raw, train, next(val), run.inner_steps)
+        hg, _, _ = outer_step(method, problem, exp.inner_opt, ck.state, raw, train, next(val), run.inner_steps)
         out[s] = _flat(hg)
     return out
 

@@ -27,7 +27,7 @@ from hoexp import distributed, rundir, tree
 from hoexp.build import Experiment, build
 from hoexp.config import Spec
 from hoexp.errors import HoexpError, StopRun
-from hoexp.method.base import CarriesState, InnerState, StepStats
+from hoexp.method.base import CarriesState, take
 from hoexp.metrics import (
     JsonlLogger,
     MetricLogger,
@@ -39,6 +39,7 @@ from hoexp.metrics import (
 )
 from hoexp.progress import make_progress
 from hoexp.resume import check_resume
+from hoexp.types import InnerState, OuterStep
 
 # Below this many weights a CPU run uses one thread: a Hessian-vector product on the Iris MLP
 # took 42 ms with 2 threads and 4 ms with 1 (DESIGN.md §3), thread start-up dominating the work.
@@ -127,19 +128,6 @@ def evaluate(exp: Experiment, params: Mapping[str, Tensor]) -> dict[str, float]:
     values = exp.problem.evaluate_all(params)
     out = dict(zip(values, torch.stack(list(values.values())).tolist()))
     return {**out, **exp.problem.derived_metrics(out)}
-
-
-def _stats_scalars(stats: StepStats) -> dict[str, float]:
-    out = {
-        "inner/grad_norm": stats.inner_grad_norm,
-        "inner/loss": stats.inner_loss,
-        "hypergrad/norm": stats.hypergrad_norm,
-        "solver/residual": stats.residual,
-        "solver/iterations": stats.solver_iterations,
-        "solver/hvps": stats.hvps,
-    }
-    out.update(stats.extra)
-    return {k: float(v) for k, v in out.items() if v is not None}
 
 
 def _outcome(e: BaseException) -> tuple[str, str]:
@@ -436,10 +424,12 @@ class Run:
                     self.state = InnerState(fresh, exp.inner_opt.init(fresh), self.state.step)
                     if isinstance(exp.method, CarriesState):  # what it carried belongs to the old weights
                         exp.method.load_state_dict({})
-                hg, self.state, stats = exp.method.outer_step(
-                    problem, exp.inner_opt, self.state, self.raw, self.train_batches, next(self.val_stream),
-                    spec.run.inner_steps, progress.advance_inner)
-                scalars = _stats_scalars(stats)
+                # the runner draws the batches: inner_steps for training, extra_batches more (IFT's Hessian batch)
+                res = exp.method(OuterStep(problem, exp.inner_opt, self.state, self.raw,
+                                           take(self.train_batches, spec.run.inner_steps),
+                                           take(self.train_batches, exp.method.extra_batches),
+                                           next(self.val_stream), progress.advance_inner))
+                hg, self.state, scalars = res.hypergrad, res.inner, dict(res.scalars)
                 if self.ctx.active and "inner/loss" in scalars:  # each rank's is its shard's: log the global mean
                     scalars["inner/loss"] = distributed.mean_floats([scalars["inner/loss"]], self.ctx)[0]
                 abort = None
@@ -458,14 +448,12 @@ class Run:
                         if self.nonfinite >= spec.run.max_nonfinite:  # raised once this step is logged
                             abort = Diverged(
                                 f"{self.nonfinite} non-finite hypergradients in a row (outer step {step}, solver "
-                                f"residual {stats.residual}); lower method.alpha or optim.outer.lr")
-                    if stats.residual is not None and stats.residual > 1 and exp.method.name in ("neumann",
-                                                                                              "fixed_point"):
-                        if not self.warned_residual:
-                            progress.message(
-                                f"hoexp: warning: {exp.method.name} residual ‖Hu−v‖/‖v‖ = {stats.residual:.3g} > 1 at "
-                                f"outer step {step}: the series diverges; lower method.alpha (it must stay below "
-                                "2/λ_max(H))")
+                                f"residual {scalars.get('solver/residual')}); lower method.alpha or optim.outer.lr")
+                    if scalars.get("solver/diverging") and not self.warned_residual:  # the solver says so
+                        progress.message(
+                            f"hoexp: warning: {exp.method.name} residual ‖Hu−v‖/‖v‖ = {scalars['solver/residual']:.3g} "
+                            f"> 1 at outer step {step}: the series diverges; lower method.alpha (it must stay below "
+                            "2/λ_max(H))")
                         self.warned_residual = True
                 scalars["time/outer_step_s"] = time.perf_counter() - t0
                 fields = self._log_eval(exp, logger, step, scalars)

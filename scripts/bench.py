@@ -88,6 +88,7 @@ from hoexp.build import build, build_method
 from hoexp.cli import compose_spec
 from hoexp.errors import run_main
 from hoexp.method.base import InnerState, compiled_step, train_inner
+from hoexp.method.base import outer_step as method_step
 from hoexp.method.functional import FunctionalOperator, hvp_fwd_rev
 from hoexp.method.ift import HessianOperator
 from hoexp.runner import thread_policy
@@ -322,7 +323,7 @@ def time_problem(problem: str, args: argparse.Namespace, log: Callable[[str], No
         stats_box: dict[str, Any] = {}
 
         def hypergradient(method=method, vctx=vctx, vprob=vprob, vexp=vexp, steps=steps, stats_box=stats_box):
-            stats_box["stats"] = method.outer_step(vprob, vexp.inner_opt, vctx.state, vctx.raw, vctx.train,
+            stats_box["stats"] = method_step(method, vprob, vexp.inner_opt, vctx.state, vctx.raw, vctx.train,
                                                    val_batch if vctx is ctx else next(vctx.val), steps)[2]
 
         heavy = row.kind == "path"
@@ -332,7 +333,7 @@ def time_problem(problem: str, args: argparse.Namespace, log: Callable[[str], No
                                           "method=none"))
 
             def plain_steps(plain=plain, vctx=vctx, vprob=vprob, vexp=vexp):
-                return plain.outer_step(vprob, vexp.inner_opt, vctx.state, vctx.raw, vctx.train, None, INNER_STEPS)
+                return method_step(plain, vprob, vexp.inner_opt, vctx.state, vctx.raw, vctx.train, None, INNER_STEPS)
 
             vfns["plain"] = plain_steps
         t = rounds(vfns, vctx.device, min_rounds=2 if quick else (5 if (heavy or problem == "ptb") else 11),
@@ -344,7 +345,7 @@ def time_problem(problem: str, args: argparse.Namespace, log: Callable[[str], No
         entry.update(
             hg_ms=1e3 * hg_s, outer_step_ms=1e3 * outer_s, step_ms=1e3 * step_s, grad_ms=1e3 * grad_s,
             hg_over_step=hg_s / step_s, hg_over_grad=hg_s / grad_s, rounds=len(t["hg"]),
-            hvps=getattr(stats, "hvps", None), info=getattr(stats, "info", "") or "",
+            hvps=None if stats is None or "solver/hvps" not in stats else int(stats["solver/hvps"]), info="",
         )
         if row.name.startswith("neumann"):  # against the floor of its HVPs (K, or K + 1 with the residual),
             # both in gradients, each measured beside its own gradient
@@ -396,7 +397,7 @@ def child_memory(problem: str, row_name: str, args: argparse.Namespace) -> dict[
     outer_state = exp.outer_opt.init(ctx.raw) if ho else {}
 
     def outer_step():
-        hg, new_state, _ = method.outer_step(prob, exp.inner_opt, ctx.state, ctx.raw, ctx.train, next(ctx.val),
+        hg, new_state, _ = method_step(method, prob, exp.inner_opt, ctx.state, ctx.raw, ctx.train, next(ctx.val),
                                              INNER_STEPS)
         if hg is not None:
             with torch.no_grad():

@@ -31,6 +31,7 @@ def outer_step(name: str, sync: bool = True) -> dict[str, torch.Tensor]:
     from hoexp.build import build, build_method
     from hoexp.cli import compose_spec
     from hoexp.method.base import InnerState
+    from hoexp.method.base import outer_step as method_step
     from hoexp.task.streams import FullBatch
 
     spec = compose_spec([*BASE, *CASES[name]])[0]
@@ -45,7 +46,7 @@ def outer_step(name: str, sync: bool = True) -> dict[str, torch.Tensor]:
     if ctx.active:
         stream = distributed.ShardedStream(stream, 0, exp.problem.model, ctx)
         val = distributed.shard_batch(val, 0, exp.problem.model, ctx)
-    hg, state, _ = build_method(spec).outer_step(exp.problem, exp.inner_opt, InnerState(params, exp.inner_opt.init(params)),
+    hg, state, _ = method_step(build_method(spec), exp.problem, exp.inner_opt, InnerState(params, exp.inner_opt.init(params)),
                                                  raw, stream, val, 3)
     return {**{f"hg/{k}": v for k, v in hg.items()}, **{f"w/{k}": v for k, v in state.params.items()}}
 

@@ -8,7 +8,7 @@ from hoexp import tree
 from hoexp.build import build, build_method
 from hoexp.cli import compose_spec
 from hoexp.horizon import agreement, central_differences, parse_contender, run_horizon
-from hoexp.method.base import InnerState, train_inner
+from hoexp.method.base import InnerState, outer_step, train_inner
 from tests.problems import Ridge, rel_err
 
 TINY = ["model.width=5", "model.depth=1", "model.activation=tanh", "model.bias=false", "dtype=float64",
@@ -82,7 +82,7 @@ def test_carried_forward_mode_is_the_derivative_since_step_zero():
     state = InnerState(params, exp.inner_opt.init(params))
     for _ in range(J):
         val_batch = next(val)
-        hg, state, _ = method.outer_step(problem, exp.inner_opt, state, raw, train, val_batch, T)
+        hg, state, _ = outer_step(method, problem, exp.inner_opt, state, raw, train, val_batch, T)
     carried = tree.flatten(hg.values())
 
     def final_val(flat):
@@ -100,7 +100,7 @@ def test_carried_forward_mode_is_the_derivative_since_step_zero():
     train, val = streams()
     state = InnerState(params, exp.inner_opt.init(params))
     for _ in range(J):
-        hg, state, _ = short.outer_step(problem, exp.inner_opt, state, raw, train, next(val), T)
+        hg, state, _ = outer_step(short, problem, exp.inner_opt, state, raw, train, next(val), T)
     assert rel_err(tree.flatten(hg.values()), fd) > 1e-2
 
     # The carried tangents are the method's state: saved and restored they continue the same way.

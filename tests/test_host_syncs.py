@@ -16,7 +16,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from hoexp import tree
 from hoexp.build import build, build_method
 from hoexp.cli import compose_spec
-from hoexp.method.base import InnerState, train_inner
+from hoexp.method.base import InnerState, outer_step, train_inner
 from hoexp.method.ift import HessianOperator
 from hoexp.method.solvers import ConjugateGradient, FixedPoint, Neumann
 
@@ -109,11 +109,11 @@ def test_an_outer_step_reads_the_device_a_fixed_number_of_times(method, monkeypa
         extra = [] if method == ["method=none"] else [f"{key}={K}"]
         spec, exp, state, raw, train, val = setup(*SMALL_MNIST, "hp=weight_decay", *method, *extra)
         m = build_method(spec)
-        m.outer_step(exp.problem, exp.inner_opt, state, raw, train, next(val), 2)  # warm-up
+        outer_step(m, exp.problem, exp.inner_opt, state, raw, train, next(val), 2)  # warm-up
         if hasattr(m, "solver") and isinstance(m.solver, ConjugateGradient):
             m.solver = ConjugateGradient(iterations=K, tol=0.0, check_every=K + 1)  # the accelerator setting
         with HostSyncs(monkeypatch) as syncs:
-            m.outer_step(exp.problem, exp.inner_opt, state, raw, train, next(val), T)
+            outer_step(m, exp.problem, exp.inner_opt, state, raw, train, next(val), T)
         counts[(T, K)] = syncs.count
     assert counts[(5, 3)] == counts[(20, 3)] == counts[(5, 12)], counts
     assert counts[(5, 3)] <= 4, counts  # logging at the end of the step: losses, norms, residual

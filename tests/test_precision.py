@@ -6,7 +6,7 @@ import torch
 from hoexp.build import build, build_method
 from hoexp.cli import compose_spec
 from hoexp.errors import ConfigError
-from hoexp.method.base import InnerState, train_inner
+from hoexp.method.base import InnerState, outer_step, train_inner
 from hoexp.method.curvature import SplitLoss
 from hoexp.method.ift import ift_hypergradient
 from hoexp.method.solvers import Neumann
@@ -38,12 +38,12 @@ def test_bf16_inner_steps_train_and_leave_the_hypergradient_in_fp32():
         return out
 
     problem.logits = recording
-    hg, state, stats = build_method(spec).outer_step(problem, exp.inner_opt, InnerState(params, exp.inner_opt.init(params)),
+    hg, state, stats = outer_step(build_method(spec), problem, exp.inner_opt, InnerState(params, exp.inner_opt.init(params)),
                                                      raw, stream, val, 40)
     inner, hyper = calls[:40], calls[40:]
     assert all(c == (True, torch.bfloat16) for c in inner)  # the 40 training steps: autocast, bf16 logits
     assert hyper and all(c == (False, torch.float32) for c in hyper)  # validation gradient, HVPs, mixed term
-    assert stats.inner_loss < 0.8 * before  # the loss falls
+    assert stats["inner/loss"] < 0.8 * before  # the loss falls
     assert all(p.dtype == torch.float32 for p in state.params.values()) and all(h.dtype == torch.float32
                                                                                  for h in hg.values())
     # The hypergradient is the float32 one at the weights the bf16 steps reached.

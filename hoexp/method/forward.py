@@ -26,19 +26,18 @@ Three strategies compute the same tangents (tests hold them to rounding):
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 from torch.func import grad, jvp, vmap
 
 from hoexp import tree
-from hoexp.method.base import InnerState, StepStats
 from hoexp.method.unrolled import StepLoss, UnrolledResult, detach_state, path_outputs, path_result
 from hoexp.optim import Optimizer
-from hoexp.task.base import Task
+from hoexp.types import OuterResult, OuterStep
 
 
 def _split_state(state: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -352,21 +351,22 @@ class ForwardMethod:
     decay: float = 1.0
     tangents: tuple[dict[str, Tensor], Any] | None = field(default=None, repr=False)
 
-    def outer_step(self, problem: Task, inner_opt: Optimizer, state: InnerState, raw: dict[str, Tensor],
-                   train_batches: Iterator[tuple], val_batch: tuple, inner_steps: int,
-                   on_inner_step: Callable[[], None] | None = None,
-                   ) -> tuple[dict[str, Tensor], InnerState, StepStats]:
+    extra_batches: ClassVar[int] = 0
+    needs_stationary_point: ClassVar[bool] = False
+    differentiates_steps: ClassVar[bool] = True
+
+    def __call__(self, st: OuterStep) -> OuterResult:
         start = None
         if self.carry and self.tangents is not None:
             start = self.tangents if self.decay == 1 else _scale(self.tangents, self.decay)
-        res = path_result(forward_hypergradient, problem, inner_opt, state, raw, train_batches, val_batch,
-                          inner_steps, on_inner_step, strategy=self.strategy, tangents=start)
-        hg, new_state, stats = path_outputs(res, state, inner_steps)
-        if self.carry:
-            self.tangents = res.tangents
-            if res.tangents is not None:
-                stats.extra["forward/tangent_norm"] = float(tree.norm(res.tangents[0]))
-        return hg, new_state, stats
+        res = path_result(forward_hypergradient, st, strategy=self.strategy, tangents=start)
+        out = path_outputs(res, st)
+        if not self.carry:
+            return out
+        self.tangents = res.tangents
+        if res.tangents is None:
+            return out
+        return out._replace(scalars={**out.scalars, "forward/tangent_norm": float(tree.norm(res.tangents[0]))})
 
     @property
     def carries(self) -> bool:

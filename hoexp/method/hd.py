@@ -32,18 +32,17 @@ With ``β = 0`` the trajectory is the plain optimizer's (bitwise ``torch.optim.S
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
-from hoexp import tree
-from hoexp.method.base import InnerState, StepStats
+from hoexp.method.base import inner_scalars, train_inner
 from hoexp.optim import Optimizer
 from hoexp.optim.base import add_scaled, add_scaled_div, add_scaled_mul, lerp, safe_sqrt, zeros_like_params
-from hoexp.task.base import Task
+from hoexp.types import OuterResult, OuterStep
 
 __all__ = ["VARIANTS", "HDMethod", "hd_adam_step", "hd_init", "hd_sgd_step", "hd_sgdn_step"]
 
@@ -193,6 +192,9 @@ class HDMethod:
     min_lr: float | None = None
     max_lr: float | None = None
     name: str = "hd"
+    extra_batches: ClassVar[int] = 0
+    needs_stationary_point: ClassVar[bool] = False
+    differentiates_steps: ClassVar[bool] = False  # plain steps, but with HD's rule: compile/precision refused by name
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
@@ -221,29 +223,19 @@ class HDMethod:
             return hd_sgdn_step(params, grads, state, self.beta, self.momentum, **clamp)
         return hd_adam_step(params, grads, state, self.beta, self.betas, self.eps, **clamp)
 
-    def outer_step(self, problem: Task, inner_opt: Optimizer, state: InnerState, raw: dict[str, Tensor],
-                   train_batches: Iterator[tuple], val_batch: tuple, inner_steps: int,
-                   on_inner_step: Callable[[], None] | None = None,
-                   ) -> tuple[None, InnerState, StepStats]:
-        raw = tree.detached(raw)
-        params, opt_state = state.params, state.opt_state
+    def optimizer(self) -> Optimizer:
+        """This method's update rule as an :class:`~hoexp.optim.Optimizer` (its HD state in ``hd_`` keys; the
+        family's optimizer overrides are ignored: the learning rate is HD's own)."""
+        return Optimizer(f"hd_{self.variant}", self.init_state, lambda params, grads, state, **_: self.step(
+            params, grads, state))
+
+    def __call__(self, st: OuterStep) -> OuterResult:
+        opt_state = st.inner.opt_state
         if "hd_lr" not in opt_state:
-            opt_state = {**opt_state, **self.init_state(params)}
+            opt_state = {**opt_state, **self.init_state(st.inner.params)}
         _check_keys(opt_state, self.variant)
-        loss = gnorm = None
-        for _ in range(inner_steps):
-            batch = next(train_batches)
-            w = tree.detached(params, requires_grad=True)
-            loss = problem.train_loss(w, raw, batch)
-            grads = dict(zip(w.keys(), torch.autograd.grad(loss, list(w.values()))))
-            with torch.no_grad():
-                params, opt_state = self.step(params, grads, opt_state)
-            gnorm = tree.norm(grads)
-            if on_inner_step is not None:
-                on_inner_step()
-        stats = StepStats(
-            inner_grad_norm=None if gnorm is None else float(gnorm),
-            inner_loss=None if loss is None else float(loss.detach()),
-            extra={"hd/lr": float(opt_state["hd_lr"]), "hd/h": float(opt_state["hd_h"])},
-        )
-        return None, InnerState(params, opt_state, state.step + inner_steps), stats
+        # HD's steps are plain training steps with its own rule in place of inner_opt (one shared loop)
+        state, loss, gnorm = train_inner(st.task, self.optimizer(), st.inner._replace(opt_state=opt_state), st.raw,
+                                         st.train, None, st.on_step)
+        return OuterResult(None, state, {**inner_scalars(loss, gnorm), "hd/lr": float(state.opt_state["hd_lr"]),
+                                         "hd/h": float(state.opt_state["hd_h"])})

@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
-
-from torch import Tensor
+from typing import Any, ClassVar
 
 from hoexp import tree
-from hoexp.method.base import InnerState, StepStats, train_inner
+from hoexp.method.base import inner_scalars, scalars, train_inner, with_extra
 from hoexp.method.curvature import Curvature, Hessian, SplitLoss
 from hoexp.method.functional import CompiledIFT, time_hvp_modes
 from hoexp.method.ift import ift_hypergradient
 from hoexp.method.solvers import AutoStep, FixedPoint, Neumann, Solver
-from hoexp.optim import Optimizer
-from hoexp.task.base import Task
+from hoexp.types import OuterResult, OuterStep
 
 
 @dataclass
@@ -53,6 +49,9 @@ class ImplicitMethod:
 
     solver: Solver
     name: str
+    extra_batches: ClassVar[int] = 1  # the Hessian's batch, drawn after the inner steps' (today's stream positions)
+    needs_stationary_point: ClassVar[bool] = True
+    differentiates_steps: ClassVar[bool] = False
     curvature: Curvature = Hessian()
     damping: float = 0.0
     warm_start: bool = False
@@ -74,12 +73,10 @@ class ImplicitMethod:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.carried = dict(state)
 
-    def outer_step(self, problem: Task, inner_opt: Optimizer, state: InnerState, raw: dict[str, Tensor],
-                   train_batches: Iterator[tuple], val_batch: tuple, inner_steps: int,
-                   on_inner_step: Callable[[], None] | None = None,
-                   ) -> tuple[dict[str, Tensor], InnerState, StepStats]:
-        state, loss, _ = train_inner(problem, inner_opt, state, raw, train_batches, inner_steps, on_inner_step)
-        train_batch = next(train_batches)
+    def __call__(self, st: OuterStep) -> OuterResult:
+        problem, raw, val_batch = st.task, st.raw, st.val
+        state, _, _ = train_inner(problem, st.inner_opt, st.inner, raw, st.train, None, st.on_step)
+        train_batch = st.extra[0]  # the Hessian's and mixed term's batch: the one after the inner steps
         solver, step = self.solver, int(self.carried.get("step", 0))
         if self.alpha_every:
             lam = self.carried.get("lambda_max") if step % self.alpha_every else None
@@ -117,12 +114,9 @@ class ImplicitMethod:
         if self.alpha_every:  # after a diverged series α is stale: estimate again next step
             carried.update(step=step + 1, lambda_max=None if diverged else s.extra["solver/lambda_max"])
         self.carried = carried
-        stats = StepStats(
-            inner_grad_norm=s.inner_grad_norm, inner_loss=s.train_loss,
-            hypergrad_norm=float(tree.norm(hg)), residual=s.residual,
-            solver_iterations=s.iterations, hvps=s.hvps, info=s.info, extra=s.extra,
-        )
-        return hg, state, stats
+        return OuterResult(hg, state, with_extra(scalars(**{
+            "inner/grad_norm": s.inner_grad_norm, "inner/loss": s.train_loss, "hypergrad/norm": tree.norm(hg),
+            "solver/residual": s.residual, "solver/iterations": s.iterations, "solver/hvps": s.hvps}), s.extra))
 
 
 @dataclass
@@ -131,11 +125,10 @@ class NoHO:
 
     name: str = "none"
 
-    def outer_step(self, problem: Task, inner_opt: Optimizer, state: InnerState, raw: dict[str, Tensor],
-                   train_batches: Iterator[tuple], val_batch: tuple, inner_steps: int,
-                   on_inner_step: Callable[[], None] | None = None,
-                   ) -> tuple[None, InnerState, StepStats]:
-        state, loss, gnorm = train_inner(problem, inner_opt, state, raw, train_batches, inner_steps, on_inner_step)
-        stats = StepStats(inner_grad_norm=None if gnorm is None else float(gnorm),
-                          inner_loss=None if loss is None else float(loss))
-        return None, state, stats
+    extra_batches: ClassVar[int] = 0
+    needs_stationary_point: ClassVar[bool] = False
+    differentiates_steps: ClassVar[bool] = False
+
+    def __call__(self, s: OuterStep) -> OuterResult:
+        state, loss, gnorm = train_inner(s.task, s.inner_opt, s.inner, s.raw, s.train, None, s.on_step)
+        return OuterResult(None, state, inner_scalars(loss, gnorm))

@@ -53,18 +53,18 @@ starts below its bound because pops from a nearly empty buffer return few bits).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from hoexp import tree
-from hoexp.method.base import InnerState, StepStats
-from hoexp.optim import Optimizer
+from hoexp.method.base import scalars
 from hoexp.task.base import Task
+from hoexp.types import InnerState, OuterResult, OuterStep
 
 TrainLossFn = Callable[[dict[str, Tensor], dict[str, Tensor], int], Tensor]
 ValLossFn = Callable[[dict[str, Tensor], dict[str, Tensor]], Tensor]
@@ -405,28 +405,28 @@ class ReversibleMethod:
     momentum_bits: int = 16
     name: str = "reversible"
 
-    def outer_step(self, problem: Task, inner_opt: Optimizer, state: InnerState, raw: dict[str, Tensor],
-                   train_batches: Iterator[tuple], val_batch: tuple, inner_steps: int,
-                   on_inner_step: Callable[[], None] | None = None,
-                   ) -> tuple[dict[str, Tensor], InnerState, StepStats]:
-        batches = [next(train_batches) for _ in range(inner_steps)]
+    extra_batches: ClassVar[int] = 0
+    needs_stationary_point: ClassVar[bool] = False
+    differentiates_steps: ClassVar[bool] = True
+
+    def __call__(self, st: OuterStep) -> OuterResult:
+        problem, state, raw, batches, val_batch = st.task, st.inner, st.raw, st.train, st.val
+        inner_steps = len(batches)
         res = reversible_hypergradient(
             lambda w, lam, t: problem.train_loss(w, lam, batches[t]),
             lambda w, lam: problem.val_loss(w, lam, val_batch),
             state.params, raw, self.lr, self.momentum, inner_steps,
-            radix_bits=self.radix_bits, momentum_bits=self.momentum_bits, on_step=on_inner_step,
+            radix_bits=self.radix_bits, momentum_bits=self.momentum_bits, on_step=st.on_step,
             schedule=self.schedule(problem, state.params, raw),
         )
         params = {k: res.params[k].to(device=p.device) for k, p in state.params.items()}
         new_state = InnerState(params, state.opt_state, state.step + inner_steps)
         cells = max(res.num_params * inner_steps, 1)
-        extra = {
+        return OuterResult(res.hyper_raw, new_state, scalars(**{
+            "inner/grad_norm": res.grad_norm_last, "inner/loss": res.train_loss_last,
+            "hypergrad/norm": tree.norm(res.hyper_raw), "solver/hvps": inner_steps,
             "reversible/bits_per_weight_step": res.bits_used / cells,
-            "reversible/memory_ratio_vs_float32_trajectory": 32.0 * cells / max(res.bits_used, 1),
-        }
-        stats = StepStats(inner_grad_norm=res.grad_norm_last, inner_loss=res.train_loss_last,
-                          hypergrad_norm=float(tree.norm(res.hyper_raw)), hvps=inner_steps, extra=extra)
-        return res.hyper_raw, new_state, stats
+            "reversible/memory_ratio_vs_float32_trajectory": 32.0 * cells / max(res.bits_used, 1)}))
 
     def schedule(self, problem: Task, params: Mapping[str, Tensor], raw: Mapping[str, Tensor]) -> Schedule | None:
         """``(α_t, γ_t)`` per weight from the family's optimizer overrides (``lr``: torch's ``η``,
