@@ -26,7 +26,8 @@ from torch import Tensor
 from hoexp import tree
 from hoexp.build import Experiment, build
 from hoexp.config import Spec
-from hoexp.method.base import InnerState, train_inner
+from hoexp.engine.state import start
+from hoexp.method.base import train_inner
 from hoexp.method.forward import forward_hypergradient
 from hoexp.method.ift import ift_hypergradient
 from hoexp.method.solvers import AutoStep, ConjugateGradient, Exact, FixedPoint, Neumann, Solver
@@ -114,14 +115,12 @@ def run_check(spec: Spec, out_dir: Path, *, iterations: tuple[int, ...] = ITERAT
     out_dir.mkdir(parents=True, exist_ok=True)
     exp: Experiment = build(spec)
     problem, dev = exp.problem, exp.device
-    params = {k: v.detach().clone() for k, v in exp.model.named_parameters()}
-    raw = problem.family.init(params)
-    state = InnerState(params, exp.inner_opt.init(params))
-    batches = problem.train_stream(spec.run.seed)
-    state, _, _ = train_inner(problem, exp.inner_opt, state, raw, batches, spec.run.inner_steps)
+    start_state = start(exp)  # the runner's start: weights, hyperparameters, streams
+    params, raw, batches = start_state.inner.params, start_state.raw, start_state.train
+    state, _, _ = train_inner(problem, exp.inner_opt, start_state.inner, raw, batches, spec.run.inner_steps)
     # The runner's validation stream: the whole split (classification, val_batch_size 0), a seeded minibatch,
     # or a BPTT window of validation text (language models).
-    val_batch = next(problem.val_stream(spec.run.seed))
+    val_batch = next(start_state.val)
     train_batch = next(batches)
     n_params, n_h = tree.numel(params), tree.numel(raw)
 

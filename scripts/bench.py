@@ -86,6 +86,7 @@ import torch
 from hoexp import tree
 from hoexp.build import build, build_method
 from hoexp.cli import compose_spec
+from hoexp.engine.state import start
 from hoexp.errors import run_main
 from hoexp.method.base import InnerState, compiled_step, train_inner
 from hoexp.method.base import outer_step as method_step
@@ -179,10 +180,10 @@ class Context:
 def setup(problem: str, quick: bool, device: str, threads: int, problem_overrides: tuple[str, ...] = ()) -> Context:
     spec = spec_for(problem, quick, device, threads, *problem_overrides)
     exp = build(spec)
-    params = {k: v.detach().clone() for k, v in exp.model.named_parameters()}
-    ctx = Context(spec, exp, InnerState(params, exp.inner_opt.init(params)), exp.problem.family.init(params),
-                  exp.problem.train_stream(spec.run.seed), None)
-    ctx.val = exp.problem.val_stream(spec.run.seed)
+    st = start(exp)  # the runner's start: weights, hyperparameters, streams
+    params = st.inner.params
+    ctx = Context(spec, exp, st.inner, st.raw, st.train, None)
+    ctx.val = st.val
     ctx.threads = ctx.stack.enter_context(thread_policy(spec.run.threads, exp.device, tree.numel(params)))
     ctx.state, _, _ = train_inner(exp.problem, exp.inner_opt, ctx.state, ctx.raw, ctx.train, 3)  # off the init
     return ctx

@@ -122,14 +122,14 @@ def main() -> None:
     from hoexp.build import build, build_method
     from hoexp.cli import compose_spec
     from hoexp.dataset.base import Splits
-    from hoexp.method.base import InnerState, outer_step
+    from hoexp.engine.state import start
+    from hoexp.method.base import outer_step
     from hoexp.task.streams import FullBatch
 
     base = ["experiment=iris_per_weight_decay", "optim/inner=momentum", "optim.inner.momentum=0.9", "progress=false"]
     exp = build(compose_spec([*base, "method=unrolled"])[0])
-    p0 = {k: v.detach().clone() for k, v in exp.model.named_parameters()}
-    raw0 = exp.problem.family.init(p0)
-    st = InnerState(p0, exp.inner_opt.init(p0))
+    start_state = start(exp)
+    p0, raw0, st = start_state.inner.params, start_state.raw, start_state.inner
     data = exp.data
     assert isinstance(data, Splits)  # Iris
     val = (data.val.x, data.val.y)

@@ -21,16 +21,16 @@ import torch
 
 from hoexp.build import build
 from hoexp.cli import compose_spec
+from hoexp.engine.state import start
 from hoexp.errors import ConfigError, run_main
-from hoexp.method.base import InnerState, train_inner
+from hoexp.method.base import train_inner
 
 
 def _setup(overrides: list[str]):
     spec, _ = compose_spec(["experiment=mnist_dropout", "method=none", *overrides])
     exp = build(spec)
-    params = {n: v.detach().clone() for n, v in exp.model.named_parameters()}
-    raw = exp.problem.family.init(params)
-    return spec, exp, InnerState(params, exp.inner_opt.init(params)), raw
+    st = start(exp)
+    return spec, exp, st.inner, st.raw
 
 
 def _at_rate(raw: dict[str, torch.Tensor], p: float) -> dict[str, torch.Tensor]:

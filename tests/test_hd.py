@@ -8,7 +8,8 @@ import torch.nn.functional as F
 
 from hoexp.build import build
 from hoexp.cli import compose_spec
-from hoexp.method.base import InnerState, outer_step
+from hoexp.engine import start
+from hoexp.method.base import outer_step
 from hoexp.method.hd import HDMethod, hd_init, hd_sgd_step
 from hoexp.optim import build_optimizer
 from hoexp.task.streams import FullBatch
@@ -187,13 +188,12 @@ def test_runner_method_keeps_lr_across_outer_steps(variant):
     spec, _ = compose_spec(["model.width=8", "model.depth=1", "progress=false", "dtype=float64", "method=none"])
     exp = build(spec)
     problem = exp.problem
-    p0 = {k: v.detach().clone() for k, v in exp.model.named_parameters()}
-    raw = problem.family.init(p0)
+    st = start(exp)
+    state, p0, raw = st.inner, st.inner.params, st.raw
     batches = FullBatch(exp.data.train)
     val = (exp.data.val.x, exp.data.val.y)
     beta, lr0 = (1e-2, 0.05) if variant == "sgd" else (1e-5, 0.01)
     method = HDMethod(variant, beta=beta, lr0=lr0)
-    state = InnerState(p0, exp.inner_opt.init(p0))
     calls = []
     hg, state, stats1 = outer_step(method, problem, exp.inner_opt, state, raw, batches, val, 5, lambda: calls.append(1))
     alpha1 = state.opt_state["hd_lr"].clone()

@@ -7,6 +7,7 @@ import torch
 from hoexp import tree
 from hoexp.build import build, build_method
 from hoexp.cli import compose_spec
+from hoexp.engine import start
 from hoexp.horizon import agreement, central_differences, parse_contender, run_horizon
 from hoexp.method.base import InnerState, outer_step, train_inner
 from tests.problems import Ridge, rel_err
@@ -69,8 +70,8 @@ def test_carried_forward_mode_is_the_derivative_since_step_zero():
     spec, _ = compose_spec(overrides)
     exp = build(spec)
     problem = exp.problem
-    params = {k: v.detach().clone() for k, v in exp.model.named_parameters()}
-    raw = problem.family.init(params)
+    st = start(exp)
+    params, raw = st.inner.params, st.raw
     J, T = 3, spec.run.inner_steps
 
     def streams():

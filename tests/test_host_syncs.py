@@ -16,7 +16,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from hoexp import tree
 from hoexp.build import build, build_method
 from hoexp.cli import compose_spec
-from hoexp.method.base import InnerState, outer_step, train_inner
+from hoexp.engine import start
+from hoexp.method.base import outer_step, train_inner
 from hoexp.method.ift import HessianOperator
 from hoexp.method.solvers import ConjugateGradient, FixedPoint, Neumann
 
@@ -44,12 +45,8 @@ class HostSyncs(TorchDispatchMode):
 def setup(*overrides):
     spec = compose_spec(["progress=false", "threads=1", *overrides])[0]
     exp = build(spec)
-    params = {k: v.detach().clone() for k, v in exp.model.named_parameters()}
-    state = InnerState(params, exp.inner_opt.init(params))
-    raw = exp.problem.family.init(params)
-    train = exp.problem.train_stream(spec.run.seed)
-    val = exp.problem.val_stream(spec.run.seed)
-    return spec, exp, state, raw, train, val
+    st = start(exp)
+    return spec, exp, st.inner, st.raw, st.train, st.val
 
 
 SMALL_MNIST = ["dataset=mnist", "model.width=16", "model.depth=1", "dataset.batch_size=32"]

@@ -13,6 +13,7 @@ import torch
 
 from hoexp.build import build, build_method
 from hoexp.cli import compose_spec
+from hoexp.engine import start
 from hoexp.errors import ConfigError
 from hoexp.method.base import InnerState, outer_step, train_inner
 from hoexp.task.streams import FullBatch
@@ -78,10 +79,8 @@ def _shift(raw, d, eps):
 def _setup(overrides):
     spec = compose_spec([*BASE, *overrides])[0]
     exp = build(spec)
-    params = {k: v.detach().clone() for k, v in exp.model.named_parameters()}
-    raw = exp.problem.family.init(params)
-    stream = exp.problem.with_noise(FullBatch(exp.data.train), 0)
-    return spec, exp, params, raw, stream
+    st = start(exp)
+    return spec, exp, st.inner.params, st.raw, exp.problem.with_noise(FullBatch(exp.data.train), 0)
 
 
 # The hierarchical granularities change only how a family maps raw values to decays and rates, not what a

@@ -5,6 +5,7 @@ import torch
 
 from hoexp.build import build, build_method
 from hoexp.cli import compose_spec
+from hoexp.engine import start
 from hoexp.errors import ConfigError
 from hoexp.method.base import InnerState, outer_step, train_inner
 from hoexp.method.curvature import SplitLoss
@@ -19,8 +20,8 @@ SMALL = ["model.width=32", "progress=false", "hp.weight_decay.granularity=per_la
 def _setup(*overrides):
     spec = compose_spec([*SMALL, *overrides])[0]
     exp = build(spec)
-    params = {k: v.detach().clone() for k, v in exp.model.named_parameters()}
-    return spec, exp, params, exp.problem.family.init(params)
+    st = start(exp)
+    return spec, exp, st.inner.params, st.raw
 
 
 def test_bf16_inner_steps_train_and_leave_the_hypergradient_in_fp32():

@@ -6,10 +6,11 @@ import pytest
 import torch
 from rich.console import Console
 
+from hoexp import engine
 from hoexp.build import build
 from hoexp.cli import compose_spec
 from hoexp.errors import ConfigError
-from hoexp.method.base import InnerState, outer_step, train_inner
+from hoexp.method.base import outer_step, train_inner
 from hoexp.metrics import MemoryLogger
 from hoexp.runner import run_experiment
 from hoexp.task.streams import FullBatch
@@ -27,9 +28,8 @@ def run(tmp_path, *overrides):
 def start(overrides):
     """A built experiment at its initial point: (exp, inner state, raw hyperparameters, validation batch)."""
     exp = build(compose_spec(overrides)[0])
-    params = {k: v.detach().clone() for k, v in exp.model.named_parameters()}
-    raw = exp.problem.family.init(params)
-    return exp, InnerState(params, exp.inner_opt.init(params)), raw, (exp.data.val.x, exp.data.val.y)
+    st = engine.start(exp)
+    return exp, st.inner, st.raw, (exp.data.val.x, exp.data.val.y)
 
 
 @pytest.mark.parametrize("granularity,count", [("global", 1), ("per_layer", 2), ("per_weight", 4 * 8 + 8 * 3)])
