@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 import torch
 from torch import Tensor
@@ -116,6 +116,28 @@ class RunSettings:
                    outer_objective=run.outer_objective, max_nonfinite=run.max_nonfinite,
                    checkpoint_every=run.checkpoint_every, threads=run.threads, progress=run.progress,
                    precision=run.precision, resume=run.resume, labels=labels, hparams=hparams)
+
+
+class Runnable(Protocol):
+    """What :func:`hoexp.run` reads of an experiment (:class:`Experiment`, or what :func:`hoexp.build.build` returns)."""
+
+    @property
+    def task(self) -> Task: ...
+
+    @property
+    def method(self) -> Any: ...
+
+    @property
+    def inner_opt(self) -> Optimizer: ...
+
+    @property
+    def outer_opt(self) -> Optimizer: ...
+
+    @property
+    def settings(self) -> RunSettings: ...
+
+    @property
+    def device(self) -> torch.device: ...
 
 
 @dataclass

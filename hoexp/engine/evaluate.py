@@ -17,6 +17,7 @@ from hoexp import tree
 from hoexp.engine.guards import check_train_loss
 from hoexp.engine.state import RunState, hp_view
 from hoexp.metrics import MetricLogger, tensor_stats
+from hoexp.types import Runnable
 
 
 def evaluate(task: Any, params: Mapping[str, Tensor]) -> dict[str, float]:
@@ -34,7 +35,7 @@ def moved_fraction(values: Tensor, raw0: Tensor | None) -> float:
     return float((rel > 0.01).to(torch.float64).mean())
 
 
-def log_step(exp: Any, state: RunState, logger: MetricLogger, step: int, scalars: dict[str, float],
+def log_step(exp: Runnable, state: RunState, logger: MetricLogger, step: int, scalars: dict[str, float],
              force_hist: bool = False) -> dict[str, float]:
     """Evaluate (every ``eval_every`` steps, and at the first and last), add the hyperparameters' statistics
     and histograms, log everything for ``step``; returns the fields the progress display shows."""
@@ -62,7 +63,7 @@ def log_step(exp: Any, state: RunState, logger: MetricLogger, step: int, scalars
     return fields
 
 
-def labels(exp: Any) -> dict[str, str]:
+def labels(exp: Runnable) -> dict[str, str]:
     """What runs, in words: ``settings.labels`` (a configured run: its option names), else the objects' names."""
     task = exp.task
     named = {"method": getattr(exp.method, "name", type(exp.method).__name__),
@@ -71,7 +72,7 @@ def labels(exp: Any) -> dict[str, str]:
     return {**named, **exp.settings.labels}
 
 
-def summarize(exp: Any, state: RunState | None, status: str, elapsed: float, **more: Any) -> dict[str, Any]:
+def summarize(exp: Runnable, state: RunState | None, status: str, elapsed: float, **more: Any) -> dict[str, Any]:
     """``summary.json``: the final and best evaluations, counts, labels, the final hyperparameters' statistics."""
     evals = state.evals if state is not None else []
     final = dict(evals[-1]) if evals else {}

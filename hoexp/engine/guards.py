@@ -16,6 +16,7 @@ from torch import Tensor
 
 from hoexp.engine.state import RunState
 from hoexp.errors import HoexpError
+from hoexp.types import Runnable
 
 
 class Diverged(HoexpError):
@@ -27,7 +28,7 @@ def all_finite(tensors: Sequence[Tensor]) -> bool:
     return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()) if tensors else True
 
 
-def outer_update(exp: Any, state: RunState, hypergrad: Mapping[str, Tensor] | None, scalars: dict[str, float],
+def outer_update(exp: Runnable, state: RunState, hypergrad: Mapping[str, Tensor] | None, scalars: dict[str, float],
                  step: int, progress: Any) -> Diverged | None:
     """Apply the outer optimizer's update to ``state.raw`` (then the family's clamp), or skip a non-finite
     hypergradient; returns the error to raise once this step is logged (``max_nonfinite`` in a row)."""

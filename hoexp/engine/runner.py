@@ -18,10 +18,10 @@ from hoexp.engine.io import RunIO, final_state, num_weights, outcome, preemption
 from hoexp.engine.state import RunState, reset_inner, restore, snapshot, start
 from hoexp.method.base import take
 from hoexp.progress import RunProgress, make_progress
-from hoexp.types import OuterStep
+from hoexp.types import OuterStep, Runnable
 
 
-def run(exp: Any, io: RunIO | None = None, progress: RunProgress | None = None, *,
+def run(exp: Runnable, io: RunIO | None = None, progress: RunProgress | None = None, *,
         resume: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run ``exp`` from its start (or from the checkpoint ``resume``) to ``exp.settings.outer_steps``; returns the
     summary (also written to ``summary.json`` when ``io`` has a folder). Raises what ended the run early
@@ -60,7 +60,7 @@ def run(exp: Any, io: RunIO | None = None, progress: RunProgress | None = None, 
     return summary
 
 
-def loop(exp: Any, state: RunState, io: RunIO, progress: RunProgress) -> None:
+def loop(exp: Runnable, state: RunState, io: RunIO, progress: RunProgress) -> None:
     """Outer steps ``state.step + 1 .. outer_steps``, each: train, hypergradient, outer update, log, checkpoint."""
     s = exp.settings
     with progress:
@@ -90,7 +90,7 @@ def loop(exp: Any, state: RunState, io: RunIO, progress: RunProgress) -> None:
             progress.end_outer(step, fields)
 
 
-def headline(exp: Any, state: RunState, io: RunIO, threads: int, resumed: bool) -> str:
+def headline(exp: Runnable, state: RunState, io: RunIO, threads: int, resumed: bool) -> str:
     """The run's first console line: what runs, how big, where."""
     s, n_w = exp.settings, sum(v.numel() for v in state.inner.params.values())
     names = labels(exp)
@@ -103,7 +103,7 @@ def headline(exp: Any, state: RunState, io: RunIO, threads: int, resumed: bool) 
             + (f" (resumed after outer step {state.step})" if resumed else ""))
 
 
-def run_summary(exp: Any, state: RunState | None, io: RunIO) -> dict[str, Any]:
+def run_summary(exp: Runnable, state: RunState | None, io: RunIO) -> dict[str, Any]:
     """``summary.json`` of the run as it stands (status and error from ``io``)."""
     elapsed = state.elapsed() if state is not None else time.perf_counter() - io.started
     out = summarize(exp, state, io.status, elapsed, world_size=io.ctx.world_size, precision=exp.settings.precision)

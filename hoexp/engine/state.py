@@ -17,7 +17,7 @@ from torch import Tensor
 from hoexp import distributed, tree
 from hoexp.method.base import CarriesState
 from hoexp.task.base import BatchStream
-from hoexp.types import HParams, InnerState, Params
+from hoexp.types import HParams, InnerState, Params, Runnable
 
 # Top-level checkpoint keys every checkpoint has (older ones may lack method_state / precision_state).
 CHECKPOINT_KEYS = frozenset({"step", "params", "opt_state", "inner_step", "raw", "outer_state", "train_stream",
@@ -53,7 +53,7 @@ def hp_view(task: Any, raw: HParams) -> Tensor:
     return tree.flatten(view.values()) if view else torch.zeros(0)
 
 
-def start(exp: Any) -> RunState:
+def start(exp: Runnable) -> RunState:
     """The state before the first outer step: the model's weights (cloned), the family's initial
     hyperparameters, fresh optimizer states and the task's streams (in a data-parallel run, this
     rank's shards of the global batches)."""
@@ -71,7 +71,7 @@ def start(exp: Any) -> RunState:
     return RunState(0, inner, raw, outer_state, train, val, initial, raw0)
 
 
-def reset_inner(exp: Any, state: RunState) -> InnerState:
+def reset_inner(exp: Runnable, state: RunState) -> InnerState:
     """Fresh weights (the initial ones) and optimizer state; a method's carried state is dropped too,
     since it belongs to the old weights."""
     fresh = {k: v.clone() for k, v in state.initial.items()}
@@ -80,7 +80,7 @@ def reset_inner(exp: Any, state: RunState) -> InnerState:
     return InnerState(fresh, exp.inner_opt.init(fresh), state.inner.step)
 
 
-def snapshot(exp: Any, state: RunState) -> dict[str, Any]:
+def snapshot(exp: Runnable, state: RunState) -> dict[str, Any]:
     """References to everything a checkpoint holds after ``state.step`` (no copies)."""
     precision = getattr(exp.task, "precision", None)
     return {
@@ -105,7 +105,7 @@ def to_device(x: Any, device: torch.device) -> Any:
     return x
 
 
-def restore(exp: Any, ckpt: dict[str, Any]) -> RunState:
+def restore(exp: Runnable, ckpt: dict[str, Any]) -> RunState:
     """The state a checkpoint saved: :func:`start`'s, with every saved value put back (streams positioned,
     torch's RNG, the method's carried state and fp16's loss scale)."""
     state, dev = start(exp), exp.device
