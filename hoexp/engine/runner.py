@@ -33,7 +33,7 @@ def run(exp: Runnable, io: RunIO | None = None, progress: RunProgress | None = N
         try:
             io.status = "running"
             state = restore(exp, resume) if resume is not None else start(exp)
-            state.started = io.started
+            state.started = io.started  # wall time counts from the command's start (folder, build included)
             io.say(headline(exp, state, io, threads, resumed=resume is not None))
             if resume is None:  # step 0: the config and the untrained model's numbers
                 if io.config_text:
@@ -55,8 +55,9 @@ def run(exp: Runnable, io: RunIO | None = None, progress: RunProgress | None = N
             final = None if state is None or not state.raw else final_state(exp.task.family, state.raw,
                                                                              state.inner.params)
             failed_write = io.finish(summary, final, dict(s.hparams), s.checkpoint_every)
-    if error is not None or failed_write is not None:
-        raise io.explain(error if error is not None else failed_write)  # type: ignore[arg-type]
+    failure = error if error is not None else failed_write
+    if failure is not None:
+        raise io.explain(failure)
     return summary
 
 
