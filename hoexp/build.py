@@ -29,11 +29,12 @@ from hoexp.hp.base import HyperFamily
 from hoexp.hp.composite import Composite
 from hoexp.method.base import HyperMethod
 from hoexp.optim import Optimizer
-from hoexp.problem import Problem
+from hoexp.task import Classification, Task
+from hoexp.types import RunSettings
 
 if TYPE_CHECKING:
     from hoexp.dataset.base import Splits
-    from hoexp.lm import LMData
+    from hoexp.task.language_model import LMData
 
 # Methods whose hypergradient differentiates the optimization path: what a refusal recommends instead.
 PATH_METHODS = "unrolled, truncated, forward"
@@ -161,10 +162,20 @@ class Experiment:
     device: torch.device
     data: Any  # what the dataset factory returned: Splits, LMData, or a user's data with .problem(model, family)
     model: nn.Module
-    problem: Problem
+    problem: Classification  # the task (LanguageModel for dataset=ptb)
     method: HyperMethod
     inner_opt: Optimizer
     outer_opt: Optimizer
+
+    @property
+    def task(self) -> Task:
+        """The task (an alias of ``problem``): what :func:`hoexp.run` reads."""
+        return self.problem
+
+    @property
+    def settings(self) -> RunSettings:
+        """The loop's settings, from ``spec.run``."""
+        return RunSettings.from_spec(self.spec)
 
 
 def build(spec: Spec) -> Experiment:
@@ -183,7 +194,7 @@ def build(spec: Spec) -> Experiment:
     except ValueError as e:
         raise ConfigError(str(e)) from None
     method = build_method(spec, replace(ctx, families=tuple(getattr(family, "families", (family,)))))
-    problem: Problem = data.problem(model, family)
+    problem: Classification = data.problem(model, family)
     check_compatibility(spec, method, family, CheckContext(inner_opt, family, sum(p.numel() for p in params.values()),
                                                            sum(v.numel() for v in raw.values())))
     problem.compile = spec.run.compile

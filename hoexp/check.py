@@ -26,13 +26,13 @@ from torch import Tensor
 from hoexp import tree
 from hoexp.build import Experiment, build
 from hoexp.config import Spec
-from hoexp.method.base import InnerState, train_inner
+from hoexp.engine.state import start
+from hoexp.method.base import train_inner
 from hoexp.method.forward import forward_hypergradient
 from hoexp.method.ift import ift_hypergradient
 from hoexp.method.solvers import AutoStep, ConjugateGradient, Exact, FixedPoint, Neumann, Solver
 from hoexp.method.unrolled import unrolled_hypergradient
 from hoexp.metrics import write_json_atomic
-from hoexp.problem import training_batches, validation_batches
 
 ITERATIONS = (0, 1, 2, 5, 10, 20, 50, 100)
 
@@ -115,14 +115,12 @@ def run_check(spec: Spec, out_dir: Path, *, iterations: tuple[int, ...] = ITERAT
     out_dir.mkdir(parents=True, exist_ok=True)
     exp: Experiment = build(spec)
     problem, dev = exp.problem, exp.device
-    params = {k: v.detach().clone() for k, v in exp.model.named_parameters()}
-    raw = problem.family.init(params)
-    state = InnerState(params, exp.inner_opt.init(params))
-    batches = training_batches(problem, exp.data.train, spec.run.seed, exp.data.batch_size)
-    state, _, _ = train_inner(problem, exp.inner_opt, state, raw, batches, spec.run.inner_steps)
+    start_state = start(exp)  # the runner's start: weights, hyperparameters, streams
+    params, raw, batches = start_state.inner.params, start_state.raw, start_state.train
+    state, _, _ = train_inner(problem, exp.inner_opt, start_state.inner, raw, batches, spec.run.inner_steps)
     # The runner's validation stream: the whole split (classification, val_batch_size 0), a seeded minibatch,
     # or a BPTT window of validation text (language models).
-    val_batch = next(validation_batches(problem, exp.data.val, spec.run.seed, exp.data.val_batch_size))
+    val_batch = next(start_state.val)
     train_batch = next(batches)
     n_params, n_h = tree.numel(params), tree.numel(raw)
 

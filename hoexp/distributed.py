@@ -48,6 +48,7 @@ from torch import Tensor
 from torch.autograd import Function
 
 from hoexp.errors import HoexpError
+from hoexp.types import Batch, noise_of
 
 # Which methods run data-parallel is declared by each method (refuses_data_parallel; hoexp.build.check_distributed).
 STORE_KEY = "hoexp/ended"  # a rank that ends abnormally leaves "<status>\t<message>" here for rank 0
@@ -234,15 +235,16 @@ def shard_batch(batch: tuple, batch_dim: int, model: Any, ctx: Context) -> tuple
                          f"full batches) that is a multiple of {ctx.world_size}")
     n = size // ctx.world_size
     start = ctx.rank * n
-    out: tuple = (x.narrow(batch_dim, start, n), y.narrow(batch_dim, start, n))
-    if len(batch) < 3:
-        return out
+    x_shard, y_shard = x.narrow(batch_dim, start, n), y.narrow(batch_dim, start, n)
+    global_noise = noise_of(batch)
+    if global_noise is None:
+        return Batch(x_shard, y_shard)
     grown, base = model.dropout_sites(size + 1), model.dropout_sites(size)
     noise = {}
-    for site, u in batch[2].items():
+    for site, u in global_noise.items():
         dims = [d for d, (a, b) in enumerate(zip(base[site], grown[site])) if a != b]
         noise[site] = u.narrow(dims[0], start, n) if dims else u
-    return (*out, noise)
+    return Batch(x_shard, y_shard, noise)
 
 
 class ShardedStream:

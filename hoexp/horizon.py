@@ -36,10 +36,10 @@ from torch import Tensor
 from hoexp import tree
 from hoexp.build import build, build_method
 from hoexp.config import Spec
+from hoexp.engine.state import start
 from hoexp.errors import ConfigError
-from hoexp.method.base import CarriesState, InnerState, train_inner
+from hoexp.method.base import CarriesState, InnerState, outer_step, train_inner
 from hoexp.metrics import write_json_atomic
-from hoexp.problem import training_batches, validation_batches
 
 MAX_HPARAMS = 32
 
@@ -129,16 +129,15 @@ def run_horizon(spec: Spec, contenders: Sequence[tuple[Contender, Spec]], out_di
     if not at or at[0] < 0 or at[-1] >= run.outer_steps:
         raise ConfigError(f"--at must list outer steps in [0, outer_steps={run.outer_steps}), got {at}")
     exp = build(spec)
-    problem, family = exp.problem, exp.problem.family
-    params = {k: v.detach().clone() for k, v in exp.model.named_parameters()}
-    raw = family.init(params)
+    problem = exp.problem
+    start_state = start(exp)  # the runner's start: weights, hyperparameters, streams
+    raw = start_state.raw
     n_h = tree.numel(raw)
     if n_h > MAX_HPARAMS:
         raise ConfigError(f"the horizon diagnostic differentiates the whole remaining run per hyperparameter; "
                           f"hp={spec.hp_name} has {n_h:,} here (limit {MAX_HPARAMS}): use a global or per_layer "
                           "granularity")
-    train, val = _streams(exp)
-    state = InnerState(params, exp.inner_opt.init(params))
+    train, val, state = start_state.train, start_state.val, start_state.inner
     out_dir.mkdir(parents=True, exist_ok=True)
 
     # The reference trajectory at the initial hyperparameters, with snapshots at the checkpoints.
@@ -182,7 +181,7 @@ def run_horizon(spec: Spec, contenders: Sequence[tuple[Contender, Spec]], out_di
     for contender, cspec in contenders:
         t0 = time.perf_counter()
         try:
-            hgs = _contender_hypergradients(cspec, exp, raw, params, checkpoints, at)
+            hgs = _contender_hypergradients(cspec, exp, raw, checkpoints, at)
         except Exception as e:  # one contender failing (e.g. a refused combination) must not end the check
             result.errors[contender.label] = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e) else ''}"
             console.print(f"hoexp: {contender.label}: {result.errors[contender.label]}", highlight=False,
@@ -208,16 +207,15 @@ def run_horizon(spec: Spec, contenders: Sequence[tuple[Contender, Spec]], out_di
 def _streams(exp: Any, at: _Checkpoint | None = None) -> tuple[Any, Any]:
     """The run's training and validation streams (as the runner makes them), fresh or restored to
     the position they had at checkpoint ``at``: the common random numbers of every comparison."""
-    spec = exp.spec
-    train = training_batches(exp.problem, exp.data.train, spec.run.seed, exp.data.batch_size)
-    val = validation_batches(exp.problem, exp.data.val, spec.run.seed, exp.data.val_batch_size)
+    fresh = start(exp)
+    train, val = fresh.train, fresh.val
     if at is not None:
         train.load_state_dict(copy.deepcopy(at.train_stream))
         val.load_state_dict(copy.deepcopy(at.val_stream))
     return train, val
 
 
-def _contender_hypergradients(cspec: Spec, exp: Any, raw: dict[str, Tensor], params0: dict[str, Tensor],
+def _contender_hypergradients(cspec: Spec, exp: Any, raw: dict[str, Tensor],
                               checkpoints: dict[int, _Checkpoint], at: Sequence[int]) -> dict[int, Tensor]:
     """The contender's hypergradient at each checkpoint: from the checkpoint's state for stateless
     methods; along its own run from step 0 (no outer updates) for methods that carry state."""
@@ -226,22 +224,23 @@ def _contender_hypergradients(cspec: Spec, exp: Any, raw: dict[str, Tensor], par
 
     method = build_method(cspec)
     family = exp.problem.family
-    check_compatibility(cspec, method, family, CheckContext(exp.inner_opt, family, tree.numel(params0),
+    n_params = sum(p.numel() for p in exp.model.parameters())
+    check_compatibility(cspec, method, family, CheckContext(exp.inner_opt, family, n_params,
                                                             tree.numel(raw)))
     problem, run = exp.problem, cspec.run
     out: dict[int, Tensor] = {}
     if isinstance(method, CarriesState) and getattr(method, "carries", True):
         train, val = _streams(exp)
-        state = InnerState(dict(params0), exp.inner_opt.init(params0))
+        state = start(exp).inner  # the start's weights and a fresh optimizer state
         for step in range(max(at) + 1):
-            hg, state, _ = method.outer_step(problem, exp.inner_opt, state, raw, train, next(val), run.inner_steps)
+            hg, state, _ = outer_step(method, problem, exp.inner_opt, state, raw, train, next(val), run.inner_steps)
             if step in at:
                 out[step] = _flat(hg)
         return out
     for s in at:
         ck = checkpoints[s]
         train, val = _streams(exp, ck)
-        hg, _, _ = method.outer_step(problem, exp.inner_opt, ck.state, raw, train, next(val), run.inner_steps)
+        hg, _, _ = outer_step(method, problem, exp.inner_opt, ck.state, raw, train, next(val), run.inner_steps)
         out[s] = _flat(hg)
     return out
 

@@ -86,11 +86,12 @@ import torch
 from hoexp import tree
 from hoexp.build import build, build_method
 from hoexp.cli import compose_spec
+from hoexp.engine.state import start
 from hoexp.errors import run_main
 from hoexp.method.base import InnerState, compiled_step, train_inner
+from hoexp.method.base import outer_step as method_step
 from hoexp.method.functional import FunctionalOperator, hvp_fwd_rev
 from hoexp.method.ift import HessianOperator
-from hoexp.problem import training_batches, validation_batches
 from hoexp.runner import thread_policy
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -179,11 +180,10 @@ class Context:
 def setup(problem: str, quick: bool, device: str, threads: int, problem_overrides: tuple[str, ...] = ()) -> Context:
     spec = spec_for(problem, quick, device, threads, *problem_overrides)
     exp = build(spec)
-    params = {k: v.detach().clone() for k, v in exp.model.named_parameters()}
-    ctx = Context(spec, exp, InnerState(params, exp.inner_opt.init(params)), exp.problem.family.init(params),
-                  training_batches(exp.problem, exp.data.train, spec.run.seed, exp.data.batch_size), None)
-    outer_split = getattr(exp.data, "val_train_layout", exp.data.val)
-    ctx.val = validation_batches(exp.problem, outer_split, spec.run.seed, exp.data.val_batch_size)
+    st = start(exp)  # the runner's start: weights, hyperparameters, streams
+    params = st.inner.params
+    ctx = Context(spec, exp, st.inner, st.raw, st.train, None)
+    ctx.val = st.val
     ctx.threads = ctx.stack.enter_context(thread_policy(spec.run.threads, exp.device, tree.numel(params)))
     ctx.state, _, _ = train_inner(exp.problem, exp.inner_opt, ctx.state, ctx.raw, ctx.train, 3)  # off the init
     return ctx
@@ -324,7 +324,7 @@ def time_problem(problem: str, args: argparse.Namespace, log: Callable[[str], No
         stats_box: dict[str, Any] = {}
 
         def hypergradient(method=method, vctx=vctx, vprob=vprob, vexp=vexp, steps=steps, stats_box=stats_box):
-            stats_box["stats"] = method.outer_step(vprob, vexp.inner_opt, vctx.state, vctx.raw, vctx.train,
+            stats_box["stats"] = method_step(method, vprob, vexp.inner_opt, vctx.state, vctx.raw, vctx.train,
                                                    val_batch if vctx is ctx else next(vctx.val), steps)[2]
 
         heavy = row.kind == "path"
@@ -334,7 +334,7 @@ def time_problem(problem: str, args: argparse.Namespace, log: Callable[[str], No
                                           "method=none"))
 
             def plain_steps(plain=plain, vctx=vctx, vprob=vprob, vexp=vexp):
-                return plain.outer_step(vprob, vexp.inner_opt, vctx.state, vctx.raw, vctx.train, None, INNER_STEPS)
+                return method_step(plain, vprob, vexp.inner_opt, vctx.state, vctx.raw, vctx.train, None, INNER_STEPS)
 
             vfns["plain"] = plain_steps
         t = rounds(vfns, vctx.device, min_rounds=2 if quick else (5 if (heavy or problem == "ptb") else 11),
@@ -346,7 +346,7 @@ def time_problem(problem: str, args: argparse.Namespace, log: Callable[[str], No
         entry.update(
             hg_ms=1e3 * hg_s, outer_step_ms=1e3 * outer_s, step_ms=1e3 * step_s, grad_ms=1e3 * grad_s,
             hg_over_step=hg_s / step_s, hg_over_grad=hg_s / grad_s, rounds=len(t["hg"]),
-            hvps=getattr(stats, "hvps", None), info=getattr(stats, "info", "") or "",
+            hvps=None if stats is None or "solver/hvps" not in stats else int(stats["solver/hvps"]), info="",
         )
         if row.name.startswith("neumann"):  # against the floor of its HVPs (K, or K + 1 with the residual),
             # both in gradients, each measured beside its own gradient
@@ -398,7 +398,7 @@ def child_memory(problem: str, row_name: str, args: argparse.Namespace) -> dict[
     outer_state = exp.outer_opt.init(ctx.raw) if ho else {}
 
     def outer_step():
-        hg, new_state, _ = method.outer_step(prob, exp.inner_opt, ctx.state, ctx.raw, ctx.train, next(ctx.val),
+        hg, new_state, _ = method_step(method, prob, exp.inner_opt, ctx.state, ctx.raw, ctx.train, next(ctx.val),
                                              INNER_STEPS)
         if hg is not None:
             with torch.no_grad():

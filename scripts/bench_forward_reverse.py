@@ -122,24 +122,24 @@ def main() -> None:
     from hoexp.build import build, build_method
     from hoexp.cli import compose_spec
     from hoexp.dataset.base import Splits
-    from hoexp.method.base import InnerState
-    from hoexp.problem import FullBatch
+    from hoexp.engine.state import start
+    from hoexp.method.base import outer_step
+    from hoexp.task.streams import FullBatch
 
     base = ["experiment=iris_per_weight_decay", "optim/inner=momentum", "optim.inner.momentum=0.9", "progress=false"]
     exp = build(compose_spec([*base, "method=unrolled"])[0])
-    p0 = {k: v.detach().clone() for k, v in exp.model.named_parameters()}
-    raw0 = exp.problem.family.init(p0)
-    st = InnerState(p0, exp.inner_opt.init(p0))
+    start_state = start(exp)
+    p0, raw0, st = start_state.inner.params, start_state.raw, start_state.inner
     data = exp.data
     assert isinstance(data, Splits)  # Iris
     val = (data.val.x, data.val.y)
     with GraphMemory(torch.device("cpu")) as g:
-        build_method(compose_spec([*base, "method=unrolled"])[0]).outer_step(
-            exp.problem, exp.inner_opt, st, raw0, FullBatch(data.train), val, 100)
-    _, _, rs = build_method(compose_spec([*base, "method=reversible"])[0]).outer_step(
-        exp.problem, exp.inner_opt, st, raw0, FullBatch(data.train), val, 100)
+        outer_step(build_method(compose_spec([*base, "method=unrolled"])[0]),
+                   exp.problem, exp.inner_opt, st, raw0, FullBatch(data.train), val, 100)
+    _, _, rs = outer_step(build_method(compose_spec([*base, "method=reversible"])[0]),
+                          exp.problem, exp.inner_opt, st, raw0, FullBatch(data.train), val, 100)
     P = tree.numel(p0)
-    bits_per_step = rs.extra["reversible/bits_per_weight_step"]
+    bits_per_step = rs["reversible/bits_per_weight_step"]
     rev_bytes = P * 100 * bits_per_step / 8 + 2 * 8 * P  # the bit store + int64 weights and velocity
     traj_bytes = 100 * P * 4
     rev_table = Table(title=f"Iris MLP (P = {P:,}), T = 100, γ = 0.9")

@@ -21,17 +21,16 @@ import torch
 
 from hoexp.build import build
 from hoexp.cli import compose_spec
+from hoexp.engine.state import start
 from hoexp.errors import ConfigError, run_main
-from hoexp.method.base import InnerState, train_inner
-from hoexp.problem import training_batches
+from hoexp.method.base import train_inner
 
 
 def _setup(overrides: list[str]):
     spec, _ = compose_spec(["experiment=mnist_dropout", "method=none", *overrides])
     exp = build(spec)
-    params = {n: v.detach().clone() for n, v in exp.model.named_parameters()}
-    raw = exp.problem.family.init(params)
-    return spec, exp, InnerState(params, exp.inner_opt.init(params)), raw
+    st = start(exp)
+    return spec, exp, st.inner, st.raw
 
 
 def _at_rate(raw: dict[str, torch.Tensor], p: float) -> dict[str, torch.Tensor]:
@@ -46,7 +45,7 @@ def _val(exp, params) -> float:
 def switch(overrides: list[str], p_from: float, p_to: float, at: list[int | None], every: int) -> None:
     for k in at:
         spec, exp, state, raw = _setup(overrides)
-        batches = training_batches(exp.problem, exp.data.train, spec.run.seed, exp.data.batch_size)
+        batches = exp.problem.train_stream(spec.run.seed)
         curve = []
         for step in range(spec.run.outer_steps):
             p = p_from if k is None or step < k else p_to
@@ -62,13 +61,13 @@ def switch(overrides: list[str], p_from: float, p_to: float, at: list[int | None
 
 def branch(overrides: list[str], p_from: float, at: int, rates: list[float]) -> None:
     spec, exp, state, raw = _setup(overrides)
-    batches = training_batches(exp.problem, exp.data.train, spec.run.seed, exp.data.batch_size)
+    batches = exp.problem.train_stream(spec.run.seed)
     for _ in range(at):
         state, _, _ = train_inner(exp.problem, exp.inner_opt, state, _at_rate(raw, p_from), batches,
                                   spec.run.inner_steps)
     saved = copy.deepcopy(batches.state_dict())
     for p in rates:
-        stream = training_batches(exp.problem, exp.data.train, spec.run.seed, exp.data.batch_size)
+        stream = exp.problem.train_stream(spec.run.seed)
         stream.load_state_dict(copy.deepcopy(saved))
         st, out = state, []
         for k in range(1, 21):

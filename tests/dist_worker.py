@@ -31,7 +31,8 @@ def outer_step(name: str, sync: bool = True) -> dict[str, torch.Tensor]:
     from hoexp.build import build, build_method
     from hoexp.cli import compose_spec
     from hoexp.method.base import InnerState
-    from hoexp.problem import training_batches
+    from hoexp.method.base import outer_step as method_step
+    from hoexp.task.streams import FullBatch
 
     spec = compose_spec([*BASE, *CASES[name]])[0]
     exp = build(spec)
@@ -40,12 +41,12 @@ def outer_step(name: str, sync: bool = True) -> dict[str, torch.Tensor]:
         exp.problem.sync = None
     params = {k: v.detach().clone() for k, v in exp.model.named_parameters()}
     raw = exp.problem.family.init(params)
-    stream = training_batches(exp.problem, exp.data.train, 0)
+    stream = exp.problem.with_noise(FullBatch(exp.data.train), 0)
     val = (exp.data.val.x, exp.data.val.y)
     if ctx.active:
         stream = distributed.ShardedStream(stream, 0, exp.problem.model, ctx)
         val = distributed.shard_batch(val, 0, exp.problem.model, ctx)
-    hg, state, _ = build_method(spec).outer_step(exp.problem, exp.inner_opt, InnerState(params, exp.inner_opt.init(params)),
+    hg, state, _ = method_step(build_method(spec), exp.problem, exp.inner_opt, InnerState(params, exp.inner_opt.init(params)),
                                                  raw, stream, val, 3)
     return {**{f"hg/{k}": v for k, v in hg.items()}, **{f"w/{k}": v for k, v in state.params.items()}}
 

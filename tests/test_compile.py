@@ -12,9 +12,9 @@ from rich.console import Console
 
 from hoexp.build import build
 from hoexp.cli import compose_spec
+from hoexp.engine import start
 from hoexp.errors import ConfigError, HoexpError
-from hoexp.method.base import InnerState, train_inner
-from hoexp.problem import training_batches
+from hoexp.method.base import train_inner
 from hoexp.runner import run_experiment
 
 # torch.compile's CPU backend (inductor) builds C++ kernels; without a compiler compile=true reports
@@ -27,11 +27,8 @@ def _train(overrides, compile_, steps=12):
     spec = compose_spec(["progress=false", "threads=1", *overrides])[0]
     exp = build(spec)
     exp.problem.compile = compile_  # what compile=true sets (set here: path methods refuse the key)
-    params = {k: v.detach().clone() for k, v in exp.model.named_parameters()}
-    raw = exp.problem.family.init(params)
-    batches = training_batches(exp.problem, exp.data.train, spec.run.seed, exp.data.batch_size)
-    state = InnerState(params, exp.inner_opt.init(params))
-    state, loss, gnorm = train_inner(exp.problem, exp.inner_opt, state, raw, batches, steps)
+    st = start(exp)
+    state, loss, gnorm = train_inner(exp.problem, exp.inner_opt, st.inner, st.raw, st.train, steps)
     return exp, state, loss, gnorm
 
 

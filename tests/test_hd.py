@@ -8,10 +8,11 @@ import torch.nn.functional as F
 
 from hoexp.build import build
 from hoexp.cli import compose_spec
-from hoexp.method.base import InnerState
+from hoexp.engine import start
+from hoexp.method.base import outer_step
 from hoexp.method.hd import HDMethod, hd_init, hd_sgd_step
 from hoexp.optim import build_optimizer
-from hoexp.problem import FullBatch
+from hoexp.task.streams import FullBatch
 
 MU, BETAS, EPS = 0.9, (0.9, 0.999), 1e-8
 
@@ -187,18 +188,17 @@ def test_runner_method_keeps_lr_across_outer_steps(variant):
     spec, _ = compose_spec(["model.width=8", "model.depth=1", "progress=false", "dtype=float64", "method=none"])
     exp = build(spec)
     problem = exp.problem
-    p0 = {k: v.detach().clone() for k, v in exp.model.named_parameters()}
-    raw = problem.family.init(p0)
+    st = start(exp)
+    state, p0, raw = st.inner, st.inner.params, st.raw
     batches = FullBatch(exp.data.train)
     val = (exp.data.val.x, exp.data.val.y)
     beta, lr0 = (1e-2, 0.05) if variant == "sgd" else (1e-5, 0.01)
     method = HDMethod(variant, beta=beta, lr0=lr0)
-    state = InnerState(p0, exp.inner_opt.init(p0))
     calls = []
-    hg, state, stats1 = method.outer_step(problem, exp.inner_opt, state, raw, batches, val, 5, lambda: calls.append(1))
+    hg, state, stats1 = outer_step(method, problem, exp.inner_opt, state, raw, batches, val, 5, lambda: calls.append(1))
     alpha1 = state.opt_state["hd_lr"].clone()
-    assert hg is None and state.step == 5 and stats1.extra["hd/lr"] == alpha1.item() != lr0
-    hg, state, stats2 = method.outer_step(problem, exp.inner_opt, state, raw, batches, val, 5, lambda: calls.append(1))
+    assert hg is None and state.step == 5 and stats1["hd/lr"] == alpha1.item() != lr0
+    hg, state, stats2 = outer_step(method, problem, exp.inner_opt, state, raw, batches, val, 5, lambda: calls.append(1))
     assert hg is None and state.step == 10 and len(calls) == 10
     assert set(exp.inner_opt.init(p0)) <= set(state.opt_state)  # the runner's keys are left alone
 
@@ -210,7 +210,7 @@ def test_runner_method_keeps_lr_across_outer_steps(variant):
         grads = dict(zip(w, torch.autograd.grad(loss, list(w.values()))))
         params, ref = method.step(params, grads, ref)
     assert torch.equal(state.opt_state["hd_lr"], ref["hd_lr"]) and ref["hd_lr"].item() != alpha1.item()
-    assert stats2.extra == {"hd/lr": ref["hd_lr"].item(), "hd/h": ref["hd_h"].item()}
-    assert stats2.inner_loss == pytest.approx(loss.item(), rel=1e-12)
+    assert {k: stats2[k] for k in ("hd/lr", "hd/h")} == {"hd/lr": ref["hd_lr"].item(), "hd/h": ref["hd_h"].item()}
+    assert stats2["inner/loss"] == pytest.approx(loss.item(), rel=1e-12)
     for k in p0:
         assert torch.equal(state.params[k], params[k]), k

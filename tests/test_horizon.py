@@ -7,9 +7,9 @@ import torch
 from hoexp import tree
 from hoexp.build import build, build_method
 from hoexp.cli import compose_spec
+from hoexp.engine import start
 from hoexp.horizon import agreement, central_differences, parse_contender, run_horizon
-from hoexp.method.base import InnerState, train_inner
-from hoexp.problem import training_batches, validation_batches
+from hoexp.method.base import InnerState, outer_step, train_inner
 from tests.problems import Ridge, rel_err
 
 TINY = ["model.width=5", "model.depth=1", "model.activation=tanh", "model.bias=false", "dtype=float64",
@@ -70,20 +70,20 @@ def test_carried_forward_mode_is_the_derivative_since_step_zero():
     spec, _ = compose_spec(overrides)
     exp = build(spec)
     problem = exp.problem
-    params = {k: v.detach().clone() for k, v in exp.model.named_parameters()}
-    raw = problem.family.init(params)
+    st = start(exp)
+    params, raw = st.inner.params, st.raw
     J, T = 3, spec.run.inner_steps
 
     def streams():
-        return (training_batches(problem, exp.data.train, spec.run.seed, exp.data.batch_size),
-                validation_batches(problem, exp.data.val, spec.run.seed, exp.data.val_batch_size))
+        return (problem.train_stream(spec.run.seed),
+                problem.val_stream(spec.run.seed))
 
     method = build_method(spec)
     train, val = streams()
     state = InnerState(params, exp.inner_opt.init(params))
     for _ in range(J):
         val_batch = next(val)
-        hg, state, _ = method.outer_step(problem, exp.inner_opt, state, raw, train, val_batch, T)
+        hg, state, _ = outer_step(method, problem, exp.inner_opt, state, raw, train, val_batch, T)
     carried = tree.flatten(hg.values())
 
     def final_val(flat):
@@ -101,7 +101,7 @@ def test_carried_forward_mode_is_the_derivative_since_step_zero():
     train, val = streams()
     state = InnerState(params, exp.inner_opt.init(params))
     for _ in range(J):
-        hg, state, _ = short.outer_step(problem, exp.inner_opt, state, raw, train, next(val), T)
+        hg, state, _ = outer_step(short, problem, exp.inner_opt, state, raw, train, next(val), T)
     assert rel_err(tree.flatten(hg.values()), fd) > 1e-2
 
     # The carried tangents are the method's state: saved and restored they continue the same way.

@@ -16,10 +16,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from hoexp import tree
 from hoexp.build import build, build_method
 from hoexp.cli import compose_spec
-from hoexp.method.base import InnerState, train_inner
+from hoexp.engine import start
+from hoexp.method.base import outer_step, train_inner
 from hoexp.method.ift import HessianOperator
 from hoexp.method.solvers import ConjugateGradient, FixedPoint, Neumann
-from hoexp.problem import training_batches, validation_batches
 
 
 class HostSyncs(TorchDispatchMode):
@@ -45,13 +45,8 @@ class HostSyncs(TorchDispatchMode):
 def setup(*overrides):
     spec = compose_spec(["progress=false", "threads=1", *overrides])[0]
     exp = build(spec)
-    params = {k: v.detach().clone() for k, v in exp.model.named_parameters()}
-    state = InnerState(params, exp.inner_opt.init(params))
-    raw = exp.problem.family.init(params)
-    train = training_batches(exp.problem, exp.data.train, spec.run.seed, exp.data.batch_size)
-    val = validation_batches(exp.problem, getattr(exp.data, "val_train_layout", exp.data.val), spec.run.seed,
-                             exp.data.val_batch_size)
-    return spec, exp, state, raw, train, val
+    st = start(exp)
+    return spec, exp, st.inner, st.raw, st.train, st.val
 
 
 SMALL_MNIST = ["dataset=mnist", "model.width=16", "model.depth=1", "dataset.batch_size=32"]
@@ -111,11 +106,11 @@ def test_an_outer_step_reads_the_device_a_fixed_number_of_times(method, monkeypa
         extra = [] if method == ["method=none"] else [f"{key}={K}"]
         spec, exp, state, raw, train, val = setup(*SMALL_MNIST, "hp=weight_decay", *method, *extra)
         m = build_method(spec)
-        m.outer_step(exp.problem, exp.inner_opt, state, raw, train, next(val), 2)  # warm-up
+        outer_step(m, exp.problem, exp.inner_opt, state, raw, train, next(val), 2)  # warm-up
         if hasattr(m, "solver") and isinstance(m.solver, ConjugateGradient):
             m.solver = ConjugateGradient(iterations=K, tol=0.0, check_every=K + 1)  # the accelerator setting
         with HostSyncs(monkeypatch) as syncs:
-            m.outer_step(exp.problem, exp.inner_opt, state, raw, train, next(val), T)
+            outer_step(m, exp.problem, exp.inner_opt, state, raw, train, next(val), T)
         counts[(T, K)] = syncs.count
     assert counts[(5, 3)] == counts[(20, 3)] == counts[(5, 12)], counts
     assert counts[(5, 3)] <= 4, counts  # logging at the end of the step: losses, norms, residual

@@ -9,9 +9,10 @@ from rich.console import Console
 
 from hoexp.cli import compose_spec
 from hoexp.dataset.ptb import batchify
-from hoexp.lm import BPTTStream, LMProblem
 from hoexp.model.lstm import LSTMLanguageModel, lm_loss
 from hoexp.runner import run_experiment
+from hoexp.task import LanguageModel
+from hoexp.task.streams import BPTTStream
 
 TINY_LSTM = ["model.embed_dim=12", "model.hidden=12", "progress=false"]
 
@@ -27,7 +28,7 @@ def test_evaluate_carries_the_state_through_the_stream():
     torch.manual_seed(0)
     model = LSTMLanguageModel(20, 6, 6, 2).double()
     source = batchify(torch.randint(0, 20, (203,)), 4)  # [50, 4]
-    problem = LMProblem(model, NoFamily())
+    problem = LanguageModel(model, NoFamily())
     problem.bptt = 7
     params = {k: v.detach() for k, v in model.named_parameters()}
     loss, acc = problem.evaluate(params, source)

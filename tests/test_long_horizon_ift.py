@@ -16,8 +16,7 @@ from hoexp.cli import compose_spec
 from hoexp.hp.composite import Composite
 from hoexp.hp.dropout import Dropout
 from hoexp.hp.weight_decay import WeightDecay
-from hoexp.lm import LMProblem
-from hoexp.method.base import InnerState
+from hoexp.method.base import InnerState, outer_step
 from hoexp.method.curvature import GaussNewton, GaussNewtonOperator, Hessian, HessianOperator, SplitLoss
 from hoexp.method.ift import ift_hypergradient
 from hoexp.method.implicit import ImplicitMethod
@@ -25,8 +24,9 @@ from hoexp.method.solvers import AutoStep, ConjugateGradient, Damped, Exact, Fix
 from hoexp.model.lstm import LSTMLanguageModel
 from hoexp.model.mlp import MLP
 from hoexp.optim import build_optimizer
-from hoexp.problem import NoisyBatches, Problem
 from hoexp.runner import Preempted, Run
+from hoexp.task import Classification, LanguageModel
+from hoexp.task.streams import WithNoise
 from tests.problems import Ridge, rel_err
 
 D = torch.float64
@@ -37,9 +37,9 @@ def noisy_problem(model, x, y, seed=0, decay=1e-2):
     """``model`` with per-weight decay and per-unit dropout; one training batch with its dropout noise."""
     model = model.to(D)
     family = Composite((WeightDecay("per_weight", decay, ("*",)), Dropout(model.unit_shapes(), init_value=0.2)))
-    problem = LMProblem(model, family) if isinstance(model, LSTMLanguageModel) else Problem(model, family)
+    problem = LanguageModel(model, family) if isinstance(model, LSTMLanguageModel) else Classification(model, family)
     params = {k: v.detach().clone() for k, v in model.named_parameters()}
-    batch = next(NoisyBatches(iter([(x, y)]), problem, torch.Generator().manual_seed(seed)))
+    batch = next(WithNoise(iter([(x, y)]), problem.noise, torch.Generator().manual_seed(seed)))
     return problem, params, family.init(params), batch
 
 
@@ -285,23 +285,23 @@ def test_auto_alpha_is_re_estimated_every_alpha_every_steps_and_reset():
     state = InnerState(w, opt.init(w))
     hvps, alphas = [], []
     for _ in range(5):
-        _, state, stats = method.outer_step(problem, opt, state, raw, itertools.repeat(batch), val, 0)
-        hvps.append(stats.hvps)
-        alphas.append(stats.extra["solver/alpha"])
+        _, state, stats = outer_step(method, problem, opt, state, raw, itertools.repeat(batch), val, 0)
+        hvps.append(stats["solver/hvps"])
+        alphas.append(stats["solver/alpha"])
     assert hvps == [24, 4, 4, 24, 4]  # 20 power iterations on steps 1 and 4; 3 steps + the residual
     assert alphas[0] == alphas[1] == alphas[2] and alphas[3] == alphas[4]
     assert set(method.state_dict()) == {"u", "step", "lambda_max"} and method.state_dict()["step"] == 5
     method.load_state_dict({})  # reset_inner / a fresh run: estimate again, start from zero
-    _, _, stats = method.outer_step(problem, opt, state, raw, itertools.repeat(batch), val, 0)
-    assert stats.hvps == 24 and "solver/warm_norm" not in stats.extra
+    _, _, stats = outer_step(method, problem, opt, state, raw, itertools.repeat(batch), val, 0)
+    assert stats["solver/hvps"] == 24 and "solver/warm_norm" not in stats
     # A stale estimate (α far above 2/λ_max) diverges: the next step estimates again, off the cadence, and
     # starts from zero (the diverged u is not carried).
     method.load_state_dict({"step": 1, "lambda_max": 1e-3})
-    _, _, stats = method.outer_step(problem, opt, state, raw, itertools.repeat(batch), val, 0)
-    assert stats.hvps == 4 and stats.residual > 1 and method.state_dict() == {"step": 2, "lambda_max": None}
-    _, _, stats = method.outer_step(problem, opt, state, raw, itertools.repeat(batch), val, 0)
-    assert stats.hvps == 24 and stats.residual < 1 and "solver/warm_norm" not in stats.extra
-    assert stats.extra["solver/alpha"] == pytest.approx(alphas[0], rel=0.1)
+    _, _, stats = outer_step(method, problem, opt, state, raw, itertools.repeat(batch), val, 0)
+    assert stats["solver/hvps"] == 4 and stats["solver/residual"] > 1 and method.state_dict() == {"step": 2, "lambda_max": None}
+    _, _, stats = outer_step(method, problem, opt, state, raw, itertools.repeat(batch), val, 0)
+    assert stats["solver/hvps"] == 24 and stats["solver/residual"] < 1 and "solver/warm_norm" not in stats
+    assert stats["solver/alpha"] == pytest.approx(alphas[0], rel=0.1)
 
 
 def test_build_wires_the_options():

@@ -13,9 +13,10 @@ import torch
 
 from hoexp.build import build, build_method
 from hoexp.cli import compose_spec
+from hoexp.engine import start
 from hoexp.errors import ConfigError
-from hoexp.method.base import InnerState, train_inner
-from hoexp.problem import training_batches
+from hoexp.method.base import InnerState, outer_step, train_inner
+from hoexp.task.streams import FullBatch
 
 FAMILIES = {
     "wd_global": ["hp=weight_decay", "hp.weight_decay.granularity=global", "hp.weight_decay.init=0.05"],
@@ -78,10 +79,8 @@ def _shift(raw, d, eps):
 def _setup(overrides):
     spec = compose_spec([*BASE, *overrides])[0]
     exp = build(spec)
-    params = {k: v.detach().clone() for k, v in exp.model.named_parameters()}
-    raw = exp.problem.family.init(params)
-    stream = training_batches(exp.problem, exp.data.train, 0)
-    return spec, exp, params, raw, stream
+    st = start(exp)
+    return spec, exp, st.inner.params, st.raw, exp.problem.with_noise(FullBatch(exp.data.train), 0)
 
 
 # The hierarchical granularities change only how a family maps raw values to decays and rates, not what a
@@ -104,17 +103,17 @@ def test_matrix_cell(method, family):
     val = (exp.data.val.x, exp.data.val.y)
     m = build_method(spec)
     if method in ("none", "hd"):
-        hg, state, stats = m.outer_step(problem, opt, InnerState(params, opt.init(params)), raw, stream, val, 6)
+        hg, state, stats = outer_step(m, problem, opt, InnerState(params, opt.init(params)), raw, stream, val, 6)
         assert hg is None and all(torch.isfinite(v).all() for v in state.params.values())
         if method == "hd":
-            assert stats.extra["hd/lr"] != 0.2
+            assert stats["hd/lr"] != 0.2
         return
     if method in IFT:
         _check_ift(method, spec, exp, params, raw, stream, val)
         return
     # Path methods: the same 6 batches (and dropout noise) for the method and the reference.
     batches = [next(stream) for _ in range(6)]
-    hg, _, _ = m.outer_step(problem, opt, InnerState(params, opt.init(params)), raw, iter(batches), val, 6)
+    hg, _, _ = outer_step(m, problem, opt, InnerState(params, opt.init(params)), raw, iter(batches), val, 6)
     assert all(torch.isfinite(v).all() for v in hg.values())
 
     def objective(r):
@@ -177,11 +176,11 @@ def _check_ift(method, spec, exp, params, raw, stream, val):
         key = "terms" if method == "neumann" else "iterations"
         spec = compose_spec([*BASE, *spec_overrides(spec), f"method={method}", f"method.{key}=2000",
                              f"method.alpha={1.0 / lam}"])[0]
-    hg, _, stats = build_method(spec).outer_step(problem, exp.inner_opt, state, raw, Once(), val, 0)
+    hg, _, stats = outer_step(build_method(spec), problem, exp.inner_opt, state, raw, Once(), val, 0)
     assert all(torch.isfinite(v).all() for v in hg.values())
-    assert method == "fd" or stats.inner_grad_norm < 1e-6  # (fd takes no step here: it logs the steps' norm)
+    assert method == "fd" or stats["inner/grad_norm"] < 1e-6  # (fd takes no step here: it logs the steps' norm)
     exact_spec = compose_spec([*BASE, *[o for o in spec_overrides(spec)], "method=exact"])[0]
-    exact, _, _ = build_method(exact_spec).outer_step(problem, exp.inner_opt, state, raw, Once(), val, 0)
+    exact, _, _ = outer_step(build_method(exact_spec), problem, exp.inner_opt, state, raw, Once(), val, 0)
     d = _dir(raw)
     if method == "exact":
         eps = 1e-5

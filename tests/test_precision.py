@@ -5,13 +5,14 @@ import torch
 
 from hoexp.build import build, build_method
 from hoexp.cli import compose_spec
+from hoexp.engine import start
 from hoexp.errors import ConfigError
-from hoexp.method.base import InnerState, train_inner
+from hoexp.method.base import InnerState, outer_step, train_inner
 from hoexp.method.curvature import SplitLoss
 from hoexp.method.ift import ift_hypergradient
 from hoexp.method.solvers import Neumann
 from hoexp.precision import Precision
-from hoexp.problem import training_batches
+from hoexp.task.streams import FullBatch
 
 SMALL = ["model.width=32", "progress=false", "hp.weight_decay.granularity=per_layer", "method.terms=3"]
 
@@ -19,14 +20,14 @@ SMALL = ["model.width=32", "progress=false", "hp.weight_decay.granularity=per_la
 def _setup(*overrides):
     spec = compose_spec([*SMALL, *overrides])[0]
     exp = build(spec)
-    params = {k: v.detach().clone() for k, v in exp.model.named_parameters()}
-    return spec, exp, params, exp.problem.family.init(params)
+    st = start(exp)
+    return spec, exp, st.inner.params, st.raw
 
 
 def test_bf16_inner_steps_train_and_leave_the_hypergradient_in_fp32():
     spec, exp, params, raw = _setup("precision=bf16")
     problem = exp.problem
-    stream = training_batches(problem, exp.data.train, 0)
+    stream = problem.with_noise(FullBatch(exp.data.train), 0)
     val = (exp.data.val.x, exp.data.val.y)
     before = float(problem.train_loss(params, raw, next(stream)))
     calls = []
@@ -38,17 +39,17 @@ def test_bf16_inner_steps_train_and_leave_the_hypergradient_in_fp32():
         return out
 
     problem.logits = recording
-    hg, state, stats = build_method(spec).outer_step(problem, exp.inner_opt, InnerState(params, exp.inner_opt.init(params)),
+    hg, state, stats = outer_step(build_method(spec), problem, exp.inner_opt, InnerState(params, exp.inner_opt.init(params)),
                                                      raw, stream, val, 40)
     inner, hyper = calls[:40], calls[40:]
     assert all(c == (True, torch.bfloat16) for c in inner)  # the 40 training steps: autocast, bf16 logits
     assert hyper and all(c == (False, torch.float32) for c in hyper)  # validation gradient, HVPs, mixed term
-    assert stats.inner_loss < 0.8 * before  # the loss falls
+    assert stats["inner/loss"] < 0.8 * before  # the loss falls
     assert all(p.dtype == torch.float32 for p in state.params.values()) and all(h.dtype == torch.float32
                                                                                  for h in hg.values())
     # The hypergradient is the float32 one at the weights the bf16 steps reached.
     problem.logits, problem.precision = logits, None
-    batch = next(training_batches(problem, exp.data.train, 0))  # full batch: the method's Hessian batch
+    batch = next(problem.with_noise(FullBatch(exp.data.train), 0))  # full batch: the method's Hessian batch
     ref, _ = ift_hypergradient(SplitLoss(*problem.train_parts(batch)), lambda w, lam: problem.val_loss(w, lam, val),
                                state.params, raw, Neumann(3, spec.method.alpha, True))
     assert all(torch.equal(hg[k], ref[k]) for k in hg)
@@ -58,7 +59,7 @@ def test_fp16_scales_the_loss_and_skips_overflowing_steps():
     spec, exp, params, raw = _setup("precision=fp16")
     problem = exp.problem
     problem.precision = Precision("fp16", "cpu", init_scale=2.0 ** 40, growth_interval=3)  # overflows fp16
-    stream = training_batches(problem, exp.data.train, 0)
+    stream = problem.with_noise(FullBatch(exp.data.train), 0)
     state = InnerState(params, exp.inner_opt.init(params))
     state, _, _ = train_inner(problem, exp.inner_opt, state, raw, stream, 1)
     assert all(torch.equal(state.params[k], params[k]) for k in params)  # skipped

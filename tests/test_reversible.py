@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from hoexp.hp.weight_decay import WeightDecay
-from hoexp.method.base import InnerState
+from hoexp.method.base import InnerState, outer_step
 from hoexp.method.reversible import (
     InfoBuffer,
     ReversibleMethod,
@@ -18,7 +18,7 @@ from hoexp.method.reversible import (
     reversible_hypergradient,
 )
 from hoexp.model.mlp import MLP
-from hoexp.problem import Problem
+from hoexp.task import Classification
 from tests.problems import Ridge, rel_err
 
 SHAPES = {"w1": (8, 4), "b1": (8,), "w2": (3, 8), "b2": (3,)}  # P = 67
@@ -217,7 +217,7 @@ def test_reversible_method_outer_step_matches_unrolled_problem():
     torch.manual_seed(0)
     model = MLP(4, 3, width=6, depth=1, activation="tanh").double()
     family = WeightDecay(granularity="per_layer", init_value=1e-2)
-    problem = Problem(model, family)
+    problem = Classification(model, family)
     params = {k: v.detach().clone() for k, v in model.named_parameters()}
     raw = family.init(params)
     g = torch.Generator().manual_seed(3)
@@ -228,7 +228,7 @@ def test_reversible_method_outer_step_matches_unrolled_problem():
     method = ReversibleMethod(lr=0.3, momentum=0.9)
     n, d = rational_momentum(0.9, method.momentum_bits)
     state = InnerState(params, {"sentinel": 1}, step=5)
-    hg, new_state, stats = method.outer_step(problem, None, state, raw, itertools.cycle(batches), val_batch, T,
+    hg, new_state, stats = outer_step(method, problem, None, state, raw, itertools.cycle(batches), val_batch, T,
                                              lambda: calls.append(1))
     _, d_raw, _, _, _, wT = unrolled(lambda p, r, t: problem.train_loss(p, r, batches[t % 3]),
                                      lambda p, r: problem.val_loss(p, r, val_batch), params, raw,
@@ -239,11 +239,11 @@ def test_reversible_method_outer_step_matches_unrolled_problem():
     assert max(float((new_state.params[k] - wT[k]).abs().max()) for k in wT) < 1e-8
     assert new_state.step == 5 + T and new_state.opt_state == {"sentinel": 1} and len(calls) == T
     P = sum(p.numel() for p in params.values())
-    bpws = stats.extra["reversible/bits_per_weight_step"]
+    bpws = stats["reversible/bits_per_weight_step"]
     assert 0 < bpws <= math.log2(1 / 0.9) + (math.log2(10) + 1) / T
-    assert stats.extra["reversible/memory_ratio_vs_float32_trajectory"] == pytest.approx(32 / bpws)
-    assert stats.hypergrad_norm == pytest.approx(float(torch.stack(list(d_raw.values())).norm()), rel=1e-6)
-    assert stats.hvps == T and P == 51
+    assert stats["reversible/memory_ratio_vs_float32_trajectory"] == pytest.approx(32 / bpws)
+    assert stats["hypergrad/norm"] == pytest.approx(float(torch.stack(list(d_raw.values())).norm()), rel=1e-6)
+    assert stats["solver/hvps"] == T and P == 51
 
 
 def test_overflow_and_invalid_momentum_are_refused():
@@ -271,7 +271,7 @@ def test_reversible_learns_lr_schedules_and_momentum_like_unrolled_reverse_mode(
     from hoexp.build import build, build_method
     from hoexp.cli import compose_spec
     from hoexp.method.base import train_inner
-    from hoexp.problem import training_batches
+    from hoexp.task.streams import FullBatch
 
     spec = compose_spec([*LR_BASE, *family, "method=reversible"])[0]
     exp = build(spec)
@@ -283,14 +283,14 @@ def test_reversible_learns_lr_schedules_and_momentum_like_unrolled_reverse_mode(
     mus = iter([0.875, 0.625])
     raw = {k: torch.logit(torch.tensor(next(mus), dtype=v.dtype)) if k.startswith("momentum:") else v
            for k, v in raw.items()}
-    stream = training_batches(exp.problem, exp.data.train, 0)
+    stream = exp.problem.with_noise(FullBatch(exp.data.train), 0)
     batches = [next(stream) for _ in range(8)]
     val = (exp.data.val.x, exp.data.val.y)
     problem, opt = exp.problem, exp.inner_opt
     out = {}
     for name in ("reversible", "unrolled"):
         m = build_method(compose_spec([*LR_BASE, *family, f"method={name}"])[0])
-        out[name] = m.outer_step(problem, opt, InnerState(params, opt.init(params)), raw, iter(batches), val, 8)[0]
+        out[name] = outer_step(m, problem, opt, InnerState(params, opt.init(params)), raw, iter(batches), val, 8)[0]
     rev, unr = (torch.cat([out[n][k].reshape(-1) for k in raw]) for n in ("reversible", "unrolled"))
     assert rev.numel() == sum(v.numel() for v in raw.values()) and float(rev.abs().min()) > 0
     assert rel_err(rev, unr) < 1e-6, (rev, unr)

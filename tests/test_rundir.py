@@ -206,7 +206,7 @@ class StopAt:
 
 
 def test_sigterm_during_step_0_evaluation_does_not_claim_a_checkpoint(tmp_path, monkeypatch):
-    from hoexp import runner
+    from hoexp.engine import evaluate as runner
 
     real = runner.evaluate
 

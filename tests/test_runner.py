@@ -6,13 +6,14 @@ import pytest
 import torch
 from rich.console import Console
 
+from hoexp import engine
 from hoexp.build import build
 from hoexp.cli import compose_spec
 from hoexp.errors import ConfigError
-from hoexp.method.base import InnerState, train_inner
+from hoexp.method.base import outer_step, train_inner
 from hoexp.metrics import MemoryLogger
-from hoexp.problem import FullBatch
 from hoexp.runner import run_experiment
+from hoexp.task.streams import FullBatch
 
 SMALL = ["model.width=8", "model.depth=1", "progress=false", "dtype=float64"]
 
@@ -27,9 +28,8 @@ def run(tmp_path, *overrides):
 def start(overrides):
     """A built experiment at its initial point: (exp, inner state, raw hyperparameters, validation batch)."""
     exp = build(compose_spec(overrides)[0])
-    params = {k: v.detach().clone() for k, v in exp.model.named_parameters()}
-    raw = exp.problem.family.init(params)
-    return exp, InnerState(params, exp.inner_opt.init(params)), raw, (exp.data.val.x, exp.data.val.y)
+    st = engine.start(exp)
+    return exp, st.inner, st.raw, (exp.data.val.x, exp.data.val.y)
 
 
 @pytest.mark.parametrize("granularity,count", [("global", 1), ("per_layer", 2), ("per_weight", 4 * 8 + 8 * 3)])
@@ -70,9 +70,9 @@ def test_runner_methods_agree_with_exact_at_the_same_point():
     for overrides in (["method=exact"], ["method=cg", "method.iterations=500", "method.tol=1e-12"],
                       ["method=neumann", "method.terms=2000", "method.alpha=0.05"]):
         m = build_method(compose_spec([*smooth, *overrides])[0])
-        hg, _, stats = m.outer_step(exp.problem, exp.inner_opt, state, raw, batches, val, 0)
-        assert stats.inner_grad_norm < 1e-3, (overrides, stats)
-        assert stats.residual < (0.1 if overrides[0] == "method=neumann" else 1e-6), (overrides, stats)
+        hg, _, stats = outer_step(m, exp.problem, exp.inner_opt, state, raw, batches, val, 0)
+        assert stats["inner/grad_norm"] < 1e-3, (overrides, stats)
+        assert stats["solver/residual"] < (0.1 if overrides[0] == "method=neumann" else 1e-6), (overrides, stats)
         hgs[overrides[0]] = torch.cat([v.flatten() for v in hg.values()])
     ref = hgs["method=exact"]
     assert float(ref.norm()) > 0
@@ -165,7 +165,7 @@ def test_unrolled_and_forward_agree_inside_the_runner():
     out = {}
     for name in ("unrolled", "forward"):
         m = build_method(compose_spec([*base, f"method={name}"])[0])
-        hg, new_state, _ = m.outer_step(exp.problem, exp.inner_opt, state, raw, FullBatch(exp.data.train), val, 12)
+        hg, new_state, _ = outer_step(m, exp.problem, exp.inner_opt, state, raw, FullBatch(exp.data.train), val, 12)
         out[name] = (torch.cat([v.flatten() for v in hg.values()]), new_state)
     assert torch.allclose(out["unrolled"][0], out["forward"][0], rtol=1e-8, atol=1e-14)
     for k in params:
@@ -193,13 +193,13 @@ def test_reversible_matches_unrolled_inside_the_runner():
     out = {}
     for name in ("unrolled", "reversible"):
         m = build_method(compose_spec([*base, f"method={name}"])[0])
-        hg, new_state, stats = m.outer_step(exp.problem, exp.inner_opt, state, raw, FullBatch(exp.data.train), val, 15)
+        hg, new_state, stats = outer_step(m, exp.problem, exp.inner_opt, state, raw, FullBatch(exp.data.train), val, 15)
         out[name] = (torch.cat([v.flatten() for v in hg.values()]), new_state, stats)
     a, b = out["unrolled"][0], out["reversible"][0]
     assert float((a - b).norm() / a.norm()) < 1e-7
     for k in params:
         assert torch.allclose(out["unrolled"][1].params[k], out["reversible"][1].params[k], rtol=0, atol=1e-8)
-    assert 0 < out["reversible"][2].extra["reversible/bits_per_weight_step"] < 0.5  # log2(1/0.75) = 0.415
+    assert 0 < out["reversible"][2]["reversible/bits_per_weight_step"] < 0.5  # log2(1/0.75) = 0.415
 
 
 def test_reversible_refuses_optimizers_it_cannot_reverse():
@@ -213,7 +213,7 @@ def test_reversible_refuses_optimizers_it_cannot_reverse():
 
 def test_minibatch_stream_is_seeded_and_covers_each_epoch():
     from hoexp.dataset.base import Split
-    from hoexp.problem import Minibatches
+    from hoexp.task.streams import Minibatches
 
     split = Split(torch.arange(10.0).unsqueeze(1), torch.arange(10))
     a = Minibatches(split, 3, torch.Generator().manual_seed(0))

@@ -30,7 +30,7 @@ from hoexp.components import BuildContext, DataContext, NonNegFloat, NonNegInt, 
 from hoexp.dataset.base import Split, Splits
 from hoexp.dataset.mnist import NUM_CLASSES, load_mnist
 from hoexp.dataset.root import data_root as resolve_root
-from hoexp.problem import Problem
+from hoexp.task import Classification
 
 KEY = "example_weight"  # the family's raw hyperparameter: one logit per training example
 
@@ -45,7 +45,8 @@ class CleaningData(Splits):
     l2: float = 0.0
 
     def problem(self, model: Any, family: Any) -> WeightedProblem:
-        return WeightedProblem(model, family, l2=self.l2)
+        return WeightedProblem(model, family, data=self, batch_size=self.batch_size,
+                               val_batch_size=self.val_batch_size, l2=self.l2)
 
     def to(self, device: torch.device | str) -> CleaningData:
         return replace(self, train=self.train.to(device), val=self.val.to(device), test=self.test.to(device))
@@ -111,7 +112,7 @@ def example_weights(ctx: BuildContext, *, init: float = 0.0, bound: PositiveInt 
 
 # ---------------------------------------------------------------------------------------------- problem
 @dataclass
-class WeightedProblem(Problem):
+class WeightedProblem(Classification):
     """``L_T = mean_i σ(λ_i)·CE_i + ½·l2·‖w‖²``; ``L_V`` and evaluation: plain mean cross-entropy."""
 
     l2: float = 0.0

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 if TYPE_CHECKING:
-    from hoexp.problem import Problem
+    from hoexp.task import Classification
 
 
 @dataclass
@@ -42,11 +42,12 @@ class Splits:
     def to(self, device: torch.device | str) -> Splits:
         return replace(self, train=self.train.to(device), val=self.val.to(device), test=self.test.to(device))
 
-    def problem(self, model: Any, family: Any) -> Problem:
-        """The bilevel problem on these splits: cross-entropy of ``model`` plus ``family``'s penalty."""
-        from hoexp.problem import Problem
+    def problem(self, model: Any, family: Any) -> Classification:
+        """The classification task on these splits: cross-entropy of ``model`` plus ``family``'s penalty."""
+        from hoexp.task import Classification
 
-        return Problem(model, family)
+        return Classification(model, family, data=self, batch_size=self.batch_size,
+                              val_batch_size=self.val_batch_size)
 
 
 @dataclass

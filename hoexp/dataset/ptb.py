@@ -26,7 +26,7 @@ from hoexp.dataset.base import TextSplits
 from hoexp.errors import HoexpError
 
 if TYPE_CHECKING:
-    from hoexp.lm import LMData
+    from hoexp.task.language_model import LMData
 
 EOS, UNK = "<eos>", "<unk>"
 FILES = ("ptb.train.txt", "ptb.valid.txt", "ptb.test.txt")
@@ -198,6 +198,6 @@ def ptb(ctx: DataContext, *, data_root: str | None = None, download: bool = Fals
     hypergradient windows, ``eval_batch_size`` for evaluation, windows of ``bptt`` tokens).
     ``val_batch_size`` is unused for text (a hypergradient uses one random validation window)."""
     from hoexp.dataset.root import data_root as resolve_root
-    from hoexp.lm import lm_data
+    from hoexp.task.language_model import lm_data
 
     return lm_data(load_ptb(resolve_root(data_root), download=download), batch_size, eval_batch_size, bptt)

@@ -1,16 +1,21 @@
 """The hypergradient-method protocol and the plain inner training loop it builds on.
 
-A method owns one outer step: it advances the inner problem by ``inner_steps`` training steps
-and returns a hypergradient for the raw hyperparameters (or ``None`` for ``method=none``).
-IFT methods train plainly and differentiate at the end; methods added later (unrolled, forward,
-reversible) differentiate through the steps themselves, hence the shape of the protocol.
+A method is a callable on one :class:`~hoexp.types.OuterStep`: it advances the inner problem over
+the ``inner_steps`` batches the engine drew (``s.train``) and returns an
+:class:`~hoexp.types.OuterResult`: a hypergradient for the raw hyperparameters (or ``None``), the
+new inner state and its scalars under their final TensorBoard tags. IFT methods train plainly and
+differentiate at the end; others (unrolled, forward, reversible) differentiate through the steps.
+
+Capabilities are attributes, never names: ``extra_batches`` (training batches drawn beyond
+``inner_steps``: the IFT's Hessian batch), ``needs_stationary_point`` (implicit differentiation:
+only families that move the inner optimum), ``differentiates_steps`` (no compiled or mixed-precision
+plain steps).
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -21,37 +26,57 @@ from hoexp import tree
 from hoexp.errors import HoexpError
 from hoexp.optim import Optimizer
 from hoexp.precision import all_finite
-from hoexp.problem import Batch, Problem
-
-
-@dataclass
-class InnerState:
-    params: dict[str, Tensor]
-    opt_state: dict[str, Any]
-    step: int = 0  # inner steps taken so far
-
-
-@dataclass
-class StepStats:
-    """What one outer step measured, for logging (host floats; None when not applicable)."""
-
-    inner_grad_norm: float | None = None
-    inner_loss: float | None = None
-    hypergrad_norm: float | None = None
-    residual: float | None = None
-    solver_iterations: int | None = None
-    hvps: int | None = None
-    info: str = ""
-    extra: dict[str, float] = field(default_factory=dict)
+from hoexp.task.base import Task
+from hoexp.types import InnerState, OuterResult, OuterStep
 
 
 class HyperMethod(Protocol):
+    """A hypergradient method (see the module doc)."""
+
     name: str
 
-    def outer_step(self, problem: Problem, inner_opt: Optimizer, state: InnerState, raw: dict[str, Tensor],
-                   train_batches: Iterator[Batch], val_batch: Batch, inner_steps: int,
-                   on_inner_step: Callable[[], None] | None = None,
-                   ) -> tuple[dict[str, Tensor] | None, InnerState, StepStats]: ...
+    @property
+    def extra_batches(self) -> int: ...  # training batches drawn after the inner steps' (IFT, fd: 1)
+
+    @property
+    def needs_stationary_point(self) -> bool: ...  # implicit differentiation: the family must move w*
+
+    @property
+    def differentiates_steps(self) -> bool: ...  # through the inner steps (no compiled or mixed-precision steps)
+
+    def __call__(self, s: OuterStep, /) -> OuterResult: ...
+
+
+HypergradMethod = HyperMethod
+
+
+def take(stream: Iterator[tuple], n: int) -> list[tuple]:
+    """The next ``n`` batches of ``stream``."""
+    return [next(stream) for _ in range(n)]
+
+
+def outer_step(method: HyperMethod, task: Task, inner_opt: Optimizer, inner: InnerState, raw: dict[str, Tensor],
+               stream: Iterator[tuple], val: tuple, inner_steps: int, on_step: Callable[[], None] | None = None,
+               ) -> OuterResult:
+    """One outer step of ``method`` on the next ``inner_steps + method.extra_batches`` batches of ``stream``
+    (what the engine does; for scripts and tests that hold a stream)."""
+    train = take(stream, inner_steps)
+    extra = take(stream, method.extra_batches)
+    return method(OuterStep(task, inner_opt, inner, raw, train, extra, val, on_step))
+
+
+def scalars(**tagged: Any) -> dict[str, float]:
+    """Host floats under their tags, the ``None`` ones left out (``scalars(**{"inner/loss": 0.3})``)."""
+    return {k: float(v) for k, v in tagged.items() if v is not None}
+
+
+def inner_scalars(loss: Tensor | float | None, gnorm: Tensor | float | None) -> dict[str, float]:
+    """``inner/grad_norm`` and ``inner/loss`` of the last training step (two host reads where present)."""
+    return scalars(**{"inner/grad_norm": gnorm, "inner/loss": loss})
+
+
+def with_extra(base: Mapping[str, float], extra: Mapping[str, float]) -> dict[str, float]:
+    return {**base, **{k: float(v) for k, v in extra.items()}}
 
 
 @runtime_checkable
@@ -68,8 +93,8 @@ class CarriesState(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
-def plain_step(problem: Problem, inner_opt: Optimizer, params: dict[str, Tensor], opt_state: dict[str, Any],
-               raw: dict[str, Tensor], batch: Batch, overrides: dict[str, Any],
+def plain_step(problem: Task, inner_opt: Optimizer, params: dict[str, Tensor], opt_state: dict[str, Any],
+               raw: dict[str, Tensor], batch: tuple, overrides: dict[str, Any],
                ) -> tuple[dict[str, Tensor], dict[str, Any], Tensor, Tensor]:
     """One training step as a pure function: ``g = ∇_w L_T(w, λ; batch)``, ``w, s ← update(w, g, s)``.
 
@@ -81,7 +106,7 @@ def plain_step(problem: Problem, inner_opt: Optimizer, params: dict[str, Tensor]
     return new_params, new_state, loss, tree.norm(grads)
 
 
-def compiled_step(problem: Problem, inner_opt: Optimizer) -> Callable[..., Any]:
+def compiled_step(problem: Task, inner_opt: Optimizer) -> Callable[..., Any]:
     """:func:`plain_step` for ``(problem, inner_opt)`` through ``torch.compile``, made once per pair
     (``problem.compiled`` holds it: the problem owns its compiled code, nothing global).
 
@@ -109,22 +134,27 @@ def compiled_step(problem: Problem, inner_opt: Optimizer) -> Callable[..., Any]:
     return fn
 
 
-def train_inner(problem: Problem, inner_opt: Optimizer, state: InnerState, raw: dict[str, Tensor],
-                batches: Iterator[Batch], steps: int, on_step: Callable[[], None] | None = None,
+def train_inner(problem: Task, inner_opt: Optimizer, state: InnerState, raw: dict[str, Tensor],
+                batches: Iterable[tuple], steps: int | None = None, on_step: Callable[[], None] | None = None,
                 ) -> tuple[InnerState, Tensor | None, Tensor | None]:
-    """``steps`` plain (non-differentiable) training steps at fixed hyperparameters.
+    """``steps`` plain (non-differentiable) training steps at fixed hyperparameters, on the next batches of
+    ``batches`` (a stream, or a sequence: ``steps`` None takes all of it).
 
     Returns the new state and the last step's training loss and gradient norm (0-d tensors,
     not synced to the host). Cost: one forward and backward pass per step. With
     ``problem.compile`` each step is :func:`plain_step` compiled by ``torch.compile``.
     """
+    if steps is None:
+        batches = list(batches)
+        steps = len(batches)
+    it = iter(batches)
     raw = tree.detached(raw)
     params, opt_state = state.params, state.opt_state
     step_fn = compiled_step(problem, inner_opt) if problem.compile else None
     scaler = problem.precision if problem.precision is not None and problem.precision.scaled else None
     loss = gnorm = None
     for t in range(steps):
-        batch = next(batches)
+        batch = next(it)
         overrides = problem.family.optimizer_overrides(raw, t)
         if step_fn is not None:
             params, opt_state, loss, gnorm = step_fn(params, opt_state, raw, batch, overrides)

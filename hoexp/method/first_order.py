@@ -22,7 +22,7 @@ gradients each), a first-order Neumann IFT.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -31,11 +31,10 @@ from torch import Tensor
 
 from hoexp import tree
 from hoexp.components import NonNegInt, PositiveFloat
-from hoexp.method.base import InnerState, StepStats, train_inner
+from hoexp.method.base import scalars, train_inner
 from hoexp.method.ift import LossFn, validation_gradient
 from hoexp.method.solvers import Neumann
-from hoexp.optim import Optimizer
-from hoexp.problem import Batch, Problem
+from hoexp.types import OuterResult, OuterStep
 
 
 def _step(v: Tensor, eps: float) -> Tensor:
@@ -111,25 +110,22 @@ class FiniteDifferenceMethod:
     """``method=fd``: train ``inner_steps`` plain steps, then :func:`fd_hypergradient` at the reached weights
     (mixed term on the next training batch, validation gradient on ``val_batch``, as the IFT methods)."""
 
-    needs_stationary_point: ClassVar[bool] = True  # the IFT's approximation: refused for lr / momentum
-    differentiates_steps: ClassVar[bool] = False  # plain inner steps: compile=true and mixed precision apply
-    refuses_data_parallel: ClassVar[str] = ""
-
     alpha: PositiveFloat = 0.01  # H⁻¹ ≈ αI (DARTS's ξ)
     eps: PositiveFloat = 0.01  # w ± εu with ε = eps/‖u‖: the perturbation's length
     terms: NonNegInt = 0  # > 0: Neumann terms with finite-difference Hessian-vector products (two gradients each)
     name: str = "fd"
 
-    def outer_step(self, problem: Problem, inner_opt: Optimizer, state: InnerState, raw: dict[str, Tensor],
-                   train_batches: Iterator[Batch], val_batch: Batch, inner_steps: int,
-                   on_inner_step: Callable[[], None] | None = None,
-                   ) -> tuple[dict[str, Tensor], InnerState, StepStats]:
-        state, loss, gnorm = train_inner(problem, inner_opt, state, raw, train_batches, inner_steps, on_inner_step)
-        batch = next(train_batches)
+    extra_batches: ClassVar[int] = 1  # the mixed term's batch, drawn after the inner steps' (as the IFT methods)
+    needs_stationary_point: ClassVar[bool] = True  # the IFT's approximation: refused for lr / momentum
+    differentiates_steps: ClassVar[bool] = False  # plain inner steps: compile=true and mixed precision apply
+    refuses_data_parallel: ClassVar[str] = ""
+
+    def __call__(self, st: OuterStep) -> OuterResult:
+        problem, batch, val_batch = st.task, st.extra[0], st.val
+        state, loss, gnorm = train_inner(problem, st.inner_opt, st.inner, st.raw, st.train, None, st.on_step)
         hg, s = fd_hypergradient(lambda w, lam: problem.train_loss(w, lam, batch),
                                  lambda w, lam: problem.val_loss(w, lam, val_batch),
-                                 state.params, raw, alpha=self.alpha, eps=self.eps, terms=self.terms)
-        stats = StepStats(inner_grad_norm=None if gnorm is None else float(gnorm),
-                          inner_loss=None if loss is None else float(loss), hypergrad_norm=float(tree.norm(hg)),
-                          solver_iterations=self.terms, hvps=s.hvps, extra={"fd/u_norm": s.u_norm})
-        return hg, state, stats
+                                 state.params, st.raw, alpha=self.alpha, eps=self.eps, terms=self.terms)
+        return OuterResult(hg, state, scalars(**{
+            "inner/grad_norm": gnorm, "inner/loss": loss, "hypergrad/norm": tree.norm(hg),
+            "solver/iterations": self.terms, "solver/hvps": s.hvps, "fd/u_norm": s.u_norm}))

@@ -26,7 +26,7 @@ Three strategies compute the same tangents (tests hold them to rounding):
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -37,10 +37,9 @@ from torch.func import grad, jvp, vmap
 from hoexp import tree
 from hoexp.components import CheckContext, PositiveInt
 from hoexp.errors import ConfigError
-from hoexp.method.base import InnerState, StepStats
 from hoexp.method.unrolled import StepLoss, UnrolledResult, detach_state, path_outputs, path_result
 from hoexp.optim import Optimizer
-from hoexp.problem import Batch, Problem
+from hoexp.types import OuterResult, OuterStep
 
 
 def _split_state(state: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -347,11 +346,6 @@ class ForwardMethod:
     memory ``O(P·H)``.
     """
 
-    needs_stationary_point: ClassVar[bool] = False
-    differentiates_steps: ClassVar[bool] = True
-    refuses_data_parallel: ClassVar[str] = ("pushes tangents with torch.func.jvp/vmap, which cannot all-reduce inside "
-                                            "the transform")
-
     max_hparams: int = 64
     name: str = "forward"
     strategy: str = "hessian"
@@ -359,31 +353,33 @@ class ForwardMethod:
     decay: float = 1.0
     tangents: tuple[dict[str, Tensor], Any] | None = field(default=None, repr=False)
 
+    extra_batches: ClassVar[int] = 0
+    needs_stationary_point: ClassVar[bool] = False
+    differentiates_steps: ClassVar[bool] = True
+    refuses_data_parallel: ClassVar[str] = ("pushes tangents with torch.func.jvp/vmap, which cannot all-reduce inside "
+                                            "the transform")
+
     def check(self, ctx: CheckContext) -> None:
         """One tangent per hyperparameter: refuse more than ``max_hparams`` before training starts."""
         if ctx.n_hparams is not None and ctx.n_hparams > self.max_hparams:
-            n_hparams = ctx.n_hparams
             raise ConfigError(
                 f"method={self.name} carries one tangent per hyperparameter and hp={ctx.family.name} has "
-                f"{n_hparams:,} here, above method.max_hparams={self.max_hparams}; use a coarser granularity (e.g. "
-                "hp.granularity=per_layer), a reverse method (unrolled, truncated) or an IFT method (neumann, cg), "
-                "or raise method.max_hparams")
+                f"{ctx.n_hparams:,} here, above method.max_hparams={self.max_hparams}; use a coarser granularity "
+                "(e.g. hp.granularity=per_layer), a reverse method (unrolled, truncated) or an IFT method (neumann, "
+                "cg), or raise method.max_hparams")
 
-    def outer_step(self, problem: Problem, inner_opt: Optimizer, state: InnerState, raw: dict[str, Tensor],
-                   train_batches: Iterator[Batch], val_batch: Batch, inner_steps: int,
-                   on_inner_step: Callable[[], None] | None = None,
-                   ) -> tuple[dict[str, Tensor], InnerState, StepStats]:
+    def __call__(self, st: OuterStep) -> OuterResult:
         start = None
         if self.carry and self.tangents is not None:
             start = self.tangents if self.decay == 1 else _scale(self.tangents, self.decay)
-        res = path_result(forward_hypergradient, problem, inner_opt, state, raw, train_batches, val_batch,
-                          inner_steps, on_inner_step, strategy=self.strategy, tangents=start)
-        hg, new_state, stats = path_outputs(res, state, inner_steps)
-        if self.carry:
-            self.tangents = res.tangents
-            if res.tangents is not None:
-                stats.extra["forward/tangent_norm"] = float(tree.norm(res.tangents[0]))
-        return hg, new_state, stats
+        res = path_result(forward_hypergradient, st, strategy=self.strategy, tangents=start)
+        out = path_outputs(res, st)
+        if not self.carry:
+            return out
+        self.tangents = res.tangents
+        if res.tangents is None:
+            return out
+        return out._replace(scalars={**out.scalars, "forward/tangent_norm": float(tree.norm(res.tangents[0]))})
 
     @property
     def carries(self) -> bool:

@@ -35,7 +35,7 @@ from torch.func import grad, grad_and_value, jvp, vjp, vmap
 
 from hoexp import tree
 from hoexp.method.curvature import SplitLoss
-from hoexp.method.solvers import REASONS, AutoStep, Exact, Solver, TensorSolve
+from hoexp.method.solvers import REASONS, AutoStep, Exact, FixedPoint, Neumann, Solver, TensorSolve, series_scalars
 
 Params = dict[str, Tensor]
 Loss = Callable[[Params, Params], Tensor]
@@ -253,7 +253,8 @@ class CompiledIFT:
                  torch.as_tensor(sol.reason, dtype=host.dtype, device=host.device)]
         lt, lv, gn, res, iters, why = torch.cat([host, torch.stack(extra)]).tolist()  # one host read
         info = REASONS[int(why)] if self.solver.name == "cg" else "lu" if isinstance(self.solver, Exact) else ""
-        stats = IFTStats(train_loss=lt, val_loss=lv, inner_grad_norm=gn,
-                         residual=res if sol.residual is not None else None, iterations=int(iters), hvps=sol.hvps,
-                         info=info, solution=sol.x)
+        stats_res = res if sol.residual is not None else None
+        stats = IFTStats(train_loss=lt, val_loss=lv, inner_grad_norm=gn, residual=stats_res, iterations=int(iters), hvps=sol.hvps,
+                         info=info, solution=sol.x,
+                         extra=series_scalars(stats_res) if isinstance(self.solver, (Neumann, FixedPoint)) else {})
         return hg, stats

@@ -32,20 +32,19 @@ With ``β = 0`` the trajectory is the plain optimizer's (bitwise ``torch.optim.S
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor
 
-from hoexp import tree
 from hoexp.components import CheckContext, NonNegFloat, Probability
 from hoexp.errors import ConfigError
-from hoexp.method.base import InnerState, StepStats
+from hoexp.method.base import inner_scalars, train_inner
 from hoexp.optim import Optimizer
 from hoexp.optim.base import add_scaled, add_scaled_div, add_scaled_mul, lerp, safe_sqrt, zeros_like_params
-from hoexp.problem import Batch, Problem
+from hoexp.types import OuterResult, OuterStep
 
 __all__ = ["VARIANTS", "HDMethod", "hd_adam_step", "hd_init", "hd_sgd_step", "hd_sgdn_step"]
 
@@ -185,10 +184,6 @@ class HDMethod:
     Cost per inner step: one forward and backward pass plus O(P) (see the module docstring).
     """
 
-    needs_stationary_point: ClassVar[bool] = False
-    differentiates_steps: ClassVar[bool] = True  # the hypergradient of its last step: no compile, no mixed precision
-    refuses_data_parallel: ClassVar[str] = "adapts the learning rate inside its own optimizer, on one process's gradients"
-
     variant: str = "sgd"
     _: dataclasses.KW_ONLY
     beta: float
@@ -199,6 +194,12 @@ class HDMethod:
     min_lr: float | None = None
     max_lr: float | None = None
     name: str = "hd"
+    extra_batches: ClassVar[int] = 0
+    needs_stationary_point: ClassVar[bool] = False
+    # Its steps follow HD's own rule (the hypergradient of the last step), not inner_opt's: compile=true and mixed
+    # precision, which apply to inner_opt's plain steps, are refused.
+    differentiates_steps: ClassVar[bool] = True
+    refuses_data_parallel: ClassVar[str] = "adapts the learning rate inside its own optimizer, on one process's gradients"
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
@@ -231,11 +232,11 @@ class HDMethod:
             raise ValueError("HDMethod.init_state needs lr0 (the method's lr0 is None: the run supplies it)")
         return hd_init(params, torch.tensor(float(start), dtype=torch.float64, device=device), self.variant)
 
-    def start_lr(self, problem: Problem, inner_opt: Optimizer) -> float:
+    def start_lr(self, task: Any, inner_opt: Optimizer) -> float:
         """``lr0``, or the tuned lr family's initial value, or the inner optimizer's configured ``lr``."""
         if self.lr0 is not None:
             return float(self.lr0)
-        return float(getattr(problem.family, "init_value", None) or inner_opt.defaults["lr"])
+        return float(getattr(task.family, "init_value", None) or inner_opt.defaults["lr"])
 
     def step(self, params: Params, grads: Params, state: State) -> tuple[Params, State]:
         """One HD step of this method's variant (see :func:`hd_sgd_step` and siblings)."""
@@ -246,33 +247,22 @@ class HDMethod:
             return hd_sgdn_step(params, grads, state, self.beta, self.momentum, **clamp)
         return hd_adam_step(params, grads, state, self.beta, self.betas, self.eps, **clamp)
 
-    def outer_step(self, problem: Problem, inner_opt: Optimizer, state: InnerState, raw: dict[str, Tensor],
-                   train_batches: Iterator[Batch], val_batch: Batch, inner_steps: int,
-                   on_inner_step: Callable[[], None] | None = None,
-                   ) -> tuple[None, InnerState, StepStats]:
-        raw = tree.detached(raw)
-        params, opt_state = state.params, state.opt_state
-        if "hd_lr" not in opt_state:
-            opt_state = {**opt_state, **self.init_state(params, self.start_lr(problem, inner_opt))}
-        _check_keys(opt_state, self.variant)
-        loss = gnorm = None
-        for _ in range(inner_steps):
-            batch = next(train_batches)
-            w = tree.detached(params, requires_grad=True)
-            loss = problem.train_loss(w, raw, batch)
-            grads = dict(zip(w.keys(), torch.autograd.grad(loss, list(w.values()))))
-            with torch.no_grad():
-                params, opt_state = self.step(params, grads, opt_state)
-            gnorm = tree.norm(grads)
-            if on_inner_step is not None:
-                on_inner_step()
-        stats = StepStats(
-            inner_grad_norm=None if gnorm is None else float(gnorm),
-            inner_loss=None if loss is None else float(loss.detach()),
-            extra={"hd/lr": float(opt_state["hd_lr"]), "hd/h": float(opt_state["hd_h"])},
-        )
-        return None, InnerState(params, opt_state, state.step + inner_steps), stats
+    def optimizer(self) -> Optimizer:
+        """This method's update rule as an :class:`~hoexp.optim.Optimizer` (its HD state in ``hd_`` keys; the
+        family's optimizer overrides are ignored: the learning rate is HD's own)."""
+        return Optimizer(f"hd_{self.variant}", self.init_state, lambda params, grads, state, **_: self.step(
+            params, grads, state))
 
+    def __call__(self, st: OuterStep) -> OuterResult:
+        opt_state = st.inner.opt_state
+        if "hd_lr" not in opt_state:
+            opt_state = {**opt_state, **self.init_state(st.inner.params, self.start_lr(st.task, st.inner_opt))}
+        _check_keys(opt_state, self.variant)
+        # HD's steps are plain training steps with its own rule in place of inner_opt (one shared loop)
+        state, loss, gnorm = train_inner(st.task, self.optimizer(), st.inner._replace(opt_state=opt_state), st.raw,
+                                         st.train, None, st.on_step)
+        return OuterResult(None, state, {**inner_scalars(loss, gnorm), "hd/lr": float(state.opt_state["hd_lr"]),
+                                         "hd/h": float(state.opt_state["hd_h"])})
 
 
 def hd(*, variant: Literal["sgd", "sgdn", "adam"] = "sgd", beta: NonNegFloat = 1e-3, lr0: float | None = None,

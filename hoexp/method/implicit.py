@@ -3,22 +3,18 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
-
-from torch import Tensor
 
 from hoexp import tree
 from hoexp.components import CheckContext, NonNegFloat, NonNegInt, PositiveInt
 from hoexp.errors import ConfigError
-from hoexp.method.base import InnerState, StepStats, train_inner
+from hoexp.method.base import inner_scalars, scalars, train_inner, with_extra
 from hoexp.method.curvature import CURVATURES, Curvature, Hessian, SplitLoss
 from hoexp.method.functional import CompiledIFT, time_hvp_modes
 from hoexp.method.ift import ift_hypergradient
 from hoexp.method.solvers import AutoStep, ConjugateGradient, Exact, FixedPoint, Neumann, Solver
-from hoexp.optim import Optimizer
-from hoexp.problem import Batch, Problem
+from hoexp.types import OuterResult, OuterStep
 
 
 @dataclass
@@ -54,14 +50,13 @@ class ImplicitMethod:
     eager path, which it falls back to on a failure or a disagreement).
     """
 
-    # What compatibility checks read (hoexp.build.check_compatibility): IFT differentiates at a stationary
-    # point of L_T, so it cannot tune families that change only the path (lr, momentum); its inner steps are
-    # plain ones (compile=true and mixed precision apply).
-    needs_stationary_point: ClassVar[bool] = True
-    differentiates_steps: ClassVar[bool] = False
-
     solver: Solver
     name: str
+    extra_batches: ClassVar[int] = 1  # the Hessian's batch, drawn after the inner steps' (today's stream positions)
+    # IFT differentiates at a stationary point of L_T, so it cannot tune families that change only the path (lr,
+    # momentum); its inner steps are plain ones (compile=true and mixed precision apply).
+    needs_stationary_point: ClassVar[bool] = True
+    differentiates_steps: ClassVar[bool] = False
     curvature: Curvature = Hessian()
     damping: float = 0.0
     warm_start: bool = False
@@ -97,12 +92,10 @@ class ImplicitMethod:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.carried = dict(state)
 
-    def outer_step(self, problem: Problem, inner_opt: Optimizer, state: InnerState, raw: dict[str, Tensor],
-                   train_batches: Iterator[Batch], val_batch: Batch, inner_steps: int,
-                   on_inner_step: Callable[[], None] | None = None,
-                   ) -> tuple[dict[str, Tensor], InnerState, StepStats]:
-        state, loss, _ = train_inner(problem, inner_opt, state, raw, train_batches, inner_steps, on_inner_step)
-        train_batch = next(train_batches)
+    def __call__(self, st: OuterStep) -> OuterResult:
+        problem, raw, val_batch = st.task, st.raw, st.val
+        state, _, _ = train_inner(problem, st.inner_opt, st.inner, raw, st.train, None, st.on_step)
+        train_batch = st.extra[0]  # the Hessian's and mixed term's batch: the one after the inner steps
         solver, step = self.solver, int(self.carried.get("step", 0))
         if self.alpha_every:
             lam = self.carried.get("lambda_max") if step % self.alpha_every else None
@@ -144,32 +137,25 @@ class ImplicitMethod:
         if self.alpha_every:  # after a diverged series α is stale: estimate again next step
             carried.update(step=step + 1, lambda_max=None if diverged else s.extra["solver/lambda_max"])
         self.carried = carried
-        stats = StepStats(
-            inner_grad_norm=s.inner_grad_norm, inner_loss=s.train_loss,
-            hypergrad_norm=float(tree.norm(hg)), residual=s.residual,
-            solver_iterations=s.iterations, hvps=s.hvps, info=s.info, extra=s.extra,
-        )
-        return hg, state, stats
+        return OuterResult(hg, state, with_extra(scalars(**{
+            "inner/grad_norm": s.inner_grad_norm, "inner/loss": s.train_loss, "hypergrad/norm": tree.norm(hg),
+            "solver/residual": s.residual, "solver/iterations": s.iterations, "solver/hvps": s.hvps}), s.extra))
 
 
 @dataclass
 class NoHO:
     """``method=none``: train with the initial hyperparameters; never returns a hypergradient."""
 
+    name: str = "none"
+
+    extra_batches: ClassVar[int] = 0
     needs_stationary_point: ClassVar[bool] = False
     differentiates_steps: ClassVar[bool] = False
     refuses_data_parallel: ClassVar[str] = ""
 
-    name: str = "none"
-
-    def outer_step(self, problem: Problem, inner_opt: Optimizer, state: InnerState, raw: dict[str, Tensor],
-                   train_batches: Iterator[Batch], val_batch: Batch, inner_steps: int,
-                   on_inner_step: Callable[[], None] | None = None,
-                   ) -> tuple[None, InnerState, StepStats]:
-        state, loss, gnorm = train_inner(problem, inner_opt, state, raw, train_batches, inner_steps, on_inner_step)
-        stats = StepStats(inner_grad_norm=None if gnorm is None else float(gnorm),
-                          inner_loss=None if loss is None else float(loss))
-        return None, state, stats
+    def __call__(self, s: OuterStep) -> OuterResult:
+        state, loss, gnorm = train_inner(s.task, s.inner_opt, s.inner, s.raw, s.train, None, s.on_step)
+        return OuterResult(None, state, inner_scalars(loss, gnorm))
 
 
 # ------------------------------------------------------------------------------------------- factories

@@ -53,7 +53,7 @@ starts below its bound because pops from a nearly empty buffer return few bits).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar
 
@@ -64,9 +64,10 @@ from torch import Tensor
 from hoexp import tree
 from hoexp.components import CheckContext, Range
 from hoexp.errors import ConfigError
-from hoexp.method.base import InnerState, StepStats
+from hoexp.method.base import scalars
 from hoexp.optim import Optimizer
-from hoexp.problem import Batch, Problem
+from hoexp.task.base import Task
+from hoexp.types import InnerState, OuterResult, OuterStep
 
 TrainLossFn = Callable[[dict[str, Tensor], dict[str, Tensor], int], Tensor]
 ValLossFn = Callable[[dict[str, Tensor], dict[str, Tensor]], Tensor]
@@ -401,39 +402,16 @@ class ReversibleMethod:
     step, memory O(P) plus ``≈ inner_steps·P·log2(1/γ)`` bits.
     """
 
-    needs_stationary_point: ClassVar[bool] = False
-    differentiates_steps: ClassVar[bool] = True
-    refuses_data_parallel: ClassVar[str] = "reverses the optimizer in fixed-point arithmetic on one process's gradients"
-
     lr: float | None = None  # Maclaurin's α; None: optim/inner's lr / (1 − momentum)
     momentum: float | None = None  # γ; None: optim/inner's momentum
     radix_bits: int = 50
     momentum_bits: int = 16
     name: str = "reversible"
 
-    def outer_step(self, problem: Problem, inner_opt: Optimizer, state: InnerState, raw: dict[str, Tensor],
-                   train_batches: Iterator[Batch], val_batch: Batch, inner_steps: int,
-                   on_inner_step: Callable[[], None] | None = None,
-                   ) -> tuple[dict[str, Tensor], InnerState, StepStats]:
-        batches = [next(train_batches) for _ in range(inner_steps)]
-        lr, mu = self.rates(inner_opt)
-        res = reversible_hypergradient(
-            lambda w, lam, t: problem.train_loss(w, lam, batches[t]),
-            lambda w, lam: problem.val_loss(w, lam, val_batch),
-            state.params, raw, lr, mu, inner_steps,
-            radix_bits=self.radix_bits, momentum_bits=self.momentum_bits, on_step=on_inner_step,
-            schedule=self.schedule(problem, state.params, raw, lr, mu),
-        )
-        params = {k: res.params[k].to(device=p.device) for k, p in state.params.items()}
-        new_state = InnerState(params, state.opt_state, state.step + inner_steps)
-        cells = max(res.num_params * inner_steps, 1)
-        extra = {
-            "reversible/bits_per_weight_step": res.bits_used / cells,
-            "reversible/memory_ratio_vs_float32_trajectory": 32.0 * cells / max(res.bits_used, 1),
-        }
-        stats = StepStats(inner_grad_norm=res.grad_norm_last, inner_loss=res.train_loss_last,
-                          hypergrad_norm=float(tree.norm(res.hyper_raw)), hvps=inner_steps, extra=extra)
-        return res.hyper_raw, new_state, stats
+    extra_batches: ClassVar[int] = 0
+    needs_stationary_point: ClassVar[bool] = False
+    differentiates_steps: ClassVar[bool] = True
+    refuses_data_parallel: ClassVar[str] = "reverses the optimizer in fixed-point arithmetic on one process's gradients"
 
     def rates(self, inner_opt: Optimizer) -> tuple[float, float]:
         """``(α, γ)``: the configured ones, else from the inner heavy-ball optimizer (``α = η/(1 − μ)``, ``γ = μ``)."""
@@ -453,7 +431,27 @@ class ReversibleMethod:
                 "(with these options) is not reversible: use optim/inner=momentum (0 < momentum < 1, no dampening or "
                 "weight_decay), or method=unrolled / truncated for other optimizers")
 
-    def schedule(self, problem: Problem, params: Mapping[str, Tensor], raw: Mapping[str, Tensor], lr: float,
+    def __call__(self, st: OuterStep) -> OuterResult:
+        problem, state, raw, batches, val_batch = st.task, st.inner, st.raw, st.train, st.val
+        inner_steps = len(batches)
+        lr, mu = self.rates(st.inner_opt)
+        res = reversible_hypergradient(
+            lambda w, lam, t: problem.train_loss(w, lam, batches[t]),
+            lambda w, lam: problem.val_loss(w, lam, val_batch),
+            state.params, raw, lr, mu, inner_steps,
+            radix_bits=self.radix_bits, momentum_bits=self.momentum_bits, on_step=st.on_step,
+            schedule=self.schedule(problem, state.params, raw, lr, mu),
+        )
+        params = {k: res.params[k].to(device=p.device) for k, p in state.params.items()}
+        new_state = InnerState(params, state.opt_state, state.step + inner_steps)
+        cells = max(res.num_params * inner_steps, 1)
+        return OuterResult(res.hyper_raw, new_state, scalars(**{
+            "inner/grad_norm": res.grad_norm_last, "inner/loss": res.train_loss_last,
+            "hypergrad/norm": tree.norm(res.hyper_raw), "solver/hvps": inner_steps,
+            "reversible/bits_per_weight_step": res.bits_used / cells,
+            "reversible/memory_ratio_vs_float32_trajectory": 32.0 * cells / max(res.bits_used, 1)}))
+
+    def schedule(self, problem: Task, params: Mapping[str, Tensor], raw: Mapping[str, Tensor], lr: float,
                  momentum: float) -> Schedule | None:
         """``(α_t, γ_t)`` per weight from the family's optimizer overrides (``lr``: torch's ``η``,
         ``momentum``: ``μ``; others: ``α = lr``, ``γ = momentum``), or ``None`` when the family tunes neither."""
@@ -479,7 +477,6 @@ def _per_weight(value: Any, params: Mapping[str, Tensor]) -> Tensor:
     per_name = value if isinstance(value, Mapping) else dict.fromkeys(params, value)
     return torch.cat([torch.as_tensor(per_name[n], dtype=torch.float64, device=p.device).expand(p.shape).reshape(-1)
                       for n, p in params.items()])
-
 
 
 def reversible(*, radix_bits: Annotated[int, Range(ge=20, le=56)] = 50,

@@ -128,6 +128,12 @@ class Damped:
         return H + self.mu * torch.eye(self.n, dtype=H.dtype, device=H.device)
 
 
+def series_scalars(residual: float | None) -> dict[str, float]:
+    """``solver/diverging`` = 1 when a Neumann or fixed-point series' residual exceeds 1 (worse than ``u = 0``:
+    ``α > 2/λ_max``, or negative curvature); what the engine warns on, once per run."""
+    return {"solver/diverging": 1.0} if residual is not None and residual > 1 else {}
+
+
 def _relative(r: Tensor, b_norm: Tensor) -> float:
     r_norm, b = torch.stack([torch.linalg.vector_norm(r), b_norm.to(r.dtype)]).tolist()  # one host sync
     return r_norm / b if b > 0 else 0.0
@@ -157,7 +163,8 @@ class Neumann:
             return FixedPoint(self.iterations, self.alpha, self.residual)(op, b, x0)
         x, r, m_total = self._iterate(op, b)
         res = None if r is None else _relative(r, torch.linalg.vector_norm(b))
-        return SolveResult(x, self.iterations, self.iterations + self.residual, res, mixed=m_total)
+        return SolveResult(x, self.iterations, self.iterations + self.residual, res, mixed=m_total,
+                           extra=series_scalars(res))
 
     def solve_tensors(self, op: LinearOperator, b: Tensor, x0: Tensor | None = None) -> TensorSolve:
         """The same solve with no host sync (for a compiled hypergradient); no mixed map."""
@@ -212,7 +219,8 @@ class FixedPoint:
     def __call__(self, op: LinearOperator, b: Tensor, x0: Tensor | None = None) -> SolveResult:
         u, r, mixed = self._iterate(op, b, x0, _tracks_mixed(op))
         res = None if r is None else _relative(r, torch.linalg.vector_norm(b))
-        return SolveResult(u, self.iterations, self.iterations + self.residual, res, mixed=mixed)
+        return SolveResult(u, self.iterations, self.iterations + self.residual, res, mixed=mixed,
+                           extra=series_scalars(res))
 
     def solve_tensors(self, op: LinearOperator, b: Tensor, x0: Tensor | None = None) -> TensorSolve:
         """The same solve with no host sync (for a compiled hypergradient); no mixed map."""
@@ -267,53 +275,21 @@ class ConjugateGradient:
 
     def __call__(self, op: LinearOperator, b: Tensor, x0: Tensor | None = None) -> SolveResult:
         every = self.check_every or (1 if b.device.type == "cpu" else 8)
-        if every > 1:
-            return self._deferred(op, b, every, x0)
-        mixed = _tracks_mixed(op)
-        x, r, m_x, start_hvps = _start(op, b, x0, mixed)
-        p = r
-        rs = torch.dot(r, r)
-        b_norm = torch.linalg.vector_norm(b)
-        threshold = float(self.tol * b_norm) ** 2
-        info = "max iterations"
-        k = 0
-        if float(rs) <= threshold:
-            return SolveResult(x, 0, start_hvps, _relative(r, b_norm), "converged", mixed=m_x)
-        while k < self.iterations:
-            Ap, Mp = _matvec(op, p, mixed)
-            k += 1
-            pAp = torch.dot(p, Ap)
-            if not float(pAp) > 0:
-                info = "non-positive curvature"
-                break
-            a = rs / pAp
-            x = x + a * p
-            if Mp is not None:
-                m_x = a * Mp if m_x is None else m_x + a * Mp
-            r = r - a * Ap
-            rs_new = torch.dot(r, r)
-            if float(rs_new) <= threshold:
-                info = "converged"
-                break
-            p = r + (rs_new / rs) * p
-            rs = rs_new
-        return SolveResult(x, k, k + start_hvps, _relative(r, b_norm), info, mixed=m_x)
-
-    def _deferred(self, op: LinearOperator, b: Tensor, every: int, x0: Tensor | None = None) -> SolveResult:
-        """The same iterations with the stopping rules kept on the device (see the class doc)."""
-        x, r, m_x, hvps, counted, reason = self._deferred_core(op, b, every, x0, _tracks_mixed(op))
+        x, r, m_x, hvps, counted, reason = self._iterate(op, b, every, x0, _tracks_mixed(op))
         iterations, why = torch.stack([counted, reason.long()]).tolist()
         return SolveResult(x, iterations, hvps, _relative(r, torch.linalg.vector_norm(b)), REASONS[why], mixed=m_x)
 
     def solve_tensors(self, op: LinearOperator, b: Tensor, x0: Tensor | None = None) -> TensorSolve:
         """All ``iterations`` with the stopping rules on the device and no host sync at all (a stopped
         solve is frozen, so the answer equals :meth:`__call__`'s); no mixed map."""
-        x, r, _, hvps, counted, reason = self._deferred_core(op, b, self.iterations + 1, x0, False)
+        x, r, _, hvps, counted, reason = self._iterate(op, b, self.iterations + 1, x0, False)
         return TensorSolve(x, _relative_tensor(r, b), counted, reason, hvps)
 
-    def _deferred_core(self, op: LinearOperator, b: Tensor, every: int, x0: Tensor | None, mixed: bool,
-                       ) -> tuple[Tensor, Tensor, Tensor | None, int, Tensor, Tensor]:
-        """``(x, r, M x, HVPs, iterations, reason)``; reads the host only every ``every`` iterations."""
+    def _iterate(self, op: LinearOperator, b: Tensor, every: int, x0: Tensor | None, mixed: bool,
+                 ) -> tuple[Tensor, Tensor, Tensor | None, int, Tensor, Tensor]:
+        """The one CG body: ``(x, r, M x, HVPs, iterations, reason)``, the stopping rules evaluated on the device
+        every iteration and read on the host every ``every`` iterations (``every = 1``: a plain CG loop; a start
+        that already meets the tolerance then costs no HVP)."""
         x, r, m_x, hvps = _start(op, b, x0, mixed)
         p = r
         rs = torch.dot(r, r)
@@ -325,7 +301,8 @@ class ConjugateGradient:
         counted = torch.zeros((), dtype=torch.long, device=b.device)
         zero = torch.zeros((), dtype=b.dtype, device=b.device)
         for k in range(1, self.iterations + 1):
-            if k > 1 and (k - 1) % every == 0 and not bool(active):  # the only host sync in the loop
+            # the only host sync in the loop (with every = 1 also before the first product, as a plain CG loop)
+            if (k > 1 or every == 1) and (k - 1) % every == 0 and not bool(active):
                 break
             Ap, Mp = _matvec(op, p, mixed)
             hvps += 1

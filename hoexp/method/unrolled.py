@@ -18,7 +18,7 @@ steps; the hypergradient is the stored-trajectory one up to rounding.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -27,9 +27,9 @@ from torch import Tensor
 
 from hoexp import tree
 from hoexp.components import NonNegInt, PositiveInt
-from hoexp.method.base import InnerState, StepStats
+from hoexp.method.base import scalars
 from hoexp.optim import Optimizer
-from hoexp.problem import Batch, Problem
+from hoexp.types import InnerState, OuterResult, OuterStep
 
 StepLoss = Callable[[dict[str, Tensor], dict[str, Tensor], int], Tensor]
 
@@ -195,60 +195,43 @@ def _checkpointed(train_loss: StepLoss, val_loss: Callable[[dict[str, Tensor], d
     )
 
 
-def path_result(hypergradient_fn: Callable[..., UnrolledResult], problem: Problem, inner_opt: Optimizer,
-                state: InnerState, raw: dict[str, Tensor], train_batches: Iterator[Batch], val_batch: Batch,
-                inner_steps: int, on_inner_step: Callable[[], None] | None = None, **options: Any,
-                ) -> UnrolledResult:
-    """``hypergradient_fn`` over the next ``inner_steps`` training batches (unrolled, truncated, forward).
+def path_result(hypergradient_fn: Callable[..., UnrolledResult], st: OuterStep, **options: Any) -> UnrolledResult:
+    """``hypergradient_fn`` over the outer step's ``inner_steps`` training batches (unrolled, truncated, forward).
 
-    The ``inner_steps`` batches are drawn once, so every pass over the path sees the same ones.
+    The engine drew the batches once, so every pass over the path sees the same ones.
     """
-    batches: Sequence[Batch] = [next(train_batches) for _ in range(inner_steps)]
+    batches, problem, val_batch = st.train, st.task, st.val
     return hypergradient_fn(
         lambda w, h, t: problem.train_loss(w, h, batches[t]),
         lambda w, h: problem.val_loss(w, h, val_batch),
-        inner_opt, state.params, state.opt_state, raw, inner_steps,
-        overrides=problem.family.optimizer_overrides, on_step=on_inner_step, **options,
+        st.inner_opt, st.inner.params, st.inner.opt_state, st.raw, len(batches),
+        overrides=problem.family.optimizer_overrides, on_step=st.on_step, **options,
     )
 
 
-def path_outputs(res: UnrolledResult, state: InnerState, inner_steps: int,
-                 ) -> tuple[dict[str, Tensor], InnerState, StepStats]:
-    """A path result as an outer step's ``(hypergradient, new inner state, stats)``."""
-    stats = StepStats(inner_grad_norm=res.last_grad_norm, inner_loss=res.last_train_loss,
-                      hypergrad_norm=float(tree.norm(res.hypergrad)))
-    return res.hypergrad, InnerState(res.params, res.opt_state, state.step + inner_steps), stats
-
-
-def path_outer_step(hypergradient_fn: Callable[..., UnrolledResult], problem: Problem, inner_opt: Optimizer,
-                    state: InnerState, raw: dict[str, Tensor], train_batches: Iterator[Batch], val_batch: Batch,
-                    inner_steps: int, on_inner_step: Callable[[], None] | None = None, **options: Any,
-                    ) -> tuple[dict[str, Tensor], InnerState, StepStats]:
-    """One outer step of a method that differentiates the training path (:func:`path_result`)."""
-    res = path_result(hypergradient_fn, problem, inner_opt, state, raw, train_batches, val_batch, inner_steps,
-                      on_inner_step, **options)
-    return path_outputs(res, state, inner_steps)
+def path_outputs(res: UnrolledResult, st: OuterStep) -> OuterResult:
+    """A path result as an outer step's result (the new inner state after ``inner_steps`` steps)."""
+    return OuterResult(res.hypergrad, InnerState(res.params, res.opt_state, st.inner.step + len(st.train)), scalars(**{
+        "inner/grad_norm": res.last_grad_norm, "inner/loss": res.last_train_loss,
+        "hypergrad/norm": tree.norm(res.hypergrad)}))
 
 
 @dataclass
 class UnrolledMethod:
     """``method=unrolled`` (all inner steps differentiated) and ``method=truncated`` (last ``k``)."""
 
-    needs_stationary_point: ClassVar[bool] = False  # it differentiates the path, so it tunes lr and momentum too
-    differentiates_steps: ClassVar[bool] = True  # its steps are differentiated: no compile=true, no mixed precision
-    refuses_data_parallel: ClassVar[str] = ""
-
     truncate: int | None = None
     name: str = "unrolled"
     checkpoint_every: int = 0  # > 0: gradient checkpointing, a stored start every this many steps
 
-    def outer_step(self, problem: Problem, inner_opt: Optimizer, state: InnerState, raw: dict[str, Tensor],
-                   train_batches: Iterator[Batch], val_batch: Batch, inner_steps: int,
-                   on_inner_step: Callable[[], None] | None = None,
-                   ) -> tuple[dict[str, Tensor], InnerState, StepStats]:
-        return path_outer_step(unrolled_hypergradient, problem, inner_opt, state, raw, train_batches, val_batch,
-                               inner_steps, on_inner_step, truncate=self.truncate,
-                               checkpoint_every=self.checkpoint_every)
+    extra_batches: ClassVar[int] = 0
+    needs_stationary_point: ClassVar[bool] = False  # it differentiates the path, so it tunes lr and momentum too
+    differentiates_steps: ClassVar[bool] = True  # its steps are differentiated: no compile=true, no mixed precision
+    refuses_data_parallel: ClassVar[str] = ""
+
+    def __call__(self, st: OuterStep) -> OuterResult:
+        res = path_result(unrolled_hypergradient, st, truncate=self.truncate, checkpoint_every=self.checkpoint_every)
+        return path_outputs(res, st)
 
 
 def unrolled(*, checkpoint_every: NonNegInt = 0, name: str = "unrolled") -> UnrolledMethod:

@@ -1,14 +1,15 @@
-"""The language-modelling problem (PTB + LSTM): BPTT windows as batches, perplexity metrics.
+"""Language modelling (PTB + LSTM): BPTT windows as batches, perplexity metrics.
 
 A batch is ``(input [T, B], target [T, B])`` (plus dropout noise): one BPTT window of the batchified
 token stream. Each window starts from a zero LSTM state, so the training loss of a batch is a pure
-function of ``(params, raw)`` like every other problem's (carrying the state across windows would
+function of ``(params, raw)`` like every other task's (carrying the state across windows would
 make it depend on the previous parameters); evaluation carries the state through the whole stream.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -18,7 +19,9 @@ from torch.func import functional_call
 
 from hoexp.dataset.ptb import batchify, bptt_batch
 from hoexp.model.lstm import lm_loss
-from hoexp.problem import Batch, Problem
+from hoexp.task.base import BatchStream
+from hoexp.task.classification import Classification
+from hoexp.task.streams import VAL_SEED, BPTTStream
 
 
 @dataclass
@@ -37,11 +40,9 @@ class LMData:
     batch_size: int = 0  # the streams are already batchified; kept for the data-layout interface
     val_batch_size: int = 0
 
-    def problem(self, model: Any, family: Any) -> LMProblem:
-        """The language-modelling problem: next-token cross-entropy over ``bptt``-token windows."""
-        lm = LMProblem(model, family)
-        lm.bptt = self.bptt
-        return lm
+    def problem(self, model: Any, family: Any) -> LanguageModel:
+        """The language-modelling task: next-token cross-entropy over ``bptt``-token windows."""
+        return LanguageModel(model, family, data=self, bptt=self.bptt)
 
     def to(self, device) -> LMData:
         return LMData(self.train.to(device), self.val.to(device), self.test.to(device),
@@ -60,15 +61,15 @@ def lm_data(splits, batch_size: int, eval_batch_size: int, bptt: int) -> LMData:
     return data
 
 
-class LMProblem(Problem):
+@dataclass
+class LanguageModel(Classification):
     """``L_T`` = mean next-token cross-entropy of a training window (dropout masks, penalty);
-    ``L_V`` = the same on a validation window without dropout."""
+    ``L_V`` = the same on a validation window without dropout. ``bptt``: the window length."""
 
-    task = "language_model"
+    bptt: int = 35
     batch_dim = 1  # windows are [T, B]
-    bptt: int  # the window length (dataset.bptt), set on the instance by build
 
-    def batch_size(self, x: Tensor) -> int:
+    def batch_size_of(self, x: Tensor) -> int:
         return x.shape[1]
 
     def logits(self, params: Mapping[str, Tensor], x: Tensor, masks: Mapping[str, Tensor] | None = None) -> Tensor:
@@ -78,15 +79,24 @@ class LMProblem(Problem):
     def output_loss(self, logits: Tensor, targets: Tensor) -> Tensor:
         return lm_loss(logits, targets)
 
+    def train_stream(self, seed: int) -> BatchStream:
+        """Consecutive BPTT windows of the training text (with dropout noise when the family has dropout)."""
+        return self.with_noise(BPTTStream(self.data.train, self.bptt), seed)
+
+    def val_stream(self, seed: int, outer_objective: str = "val") -> BatchStream:
+        """Random BPTT windows of validation text in the training layout (or of the training text with
+        ``outer_objective="train"``)."""
+        source = self.data.train if outer_objective == "train" else self.data.val_train_layout
+        return BPTTStream(source, self.bptt, torch.Generator().manual_seed(seed + VAL_SEED))
+
     @torch.no_grad()
-    def evaluate(self, params: Mapping[str, Tensor], source: Tensor) -> tuple[Tensor, Tensor]:
+    def evaluate(self, params: Mapping[str, Tensor], source: Any) -> tuple[Tensor, Tensor]:
         """Mean NLL per token and next-token accuracy over a whole batchified stream (state carried)."""
         state, count = None, 0
         nll: Tensor | float = 0.0
         correct: Tensor | float = 0.0
-        bptt = getattr(self, "bptt", 35)
-        for i in range(0, source.shape[0] - 1, bptt):
-            inp, tgt = bptt_batch(source, i, bptt)
+        for i in range(0, source.shape[0] - 1, self.bptt):
+            inp, tgt = bptt_batch(source, i, self.bptt)
             logits, state = functional_call(self.model, dict(params), (inp,), {"state": state})
             nll = nll + lm_loss(logits, tgt) * tgt.numel()
             correct = correct + (logits.argmax(-1) == tgt).sum()
@@ -94,36 +104,10 @@ class LMProblem(Problem):
         # tensors after the first window (a stream has at least one)
         return cast(Tensor, nll) / count, (cast(Tensor, correct) / count).to(torch.float32)
 
+    def eval_splits(self) -> tuple[Any, Any, Any]:
+        train = self.data.train if self.data.train_eval is None else self.data.train_eval
+        return train, self.data.val, self.data.test
 
-class BPTTStream:
-    """Consecutive BPTT windows of ``source`` [N, B], wrapping around at the end (an epoch).
-
-    With a generator, windows start at seeded random offsets instead (validation windows for
-    hypergradients). The position is the stream's whole state.
-    """
-
-    def __init__(self, source: Tensor, bptt: int, generator: torch.Generator | None = None):
-        self.source, self.bptt, self.generator = source, bptt, generator
-        self.pos = 0
-
-    def __iter__(self) -> Iterator[Batch]:
-        return self
-
-    def __next__(self) -> Batch:
-        n = self.source.shape[0] - 1
-        if self.generator is not None:
-            i = int(torch.randint(0, max(n - self.bptt, 1), (1,), generator=self.generator))
-        else:
-            if self.pos >= n - 1:
-                self.pos = 0
-            i = self.pos
-            self.pos += self.bptt
-        return bptt_batch(self.source, i, self.bptt)
-
-    def state_dict(self) -> dict:
-        return {"pos": self.pos, "generator": None if self.generator is None else self.generator.get_state()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.pos = int(state["pos"])
-        if self.generator is not None and state.get("generator") is not None:
-            self.generator.set_state(state["generator"])
+    def derived_metrics(self, metrics: Mapping[str, float]) -> dict[str, float]:
+        """Perplexity ``exp(mean NLL per token)`` of every split (capped where exp overflows)."""
+        return {f"{split}_ppl": math.exp(min(metrics[f"{split}_loss"], 700.0)) for split in ("train", "val", "test")}

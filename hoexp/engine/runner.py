@@ -1,0 +1,115 @@
+"""The bilevel loop: inner training, hypergradient, outer update, evaluation and logging.
+
+One explicit loop (nanoGPT-style) on plain objects: an :class:`~hoexp.types.Experiment` (or what
+:func:`hoexp.build.build` returns) says what to run, a :class:`~hoexp.engine.io.RunIO` where it goes.
+State, guards, evaluation and files live beside it (``state.py``, ``guards.py``, ``evaluate.py``,
+``io.py``); the loop only says in which order things happen, and why.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from hoexp import distributed
+from hoexp.engine.evaluate import labels, log_step, summarize
+from hoexp.engine.guards import outer_update
+from hoexp.engine.io import RunIO, final_state, num_weights, outcome, preemption_signals, thread_policy
+from hoexp.engine.state import RunState, reset_inner, restore, snapshot, start
+from hoexp.method.base import take
+from hoexp.progress import RunProgress, make_progress
+from hoexp.types import OuterStep, Runnable
+
+
+def run(exp: Runnable, io: RunIO | None = None, progress: RunProgress | None = None, *,
+        resume: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run ``exp`` from its start (or from the checkpoint ``resume``) to ``exp.settings.outer_steps``; returns the
+    summary (also written to ``summary.json`` when ``io`` has a folder). Raises what ended the run early
+    (:class:`~hoexp.engine.guards.Diverged`, :class:`~hoexp.engine.io.Preempted`, ...) after writing it down."""
+    io = io if io is not None else RunIO()
+    s, state, error, failed_write = exp.settings, None, None, None
+    with thread_policy(s.threads, exp.device, num_weights(exp.task)) as threads, preemption_signals() as signals:
+        io.open_loggers(None if resume is None else int(resume["step"]))
+        try:
+            io.status = "running"
+            state = restore(exp, resume) if resume is not None else start(exp)
+            state.started = io.started  # wall time counts from the command's start (folder, build included)
+            io.say(headline(exp, state, io, threads, resumed=resume is not None))
+            if resume is None:  # step 0: the config and the untrained model's numbers
+                if io.config_text:
+                    io.logger.log_text("config", io.config_text)
+                log_step(exp, state, io.logger, 0, {}, force_hist=True)
+            io.keep(snapshot(exp, state))
+            loop(exp, state, io, progress or make_progress(s.outer_steps, s.inner_steps, console=io.console,
+                                                           enabled=s.progress and io.main))
+            io.status = "completed"
+        except BaseException as e:
+            error = e
+            io.status, io.error = outcome(e)
+        finally:
+            signals.ignore()  # a second signal must not interrupt the writing below
+            if isinstance(error, distributed.PeerLost):
+                error = io.peer_outcome(error, signals)
+                io.status, io.error = outcome(error)
+            summary = run_summary(exp, state, io)
+            final = None if state is None or not state.raw else final_state(exp.task.family, state.raw,
+                                                                             state.inner.params)
+            failed_write = io.finish(summary, final, dict(s.hparams), s.checkpoint_every)
+    failure = error if error is not None else failed_write
+    if failure is not None:
+        raise io.explain(failure)
+    return summary
+
+
+def loop(exp: Runnable, state: RunState, io: RunIO, progress: RunProgress) -> None:
+    """Outer steps ``state.step + 1 .. outer_steps``, each: train, hypergradient, outer update, log, checkpoint."""
+    s = exp.settings
+    with progress:
+        for step in range(state.step + 1, s.outer_steps + 1):
+            progress.start_outer(step)
+            t0 = time.perf_counter()
+            if s.reset_inner and step > 1:  # every outer step trains from the same initialization (meta-training)
+                state.inner = reset_inner(exp, state)
+            # The runner draws the batches, so a method gets values and the stream positions (checkpointed with
+            # the run) are the runner's: inner_steps for training, then extra_batches (IFT: its Hessian batch).
+            res = exp.method(OuterStep(exp.task, exp.inner_opt, state.inner, state.raw,
+                                       take(state.train, s.inner_steps), take(state.train, exp.method.extra_batches),
+                                       next(state.val), progress.advance_inner))
+            state.inner, scalars = res.inner, dict(res.scalars)
+            if io.ctx.active and "inner/loss" in scalars:  # each rank's is its shard's: log the global mean
+                scalars["inner/loss"] = distributed.mean_floats([scalars["inner/loss"]], io.ctx)[0]
+            # A non-finite hypergradient skips the update; too many in a row end the run, once this step is logged.
+            abort = outer_update(exp, state, res.hypergrad, scalars, step, progress)
+            scalars["time/outer_step_s"] = time.perf_counter() - t0
+            fields = log_step(exp, state, io.logger, step, scalars)
+            if abort is not None:
+                raise abort
+            state.step = step
+            io.keep(snapshot(exp, state))  # references only: what a checkpoint written on a signal holds
+            if s.checkpoint_every and step % s.checkpoint_every == 0:
+                io.write_checkpoint()
+            progress.end_outer(step, fields)
+
+
+def headline(exp: Runnable, state: RunState, io: RunIO, threads: int, resumed: bool) -> str:
+    """The run's first console line: what runs, how big, where."""
+    s, n_w = exp.settings, sum(v.numel() for v in state.inner.params.values())
+    names = labels(exp)
+    return (f"hoexp: {names['dataset']} / {names['model']} ({n_w:,} weights) / hp={names['hp']} "
+            f"({sum(v.numel() for v in state.raw.values()):,} hyperparameters) / method={exp.method.name} / "
+            f"device={exp.device} threads={threads}"
+            + (f" processes={io.ctx.world_size}" if io.ctx.active else "")
+            + (f" precision={s.precision}" if s.precision != "fp32" else "")
+            + (f" → {io.out_dir}" if io.out_dir is not None else "")
+            + (f" (resumed after outer step {state.step})" if resumed else ""))
+
+
+def run_summary(exp: Runnable, state: RunState | None, io: RunIO) -> dict[str, Any]:
+    """``summary.json`` of the run as it stands (status and error from ``io``)."""
+    elapsed = state.elapsed() if state is not None else time.perf_counter() - io.started
+    out = summarize(exp, state, io.status, elapsed, world_size=io.ctx.world_size, precision=exp.settings.precision)
+    if io.resumes:
+        out["resumes"] = io.resumes
+    if io.error:
+        out["error"] = io.error
+    return out

@@ -1,0 +1,157 @@
+"""The values that travel between the engine, tasks and hypergradient methods.
+
+Plain NamedTuples and frozen dataclasses, no behaviour: every layer imports this module and it
+imports none of them (``hoexp.task``, ``hoexp.method`` and ``hoexp.engine`` stay free of cycles).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
+
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from hoexp.optim import Optimizer
+    from hoexp.task.base import Task
+
+Params = dict[str, Tensor]
+HParams = dict[str, Tensor]
+
+
+class Batch(NamedTuple):
+    """One batch: inputs, targets, and the dropout noise drawn with it (``None``: no dropout).
+
+    The noise is drawn once, when the batch is drawn, so the training loss of a batch is a
+    deterministic function of ``(params, raw)``: every HVP of a solve and every unrolled step sees
+    the same function. A plain ``(x, y)`` tuple is accepted wherever a batch is read.
+    """
+
+    x: Tensor
+    y: Tensor
+    noise: Mapping[str, Tensor] | None = None
+
+
+def noise_of(batch: tuple) -> Mapping[str, Tensor] | None:
+    """The dropout noise of ``batch`` (a :class:`Batch` or a plain ``(x, y)`` tuple), or None."""
+    return batch[2] if len(batch) > 2 else None
+
+
+class InnerState(NamedTuple):
+    """The inner problem's state: weights, inner-optimizer state, inner steps taken so far."""
+
+    params: Params
+    opt_state: dict[str, Any]
+    step: int = 0
+
+
+class OuterStep(NamedTuple):
+    """Everything one hypergradient step gets, as values; the engine drew the batches.
+
+    ``train``: the ``inner_steps`` training batches; ``extra``: ``method.extra_batches`` more from the
+    same stream (IFT: the batch of the Hessian and mixed term); ``val``: the outer objective's batch.
+    """
+
+    task: Task
+    inner_opt: Optimizer
+    inner: InnerState
+    raw: HParams
+    train: Sequence[tuple]
+    extra: Sequence[tuple]
+    val: tuple
+    on_step: Callable[[], None] | None = None
+
+    @property
+    def inner_steps(self) -> int:
+        return len(self.train)
+
+
+class OuterResult(NamedTuple):
+    """What one outer step returns: the hypergradient (``None``: no outer update, as ``none`` and
+    ``hd``), the new inner state, and host scalars under their final TensorBoard tags
+    (``inner/loss``, ``hypergrad/norm``, ``solver/residual``, ...)."""
+
+    hypergrad: HParams | None
+    inner: InnerState
+    scalars: Mapping[str, float]
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """The loop's settings (today's ``run`` config group, minus what :func:`hoexp.build.build` consumed).
+
+    ``labels`` name the run's parts in the console and ``summary.json`` (method, hp, dataset, model);
+    ``hparams`` are logged to TensorBoard's hparams table at the end.
+    """
+
+    outer_steps: int
+    inner_steps: int
+    seed: int = 0
+    eval_every: int = 1
+    histogram_every: int = 10
+    reset_inner: bool = False
+    outer_objective: str = "val"  # val | train
+    max_nonfinite: int = 3
+    checkpoint_every: int = 0
+    threads: int = 0  # 0: one thread for small CPU models, torch's default otherwise
+    progress: bool = False
+    precision: str = "fp32"
+    resume: str = "false"  # false | true | auto
+    labels: Mapping[str, str] = field(default_factory=dict)
+    hparams: Mapping[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_spec(cls, spec: Any) -> RunSettings:
+        """The settings of a validated :class:`hoexp.config.Spec`."""
+        run = spec.run
+        labels = {"method": spec.method.name, "hp": spec.hp_name, "dataset": spec.dataset.name,
+                  "model": spec.model.name}
+        hparams = {**labels, "seed": run.seed, "inner_steps": run.inner_steps, "outer_steps": run.outer_steps,
+                   "inner_optim": spec.inner_optim.name, "inner_lr": spec.inner_optim.lr,
+                   "outer_optim": spec.outer_optim.name, "outer_lr": spec.outer_optim.lr}
+        return cls(outer_steps=run.outer_steps, inner_steps=run.inner_steps, seed=run.seed,
+                   eval_every=run.eval_every, histogram_every=run.histogram_every, reset_inner=run.reset_inner,
+                   outer_objective=run.outer_objective, max_nonfinite=run.max_nonfinite,
+                   checkpoint_every=run.checkpoint_every, threads=run.threads, progress=run.progress,
+                   precision=run.precision, resume=run.resume, labels=labels, hparams=hparams)
+
+
+class Runnable(Protocol):
+    """What :func:`hoexp.run` reads of an experiment (:class:`Experiment`, or what :func:`hoexp.build.build` returns)."""
+
+    @property
+    def task(self) -> Task: ...
+
+    @property
+    def method(self) -> Any: ...
+
+    @property
+    def inner_opt(self) -> Optimizer: ...
+
+    @property
+    def outer_opt(self) -> Optimizer: ...
+
+    @property
+    def settings(self) -> RunSettings: ...
+
+    @property
+    def device(self) -> torch.device: ...
+
+
+@dataclass
+class Experiment:
+    """Everything one run needs, as plain objects: what :func:`hoexp.run` runs.
+
+    :func:`hoexp.build.build` makes one from a config (its ``Experiment`` has these attributes too);
+    from Python, build the task, method and optimizers yourself.
+    """
+
+    task: Task
+    method: Any  # a hypergradient method (hoexp.method.base.HypergradMethod)
+    inner_opt: Optimizer
+    outer_opt: Optimizer
+    settings: RunSettings
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    spec: Any = None  # the config it was built from, if any (checked on resume)

@@ -1,0 +1,109 @@
+"""``hoexp.run`` on an experiment built by hand in Python (no config, no Hydra), and the engine's start state."""
+
+import io
+import json
+
+import pytest
+import torch
+from rich.console import Console
+
+import hoexp
+from hoexp.dataset.iris import load_iris
+from hoexp.engine import RunIO, start
+from hoexp.hp.weight_decay import WeightDecay
+from hoexp.method.base import inner_scalars, train_inner
+from hoexp.method.implicit import ImplicitMethod
+from hoexp.method.solvers import Neumann
+from hoexp.metrics import MemoryLogger
+from hoexp.model.mlp import MLP
+from hoexp.optim import build_optimizer
+from hoexp.task import Classification
+from hoexp.types import OuterResult, OuterStep
+
+
+def _experiment(method=None, **settings):
+    torch.manual_seed(0)
+    data = load_iris(dtype=torch.float64)
+    model = MLP(4, 3, width=8, depth=1).to(torch.float64)
+    task = Classification(model, WeightDecay("per_weight", init_value=1e-3), data=data)
+    return hoexp.Experiment(
+        task=task, method=method or ImplicitMethod(Neumann(5, 0.01), "neumann"),
+        inner_opt=build_optimizer("sgd", lr=0.1, momentum=0.9, nesterov=True),
+        outer_opt=build_optimizer("adam", lr=0.01),
+        settings=hoexp.RunSettings(outer_steps=3, inner_steps=5, **settings))
+
+
+def _quiet(out_dir=None, loggers=()):
+    return RunIO(out_dir, console=Console(file=io.StringIO()), loggers=list(loggers))
+
+
+def test_run_on_a_hand_built_experiment_is_deterministic_and_writes_nothing_without_a_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    runs = []
+    for _ in range(2):
+        mem = MemoryLogger()
+        summary = hoexp.run(_experiment(), _quiet(loggers=[mem]))
+        runs.append([v for _, v in mem.series("hypergrad/norm")])
+    assert summary["status"] == "completed" and summary["hypergradients"] == 3
+    assert summary["final"]["step"] == 3 and summary["hp_final"]["moved_fraction"] > 0
+    assert runs[0] == runs[1] and len(runs[0]) == 3 and all(v > 0 for v in runs[0])
+    assert list(tmp_path.iterdir()) == []  # no folder: no file
+
+
+def test_run_into_a_folder_writes_the_summary_and_final_state(tmp_path):
+    summary = hoexp.run(_experiment(checkpoint_every=2), _quiet(tmp_path))
+    assert json.loads((tmp_path / "summary.json").read_text()) == json.loads(json.dumps(summary))
+    final = torch.load(tmp_path / "final.pt", weights_only=True)
+    assert set(final) == {"params", "raw_hparams", "hparams"}
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["step"] == 3
+
+
+class ZeroHypergradient:
+    """A method written in the test: plain training, a zero hypergradient (the outer optimizer then stays put)."""
+
+    name = "zero"
+    extra_batches = 0
+    needs_stationary_point = False
+    differentiates_steps = False
+
+    def __call__(self, s: OuterStep) -> OuterResult:
+        assert len(s.train) == 5 and s.extra == []
+        inner, loss, gnorm = train_inner(s.task, s.inner_opt, s.inner, s.raw, s.train, None, s.on_step)
+        return OuterResult({k: torch.zeros_like(v) for k, v in s.raw.items()}, inner, inner_scalars(loss, gnorm))
+
+
+def test_a_method_defined_outside_hoexp_runs_in_the_engine():
+    exp = _experiment(ZeroHypergradient())
+    summary = hoexp.run(exp, _quiet())
+    assert summary["status"] == "completed" and summary["hypergradients"] == 3
+    assert summary["hp_final"]["moved_fraction"] == 0  # Adam on zero gradients does not move
+    assert summary["method"] == "zero" and summary["model"] == "MLP"  # no config: the objects' names
+
+
+def test_start_is_the_set_up_every_caller_shares():
+    exp = _experiment()
+    state = start(exp)
+    params = dict(exp.task.model.named_parameters())
+    assert state.step == 0 and state.inner.step == 0 and set(state.inner.params) == set(params)
+    assert all(torch.equal(state.inner.params[k], params[k]) and state.inner.params[k] is not params[k]
+               for k in params)
+    assert state.raw.keys() == exp.task.family.init(params).keys()
+    batch = next(state.train)
+    assert torch.equal(batch.x, exp.task.data.train.x) and batch.noise is None  # Iris: the full batch
+
+
+def test_the_engine_on_built_objects_gives_the_configured_run_s_pinned_numbers():
+    """``hoexp.run`` on the objects ``build`` makes (no folder) = ``run_experiment`` (tests/test_pinned.py)."""
+    from hoexp.build import build
+    from hoexp.cli import compose_spec
+    from tests.test_pinned import PINNED
+
+    spec, _ = compose_spec(["outer_steps=3", "inner_steps=10", "progress=false", "dtype=float64", "seed=0"])
+    built = build(spec)
+    exp = hoexp.Experiment(built.task, built.method, built.inner_opt, built.outer_opt, built.settings, built.device)
+    mem = MemoryLogger()
+    summary = hoexp.run(exp, _quiet(loggers=[mem]))
+    val, hp_mean, norms = PINNED[""]
+    assert summary["final"]["val_loss"] == pytest.approx(val, rel=1e-7)
+    assert summary["hp_final"]["mean"] == pytest.approx(hp_mean, rel=1e-7)
+    assert [v for _, v in mem.series("hypergrad/norm")] == pytest.approx(list(norms), rel=1e-6)
