@@ -10,14 +10,18 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from rich.console import Console
 from torch import Tensor, nn
 
+from hoexp import tree
 from hoexp.components import DataContext, PositiveFloat, PositiveInt
 from hoexp.dataset.base import Split, Splits
+from hoexp.method.base import train_inner
 from hoexp.method.solvers import SolveResult
+from hoexp.types import InnerState, OuterResult, OuterStep
 
 ROOT = Path(__file__).resolve().parents[1]
 MODULE = __name__  # tests.test_bring_your_own: the configs below name these factories by this path
@@ -96,12 +100,44 @@ def jacobi(*, iterations: PositiveInt = 10, omega: PositiveFloat = 0.5) -> Jacob
     return Jacobi(iterations, omega)
 
 
+class LastStep:
+    """A hypergradient method: train ``inner_steps − 1`` plain steps, then differentiate the validation loss
+    through the last SGD step, ``d/dλ L_V(w − η·∇_w L_T(w, λ))`` (the greedy one-step hypergradient)."""
+
+    extra_batches: ClassVar[int] = 0
+    needs_stationary_point: ClassVar[bool] = False  # it differentiates a step, so it tunes lr too
+    differentiates_steps: ClassVar[bool] = True
+    refuses_data_parallel: ClassVar[str] = "was not written for it"
+
+    def __init__(self, name: str = "last_step"):
+        self.name = name
+
+    def __call__(self, st: OuterStep) -> OuterResult:
+        state, _, _ = train_inner(st.task, st.inner_opt, st.inner, st.raw, st.train[:-1])
+        w = {k: v.detach().requires_grad_(True) for k, v in state.params.items()}
+        lam = {k: v.detach().requires_grad_(True) for k, v in st.raw.items()}
+        loss = st.task.train_loss(w, lam, st.train[-1])
+        grads = torch.autograd.grad(loss, list(w.values()), create_graph=True)
+        lr = st.task.family.optimizer_overrides(lam, state.step).get("lr", st.inner_opt.defaults["lr"])
+        step = {k: w[k] - (lr[k] if isinstance(lr, dict) else lr) * g for k, g in zip(w, grads)}
+        val = st.task.val_loss(step, lam, st.val)
+        hg = dict(zip(lam, torch.autograd.grad(val, list(lam.values()), allow_unused=True)))
+        hg = {k: torch.zeros_like(lam[k]) if g is None else g for k, g in hg.items()}
+        new = InnerState({k: v.detach() for k, v in step.items()}, state.opt_state, state.step + 1)
+        return OuterResult(hg, new, {"inner/loss": float(loss), "hypergrad/norm": float(tree.norm(hg))})
+
+
+def last_step(*, name: str = "last_step") -> LastStep:
+    return LastStep(name)
+
+
 CONFIGS = {
     "dataset/blobs.yaml": f"_target_: {MODULE}.blobs\n_partial_: true\nname: blobs\nn: 90\nspread: 1.0\n",
     "model/tiny.yaml": f"_target_: {MODULE}.tiny_net\n_partial_: true\nname: tiny\nhidden: 8\n",
     "hp/l1.yaml": f"# @package hp.l1\n_target_: {MODULE}.l1_decay\nname: l1\ninit: 1.0e-3\n",
     "method/jacobi_ift.yaml": ("_target_: hoexp.method.implicit.ift\nname: jacobi_ift\n"
                                f"solver: {{_target_: {MODULE}.jacobi, iterations: 10, omega: 0.5}}\n"),
+    "method/last_step.yaml": f"_target_: {MODULE}.last_step\nname: last_step\n",
 }
 OVERRIDES = ["dataset=blobs", "model=tiny", "hp=l1", "method=jacobi_ift", "outer_steps=3", "inner_steps=20",
              "dtype=float64", "progress=false"]
@@ -150,9 +186,29 @@ def test_own_option_errors_are_one_line_from_the_signature(tmp_path, capsys):
         (["model.hidden=0"], "model=tiny: hidden must be > 0, got 0"),
         (["dataset.spread=wide"], "dataset.spread: 'wide' is not a valid float"),
         (["method=nope"], "unknown method 'nope'; choose one of: cg, cg_gn, exact, fd, fixed_point, forward, hd, "
-                          "jacobi_ift, neumann"),
+                          "jacobi_ift, last_step, neumann"),
     ]:
         with pytest.raises(SystemExit) as e:
             main(["run", "--config-dir", str(conf), *OVERRIDES, *args])
         err = capsys.readouterr().err
         assert e.value.code == 2 and err.count("\n") == 1 and expected in err, err
+
+
+def test_own_method_matches_truncated_reverse_mode_through_one_step(tmp_path, compose):
+    """The method above, run from its YAML, equals hoexp's truncated k=1 (plain SGD) at the same point, for a
+    family that moves w* (l1) and one that changes only the path (lr: allowed, it differentiates a step)."""
+    from hoexp.build import build
+    from hoexp.engine import start
+    from hoexp.method.base import outer_step
+
+    conf = write_configs(tmp_path / "conf")
+    for family in (["hp=l1"], ["hp=lr", "hp.lr.granularity=per_layer"]):
+        base = [*OVERRIDES[:2], *family, "optim/inner=sgd", "optim.inner.lr=0.1", "dtype=float64", "inner_steps=5"]
+        hgs = []
+        for method in (["method=last_step"], ["method=truncated", "method.k=1"]):
+            exp = build(compose(*base, *method, config_dir=conf))
+            st = start(exp)
+            res = outer_step(exp.method, exp.task, exp.inner_opt, st.inner, st.raw, st.train, next(st.val), 5)
+            hgs.append(torch.cat([v.flatten() for v in res.hypergrad.values()]))
+        assert float(hgs[0].norm()) > 0
+        torch.testing.assert_close(hgs[0], hgs[1], rtol=1e-9, atol=1e-12)
