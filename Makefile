@@ -11,7 +11,7 @@ HOEXP_DATA ?= $(wildcard $(abspath ../shared/data))
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: install venv run test test-fast lint tb bench clean-venv
+.PHONY: install venv run test test-fast lint format tb bench clean-venv
 
 # hoexp is installed (editable) from this clone unless the venv already has that: the check runs
 # from / so that Python cannot pick up ./hoexp from the working directory, and the console script
@@ -48,10 +48,16 @@ test: install
 test-fast: install
 	HOEXP_DATA=$(HOEXP_DATA) $(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
-# ruff and mypy, both configured in pyproject.toml.
+# ruff (lint and format) and mypy, all configured in pyproject.toml; `make format` applies ruff's formatting.
+LINTED := hoexp hydra_plugins tests scripts examples
 lint: install
-	$(PY) -m ruff check hoexp hydra_plugins tests scripts examples
+	$(PY) -m ruff check $(LINTED)
+	$(PY) -m ruff format --check $(LINTED)
 	$(PY) -m mypy hoexp hydra_plugins scripts examples
+
+format: install
+	$(PY) -m ruff format $(LINTED)
+	$(PY) -m ruff check --fix $(LINTED)
 
 tb: install
 	$(VENV)/bin/tensorboard --logdir outputs

@@ -113,13 +113,26 @@ def hypergradient(
                     _COMPILED.pop(next(iter(_COMPILED)))
                 tl = train_loss
                 fn = _COMPILED[key] = CompiledIFT(
-                    solver, train_loss, val_loss,
+                    solver,
+                    train_loss,
+                    val_loss,
                     split=(lambda: cast(SplitLoss, tl)) if curvature == "gauss_newton" else None,
-                    curvature=curvature, hvp=hvp, damping=float(damping))
+                    curvature=curvature,
+                    hvp=hvp,
+                    damping=float(damping),
+                )
             hg, stats = fn(params, hparams)
         else:
-            hg, stats = ift_hypergradient(train_loss, val_loss, params, hparams, solver,
-                                          curvature=CURVATURES[curvature], damping=float(damping), hvp=hvp)
+            hg, stats = ift_hypergradient(
+                train_loss,
+                val_loss,
+                params,
+                hparams,
+                solver,
+                curvature=CURVATURES[curvature],
+                damping=float(damping),
+                hvp=hvp,
+            )
         _check_solve(method, train_loss, val_loss, params, hparams, hg, stats)
     return (hg, stats) if return_stats else hg
 
@@ -130,6 +143,7 @@ _COMPILED: dict[tuple, CompiledIFT] = {}  # hypergradient(compile=True)'s compil
 def _scalar(fn: Callable[..., Any], what: str) -> Callable[..., Any]:
     """``fn`` with a one-element tensor result as a 0-d tensor (a loss shaped ``(1,)``); more elements
     are a ValueError."""
+
     def one(*args: Any) -> Any:
         out = fn(*args)
         if isinstance(out, Tensor) and out.dim():
@@ -137,18 +151,29 @@ def _scalar(fn: Callable[..., Any], what: str) -> Callable[..., Any]:
                 raise ValueError(f"{what} must return one number (a 0-d tensor), got shape {tuple(out.shape)}")
             return out.reshape(())
         return out
+
     return one
 
 
 def _scalar_loss(loss: LossFn, what: str) -> LossFn:
     if isinstance(loss, SplitLoss):
-        return dataclasses.replace(loss, output_loss=_scalar(loss.output_loss, f"{what}.output_loss"),
-                                   penalty=_scalar(loss.penalty, f"{what}.penalty"))
+        return dataclasses.replace(
+            loss,
+            output_loss=_scalar(loss.output_loss, f"{what}.output_loss"),
+            penalty=_scalar(loss.penalty, f"{what}.penalty"),
+        )
     return _scalar(loss, what)
 
 
-def _check_solve(method: str, train_loss: LossFn, val_loss: LossFn, params: Mapping[str, Tensor],
-                 hparams: Mapping[str, Tensor], hg: Mapping[str, Tensor], stats: IFTStats) -> None:
+def _check_solve(
+    method: str,
+    train_loss: LossFn,
+    val_loss: LossFn,
+    params: Mapping[str, Tensor],
+    hparams: Mapping[str, Tensor],
+    hg: Mapping[str, Tensor],
+    stats: IFTStats,
+) -> None:
     """A ValueError when the solve diverged (a non-finite answer or residual): ``H u = ∂L_V/∂w`` has
     no solution, e.g. because the validation loss uses a parameter the training loss does not (zero
     rows in ``H``; then the error names it). Cost: nothing unless the residual exceeds 1 (the residual
@@ -165,10 +190,14 @@ def _check_solve(method: str, train_loss: LossFn, val_loss: LossFn, params: Mapp
     val = torch.autograd.grad(val_loss(w, lam), list(w.values()), allow_unused=True)
     orphans = [n for n, t, v in zip(names, used, val) if t is None and v is not None and bool(v.ne(0).any())]
     if orphans:
-        raise ValueError(f"val_loss depends on params {orphans} but train_loss does not: the Hessian is zero there and "
-                         f"H u = ∂L_V/∂w has no solution (method={method!r}: residual {residual:.3g}); leave them out "
-                         "of params (they are not trained), or pass damping > 0")
+        raise ValueError(
+            f"val_loss depends on params {orphans} but train_loss does not: the Hessian is zero there and "
+            f"H u = ∂L_V/∂w has no solution (method={method!r}: residual {residual:.3g}); leave them out "
+            "of params (they are not trained), or pass damping > 0"
+        )
     if not finite:
-        raise ValueError(f"the {method!r} solve diverged (residual {residual:.3g}, {stats.info or 'no info'}): H u = "
-                         "∂L_V/∂w has no solution or H is far from positive definite; pass damping > 0, "
-                         "curvature='gauss_newton', or method='exact' (least squares)")
+        raise ValueError(
+            f"the {method!r} solve diverged (residual {residual:.3g}, {stats.info or 'no info'}): H u = "
+            "∂L_V/∂w has no solution or H is far from positive definite; pass damping > 0, "
+            "curvature='gauss_newton', or method='exact' (least squares)"
+        )

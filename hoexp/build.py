@@ -60,8 +60,10 @@ def build_model(spec: Spec, data: Any) -> nn.Module:
         try:
             model = spec.model.build(data)
         except ConfigError as e:
-            raise ConfigError(f"model={spec.model.name} does not fit dataset={spec.dataset.name}: "
-                              f"{str(e).removeprefix(spec.model.prefix)}") from None
+            raise ConfigError(
+                f"model={spec.model.name} does not fit dataset={spec.dataset.name}: "
+                f"{str(e).removeprefix(spec.model.prefix)}"
+            ) from None
     return model.to(getattr(torch, spec.run.dtype))
 
 
@@ -104,11 +106,14 @@ def check_compatibility(spec: Spec, method: HyperMethod, family: Any, ctx: Check
             raise ConfigError(
                 f"method={name} ({first_order}implicit differentiation) cannot tune hp={path_only[0]}: it changes "
                 f"only the optimization path, not the inner optimum w*; use a method that differentiates the path "
-                f"({PATH_METHODS})")
+                f"({PATH_METHODS})"
+            )
     if spec.run.compile and getattr(method, "differentiates_steps", False):
-        raise ConfigError(f"compile=true compiles plain training steps, and method={name} takes none (it "
-                          "differentiates its steps); drop compile=true, or use an IFT method (neumann, cg, "
-                          "fixed_point, exact, t1t2), fd or none")
+        raise ConfigError(
+            f"compile=true compiles plain training steps, and method={name} takes none (it "
+            "differentiates its steps); drop compile=true, or use an IFT method (neumann, cg, "
+            "fixed_point, exact, t1t2), fd or none"
+        )
     check_precision(spec, method)
     check_distributed(spec, method=method)
 
@@ -119,15 +124,21 @@ def check_precision(spec: Spec, method: HyperMethod) -> None:
     if run.precision == "fp32":
         return
     if getattr(method, "differentiates_steps", False):
-        raise ConfigError(f"precision={run.precision} applies to plain training steps, and method={spec.method.name} "
-                          "differentiates its steps (in the run's dtype); use precision=fp32, or an IFT method "
-                          "(neumann, cg, fixed_point, exact, t1t2), fd or none")
+        raise ConfigError(
+            f"precision={run.precision} applies to plain training steps, and method={spec.method.name} "
+            "differentiates its steps (in the run's dtype); use precision=fp32, or an IFT method "
+            "(neumann, cg, fixed_point, exact, t1t2), fd or none"
+        )
     if run.dtype != "float32":
-        raise ConfigError(f"precision={run.precision} runs float32 weights' steps in lower precision; with "
-                          f"dtype={run.dtype} use precision=fp32")
+        raise ConfigError(
+            f"precision={run.precision} runs float32 weights' steps in lower precision; with "
+            f"dtype={run.dtype} use precision=fp32"
+        )
     if run.precision == "fp16" and run.compile:
-        raise ConfigError("precision=fp16 scales the loss and skips overflowing steps, which compile=true does not "
-                          "do; use precision=bf16 with compile=true, or compile=false")
+        raise ConfigError(
+            "precision=fp16 scales the loss and skips overflowing steps, which compile=true does not "
+            "do; use precision=bf16 with compile=true, or compile=false"
+        )
 
 
 def check_distributed(spec: Spec, world_size: int = 0, method: HyperMethod | None = None) -> None:
@@ -143,15 +154,21 @@ def check_distributed(spec: Spec, world_size: int = 0, method: HyperMethod | Non
         method = spec.method.build()
     why = getattr(method, "refuses_data_parallel", "") if method is not None else ""
     if why:
-        raise ConfigError(f"method={spec.method.name} does not run data-parallel ({world_size} processes): it {why}; "
-                          "use an IFT method without a dense solve (neumann, cg, fixed_point, t1t2), fd, unrolled, "
-                          "truncated or none, or run it in one process")
+        raise ConfigError(
+            f"method={spec.method.name} does not run data-parallel ({world_size} processes): it {why}; "
+            "use an IFT method without a dense solve (neumann, cg, fixed_point, t1t2), fd, unrolled, "
+            "truncated or none, or run it in one process"
+        )
     if spec.run.compile:
-        raise ConfigError("compile=true does not run data-parallel (the compiled step cannot all-reduce inside "
-                          "torch.func); drop compile=true, or run in one process")
+        raise ConfigError(
+            "compile=true does not run data-parallel (the compiled step cannot all-reduce inside "
+            "torch.func); drop compile=true, or run in one process"
+        )
     if getattr(method, "compile", False):
-        raise ConfigError("method.compile=true does not run data-parallel (the compiled hypergradient cannot "
-                          "all-reduce inside torch.compile); drop method.compile=true, or run in one process")
+        raise ConfigError(
+            "method.compile=true does not run data-parallel (the compiled hypergradient cannot "
+            "all-reduce inside torch.compile); drop method.compile=true, or run in one process"
+        )
 
 
 @dataclass
@@ -195,8 +212,12 @@ def build(spec: Spec) -> Experiment:
         raise ConfigError(str(e)) from None
     method = build_method(spec, replace(ctx, families=tuple(getattr(family, "families", (family,)))))
     problem: Classification = data.problem(model, family)
-    check_compatibility(spec, method, family, CheckContext(inner_opt, family, sum(p.numel() for p in params.values()),
-                                                           sum(v.numel() for v in raw.values())))
+    check_compatibility(
+        spec,
+        method,
+        family,
+        CheckContext(inner_opt, family, sum(p.numel() for p in params.values()), sum(v.numel() for v in raw.values())),
+    )
     problem.compile = spec.run.compile
     if spec.run.precision != "fp32":
         from hoexp.precision import Precision

@@ -90,8 +90,9 @@ class GraphMemory:
         return self.bytes / 2**20
 
 
-def _compare(fn: Callable[[], tuple[dict[str, Tensor], Any]], reference: Tensor, device: torch.device,
-             hooks: bool = True) -> tuple[float, float, float, float, Any]:
+def _compare(
+    fn: Callable[[], tuple[dict[str, Tensor], Any]], reference: Tensor, device: torch.device, hooks: bool = True
+) -> tuple[float, float, float, float, Any]:
     if device.type == "cuda":
         torch.cuda.synchronize()
     # torch.func transforms (forward mode) refuse saved-tensor hooks; they keep no graph between steps.
@@ -108,8 +109,15 @@ def _compare(fn: Callable[[], tuple[dict[str, Tensor], Any]], reference: Tensor,
     return cos, err, elapsed, mem.mib, extra
 
 
-def run_check(spec: Spec, out_dir: Path, *, iterations: tuple[int, ...] = ITERATIONS, dense_max: int = 20_000,
-              reference_cg: int = 2000, console: Console | None = None) -> dict[str, Any]:
+def run_check(
+    spec: Spec,
+    out_dir: Path,
+    *,
+    iterations: tuple[int, ...] = ITERATIONS,
+    dense_max: int = 20_000,
+    reference_cg: int = 2000,
+    console: Console | None = None,
+) -> dict[str, Any]:
     """Compare every applicable method with a reference; write check.json / check.png into ``out_dir``."""
     console = console or Console()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -146,8 +154,11 @@ def run_check(spec: Spec, out_dir: Path, *, iterations: tuple[int, ...] = ITERAT
         ref_hg, ref_stats = ift_hypergradient(tl, vl, state.params, raw, ref_solver)
         ref_time = time.perf_counter() - t0
         ift_ref = tree.flatten(ref_hg.values())
-        console.print(f"IFT reference: {ref_name}, {ref_time:.1f}s, residual {ref_stats.residual:.2e}, "
-                      f"inner gradient norm {ref_stats.inner_grad_norm:.3e}", highlight=False)
+        console.print(
+            f"IFT reference: {ref_name}, {ref_time:.1f}s, residual {ref_stats.residual:.2e}, "
+            f"inner gradient norm {ref_stats.inner_grad_norm:.3e}",
+            highlight=False,
+        )
         solvers: list[tuple[str, Callable[[int], Any]]] = [
             ("neumann", lambda k: Neumann(k, alpha)),
             ("fixed_point", lambda k: FixedPoint(k, alpha)),
@@ -156,10 +167,12 @@ def run_check(spec: Spec, out_dir: Path, *, iterations: tuple[int, ...] = ITERAT
         for name, make in solvers:
             for k in iterations:
                 cos, err, el, mib, stats = _compare(
-                    lambda: ift_hypergradient(tl, vl, state.params, raw, make(k)), ift_ref, dev)
+                    lambda: ift_hypergradient(tl, vl, state.params, raw, make(k)), ift_ref, dev
+                )
                 rows.append(Row(name, k, cos, err, el, mib, stats.residual, stats.info))
         cos, err, el, mib, stats = _compare(
-            lambda: ift_hypergradient(tl, vl, state.params, raw, Neumann(0, alpha, residual=False)), ift_ref, dev)
+            lambda: ift_hypergradient(tl, vl, state.params, raw, Neumann(0, alpha, residual=False)), ift_ref, dev
+        )
         rows.append(Row("t1t2", 0, cos, err, el, mib, None, ""))
     else:
         ref_name = "(IFT methods do not apply to this family)"
@@ -170,25 +183,49 @@ def run_check(spec: Spec, out_dir: Path, *, iterations: tuple[int, ...] = ITERAT
     def path_loss(w, h, t):
         return problem.train_loss(w, h, train_batch)
 
-    full = unrolled_hypergradient(path_loss, vl, exp.inner_opt, state.params, state.opt_state, raw, T,
-                                  overrides=overrides)
+    full = unrolled_hypergradient(
+        path_loss, vl, exp.inner_opt, state.params, state.opt_state, raw, T, overrides=overrides
+    )
     unroll_ref = tree.flatten(full.hypergrad.values())
     for k in sorted({k for k in iterations if 0 < k <= T} | {T}):
-        cos, err, el, mib, _ = _compare(lambda: (unrolled_hypergradient(
-            path_loss, vl, exp.inner_opt, state.params, state.opt_state, raw, T, truncate=k,
-            overrides=overrides).hypergrad, None), unroll_ref, dev)
+        cos, err, el, mib, _ = _compare(
+            lambda: (
+                unrolled_hypergradient(
+                    path_loss, vl, exp.inner_opt, state.params, state.opt_state, raw, T, truncate=k, overrides=overrides
+                ).hypergrad,
+                None,
+            ),
+            unroll_ref,
+            dev,
+        )
         rows.append(Row("truncated" if k < T else "unrolled", k, cos, err, el, mib))
     max_fwd = getattr(spec.method, "max_hparams", 64)
     if n_h <= max_fwd:
-        cos, err, el, mib, _ = _compare(lambda: (forward_hypergradient(
-            path_loss, vl, exp.inner_opt, state.params, state.opt_state, raw, T,
-            overrides=overrides).hypergrad, None), unroll_ref, dev, hooks=False)
+        cos, err, el, mib, _ = _compare(
+            lambda: (
+                forward_hypergradient(
+                    path_loss, vl, exp.inner_opt, state.params, state.opt_state, raw, T, overrides=overrides
+                ).hypergrad,
+                None,
+            ),
+            unroll_ref,
+            dev,
+            hooks=False,
+        )
         rows.append(Row("forward", T, cos, err, el, mib, info="no graph kept across steps"))
 
     report = {
-        "problem": {"dataset": spec.dataset.name, "model": spec.model.name, "hp": spec.hp_name,
-                    "granularity": ",".join(str(getattr(h, "granularity", "")) for h in spec.hp), "num_params": n_params,
-                    "num_hparams": n_h, "inner_steps": T, "alpha": alpha, "device": str(dev)},
+        "problem": {
+            "dataset": spec.dataset.name,
+            "model": spec.model.name,
+            "hp": spec.hp_name,
+            "granularity": ",".join(str(getattr(h, "granularity", "")) for h in spec.hp),
+            "num_params": n_params,
+            "num_hparams": n_h,
+            "inner_steps": T,
+            "alpha": alpha,
+            "device": str(dev),
+        },
         "ift_reference": ref_name,
         "path_reference": f"full unroll of {T} steps of {spec.inner_optim.name}",
         "rows": [asdict(r) for r in rows],
@@ -202,16 +239,27 @@ def run_check(spec: Spec, out_dir: Path, *, iterations: tuple[int, ...] = ITERAT
 
 def _table(rows: list[Row], report: dict, console: Console) -> None:
     p = report["problem"]
-    table = Table(title=f"hoexp check: {p['dataset']} / {p['model']} ({p['num_params']:,} weights), "
-                        f"hp={p['hp']} ({p['num_hparams']:,}), α={p['alpha']}")
+    table = Table(
+        title=f"hoexp check: {p['dataset']} / {p['model']} ({p['num_params']:,} weights), "
+        f"hp={p['hp']} ({p['num_hparams']:,}), α={p['alpha']}"
+    )
     for col in ("method", "iterations", "cosine", "rel. l2 error", "time (ms)", "graph (MiB)", "residual", "note"):
         table.add_column(col, justify="left" if col in ("method", "note") else "right")
     for r in rows:
-        table.add_row(r.method, str(r.iterations), f"{r.cosine:.4f}", f"{r.rel_error:.3g}", f"{r.time_s * 1e3:.1f}",
-                      f"{r.graph_mib:.2f}", "" if r.residual is None else f"{r.residual:.3g}", r.info)
+        table.add_row(
+            r.method,
+            str(r.iterations),
+            f"{r.cosine:.4f}",
+            f"{r.rel_error:.3g}",
+            f"{r.time_s * 1e3:.1f}",
+            f"{r.graph_mib:.2f}",
+            "" if r.residual is None else f"{r.residual:.3g}",
+            r.info,
+        )
     console.print(table)
-    console.print(f"IFT methods vs {report['ift_reference']}; truncated/forward vs {report['path_reference']}",
-                  highlight=False)
+    console.print(
+        f"IFT methods vs {report['ift_reference']}; truncated/forward vs {report['path_reference']}", highlight=False
+    )
 
 
 def _plot(rows: list[Row], path: Path, ref_name: str) -> None:

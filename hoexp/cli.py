@@ -57,8 +57,21 @@ Runs write TensorBoard events, metrics.jsonl and summary.json under outputs/;
 view them with: tensorboard --logdir outputs
 """
 
-HYDRA_FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
-                          "--config-dir", "-cd", "--info", "-i", "--experimental-rerun"}
+HYDRA_FLAGS_WITH_VALUE = {
+    "--cfg",
+    "-c",
+    "--package",
+    "-p",
+    "--config-path",
+    "-cp",
+    "--config-name",
+    "-cn",
+    "--config-dir",
+    "-cd",
+    "--info",
+    "-i",
+    "--experimental-rerun",
+}
 
 
 def fail(message: str, code: int = 2, error: BaseException | None = None) -> None:
@@ -116,8 +129,7 @@ def _task(cfg) -> float:
         summary = run_experiment(spec, out_dir, config_text=OmegaConf.to_yaml(cfg))
     except Diverged as e:
         if HydraConfig.get().mode == RunMode.MULTIRUN and os.environ.get("HYDRA_FULL_ERROR") != "1":
-            print(f"hoexp: warning: job {HydraConfig.get().job.num} diverged ({e}); the sweep goes on",
-                  file=sys.stderr)
+            print(f"hoexp: warning: job {HydraConfig.get().job.num} diverged ({e}); the sweep goes on", file=sys.stderr)
             return float("inf")
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
@@ -144,11 +156,13 @@ def check_output_dir(overrides: list[str], multirun: bool) -> None:
     while not probe.exists():
         probe = probe.parent
     if not probe.is_dir():
-        raise ConfigError(f"cannot create the output folder {target}: {probe} is a file; choose another folder with "
-                          f"{key}<path>")
+        raise ConfigError(
+            f"cannot create the output folder {target}: {probe} is a file; choose another folder with {key}<path>"
+        )
     if not os.access(probe, os.W_OK | os.X_OK):
-        raise ConfigError(f"cannot write to {probe} (for the output folder {target}); choose a writable folder "
-                          f"with {key}<path>")
+        raise ConfigError(
+            f"cannot write to {probe} (for the output folder {target}); choose a writable folder with {key}<path>"
+        )
 
 
 def claim_output_dir(overrides: list[str], multirun: bool, cfg) -> list[str]:
@@ -167,8 +181,9 @@ def claim_output_dir(overrides: list[str], multirun: bool, cfg) -> list[str]:
     try:
         folder = rundir.claim(path)
     except OSError as e:
-        raise ConfigError(f"cannot create the output folder {path} ({e.strerror}); choose another folder with "
-                          f"{key}=<path>") from None
+        raise ConfigError(
+            f"cannot create the output folder {path} ({e.strerror}); choose another folder with {key}=<path>"
+        ) from None
     text = str(folder)
     return [f"{key}={text}" if re.fullmatch(r"[\w./:-]+", text) else f"{key}='{text}'"]
 
@@ -187,9 +202,11 @@ def join_job(overrides: list[str], multirun: bool, cfg) -> list[str]:
     from hoexp import distributed
 
     if multirun:
-        raise ConfigError(f"hoexp run -m under torchrun ({launched_ranks()} processes) would run every job of the "
-                          "sweep on all of them; run one job per torchrun, or sweep with hydra/launcher=slurm_ddp "
-                          "(one task per GPU per job)")
+        raise ConfigError(
+            f"hoexp run -m under torchrun ({launched_ranks()} processes) would run every job of the "
+            "sweep on all of them; run one job per torchrun, or sweep with hydra/launcher=slurm_ddp "
+            "(one task per GPU per job)"
+        )
     ctx = distributed.init(str(cfg.device))
     claim: list[str] | str = []
     if ctx.is_main:
@@ -223,8 +240,10 @@ def check_launcher(cfg) -> None:
 
     target = str(cfg.hydra.launcher.get("_target_", ""))
     if target.endswith("SlurmLauncher") and shutil.which("srun") is None:
-        raise ConfigError("hydra/launcher=slurm needs a SLURM cluster (no srun on PATH here); try the same sweep "
-                          "locally with hydra/launcher=submitit_local or hydra/launcher=parallel")
+        raise ConfigError(
+            "hydra/launcher=slurm needs a SLURM cluster (no srun on PATH here); try the same sweep "
+            "locally with hydra/launcher=submitit_local or hydra/launcher=parallel"
+        )
 
 
 def print_configs(jobs: list[list[str]], args: list[str]) -> None:
@@ -255,13 +274,22 @@ def cmd_run(args: list[str]) -> None:
             return print_configs(jobs, args)
         if not printing:
             check_output_dir(overrides, multirun)
-            first = ([*(o for o in overrides if o.lstrip("+~").startswith("hydra") and o not in search), *jobs[0]]
-                     if multirun else jobs[0])
+            first = (
+                [*(o for o in overrides if o.lstrip("+~").startswith("hydra") and o not in search), *jobs[0]]
+                if multirun
+                else jobs[0]
+            )
             cfg = _compose(first, hydra=True)
             check_launcher(cfg)
             check_launcher_tasks(cfg, jobs)
-            args = [*args, *(join_job(overrides, multirun, cfg) if launched_ranks() else
-                             claim_output_dir(overrides, multirun, cfg))]
+            args = [
+                *args,
+                *(
+                    join_job(overrides, multirun, cfg)
+                    if launched_ranks()
+                    else claim_output_dir(overrides, multirun, cfg)
+                ),
+            ]
     sys.argv = ["hoexp run", *args]
     conf_dir()
     hydra.main(config_path=CONF_PKG, config_name="config", version_base="1.3")(_task)()
@@ -275,25 +303,45 @@ def cmd_check(args: list[str]) -> None:
     from hoexp.horizon import DEFAULT_CONTENDERS
     from hoexp.runner import thread_policy
 
-    ap = argparse.ArgumentParser(prog="hoexp check", description="Hypergradient fidelity of every applicable "
-                                 "method against a reference, on the configured problem (Hydra overrides). "
-                                 "With --horizon: against the long-horizon truth (finite differences of the final "
-                                 "validation loss over the whole remaining run).")
+    ap = argparse.ArgumentParser(
+        prog="hoexp check",
+        description="Hypergradient fidelity of every applicable "
+        "method against a reference, on the configured problem (Hydra overrides). "
+        "With --horizon: against the long-horizon truth (finite differences of the final "
+        "validation loss over the whole remaining run).",
+    )
     ap.add_argument("overrides", nargs="*")
-    ap.add_argument("--iterations", default=",".join(map(str, ITERATIONS)),
-                    help="iteration counts to sweep (comma-separated)")
+    ap.add_argument(
+        "--iterations", default=",".join(map(str, ITERATIONS)), help="iteration counts to sweep (comma-separated)"
+    )
     ap.add_argument("--dense-max", type=int, default=20_000, help="largest model for the exact dense reference")
-    ap.add_argument("--horizon", action="store_true",
-                    help="compare each method's hypergradient with d(final validation loss)/dλ (few hyperparameters: "
-                         "global or per_layer granularity)")
-    ap.add_argument("--method", action="append", default=None, metavar="NAME[:OVERRIDES]",
-                    help="--horizon contender, repeatable: a method, then space-separated overrides (as "
-                         "compare --ho), e.g. 'forward:method.carry=true method.decay=0.7' (default: {' '.join(DEFAULT_CONTENDERS)})")
+    ap.add_argument(
+        "--horizon",
+        action="store_true",
+        help="compare each method's hypergradient with d(final validation loss)/dλ (few hyperparameters: "
+        "global or per_layer granularity)",
+    )
+    ap.add_argument(
+        "--method",
+        action="append",
+        default=None,
+        metavar="NAME[:OVERRIDES]",
+        help="--horizon contender, repeatable: a method, then space-separated overrides (as "
+        "compare --ho), e.g. 'forward:method.carry=true method.decay=0.7' (default: {' '.join(DEFAULT_CONTENDERS)})",
+    )
     ap.add_argument("--at", default=None, help="--horizon checkpoints, outer steps (default: 0, N/4, N/2, 3N/4)")
-    ap.add_argument("--eps", type=float, default=0.05, help="--horizon finite-difference step on the raw "
-                    "hyperparameters (default 0.05)")
-    ap.add_argument("--truth", default=None, metavar="HORIZON_JSON", help="--horizon: reuse the truth of an earlier "
-                    "horizon.json measured on the same configuration (any methods)")
+    ap.add_argument(
+        "--eps",
+        type=float,
+        default=0.05,
+        help="--horizon finite-difference step on the raw hyperparameters (default 0.05)",
+    )
+    ap.add_argument(
+        "--truth",
+        default=None,
+        metavar="HORIZON_JSON",
+        help="--horizon: reuse the truth of an earlier horizon.json measured on the same configuration (any methods)",
+    )
     ap.add_argument("--out", default=None, help="output folder (default: outputs/check/<date>_<time>)")
     ns = ap.parse_args(args)
     try:
@@ -322,8 +370,15 @@ def cmd_check(args: list[str]) -> None:
             for text in ns.method or DEFAULT_CONTENDERS:
                 c = parse_contender(text)
                 contenders.append((c, compose_spec(base + c.overrides)[0]))
-            run_horizon(spec, contenders, out, at=at, eps=ns.eps, console=console,
-                        truth_from=None if ns.truth is None else Path(ns.truth))
+            run_horizon(
+                spec,
+                contenders,
+                out,
+                at=at,
+                eps=ns.eps,
+                console=console,
+                truth_from=None if ns.truth is None else Path(ns.truth),
+            )
         else:
             run_check(spec, out, iterations=iterations, dense_max=ns.dense_max, console=console)
 
@@ -336,9 +391,12 @@ def cmd_report(args: list[str]) -> None:
 
     from hoexp.report import build_report
 
-    ap = argparse.ArgumentParser(prog="hoexp report", description="Compare finished runs: every folder with a "
-                                 "summary.json at or under PATH (runs, multirun and study folders). Seeds are "
-                                 "averaged; a black-box study counts as its best trial.")
+    ap = argparse.ArgumentParser(
+        prog="hoexp report",
+        description="Compare finished runs: every folder with a "
+        "summary.json at or under PATH (runs, multirun and study folders). Seeds are "
+        "averaged; a black-box study counts as its best trial.",
+    )
     ap.add_argument("paths", nargs="+", metavar="PATH")
     ap.add_argument("--out", default=None, help="output folder (default: outputs/reports/<date>_<time>)")
     ap.add_argument("--no-plots", action="store_true", help="skip the PNG plots")

@@ -81,34 +81,62 @@ class _ArgumentParser(argparse.ArgumentParser):
 
 def _parser() -> argparse.ArgumentParser:
     ap = _ArgumentParser(
-        prog="hoexp compare", formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="hoexp compare",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         description="HO methods against a fixed baseline, a grid, random search and TPE over the family's "
-                    "global value, at an equal wall-clock budget, over several seeds; ends with hoexp report.",
+        "global value, at an equal wall-clock budget, over several seeds; ends with hoexp report.",
         epilog="example: hoexp compare experiment=iris_per_weight_decay --methods neumann,cg --seeds 0,1,2 "
-               "--budget-factor 3")
+        "--budget-factor 3",
+    )
     ap.add_argument("overrides", nargs="*", help="Hydra overrides for every run (the experiment preset, steps, ...)")
     ap.add_argument("--methods", default=None, help="HO methods, comma-separated (default: the preset's method)")
-    ap.add_argument("--ho", action="append", default=[], metavar="METHOD[:OVERRIDES]",
-                    help="an HO contender with options, e.g. 'neumann:method.terms=20 method.alpha=0.05' "
-                         "(repeatable; added to --methods)")
+    ap.add_argument(
+        "--ho",
+        action="append",
+        default=[],
+        metavar="METHOD[:OVERRIDES]",
+        help="an HO contender with options, e.g. 'neumann:method.terms=20 method.alpha=0.05' "
+        "(repeatable; added to --methods)",
+    )
     ap.add_argument("--seeds", default="0", help="comma-separated seeds (default: 0)")
-    ap.add_argument("--grid", default=None, help="grid values, comma-separated, or 'none' (default: 5 values per "
-                    "family, e.g. 1e-5,...,1e-1 for weight decay, 0.05,0.2,0.35,0.5,0.65 for dropout)")
+    ap.add_argument(
+        "--grid",
+        default=None,
+        help="grid values, comma-separated, or 'none' (default: 5 values per "
+        "family, e.g. 1e-5,...,1e-1 for weight decay, 0.05,0.2,0.35,0.5,0.65 for dropout)",
+    )
     ap.add_argument("--grid-key", default=None, help="the key the grid and the search set (default: hp.<family>.init)")
     ap.add_argument("--search", default="random,tpe", help="black-box searches: random, tpe, both (default) or none")
-    ap.add_argument("--space", action="append", default=[], metavar="KEY=LOW:HIGH[:log]",
-                    help="a searched range (repeatable; default: the grid key over the grid's range)")
+    ap.add_argument(
+        "--space",
+        action="append",
+        default=[],
+        metavar="KEY=LOW:HIGH[:log]",
+        help="a searched range (repeatable; default: the grid key over the grid's range)",
+    )
     ap.add_argument("--search-lr", action="store_true", help="also search optim.inner.lr in [lr/10, 10 lr] (log)")
     budget = ap.add_mutually_exclusive_group()
-    budget.add_argument("--budget-factor", type=float, default=None,
-                        help="search budget = this × the wall time of the slowest HO run of the seed (default 1)")
+    budget.add_argument(
+        "--budget-factor",
+        type=float,
+        default=None,
+        help="search budget = this × the wall time of the slowest HO run of the seed (default 1)",
+    )
     budget.add_argument("--budget-s", type=float, default=None, help="search budget in seconds, per search and seed")
     ap.add_argument("--workers", type=int, default=1, help="local worker processes per search (default 1)")
-    ap.add_argument("--objective", choices=OBJECTIVES, default="best",
-                    help="what the grid and the searches minimize: the best (default) or the final validation loss")
+    ap.add_argument(
+        "--objective",
+        choices=OBJECTIVES,
+        default="best",
+        help="what the grid and the searches minimize: the best (default) or the final validation loss",
+    )
     ap.add_argument("--no-prune", action="store_true", help="no MedianPruner: every trial runs to the end")
-    ap.add_argument("--prune-warmup", type=int, default=None,
-                    help="outer steps before a trial can be pruned (default: a quarter of outer_steps)")
+    ap.add_argument(
+        "--prune-warmup",
+        type=int,
+        default=None,
+        help="outer steps before a trial can be pruned (default: a quarter of outer_steps)",
+    )
     ap.add_argument("--max-trials", type=int, default=None, help="also stop a search after this many trials")
     ap.add_argument("--tpe-startup", type=int, default=5, help="random trials before TPE models (default 5)")
     ap.add_argument("--out", default=None, help="output folder (default: outputs/compare/<date>_<time>)")
@@ -165,8 +193,10 @@ def parse_args(argv: list[str]) -> Plan:
     refuse_removed(ns.overrides)
     for o in ns.overrides:
         if o.lstrip("+~").startswith("hydra"):
-            raise ConfigError(f"compare: '{o}': hydra.* overrides do not apply (compare runs without Hydra's "
-                              "launcher); choose the folder with --out")
+            raise ConfigError(
+                f"compare: '{o}': hydra.* overrides do not apply (compare runs without Hydra's "
+                "launcher); choose the folder with --out"
+            )
         if o.split("=", 1)[0] in ("seed", "method"):
             raise ConfigError(f"compare: '{o}': give seeds with --seeds and HO methods with --methods / --ho")
     base = ["progress=false", *ns.overrides]
@@ -188,8 +218,9 @@ def parse_args(argv: list[str]) -> Plan:
         method, _, opts = entry.partition(":")
         method = method.strip()
         if method == "none":
-            raise ConfigError("method 'none' is the baseline, which compare always runs; choose HO methods: "
-                              + ", ".join(valid))
+            raise ConfigError(
+                "method 'none' is the baseline, which compare always runs; choose HO methods: " + ", ".join(valid)
+            )
         if method not in valid:
             raise ConfigError(f"unknown method '{method}'; choose one of: {', '.join(valid)}")
         extra = split_overrides(opts)
@@ -207,8 +238,10 @@ def parse_args(argv: list[str]) -> Plan:
     key = ns.grid_key
     if key is None:
         if len(families) != 1:
-            raise ConfigError(f"several hp families ({', '.join(families)}): choose the compared value with "
-                              "--grid-key, e.g. --grid-key hp.weight_decay.init")
+            raise ConfigError(
+                f"several hp families ({', '.join(families)}): choose the compared value with "
+                "--grid-key, e.g. --grid-key hp.weight_decay.init"
+            )
         key = f"hp.{families[0]}.init"
     family = key.split(".")[1] if key.startswith("hp.") and key.count(".") >= 2 else None
     declared = _declared(spec, family)
@@ -268,10 +301,26 @@ def parse_args(argv: list[str]) -> Plan:
     out = Path(ns.out or f"outputs/compare/{time.strftime('%Y-%m-%d_%H-%M-%S')}")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"--out {out} exists and is not an empty folder; choose another")
-    return Plan(base=base, ho=ho, seeds=seeds, grid_key=key, grid=grid, searches=searches, space=space,
-                budget_factor=factor, budget_s=ns.budget_s, workers=ns.workers, objective=ns.objective,
-                prune=not ns.no_prune, prune_warmup=warmup, max_trials=ns.max_trials, tpe_startup=ns.tpe_startup,
-                out=out, plots=not ns.no_plots, argv=list(argv))
+    return Plan(
+        base=base,
+        ho=ho,
+        seeds=seeds,
+        grid_key=key,
+        grid=grid,
+        searches=searches,
+        space=space,
+        budget_factor=factor,
+        budget_s=ns.budget_s,
+        workers=ns.workers,
+        objective=ns.objective,
+        prune=not ns.no_prune,
+        prune_warmup=warmup,
+        max_trials=ns.max_trials,
+        tpe_startup=ns.tpe_startup,
+        out=out,
+        plots=not ns.no_plots,
+        argv=list(argv),
+    )
 
 
 # ----------------------------------------------------------------------------------------- runs
@@ -320,16 +369,18 @@ def _write_run_files(folder: Path, spec, overrides: list[str], trial: dict[str, 
         write_json_atomic(folder / "trial.json", trial)
 
 
-def run_one(composer: Composer, updates: dict[str, str], folder: Path, *, loggers=(),
-            trial: dict[str, Any] | None = None) -> dict[str, Any]:
+def run_one(
+    composer: Composer, updates: dict[str, str], folder: Path, *, loggers=(), trial: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """One hoexp run (in this process) into ``folder``; returns its summary (also when it diverged)."""
     from hoexp.runner import Diverged, run_experiment
 
     spec, text, overrides = composer.spec(updates)
     _write_run_files(folder, spec, overrides, trial)
     try:
-        return run_experiment(spec, folder, config_text=text, console=Console(file=io.StringIO()),
-                              loggers=list(loggers))
+        return run_experiment(
+            spec, folder, config_text=text, console=Console(file=io.StringIO()), loggers=list(loggers)
+        )
     except Diverged:
         return read_json(folder / "summary.json")
 
@@ -390,9 +441,13 @@ class RunTrial:
         run_dir = Path(self.folder) / f"trial_{ctx.number:03d}"
         ctx.attrs["run_dir"] = str(run_dir)
         try:
-            summary = run_one(self.composer, {"seed": str(self.seed), **params}, run_dir,
-                              loggers=[PruneLogger(ctx, self.objective)],
-                              trial={"number": ctx.number, "params": params})
+            summary = run_one(
+                self.composer,
+                {"seed": str(self.seed), **params},
+                run_dir,
+                loggers=[PruneLogger(ctx, self.objective)],
+                trial={"number": ctx.number, "params": params},
+            )
         finally:
             if (run_dir / "summary.json").is_file():
                 s = read_json(run_dir / "summary.json")
@@ -417,16 +472,26 @@ def match_time(trials: list[dict[str, Any]], target: float, fixed_s: float) -> d
             best = min(best, float(t["value"]))
         if best <= target:
             return {"matched": True, "trials": n, "time_s": cum, "fixed_runs": worth(cum)}
-    return {"matched": False, "trials": len(trials), "time_s": cum, "fixed_runs": worth(cum),
-            "best_value": best if math.isfinite(best) else None}
+    return {
+        "matched": False,
+        "trials": len(trials),
+        "time_s": cum,
+        "fixed_runs": worth(cum),
+        "best_value": best if math.isfinite(best) else None,
+    }
 
 
 def _numbers(summary: dict[str, Any], path: Path) -> dict[str, Any]:
     keys = ("val_loss", "val_acc", "test_loss", "test_acc", "step")
-    return {"path": str(path), "status": summary.get("status"), "seed": summary.get("seed"),
-            "wall_time_s": summary.get("wall_time_s"), "hypergradients": summary.get("hypergradients"),
-            "num_hparams": summary.get("num_hparams"),
-            **{b: {k: (summary.get(b) or {}).get(k) for k in keys} for b in ("final", "best")}}
+    return {
+        "path": str(path),
+        "status": summary.get("status"),
+        "seed": summary.get("seed"),
+        "wall_time_s": summary.get("wall_time_s"),
+        "hypergradients": summary.get("hypergradients"),
+        "num_hparams": summary.get("num_hparams"),
+        **{b: {k: (summary.get(b) or {}).get(k) for k in keys} for b in ("final", "best")},
+    }
 
 
 def _mean_std(values: list[Any]) -> list[float | None]:
@@ -438,8 +503,11 @@ def _mean_std(values: list[Any]) -> list[float | None]:
 
 def _summarize(runs: list[dict[str, Any]], budget_key: str = "wall_time_s") -> dict[str, Any]:
     """Mean and std over seeds of a contender's numbers (``[mean, std]``; std None for one seed)."""
-    out: dict[str, Any] = {f"{b}_{k}": _mean_std([(r.get(b) or {}).get(k) for r in runs])
-                           for b in ("final", "best") for k in ("val_loss", "test_loss")}
+    out: dict[str, Any] = {
+        f"{b}_{k}": _mean_std([(r.get(b) or {}).get(k) for r in runs])
+        for b in ("final", "best")
+        for k in ("val_loss", "test_loss")
+    }
     out["wall_time_s"] = _mean_std([r.get("wall_time_s") for r in runs])
     out["budget_spent_s"] = _mean_std([r.get(budget_key) for r in runs])
     out["seeds"] = len(runs)
@@ -467,9 +535,11 @@ class _Compare:
 
     def line(self, seed: int, what: str, s: dict[str, Any]) -> None:
         f, b = s.get("final") or {}, s.get("best") or {}
-        self.say(f"  seed {seed}  {what:<34} val {f.get('val_loss', math.nan):.4f} (best "
-                 f"{b.get('val_loss', math.nan):.4f})  test {f.get('test_loss', math.nan):.4f}  "
-                 f"{s.get('wall_time_s', math.nan):6.1f} s  {s.get('status')}")
+        self.say(
+            f"  seed {seed}  {what:<34} val {f.get('val_loss', math.nan):.4f} (best "
+            f"{b.get('val_loss', math.nan):.4f})  test {f.get('test_loss', math.nan):.4f}  "
+            f"{s.get('wall_time_s', math.nan):6.1f} s  {s.get('status')}"
+        )
 
     def warm_up(self) -> None:
         """One short throwaway run per HO contender and of method=none, outside the compare folder,
@@ -479,8 +549,11 @@ class _Compare:
 
         with tempfile.TemporaryDirectory(prefix="hoexp-compare-warmup-") as tmp:
             for i, c in enumerate([*self.ho_composers.values(), self.none]):
-                run_one(c, {"seed": str(self.plan.seeds[0]), "outer_steps": "1", "checkpoint_every": "0"},
-                        Path(tmp) / str(i))
+                run_one(
+                    c,
+                    {"seed": str(self.plan.seeds[0]), "outer_steps": "1", "checkpoint_every": "0"},
+                    Path(tmp) / str(i),
+                )
 
     def seed(self, seed: int) -> None:
         plan = self.plan
@@ -508,16 +581,29 @@ class _Compare:
         assert key is not None  # a grid comes with its key (parse_args sets one)
         gdir = self.out / "grid" / f"seed{seed}"
         gdir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(gdir / "study.json", {
-            "kind": "grid", "label": "grid search", "objective": self.obj, "seed": seed,
-            "space": {key: "grid " + ", ".join(f"{v:g}" for v in plan.grid)}})
+        write_json_atomic(
+            gdir / "study.json",
+            {
+                "kind": "grid",
+                "label": "grid search",
+                "objective": self.obj,
+                "seed": seed,
+                "space": {key: "grid " + ", ".join(f"{v:g}" for v in plan.grid)},
+            },
+        )
         runs = []
         for i, v in enumerate(plan.grid):
             folder, value = gdir / f"point{i}", _fmt_value(v)
             s = run_one(self.none, {"seed": str(seed), key: value}, folder, trial={"number": i, "params": {key: value}})
-            write_json_atomic(folder / "trial.json", {
-                "number": i, "params": {key: value}, "value": objective_value(s, self.obj),
-                "state": "COMPLETE" if s.get("status") == "completed" else "FAIL"})
+            write_json_atomic(
+                folder / "trial.json",
+                {
+                    "number": i,
+                    "params": {key: value},
+                    "value": objective_value(s, self.obj),
+                    "state": "COMPLETE" if s.get("status") == "completed" else "FAIL",
+                },
+            )
             n = {**_numbers(s, folder), "value": v}
             self.grid_points[v].append(n)
             runs.append((s, n))
@@ -526,74 +612,163 @@ class _Compare:
         if chosen is not None:
             n = next(n for s, n in runs if s is chosen)
             self.grid_best.append({**n, "grid_time_s": sum(float(x["wall_time_s"] or 0) for _, x in runs)})
-            self.say(f"  seed {seed}  grid: best {key}={n['value']:g} (lowest {self.obj} validation loss, "
-                     f"{objective_value(chosen, self.obj):.4f})")
+            self.say(
+                f"  seed {seed}  grid: best {key}={n['value']:g} (lowest {self.obj} validation loss, "
+                f"{objective_value(chosen, self.obj):.4f})"
+            )
 
     def search(self, seed: int, sampler: str, budget: float, note: str) -> None:
         plan = self.plan
         sdir = self.out / sampler / f"seed{seed}"
-        settings = SearchSettings(sampler=sampler, space=plan.space, budget_s=budget, seed=seed, workers=plan.workers,
-                                  prune=plan.prune, prune_warmup=plan.prune_warmup, max_trials=plan.max_trials,
-                                  tpe_startup=plan.tpe_startup)
-        info = {"kind": "search", "label": SAMPLERS[sampler], "sampler": sampler, "objective": self.obj, "seed": seed,
-                "budget_s": budget, "workers": plan.workers, "prune": plan.prune,
-                "space": {d.key: d.describe() for d in plan.space}}
+        settings = SearchSettings(
+            sampler=sampler,
+            space=plan.space,
+            budget_s=budget,
+            seed=seed,
+            workers=plan.workers,
+            prune=plan.prune,
+            prune_warmup=plan.prune_warmup,
+            max_trials=plan.max_trials,
+            tpe_startup=plan.tpe_startup,
+        )
+        info = {
+            "kind": "search",
+            "label": SAMPLERS[sampler],
+            "sampler": sampler,
+            "objective": self.obj,
+            "seed": seed,
+            "budget_s": budget,
+            "workers": plan.workers,
+            "prune": plan.prune,
+            "space": {d.key: d.describe() for d in plan.space},
+        }
         sdir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(sdir / "study.json", info)
-        self.say(f"  seed {seed}  {SAMPLERS[sampler]}: budget {budget:.1f} s{note}, {plan.workers} worker(s) "
-                 f"→ {sdir}")
-        result = run_search(settings, RunTrial(self.none, seed, str(sdir), self.obj), sdir,
-                            name=f"{sampler}_seed{seed}")
+        self.say(f"  seed {seed}  {SAMPLERS[sampler]}: budget {budget:.1f} s{note}, {plan.workers} worker(s) → {sdir}")
+        result = run_search(
+            settings, RunTrial(self.none, seed, str(sdir), self.obj), sdir, name=f"{sampler}_seed{seed}"
+        )
         trials: list[dict[str, Any]] = []
         for t in result.trials:
-            rec: dict[str, Any] = {"number": t.number, "params": t.params, "state": t.state, "value": t.value, "start_s": t.start_s,
-                   "end_s": t.end_s, "duration_s": t.duration_s, "worker": t.worker,
-                   "wall_time_s": t.attrs.get("wall_time_s"), "status": t.attrs.get("status"),
-                   "path": t.attrs.get("run_dir")}
+            rec: dict[str, Any] = {
+                "number": t.number,
+                "params": t.params,
+                "state": t.state,
+                "value": t.value,
+                "start_s": t.start_s,
+                "end_s": t.end_s,
+                "duration_s": t.duration_s,
+                "worker": t.worker,
+                "wall_time_s": t.attrs.get("wall_time_s"),
+                "status": t.attrs.get("status"),
+                "path": t.attrs.get("run_dir"),
+            }
             trials.append(rec)
             if rec["path"] and Path(rec["path"]).is_dir():  # the outcome, next to the run
-                write_json_atomic(Path(rec["path"]) / "trial.json", {
-                    "number": t.number, "params": {k: _fmt_value(v) for k, v in t.params.items()},
-                    "state": t.state, "value": t.value})
+                write_json_atomic(
+                    Path(rec["path"]) / "trial.json",
+                    {
+                        "number": t.number,
+                        "params": {k: _fmt_value(v) for k, v in t.params.items()},
+                        "state": t.state,
+                        "value": t.value,
+                    },
+                )
         best = result.best
         trial_time = sum(float(t["wall_time_s"] or 0) for t in trials)
         states = [t.state for t in result.trials]
-        write_json_atomic(sdir / "study.json", {
-            **info, "wall_clock_s": result.wall_clock_s, "trial_time_s": trial_time, "n_trials": len(trials),
-            "best_trial": None if best is None else best.number})
+        write_json_atomic(
+            sdir / "study.json",
+            {
+                **info,
+                "wall_clock_s": result.wall_clock_s,
+                "trial_time_s": trial_time,
+                "n_trials": len(trials),
+                "best_trial": None if best is None else best.number,
+            },
+        )
         best_run = None if best is None else Path(best.attrs["run_dir"])
-        self.studies[sampler].append({
-            "seed": seed, "folder": str(sdir), "budget_s": budget, "wall_clock_s": result.wall_clock_s,
-            "trial_time_s": trial_time, "n_trials": len(trials),
-            "states": {s: states.count(s) for s in sorted(set(states))},
-            "best_trial": None if best is None else best.number, "best_params": None if best is None else best.params,
-            "best": None if best_run is None else _numbers(read_json(best_run / "summary.json"), best_run),
-            "trials": trials})
-        self.say(f"  seed {seed}  {SAMPLERS[sampler]}: {len(trials)} trials ("
-                 + ", ".join(f"{states.count(s)} {s.lower()}" for s in sorted(set(states)))
-                 + f") in {result.wall_clock_s:.1f} s"
-                 + ("" if best is None else f"; best #{best.number} "
-                    + " ".join(f"{k}={v:.3g}" for k, v in best.params.items()) + f", val {best.value:.4f}"))
+        self.studies[sampler].append(
+            {
+                "seed": seed,
+                "folder": str(sdir),
+                "budget_s": budget,
+                "wall_clock_s": result.wall_clock_s,
+                "trial_time_s": trial_time,
+                "n_trials": len(trials),
+                "states": {s: states.count(s) for s in sorted(set(states))},
+                "best_trial": None if best is None else best.number,
+                "best_params": None if best is None else best.params,
+                "best": None if best_run is None else _numbers(read_json(best_run / "summary.json"), best_run),
+                "trials": trials,
+            }
+        )
+        self.say(
+            f"  seed {seed}  {SAMPLERS[sampler]}: {len(trials)} trials ("
+            + ", ".join(f"{states.count(s)} {s.lower()}" for s in sorted(set(states)))
+            + f") in {result.wall_clock_s:.1f} s"
+            + (
+                ""
+                if best is None
+                else f"; best #{best.number} "
+                + " ".join(f"{k}={v:.3g}" for k, v in best.params.items())
+                + f", val {best.value:.4f}"
+            )
+        )
 
     def to_json(self, elapsed: float) -> dict[str, Any]:
         plan, obj = self.plan, self.obj
         contenders: list[dict[str, Any]] = []
         for name, ov in plan.ho:
-            contenders.append({"name": name, "kind": "ho", "overrides": ov, "runs": self.ho[name],
-                               "summary": _summarize(self.ho[name])})
-        contenders.append({"name": "baseline", "kind": "baseline", "overrides": ["method=none"], "runs": self.baseline,
-                           "summary": _summarize(self.baseline)})
+            contenders.append(
+                {
+                    "name": name,
+                    "kind": "ho",
+                    "overrides": ov,
+                    "runs": self.ho[name],
+                    "summary": _summarize(self.ho[name]),
+                }
+            )
+        contenders.append(
+            {
+                "name": "baseline",
+                "kind": "baseline",
+                "overrides": ["method=none"],
+                "runs": self.baseline,
+                "summary": _summarize(self.baseline),
+            }
+        )
         for v, runs in self.grid_points.items():
-            contenders.append({"name": f"grid {plan.grid_key}={v:g}", "kind": "grid_point", "value": v,
-                               "overrides": ["method=none", f"{plan.grid_key}={_fmt_value(v)}"], "runs": runs,
-                               "summary": _summarize(runs)})
+            contenders.append(
+                {
+                    "name": f"grid {plan.grid_key}={v:g}",
+                    "kind": "grid_point",
+                    "value": v,
+                    "overrides": ["method=none", f"{plan.grid_key}={_fmt_value(v)}"],
+                    "runs": runs,
+                    "summary": _summarize(runs),
+                }
+            )
         if plan.grid:
-            contenders.append({"name": "grid (best on val)", "kind": "grid_best", "runs": self.grid_best,
-                               "summary": _summarize(self.grid_best, "grid_time_s")})
+            contenders.append(
+                {
+                    "name": "grid (best on val)",
+                    "kind": "grid_best",
+                    "runs": self.grid_best,
+                    "summary": _summarize(self.grid_best, "grid_time_s"),
+                }
+            )
         for sampler, st in self.studies.items():
             best_runs = [{**s["best"], "budget_spent_s": s["wall_clock_s"]} for s in st if s["best"] is not None]
-            contenders.append({"name": SAMPLERS[sampler], "kind": "search", "sampler": sampler, "studies": st,
-                               "summary": _summarize(best_runs, "budget_spent_s")})
+            contenders.append(
+                {
+                    "name": SAMPLERS[sampler],
+                    "kind": "search",
+                    "sampler": sampler,
+                    "studies": st,
+                    "summary": _summarize(best_runs, "budget_spent_s"),
+                }
+            )
         # how long each search took to reach each HO contender's validation loss, in fixed runs' worth
         match = []
         fixed = {r["seed"]: float(r["wall_time_s"] or 0) for r in self.baseline}
@@ -602,19 +777,41 @@ class _Compare:
                 for name, _ in plan.ho:
                     run = next(r for r in self.ho[name] if r["seed"] == s["seed"])
                     target = objective_value(run, obj)
-                    match.append({"search": SAMPLERS[sampler], "ho": name, "seed": s["seed"], "target": target,
-                                  "budget_s": s["budget_s"], "fixed_run_s": fixed.get(s["seed"]),
-                                  **match_time(s["trials"], target, fixed.get(s["seed"], 0.0))})
+                    match.append(
+                        {
+                            "search": SAMPLERS[sampler],
+                            "ho": name,
+                            "seed": s["seed"],
+                            "target": target,
+                            "budget_s": s["budget_s"],
+                            "fixed_run_s": fixed.get(s["seed"]),
+                            **match_time(s["trials"], target, fixed.get(s["seed"], 0.0)),
+                        }
+                    )
         return {
-            "version": 1, "argv": plan.argv, "overrides": plan.base, "seeds": plan.seeds, "objective": obj,
+            "version": 1,
+            "argv": plan.argv,
+            "overrides": plan.base,
+            "seeds": plan.seeds,
+            "objective": obj,
             "grid": {"key": plan.grid_key, "values": plan.grid},
             "space": [{"key": d.key, "low": d.low, "high": d.high, "log": d.log} for d in plan.space],
-            "budget": {"factor": plan.budget_factor, "seconds": plan.budget_s,
-                       "per_seed": {str(k): v for k, v in self.budgets.items()},
-                       "rule": ("--budget-s" if plan.budget_s is not None else
-                                f"{plan.budget_factor:g} × the wall time of the slowest HO run of the seed")},
-            "workers": plan.workers, "prune": plan.prune, "prune_warmup": plan.prune_warmup, "elapsed_s": elapsed,
-            "contenders": contenders, "match": match,
+            "budget": {
+                "factor": plan.budget_factor,
+                "seconds": plan.budget_s,
+                "per_seed": {str(k): v for k, v in self.budgets.items()},
+                "rule": (
+                    "--budget-s"
+                    if plan.budget_s is not None
+                    else f"{plan.budget_factor:g} × the wall time of the slowest HO run of the seed"
+                ),
+            },
+            "workers": plan.workers,
+            "prune": plan.prune,
+            "prune_warmup": plan.prune_warmup,
+            "elapsed_s": elapsed,
+            "contenders": contenders,
+            "match": match,
         }
 
 
@@ -625,9 +822,11 @@ def run_compare(plan: Plan, console: Console | None = None) -> dict[str, Any]:
     c = _Compare(plan, console or Console())
     started = time.time()
     c.out.mkdir(parents=True, exist_ok=True)
-    c.say(f"hoexp compare → {c.out}: {len(plan.ho)} HO contender(s), baseline, {len(plan.grid)} grid point(s) of "
-          f"{plan.grid_key}, search(es): {', '.join(plan.searches) or 'none'}; seeds {plan.seeds}; objective: "
-          f"{plan.objective} validation loss")
+    c.say(
+        f"hoexp compare → {c.out}: {len(plan.ho)} HO contender(s), baseline, {len(plan.grid)} grid point(s) of "
+        f"{plan.grid_key}, search(es): {', '.join(plan.searches) or 'none'}; seeds {plan.seeds}; objective: "
+        f"{plan.objective} validation loss"
+    )
     c.warm_up()
     for seed in plan.seeds:
         c.seed(seed)

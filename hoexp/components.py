@@ -53,7 +53,8 @@ class Range:
         bounds = [(">", self.gt), (">=", self.ge), ("<", self.lt), ("<=", self.le)]
         want = " and ".join(f"{op} {b:g}" for op, b in bounds if b is not None)
         ok = math.isfinite(value) and all(
-            b is None or {">": value > b, ">=": value >= b, "<": value < b, "<=": value <= b}[op] for op, b in bounds)
+            b is None or {">": value > b, ">=": value >= b, "<": value < b, "<=": value <= b}[op] for op, b in bounds
+        )
         return None if ok else f"must be {want}"
 
 

@@ -129,13 +129,16 @@ def init(device: str) -> Context:
     try:
         timeout = datetime.timedelta(seconds=TIMEOUT_S)
         if cuda:  # device_id: NCCL binds the communicator to this rank's GPU at once
-            dist.init_process_group("nccl", timeout=timeout,
-                                    device_id=torch.device("cuda", torch.cuda.current_device()))
+            dist.init_process_group(
+                "nccl", timeout=timeout, device_id=torch.device("cuda", torch.cuda.current_device())
+            )
         else:
             dist.init_process_group("gloo", timeout=timeout)
     except Exception as e:  # noqa: BLE001 - a rendezvous that fails (port taken, a rank missing)
-        raise HoexpError(f"rank {ctx.rank} of {ctx.world_size} could not join the process group "
-                         f"({type(e).__name__}: {_first_line(e)})") from None
+        raise HoexpError(
+            f"rank {ctx.rank} of {ctx.world_size} could not join the process group "
+            f"({type(e).__name__}: {_first_line(e)})"
+        ) from None
     return current()
 
 
@@ -207,8 +210,10 @@ class _SyncGrad(Function):
         return tuple(out)
 
 
-def sync(params: Mapping[str, Tensor], raw: Mapping[str, Tensor],
-         ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+def sync(
+    params: Mapping[str, Tensor],
+    raw: Mapping[str, Tensor],
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """``(params, raw)`` through one :class:`_SyncGrad` node: derivatives of a loss of the result are the
     mean over the ranks of the ranks' derivatives. Without autograd (``torch.no_grad``, nothing that
     requires a gradient) or in a one-process run the inputs come back as they are."""
@@ -230,9 +235,11 @@ def shard_batch(batch: tuple, batch_dim: int, model: Any, ctx: Context) -> tuple
     x, y = batch[0], batch[1]
     size = x.shape[batch_dim]
     if size % ctx.world_size:
-        raise HoexpError(f"a batch of {size} examples cannot be split evenly over {ctx.world_size} processes; "
-                         f"use a batch size (dataset.batch_size, dataset.val_batch_size, or the split size for "
-                         f"full batches) that is a multiple of {ctx.world_size}")
+        raise HoexpError(
+            f"a batch of {size} examples cannot be split evenly over {ctx.world_size} processes; "
+            f"use a batch size (dataset.batch_size, dataset.val_batch_size, or the split size for "
+            f"full batches) that is a multiple of {ctx.world_size}"
+        )
     n = size // ctx.world_size
     start = ctx.rank * n
     x_shard, y_shard = x.narrow(batch_dim, start, n), y.narrow(batch_dim, start, n)

@@ -114,9 +114,16 @@ def _fingerprint(spec: Spec, eps: float) -> dict:
     return {"config": raw, "eps": eps}
 
 
-def run_horizon(spec: Spec, contenders: Sequence[tuple[Contender, Spec]], out_dir: Path, *,
-                at: Sequence[int] | None = None, eps: float = 0.05, console: Console | None = None,
-                truth_from: Path | None = None) -> HorizonResult:
+def run_horizon(
+    spec: Spec,
+    contenders: Sequence[tuple[Contender, Spec]],
+    out_dir: Path,
+    *,
+    at: Sequence[int] | None = None,
+    eps: float = 0.05,
+    console: Console | None = None,
+    truth_from: Path | None = None,
+) -> HorizonResult:
     """The long-horizon truth at the checkpoints ``at`` (outer steps) and every contender against it.
 
     ``truth_from``: a previous ``horizon.json`` whose truth is reused for the checkpoints it has, when
@@ -124,8 +131,9 @@ def run_horizon(spec: Spec, contenders: Sequence[tuple[Contender, Spec]], out_di
     """
     console = console or Console(stderr=True)
     run = spec.run
-    at = sorted(set(at if at is not None else [0, run.outer_steps // 4, run.outer_steps // 2,
-                                               3 * run.outer_steps // 4]))
+    at = sorted(
+        set(at if at is not None else [0, run.outer_steps // 4, run.outer_steps // 2, 3 * run.outer_steps // 4])
+    )
     if not at or at[0] < 0 or at[-1] >= run.outer_steps:
         raise ConfigError(f"--at must list outer steps in [0, outer_steps={run.outer_steps}), got {at}")
     exp = build(spec)
@@ -134,9 +142,11 @@ def run_horizon(spec: Spec, contenders: Sequence[tuple[Contender, Spec]], out_di
     raw = start_state.raw
     n_h = tree.numel(raw)
     if n_h > MAX_HPARAMS:
-        raise ConfigError(f"the horizon diagnostic differentiates the whole remaining run per hyperparameter; "
-                          f"hp={spec.hp_name} has {n_h:,} here (limit {MAX_HPARAMS}): use a global or per_layer "
-                          "granularity")
+        raise ConfigError(
+            f"the horizon diagnostic differentiates the whole remaining run per hyperparameter; "
+            f"hp={spec.hp_name} has {n_h:,} here (limit {MAX_HPARAMS}): use a global or per_layer "
+            "granularity"
+        )
     train, val, state = start_state.train, start_state.val, start_state.inner
     out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -144,8 +154,9 @@ def run_horizon(spec: Spec, contenders: Sequence[tuple[Contender, Spec]], out_di
     checkpoints: dict[int, _Checkpoint] = {}
     for step in range(run.outer_steps):
         if step in at:
-            checkpoints[step] = _Checkpoint(step, state, copy.deepcopy(train.state_dict()),
-                                            copy.deepcopy(val.state_dict()))
+            checkpoints[step] = _Checkpoint(
+                step, state, copy.deepcopy(train.state_dict()), copy.deepcopy(val.state_dict())
+            )
         state, _, _ = train_inner(problem, exp.inner_opt, state, raw, train, run.inner_steps)
         next(val)  # the runner draws one validation batch per outer step
     base_final = float(problem.evaluate(state.params, exp.data.val)[0])
@@ -155,7 +166,9 @@ def run_horizon(spec: Spec, contenders: Sequence[tuple[Contender, Spec]], out_di
     def final_val_loss(ck: _Checkpoint, flat: Tensor) -> float:
         lam = tree.unflatten(flat, raw)
         stream, _ = _streams(exp, ck)
-        st, _, _ = train_inner(problem, exp.inner_opt, ck.state, lam, stream, (run.outer_steps - ck.step) * run.inner_steps)
+        st, _, _ = train_inner(
+            problem, exp.inner_opt, ck.state, lam, stream, (run.outer_steps - ck.step) * run.inner_steps
+        )
         return float(problem.evaluate(st.params, exp.data.val)[0].double())
 
     result = HorizonResult(at=list(at), eps=eps, truth={})
@@ -166,8 +179,9 @@ def run_horizon(spec: Spec, contenders: Sequence[tuple[Contender, Spec]], out_di
         except (OSError, ValueError) as e:
             raise ConfigError(f"--truth {truth_from}: cannot read it ({e}); pass a horizon.json") from None
         if old.get("fingerprint") != json.loads(json.dumps(_fingerprint(spec, eps))):
-            raise ConfigError(f"--truth {truth_from} was measured on another configuration or --eps; drop --truth "
-                              "to measure it again")
+            raise ConfigError(
+                f"--truth {truth_from} was measured on another configuration or --eps; drop --truth to measure it again"
+            )
         known = {int(k): v for k, v in old.get("truth", {}).items()}
     t0 = time.perf_counter()
     for s in at:
@@ -184,19 +198,30 @@ def run_horizon(spec: Spec, contenders: Sequence[tuple[Contender, Spec]], out_di
             hgs = _contender_hypergradients(cspec, exp, raw, checkpoints, at)
         except Exception as e:  # one contender failing (e.g. a refused combination) must not end the check
             result.errors[contender.label] = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e) else ''}"
-            console.print(f"hoexp: {contender.label}: {result.errors[contender.label]}", highlight=False,
-                          soft_wrap=True, markup=False)
+            console.print(
+                f"hoexp: {contender.label}: {result.errors[contender.label]}",
+                highlight=False,
+                soft_wrap=True,
+                markup=False,
+            )
             continue
         result.seconds[contender.label] = time.perf_counter() - t0
         result.hypergradients[contender.label] = {s: hg.tolist() for s, hg in hgs.items()}
         result.scores[contender.label] = _score(hgs, result.truth)
 
-    report = {"at": result.at, "eps": eps, "num_hparams": n_h, "base_final_val_loss": base_final,
-              "fingerprint": _fingerprint(spec, eps),
-              "truth": {str(k): v for k, v in result.truth.items()},
-              "hypergradients": {m: {str(k): v for k, v in d.items()} for m, d in result.hypergradients.items()},
-              "scores": result.scores, "errors": result.errors, "seconds": result.seconds,
-              "hp_layout": {k: list(v.shape) for k, v in raw.items()}}
+    report = {
+        "at": result.at,
+        "eps": eps,
+        "num_hparams": n_h,
+        "base_final_val_loss": base_final,
+        "fingerprint": _fingerprint(spec, eps),
+        "truth": {str(k): v for k, v in result.truth.items()},
+        "hypergradients": {m: {str(k): v for k, v in d.items()} for m, d in result.hypergradients.items()},
+        "scores": result.scores,
+        "errors": result.errors,
+        "seconds": result.seconds,
+        "hp_layout": {k: list(v.shape) for k, v in raw.items()},
+    }
     write_json_atomic(out_dir / "horizon.json", report)
     _table(result, console)
     _plot(result, out_dir / "horizon.png")
@@ -215,8 +240,9 @@ def _streams(exp: Any, at: _Checkpoint | None = None) -> tuple[Any, Any]:
     return train, val
 
 
-def _contender_hypergradients(cspec: Spec, exp: Any, raw: dict[str, Tensor],
-                              checkpoints: dict[int, _Checkpoint], at: Sequence[int]) -> dict[int, Tensor]:
+def _contender_hypergradients(
+    cspec: Spec, exp: Any, raw: dict[str, Tensor], checkpoints: dict[int, _Checkpoint], at: Sequence[int]
+) -> dict[int, Tensor]:
     """The contender's hypergradient at each checkpoint: from the checkpoint's state for stateless
     methods; along its own run from step 0 (no outer updates) for methods that carry state."""
     from hoexp.build import check_compatibility
@@ -225,8 +251,7 @@ def _contender_hypergradients(cspec: Spec, exp: Any, raw: dict[str, Tensor],
     method = build_method(cspec)
     family = exp.problem.family
     n_params = sum(p.numel() for p in exp.model.parameters())
-    check_compatibility(cspec, method, family, CheckContext(exp.inner_opt, family, n_params,
-                                                            tree.numel(raw)))
+    check_compatibility(cspec, method, family, CheckContext(exp.inner_opt, family, n_params, tree.numel(raw)))
     problem, run = exp.problem, cspec.run
     out: dict[int, Tensor] = {}
     if isinstance(method, CarriesState) and getattr(method, "carries", True):
@@ -254,10 +279,14 @@ def _flat(hg: dict[str, Tensor] | None) -> Tensor:
 
 def _score(hgs: dict[int, Tensor], truth: dict[int, list[float]]) -> dict[str, float]:
     per = {s: agreement(hg, torch.tensor(truth[s], dtype=torch.float64)) for s, hg in hgs.items()}
-    pooled_sign = torch.cat([(torch.sign(hg) == torch.sign(torch.tensor(truth[s], dtype=torch.float64))).double()
-                             for s, hg in hgs.items()]).mean()
-    out = {"cosine": sum(p["cosine"] for p in per.values()) / len(per), "sign": float(pooled_sign),
-           "rel_error": sum(p["rel_error"] for p in per.values()) / len(per)}
+    pooled_sign = torch.cat(
+        [(torch.sign(hg) == torch.sign(torch.tensor(truth[s], dtype=torch.float64))).double() for s, hg in hgs.items()]
+    ).mean()
+    out = {
+        "cosine": sum(p["cosine"] for p in per.values()) / len(per),
+        "sign": float(pooled_sign),
+        "rel_error": sum(p["rel_error"] for p in per.values()) / len(per),
+    }
     out.update({f"cosine@{s}": p["cosine"] for s, p in per.items()})
     out.update({f"sign@{s}": p["sign"] for s, p in per.items()})
     return out
@@ -268,8 +297,9 @@ def _fmt(v: Sequence[float]) -> str:
 
 
 def _table(result: HorizonResult, console: Console) -> None:
-    table = Table(title=f"hypergradient vs long-horizon truth (central differences, ε = {result.eps:g}, "
-                        f"checkpoints {result.at})")
+    table = Table(
+        title=f"hypergradient vs long-horizon truth (central differences, ε = {result.eps:g}, checkpoints {result.at})"
+    )
     table.add_column("method")
     table.add_column("sign agreement", justify="right")
     table.add_column("cosine (mean)", justify="right")
@@ -278,8 +308,14 @@ def _table(result: HorizonResult, console: Console) -> None:
     table.add_column("rel. error", justify="right")
     table.add_column("time s", justify="right")
     for label, sc in result.scores.items():
-        table.add_row(label, f"{sc['sign']:.2f}", f"{sc['cosine']:+.3f}", *[f"{sc[f'cosine@{s}']:+.2f}" for s in result.at],
-                      f"{sc['rel_error']:.3g}", f"{result.seconds.get(label, math.nan):.1f}")
+        table.add_row(
+            label,
+            f"{sc['sign']:.2f}",
+            f"{sc['cosine']:+.3f}",
+            *[f"{sc[f'cosine@{s}']:+.2f}" for s in result.at],
+            f"{sc['rel_error']:.3g}",
+            f"{result.seconds.get(label, math.nan):.1f}",
+        )
     for label, err in result.errors.items():
         table.add_row(label, "-", "-", *["-" for _ in result.at], "-", err[:60])
     console.print(table)

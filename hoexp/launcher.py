@@ -66,7 +66,9 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
     jobs = []
     for i, overrides in enumerate(job_overrides):
         cfg = _job_config(context, config, list(overrides), initial_job_idx + i)
-        jobs.append(Job(initial_job_idx + i, list(overrides), sweep_dir / str(OmegaConf.select(cfg, "hydra.sweep.subdir"))))
+        jobs.append(
+            Job(initial_job_idx + i, list(overrides), sweep_dir / str(OmegaConf.select(cfg, "hydra.sweep.subdir")))
+        )
     n = workers(int(launcher.n_jobs), len(jobs))
     _say(f"launching {len(jobs)} jobs, {n} at a time, in {sweep_dir} (each job's output: <job folder>/job.log)")
     stop = _Stop()
@@ -87,9 +89,12 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
             stop.kill_late(running)
     for job in pending:
         job.outcome = "not started"
-    returns = [job.ret if job.outcome == "done" else
-               JobReturn(overrides=job.overrides, status=JobStatus.COMPLETED, _return_value=float("inf"))
-               for job in jobs]
+    returns = [
+        job.ret
+        if job.outcome == "done"
+        else JobReturn(overrides=job.overrides, status=JobStatus.COMPLETED, _return_value=float("inf"))
+        for job in jobs
+    ]
     unfinished = [j for j in jobs if j.outcome != "done"]
     if stop.signum or unfinished:
         _end(jobs, unfinished, sweep_dir, stop.signum)
@@ -118,9 +123,13 @@ def _start(job: Job, tmp: Path, payload: tuple) -> None:
     data.write_bytes(pickle.dumps(payload))
     with open(job.folder / "job.log", "ab") as log:
         # Own session: a Ctrl-C on the terminal reaches the launcher only, which passes it on once.
-        job.proc = subprocess.Popen([sys.executable, "-m", "hoexp.launcher", str(data), str(job.result)],
-                                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
+        job.proc = subprocess.Popen(
+            [sys.executable, "-m", "hoexp.launcher", str(data), str(job.result)],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     _say(f"job #{job.num} ({' '.join(job.overrides)}) started → {job.folder}")
 
 
@@ -166,9 +175,12 @@ def _end(jobs: list[Job], unfinished: list[Job], sweep_dir: Path, signum: int) -
     """One line for a sweep that did not finish every job, and its exit code (128 + signal, or 1)."""
     what = "; ".join(f"#{j.num} {j.outcome}" for j in unfinished[:6]) + (" ..." if len(unfinished) > 6 else "")
     why = f"stopped by {signal.Signals(signum).name}: " if signum else ""
-    print(f"hoexp: error: {why}{len(unfinished)} of {len(jobs)} jobs did not finish ({what}); finish them with the "
-          f"same command plus hydra.sweep.dir={sweep_dir} (each job continues from its checkpoint)",
-          file=sys.stderr, flush=True)
+    print(
+        f"hoexp: error: {why}{len(unfinished)} of {len(jobs)} jobs did not finish ({what}); finish them with the "
+        f"same command plus hydra.sweep.dir={sweep_dir} (each job continues from its checkpoint)",
+        file=sys.stderr,
+        flush=True,
+    )
     sys.exit(128 + signum if signum else 1)
 
 
@@ -229,8 +241,13 @@ def run_worker(payload: str, result: str) -> None:
     setup_globals()  # Hydra's resolvers; hoexp registers nothing else in Hydra's singletons
     cfg = _job_config(context, config, overrides, num)
     HydraConfig.instance().set_config(cfg)
-    ret = run_job(hydra_context=context, config=cfg, task_function=task_function, job_dir_key="hydra.sweep.dir",
-                  job_subdir_key="hydra.sweep.subdir")
+    ret = run_job(
+        hydra_context=context,
+        config=cfg,
+        task_function=task_function,
+        job_dir_key="hydra.sweep.dir",
+        job_subdir_key="hydra.sweep.subdir",
+    )
     try:
         data = pickle.dumps(ret)
     except Exception:  # noqa: BLE001 - an exception object that does not pickle: keep its text

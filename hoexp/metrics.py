@@ -53,9 +53,7 @@ class MetricLogger(Protocol):
         """Log a block of text (e.g. the resolved YAML config)."""
         ...
 
-    def log_hparams(
-        self, hparams: Mapping[str, HParamValue], metrics: Mapping[str, float]
-    ) -> None:
+    def log_hparams(self, hparams: Mapping[str, HParamValue], metrics: Mapping[str, float]) -> None:
         """Log the run's hyperparameters with its final metrics."""
         ...
 
@@ -214,9 +212,7 @@ def _fix_bool_hparams(exp: Any, ssi: Any, keys: list[str]) -> None:
 
     def fix_ssi(data: Any) -> None:
         for k in keys:
-            data.session_start_info.hparams[k].bool_value = bool(
-                data.session_start_info.hparams[k].number_value
-            )
+            data.session_start_info.hparams[k].bool_value = bool(data.session_start_info.hparams[k].number_value)
 
     edit(exp, fix_exp)
     edit(ssi, fix_ssi)
@@ -270,10 +266,7 @@ class TensorBoardLogger:
         """
         from torch.utils.tensorboard.summary import hparams as hparams_summary
 
-        clean = {
-            k: v if isinstance(v, (bool, int, float, str)) else str(v)
-            for k, v in hparams.items()
-        }
+        clean = {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in hparams.items()}
         mets = {k: _float(k, v) for k, v in metrics.items()}
         exp, ssi, sei = hparams_summary(clean, mets)
         _fix_bool_hparams(exp, ssi, [k for k, v in clean.items() if isinstance(v, bool)])
@@ -316,8 +309,11 @@ class JsonlLogger:
             path = path / "metrics.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)
         if keep_until is not None and path.exists():
-            kept = [ln for ln in path.read_text(encoding="utf-8").splitlines(keepends=True)
-                    if ln.strip() and _line_step(ln) <= keep_until]
+            kept = [
+                ln
+                for ln in path.read_text(encoding="utf-8").splitlines(keepends=True)
+                if ln.strip() and _line_step(ln) <= keep_until
+            ]
             tmp = path.with_suffix(".jsonl.tmp")
             try:
                 tmp.write_text("".join(kept), encoding="utf-8")
@@ -352,9 +348,7 @@ class JsonlLogger:
     def log_text(self, tag: str, text: str) -> None:
         pass
 
-    def log_hparams(
-        self, hparams: Mapping[str, HParamValue], metrics: Mapping[str, float]
-    ) -> None:
+    def log_hparams(self, hparams: Mapping[str, HParamValue], metrics: Mapping[str, float]) -> None:
         pass
 
     def flush(self) -> None:
@@ -382,16 +376,12 @@ class MemoryLogger:
         self.scalars.append((step, {k: _float(k, v) for k, v in values.items()}))
 
     def log_histograms(self, step: int, values: Mapping[str, torch.Tensor]) -> None:
-        self.histograms.append(
-            (step, {k: t.detach().to("cpu", copy=True) for k, t in values.items()})
-        )
+        self.histograms.append((step, {k: t.detach().to("cpu", copy=True) for k, t in values.items()}))
 
     def log_text(self, tag: str, text: str) -> None:
         self.texts.append((tag, text))
 
-    def log_hparams(
-        self, hparams: Mapping[str, HParamValue], metrics: Mapping[str, float]
-    ) -> None:
+    def log_hparams(self, hparams: Mapping[str, HParamValue], metrics: Mapping[str, float]) -> None:
         self.hparams.append((dict(hparams), {k: _float(k, v) for k, v in metrics.items()}))
 
     def series(self, tag: str) -> list[tuple[int, float]]:
@@ -435,9 +425,7 @@ class MultiLogger:
     def log_text(self, tag: str, text: str) -> None:
         self._each("log_text", tag, text)
 
-    def log_hparams(
-        self, hparams: Mapping[str, HParamValue], metrics: Mapping[str, float]
-    ) -> None:
+    def log_hparams(self, hparams: Mapping[str, HParamValue], metrics: Mapping[str, float]) -> None:
         self._each("log_hparams", hparams, metrics)
 
     def flush(self) -> None:

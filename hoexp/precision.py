@@ -29,7 +29,7 @@ DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "
 class Precision:
     name: str = "fp32"
     device_type: str = "cpu"
-    init_scale: float = 2.0 ** 16
+    init_scale: float = 2.0**16
     growth_interval: int = 2000
     state: dict[str, Any] = field(default_factory=dict)  # fp16: {"scale": float, "good": int}
 

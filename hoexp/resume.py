@@ -15,10 +15,18 @@ from typing import Any
 from hoexp.errors import HoexpError
 
 # How a run is executed, shown and stored, not what it computes.
-RUN_CONTROL_KEYS = frozenset({
-    "resume", "progress", "threads", "checkpoint_every", "histogram_every", "name",
-    "dataset.data_root", "dataset.download",
-})
+RUN_CONTROL_KEYS = frozenset(
+    {
+        "resume",
+        "progress",
+        "threads",
+        "checkpoint_every",
+        "histogram_every",
+        "name",
+        "dataset.data_root",
+        "dataset.download",
+    }
+)
 # Also allowed to change on resume: outer_steps (extend or finish a run early), device (a requeued job
 # may land on another kind of node; results then differ in the last bits, as between any two devices).
 RESUMABLE_KEYS = RUN_CONTROL_KEYS | {"outer_steps", "device"}
@@ -50,17 +58,24 @@ def check_resume(old: Mapping[str, Any], new: Mapping[str, Any], folder: Any, st
     :class:`HoexpError` naming the differing keys. ``step``: the checkpoint's outer step."""
     changes = config_changes(old, new)
     refused = {k: v for k, v in changes.items() if k not in RESUMABLE_KEYS}
-    swapped = {k[:-len(".name")] for k in refused if k.endswith(".name")}  # another option of a group:
-    refused = {k: v for k, v in refused.items()  # name it, not each of its keys
-               if not any(k.startswith(g + ".") and k != g + ".name" for g in swapped)}
+    swapped = {k[: -len(".name")] for k in refused if k.endswith(".name")}  # another option of a group:
+    refused = {
+        k: v
+        for k, v in refused.items()  # name it, not each of its keys
+        if not any(k.startswith(g + ".") and k != g + ".name" for g in swapped)
+    }
     if refused:
         shown = ", ".join(f"{k} ({_show(a)} → {_show(b)})" for k, (a, b) in list(refused.items())[:6])
         more = f" and {len(refused) - 6} more" if len(refused) > 6 else ""
-        raise HoexpError(f"cannot resume {folder}: the configuration differs from the checkpoint's in {shown}{more}; "
-                         f"only {', '.join(sorted(RESUMABLE_KEYS))} may change on resume (start a new run in "
-                         "another folder instead)")
+        raise HoexpError(
+            f"cannot resume {folder}: the configuration differs from the checkpoint's in {shown}{more}; "
+            f"only {', '.join(sorted(RESUMABLE_KEYS))} may change on resume (start a new run in "
+            "another folder instead)"
+        )
     outer = new.get("outer_steps")
     if isinstance(outer, int) and outer < step:
-        raise HoexpError(f"cannot resume {folder} with outer_steps={outer}: its checkpoint is at outer step {step}; "
-                         f"pass outer_steps >= {step}")
+        raise HoexpError(
+            f"cannot resume {folder} with outer_steps={outer}: its checkpoint is at outer step {step}; "
+            f"pass outer_steps >= {step}"
+        )
     return {k: v for k, v in changes.items() if k != "resume"}

@@ -23,8 +23,16 @@ from hoexp.errors import HoexpError
 
 LOCK_NAME = ".hoexp.lock"
 # What a run writes besides .hydra/ (Hydra's, written before the run starts) and the lock.
-RUN_FILES = ("checkpoint.pt", "summary.json", "metrics.jsonl", "final.pt", "events.out.tfevents.*",
-             ".checkpoint.pt.tmp", ".*.tmp", "*.jsonl.tmp")
+RUN_FILES = (
+    "checkpoint.pt",
+    "summary.json",
+    "metrics.jsonl",
+    "final.pt",
+    "events.out.tfevents.*",
+    ".checkpoint.pt.tmp",
+    ".*.tmp",
+    "*.jsonl.tmp",
+)
 
 
 def claim(path: str | os.PathLike[str], attempts: int = 1000) -> Path:
@@ -66,8 +74,10 @@ class RunLock:
                 os.close(fd)
                 if e.errno not in (errno.EAGAIN, errno.EACCES):
                     raise
-                raise HoexpError(f"{self.folder} is in use by another hoexp run ({holder or 'holder unknown'}); "
-                                 "wait for it to end, or choose another folder with hydra.run.dir=<path>") from None
+                raise HoexpError(
+                    f"{self.folder} is in use by another hoexp run ({holder or 'holder unknown'}); "
+                    "wait for it to end, or choose another folder with hydra.run.dir=<path>"
+                ) from None
             try:
                 same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
             except FileNotFoundError:

@@ -34,21 +34,33 @@ def task_config(spec: Spec) -> dict[str, Any]:
 class Run:
     """One configured run into ``out_dir``: :meth:`execute` claims the folder, builds and runs (``exp``: what ran)."""
 
-    def __init__(self, spec: Spec, out_dir: str | Path, *, config_text: str = "", console: Console | None = None,
-                 loggers: list[MetricLogger] | None = None):
+    def __init__(
+        self,
+        spec: Spec,
+        out_dir: str | Path,
+        *,
+        config_text: str = "",
+        console: Console | None = None,
+        loggers: list[MetricLogger] | None = None,
+    ):
         self.spec, self.out_dir = spec, Path(out_dir)
-        self.io = RunIO(self.out_dir, config=task_config(spec), config_text=config_text, console=console,
-                        loggers=loggers)
+        self.io = RunIO(
+            self.out_dir, config=task_config(spec), config_text=config_text, console=console, loggers=loggers
+        )
         self.exp: Experiment | None = None
 
     def execute(self) -> dict[str, Any]:
-        if not self.io.main:  # rank 0 owns the folder (created, locked, cleared or resumed) and broadcasts its decisions
+        if (
+            not self.io.main
+        ):  # rank 0 owns the folder (created, locked, cleared or resumed) and broadcasts its decisions
             return self._execute()
         try:
             self.out_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise HoexpError(f"cannot create the run folder {self.out_dir} ({e.strerror}); "
-                             "choose a writable one with hydra.run.dir=...") from None
+            raise HoexpError(
+                f"cannot create the run folder {self.out_dir} ({e.strerror}); "
+                "choose a writable one with hydra.run.dir=..."
+            ) from None
         with rundir.RunLock(self.out_dir):  # one writer per folder
             return self._execute()
 
@@ -63,9 +75,11 @@ class Run:
         if io.ctx.active:  # every rank returns rank 0's summary (the others computed theirs but wrote nothing)
             summary = distributed.broadcast(summary, io.ctx)
         f, b = summary["final"], summary["best"]
-        io.say(f"hoexp: done in {summary['wall_time_s']:.1f}s: final val_loss={f['val_loss']:.4f} "
-               f"test_loss={f['test_loss']:.4f} test_acc={f['test_acc']:.3f}; best val_loss={b['val_loss']:.4f} "
-               f"at step {b['step']} → {self.out_dir / 'summary.json'}")
+        io.say(
+            f"hoexp: done in {summary['wall_time_s']:.1f}s: final val_loss={f['val_loss']:.4f} "
+            f"test_loss={f['test_loss']:.4f} test_acc={f['test_acc']:.3f}; best val_loss={b['val_loss']:.4f} "
+            f"at step {b['step']} → {self.out_dir / 'summary.json'}"
+        )
         return summary
 
 

@@ -28,8 +28,17 @@ from typing import Any, cast
 
 from hoexp.errors import ConfigError, HoexpError, StopRun
 
-__all__ = ["Dim", "parse_dim", "SearchSettings", "TrialContext", "Pruned", "TrialRecord", "SearchResult",
-           "run_search", "SAMPLERS"]
+__all__ = [
+    "Dim",
+    "parse_dim",
+    "SearchSettings",
+    "TrialContext",
+    "Pruned",
+    "TrialRecord",
+    "SearchResult",
+    "run_search",
+    "SAMPLERS",
+]
 
 SAMPLERS = {"random": "random search", "tpe": "TPE"}  # --search names → labels in reports
 WORKER_SEED_STRIDE = 7919
@@ -150,9 +159,13 @@ class SearchResult:
     def to_json(self) -> dict[str, Any]:
         s = asdict(self.settings)
         s["space"] = [asdict(d) for d in self.settings.space]
-        return {"settings": s, "wall_clock_s": self.wall_clock_s, "storage": self.storage,
-                "best_trial": None if self.best is None else self.best.number,
-                "trials": [{**asdict(t), "duration_s": t.duration_s} for t in self.trials]}
+        return {
+            "settings": s,
+            "wall_clock_s": self.wall_clock_s,
+            "storage": self.storage,
+            "best_trial": None if self.best is None else self.best.number,
+            "trials": [{**asdict(t), "duration_s": t.duration_s} for t in self.trials],
+        }
 
 
 # ---------------------------------------------------------------------------------------- optuna
@@ -168,15 +181,19 @@ def _study(settings: SearchSettings, storage, name: str, worker: int):
     seed = settings.seed + WORKER_SEED_STRIDE * worker
     sampler: optuna.samplers.BaseSampler
     if settings.sampler == "tpe":
-        sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=settings.tpe_startup,
-                                             constant_liar=settings.workers > 1)
+        sampler = optuna.samplers.TPESampler(
+            seed=seed, n_startup_trials=settings.tpe_startup, constant_liar=settings.workers > 1
+        )
     else:
         sampler = optuna.samplers.RandomSampler(seed=seed)
-    pruner = (optuna.pruners.MedianPruner(n_startup_trials=settings.prune_startup,
-                                          n_warmup_steps=settings.prune_warmup)
-              if settings.prune else optuna.pruners.NopPruner())
-    return optuna.create_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner,
-                               direction="minimize", load_if_exists=True)
+    pruner = (
+        optuna.pruners.MedianPruner(n_startup_trials=settings.prune_startup, n_warmup_steps=settings.prune_warmup)
+        if settings.prune
+        else optuna.pruners.NopPruner()
+    )
+    return optuna.create_study(
+        study_name=name, storage=storage, sampler=sampler, pruner=pruner, direction="minimize", load_if_exists=True
+    )
 
 
 def _distributions(space: list[Dim]) -> dict[str, Any]:
@@ -201,8 +218,9 @@ def _prepare(objective: Callable[[TrialContext], float]) -> None:
         prepare()
 
 
-def _loop(settings: SearchSettings, objective: Callable[[TrialContext], float], study, start: float,
-          worker: int) -> None:
+def _loop(
+    settings: SearchSettings, objective: Callable[[TrialContext], float], study, start: float, worker: int
+) -> None:
     """Ask, run, tell until the budget (or ``max_trials``) is spent."""
     from optuna.trial import TrialState
 
@@ -238,8 +256,16 @@ def _finish(trial, ctx: TrialContext, start: float) -> None:
         trial.set_user_attr(k, v)
 
 
-def _worker_process(settings: SearchSettings, objective: Callable[[TrialContext], float], storage_path: str,
-                    name: str, worker: int, messages, go, start_box) -> None:
+def _worker_process(
+    settings: SearchSettings,
+    objective: Callable[[TrialContext], float],
+    storage_path: str,
+    name: str,
+    worker: int,
+    messages,
+    go,
+    start_box,
+) -> None:
     """A worker process: set up, say ready, wait for the common start, then :func:`_loop`."""
     import traceback
 
@@ -256,8 +282,9 @@ def _worker_process(settings: SearchSettings, objective: Callable[[TrialContext]
         raise SystemExit(1) from None
 
 
-def run_search(settings: SearchSettings, objective: Callable[[TrialContext], float], folder: str | Path,
-               name: str = "search") -> SearchResult:
+def run_search(
+    settings: SearchSettings, objective: Callable[[TrialContext], float], folder: str | Path, name: str = "search"
+) -> SearchResult:
     """Run one search into ``folder`` (``journal.log`` holds the Optuna study) and return its trials.
 
     The budget's clock starts once every worker is set up (imports, ``objective.prepare()``).
@@ -282,10 +309,18 @@ def run_search(settings: SearchSettings, objective: Callable[[TrialContext], flo
     trials = []
     for t in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number):
         ua = dict(t.user_attrs)
-        trials.append(TrialRecord(
-            number=t.number, params={k: float(v) for k, v in t.params.items()}, state=t.state.name,
-            value=None if t.value is None else float(t.value), start_s=float(ua.pop("start_s", math.nan)),
-            end_s=ua.pop("end_s", None), worker=int(ua.pop("worker", 0)), attrs=ua))
+        trials.append(
+            TrialRecord(
+                number=t.number,
+                params={k: float(v) for k, v in t.params.items()},
+                state=t.state.name,
+                value=None if t.value is None else float(t.value),
+                start_s=float(ua.pop("start_s", math.nan)),
+                end_s=ua.pop("end_s", None),
+                worker=int(ua.pop("worker", 0)),
+                attrs=ua,
+            )
+        )
     ends = [t.end_s for t in trials if t.end_s is not None]
     wall = max(ends) if ends else stopped  # the search's work, not the workers' exit
     return SearchResult(settings=settings, trials=trials, wall_clock_s=wall, storage=str(journal))
@@ -298,8 +333,12 @@ def _run_workers(settings: SearchSettings, objective, journal: str, name: str) -
 
     ctx = multiprocessing.get_context("spawn")
     messages, go, start_box = ctx.Queue(), ctx.Event(), ctx.Value("d", 0.0)
-    procs = [ctx.Process(target=_worker_process, args=(settings, objective, journal, name, w, messages, go, start_box),
-                         daemon=True) for w in range(settings.workers)]
+    procs = [
+        ctx.Process(
+            target=_worker_process, args=(settings, objective, journal, name, w, messages, go, start_box), daemon=True
+        )
+        for w in range(settings.workers)
+    ]
     for p in procs:
         p.start()
     errors: list[tuple[str, int, str]] = []

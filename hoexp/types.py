@@ -106,16 +106,39 @@ class RunSettings:
     def from_spec(cls, spec: Any) -> RunSettings:
         """The settings of a validated :class:`hoexp.config.Spec`."""
         run = spec.run
-        labels = {"method": spec.method.name, "hp": spec.hp_name, "dataset": spec.dataset.name,
-                  "model": spec.model.name}
-        hparams = {**labels, "seed": run.seed, "inner_steps": run.inner_steps, "outer_steps": run.outer_steps,
-                   "inner_optim": spec.inner_optim.name, "inner_lr": spec.inner_optim.lr,
-                   "outer_optim": spec.outer_optim.name, "outer_lr": spec.outer_optim.lr}
-        return cls(outer_steps=run.outer_steps, inner_steps=run.inner_steps, seed=run.seed,
-                   eval_every=run.eval_every, histogram_every=run.histogram_every, reset_inner=run.reset_inner,
-                   outer_objective=run.outer_objective, max_nonfinite=run.max_nonfinite,
-                   checkpoint_every=run.checkpoint_every, threads=run.threads, progress=run.progress,
-                   precision=run.precision, resume=run.resume, labels=labels, hparams=hparams)
+        labels = {
+            "method": spec.method.name,
+            "hp": spec.hp_name,
+            "dataset": spec.dataset.name,
+            "model": spec.model.name,
+        }
+        hparams = {
+            **labels,
+            "seed": run.seed,
+            "inner_steps": run.inner_steps,
+            "outer_steps": run.outer_steps,
+            "inner_optim": spec.inner_optim.name,
+            "inner_lr": spec.inner_optim.lr,
+            "outer_optim": spec.outer_optim.name,
+            "outer_lr": spec.outer_optim.lr,
+        }
+        return cls(
+            outer_steps=run.outer_steps,
+            inner_steps=run.inner_steps,
+            seed=run.seed,
+            eval_every=run.eval_every,
+            histogram_every=run.histogram_every,
+            reset_inner=run.reset_inner,
+            outer_objective=run.outer_objective,
+            max_nonfinite=run.max_nonfinite,
+            checkpoint_every=run.checkpoint_every,
+            threads=run.threads,
+            progress=run.progress,
+            precision=run.precision,
+            resume=run.resume,
+            labels=labels,
+            hparams=hparams,
+        )
 
 
 class Runnable(Protocol):

@@ -99,13 +99,23 @@ ROOT = Path(__file__).resolve().parent.parent
 # name → (preset overrides, extra overrides for --quick, outer steps of the whole runs (full, quick))
 PROBLEMS: dict[str, tuple[list[str], list[str], tuple[int, int]]] = {
     "iris": (["experiment=iris_per_weight_decay"], [], (20, 4)),
-    "mnist": (["experiment=mnist_per_weight_decay", "model.width=1280", "model.depth=1",
-               "hp.weight_decay.granularity=per_weight"],  # the preset moved to layer_and_weight: keep the 1M decays
-              ["model.width=64"], (10, 2)),
+    "mnist": (
+        [
+            "experiment=mnist_per_weight_decay",
+            "model.width=1280",
+            "model.depth=1",
+            "hp.weight_decay.granularity=per_weight",
+        ],  # the preset moved to layer_and_weight: keep the 1M decays
+        ["model.width=64"],
+        (10, 2),
+    ),
     # the long-unroll memory section only (not in --only's default): the MNIST preset, T = LONG_T
     "mnist_preset": (["experiment=mnist_per_weight_decay"], ["model.width=64"], (0, 0)),
-    "ptb": (["experiment=ptb_lstm_dropout"],
-            ["model.embed_dim=24", "model.hidden=24", "dataset.bptt=8", "dataset.eval_batch_size=40"], (3, 0)),
+    "ptb": (
+        ["experiment=ptb_lstm_dropout"],
+        ["model.embed_dim=24", "model.hidden=24", "dataset.bptt=8", "dataset.eval_batch_size=40"],
+        (3, 0),
+    ),
 }
 INNER_STEPS = 10
 K = 5
@@ -124,26 +134,53 @@ class MethodRow:
 
 def method_rows(problem: str, only: str | None = None) -> list[MethodRow]:
     if problem == "mnist_preset":  # T = LONG_T: the stored trajectory against checkpoints every √T steps
-        return [MethodRow("unrolled", ("method=unrolled",), "path", note=f"T={LONG_T}"),
-                MethodRow("unrolled-ckpt", ("method=unrolled", "method.checkpoint_every=10"), "path",
-                          note=f"T={LONG_T}, checkpoint_every=10"),
-                MethodRow("none", ("method=none",), "none")]
+        return [
+            MethodRow("unrolled", ("method=unrolled",), "path", note=f"T={LONG_T}"),
+            MethodRow(
+                "unrolled-ckpt",
+                ("method=unrolled", "method.checkpoint_every=10"),
+                "path",
+                note=f"T={LONG_T}, checkpoint_every=10",
+            ),
+            MethodRow("none", ("method=none",), "none"),
+        ]
     rows = [
         MethodRow("neumann", ("method=neumann", f"method.terms={K}"), "ift", note=f"K={K} + residual"),
-        MethodRow("neumann-nores", ("method=neumann", f"method.terms={K}", "method.residual=false"), "ift",
-                  note=f"K={K}", runs=False),
+        MethodRow(
+            "neumann-nores",
+            ("method=neumann", f"method.terms={K}", "method.residual=false"),
+            "ift",
+            note=f"K={K}",
+            runs=False,
+        ),
         MethodRow("cg", ("method=cg", f"method.iterations={K}", "method.tol=0"), "ift", note=f"K={K}"),
         MethodRow("fixed_point", ("method=fixed_point", f"method.iterations={K}"), "ift", note=f"K={K} + residual"),
         MethodRow("t1t2", ("method=t1t2",), "ift"),
-        MethodRow("truncated", ("method=truncated", f"method.k={INNER_STEPS // 2}"), "path",
-                  note=f"k={INNER_STEPS // 2} of T={INNER_STEPS}"),
+        MethodRow(
+            "truncated",
+            ("method=truncated", f"method.k={INNER_STEPS // 2}"),
+            "path",
+            note=f"k={INNER_STEPS // 2} of T={INNER_STEPS}",
+        ),
         MethodRow("unrolled", ("method=unrolled",), "path", note=f"T={INNER_STEPS}"),
-        MethodRow("unrolled-ckpt", ("method=unrolled", "method.checkpoint_every=3"), "path",
-                  note=f"T={INNER_STEPS}, checkpoint_every=3", runs=True),
+        MethodRow(
+            "unrolled-ckpt",
+            ("method=unrolled", "method.checkpoint_every=3"),
+            "path",
+            note=f"T={INNER_STEPS}, checkpoint_every=3",
+            runs=True,
+        ),
     ]
     if problem in ("iris", "mnist"):
-        rows.append(MethodRow("forward", ("method=forward",), "path", ("hp.weight_decay.granularity=per_layer",),
-                              note="per-layer decays"))
+        rows.append(
+            MethodRow(
+                "forward",
+                ("method=forward",),
+                "path",
+                ("hp.weight_decay.granularity=per_layer",),
+                note="per-layer decays",
+            )
+        )
     rows.append(MethodRow("none", ("method=none",), "none"))
     if only:
         wanted = {m.strip() for m in only.split(",")} | {"none"}  # none: every ratio's reference
@@ -154,8 +191,15 @@ def method_rows(problem: str, only: str | None = None) -> list[MethodRow]:
 # ------------------------------------------------------------------------------------ set-up
 def spec_for(problem: str, quick: bool, device: str, threads: int, *extra: str):
     base, small, _ = PROBLEMS[problem]
-    overrides = [*base, *(small if quick else []), f"device={device}", f"threads={threads}", "progress=false",
-                 f"inner_steps={INNER_STEPS}", *extra]
+    overrides = [
+        *base,
+        *(small if quick else []),
+        f"device={device}",
+        f"threads={threads}",
+        "progress=false",
+        f"inner_steps={INNER_STEPS}",
+        *extra,
+    ]
     return compose_spec(overrides)[0]
 
 
@@ -194,8 +238,15 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def rounds(fns: dict[str, Callable[[], Any]], device: torch.device, *, min_rounds: int, max_rounds: int,
-           budget_s: float, warmup: int = 2) -> dict[str, list[float]]:
+def rounds(
+    fns: dict[str, Callable[[], Any]],
+    device: torch.device,
+    *,
+    min_rounds: int,
+    max_rounds: int,
+    budget_s: float,
+    warmup: int = 2,
+) -> dict[str, list[float]]:
     """Seconds of each function over interleaved rounds (one call of each per round), after ``warmup``
     rounds; at least ``min_rounds``, then more while the time budget lasts, at most ``max_rounds``."""
     for _ in range(warmup):
@@ -228,8 +279,12 @@ def time_problem(problem: str, args: argparse.Namespace, log: Callable[[str], No
     batch = next(ctx.train)
     val_batch = next(ctx.val)
     out: dict[str, Any] = {
-        "num_params": tree.numel(ctx.state.params), "num_hparams": tree.numel(ctx.raw), "threads": ctx.threads,
-        "device": str(ctx.device), "inner_steps": INNER_STEPS, "inner_optimizer": ctx.spec.inner_optim.name,
+        "num_params": tree.numel(ctx.state.params),
+        "num_hparams": tree.numel(ctx.raw),
+        "threads": ctx.threads,
+        "device": str(ctx.device),
+        "inner_steps": INNER_STEPS,
+        "inner_optimizer": ctx.spec.inner_optim.name,
         "overrides": PROBLEMS[problem][0] + (PROBLEMS[problem][1] if quick else []),
     }
 
@@ -249,12 +304,19 @@ def time_problem(problem: str, args: argparse.Namespace, log: Callable[[str], No
     op = HessianOperator(tree.flatten(g), list(w.values()))
     v = torch.randn(op.n, generator=torch.Generator().manual_seed(0), dtype=op.grad_flat.dtype).to(ctx.device)
     raw_c = tree.detached(ctx.raw)
-    fr_op = FunctionalOperator(lambda w_, lam_, u_: hvp_fwd_rev(lambda a, b: prob.train_loss(a, b, batch), w_, lam_, u_),
-                               tree.detached(ctx.state.params), raw_c)
+    fr_op = FunctionalOperator(
+        lambda w_, lam_, u_: hvp_fwd_rev(lambda a, b: prob.train_loss(a, b, batch), w_, lam_, u_),
+        tree.detached(ctx.state.params),
+        raw_c,
+    )
     fns: dict[str, Callable[[], Any]] = {
-        "step": step, "grad": gradient, "grad_create_graph": lambda: gradient(create_graph=True),
-        "val_grad": val_gradient, "hvp": functools.partial(op.matvec, v),
-        "hvp_fwd_rev": functools.partial(fr_op.matvec, v)}
+        "step": step,
+        "grad": gradient,
+        "grad_create_graph": lambda: gradient(create_graph=True),
+        "val_grad": val_gradient,
+        "hvp": functools.partial(op.matvec, v),
+        "hvp_fwd_rev": functools.partial(fr_op.matvec, v),
+    }
     if problem in args.compile.split(","):  # compile=true's training step, timed beside the eager one
         fn = compiled_step(prob, exp.inner_opt)
         raw = tree.detached(ctx.raw)
@@ -264,8 +326,13 @@ def time_problem(problem: str, args: argparse.Namespace, log: Callable[[str], No
         sync(ctx.device)
         out["compile_s"] = time.perf_counter() - t0
         fns["step_compiled"] = lambda: fn(ctx.state.params, ctx.state.opt_state, raw, batch, overrides)
-    t = rounds(fns, ctx.device, min_rounds=3 if quick else (5 if problem == "ptb" else 15), max_rounds=5 if quick else 300,
-               budget_s=budget)
+    t = rounds(
+        fns,
+        ctx.device,
+        min_rounds=3 if quick else (5 if problem == "ptb" else 15),
+        max_rounds=5 if quick else 300,
+        budget_s=budget,
+    )
     del fns, g, w, op, fr_op  # frees the create_graph gradient the HVPs differentiate
     base = {k: med(x) for k, x in t.items()}
     out["times_ms"] = {k: 1e3 * x for k, x in base.items()}
@@ -285,23 +352,33 @@ def time_problem(problem: str, args: argparse.Namespace, log: Callable[[str], No
     out["ift_floor_K_over_grad"] = floor / base["grad"]
     if ctx.device.type == "cuda":
         out["cuda_peak_note"] = "memory from max_memory_allocated"
-    log(f"  {problem}: step {base['step'] * 1e3:.2f} ms, gradient {base['grad'] * 1e3:.2f} ms, "
+    log(
+        f"  {problem}: step {base['step'] * 1e3:.2f} ms, gradient {base['grad'] * 1e3:.2f} ms, "
         f"HVP {base['hvp'] * 1e3:.2f} ms (HVP/grad {out['hvp_over_grad']:.2f}; forward-over-reverse "
         f"{out['hvp_fwd_rev_over_grad']:.2f}), threads={ctx.threads}"
-        + (f", compiled step {base['step_compiled'] * 1e3:.2f} ms after {out['compile_s']:.0f} s of compiling"
-           if "step_compiled" in base else ""))
+        + (
+            f", compiled step {base['step_compiled'] * 1e3:.2f} ms after {out['compile_s']:.0f} s of compiling"
+            if "step_compiled" in base
+            else ""
+        )
+    )
 
     variants: dict[tuple[str, ...], Context] = {(): ctx}
     methods: dict[str, Any] = {}
     for row in method_rows(problem, args.methods):
         vctx = variants.get(row.problem_overrides)
         if vctx is None:
-            vctx = variants[row.problem_overrides] = setup(problem, quick, args.device, args.threads,
-                                                           row.problem_overrides)
+            vctx = variants[row.problem_overrides] = setup(
+                problem, quick, args.device, args.threads, row.problem_overrides
+            )
         spec_m = spec_for(problem, quick, args.device, args.threads, *row.problem_overrides, *row.overrides)
-        entry: dict[str, Any] = {"kind": row.kind, "note": row.note, "overrides": list(row.overrides),
-                                 "problem_overrides": list(row.problem_overrides),
-                                 "num_hparams": tree.numel(vctx.raw)}
+        entry: dict[str, Any] = {
+            "kind": row.kind,
+            "note": row.note,
+            "overrides": list(row.overrides),
+            "problem_overrides": list(row.problem_overrides),
+            "num_hparams": tree.numel(vctx.raw),
+        }
         methods[row.name] = entry
         if row.name == "forward" and tree.numel(vctx.raw) > spec_m.method.max_hparams:
             entry["skipped"] = f"{tree.numel(vctx.raw):,} hyperparameters > method.max_hparams"
@@ -324,29 +401,50 @@ def time_problem(problem: str, args: argparse.Namespace, log: Callable[[str], No
         stats_box: dict[str, Any] = {}
 
         def hypergradient(method=method, vctx=vctx, vprob=vprob, vexp=vexp, steps=steps, stats_box=stats_box):
-            stats_box["stats"] = method_step(method, vprob, vexp.inner_opt, vctx.state, vctx.raw, vctx.train,
-                                                   val_batch if vctx is ctx else next(vctx.val), steps)[2]
+            stats_box["stats"] = method_step(
+                method,
+                vprob,
+                vexp.inner_opt,
+                vctx.state,
+                vctx.raw,
+                vctx.train,
+                val_batch if vctx is ctx else next(vctx.val),
+                steps,
+            )[2]
 
         heavy = row.kind == "path"
         vfns: dict[str, Callable[[], Any]] = {"step": vstep, "grad": vgrad, "hg": hypergradient}
         if heavy:  # the same T plain steps (method=none), timed beside the path method's outer step
-            plain = build_method(spec_for(problem, quick, args.device, args.threads, *row.problem_overrides,
-                                          "method=none"))
+            plain = build_method(
+                spec_for(problem, quick, args.device, args.threads, *row.problem_overrides, "method=none")
+            )
 
             def plain_steps(plain=plain, vctx=vctx, vprob=vprob, vexp=vexp):
                 return method_step(plain, vprob, vexp.inner_opt, vctx.state, vctx.raw, vctx.train, None, INNER_STEPS)
 
             vfns["plain"] = plain_steps
-        t = rounds(vfns, vctx.device, min_rounds=2 if quick else (5 if (heavy or problem == "ptb") else 11),
-                   max_rounds=3 if quick else 200, budget_s=budget * (2 if heavy else 1), warmup=1 if quick else 2)
+        t = rounds(
+            vfns,
+            vctx.device,
+            min_rounds=2 if quick else (5 if (heavy or problem == "ptb") else 11),
+            max_rounds=3 if quick else 200,
+            budget_s=budget * (2 if heavy else 1),
+            warmup=1 if quick else 2,
+        )
         step_s, grad_s, outer_s = med(t["step"]), med(t["grad"]), med(t["hg"])
         # Path methods: the outer step minus the plain steps, paired round by round.
         hg_s = med([a - b for a, b in zip(t["hg"], t["plain"])]) if heavy else outer_s
         stats = stats_box.get("stats")
         entry.update(
-            hg_ms=1e3 * hg_s, outer_step_ms=1e3 * outer_s, step_ms=1e3 * step_s, grad_ms=1e3 * grad_s,
-            hg_over_step=hg_s / step_s, hg_over_grad=hg_s / grad_s, rounds=len(t["hg"]),
-            hvps=None if stats is None or "solver/hvps" not in stats else int(stats["solver/hvps"]), info="",
+            hg_ms=1e3 * hg_s,
+            outer_step_ms=1e3 * outer_s,
+            step_ms=1e3 * step_s,
+            grad_ms=1e3 * grad_s,
+            hg_over_step=hg_s / step_s,
+            hg_over_grad=hg_s / grad_s,
+            rounds=len(t["hg"]),
+            hvps=None if stats is None or "solver/hvps" not in stats else int(stats["solver/hvps"]),
+            info="",
         )
         if row.name.startswith("neumann"):  # against the floor of its HVPs (K, or K + 1 with the residual),
             # both in gradients, each measured beside its own gradient
@@ -355,8 +453,10 @@ def time_problem(problem: str, args: argparse.Namespace, log: Callable[[str], No
             entry["hg_over_floor"] = (hg_s / grad_s) / floor
         if entry["info"] and entry["info"] not in ("max iterations",):
             entry["note"] = f"{row.note}; {entry['info']}" if row.note else entry["info"]
-        log(f"  {problem} {row.name}: hypergradient {hg_s * 1e3:.1f} ms = {hg_s / step_s:.2f} steps = "
-            f"{hg_s / grad_s:.2f} gradients ({len(t['hg'])} rounds)")
+        log(
+            f"  {problem} {row.name}: hypergradient {hg_s * 1e3:.1f} ms = {hg_s / step_s:.2f} steps = "
+            f"{hg_s / grad_s:.2f} gradients ({len(t['hg'])} rounds)"
+        )
     for c in reversed(list(variants.values())):  # last opened first: each restores its predecessor's threads
         c.stack.close()
     out["methods"] = methods
@@ -398,8 +498,9 @@ def child_memory(problem: str, row_name: str, args: argparse.Namespace) -> dict[
     outer_state = exp.outer_opt.init(ctx.raw) if ho else {}
 
     def outer_step():
-        hg, new_state, _ = method_step(method, prob, exp.inner_opt, ctx.state, ctx.raw, ctx.train, next(ctx.val),
-                                             INNER_STEPS)
+        hg, new_state, _ = method_step(
+            method, prob, exp.inner_opt, ctx.state, ctx.raw, ctx.train, next(ctx.val), INNER_STEPS
+        )
         if hg is not None:
             with torch.no_grad():
                 exp.outer_opt.update(ctx.raw, hg, outer_state)
@@ -436,9 +537,18 @@ def child_memory(problem: str, row_name: str, args: argparse.Namespace) -> dict[
 
 def measure_memory(problem: str, row_name: str, args: argparse.Namespace) -> dict[str, Any]:
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="131072")
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child-memory", f"{problem}:{row_name}",
-           "--device", args.device, "--threads", str(args.threads), "--inner-steps", str(INNER_STEPS)] \
-        + (["--quick"] if args.quick else [])
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--child-memory",
+        f"{problem}:{row_name}",
+        "--device",
+        args.device,
+        "--threads",
+        str(args.threads),
+        "--inner-steps",
+        str(INNER_STEPS),
+    ] + (["--quick"] if args.quick else [])
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
     if r.returncode != 0:
         tail = (r.stderr or r.stdout).strip().splitlines()[-3:]
@@ -452,8 +562,17 @@ def whole_run(problem: str, row: MethodRow, args: argparse.Namespace, outer_step
 
     from hoexp.runner import run_experiment
 
-    spec = spec_for(problem, args.quick, args.device, args.threads, *row.problem_overrides, *row.overrides,
-                    f"outer_steps={outer_steps}", f"eval_every={outer_steps}", f"histogram_every={outer_steps}")
+    spec = spec_for(
+        problem,
+        args.quick,
+        args.device,
+        args.threads,
+        *row.problem_overrides,
+        *row.overrides,
+        f"outer_steps={outer_steps}",
+        f"eval_every={outer_steps}",
+        f"histogram_every={outer_steps}",
+    )
     out_dir = Path(args.runs_dir) / problem / row.name
     shutil.rmtree(out_dir, ignore_errors=True)
     summary = run_experiment(spec, out_dir, console=Console(file=io.StringIO()))
@@ -464,13 +583,19 @@ def whole_run(problem: str, row: MethodRow, args: argparse.Namespace, outer_step
             if rec.get("step", 0) > 0 and "time/outer_step_s" in rec:
                 loop.append(rec["time/outer_step_s"])
     complete = len(loop) == outer_steps
-    return {"wall_s": summary["wall_time_s"], "loop_s": sum(loop) if complete else None,
-            # without the first outer step, which pays one-time costs (lazy initialisation, first use of
-            # double backward / torch.func): what a long run's steps cost
-            "steady_loop_s": sum(loop[1:]) if complete and outer_steps > 1 else None,
-            "steady_median_s": statistics.median(loop[1:]) if complete and outer_steps > 1 else None,
-            "outer_step_s": loop, "status": summary.get("status"), "outer_steps": outer_steps,
-            "inner_steps": INNER_STEPS, "final_val_loss": summary.get("final", {}).get("val_loss")}
+    return {
+        "wall_s": summary["wall_time_s"],
+        "loop_s": sum(loop) if complete else None,
+        # without the first outer step, which pays one-time costs (lazy initialisation, first use of
+        # double backward / torch.func): what a long run's steps cost
+        "steady_loop_s": sum(loop[1:]) if complete and outer_steps > 1 else None,
+        "steady_median_s": statistics.median(loop[1:]) if complete and outer_steps > 1 else None,
+        "outer_step_s": loop,
+        "status": summary.get("status"),
+        "outer_steps": outer_steps,
+        "inner_steps": INNER_STEPS,
+        "final_val_loss": summary.get("final", {}).get("val_loss"),
+    }
 
 
 # -------------------------------------------------------------------------------------- main
@@ -491,32 +616,72 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
         m = p["methods"]
         out.append({"problem": name, "target": "HVP ≤ 2.5× gradient", "value": p["hvp_over_grad"], "limit": 2.5})
         if name == "ptb":
-            out.append({"problem": name, "target": "LSTM HVP ≤ 1.5× gradient (best of rev_rev, fwd_rev)",
-                        "value": min(p["hvp_over_grad"], p["hvp_fwd_rev_over_grad"]), "limit": 1.5})
-        for key, label in (("neumann-nores", f"Neumann K={K} hypergradient ≤ (K+3)× gradient"),
-                           ("neumann", f"Neumann K={K} + residual hypergradient ≤ (K+3)× gradient")):
+            out.append(
+                {
+                    "problem": name,
+                    "target": "LSTM HVP ≤ 1.5× gradient (best of rev_rev, fwd_rev)",
+                    "value": min(p["hvp_over_grad"], p["hvp_fwd_rev_over_grad"]),
+                    "limit": 1.5,
+                }
+            )
+        for key, label in (
+            ("neumann-nores", f"Neumann K={K} hypergradient ≤ (K+3)× gradient"),
+            ("neumann", f"Neumann K={K} + residual hypergradient ≤ (K+3)× gradient"),
+        ):
             if "hg_over_grad" in m.get(key, {}):
                 out.append({"problem": name, "target": label, "value": m[key]["hg_over_grad"], "limit": K + 3})
         if m.get("neumann", {}).get("run_ratio") is not None:
-            out.append({"problem": name, "target": f"HO run (K={K}, hypergradient every {INNER_STEPS} steps) ≤ 1.3× "
-                        "training without HO (training loop)", "value": m["neumann"]["run_ratio"], "limit": 1.3})
+            out.append(
+                {
+                    "problem": name,
+                    "target": f"HO run (K={K}, hypergradient every {INNER_STEPS} steps) ≤ 1.3× "
+                    "training without HO (training loop)",
+                    "value": m["neumann"]["run_ratio"],
+                    "limit": 1.3,
+                }
+            )
         if name == "mnist" and m.get("neumann", {}).get("mem_ratio") is not None:
-            out.append({"problem": name, "target": "million-hyperparameter run ≤ 3× the memory of plain training "
-                        "(Neumann)", "value": m["neumann"]["mem_ratio"], "limit": 3.0})
+            out.append(
+                {
+                    "problem": name,
+                    "target": "million-hyperparameter run ≤ 3× the memory of plain training (Neumann)",
+                    "value": m["neumann"]["mem_ratio"],
+                    "limit": 3.0,
+                }
+            )
     long = result.get("long_unroll") or {}
     if "unrolled-ckpt" in long.get("mem_ratio", {}):
-        out.append({"problem": "mnist preset", "target": f"unrolled T={LONG_T}, checkpointed: memory ≤ 2× plain training",
-                    "value": long["mem_ratio"]["unrolled-ckpt"], "limit": 2.0})
+        out.append(
+            {
+                "problem": "mnist preset",
+                "target": f"unrolled T={LONG_T}, checkpointed: memory ≤ 2× plain training",
+                "value": long["mem_ratio"]["unrolled-ckpt"],
+                "limit": 2.0,
+            }
+        )
     if "ckpt_time_over_stored" in long:
-        out.append({"problem": "mnist preset", "target": f"unrolled T={LONG_T}, checkpointed: time ≤ 1.5× stored "
-                    "trajectory", "value": long["ckpt_time_over_stored"], "limit": 1.5})
+        out.append(
+            {
+                "problem": "mnist preset",
+                "target": f"unrolled T={LONG_T}, checkpointed: time ≤ 1.5× stored trajectory",
+                "value": long["ckpt_time_over_stored"],
+                "limit": 1.5,
+            }
+        )
     peers = result.get("peers") or {}
     ratios = peers.get("ratios", {})
-    for key, limit in (("hoexp CG-10 / hypertorch", 0.5), ("hoexp Neumann-10 / hypertorch", 0.5),
-                       ("hoexp CG-10 compiled / hypertorch", 0.5), ("hoexp Neumann-10 compiled / hypertorch", 0.5),
-                       ("hoexp CG-10 / jaxopt", 2.0), ("hoexp Neumann-10 / jaxopt", 2.0),
-                       ("hoexp CG-10 compiled / jaxopt", 2.0), ("hoexp Neumann-10 compiled / jaxopt", 2.0),
-                       ("hoexp exact / direct solve", 3.0), ("hoexp exact compiled / direct solve", 3.0)):
+    for key, limit in (
+        ("hoexp CG-10 / hypertorch", 0.5),
+        ("hoexp Neumann-10 / hypertorch", 0.5),
+        ("hoexp CG-10 compiled / hypertorch", 0.5),
+        ("hoexp Neumann-10 compiled / hypertorch", 0.5),
+        ("hoexp CG-10 / jaxopt", 2.0),
+        ("hoexp Neumann-10 / jaxopt", 2.0),
+        ("hoexp CG-10 compiled / jaxopt", 2.0),
+        ("hoexp Neumann-10 compiled / jaxopt", 2.0),
+        ("hoexp exact / direct solve", 3.0),
+        ("hoexp exact compiled / direct solve", 3.0),
+    ):
         if key in ratios:
             out.append({"problem": "peers", "target": f"{key} ≤ {limit}", "value": ratios[key], "limit": limit})
     for t in out:
@@ -531,17 +696,21 @@ def print_tables(result: dict[str, Any]) -> None:
     console = Console(width=160)
     for name, p in result["problems"].items():
         tm = p["times_ms"]
-        title = (f"{name}: {p['num_params']:,} weights, {p['num_hparams']:,} hyperparameters, "
-                 f"device={p['device']}, threads={p['threads']}, T={p['inner_steps']} — step {tm['step']:.2f} ms, "
-                 f"gradient {tm['grad']:.2f} ms, HVP {tm['hvp']:.2f} ms: HVP/grad {p['hvp_over_grad']:.2f} "
-                 f"(forward-over-reverse {p['hvp_fwd_rev_over_grad']:.2f}), "
-                 f"step/grad {p['step_over_grad']:.2f}, validation gradient/grad {p['val_grad_over_grad']:.2f}, "
-                 f"K={K} IFT floor/grad {p['ift_floor_K_over_grad']:.2f}"
-                 + (f", compiled step/step {p['compiled_step_over_step']:.2f} (compile=true)"
-                    if "compiled_step_over_step" in p else ""))
+        title = (
+            f"{name}: {p['num_params']:,} weights, {p['num_hparams']:,} hyperparameters, "
+            f"device={p['device']}, threads={p['threads']}, T={p['inner_steps']} — step {tm['step']:.2f} ms, "
+            f"gradient {tm['grad']:.2f} ms, HVP {tm['hvp']:.2f} ms: HVP/grad {p['hvp_over_grad']:.2f} "
+            f"(forward-over-reverse {p['hvp_fwd_rev_over_grad']:.2f}), "
+            f"step/grad {p['step_over_grad']:.2f}, validation gradient/grad {p['val_grad_over_grad']:.2f}, "
+            f"K={K} IFT floor/grad {p['ift_floor_K_over_grad']:.2f}"
+            + (
+                f", compiled step/step {p['compiled_step_over_step']:.2f} (compile=true)"
+                if "compiled_step_over_step" in p
+                else ""
+            )
+        )
         table = Table(title=title, title_justify="left")
-        cols = ["method", "note", "HVPs", "hg (ms)", "hg/step", "hg/grad", "hg/floor", "peak MiB", "mem", "run",
-                "wall"]
+        cols = ["method", "note", "HVPs", "hg (ms)", "hg/step", "hg/grad", "hg/floor", "peak MiB", "mem", "run", "wall"]
         if name == "ptb":
             cols.append("tokens/s")
         for c in cols:
@@ -550,11 +719,19 @@ def print_tables(result: dict[str, Any]) -> None:
             if "skipped" in m:
                 table.add_row(mname, f"skipped: {m['skipped']}", *[""] * (len(cols) - 2))
                 continue
-            row = [mname, m.get("note", ""), fmt(m.get("hvps"), "d") if m.get("hvps") is not None else "",
-                   fmt(m.get("hg_ms"), ".1f"), fmt(m.get("hg_over_step")), fmt(m.get("hg_over_grad")),
-                   fmt(m.get("hg_over_floor")), fmt(m.get("mem_peak_mib"), ".1f"), fmt(m.get("mem_ratio")),
-                   fmt(m.get("run_ratio")),
-                   fmt(m.get("wall_ratio"))]
+            row = [
+                mname,
+                m.get("note", ""),
+                fmt(m.get("hvps"), "d") if m.get("hvps") is not None else "",
+                fmt(m.get("hg_ms"), ".1f"),
+                fmt(m.get("hg_over_step")),
+                fmt(m.get("hg_over_grad")),
+                fmt(m.get("hg_over_floor")),
+                fmt(m.get("mem_peak_mib"), ".1f"),
+                fmt(m.get("mem_ratio")),
+                fmt(m.get("run_ratio")),
+                fmt(m.get("wall_ratio")),
+            ]
             if len(cols) > 11:
                 row.append(fmt(m.get("tokens_per_s"), ",.0f"))
             table.add_row(*row)
@@ -574,22 +751,41 @@ def main() -> None:
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
     ap.add_argument("--only", default="iris,mnist,ptb", help="comma-separated problems (iris, mnist, ptb)")
     ap.add_argument("--out", default="outputs/bench/bench.json", help="the JSON result")
-    ap.add_argument("--methods", default=None, help="comma-separated subset of methods (none is always run): "
-                    "neumann, neumann-nores, cg, fixed_point, t1t2, truncated, unrolled, forward")
+    ap.add_argument(
+        "--methods",
+        default=None,
+        help="comma-separated subset of methods (none is always run): "
+        "neumann, neumann-nores, cg, fixed_point, t1t2, truncated, unrolled, forward",
+    )
     ap.add_argument("--threads", type=int, default=0, help="threads=N for every measurement (0: runner's policy)")
-    ap.add_argument("--budget", type=float, default=10.0, help="seconds of timing per measurement before stopping "
-                    "once the minimum rounds are done (default 10)")
-    ap.add_argument("--compile", default=None, help="problems whose compile=true training step is also timed "
-                    "(default iris,mnist; none with --quick; '' for none)")
+    ap.add_argument(
+        "--budget",
+        type=float,
+        default=10.0,
+        help="seconds of timing per measurement before stopping once the minimum rounds are done (default 10)",
+    )
+    ap.add_argument(
+        "--compile",
+        default=None,
+        help="problems whose compile=true training step is also timed "
+        "(default iris,mnist; none with --quick; '' for none)",
+    )
     ap.add_argument("--no-memory", action="store_true", help="skip the memory measurements")
     ap.add_argument("--no-runs", action="store_true", help="skip the whole-run comparisons")
     ap.add_argument("--runs-dir", default="outputs/bench/runs", help="where the whole runs write")
-    ap.add_argument("--peers", default=os.environ.get("HOEXP_PEERS"),
-                    help="folder with the peers' sources (hypertorch/, torchopt/) and a pip --target site/ for their "
-                    "needs (scripts/bench_peers.py); without it the peer problem runs hoexp and the direct solve only")
+    ap.add_argument(
+        "--peers",
+        default=os.environ.get("HOEXP_PEERS"),
+        help="folder with the peers' sources (hypertorch/, torchopt/) and a pip --target site/ for their "
+        "needs (scripts/bench_peers.py); without it the peer problem runs hoexp and the direct solve only",
+    )
     ap.add_argument("--no-peers", action="store_true", help="skip the peer problem")
-    ap.add_argument("--no-long-unroll", action="store_true", help=f"skip the T={LONG_T} unrolling memory section "
-                    "(the MNIST preset: stored trajectory against checkpointing; not run with --quick)")
+    ap.add_argument(
+        "--no-long-unroll",
+        action="store_true",
+        help=f"skip the T={LONG_T} unrolling memory section "
+        "(the MNIST preset: stored trajectory against checkpointing; not run with --quick)",
+    )
     ap.add_argument("--child-memory", help=argparse.SUPPRESS)
     ap.add_argument("--inner-steps", type=int, default=INNER_STEPS, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -610,12 +806,20 @@ def main() -> None:
 
     started = time.perf_counter()
     result: dict[str, Any] = {
-        "meta": {"quick": args.quick, "device_requested": args.device, "threads_requested": args.threads,
-                 "torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
-                 "cpu_count": os.cpu_count(),
-                 "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-                 "inner_steps": INNER_STEPS, "K": K, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-                 "statistic": "median over interleaved rounds"},
+        "meta": {
+            "quick": args.quick,
+            "device_requested": args.device,
+            "threads_requested": args.threads,
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "machine": platform.machine(),
+            "cpu_count": os.cpu_count(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "inner_steps": INNER_STEPS,
+            "K": K,
+            "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "statistic": "median over interleaved rounds",
+        },
         "problems": {},
     }
     for problem in problems:
@@ -636,13 +840,19 @@ def main() -> None:
                     entry["mem_error"] = m["error"]
                     continue
                 peak = m["persistent_bytes"] + m["working_bytes"]
-                entry.update(mem_peak_mib=peak / 2**20, mem_persistent_mib=m["persistent_bytes"] / 2**20,
-                             mem_working_mib=m["working_bytes"] / 2**20, mem_how=m["how"],
-                             mem_ratio=peak / ref_peak if ref_peak else None)
+                entry.update(
+                    mem_peak_mib=peak / 2**20,
+                    mem_persistent_mib=m["persistent_bytes"] / 2**20,
+                    mem_working_mib=m["working_bytes"] / 2**20,
+                    mem_how=m["how"],
+                    mem_ratio=peak / ref_peak if ref_peak else None,
+                )
         outer = PROBLEMS[problem][2][1 if args.quick else 0]
         if not args.no_runs and outer > 0:
-            log(f"[{time.perf_counter() - started:6.0f}s] {problem}: whole runs, {outer} outer × {INNER_STEPS} "
-                "inner steps, each paired with a none run")
+            log(
+                f"[{time.perf_counter() - started:6.0f}s] {problem}: whole runs, {outer} outer × {INNER_STEPS} "
+                "inner steps, each paired with a none run"
+            )
             none_row = next(r for r in rows if r.name == "none")
             for r in rows:
                 # Each method's run is paired with a `none` run right after it, so that a change of the
@@ -680,19 +890,26 @@ def main() -> None:
         peak = {k: m["persistent_bytes"] + m["working_bytes"] for k, m in mem.items() if "error" not in m}
         if "none" in peak:
             long["mem_ratio"] = {k: v / peak["none"] for k, v in peak.items()}
-        if "unrolled" in mem and "unrolled-ckpt" in mem and "error" not in mem["unrolled"] \
-                and "error" not in mem["unrolled-ckpt"]:
+        if (
+            "unrolled" in mem
+            and "unrolled-ckpt" in mem
+            and "error" not in mem["unrolled"]
+            and "error" not in mem["unrolled-ckpt"]
+        ):
             long["ckpt_time_over_stored"] = mem["unrolled-ckpt"]["outer_step_s"] / mem["unrolled"]["outer_step_s"]
         result["long_unroll"] = long
-        log(f"  long unroll: memory / plain training {long.get('mem_ratio')}, checkpointed time / stored "
-            f"{long.get('ckpt_time_over_stored')}")
+        log(
+            f"  long unroll: memory / plain training {long.get('mem_ratio')}, checkpointed time / stored "
+            f"{long.get('ckpt_time_over_stored')}"
+        )
     if not args.no_peers:
         from bench_peers import print_table as print_peers
         from bench_peers import run_peers
 
         log(f"[{time.perf_counter() - started:6.0f}s] peer problem (logistic regression 1,000 × 100, float64)")
-        result["peers"] = run_peers(args.peers, args.quick, compile_="cg" if args.quick else "all",
-                                    log=lambda m: log(m))
+        result["peers"] = run_peers(
+            args.peers, args.quick, compile_="cg" if args.quick else "all", log=lambda m: log(m)
+        )
     result["targets"] = targets(result)
     result["meta"]["bench_wall_s"] = time.perf_counter() - started
     print_tables(result)

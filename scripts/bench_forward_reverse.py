@@ -105,8 +105,9 @@ def main() -> None:
     params, raw, overrides, tl, vl = problem(4)
     state = opt.init(params)
     p_bytes = tree.numel(params) * 4
-    mem = Table(title="Memory as T grows (H = 4): reverse = bytes saved by the autograd graph; "
-                      "forward = tangents carried")
+    mem = Table(
+        title="Memory as T grows (H = 4): reverse = bytes saved by the autograd graph; forward = tangents carried"
+    )
     for c in ("T", "reverse (MiB)", "reverse ÷ P·4 bytes", "forward (MiB)", "forward ÷ P·4 bytes"):
         mem.add_column(c, justify="right")
     for T in (10, 20, 50, 100):
@@ -114,8 +115,13 @@ def main() -> None:
             unrolled_hypergradient(tl, vl, opt, params, state, raw, T, overrides=overrides)
         fwd_bytes = 4 * 2 * p_bytes  # H tangents of (weights, momentum buffer), independent of T
         result["memory"].append({"T": T, "reverse_bytes": g.bytes, "forward_bytes": fwd_bytes, "P": tree.numel(params)})
-        mem.add_row(str(T), f"{g.bytes / 2**20:.2f}", f"{g.bytes / p_bytes:.0f}", f"{fwd_bytes / 2**20:.2f}",
-                    f"{fwd_bytes / p_bytes:.0f}")
+        mem.add_row(
+            str(T),
+            f"{g.bytes / 2**20:.2f}",
+            f"{g.bytes / p_bytes:.0f}",
+            f"{fwd_bytes / 2**20:.2f}",
+            f"{fwd_bytes / p_bytes:.0f}",
+        )
     console.print(mem)
 
     # Reversible learning against the unrolled graph: Iris reference MLP, T = 100, γ = 0.9.
@@ -134,10 +140,26 @@ def main() -> None:
     assert isinstance(data, Splits)  # Iris
     val = (data.val.x, data.val.y)
     with GraphMemory(torch.device("cpu")) as g:
-        outer_step(build_method(compose_spec([*base, "method=unrolled"])[0]),
-                   exp.problem, exp.inner_opt, st, raw0, FullBatch(data.train), val, 100)
-    _, _, rs = outer_step(build_method(compose_spec([*base, "method=reversible"])[0]),
-                          exp.problem, exp.inner_opt, st, raw0, FullBatch(data.train), val, 100)
+        outer_step(
+            build_method(compose_spec([*base, "method=unrolled"])[0]),
+            exp.problem,
+            exp.inner_opt,
+            st,
+            raw0,
+            FullBatch(data.train),
+            val,
+            100,
+        )
+    _, _, rs = outer_step(
+        build_method(compose_spec([*base, "method=reversible"])[0]),
+        exp.problem,
+        exp.inner_opt,
+        st,
+        raw0,
+        FullBatch(data.train),
+        val,
+        100,
+    )
     P = tree.numel(p0)
     bits_per_step = rs["reversible/bits_per_weight_step"]
     rev_bytes = P * 100 * bits_per_step / 8 + 2 * 8 * P  # the bit store + int64 weights and velocity
@@ -147,12 +169,21 @@ def main() -> None:
         rev_table.add_column(c, justify="right")
     rev_table.add_row("unrolled autograd graph (measured)", f"{g.bytes / 2**20:.2f}", f"{g.bytes / rev_bytes:.0f}")
     rev_table.add_row("float32 trajectory, 32·T·P bits", f"{traj_bytes / 2**20:.2f}", f"{traj_bytes / rev_bytes:.1f}")
-    rev_table.add_row(f"reversible: bit store ({bits_per_step:.3f} bits/weight/step) + fixed-point w, v",
-                      f"{rev_bytes / 2**20:.2f}", "1")
+    rev_table.add_row(
+        f"reversible: bit store ({bits_per_step:.3f} bits/weight/step) + fixed-point w, v",
+        f"{rev_bytes / 2**20:.2f}",
+        "1",
+    )
     console.print(rev_table)
-    result["reversible"] = {"P": P, "T": 100, "gamma": 0.9, "unrolled_graph_bytes": g.bytes,
-                            "trajectory_bytes": traj_bytes, "reversible_bytes": rev_bytes,
-                            "bits_per_weight_step": bits_per_step}
+    result["reversible"] = {
+        "P": P,
+        "T": 100,
+        "gamma": 0.9,
+        "unrolled_graph_bytes": g.bytes,
+        "trajectory_bytes": traj_bytes,
+        "reversible_bytes": rev_bytes,
+        "bits_per_weight_step": bits_per_step,
+    }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))

@@ -56,8 +56,10 @@ class LogReg:
     alpha: float  # 1/λ_max(H): the Neumann step every contender uses
 
     def train_loss(self, w: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
-        return (torch.nn.functional.binary_cross_entropy_with_logits(self.X @ w, self.y)
-                + 0.5 * (lam.exp() * w.square()).sum())
+        return (
+            torch.nn.functional.binary_cross_entropy_with_logits(self.X @ w, self.y)
+            + 0.5 * (lam.exp() * w.square()).sum()
+        )
 
     def val_loss(self, w: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.binary_cross_entropy_with_logits(self.Xv @ w, self.yv)
@@ -148,10 +150,13 @@ def torchopt_fns(prob: LogReg) -> dict[str, Callable[[], torch.Tensor]]:
         def run() -> torch.Tensor:
             lam = prob.lam.clone().requires_grad_(True)
             return torch.autograd.grad(prob.val_loss(solver(prob.w, lam), lam), lam)[0]
+
         return run
 
-    return {"CG-10": make(torchopt.linear_solve.solve_cg(maxiter=K, rtol=0.0, atol=0.0)),
-            "Neumann-10": make(torchopt.linear_solve.solve_inv(ns=True, maxiter=K, alpha=prob.alpha))}
+    return {
+        "CG-10": make(torchopt.linear_solve.solve_cg(maxiter=K, rtol=0.0, atol=0.0)),
+        "Neumann-10": make(torchopt.linear_solve.solve_inv(ns=True, maxiter=K, alpha=prob.alpha)),
+    }
 
 
 def jaxopt_fns(prob: LogReg) -> dict[str, Callable[[], torch.Tensor]]:
@@ -174,6 +179,7 @@ def jaxopt_fns(prob: LogReg) -> dict[str, Callable[[], torch.Tensor]]:
             term, total = carry
             term = term - prob.alpha * matvec(term)
             return term, total + term
+
         return prob.alpha * jax.lax.fori_loop(0, K, body, (b, b))[1]
 
     def make(solve: Any) -> Callable[[], torch.Tensor]:
@@ -185,10 +191,13 @@ def jaxopt_fns(prob: LogReg) -> dict[str, Callable[[], torch.Tensor]]:
 
         def run() -> torch.Tensor:
             return torch.from_numpy(jax.device_get(hg(lam0).block_until_ready()).copy())
+
         return run
 
-    return {"CG-10": make(lambda matvec, b: linear_solve.solve_cg(matvec, b, maxiter=K, tol=0.0)),
-            "Neumann-10": make(neumann)}
+    return {
+        "CG-10": make(lambda matvec, b: linear_solve.solve_cg(matvec, b, maxiter=K, tol=0.0)),
+        "Neumann-10": make(neumann),
+    }
 
 
 # ----------------------------------------------------------------------------------- hoexp
@@ -198,19 +207,24 @@ def hoexp_fns(prob: LogReg, compile_: str) -> tuple[dict[str, Callable[[], torch
     w, lam = {"w": prob.w}, {"lam": prob.lam}
     tl = lambda W, H: prob.train_loss(W["w"], H["lam"])  # noqa: E731
     vl = lambda W, H: prob.val_loss(W["w"], H["lam"])  # noqa: E731
-    opts: dict[str, dict[str, Any]] = {"CG-10": dict(method="cg", iterations=K, tol=0.0),
-                                       "Neumann-10": dict(method="neumann", iterations=K, alpha=prob.alpha,
-                                                          residual=False),
-                                       "exact": dict(method="exact")}
+    opts: dict[str, dict[str, Any]] = {
+        "CG-10": dict(method="cg", iterations=K, tol=0.0),
+        "Neumann-10": dict(method="neumann", iterations=K, alpha=prob.alpha, residual=False),
+        "exact": dict(method="exact"),
+    }
     fns: dict[str, Callable[[], torch.Tensor]] = {}
     info: dict[str, Any] = {}
+
     def eager(o: dict[str, Any]) -> Callable[[], torch.Tensor]:
         return lambda: cast(dict, hoexp.hypergradient(tl, vl, w, lam, **o))["lam"]
 
     for name, o in opts.items():
         fns[name] = eager(o)
-    solvers: dict[str, Solver] = {"CG-10": ConjugateGradient(K, 0.0), "Neumann-10": Neumann(K, prob.alpha, residual=False),
-               "exact": Exact()}
+    solvers: dict[str, Solver] = {
+        "CG-10": ConjugateGradient(K, 0.0),
+        "Neumann-10": Neumann(K, prob.alpha, residual=False),
+        "exact": Exact(),
+    }
     for name, solver in solvers.items():
         if compile_ == "all" or (compile_ == "cg" and name == "CG-10"):
             from hoexp.method.functional import CompiledIFT
@@ -239,8 +253,12 @@ def interleaved(fns: dict[str, Callable[[], Any]], rounds: int, budget_s: float)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def run_peers(peers: str | None, quick: bool = False, compile_: str = "all", log: Callable[[str], None] = print,
-              ) -> dict[str, Any]:
+def run_peers(
+    peers: str | None,
+    quick: bool = False,
+    compile_: str = "all",
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -265,9 +283,16 @@ def run_peers(peers: str | None, quick: bool = False, compile_: str = "all", log
                 del fns[k]
                 missing[k] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         t = interleaved(fns, rounds=10 if quick else 200, budget_s=3.0 if quick else 20.0)
-        out: dict[str, Any] = {"n": len(prob.y), "p": prob.X.shape[1], "K": K, "alpha": prob.alpha,
-                               "times_ms": {k: 1e3 * v for k, v in t.items()}, "rel_error": errors,
-                               "skipped": missing, "compile": info}
+        out: dict[str, Any] = {
+            "n": len(prob.y),
+            "p": prob.X.shape[1],
+            "K": K,
+            "alpha": prob.alpha,
+            "times_ms": {k: 1e3 * v for k, v in t.items()},
+            "rel_error": errors,
+            "skipped": missing,
+            "compile": info,
+        }
         ratios: dict[str, float] = {}
         for solver in ("CG-10", "Neumann-10"):
             for variant in ("", " compiled"):
@@ -294,9 +319,11 @@ def print_table(res: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    t = Table(title=f"Peer problem: logistic regression {res['n']:,} × {res['p']} features, one decay per "
-              f"feature, float64, one thread, one hypergradient at w* (Neumann α = 1/λ_max = {res['alpha']:.3f})",
-              title_justify="left")
+    t = Table(
+        title=f"Peer problem: logistic regression {res['n']:,} × {res['p']} features, one decay per "
+        f"feature, float64, one thread, one hypergradient at w* (Neumann α = 1/λ_max = {res['alpha']:.3f})",
+        title_justify="left",
+    )
     for c in ("contender", "ms", "relative error vs direct solve"):
         t.add_column(c, justify="left" if c == "contender" else "right")
     for k, ms in res["times_ms"].items():
@@ -311,11 +338,19 @@ def print_table(res: dict[str, Any]) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--peers", default=os.environ.get("HOEXP_PEERS"), help="folder with hypertorch/, torchopt/ "
-                    "and site/ (default $HOEXP_PEERS; without it only hoexp and the direct solve run)")
+    ap.add_argument(
+        "--peers",
+        default=os.environ.get("HOEXP_PEERS"),
+        help="folder with hypertorch/, torchopt/ "
+        "and site/ (default $HOEXP_PEERS; without it only hoexp and the direct solve run)",
+    )
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--compile", default="all", choices=("all", "cg", "none"),
-                    help="which of hoexp's compiled hypergradients to time (default all)")
+    ap.add_argument(
+        "--compile",
+        default="all",
+        choices=("all", "cg", "none"),
+        help="which of hoexp's compiled hypergradients to time (default all)",
+    )
     ap.add_argument("--out", default=None, help="write the JSON result here")
     args = ap.parse_args()
     res = run_peers(args.peers, args.quick, args.compile, log=lambda m: print(m, file=sys.stderr))

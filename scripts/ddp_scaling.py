@@ -27,8 +27,20 @@ DEFAULTS = ["experiment=mnist_per_weight_decay", "outer_steps=6", "progress=fals
 
 
 def _run(procs: int, overrides: list[str], folder: Path) -> dict:
-    base = [sys.executable, "-m", "hoexp", "run"] if procs == 1 else \
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}", "-m", "hoexp", "run"]
+    base = (
+        [sys.executable, "-m", "hoexp", "run"]
+        if procs == 1
+        else [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={procs}",
+            "-m",
+            "hoexp",
+            "run",
+        ]
+    )
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     t0 = time.perf_counter()
     r = subprocess.run([*base, *overrides, f"hydra.run.dir={folder}"], env=env, capture_output=True, text=True)
@@ -38,8 +50,13 @@ def _run(procs: int, overrides: list[str], folder: Path) -> dict:
         raise SystemExit(f"ddp_scaling: error: the {procs}-process run failed: {tail[0]}")
     lines = [json.loads(ln) for ln in (folder / "metrics.jsonl").read_text().splitlines()]
     steps = [ln["time/outer_step_s"] for ln in lines if "time/outer_step_s" in ln]
-    return {"procs": procs, "outer_step_s": statistics.median(steps[1:] or steps), "wall_s": wall,
-            "final_val_loss": lines[-1].get("loss/val"), "metrics": lines}
+    return {
+        "procs": procs,
+        "outer_step_s": statistics.median(steps[1:] or steps),
+        "wall_s": wall,
+        "final_val_loss": lines[-1].get("loss/val"),
+        "metrics": lines,
+    }
 
 
 def _max_diff(a: list[dict], b: list[dict]) -> float:
@@ -66,11 +83,17 @@ def main() -> None:
         row = _run(procs, overrides, out / f"procs{procs}_{time.strftime('%H%M%S')}")
         row["max_rel_diff"] = _max_diff(rows[0]["metrics"], row["metrics"]) if rows else 0.0
         rows.append(row)
-        print(f"{procs} process(es): {row['outer_step_s'] * 1000:8.1f} ms per outer step (median), wall "
-              f"{row['wall_s']:.1f} s, final val loss {row['final_val_loss']:.6f}, largest relative difference "
-              f"from the first run {row['max_rel_diff']:.2e}", flush=True)
-    (out / "ddp_scaling.json").write_text(json.dumps(
-        {"overrides": overrides, "rows": [{k: v for k, v in r.items() if k != "metrics"} for r in rows]}, indent=2))
+        print(
+            f"{procs} process(es): {row['outer_step_s'] * 1000:8.1f} ms per outer step (median), wall "
+            f"{row['wall_s']:.1f} s, final val loss {row['final_val_loss']:.6f}, largest relative difference "
+            f"from the first run {row['max_rel_diff']:.2e}",
+            flush=True,
+        )
+    (out / "ddp_scaling.json").write_text(
+        json.dumps(
+            {"overrides": overrides, "rows": [{k: v for k, v in r.items() if k != "metrics"} for r in rows]}, indent=2
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -23,15 +23,31 @@ from hoexp.cli import compose_spec
 from hoexp.errors import run_main
 from hoexp.runner import run_experiment
 
-BASE = ["dataset=mnist", "dataset.batch_size=128", "dataset.val_batch_size=500", "model.width=256",
-        "model.depth=2", "model.bias=true", "optim/inner=momentum", "optim.inner.lr=0.05", "hp=dropout",
-        "hp.dropout.granularity=per_unit", "progress=false"]
+BASE = [
+    "dataset=mnist",
+    "dataset.batch_size=128",
+    "dataset.val_batch_size=500",
+    "model.width=256",
+    "model.depth=2",
+    "model.bias=true",
+    "optim/inner=momentum",
+    "optim.inner.lr=0.05",
+    "hp=dropout",
+    "hp.dropout.granularity=per_unit",
+    "progress=false",
+]
 CONFIGS = {
     "fixed p=0": ["method=none", "hp.dropout.init=1e-4", "hp.dropout.min=1e-5"],
     "fixed p=0.2": ["method=none", "hp.dropout.init=0.2"],
     "fixed p=0.5": ["method=none", "hp.dropout.init=0.5"],
-    "HO per-unit (neumann K=1), from 0.2": ["method=neumann", "method.terms=1", "method.alpha=0.05",
-                                            "hp.dropout.init=0.2", "optim/outer=adam", "optim.outer.lr=0.05"],
+    "HO per-unit (neumann K=1), from 0.2": [
+        "method=neumann",
+        "method.terms=1",
+        "method.alpha=0.05",
+        "hp.dropout.init=0.2",
+        "optim/outer=adam",
+        "optim.outer.lr=0.05",
+    ],
 }
 
 
@@ -46,31 +62,48 @@ def main() -> None:
     rows: dict[str, list[dict]] = {}
     for name, extra in CONFIGS.items():
         for seed in range(args.seeds):
-            spec, text = compose_spec([*BASE, *extra, f"seed={seed}", f"outer_steps={args.outer_steps}",
-                                       f"inner_steps={args.inner_steps}", *args.overrides])
+            spec, text = compose_spec(
+                [
+                    *BASE,
+                    *extra,
+                    f"seed={seed}",
+                    f"outer_steps={args.outer_steps}",
+                    f"inner_steps={args.inner_steps}",
+                    *args.overrides,
+                ]
+            )
             out = Path(args.out) / name.split(",")[0].replace(" ", "_").replace("=", "") / f"seed{seed}"
             rundir.clear(out)  # a study recomputes its runs (else resume=auto would reuse them)
             s = run_experiment(spec, out, config_text=text, console=Console(file=io.StringIO()))
             rows.setdefault(name, []).append(s)
-            print(f"{name:38s} seed {seed}: val {s['final']['val_loss']:.4f} test {s['final']['test_loss']:.4f} "
-                  f"acc {s['final']['test_acc']:.4f} ({s['wall_time_s']:.0f}s)", flush=True)
+            print(
+                f"{name:38s} seed {seed}: val {s['final']['val_loss']:.4f} test {s['final']['test_loss']:.4f} "
+                f"acc {s['final']['test_acc']:.4f} ({s['wall_time_s']:.0f}s)",
+                flush=True,
+            )
 
     def ms(xs):
         return f"{statistics.mean(xs):.4f} ± {statistics.stdev(xs) if len(xs) > 1 else 0:.4f}"
 
     steps = args.outer_steps * args.inner_steps
-    print(f"\nMNIST (shared 5,000 images: 4,000 train / 1,000 val; test 10,000), MLP 784-256-256-10, "
-          f"{steps} SGD-momentum steps of batch 128, {args.seeds} seeds\n")
+    print(
+        f"\nMNIST (shared 5,000 images: 4,000 train / 1,000 val; test 10,000), MLP 784-256-256-10, "
+        f"{steps} SGD-momentum steps of batch 128, {args.seeds} seeds\n"
+    )
     print("| dropout | final val loss | final test loss | final test acc | best-val step: test loss | wall s |")
     print("|---|---|---|---|---|---|")
     for name, ss in rows.items():
-        print(f"| {name} | {ms([s['final']['val_loss'] for s in ss])} | {ms([s['final']['test_loss'] for s in ss])} "
-              f"| {ms([s['final']['test_acc'] for s in ss])} | {ms([s['best']['test_loss'] for s in ss])} "
-              f"| {statistics.mean(s['wall_time_s'] for s in ss):.0f} |")
+        print(
+            f"| {name} | {ms([s['final']['val_loss'] for s in ss])} | {ms([s['final']['test_loss'] for s in ss])} "
+            f"| {ms([s['final']['test_acc'] for s in ss])} | {ms([s['best']['test_loss'] for s in ss])} "
+            f"| {statistics.mean(s['wall_time_s'] for s in ss):.0f} |"
+        )
     ho = rows[list(CONFIGS)[-1]]
-    print(f"\nlearned rates (HO, mean over seeds): mean {statistics.mean(s['hp_final']['mean'] for s in ho):.3f}, "
-          f"min {statistics.mean(s['hp_final']['min'] for s in ho):.3f}, "
-          f"max {statistics.mean(s['hp_final']['max'] for s in ho):.3f}")
+    print(
+        f"\nlearned rates (HO, mean over seeds): mean {statistics.mean(s['hp_final']['mean'] for s in ho):.3f}, "
+        f"min {statistics.mean(s['hp_final']['min'] for s in ho):.3f}, "
+        f"max {statistics.mean(s['hp_final']['max'] for s in ho):.3f}"
+    )
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "results.json").write_text(json.dumps(rows, indent=1, default=str))
 

@@ -49,22 +49,27 @@ def switch(overrides: list[str], p_from: float, p_to: float, at: list[int | None
         curve = []
         for step in range(spec.run.outer_steps):
             p = p_from if k is None or step < k else p_to
-            state, _, _ = train_inner(exp.problem, exp.inner_opt, state, _at_rate(raw, p), batches,
-                                      spec.run.inner_steps)
+            state, _, _ = train_inner(
+                exp.problem, exp.inner_opt, state, _at_rate(raw, p), batches, spec.run.inner_steps
+            )
             if (step + 1) % every == 0:
                 curve.append(_val(exp, state.params))
         test = float(exp.problem.evaluate(state.params, exp.data.test)[0])
         label = "never" if k is None else f"at {k}"
-        print(f"{p_from} → {p_to} {label:>8}: val every {every} outer steps "
-              f"{' '.join(f'{c:.3f}' for c in curve)}; test {test:.3f}", flush=True)
+        print(
+            f"{p_from} → {p_to} {label:>8}: val every {every} outer steps "
+            f"{' '.join(f'{c:.3f}' for c in curve)}; test {test:.3f}",
+            flush=True,
+        )
 
 
 def branch(overrides: list[str], p_from: float, at: int, rates: list[float]) -> None:
     spec, exp, state, raw = _setup(overrides)
     batches = exp.problem.train_stream(spec.run.seed)
     for _ in range(at):
-        state, _, _ = train_inner(exp.problem, exp.inner_opt, state, _at_rate(raw, p_from), batches,
-                                  spec.run.inner_steps)
+        state, _, _ = train_inner(
+            exp.problem, exp.inner_opt, state, _at_rate(raw, p_from), batches, spec.run.inner_steps
+        )
     saved = copy.deepcopy(batches.state_dict())
     for p in rates:
         stream = exp.problem.train_stream(spec.run.seed)
@@ -74,8 +79,7 @@ def branch(overrides: list[str], p_from: float, at: int, rates: list[float]) -> 
             st, _, _ = train_inner(exp.problem, exp.inner_opt, st, _at_rate(raw, p), stream, spec.run.inner_steps)
             if k in (1, 2, 3, 5, 10, 20):
                 out.append(f"{_val(exp, st.params):.3f}")
-        print(f"from outer step {at} at p = {p}: val after 1, 2, 3, 5, 10, 20 outer steps: {' '.join(out)}",
-              flush=True)
+        print(f"from outer step {at} at p = {p}: val after 1, 2, 3, 5, 10, 20 outer steps: {' '.join(out)}", flush=True)
 
 
 def main() -> None:

@@ -45,7 +45,7 @@ def train(x, y, steps, batch, lr0, beta, seed):
     for _ in range(steps):
         if pos + batch > len(y):
             order, pos = torch.randperm(len(y), generator=g), 0
-        idx = order[pos:pos + batch]
+        idx = order[pos : pos + batch]
         pos += batch
         wg = {k: v.clone().requires_grad_(True) for k, v in w.items()}
         loss = F.cross_entropy(x[idx] @ wg["W"] + wg["b"], y[idx])
@@ -62,8 +62,12 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--lr0", type=float, default=1e-3)
     ap.add_argument("--beta", type=float, default=1e-3)
-    ap.add_argument("--raw-pixels", dest="normalize", action="store_false",
-                    help="pixels in [0, 1] instead of the usual standardization (mean 0.1307, std 0.3081)")
+    ap.add_argument(
+        "--raw-pixels",
+        dest="normalize",
+        action="store_false",
+        help="pixels in [0, 1] instead of the usual standardization (mean 0.1307, std 0.3081)",
+    )
     ap.add_argument("--out", default="outputs/studies/hd_logreg_mnist.json")
     args = ap.parse_args()
     root = Path(os.environ.get("HOEXP_DATA", "../shared/data"))
@@ -73,10 +77,18 @@ def main() -> None:
     w_sgd, _, _ = train(x, y, steps, args.batch, args.lr0, 0.0, 0)
     peak = max(range(len(lrs)), key=lambda i: lrs[i])
     res = {
-        "train_images": len(y), "normalized": args.normalize, "iterations": steps, "batch": args.batch, "lr0": args.lr0, "beta": args.beta,
-        "hd_peak_lr": lrs[peak], "hd_peak_iteration": peak + 1, "hd_final_lr": lrs[-1],
+        "train_images": len(y),
+        "normalized": args.normalize,
+        "iterations": steps,
+        "batch": args.batch,
+        "lr0": args.lr0,
+        "beta": args.beta,
+        "hd_peak_lr": lrs[peak],
+        "hd_peak_iteration": peak + 1,
+        "hd_final_lr": lrs[-1],
         "hd_lr_at_15": lrs[min(14, len(lrs) - 1)],
-        "final_train_loss_sgd_hd": full_loss(w_hd, x, y), "final_train_loss_sgd": full_loss(w_sgd, x, y),
+        "final_train_loss_sgd_hd": full_loss(w_hd, x, y),
+        "final_train_loss_sgd": full_loss(w_sgd, x, y),
     }
     for k, v in res.items():
         print(f"{k:26s} {v:.4g}" if isinstance(v, float) else f"{k:26s} {v}")

@@ -70,17 +70,29 @@ def main() -> None:
     results: dict[str, list[dict]] = {}
     for config in args.configs:
         for seed in range(args.seeds):
-            overrides = ["experiment=iris_per_weight_decay", f"seed={seed}", "progress=false",
-                         *overrides_for(config), *args.extra]
+            overrides = [
+                "experiment=iris_per_weight_decay",
+                f"seed={seed}",
+                "progress=false",
+                *overrides_for(config),
+                *args.extra,
+            ]
             spec, text = compose_spec(overrides)
             run_dir = out / config.replace(" ", "_").replace("=", "") / f"seed{seed}"
             rundir.clear(run_dir)  # a study recomputes its runs (else resume=auto would reuse them)
             summary = run_experiment(spec, run_dir, config_text=text, console=Console(file=open("/dev/null", "w")))
-            row = {"seed": seed, "final": summary["final"], "best": summary["best"],
-                   "wall_time_s": summary["wall_time_s"], "decays": decay_distribution(run_dir)}
+            row = {
+                "seed": seed,
+                "final": summary["final"],
+                "best": summary["best"],
+                "wall_time_s": summary["wall_time_s"],
+                "decays": decay_distribution(run_dir),
+            }
             results.setdefault(config, []).append(row)
-            console.print(f"{config:32s} seed {seed}: test_loss={summary['final']['test_loss']:.4f} "
-                          f"test_acc={summary['final']['test_acc']:.3f} ({summary['wall_time_s']:.1f}s)")
+            console.print(
+                f"{config:32s} seed {seed}: test_loss={summary['final']['test_loss']:.4f} "
+                f"test_acc={summary['final']['test_acc']:.3f} ({summary['wall_time_s']:.1f}s)"
+            )
     out.mkdir(parents=True, exist_ok=True)
     (out.parent / f"{out.name}.json").write_text(json.dumps(results, indent=1))
 
@@ -91,15 +103,19 @@ def main() -> None:
     print("| method | test loss | test acc | val loss | best-val step's test loss | wall time (s) |")
     print("|---|---|---|---|---|---|")
     for config, rows in results.items():
-        print(f"| {config} | {ms([r['final']['test_loss'] for r in rows])} | {ms([r['final']['test_acc'] for r in rows])} "
-              f"| {ms([r['final']['val_loss'] for r in rows])} | {ms([r['best']['test_loss'] for r in rows])} "
-              f"| {ms([r['wall_time_s'] for r in rows])} |")
+        print(
+            f"| {config} | {ms([r['final']['test_loss'] for r in rows])} | {ms([r['final']['test_acc'] for r in rows])} "
+            f"| {ms([r['final']['val_loss'] for r in rows])} | {ms([r['best']['test_loss'] for r in rows])} "
+            f"| {ms([r['wall_time_s'] for r in rows])} |"
+        )
     print("\nLearned decays (initial value 1e-3; mean over seeds)\n")
     keys = [k for k in results[args.configs[-1]][0]["decays"]]
     print("| method | " + " | ".join(keys) + " |")
     print("|---|" + "---|" * len(keys))
     for config, rows in results.items():
-        print(f"| {config} | " + " | ".join(f"{statistics.mean(r['decays'][k] for r in rows):.3g}" for k in keys) + " |")
+        print(
+            f"| {config} | " + " | ".join(f"{statistics.mean(r['decays'][k] for r in rows):.3g}" for k in keys) + " |"
+        )
     plot_decays(out, [c for c in args.configs if c != "none"])
     sys.stdout.flush()
 

@@ -35,11 +35,29 @@ def main() -> None:
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     overrides = [
-        "dataset=mnist", "dataset.train_size=1000", "dataset.batch_size=0", "model.width=100", "model.depth=1",
-        "model.bias=false", "model.activation=tanh", "hp=lr", "hp.lr.granularity=per_step", f"hp.lr.init={args.lr0}",
-        "method=unrolled", "optim/inner=momentum", f"optim.inner.lr={args.lr0}", "optim.inner.momentum=0.9",
-        "optim/outer=adam", "optim.outer.lr=0.05", "reset_inner=true", "outer_objective=train",
-        f"outer_steps={args.outer_steps}", f"inner_steps={args.inner_steps}", "progress=false", *args.overrides]
+        "dataset=mnist",
+        "dataset.train_size=1000",
+        "dataset.batch_size=0",
+        "model.width=100",
+        "model.depth=1",
+        "model.bias=false",
+        "model.activation=tanh",
+        "hp=lr",
+        "hp.lr.granularity=per_step",
+        f"hp.lr.init={args.lr0}",
+        "method=unrolled",
+        "optim/inner=momentum",
+        f"optim.inner.lr={args.lr0}",
+        "optim.inner.momentum=0.9",
+        "optim/outer=adam",
+        "optim.outer.lr=0.05",
+        "reset_inner=true",
+        "outer_objective=train",
+        f"outer_steps={args.outer_steps}",
+        f"inner_steps={args.inner_steps}",
+        "progress=false",
+        *args.overrides,
+    ]
     spec, text = compose_spec(overrides)
     out = Path(args.out)
     rundir.clear(out)  # a study recomputes its run (else resume=auto would reuse it)
@@ -49,21 +67,27 @@ def main() -> None:
     state = torch.load(out / "final.pt", weights_only=True)
     schedule = {k.split(":")[1]: v.numpy() for k, v in state["hparams"].items()}
     T = args.inner_steps
-    ends = {k: (float(v[: T - 10].mean()), float(v[T - 10:].mean())) for k, v in schedule.items()}
+    ends = {k: (float(v[: T - 10].mean()), float(v[T - 10 :].mean())) for k, v in schedule.items()}
     result = {
-        "meta_objective_first": final_train[1], "meta_objective_last": final_train[-1],
+        "meta_objective_first": final_train[1],
+        "meta_objective_last": final_train[-1],
         "meta_objective_best": min(final_train[1:]),
-        "lr_mean_first_90_vs_last_10": ends, "wall_time_s": summary["wall_time_s"],
+        "lr_mean_first_90_vs_last_10": ends,
+        "wall_time_s": summary["wall_time_s"],
         "schedule": {k: v.tolist() for k, v in schedule.items()},
     }
     (out / "schedule.json").write_text(json.dumps(result, indent=1))
-    print(f"meta-objective (final training loss after {T} steps): {final_train[0]:.4f} at the initial "
-          f"schedule (step 0 evaluates the untrained net), {final_train[1]:.4f} after the first "
-          f"re-training, {final_train[-1]:.4f} after {args.outer_steps} outer steps "
-          f"(best {min(final_train[1:]):.4f}); {summary['wall_time_s']:.0f}s")
+    print(
+        f"meta-objective (final training loss after {T} steps): {final_train[0]:.4f} at the initial "
+        f"schedule (step 0 evaluates the untrained net), {final_train[1]:.4f} after the first "
+        f"re-training, {final_train[-1]:.4f} after {args.outer_steps} outer steps "
+        f"(best {min(final_train[1:]):.4f}); {summary['wall_time_s']:.0f}s"
+    )
     for k, (a, b) in ends.items():
-        print(f"{k}: mean lr over steps 1-{T - 10} = {a:.4f}, over the last 10 = {b:.4f} "
-              f"({'smaller' if b < a else 'larger'} at the end)")
+        print(
+            f"{k}: mean lr over steps 1-{T - 10} = {a:.4f}, over the last 10 = {b:.4f} "
+            f"({'smaller' if b < a else 'larger'} at the end)"
+        )
 
     import matplotlib
 

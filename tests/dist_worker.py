@@ -11,9 +11,19 @@ import os
 import torch
 import torch.distributed as dist
 
-BASE = ["model.width=5", "model.depth=1", "model.activation=tanh", "dtype=float64", "progress=false",
-        "optim/inner=momentum", "optim.inner.lr=0.2", "hp=[weight_decay,dropout]", "hp.weight_decay.init=0.05",
-        "hp.dropout.relaxation=gaussian", "hp.dropout.init=0.1"]
+BASE = [
+    "model.width=5",
+    "model.depth=1",
+    "model.activation=tanh",
+    "dtype=float64",
+    "progress=false",
+    "optim/inner=momentum",
+    "optim.inner.lr=0.2",
+    "hp=[weight_decay,dropout]",
+    "hp.weight_decay.init=0.05",
+    "hp.dropout.relaxation=gaussian",
+    "hp.dropout.init=0.1",
+]
 CASES = {
     "neumann": ["method=neumann", "method.terms=4", "method.alpha=0.1"],
     "cg": ["method=cg", "method.iterations=6"],
@@ -46,8 +56,16 @@ def outer_step(name: str, sync: bool = True) -> dict[str, torch.Tensor]:
     if ctx.active:
         stream = distributed.ShardedStream(stream, 0, exp.problem.model, ctx)
         val = distributed.shard_batch(val, 0, exp.problem.model, ctx)
-    hg, state, _ = method_step(build_method(spec), exp.problem, exp.inner_opt, InnerState(params, exp.inner_opt.init(params)),
-                                                 raw, stream, val, 3)
+    hg, state, _ = method_step(
+        build_method(spec),
+        exp.problem,
+        exp.inner_opt,
+        InnerState(params, exp.inner_opt.init(params)),
+        raw,
+        stream,
+        val,
+        3,
+    )
     return {**{f"hg/{k}": v for k, v in hg.items()}, **{f"w/{k}": v for k, v in state.params.items()}}
 
 

@@ -44,8 +44,12 @@ def test_user_defined_problem_with_several_hparam_tensors():
     params = {"a": w[:d1], "b": w[d1:]}
     hparams = {"la": ridge.raw[:d1], "lb": ridge.raw[d1:]}
     truth = ridge.exact_hypergradient()
-    for method, opts in [("exact", {}), ("cg", {"iterations": 50}), ("fixed_point", {"iterations": 3000, "alpha": 0.5}),
-                         ("neumann", {"iterations": 3000, "alpha": 0.5})]:
+    for method, opts in [
+        ("exact", {}),
+        ("cg", {"iterations": 50}),
+        ("fixed_point", {"iterations": 3000, "alpha": 0.5}),
+        ("neumann", {"iterations": 3000, "alpha": 0.5}),
+    ]:
         hg, stats = hoexp.hypergradient(train_loss, val_loss, params, hparams, method, return_stats=True, **opts)
         assert set(hg) == {"la", "lb"} and hg["la"].shape == (d1,)
         assert rel_err(torch.cat([hg["la"], hg["lb"]]), truth) < 1e-6, (method, stats)
@@ -54,8 +58,14 @@ def test_user_defined_problem_with_several_hparam_tensors():
 def test_unknown_option_is_refused():
     ridge = Ridge.make()
     with pytest.raises(ValueError, match="unknown option"):
-        hoexp.hypergradient(ridge.train_loss, ridge.val_loss, {"w": ridge.w_star(ridge.raw)},
-                            {"log_decay": ridge.raw}, "neumann", terms=3)
+        hoexp.hypergradient(
+            ridge.train_loss,
+            ridge.val_loss,
+            {"w": ridge.w_star(ridge.raw)},
+            {"log_decay": ridge.raw},
+            "neumann",
+            terms=3,
+        )
 
 
 # ----------------------------------------------------------------------- issue 17, item 11
@@ -107,8 +117,14 @@ def test_cg_without_solution_raises_naming_the_parameter():
             hoexp.hypergradient(ridge.train_loss, val_loss, w, {"log_decay": ridge.raw}, "cg", iterations=iterations)
         assert "\n" not in str(e.value)
     w_only = {"w": w["w"]}  # the fix the message names: b out of params (a constant of the problem)
-    hg = hoexp.hypergradient(ridge.train_loss, lambda p, h: val_loss({**p, "b": w["b"]}, h), w_only,
-                             {"log_decay": ridge.raw}, "cg", iterations=50)
+    hg = hoexp.hypergradient(
+        ridge.train_loss,
+        lambda p, h: val_loss({**p, "b": w["b"]}, h),
+        w_only,
+        {"log_decay": ridge.raw},
+        "cg",
+        iterations=50,
+    )
     assert torch.isfinite(hg["log_decay"]).all()
 
 
@@ -116,8 +132,15 @@ def test_a_diverged_solve_raises():
     """A non-finite solve of a well-posed problem (step far above 2/λ_max) is an error, not an answer."""
     ridge = Ridge.make(d=4)
     with pytest.raises(ValueError, match="the 'neumann' solve diverged"):
-        hoexp.hypergradient(ridge.train_loss, ridge.val_loss, {"w": ridge.w_star(ridge.raw)}, {"log_decay": ridge.raw},
-                            "neumann", iterations=2000, alpha=50.0)
+        hoexp.hypergradient(
+            ridge.train_loss,
+            ridge.val_loss,
+            {"w": ridge.w_star(ridge.raw)},
+            {"log_decay": ridge.raw},
+            "neumann",
+            iterations=2000,
+            alpha=50.0,
+        )
 
 
 def test_a_solver_object_of_your_own_plugs_in():
@@ -139,5 +162,6 @@ def test_a_solver_object_of_your_own_plugs_in():
     mine = hoexp.hypergradient(ridge.train_loss, ridge.val_loss, w, {"log_decay": ridge.raw}, method=Richardson())
     assert rel_err(mine["log_decay"], truth) < 1e-6
     with pytest.raises(ValueError, match="apply to a named method"):
-        hoexp.hypergradient(ridge.train_loss, ridge.val_loss, w, {"log_decay": ridge.raw}, method=Richardson(),
-                            iterations=3)
+        hoexp.hypergradient(
+            ridge.train_loss, ridge.val_loss, w, {"log_decay": ridge.raw}, method=Richardson(), iterations=3
+        )

@@ -22,8 +22,21 @@ def test_bench_quick_writes_positive_ratios(tmp_path):
     env = dict(os.environ)
     env.setdefault("HOEXP_DATA", str(ROOT.parent / "shared" / "data"))
     env.pop("HOEXP_PEERS", None)  # the peer problem without peers: hoexp and the direct solve
-    cmd = [sys.executable, str(ROOT / "scripts" / "bench.py"), "--quick", "--device", "cpu",
-           "--methods", "neumann,neumann-nores,unrolled", "--compile", "iris" if COMPILER else "", "--out", str(out), "--runs-dir", str(tmp_path / "runs")]
+    cmd = [
+        sys.executable,
+        str(ROOT / "scripts" / "bench.py"),
+        "--quick",
+        "--device",
+        "cpu",
+        "--methods",
+        "neumann,neumann-nores,unrolled",
+        "--compile",
+        "iris" if COMPILER else "",
+        "--out",
+        str(out),
+        "--runs-dir",
+        str(tmp_path / "runs"),
+    ]
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "Targets" in r.stdout and f"wrote {out}" in r.stdout
@@ -48,7 +61,9 @@ def test_bench_quick_writes_positive_ratios(tmp_path):
         unrolled = p["methods"]["unrolled"]
         assert math.isfinite(unrolled["hg_over_step"]) and positive(unrolled["outer_step_ms"])
         assert p["methods"]["neumann"]["hvps"] == 6 and p["methods"]["neumann-nores"]["hvps"] == 5
-        assert positive(p["methods"]["neumann"]["hg_over_floor"]) and positive(p["methods"]["neumann"]["floor_over_grad"])
+        assert positive(p["methods"]["neumann"]["hg_over_floor"]) and positive(
+            p["methods"]["neumann"]["floor_over_grad"]
+        )
         for mname in ("neumann", "unrolled", "none"):  # memory: one fresh process each
             m = p["methods"][mname]
             assert "mem_error" not in m, m.get("mem_error")

@@ -135,12 +135,22 @@ CONFIGS = {
     "dataset/blobs.yaml": f"_target_: {MODULE}.blobs\n_partial_: true\nname: blobs\nn: 90\nspread: 1.0\n",
     "model/tiny.yaml": f"_target_: {MODULE}.tiny_net\n_partial_: true\nname: tiny\nhidden: 8\n",
     "hp/l1.yaml": f"# @package hp.l1\n_target_: {MODULE}.l1_decay\nname: l1\ninit: 1.0e-3\n",
-    "method/jacobi_ift.yaml": ("_target_: hoexp.method.implicit.ift\nname: jacobi_ift\n"
-                               f"solver: {{_target_: {MODULE}.jacobi, iterations: 10, omega: 0.5}}\n"),
+    "method/jacobi_ift.yaml": (
+        "_target_: hoexp.method.implicit.ift\nname: jacobi_ift\n"
+        f"solver: {{_target_: {MODULE}.jacobi, iterations: 10, omega: 0.5}}\n"
+    ),
     "method/last_step.yaml": f"_target_: {MODULE}.last_step\nname: last_step\n",
 }
-OVERRIDES = ["dataset=blobs", "model=tiny", "hp=l1", "method=jacobi_ift", "outer_steps=3", "inner_steps=20",
-             "dtype=float64", "progress=false"]
+OVERRIDES = [
+    "dataset=blobs",
+    "model=tiny",
+    "hp=l1",
+    "method=jacobi_ift",
+    "outer_steps=3",
+    "inner_steps=20",
+    "dtype=float64",
+    "progress=false",
+]
 
 
 def write_configs(folder: Path) -> Path:
@@ -168,8 +178,22 @@ def test_own_components_run_from_python(tmp_path, compose):
 def test_own_components_run_from_the_command_line(tmp_path):
     conf = write_configs(tmp_path / "conf")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    r = subprocess.run([sys.executable, "-m", "hoexp", "run", "--config-dir", str(conf), *OVERRIDES,
-                        f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "hoexp",
+            "run",
+            "--config-dir",
+            str(conf),
+            *OVERRIDES,
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["model"] == "tiny"
@@ -185,8 +209,11 @@ def test_own_option_errors_are_one_line_from_the_signature(tmp_path, capsys):
         (["model.hiddn=3"], "unknown key 'hiddn' in model (did you mean 'hidden'?); valid keys: hidden"),
         (["model.hidden=0"], "model=tiny: hidden must be > 0, got 0"),
         (["dataset.spread=wide"], "dataset.spread: 'wide' is not a valid float"),
-        (["method=nope"], "unknown method 'nope'; choose one of: cg, cg_gn, exact, fd, fixed_point, forward, hd, "
-                          "jacobi_ift, last_step, neumann"),
+        (
+            ["method=nope"],
+            "unknown method 'nope'; choose one of: cg, cg_gn, exact, fd, fixed_point, forward, hd, "
+            "jacobi_ift, last_step, neumann",
+        ),
     ]:
         with pytest.raises(SystemExit) as e:
             main(["run", "--config-dir", str(conf), *OVERRIDES, *args])

@@ -10,9 +10,19 @@ from hoexp.check import run_check
 from hoexp.cli import compose_spec, main
 
 # A tiny tanh MLP with a strong decay, trained long enough that the Hessian is positive definite.
-TINY = ["model.width=4", "model.depth=1", "model.activation=tanh", "hp.weight_decay.init=0.1", "hp.weight_decay.granularity=per_layer",
-        "inner_steps=400", "optim.inner.lr=0.1", "dtype=float64", "progress=false", "method=neumann",
-        "method.alpha=0.5"]
+TINY = [
+    "model.width=4",
+    "model.depth=1",
+    "model.activation=tanh",
+    "hp.weight_decay.init=0.1",
+    "hp.weight_decay.granularity=per_layer",
+    "inner_steps=400",
+    "optim.inner.lr=0.1",
+    "dtype=float64",
+    "progress=false",
+    "method=neumann",
+    "method.alpha=0.5",
+]
 
 
 @pytest.mark.slow
@@ -46,8 +56,17 @@ def test_check_command_line(tmp_path, capsys):
 
 def test_check_runs_on_the_language_model(tmp_path):
     """dataset=ptb: the validation batch is a BPTT window (it was an AttributeError on the token stream)."""
-    spec, _ = compose_spec(["experiment=ptb_lstm_dropout", "model.embed_dim=4", "model.hidden=4", "dataset.bptt=3",
-                            "inner_steps=2", "hp.dropout.granularity=per_layer", "progress=false"])
+    spec, _ = compose_spec(
+        [
+            "experiment=ptb_lstm_dropout",
+            "model.embed_dim=4",
+            "model.hidden=4",
+            "dataset.bptt=3",
+            "inner_steps=2",
+            "hp.dropout.granularity=per_layer",
+            "progress=false",
+        ]
+    )
     report = run_check(spec, tmp_path, iterations=(0, 1), reference_cg=5, console=Console(file=io.StringIO()))
     rows = {(r["method"], r["iterations"]) for r in report["rows"]}
     assert ("unrolled", 2) in rows and ("neumann", 1) in rows

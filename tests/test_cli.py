@@ -16,8 +16,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def hoexp(*args, cwd=ROOT, timeout=300):
     env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
-    return subprocess.run([sys.executable, "-m", "hoexp", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "hoexp", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env
+    )
 
 
 def test_help_lists_subcommands(capsys):
@@ -28,37 +29,61 @@ def test_help_lists_subcommands(capsys):
     assert "run" in out and "version" in out and "tensorboard --logdir" in out
 
 
-@pytest.mark.parametrize("args,expected", [
-    (["method=foo"], "unknown method 'foo'; choose one of: cg, cg_gn, exact, fd, fixed_point, forward, hd, neumann, none, reversible, t1t2, truncated, unrolled"),
-    (["dataset=cifar"], "unknown dataset 'cifar'; choose one of: iris"),
-    (["optim/inner=adm"], "unknown optim/inner 'adm'; choose one of: adagrad, adam, adamw"),
-    (["method.termz=3"], "unknown key 'termz' in method (did you mean 'terms'?); valid keys: alpha, alpha_every, "
-                         "compile, curvature, damping, hvp, residual, terms, warm_start"),
-    (["datset=iris"], "unknown key 'datset' (did you mean 'dataset'?)"),
-    (["method.terms=-1"], "method=neumann: terms must be >= 0, got -1"),
-    (["method.alpha=0"], "method=neumann: alpha must be > 0, got 0.0"),
-    (["method=cg", "method.iterations=-2"], "method=cg: iterations must be >= 0, got -2"),
-    (["method.terms=abc"], "method.terms: 'abc' is not a valid int"),
-    (["hp.weight_decay.granularity=per_unit"], "hp.weight_decay.granularity='per_unit' is not valid; choose one of: global, layer_and_weight, per_layer, per_weight"),
-    (["hp.weight_decay.include=[nothing]"], "match no parameter"),
-    (["device=tpu"], "device must be auto, cpu, cuda or cuda:N"),
-    (["dataset.train_size=100", "dataset.val_size=60"], "but Iris has 150 examples"),
-    (["optim.inner.lr=-1"], "lr must be > 0"),
-    (["+foo=1"], "unknown top-level key(s) foo"),
-    (["method=forward"], "method=forward carries one tangent per hyperparameter and hp=weight_decay has 17,280"),
-    (["method=hd", "method.variant=rmsprop"], "method.variant='rmsprop' is not valid; choose one of: adam, sgd, sgdn"),
-    (["method=truncated", "method.k=0"], "method=truncated: k must be > 0, got 0"),
-    (["method=exact", "method.max_params=1000"], "method=exact would form a dense 17,280x17,280 Hessian"),
-    (["method.alpha=-1"], "method=neumann: alpha must be > 0, got -1.0 (or alpha=auto"),
-    (["method=fixed_point", "method.alpha=foo"], "method=fixed_point: alpha must be a number > 0 or auto, got 'foo'"),
-    (["method=t1t2", "method.alpha=auto", "method.alpha_every=0"], "method=t1t2: alpha_every must be > 0, got 0"),
-    (["method.curvature=fisher"], "method.curvature='fisher' is not valid; choose one of: gauss_newton, hessian"),
-    (["method=cg", "method.damping=-0.1"], "method=cg: damping must be >= 0, got -0.1"),
-    (["method=cg", "method.alpha=auto"], "unknown key 'alpha' in method; valid keys: compile, curvature, damping, hvp, iterations"),
-    (["method=exact", "method.warm_start=true"], "unknown key 'warm_start' in method; valid keys: compile, curvature, damping, hvp, max_params"),
-    (["method=fixed_point", "method.warm_start=true", "method.iterations=0"], "warm_start needs iterations >= 1"),
-    (["method.warm_start=maybe"], "method.warm_start: 'maybe' is not a valid bool"),
-])
+@pytest.mark.parametrize(
+    "args,expected",
+    [
+        (
+            ["method=foo"],
+            "unknown method 'foo'; choose one of: cg, cg_gn, exact, fd, fixed_point, forward, hd, neumann, none, reversible, t1t2, truncated, unrolled",
+        ),
+        (["dataset=cifar"], "unknown dataset 'cifar'; choose one of: iris"),
+        (["optim/inner=adm"], "unknown optim/inner 'adm'; choose one of: adagrad, adam, adamw"),
+        (
+            ["method.termz=3"],
+            "unknown key 'termz' in method (did you mean 'terms'?); valid keys: alpha, alpha_every, "
+            "compile, curvature, damping, hvp, residual, terms, warm_start",
+        ),
+        (["datset=iris"], "unknown key 'datset' (did you mean 'dataset'?)"),
+        (["method.terms=-1"], "method=neumann: terms must be >= 0, got -1"),
+        (["method.alpha=0"], "method=neumann: alpha must be > 0, got 0.0"),
+        (["method=cg", "method.iterations=-2"], "method=cg: iterations must be >= 0, got -2"),
+        (["method.terms=abc"], "method.terms: 'abc' is not a valid int"),
+        (
+            ["hp.weight_decay.granularity=per_unit"],
+            "hp.weight_decay.granularity='per_unit' is not valid; choose one of: global, layer_and_weight, per_layer, per_weight",
+        ),
+        (["hp.weight_decay.include=[nothing]"], "match no parameter"),
+        (["device=tpu"], "device must be auto, cpu, cuda or cuda:N"),
+        (["dataset.train_size=100", "dataset.val_size=60"], "but Iris has 150 examples"),
+        (["optim.inner.lr=-1"], "lr must be > 0"),
+        (["+foo=1"], "unknown top-level key(s) foo"),
+        (["method=forward"], "method=forward carries one tangent per hyperparameter and hp=weight_decay has 17,280"),
+        (
+            ["method=hd", "method.variant=rmsprop"],
+            "method.variant='rmsprop' is not valid; choose one of: adam, sgd, sgdn",
+        ),
+        (["method=truncated", "method.k=0"], "method=truncated: k must be > 0, got 0"),
+        (["method=exact", "method.max_params=1000"], "method=exact would form a dense 17,280x17,280 Hessian"),
+        (["method.alpha=-1"], "method=neumann: alpha must be > 0, got -1.0 (or alpha=auto"),
+        (
+            ["method=fixed_point", "method.alpha=foo"],
+            "method=fixed_point: alpha must be a number > 0 or auto, got 'foo'",
+        ),
+        (["method=t1t2", "method.alpha=auto", "method.alpha_every=0"], "method=t1t2: alpha_every must be > 0, got 0"),
+        (["method.curvature=fisher"], "method.curvature='fisher' is not valid; choose one of: gauss_newton, hessian"),
+        (["method=cg", "method.damping=-0.1"], "method=cg: damping must be >= 0, got -0.1"),
+        (
+            ["method=cg", "method.alpha=auto"],
+            "unknown key 'alpha' in method; valid keys: compile, curvature, damping, hvp, iterations",
+        ),
+        (
+            ["method=exact", "method.warm_start=true"],
+            "unknown key 'warm_start' in method; valid keys: compile, curvature, damping, hvp, max_params",
+        ),
+        (["method=fixed_point", "method.warm_start=true", "method.iterations=0"], "warm_start needs iterations >= 1"),
+        (["method.warm_start=maybe"], "method.warm_start: 'maybe' is not a valid bool"),
+    ],
+)
 def test_bad_input_is_one_line_exit_2(capsys, args, expected):
     with pytest.raises(SystemExit) as e:
         main(["run", *args])
@@ -101,9 +126,22 @@ def test_short_run_writes_tensorboard_metrics_and_summary(tmp_path):
     lines = read_jsonl(run_dir / "metrics.jsonl")
     assert [ln["step"] for ln in lines] == [0, 1, 2, 3]  # one line per outer step, plus the start
     for ln in lines[1:]:
-        for key in ("loss/train", "loss/val", "loss/test", "acc/train", "acc/val", "acc/test", "hypergrad/norm",
-                    "solver/residual", "inner/grad_norm", "hp/mean", "hp/std", "hp/min", "hp/max",
-                    "time/elapsed_s"):
+        for key in (
+            "loss/train",
+            "loss/val",
+            "loss/test",
+            "acc/train",
+            "acc/val",
+            "acc/test",
+            "hypergrad/norm",
+            "solver/residual",
+            "inner/grad_norm",
+            "hp/mean",
+            "hp/std",
+            "hp/min",
+            "hp/max",
+            "time/elapsed_s",
+        ):
             assert key in ln, key
         assert ln["solver/hvps"] == 6  # 5 Neumann terms + the residual
         assert ln["hypergrad/norm"] > 0
@@ -143,8 +181,13 @@ def test_multirun_sweeps_and_console_script(tmp_path):
     sweep = tmp_path / "sweep"
     exe = Path(sys.executable).parent / "hoexp"
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "hoexp"]
-    r = subprocess.run([*cmd, "run", "-m", "method=none,cg", "outer_steps=2", "inner_steps=5",
-                        f"hydra.sweep.dir={sweep}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [*cmd, "run", "-m", "method=none,cg", "outer_steps=2", "inner_steps=5", f"hydra.sweep.dir={sweep}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     summaries = sorted(sweep.glob("*/summary.json"))
     assert len(summaries) == 2
@@ -202,8 +245,14 @@ def test_bad_data_folders_are_one_line_errors(tmp_path, case, overrides, expecte
         (root / "ptb" / "ptb.valid.txt").write_text("")
     else:
         root.mkdir()
-    r = hoexp("run", *overrides, f"dataset.data_root={root}", "outer_steps=1", "inner_steps=1",
-              f"hydra.run.dir={tmp_path / 'run'}")
+    r = hoexp(
+        "run",
+        *overrides,
+        f"dataset.data_root={root}",
+        "outer_steps=1",
+        "inner_steps=1",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    )
     assert r.returncode == 2, r.stderr
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("hoexp: error: ") and expected in last and "Traceback" not in r.stderr, r.stderr
@@ -229,8 +278,14 @@ def test_cuda_without_cuda(capsys):
 
 def test_hydra_full_error_shows_the_detail():
     env = {**os.environ, "HYDRA_FULL_ERROR": "1"}
-    r = subprocess.run([sys.executable, "-m", "hoexp", "run", "method.terms=-1"], cwd=ROOT, capture_output=True,
-                       text=True, timeout=120, env=env)
+    r = subprocess.run(
+        [sys.executable, "-m", "hoexp", "run", "method.terms=-1"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
     assert r.returncode != 0 and "Traceback" in r.stderr and "terms must be >= 0" in r.stderr
 
 

@@ -40,8 +40,9 @@ def test_search_stops_asking_once_the_budget_is_spent(tmp_path):
 def test_median_pruner_stops_a_clearly_bad_trial_early(tmp_path):
     """Trials 0-3 complete (3 are needed before pruning); trial 4 reports 100 from its first step
     and is pruned there, so it takes 1 of its 5 steps; the search goes on after it."""
-    settings = SearchSettings(sampler="random", space=SPACE, budget_s=60, seed=0, prune=True, prune_startup=3,
-                              prune_warmup=0, max_trials=6)
+    settings = SearchSettings(
+        sampler="random", space=SPACE, budget_s=60, seed=0, prune=True, prune_startup=3, prune_warmup=0, max_trials=6
+    )
     res = run_search(settings, Sleepy(seconds=0.0, steps=5, bad={4}), tmp_path / "s")
     states = [t.state for t in res.trials]
     assert len(states) == 6 and states[4] == "PRUNED", states
@@ -59,8 +60,9 @@ def test_without_pruning_the_bad_trial_runs_to_the_end(tmp_path):
 @pytest.mark.parametrize("sampler", ["random", "tpe"])
 def test_search_is_reproducible_with_a_seed(tmp_path, sampler):
     def points(seed, name):
-        settings = SearchSettings(sampler=sampler, space=SPACE, budget_s=60, seed=seed, prune=False, max_trials=8,
-                                  tpe_startup=3)
+        settings = SearchSettings(
+            sampler=sampler, space=SPACE, budget_s=60, seed=seed, prune=False, max_trials=8, tpe_startup=3
+        )
         res = run_search(settings, Sleepy(seconds=0.0, steps=2), tmp_path / name, name=name)
         return [(t.params["x"], t.value) for t in res.trials]
 
@@ -73,9 +75,11 @@ def test_search_is_reproducible_with_a_seed(tmp_path, sampler):
 def test_tpe_models_after_its_random_startup(tmp_path):
     """With the same seed TPE's startup trials are random search's; afterwards TPE concentrates
     near the optimum x = 1e-3 (a mean error below random search's)."""
+
     def run(sampler):
-        settings = SearchSettings(sampler=sampler, space=SPACE, budget_s=60, seed=0, prune=False, max_trials=30,
-                                  tpe_startup=5)
+        settings = SearchSettings(
+            sampler=sampler, space=SPACE, budget_s=60, seed=0, prune=False, max_trials=30, tpe_startup=5
+        )
         return run_search(settings, Sleepy(seconds=0.0, steps=1), tmp_path / sampler, name=sampler)
 
     rs, tpe = run("random"), run("tpe")
@@ -109,18 +113,24 @@ def test_pruned_is_a_stop_not_an_error():
     assert issubclass(Pruned, StopRun) and not issubclass(Pruned, HoexpError) and Pruned.status == "pruned"
 
 
-@pytest.mark.parametrize("text,expected", [
-    ("hp.weight_decay.init=1e-6:1:log", Dim("hp.weight_decay.init", 1e-6, 1.0, True)),
-    ("hp.dropout.init=0.01:0.8", Dim("hp.dropout.init", 0.01, 0.8, False)),
-])
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("hp.weight_decay.init=1e-6:1:log", Dim("hp.weight_decay.init", 1e-6, 1.0, True)),
+        ("hp.dropout.init=0.01:0.8", Dim("hp.dropout.init", 0.01, 0.8, False)),
+    ],
+)
 def test_parse_dim(text, expected):
     assert parse_dim(text) == expected
 
 
 # ------------------------------------------------------------------------- choosing and matching
 def summary(val_best, val_final, test_best, test_final, status="completed"):
-    return {"status": status, "best": {"val_loss": val_best, "test_loss": test_best},
-            "final": {"val_loss": val_final, "test_loss": test_final}}
+    return {
+        "status": status,
+        "best": {"val_loss": val_best, "test_loss": test_best},
+        "final": {"val_loss": val_final, "test_loss": test_final},
+    }
 
 
 def test_the_best_run_is_chosen_on_validation_loss_never_on_test_loss():
@@ -134,10 +144,12 @@ def test_the_best_run_is_chosen_on_validation_loss_never_on_test_loss():
 
 
 def test_match_time_counts_trials_until_the_search_reaches_the_target():
-    trials = [{"state": "COMPLETE", "value": 0.9, "wall_time_s": 2.0},
-              {"state": "PRUNED", "value": 0.1, "wall_time_s": 0.5},  # a pruned trial's value never counts
-              {"state": "COMPLETE", "value": 0.4, "wall_time_s": 2.0},
-              {"state": "COMPLETE", "value": 0.3, "wall_time_s": 2.0}]
+    trials = [
+        {"state": "COMPLETE", "value": 0.9, "wall_time_s": 2.0},
+        {"state": "PRUNED", "value": 0.1, "wall_time_s": 0.5},  # a pruned trial's value never counts
+        {"state": "COMPLETE", "value": 0.4, "wall_time_s": 2.0},
+        {"state": "COMPLETE", "value": 0.3, "wall_time_s": 2.0},
+    ]
     assert match_time(trials, 0.45, 2.0) == {"matched": True, "trials": 3, "time_s": 4.5, "fixed_runs": 2.25}
     m = match_time(trials, 0.2, 2.0)
     assert not m["matched"] and m["trials"] == 4 and m["fixed_runs"] == pytest.approx(3.25) and m["best_value"] == 0.3
@@ -153,27 +165,30 @@ def one_line_error(capsys, argv):
     return err
 
 
-@pytest.mark.parametrize("args,expected", [
-    (["--methods", "nope"], "unknown method 'nope'; choose one of: cg, cg_gn, exact"),
-    (["--methods", "none"], "method 'none' is the baseline"),
-    (["--ho", "neumann:method.termz=3"], "unknown key 'termz'"),
-    (["--grid", "0.1,abc"], "--grid: 'abc' is not a number"),
-    (["--grid", "20"], "bad --grid value 20 for hp.weight_decay.init"),
-    (["hp=dropout", "--grid", "0.2,1.5"], "bad --grid value 1.5 for hp.dropout.init"),
-    (["--grid-key", "hp.weight_decay.nope", "--grid", "0.1"], "unknown key 'nope'"),
-    (["--budget-s", "0"], "--budget-s must be > 0"),
-    (["--budget-factor", "-1"], "--budget-factor must be > 0"),
-    (["--budget-s", "1", "--budget-factor", "2"], "not allowed with argument"),
-    (["--space", "hp.weight_decay.init=0:1:log"], "a log range needs LOW > 0"),
-    (["--space", "hp.weight_decay.init=1e-3:20"], "search range hp.weight_decay.init=0.001:20"),
-    (["--search", "cmaes"], "unknown search 'cmaes'"),
-    (["--seeds", "0,x"], "--seeds must be comma-separated integers"),
-    (["--workers", "0"], "--workers must be >= 1"),
-    (["seed=3"], "give seeds with --seeds"),
-    (["hydra.run.dir=x"], "hydra.* overrides do not apply"),
-    (["hp=[weight_decay,dropout]"], "several hp families"),
-    (["--frobnicate"], "unrecognized arguments: --frobnicate"),
-])
+@pytest.mark.parametrize(
+    "args,expected",
+    [
+        (["--methods", "nope"], "unknown method 'nope'; choose one of: cg, cg_gn, exact"),
+        (["--methods", "none"], "method 'none' is the baseline"),
+        (["--ho", "neumann:method.termz=3"], "unknown key 'termz'"),
+        (["--grid", "0.1,abc"], "--grid: 'abc' is not a number"),
+        (["--grid", "20"], "bad --grid value 20 for hp.weight_decay.init"),
+        (["hp=dropout", "--grid", "0.2,1.5"], "bad --grid value 1.5 for hp.dropout.init"),
+        (["--grid-key", "hp.weight_decay.nope", "--grid", "0.1"], "unknown key 'nope'"),
+        (["--budget-s", "0"], "--budget-s must be > 0"),
+        (["--budget-factor", "-1"], "--budget-factor must be > 0"),
+        (["--budget-s", "1", "--budget-factor", "2"], "not allowed with argument"),
+        (["--space", "hp.weight_decay.init=0:1:log"], "a log range needs LOW > 0"),
+        (["--space", "hp.weight_decay.init=1e-3:20"], "search range hp.weight_decay.init=0.001:20"),
+        (["--search", "cmaes"], "unknown search 'cmaes'"),
+        (["--seeds", "0,x"], "--seeds must be comma-separated integers"),
+        (["--workers", "0"], "--workers must be >= 1"),
+        (["seed=3"], "give seeds with --seeds"),
+        (["hydra.run.dir=x"], "hydra.* overrides do not apply"),
+        (["hp=[weight_decay,dropout]"], "several hp families"),
+        (["--frobnicate"], "unrecognized arguments: --frobnicate"),
+    ],
+)
 def test_bad_compare_input_is_one_line_and_nothing_runs(tmp_path, monkeypatch, capsys, args, expected):
     monkeypatch.chdir(tmp_path)
     err = one_line_error(capsys, ["compare", *args, "--out", str(tmp_path / "out")])
@@ -187,12 +202,15 @@ def test_out_must_be_new_or_empty(tmp_path, capsys):
     assert "is not an empty folder" in one_line_error(capsys, ["compare", "--out", str(tmp_path / "out")])
 
 
-@pytest.mark.parametrize("argv", [
-    ["run", "-m", "hydra/sweeper=tpe", "method=none"],
-    ["run", "-m", "experiment=iris_per_weight_decay", "hydra/sweeper=random_search", "hydra.sweeper.n_trials=2"],
-    ["run", "-m", "experiment=iris_blackbox_wd", "hydra/sweeper=tpe", "hydra.sweeper.n_trials=20"],
-    ["run", "experiment=iris_blackbox_wd_lr"],
-])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["run", "-m", "hydra/sweeper=tpe", "method=none"],
+        ["run", "-m", "experiment=iris_per_weight_decay", "hydra/sweeper=random_search", "hydra.sweeper.n_trials=2"],
+        ["run", "-m", "experiment=iris_blackbox_wd", "hydra/sweeper=tpe", "hydra.sweeper.n_trials=20"],
+        ["run", "experiment=iris_blackbox_wd_lr"],
+    ],
+)
 def test_the_optuna_sweepers_are_refused_in_one_line_naming_hoexp_compare(tmp_path, monkeypatch, capsys, argv):
     monkeypatch.chdir(tmp_path)
     err = one_line_error(capsys, argv)
@@ -210,8 +228,20 @@ def test_help_lists_compare(capsys):
         main(["compare", "--help"])
     assert e.value.code == 0
     text = capsys.readouterr().out
-    for option in ("--methods", "--ho", "--seeds", "--grid", "--grid-key", "--budget-factor", "--budget-s",
-                   "--workers", "--objective", "--search", "--space", "--out"):
+    for option in (
+        "--methods",
+        "--ho",
+        "--seeds",
+        "--grid",
+        "--grid-key",
+        "--budget-factor",
+        "--budget-s",
+        "--workers",
+        "--objective",
+        "--search",
+        "--space",
+        "--out",
+    ):
         assert option in text
 
 
@@ -227,9 +257,30 @@ def test_compare_end_to_end_on_a_tiny_budget(tmp_path):
     out = tmp_path / "cmp"
     env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
     t0 = time.perf_counter()
-    p = subprocess.run([sys.executable, "-m", "hoexp", "compare", *TINY, "--methods", "neumann", "--seeds", "0,1",
-                        "--grid", "1e-4,1e-2,1", "--budget-factor", "5", "--out", str(out)],
-                       cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "hoexp",
+            "compare",
+            *TINY,
+            "--methods",
+            "neumann",
+            "--seeds",
+            "0,1",
+            "--grid",
+            "1e-4,1e-2,1",
+            "--budget-factor",
+            "5",
+            "--out",
+            str(out),
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     elapsed = time.perf_counter() - t0
     assert p.returncode == 0, p.stderr[-3000:]
     data = json.loads((out / "compare.json").read_text())
@@ -261,8 +312,9 @@ def test_compare_end_to_end_on_a_tiny_budget(tmp_path):
     # choices on validation loss (best over the run, the default objective), never on test loss
     assert data["objective"] == "best"
     for r in by_name["grid (best on val)"]["runs"]:
-        points = [p for c in data["contenders"] if c["kind"] == "grid_point" for p in c["runs"]
-                  if p["seed"] == r["seed"]]
+        points = [
+            p for c in data["contenders"] if c["kind"] == "grid_point" for p in c["runs"] if p["seed"] == r["seed"]
+        ]
         assert r["best"]["val_loss"] == min(p["best"]["val_loss"] for p in points)
     for c in data["contenders"]:
         for s in c.get("studies", []):
@@ -288,8 +340,16 @@ def test_compare_end_to_end_on_a_tiny_budget(tmp_path):
     with open(out / "report" / "report.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     tunings = [r["tuning"] for r in rows]
-    assert tunings == ["hypergradients", "fixed", "grid point", "grid point", "grid point", "grid search",
-                       "random search", "TPE"]
+    assert tunings == [
+        "hypergradients",
+        "fixed",
+        "grid point",
+        "grid point",
+        "grid point",
+        "grid search",
+        "random search",
+        "TPE",
+    ]
     neu = rows[0]
     assert float(neu["best_val_loss"]) == pytest.approx(statistics.fmean(r["best"]["val_loss"] for r in ho_runs))
     assert float(neu["best_val_loss_std"]) == pytest.approx(statistics.stdev(r["best"]["val_loss"] for r in ho_runs))
@@ -297,8 +357,9 @@ def test_compare_end_to_end_on_a_tiny_budget(tmp_path):
     rs = rows[6]
     studies = by_name["random search"]["studies"]
     assert float(rs["best_val_loss"]) == pytest.approx(statistics.fmean(s["best"]["best"]["val_loss"] for s in studies))
-    assert float(rs["final_test_loss"]) == pytest.approx(statistics.fmean(s["best"]["final"]["test_loss"]
-                                                                          for s in studies))
+    assert float(rs["final_test_loss"]) == pytest.approx(
+        statistics.fmean(s["best"]["final"]["test_loss"] for s in studies)
+    )
     md = (out / "report" / "report.md").read_text()
     assert "| neumann | hypergradients |" in md and " ± " in md.split("| neumann | hypergradients |")[1].split("\n")[0]
     assert "## hoexp compare" in md and "fixed runs' worth" in md

@@ -19,8 +19,9 @@ from hoexp.runner import run_experiment
 
 # torch.compile's CPU backend (inductor) builds C++ kernels; without a compiler compile=true reports
 # a one-line error (tested below) and these comparisons cannot run.
-needs_compiler = pytest.mark.skipif(not any(shutil.which(c) for c in ("c++", "g++", "clang++")),
-                                    reason="torch.compile on CPU needs a C++ compiler")
+needs_compiler = pytest.mark.skipif(
+    not any(shutil.which(c) for c in ("c++", "g++", "clang++")), reason="torch.compile on CPU needs a C++ compiler"
+)
 
 
 def _train(overrides, compile_, steps=12):
@@ -34,11 +35,15 @@ def _train(overrides, compile_, steps=12):
 
 @pytest.mark.slow
 @needs_compiler
-@pytest.mark.parametrize("overrides", [
-    ["hp=weight_decay", "optim/inner=nesterov"],  # the default problem: first-step branch of the buffer
-    ["hp=lr", "hp.lr.granularity=per_step", "optim/inner=adam", "method=unrolled"],  # tensor overrides per step
-    ["hp=dropout", "optim/inner=sgd"],  # dropout noise in the batch
-], ids=["wd-nesterov", "lr-per-step-adam", "dropout-sgd"])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["hp=weight_decay", "optim/inner=nesterov"],  # the default problem: first-step branch of the buffer
+        ["hp=lr", "hp.lr.granularity=per_step", "optim/inner=adam", "method=unrolled"],  # tensor overrides per step
+        ["hp=dropout", "optim/inner=sgd"],  # dropout noise in the batch
+    ],
+    ids=["wd-nesterov", "lr-per-step-adam", "dropout-sgd"],
+)
 def test_compiled_steps_match_eager_steps(overrides):
     _, eager, loss_e, gnorm_e = _train(overrides, False)
     exp, compiled, loss_c, gnorm_c = _train(overrides, True)
@@ -63,18 +68,26 @@ def test_a_compile_failure_is_one_line_naming_the_fix(monkeypatch):
     def broken(fn, **kwargs):
         def call(*args):
             raise RuntimeError("no C++ compiler found\nlong detail")
+
         return call
 
     monkeypatch.setattr(torch, "compile", broken)
-    with pytest.raises(HoexpError, match=r"torch.compile failed \(RuntimeError: no C\+\+ compiler found\); run with "
-                                         r"compile=false$"):
+    with pytest.raises(
+        HoexpError,
+        match=r"torch.compile failed \(RuntimeError: no C\+\+ compiler found\); run with "
+        r"compile=false$",
+    ):
         _train(["hp=weight_decay"], True, steps=1)
 
 
 @pytest.mark.parametrize("method", ["unrolled", "truncated", "forward", "reversible", "hd"])
 def test_compile_is_refused_for_methods_without_plain_steps(method):
-    extra = {"forward": ["hp.weight_decay.granularity=global"], "reversible": ["optim/inner=momentum"],
-             "hd": ["hp=lr"]}.get(method, [])
-    with pytest.raises(ConfigError, match=f"compile=true compiles plain training steps, and method={method} takes "
-                                          "none"):
+    extra = {
+        "forward": ["hp.weight_decay.granularity=global"],
+        "reversible": ["optim/inner=momentum"],
+        "hd": ["hp=lr"],
+    }.get(method, [])
+    with pytest.raises(
+        ConfigError, match=f"compile=true compiles plain training steps, and method={method} takes none"
+    ):
         compose_spec([f"method={method}", "compile=true", *extra])

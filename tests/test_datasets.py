@@ -30,6 +30,7 @@ def _one_line(err: pytest.ExceptionInfo) -> str:
 
 # ---------------------------------------------------------------- data root
 
+
 def test_data_root_precedence(monkeypatch, tmp_path):
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.setenv("HOEXP_DATA", str(tmp_path / "env"))
@@ -48,6 +49,7 @@ def test_data_root_precedence(monkeypatch, tmp_path):
 
 
 # ---------------------------------------------------------------- MNIST
+
 
 @pytest.fixture(scope="module")
 def mnist():
@@ -160,8 +162,10 @@ def test_mnist_download_failure_is_one_line(tmp_path, monkeypatch):
     from torchvision.datasets import MNIST
 
     def fail(self):
-        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz:\nTried https://a/, got:\n"
-                           "<urlopen error [Errno -3] Temporary failure in name resolution>\n")
+        raise RuntimeError(
+            "Error downloading train-images-idx3-ubyte.gz:\nTried https://a/, got:\n"
+            "<urlopen error [Errno -3] Temporary failure in name resolution>\n"
+        )
 
     monkeypatch.setattr(MNIST, "download", fail)
     with pytest.raises(HoexpError) as e:
@@ -171,6 +175,7 @@ def test_mnist_download_failure_is_one_line(tmp_path, monkeypatch):
 
 
 # ---------------------------------------------------------------- PTB
+
 
 @pytest.fixture(scope="module")
 def ptb():
@@ -190,8 +195,9 @@ def test_ptb_vocabulary(ptb):
         assert s.dtype == torch.int64 and s.dim() == 1 and 0 <= int(s.min()) and int(s.max()) < ptb.vocab_size
 
 
-@pytest.mark.parametrize("split, name", [("train", "ptb.train.txt"), ("val", "ptb.valid.txt"),
-                                         ("test", "ptb.test.txt")])
+@pytest.mark.parametrize(
+    "split, name", [("train", "ptb.train.txt"), ("val", "ptb.valid.txt"), ("test", "ptb.test.txt")]
+)
 def test_ptb_streams_match_files(ptb, split, name):
     lines = _file_lines(name)
     stream = getattr(ptb, split)
@@ -218,7 +224,7 @@ def test_batchify_layout(ptb):
     n = len(ptb.train) // 20
     assert b.shape == (n, 20) and b.is_contiguous()
     for j in (0, 7, 19):
-        assert torch.equal(b[:, j], ptb.train[j * n:(j + 1) * n])
+        assert torch.equal(b[:, j], ptb.train[j * n : (j + 1) * n])
     with pytest.raises(HoexpError):
         batchify(torch.arange(5), 6)
 
@@ -277,7 +283,7 @@ def _serve(monkeypatch, payloads: dict[str, bytes]) -> list[str]:
     def urlopen(url, timeout=None):
         asked.append(url)
         assert url.startswith(URL)
-        return io.BytesIO(payloads[url[len(URL):]])
+        return io.BytesIO(payloads[url[len(URL) :]])
 
     monkeypatch.setattr("urllib.request.urlopen", urlopen)
     return asked
@@ -285,7 +291,7 @@ def _serve(monkeypatch, payloads: dict[str, bytes]) -> list[str]:
 
 def _fake(n: int, seed: int) -> bytes:
     line = f"the w{seed} of N <unk> words\n".encode()
-    return (line * (n // len(line) + 1))[:n - 1] + b"\n"
+    return (line * (n // len(line) + 1))[: n - 1] + b"\n"
 
 
 def test_ptb_download_writes_verified_files(tmp_path, monkeypatch):
@@ -320,9 +326,11 @@ def test_ptb_download_rejects_wrong_files(tmp_path, monkeypatch, bad):
     payloads = {name: _fake(size // 100, i) for i, (name, (size, _)) in enumerate(OFFICIAL.items())}
     table = {n: (len(b), hashlib.md5(b).hexdigest()) for n, b in payloads.items()}
     size = table["ptb.test.txt"][0]  # the last file fetched: the first two pass, yet nothing is kept
-    payloads["ptb.test.txt"] = {"short": payloads["ptb.test.txt"][:-10],
-                                "long": payloads["ptb.test.txt"] + b"extra\n",
-                                "md5": b"x" + payloads["ptb.test.txt"][1:]}[bad]
+    payloads["ptb.test.txt"] = {
+        "short": payloads["ptb.test.txt"][:-10],
+        "long": payloads["ptb.test.txt"] + b"extra\n",
+        "md5": b"x" + payloads["ptb.test.txt"][1:],
+    }[bad]
     monkeypatch.setattr(ptb_mod, "OFFICIAL", table)
     _serve(monkeypatch, payloads)
     with pytest.raises(HoexpError) as e:

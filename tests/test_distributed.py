@@ -45,10 +45,16 @@ def test_two_processes_compute_the_single_process_hypergradient(tmp_path):
 def test_unsupported_methods_and_options_are_refused_in_one_line(monkeypatch):
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "2")
-    for method, why in (("exact", "dense Hessian"), ("forward", "torch.func"), ("reversible", "fixed-point"),
-                        ("hd", "learning rate")):
+    for method, why in (
+        ("exact", "dense Hessian"),
+        ("forward", "torch.func"),
+        ("reversible", "fixed-point"),
+        ("hd", "learning rate"),
+    ):
         with pytest.raises(ConfigError, match=f"method={method} does not run data-parallel .*{why}") as e:
-            compose_spec([f"method={method}", *{"hd": ["hp=lr"], "reversible": ["optim/inner=momentum"]}.get(method, [])])
+            compose_spec(
+                [f"method={method}", *{"hd": ["hp=lr"], "reversible": ["optim/inner=momentum"]}.get(method, [])]
+            )
         assert "\n" not in str(e.value)
     with pytest.raises(ConfigError, match="compile=true does not run data-parallel"):
         compose_spec(["compile=true"])
@@ -63,13 +69,19 @@ def _env(**extra):
     return env
 
 
-ARGS = ["outer_steps=6", "inner_steps=200", "checkpoint_every=1", "progress=false", "method.terms=3",
-        "model.width=64"]
+ARGS = ["outer_steps=6", "inner_steps=200", "checkpoint_every=1", "progress=false", "method.terms=3", "model.width=64"]
 
 
 def torchrun(cwd, *extra, env=None):
-    return subprocess.Popen([*TORCHRUN, "-m", "hoexp", "run", *ARGS, *extra], cwd=cwd, env=env or _env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    return subprocess.Popen(
+        [*TORCHRUN, "-m", "hoexp", "run", *ARGS, *extra],
+        cwd=cwd,
+        env=env or _env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def _metrics(folder):
@@ -98,7 +110,8 @@ def test_torchrun_run_writes_one_folder_and_resumes_after_a_kill(tmp_path):
     assert len(folders) == 1, folders  # one run folder for the two processes
     ref = folders[0]
     assert sorted(p.name for p in ref.iterdir()) == sorted(
-        [".hydra", "checkpoint.pt", "final.pt", "metrics.jsonl", "summary.json", *[p.name for p in ref.glob("events*")]])
+        [".hydra", "checkpoint.pt", "final.pt", "metrics.jsonl", "summary.json", *[p.name for p in ref.glob("events*")]]
+    )
     summary = json.loads((ref / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["world_size"] == 2
     assert err.count("hoexp: done") == 1  # rank 0 alone reports
@@ -122,7 +135,7 @@ def test_torchrun_run_writes_one_folder_and_resumes_after_a_kill(tmp_path):
     assert _metrics(run) == _metrics(ref)
 
 
-SITE = '''
+SITE = """
 import os
 if os.environ.get("RANK") == "1":
     import hoexp.method.base as base
@@ -136,7 +149,7 @@ if os.environ.get("RANK") == "1":
     base.train_inner = failing
     import hoexp.method.implicit as implicit
     implicit.train_inner = failing
-'''
+"""
 
 
 @pytest.mark.slow
@@ -167,8 +180,16 @@ def test_slurm_ddp_preset_and_its_refusals(capsys, tmp_path):
     assert launcher.tasks_per_node == launcher.gpus_per_node == 8 and launcher.nodes == 1
     assert launcher.max_num_timeout == 3  # requeued like the other SLURM presets
     with pytest.raises(SystemExit) as e:  # a multi-task launcher runs each job data-parallel: checked up front
-        main(["run", "-m", "hydra/launcher=submitit_local", "hydra.launcher.tasks_per_node=2", "method=neumann,exact",
-              f"hydra.sweep.dir={tmp_path}"])
+        main(
+            [
+                "run",
+                "-m",
+                "hydra/launcher=submitit_local",
+                "hydra.launcher.tasks_per_node=2",
+                "method=neumann,exact",
+                f"hydra.sweep.dir={tmp_path}",
+            ]
+        )
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("hoexp: error: method=exact does not run data-parallel (2 processes)")
@@ -177,10 +198,26 @@ def test_slurm_ddp_preset_and_its_refusals(capsys, tmp_path):
 @pytest.mark.slow
 def test_a_multi_task_submitit_job_is_one_data_parallel_run(tmp_path):
     """The path of hydra/launcher=slurm_ddp, through submitit's local executor: one job, two tasks, one folder."""
-    r = subprocess.run([sys.executable, "-m", "hoexp", "run", "-m", "hydra/launcher=submitit_local",
-                        "hydra.launcher.tasks_per_node=2", "outer_steps=2", "inner_steps=5", "progress=false",
-                        f"hydra.sweep.dir={tmp_path}"], cwd=ROOT, env=_env(), capture_output=True, text=True,
-                       timeout=600)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "hoexp",
+            "run",
+            "-m",
+            "hydra/launcher=submitit_local",
+            "hydra.launcher.tasks_per_node=2",
+            "outer_steps=2",
+            "inner_steps=5",
+            "progress=false",
+            f"hydra.sweep.dir={tmp_path}",
+        ],
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr
     jobs = [d for d in tmp_path.iterdir() if d.is_dir() and not d.name.startswith(".")]
     assert [d.name for d in jobs] == ["0_neumann"]

@@ -12,8 +12,14 @@ import pytest
 from hoexp.cli import compose_spec
 from hoexp.runner import run_experiment
 
-SHORT = ["experiment=mnist_dropout", "outer_steps=12", "eval_every=12", "progress=false", "threads=1",
-         "dataset.train_size=2000"]
+SHORT = [
+    "experiment=mnist_dropout",
+    "outer_steps=12",
+    "eval_every=12",
+    "progress=false",
+    "threads=1",
+    "dataset.train_size=2000",
+]
 
 
 def _mean_rates(tmp_path, overrides):

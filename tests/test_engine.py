@@ -27,10 +27,12 @@ def _experiment(method=None, **settings):
     model = MLP(4, 3, width=8, depth=1).to(torch.float64)
     task = Classification(model, WeightDecay("per_weight", init_value=1e-3), data=data)
     return hoexp.Experiment(
-        task=task, method=method or ImplicitMethod(Neumann(5, 0.01), "neumann"),
+        task=task,
+        method=method or ImplicitMethod(Neumann(5, 0.01), "neumann"),
         inner_opt=build_optimizer("sgd", lr=0.1, momentum=0.9, nesterov=True),
         outer_opt=build_optimizer("adam", lr=0.01),
-        settings=hoexp.RunSettings(outer_steps=3, inner_steps=5, **settings))
+        settings=hoexp.RunSettings(outer_steps=3, inner_steps=5, **settings),
+    )
 
 
 def _quiet(out_dir=None, loggers=()):
@@ -85,8 +87,7 @@ def test_start_is_the_set_up_every_caller_shares():
     state = start(exp)
     params = dict(exp.task.model.named_parameters())
     assert state.step == 0 and state.inner.step == 0 and set(state.inner.params) == set(params)
-    assert all(torch.equal(state.inner.params[k], params[k]) and state.inner.params[k] is not params[k]
-               for k in params)
+    assert all(torch.equal(state.inner.params[k], params[k]) and state.inner.params[k] is not params[k] for k in params)
     assert state.raw.keys() == exp.task.family.init(params).keys()
     batch = next(state.train)
     assert torch.equal(batch.x, exp.task.data.train.x) and batch.noise is None  # Iris: the full batch

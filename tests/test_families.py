@@ -53,7 +53,11 @@ def test_layer_and_unit_rates_are_a_shared_layer_value_plus_scaled_unit_offsets(
     fam = Dropout(model.unit_shapes(), "layer_and_unit", 0.2, offset_scale=0.1, max_value=0.9)
     raw = fam.init(dict(model.named_parameters()))
     assert {k: tuple(v.shape) for k, v in raw.items()} == {
-        "dropout:input": (), "dropout:input/unit": (4,), "dropout:hidden0": (), "dropout:hidden0/unit": (6,)}
+        "dropout:input": (),
+        "dropout:input/unit": (4,),
+        "dropout:hidden0": (),
+        "dropout:hidden0/unit": (6,),
+    }
     assert {k: tuple(v.shape) for k, v in fam.view(raw).items()} == {"dropout:input": (4,), "dropout:hidden0": (6,)}
     assert torch.allclose(fam.view(raw)["dropout:input"], torch.full((4,), 0.2))
     raw["dropout:input/unit"] = torch.tensor([1.0, -1.0, 0.0, 2.0])
@@ -101,8 +105,11 @@ def test_dropout_masks_are_reproducible_from_the_seed_and_differentiable():
     model = MLP(4, 3, width=6, depth=2)
     fam = Dropout(model.unit_shapes(), "per_unit", 0.3)
     raw = fam.init(dict(model.named_parameters()))
-    assert {k: tuple(v.shape) for k, v in raw.items()} == {"dropout:input": (4,), "dropout:hidden0": (6,),
-                                                           "dropout:hidden1": (6,)}
+    assert {k: tuple(v.shape) for k, v in raw.items()} == {
+        "dropout:input": (4,),
+        "dropout:hidden0": (6,),
+        "dropout:hidden1": (6,),
+    }
     like = torch.zeros(())
     n1 = fam.noise(model.dropout_sites(5), torch.Generator().manual_seed(7), like)
     n2 = fam.noise(model.dropout_sites(5), torch.Generator().manual_seed(7), like)
@@ -146,8 +153,9 @@ def test_learning_rate_overrides():
     assert set(lrs) == set(names) and lrs["a.bias"] == 0.5 and float(lrs["b.weight"]) == pytest.approx(0.1)
     ps = LearningRate(names, "per_step", 0.1, steps=4)
     raw = {k: torch.log(torch.tensor([0.1, 0.2, 0.3, 0.4])) for k in ps.init(params)}
-    assert [float(ps.optimizer_overrides(raw, t)["lr"]["a.weight"]) for t in (0, 2, 3, 9)] == \
-        pytest.approx([0.1, 0.3, 0.4, 0.4])
+    assert [float(ps.optimizer_overrides(raw, t)["lr"]["a.weight"]) for t in (0, 2, 3, 9)] == pytest.approx(
+        [0.1, 0.3, 0.4, 0.4]
+    )
     mom = Momentum(names, 0.9, include=("a.*",), fill=0.5)
     mus = mom.optimizer_overrides(mom.init(params), 0)["momentum"]
     assert float(mus["a.weight"]) == pytest.approx(0.9) and mus["b.weight"] == 0.5
@@ -157,11 +165,17 @@ def test_composite_merges_families():
     model = MLP(4, 3, width=6, depth=1, bias=False)
     params = {k: v.detach() for k, v in model.named_parameters()}
     names = tuple(params)
-    fam = Composite((WeightDecay("per_layer", 0.01), Dropout(model.unit_shapes(), "per_layer", 0.2),
-                     LearningRate(names, "global", 0.05)))
+    fam = Composite(
+        (
+            WeightDecay("per_layer", 0.01),
+            Dropout(model.unit_shapes(), "per_layer", 0.2),
+            LearningRate(names, "global", 0.05),
+        )
+    )
     raw = fam.init(params)
-    assert sorted(raw) == sorted(["weight_decay:layers.0.weight", "weight_decay:layers.1.weight", "dropout:input",
-                                  "dropout:hidden0", "lr"])
+    assert sorted(raw) == sorted(
+        ["weight_decay:layers.0.weight", "weight_decay:layers.1.weight", "dropout:input", "dropout:hidden0", "lr"]
+    )
     assert not fam.moves_optimum and fam.name == "weight_decay+dropout+lr"
     expected = 0.5 * 0.01 * sum(float((p**2).sum()) for p in params.values())
     assert float(fam.penalty(params, raw)) == pytest.approx(expected, rel=1e-5)

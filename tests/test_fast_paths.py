@@ -164,9 +164,16 @@ def test_cg_with_deferred_checks_matches_checking_every_iteration(case, every):
         assert ref.info == "converged" and rel_err(A @ fast.x, b) < 1e-10
 
 
-@pytest.mark.parametrize("solver", [Neumann(7, 0.02, True), FixedPoint(7, 0.02, True), ConjugateGradient(6, 0.0),
-                                    ConjugateGradient(6, 0.0, check_every=4)], ids=["neumann", "fixed_point", "cg",
-                                                                                    "cg_deferred"])
+@pytest.mark.parametrize(
+    "solver",
+    [
+        Neumann(7, 0.02, True),
+        FixedPoint(7, 0.02, True),
+        ConjugateGradient(6, 0.0),
+        ConjugateGradient(6, 0.0, check_every=4),
+    ],
+    ids=["neumann", "fixed_point", "cg", "cg_deferred"],
+)
 def test_solvers_return_the_mixed_term_of_their_answer(solver):
     A = _spd()
     M = torch.randn(4, 10, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
@@ -190,8 +197,10 @@ def _mlp_problem(deep: bool):
     g = torch.Generator().manual_seed(4)
     X, Xv = torch.randn(40, 3, generator=g, dtype=torch.float64), torch.randn(30, 3, generator=g, dtype=torch.float64)
     y, yv = X.sum(1).gt(0).long(), Xv.sum(1).gt(0).long()
-    w = {"w1": 0.5 * torch.randn(3, 6, generator=g, dtype=torch.float64),
-         "w2": 0.5 * torch.randn(6, 2, generator=g, dtype=torch.float64)}
+    w = {
+        "w1": 0.5 * torch.randn(3, 6, generator=g, dtype=torch.float64),
+        "w2": 0.5 * torch.randn(6, 2, generator=g, dtype=torch.float64),
+    }
     if deep:
         lam = {"keep": torch.zeros(3, dtype=torch.float64), "decay": torch.tensor(-3.0, dtype=torch.float64)}
 
@@ -213,9 +222,17 @@ def _mlp_problem(deep: bool):
 
 
 @pytest.mark.parametrize("deep", [False, True], ids=["penalty", "deep"])
-@pytest.mark.parametrize("solver", [Neumann(5, 0.1, True), Neumann(5, 0.1, False), FixedPoint(5, 0.1, True),
-                                    ConjugateGradient(8, 0.0), ConjugateGradient(8, 0.0, check_every=3)],
-                         ids=["neumann", "neumann_nores", "fixed_point", "cg", "cg_deferred"])
+@pytest.mark.parametrize(
+    "solver",
+    [
+        Neumann(5, 0.1, True),
+        Neumann(5, 0.1, False),
+        FixedPoint(5, 0.1, True),
+        ConjugateGradient(8, 0.0),
+        ConjugateGradient(8, 0.0, check_every=3),
+    ],
+    ids=["neumann", "neumann_nores", "fixed_point", "cg", "cg_deferred"],
+)
 def test_ift_merged_mixed_term_matches_separate_pass(solver, deep):
     train_loss, val_loss, w, lam = _mlp_problem(deep)
     ref, ref_stats = ift_hypergradient(train_loss, val_loss, w, lam, solver, mixed="separate")

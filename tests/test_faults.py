@@ -110,13 +110,18 @@ def test_a_real_full_disk(tmp_path):
     mnt = tmp_path / "small"
     mnt.mkdir()
     run = mnt / "run"
-    script = (f"mount -t tmpfs -o size=600k tmpfs {mnt} || exit 99; "
-              f"{sys.executable} -m hoexp run outer_steps=20 inner_steps=3 checkpoint_every=1 progress=false "
-              f"hydra.run.dir={run}; echo rc=$?; ls -A {run}; cat {run}/summary.json")
-    env = {**{k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"},
-           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    r = subprocess.run(["unshare", "-rm", "sh", "-c", script], cwd=ROOT, capture_output=True, text=True, env=env,
-                       timeout=300)
+    script = (
+        f"mount -t tmpfs -o size=600k tmpfs {mnt} || exit 99; "
+        f"{sys.executable} -m hoexp run outer_steps=20 inner_steps=3 checkpoint_every=1 progress=false "
+        f"hydra.run.dir={run}; echo rc=$?; ls -A {run}; cat {run}/summary.json"
+    )
+    env = {
+        **{k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"},
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
+    r = subprocess.run(
+        ["unshare", "-rm", "sh", "-c", script], cwd=ROOT, capture_output=True, text=True, env=env, timeout=300
+    )
     assert "rc=2" in r.stdout, r.stdout + r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith("hoexp: error: the run stopped at outer step ")
     assert "No space left on device" in r.stderr and "Traceback" not in r.stderr

@@ -58,8 +58,10 @@ def test_fd_error_is_second_order_in_eps():
 
     w, raw = {"w": p.w_star(p.raw)}, {"log_decay": p.raw}
     exact = _t1t2_exact(train_loss, p.val_loss, w, raw, 0.3)
-    errors = [rel_err(fd_hypergradient(train_loss, p.val_loss, w, raw, alpha=0.3, eps=eps)[0]["log_decay"], exact)
-              for eps in (0.08, 0.04, 0.02, 0.01)]
+    errors = [
+        rel_err(fd_hypergradient(train_loss, p.val_loss, w, raw, alpha=0.3, eps=eps)[0]["log_decay"], exact)
+        for eps in (0.08, 0.04, 0.02, 0.01)
+    ]
     assert errors[0] > 1e-5
     for a, b in zip(errors, errors[1:]):
         assert 3.8 < a / b < 4.2, errors

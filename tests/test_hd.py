@@ -40,16 +40,25 @@ def grads_at(params, X, y):
 def batch(X, y, t, size=16):
     """Deterministic minibatches, so that gradients change from step to step."""
     i = (t * size) % len(y)
-    return X[i:i + size], y[i:i + size]
+    return X[i : i + size], y[i : i + size]
 
 
-@pytest.mark.parametrize("variant,torch_opt,ours", [
-    ("sgd", lambda p, lr: torch.optim.SGD(p, lr=lr), lambda lr: build_optimizer("sgd", lr=lr)),
-    ("sgdn", lambda p, lr: torch.optim.SGD(p, lr=lr, momentum=MU, nesterov=True),
-     lambda lr: build_optimizer("nesterov", lr=lr, momentum=MU)),
-    ("adam", lambda p, lr: torch.optim.Adam(p, lr=lr, betas=BETAS, eps=EPS),
-     lambda lr: build_optimizer("adam", lr=lr, betas=BETAS, eps=EPS)),
-])
+@pytest.mark.parametrize(
+    "variant,torch_opt,ours",
+    [
+        ("sgd", lambda p, lr: torch.optim.SGD(p, lr=lr), lambda lr: build_optimizer("sgd", lr=lr)),
+        (
+            "sgdn",
+            lambda p, lr: torch.optim.SGD(p, lr=lr, momentum=MU, nesterov=True),
+            lambda lr: build_optimizer("nesterov", lr=lr, momentum=MU),
+        ),
+        (
+            "adam",
+            lambda p, lr: torch.optim.Adam(p, lr=lr, betas=BETAS, eps=EPS),
+            lambda lr: build_optimizer("adam", lr=lr, betas=BETAS, eps=EPS),
+        ),
+    ],
+)
 def test_beta_zero_is_the_plain_optimizer_bitwise(variant, torch_opt, ours):
     """β = 0: 20 steps equal torch.optim's and hoexp.optim's trajectories exactly (float32)."""
     lr = 0.2 if variant != "adam" else 0.05
@@ -177,8 +186,9 @@ def test_rejects_bad_options():
     with pytest.raises(ValueError, match="beta"):
         HDMethod("sgd", beta=-1.0, lr0=1e-3)
     with pytest.raises(KeyError, match="hd_exp_avg"):
-        HDMethod("adam", beta=0.0, lr0=0.1).step({"x": torch.ones(1)}, {"x": torch.ones(1)},
-                                                 hd_init({"x": torch.ones(1)}, 0.1, "sgd"))
+        HDMethod("adam", beta=0.0, lr0=0.1).step(
+            {"x": torch.ones(1)}, {"x": torch.ones(1)}, hd_init({"x": torch.ones(1)}, 0.1, "sgd")
+        )
 
 
 @pytest.mark.parametrize("variant", ["sgd", "adam"])

@@ -12,8 +12,17 @@ from hoexp.horizon import agreement, central_differences, parse_contender, run_h
 from hoexp.method.base import InnerState, outer_step, train_inner
 from tests.problems import Ridge, rel_err
 
-TINY = ["model.width=5", "model.depth=1", "model.activation=tanh", "model.bias=false", "dtype=float64",
-        "progress=false", "optim/inner=momentum", "optim.inner.lr=0.2", "optim.inner.momentum=0.5"]
+TINY = [
+    "model.width=5",
+    "model.depth=1",
+    "model.activation=tanh",
+    "model.bias=false",
+    "dtype=float64",
+    "progress=false",
+    "optim/inner=momentum",
+    "optim.inner.lr=0.2",
+    "optim.inner.momentum=0.5",
+]
 
 
 def test_central_differences_of_a_converged_run_are_the_ift_answer():
@@ -46,11 +55,18 @@ def test_agreement_scores():
 def test_horizon_truth_matches_exact_ift_when_training_converges(tmp_path):
     """Full-batch training that converges within each outer step: the long-horizon truth at every
     checkpoint is the IFT hypergradient at w*, which method=exact computes."""
-    base = TINY + ["hp.weight_decay.granularity=per_layer", "hp.weight_decay.init=0.05", "outer_steps=2",
-                   "inner_steps=1500", "optim.inner.lr=0.3"]
+    base = TINY + [
+        "hp.weight_decay.granularity=per_layer",
+        "hp.weight_decay.init=0.05",
+        "outer_steps=2",
+        "inner_steps=1500",
+        "optim.inner.lr=0.3",
+    ]
     spec, _ = compose_spec(base)
-    contenders = [(parse_contender(t), compose_spec(base + parse_contender(t).overrides)[0])
-                  for t in ("exact", "t1t2:method.alpha=0.3")]
+    contenders = [
+        (parse_contender(t), compose_spec(base + parse_contender(t).overrides)[0])
+        for t in ("exact", "t1t2:method.alpha=0.3")
+    ]
     res = run_horizon(spec, contenders, tmp_path, at=[0, 1], eps=1e-4)
     for s in (0, 1):
         exact = torch.tensor(res.hypergradients["exact"][s])
@@ -64,9 +80,16 @@ def test_horizon_truth_matches_exact_ift_when_training_converges(tmp_path):
 def test_carried_forward_mode_is_the_derivative_since_step_zero():
     """method=forward with carry=true, after J outer steps at fixed λ, equals central differences of
     L_V(w_{J·T}(λ)) with λ held constant from step 0 (same batches and dropout noise)."""
-    overrides = TINY + ["hp=[weight_decay,dropout]", "hp.weight_decay.granularity=per_layer",
-                        "hp.weight_decay.init=0.05", "hp.dropout.granularity=per_layer", "dataset.batch_size=16",
-                        "method=forward", "method.carry=true", "inner_steps=4"]
+    overrides = TINY + [
+        "hp=[weight_decay,dropout]",
+        "hp.weight_decay.granularity=per_layer",
+        "hp.weight_decay.init=0.05",
+        "hp.dropout.granularity=per_layer",
+        "dataset.batch_size=16",
+        "method=forward",
+        "method.carry=true",
+        "inner_steps=4",
+    ]
     spec, _ = compose_spec(overrides)
     exp = build(spec)
     problem = exp.problem
@@ -75,8 +98,7 @@ def test_carried_forward_mode_is_the_derivative_since_step_zero():
     J, T = 3, spec.run.inner_steps
 
     def streams():
-        return (problem.train_stream(spec.run.seed),
-                problem.val_stream(spec.run.seed))
+        return (problem.train_stream(spec.run.seed), problem.val_stream(spec.run.seed))
 
     method = build_method(spec)
     train, val = streams()
@@ -89,8 +111,9 @@ def test_carried_forward_mode_is_the_derivative_since_step_zero():
     def final_val(flat):
         lam = tree.unflatten(flat, raw)
         train, _ = streams()
-        st, _, _ = train_inner(problem, exp.inner_opt, InnerState(params, exp.inner_opt.init(params)), lam, train,
-                               J * T)
+        st, _, _ = train_inner(
+            problem, exp.inner_opt, InnerState(params, exp.inner_opt.init(params)), lam, train, J * T
+        )
         return float(problem.val_loss(st.params, lam, val_batch))
 
     fd = central_differences(final_val, tree.flatten(raw.values()), 1e-5)
@@ -119,26 +142,60 @@ def _hoexp(*args, cwd):
     import sys
 
     env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
-    return subprocess.run([sys.executable, "-m", "hoexp", *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "hoexp", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
 
 
 def test_horizon_cli_refuses_many_hyperparameters_and_foreign_truth(tmp_path):
-    p = _hoexp("check", "--horizon", "model.width=4", "outer_steps=2", "inner_steps=2", "--out", str(tmp_path / "a"),
-               cwd=tmp_path)
+    p = _hoexp(
+        "check",
+        "--horizon",
+        "model.width=4",
+        "outer_steps=2",
+        "inner_steps=2",
+        "--out",
+        str(tmp_path / "a"),
+        cwd=tmp_path,
+    )
     assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1
     assert "per_layer" in p.stderr and "hoexp: error:" in p.stderr
     small = ["model.width=4", "hp.weight_decay.granularity=global", "outer_steps=2", "inner_steps=2", "dtype=float64"]
-    ok = _hoexp("check", "--horizon", *small, "--method", "t1t2", "--at", "0,1", "--out", str(tmp_path / "b"),
-                cwd=tmp_path)
+    ok = _hoexp(
+        "check", "--horizon", *small, "--method", "t1t2", "--at", "0,1", "--out", str(tmp_path / "b"), cwd=tmp_path
+    )
     assert ok.returncode == 0, ok.stderr[-2000:]
     truth = tmp_path / "b" / "horizon.json"
-    again = _hoexp("check", "--horizon", *small, "--method", "neumann", "--at", "0,1", "--truth", str(truth),
-                   "--out", str(tmp_path / "c"), cwd=tmp_path)
+    again = _hoexp(
+        "check",
+        "--horizon",
+        *small,
+        "--method",
+        "neumann",
+        "--at",
+        "0,1",
+        "--truth",
+        str(truth),
+        "--out",
+        str(tmp_path / "c"),
+        cwd=tmp_path,
+    )
     assert again.returncode == 0 and "truth at outer step" not in again.stdout  # reused, not measured again
     assert json.loads((tmp_path / "c" / "horizon.json").read_text())["truth"] == json.loads(truth.read_text())["truth"]
-    foreign = _hoexp("check", "--horizon", *small[:-1], "--method", "t1t2", "--at", "0,1", "--truth", str(truth),
-                     "--out", str(tmp_path / "d"), cwd=tmp_path)
+    foreign = _hoexp(
+        "check",
+        "--horizon",
+        *small[:-1],
+        "--method",
+        "t1t2",
+        "--at",
+        "0,1",
+        "--truth",
+        str(truth),
+        "--out",
+        str(tmp_path / "d"),
+        cwd=tmp_path,
+    )
     assert foreign.returncode == 2 and "another configuration" in foreign.stderr
 
 
@@ -148,4 +205,6 @@ def test_contender_overrides_are_space_separated_like_compare_and_commas_before_
     assert parse_contender("forward:method.carry=true method.decay=0.7").overrides == want
     assert parse_contender("forward:method.carry=true,method.decay=0.7").overrides == want
     assert parse_contender("cg:hp.dropout.include=[input,hidden0]").overrides == [
-        "method=cg", "hp.dropout.include=[input,hidden0]"]
+        "method=cg",
+        "hp.dropout.include=[input,hidden0]",
+    ]

@@ -79,12 +79,15 @@ def _operator(monkeypatch):
     return op, torch.randn(op.n, generator=torch.Generator().manual_seed(0))
 
 
-@pytest.mark.parametrize("solver, expected", [
-    (Neumann(iterations=7, alpha=0.01, residual=False), 0),
-    (Neumann(iterations=7, alpha=0.01, residual=True), 1),  # the residual, read once at the end
-    (FixedPoint(iterations=7, alpha=0.01, residual=False), 0),
-    (ConjugateGradient(iterations=12, tol=0.0, check_every=4), 3),  # after 4 and 8 iterations, and the result
-])
+@pytest.mark.parametrize(
+    "solver, expected",
+    [
+        (Neumann(iterations=7, alpha=0.01, residual=False), 0),
+        (Neumann(iterations=7, alpha=0.01, residual=True), 1),  # the residual, read once at the end
+        (FixedPoint(iterations=7, alpha=0.01, residual=False), 0),
+        (ConjugateGradient(iterations=12, tol=0.0, check_every=4), 3),  # after 4 and 8 iterations, and the result
+    ],
+)
 def test_solver_loops_read_the_device_only_at_the_end(solver, expected, monkeypatch):
     op, b = _operator(monkeypatch)
     with HostSyncs(monkeypatch) as syncs:
@@ -96,8 +99,9 @@ def test_solver_loops_read_the_device_only_at_the_end(solver, expected, monkeypa
         assert syncs.count == 0
 
 
-@pytest.mark.parametrize("method", [["method=neumann"], ["method=cg", "method.tol=0"], ["method=fixed_point"],
-                                    ["method=none"]])
+@pytest.mark.parametrize(
+    "method", [["method=neumann"], ["method=cg", "method.tol=0"], ["method=fixed_point"], ["method=none"]]
+)
 def test_an_outer_step_reads_the_device_a_fixed_number_of_times(method, monkeypatch):
     """The count does not grow with the inner steps T or the solver's iterations K."""
     counts = {}

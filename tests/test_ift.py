@@ -143,8 +143,14 @@ def _tiny_mlp_problem():
         return torch.nn.functional.cross_entropy(forward(p, Xv), yv)
 
     w = {k: v.clone().requires_grad_(True) for k, v in params.items()}
-    opt = torch.optim.LBFGS(list(w.values()), max_iter=500, tolerance_grad=1e-12, tolerance_change=1e-14,
-                            history_size=50, line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS(
+        list(w.values()),
+        max_iter=500,
+        tolerance_grad=1e-12,
+        tolerance_change=1e-14,
+        history_size=50,
+        line_search_fn="strong_wolfe",
+    )
 
     def closure():
         opt.zero_grad()
@@ -167,6 +173,7 @@ def test_cg_and_neumann_match_dense_solve_on_tiny_mlp():
 
     # The dense solve itself is right: compare with torch.func.hessian of the flat loss.
     from hoexp import tree
+
     flat = tree.flatten(w.values())
 
     def flat_train(v):

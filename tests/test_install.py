@@ -36,17 +36,29 @@ def installed(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("wheel")
     src, wheels, venv = tmp / "src", tmp / "wheels", tmp / "venv"
     _copy_source(src)
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
-                    str(wheels), str(src)], check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(wheels), str(src)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     (wheel,) = wheels.glob("hoexp-*.whl")
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
     py = venv / "bin" / "python"
-    purelib = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                             check=True, capture_output=True, text=True).stdout.strip()
+    purelib = subprocess.run(
+        [str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
     deps = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
     Path(purelib, "_hoexp_test_deps.pth").write_text("\n".join(sorted(deps)) + "\n")
-    subprocess.run([sys.executable, "-m", "pip", "--python", str(py), "install", "-q", "--no-deps", "--no-index",
-                    str(wheel)], check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "--python", str(py), "install", "-q", "--no-deps", "--no-index", str(wheel)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     return wheel, venv
 
 
@@ -68,20 +80,47 @@ def test_installed_hoexp_runs_from_any_folder(installed, tmp_path):
     env = _clean_env()
     version = subprocess.run([str(hoexp_bin), "--version"], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert version.returncode == 0 and version.stdout.strip() == f"hoexp {hoexp.__version__}"
-    where = subprocess.run([str(venv / "bin" / "python"), "-c", "import hoexp; print(hoexp.__file__)"],
-                           cwd=tmp_path, env=env, capture_output=True, text=True, check=True).stdout
+    where = subprocess.run(
+        [str(venv / "bin" / "python"), "-c", "import hoexp; print(hoexp.__file__)"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert Path(where.strip()).resolve().is_relative_to(venv.resolve())  # the wheel's copy, not the checkout
-    run = subprocess.run([str(hoexp_bin), "run", "outer_steps=1", "inner_steps=2", "progress=false",
-                          "model.width=8"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    run = subprocess.run(
+        [str(hoexp_bin), "run", "outer_steps=1", "inner_steps=2", "progress=false", "model.width=8"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr[-2000:]
     assert len(list(tmp_path.glob("outputs/runs/*/*/summary.json"))) == 1
-    bad = subprocess.run([str(hoexp_bin), "run", "method=nope"], cwd=tmp_path, env=env, capture_output=True,
-                         text=True)
+    bad = subprocess.run([str(hoexp_bin), "run", "method=nope"], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.strip().startswith("hoexp: error: unknown method 'nope'")
     assert len(bad.stderr.strip().splitlines()) == 1
-    sweep = subprocess.run([str(hoexp_bin), "run", "-m", "hydra/launcher=parallel", "hydra.launcher.n_jobs=2",
-                            "seed=0,1", "outer_steps=1", "inner_steps=2", "progress=false", "model.width=8"],
-                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    sweep = subprocess.run(
+        [
+            str(hoexp_bin),
+            "run",
+            "-m",
+            "hydra/launcher=parallel",
+            "hydra.launcher.n_jobs=2",
+            "seed=0,1",
+            "outer_steps=1",
+            "inner_steps=2",
+            "progress=false",
+            "model.width=8",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert sweep.returncode == 0, sweep.stderr[-2000:]
     assert len(list(tmp_path.glob("outputs/multirun/*/*/*/summary.json"))) == 2
 
@@ -93,8 +132,14 @@ def test_scripts_use_the_installed_package_and_fail_in_one_line(installed, tmp_p
     _, venv = installed
     env = _clean_env(HOEXP_DATA=str(tmp_path / "no-data-here"))
     for script, args in (("bench.py", ["--quick", "--only", "mnist"]), ("dropout_mnist.py", [])):
-        p = subprocess.run([str(venv / "bin" / "python"), str(ROOT / "scripts" / script), *args], cwd=tmp_path,
-                           env=env, capture_output=True, text=True, timeout=300)
+        p = subprocess.run(
+            [str(venv / "bin" / "python"), str(ROOT / "scripts" / script), *args],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert p.returncode == 2, p.stderr[-2000:]
         last = p.stderr.strip().splitlines()[-1]
         assert last.startswith(f"{script}: error: MNIST not found under") and "HOEXP_DATA" in last

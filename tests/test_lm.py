@@ -53,8 +53,9 @@ def test_bptt_stream_windows():
 
 @pytest.mark.slow
 def test_ptb_lstm_dropout_preset_runs(tmp_path):
-    spec, text = compose_spec(["experiment=ptb_lstm_dropout", *TINY_LSTM, "outer_steps=2", "inner_steps=2",
-                               "eval_every=2"])
+    spec, text = compose_spec(
+        ["experiment=ptb_lstm_dropout", *TINY_LSTM, "outer_steps=2", "inner_steps=2", "eval_every=2"]
+    )
     summary = run_experiment(spec, tmp_path, config_text=text, console=Console(file=io.StringIO()))
     assert summary["status"] == "completed" and summary["hypergradients"] == 2
     f = summary["final"]
@@ -66,8 +67,17 @@ def test_ptb_lstm_dropout_preset_runs(tmp_path):
 
 @pytest.mark.slow
 def test_mnist_per_weight_decay_preset_runs(tmp_path):
-    spec, text = compose_spec(["experiment=mnist_per_weight_decay", "model.width=16", "dataset.train_size=300",
-                               "outer_steps=2", "inner_steps=3", "eval_every=1", "progress=false"])
+    spec, text = compose_spec(
+        [
+            "experiment=mnist_per_weight_decay",
+            "model.width=16",
+            "dataset.train_size=300",
+            "outer_steps=2",
+            "inner_steps=3",
+            "eval_every=1",
+            "progress=false",
+        ]
+    )
     summary = run_experiment(spec, tmp_path, config_text=text, console=Console(file=io.StringIO()))
     assert summary["status"] == "completed" and summary["dataset"] == "mnist"
     # layer_and_weight: one decay per weight (as offsets) plus one shared value per layer

@@ -87,8 +87,9 @@ def ridge():
 
 
 def _ridge_ift(ridge, solver, x0=None):
-    return ift_hypergradient(ridge.train_loss, ridge.val_loss, {"w": ridge.w_star(ridge.raw)},
-                             {"log_decay": ridge.raw}, solver, x0=x0)
+    return ift_hypergradient(
+        ridge.train_loss, ridge.val_loss, {"w": ridge.w_star(ridge.raw)}, {"log_decay": ridge.raw}, solver, x0=x0
+    )
 
 
 @pytest.mark.parametrize("solver", [FixedPoint, Neumann])
@@ -132,8 +133,15 @@ def test_warm_cg_tracks_the_mixed_term_from_its_start(ridge):
     w, lam = {"w": ridge.w_star(ridge.raw)}, {"log_decay": ridge.raw}
     sep = ift_hypergradient(ridge.train_loss, ridge.val_loss, w, lam, ConjugateGradient(2, tol=0.0), x0=u)[0]
     for every in (1, 4):
-        merged = ift_hypergradient(ridge.train_loss, ridge.val_loss, w, lam,
-                                   ConjugateGradient(2, tol=0.0, check_every=every), x0=u, mixed="merged")[0]
+        merged = ift_hypergradient(
+            ridge.train_loss,
+            ridge.val_loss,
+            w,
+            lam,
+            ConjugateGradient(2, tol=0.0, check_every=every),
+            x0=u,
+            mixed="merged",
+        )[0]
         assert rel_err(merged["log_decay"], sep["log_decay"]) < 1e-12
 
 
@@ -164,9 +172,20 @@ def _metrics(run_dir):
 
 
 def test_warm_start_vector_survives_checkpoint_and_resume(tmp_path):
-    args = ["model.width=8", "dtype=float64", "progress=false", "outer_steps=5", "inner_steps=5", "checkpoint_every=1",
-            "method=cg", "method.iterations=2", "method.warm_start=true", "method.curvature=gauss_newton",
-            "method.damping=1e-3", "optim.outer.lr=0.1"]
+    args = [
+        "model.width=8",
+        "dtype=float64",
+        "progress=false",
+        "outer_steps=5",
+        "inner_steps=5",
+        "checkpoint_every=1",
+        "method=cg",
+        "method.iterations=2",
+        "method.warm_start=true",
+        "method.curvature=gauss_newton",
+        "method.damping=1e-3",
+        "optim.outer.lr=0.1",
+    ]
     quiet = dict(console=Console(file=io.StringIO()))
     ref = Run(compose_spec(args)[0], tmp_path / "ref", **quiet)
     ref.execute()
@@ -280,8 +299,7 @@ def test_auto_alpha_is_re_estimated_every_alpha_every_steps_and_reset():
     problem, w, raw, batch = relu_mlp()
     val = (torch.randn(6, 4, dtype=D), torch.arange(6) % 3)
     opt = build_optimizer("sgd", lr=0.1)
-    method = ImplicitMethod(FixedPoint(3, 0.01), "fixed_point", curvature=GaussNewton(), alpha_every=3,
-                            warm_start=True)
+    method = ImplicitMethod(FixedPoint(3, 0.01), "fixed_point", curvature=GaussNewton(), alpha_every=3, warm_start=True)
     state = InnerState(w, opt.init(w))
     hvps, alphas = [], []
     for _ in range(5):
@@ -298,7 +316,11 @@ def test_auto_alpha_is_re_estimated_every_alpha_every_steps_and_reset():
     # starts from zero (the diverged u is not carried).
     method.load_state_dict({"step": 1, "lambda_max": 1e-3})
     _, _, stats = outer_step(method, problem, opt, state, raw, itertools.repeat(batch), val, 0)
-    assert stats["solver/hvps"] == 4 and stats["solver/residual"] > 1 and method.state_dict() == {"step": 2, "lambda_max": None}
+    assert (
+        stats["solver/hvps"] == 4
+        and stats["solver/residual"] > 1
+        and method.state_dict() == {"step": 2, "lambda_max": None}
+    )
     _, _, stats = outer_step(method, problem, opt, state, raw, itertools.repeat(batch), val, 0)
     assert stats["solver/hvps"] == 24 and stats["solver/residual"] < 1 and "solver/warm_norm" not in stats
     assert stats["solver/alpha"] == pytest.approx(alphas[0], rel=0.1)
@@ -307,14 +329,25 @@ def test_auto_alpha_is_re_estimated_every_alpha_every_steps_and_reset():
 def test_build_wires_the_options():
     from hoexp.build import build_method
 
-    m = build_method(compose_spec(["method=neumann", "method.alpha=auto", "method.alpha_every=4",
-                                   "method.curvature=gauss_newton", "method.damping=0.01",
-                                   "method.warm_start=true"])[0])
+    m = build_method(
+        compose_spec(
+            [
+                "method=neumann",
+                "method.alpha=auto",
+                "method.alpha_every=4",
+                "method.curvature=gauss_newton",
+                "method.damping=0.01",
+                "method.warm_start=true",
+            ]
+        )[0]
+    )
     assert (m.alpha_every, m.curvature, m.damping, m.warm_start) == (4, GaussNewton(), 0.01, True)
     m = build_method(compose_spec(["method=cg"])[0])  # the defaults: the plain Hessian method
     assert (m.alpha_every, m.curvature, m.damping, m.warm_start) == (0, Hessian(), 0.0, False)
-    assert isinstance(grad_operator(m.curvature, SplitLoss(*relu_mlp()[0].train_parts(relu_mlp()[3])),
-                                    relu_mlp()[1], relu_mlp()[2]), HessianOperator)
+    assert isinstance(
+        grad_operator(m.curvature, SplitLoss(*relu_mlp()[0].train_parts(relu_mlp()[3])), relu_mlp()[1], relu_mlp()[2]),
+        HessianOperator,
+    )
 
 
 def test_library_api_accepts_damping_and_auto_alpha(ridge):
@@ -326,11 +359,13 @@ def test_library_api_accepts_damping_and_auto_alpha(ridge):
     v = ridge.Xv.T @ (ridge.Xv @ w["w"] - ridge.yv) / len(ridge.yv)
     u = torch.linalg.solve(ridge.hessian() + mu * torch.eye(len(v), dtype=D), v)
     assert rel_err(hg["log_decay"], -torch.exp(ridge.raw) * w["w"] * u) < 1e-12  # ∂²L_T/∂λ_i∂w_j = δ_ij e^λ_i w_i
-    hg, stats = hypergradient(ridge.train_loss, ridge.val_loss, w, lam, "neumann", alpha="auto", iterations=2000,
-                              return_stats=True)
+    hg, stats = hypergradient(
+        ridge.train_loss, ridge.val_loss, w, lam, "neumann", alpha="auto", iterations=2000, return_stats=True
+    )
     assert rel_err(hg["log_decay"], ridge.exact_hypergradient()) < 1e-8
-    assert stats.extra["solver/alpha"] == pytest.approx(1 / float(torch.linalg.eigvalsh(ridge.hessian()).max()),
-                                                        rel=0.1)
+    assert stats.extra["solver/alpha"] == pytest.approx(
+        1 / float(torch.linalg.eigvalsh(ridge.hessian()).max()), rel=0.1
+    )
     with pytest.raises(ValueError, match="damping must be >= 0"):
         hypergradient(ridge.train_loss, ridge.val_loss, w, lam, "cg", damping=-1.0)
     with pytest.raises(ValueError, match="unknown curvature"):

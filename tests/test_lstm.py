@@ -29,8 +29,7 @@ def data(vocab=V, t=T, b=B, seed=1):
 def random_masks(model, batch=B, seed=2):
     """Relaxed (continuous, non-binary) masks at every site, as a concrete-dropout family gives."""
     g = torch.Generator().manual_seed(seed)
-    return {k: 0.5 + torch.rand(s, generator=g, dtype=torch.float64)
-            for k, s in model.dropout_sites(batch).items()}
+    return {k: 0.5 + torch.rand(s, generator=g, dtype=torch.float64) for k, s in model.dropout_sites(batch).items()}
 
 
 def params_of(model):
@@ -103,8 +102,7 @@ def test_hvp_matches_dense_hessian(layers, with_masks):
     state = [(0.3 * h.normal_(), 0.3 * c.normal_()) for h, c in model.init_state(B)]
 
     def flat_loss(flat):
-        logits, _ = functional_call(model, tree.unflatten(flat, params), (tokens,),
-                                    {"state": state, "masks": masks})
+        logits, _ = functional_call(model, tree.unflatten(flat, params), (tokens,), {"state": state, "masks": masks})
         return lm_loss(logits, targets)
 
     flat = tree.flatten(params.values())
@@ -185,8 +183,7 @@ def test_activation_mask_zero_equals_zeroed_weights():
 def test_dropconnect_mask_acts_on_w_hh():
     model = tiny(2)
     tokens, _ = data()
-    masks = {f"hh{i}": (torch.rand(s, dtype=torch.float64) > 0.4).double()
-             for i, s in enumerate([(4 * H, H)] * 2)}
+    masks = {f"hh{i}": (torch.rand(s, dtype=torch.float64) > 0.4).double() for i, s in enumerate([(4 * H, H)] * 2)}
     masked, masked_state = model(tokens, masks=masks)
     params = params_of(model)
     for i in range(2):
@@ -199,8 +196,15 @@ def test_dropconnect_mask_acts_on_w_hh():
 
 def test_sites_and_unit_shapes_are_accepted_by_forward():
     model = LSTMLanguageModel(13, embed_dim=4, hidden=5, layers=3, tie_weights=True).double()
-    assert model.unit_shapes() == {"embedding": (4,), "layer0": (5,), "layer1": (5,), "output": (4,),
-                                   "hh0": (20, 5), "hh1": (20, 5), "hh2": (16, 4)}
+    assert model.unit_shapes() == {
+        "embedding": (4,),
+        "layer0": (5,),
+        "layer1": (5,),
+        "output": (4,),
+        "hh0": (20, 5),
+        "hh1": (20, 5),
+        "hh2": (16, 4),
+    }
     sites = model.dropout_sites(6)
     assert sites["embedding"] == (6, 4) and sites["layer1"] == (6, 5) and sites["hh2"] == (16, 4)
     tokens = torch.randint(13, (3, 6))

@@ -22,16 +22,33 @@ FAMILIES = {
     "wd_global": ["hp=weight_decay", "hp.weight_decay.granularity=global", "hp.weight_decay.init=0.05"],
     "wd_per_layer": ["hp=weight_decay", "hp.weight_decay.granularity=per_layer", "hp.weight_decay.init=0.05"],
     "wd_per_weight": ["hp=weight_decay", "hp.weight_decay.init=0.05"],
-    "wd_layer_and_weight": ["hp=weight_decay", "hp.weight_decay.init=0.05", "hp.weight_decay.granularity=layer_and_weight",
-                            "hp.weight_decay.offset_scale=0.5"],
-    "dropout_per_layer": ["hp=[weight_decay,dropout]", "hp.weight_decay.granularity=global",
-                          "hp.weight_decay.init=0.05", "hp.dropout.granularity=per_layer"],
-    "dropout_per_unit": ["hp=[weight_decay,dropout]", "hp.weight_decay.granularity=global",
-                         "hp.weight_decay.init=0.05", "hp.dropout.init=0.1"],
-    "dropout_gaussian_layer_and_unit": ["hp=[weight_decay,dropout]", "hp.weight_decay.granularity=global",
-                                        "hp.weight_decay.init=0.05", "hp.dropout.init=0.1",
-                                        "hp.dropout.relaxation=gaussian", "hp.dropout.granularity=layer_and_unit",
-                                        "hp.dropout.offset_scale=0.5"],
+    "wd_layer_and_weight": [
+        "hp=weight_decay",
+        "hp.weight_decay.init=0.05",
+        "hp.weight_decay.granularity=layer_and_weight",
+        "hp.weight_decay.offset_scale=0.5",
+    ],
+    "dropout_per_layer": [
+        "hp=[weight_decay,dropout]",
+        "hp.weight_decay.granularity=global",
+        "hp.weight_decay.init=0.05",
+        "hp.dropout.granularity=per_layer",
+    ],
+    "dropout_per_unit": [
+        "hp=[weight_decay,dropout]",
+        "hp.weight_decay.granularity=global",
+        "hp.weight_decay.init=0.05",
+        "hp.dropout.init=0.1",
+    ],
+    "dropout_gaussian_layer_and_unit": [
+        "hp=[weight_decay,dropout]",
+        "hp.weight_decay.granularity=global",
+        "hp.weight_decay.init=0.05",
+        "hp.dropout.init=0.1",
+        "hp.dropout.relaxation=gaussian",
+        "hp.dropout.granularity=layer_and_unit",
+        "hp.dropout.offset_scale=0.5",
+    ],
     "lr_global": ["hp=lr"],
     "lr_per_layer": ["hp=lr", "hp.lr.granularity=per_layer"],
     "lr_per_step": ["hp=lr", "hp.lr.granularity=per_step"],
@@ -51,9 +68,18 @@ METHODS = {
     "reversible": ["method=reversible"],
     "hd": ["method=hd"],
 }
-BASE = ["model.width=5", "model.depth=1", "model.activation=tanh", "model.bias=false", "dtype=float64",
-        "progress=false", "inner_steps=6", "optim/inner=momentum", "optim.inner.lr=0.2",
-        "optim.inner.momentum=0.5"]
+BASE = [
+    "model.width=5",
+    "model.depth=1",
+    "model.activation=tanh",
+    "model.bias=false",
+    "dtype=float64",
+    "progress=false",
+    "inner_steps=6",
+    "optim/inner=momentum",
+    "optim.inner.lr=0.2",
+    "optim.inner.momentum=0.5",
+]
 IFT = {"exact", "cg", "neumann", "fixed_point", "t1t2", "fd"}  # fd: first-order, at the inner optimum too
 PATH_ONLY = {"lr_global", "lr_per_layer", "lr_per_step", "momentum"}
 
@@ -86,8 +112,11 @@ def _setup(overrides):
 # The hierarchical granularities change only how a family maps raw values to decays and rates, not what a
 # method differentiates: one IFT, one path and one one-step method check them (and `none` runs them).
 HIERARCHICAL = {"wd_layer_and_weight", "dropout_gaussian_layer_and_unit"}
-CELLS = [(m, f) for m, f in itertools.product(METHODS, FAMILIES)
-         if f not in HIERARCHICAL or m in ("none", "exact", "unrolled", "t1t2", "fd")]
+CELLS = [
+    (m, f)
+    for m, f in itertools.product(METHODS, FAMILIES)
+    if f not in HIERARCHICAL or m in ("none", "exact", "unrolled", "t1t2", "fd")
+]
 
 
 @pytest.mark.slow
@@ -134,8 +163,14 @@ def _check_ift(method, spec, exp, params, raw, stream, val):
 
     def solve_inner(r):
         w = {k: v.clone().requires_grad_(True) for k, v in params.items()}
-        lbfgs = torch.optim.LBFGS(list(w.values()), max_iter=400, tolerance_grad=1e-13, tolerance_change=1e-15,
-                                  history_size=50, line_search_fn="strong_wolfe")
+        lbfgs = torch.optim.LBFGS(
+            list(w.values()),
+            max_iter=400,
+            tolerance_grad=1e-13,
+            tolerance_change=1e-15,
+            history_size=50,
+            line_search_fn="strong_wolfe",
+        )
 
         def closure():
             lbfgs.zero_grad()
@@ -174,8 +209,9 @@ def _check_ift(method, spec, exp, params, raw, stream, val):
         lam = power_iteration(lambda v: H @ v, H.shape[0], 300, like=flat)
         assert torch.linalg.eigvalsh(H).min() > 0
         key = "terms" if method == "neumann" else "iterations"
-        spec = compose_spec([*BASE, *spec_overrides(spec), f"method={method}", f"method.{key}=2000",
-                             f"method.alpha={1.0 / lam}"])[0]
+        spec = compose_spec(
+            [*BASE, *spec_overrides(spec), f"method={method}", f"method.{key}=2000", f"method.alpha={1.0 / lam}"]
+        )[0]
     hg, _, stats = outer_step(build_method(spec), problem, exp.inner_opt, state, raw, Once(), val, 0)
     assert all(torch.isfinite(v).all() for v in hg.values())
     assert method == "fd" or stats["inner/grad_norm"] < 1e-6  # (fd takes no step here: it logs the steps' norm)
@@ -184,8 +220,10 @@ def _check_ift(method, spec, exp, params, raw, stream, val):
     d = _dir(raw)
     if method == "exact":
         eps = 1e-5
-        fd = (float(problem.val_loss(solve_inner(_shift(raw, d, eps)), raw, val))
-              - float(problem.val_loss(solve_inner(_shift(raw, d, -eps)), raw, val))) / (2 * eps)
+        fd = (
+            float(problem.val_loss(solve_inner(_shift(raw, d, eps)), raw, val))
+            - float(problem.val_loss(solve_inner(_shift(raw, d, -eps)), raw, val))
+        ) / (2 * eps)
         assert _dot(hg, d) == pytest.approx(fd, rel=1e-4, abs=1e-9)
     elif method in ("t1t2", "fd"):
         # −(∂²L_T/∂λ∂w)·α·∂L_V/∂w, computed as the λ-gradient of the scalar ∇_w L_T · (α v).
@@ -196,8 +234,9 @@ def _check_ift(method, spec, exp, params, raw, stream, val):
         s = sum((gi * 0.3 * vi).sum() for gi, vi in zip(g, v))
         ref = torch.autograd.grad(s, list(r.values()))
         for (k, h), x in zip(hg.items(), ref):  # fd: O(ε²) truncation (dropout), O(δ/ε) rounding
-            assert torch.allclose(h, -x, rtol=1e-9 if method == "t1t2" else 1e-6,
-                                  atol=1e-14 if method == "t1t2" else 1e-11), k
+            assert torch.allclose(
+                h, -x, rtol=1e-9 if method == "t1t2" else 1e-6, atol=1e-14 if method == "t1t2" else 1e-11
+            ), k
     else:
         a = torch.cat([hg[k].flatten() for k in hg])
         b = torch.cat([exact[k].flatten() for k in hg])

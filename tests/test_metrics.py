@@ -87,9 +87,7 @@ def test_tensorboard_logger_roundtrip(tmp_path):
     ev = acc.Scalars("loss/val")
     assert [e.step for e in ev] == [0, 5, 10]
     assert [e.value for e in ev] == [float(np.float32(x)) for x in losses]
-    assert [e.value for e in acc.Scalars("hp/mean")] == [
-        float(np.float32(x)) for x in (0.0, 0.5, 1.0)
-    ]
+    assert [e.value for e in acc.Scalars("hp/mean")] == [float(np.float32(x)) for x in (0.0, 0.5, 1.0)]
 
     assert "hp/values" in tags["histograms"]
     (h,) = acc.Histograms("hp/values")
@@ -109,9 +107,7 @@ def test_tensorboard_logger_roundtrip(tmp_path):
     content = acc.PluginTagToContent("hparams")
     assert content, "no hparams plugin data in the run folder"
     assert "_hparams_/session_start_info" in content
-    data = plugin_data_pb2.HParamsPluginData.FromString(
-        content["_hparams_/session_start_info"]
-    )
+    data = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"])
     hps = data.session_start_info.hparams
     assert hps["lr"].number_value == pytest.approx(0.01)
     assert hps["inner_steps"].number_value == 20
@@ -291,7 +287,7 @@ def test_multi_logger_fan_out():
     for lg in (a, b):
         assert lg.scalars == [(3, {"loss/val": 0.5})]
         assert lg.series("loss/val") == [(3, 0.5)]
-        (step, hists), = lg.histograms
+        ((step, hists),) = lg.histograms
         assert step == 3 and torch.equal(hists["hp"], t)
         assert lg.texts == [("config", "a: 1")]
         assert lg.hparams == [({"lr": 0.1}, {"final/val_loss": 0.5})]
@@ -337,8 +333,13 @@ def test_tensor_stats_against_numpy(n, dtype):
 
 def test_tensor_stats_small_cases():
     s = tensor_stats("x", torch.tensor([4, 1, 3, 2]))  # integer input, even count
-    assert s == {"x/mean": 2.5, "x/std": pytest.approx(np.std([1, 2, 3, 4], ddof=1)),
-                 "x/min": 1.0, "x/max": 4.0, "x/median": 2.5}
+    assert s == {
+        "x/mean": 2.5,
+        "x/std": pytest.approx(np.std([1, 2, 3, 4], ddof=1)),
+        "x/min": 1.0,
+        "x/max": 4.0,
+        "x/median": 2.5,
+    }
     one = tensor_stats("y", torch.tensor(5.0, requires_grad=True))
     assert one == {"y/mean": 5.0, "y/std": 0.0, "y/min": 5.0, "y/max": 5.0, "y/median": 5.0}
     empty = tensor_stats("z", torch.empty(0))

@@ -55,7 +55,12 @@ CASES = [
         dict(lr=0.05, momentum=0.5, weight_decay=0.1, nesterov=True),
     ),
     ("momentum", dict(lr=0.1), torch.optim.SGD, dict(lr=0.1, momentum=0.9)),
-    ("nesterov", dict(lr=0.1, weight_decay=0.01), torch.optim.SGD, dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01)),
+    (
+        "nesterov",
+        dict(lr=0.1, weight_decay=0.01),
+        torch.optim.SGD,
+        dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01),
+    ),
     ("adam", dict(lr=0.05), torch.optim.Adam, dict(lr=0.05)),
     ("adam", dict(lr=0.05, weight_decay=0.1), torch.optim.Adam, dict(lr=0.05, weight_decay=0.1)),
     ("adam", dict(lr=0.05, amsgrad=True), torch.optim.Adam, dict(lr=0.05, amsgrad=True)),
@@ -66,7 +71,12 @@ CASES = [
         dict(lr=0.03, betas=(0.8, 0.95), eps=1e-4, weight_decay=0.05, amsgrad=True),
     ),
     ("adamw", dict(lr=0.05), torch.optim.AdamW, dict(lr=0.05)),
-    ("adamw", dict(lr=0.05, weight_decay=0.3, amsgrad=True), torch.optim.AdamW, dict(lr=0.05, weight_decay=0.3, amsgrad=True)),
+    (
+        "adamw",
+        dict(lr=0.05, weight_decay=0.3, amsgrad=True),
+        torch.optim.AdamW,
+        dict(lr=0.05, weight_decay=0.3, amsgrad=True),
+    ),
     ("adamw", dict(lr=0.05, weight_decay=0.0), torch.optim.AdamW, dict(lr=0.05, weight_decay=0.0)),
     ("rmsprop", dict(), torch.optim.RMSprop, dict()),
     ("rmsprop", dict(lr=0.01, centered=True), torch.optim.RMSprop, dict(lr=0.01, centered=True)),
@@ -196,7 +206,11 @@ def test_lr_override_forms_agree(name):
     gseq = _grads_seq()
     expected = _run(build_optimizer(name, lr=lr), params, gseq)
     other = build_optimizer(name, lr=0.5)
-    for override in (lr, torch.tensor(lr, dtype=torch.float64), {k: torch.tensor(lr, dtype=torch.float64) for k in params}):
+    for override in (
+        lr,
+        torch.tensor(lr, dtype=torch.float64),
+        {k: torch.tensor(lr, dtype=torch.float64) for k in params},
+    ):
         got = _run(other, params, gseq, lr=override)
         for k in params:
             torch.testing.assert_close(got[k], expected[k], rtol=0, atol=1e-14)
@@ -391,7 +405,9 @@ def test_exact_zero_gradients_give_finite_hypergradients(name):
     assert torch.equal(dw1[0], torch.zeros(3, dtype=torch.float64))
     h = 1e-6
     with torch.enable_grad():
-        fd = (_dead_unit_val_loss(opt, lr0 + h, w1, w2)[0] - _dead_unit_val_loss(opt, lr0 - h, w1, w2)[0]).item() / (2 * h)
+        fd = (_dead_unit_val_loss(opt, lr0 + h, w1, w2)[0] - _dead_unit_val_loss(opt, lr0 - h, w1, w2)[0]).item() / (
+            2 * h
+        )
     assert abs(fd) > 1e-4
     assert abs(dlr.item() - fd) / abs(fd) < 1e-6
 
@@ -436,7 +452,9 @@ def test_jvp_single_update_matches_finite_difference(name, kw, override, value):
     def f(hp):
         return opt.update(params, gseq[-1], state, **{override: hp})[0]
 
-    primal, tangent = torch.func.jvp(f, (torch.tensor(value, dtype=torch.float64),), (torch.tensor(1.0, dtype=torch.float64),))
+    primal, tangent = torch.func.jvp(
+        f, (torch.tensor(value, dtype=torch.float64),), (torch.tensor(1.0, dtype=torch.float64),)
+    )
     h = 1e-6
     fp, fm = f(value + h), f(value - h)
     for k in params:
@@ -460,9 +478,13 @@ def test_jvp_through_unrolled_adam_with_functorch_grad():
         return mlp_loss(params, val)
 
     lr0 = 0.05
-    _, tangent = torch.func.jvp(val_loss, (torch.tensor(lr0, dtype=torch.float64),), (torch.tensor(1.0, dtype=torch.float64),))
+    _, tangent = torch.func.jvp(
+        val_loss, (torch.tensor(lr0, dtype=torch.float64),), (torch.tensor(1.0, dtype=torch.float64),)
+    )
     h = 1e-6
-    fd = (val_loss(torch.tensor(lr0 + h, dtype=torch.float64)) - val_loss(torch.tensor(lr0 - h, dtype=torch.float64))) / (2 * h)
+    fd = (
+        val_loss(torch.tensor(lr0 + h, dtype=torch.float64)) - val_loss(torch.tensor(lr0 - h, dtype=torch.float64))
+    ) / (2 * h)
     assert abs(fd.item()) > 1e-4
     assert abs(tangent.item() - fd.item()) / abs(fd.item()) < 1e-6
 

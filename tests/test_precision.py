@@ -39,34 +39,41 @@ def test_bf16_inner_steps_train_and_leave_the_hypergradient_in_fp32():
         return out
 
     problem.logits = recording
-    hg, state, stats = outer_step(build_method(spec), problem, exp.inner_opt, InnerState(params, exp.inner_opt.init(params)),
-                                                     raw, stream, val, 40)
+    hg, state, stats = outer_step(
+        build_method(spec), problem, exp.inner_opt, InnerState(params, exp.inner_opt.init(params)), raw, stream, val, 40
+    )
     inner, hyper = calls[:40], calls[40:]
     assert all(c == (True, torch.bfloat16) for c in inner)  # the 40 training steps: autocast, bf16 logits
     assert hyper and all(c == (False, torch.float32) for c in hyper)  # validation gradient, HVPs, mixed term
     assert stats["inner/loss"] < 0.8 * before  # the loss falls
-    assert all(p.dtype == torch.float32 for p in state.params.values()) and all(h.dtype == torch.float32
-                                                                                 for h in hg.values())
+    assert all(p.dtype == torch.float32 for p in state.params.values()) and all(
+        h.dtype == torch.float32 for h in hg.values()
+    )
     # The hypergradient is the float32 one at the weights the bf16 steps reached.
     problem.logits, problem.precision = logits, None
     batch = next(problem.with_noise(FullBatch(exp.data.train), 0))  # full batch: the method's Hessian batch
-    ref, _ = ift_hypergradient(SplitLoss(*problem.train_parts(batch)), lambda w, lam: problem.val_loss(w, lam, val),
-                               state.params, raw, Neumann(3, spec.method.alpha, True))
+    ref, _ = ift_hypergradient(
+        SplitLoss(*problem.train_parts(batch)),
+        lambda w, lam: problem.val_loss(w, lam, val),
+        state.params,
+        raw,
+        Neumann(3, spec.method.alpha, True),
+    )
     assert all(torch.equal(hg[k], ref[k]) for k in hg)
 
 
 def test_fp16_scales_the_loss_and_skips_overflowing_steps():
     spec, exp, params, raw = _setup("precision=fp16")
     problem = exp.problem
-    problem.precision = Precision("fp16", "cpu", init_scale=2.0 ** 40, growth_interval=3)  # overflows fp16
+    problem.precision = Precision("fp16", "cpu", init_scale=2.0**40, growth_interval=3)  # overflows fp16
     stream = problem.with_noise(FullBatch(exp.data.train), 0)
     state = InnerState(params, exp.inner_opt.init(params))
     state, _, _ = train_inner(problem, exp.inner_opt, state, raw, stream, 1)
     assert all(torch.equal(state.params[k], params[k]) for k in params)  # skipped
-    assert problem.precision.state == {"scale": 2.0 ** 39, "good": 0}
+    assert problem.precision.state == {"scale": 2.0**39, "good": 0}
     before = float(problem.train_loss(params, raw, next(stream)))
     state, loss, _ = train_inner(problem, exp.inner_opt, state, raw, stream, 60)
-    assert problem.precision.scale() < 2.0 ** 39 and float(loss) < 0.8 * before
+    assert problem.precision.scale() < 2.0**39 and float(loss) < 0.8 * before
     good = dict(problem.precision.state)
     problem.precision.load_state_dict(problem.precision.state_dict())
     assert problem.precision.state == good

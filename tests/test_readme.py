@@ -35,8 +35,11 @@ def _env_prefix(line: str) -> tuple[dict[str, str], str]:
 
 
 # Lines about a user's own folders (~/lab) are illustrations; every other run line must validate.
-RUN_LINES = [c for c in readme_commands() if _env_prefix(c)[1].startswith(("hoexp run", "python -m hoexp run"))
-             and "--help" not in c and "~/" not in c]
+RUN_LINES = [
+    c
+    for c in readme_commands()
+    if _env_prefix(c)[1].startswith(("hoexp run", "python -m hoexp run")) and "--help" not in c and "~/" not in c
+]
 
 
 def test_readme_has_commands():
@@ -53,7 +56,7 @@ def test_readme_run_line_validates(line, monkeypatch):
         monkeypatch.syspath_prepend(str(ROOT / env["PYTHONPATH"]))
     monkeypatch.chdir(ROOT)
     words = shlex.split(line)
-    args = with_config_dir(words[words.index("run") + 1:])
+    args = with_config_dir(words[words.index("run") + 1 :])
     overrides, flags = split_hydra_args(args)
     overrides = [o for o in overrides if "<" not in o and o != "..."]  # placeholders: <sweep folder>, ...
     refuse_removed(overrides)  # hydra/* overrides too, which expand_sweeps leaves to Hydra
@@ -62,8 +65,9 @@ def test_readme_run_line_validates(line, monkeypatch):
         validate_job(job)
 
 
-COMPARE_LINES = [c for c in readme_commands() if c.startswith(("hoexp compare", "python -m hoexp compare"))
-                 and "--help" not in c]
+COMPARE_LINES = [
+    c for c in readme_commands() if c.startswith(("hoexp compare", "python -m hoexp compare")) and "--help" not in c
+]
 
 
 @pytest.mark.parametrize("line", COMPARE_LINES)
@@ -72,9 +76,9 @@ def test_readme_compare_line_validates(line, tmp_path):
     from hoexp.compare import parse_args
 
     words = shlex.split(line)
-    args = [a for a in words[words.index("compare") + 1:] if "<" not in a and a != "..."]
+    args = [a for a in words[words.index("compare") + 1 :] if "<" not in a and a != "..."]
     if "--out" in args:
-        del args[args.index("--out"):args.index("--out") + 2]
+        del args[args.index("--out") : args.index("--out") + 2]
     parse_args([*args, "--out", str(tmp_path / "compare")])
 
 

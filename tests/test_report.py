@@ -26,9 +26,26 @@ OPTUNA = "hydra_plugins.hydra_optuna_sweeper.optuna_sweeper.OptunaSweeper"
 
 
 # --------------------------------------------------------------------------- synthetic run folders
-def make_run(folder: Path, *, method="neumann", seed=0, best=0.5, final=None, test=0.6, acc=0.8, wall=2.0,
-             hypergradients=3, num_hparams=17_280, granularity="per_weight", method_opts=None, sweeper=None,
-             num=None, overrides=(), status="completed", decays=None):
+def make_run(
+    folder: Path,
+    *,
+    method="neumann",
+    seed=0,
+    best=0.5,
+    final=None,
+    test=0.6,
+    acc=0.8,
+    wall=2.0,
+    hypergradients=3,
+    num_hparams=17_280,
+    granularity="per_weight",
+    method_opts=None,
+    sweeper=None,
+    num=None,
+    overrides=(),
+    status="completed",
+    decays=None,
+):
     """A run folder as `hoexp run` writes it: summary.json, metrics.jsonl, .hydra/, final.pt."""
     folder.mkdir(parents=True)
     final = best + 0.1 if final is None else final
@@ -36,19 +53,37 @@ def make_run(folder: Path, *, method="neumann", seed=0, best=0.5, final=None, te
         "status": status,
         "final": {"step": 3, "val_loss": final, "val_acc": acc - 0.05, "test_loss": test + 0.1, "test_acc": acc - 0.1},
         "best": {"step": 2, "val_loss": best, "val_acc": acc, "test_loss": test, "test_acc": acc},
-        "wall_time_s": wall, "hypergradients": hypergradients, "num_hparams": num_hparams, "num_params": 17_280,
-        "method": method, "hp": "weight_decay", "dataset": "iris", "model": "mlp", "seed": seed,
+        "wall_time_s": wall,
+        "hypergradients": hypergradients,
+        "num_hparams": num_hparams,
+        "num_params": 17_280,
+        "method": method,
+        "hp": "weight_decay",
+        "dataset": "iris",
+        "model": "mlp",
+        "seed": seed,
     }
     write_json_atomic(folder / "summary.json", summary)
     vals = [1.1, best, final]  # the lowest is `best`
     with open(folder / "metrics.jsonl", "w") as f:
         for step, v in enumerate(vals):
             f.write(json.dumps({"step": step, "loss/val": v, "time/elapsed_s": wall * (step + 1) / len(vals)}) + "\n")
-    cfg = {"seed": seed, "outer_steps": 3, "inner_steps": 10, "progress": False, "name": method,
-           "hp": {"weight_decay": {"name": "weight_decay", "granularity": granularity, "init": 1e-3}},
-           "method": {"name": method, **(method_opts or {})}}
-    hydra = {"mode": "MULTIRUN" if num is not None else "RUN", "sweep": {"dir": "x", "subdir": "${hydra.job.num}_${name}"},
-             "sweeper": sweeper or {"_target_": BASIC}, "job": {"num": num}, "overrides": {"task": list(overrides)}}
+    cfg = {
+        "seed": seed,
+        "outer_steps": 3,
+        "inner_steps": 10,
+        "progress": False,
+        "name": method,
+        "hp": {"weight_decay": {"name": "weight_decay", "granularity": granularity, "init": 1e-3}},
+        "method": {"name": method, **(method_opts or {})},
+    }
+    hydra = {
+        "mode": "MULTIRUN" if num is not None else "RUN",
+        "sweep": {"dir": "x", "subdir": "${hydra.job.num}_${name}"},
+        "sweeper": sweeper or {"_target_": BASIC},
+        "job": {"num": num},
+        "overrides": {"task": list(overrides)},
+    }
     (folder / ".hydra").mkdir()
     (folder / ".hydra" / "config.yaml").write_text(yaml.safe_dump(cfg))
     (folder / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump({"hydra": hydra}))
@@ -58,9 +93,14 @@ def make_run(folder: Path, *, method="neumann", seed=0, best=0.5, final=None, te
 
 
 def optuna(sampler):
-    return {"_target_": OPTUNA, "sampler": {"_target_": f"optuna.samplers.{sampler}", "seed": 0},
-            "direction": "minimize", "n_trials": 3, "study_name": sampler,
-            "params": {"hp.weight_decay.init": "tag(log, interval(1e-6, 1.0))"}}
+    return {
+        "_target_": OPTUNA,
+        "sampler": {"_target_": f"optuna.samplers.{sampler}", "seed": 0},
+        "direction": "minimize",
+        "n_trials": 3,
+        "study_name": sampler,
+        "params": {"hp.weight_decay.init": "tag(log, interval(1e-6, 1.0))"},
+    }
 
 
 def report(tmp_path, *paths):
@@ -79,22 +119,52 @@ def runs(tmp_path):
     """An HO multirun (neumann on 2 seeds, cg on 1), a random-search study (3 trials, the middle one
     best) and a TPE study (2 trials)."""
     s = {}
-    s["neumann0"] = make_run(tmp_path / "ho/0_neumann", seed=0, best=0.41, test=0.52, acc=0.80, wall=3.0, num=0,
-                             decays=[1e-4, 1e-3, 1e-2, 5e-3] * 5)
-    s["neumann1"] = make_run(tmp_path / "ho/1_neumann", seed=1, best=0.45, test=0.61, acc=0.90, wall=5.0, num=1,
-                             decays=[2e-3] * 20)
-    s["cg0"] = make_run(tmp_path / "ho/2_cg", method="cg", seed=0, best=0.39, test=0.70, acc=0.70, wall=4.0, num=2,
-                        hypergradients=3)
+    s["neumann0"] = make_run(
+        tmp_path / "ho/0_neumann",
+        seed=0,
+        best=0.41,
+        test=0.52,
+        acc=0.80,
+        wall=3.0,
+        num=0,
+        decays=[1e-4, 1e-3, 1e-2, 5e-3] * 5,
+    )
+    s["neumann1"] = make_run(
+        tmp_path / "ho/1_neumann", seed=1, best=0.45, test=0.61, acc=0.90, wall=5.0, num=1, decays=[2e-3] * 20
+    )
+    s["cg0"] = make_run(
+        tmp_path / "ho/2_cg", method="cg", seed=0, best=0.39, test=0.70, acc=0.70, wall=4.0, num=2, hypergradients=3
+    )
     inits = ["1e-05", "0.003", "0.2"]
     for i, (b, init) in enumerate(zip([0.50, 0.30, 0.40], inits)):
-        s[f"rs{i}"] = make_run(tmp_path / f"rs/{i}_none", method="none", best=b, test=0.5 + i / 10, wall=1.0 + i,
-                               hypergradients=0, num_hparams=1, granularity="global", sweeper=optuna("RandomSampler"),
-                               num=i, overrides=[f"hp.weight_decay.init={init}", "experiment=iris_blackbox_wd"],
-                               decays=[float(init)])
+        s[f"rs{i}"] = make_run(
+            tmp_path / f"rs/{i}_none",
+            method="none",
+            best=b,
+            test=0.5 + i / 10,
+            wall=1.0 + i,
+            hypergradients=0,
+            num_hparams=1,
+            granularity="global",
+            sweeper=optuna("RandomSampler"),
+            num=i,
+            overrides=[f"hp.weight_decay.init={init}", "experiment=iris_blackbox_wd"],
+            decays=[float(init)],
+        )
     for i, (b, init) in enumerate(zip([0.35, 0.33], ["0.001", "0.002"])):
-        s[f"tpe{i}"] = make_run(tmp_path / f"tpe/{i}_none", method="none", best=b, wall=1.5, hypergradients=0,
-                                num_hparams=1, granularity="global", sweeper=optuna("TPESampler"), num=i,
-                                overrides=[f"hp.weight_decay.init={init}"], decays=[float(init)])
+        s[f"tpe{i}"] = make_run(
+            tmp_path / f"tpe/{i}_none",
+            method="none",
+            best=b,
+            wall=1.5,
+            hypergradients=0,
+            num_hparams=1,
+            granularity="global",
+            sweeper=optuna("TPESampler"),
+            num=i,
+            overrides=[f"hp.weight_decay.init={init}"],
+            decays=[float(init)],
+        )
     return s
 
 
@@ -159,8 +229,16 @@ def test_labels_tell_apart_rows_of_one_method(tmp_path):
 
 def test_failed_runs_are_counted_and_never_best_trials(tmp_path):
     sw = optuna("RandomSampler")
-    make_run(tmp_path / "s/0_none", method="none", best=math.nan, final=math.nan, status="diverged", sweeper=sw, num=0,
-             overrides=["hp.weight_decay.init=0.9"])
+    make_run(
+        tmp_path / "s/0_none",
+        method="none",
+        best=math.nan,
+        final=math.nan,
+        status="diverged",
+        sweeper=sw,
+        num=0,
+        overrides=["hp.weight_decay.init=0.9"],
+    )
     make_run(tmp_path / "s/1_none", method="none", best=0.7, sweeper=sw, num=1, overrides=["hp.weight_decay.init=0.1"])
     rep, _ = report(tmp_path, tmp_path / "s")
     (g,) = rep.groups
@@ -174,9 +252,16 @@ def compare_study(folder: Path, kind: str, trials: list[dict], objective="best",
     """A hoexp compare study: study.json, and trial folders with trial.json beside summary.json."""
     folder.mkdir(parents=True)
     label = {"grid": "grid search", "random": "random search", "tpe": "TPE"}[kind]
-    write_json_atomic(folder / "study.json", {"kind": "grid" if kind == "grid" else "search", "label": label,
-                                              "objective": objective, "seed": seed,
-                                              "space": {"hp.weight_decay.init": "log-uniform [1e-05, 0.1]"}})
+    write_json_atomic(
+        folder / "study.json",
+        {
+            "kind": "grid" if kind == "grid" else "search",
+            "label": label,
+            "objective": objective,
+            "seed": seed,
+            "space": {"hp.weight_decay.init": "log-uniform [1e-05, 0.1]"},
+        },
+    )
     for i, t in enumerate(trials):
         run = folder / f"trial_{i:03d}"
         init = t.pop("init")
@@ -185,27 +270,48 @@ def compare_study(folder: Path, kind: str, trials: list[dict], objective="best",
         cfg["hp"]["weight_decay"]["init"] = init
         (run / ".hydra" / "config.yaml").write_text(yaml.safe_dump(cfg))
         (run / ".hydra" / "hydra.yaml").unlink()  # compare runs are not Hydra jobs
-        write_json_atomic(run / "trial.json", {"number": i, "params": {"hp.weight_decay.init": repr(init)},
-                                               "state": "PRUNED" if t.get("status") == "pruned" else "COMPLETE"})
+        write_json_atomic(
+            run / "trial.json",
+            {
+                "number": i,
+                "params": {"hp.weight_decay.init": repr(init)},
+                "state": "PRUNED" if t.get("status") == "pruned" else "COMPLETE",
+            },
+        )
 
 
 def test_compare_studies_grids_and_their_objective(tmp_path):
     """hoexp compare folders: a search study stands for its best trial by its objective (here the
     final validation loss; a pruned trial never counts), a grid is one row per point plus its best."""
     for seed in (0, 1):
-        compare_study(tmp_path / f"tpe/seed{seed}", "tpe", objective="final", seed=seed, trials=[
-            {"init": 1e-3, "best": 0.30, "final": 0.50, "wall": 1.0},
-            {"init": 1e-2, "best": 0.40, "final": 0.45 + seed / 100, "wall": 2.0},  # best on final val
-            {"init": 1e-4, "best": 0.10, "final": 0.10, "wall": 0.5, "status": "pruned"}])
-        compare_study(tmp_path / f"grid/seed{seed}", "grid", seed=seed, trials=[
-            {"init": 1e-4, "best": 0.50 + seed / 10, "test": 0.1},
-            {"init": 1e-2, "best": 0.30 + seed / 10, "test": 0.9}])  # best on validation, worst on test
+        compare_study(
+            tmp_path / f"tpe/seed{seed}",
+            "tpe",
+            objective="final",
+            seed=seed,
+            trials=[
+                {"init": 1e-3, "best": 0.30, "final": 0.50, "wall": 1.0},
+                {"init": 1e-2, "best": 0.40, "final": 0.45 + seed / 100, "wall": 2.0},  # best on final val
+                {"init": 1e-4, "best": 0.10, "final": 0.10, "wall": 0.5, "status": "pruned"},
+            ],
+        )
+        compare_study(
+            tmp_path / f"grid/seed{seed}",
+            "grid",
+            seed=seed,
+            trials=[
+                {"init": 1e-4, "best": 0.50 + seed / 10, "test": 0.1},
+                {"init": 1e-2, "best": 0.30 + seed / 10, "test": 0.9},
+            ],
+        )  # best on validation, worst on test
     rep, text = report(tmp_path, tmp_path)
     rows = [(g.label, g.tuning, g.count) for g in rep.groups]
-    assert rows == [("none (weight_decay.init=1.00e-04)", "grid point", "2 seeds"),
-                    ("none (weight_decay.init=0.01)", "grid point", "2 seeds"),
-                    ("none", "grid search", "2 studies × 2 trials"),
-                    ("none", "TPE", "2 studies × 3 trials (2 pruned)")]
+    assert rows == [
+        ("none (weight_decay.init=1.00e-04)", "grid point", "2 seeds"),
+        ("none (weight_decay.init=0.01)", "grid point", "2 seeds"),
+        ("none", "grid search", "2 studies × 2 trials"),
+        ("none", "TPE", "2 studies × 3 trials (2 pruned)"),
+    ]
     tpe, grid = rep.groups[3], rep.groups[2]
     assert [m.best.trial for m in tpe.members] == [1, 1]
     assert tpe.mean_std(tpe.values("final", "val_loss"))[0] == pytest.approx(0.455)
@@ -220,10 +326,15 @@ def test_compare_studies_grids_and_their_objective(tmp_path):
 def test_best_so_far_of_a_study_is_over_finished_trials_at_cumulative_trial_time(tmp_path):
     from hoexp.report import best_so_far
 
-    compare_study(tmp_path / "s", "random", trials=[
-        {"init": 1e-3, "best": 0.40, "wall": 1.0},
-        {"init": 1e-2, "best": 0.10, "wall": 0.5, "status": "pruned"},
-        {"init": 1e-4, "best": 0.30, "wall": 2.0}])
+    compare_study(
+        tmp_path / "s",
+        "random",
+        trials=[
+            {"init": 1e-3, "best": 0.40, "wall": 1.0},
+            {"init": 1e-2, "best": 0.10, "wall": 0.5, "status": "pruned"},
+            {"init": 1e-4, "best": 0.30, "wall": 2.0},
+        ],
+    )
     rep, _ = report(tmp_path, tmp_path / "s")
     (member,) = rep.groups[0].members
     assert best_so_far(member) == [(1.0, 0.40), (1.5, 0.40), (3.5, 0.30)]
@@ -254,8 +365,9 @@ def test_report_command_on_one_summary_file(tmp_path, capsys):
 # ------------------------------------------------------------------------------------- end to end
 def hoexp(*args, timeout=300):
     env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
-    r = subprocess.run([sys.executable, "-m", "hoexp", *args], cwd=ROOT, capture_output=True, text=True,
-                       timeout=timeout, env=env)
+    r = subprocess.run(
+        [sys.executable, "-m", "hoexp", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     return r
 
@@ -264,10 +376,34 @@ def hoexp(*args, timeout=300):
 def test_report_on_a_multirun_and_a_study_end_to_end(tmp_path):
     ho, cmp, out = tmp_path / "ho", tmp_path / "cmp", tmp_path / "report"
     tpe = cmp / "tpe" / "seed0"  # a TPE study of hoexp compare (2 trials, no pruning before 3)
-    hoexp("run", "-m", "method=neumann,none", "seed=0,1", "outer_steps=2", "inner_steps=5", "progress=false",
-          f"hydra.sweep.dir={ho}")
-    hoexp("compare", "outer_steps=2", "inner_steps=5", "--methods", "neumann", "--grid", "none", "--search", "tpe",
-          "--max-trials", "2", "--budget-s", "600", "--no-plots", "--out", str(cmp))
+    hoexp(
+        "run",
+        "-m",
+        "method=neumann,none",
+        "seed=0,1",
+        "outer_steps=2",
+        "inner_steps=5",
+        "progress=false",
+        f"hydra.sweep.dir={ho}",
+    )
+    hoexp(
+        "compare",
+        "outer_steps=2",
+        "inner_steps=5",
+        "--methods",
+        "neumann",
+        "--grid",
+        "none",
+        "--search",
+        "tpe",
+        "--max-trials",
+        "2",
+        "--budget-s",
+        "600",
+        "--no-plots",
+        "--out",
+        str(cmp),
+    )
     r = hoexp("report", str(ho), str(tpe), "--out", str(out))
     assert "4 row(s)" not in r.stdout and "3 row(s)" in r.stdout  # neumann, none (2 seeds each), TPE
 
@@ -286,8 +422,9 @@ def test_report_on_a_multirun_and_a_study_end_to_end(tmp_path):
     assert float(rows["TPE"]["best_val_loss"]) == pytest.approx(best["best"]["val_loss"])
     assert float(rows["TPE"]["wall_time_s"]) == pytest.approx(sum(s["wall_time_s"] for s in trials))
     assert rows["hypergradients"]["hypergradients"] == "2" and rows["TPE"]["hypergradients"] == "0"
-    (study,) = next(c for c in json.loads((cmp / "compare.json").read_text())["contenders"]
-                    if c["name"] == "TPE")["studies"]
+    (study,) = next(c for c in json.loads((cmp / "compare.json").read_text())["contenders"] if c["name"] == "TPE")[
+        "studies"
+    ]
     assert study["best"]["best"]["val_loss"] == pytest.approx(best["best"]["val_loss"])
     for png in ("val_loss_vs_time.png", "hparams.png"):
         assert (out / png).read_bytes().startswith(b"\x89PNG")
@@ -331,8 +468,20 @@ def test_report_lists_the_jobs_a_sweep_has_not_finished(tmp_path):
     import shutil
 
     sweep = tmp_path / "sweep"
-    main(["run", "-m", "seed=0,1", "method=none,cg", "model.width=4", "model.depth=1", "outer_steps=1",
-          "inner_steps=1", "progress=false", f"hydra.sweep.dir={sweep}"])
+    main(
+        [
+            "run",
+            "-m",
+            "seed=0,1",
+            "method=none,cg",
+            "model.width=4",
+            "model.depth=1",
+            "outer_steps=1",
+            "inner_steps=1",
+            "progress=false",
+            f"hydra.sweep.dir={sweep}",
+        ]
+    )
     assert sorted(p.name for p in sweep.iterdir()) == ["0_none", "1_cg", "2_none", "3_cg", "multirun.yaml"]
     shutil.rmtree(sweep / "1_cg")  # never started
     (sweep / "3_cg" / "summary.json").unlink()  # killed
@@ -346,8 +495,12 @@ def test_report_lists_the_jobs_a_sweep_has_not_finished(tmp_path):
 
 def test_console_table_keeps_the_method_column_when_narrow(tmp_path, runs):
     out = io.StringIO()
-    build_report([str(tmp_path / "ho"), str(tmp_path / "rs")], tmp_path / "report", plots=False,
-                 console=Console(file=out, width=90))
+    build_report(
+        [str(tmp_path / "ho"), str(tmp_path / "rs")],
+        tmp_path / "report",
+        plots=False,
+        console=Console(file=out, width=90),
+    )
     text = out.getvalue()
     rows = [ln for ln in text.splitlines() if ln.startswith("│")]
     assert [ln.split("│")[1].strip() for ln in rows] == ["cg", "neumann", "none"]

@@ -19,8 +19,14 @@ TIME_KEYS = ("time/elapsed_s", "time/outer_step_s")
 
 def start(run_dir, *extra):
     env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
-    return subprocess.Popen([sys.executable, "-m", "hoexp", "run", *ARGS, *extra, f"hydra.run.dir={run_dir}"],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    return subprocess.Popen(
+        [sys.executable, "-m", "hoexp", "run", *ARGS, *extra, f"hydra.run.dir={run_dir}"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
 
 
 def wait_for_step(run_dir, step, proc, timeout=120):
@@ -95,8 +101,13 @@ def test_sigterm_checkpoints_explains_and_resumes(tmp_path, reference):
 
 
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "hoexp", "run", "resume=true", f"hydra.run.dir={tmp_path}"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "hoexp", "run", "resume=true", f"hydra.run.dir={tmp_path}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 2
     assert r.stderr.strip().startswith("hoexp: error: resume=true but there is no checkpoint.pt in")
 
@@ -104,9 +115,23 @@ def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
 def test_checkpoint_is_loadable_with_weights_only(tmp_path):
     import torch
 
-    r = subprocess.run([sys.executable, "-m", "hoexp", "run", "outer_steps=2", "inner_steps=5", "checkpoint_every=1",
-                        "progress=false", f"hydra.run.dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True,
-                       timeout=120)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "hoexp",
+            "run",
+            "outer_steps=2",
+            "inner_steps=5",
+            "checkpoint_every=1",
+            "progress=false",
+            f"hydra.run.dir={tmp_path}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
     ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert ckpt["step"] == 2 and ckpt["status"] == "completed" and ckpt["hypergradients"] == 2
@@ -117,9 +142,26 @@ def test_checkpoint_is_loadable_with_weights_only(tmp_path):
 @pytest.mark.slow
 def test_multirun_jobs_resume_in_their_folders(tmp_path):
     def sweep(*extra):
-        return subprocess.run([sys.executable, "-m", "hoexp", "run", "-m", "seed=0,1", "outer_steps=3",
-                               "inner_steps=5", "checkpoint_every=1", "progress=false", f"hydra.sweep.dir={tmp_path}",
-                               *extra], cwd=ROOT, capture_output=True, text=True, timeout=300)
+        return subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "hoexp",
+                "run",
+                "-m",
+                "seed=0,1",
+                "outer_steps=3",
+                "inner_steps=5",
+                "checkpoint_every=1",
+                "progress=false",
+                f"hydra.sweep.dir={tmp_path}",
+                *extra,
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
 
     r = sweep()
     assert r.returncode == 0, r.stderr

@@ -35,10 +35,14 @@ def mlp_problem(seed=0, batches=3):
     y = torch.randint(0, 3, (batches, 16), generator=g)
     Xv = torch.randn(24, 4, generator=g, dtype=torch.float64)
     yv = torch.randint(0, 3, (24,), generator=g)
-    p0 = {k: torch.round(0.5 * torch.randn(*s, generator=g, dtype=torch.float64) * 2**30) / 2**30
-          for k, s in SHAPES.items()}
-    raw = {"w1": torch.tensor(math.log(3e-2), dtype=torch.float64),
-           "w2": torch.tensor(math.log(1e-2), dtype=torch.float64)}
+    p0 = {
+        k: torch.round(0.5 * torch.randn(*s, generator=g, dtype=torch.float64) * 2**30) / 2**30
+        for k, s in SHAPES.items()
+    }
+    raw = {
+        "w1": torch.tensor(math.log(3e-2), dtype=torch.float64),
+        "w2": torch.tensor(math.log(1e-2), dtype=torch.float64),
+    }
 
     def logits(p, x):
         return torch.tanh(x.to(p["w1"].dtype) @ p["w1"].T + p["b1"]) @ p["w2"].T + p["b2"]
@@ -68,12 +72,19 @@ def unrolled(train_loss, val_loss, p0, raw, lrs, momenta, steps):
     loss = val_loss(w, raw)
     grads = torch.autograd.grad(loss, [*raw.values(), lrs, gam, *w0.values()])
     n = len(raw)
-    return (float(loss.detach()), dict(zip(raw, grads[:n])), grads[n], grads[n + 1], dict(zip(w0, grads[n + 2:])),
-            {k: x.detach() for k, x in w.items()})
+    return (
+        float(loss.detach()),
+        dict(zip(raw, grads[:n])),
+        grads[n],
+        grads[n + 1],
+        dict(zip(w0, grads[n + 2 :])),
+        {k: x.detach() for k, x in w.items()},
+    )
 
 
 def naive_float_reversal_drift(train_loss, p0, raw, lr, gamma, steps, dtype):
     """Max |w_0 − reversed w_0| when the same steps are run forward and backward in plain floats."""
+
     def grad(w, t):
         w = {k: x.detach().requires_grad_(True) for k, x in w.items()}
         return dict(zip(w, torch.autograd.grad(train_loss(w, raw, t), list(w.values()))))
@@ -112,7 +123,7 @@ def test_reversal_is_bit_exact_where_float_reversal_drifts(gamma):
     assert res.buffer_bits_after_reverse == 0 < res.bits_used  # every stored bit was used up again
     assert max(float((res.params[k] - p0[k]).abs().max()) for k in p0) > 0.05  # training did move w
 
-    eps, amp = 2.0 ** -53, (1 / gamma) ** T
+    eps, amp = 2.0**-53, (1 / gamma) ** T
     drift64 = naive_float_reversal_drift(train_loss, p0, raw, lr, gamma, T, torch.float64)
     if gamma == 0.9:
         # (1/γ)^T·eps ≈ 4e-12: float64 drifts by about that much (measured 1.1e-12), float32 by 2e-4.
@@ -162,7 +173,7 @@ def test_hypergradients_match_unrolled_float64_autograd():
     lrs = 0.2 + 0.2 * torch.rand(T, generator=g, dtype=torch.float64)
     momenta = 0.7 + 0.25 * torch.rand(T, generator=g, dtype=torch.float64)
     res = reversible_hypergradient(train_loss, val_loss, p0, raw, lrs, momenta, T)
-    assert (res.momenta_used - momenta).abs().max() <= 2.0 ** -17
+    assert (res.momenta_used - momenta).abs().max() <= 2.0**-17
     loss, d_raw, d_lrs, d_gam, d_w0, wT = unrolled(train_loss, val_loss, p0, raw, lrs, res.momenta_used, T)
     assert res.val_loss == pytest.approx(loss, rel=1e-10)
     # The fixed-point dynamics stay within rounding of float64 (< 2^-34 per γ-multiplication; measured 4e-10).
@@ -172,8 +183,10 @@ def test_hypergradients_match_unrolled_float64_autograd():
         assert float(res.hyper_raw[k]) == pytest.approx(float(d_raw[k]), rel=1e-5)
     assert rel_err(res.hyper_lrs, d_lrs) < 1e-6
     assert rel_err(res.hyper_momenta, d_gam) < 1e-6
-    assert rel_err(torch.cat([res.hyper_params0[k].reshape(-1) for k in p0]),
-                   torch.cat([d_w0[k].reshape(-1) for k in p0])) < 1e-6
+    assert (
+        rel_err(torch.cat([res.hyper_params0[k].reshape(-1) for k in p0]), torch.cat([d_w0[k].reshape(-1) for k in p0]))
+        < 1e-6
+    )
     assert float(d_lrs.abs().min()) > 0 and float(res.hyper_momenta.abs().max()) > 1e-3  # non-trivial
 
 
@@ -196,7 +209,7 @@ def test_hypergradients_match_central_finite_differences():
     assert float(res.hyper_raw["wd"]) == pytest.approx(fd_wd, rel=1e-6)
     fd_lr = (f(s=1 + h) - f(s=1 - h)) / (2 * h)  # d/ds L_V(s·α) = Σ_t α_t ∂L_V/∂α_t
     assert float(res.hyper_lrs @ base_lr) == pytest.approx(fd_lr, rel=1e-6)
-    hg = 2.0 ** -14  # on the 2^-16 grid, so the rational γ moves by exactly ±hg
+    hg = 2.0**-14  # on the 2^-16 grid, so the rational γ moves by exactly ±hg
     fd_gam = (f(dg=hg) - f(dg=-hg)) / (2 * hg)
     assert float(res.hyper_momenta.sum()) == pytest.approx(fd_gam, rel=1e-6)
 
@@ -221,19 +234,27 @@ def test_reversible_method_outer_step_matches_unrolled_problem():
     params = {k: v.detach().clone() for k, v in model.named_parameters()}
     raw = family.init(params)
     g = torch.Generator().manual_seed(3)
-    batches = [(torch.randn(10, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (10,), generator=g))
-               for _ in range(3)]
+    batches = [
+        (torch.randn(10, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (10,), generator=g))
+        for _ in range(3)
+    ]
     val_batch = (torch.randn(12, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (12,), generator=g))
     T, calls = 12, []
     method = ReversibleMethod(lr=0.3, momentum=0.9)
     n, d = rational_momentum(0.9, method.momentum_bits)
     state = InnerState(params, {"sentinel": 1}, step=5)
-    hg, new_state, stats = outer_step(method, problem, None, state, raw, itertools.cycle(batches), val_batch, T,
-                                             lambda: calls.append(1))
-    _, d_raw, _, _, _, wT = unrolled(lambda p, r, t: problem.train_loss(p, r, batches[t % 3]),
-                                     lambda p, r: problem.val_loss(p, r, val_batch), params, raw,
-                                     torch.full((T,), 0.3, dtype=torch.float64),
-                                     torch.full((T,), n / d, dtype=torch.float64), T)
+    hg, new_state, stats = outer_step(
+        method, problem, None, state, raw, itertools.cycle(batches), val_batch, T, lambda: calls.append(1)
+    )
+    _, d_raw, _, _, _, wT = unrolled(
+        lambda p, r, t: problem.train_loss(p, r, batches[t % 3]),
+        lambda p, r: problem.val_loss(p, r, val_batch),
+        params,
+        raw,
+        torch.full((T,), 0.3, dtype=torch.float64),
+        torch.full((T,), n / d, dtype=torch.float64),
+        T,
+    )
     for k in raw:
         assert float(hg[k]) == pytest.approx(float(d_raw[k]), rel=1e-6)
     assert max(float((new_state.params[k] - wT[k]).abs().max()) for k in wT) < 1e-8
@@ -256,14 +277,30 @@ def test_overflow_and_invalid_momentum_are_refused():
 
 
 # ------------------------------------------------------- learning rates and momentum (issue 17, item 12)
-LR_BASE = ["model.width=5", "model.depth=1", "model.activation=tanh", "model.bias=false", "dtype=float64",
-           "progress=false", "inner_steps=8", "optim/inner=momentum", "optim.inner.lr=0.2",
-           "optim.inner.momentum=0.75"]
+LR_BASE = [
+    "model.width=5",
+    "model.depth=1",
+    "model.activation=tanh",
+    "model.bias=false",
+    "dtype=float64",
+    "progress=false",
+    "inner_steps=8",
+    "optim/inner=momentum",
+    "optim.inner.lr=0.2",
+    "optim.inner.momentum=0.75",
+]
 
 
-@pytest.mark.parametrize("family", [["hp=lr", "hp.lr.granularity=per_step"], ["hp=lr", "hp.lr.granularity=per_layer"],
-                                    ["hp=momentum"], ["hp=[lr,momentum]", "hp.lr.granularity=per_step"]],
-                         ids=["lr_per_step", "lr_per_layer", "momentum", "lr_per_step+momentum"])
+@pytest.mark.parametrize(
+    "family",
+    [
+        ["hp=lr", "hp.lr.granularity=per_step"],
+        ["hp=lr", "hp.lr.granularity=per_layer"],
+        ["hp=momentum"],
+        ["hp=[lr,momentum]", "hp.lr.granularity=per_step"],
+    ],
+    ids=["lr_per_step", "lr_per_layer", "momentum", "lr_per_step+momentum"],
+)
 def test_reversible_learns_lr_schedules_and_momentum_like_unrolled_reverse_mode(family):
     """Maclaurin et al.'s use: per-layer, per-step learning rates and momentum. The reversible
     hypergradient equals unrolled reverse mode through torch-style momentum SGD (the runner's
@@ -281,8 +318,10 @@ def test_reversible_learns_lr_schedules_and_momentum_like_unrolled_reverse_mode(
     raw = {k: v + 0.3 * torch.randn(v.shape, generator=g, dtype=v.dtype) for k, v in raw.items()}
     # Momenta on the 2^-16 grid reversible learning uses (else its γ differs from μ by up to 2^-17).
     mus = iter([0.875, 0.625])
-    raw = {k: torch.logit(torch.tensor(next(mus), dtype=v.dtype)) if k.startswith("momentum:") else v
-           for k, v in raw.items()}
+    raw = {
+        k: torch.logit(torch.tensor(next(mus), dtype=v.dtype)) if k.startswith("momentum:") else v
+        for k, v in raw.items()
+    }
     stream = exp.problem.with_noise(FullBatch(exp.data.train), 0)
     batches = [next(stream) for _ in range(8)]
     val = (exp.data.val.x, exp.data.val.y)
@@ -301,7 +340,9 @@ def test_reversible_learns_lr_schedules_and_momentum_like_unrolled_reverse_mode(
 
     d = {k: torch.randn(v.shape, generator=g, dtype=v.dtype) for k, v in raw.items()}
     eps = 1e-5
-    fd = (objective({k: raw[k] + eps * d[k] for k in raw}) - objective({k: raw[k] - eps * d[k] for k in raw})) / (2 * eps)
+    fd = (objective({k: raw[k] + eps * d[k] for k in raw}) - objective({k: raw[k] - eps * d[k] for k in raw})) / (
+        2 * eps
+    )
     assert sum(float((out["reversible"][k] * d[k]).sum()) for k in raw) == pytest.approx(fd, rel=2e-5)
 
 

@@ -25,10 +25,18 @@ TINY = ["model.width=8", "model.depth=1", "progress=false", "outer_steps=3", "in
 
 
 def hoexp(*args, cwd=ROOT, timeout=300):
-    env = {**{k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"},
-           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    return subprocess.Popen([sys.executable, "-m", "hoexp", *args], cwd=cwd, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
+    env = {
+        **{k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"},
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
+    return subprocess.Popen(
+        [sys.executable, "-m", "hoexp", *args],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
 
 
 def run(folder, *overrides, **kwargs):
@@ -43,8 +51,9 @@ def lines(folder):
 # ------------------------------------------------------------------------------ unique folders, lock
 def test_claim_gives_each_of_many_simultaneous_claims_its_own_folder(tmp_path):
     got: list[Path] = []
-    threads = [threading.Thread(target=lambda: got.append(rundir.claim(tmp_path / "12-00-00_neumann")))
-               for _ in range(8)]
+    threads = [
+        threading.Thread(target=lambda: got.append(rundir.claim(tmp_path / "12-00-00_neumann"))) for _ in range(8)
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -85,8 +94,10 @@ def test_second_command_on_a_busy_folder_is_one_line(tmp_path):
 
 def test_a_lock_dies_with_its_process(tmp_path):
     """kill -9 leaves the lock file but not the lock: the folder can be resumed at once."""
-    code = f"from hoexp.rundir import RunLock; import os, signal; RunLock({str(tmp_path)!r}).__enter__(); " \
-           "os.kill(os.getpid(), signal.SIGKILL)"
+    code = (
+        f"from hoexp.rundir import RunLock; import os, signal; RunLock({str(tmp_path)!r}).__enter__(); "
+        "os.kill(os.getpid(), signal.SIGKILL)"
+    )
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, timeout=60)
     assert (tmp_path / rundir.LOCK_NAME).exists()
     with rundir.RunLock(tmp_path):
@@ -115,15 +126,18 @@ def test_a_start_where_a_run_logged_is_refused(tmp_path):
     assert (tmp_path / "metrics.jsonl").read_text() == before  # nothing appended
 
 
-@pytest.mark.parametrize("change,named", [
-    (["model.width=16"], "model.width (8 → 16)"),
-    (["method=cg"], "method.name ('neumann' → 'cg')"),
-    (["seed=3"], "seed (0 → 3)"),
-    (["inner_steps=4"], "inner_steps (3 → 4)"),
-    (["hp.weight_decay.granularity=per_layer"], "hp.weight_decay.granularity ('per_weight' → 'per_layer')"),
-    (["optim/inner=adam"], "optim.inner.name ('nesterov' → 'adam')"),  # was a KeyError
-    (["hp=dropout"], "hp.dropout.name (None → 'dropout')"),  # was a KeyError
-])
+@pytest.mark.parametrize(
+    "change,named",
+    [
+        (["model.width=16"], "model.width (8 → 16)"),
+        (["method=cg"], "method.name ('neumann' → 'cg')"),
+        (["seed=3"], "seed (0 → 3)"),
+        (["inner_steps=4"], "inner_steps (3 → 4)"),
+        (["hp.weight_decay.granularity=per_layer"], "hp.weight_decay.granularity ('per_weight' → 'per_layer')"),
+        (["optim/inner=adam"], "optim.inner.name ('nesterov' → 'adam')"),  # was a KeyError
+        (["hp=dropout"], "hp.dropout.name (None → 'dropout')"),  # was a KeyError
+    ],
+)
 def test_resume_refuses_a_changed_configuration_naming_the_keys(tmp_path, change, named):
     with pytest.raises(Preempted):
         run(tmp_path, "outer_steps=5", loggers=[StopAt(2)])

@@ -62,13 +62,21 @@ def test_runner_methods_agree_with_exact_at_the_same_point():
     """Inside the runner's method objects: CG and Neumann against the dense solve, same weights."""
     from hoexp.build import build_method
 
-    smooth = [*SMALL, "model.activation=tanh", "hp.weight_decay.init=1e-2", "optim.inner.lr=0.1"]  # a strict minimum: H ≻ 0, CG applies
+    smooth = [
+        *SMALL,
+        "model.activation=tanh",
+        "hp.weight_decay.init=1e-2",
+        "optim.inner.lr=0.1",
+    ]  # a strict minimum: H ≻ 0, CG applies
     exp, state, raw, val = start([*smooth, "method=exact"])
     batches = FullBatch(exp.data.train)
     state, _, _ = train_inner(exp.problem, exp.inner_opt, state, raw, batches, 3000)
     hgs = {}
-    for overrides in (["method=exact"], ["method=cg", "method.iterations=500", "method.tol=1e-12"],
-                      ["method=neumann", "method.terms=2000", "method.alpha=0.05"]):
+    for overrides in (
+        ["method=exact"],
+        ["method=cg", "method.iterations=500", "method.tol=1e-12"],
+        ["method=neumann", "method.terms=2000", "method.alpha=0.05"],
+    ):
         m = build_method(compose_spec([*smooth, *overrides])[0])
         hg, _, stats = outer_step(m, exp.problem, exp.inner_opt, state, raw, batches, val, 0)
         assert stats["inner/grad_norm"] < 1e-3, (overrides, stats)
@@ -146,9 +154,18 @@ def test_nonfinite_training_loss_stops_the_run(tmp_path):
     with pytest.raises(Diverged, match="training loss became nan at outer step 1; lower optim.inner.lr"):
         run(tmp_path, "optim.inner.lr=1e12", "outer_steps=3", "inner_steps=20")
     assert json.loads((tmp_path / "summary.json").read_text())["status"] == "diverged"
-@pytest.mark.parametrize("method", [["method=unrolled"], ["method=truncated", "method.k=3"],
-                                    ["method=forward", "hp.weight_decay.granularity=per_layer"], ["method=t1t2"],
-                                    ["method=fixed_point"]])
+
+
+@pytest.mark.parametrize(
+    "method",
+    [
+        ["method=unrolled"],
+        ["method=truncated", "method.k=3"],
+        ["method=forward", "hp.weight_decay.granularity=per_layer"],
+        ["method=t1t2"],
+        ["method=fixed_point"],
+    ],
+)
 def test_every_method_runs_in_the_runner(tmp_path, method):
     summary, mem = run(tmp_path, *method, "outer_steps=2", "inner_steps=8")
     assert summary["status"] == "completed" and summary["hypergradients"] == 2
@@ -174,8 +191,15 @@ def test_unrolled_and_forward_agree_inside_the_runner():
 
 @pytest.mark.parametrize("variant", ["sgd", "sgdn", "adam"])
 def test_hd_adapts_the_learning_rate_in_the_runner(tmp_path, variant):
-    summary, mem = run(tmp_path, "hp=lr", "method=hd", f"method.variant={variant}", "method.beta=1e-3",
-                       "outer_steps=3", "inner_steps=10")
+    summary, mem = run(
+        tmp_path,
+        "hp=lr",
+        "method=hd",
+        f"method.variant={variant}",
+        "method.beta=1e-3",
+        "outer_steps=3",
+        "inner_steps=10",
+    )
     lrs = [v for _, v in mem.series("hd/lr")]
     assert summary["status"] == "completed" and summary["hypergradients"] == 0 and len(lrs) == 3
     assert lrs[-1] != 0.01  # moved away from optim.inner.lr
@@ -226,10 +250,21 @@ def test_minibatch_stream_is_seeded_and_covers_each_epoch():
 
 @pytest.mark.slow
 def test_mnist_minibatch_run(tmp_path):
-    summary, mem = run(tmp_path, "dataset=mnist", "dataset.train_size=500", "dataset.val_size=200",
-                       "dataset.batch_size=64", "dataset.val_batch_size=100", "model.width=32", "model.depth=1",
-                       "hp=[weight_decay,dropout]", "hp.dropout.granularity=per_layer", "outer_steps=2",
-                       "inner_steps=5", "dtype=float32")
+    summary, mem = run(
+        tmp_path,
+        "dataset=mnist",
+        "dataset.train_size=500",
+        "dataset.val_size=200",
+        "dataset.batch_size=64",
+        "dataset.val_batch_size=100",
+        "model.width=32",
+        "model.depth=1",
+        "hp=[weight_decay,dropout]",
+        "hp.dropout.granularity=per_layer",
+        "outer_steps=2",
+        "inner_steps=5",
+        "dtype=float32",
+    )
     assert summary["status"] == "completed" and summary["dataset"] == "mnist" and summary["hypergradients"] == 2
     assert summary["num_hparams"] == 784 * 32 + 32 * 10 + 2  # per-weight decays + 2 per-layer dropout rates
     assert 0 < summary["final"]["test_acc"] <= 1

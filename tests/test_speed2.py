@@ -33,8 +33,9 @@ from tests.test_host_syncs import SMALL_MNIST, setup
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 from bench_peers import make_problem  # noqa: E402
 
-needs_compiler = pytest.mark.skipif(not any(shutil.which(c) for c in ("c++", "g++", "clang++")),
-                                    reason="torch.compile on CPU needs a C++ compiler")
+needs_compiler = pytest.mark.skipif(
+    not any(shutil.which(c) for c in ("c++", "g++", "clang++")), reason="torch.compile on CPU needs a C++ compiler"
+)
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +44,12 @@ def logreg():
 
 
 def _losses(prob):
-    return (lambda W, H: prob.train_loss(W["w"], H["lam"]), lambda W, H: prob.val_loss(W["w"], H["lam"]),
-            {"w": prob.w}, {"lam": prob.lam})
+    return (
+        lambda W, H: prob.train_loss(W["w"], H["lam"]),
+        lambda W, H: prob.val_loss(W["w"], H["lam"]),
+        {"w": prob.w},
+        {"lam": prob.lam},
+    )
 
 
 def _mlp(dtype=torch.float64):
@@ -90,10 +95,18 @@ def test_exact_from_batched_products_equals_the_dense_direct_solve(logreg):
         assert rel_err(hg, truth) < 1e-10, hvp
 
 
-@pytest.mark.parametrize("solver", [Neumann(8, 0.5, residual=True), Neumann(8, 0.5, residual=False),
-                                    ConjugateGradient(12, 0.0), ConjugateGradient(50, 1e-8), FixedPoint(6, 0.5),
-                                    Exact()], ids=["neumann", "neumann-nores", "cg", "cg-converges", "fixed_point",
-                                                   "exact"])
+@pytest.mark.parametrize(
+    "solver",
+    [
+        Neumann(8, 0.5, residual=True),
+        Neumann(8, 0.5, residual=False),
+        ConjugateGradient(12, 0.0),
+        ConjugateGradient(50, 1e-8),
+        FixedPoint(6, 0.5),
+        Exact(),
+    ],
+    ids=["neumann", "neumann-nores", "cg", "cg-converges", "fixed_point", "exact"],
+)
 @pytest.mark.parametrize("hvp", ["fwd_rev", "rev_rev"])
 def test_the_pure_ift_equals_the_eager_reference(logreg, solver, hvp):
     tl, vl, w, lam = _losses(logreg)
@@ -112,9 +125,11 @@ def test_the_pure_ift_with_gauss_newton_damping_and_a_warm_start():
     split, w, lam = _mlp()
     val = lambda w_, lam_: split.output_loss(split.outputs(w_, lam_)) * 0.5  # noqa: E731
     from hoexp.method.curvature import GaussNewton
+
     x0 = torch.randn(tree.numel(w), generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 0.01
-    ref, _ = ift_hypergradient(split, val, w, lam, ConjugateGradient(6, 0.0), curvature=GaussNewton(), damping=0.1,
-                               x0=x0)
+    ref, _ = ift_hypergradient(
+        split, val, w, lam, ConjugateGradient(6, 0.0), curvature=GaussNewton(), damping=0.1, x0=x0
+    )
     hg, _, _ = ift_tensors(split, val, ConjugateGradient(6, 0.0), w, lam, x0, curvature="gauss_newton", damping=0.1)
     for k in ref:
         torch.testing.assert_close(hg[k], ref[k], rtol=1e-9, atol=1e-14)
@@ -153,7 +168,9 @@ def test_a_compile_failure_or_a_disagreement_falls_back(logreg, monkeypatch):
     def broken(fn, **kw):
         def call(*args):
             raise RuntimeError("no C++ compiler\ndetail")
+
         return call
+
     monkeypatch.setattr(torch, "compile", broken)
     fn = CompiledIFT(ConjugateGradient(5, 0.0), tl, vl)
     hg, stats = fn(w, lam)
@@ -164,7 +181,9 @@ def test_a_compile_failure_or_a_disagreement_falls_back(logreg, monkeypatch):
         def call(*args):
             hg, sol, host = fn(*args)
             return {k: 2 * v for k, v in hg.items()}, sol, host
+
         return call
+
     monkeypatch.setattr(torch, "compile", wrong)
     fn = CompiledIFT(ConjugateGradient(5, 0.0), tl, vl)
     hg, _ = fn(w, lam)
@@ -174,13 +193,16 @@ def test_a_compile_failure_or_a_disagreement_falls_back(logreg, monkeypatch):
 
 @pytest.mark.slow
 @needs_compiler
-@pytest.mark.parametrize("method, options", [("cg", dict(iterations=30, tol=1e-14)),
-                                             ("neumann", dict(iterations=10, alpha=1.0)), ("exact", {})])
+@pytest.mark.parametrize(
+    "method, options",
+    [("cg", dict(iterations=30, tol=1e-14)), ("neumann", dict(iterations=10, alpha=1.0)), ("exact", {})],
+)
 def test_the_compiled_hypergradient_equals_the_dense_solve(logreg, method, options):
     tl, vl, w, lam = _losses(logreg)
     eager, es = hoexp.hypergradient(tl, vl, w, lam, method=method, return_stats=True, **options)
-    compiled, cs = hoexp.hypergradient(tl, vl, w, lam, method=method, return_stats=True, compile=True,
-                                       hvp="rev_rev", **options)
+    compiled, cs = hoexp.hypergradient(
+        tl, vl, w, lam, method=method, return_stats=True, compile=True, hvp="rev_rev", **options
+    )
     assert "eager" not in cs.info  # the compiled path ran (and agreed with the eager one on its first call)
     torch.testing.assert_close(compiled["lam"], eager["lam"], rtol=1e-9, atol=1e-14)
     if method != "neumann":  # CG run to convergence (12 unknowns), and the dense solve: the exact answer
@@ -199,8 +221,11 @@ def _run_ift(overrides, steps=2):
     return m, out
 
 
-@pytest.mark.parametrize("method", [["method=neumann"], ["method=cg", "method.iterations=4"],
-                                    ["method=cg_gn"]], ids=["neumann", "cg", "cg_gn"])
+@pytest.mark.parametrize(
+    "method",
+    [["method=neumann"], ["method=cg", "method.iterations=4"], ["method=cg_gn"]],
+    ids=["neumann", "cg", "cg_gn"],
+)
 def test_the_runner_s_hvp_modes_and_compiled_path_agree(method, monkeypatch):
     base = [*SMALL_MNIST, "hp=weight_decay", "dtype=float64", *method]
     _, ref = _run_ift(base)
@@ -215,7 +240,9 @@ def test_the_runner_s_hvp_modes_and_compiled_path_agree(method, monkeypatch):
         for (h0, s0), (h1, s1) in zip(ref, other):
             for k in h0:
                 torch.testing.assert_close(h1[k], h0[k], rtol=1e-8, atol=1e-12)
-            assert s1["solver/hvps"] == s0["solver/hvps"] or "cg" in method[0]  # eager CG stops early; the compiled one runs all
+            assert (
+                s1["solver/hvps"] == s0["solver/hvps"] or "cg" in method[0]
+            )  # eager CG stops early; the compiled one runs all
 
 
 def test_compile_with_alpha_auto_is_refused():
@@ -231,18 +258,24 @@ def _rotating(ridge):
         idx = torch.arange(len(ridge.y)).roll(3 * t)[:20]
         r = ridge.X[idx] @ w["w"] - ridge.y[idx]
         return 0.5 * (r @ r) / 20 + 0.5 * (torch.exp(h["log_decay"]) * w["w"].square()).sum()
+
     return loss
 
 
-@pytest.mark.parametrize("opt_name, kw", [("sgd", dict(lr=0.3, momentum=0.9, nesterov=True)),
-                                          ("adam", dict(lr=0.05)), ("rmsprop", dict(lr=0.01, momentum=0.5))])
+@pytest.mark.parametrize(
+    "opt_name, kw",
+    [
+        ("sgd", dict(lr=0.3, momentum=0.9, nesterov=True)),
+        ("adam", dict(lr=0.05)),
+        ("rmsprop", dict(lr=0.01, momentum=0.5)),
+    ],
+)
 @pytest.mark.parametrize("truncate, every", [(None, 1), (None, 3), (None, 7), (None, 50), (5, 2)])
 def test_checkpointed_unroll_equals_the_stored_trajectory(opt_name, kw, truncate, every):
     ridge = Ridge.make(n=30, m=20, d=5, seed=2)
     opt = build_optimizer(opt_name, **kw)
     w0 = {"w": torch.zeros(5, dtype=torch.float64)}
-    args = (_rotating(ridge), lambda w, h: ridge.val_loss(w, h), opt, w0, opt.init(w0),
-            {"log_decay": ridge.raw}, 12)
+    args = (_rotating(ridge), lambda w, h: ridge.val_loss(w, h), opt, w0, opt.init(w0), {"log_decay": ridge.raw}, 12)
     ref = unrolled_hypergradient(*args, truncate=truncate)
     ck = unrolled_hypergradient(*args, truncate=truncate, checkpoint_every=every)
     torch.testing.assert_close(ck.hypergrad["log_decay"], ref.hypergrad["log_decay"], rtol=1e-10, atol=1e-14)

@@ -29,8 +29,14 @@ def compose(overrides):
 
 def hoexp(*args, timeout=300):
     env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
-    p = subprocess.Popen([sys.executable, "-m", "hoexp", *args], cwd=ROOT, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True, env=env)
+    p = subprocess.Popen(
+        [sys.executable, "-m", "hoexp", *args],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     out, err = p.communicate(timeout=timeout)
     assert p.returncode == 0, err[-3000:]
     return p.pid, out, err
@@ -51,8 +57,9 @@ def test_optuna_sweeper_and_blackbox_presets_are_gone():
     assert not set(BLACKBOX) & set(group_options("experiment"))
 
 
-@pytest.mark.parametrize("override", ["hydra/sweeper=tpe", "hydra/sweeper=random_search",
-                                      *(f"experiment={e}" for e in BLACKBOX)])
+@pytest.mark.parametrize(
+    "override", ["hydra/sweeper=tpe", "hydra/sweeper=random_search", *(f"experiment={e}" for e in BLACKBOX)]
+)
 def test_removed_presets_are_refused_naming_hoexp_compare(override):
     with pytest.raises(ConfigError, match="hoexp compare") as e:
         validate_job([override, "method=none"])
@@ -65,7 +72,9 @@ def test_basic_sweeper_still_composes():
 
 
 def test_launcher_presets_compose():
-    assert compose(["hydra/launcher=parallel"]).hydra.launcher._target_ == "hydra_plugins.hoexp_launcher.ParallelLauncher"
+    assert (
+        compose(["hydra/launcher=parallel"]).hydra.launcher._target_ == "hydra_plugins.hoexp_launcher.ParallelLauncher"
+    )
     slurm = compose(["hydra/launcher=slurm"]).hydra.launcher
     gpu = compose(["hydra/launcher=slurm_gpu"]).hydra.launcher
     assert slurm._target_.endswith("SlurmLauncher") and gpu._target_ == slurm._target_
@@ -75,11 +84,22 @@ def test_launcher_presets_compose():
     assert slurm.max_num_timeout == gpu.max_num_timeout == 3 and compose(["hydra/launcher=slurm"]).resume == "auto"
 
 
-@pytest.mark.parametrize("preset,expected", [
-    ("slurm", ["#SBATCH --cpus-per-task=2", "#SBATCH --mem=8GB", "#SBATCH --time=60", "#SBATCH --partition=cpu"]),
-    ("slurm_gpu", ["#SBATCH --gpus-per-node=1", "#SBATCH --cpus-per-task=8", "#SBATCH --mem=32GB",
-                   "#SBATCH --time=120", "#SBATCH --partition=cpu"]),
-])
+@pytest.mark.parametrize(
+    "preset,expected",
+    [
+        ("slurm", ["#SBATCH --cpus-per-task=2", "#SBATCH --mem=8GB", "#SBATCH --time=60", "#SBATCH --partition=cpu"]),
+        (
+            "slurm_gpu",
+            [
+                "#SBATCH --gpus-per-node=1",
+                "#SBATCH --cpus-per-task=8",
+                "#SBATCH --mem=32GB",
+                "#SBATCH --time=120",
+                "#SBATCH --partition=cpu",
+            ],
+        ),
+    ],
+)
 def test_slurm_presets_make_valid_sbatch_scripts(tmp_path, monkeypatch, preset, expected):
     """What the launcher hands to submitit is accepted by its SLURM executor (no cluster needed:
     submitit only looks for srun, which is faked), and becomes these #SBATCH lines."""
@@ -92,11 +112,17 @@ def test_slurm_presets_make_valid_sbatch_scripts(tmp_path, monkeypatch, preset, 
     launcher = instantiate(cfg.hydra.launcher)
     monkeypatch.setattr(submitit.SlurmExecutor, "affinity", staticmethod(lambda: 1))
     params = launcher.params  # the same translation as BaseSubmititLauncher.launch
-    executor = submitit.AutoExecutor(cluster="slurm", folder=params["submitit_folder"],
-                                     slurm_max_num_timeout=params["max_num_timeout"])
+    executor = submitit.AutoExecutor(
+        cluster="slurm", folder=params["submitit_folder"], slurm_max_num_timeout=params["max_num_timeout"]
+    )
     base = set(OmegaConf.structured(BaseQueueConf).keys())
-    executor.update_parameters(**{k if k in base else f"slurm_{k}": v for k, v in params.items()
-                                  if k not in ("submitit_folder", "max_num_timeout")})
+    executor.update_parameters(
+        **{
+            k if k in base else f"slurm_{k}": v
+            for k, v in params.items()
+            if k not in ("submitit_folder", "max_num_timeout")
+        }
+    )
     script = executor._executor._make_submission_file_text("python -m hoexp", "uid")
     for line in expected:
         assert line in script, script
@@ -106,8 +132,17 @@ def test_slurm_presets_make_valid_sbatch_scripts(tmp_path, monkeypatch, preset, 
 @pytest.mark.slow
 def test_parallel_launcher_runs_jobs_in_worker_processes(tmp_path):
     sweep = tmp_path / "sweep"
-    pid, _, err = hoexp("run", "-m", "method=none,cg", "hydra/launcher=parallel", "hydra.launcher.n_jobs=2",
-                        "outer_steps=2", "inner_steps=5", "progress=false", f"hydra.sweep.dir={sweep}")
+    pid, _, err = hoexp(
+        "run",
+        "-m",
+        "method=none,cg",
+        "hydra/launcher=parallel",
+        "hydra.launcher.n_jobs=2",
+        "outer_steps=2",
+        "inner_steps=5",
+        "progress=false",
+        f"hydra.sweep.dir={sweep}",
+    )
     assert "launching 2 jobs, 2 at a time" in err and "job #1 (method=cg outer_steps=2" in err
     s = summaries(sweep)
     assert sorted(s) == ["0_none", "1_cg"]
@@ -142,8 +177,16 @@ def _alive(pid):
         return False
 
 
-PARALLEL = ["run", "-m", "hydra/launcher=parallel", "hydra.launcher.n_jobs=2", "seed=0,1,2", "inner_steps=100",
-            "checkpoint_every=1", "progress=false"]
+PARALLEL = [
+    "run",
+    "-m",
+    "hydra/launcher=parallel",
+    "hydra.launcher.n_jobs=2",
+    "seed=0,1,2",
+    "inner_steps=100",
+    "checkpoint_every=1",
+    "progress=false",
+]
 
 
 @pytest.mark.slow
@@ -155,8 +198,14 @@ def test_parallel_sweep_survives_a_killed_worker_and_reports_it(tmp_path):
 
     env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
     args = [*PARALLEL, "outer_steps=6", f"hydra.sweep.dir={tmp_path}"]
-    p = subprocess.Popen([sys.executable, "-m", "hoexp", *args], cwd=ROOT, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True, env=env)
+    p = subprocess.Popen(
+        [sys.executable, "-m", "hoexp", *args],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     os.kill(_lock_pid(tmp_path / "0_neumann"), signal.SIGKILL)
     _, err = p.communicate(timeout=300)
     assert p.returncode == 1 and "Traceback" not in err, err
@@ -179,8 +228,14 @@ def test_sigterm_to_a_parallel_sweep_stops_its_workers(tmp_path):
     import signal
 
     env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
-    p = subprocess.Popen([sys.executable, "-m", "hoexp", *PARALLEL, "outer_steps=200", f"hydra.sweep.dir={tmp_path}"],
-                         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    p = subprocess.Popen(
+        [sys.executable, "-m", "hoexp", *PARALLEL, "outer_steps=200", f"hydra.sweep.dir={tmp_path}"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     workers = [_lock_pid(tmp_path / "0_neumann"), _lock_pid(tmp_path / "1_neumann")]
     p.send_signal(signal.SIGTERM)
     _, err = p.communicate(timeout=120)
@@ -198,8 +253,13 @@ def test_workers_stop_when_the_launcher_is_killed(tmp_path):
     import time
 
     env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
-    p = subprocess.Popen([sys.executable, "-m", "hoexp", *PARALLEL, "outer_steps=200", f"hydra.sweep.dir={tmp_path}"],
-                         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    p = subprocess.Popen(
+        [sys.executable, "-m", "hoexp", *PARALLEL, "outer_steps=200", f"hydra.sweep.dir={tmp_path}"],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+    )
     workers = [_lock_pid(tmp_path / "0_neumann"), _lock_pid(tmp_path / "1_neumann")]
     p.kill()
     p.wait(timeout=60)
@@ -218,10 +278,27 @@ def test_parallel_workers_draw_no_bars_on_a_terminal(tmp_path):
 
     env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
     leader, follower = pty.openpty()
-    p = subprocess.Popen([sys.executable, "-m", "hoexp", "run", "-m", "hydra/launcher=parallel",
-                          "hydra.launcher.n_jobs=2", "seed=0,1", "outer_steps=3", "inner_steps=20", "progress=true",
-                          f"hydra.sweep.dir={tmp_path}"], cwd=ROOT, stdin=follower, stdout=follower, stderr=follower,
-                         env=env)
+    p = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "hoexp",
+            "run",
+            "-m",
+            "hydra/launcher=parallel",
+            "hydra.launcher.n_jobs=2",
+            "seed=0,1",
+            "outer_steps=3",
+            "inner_steps=20",
+            "progress=true",
+            f"hydra.sweep.dir={tmp_path}",
+        ],
+        cwd=ROOT,
+        stdin=follower,
+        stdout=follower,
+        stderr=follower,
+        env=env,
+    )
     os.close(follower)
     out = b""
     while True:
@@ -245,8 +322,16 @@ def test_parallel_workers_draw_no_bars_on_a_terminal(tmp_path):
 @pytest.mark.slow
 def test_submitit_local_launcher(tmp_path):
     sweep = tmp_path / "sweep"
-    pid, _, _ = hoexp("run", "-m", "method=none,cg", "hydra/launcher=submitit_local", "outer_steps=2",
-                      "inner_steps=5", "progress=false", f"hydra.sweep.dir={sweep}")
+    pid, _, _ = hoexp(
+        "run",
+        "-m",
+        "method=none,cg",
+        "hydra/launcher=submitit_local",
+        "outer_steps=2",
+        "inner_steps=5",
+        "progress=false",
+        f"hydra.sweep.dir={sweep}",
+    )
     s = summaries(sweep)
     assert sorted(s) == ["0_none", "1_cg"] and s["1_cg"]["hypergradients"] == 2
     assert (sweep / ".submitit").is_dir()
@@ -260,11 +345,25 @@ def test_interrupted_sweep_resumes_with_the_same_command(tmp_path):
     import signal
     import time
 
-    args = ["run", "-m", "seed=0,1,2", "outer_steps=4", "inner_steps=100", "checkpoint_every=1", "progress=false",
-            f"hydra.sweep.dir={tmp_path}"]
+    args = [
+        "run",
+        "-m",
+        "seed=0,1,2",
+        "outer_steps=4",
+        "inner_steps=100",
+        "checkpoint_every=1",
+        "progress=false",
+        f"hydra.sweep.dir={tmp_path}",
+    ]
     env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
-    p = subprocess.Popen([sys.executable, "-m", "hoexp", *args], cwd=ROOT, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True, env=env)
+    p = subprocess.Popen(
+        [sys.executable, "-m", "hoexp", *args],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     deadline = time.time() + 200
     while time.time() < deadline and not any('"step": 1,' in f.read_text() for f in tmp_path.glob("1_*/metrics.jsonl")):
         time.sleep(0.05)

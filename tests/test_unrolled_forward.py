@@ -33,6 +33,7 @@ def t_loss(ridge):
         idx = torch.arange(len(ridge.y)).roll(3 * t)[:20]
         r = ridge.X[idx] @ w["w"] - ridge.y[idx]
         return 0.5 * (r @ r) / 20 + 0.5 * (torch.exp(h["log_decay"]) * w["w"] ** 2).sum()
+
     return loss
 
 
@@ -42,6 +43,7 @@ def v_loss(ridge):
 
 def fd_hypergradient(ridge, opt, w0, steps, eps=1e-6):
     """Central finite differences of L_V(w_T(λ)) over every scalar λ_i (float64)."""
+
     def final_val(raw):
         w, s = {"w": w0.clone()}, opt.init({"w": w0})
         for t in range(steps):
@@ -78,8 +80,9 @@ def test_unrolled_training_matches_plain_training(ridge):
     """The unrolled pass trains exactly like the plain loop (same w_T, same optimizer state)."""
     opt = make("nesterov")
     w0 = torch.randn(5, dtype=torch.float64)
-    res = unrolled_hypergradient(t_loss(ridge), v_loss(ridge), opt, {"w": w0}, opt.init({"w": w0}),
-                                 {"log_decay": ridge.raw}, 10)
+    res = unrolled_hypergradient(
+        t_loss(ridge), v_loss(ridge), opt, {"w": w0}, opt.init({"w": w0}), {"log_decay": ridge.raw}, 10
+    )
     w, s = {"w": w0.clone()}, opt.init({"w": w0})
     for t in range(10):
         wg = {"w": w["w"].clone().requires_grad_(True)}
@@ -97,11 +100,11 @@ def test_truncated_is_unrolled_from_the_truncation_point(ridge):
     lam = {"log_decay": ridge.raw}
     T, k = 12, 4
     full = unrolled_hypergradient(t_loss(ridge), v_loss(ridge), opt, {"w": w0}, opt.init({"w": w0}), lam, T)
-    same = unrolled_hypergradient(t_loss(ridge), v_loss(ridge), opt, {"w": w0}, opt.init({"w": w0}), lam, T,
-                                  truncate=T)
+    same = unrolled_hypergradient(t_loss(ridge), v_loss(ridge), opt, {"w": w0}, opt.init({"w": w0}), lam, T, truncate=T)
     assert rel_err(same.hypergrad["log_decay"], full.hypergrad["log_decay"]) < 1e-14
-    trunc = unrolled_hypergradient(t_loss(ridge), v_loss(ridge), opt, {"w": w0}, opt.init({"w": w0}), lam, T,
-                                   truncate=k)
+    trunc = unrolled_hypergradient(
+        t_loss(ridge), v_loss(ridge), opt, {"w": w0}, opt.init({"w": w0}), lam, T, truncate=k
+    )
     # Reference: run T − k steps plainly, then unroll k steps from there (step indices shifted).
     head = unrolled_hypergradient(t_loss(ridge), v_loss(ridge), opt, {"w": w0}, opt.init({"w": w0}), lam, T - k)
 
@@ -126,8 +129,15 @@ def test_unrolled_from_the_optimum_approaches_the_ift_answer():
 
     errs = []
     for steps in (3, 10, 200):
-        res = unrolled_hypergradient(loss, lambda w, h: ridge.val_loss(w, h), opt, {"w": w_star},
-                                     opt.init({"w": w_star}), {"log_decay": ridge.raw}, steps)
+        res = unrolled_hypergradient(
+            loss,
+            lambda w, h: ridge.val_loss(w, h),
+            opt,
+            {"w": w_star},
+            opt.init({"w": w_star}),
+            {"log_decay": ridge.raw},
+            steps,
+        )
         errs.append(rel_err(res.hypergrad["log_decay"], truth))
     assert errs[0] > errs[1] > 1e-8 and errs[2] < 1e-10, errs
 
@@ -141,16 +151,19 @@ def test_learning_rate_override_gets_a_hypergradient(ridge):
     def overrides(h, t):
         return {"lr": torch.exp(h["log_lr"])}
 
-    rev = unrolled_hypergradient(t_loss(ridge), v_loss(ridge), opt, {"w": w0}, opt.init({"w": w0}), lam, 10,
-                                 overrides=overrides)
-    fwd = forward_hypergradient(t_loss(ridge), v_loss(ridge), opt, {"w": w0}, opt.init({"w": w0}), lam, 10,
-                                overrides=overrides)
+    rev = unrolled_hypergradient(
+        t_loss(ridge), v_loss(ridge), opt, {"w": w0}, opt.init({"w": w0}), lam, 10, overrides=overrides
+    )
+    fwd = forward_hypergradient(
+        t_loss(ridge), v_loss(ridge), opt, {"w": w0}, opt.init({"w": w0}), lam, 10, overrides=overrides
+    )
     assert rel_err(fwd.hypergrad["log_lr"], rev.hypergrad["log_lr"]) < 1e-10
 
     def final(log_lr):
         h = {**lam, "log_lr": torch.tensor(log_lr, dtype=torch.float64)}
-        return unrolled_hypergradient(t_loss(ridge), v_loss(ridge), opt, {"w": w0}, opt.init({"w": w0}), h, 10,
-                                      overrides=overrides).val_loss
+        return unrolled_hypergradient(
+            t_loss(ridge), v_loss(ridge), opt, {"w": w0}, opt.init({"w": w0}), h, 10, overrides=overrides
+        ).val_loss
 
     fd = (final(-2.0 + 1e-6) - final(-2.0 - 1e-6)) / 2e-6
     assert float(rev.hypergrad["log_lr"]) == pytest.approx(fd, rel=1e-6)

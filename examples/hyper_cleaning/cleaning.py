@@ -45,17 +45,27 @@ class CleaningData(Splits):
     l2: float = 0.0
 
     def problem(self, model: Any, family: Any) -> WeightedProblem:
-        return WeightedProblem(model, family, data=self, batch_size=self.batch_size,
-                               val_batch_size=self.val_batch_size, l2=self.l2)
+        return WeightedProblem(
+            model, family, data=self, batch_size=self.batch_size, val_batch_size=self.val_batch_size, l2=self.l2
+        )
 
     def to(self, device: torch.device | str) -> CleaningData:
         return replace(self, train=self.train.to(device), val=self.val.to(device), test=self.test.to(device))
 
 
-def corrupted_mnist(ctx: DataContext, *, corruption: Probability = 0.5, train_size: PositiveInt = 2500,
-                    val_size: PositiveInt = 2500, keep: Literal["all", "clean"] = "all", l2: NonNegFloat = 1e-3,
-                    batch_size: NonNegInt = 0, val_batch_size: NonNegInt = 0, data_root: str | None = None,
-                    split_seed: int | None = None) -> CleaningData:
+def corrupted_mnist(
+    ctx: DataContext,
+    *,
+    corruption: Probability = 0.5,
+    train_size: PositiveInt = 2500,
+    val_size: PositiveInt = 2500,
+    keep: Literal["all", "clean"] = "all",
+    l2: NonNegFloat = 1e-3,
+    batch_size: NonNegInt = 0,
+    val_batch_size: NonNegInt = 0,
+    data_root: str | None = None,
+    split_seed: int | None = None,
+) -> CleaningData:
     """MNIST with ``corruption`` of the training labels replaced by a different class drawn uniformly (seeded).
 
     ``keep=clean`` drops the corrupted examples (the oracle baseline: training on the clean subset only).
@@ -73,8 +83,17 @@ def corrupted_mnist(ctx: DataContext, *, corruption: Probability = 0.5, train_si
     if keep == "clean":
         x, y, corrupted = x[~corrupted], y[~corrupted], corrupted[~corrupted]
     train = Split(x, torch.stack([y, torch.arange(len(y))], dim=1))
-    return CleaningData(train, base.val, base.test, base.num_features, base.num_classes, batch_size=batch_size,
-                        val_batch_size=val_batch_size, corrupted=corrupted, l2=l2)
+    return CleaningData(
+        train,
+        base.val,
+        base.test,
+        base.num_features,
+        base.num_classes,
+        batch_size=batch_size,
+        val_batch_size=val_batch_size,
+        corrupted=corrupted,
+        l2=l2,
+    )
 
 
 # ----------------------------------------------------------------------------------------------- family

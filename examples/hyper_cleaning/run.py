@@ -63,25 +63,34 @@ def main() -> None:
         for seed in seeds:
             for name, overrides in CONTENDERS.items():
                 out = Path(tmp) / f"{name}_{seed}"
-                summary, wall = run([*overrides, f"seed={seed}", f"outer_steps={ns.outer_steps}",
-                                     f"eval_every={ns.eval_every}"], out)
+                summary, wall = run(
+                    [*overrides, f"seed={seed}", f"outer_steps={ns.outer_steps}", f"eval_every={ns.eval_every}"], out
+                )
                 sep = separation(out, seed) if name == "hyper-cleaning" else None
                 final, best = summary["final"]["test_acc"], summary["best"]["test_acc"]
                 rows[name].append((final, best, wall, sep))
-                print(f"seed {seed} {name:15s} test acc {final:.4f} (at best val {best:.4f})  {wall:5.1f}s"
-                      + (f"  weights clean {sep[0]:.3f} corrupted {sep[1]:.3f} F1 {sep[2]:.3f}" if sep else ""))
+                print(
+                    f"seed {seed} {name:15s} test acc {final:.4f} (at best val {best:.4f})  {wall:5.1f}s"
+                    + (f"  weights clean {sep[0]:.3f} corrupted {sep[1]:.3f} F1 {sep[2]:.3f}" if sep else "")
+                )
 
     def ms(values: list[float]) -> str:
         return f"{statistics.mean(values):.4f} ± {statistics.stdev(values) if len(values) > 1 else 0.0:.4f}"
 
-    print(f"\n| contender (seeds {ns.seeds}) | test accuracy, final | at the best validation loss | wall time (s) |"
-          "\n|---|---|---|---|")
+    print(
+        f"\n| contender (seeds {ns.seeds}) | test accuracy, final | at the best validation loss | wall time (s) |"
+        "\n|---|---|---|---|"
+    )
     for name, r in rows.items():
-        print(f"| {name} | {ms([r_[0] for r_ in r])} | {ms([r_[1] for r_ in r])} | "
-              f"{statistics.mean(r_[2] for r_ in r):.1f} |")
+        print(
+            f"| {name} | {ms([r_[0] for r_ in r])} | {ms([r_[1] for r_ in r])} | "
+            f"{statistics.mean(r_[2] for r_ in r):.1f} |"
+        )
     seps = [r_[3] for r_ in rows["hyper-cleaning"] if r_[3]]
-    print(f"\nhyper-cleaning weights: clean {ms([s[0] for s in seps])}, corrupted {ms([s[1] for s in seps])}, "
-          f"detection F1 {ms([s[2] for s in seps])}")
+    print(
+        f"\nhyper-cleaning weights: clean {ms([s[0] for s in seps])}, corrupted {ms([s[1] for s in seps])}, "
+        f"detection F1 {ms([s[2] for s in seps])}"
+    )
 
 
 if __name__ == "__main__":

@@ -22,10 +22,13 @@ CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 CONF_PKG = "pkg://hoexp.conf"
 MAX_VALIDATED_JOBS = 256
 
+
 def conf_dir() -> Path:
     if not (CONF_DIR / "config.yaml").is_file():
-        raise HoexpError(f"config folder not found at {CONF_DIR}: this hoexp installation is incomplete; "
-                         "reinstall it (pip install --force-reinstall hoexp, or make install in a checkout)")
+        raise HoexpError(
+            f"config folder not found at {CONF_DIR}: this hoexp installation is incomplete; "
+            "reinstall it (pip install --force-reinstall hoexp, or make install in a checkout)"
+        )
     return CONF_DIR
 
 
@@ -35,8 +38,11 @@ def user_config_dirs(overrides: list[str]) -> list[Path]:
     for o in overrides:
         key, _, value = o.lstrip("+~").partition("=")
         if key == "hydra.searchpath":
-            dirs += [Path(v.strip().strip("'\"").removeprefix("file://")) for v in value.strip("[]").split(",")
-                     if v.strip().strip("'\"").startswith("file://")]
+            dirs += [
+                Path(v.strip().strip("'\"").removeprefix("file://"))
+                for v in value.strip("[]").split(",")
+                if v.strip().strip("'\"").startswith("file://")
+            ]
     return dirs
 
 
@@ -51,8 +57,10 @@ def with_config_dir(args: list[str]) -> list[str]:
             value = value if eq else next(it, "")
             folder = Path(value).expanduser().absolute()
             if not value or not folder.is_dir():
-                raise ConfigError(f"--config-dir {value or '(missing)'}: no such folder; give the folder that holds "
-                                  "your config groups (e.g. DIR/model/my_model.yaml)")
+                raise ConfigError(
+                    f"--config-dir {value or '(missing)'}: no such folder; give the folder that holds "
+                    "your config groups (e.g. DIR/model/my_model.yaml)"
+                )
             dirs.append(f"file://{folder}")
         else:
             out.append(a)
@@ -61,8 +69,9 @@ def with_config_dir(args: list[str]) -> list[str]:
 
 def config_groups(overrides: Sequence[str] = ()) -> list[str]:
     folders = [conf_dir(), *user_config_dirs(list(overrides))]
-    return sorted({p.name for f in folders if f.is_dir() for p in f.iterdir()
-                   if p.is_dir() and not p.name.startswith(("_", "."))})
+    return sorted(
+        {p.name for f in folders if f.is_dir() for p in f.iterdir() if p.is_dir() and not p.name.startswith(("_", "."))}
+    )
 
 
 def group_options(group: str, overrides: Sequence[str] = ()) -> list[str]:
@@ -74,10 +83,10 @@ def group_options(group: str, overrides: Sequence[str] = ()) -> list[str]:
 # Config choices that are gone, and what replaces them (refused in one line before anything runs).
 REMOVED = {
     "hydra/sweeper": "the Optuna sweepers (hydra/sweeper={value}) are gone (hydra-optuna-sweeper needs optuna<3); "
-                     "random search and TPE at an equal wall-clock budget: hoexp compare experiment=<preset> "
-                     "--search random,tpe (see 'hoexp compare --help')",
+    "random search and TPE at an equal wall-clock budget: hoexp compare experiment=<preset> "
+    "--search random,tpe (see 'hoexp compare --help')",
     "experiment": "experiment={value} is gone with the Optuna sweepers; black-box baselines now run with: "
-                  "hoexp compare experiment=iris_per_weight_decay --search random,tpe [--search-lr]",
+    "hoexp compare experiment=iris_per_weight_decay --search random,tpe [--search-lr]",
 }
 REMOVED_EXPERIMENTS = ("iris_blackbox_wd", "iris_blackbox_wd_lr", "iris_blackbox_wd_dropout_lr")
 
@@ -116,7 +125,7 @@ def expand_sweeps(overrides: list[str]) -> list[list[str]]:
     jobs = list(itertools.islice(itertools.product(*choices), MAX_VALIDATED_JOBS))
     if len(jobs) == MAX_VALIDATED_JOBS:  # too many to compose each: check every value once instead
         firsts = [c[0] for c in choices]
-        jobs = [tuple(firsts[:i] + [v] + firsts[i + 1:]) for i, c in enumerate(choices) for v in c]
+        jobs = [tuple(firsts[:i] + [v] + firsts[i + 1 :]) for i, c in enumerate(choices) for v in c]
     return [list(j) for j in jobs]
 
 

@@ -65,8 +65,12 @@ class Component:
     def build(self, *runtime: Any) -> Any:
         """``target(*runtime, **options)`` (``runtime`` only for a partial); a ``ValueError`` or
         ``TypeError`` from the factory becomes a one-line ConfigError naming this option."""
-        kwargs = {k: v.build() if isinstance(v, Component) and not v.partial else
-                  (functools.partial(v.build) if isinstance(v, Component) else v) for k, v in self.options.items()}
+        kwargs = {
+            k: v.build()
+            if isinstance(v, Component) and not v.partial
+            else (functools.partial(v.build) if isinstance(v, Component) else v)
+            for k, v in self.options.items()
+        }
         if "name" in self.defaults or _takes_kwargs(self.target):
             kwargs.setdefault("name", self.name)
         try:
@@ -81,8 +85,10 @@ def component(node: Any, key: str, group: str) -> Component:
     """Check one option node (``cfg.method``, ``cfg.hp.dropout``, ...) against its factory's signature."""
     if not isinstance(node, DictConfig) or "_target_" not in node:
         label = node.get("name", "?") if isinstance(node, DictConfig) else node
-        raise ConfigError(f"{key}={label}: the option names no code; an option's YAML starts with "
-                          f"_target_: <module>.<factory> (see README, 'Bring your own')")
+        raise ConfigError(
+            f"{key}={label}: the option names no code; an option's YAML starts with "
+            f"_target_: <module>.<factory> (see README, 'Bring your own')"
+        )
     target = _import(str(node._target_), key)
     partial = bool(node.get("_partial_", False))
     name = str(node.get("name") or str(node._target_).rsplit(".", 1)[-1])
@@ -97,15 +103,23 @@ def component(node: Any, key: str, group: str) -> Component:
             valid = [p for p in params if p != "name"]
             close = difflib.get_close_matches(k, valid, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise ConfigError(f"unknown key '{key}.{k}' for {prefix.rstrip(': ')}{hint}; valid keys: {', '.join(valid)}")
+            raise ConfigError(
+                f"unknown key '{key}.{k}' for {prefix.rstrip(': ')}{hint}; valid keys: {', '.join(valid)}"
+            )
         if isinstance(value, DictConfig) and "_target_" in value:
             options[k] = component(value, f"{key}.{k}", group)
             continue
         plain = OmegaConf.to_container(value, resolve=True) if isinstance(value, (DictConfig, ListConfig)) else value
         options[k] = coerce(plain, hints.get(k, Any), f"{key}.{k}", prefix + k)
     defaults = {p: v.default for p, v in params.items() if v.default is not inspect.Parameter.empty}
-    missing = [p for p, v in params.items() if v.default is inspect.Parameter.empty and p not in options
-               and v.kind is not inspect.Parameter.VAR_KEYWORD and p != "name"]
+    missing = [
+        p
+        for p, v in params.items()
+        if v.default is inspect.Parameter.empty
+        and p not in options
+        and v.kind is not inspect.Parameter.VAR_KEYWORD
+        and p != "name"
+    ]
     if missing:
         raise ConfigError(f"{prefix}missing option(s) {', '.join(missing)} (the factory {node._target_} needs them)")
     return Component(key, name, target, options, partial, defaults)
@@ -116,8 +130,10 @@ def _import(path: str, key: str) -> Callable[..., Any]:
     try:
         obj = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError, ValueError) as e:
-        raise ConfigError(f"{key}._target_={path} cannot be imported ({e}); give an importable "
-                          "<module>.<factory> (a module on PYTHONPATH, or installed)") from None
+        raise ConfigError(
+            f"{key}._target_={path} cannot be imported ({e}); give an importable "
+            "<module>.<factory> (a module on PYTHONPATH, or installed)"
+        ) from None
     if not callable(obj):
         raise ConfigError(f"{key}._target_={path} is not callable")
     return obj

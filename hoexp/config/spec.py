@@ -61,10 +61,10 @@ class RunConfig:
         self.resume = self.resume.lower()  # YAML booleans arrive as 'True' / 'False'
         _choice("resume", self.resume, RESUME_MODES)
         if not NAME.fullmatch(self.name) or self.name in (".", ".."):
-            raise ConfigError(f"name={self.name!r} must be a plain folder name (letters, digits and . _ - + = , @; "
-                              "no '/' or spaces): it names the run's folder")
-
-
+            raise ConfigError(
+                f"name={self.name!r} must be a plain folder name (letters, digits and . _ - + = , @; "
+                "no '/' or spaces): it names the run's folder"
+            )
 
 
 @dataclass
@@ -120,10 +120,13 @@ def validate(cfg: DictConfig) -> Spec:
     top = {k: v for k, v in cfg.items() if k not in GROUP_KEYS and k != "hydra"}
     unknown = {str(k) for k in top} - RUN_KEYS
     if unknown:
-        raise ConfigError(f"unknown top-level key(s) {', '.join(sorted(unknown))}; valid: {', '.join(sorted(RUN_KEYS))}")
+        raise ConfigError(
+            f"unknown top-level key(s) {', '.join(sorted(unknown))}; valid: {', '.join(sorted(RUN_KEYS))}"
+        )
     try:
-        run = cast(RunConfig, OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RunConfig),
-                                                                   OmegaConf.create(top))))
+        run = cast(
+            RunConfig, OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.create(top)))
+        )
     except ValidationError as e:
         k = str(getattr(e, "full_key", "?"))
         expected = next((f.type for f in fields(RunConfig) if f.name == k), "?")

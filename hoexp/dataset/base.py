@@ -46,8 +46,7 @@ class Splits:
         """The classification task on these splits: cross-entropy of ``model`` plus ``family``'s penalty."""
         from hoexp.task import Classification
 
-        return Classification(model, family, data=self, batch_size=self.batch_size,
-                              val_batch_size=self.val_batch_size)
+        return Classification(model, family, data=self, batch_size=self.batch_size, val_batch_size=self.val_batch_size)
 
 
 @dataclass
@@ -62,5 +61,6 @@ class TextSplits:
     task: str = "language_model"
 
     def to(self, device: torch.device | str) -> TextSplits:
-        return TextSplits(self.train.to(device), self.val.to(device), self.test.to(device),
-                          self.vocab, self.vocab_size, self.task)
+        return TextSplits(
+            self.train.to(device), self.val.to(device), self.test.to(device), self.vocab, self.vocab_size, self.task
+        )

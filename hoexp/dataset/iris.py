@@ -50,7 +50,7 @@ def stratified_split(y: torch.Tensor, sizes: tuple[int, ...], generator: torch.G
     for ci, m in enumerate(members):
         start = 0
         for si, counts in enumerate(per_split):
-            out[si].append(m[start:start + counts[ci]])
+            out[si].append(m[start : start + counts[ci]])
             start += counts[ci]
     splits = []
     for parts in out:
@@ -59,8 +59,14 @@ def stratified_split(y: torch.Tensor, sizes: tuple[int, ...], generator: torch.G
     return splits
 
 
-def load_iris(train_size: int = 60, val_size: int = 60, test_size: int = 30, seed: int = 0,
-              standardize: bool = True, dtype: torch.dtype = torch.float32) -> Splits:
+def load_iris(
+    train_size: int = 60,
+    val_size: int = 60,
+    test_size: int = 30,
+    seed: int = 0,
+    standardize: bool = True,
+    dtype: torch.dtype = torch.float32,
+) -> Splits:
     """Stratified, seeded train / validation / test split of Iris; features standardized with
     the training split's mean and standard deviation (no statistics leak from val/test)."""
     x, y = read_iris()
@@ -81,14 +87,28 @@ def load_iris(train_size: int = 60, val_size: int = 60, test_size: int = 30, see
     return Splits(train, val, test, num_features=4, num_classes=len(CLASSES))
 
 
-def iris(ctx: DataContext, *, train_size: PositiveInt = 60, val_size: PositiveInt = 60, test_size: PositiveInt = 30,
-         split_seed: int | None = None, standardize: bool = True, batch_size: NonNegInt = 0,
-         val_batch_size: NonNegInt = 0) -> Splits:
+def iris(
+    ctx: DataContext,
+    *,
+    train_size: PositiveInt = 60,
+    val_size: PositiveInt = 60,
+    test_size: PositiveInt = 30,
+    split_seed: int | None = None,
+    standardize: bool = True,
+    batch_size: NonNegInt = 0,
+    val_batch_size: NonNegInt = 0,
+) -> Splits:
     """``dataset=iris``: :func:`load_iris` with the run's seed (unless ``split_seed``) and dtype;
     ``batch_size`` / ``val_batch_size`` 0 = full batch (the reference experiment)."""
     total = train_size + val_size + test_size
     if total > 150:
         raise ValueError(f"train_size + val_size + test_size = {total}, but Iris has 150 examples")
-    splits = load_iris(train_size, val_size, test_size, seed=ctx.seed if split_seed is None else split_seed,
-                       standardize=standardize, dtype=ctx.dtype)
+    splits = load_iris(
+        train_size,
+        val_size,
+        test_size,
+        seed=ctx.seed if split_seed is None else split_seed,
+        standardize=standardize,
+        dtype=ctx.dtype,
+    )
     return replace(splits, batch_size=batch_size, val_batch_size=val_batch_size)

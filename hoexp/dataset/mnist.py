@@ -52,8 +52,9 @@ def _extract_gz(raw: Path) -> None:
             os.replace(tmp, dst)
         except (OSError, EOFError, gzip.BadGzipFile) as e:
             Path(tmp).unlink(missing_ok=True)
-            raise HoexpError(f"MNIST file {src} could not be extracted ({type(e).__name__}: {e}); "
-                             f"{_FIX_CORRUPT}") from None
+            raise HoexpError(
+                f"MNIST file {src} could not be extracted ({type(e).__name__}: {e}); {_FIX_CORRUPT}"
+            ) from None
 
 
 def _check_files(folder: Path) -> None:
@@ -67,7 +68,8 @@ def _check_files(folder: Path) -> None:
             f"MNIST not found under {folder} ({what}; expected MNIST/raw/train-images-idx3-ubyte[.gz], "
             "train-labels-idx1-ubyte, t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte[.gz] there); set "
             "HOEXP_DATA or dataset.data_root to a folder that has mnist/ in it, or dataset.download=true "
-            "to fetch it")
+            "to fetch it"
+        )
     counts = {}
     for name, (magic, header, item) in FILES.items():
         path = raw / name
@@ -75,22 +77,29 @@ def _check_files(folder: Path) -> None:
         with open(path, "rb") as f:
             head = f.read(header)
         if len(head) < header:
-            raise HoexpError(f"MNIST file {path} is corrupt: {size} bytes, shorter than its "
-                             f"{header}-byte IDX header; {_FIX_CORRUPT}")
+            raise HoexpError(
+                f"MNIST file {path} is corrupt: {size} bytes, shorter than its {header}-byte IDX header; {_FIX_CORRUPT}"
+            )
         fields = struct.unpack(f">{header // 4}I", head)
         if fields[0] != magic or (item > 1 and fields[2:] != (SIDE, SIDE)):
-            raise HoexpError(f"MNIST file {path} is corrupt: not an MNIST IDX "
-                             f"{'image' if item > 1 else 'label'} file (bad header); {_FIX_CORRUPT}")
+            raise HoexpError(
+                f"MNIST file {path} is corrupt: not an MNIST IDX "
+                f"{'image' if item > 1 else 'label'} file (bad header); {_FIX_CORRUPT}"
+            )
         expected = header + fields[1] * item
         if size != expected:
-            raise HoexpError(f"MNIST file {path} is corrupt or truncated: {size:,} bytes, but its header "
-                             f"promises {fields[1]:,} items ({expected:,} bytes); {_FIX_CORRUPT}")
+            raise HoexpError(
+                f"MNIST file {path} is corrupt or truncated: {size:,} bytes, but its header "
+                f"promises {fields[1]:,} items ({expected:,} bytes); {_FIX_CORRUPT}"
+            )
         counts[name] = fields[1]
     for split in ("train", "t10k"):
         ni, nl = counts[f"{split}-images-idx3-ubyte"], counts[f"{split}-labels-idx1-ubyte"]
         if ni != nl:
-            raise HoexpError(f"MNIST files in {raw} do not match: {split}-images-idx3-ubyte has {ni:,} "
-                             f"images but {split}-labels-idx1-ubyte has {nl:,} labels; {_FIX_CORRUPT}")
+            raise HoexpError(
+                f"MNIST files in {raw} do not match: {split}-images-idx3-ubyte has {ni:,} "
+                f"images but {split}-labels-idx1-ubyte has {nl:,} labels; {_FIX_CORRUPT}"
+            )
 
 
 def _download(folder: Path) -> None:
@@ -105,9 +114,10 @@ def _download(folder: Path) -> None:
     except Exception as e:  # torchvision raises RuntimeError/URLError/OSError with multi-line text
         lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()] or [type(e).__name__]
         detail = lines[0] if len(lines) == 1 else f"{lines[0]} {lines[-1]}"
-        raise HoexpError(f"MNIST download into {_raw_folder(folder)} failed ({detail}); check the "
-                         "network, or place the four MNIST IDX files there and use dataset.download=false"
-                         ) from None
+        raise HoexpError(
+            f"MNIST download into {_raw_folder(folder)} failed ({detail}); check the "
+            "network, or place the four MNIST IDX files there and use dataset.download=false"
+        ) from None
 
 
 def _read(folder: Path, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -117,16 +127,25 @@ def _read(folder: Path, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
         ds = MNIST(root=str(folder), train=train, download=False)
     except Exception as e:  # e.g. a file changed between the check and the read
         detail = (str(e).strip().splitlines() or [""])[0]
-        raise HoexpError(f"MNIST files in {_raw_folder(folder)} could not be read "
-                         f"({type(e).__name__}: {detail}); {_FIX_CORRUPT}") from None
+        raise HoexpError(
+            f"MNIST files in {_raw_folder(folder)} could not be read ({type(e).__name__}: {detail}); {_FIX_CORRUPT}"
+        ) from None
     if len(ds.targets) and int(ds.targets.max()) >= NUM_CLASSES:
         raise HoexpError(f"MNIST labels in {_raw_folder(folder)} are corrupt (a label above 9); {_FIX_CORRUPT}")
     return ds.data, ds.targets
 
 
-def load_mnist(root: Path, *, val_size: int = 1000, train_size: int | None = None, seed: int = 0,
-               download: bool = False, normalize: bool = True, flatten: bool = True,
-               dtype: torch.dtype = torch.float32) -> Splits:
+def load_mnist(
+    root: Path,
+    *,
+    val_size: int = 1000,
+    train_size: int | None = None,
+    seed: int = 0,
+    download: bool = False,
+    normalize: bool = True,
+    flatten: bool = True,
+    dtype: torch.dtype = torch.float32,
+) -> Splits:
     """MNIST from ``<root>/mnist`` as in-memory train / validation / test splits.
 
     ``val_size`` images, stratified by class with ``seed``, are carved out of the training file;
@@ -149,13 +168,17 @@ def load_mnist(root: Path, *, val_size: int = 1000, train_size: int | None = Non
 
     n = len(y_tr)
     if val_size < 1 or (train_size is not None and train_size < 1):
-        raise HoexpError(f"MNIST val_size={val_size} and train_size={train_size} must be at least 1 "
-                         "(train_size may be null for all the remaining training images)")
+        raise HoexpError(
+            f"MNIST val_size={val_size} and train_size={train_size} must be at least 1 "
+            "(train_size may be null for all the remaining training images)"
+        )
     if val_size + (train_size or 1) > n:
-        raise HoexpError(f"MNIST under {folder} has {n:,} training images, too few for val_size={val_size:,} "
-                         f"plus train_size={train_size if train_size is not None else 'the rest (at least 1)'}; "
-                         "lower dataset.val_size / dataset.train_size, or use the full MNIST (dataset.download=true "
-                         "with an empty data root)")
+        raise HoexpError(
+            f"MNIST under {folder} has {n:,} training images, too few for val_size={val_size:,} "
+            f"plus train_size={train_size if train_size is not None else 'the rest (at least 1)'}; "
+            "lower dataset.val_size / dataset.train_size, or use the full MNIST (dataset.download=true "
+            "with an empty data root)"
+        )
     g = torch.Generator().manual_seed(seed)
     (val_idx,) = stratified_split(y_tr, (val_size,), g)
     rest = torch.ones(n, dtype=torch.bool)
@@ -180,13 +203,27 @@ def load_mnist(root: Path, *, val_size: int = 1000, train_size: int | None = Non
     return Splits(train, val, test, num_features=SIDE * SIDE, num_classes=NUM_CLASSES)
 
 
-def mnist(ctx: DataContext, *, data_root: str | None = None, download: bool = False, val_size: PositiveInt = 1000,
-          train_size: PositiveInt | None = None, split_seed: int | None = None, batch_size: NonNegInt = 128,
-          val_batch_size: NonNegInt = 0) -> Splits:
+def mnist(
+    ctx: DataContext,
+    *,
+    data_root: str | None = None,
+    download: bool = False,
+    val_size: PositiveInt = 1000,
+    train_size: PositiveInt | None = None,
+    split_seed: int | None = None,
+    batch_size: NonNegInt = 128,
+    val_batch_size: NonNegInt = 0,
+) -> Splits:
     """``dataset=mnist``: :func:`load_mnist` from ``<data_root>/mnist`` (``data_root``: ``$HOEXP_DATA``, else
     ``~/.local/share/hoexp/data``), seeded by the run unless ``split_seed``; ``batch_size`` 0 = full batch."""
     from hoexp.dataset.root import data_root as resolve_root
 
-    splits = load_mnist(resolve_root(data_root), val_size=val_size, train_size=train_size,
-                        seed=ctx.seed if split_seed is None else split_seed, download=download, dtype=ctx.dtype)
+    splits = load_mnist(
+        resolve_root(data_root),
+        val_size=val_size,
+        train_size=train_size,
+        seed=ctx.seed if split_seed is None else split_seed,
+        download=download,
+        dtype=ctx.dtype,
+    )
     return replace(splits, batch_size=batch_size, val_batch_size=val_batch_size)

@@ -48,13 +48,17 @@ def read_words(path: Path) -> list[str]:
     try:
         data = Path(path).read_bytes()
     except OSError as e:
-        raise HoexpError(f"PTB file {path} could not be read ({e.strerror or e}); check its permissions, "
-                         "or delete it and load again with dataset.download=true") from None
+        raise HoexpError(
+            f"PTB file {path} could not be read ({e.strerror or e}); check its permissions, "
+            "or delete it and load again with dataset.download=true"
+        ) from None
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise HoexpError(f"PTB file {path} is corrupt (not UTF-8 text at byte {e.start}); delete it and "
-                         "load again with dataset.download=true, or copy an intact one there") from None
+        raise HoexpError(
+            f"PTB file {path} is corrupt (not UTF-8 text at byte {e.start}); delete it and "
+            "load again with dataset.download=true, or copy an intact one there"
+        ) from None
     lines = text.split("\n")
     if lines and lines[-1] == "":
         lines.pop()  # the newline that ends the last line does not start another
@@ -63,8 +67,10 @@ def read_words(path: Path) -> list[str]:
         words.extend(line.split())
         words.append(EOS)
     if len(words) == len(lines):  # no word besides the <eos> markers
-        raise HoexpError(f"PTB file {path} is empty ({len(data)} bytes, no words); delete it and load again "
-                         "with dataset.download=true, or copy an intact one there")
+        raise HoexpError(
+            f"PTB file {path} is empty ({len(data)} bytes, no words); delete it and load again "
+            "with dataset.download=true, or copy an intact one there"
+        )
     return words
 
 
@@ -94,8 +100,10 @@ def _fetch(url: str, limit: int, timeout: float) -> bytes:
         return b"".join(chunks)
     except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as e:
         reason = getattr(e, "reason", None) or e
-        raise HoexpError(f"PTB download of {url} failed ({reason}); check the network, or place "
-                         f"{', '.join(FILES)} in the ptb folder yourself") from None
+        raise HoexpError(
+            f"PTB download of {url} failed ({reason}); check the network, or place "
+            f"{', '.join(FILES)} in the ptb folder yourself"
+        ) from None
 
 
 def download_ptb(folder: Path, *, base_url: str = URL, timeout: float = 60.0) -> list[Path]:
@@ -112,8 +120,10 @@ def download_ptb(folder: Path, *, base_url: str = URL, timeout: float = 60.0) ->
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise HoexpError(f"cannot create the PTB folder {folder} ({e.strerror or e}); set HOEXP_DATA or "
-                         "dataset.data_root to a writable folder") from None
+        raise HoexpError(
+            f"cannot create the PTB folder {folder} ({e.strerror or e}); set HOEXP_DATA or "
+            "dataset.data_root to a writable folder"
+        ) from None
     temps: dict[str, str] = {}
     try:
         for name in missing:
@@ -121,13 +131,17 @@ def download_ptb(folder: Path, *, base_url: str = URL, timeout: float = 60.0) ->
             url = base_url + name
             data = _fetch(url, size + 1, timeout)
             if len(data) != size:
-                raise HoexpError(f"PTB download of {url} gave {len(data):,}{'+' if len(data) > size else ''} "
-                                 f"bytes, expected {size:,}; nothing was written to {folder}; retry, or place "
-                                 "the official file there yourself")
+                raise HoexpError(
+                    f"PTB download of {url} gave {len(data):,}{'+' if len(data) > size else ''} "
+                    f"bytes, expected {size:,}; nothing was written to {folder}; retry, or place "
+                    "the official file there yourself"
+                )
             digest = hashlib.md5(data).hexdigest()
             if md5 is not None and digest != md5:
-                raise HoexpError(f"PTB download of {url} has md5 {digest}, expected {md5}; nothing was "
-                                 f"written to {folder}; retry, or place the official file there yourself")
+                raise HoexpError(
+                    f"PTB download of {url} has md5 {digest}, expected {md5}; nothing was "
+                    f"written to {folder}; retry, or place the official file there yourself"
+                )
             fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".part")
             temps[name] = tmp
             with os.fdopen(fd, "wb") as f:
@@ -135,8 +149,10 @@ def download_ptb(folder: Path, *, base_url: str = URL, timeout: float = 60.0) ->
         for name, tmp in temps.items():
             os.replace(tmp, folder / name)
     except OSError as e:
-        raise HoexpError(f"cannot write the PTB files into {folder} ({e.strerror or e}); set HOEXP_DATA "
-                         "or dataset.data_root to a writable folder") from None
+        raise HoexpError(
+            f"cannot write the PTB files into {folder} ({e.strerror or e}); set HOEXP_DATA "
+            "or dataset.data_root to a writable folder"
+        ) from None
     finally:
         for tmp in temps.values():
             Path(tmp).unlink(missing_ok=True)
@@ -156,13 +172,20 @@ def load_ptb(root: Path, *, download: bool = False) -> TextSplits:
     missing = [name for name in FILES if not (folder / name).is_file()]
     if missing:
         what = f"missing: {', '.join(missing)}" if folder.is_dir() else "the folder does not exist"
-        raise HoexpError(f"PTB not found under {folder} ({what}; expected {', '.join(FILES)} there); set "
-                         "HOEXP_DATA or dataset.data_root to a folder that has ptb/ in it, or "
-                         "dataset.download=true to fetch it")
+        raise HoexpError(
+            f"PTB not found under {folder} ({what}; expected {', '.join(FILES)} there); set "
+            "HOEXP_DATA or dataset.data_root to a folder that has ptb/ in it, or "
+            "dataset.download=true to fetch it"
+        )
     train_words, val_words, test_words = (read_words(folder / name) for name in FILES)
     vocab = build_vocab(train_words)
-    return TextSplits(encode(train_words, vocab), encode(val_words, vocab), encode(test_words, vocab),
-                      vocab=vocab, vocab_size=len(vocab))
+    return TextSplits(
+        encode(train_words, vocab),
+        encode(val_words, vocab),
+        encode(test_words, vocab),
+        vocab=vocab,
+        vocab_size=len(vocab),
+    )
 
 
 def batchify(stream: Tensor, batch_size: int) -> Tensor:
@@ -170,8 +193,10 @@ def batchify(stream: Tensor, batch_size: int) -> Tensor:
     ``N = len(stream) // batch_size``; the trailing ``len % batch_size`` tokens are dropped. One copy.
     """
     if batch_size < 1 or stream.dim() != 1 or len(stream) < batch_size:
-        raise HoexpError(f"cannot batch a stream of {len(stream):,} tokens into {batch_size} columns; "
-                         "batch_size must be at least 1 and at most the number of tokens")
+        raise HoexpError(
+            f"cannot batch a stream of {len(stream):,} tokens into {batch_size} columns; "
+            "batch_size must be at least 1 and at most the number of tokens"
+        )
     n = len(stream) // batch_size
     return stream[: n * batch_size].view(batch_size, n).t().contiguous()
 
@@ -182,7 +207,7 @@ def bptt_batch(source: Tensor, i: int, bptt: int) -> tuple[Tensor, Tensor]:
     if bptt < 1 or not 0 <= i < len(source) - 1:
         raise ValueError(f"bptt_batch needs bptt >= 1 and 0 <= i < {len(source) - 1}, got bptt={bptt}, i={i}")
     t = min(bptt, len(source) - 1 - i)
-    return source[i:i + t], source[i + 1:i + 1 + t]
+    return source[i : i + t], source[i + 1 : i + 1 + t]
 
 
 def bptt_windows(source: Tensor, bptt: int) -> Iterator[tuple[Tensor, Tensor]]:
@@ -192,8 +217,16 @@ def bptt_windows(source: Tensor, bptt: int) -> Iterator[tuple[Tensor, Tensor]]:
         yield bptt_batch(source, i, bptt)
 
 
-def ptb(ctx: DataContext, *, data_root: str | None = None, download: bool = False, batch_size: PositiveInt = 20,
-        eval_batch_size: PositiveInt = 10, bptt: PositiveInt = 35, val_batch_size: NonNegInt = 0) -> LMData:
+def ptb(
+    ctx: DataContext,
+    *,
+    data_root: str | None = None,
+    download: bool = False,
+    batch_size: PositiveInt = 20,
+    eval_batch_size: PositiveInt = 10,
+    bptt: PositiveInt = 35,
+    val_batch_size: NonNegInt = 0,
+) -> LMData:
     """``dataset=ptb``: the batchified token streams (``batch_size`` parallel streams for training and
     hypergradient windows, ``eval_batch_size`` for evaluation, windows of ``bptt`` tokens).
     ``val_batch_size`` is unused for text (a hypergradient uses one random validation window)."""

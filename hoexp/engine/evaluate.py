@@ -35,8 +35,9 @@ def moved_fraction(values: Tensor, raw0: Tensor | None) -> float:
     return float((rel > 0.01).to(torch.float64).mean())
 
 
-def log_step(exp: Runnable, state: RunState, logger: MetricLogger, step: int, scalars: dict[str, float],
-             force_hist: bool = False) -> dict[str, float]:
+def log_step(
+    exp: Runnable, state: RunState, logger: MetricLogger, step: int, scalars: dict[str, float], force_hist: bool = False
+) -> dict[str, float]:
     """Evaluate (every ``eval_every`` steps, and at the first and last), add the hyperparameters' statistics
     and histograms, log everything for ``step``; returns the fields the progress display shows."""
     s = exp.settings
@@ -66,9 +67,12 @@ def log_step(exp: Runnable, state: RunState, logger: MetricLogger, step: int, sc
 def labels(exp: Runnable) -> dict[str, str]:
     """What runs, in words: ``settings.labels`` (a configured run: its option names), else the objects' names."""
     task = exp.task
-    named = {"method": getattr(exp.method, "name", type(exp.method).__name__),
-             "hp": getattr(task.family, "name", type(task.family).__name__),
-             "dataset": type(task).__name__, "model": type(task.model).__name__}
+    named = {
+        "method": getattr(exp.method, "name", type(exp.method).__name__),
+        "hp": getattr(task.family, "name", type(task.family).__name__),
+        "dataset": type(task).__name__,
+        "model": type(task.model).__name__,
+    }
     return {**named, **exp.settings.labels}
 
 

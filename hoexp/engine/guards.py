@@ -28,8 +28,14 @@ def all_finite(tensors: Sequence[Tensor]) -> bool:
     return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()) if tensors else True
 
 
-def outer_update(exp: Runnable, state: RunState, hypergrad: Mapping[str, Tensor] | None, scalars: dict[str, float],
-                 step: int, progress: Any) -> Diverged | None:
+def outer_update(
+    exp: Runnable,
+    state: RunState,
+    hypergrad: Mapping[str, Tensor] | None,
+    scalars: dict[str, float],
+    step: int,
+    progress: Any,
+) -> Diverged | None:
     """Apply the outer optimizer's update to ``state.raw`` (then the family's clamp), or skip a non-finite
     hypergradient; returns the error to raise once this step is logged (``max_nonfinite`` in a row)."""
     if hypergrad is None:  # none, hd: no outer update
@@ -44,15 +50,20 @@ def outer_update(exp: Runnable, state: RunState, hypergrad: Mapping[str, Tensor]
     else:  # skip this outer update; abort after max_nonfinite in a row
         state.nonfinite += 1
         scalars["hypergrad/nonfinite"] = 1.0
-        progress.message(f"hoexp: warning: non-finite hypergradient at outer step {step} "
-                         f"({state.nonfinite} in a row): outer update skipped")
+        progress.message(
+            f"hoexp: warning: non-finite hypergradient at outer step {step} "
+            f"({state.nonfinite} in a row): outer update skipped"
+        )
         if state.nonfinite >= exp.settings.max_nonfinite:
-            abort = Diverged(f"{state.nonfinite} non-finite hypergradients in a row (outer step {step}, solver "
-                             f"residual {scalars.get('solver/residual')}); lower method.alpha or optim.outer.lr")
+            abort = Diverged(
+                f"{state.nonfinite} non-finite hypergradients in a row (outer step {step}, solver "
+                f"residual {scalars.get('solver/residual')}); lower method.alpha or optim.outer.lr"
+            )
     if scalars.get("solver/diverging") and not state.warned_residual:  # the solver says its series diverges
         progress.message(
             f"hoexp: warning: {exp.method.name} residual ‖Hu−v‖/‖v‖ = {scalars['solver/residual']:.3g} > 1 at "
-            f"outer step {step}: the series diverges; lower method.alpha (it must stay below 2/λ_max(H))")
+            f"outer step {step}: the series diverges; lower method.alpha (it must stay below 2/λ_max(H))"
+        )
         state.warned_residual = True
     return abort
 

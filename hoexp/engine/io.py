@@ -114,9 +114,15 @@ class RunIO:
     ``config``: the composed config without Hydra's node, stored in checkpoints and compared on resume.
     """
 
-    def __init__(self, out_dir: str | Path | None = None, *, config: dict[str, Any] | None = None,
-                 config_text: str = "", console: Console | None = None,
-                 loggers: Sequence[MetricLogger] | None = None):
+    def __init__(
+        self,
+        out_dir: str | Path | None = None,
+        *,
+        config: dict[str, Any] | None = None,
+        config_text: str = "",
+        console: Console | None = None,
+        loggers: Sequence[MetricLogger] | None = None,
+    ):
         self.out_dir = None if out_dir is None else Path(out_dir)
         self.config, self.config_text = config or {}, config_text
         self.ctx = distributed.current()
@@ -172,19 +178,25 @@ class RunIO:
         if mode == "false":
             left = rundir.logged_files(folder)
             if left:
-                raise HoexpError(f"{folder} already holds a run ({', '.join(p.name for p in left[:3])}); continue it "
-                                 "with resume=auto, or start a new run in another folder (hydra.run.dir=<path>)")
+                raise HoexpError(
+                    f"{folder} already holds a run ({', '.join(p.name for p in left[:3])}); continue it "
+                    "with resume=auto, or start a new run in another folder (hydra.run.dir=<path>)"
+                )
             self._keep_hydra_files()
             return None
         if not (folder / "checkpoint.pt").exists():
             if mode == "true":
-                raise HoexpError(f"resume=true but there is no checkpoint.pt in {folder}; pass the run's folder: "
-                                 "hydra.run.dir=<that folder> (or hydra.sweep.dir=<sweep folder> with -m), or use "
-                                 "resume=auto to start it over")
+                raise HoexpError(
+                    f"resume=true but there is no checkpoint.pt in {folder}; pass the run's folder: "
+                    "hydra.run.dir=<that folder> (or hydra.sweep.dir=<sweep folder> with -m), or use "
+                    "resume=auto to start it over"
+                )
             cleared = rundir.clear(folder)
             if cleared:
-                self.say(f"hoexp: no checkpoint in {folder}: starting over (removed {len(cleared)} files an "
-                         "earlier start logged)")
+                self.say(
+                    f"hoexp: no checkpoint in {folder}: starting over (removed {len(cleared)} files an "
+                    "earlier start logged)"
+                )
             self._keep_hydra_files()
             return None
         ckpt = self.load_checkpoint()
@@ -216,8 +228,10 @@ class RunIO:
         files: list[MetricLogger] = []
         if self.writes:
             assert self.out_dir is not None
-            files = [TensorBoardLogger(self.out_dir, purge_step=None if resumed_at is None else resumed_at + 1),
-                     JsonlLogger(self.out_dir / "metrics.jsonl", summarize_histograms=False, keep_until=resumed_at)]
+            files = [
+                TensorBoardLogger(self.out_dir, purge_step=None if resumed_at is None else resumed_at + 1),
+                JsonlLogger(self.out_dir / "metrics.jsonl", summarize_histograms=False, keep_until=resumed_at),
+            ]
         self.logger = MultiLogger([*files, *self.extra_loggers] if self.main else [])
         return self.logger
 
@@ -236,8 +250,14 @@ class RunIO:
         if not self.writes:  # rank 0 alone writes
             return
         assert self.out_dir is not None
-        payload = {**self.snapshot, "status": self.status, "version": CHECKPOINT_VERSION,
-                   "config": self.config, "hydra_files": self.hydra_files, "resumes": self.resumes}
+        payload = {
+            **self.snapshot,
+            "status": self.status,
+            "version": CHECKPOINT_VERSION,
+            "config": self.config,
+            "hydra_files": self.hydra_files,
+            "resumes": self.resumes,
+        }
         save(to_device(payload, torch.device("cpu")), self.out_dir / "checkpoint.pt")
         self.checkpointed = True
 
@@ -247,16 +267,21 @@ class RunIO:
         try:
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # a truncated or foreign file
-            raise HoexpError(f"cannot read {path} ({type(e).__name__}); it is damaged: delete it to start over") from None
+            raise HoexpError(
+                f"cannot read {path} ({type(e).__name__}); it is damaged: delete it to start over"
+            ) from None
         missing = CHECKPOINT_KEYS - set(ckpt) if isinstance(ckpt, dict) else CHECKPOINT_KEYS
         if missing:
-            raise HoexpError(f"{path} is not a hoexp checkpoint (no {', '.join(sorted(missing)[:3])}); move it away "
-                             "to start over in this folder")
+            raise HoexpError(
+                f"{path} is not a hoexp checkpoint (no {', '.join(sorted(missing)[:3])}); move it away "
+                "to start over in this folder"
+            )
         return ckpt
 
     # ----------------------------------------------------------------------------- the end
-    def finish(self, summary: dict[str, Any], final: dict[str, Any] | None, hparams: dict[str, Any],
-               checkpoint_every: int) -> BaseException | None:
+    def finish(
+        self, summary: dict[str, Any], final: dict[str, Any] | None, hparams: dict[str, Any], checkpoint_every: int
+    ) -> BaseException | None:
         """Write the checkpoint, ``summary.json`` and ``final.pt``, close the loggers: each step is tried
         even if an earlier one fails (a full disk); returns the first failure. ``summary``: built again
         if the checkpoint fails (its status changes)."""
@@ -283,8 +308,9 @@ class RunIO:
         if final is not None:
             attempt(lambda: save(final, self.out_dir / "final.pt"))
         with contextlib.suppress(Exception):
-            self.logger.log_hparams(hparams, {f"final/{k}": v for k, v in summary["final"].items()
-                                              if isinstance(v, float)})
+            self.logger.log_hparams(
+                hparams, {f"final/{k}": v for k, v in summary["final"].items() if isinstance(v, float)}
+            )
         attempt(self.logger.close)
         return failures[0] if failures else None
 
@@ -297,8 +323,10 @@ class RunIO:
             return Preempted(f"stopped by {name}", 128 + signals.received)
         if ended is None:
             if self.main and not error.reported:
-                return distributed.PeerLost(f"another rank of the {self.ctx.world_size}-process job ended without a "
-                                            f"message (killed?) after outer step {self.snapshot_step()}", )
+                return distributed.PeerLost(
+                    f"another rank of the {self.ctx.world_size}-process job ended without a "
+                    f"message (killed?) after outer step {self.snapshot_step()}",
+                )
             return error
         status, message = ended
         if status == "interrupted":
@@ -308,28 +336,40 @@ class RunIO:
     def explain(self, error: BaseException) -> BaseException:
         """The exception to raise for ``error``: one line for a signal or a failed write, else ``error``."""
         step, folder = self.snapshot_step(), self.out_dir
-        if not self.main or folder is None:  # rank 0 explains (what to resume, where); the others report the bare reason
+        if (
+            not self.main or folder is None
+        ):  # rank 0 explains (what to resume, where); the others report the bare reason
             return error
         if isinstance(error, Preempted):
             if self.checkpointed:
-                return Preempted(f"{error} at outer step {step}; checkpoint saved. Resume with the same command plus: "
-                                 f"resume=true hydra.run.dir={folder}", error.exit_code)
-            return Preempted(f"{error} before the first checkpoint, nothing to resume; to start it over in this folder "
-                             f"run the same command plus: resume=auto hydra.run.dir={folder}", error.exit_code)
+                return Preempted(
+                    f"{error} at outer step {step}; checkpoint saved. Resume with the same command plus: "
+                    f"resume=true hydra.run.dir={folder}",
+                    error.exit_code,
+                )
+            return Preempted(
+                f"{error} before the first checkpoint, nothing to resume; to start it over in this folder "
+                f"run the same command plus: resume=auto hydra.run.dir={folder}",
+                error.exit_code,
+            )
         if isinstance(error, OSError):
             where = f" ({error.filename})" if error.filename else ""
             saved = "summary.json says status 'failed'" if self.summary_written else "summary.json could not be written"
-            hint = ("free some space, then continue" if error.errno in (errno.ENOSPC, errno.EDQUOT) else "then continue")
-            return HoexpError(f"the run stopped at outer step {step}: {error.strerror or error}{where}; {saved}; "
-                              f"{hint} with: resume=auto hydra.run.dir={folder}")
+            hint = "free some space, then continue" if error.errno in (errno.ENOSPC, errno.EDQUOT) else "then continue"
+            return HoexpError(
+                f"the run stopped at outer step {step}: {error.strerror or error}{where}; {saved}; "
+                f"{hint} with: resume=auto hydra.run.dir={folder}"
+            )
         return error
 
 
 def final_state(family: Any, raw: dict, params: dict) -> dict[str, Any]:
     """``final.pt``: weights and hyperparameters (raw and constrained), loadable with ``weights_only=True``."""
-    return {"params": {k: v.detach().cpu() for k, v in params.items()},
-            "raw_hparams": {k: v.detach().cpu() for k, v in raw.items()},
-            "hparams": {k: v.detach().cpu() for k, v in family.view(raw).items()}}
+    return {
+        "params": {k: v.detach().cpu() for k, v in params.items()},
+        "raw_hparams": {k: v.detach().cpu() for k, v in raw.items()},
+        "hparams": {k: v.detach().cpu() for k, v in family.view(raw).items()},
+    }
 
 
 def num_weights(task: Any) -> int:

@@ -21,8 +21,9 @@ from hoexp.progress import RunProgress, make_progress
 from hoexp.types import OuterStep, Runnable
 
 
-def run(exp: Runnable, io: RunIO | None = None, progress: RunProgress | None = None, *,
-        resume: dict[str, Any] | None = None) -> dict[str, Any]:
+def run(
+    exp: Runnable, io: RunIO | None = None, progress: RunProgress | None = None, *, resume: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """Run ``exp`` from its start (or from the checkpoint ``resume``) to ``exp.settings.outer_steps``; returns the
     summary (also written to ``summary.json`` when ``io`` has a folder). Raises what ended the run early
     (:class:`~hoexp.engine.guards.Diverged`, :class:`~hoexp.engine.io.Preempted`, ...) after writing it down."""
@@ -40,8 +41,13 @@ def run(exp: Runnable, io: RunIO | None = None, progress: RunProgress | None = N
                     io.logger.log_text("config", io.config_text)
                 log_step(exp, state, io.logger, 0, {}, force_hist=True)
             io.keep(snapshot(exp, state))
-            loop(exp, state, io, progress or make_progress(s.outer_steps, s.inner_steps, console=io.console,
-                                                           enabled=s.progress and io.main))
+            loop(
+                exp,
+                state,
+                io,
+                progress
+                or make_progress(s.outer_steps, s.inner_steps, console=io.console, enabled=s.progress and io.main),
+            )
             io.status = "completed"
         except BaseException as e:
             error = e
@@ -52,8 +58,9 @@ def run(exp: Runnable, io: RunIO | None = None, progress: RunProgress | None = N
                 error = io.peer_outcome(error, signals)
                 io.status, io.error = outcome(error)
             summary = run_summary(exp, state, io)
-            final = None if state is None or not state.raw else final_state(exp.task.family, state.raw,
-                                                                             state.inner.params)
+            final = (
+                None if state is None or not state.raw else final_state(exp.task.family, state.raw, state.inner.params)
+            )
             failed_write = io.finish(summary, final, dict(s.hparams), s.checkpoint_every)
     failure = error if error is not None else failed_write
     if failure is not None:
@@ -72,9 +79,18 @@ def loop(exp: Runnable, state: RunState, io: RunIO, progress: RunProgress) -> No
                 state.inner = reset_inner(exp, state)
             # The runner draws the batches, so a method gets values and the stream positions (checkpointed with
             # the run) are the runner's: inner_steps for training, then extra_batches (IFT: its Hessian batch).
-            res = exp.method(OuterStep(exp.task, exp.inner_opt, state.inner, state.raw,
-                                       take(state.train, s.inner_steps), take(state.train, exp.method.extra_batches),
-                                       next(state.val), progress.advance_inner))
+            res = exp.method(
+                OuterStep(
+                    exp.task,
+                    exp.inner_opt,
+                    state.inner,
+                    state.raw,
+                    take(state.train, s.inner_steps),
+                    take(state.train, exp.method.extra_batches),
+                    next(state.val),
+                    progress.advance_inner,
+                )
+            )
             state.inner, scalars = res.inner, dict(res.scalars)
             if io.ctx.active and "inner/loss" in scalars:  # each rank's is its shard's: log the global mean
                 scalars["inner/loss"] = distributed.mean_floats([scalars["inner/loss"]], io.ctx)[0]
@@ -95,13 +111,15 @@ def headline(exp: Runnable, state: RunState, io: RunIO, threads: int, resumed: b
     """The run's first console line: what runs, how big, where."""
     s, n_w = exp.settings, sum(v.numel() for v in state.inner.params.values())
     names = labels(exp)
-    return (f"hoexp: {names['dataset']} / {names['model']} ({n_w:,} weights) / hp={names['hp']} "
-            f"({sum(v.numel() for v in state.raw.values()):,} hyperparameters) / method={exp.method.name} / "
-            f"device={exp.device} threads={threads}"
-            + (f" processes={io.ctx.world_size}" if io.ctx.active else "")
-            + (f" precision={s.precision}" if s.precision != "fp32" else "")
-            + (f" → {io.out_dir}" if io.out_dir is not None else "")
-            + (f" (resumed after outer step {state.step})" if resumed else ""))
+    return (
+        f"hoexp: {names['dataset']} / {names['model']} ({n_w:,} weights) / hp={names['hp']} "
+        f"({sum(v.numel() for v in state.raw.values()):,} hyperparameters) / method={exp.method.name} / "
+        f"device={exp.device} threads={threads}"
+        + (f" processes={io.ctx.world_size}" if io.ctx.active else "")
+        + (f" precision={s.precision}" if s.precision != "fp32" else "")
+        + (f" → {io.out_dir}" if io.out_dir is not None else "")
+        + (f" (resumed after outer step {state.step})" if resumed else "")
+    )
 
 
 def run_summary(exp: Runnable, state: RunState | None, io: RunIO) -> dict[str, Any]:

@@ -20,8 +20,24 @@ from hoexp.task.base import BatchStream
 from hoexp.types import HParams, InnerState, Params, Runnable
 
 # Top-level checkpoint keys every checkpoint has (older ones may lack method_state / precision_state).
-CHECKPOINT_KEYS = frozenset({"step", "params", "opt_state", "inner_step", "raw", "outer_state", "train_stream",
-                             "val_stream", "evals", "hypergradients", "nonfinite", "elapsed_s", "raw0", "torch_rng"})
+CHECKPOINT_KEYS = frozenset(
+    {
+        "step",
+        "params",
+        "opt_state",
+        "inner_step",
+        "raw",
+        "outer_state",
+        "train_stream",
+        "val_stream",
+        "evals",
+        "hypergradients",
+        "nonfinite",
+        "elapsed_s",
+        "raw0",
+        "torch_rng",
+    }
+)
 
 
 @dataclass
@@ -84,11 +100,20 @@ def snapshot(exp: Runnable, state: RunState) -> dict[str, Any]:
     """References to everything a checkpoint holds after ``state.step`` (no copies)."""
     precision = getattr(exp.task, "precision", None)
     return {
-        "step": state.step, "params": state.inner.params, "opt_state": state.inner.opt_state,
-        "inner_step": state.inner.step, "raw": state.raw, "outer_state": state.outer_state,
-        "train_stream": state.train.state_dict(), "val_stream": state.val.state_dict(),
-        "evals": list(state.evals), "hypergradients": state.hypergradients, "nonfinite": state.nonfinite,
-        "elapsed_s": state.elapsed(), "raw0": state.raw0, "torch_rng": torch.get_rng_state(),
+        "step": state.step,
+        "params": state.inner.params,
+        "opt_state": state.inner.opt_state,
+        "inner_step": state.inner.step,
+        "raw": state.raw,
+        "outer_state": state.outer_state,
+        "train_stream": state.train.state_dict(),
+        "val_stream": state.val.state_dict(),
+        "evals": list(state.evals),
+        "hypergradients": state.hypergradients,
+        "nonfinite": state.nonfinite,
+        "elapsed_s": state.elapsed(),
+        "raw0": state.raw0,
+        "torch_rng": torch.get_rng_state(),
         "method_state": exp.method.state_dict() if isinstance(exp.method, CarriesState) else {},
         "precision_state": precision.state_dict() if precision else {},
     }

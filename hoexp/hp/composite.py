@@ -50,7 +50,9 @@ class Composite:
         return {k: v for f in self.families for k, v in f.optimizer_overrides(raw, step).items()}
 
     def noise(self, mask_shapes, generator, like) -> dict[str, Tensor]:
-        return {k: v for f in self.families if hasattr(f, "noise") for k, v in f.noise(mask_shapes, generator, like).items()}
+        return {
+            k: v for f in self.families if hasattr(f, "noise") for k, v in f.noise(mask_shapes, generator, like).items()
+        }
 
     def masks(self, raw: Params, noise: Mapping[str, Tensor]) -> dict[str, Tensor]:
         return {k: v for f in self.families if hasattr(f, "masks") for k, v in f.masks(raw, noise).items()}

@@ -87,8 +87,10 @@ class Dropout:
 
         names = select(list(self.sites), self.include)
         if not names:
-            raise ValueError(f"dropout include patterns {list(self.include)} match no dropout site; "
-                             f"sites are: {', '.join(self.sites)}")
+            raise ValueError(
+                f"dropout include patterns {list(self.include)} match no dropout site; "
+                f"sites are: {', '.join(self.sites)}"
+            )
         return names
 
     def init(self, params: Params) -> dict[str, Tensor]:
@@ -107,16 +109,21 @@ class Dropout:
         to the rate bounds: a layer's shared value gets the summed, low-variance hypergradient of its
         units, each unit a small offset around it)."""
         prefix = self.name + ":"
-        own = {k[len(prefix):]: v for k, v in raw.items() if k.startswith(prefix)}
+        own = {k[len(prefix) :]: v for k, v in raw.items() if k.startswith(prefix)}
         if self.granularity != "layer_and_unit":
             return own
         lo, hi = self._bounds()
-        return {s: (v + self.offset_scale * own[s + OFFSETS]).clamp(lo, hi)
-                for s, v in own.items() if not s.endswith(OFFSETS)}
+        return {
+            s: (v + self.offset_scale * own[s + OFFSETS]).clamp(lo, hi)
+            for s, v in own.items()
+            if not s.endswith(OFFSETS)
+        }
 
     def _bounds(self) -> tuple[float, float]:
-        return (math.log(self.min_value) - math.log1p(-self.min_value),
-                math.log(self.max_value) - math.log1p(-self.max_value))
+        return (
+            math.log(self.min_value) - math.log1p(-self.min_value),
+            math.log(self.max_value) - math.log1p(-self.max_value),
+        )
 
     def view(self, raw: Params) -> dict[str, Tensor]:
         return {f"{self.name}:{s}": torch.sigmoid(v) for s, v in self._own(raw).items()}
@@ -124,8 +131,16 @@ class Dropout:
     def clamp(self, raw: Params) -> dict[str, Tensor]:
         lo, hi = self._bounds()
         span = (hi - lo) / self.offset_scale  # an offset alone can span the whole range, no more
-        return {k: (v if not k.startswith(self.name + ":") else v.clamp(-span, span) if k.endswith(OFFSETS)
-                    else v.clamp(lo, hi)) for k, v in raw.items()}
+        return {
+            k: (
+                v
+                if not k.startswith(self.name + ":")
+                else v.clamp(-span, span)
+                if k.endswith(OFFSETS)
+                else v.clamp(lo, hi)
+            )
+            for k, v in raw.items()
+        }
 
     def penalty(self, params: Params, raw: Params) -> float:
         return 0.0
@@ -133,8 +148,9 @@ class Dropout:
     def optimizer_overrides(self, raw: Params, step: int) -> dict:
         return {}
 
-    def noise(self, mask_shapes: Mapping[str, tuple[int, ...]], generator: torch.Generator, like: Tensor
-              ) -> dict[str, Tensor]:
+    def noise(
+        self, mask_shapes: Mapping[str, tuple[int, ...]], generator: torch.Generator, like: Tensor
+    ) -> dict[str, Tensor]:
         """Uniform noise in (0, 1) for every covered site, shaped like its mask (``model.dropout_sites(B)``:
         ``[B, units]`` for unit dropout, the weight's shape for DropConnect). Drawn from a CPU generator
         and then moved, so runs are reproducible across devices."""
@@ -154,17 +170,36 @@ class Dropout:
 Rate = Annotated[float, Range(gt=0, lt=1)]
 
 
-def dropout(ctx: BuildContext, *, granularity: Literal["per_layer", "per_unit", "layer_and_unit"] = "per_unit",
-            init: Rate = 0.2, temperature: PositiveFloat = 0.1, relaxation: Literal["concrete", "gaussian"] = "concrete",
-            offset_scale: PositiveFloat = 0.1, include: Sequence[str] = ("*",), min: Rate = 1e-4,
-            max: Rate = 0.95) -> Dropout:
+def dropout(
+    ctx: BuildContext,
+    *,
+    granularity: Literal["per_layer", "per_unit", "layer_and_unit"] = "per_unit",
+    init: Rate = 0.2,
+    temperature: PositiveFloat = 0.1,
+    relaxation: Literal["concrete", "gaussian"] = "concrete",
+    offset_scale: PositiveFloat = 0.1,
+    include: Sequence[str] = ("*",),
+    min: Rate = 1e-4,
+    max: Rate = 0.95,
+) -> Dropout:
     """``hp=dropout``: rates ``p = σ(raw)`` in ``[min, max]`` at the model's dropout sites matching ``include``
     (``model.unit_shapes()``: site → unit shape), with relaxed masks (module docstring)."""
     if not min <= init <= max:
         raise ValueError(f"need min <= init <= max; got min={min}, init={init}, max={max}")
     unit_shapes = getattr(ctx.model, "unit_shapes", None)
     if unit_shapes is None:
-        raise ValueError(f"{type(ctx.model).__name__} has no dropout sites: a model tuned by hp=dropout defines "
-                         "unit_shapes() and forward(x, masks=...) (see hoexp.model.mlp.MLP)")
-    return Dropout(unit_shapes(), granularity, init, temperature, tuple(include), min, max, relaxation=relaxation,
-                   offset_scale=offset_scale)
+        raise ValueError(
+            f"{type(ctx.model).__name__} has no dropout sites: a model tuned by hp=dropout defines "
+            "unit_shapes() and forward(x, masks=...) (see hoexp.model.mlp.MLP)"
+        )
+    return Dropout(
+        unit_shapes(),
+        granularity,
+        init,
+        temperature,
+        tuple(include),
+        min,
+        max,
+        relaxation=relaxation,
+        offset_scale=offset_scale,
+    )

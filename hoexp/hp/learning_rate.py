@@ -59,8 +59,7 @@ class LearningRate:
         if self.granularity == "global":
             return {self.name: torch.full((), raw0, dtype=ref.dtype, device=ref.device)}
         shape = (self.steps,) if self.granularity == "per_step" else ()
-        return {f"{self.name}:{n}": torch.full(shape, raw0, dtype=ref.dtype, device=ref.device)
-                for n in self.covered()}
+        return {f"{self.name}:{n}": torch.full(shape, raw0, dtype=ref.dtype, device=ref.device) for n in self.covered()}
 
     def _mine(self, k: str) -> bool:
         return k == self.name or k.startswith(self.name + ":")
@@ -79,7 +78,7 @@ class LearningRate:
         if self.granularity == "global":
             return {"lr": torch.exp(raw[self.name])}
         prefix = self.name + ":"
-        lrs = {k[len(prefix):]: torch.exp(v) for k, v in raw.items() if k.startswith(prefix)}
+        lrs = {k[len(prefix) :]: torch.exp(v) for k, v in raw.items() if k.startswith(prefix)}
         if self.granularity == "per_step":
             lrs = {n: v[min(step, v.shape[0] - 1)] for n, v in lrs.items()}
         # Parameters not covered keep the optimizer's configured rate: the optimizer needs every name.
@@ -129,13 +128,19 @@ class Momentum:
 
     def optimizer_overrides(self, raw: Params, step: int) -> dict:
         prefix = self.name + ":"
-        mus = {k[len(prefix):]: torch.sigmoid(v) for k, v in raw.items() if k.startswith(prefix)}
+        mus = {k[len(prefix) :]: torch.sigmoid(v) for k, v in raw.items() if k.startswith(prefix)}
         return {"momentum": {n: mus.get(n, self.fill) for n in self.param_names}}
 
 
-def lr(ctx: BuildContext, *, granularity: Literal["global", "per_layer", "per_step"] = "global",
-       init: PositiveFloat | None = None, include: Sequence[str] = ("*",), min: PositiveFloat = 1e-8,
-       max: PositiveFloat = 10.0) -> LearningRate:
+def lr(
+    ctx: BuildContext,
+    *,
+    granularity: Literal["global", "per_layer", "per_step"] = "global",
+    init: PositiveFloat | None = None,
+    include: Sequence[str] = ("*",),
+    min: PositiveFloat = 1e-8,
+    max: PositiveFloat = 10.0,
+) -> LearningRate:
     """``hp=lr``: inner learning rates ``exp(raw)`` (``init`` None: the inner optimizer's ``lr``); parameters
     outside ``include`` keep that configured rate."""
     configured = ctx.inner_opt.defaults.get("lr")
@@ -146,19 +151,34 @@ def lr(ctx: BuildContext, *, granularity: Literal["global", "per_layer", "per_st
     start = init
     if not min < max or not min <= start <= max:
         raise ValueError(f"need 0 < min <= init <= max; got min={min}, init={start}, max={max}")
-    return LearningRate(ctx.param_names, granularity, start, builtins.max(ctx.inner_steps, 1), tuple(include), min,
-                        max, fill=float(configured if configured is not None else start))
+    return LearningRate(
+        ctx.param_names,
+        granularity,
+        start,
+        builtins.max(ctx.inner_steps, 1),
+        tuple(include),
+        min,
+        max,
+        fill=float(configured if configured is not None else start),
+    )
 
 
-def momentum(ctx: BuildContext, *, init: Annotated[float, Range(gt=0, lt=1)] | None = None,
-             include: Sequence[str] = ("*",), min: Annotated[float, Range(ge=0, lt=1)] = 0.0,
-             max: Annotated[float, Range(gt=0, lt=1)] = 0.999) -> Momentum:
+def momentum(
+    ctx: BuildContext,
+    *,
+    init: Annotated[float, Range(gt=0, lt=1)] | None = None,
+    include: Sequence[str] = ("*",),
+    min: Annotated[float, Range(ge=0, lt=1)] = 0.0,
+    max: Annotated[float, Range(gt=0, lt=1)] = 0.999,
+) -> Momentum:
     """``hp=momentum``: per-layer momentum ``σ(raw)`` of an SGD inner optimizer with momentum (``init`` None: its
     configured momentum)."""
     mu = float(ctx.inner_opt.defaults.get("momentum", 0.0))
     if not mu > 0:
-        raise ValueError(f"hp=momentum tunes SGD momentum, but optim/inner={ctx.inner_opt.name} has no momentum "
-                         "buffer; use optim/inner=momentum or nesterov")
+        raise ValueError(
+            f"hp=momentum tunes SGD momentum, but optim/inner={ctx.inner_opt.name} has no momentum "
+            "buffer; use optim/inner=momentum or nesterov"
+        )
     start = mu if init is None else init
     if not min < start <= max:
         raise ValueError(f"need 0 <= min < init <= max < 1; got min={min}, init={start}, max={max}")

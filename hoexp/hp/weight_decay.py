@@ -38,7 +38,9 @@ class WeightDecay:
 
     def __post_init__(self):
         if self.granularity not in GRANULARITIES:
-            raise ValueError(f"unknown weight-decay granularity '{self.granularity}'; valid: {', '.join(GRANULARITIES)}")
+            raise ValueError(
+                f"unknown weight-decay granularity '{self.granularity}'; valid: {', '.join(GRANULARITIES)}"
+            )
         if not self.init_value > 0:
             raise ValueError(f"weight-decay init must be > 0 (it is parameterized as exp(raw)), got {self.init_value}")
         if not self.offset_scale > 0:
@@ -77,8 +79,10 @@ class WeightDecay:
         an offset alone may span the whole range, no more."""
         lo, hi = math.log(self.min_value), math.log(self.max_value)
         span = (hi - lo) / self.offset_scale
-        return {k: (v if not self._mine(k) else v.clamp(-span, span) if k.endswith(OFFSETS) else v.clamp(lo, hi))
-                for k, v in raw.items()}
+        return {
+            k: (v if not self._mine(k) else v.clamp(-span, span) if k.endswith(OFFSETS) else v.clamp(lo, hi))
+            for k, v in raw.items()
+        }
 
     def view(self, raw: Params) -> dict[str, Tensor]:
         if self.granularity == "global":
@@ -96,12 +100,15 @@ class WeightDecay:
         """``exp(raw)`` per covered parameter; ``layer_and_weight``: ``exp(clamp(layer + offset_scale·offset))``
         (a layer's value gets the summed, low-variance hypergradient of its weights)."""
         prefix = self.name + ":"
-        own = {k[len(prefix):]: v for k, v in raw.items() if k.startswith(prefix)}
+        own = {k[len(prefix) :]: v for k, v in raw.items() if k.startswith(prefix)}
         if self.granularity != "layer_and_weight":
             return {n: torch.exp(v) for n, v in own.items()}
         lo, hi = math.log(self.min_value), math.log(self.max_value)
-        return {n: torch.exp((v + self.offset_scale * own[n + OFFSETS]).clamp(lo, hi))
-                for n, v in own.items() if not n.endswith(OFFSETS)}
+        return {
+            n: torch.exp((v + self.offset_scale * own[n + OFFSETS]).clamp(lo, hi))
+            for n, v in own.items()
+            if not n.endswith(OFFSETS)
+        }
 
     def optimizer_overrides(self, raw: Params, step: int) -> dict:
         return {}  # weight decay acts through the loss, not the optimizer
@@ -113,9 +120,15 @@ class WeightDecay:
         return 0.5 * torch.stack(terms).sum()
 
 
-def weight_decay(*, granularity: Literal["global", "per_layer", "per_weight", "layer_and_weight"] = "per_weight",
-                 init: PositiveFloat = 1e-3, include: Sequence[str] = ("*weight",), min: PositiveFloat = 1e-12,
-                 max: PositiveFloat = 10.0, offset_scale: PositiveFloat = 0.1) -> WeightDecay:
+def weight_decay(
+    *,
+    granularity: Literal["global", "per_layer", "per_weight", "layer_and_weight"] = "per_weight",
+    init: PositiveFloat = 1e-3,
+    include: Sequence[str] = ("*weight",),
+    min: PositiveFloat = 1e-12,
+    max: PositiveFloat = 10.0,
+    offset_scale: PositiveFloat = 0.1,
+) -> WeightDecay:
     """``hp=weight_decay``: ``L_T += ½ Σ λ_i w_i²`` over the parameters matching ``include``, ``λ = exp(raw)``
     clamped into ``[min, max]``; ``layer_and_weight``: weight i's raw decay is ``layer + offset_scale·offset_i``."""
     if not min <= init <= max:

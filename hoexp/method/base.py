@@ -55,9 +55,17 @@ def take(stream: Iterator[tuple], n: int) -> list[tuple]:
     return [next(stream) for _ in range(n)]
 
 
-def outer_step(method: HyperMethod, task: Task, inner_opt: Optimizer, inner: InnerState, raw: dict[str, Tensor],
-               stream: Iterator[tuple], val: tuple, inner_steps: int, on_step: Callable[[], None] | None = None,
-               ) -> OuterResult:
+def outer_step(
+    method: HyperMethod,
+    task: Task,
+    inner_opt: Optimizer,
+    inner: InnerState,
+    raw: dict[str, Tensor],
+    stream: Iterator[tuple],
+    val: tuple,
+    inner_steps: int,
+    on_step: Callable[[], None] | None = None,
+) -> OuterResult:
     """One outer step of ``method`` on the next ``inner_steps + method.extra_batches`` batches of ``stream``
     (what the engine does; for scripts and tests that hold a stream)."""
     train = take(stream, inner_steps)
@@ -93,9 +101,15 @@ class CarriesState(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
-def plain_step(problem: Task, inner_opt: Optimizer, params: dict[str, Tensor], opt_state: dict[str, Any],
-               raw: dict[str, Tensor], batch: tuple, overrides: dict[str, Any],
-               ) -> tuple[dict[str, Tensor], dict[str, Any], Tensor, Tensor]:
+def plain_step(
+    problem: Task,
+    inner_opt: Optimizer,
+    params: dict[str, Tensor],
+    opt_state: dict[str, Any],
+    raw: dict[str, Tensor],
+    batch: tuple,
+    overrides: dict[str, Any],
+) -> tuple[dict[str, Tensor], dict[str, Any], Tensor, Tensor]:
     """One training step as a pure function: ``g = ∇_w L_T(w, λ; batch)``, ``w, s ← update(w, g, s)``.
 
     Returns the new weights and optimizer state, the loss and ``‖g‖``. This is what ``run.compile``
@@ -124,9 +138,11 @@ def compiled_step(problem: Task, inner_opt: Optimizer) -> Callable[..., Any]:
             try:
                 out = compiled(*args)
             except Exception as e:  # a missing C++ compiler, an unsupported operation, ...
-                raise HoexpError(f"compile=true: torch.compile failed ({type(e).__name__}: "
-                                 f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}); run with "
-                                 "compile=false") from e
+                raise HoexpError(
+                    f"compile=true: torch.compile failed ({type(e).__name__}: "
+                    f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}); run with "
+                    "compile=false"
+                ) from e
             first[0] = False
             return out
 
@@ -134,9 +150,15 @@ def compiled_step(problem: Task, inner_opt: Optimizer) -> Callable[..., Any]:
     return fn
 
 
-def train_inner(problem: Task, inner_opt: Optimizer, state: InnerState, raw: dict[str, Tensor],
-                batches: Iterable[tuple], steps: int | None = None, on_step: Callable[[], None] | None = None,
-                ) -> tuple[InnerState, Tensor | None, Tensor | None]:
+def train_inner(
+    problem: Task,
+    inner_opt: Optimizer,
+    state: InnerState,
+    raw: dict[str, Tensor],
+    batches: Iterable[tuple],
+    steps: int | None = None,
+    on_step: Callable[[], None] | None = None,
+) -> tuple[InnerState, Tensor | None, Tensor | None]:
     """``steps`` plain (non-differentiable) training steps at fixed hyperparameters, on the next batches of
     ``batches`` (a stream, or a sequence: ``steps`` None takes all of it).
 

@@ -63,9 +63,14 @@ class Curvature(Protocol):
     @property
     def name(self) -> str: ...
 
-    def operator(self, train_loss: Callable[[dict[str, Tensor], dict[str, Tensor]], Tensor], w: dict[str, Tensor],
-                 lam: dict[str, Tensor], grad_flat: Tensor, mixed_inputs: list[Tensor] | None,
-                 ) -> LinearOperator: ...
+    def operator(
+        self,
+        train_loss: Callable[[dict[str, Tensor], dict[str, Tensor]], Tensor],
+        w: dict[str, Tensor],
+        lam: dict[str, Tensor],
+        grad_flat: Tensor,
+        mixed_inputs: list[Tensor] | None,
+    ) -> LinearOperator: ...
 
 
 class HessianOperator:
@@ -100,8 +105,9 @@ class HessianOperator:
         if not self.grad_flat.requires_grad:
             out = [torch.zeros_like(x) for x in inputs]
         else:
-            out = tree.fill_none(torch.autograd.grad(self.grad_flat, inputs, v, retain_graph=True,
-                                                     allow_unused=True), inputs)
+            out = tree.fill_none(
+                torch.autograd.grad(self.grad_flat, inputs, v, retain_graph=True, allow_unused=True), inputs
+            )
         k = len(self.params)
         return tree.flatten(out[:k]), tree.flatten(out[k:])
 
@@ -110,12 +116,15 @@ class HessianOperator:
         rows = []
         eye = torch.eye(self.n, dtype=self.grad_flat.dtype, device=self.grad_flat.device)
         for start in range(0, self.n, chunk):
-            basis = eye[start:start + chunk]
+            basis = eye[start : start + chunk]
             try:
-                batched = torch.autograd.grad(self.grad_flat, self.params, basis, retain_graph=True,
-                                              allow_unused=True, is_grads_batched=True)
-                cols = [torch.zeros(len(basis), *p.shape, dtype=p.dtype, device=p.device) if c is None else c
-                        for c, p in zip(batched, self.params)]
+                batched = torch.autograd.grad(
+                    self.grad_flat, self.params, basis, retain_graph=True, allow_unused=True, is_grads_batched=True
+                )
+                cols = [
+                    torch.zeros(len(basis), *p.shape, dtype=p.dtype, device=p.device) if c is None else c
+                    for c, p in zip(batched, self.params)
+                ]
                 rows.append(torch.cat([c.reshape(len(basis), -1) for c in cols], dim=1))
             except RuntimeError:  # an op without a batching rule: fall back to one HVP per row
                 rows.append(torch.stack([self.matvec(e) for e in basis]))
@@ -152,26 +161,37 @@ class GaussNewtonOperator:
         self.z_leaf = self.z.detach().requires_grad_(True)
         (self.loss_grad,) = torch.autograd.grad(loss.output_loss(self.z_leaf), self.z_leaf, create_graph=True)
         r = loss.penalty(self.like, lam)
-        pen = torch.autograd.grad(r, self.w, create_graph=True, allow_unused=True) \
-            if isinstance(r, Tensor) and r.requires_grad else [None] * len(self.w)
+        pen = (
+            torch.autograd.grad(r, self.w, create_graph=True, allow_unused=True)
+            if isinstance(r, Tensor) and r.requires_grad
+            else [None] * len(self.w)
+        )
         self.pen = [(g, i) for i, g in enumerate(pen) if g is not None and g.requires_grad]
 
     def _product(self, v: Tensor, batched: bool = False) -> Tensor:
         """``G v`` (``batched``: the rows of ``v`` [k, n] at once, ``is_grads_batched``)."""
         shape = (len(v),) if batched else ()
-        vs = [x.reshape(*shape, *p.shape) for x, p in zip(torch.split(v, [p.numel() for p in self.w], dim=-1),
-                                                          self.w)]
+        vs = [x.reshape(*shape, *p.shape) for x, p in zip(torch.split(v, [p.numel() for p in self.w], dim=-1), self.w)]
         kw = dict(retain_graph=True, is_grads_batched=batched)
         if self.jt:
             (jv,) = torch.autograd.grad([j for j, _ in self.jt], self.s, [vs[i] for _, i in self.jt], **kw)
         else:  # outputs independent of w
             jv = torch.zeros(*shape, *self.z.shape, dtype=v.dtype, device=v.device)
-        hjv = torch.autograd.grad(self.loss_grad, self.z_leaf, jv, **kw)[0] if self.loss_grad.requires_grad \
+        hjv = (
+            torch.autograd.grad(self.loss_grad, self.z_leaf, jv, **kw)[0]
+            if self.loss_grad.requires_grad
             else torch.zeros_like(jv)
-        out = torch.autograd.grad([self.z] + [g for g, _ in self.pen], self.w,
-                                  [hjv] + [vs[i] for _, i in self.pen], allow_unused=True, **kw)
-        return torch.cat([torch.zeros(*shape, p.numel(), dtype=v.dtype, device=v.device) if o is None
-                          else o.reshape(*shape, -1) for o, p in zip(out, self.w)], dim=-1)
+        )
+        out = torch.autograd.grad(
+            [self.z] + [g for g, _ in self.pen], self.w, [hjv] + [vs[i] for _, i in self.pen], allow_unused=True, **kw
+        )
+        return torch.cat(
+            [
+                torch.zeros(*shape, p.numel(), dtype=v.dtype, device=v.device) if o is None else o.reshape(*shape, -1)
+                for o, p in zip(out, self.w)
+            ],
+            dim=-1,
+        )
 
     def matvec(self, v: Tensor) -> Tensor:
         self.hvps += 1
@@ -181,7 +201,7 @@ class GaussNewtonOperator:
         eye = torch.eye(self.n, dtype=self.z.dtype, device=self.z.device)
         rows = []
         for start in range(0, self.n, chunk):
-            basis = eye[start:start + chunk]
+            basis = eye[start : start + chunk]
             try:
                 rows.append(self._product(basis, batched=True))
             except RuntimeError:  # an operation without a batching rule: one product per row
@@ -196,8 +216,14 @@ class Hessian:
 
     name: str = "hessian"
 
-    def operator(self, train_loss: Any, w: dict[str, Tensor], lam: dict[str, Tensor], grad_flat: Tensor,
-                 mixed_inputs: list[Tensor] | None) -> LinearOperator:
+    def operator(
+        self,
+        train_loss: Any,
+        w: dict[str, Tensor],
+        lam: dict[str, Tensor],
+        grad_flat: Tensor,
+        mixed_inputs: list[Tensor] | None,
+    ) -> LinearOperator:
         return HessianOperator(grad_flat, list(w.values()), mixed_inputs)
 
 
@@ -208,11 +234,19 @@ class GaussNewton:
 
     name: str = "gauss_newton"
 
-    def operator(self, train_loss: Any, w: dict[str, Tensor], lam: dict[str, Tensor], grad_flat: Tensor,
-                 mixed_inputs: list[Tensor] | None) -> LinearOperator:
+    def operator(
+        self,
+        train_loss: Any,
+        w: dict[str, Tensor],
+        lam: dict[str, Tensor],
+        grad_flat: Tensor,
+        mixed_inputs: list[Tensor] | None,
+    ) -> LinearOperator:
         if not isinstance(train_loss, SplitLoss):
-            raise TypeError("curvature=gauss_newton needs the training loss as a SplitLoss(outputs, output_loss, "
-                            "penalty) (hoexp.method.curvature)")
+            raise TypeError(
+                "curvature=gauss_newton needs the training loss as a SplitLoss(outputs, output_loss, "
+                "penalty) (hoexp.method.curvature)"
+            )
         return GaussNewtonOperator(train_loss, w, lam)
 
 

@@ -80,9 +80,16 @@ class FDStats:
     hvps: int  # finite-difference Hessian-vector products (terms > 0), two gradients each
 
 
-def fd_hypergradient(train_loss: LossFn, val_loss: LossFn, params: Mapping[str, Tensor],
-                     hparams: Mapping[str, Tensor], *, alpha: float = 0.01, eps: float = 0.01, terms: int = 0,
-                     ) -> tuple[dict[str, Tensor], FDStats]:
+def fd_hypergradient(
+    train_loss: LossFn,
+    val_loss: LossFn,
+    params: Mapping[str, Tensor],
+    hparams: Mapping[str, Tensor],
+    *,
+    alpha: float = 0.01,
+    eps: float = 0.01,
+    terms: int = 0,
+) -> tuple[dict[str, Tensor], FDStats]:
     """``∂L_V/∂λ − (∂²L_T/∂λ∂w) u`` with ``u = α Σ_{j≤terms} (I − αH)^j ∂L_V/∂w`` and every second
     derivative a central difference (see the module doc). Inputs are not modified; detached result."""
     w = tree.detached(params, requires_grad=True)
@@ -123,9 +130,26 @@ class FiniteDifferenceMethod:
     def __call__(self, st: OuterStep) -> OuterResult:
         problem, batch, val_batch = st.task, st.extra[0], st.val
         state, loss, gnorm = train_inner(problem, st.inner_opt, st.inner, st.raw, st.train, None, st.on_step)
-        hg, s = fd_hypergradient(lambda w, lam: problem.train_loss(w, lam, batch),
-                                 lambda w, lam: problem.val_loss(w, lam, val_batch),
-                                 state.params, st.raw, alpha=self.alpha, eps=self.eps, terms=self.terms)
-        return OuterResult(hg, state, scalars(**{
-            "inner/grad_norm": gnorm, "inner/loss": loss, "hypergrad/norm": tree.norm(hg),
-            "solver/iterations": self.terms, "solver/hvps": s.hvps, "fd/u_norm": s.u_norm}))
+        hg, s = fd_hypergradient(
+            lambda w, lam: problem.train_loss(w, lam, batch),
+            lambda w, lam: problem.val_loss(w, lam, val_batch),
+            state.params,
+            st.raw,
+            alpha=self.alpha,
+            eps=self.eps,
+            terms=self.terms,
+        )
+        return OuterResult(
+            hg,
+            state,
+            scalars(
+                **{
+                    "inner/grad_norm": gnorm,
+                    "inner/loss": loss,
+                    "hypergrad/norm": tree.norm(hg),
+                    "solver/iterations": self.terms,
+                    "solver/hvps": s.hvps,
+                    "fd/u_norm": s.u_norm,
+                }
+            ),
+        )

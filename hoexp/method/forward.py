@@ -49,8 +49,13 @@ def _split_state(state: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]
     return tensors, rest
 
 
-def _update_fn(optimizer: Optimizer, overrides: Callable[[dict[str, Tensor], int], dict[str, Any]] | None,
-               rest: dict[str, Any], t: int, captured: dict[str, Any]) -> Callable[..., Any]:
+def _update_fn(
+    optimizer: Optimizer,
+    overrides: Callable[[dict[str, Tensor], int], dict[str, Any]] | None,
+    rest: dict[str, Any],
+    t: int,
+    captured: dict[str, Any],
+) -> Callable[..., Any]:
     """Step ``t``'s optimizer update as a function of ``(w, g, state tensors, λ)`` → ``(w', state tensors')``,
     the form every strategy differentiates; the non-tensor rest of the new state lands in ``captured``."""
 
@@ -106,8 +111,12 @@ def forward_hypergradient(
         try:
             return impl(*args, overrides=overrides, on_step=on_step, chunk_size=chunk_size, tangents=tangents)
         except (RuntimeError, NotImplementedError) as e:  # pragma: no cover - depends on the model's ops
-            warnings.warn(f"forward mode: vmap over hyperparameter directions failed ({e}); "
-                          "falling back to one jvp per direction", RuntimeWarning, stacklevel=2)
+            warnings.warn(
+                f"forward mode: vmap over hyperparameter directions failed ({e}); "
+                "falling back to one jvp per direction",
+                RuntimeWarning,
+                stacklevel=2,
+            )
     return _forward_loop(*args, overrides=overrides, on_step=on_step)
 
 
@@ -159,9 +168,17 @@ def _forward_loop(
     return _result(train_loss, val_loss, w, tensors, rest, lam, hg_vector, steps)
 
 
-def _result(train_loss: StepLoss, val_loss: Callable[[dict[str, Tensor], dict[str, Tensor]], Tensor],
-            w: dict[str, Tensor], tensors: dict[str, Any], rest: dict[str, Any], lam: dict[str, Tensor],
-            hg_vector: Tensor, steps: int, tangents: Any = None) -> UnrolledResult:
+def _result(
+    train_loss: StepLoss,
+    val_loss: Callable[[dict[str, Tensor], dict[str, Tensor]], Tensor],
+    w: dict[str, Tensor],
+    tensors: dict[str, Any],
+    rest: dict[str, Any],
+    lam: dict[str, Tensor],
+    hg_vector: Tensor,
+    steps: int,
+    tangents: Any = None,
+) -> UnrolledResult:
     # Training loss and gradient norm at w_T on the last batch, for logging (one gradient).
     loss_value = gnorm = None
     if steps:
@@ -198,8 +215,9 @@ def _forward_vectorized(
     tangents: tuple[dict[str, Tensor], Any] | None = None,
 ) -> UnrolledResult:
     """All directions at once: the tangents are batched ``[H, ...]`` pytrees, one ``vmap``-ed ``jvp`` a step."""
-    lam, lam_flat, n_h, directions, w, tensors, rest, tangent_w, tangent_s = _batched_start(params, opt_state, hparams,
-                                                                                           tangents)
+    lam, lam_flat, n_h, directions, w, tensors, rest, tangent_w, tangent_s = _batched_start(
+        params, opt_state, hparams, tangents
+    )
     for t in range(steps):
         captured: dict[str, Any] = {}
         update = _update_fn(optimizer, overrides, rest, t, captured)
@@ -217,8 +235,8 @@ def _forward_vectorized(
         for lo in range(0, n_h, chunk_size or n_h):
             sl = slice(lo, lo + (chunk_size or n_h))
             # torch's stub allows no None inside an out_dims tuple; vmap documents and supports it
-            pieces.append(vmap(push, out_dims=(None, 0))(_index(tangent_w, sl), _index(tangent_s, sl),  # type: ignore[arg-type]
-                                                         _index(directions, sl)))
+            batched = vmap(push, out_dims=(None, 0))  # type: ignore[arg-type]
+            pieces.append(batched(_index(tangent_w, sl), _index(tangent_s, sl), _index(directions, sl)))
         (w_next, s_next) = pieces[0][0]
         tangent_w, tangent_s = _cat([p[1][0] for p in pieces]), _cat([p[1][1] for p in pieces])
         w, tensors, rest = w_next, s_next, captured["rest"]
@@ -247,8 +265,9 @@ def _forward_hessian(
     Cost per step: one ``create_graph`` gradient of ``L_T`` in ``(w, λ)``, ``H`` backward passes
     through it (HVPs), and ``vmap(jvp(update))`` over the directions (elementwise).
     """
-    lam, lam_flat, n_h, directions, w, tensors, rest, tangent_w, tangent_s = _batched_start(params, opt_state, hparams,
-                                                                                           tangents)
+    lam, lam_flat, n_h, directions, w, tensors, rest, tangent_w, tangent_s = _batched_start(
+        params, opt_state, hparams, tangents
+    )
     w_keys, lam_keys = list(w), list(lam)
     for t in range(steps):
         w_req = tree.detached(w, requires_grad=True)
@@ -258,15 +277,17 @@ def _forward_hessian(
         g = {k: (x.detach() if x is not None else torch.zeros_like(w[k])) for k, x in zip(w_keys, g_all)}
         # Outputs that depend on w (the others contribute nothing to ġ), with their tangents as output gradients.
         pieces = [(x, tangent_w[k]) for k, x in zip(w_keys, g_all) if x is not None and x.requires_grad]
-        pieces += [(x, directions[k]) for k, x in zip(lam_keys, g_all[len(w_keys):])
-                   if x is not None and x.requires_grad]
+        pieces += [
+            (x, directions[k]) for k, x in zip(lam_keys, g_all[len(w_keys) :]) if x is not None and x.requires_grad
+        ]
         w_list = list(w_req.values())
         tangent_g = {k: torch.zeros_like(v) for k, v in tangent_w.items()}
         if pieces:
             outs = [x for x, _ in pieces]
             for h in range(n_h):  # one HVP of the joint Hessian per direction
-                dg = torch.autograd.grad(outs, w_list, [tx[h] for _, tx in pieces], retain_graph=h < n_h - 1,
-                                         allow_unused=True)
+                dg = torch.autograd.grad(
+                    outs, w_list, [tx[h] for _, tx in pieces], retain_graph=h < n_h - 1, allow_unused=True
+                )
                 for k, x in zip(w_keys, dg):
                     if x is not None:
                         tangent_g[k][h] = x
@@ -279,14 +300,14 @@ def _forward_hessian(
 
         # torch's stub allows no None inside an out_dims tuple; vmap documents and supports it
         (w_next, s_next), (tangent_w, tangent_s) = vmap(push, out_dims=(None, 0))(  # type: ignore[arg-type]
-            tangent_w, tangent_g, tangent_s, directions)
+            tangent_w, tangent_g, tangent_s, directions
+        )
         w, tensors, rest = w_next, s_next, captured["rest"]
         if on_step is not None:
             on_step()
     # dL_V/dλ_h = ⟨∇_w L_V, ẇ_h⟩ + ⟨∇_λ L_V, λ̇_h⟩: one gradient for all directions.
     w_req, lam_req = tree.detached(w, requires_grad=True), tree.detached(lam, requires_grad=True)
-    gv = torch.autograd.grad(val_loss(w_req, lam_req), list(w_req.values()) + list(lam_req.values()),
-                             allow_unused=True)
+    gv = torch.autograd.grad(val_loss(w_req, lam_req), list(w_req.values()) + list(lam_req.values()), allow_unused=True)
     hg_vector = lam_flat.new_zeros(n_h)
     for x, tx in zip(gv, list(tangent_w.values()) + list(directions.values())):
         if x is not None:
@@ -294,8 +315,12 @@ def _forward_hessian(
     return _result(train_loss, val_loss, w, tensors, rest, lam, hg_vector, steps, (tangent_w, tangent_s))
 
 
-def _batched_start(params: Mapping[str, Tensor], opt_state: dict[str, Any], hparams: Mapping[str, Tensor],
-                   tangents: tuple[dict[str, Tensor], Any] | None = None) -> tuple[Any, ...]:
+def _batched_start(
+    params: Mapping[str, Tensor],
+    opt_state: dict[str, Any],
+    hparams: Mapping[str, Tensor],
+    tangents: tuple[dict[str, Tensor], Any] | None = None,
+) -> tuple[Any, ...]:
     """Detached copies and the batched starting tangents: ``(λ, λ_flat, H, directions [H, ...] (the unit
     basis, shaped like ``λ``), w, optimizer tensors, the rest of the state, ẇ, ṡ)`` (``ẇ = ṡ = 0``
     unless ``tangents`` are given)."""
@@ -305,8 +330,10 @@ def _batched_start(params: Mapping[str, Tensor], opt_state: dict[str, Any], hpar
     w = tree.detached(params)
     tensors, rest = _split_state(detach_state(opt_state))
     basis = torch.eye(n_h, dtype=lam_flat.dtype, device=lam_flat.device)
-    directions = {k: d.reshape(n_h, *v.shape) for (k, v), d in zip(lam.items(), torch.split(basis, [
-        v.numel() for v in lam.values()], dim=1))}
+    directions = {
+        k: d.reshape(n_h, *v.shape)
+        for (k, v), d in zip(lam.items(), torch.split(basis, [v.numel() for v in lam.values()], dim=1))
+    }
     if tangents is not None:
         return lam, lam_flat, n_h, directions, w, tensors, rest, tangents[0], tangents[1]
     tangent_w = {k: torch.zeros(n_h, *v.shape, dtype=v.dtype, device=v.device) for k, v in w.items()}
@@ -356,8 +383,9 @@ class ForwardMethod:
     extra_batches: ClassVar[int] = 0
     needs_stationary_point: ClassVar[bool] = False
     differentiates_steps: ClassVar[bool] = True
-    refuses_data_parallel: ClassVar[str] = ("pushes tangents with torch.func.jvp/vmap, which cannot all-reduce inside "
-                                            "the transform")
+    refuses_data_parallel: ClassVar[str] = (
+        "pushes tangents with torch.func.jvp/vmap, which cannot all-reduce inside the transform"
+    )
 
     def check(self, ctx: CheckContext) -> None:
         """One tangent per hyperparameter: refuse more than ``max_hparams`` before training starts."""
@@ -366,7 +394,8 @@ class ForwardMethod:
                 f"method={self.name} carries one tangent per hyperparameter and hp={ctx.family.name} has "
                 f"{ctx.n_hparams:,} here, above method.max_hparams={self.max_hparams}; use a coarser granularity "
                 "(e.g. hp.granularity=per_layer), a reverse method (unrolled, truncated) or an IFT method (neumann, "
-                "cg), or raise method.max_hparams")
+                "cg), or raise method.max_hparams"
+            )
 
     def __call__(self, st: OuterStep) -> OuterResult:
         start = None
@@ -403,8 +432,14 @@ def _scale(x: Any, c: float) -> Any:
     return {k: _scale(v, c) for k, v in x.items()}
 
 
-def forward(*, max_hparams: PositiveInt = 64, strategy: Literal["hessian", "vmap", "loop"] = "hessian",
-            carry: bool = False, decay: float = 1.0, name: str = "forward") -> ForwardMethod:
+def forward(
+    *,
+    max_hparams: PositiveInt = 64,
+    strategy: Literal["hessian", "vmap", "loop"] = "hessian",
+    carry: bool = False,
+    decay: float = 1.0,
+    name: str = "forward",
+) -> ForwardMethod:
     """``method=forward``: one JVP tangent per hyperparameter (refused above ``max_hparams``); ``carry`` keeps the
     tangents across outer steps (RTHO), multiplied by ``decay`` ∈ (0, 1] at each."""
     if not 0 < decay <= 1:

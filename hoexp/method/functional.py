@@ -75,8 +75,10 @@ def product_for(train_loss: Loss, curvature: str, hvp: str) -> Callable[[Params,
     """The pure product ``(w, λ, v) ↦ C v`` of ``curvature`` (``hessian``: ``hvp`` picks the mode)."""
     if curvature == "gauss_newton":
         if not isinstance(train_loss, SplitLoss):
-            raise TypeError("curvature=gauss_newton needs the training loss as a SplitLoss(outputs, output_loss, "
-                            "penalty) (hoexp.method.curvature)")
+            raise TypeError(
+                "curvature=gauss_newton needs the training loss as a SplitLoss(outputs, output_loss, "
+                "penalty) (hoexp.method.curvature)"
+            )
         return lambda w, lam, v: ggn_product(train_loss, w, lam, v)
     fn = hvp_rev_rev if hvp == "rev_rev" else hvp_fwd_rev
     return lambda w, lam, v: fn(train_loss, w, lam, v)
@@ -108,7 +110,7 @@ class FunctionalOperator:
 
     def dense(self) -> Tensor:
         eye = torch.eye(self.n, dtype=next(iter(self.w.values())).dtype, device=next(iter(self.w.values())).device)
-        rows = [vmap(self._apply)(eye[s:s + self.chunk]) for s in range(0, self.n, self.chunk)]
+        rows = [vmap(self._apply)(eye[s : s + self.chunk]) for s in range(0, self.n, self.chunk)]
         self.hvps += self.n
         return torch.cat(rows, dim=0)
 
@@ -124,8 +126,9 @@ def time_hvp_modes(train_loss: Loss, w: Params, lam: Params, repeats: int = 2) -
     wl = tree.detached(w, requires_grad=True)
     g = torch.autograd.grad(train_loss(wl, lam), list(wl.values()), create_graph=True, allow_unused=True)
     rr = HessianOperator(tree.flatten(tree.fill_none(g, list(wl.values()))), list(wl.values()))
-    fr = FunctionalOperator(lambda w_, lam_, v_: hvp_fwd_rev(train_loss, w_, lam_, v_), tree.detached(w),
-                            tree.detached(lam))
+    fr = FunctionalOperator(
+        lambda w_, lam_, v_: hvp_fwd_rev(train_loss, w_, lam_, v_), tree.detached(w), tree.detached(lam)
+    )
     v = torch.randn(rr.n, generator=torch.Generator().manual_seed(0), dtype=rr.grad_flat.dtype).to(rr.grad_flat.device)
     out = {}
     for name, op in (("rev_rev", rr), ("fwd_rev", fr)):
@@ -139,9 +142,19 @@ def time_hvp_modes(train_loss: Loss, w: Params, lam: Params, repeats: int = 2) -
     return out
 
 
-def ift_tensors(train_loss: Loss, val_loss: Loss, solver: Solver, w: Params, lam: Params,
-                x0: Tensor | None = None, *, curvature: str = "hessian", hvp: str = "fwd_rev",
-                damping: float = 0.0, chunk: int = 256) -> tuple[Params, TensorSolve, Tensor]:
+def ift_tensors(
+    train_loss: Loss,
+    val_loss: Loss,
+    solver: Solver,
+    w: Params,
+    lam: Params,
+    x0: Tensor | None = None,
+    *,
+    curvature: str = "hessian",
+    hvp: str = "fwd_rev",
+    damping: float = 0.0,
+    chunk: int = 256,
+) -> tuple[Params, TensorSolve, Tensor]:
     """The IFT hypergradient ``∂L_V/∂λ − (∂²L_T/∂λ∂w) u``, ``C u = ∂L_V/∂w``, as one pure function.
 
     No host sync and no autograd state crosses the call, so ``torch.compile`` can take it whole.
@@ -194,15 +207,30 @@ class CompiledIFT:
     checked: bool = False
     _fns: dict[bool, Callable[..., Any]] = field(default_factory=dict, repr=False)
 
-    def _pure(self, w: Params, lam: Params, x0: Tensor | None, train_args: tuple, val_args: tuple,
-              ) -> tuple[Params, TensorSolve, Tensor]:
+    def _pure(
+        self,
+        w: Params,
+        lam: Params,
+        x0: Tensor | None,
+        train_args: tuple,
+        val_args: tuple,
+    ) -> tuple[Params, TensorSolve, Tensor]:
         if self.curvature == "gauss_newton":
             assert self.split is not None, "curvature=gauss_newton needs split"
             train: Any = self.split(*train_args)
         else:
             train = lambda w_, lam_: self.train_loss(w_, lam_, *train_args)  # noqa: E731
-        return ift_tensors(train, lambda w_, lam_: self.val_loss(w_, lam_, *val_args), self.solver, w, lam, x0,
-                           curvature=self.curvature, hvp=self.hvp, damping=self.damping)
+        return ift_tensors(
+            train,
+            lambda w_, lam_: self.val_loss(w_, lam_, *val_args),
+            self.solver,
+            w,
+            lam,
+            x0,
+            curvature=self.curvature,
+            hvp=self.hvp,
+            damping=self.damping,
+        )
 
     def _fn(self) -> Callable[..., Any]:
         fn = self._fns.get(self.compile)
@@ -210,18 +238,41 @@ class CompiledIFT:
             fn = self._fns[self.compile] = torch.compile(self._pure, dynamic=False) if self.compile else self._pure
         return fn
 
-    def eager_reference(self, w: Params, lam: Params, x0: Tensor | None, train_args: tuple, val_args: tuple,
-                        ) -> tuple[Params, Any]:
+    def eager_reference(
+        self,
+        w: Params,
+        lam: Params,
+        x0: Tensor | None,
+        train_args: tuple,
+        val_args: tuple,
+    ) -> tuple[Params, Any]:
         from hoexp.method.curvature import CURVATURES
         from hoexp.method.ift import ift_hypergradient
 
-        train: Any = self.split(*train_args) if self.split is not None else \
-            (lambda w_, lam_: self.train_loss(w_, lam_, *train_args))
-        return ift_hypergradient(train, lambda w_, lam_: self.val_loss(w_, lam_, *val_args), w, lam, self.solver,
-                                 curvature=CURVATURES[self.curvature], damping=self.damping, x0=x0)
+        train: Any = (
+            self.split(*train_args)
+            if self.split is not None
+            else (lambda w_, lam_: self.train_loss(w_, lam_, *train_args))
+        )
+        return ift_hypergradient(
+            train,
+            lambda w_, lam_: self.val_loss(w_, lam_, *val_args),
+            w,
+            lam,
+            self.solver,
+            curvature=CURVATURES[self.curvature],
+            damping=self.damping,
+            x0=x0,
+        )
 
-    def __call__(self, params: Mapping[str, Tensor], hparams: Mapping[str, Tensor], x0: Tensor | None = None,
-                 train_args: tuple = (), val_args: tuple = ()) -> tuple[Params, Any]:
+    def __call__(
+        self,
+        params: Mapping[str, Tensor],
+        hparams: Mapping[str, Tensor],
+        x0: Tensor | None = None,
+        train_args: tuple = (),
+        val_args: tuple = (),
+    ) -> tuple[Params, Any]:
         from hoexp.method.ift import IFTStats
 
         w, lam = tree.detached(params), tree.detached(hparams)
@@ -237,7 +288,9 @@ class CompiledIFT:
             hg, sol, host = self._fn()(w, lam, x0, train_args, val_args)
         except Exception as e:  # a compile error, no jvp / vmap rule for an operation, ...
             msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            self.fallback = f"{'compiled' if self.compile else 'functional'} path failed ({type(e).__name__}: {msg[:200]})"
+            self.fallback = (
+                f"{'compiled' if self.compile else 'functional'} path failed ({type(e).__name__}: {msg[:200]})"
+            )
             return self(params, hparams, x0, train_args, val_args)
         if not self.checked and self.verify:
             self.checked = True
@@ -248,13 +301,23 @@ class CompiledIFT:
                 return self(params, hparams, x0, train_args, val_args)
         if isinstance(self.solver, Exact) and int(sol.reason) == 3:  # singular: eager least squares
             return self.eager_reference(w, lam, x0, train_args, val_args)
-        extra = [sol.residual if sol.residual is not None else host[0] * 0,
-                 torch.as_tensor(sol.iterations, dtype=host.dtype, device=host.device),
-                 torch.as_tensor(sol.reason, dtype=host.dtype, device=host.device)]
+        extra = [
+            sol.residual if sol.residual is not None else host[0] * 0,
+            torch.as_tensor(sol.iterations, dtype=host.dtype, device=host.device),
+            torch.as_tensor(sol.reason, dtype=host.dtype, device=host.device),
+        ]
         lt, lv, gn, res, iters, why = torch.cat([host, torch.stack(extra)]).tolist()  # one host read
         info = REASONS[int(why)] if self.solver.name == "cg" else "lu" if isinstance(self.solver, Exact) else ""
         stats_res = res if sol.residual is not None else None
-        stats = IFTStats(train_loss=lt, val_loss=lv, inner_grad_norm=gn, residual=stats_res, iterations=int(iters), hvps=sol.hvps,
-                         info=info, solution=sol.x,
-                         extra=series_scalars(stats_res) if isinstance(self.solver, (Neumann, FixedPoint)) else {})
+        stats = IFTStats(
+            train_loss=lt,
+            val_loss=lv,
+            inner_grad_norm=gn,
+            residual=stats_res,
+            iterations=int(iters),
+            hvps=sol.hvps,
+            info=info,
+            solution=sol.x,
+            extra=series_scalars(stats_res) if isinstance(self.solver, (Neumann, FixedPoint)) else {},
+        )
         return hg, stats

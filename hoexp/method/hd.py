@@ -93,8 +93,9 @@ def _clamp(alpha: Lr, min_lr: float | None, max_lr: float | None) -> Lr:
     return alpha
 
 
-def _hyper_step(grads: Mapping[str, Tensor], state: State, beta: float,
-                min_lr: float | None, max_lr: float | None) -> tuple[Lr, Lr]:
+def _hyper_step(
+    grads: Mapping[str, Tensor], state: State, beta: float, min_lr: float | None, max_lr: float | None
+) -> tuple[Lr, Lr]:
     """``h_t = g_t · d_{t-1}`` and ``α_t = clamp(α_{t-1} + β h_t)``, in α's own kind (number/tensor)."""
     h: Lr = _dot(grads, state["hd_dir"])
     alpha = state["hd_lr"]
@@ -109,8 +110,15 @@ def _check_keys(state: State, variant: str) -> None:
         raise KeyError(f"HD state for variant '{variant}' lacks {', '.join(missing)}; start it with hd_init")
 
 
-def hd_sgd_step(params: Params, grads: Params, state: State, beta: float, *,
-                min_lr: float | None = None, max_lr: float | None = None) -> tuple[Params, State]:
+def hd_sgd_step(
+    params: Params,
+    grads: Params,
+    state: State,
+    beta: float,
+    *,
+    min_lr: float | None = None,
+    max_lr: float | None = None,
+) -> tuple[Params, State]:
     """One SGD-HD step: ``h = g_t·g_{t-1}``, ``α ← α + βh``, ``θ ← θ − α g_t``.
 
     Pure (out of place). Returns the new parameters and ``state`` with its ``hd_`` keys replaced
@@ -122,8 +130,16 @@ def hd_sgd_step(params: Params, grads: Params, state: State, beta: float, *,
     return new_params, {**state, "hd_lr": alpha, "hd_h": h, "hd_step": state["hd_step"] + 1, "hd_dir": dict(grads)}
 
 
-def hd_sgdn_step(params: Params, grads: Params, state: State, beta: float, momentum: float = 0.9, *,
-                 min_lr: float | None = None, max_lr: float | None = None) -> tuple[Params, State]:
+def hd_sgdn_step(
+    params: Params,
+    grads: Params,
+    state: State,
+    beta: float,
+    momentum: float = 0.9,
+    *,
+    min_lr: float | None = None,
+    max_lr: float | None = None,
+) -> tuple[Params, State]:
     """One SGDN-HD step (Nesterov momentum μ, as ``torch.optim.SGD(nesterov=True)``)::
 
         h = g_t · (g_{t-1} + μ v_{t-1});  α ← α + βh;  v_t = μ v_{t-1} + g_t;  θ ← θ − α (g_t + μ v_t)
@@ -140,13 +156,27 @@ def hd_sgdn_step(params: Params, grads: Params, state: State, beta: float, momen
         bufs[k] = add_scaled(state["hd_momentum_buffer"][k] * momentum, 1.0, g)
         dirs[k] = add_scaled(g, momentum, bufs[k])
         new_params[k] = add_scaled(p, -alpha, dirs[k])
-    return new_params, {**state, "hd_lr": alpha, "hd_h": h, "hd_step": state["hd_step"] + 1,
-                        "hd_dir": dirs, "hd_momentum_buffer": bufs}
+    return new_params, {
+        **state,
+        "hd_lr": alpha,
+        "hd_h": h,
+        "hd_step": state["hd_step"] + 1,
+        "hd_dir": dirs,
+        "hd_momentum_buffer": bufs,
+    }
 
 
-def hd_adam_step(params: Params, grads: Params, state: State, beta: float,
-                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, *,
-                 min_lr: float | None = None, max_lr: float | None = None) -> tuple[Params, State]:
+def hd_adam_step(
+    params: Params,
+    grads: Params,
+    state: State,
+    beta: float,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    *,
+    min_lr: float | None = None,
+    max_lr: float | None = None,
+) -> tuple[Params, State]:
     """One Adam-HD step: ``h = g_t · u_{t-1}`` with ``u = m̂/(√v̂+ε)`` the previous Adam direction,
     ``α ← α + βh``, then the Adam step ``θ ← θ − α_t u_t`` (rounded as ``torch.optim.Adam``).
 
@@ -168,8 +198,15 @@ def hd_adam_step(params: Params, grads: Params, state: State, beta: float,
         denom = safe_sqrt(v) / bc2**0.5 + eps  # √v̂ + ε
         new_params[k] = add_scaled_div(p, -(alpha / bc1), m, denom)
         ms[k], vs[k], dirs[k] = m, v, (m / bc1) / denom
-    return new_params, {**state, "hd_lr": alpha, "hd_h": h, "hd_step": t,
-                        "hd_dir": dirs, "hd_exp_avg": ms, "hd_exp_avg_sq": vs}
+    return new_params, {
+        **state,
+        "hd_lr": alpha,
+        "hd_h": h,
+        "hd_step": t,
+        "hd_dir": dirs,
+        "hd_exp_avg": ms,
+        "hd_exp_avg_sq": vs,
+    }
 
 
 @dataclass
@@ -199,7 +236,9 @@ class HDMethod:
     # Its steps follow HD's own rule (the hypergradient of the last step), not inner_opt's: compile=true and mixed
     # precision, which apply to inner_opt's plain steps, are refused.
     differentiates_steps: ClassVar[bool] = True
-    refuses_data_parallel: ClassVar[str] = "adapts the learning rate inside its own optimizer, on one process's gradients"
+    refuses_data_parallel: ClassVar[str] = (
+        "adapts the learning rate inside its own optimizer, on one process's gradients"
+    )
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
@@ -221,8 +260,10 @@ class HDMethod:
             raise ValueError(f"optim/inner={ctx.inner_opt.name} has no configured lr; set method.lr0")
         family = ctx.family
         if family is not None and (family.name != "lr" or getattr(family, "granularity", None) != "global"):
-            raise ConfigError("method=hd adapts one global learning rate online: use hp=lr hp.lr.granularity=global "
-                              "(for other families use unrolled, truncated, forward or an IFT method)")
+            raise ConfigError(
+                "method=hd adapts one global learning rate online: use hp=lr hp.lr.granularity=global "
+                "(for other families use unrolled, truncated, forward or an IFT method)"
+            )
 
     def init_state(self, params: Mapping[str, Tensor], lr0: float | None = None) -> State:
         """The HD state at ``lr0`` (default: ``self.lr0``)."""
@@ -250,8 +291,9 @@ class HDMethod:
     def optimizer(self) -> Optimizer:
         """This method's update rule as an :class:`~hoexp.optim.Optimizer` (its HD state in ``hd_`` keys; the
         family's optimizer overrides are ignored: the learning rate is HD's own)."""
-        return Optimizer(f"hd_{self.variant}", self.init_state, lambda params, grads, state, **_: self.step(
-            params, grads, state))
+        return Optimizer(
+            f"hd_{self.variant}", self.init_state, lambda params, grads, state, **_: self.step(params, grads, state)
+        )
 
     def __call__(self, st: OuterStep) -> OuterResult:
         opt_state = st.inner.opt_state
@@ -259,15 +301,30 @@ class HDMethod:
             opt_state = {**opt_state, **self.init_state(st.inner.params, self.start_lr(st.task, st.inner_opt))}
         _check_keys(opt_state, self.variant)
         # HD's steps are plain training steps with its own rule in place of inner_opt (one shared loop)
-        state, loss, gnorm = train_inner(st.task, self.optimizer(), st.inner._replace(opt_state=opt_state), st.raw,
-                                         st.train, None, st.on_step)
-        return OuterResult(None, state, {**inner_scalars(loss, gnorm), "hd/lr": float(state.opt_state["hd_lr"]),
-                                         "hd/h": float(state.opt_state["hd_h"])})
+        state, loss, gnorm = train_inner(
+            st.task, self.optimizer(), st.inner._replace(opt_state=opt_state), st.raw, st.train, None, st.on_step
+        )
+        return OuterResult(
+            None,
+            state,
+            {
+                **inner_scalars(loss, gnorm),
+                "hd/lr": float(state.opt_state["hd_lr"]),
+                "hd/h": float(state.opt_state["hd_h"]),
+            },
+        )
 
 
-def hd(*, variant: Literal["sgd", "sgdn", "adam"] = "sgd", beta: NonNegFloat = 1e-3, lr0: float | None = None,
-       momentum: Probability = 0.9, betas: tuple[float, float] = (0.9, 0.999), eps: NonNegFloat = 1e-8,
-       name: str = "hd") -> HDMethod:
+def hd(
+    *,
+    variant: Literal["sgd", "sgdn", "adam"] = "sgd",
+    beta: NonNegFloat = 1e-3,
+    lr0: float | None = None,
+    momentum: Probability = 0.9,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: NonNegFloat = 1e-8,
+    name: str = "hd",
+) -> HDMethod:
     """``method=hd``: SGD-HD, SGDN-HD or Adam-HD (Baydin et al. 2018) replacing ``optim/inner``; ``lr0`` None starts
     from the tuned lr family's initial value, else the inner optimizer's ``lr``."""
     return HDMethod(variant, beta=beta, lr0=lr0, momentum=momentum, betas=(betas[0], betas[1]), eps=eps, name=name)

@@ -43,8 +43,24 @@ LossFn = Callable[[dict[str, Tensor], dict[str, Tensor]], Tensor]
 
 # Autograd nodes whose backward is a matrix product or a reduction over a large axis: where the
 # time of a backward pass goes.
-_HEAVY_NODES = ("Mm", "Addmm", "Bmm", "Baddbmm", "Matmul", "Linear", "Convolution", "Conv", "Cudnn", "Mkldnn",
-                "LogSoftmax", "Softmax", "Embedding", "Lstm", "Rnn", "Gru")
+_HEAVY_NODES = (
+    "Mm",
+    "Addmm",
+    "Bmm",
+    "Baddbmm",
+    "Matmul",
+    "Linear",
+    "Convolution",
+    "Conv",
+    "Cudnn",
+    "Mkldnn",
+    "LogSoftmax",
+    "Softmax",
+    "Embedding",
+    "Lstm",
+    "Rnn",
+    "Gru",
+)
 
 
 def mixed_term_is_deep(grad_flat: Tensor, hparams: list[Tensor]) -> bool:
@@ -97,15 +113,18 @@ class IFTStats:
     extra: dict[str, float] = field(default_factory=dict)  # solver scalars to log (solver/alpha, solver/warm_norm)
 
 
-def validation_gradient(val_loss: LossFn, w: dict[str, Tensor], lam: dict[str, Tensor],
-                        ) -> tuple[Tensor, Tensor, list[Tensor]]:
+def validation_gradient(
+    val_loss: LossFn,
+    w: dict[str, Tensor],
+    lam: dict[str, Tensor],
+) -> tuple[Tensor, Tensor, list[Tensor]]:
     """``L_V(w, λ)``, ``v = ∂L_V/∂w`` (flat, detached) and ``∂L_V/∂λ`` per hyperparameter (zeros where
     ``L_V`` does not use one), for leaves ``w``, ``λ`` that require grad. One backward pass."""
     w_list, lam_list = list(w.values()), list(lam.values())
     lv = val_loss(w, lam)
     grads_v = torch.autograd.grad(lv, w_list + lam_list, allow_unused=True)
     v = tree.flatten(tree.fill_none(grads_v[: len(w_list)], w_list)).detach()
-    return lv, v, tree.fill_none(grads_v[len(w_list):], lam_list)
+    return lv, v, tree.fill_none(grads_v[len(w_list) :], lam_list)
 
 
 def ift_hypergradient(
@@ -151,13 +170,15 @@ def ift_hypergradient(
     lt = train_loss(w, lam)
     g = torch.autograd.grad(lt, w_list, create_graph=True, allow_unused=True)
     g_flat = tree.flatten(tree.fill_none(g, w_list))
-    merge = g_flat.requires_grad and (mixed == "merged"
-                                      or (mixed == "auto" and mixed_term_is_deep(g_flat, lam_list)))
+    merge = g_flat.requires_grad and (mixed == "merged" or (mixed == "auto" and mixed_term_is_deep(g_flat, lam_list)))
     from hoexp.method.functional import FunctionalOperator, product_for
 
     if curvature.name == "hessian" and (hvp == "fwd_rev" or isinstance(solver, Exact)):
-        op: Any = FunctionalOperator(product_for(train_loss, "hessian", "fwd_rev" if hvp == "fwd_rev" else "rev_rev"),
-                                     tree.detached(w), tree.detached(lam))
+        op: Any = FunctionalOperator(
+            product_for(train_loss, "hessian", "fwd_rev" if hvp == "fwd_rev" else "rev_rev"),
+            tree.detached(w),
+            tree.detached(lam),
+        )
     else:
         op = curvature.operator(train_loss, w, lam, g_flat, lam_list if merge else None)
     if damping:
@@ -169,8 +190,9 @@ def ift_hypergradient(
     if result.mixed is not None:
         mixed_terms = list(tree.unflatten(result.mixed.detach(), lam).values())
     elif g_flat.requires_grad and lam_list:
-        mixed_terms = tree.fill_none(torch.autograd.grad(g_flat, lam_list, result.x.detach(), allow_unused=True),
-                                     lam_list)
+        mixed_terms = tree.fill_none(
+            torch.autograd.grad(g_flat, lam_list, result.x.detach(), allow_unused=True), lam_list
+        )
     else:
         mixed_terms = [torch.zeros_like(x) for x in lam_list]
     hypergrad = {k: (d - m).detach() for k, d, m in zip(lam.keys(), direct, mixed_terms)}

@@ -70,16 +70,21 @@ class ImplicitMethod:
     @property
     def refuses_data_parallel(self) -> str:
         """Why this method cannot run data-parallel ("" when it can): the dense solve vmaps its backward passes."""
-        return ("forms the dense Hessian with batched (vmapped) backward passes, which cannot all-reduce"
-                if isinstance(self.solver, Exact) else "")
+        return (
+            "forms the dense Hessian with batched (vmapped) backward passes, which cannot all-reduce"
+            if isinstance(self.solver, Exact)
+            else ""
+        )
 
     def check(self, ctx: CheckContext) -> None:
         """Refuse a dense solve above ``max_params`` before training starts."""
         limit, n_params = getattr(self.solver, "max_params", None), ctx.n_params
         if limit is not None and n_params is not None and n_params > limit:
-            raise ConfigError(f"method={self.name} would form a dense {n_params:,}x{n_params:,} Hessian, above "
-                              f"method.max_params={limit:,}; use method=cg or method=neumann, or raise "
-                              "method.max_params")
+            raise ConfigError(
+                f"method={self.name} would form a dense {n_params:,}x{n_params:,} Hessian, above "
+                f"method.max_params={limit:,}; use method=cg or method=neumann, or raise "
+                "method.max_params"
+            )
 
     @property
     def carries(self) -> bool:
@@ -115,19 +120,33 @@ class ImplicitMethod:
             fn = self._compiled.get(id(problem))
             if fn is None:
                 fn = self._compiled[id(problem)] = CompiledIFT(
-                    solver, problem.train_loss, problem.val_loss,
-                    split=lambda batch: SplitLoss(*problem.train_parts(batch)), curvature=self.curvature.name,
-                    hvp="rev_rev" if hvp == "auto" else hvp, damping=self.damping)
+                    solver,
+                    problem.train_loss,
+                    problem.val_loss,
+                    split=lambda batch: SplitLoss(*problem.train_parts(batch)),
+                    curvature=self.curvature.name,
+                    hvp="rev_rev" if hvp == "auto" else hvp,
+                    damping=self.damping,
+                )
             hg, s = fn(state.params, raw, x0, (train_batch,), (val_batch,))
         else:
             # Gauss-Newton needs the loss split at the model's outputs; the Hessian needs only L_T itself (so a
             # task that overrides train_loss alone, e.g. a per-example weighted loss, works with it).
-            train_loss = (SplitLoss(*problem.train_parts(train_batch)) if self.curvature.name == "gauss_newton"
-                          else lambda w, lam: problem.train_loss(w, lam, train_batch))
+            train_loss = (
+                SplitLoss(*problem.train_parts(train_batch))
+                if self.curvature.name == "gauss_newton"
+                else lambda w, lam: problem.train_loss(w, lam, train_batch)
+            )
             hg, s = ift_hypergradient(
                 train_loss,
                 lambda w, lam: problem.val_loss(w, lam, val_batch),
-                state.params, raw, solver, curvature=self.curvature, damping=self.damping, x0=x0, hvp=hvp,
+                state.params,
+                raw,
+                solver,
+                curvature=self.curvature,
+                damping=self.damping,
+                x0=x0,
+                hvp=hvp,
             )
         s.extra.update(hvp_extra)
         diverged = s.residual is not None and s.residual > 1  # worse than u = 0, whose residual is 1
@@ -137,9 +156,23 @@ class ImplicitMethod:
         if self.alpha_every:  # after a diverged series α is stale: estimate again next step
             carried.update(step=step + 1, lambda_max=None if diverged else s.extra["solver/lambda_max"])
         self.carried = carried
-        return OuterResult(hg, state, with_extra(scalars(**{
-            "inner/grad_norm": s.inner_grad_norm, "inner/loss": s.train_loss, "hypergrad/norm": tree.norm(hg),
-            "solver/residual": s.residual, "solver/iterations": s.iterations, "solver/hvps": s.hvps}), s.extra))
+        return OuterResult(
+            hg,
+            state,
+            with_extra(
+                scalars(
+                    **{
+                        "inner/grad_norm": s.inner_grad_norm,
+                        "inner/loss": s.train_loss,
+                        "hypergrad/norm": tree.norm(hg),
+                        "solver/residual": s.residual,
+                        "solver/iterations": s.iterations,
+                        "solver/hvps": s.hvps,
+                    }
+                ),
+                s.extra,
+            ),
+        )
 
 
 @dataclass
@@ -177,8 +210,10 @@ def _alpha(alpha: float | str, compile: bool) -> float:
     """A series step: a number > 0 (returned), or ``auto`` (0.01 stands in until the method sets ``α``)."""
     if alpha == "auto":
         if compile:
-            raise ValueError("compile=true needs a fixed alpha (alpha=auto's power iteration reads the host); set "
-                             "method.alpha to a number or method.compile=false")
+            raise ValueError(
+                "compile=true needs a fixed alpha (alpha=auto's power iteration reads the host); set "
+                "method.alpha to a number or method.compile=false"
+            )
         return 0.01
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
         raise ValueError(f"alpha must be a number > 0 or auto, got {alpha!r}")
@@ -187,53 +222,143 @@ def _alpha(alpha: float | str, compile: bool) -> float:
     return float(alpha)
 
 
-def ift(solver: Solver, *, name: str = "ift", curvature: CurvatureName = "hessian", damping: NonNegFloat = 0.0,
-        hvp: HVPMode = "rev_rev", compile: bool = False, warm_start: bool = False, auto_alpha: bool = False,
-        alpha_every: PositiveInt = 10) -> ImplicitMethod:
+def ift(
+    solver: Solver,
+    *,
+    name: str = "ift",
+    curvature: CurvatureName = "hessian",
+    damping: NonNegFloat = 0.0,
+    hvp: HVPMode = "rev_rev",
+    compile: bool = False,
+    warm_start: bool = False,
+    auto_alpha: bool = False,
+    alpha_every: PositiveInt = 10,
+) -> ImplicitMethod:
     """IFT with any linear ``solver`` (``solver(op, b) -> SolveResult``, e.g. your own under ``_target_``)."""
-    return ImplicitMethod(solver, name, curvature=CURVATURES[curvature], damping=damping, warm_start=warm_start,
-                          alpha_every=alpha_every if auto_alpha else 0, hvp=hvp, compile=compile)
+    return ImplicitMethod(
+        solver,
+        name,
+        curvature=CURVATURES[curvature],
+        damping=damping,
+        warm_start=warm_start,
+        alpha_every=alpha_every if auto_alpha else 0,
+        hvp=hvp,
+        compile=compile,
+    )
 
 
-def neumann(*, terms: NonNegInt = 5, alpha: float | str = 0.01, residual: bool = True,
-            curvature: CurvatureName = "hessian", damping: NonNegFloat = 0.0, hvp: HVPMode = "rev_rev",
-            compile: bool = False, warm_start: bool = False, alpha_every: PositiveInt = 10,
-            name: str = "neumann") -> ImplicitMethod:
+def neumann(
+    *,
+    terms: NonNegInt = 5,
+    alpha: float | str = 0.01,
+    residual: bool = True,
+    curvature: CurvatureName = "hessian",
+    damping: NonNegFloat = 0.0,
+    hvp: HVPMode = "rev_rev",
+    compile: bool = False,
+    warm_start: bool = False,
+    alpha_every: PositiveInt = 10,
+    name: str = "neumann",
+) -> ImplicitMethod:
     """``method=neumann``: ``H⁻¹v ≈ α Σ_{j=0..terms} (I − αH)^j v`` (Lorraine et al. 2020)."""
     solver = Neumann(terms, _alpha(alpha, compile), residual)
-    return ift(solver, name=name, curvature=curvature, damping=damping, hvp=hvp, compile=compile,
-               warm_start=warm_start, auto_alpha=alpha == "auto", alpha_every=alpha_every)
+    return ift(
+        solver,
+        name=name,
+        curvature=curvature,
+        damping=damping,
+        hvp=hvp,
+        compile=compile,
+        warm_start=warm_start,
+        auto_alpha=alpha == "auto",
+        alpha_every=alpha_every,
+    )
 
 
-def t1t2(*, alpha: float | str = 0.01, residual: bool = False, curvature: CurvatureName = "hessian",
-         damping: NonNegFloat = 0.0, hvp: HVPMode = "rev_rev", compile: bool = False, alpha_every: PositiveInt = 10,
-         name: str = "t1t2") -> ImplicitMethod:
+def t1t2(
+    *,
+    alpha: float | str = 0.01,
+    residual: bool = False,
+    curvature: CurvatureName = "hessian",
+    damping: NonNegFloat = 0.0,
+    hvp: HVPMode = "rev_rev",
+    compile: bool = False,
+    alpha_every: PositiveInt = 10,
+    name: str = "t1t2",
+) -> ImplicitMethod:
     """``method=t1t2``: one-step greedy IFT, ``H⁻¹ ≈ αI`` (Luketina et al. 2016): Neumann with 0 terms."""
-    return ift(Neumann(0, _alpha(alpha, compile), residual), name=name, curvature=curvature, damping=damping,
-               hvp=hvp, compile=compile, auto_alpha=alpha == "auto", alpha_every=alpha_every)
+    return ift(
+        Neumann(0, _alpha(alpha, compile), residual),
+        name=name,
+        curvature=curvature,
+        damping=damping,
+        hvp=hvp,
+        compile=compile,
+        auto_alpha=alpha == "auto",
+        alpha_every=alpha_every,
+    )
 
 
-def fixed_point(*, iterations: NonNegInt = 5, alpha: float | str = 0.01, residual: bool = True,
-                curvature: CurvatureName = "hessian", damping: NonNegFloat = 0.0, hvp: HVPMode = "rev_rev",
-                compile: bool = False, warm_start: bool = False, alpha_every: PositiveInt = 10,
-                name: str = "fixed_point") -> ImplicitMethod:
+def fixed_point(
+    *,
+    iterations: NonNegInt = 5,
+    alpha: float | str = 0.01,
+    residual: bool = True,
+    curvature: CurvatureName = "hessian",
+    damping: NonNegFloat = 0.0,
+    hvp: HVPMode = "rev_rev",
+    compile: bool = False,
+    warm_start: bool = False,
+    alpha_every: PositiveInt = 10,
+    name: str = "fixed_point",
+) -> ImplicitMethod:
     """``method=fixed_point``: ``u ← u − α(Hu − v)`` (Grazzi et al. 2020)."""
     if warm_start and iterations == 0:
         raise ValueError("warm_start needs iterations >= 1 (0 would return the carried vector unchanged)")
-    return ift(FixedPoint(iterations, _alpha(alpha, compile), residual), name=name, curvature=curvature,
-               damping=damping, hvp=hvp, compile=compile, warm_start=warm_start, auto_alpha=alpha == "auto",
-               alpha_every=alpha_every)
+    return ift(
+        FixedPoint(iterations, _alpha(alpha, compile), residual),
+        name=name,
+        curvature=curvature,
+        damping=damping,
+        hvp=hvp,
+        compile=compile,
+        warm_start=warm_start,
+        auto_alpha=alpha == "auto",
+        alpha_every=alpha_every,
+    )
 
 
-def cg(*, iterations: NonNegInt = 20, tol: NonNegFloat = 1e-10, curvature: CurvatureName = "hessian",
-       damping: NonNegFloat = 0.0, hvp: HVPMode = "rev_rev", compile: bool = False, warm_start: bool = False,
-       name: str = "cg") -> ImplicitMethod:
+def cg(
+    *,
+    iterations: NonNegInt = 20,
+    tol: NonNegFloat = 1e-10,
+    curvature: CurvatureName = "hessian",
+    damping: NonNegFloat = 0.0,
+    hvp: HVPMode = "rev_rev",
+    compile: bool = False,
+    warm_start: bool = False,
+    name: str = "cg",
+) -> ImplicitMethod:
     """``method=cg``: conjugate gradient on ``Hu = v`` (HOAG, Pedregosa 2016)."""
-    return ift(ConjugateGradient(iterations, tol), name=name, curvature=curvature, damping=damping, hvp=hvp,
-               compile=compile, warm_start=warm_start)
+    return ift(
+        ConjugateGradient(iterations, tol),
+        name=name,
+        curvature=curvature,
+        damping=damping,
+        hvp=hvp,
+        compile=compile,
+        warm_start=warm_start,
+    )
 
 
-def exact(*, max_params: PositiveInt = 20_000, curvature: CurvatureName = "hessian", damping: NonNegFloat = 0.0,
-          hvp: HVPMode = "rev_rev", compile: bool = False, name: str = "exact") -> ImplicitMethod:
+def exact(
+    *,
+    max_params: PositiveInt = 20_000,
+    curvature: CurvatureName = "hessian",
+    damping: NonNegFloat = 0.0,
+    hvp: HVPMode = "rev_rev",
+    compile: bool = False,
+    name: str = "exact",
+) -> ImplicitMethod:
     """``method=exact``: a dense solve; ``O(P²)`` memory, ``O(P³)`` time, refused above ``max_params``."""
     return ift(Exact(max_params), name=name, curvature=curvature, damping=damping, hvp=hvp, compile=compile)

@@ -72,7 +72,7 @@ from hoexp.types import InnerState, OuterResult, OuterStep
 TrainLossFn = Callable[[dict[str, Tensor], dict[str, Tensor], int], Tensor]
 ValLossFn = Callable[[dict[str, Tensor], dict[str, Tensor]], Tensor]
 
-_LIMIT = 2 ** 62  # every fixed-point integer stays below this (int64 headroom for one addition)
+_LIMIT = 2**62  # every fixed-point integer stays below this (int64 headroom for one addition)
 
 
 class InfoBuffer:
@@ -112,14 +112,16 @@ def _objects(base: int | Tensor) -> Any:
 
 def _check(x: Tensor, what: str, radix_bits: int) -> Tensor:
     if x.numel() and int(x.abs().max()) >= _LIMIT:
-        raise OverflowError(f"reversible learning: {what} left the fixed-point range |x| < 2^{62 - radix_bits}; "
-                            f"lower radix_bits (now {radix_bits}) or the learning rate")
+        raise OverflowError(
+            f"reversible learning: {what} left the fixed-point range |x| < 2^{62 - radix_bits}; "
+            f"lower radix_bits (now {radix_bits}) or the learning rate"
+        )
     return x
 
 
 def to_fixed(x: Tensor, radix_bits: int) -> Tensor:
     """``round(x · 2^R)`` as int64 (exact for float64 ``x`` whose last mantissa bit is ≥ 2^-R)."""
-    scaled = torch.round(x.detach().to(torch.float64) * 2.0 ** radix_bits)
+    scaled = torch.round(x.detach().to(torch.float64) * 2.0**radix_bits)
     if scaled.numel() and not bool(torch.isfinite(scaled).all()):
         raise OverflowError("reversible learning: non-finite value (the inner loop diverged)")
     _check(scaled, "a value", radix_bits)
@@ -128,26 +130,29 @@ def to_fixed(x: Tensor, radix_bits: int) -> Tensor:
 
 def from_fixed(x: Tensor, radix_bits: int) -> Tensor:
     """The float64 view ``x · 2^-R`` (exact while ``|x| < 2^53``)."""
-    return x.to(torch.float64) * 2.0 ** -radix_bits
+    return x.to(torch.float64) * 2.0**-radix_bits
 
 
 def rational_momentum(gamma: float, momentum_bits: int = 16) -> tuple[int, int]:
     """``γ ≈ N/D`` with ``D = 2^k``, ``N = round(γ D)``; requires ``0 < N ≤ D`` (γ = 0 is irreversible)."""
-    d = 2 ** momentum_bits
+    d = 2**momentum_bits
     n = round(float(gamma) * d)
     if not 0 < n <= d:
-        raise ValueError(f"reversible learning needs momentum in (0, 1] (γ = 0 forgets v and cannot be reversed); "
-                         f"got {gamma}")
+        raise ValueError(
+            f"reversible learning needs momentum in (0, 1] (γ = 0 forgets v and cannot be reversed); got {gamma}"
+        )
     return n, d
 
 
 def rational_momenta(gamma: Tensor, momentum_bits: int = 16) -> tuple[Tensor, int]:
     """:func:`rational_momentum` of each entry: ``(N as int64, D)``."""
-    d = 2 ** momentum_bits
+    d = 2**momentum_bits
     n = torch.round(gamma.detach().to(torch.float64) * d).to(torch.int64)
     if n.numel() and not bool(((n > 0) & (n <= d)).all()):
-        raise ValueError("reversible learning needs momentum in (0, 1] (γ = 0 forgets v and cannot be reversed); "
-                         f"got values in [{float(gamma.min())}, {float(gamma.max())}]")
+        raise ValueError(
+            "reversible learning needs momentum in (0, 1] (γ = 0 forgets v and cannot be reversed); "
+            f"got values in [{float(gamma.min())}, {float(gamma.max())}]"
+        )
     return n, d
 
 
@@ -281,8 +286,11 @@ def reversible_hypergradient(
         return w_leaf, loss, (torch.zeros_like(w_leaf) if g is None else g)
 
     w = to_fixed(tree.flatten(list(like.values())), R) if P else torch.zeros(0, dtype=torch.int64, device=device)
-    v = (to_fixed(velocity0, R).reshape(-1) if velocity0 is not None
-         else torch.zeros(P, dtype=torch.int64, device=device))
+    v = (
+        to_fixed(velocity0, R).reshape(-1)
+        if velocity0 is not None
+        else torch.zeros(P, dtype=torch.int64, device=device)
+    )
     if v.numel() != P:
         raise ValueError(f"velocity0 has {v.numel()} entries, params0 has {P}")
     w0_fixed = w.clone()
@@ -292,7 +300,7 @@ def reversible_hypergradient(
     train_last = gnorm_last = None
     gammas_used = torch.zeros(steps, dtype=torch.float64)
     bits_bound = 0.0
-    d = 2 ** k
+    d = 2**k
 
     # ---- forward: T exact steps, storing only the lost bits
     with torch.enable_grad():
@@ -343,19 +351,26 @@ def reversible_hypergradient(
             if _fingerprint(G) != fingerprints[t]:
                 raise RuntimeError(
                     f"reversible learning: the training gradient at step {t} differs between the forward and "
-                    "reverse pass (non-deterministic train_loss or kernels); exact reversal is impossible")
+                    "reverse pass (non-deterministic train_loss or kernels); exact reversal is impossible"
+                )
             v = _div_gamma(v + G, n, d, R, buf)
             dg = dv * (from_fixed(v, R) + g.detach())  # dL_V/dγ_t, per weight
             d_gamma[t] = dg.sum().cpu()
             if g.requires_grad:
-                vjp = tree.fill_none(torch.autograd.grad(g, [w_leaf, *raw_list], grad_outputs=(one_minus * dv).to(g.dtype),
-                                                         allow_unused=True), [w_leaf, *raw_list])
+                vjp = tree.fill_none(
+                    torch.autograd.grad(
+                        g, [w_leaf, *raw_list], grad_outputs=(one_minus * dv).to(g.dtype), allow_unused=True
+                    ),
+                    [w_leaf, *raw_list],
+                )
                 dw = dw - vjp[0].detach().to(torch.float64)
                 d_raw = [a - b.detach().to(torch.float64) for a, b in zip(d_raw, vjp[1:])]
             outs = [(x, dx) for x, dx in zip(graph or (), (da, dg)) if x.requires_grad]
             if outs and raw_list:  # α_t and γ_t are functions of λ
-                through = tree.fill_none(torch.autograd.grad([x for x, _ in outs], raw_list, [dx for _, dx in outs],
-                                                             allow_unused=True), raw_list)
+                through = tree.fill_none(
+                    torch.autograd.grad([x for x, _ in outs], raw_list, [dx for _, dx in outs], allow_unused=True),
+                    raw_list,
+                )
                 d_raw = [a + b.detach().to(torch.float64) for a, b in zip(d_raw, through)]
             del g, w_leaf, graph
         dv = gamma * dv
@@ -429,7 +444,8 @@ class ReversibleMethod:
             raise ConfigError(
                 f"method=reversible reverses SGD with heavy-ball momentum exactly; optim/inner={ctx.inner_opt.name} "
                 "(with these options) is not reversible: use optim/inner=momentum (0 < momentum < 1, no dampening or "
-                "weight_decay), or method=unrolled / truncated for other optimizers")
+                "weight_decay), or method=unrolled / truncated for other optimizers"
+            )
 
     def __call__(self, st: OuterStep) -> OuterResult:
         problem, state, raw, batches, val_batch = st.task, st.inner, st.raw, st.train, st.val
@@ -438,21 +454,37 @@ class ReversibleMethod:
         res = reversible_hypergradient(
             lambda w, lam, t: problem.train_loss(w, lam, batches[t]),
             lambda w, lam: problem.val_loss(w, lam, val_batch),
-            state.params, raw, lr, mu, inner_steps,
-            radix_bits=self.radix_bits, momentum_bits=self.momentum_bits, on_step=st.on_step,
+            state.params,
+            raw,
+            lr,
+            mu,
+            inner_steps,
+            radix_bits=self.radix_bits,
+            momentum_bits=self.momentum_bits,
+            on_step=st.on_step,
             schedule=self.schedule(problem, state.params, raw, lr, mu),
         )
         params = {k: res.params[k].to(device=p.device) for k, p in state.params.items()}
         new_state = InnerState(params, state.opt_state, state.step + inner_steps)
         cells = max(res.num_params * inner_steps, 1)
-        return OuterResult(res.hyper_raw, new_state, scalars(**{
-            "inner/grad_norm": res.grad_norm_last, "inner/loss": res.train_loss_last,
-            "hypergrad/norm": tree.norm(res.hyper_raw), "solver/hvps": inner_steps,
-            "reversible/bits_per_weight_step": res.bits_used / cells,
-            "reversible/memory_ratio_vs_float32_trajectory": 32.0 * cells / max(res.bits_used, 1)}))
+        return OuterResult(
+            res.hyper_raw,
+            new_state,
+            scalars(
+                **{
+                    "inner/grad_norm": res.grad_norm_last,
+                    "inner/loss": res.train_loss_last,
+                    "hypergrad/norm": tree.norm(res.hyper_raw),
+                    "solver/hvps": inner_steps,
+                    "reversible/bits_per_weight_step": res.bits_used / cells,
+                    "reversible/memory_ratio_vs_float32_trajectory": 32.0 * cells / max(res.bits_used, 1),
+                }
+            ),
+        )
 
-    def schedule(self, problem: Task, params: Mapping[str, Tensor], raw: Mapping[str, Tensor], lr: float,
-                 momentum: float) -> Schedule | None:
+    def schedule(
+        self, problem: Task, params: Mapping[str, Tensor], raw: Mapping[str, Tensor], lr: float, momentum: float
+    ) -> Schedule | None:
         """``(α_t, γ_t)`` per weight from the family's optimizer overrides (``lr``: torch's ``η``,
         ``momentum``: ``μ``; others: ``α = lr``, ``γ = momentum``), or ``None`` when the family tunes neither."""
         family = problem.family
@@ -475,12 +507,20 @@ def _per_weight(value: Any, params: Mapping[str, Tensor]) -> Tensor:
     """An optimizer override (a number, a 0-d tensor, or one of these per parameter name) as one flat
     float64 value per weight, differentiable in the tensors it came from."""
     per_name = value if isinstance(value, Mapping) else dict.fromkeys(params, value)
-    return torch.cat([torch.as_tensor(per_name[n], dtype=torch.float64, device=p.device).expand(p.shape).reshape(-1)
-                      for n, p in params.items()])
+    return torch.cat(
+        [
+            torch.as_tensor(per_name[n], dtype=torch.float64, device=p.device).expand(p.shape).reshape(-1)
+            for n, p in params.items()
+        ]
+    )
 
 
-def reversible(*, radix_bits: Annotated[int, Range(ge=20, le=56)] = 50,
-               momentum_bits: Annotated[int, Range(ge=4, le=30)] = 16, name: str = "reversible") -> ReversibleMethod:
+def reversible(
+    *,
+    radix_bits: Annotated[int, Range(ge=20, le=56)] = 50,
+    momentum_bits: Annotated[int, Range(ge=4, le=30)] = 16,
+    name: str = "reversible",
+) -> ReversibleMethod:
     """``method=reversible``: reverses ``optim/inner``'s heavy-ball SGD exactly, with that optimizer's ``lr`` ``η``
     and momentum ``μ`` (Maclaurin's ``α = η/(1 − μ)``, ``γ = μ``)."""
     return ReversibleMethod(radix_bits=radix_bits, momentum_bits=momentum_bits, name=name)

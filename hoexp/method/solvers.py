@@ -81,8 +81,9 @@ REASONS = ("max iterations", "converged", "non-positive curvature", "singular")
 def _relative_tensor(r: Tensor, b: Tensor) -> Tensor:
     """``‖r‖/‖b‖`` on the device (0 where ``b = 0``): no host sync."""
     b_norm = torch.linalg.vector_norm(b)
-    return torch.where(b_norm > 0, torch.linalg.vector_norm(r) / torch.where(b_norm > 0, b_norm, 1.0),
-                       torch.zeros_like(b_norm))
+    return torch.where(
+        b_norm > 0, torch.linalg.vector_norm(r) / torch.where(b_norm > 0, b_norm, 1.0), torch.zeros_like(b_norm)
+    )
 
 
 def _tracks_mixed(op: LinearOperator) -> TypeGuard[MixedOperator]:
@@ -163,19 +164,25 @@ class Neumann:
             return FixedPoint(self.iterations, self.alpha, self.residual)(op, b, x0)
         x, r, m_total = self._iterate(op, b)
         res = None if r is None else _relative(r, torch.linalg.vector_norm(b))
-        return SolveResult(x, self.iterations, self.iterations + self.residual, res, mixed=m_total,
-                           extra=series_scalars(res))
+        return SolveResult(
+            x, self.iterations, self.iterations + self.residual, res, mixed=m_total, extra=series_scalars(res)
+        )
 
     def solve_tensors(self, op: LinearOperator, b: Tensor, x0: Tensor | None = None) -> TensorSolve:
         """The same solve with no host sync (for a compiled hypergradient); no mixed map."""
         if x0 is not None:
             return FixedPoint(self.iterations, self.alpha, self.residual).solve_tensors(op, b, x0)
         x, r, _ = self._iterate(op, b, mixed=False)
-        return TensorSolve(x, None if r is None else _relative_tensor(r, b), self.iterations, 0,
-                           self.iterations + self.residual)
+        return TensorSolve(
+            x, None if r is None else _relative_tensor(r, b), self.iterations, 0, self.iterations + self.residual
+        )
 
-    def _iterate(self, op: LinearOperator, b: Tensor, mixed: bool | None = None,
-                 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    def _iterate(
+        self,
+        op: LinearOperator,
+        b: Tensor,
+        mixed: bool | None = None,
+    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
         """``(x, r = b − Hx or None, M x or None)``; no host sync."""
         # With the residual every term j = 0..K is multiplied by H, so M x = α Σ_j M term_j comes free.
         mixed = self.residual and _tracks_mixed(op) if mixed is None else mixed
@@ -219,17 +226,24 @@ class FixedPoint:
     def __call__(self, op: LinearOperator, b: Tensor, x0: Tensor | None = None) -> SolveResult:
         u, r, mixed = self._iterate(op, b, x0, _tracks_mixed(op))
         res = None if r is None else _relative(r, torch.linalg.vector_norm(b))
-        return SolveResult(u, self.iterations, self.iterations + self.residual, res, mixed=mixed,
-                           extra=series_scalars(res))
+        return SolveResult(
+            u, self.iterations, self.iterations + self.residual, res, mixed=mixed, extra=series_scalars(res)
+        )
 
     def solve_tensors(self, op: LinearOperator, b: Tensor, x0: Tensor | None = None) -> TensorSolve:
         """The same solve with no host sync (for a compiled hypergradient); no mixed map."""
         u, r, _ = self._iterate(op, b, x0, False)
-        return TensorSolve(u, None if r is None else _relative_tensor(r, b), self.iterations, 0,
-                           self.iterations + self.residual)
+        return TensorSolve(
+            u, None if r is None else _relative_tensor(r, b), self.iterations, 0, self.iterations + self.residual
+        )
 
-    def _iterate(self, op: LinearOperator, b: Tensor, x0: Tensor | None, mixed: bool,
-                 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    def _iterate(
+        self,
+        op: LinearOperator,
+        b: Tensor,
+        x0: Tensor | None,
+        mixed: bool,
+    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
         u = self.alpha * b if x0 is None else x0  # the first iterate from u₀ = 0 needs no HVP
         for _ in range(self.iterations):
             u = torch.add(u, op.matvec(u).sub_(b), alpha=-self.alpha)
@@ -240,8 +254,12 @@ class FixedPoint:
         return u, r, m
 
 
-def _start(op: LinearOperator, b: Tensor, x0: Tensor | None, mixed: bool,
-           ) -> tuple[Tensor, Tensor, Tensor | None, int]:
+def _start(
+    op: LinearOperator,
+    b: Tensor,
+    x0: Tensor | None,
+    mixed: bool,
+) -> tuple[Tensor, Tensor, Tensor | None, int]:
     """CG's start: ``x``, ``r = b − Hx``, ``Mx`` (None from zero) and the HVPs spent (0 or 1)."""
     if x0 is None:
         return torch.zeros_like(b), b, None, 0
@@ -285,8 +303,14 @@ class ConjugateGradient:
         x, r, _, hvps, counted, reason = self._iterate(op, b, self.iterations + 1, x0, False)
         return TensorSolve(x, _relative_tensor(r, b), counted, reason, hvps)
 
-    def _iterate(self, op: LinearOperator, b: Tensor, every: int, x0: Tensor | None, mixed: bool,
-                 ) -> tuple[Tensor, Tensor, Tensor | None, int, Tensor, Tensor]:
+    def _iterate(
+        self,
+        op: LinearOperator,
+        b: Tensor,
+        every: int,
+        x0: Tensor | None,
+        mixed: bool,
+    ) -> tuple[Tensor, Tensor, Tensor | None, int, Tensor, Tensor]:
         """The one CG body: ``(x, r, M x, HVPs, iterations, reason)``, the stopping rules evaluated on the device
         every iteration and read on the host every ``every`` iterations (``every = 1``: a plain CG loop; a start
         that already meets the tolerance then costs no HVP)."""
@@ -367,8 +391,14 @@ class Exact:
         return TensorSolve(x, _relative_tensor(H @ x - b, b), 1, torch.where(singular, 3, 1), op.n)
 
 
-def power_iteration(matvec: Callable[[Tensor], Tensor], n: int, iterations: int = 20, *,
-                    like: Tensor, generator: torch.Generator | None = None) -> float:
+def power_iteration(
+    matvec: Callable[[Tensor], Tensor],
+    n: int,
+    iterations: int = 20,
+    *,
+    like: Tensor,
+    generator: torch.Generator | None = None,
+) -> float:
     """Estimate the largest-magnitude eigenvalue of ``H`` (``iterations`` HVPs).
 
     Used to pick a Neumann / fixed-point step: the series converges for ``α < 2/λ_max``.
@@ -411,8 +441,11 @@ class AutoStep:
     def __call__(self, op: LinearOperator, b: Tensor, x0: Tensor | None = None) -> SolveResult:
         lam = self.lambda_max
         if lam is None:
-            lam = abs(power_iteration(op.matvec, op.n, self.power_iterations, like=b,
-                                      generator=torch.Generator().manual_seed(self.seed)))
+            lam = abs(
+                power_iteration(
+                    op.matvec, op.n, self.power_iterations, like=b, generator=torch.Generator().manual_seed(self.seed)
+                )
+            )
         alpha = 1.0 / lam if 0 < lam < math.inf else self.solver.alpha
         result = replace(self.solver, alpha=alpha)(op, b, x0)
         result.extra.update({"solver/alpha": alpha, "solver/lambda_max": lam})

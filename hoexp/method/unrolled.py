@@ -78,8 +78,19 @@ def unrolled_hypergradient(
     module doc).
     """
     if checkpoint_every > 0:
-        return _checkpointed(train_loss, val_loss, optimizer, params, opt_state, hparams, steps, truncate=truncate,
-                             overrides=overrides, on_step=on_step, every=checkpoint_every)
+        return _checkpointed(
+            train_loss,
+            val_loss,
+            optimizer,
+            params,
+            opt_state,
+            hparams,
+            steps,
+            truncate=truncate,
+            overrides=overrides,
+            on_step=on_step,
+            every=checkpoint_every,
+        )
     lam = tree.detached(hparams, requires_grad=True)
     lam_const = tree.detached(hparams)
     first_graph_step = 0 if truncate is None else max(steps - truncate, 0)
@@ -135,11 +146,20 @@ def _with_leaves(state: Any, leaves: Iterator[Tensor]) -> Any:
     return state
 
 
-def _checkpointed(train_loss: StepLoss, val_loss: Callable[[dict[str, Tensor], dict[str, Tensor]], Tensor],
-                  optimizer: Optimizer, params: Mapping[str, Tensor], opt_state: dict[str, Any],
-                  hparams: Mapping[str, Tensor], steps: int, *, truncate: int | None,
-                  overrides: Callable[[dict[str, Tensor], int], dict[str, Any]] | None,
-                  on_step: Callable[[], None] | None, every: int) -> UnrolledResult:
+def _checkpointed(
+    train_loss: StepLoss,
+    val_loss: Callable[[dict[str, Tensor], dict[str, Tensor]], Tensor],
+    optimizer: Optimizer,
+    params: Mapping[str, Tensor],
+    opt_state: dict[str, Any],
+    hparams: Mapping[str, Tensor],
+    steps: int,
+    *,
+    truncate: int | None,
+    overrides: Callable[[dict[str, Tensor], int], dict[str, Any]] | None,
+    on_step: Callable[[], None] | None,
+    every: int,
+) -> UnrolledResult:
     """:func:`unrolled_hypergradient` with gradient checkpointing every ``every`` differentiable steps."""
     lam = tree.detached(hparams, requires_grad=True)
     lam_const = tree.detached(hparams)
@@ -154,18 +174,20 @@ def _checkpointed(train_loss: StepLoss, val_loss: Callable[[dict[str, Tensor], d
         loss = train_loss(wr, lam_const, t)
         grads = torch.autograd.grad(loss, list(wr.values()))
         with torch.no_grad():
-            w, state = optimizer.update(w, dict(zip(w.keys(), grads)),
-                                        state, **(overrides(lam_const, t) if overrides is not None else {}))
+            w, state = optimizer.update(
+                w, dict(zip(w.keys(), grads)), state, **(overrides(lam_const, t) if overrides is not None else {})
+            )
         gnorm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
         if on_step is not None:
             on_step()
     w_end = tree.detached(w, requires_grad=True)
     lv = val_loss(w_end, lam)
     lam_list = list(lam.values())
-    out = tree.fill_none(torch.autograd.grad(lv, list(w_end.values()) + lam_list, allow_unused=True),
-                         list(w_end.values()) + lam_list)
-    adj_w: list[Tensor | None] = list(out[:len(w_end)])
-    hg = out[len(w_end):]
+    out = tree.fill_none(
+        torch.autograd.grad(lv, list(w_end.values()) + lam_list, allow_unused=True), list(w_end.values()) + lam_list
+    )
+    adj_w: list[Tensor | None] = list(out[: len(w_end)])
+    hg = out[len(w_end) :]
     adj_s: list[Tensor | None] = [None] * len(_state_leaves(state))
     for t0 in sorted(starts, reverse=True):  # backward: segment by segment, from the last
         w0 = tree.detached(starts[t0][0], requires_grad=True)
@@ -173,18 +195,25 @@ def _checkpointed(train_loss: StepLoss, val_loss: Callable[[dict[str, Tensor], d
         ws, s = w0, _with_leaves(starts[t0][1], iter(s_leaves))
         for t in range(t0, min(t0 + every, steps)):
             g = torch.autograd.grad(train_loss(ws, lam, t), list(ws.values()), create_graph=True)
-            ws, s = optimizer.update(ws, dict(zip(ws.keys(), g)), s,
-                                     **(overrides(lam, t) if overrides is not None else {}))
-        pairs = [(o, a) for o, a in zip(list(ws.values()) + _state_leaves(s), adj_w + adj_s)
-                 if a is not None and o.requires_grad]
+            ws, s = optimizer.update(
+                ws, dict(zip(ws.keys(), g)), s, **(overrides(lam, t) if overrides is not None else {})
+            )
+        pairs = [
+            (o, a)
+            for o, a in zip(list(ws.values()) + _state_leaves(s), adj_w + adj_s)
+            if a is not None and o.requires_grad
+        ]
         inputs = list(w0.values()) + s_leaves + lam_list
         differentiable = [x for x in inputs if x.requires_grad]
-        got = iter(torch.autograd.grad([o for o, _ in pairs], differentiable, [a for _, a in pairs],
-                                       allow_unused=True) if pairs else [None] * len(differentiable))
+        got = iter(
+            torch.autograd.grad([o for o, _ in pairs], differentiable, [a for _, a in pairs], allow_unused=True)
+            if pairs
+            else [None] * len(differentiable)
+        )
         grads_in = [next(got) if x.requires_grad else None for x in inputs]
-        adj_w = [g if g is not None else torch.zeros_like(x) for g, x in zip(grads_in[:len(w0)], w0.values())]
-        adj_s = grads_in[len(w0):len(w0) + len(s_leaves)]
-        hg = [h if g is None else h + g for h, g in zip(hg, grads_in[len(w0) + len(s_leaves):])]
+        adj_w = [g if g is not None else torch.zeros_like(x) for g, x in zip(grads_in[: len(w0)], w0.values())]
+        adj_s = grads_in[len(w0) : len(w0) + len(s_leaves)]
+        hg = [h if g is None else h + g for h, g in zip(hg, grads_in[len(w0) + len(s_leaves) :])]
     return UnrolledResult(
         hypergrad={k: g.detach() for k, g in zip(lam.keys(), hg)},
         params=tree.detached(w),
@@ -204,16 +233,30 @@ def path_result(hypergradient_fn: Callable[..., UnrolledResult], st: OuterStep, 
     return hypergradient_fn(
         lambda w, h, t: problem.train_loss(w, h, batches[t]),
         lambda w, h: problem.val_loss(w, h, val_batch),
-        st.inner_opt, st.inner.params, st.inner.opt_state, st.raw, len(batches),
-        overrides=problem.family.optimizer_overrides, on_step=st.on_step, **options,
+        st.inner_opt,
+        st.inner.params,
+        st.inner.opt_state,
+        st.raw,
+        len(batches),
+        overrides=problem.family.optimizer_overrides,
+        on_step=st.on_step,
+        **options,
     )
 
 
 def path_outputs(res: UnrolledResult, st: OuterStep) -> OuterResult:
     """A path result as an outer step's result (the new inner state after ``inner_steps`` steps)."""
-    return OuterResult(res.hypergrad, InnerState(res.params, res.opt_state, st.inner.step + len(st.train)), scalars(**{
-        "inner/grad_norm": res.last_grad_norm, "inner/loss": res.last_train_loss,
-        "hypergrad/norm": tree.norm(res.hypergrad)}))
+    return OuterResult(
+        res.hypergrad,
+        InnerState(res.params, res.opt_state, st.inner.step + len(st.train)),
+        scalars(
+            **{
+                "inner/grad_norm": res.last_grad_norm,
+                "inner/loss": res.last_train_loss,
+                "hypergrad/norm": tree.norm(res.hypergrad),
+            }
+        ),
+    )
 
 
 @dataclass

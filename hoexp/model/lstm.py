@@ -43,8 +43,7 @@ class LSTMLayer(nn.Module):
         for p in self.parameters():
             nn.init.uniform_(p, -bound, bound)
 
-    def forward(self, x: Tensor, h: Tensor, c: Tensor, hh_mask: Tensor | None = None
-                ) -> tuple[Tensor, Tensor, Tensor]:
+    def forward(self, x: Tensor, h: Tensor, c: Tensor, hh_mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """Run the layer over ``x [T, B, I]`` from ``(h, c)``; returns ``(outputs [T, B, H], h_T, c_T)``.
 
             gates_t = x_t W_ihᵀ + b_ih + h_{t−1} (W_hh ⊙ M_hh)ᵀ + b_hh,   (i, f, g, o) = chunks
@@ -90,12 +89,15 @@ class LSTMLanguageModel(nn.Module):
     Cost of a forward pass: ``O(T·B·(Σ_l 4H_l(I_l + H_l) + H_last·V))``; the decoder dominates for large V.
     """
 
-    def __init__(self, vocab_size: int, embed_dim: int = 650, hidden: int = 650, layers: int = 2,
-                 tie_weights: bool = True):
+    def __init__(
+        self, vocab_size: int, embed_dim: int = 650, hidden: int = 650, layers: int = 2, tie_weights: bool = True
+    ):
         super().__init__()
         if min(vocab_size, embed_dim, hidden, layers) < 1:
-            raise ValueError(f"vocab_size, embed_dim, hidden and layers must be positive; got "
-                             f"{vocab_size}, {embed_dim}, {hidden}, {layers}")
+            raise ValueError(
+                f"vocab_size, embed_dim, hidden and layers must be positive; got "
+                f"{vocab_size}, {embed_dim}, {hidden}, {layers}"
+            )
         self.vocab_size, self.embed_dim, self.tie_weights = vocab_size, embed_dim, tie_weights
         last = embed_dim if tie_weights else hidden
         self.hidden_sizes = [hidden] * (layers - 1) + [last]
@@ -128,13 +130,19 @@ class LSTMLanguageModel(nn.Module):
         """Full mask shape of every site for a batch: ``[B, units]`` for activations, ``[4H, H]`` for ``hh{l}``."""
         return {k: s if k.startswith("hh") else (batch_size, *s) for k, s in self.unit_shapes().items()}
 
-    def init_state(self, batch_size: int, dtype: torch.dtype | None = None,
-                   device: torch.device | None = None) -> State:
+    def init_state(
+        self, batch_size: int, dtype: torch.dtype | None = None, device: torch.device | None = None
+    ) -> State:
         """Zero ``(h, c)`` per layer, each ``[B, H_l]``."""
         dtype = dtype or self.embedding.weight.dtype
         device = device or self.embedding.weight.device
-        return [(torch.zeros(batch_size, h, dtype=dtype, device=device),
-                 torch.zeros(batch_size, h, dtype=dtype, device=device)) for h in self.hidden_sizes]
+        return [
+            (
+                torch.zeros(batch_size, h, dtype=dtype, device=device),
+                torch.zeros(batch_size, h, dtype=dtype, device=device),
+            )
+            for h in self.hidden_sizes
+        ]
 
     def _check_masks(self, masks: Mapping[str, Tensor], batch_size: int) -> None:
         sites = self.dropout_sites(batch_size)
@@ -147,11 +155,16 @@ class LSTMLanguageModel(nn.Module):
             except RuntimeError:
                 ok = False
             if not ok:
-                raise ValueError(f"mask '{k}' has shape {tuple(m.shape)}; expected {sites[k]} "
-                                 f"(or a shape that broadcasts to it)")
+                raise ValueError(
+                    f"mask '{k}' has shape {tuple(m.shape)}; expected {sites[k]} (or a shape that broadcasts to it)"
+                )
 
-    def forward(self, tokens: Tensor, state: Sequence[tuple[Tensor, Tensor]] | None = None,
-                masks: Mapping[str, Tensor] | None = None) -> tuple[Tensor, State]:
+    def forward(
+        self,
+        tokens: Tensor,
+        state: Sequence[tuple[Tensor, Tensor]] | None = None,
+        masks: Mapping[str, Tensor] | None = None,
+    ) -> tuple[Tensor, State]:
         """``tokens [T, B]`` (int64) → ``(logits [T, B, V], [(h_T, c_T) per layer])``.
 
         ``state``: ``(h, c)`` per layer, each ``[B, H_l]`` (None: zeros). ``masks``: see the class doc.
@@ -197,10 +210,18 @@ def perplexity(mean_nll: Tensor | float) -> Tensor | float:
     return torch.exp(mean_nll) if isinstance(mean_nll, Tensor) else math.exp(mean_nll)
 
 
-def lstm(data: Any, *, embed_dim: PositiveInt = 200, hidden: PositiveInt = 200, layers: PositiveInt = 2,
-         tie_weights: bool = True) -> LSTMLanguageModel:
+def lstm(
+    data: Any,
+    *,
+    embed_dim: PositiveInt = 200,
+    hidden: PositiveInt = 200,
+    layers: PositiveInt = 2,
+    tie_weights: bool = True,
+) -> LSTMLanguageModel:
     """``model=lstm``: an :class:`LSTMLanguageModel` over ``data.vocab_size`` tokens."""
     if not hasattr(data, "vocab_size"):
-        raise ValueError("the LSTM language model needs a token stream with a vocabulary, and this dataset gives "
-                         "feature vectors (model=mlp fits them)")
+        raise ValueError(
+            "the LSTM language model needs a token stream with a vocabulary, and this dataset gives "
+            "feature vectors (model=mlp fits them)"
+        )
     return LSTMLanguageModel(data.vocab_size, embed_dim, hidden, layers, tie_weights)

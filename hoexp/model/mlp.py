@@ -9,8 +9,14 @@ from torch import Tensor, nn
 
 from hoexp.components import NonNegInt, PositiveInt
 
-ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU, "elu": nn.ELU, "softplus": nn.Softplus,
-               "sigmoid": nn.Sigmoid}
+ACTIVATIONS = {
+    "relu": nn.ReLU,
+    "tanh": nn.Tanh,
+    "gelu": nn.GELU,
+    "elu": nn.ELU,
+    "softplus": nn.Softplus,
+    "sigmoid": nn.Sigmoid,
+}
 
 
 class MLP(nn.Module):
@@ -24,8 +30,15 @@ class MLP(nn.Module):
     activation). No masks: no dropout (evaluation).
     """
 
-    def __init__(self, in_features: int, out_features: int, width: int = 128, depth: int = 2,
-                 activation: str = "relu", bias: bool = True):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        width: int = 128,
+        depth: int = 2,
+        activation: str = "relu",
+        bias: bool = True,
+    ):
         super().__init__()
         if activation not in ACTIVATIONS:
             raise ValueError(f"unknown activation '{activation}'; valid: {', '.join(sorted(ACTIVATIONS))}")
@@ -51,10 +64,17 @@ class MLP(nn.Module):
         return self.layers[-1](x)
 
 
-def mlp(data: Any, *, width: PositiveInt = 128, depth: NonNegInt = 2,
-        activation: Literal["relu", "tanh", "gelu", "elu", "softplus", "sigmoid"] = "relu", bias: bool = False) -> MLP:
+def mlp(
+    data: Any,
+    *,
+    width: PositiveInt = 128,
+    depth: NonNegInt = 2,
+    activation: Literal["relu", "tanh", "gelu", "elu", "softplus", "sigmoid"] = "relu",
+    bias: bool = False,
+) -> MLP:
     """``model=mlp``: an :class:`MLP` sized by ``data`` (``num_features`` inputs, ``num_classes`` outputs)."""
     if not hasattr(data, "num_features"):
-        raise ValueError("the MLP needs feature inputs and class labels, and this dataset gives token streams "
-                         "(model=lstm fits text)")
+        raise ValueError(
+            "the MLP needs feature inputs and class labels, and this dataset gives token streams (model=lstm fits text)"
+        )
     return MLP(data.num_features, data.num_classes, width, depth, activation, bias)

@@ -43,9 +43,7 @@ def build_optimizer(name: str, **kwargs: Any) -> Optimizer:
     try:
         factory = OPTIMIZERS[name]
     except KeyError:
-        raise ValueError(
-            f"unknown optimizer '{name}'; valid: {', '.join(sorted(OPTIMIZERS))}"
-        ) from None
+        raise ValueError(f"unknown optimizer '{name}'; valid: {', '.join(sorted(OPTIMIZERS))}") from None
     return factory(**kwargs)
 
 

@@ -69,8 +69,9 @@ def adagrad(
     ) -> tuple[Params, OptState]:
         check_grads(params, grads)
         step = state["step"] + 1
-        values = tuple(d if o is None else o for o, d in
-                       ((lr, lr0), (weight_decay, wd0), (lr_decay, decay0), (eps, eps0)))
+        values = tuple(
+            d if o is None else o for o, d in ((lr, lr0), (weight_decay, wd0), (lr_decay, decay0), (eps, eps0))
+        )
         if fast_path((params, grads, state["sum"]), values):
             numbers = cast("tuple[float, ...]", values)  # fast_path: all Python numbers
             return _adagrad_multi_tensor(params, grads, state, step, *numbers)
@@ -88,12 +89,23 @@ def adagrad(
             new_params[k] = add_scaled_div(p, -clr, g, std)
         return new_params, {"step": step, "sum": new_sum}
 
-    return Optimizer("adagrad", init, update, dict(lr=lr, lr_decay=lr_decay, weight_decay=weight_decay,
-                                                   initial_accumulator_value=initial_accumulator_value, eps=eps))
+    return Optimizer(
+        "adagrad",
+        init,
+        update,
+        dict(
+            lr=lr,
+            lr_decay=lr_decay,
+            weight_decay=weight_decay,
+            initial_accumulator_value=initial_accumulator_value,
+            eps=eps,
+        ),
+    )
 
 
-def _adagrad_multi_tensor(params: Params, grads: Params, state: OptState, step: int, lr: float, wd: float,
-                          lr_decay: float, eps: float) -> tuple[Params, OptState]:
+def _adagrad_multi_tensor(
+    params: Params, grads: Params, state: OptState, step: int, lr: float, wd: float, lr_decay: float, eps: float
+) -> tuple[Params, OptState]:
     """The Adagrad update for all tensors at once (``torch._foreach_*``), same operations as the loop."""
     keys = list(params)
     p = [params[k] for k in keys]

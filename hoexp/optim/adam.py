@@ -66,8 +66,9 @@ def _adam_like(
     ) -> tuple[Params, OptState]:
         check_grads(params, grads)
         step = state["step"] + 1
-        values = tuple(d if o is None else o for o, d in
-                       ((lr, lr0), (weight_decay, wd0), (beta1, b10), (beta2, b20), (eps, eps0)))
+        values = tuple(
+            d if o is None else o for o, d in ((lr, lr0), (weight_decay, wd0), (beta1, b10), (beta2, b20), (eps, eps0))
+        )
         buffers = [state["exp_avg"], state["exp_avg_sq"]] + ([state["max_exp_avg_sq"]] if amsgrad else [])
         if fast_path((params, grads, *buffers), values):
             numbers = cast("tuple[float, ...]", values)  # fast_path: all Python numbers
@@ -103,13 +104,25 @@ def _adam_like(
             new_state["max_exp_avg_sq"] = new_vmax
         return new_params, new_state
 
-    return Optimizer(name, init, update, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
-                                              amsgrad=amsgrad))
+    return Optimizer(
+        name, init, update, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad)
+    )
 
 
-def _adam_multi_tensor(params: Params, grads: Params, state: OptState, step: int, lr: float, wd: float,
-                       b1: float, b2: float, eps: float, *, amsgrad: bool, decoupled: bool,
-                       ) -> tuple[Params, OptState]:
+def _adam_multi_tensor(
+    params: Params,
+    grads: Params,
+    state: OptState,
+    step: int,
+    lr: float,
+    wd: float,
+    b1: float,
+    b2: float,
+    eps: float,
+    *,
+    amsgrad: bool,
+    decoupled: bool,
+) -> tuple[Params, OptState]:
     """The Adam/AdamW update for all tensors at once (``torch._foreach_*``), same operations as the loop.
 
     ``√v`` is a plain square root here: ``v`` is a sum of squares, never negative.

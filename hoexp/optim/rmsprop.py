@@ -81,10 +81,15 @@ def rmsprop(
                 "rmsprop was built with momentum=0 (no momentum buffer); "
                 "build it with momentum > 0 to override momentum"
             )
-        values = tuple(d if o is None else o for o, d in
-                       ((lr, lr0), (weight_decay, wd0), (alpha, alpha0), (eps, eps0), (momentum, mu0)))
-        buffers = [state["square_avg"]] + ([state["momentum_buffer"]] if use_buffer else []) \
+        values = tuple(
+            d if o is None else o
+            for o, d in ((lr, lr0), (weight_decay, wd0), (alpha, alpha0), (eps, eps0), (momentum, mu0))
+        )
+        buffers = (
+            [state["square_avg"]]
+            + ([state["momentum_buffer"]] if use_buffer else [])
             + ([state["grad_avg"]] if centered else [])
+        )
         if fast_path((params, grads, *buffers), values):
             numbers = cast("tuple[float, ...]", values)  # fast_path: all Python numbers
             return _rmsprop_multi_tensor(params, grads, state, *numbers, centered=centered, use_buffer=use_buffer)
@@ -121,12 +126,27 @@ def rmsprop(
             new_state["grad_avg"] = new_gavg
         return new_params, new_state
 
-    return Optimizer("rmsprop", init, update, dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay,
-                                                   momentum=momentum, centered=centered))
+    return Optimizer(
+        "rmsprop",
+        init,
+        update,
+        dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum, centered=centered),
+    )
 
 
-def _rmsprop_multi_tensor(params: Params, grads: Params, state: OptState, lr: float, wd: float, a: float,
-                          eps: float, mu: float, *, centered: bool, use_buffer: bool) -> tuple[Params, OptState]:
+def _rmsprop_multi_tensor(
+    params: Params,
+    grads: Params,
+    state: OptState,
+    lr: float,
+    wd: float,
+    a: float,
+    eps: float,
+    mu: float,
+    *,
+    centered: bool,
+    use_buffer: bool,
+) -> tuple[Params, OptState]:
     """The RMSprop update for all tensors at once (``torch._foreach_*``), same operations as the loop.
 
     The centered variance ``s − ḡ²`` is clamped at 0 before the square root, as :func:`safe_sqrt` does.
@@ -155,5 +175,6 @@ def _rmsprop_multi_tensor(params: Params, grads: Params, state: OptState, lr: fl
         new_p = torch._foreach_add(p, buf, alpha=-lr)
     else:
         new_p = torch._foreach_addcdiv(p, g, avg, value=-lr)
-    return dict(zip(keys, new_p)), {k: new_state[k] for k in ("step", "square_avg", "momentum_buffer", "grad_avg")
-                                      if k in new_state}
+    return dict(zip(keys, new_p)), {
+        k: new_state[k] for k in ("step", "square_avg", "momentum_buffer", "grad_avg") if k in new_state
+    }

@@ -110,13 +110,26 @@ def sgd(
             new_state["momentum_buffer"] = new_buf
         return new_params, new_state
 
-    return Optimizer(name, init, update, dict(lr=lr, momentum=momentum, dampening=dampening,
-                                              weight_decay=weight_decay, nesterov=nesterov))
+    return Optimizer(
+        name,
+        init,
+        update,
+        dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov),
+    )
 
 
-def _sgd_multi_tensor(params: Params, grads: Params, state: OptState, lr: float, wd: float,
-                      mu: float = 0.0, damp: float = 0.0, *, nesterov: bool, use_buffer: bool,
-                      ) -> tuple[Params, OptState]:
+def _sgd_multi_tensor(
+    params: Params,
+    grads: Params,
+    state: OptState,
+    lr: float,
+    wd: float,
+    mu: float = 0.0,
+    damp: float = 0.0,
+    *,
+    nesterov: bool,
+    use_buffer: bool,
+) -> tuple[Params, OptState]:
     """The SGD update for all tensors at once (``torch._foreach_*``), same operations as the loop above."""
     keys = list(params)
     p = [params[k] for k in keys]
@@ -135,9 +148,7 @@ def _sgd_multi_tensor(params: Params, grads: Params, state: OptState, lr: float,
     return dict(zip(keys, torch._foreach_add(p, d, alpha=-lr))), new_state
 
 
-def momentum(
-    lr: float, momentum: float = 0.9, dampening: float = 0.0, weight_decay: float = 0.0
-) -> Optimizer:
+def momentum(lr: float, momentum: float = 0.9, dampening: float = 0.0, weight_decay: float = 0.0) -> Optimizer:
     """Heavy-ball momentum SGD preset: ``sgd(lr, momentum, dampening, weight_decay)``."""
     return sgd(lr, momentum, dampening, weight_decay, nesterov=False, name="momentum")
 

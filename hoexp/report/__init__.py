@@ -29,7 +29,6 @@ The YAML files Hydra writes are read as plain YAML; only the jobs a sweep should
 missing ones) are expanded with Hydra's override parser, through ``hoexp.config.compose.expand_sweeps``.
 """
 
-
 from __future__ import annotations
 
 import statistics
@@ -71,22 +70,36 @@ def compare_lines(data: dict[str, Any]) -> tuple[list[str], list[str]]:
     obj = data.get("objective", "best")
     budget = data.get("budget") or {}
     per_seed = budget.get("per_seed") or {}
-    md = [f"Objective of the grid and the searches: the **{obj}** validation loss (test loss is never used to "
-          f"choose). Search budget per seed: {budget.get('rule', '?')}"
-          + (": " + ", ".join(f"seed {k}: {v:.1f} s" for k, v in per_seed.items()) if per_seed else "")
-          + f"; {data.get('workers', 1)} worker(s) per search; pruning "
-          + ("on (MedianPruner)" if data.get("prune") else "off") + ".", ""]
+    md = [
+        f"Objective of the grid and the searches: the **{obj}** validation loss (test loss is never used to "
+        f"choose). Search budget per seed: {budget.get('rule', '?')}"
+        + (": " + ", ".join(f"seed {k}: {v:.1f} s" for k, v in per_seed.items()) if per_seed else "")
+        + f"; {data.get('workers', 1)} worker(s) per search; pruning "
+        + ("on (MedianPruner)" if data.get("prune") else "off")
+        + ".",
+        "",
+    ]
     studies = [(c["name"], s) for c in data.get("contenders", []) if c.get("kind") == "search" for s in c["studies"]]
     if studies:
         rows = []
         for name, s in studies:
             states = ", ".join(f"{n} {k.lower()}" for k, n in (s.get("states") or {}).items())
             params = " ".join(f"{_short_key(k)}={_fmt_value(v)}" for k, v in (s.get("best_params") or {}).items())
-            rows.append([name, str(s["seed"]), f"{s['budget_s']:.1f}", f"{s['wall_clock_s']:.1f}",
-                         f"{s['trial_time_s']:.1f}", f"{s['n_trials']} ({states})",
-                         "—" if s.get("best_trial") is None else f"#{s['best_trial']} {params}"])
-        md += _md_table(["search", "seed", "budget (s)", "spent: wall clock (s)", "spent: trial time (s)", "trials",
-                         "best trial"], rows) + [""]
+            rows.append(
+                [
+                    name,
+                    str(s["seed"]),
+                    f"{s['budget_s']:.1f}",
+                    f"{s['wall_clock_s']:.1f}",
+                    f"{s['trial_time_s']:.1f}",
+                    f"{s['n_trials']} ({states})",
+                    "—" if s.get("best_trial") is None else f"#{s['best_trial']} {params}",
+                ]
+            )
+        md += _md_table(
+            ["search", "seed", "budget (s)", "spent: wall clock (s)", "spent: trial time (s)", "trials", "best trial"],
+            rows,
+        ) + [""]
     match = data.get("match") or []
     short: list[str] = []
     if match:
@@ -95,25 +108,51 @@ def compare_lines(data: dict[str, Any]) -> tuple[list[str], list[str]]:
             worth = m.get("fixed_runs")
             worth_text = "—" if worth is None else f"{worth:.2f}"
             if m["matched"]:
-                rows.append([m["search"], m["ho"], str(m["seed"]), f"{m['target']:.4f}", "yes", str(m["trials"]),
-                             f"{m['time_s']:.1f}", worth_text])
+                rows.append(
+                    [
+                        m["search"],
+                        m["ho"],
+                        str(m["seed"]),
+                        f"{m['target']:.4f}",
+                        "yes",
+                        str(m["trials"]),
+                        f"{m['time_s']:.1f}",
+                        worth_text,
+                    ]
+                )
             else:
-                rows.append([m["search"], m["ho"], str(m["seed"]), f"{m['target']:.4f}",
-                             f"no, not in its {m['trials']} trials ({worth_text} fixed runs' worth)",
-                             "—", "—", "—"])
-        md += ["When each search's best-so-far validation loss first reached the HO run's (same seed), in trials, "
-               "cumulative trial time and fixed runs' worth (that time / the `method=none` baseline run's "
-               "wall time):", ""]
-        md += _md_table(["search", "HO", "seed", "HO val loss", "matched", "trials", "trial time (s)",
-                         "fixed runs' worth"], rows) + [""]
+                rows.append(
+                    [
+                        m["search"],
+                        m["ho"],
+                        str(m["seed"]),
+                        f"{m['target']:.4f}",
+                        f"no, not in its {m['trials']} trials ({worth_text} fixed runs' worth)",
+                        "—",
+                        "—",
+                        "—",
+                    ]
+                )
+        md += [
+            "When each search's best-so-far validation loss first reached the HO run's (same seed), in trials, "
+            "cumulative trial time and fixed runs' worth (that time / the `method=none` baseline run's "
+            "wall time):",
+            "",
+        ]
+        md += _md_table(
+            ["search", "HO", "seed", "HO val loss", "matched", "trials", "trial time (s)", "fixed runs' worth"], rows
+        ) + [""]
         for key in dict.fromkeys((m["search"], m["ho"]) for m in match):
             ms = [m for m in match if (m["search"], m["ho"]) == key]
             hit = [m["fixed_runs"] for m in ms if m["matched"] and m.get("fixed_runs") is not None]
             text = f"{key[0]} matched {key[1]}'s {obj} validation loss on {len(hit)}/{len(ms)} seed(s)"
             if hit:
                 mean = statistics.fmean(hit)
-                text += f", after {mean:.2f}" + (f" ± {statistics.stdev(hit):.2f}" if len(hit) > 1 else "") + \
-                        " fixed runs' worth of wall time"
+                text += (
+                    f", after {mean:.2f}"
+                    + (f" ± {statistics.stdev(hit):.2f}" if len(hit) > 1 else "")
+                    + " fixed runs' worth of wall time"
+                )
             short.append(text)
         md += [f"- {t}" for t in short] + [""]
     return md, short
@@ -128,8 +167,9 @@ class Report:
     files: list[Path]
 
 
-def build_report(paths: Sequence[str | Path], out_dir: str | Path, *, console: Console | None = None,
-                 plots: bool = True) -> Report:
+def build_report(
+    paths: Sequence[str | Path], out_dir: str | Path, *, console: Console | None = None, plots: bool = True
+) -> Report:
     """Gather the runs under ``paths``, print the table and write the report files into ``out_dir``."""
     console = console or Console()
     runs = gather(paths, console=console)
@@ -138,13 +178,17 @@ def build_report(paths: Sequence[str | Path], out_dir: str | Path, *, console: C
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise HoexpError(f"report: cannot create the output folder {out} ({e.strerror}); choose another with "
-                         "--out <folder>") from None
+        raise HoexpError(
+            f"report: cannot create the output folder {out} ({e.strerror}); choose another with --out <folder>"
+        ) from None
     files: list[Path] = []
     pngs: list[Path] = []
     if plots:
-        for name, fn in (("val_loss_vs_time.png", plot_val_loss_vs_time), ("best_so_far.png", plot_best_so_far),
-                         ("hparams.png", plot_hparams)):
+        for name, fn in (
+            ("val_loss_vs_time.png", plot_val_loss_vs_time),
+            ("best_so_far.png", plot_best_so_far),
+            ("hparams.png", plot_hparams),
+        ):
             if fn(groups, out / name):
                 pngs.append(out / name)
     write_csv(groups, out / "report.csv")
@@ -163,6 +207,7 @@ def build_report(paths: Sequence[str | Path], out_dir: str | Path, *, console: C
         console.print(f"  {text}", markup=False, highlight=False, soft_wrap=True)
     for text in missing:
         console.print(f"hoexp report: {text}", markup=False, highlight=False, soft_wrap=True)
-    console.print(f"hoexp report: wrote {', '.join(f.name for f in files)} → {out}", markup=False,
-                  highlight=False, soft_wrap=True)
+    console.print(
+        f"hoexp report: wrote {', '.join(f.name for f in files)} → {out}", markup=False, highlight=False, soft_wrap=True
+    )
     return Report(runs=runs, groups=groups, out_dir=out, files=files)

@@ -123,8 +123,11 @@ def _tuning(run: RunInfo) -> str:
 
 
 def _config_key(run: RunInfo, drop: set[str]) -> tuple:
-    cfg = run.config or {f"summary.{k}": v for k, v in run.summary.items()
-                         if k in ("method", "hp", "dataset", "model", "outer_steps", "inner_steps", "num_hparams")}
+    cfg = run.config or {
+        f"summary.{k}": v
+        for k, v in run.summary.items()
+        if k in ("method", "hp", "dataset", "model", "outer_steps", "inner_steps", "num_hparams")
+    }
     return tuple(sorted((k, repr(v)) for k, v in cfg.items() if k not in IGNORED_KEYS and k not in drop))
 
 
@@ -149,13 +152,20 @@ def group_runs(runs: Sequence[RunInfo]) -> list[Group]:
             r.params = {k: ov[k] for k in searched if k in ov}
         best = min(trials, key=lambda r: r.objective)
         info = trials[0].study_info
-        key = ("study", trials[0].sweeper, info.get("n_trials"), tuple(sorted(info.get("space", {}).items())),
-               tuple(searched), _config_key(best, set(searched)))
+        key = (
+            "study",
+            trials[0].sweeper,
+            info.get("n_trials"),
+            tuple(sorted(info.get("space", {}).items())),
+            tuple(searched),
+            _config_key(best, set(searched)),
+        )
         members.append((key, _tuning(best), Member(runs=trials, best=best, study=folder), searched))
         if info.get("each_row"):  # a grid: each point is also a row (over seeds)
             for r in trials:
-                members.append((("run", "grid point", _config_key(r, set())), "grid point",
-                                Member(runs=[r], best=r), []))
+                members.append(
+                    (("run", "grid point", _config_key(r, set())), "grid point", Member(runs=[r], best=r), [])
+                )
     for r in singles:
         members.append((("run", _tuning(r), _config_key(r, set())), _tuning(r), Member(runs=[r], best=r), []))
 
@@ -170,9 +180,14 @@ def group_runs(runs: Sequence[RunInfo]) -> list[Group]:
     for g in out:
         g.members.sort(key=lambda m: (str(m.best.seed), str(m.best.path)))
     _label(out)
-    out.sort(key=lambda g: (TUNING_ORDER.get(g.tuning, len(TUNING_ORDER)), g.tuning,
-                            [_num(v) for v in g.first.params.values()] if g.tuning == "grid point" else [],
-                            g.label))
+    out.sort(
+        key=lambda g: (
+            TUNING_ORDER.get(g.tuning, len(TUNING_ORDER)),
+            g.tuning,
+            [_num(v) for v in g.first.params.values()] if g.tuning == "grid point" else [],
+            g.label,
+        )
+    )
     return out
 
 
@@ -189,17 +204,25 @@ def _label(groups: list[Group]) -> None:
         cfg = g.first.config
         parts = []
         for k in sorted(cfg):
-            if (k in IGNORED_KEYS or k in g.searched or k == "method.name" or k.endswith(".granularity")
-                    or k.startswith("hydra.")):
+            if (
+                k in IGNORED_KEYS
+                or k in g.searched
+                or k == "method.name"
+                or k.endswith(".granularity")
+                or k.startswith("hydra.")
+            ):
                 continue
             for j, h in enumerate(groups):
-                if (j != i and h.label == g.label and k in h.first.config and k not in h.searched
-                        and h.first.config[k] != cfg[k]):
+                if (
+                    j != i
+                    and h.label == g.label
+                    and k in h.first.config
+                    and k not in h.searched
+                    and h.first.config[k] != cfg[k]
+                ):
                     parts.append(f"{_short_key(k)}={_fmt_value(cfg[k])}")
                     break
         if parts:
             labels[i] = f"{g.label} ({', '.join(parts)})"
     for g, label in zip(groups, labels):
         g.label = label
-
-

@@ -25,20 +25,33 @@ METRICS: list[tuple[str, str, str, str]] = [
     ("final", "test_acc", "test acc (final)", ".3f"),
 ]
 # Also in the CSV files.
-CSV_METRICS: list[tuple[str, str]] = [(b, k) for b in ("best", "final")
-                                      for k in ("step", "val_loss", "val_acc", "test_loss", "test_acc",
-                                                "train_loss", "train_acc")]
+CSV_METRICS: list[tuple[str, str]] = [
+    (b, k)
+    for b in ("best", "final")
+    for k in ("step", "val_loss", "val_acc", "test_loss", "test_acc", "train_loss", "train_acc")
+]
 LOWER_IS_BETTER = {"val_loss", "test_loss", "train_loss"}
 # Config keys that never split runs into different rows (seed: rows aggregate over seeds; the others
 # change how a run is executed or stored, not what it computes).
 IGNORED_KEYS = {"seed", *RUN_CONTROL_KEYS}
-TUNING_ORDER = {"hypergradients": 0, "fixed": 1, "grid point": 2, "grid search": 3, "random search": 4,
-                "quasi-random search": 5, "TPE": 6}
-SAMPLERS = {"RandomSampler": "random search", "TPESampler": "TPE", "CmaEsSampler": "CMA-ES",
-            "GridSampler": "grid search", "NSGAIISampler": "NSGA-II", "MOTPESampler": "MOTPE",
-            "QMCSampler": "quasi-random search"}
-
-
+TUNING_ORDER = {
+    "hypergradients": 0,
+    "fixed": 1,
+    "grid point": 2,
+    "grid search": 3,
+    "random search": 4,
+    "quasi-random search": 5,
+    "TPE": 6,
+}
+SAMPLERS = {
+    "RandomSampler": "random search",
+    "TPESampler": "TPE",
+    "CmaEsSampler": "CMA-ES",
+    "GridSampler": "grid search",
+    "NSGAIISampler": "NSGA-II",
+    "MOTPESampler": "MOTPE",
+    "QMCSampler": "quasi-random search",
+}
 
 
 # ------------------------------------------------------------------------------------- gathering
@@ -140,8 +153,11 @@ class RunInfo:
             lines = read_jsonl(self.path / "metrics.jsonl")
         except (OSError, ValueError):
             return []
-        return [(_num(ln["time/elapsed_s"]), _num(ln["loss/val"])) for ln in lines
-                if "time/elapsed_s" in ln and "loss/val" in ln]
+        return [
+            (_num(ln["time/elapsed_s"]), _num(ln["loss/val"]))
+            for ln in lines
+            if "time/elapsed_s" in ln and "loss/val" in ln
+        ]
 
     def final_hparams(self) -> dict[str, Any]:
         """Final constrained hyperparameters by family (``final.pt``), as flat float64 numpy arrays."""
@@ -192,10 +208,16 @@ def _compare_trial(info: RunInfo) -> bool:
     info.study = info.path.parent
     info.trial = int(t.get("number", 0))
     info.overrides = [f"{k}={v}" for k, v in (t.get("params") or {}).items()]
-    info.study_info = {"study_name": info.path.parent.name, "n_trials": None, "direction": "minimize",
-                       "space": {str(k): str(v) for k, v in (st.get("space") or {}).items()},
-                       "objective": st.get("objective", "best"), "each_row": st.get("kind") == "grid",
-                       "budget_s": st.get("budget_s"), "wall_clock_s": st.get("wall_clock_s")}
+    info.study_info = {
+        "study_name": info.path.parent.name,
+        "n_trials": None,
+        "direction": "minimize",
+        "space": {str(k): str(v) for k, v in (st.get("space") or {}).items()},
+        "objective": st.get("objective", "best"),
+        "each_row": st.get("kind") == "grid",
+        "budget_s": st.get("budget_s"),
+        "wall_clock_s": st.get("wall_clock_s"),
+    }
     return True
 
 
@@ -253,8 +275,9 @@ def gather(paths: Iterable[str | Path], *, console: Console | None = None) -> li
             runs.append(load_run(d))
         except (OSError, ValueError) as e:
             if console is not None:
-                console.print(f"hoexp report: skipping {d}: unreadable summary.json ({e})", markup=False,
-                              highlight=False)
+                console.print(
+                    f"hoexp report: skipping {d}: unreadable summary.json ({e})", markup=False, highlight=False
+                )
     if not runs:
         raise HoexpError(f"report: no runs (summary.json) under {', '.join(map(str, paths))}")
     return runs
@@ -291,8 +314,9 @@ def missing_jobs(runs: Sequence[RunInfo]) -> list[tuple[Path, int, list[str]]]:
 
 def missing_lines(missing: list[tuple[Path, int, list[str]]]) -> list[str]:
     """One line per sweep with missing jobs, and the command that runs them."""
-    return [f"sweep {folder}: {len(jobs)} of {n} jobs have no summary.json (never run, or stopped): "
-            f"{'; '.join(jobs[:8])}{' ...' if len(jobs) > 8 else ''}; run them with the sweep's command plus "
-            f"hydra.sweep.dir={folder}" for folder, n, jobs in missing]
-
-
+    return [
+        f"sweep {folder}: {len(jobs)} of {n} jobs have no summary.json (never run, or stopped): "
+        f"{'; '.join(jobs[:8])}{' ...' if len(jobs) > 8 else ''}; run them with the sweep's command plus "
+        f"hydra.sweep.dir={folder}"
+        for folder, n, jobs in missing
+    ]

@@ -133,8 +133,9 @@ def plot_best_so_far(groups: list[Group], path: Path) -> bool:
         label = None if id(g) in labelled else f"{g.label} [{g.tuning}]"
         labelled.add(id(g))
         ts, vs = zip(*pts)
-        ax.step(ts, vs, where="post", color=c, lw=1.6, alpha=0.85, label=label,
-                marker="o" if m.is_study else None, ms=3)
+        ax.step(
+            ts, vs, where="post", color=c, lw=1.6, alpha=0.85, label=label, marker="o" if m.is_study else None, ms=3
+        )
         ends.append(vs[-1])
     _zoom_on_ends(ax, ends, min_span=0.05, above=3)  # where the contenders end up
     ax.set_xlabel("wall time (s); searches: cumulative trial time")
@@ -177,8 +178,7 @@ def plot_hparams(groups: list[Group], path: Path, max_panels: int = 24) -> bool:
     for ax, (g, fam, values, tried_values) in zip(axes.flat, panels):
         c = colors[id(g)]
         logv = np.log10(np.clip(values[np.isfinite(values)], 1e-300, None))
-        allv = logv if tried_values is None else \
-            np.concatenate([logv, np.log10(np.clip(tried_values, 1e-300, None))])
+        allv = logv if tried_values is None else np.concatenate([logv, np.log10(np.clip(tried_values, 1e-300, None))])
         lo, hi = (float(allv.min()), float(allv.max())) if allv.size else (0.0, 1.0)
         if hi - lo < 1e-6:
             lo, hi = lo - 0.5, hi + 0.5
@@ -196,11 +196,9 @@ def plot_hparams(groups: list[Group], path: Path, max_panels: int = 24) -> bool:
         ax.grid(alpha=0.3)
         if tried_values is not None:
             ax.legend(fontsize=7)
-    for ax in list(axes.flat)[len(panels):]:
+    for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
-
-

@@ -40,24 +40,49 @@ def _bests(groups: list[Group]) -> dict[int, set[int]]:
 
 def table_rows(groups: list[Group], sep: str = " ± ") -> tuple[list[str], list[list[str]]]:
     """The report's table as text cells (rich and Markdown render the same rows)."""
-    header = ["method", "tuning", "family", "#hp", "runs", *(m[2] for m in METRICS), "wall time (s)",
-              "hypergradients", "best trial"]
+    header = [
+        "method",
+        "tuning",
+        "family",
+        "#hp",
+        "runs",
+        *(m[2] for m in METRICS),
+        "wall time (s)",
+        "hypergradients",
+        "best trial",
+    ]
     rows = []
     for g in groups:
         metrics = [_fmt(*g.mean_std(g.values(b, k)), spec, sep) for b, k, _, spec in METRICS]
         nh = sorted({r.num_hparams for r in g.runs})
-        rows.append([
-            g.label, g.tuning, g.first.family, "/".join(f"{n:,}" for n in nh), g.count, *metrics,
-            _fmt(*g.mean_std([m.wall_time_s for m in g.members]), ".1f", sep),
-            _fmt(*g.mean_std([float(m.hypergradients) for m in g.members]), ".0f", sep),
-            g.best_params,
-        ])
+        rows.append(
+            [
+                g.label,
+                g.tuning,
+                g.first.family,
+                "/".join(f"{n:,}" for n in nh),
+                g.count,
+                *metrics,
+                _fmt(*g.mean_std([m.wall_time_s for m in g.members]), ".1f", sep),
+                _fmt(*g.mean_std([float(m.hypergradients) for m in g.members]), ".0f", sep),
+                g.best_params,
+            ]
+        )
     return header, rows
 
 
 # Console columns left out, in this order, until the table fits the terminal (report.md has them all).
-NARROW_DROPS = ("hypergradients", "test acc (final)", "test acc @best val", "val loss (final)", "#hp", "family",
-                "wall time (s)", "tuning", "test loss (final)")
+NARROW_DROPS = (
+    "hypergradients",
+    "test acc (final)",
+    "test acc @best val",
+    "val loss (final)",
+    "#hp",
+    "family",
+    "wall time (s)",
+    "tuning",
+    "test loss (final)",
+)
 
 
 def print_table(groups: list[Group], console: Console, title: str = "hoexp report") -> None:
@@ -74,15 +99,23 @@ def print_table(groups: list[Group], console: Console, title: str = "hoexp repor
         dropped.append(name)
     console.print(_console_table(groups, header, rows, keep, title))
     if dropped:
-        console.print(f"  (left out at this width: {', '.join(dropped)}; report.md has every column)",
-                      markup=False, highlight=False, soft_wrap=True)
+        console.print(
+            f"  (left out at this width: {', '.join(dropped)}; report.md has every column)",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
+        )
     for g in groups:
         for m in g.members:
             if m.is_study:
                 params = " ".join(f"{_short_key(k)}={_fmt_value(v)}" for k, v in m.best.params.items())
-                console.print(f"  {g.tuning} ({g.label}): best of {len(m.runs)} trials: #{m.best.trial} {params} "
-                              f"(val loss {m.best.metric('best', 'val_loss'):.4f}) in {m.study}",
-                              markup=False, highlight=False, soft_wrap=True)
+                console.print(
+                    f"  {g.tuning} ({g.label}): best of {len(m.runs)} trials: #{m.best.trial} {params} "
+                    f"(val loss {m.best.metric('best', 'val_loss'):.4f}) in {m.study}",
+                    markup=False,
+                    highlight=False,
+                    soft_wrap=True,
+                )
 
 
 def _table_width(header: list[str], rows: list[list[str]], keep: list[int]) -> int:
@@ -94,15 +127,19 @@ def _table_width(header: list[str], rows: list[list[str]], keep: list[int]) -> i
         if i == 2:
             return text.split(" + ")
         if i >= 5:
-            return text.replace(" (", "\n(").replace(" @", "\n@").replace("hypergradients", "hyper-\ngradients").split("\n")
+            return (
+                text.replace(" (", "\n(")
+                .replace(" @", "\n@")
+                .replace("hypergradients", "hyper-\ngradients")
+                .split("\n")
+            )
         return [text]
 
     widths = [max(cell_len(ln) for cell in [header[i], *(r[i] for r in rows)] for ln in lines(i, cell)) for i in keep]
     return sum(widths) + 3 * len(keep) + 1
 
 
-def _console_table(groups: list[Group], header: list[str], rows: list[list[str]], keep: list[int],
-                   title: str) -> Table:
+def _console_table(groups: list[Group], header: list[str], rows: list[list[str]], keep: list[int], title: str) -> Table:
     """The rich table of the columns ``keep`` (indices into ``header``); best means in bold green."""
     bests = _bests(groups)
     table = Table(title=title, title_justify="left", header_style="bold")
@@ -110,12 +147,22 @@ def _console_table(groups: list[Group], header: list[str], rows: list[list[str]]
         h = header[i]
         if i >= 5:
             h = h.replace(" (", "\n(").replace(" @", "\n@").replace("hypergradients", "hyper-\ngradients")
-        table.add_column(h, justify="right" if i == 3 or i >= 5 else "left", no_wrap=i not in (0, 2),
-                         min_width=min(24, max(len(r[0]) for r in rows)) if i == 0 and rows else None)
+        table.add_column(
+            h,
+            justify="right" if i == 3 or i >= 5 else "left",
+            no_wrap=i not in (0, 2),
+            min_width=min(24, max(len(r[0]) for r in rows)) if i == 0 and rows else None,
+        )
     for r, row in enumerate(rows):
         cells = [c.replace(" + ", " +\n") if i == 2 else c for i, c in enumerate(row)]
-        table.add_row(*(f"[bold green]{escape(cells[i])}[/]" if 5 <= i < 5 + len(METRICS) and r in bests.get(i - 5, ())
-                        else escape(cells[i]) for i in keep))
+        table.add_row(
+            *(
+                f"[bold green]{escape(cells[i])}[/]"
+                if 5 <= i < 5 + len(METRICS) and r in bests.get(i - 5, ())
+                else escape(cells[i])
+                for i in keep
+            )
+        )
     return table
 
 
@@ -124,47 +171,73 @@ def _md_escape(text: str) -> str:
 
 
 def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
-    lines = ["| " + " | ".join(_md_escape(h) for h in header) + " |",
-             "|" + "|".join("---" for _ in header) + "|"]
+    lines = ["| " + " | ".join(_md_escape(h) for h in header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(_md_escape(c) for c in row) + " |" for row in rows]
     return lines
 
 
-def write_markdown(groups: list[Group], path: Path, sources: Sequence[str], plots: Sequence[Path],
-                   missing: Sequence[str] = ()) -> None:
+def write_markdown(
+    groups: list[Group], path: Path, sources: Sequence[str], plots: Sequence[Path], missing: Sequence[str] = ()
+) -> None:
     header, rows = table_rows(groups)
     for c, best_rows in _bests(groups).items():
         for i in best_rows:
             rows[i][5 + c] = f"**{rows[i][5 + c]}**"
     nruns = len({r.path for g in groups for r in g.runs})  # a grid's runs are in two rows
-    lines = ["# hoexp report", "",
-             f"{nruns} run(s) from {', '.join(f'`{s}`' for s in sources)}; {time.strftime('%Y-%m-%d %H:%M:%S')}.", "",
-             *_md_table(header, rows), "",
-             "Mean ± std over seeds (or over studies). A black-box study stands for its best trial (the lowest "
-             "best validation loss, which the sweeper minimized); its wall time is the sum of its trials' wall "
-             "times, the budget it spent. `@best val`: at the outer step with the lowest validation loss. "
-             "Best mean of each column in bold. Every run: `runs.csv`.", ""]
+    lines = [
+        "# hoexp report",
+        "",
+        f"{nruns} run(s) from {', '.join(f'`{s}`' for s in sources)}; {time.strftime('%Y-%m-%d %H:%M:%S')}.",
+        "",
+        *_md_table(header, rows),
+        "",
+        "Mean ± std over seeds (or over studies). A black-box study stands for its best trial (the lowest "
+        "best validation loss, which the sweeper minimized); its wall time is the sum of its trials' wall "
+        "times, the budget it spent. `@best val`: at the outer step with the lowest validation loss. "
+        "Best mean of each column in bold. Every run: `runs.csv`.",
+        "",
+    ]
     if missing:
         lines += ["## Missing jobs", "", *(f"- {_md_escape(m)}" for m in missing), ""]
     studies = [(g, m) for g in groups for m in g.members if m.is_study]
     if studies:
         lines += ["## Studies", ""]
         for g, m in studies:
-            lines += [f"### {g.tuning}: `{m.study}`", "",
-                      f"{len(m.runs)} trials, {m.wall_time_s:.1f} s in all; search space: "
-                      + (", ".join(f"`{k}: {v}`" for k, v in m.runs[0].study_info.get("space", {}).items())
-                         or ", ".join(f"`{k}`" for k in g.searched) or "—")
-                      + f"; best trial #{m.best.trial}.", ""]
-            th = ["trial", *(_short_key(k) for k in g.searched), "val loss (best)", "test loss @best val",
-                  "test acc @best val", "wall time (s)", "status"]
+            lines += [
+                f"### {g.tuning}: `{m.study}`",
+                "",
+                f"{len(m.runs)} trials, {m.wall_time_s:.1f} s in all; search space: "
+                + (
+                    ", ".join(f"`{k}: {v}`" for k, v in m.runs[0].study_info.get("space", {}).items())
+                    or ", ".join(f"`{k}`" for k in g.searched)
+                    or "—"
+                )
+                + f"; best trial #{m.best.trial}.",
+                "",
+            ]
+            th = [
+                "trial",
+                *(_short_key(k) for k in g.searched),
+                "val loss (best)",
+                "test loss @best val",
+                "test acc @best val",
+                "wall time (s)",
+                "status",
+            ]
             tr = []
             for r in m.runs:
                 mark = " ★" if r is m.best else ""
-                tr.append([f"{r.trial}{mark}", *(_fmt_value(r.params.get(k, "")) for k in g.searched),
-                           _fmt(r.metric("best", "val_loss"), math.nan, ".4f"),
-                           _fmt(r.metric("best", "test_loss"), math.nan, ".4f"),
-                           _fmt(r.metric("best", "test_acc"), math.nan, ".3f"),
-                           _fmt(r.wall_time_s, math.nan, ".1f"), r.status])
+                tr.append(
+                    [
+                        f"{r.trial}{mark}",
+                        *(_fmt_value(r.params.get(k, "")) for k in g.searched),
+                        _fmt(r.metric("best", "val_loss"), math.nan, ".4f"),
+                        _fmt(r.metric("best", "test_loss"), math.nan, ".4f"),
+                        _fmt(r.metric("best", "test_acc"), math.nan, ".3f"),
+                        _fmt(r.wall_time_s, math.nan, ".1f"),
+                        r.status,
+                    ]
+                )
             lines += [*_md_table(th, tr), ""]
     if plots:
         lines += ["## Plots", ""]
@@ -183,19 +256,46 @@ def write_csv(groups: list[Group], path: Path) -> None:
     with open(path, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         cols = [f"{b}_{k}" for b, k in CSV_METRICS if k != "step"]
-        w.writerow(["label", "tuning", "method", "family", "num_hparams", "members", "runs", "count",
-                    *(c for col in cols for c in (col, f"{col}_std")), "wall_time_s", "wall_time_s_std",
-                    "hypergradients", "best_params", "folders"])
+        w.writerow(
+            [
+                "label",
+                "tuning",
+                "method",
+                "family",
+                "num_hparams",
+                "members",
+                "runs",
+                "count",
+                *(c for col in cols for c in (col, f"{col}_std")),
+                "wall_time_s",
+                "wall_time_s_std",
+                "hypergradients",
+                "best_params",
+                "folders",
+            ]
+        )
         for g in groups:
             stats: list[str] = []
             for b, k in CSV_METRICS:
                 if k != "step":
                     stats.extend(map(_csv_num, g.mean_std(g.values(b, k))))
-            w.writerow([g.label, g.tuning, g.first.method, g.first.family, g.first.num_hparams, len(g.members),
-                        len(g.runs), g.count, *stats,
-                        *map(_csv_num, g.mean_std([m.wall_time_s for m in g.members])),
-                        _csv_num(g.mean_std([float(m.hypergradients) for m in g.members])[0]),
-                        g.best_params, ";".join(str(m.study or m.best.path) for m in g.members)])
+            w.writerow(
+                [
+                    g.label,
+                    g.tuning,
+                    g.first.method,
+                    g.first.family,
+                    g.first.num_hparams,
+                    len(g.members),
+                    len(g.runs),
+                    g.count,
+                    *stats,
+                    *map(_csv_num, g.mean_std([m.wall_time_s for m in g.members])),
+                    _csv_num(g.mean_std([float(m.hypergradients) for m in g.members])[0]),
+                    g.best_params,
+                    ";".join(str(m.study or m.best.path) for m in g.members),
+                ]
+            )
 
 
 def write_runs_csv(groups: list[Group], path: Path) -> None:
@@ -203,16 +303,44 @@ def write_runs_csv(groups: list[Group], path: Path) -> None:
     keys = sorted({k for g in groups for k in g.searched})
     with open(path, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
-        w.writerow(["label", "tuning", "study", "trial", "best_of_study", "seed", "method", "family", "num_hparams",
-                    "status", *(f"param:{k}" for k in keys), *(f"{b}_{k}" for b, k in CSV_METRICS),
-                    "wall_time_s", "hypergradients", "path"])
+        w.writerow(
+            [
+                "label",
+                "tuning",
+                "study",
+                "trial",
+                "best_of_study",
+                "seed",
+                "method",
+                "family",
+                "num_hparams",
+                "status",
+                *(f"param:{k}" for k in keys),
+                *(f"{b}_{k}" for b, k in CSV_METRICS),
+                "wall_time_s",
+                "hypergradients",
+                "path",
+            ]
+        )
         for g in groups:
             for m in g.members:
                 for r in m.runs:
-                    w.writerow([g.label, g.tuning, m.study or "", "" if r.trial is None else r.trial,
-                                int(m.is_study and r is m.best), r.seed, r.method, r.family, r.num_hparams,
-                                r.status, *(r.params.get(k, "") for k in keys),
-                                *(_csv_num(r.metric(b, k)) for b, k in CSV_METRICS),
-                                _csv_num(r.wall_time_s), r.hypergradients, r.path])
-
-
+                    w.writerow(
+                        [
+                            g.label,
+                            g.tuning,
+                            m.study or "",
+                            "" if r.trial is None else r.trial,
+                            int(m.is_study and r is m.best),
+                            r.seed,
+                            r.method,
+                            r.family,
+                            r.num_hparams,
+                            r.status,
+                            *(r.params.get(k, "") for k in keys),
+                            *(_csv_num(r.metric(b, k)) for b, k in CSV_METRICS),
+                            _csv_num(r.wall_time_s),
+                            r.hypergradients,
+                            r.path,
+                        ]
+                    )

@@ -72,5 +72,3 @@ class Task(Protocol):
 def like_for_noise(model: nn.Module, x: Tensor) -> Tensor:
     """The tensor whose dtype and device dropout noise takes: the inputs, or the weights for token ids."""
     return x if x.is_floating_point() else next(model.parameters())
-
-

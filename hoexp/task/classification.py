@@ -41,7 +41,8 @@ class Classification:
     # Data-parallel runs (hoexp.distributed.sync): (params, raw) → the same values through a node that
     # averages their gradients over the ranks; applied where a data loss reads them. None: one process.
     sync: Callable[[Mapping[str, Tensor], Mapping[str, Tensor]], tuple[dict, dict]] | None = field(
-        default=None, repr=False)
+        default=None, repr=False
+    )
     # Inner training steps in mixed precision (hoexp.precision.Precision: autocast, fp16 loss scaling); None:
     # the run's dtype. Only plain training steps use it (step_loss), never a hypergradient's derivatives.
     precision: Any = field(default=None, repr=False)
@@ -51,8 +52,12 @@ class Classification:
     batch_dim = 0  # the examples' dimension of a batch's inputs and targets (data-parallel shards split it)
 
     # ------------------------------------------------------------------------------ losses
-    def synced(self, params: Mapping[str, Tensor], raw: Mapping[str, Tensor], batch: tuple | None = None,
-               ) -> tuple[Mapping[str, Tensor], Mapping[str, Tensor]]:
+    def synced(
+        self,
+        params: Mapping[str, Tensor],
+        raw: Mapping[str, Tensor],
+        batch: tuple | None = None,
+    ) -> tuple[Mapping[str, Tensor], Mapping[str, Tensor]]:
         """``(params, raw)`` as the data loss of ``batch`` should read them: through ``sync`` in a data-parallel
         run (``raw`` only where the batch's masks read it; ``batch`` None: never)."""
         if self.sync is None:
@@ -74,8 +79,9 @@ class Classification:
         """The data loss of the model's outputs (mean cross-entropy: convex in the logits)."""
         return F.cross_entropy(logits, targets)
 
-    def data_loss(self, params: Mapping[str, Tensor], batch: tuple,
-                  masks: Mapping[str, Tensor] | None = None) -> Tensor:
+    def data_loss(
+        self, params: Mapping[str, Tensor], batch: tuple, masks: Mapping[str, Tensor] | None = None
+    ) -> Tensor:
         return self.output_loss(self.logits(params, batch[0], masks), batch[1])
 
     def masks(self, raw: Mapping[str, Tensor], batch: tuple) -> dict[str, Tensor] | None:
@@ -100,6 +106,7 @@ class Classification:
         """``train_loss(·, ·, batch)`` split as ``(outputs(w, raw), output_loss(z), penalty(w, raw))``:
         ``L_T = output_loss(outputs(w, raw)) + penalty(w, raw)`` (a Gauss-Newton curvature needs the
         outputs; ``hoexp.method.curvature.SplitLoss``)."""
+
         def outputs(w: Mapping[str, Tensor], raw: Mapping[str, Tensor]) -> Tensor:
             w, raw = self.synced(w, raw, batch)
             return self.logits(w, batch[0], self.masks(raw, batch))

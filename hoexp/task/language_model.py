@@ -45,18 +45,29 @@ class LMData:
         return LanguageModel(model, family, data=self, bptt=self.bptt)
 
     def to(self, device) -> LMData:
-        return LMData(self.train.to(device), self.val.to(device), self.test.to(device),
-                      self.val_train_layout.to(device), self.vocab_size, self.bptt,
-                      train_eval=None if self.train_eval is None else self.train_eval.to(device))
+        return LMData(
+            self.train.to(device),
+            self.val.to(device),
+            self.test.to(device),
+            self.val_train_layout.to(device),
+            self.vocab_size,
+            self.bptt,
+            train_eval=None if self.train_eval is None else self.train_eval.to(device),
+        )
 
 
 def lm_data(splits, batch_size: int, eval_batch_size: int, bptt: int) -> LMData:
     """Batchified streams. Training metrics are measured on the first ``len(val)`` training tokens
     (``train_eval``): a full pass over the training text at every evaluation would cost more than
     the training it reports on."""
-    data = LMData(batchify(splits.train, batch_size), batchify(splits.val, eval_batch_size),
-                  batchify(splits.test, eval_batch_size), batchify(splits.val, batch_size),
-                  splits.vocab_size, bptt)
+    data = LMData(
+        batchify(splits.train, batch_size),
+        batchify(splits.val, eval_batch_size),
+        batchify(splits.test, eval_batch_size),
+        batchify(splits.val, batch_size),
+        splits.vocab_size,
+        bptt,
+    )
     data.train_eval = batchify(splits.train[: len(splits.val)], eval_batch_size)
     return data
 

@@ -59,7 +59,7 @@ class Minibatches:
             self.order = torch.randperm(len(self.split), generator=self.generator)
             self.pos = 0
         # non_blocking: a blocking host→device copy would wait for every queued kernel (a sync per step)
-        idx = self.order[self.pos:self.pos + self.batch_size].to(self.split.x.device, non_blocking=True)
+        idx = self.order[self.pos : self.pos + self.batch_size].to(self.split.x.device, non_blocking=True)
         self.pos += self.batch_size
         return Batch(self.split.x[idx], self.split.y[idx])
 
