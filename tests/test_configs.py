@@ -73,3 +73,14 @@ def test_every_preset_composes_and_builds(preset):
     exp = build(spec)
     assert exp.device == torch.device("cpu")
     assert sum(v.numel() for v in exp.problem.family.init(dict(exp.model.named_parameters())).values()) > 0
+
+
+@pytest.mark.parametrize("launcher", group_options("hydra/launcher"))
+def test_every_launcher_composes_and_names_an_importable_launcher(launcher):
+    """hydra/launcher options (composed with Hydra's own node): their _target_ imports (no job is launched)."""
+    import importlib
+
+    cfg = _compose([f"hydra/launcher={launcher}"], hydra=True)
+    target = str(cfg.hydra.launcher._target_)
+    module, _, name = target.rpartition(".")
+    assert callable(getattr(importlib.import_module(module), name)), target
