@@ -210,10 +210,7 @@ class _SyncGrad(Function):
         return tuple(out)
 
 
-def sync(
-    params: Mapping[str, Tensor],
-    raw: Mapping[str, Tensor],
-) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+def sync(params: Mapping[str, Tensor], raw: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """``(params, raw)`` through one :class:`_SyncGrad` node: derivatives of a loss of the result are the
     mean over the ranks of the ranks' derivatives. Without autograd (``torch.no_grad``, nothing that
     requires a gradient) or in a one-process run the inputs come back as they are."""

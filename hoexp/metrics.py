@@ -251,11 +251,7 @@ class TensorBoardLogger:
         self.writer.add_text(tag, f"{fence}\n{text}\n{fence}")
 
     def log_hparams(
-        self,
-        hparams: Mapping[str, HParamValue],
-        metrics: Mapping[str, float],
-        *,
-        step: int | None = None,
+        self, hparams: Mapping[str, HParamValue], metrics: Mapping[str, float], *, step: int | None = None
     ) -> None:
         """Write the HPARAMS summaries into this run's own event file.
 

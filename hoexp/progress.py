@@ -13,23 +13,9 @@ from collections.abc import Mapping
 from typing import Protocol, runtime_checkable
 
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-__all__ = [
-    "RunProgress",
-    "NullProgress",
-    "PlainProgress",
-    "RichProgress",
-    "make_progress",
-    "format_fields",
-]
+__all__ = ["RunProgress", "NullProgress", "PlainProgress", "RichProgress", "make_progress", "format_fields"]
 
 _MAX_PLAIN_LINES = 50
 
@@ -180,11 +166,7 @@ class RichProgress:
 
 
 def make_progress(
-    total_outer: int,
-    total_inner: int,
-    *,
-    console: Console | None = None,
-    enabled: bool = True,
+    total_outer: int, total_inner: int, *, console: Console | None = None, enabled: bool = True
 ) -> RunProgress:
     """Bars on a terminal, plain log lines otherwise, nothing when ``enabled=False``.
 

@@ -254,10 +254,7 @@ def interleaved(fns: dict[str, Callable[[], Any]], rounds: int, budget_s: float)
 
 
 def run_peers(
-    peers: str | None,
-    quick: bool = False,
-    compile_: str = "all",
-    log: Callable[[str], None] = print,
+    peers: str | None, quick: bool = False, compile_: str = "all", log: Callable[[str], None] = print
 ) -> dict[str, Any]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

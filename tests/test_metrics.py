@@ -23,14 +23,7 @@ from hoexp.metrics import (
     tensor_stats,
     write_json_atomic,
 )
-from hoexp.progress import (
-    NullProgress,
-    PlainProgress,
-    RichProgress,
-    RunProgress,
-    format_fields,
-    make_progress,
-)
+from hoexp.progress import NullProgress, PlainProgress, RichProgress, RunProgress, format_fields, make_progress
 
 
 def _strict_loads(line: str):
@@ -48,10 +41,7 @@ def _strict_loads(line: str):
 def _accumulator(log_dir):
     from tensorboard.backend.event_processing import event_accumulator as ea
 
-    acc = ea.EventAccumulator(
-        str(log_dir),
-        size_guidance={ea.SCALARS: 0, ea.HISTOGRAMS: 0, ea.TENSORS: 0},
-    )
+    acc = ea.EventAccumulator(str(log_dir), size_guidance={ea.SCALARS: 0, ea.HISTOGRAMS: 0, ea.TENSORS: 0})
     acc.Reload()
     return acc
 
@@ -69,10 +59,7 @@ def test_tensorboard_logger_roundtrip(tmp_path):
     lg.log_histograms(10, {"hp/values": hp * 2})
     yaml_text = "model:\n  width: 64\n  depth: 2\n"
     lg.log_text("config", yaml_text)
-    lg.log_hparams(
-        {"lr": 0.01, "inner_steps": 20, "method": "unroll", "nesterov": True},
-        {"final/val_loss": 0.25},
-    )
+    lg.log_hparams({"lr": 0.01, "inner_steps": 20, "method": "unroll", "nesterov": True}, {"final/val_loss": 0.25})
     lg.flush()
     lg.close()
 
@@ -140,11 +127,7 @@ def test_tensorboard_text_fence_longer_than_content(tmp_path):
 def test_tensorboard_histogram_skips_nonfinite(tmp_path):
     lg = TensorBoardLogger(tmp_path)
     lg.log_histograms(
-        1,
-        {
-            "mixed": torch.tensor([1.0, float("nan"), 3.0, float("inf")]),
-            "all_nan": torch.full((3,), float("nan")),
-        },
+        1, {"mixed": torch.tensor([1.0, float("nan"), 3.0, float("inf")]), "all_nan": torch.full((3,), float("nan"))}
     )
     lg.close()
     acc = _accumulator(tmp_path)
@@ -192,10 +175,7 @@ def test_jsonl_logger_appends_and_accepts_dir(tmp_path):
     lg = JsonlLogger(tmp_path / "metrics.jsonl")
     lg.log_scalars(1, {"a": 2.0})
     lg.close()
-    assert read_jsonl(tmp_path / "metrics.jsonl") == [
-        {"step": 0, "a": 1.0},
-        {"step": 1, "a": 2.0},
-    ]
+    assert read_jsonl(tmp_path / "metrics.jsonl") == [{"step": 0, "a": 1.0}, {"step": 1, "a": 2.0}]
 
 
 def test_jsonl_histogram_summary(tmp_path):

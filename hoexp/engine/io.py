@@ -325,7 +325,7 @@ class RunIO:
             if self.main and not error.reported:
                 return distributed.PeerLost(
                     f"another rank of the {self.ctx.world_size}-process job ended without a "
-                    f"message (killed?) after outer step {self.snapshot_step()}",
+                    f"message (killed?) after outer step {self.snapshot_step()}"
                 )
             return error
         status, message = ended

@@ -208,12 +208,7 @@ class CompiledIFT:
     _fns: dict[bool, Callable[..., Any]] = field(default_factory=dict, repr=False)
 
     def _pure(
-        self,
-        w: Params,
-        lam: Params,
-        x0: Tensor | None,
-        train_args: tuple,
-        val_args: tuple,
+        self, w: Params, lam: Params, x0: Tensor | None, train_args: tuple, val_args: tuple
     ) -> tuple[Params, TensorSolve, Tensor]:
         if self.curvature == "gauss_newton":
             assert self.split is not None, "curvature=gauss_newton needs split"
@@ -239,12 +234,7 @@ class CompiledIFT:
         return fn
 
     def eager_reference(
-        self,
-        w: Params,
-        lam: Params,
-        x0: Tensor | None,
-        train_args: tuple,
-        val_args: tuple,
+        self, w: Params, lam: Params, x0: Tensor | None, train_args: tuple, val_args: tuple
     ) -> tuple[Params, Any]:
         from hoexp.method.curvature import CURVATURES
         from hoexp.method.ift import ift_hypergradient

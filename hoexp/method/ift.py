@@ -114,9 +114,7 @@ class IFTStats:
 
 
 def validation_gradient(
-    val_loss: LossFn,
-    w: dict[str, Tensor],
-    lam: dict[str, Tensor],
+    val_loss: LossFn, w: dict[str, Tensor], lam: dict[str, Tensor]
 ) -> tuple[Tensor, Tensor, list[Tensor]]:
     """``L_V(w, λ)``, ``v = ∂L_V/∂w`` (flat, detached) and ``∂L_V/∂λ`` per hyperparameter (zeros where
     ``L_V`` does not use one), for leaves ``w``, ``λ`` that require grad. One backward pass."""

@@ -178,10 +178,7 @@ class Neumann:
         )
 
     def _iterate(
-        self,
-        op: LinearOperator,
-        b: Tensor,
-        mixed: bool | None = None,
+        self, op: LinearOperator, b: Tensor, mixed: bool | None = None
     ) -> tuple[Tensor, Tensor | None, Tensor | None]:
         """``(x, r = b − Hx or None, M x or None)``; no host sync."""
         # With the residual every term j = 0..K is multiplied by H, so M x = α Σ_j M term_j comes free.
@@ -238,11 +235,7 @@ class FixedPoint:
         )
 
     def _iterate(
-        self,
-        op: LinearOperator,
-        b: Tensor,
-        x0: Tensor | None,
-        mixed: bool,
+        self, op: LinearOperator, b: Tensor, x0: Tensor | None, mixed: bool
     ) -> tuple[Tensor, Tensor | None, Tensor | None]:
         u = self.alpha * b if x0 is None else x0  # the first iterate from u₀ = 0 needs no HVP
         for _ in range(self.iterations):
@@ -254,12 +247,7 @@ class FixedPoint:
         return u, r, m
 
 
-def _start(
-    op: LinearOperator,
-    b: Tensor,
-    x0: Tensor | None,
-    mixed: bool,
-) -> tuple[Tensor, Tensor, Tensor | None, int]:
+def _start(op: LinearOperator, b: Tensor, x0: Tensor | None, mixed: bool) -> tuple[Tensor, Tensor, Tensor | None, int]:
     """CG's start: ``x``, ``r = b − Hx``, ``Mx`` (None from zero) and the HVPs spent (0 or 1)."""
     if x0 is None:
         return torch.zeros_like(b), b, None, 0
@@ -304,12 +292,7 @@ class ConjugateGradient:
         return TensorSolve(x, _relative_tensor(r, b), counted, reason, hvps)
 
     def _iterate(
-        self,
-        op: LinearOperator,
-        b: Tensor,
-        every: int,
-        x0: Tensor | None,
-        mixed: bool,
+        self, op: LinearOperator, b: Tensor, every: int, x0: Tensor | None, mixed: bool
     ) -> tuple[Tensor, Tensor, Tensor | None, int, Tensor, Tensor]:
         """The one CG body: ``(x, r, M x, HVPs, iterations, reason)``, the stopping rules evaluated on the device
         every iteration and read on the host every ``every`` iterations (``every = 1``: a plain CG loop; a start

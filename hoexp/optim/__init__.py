@@ -14,16 +14,7 @@ from typing import Any
 
 from hoexp.optim.adagrad import adagrad
 from hoexp.optim.adam import adam, adamw
-from hoexp.optim.base import (
-    Hyper,
-    Optimizer,
-    OptState,
-    Params,
-    hyper,
-    reference_paths,
-    safe_sqrt,
-    set_fast_paths,
-)
+from hoexp.optim.base import Hyper, Optimizer, OptState, Params, hyper, reference_paths, safe_sqrt, set_fast_paths
 from hoexp.optim.rmsprop import rmsprop
 from hoexp.optim.sgd import momentum, nesterov, sgd
 

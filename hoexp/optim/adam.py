@@ -30,13 +30,7 @@ __all__ = ["adam", "adamw"]
 
 
 def _adam_like(
-    name: str,
-    lr: float,
-    betas: tuple[float, float],
-    eps: float,
-    weight_decay: float,
-    amsgrad: bool,
-    decoupled: bool,
+    name: str, lr: float, betas: tuple[float, float], eps: float, weight_decay: float, amsgrad: bool, decoupled: bool
 ) -> Optimizer:
     check_nonneg(lr=lr, eps=eps, weight_decay=weight_decay)
     for i, beta in enumerate(betas):
@@ -45,11 +39,7 @@ def _adam_like(
     lr0, (b10, b20), eps0, wd0 = lr, betas, eps, weight_decay
 
     def init(params: Params) -> OptState:
-        state: OptState = {
-            "step": 0,
-            "exp_avg": zeros_like_params(params),
-            "exp_avg_sq": zeros_like_params(params),
-        }
+        state: OptState = {"step": 0, "exp_avg": zeros_like_params(params), "exp_avg_sq": zeros_like_params(params)}
         if amsgrad:
             state["max_exp_avg_sq"] = zeros_like_params(params)
         return state

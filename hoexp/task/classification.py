@@ -53,10 +53,7 @@ class Classification:
 
     # ------------------------------------------------------------------------------ losses
     def synced(
-        self,
-        params: Mapping[str, Tensor],
-        raw: Mapping[str, Tensor],
-        batch: tuple | None = None,
+        self, params: Mapping[str, Tensor], raw: Mapping[str, Tensor], batch: tuple | None = None
     ) -> tuple[Mapping[str, Tensor], Mapping[str, Tensor]]:
         """``(params, raw)`` as the data loss of ``batch`` should read them: through ``sync`` in a data-parallel
         run (``raw`` only where the batch's masks read it; ``batch`` None: never)."""
