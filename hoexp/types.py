@@ -118,10 +118,11 @@ class RunSettings:
             "inner_steps": run.inner_steps,
             "outer_steps": run.outer_steps,
             "inner_optim": spec.inner_optim.name,
-            "inner_lr": spec.inner_optim.lr,
+            "inner_lr": getattr(spec.inner_optim, "lr", None),  # an optimizer of your own may have none
             "outer_optim": spec.outer_optim.name,
-            "outer_lr": spec.outer_optim.lr,
+            "outer_lr": getattr(spec.outer_optim, "lr", None),
         }
+        hparams = {k: v for k, v in hparams.items() if v is not None}
         return cls(
             outer_steps=run.outer_steps,
             inner_steps=run.inner_steps,
