@@ -343,7 +343,7 @@ def cmd_check(args: list[str]) -> None:
         help="--horizon: reuse the truth of an earlier horizon.json measured on the same configuration (any methods)",
     )
     ap.add_argument("--out", default=None, help="output folder (default: outputs/check/<date>_<time>)")
-    ns = ap.parse_args(args)
+    ns = ap.parse_intermixed_args(args)  # overrides may follow options (--config-dir adds one at the end)
     try:
         iterations = tuple(int(v) for v in ns.iterations.split(","))
         at = None if ns.at is None else [int(v) for v in ns.at.split(",")]
@@ -400,7 +400,7 @@ def cmd_report(args: list[str]) -> None:
     ap.add_argument("paths", nargs="+", metavar="PATH")
     ap.add_argument("--out", default=None, help="output folder (default: outputs/reports/<date>_<time>)")
     ap.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
-    ns = ap.parse_args(args)
+    ns = ap.parse_intermixed_args(args)  # overrides may follow options (--config-dir adds one at the end)
     console = Console()
     if not console.is_terminal:
         console = Console(width=200)  # a wide table in logs and pipes

@@ -239,3 +239,29 @@ def test_own_method_matches_truncated_reverse_mode_through_one_step(tmp_path, co
             hgs.append(torch.cat([v.flatten() for v in res.hypergrad.values()]))
         assert float(hgs[0].norm()) > 0
         torch.testing.assert_close(hgs[0], hgs[1], rtol=1e-9, atol=1e-12)
+
+
+def test_hoexp_check_reads_your_config_folder_too(tmp_path):
+    """hoexp check on your own dataset, model and family: every applicable method against the dense solve."""
+    from hoexp.cli import main
+
+    conf = write_configs(tmp_path / "conf")
+    main(
+        [
+            "check",
+            "--config-dir",
+            str(conf),
+            "dataset=blobs",
+            "model=tiny",
+            "hp=l1",
+            "inner_steps=30",
+            "dtype=float64",
+            "--iterations",
+            "0,3",
+            "--out",
+            str(tmp_path / "check"),
+        ]
+    )
+    report = json.loads((tmp_path / "check" / "check.json").read_text())
+    assert report["problem"]["dataset"] == "blobs" and report["problem"]["model"] == "tiny"
+    assert any(row["method"] == "cg" for row in report["rows"])
