@@ -165,3 +165,14 @@ def test_a_solver_object_of_your_own_plugs_in():
         hoexp.hypergradient(
             ridge.train_loss, ridge.val_loss, w, {"log_decay": ridge.raw}, method=Richardson(), iterations=3
         )
+
+
+def test_readme_engine_example_runs():
+    """The README's hoexp.run example (objects made in Python, no config) executes and completes."""
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## Library API") : text.index("## Measured")]
+    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+    block = next(b for b in blocks if "hoexp.run(" in b)
+    scope: dict = {}
+    exec(compile(block, "README.md", "exec"), scope)
+    assert scope["summary"]["status"] == "completed" and scope["summary"]["hypergradients"] == 3
