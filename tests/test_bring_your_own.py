@@ -31,7 +31,7 @@ MODULE = __name__  # tests.test_bring_your_own: the configs below name these fac
 def blobs(ctx: DataContext, *, n: PositiveInt = 90, spread: PositiveFloat = 1.0) -> Splits:
     """Three Gaussian blobs in 2-D, split 1/3 each into train / validation / test (seeded by the run)."""
     g = torch.Generator().manual_seed(ctx.seed)
-    y = torch.arange(n) % 3
+    y = torch.randint(0, 3, (n,), generator=g)  # every split gets all three classes
     centers = torch.tensor([[0.0, 2.0], [-1.7, -1.0], [1.7, -1.0]])
     x = (centers[y] + spread * torch.randn(n, 2, generator=g)).to(ctx.dtype)
     parts = [Split(x[i::3], y[i::3]) for i in range(3)]
@@ -124,7 +124,7 @@ class LastStep:
         hg = dict(zip(lam, torch.autograd.grad(val, list(lam.values()), allow_unused=True)))
         hg = {k: torch.zeros_like(lam[k]) if g is None else g for k, g in hg.items()}
         new = InnerState({k: v.detach() for k, v in step.items()}, state.opt_state, state.step + 1)
-        return OuterResult(hg, new, {"inner/loss": float(loss), "hypergrad/norm": float(tree.norm(hg))})
+        return OuterResult(hg, new, {"inner/loss": float(loss.detach()), "hypergrad/norm": float(tree.norm(hg))})
 
 
 def last_step(*, name: str = "last_step") -> LastStep:
