@@ -192,7 +192,7 @@ def parse_args(argv: list[str]) -> Plan:
     ns = _parser().parse_intermixed_args(argv)
     refuse_removed(ns.overrides)
     for o in ns.overrides:
-        if o.lstrip("+~").startswith("hydra"):
+        if o.lstrip("+~").startswith("hydra") and not o.startswith("hydra.searchpath="):  # --config-dir: allowed
             raise ConfigError(
                 f"compare: '{o}': hydra.* overrides do not apply (compare runs without Hydra's "
                 "launcher); choose the folder with --out"

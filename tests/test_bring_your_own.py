@@ -265,3 +265,32 @@ def test_hoexp_check_reads_your_config_folder_too(tmp_path):
     report = json.loads((tmp_path / "check" / "check.json").read_text())
     assert report["problem"]["dataset"] == "blobs" and report["problem"]["model"] == "tiny"
     assert any(row["method"] == "cg" for row in report["rows"])
+
+
+def test_hoexp_compare_accepts_your_config_folder(tmp_path):
+    """hoexp compare plans HO with your method against a grid of your family's value (checked, nothing run)."""
+    from hoexp.cli import with_config_dir
+    from hoexp.compare import parse_args
+
+    conf = write_configs(tmp_path / "conf")
+    plan = parse_args(
+        with_config_dir(
+            [
+                "--config-dir",
+                str(conf),
+                "dataset=blobs",
+                "model=tiny",
+                "hp=l1",
+                "--methods",
+                "last_step,jacobi_ift",
+                "--grid",
+                "0.001,0.01",
+                "--search",
+                "random",
+                "--out",
+                str(tmp_path / "cmp"),
+            ]
+        )
+    )
+    assert [name for name, _ in plan.ho] == ["last_step", "jacobi_ift"] and plan.grid_key == "hp.l1.init"
+    assert any(o.startswith("hydra.searchpath=") for o in plan.base)
