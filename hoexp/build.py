@@ -183,16 +183,12 @@ class Experiment:
     method: HyperMethod
     inner_opt: Optimizer
     outer_opt: Optimizer
+    settings: RunSettings  # the loop's settings, from spec.run (what hoexp.run reads)
 
     @property
     def task(self) -> Task:
         """The task (an alias of ``problem``): what :func:`hoexp.run` reads."""
         return self.problem
-
-    @property
-    def settings(self) -> RunSettings:
-        """The loop's settings, from ``spec.run``."""
-        return RunSettings.from_spec(self.spec)
 
 
 def build(spec: Spec) -> Experiment:
@@ -225,21 +221,19 @@ def build(spec: Spec) -> Experiment:
         problem.precision = Precision(spec.run.precision, device.type)
     if distributed.current().active:
         problem.sync = distributed.sync
-    return Experiment(spec, device, data, model, problem, method, inner_opt, outer_opt)
+    return Experiment(spec, device, data, model, problem, method, inner_opt, outer_opt, RunSettings.from_spec(spec))
 
 
 def preflight(spec: Spec, device: bool = True) -> None:
     """Every check :func:`build` makes that needs no data or model: device (unless ``device`` is false: a
     config printed, not run), the optimizers', method's and model-free families' options (their factories run),
-    and the method's
-    compile / precision / data-parallel compatibility. Run for each job of a sweep before any job starts;
+    and the method's compile / precision / data-parallel compatibility. Run for each job of a sweep before any job starts;
     checks that need the model (family × method, sizes) run when the job builds."""
     if device:
         resolve_device(spec.run.device)
-    spec.inner_optim.build(), spec.outer_optim.build()
+    inner, _ = spec.inner_optim.build(), spec.outer_optim.build()
     families = [h.build() if not h.partial else declared_type(h.target) for h in spec.hp]  # model-free ones whole
     if not spec.method.partial:
-        inner = spec.inner_optim.build()
         check_compatibility(spec, spec.method.build(), families, CheckContext(inner))
 
 

@@ -81,7 +81,7 @@ class Component:
             raise ConfigError(f"{self.prefix}{e}") from None
 
 
-def component(node: Any, key: str, group: str) -> Component:
+def component(node: Any, key: str) -> Component:
     """Check one option node (``cfg.method``, ``cfg.hp.dropout``, ...) against its factory's signature."""
     if not isinstance(node, DictConfig) or "_target_" not in node:
         label = node.get("name", "?") if isinstance(node, DictConfig) else node
@@ -107,7 +107,7 @@ def component(node: Any, key: str, group: str) -> Component:
                 f"unknown key '{key}.{k}' for {prefix.rstrip(': ')}{hint}; valid keys: {', '.join(valid)}"
             )
         if isinstance(value, DictConfig) and "_target_" in value:
-            options[k] = component(value, f"{key}.{k}", group)
+            options[k] = component(value, f"{key}.{k}")
             continue
         plain = OmegaConf.to_container(value, resolve=True) if isinstance(value, (DictConfig, ListConfig)) else value
         options[k] = coerce(plain, hints.get(k, Any), f"{key}.{k}", prefix + k)

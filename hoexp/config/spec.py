@@ -112,7 +112,7 @@ def _families(node: Any) -> list[Component]:
     """``hp`` holds one node per family, each under its own key (``hp.weight_decay``, ``hp.dropout``)."""
     if not isinstance(node, DictConfig) or not node:
         raise ConfigError("choose at least one hp family: hp=<family> or hp=[a,b] ('hoexp run --help' lists them)")
-    return [component(sub, f"hp.{key!s}", "hp") for key, sub in node.items()]
+    return [component(sub, f"hp.{key!s}") for key, sub in node.items()]
 
 
 def validate(cfg: DictConfig) -> Spec:
@@ -137,11 +137,11 @@ def validate(cfg: DictConfig) -> Spec:
         raise ConfigError("the config needs optim.inner and optim.outer (groups optim/inner and optim/outer)")
     return Spec(
         run=run,
-        dataset=component(cfg.get("dataset"), "dataset", "dataset"),
-        model=component(cfg.get("model"), "model", "model"),
+        dataset=component(cfg.get("dataset"), "dataset"),
+        model=component(cfg.get("model"), "model"),
         hp=_families(cfg.get("hp")),
-        method=component(cfg.get("method"), "method", "method"),
-        inner_optim=component(optim.inner, "optim.inner", "optim"),
-        outer_optim=component(optim.outer, "optim.outer", "optim"),
+        method=component(cfg.get("method"), "method"),
+        inner_optim=component(optim.inner, "optim.inner"),
+        outer_optim=component(optim.outer, "optim.outer"),
         raw=cast(dict, OmegaConf.to_container(cfg, resolve=True)),  # a DictConfig's container is a dict
     )
