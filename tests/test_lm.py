@@ -51,6 +51,20 @@ def test_bptt_stream_windows():
     assert all(torch.equal(next(r1)[0], next(r2)[0]) for _ in range(4))
 
 
+def test_hypergradient_validation_windows_have_val_batch_size_streams():
+    from types import SimpleNamespace
+
+    from hoexp.task.language_model import lm_data
+
+    text = torch.arange(1000)
+    splits = SimpleNamespace(train=text, val=text[:600], test=text[:300], vocab_size=1000)
+    data = lm_data(splits, 4, 2, 5, val_batch_size=12)
+    window = next(LanguageModel(None, NoFamily(), data=data, bptt=5).val_stream(seed=0)).x
+    assert window.shape == (5, 12) and data.train.shape[1] == 4  # training windows keep batch_size streams
+    assert torch.equal(data.val_train_layout, batchify(splits.val, 12))  # every stream is a slice of the text
+    assert lm_data(splits, 4, 2, 5).val_train_layout.shape[1] == 4  # 0: batch_size, as before
+
+
 @pytest.mark.slow
 def test_ptb_lstm_dropout_preset_runs(tmp_path):
     spec, text = compose_spec(

@@ -227,10 +227,12 @@ def ptb(
     bptt: PositiveInt = 35,
     val_batch_size: NonNegInt = 0,
 ) -> LMData:
-    """``dataset=ptb``: the batchified token streams (``batch_size`` parallel streams for training and
-    hypergradient windows, ``eval_batch_size`` for evaluation, windows of ``bptt`` tokens).
-    ``val_batch_size`` is unused for text (a hypergradient uses one random validation window)."""
+    """``dataset=ptb``: the batchified token streams (``batch_size`` parallel streams for training windows,
+    ``eval_batch_size`` for evaluation, windows of ``bptt`` tokens). A hypergradient's validation loss is
+    one random window of ``val_batch_size`` streams (0: ``batch_size``); more streams average the
+    validation gradient over more text (``val_batch_size·bptt`` tokens, at that many tokens' cost)."""
     from hoexp.dataset.root import data_root as resolve_root
     from hoexp.task.language_model import lm_data
 
-    return lm_data(load_ptb(resolve_root(data_root), download=download), batch_size, eval_batch_size, bptt)
+    splits = load_ptb(resolve_root(data_root), download=download)
+    return lm_data(splits, batch_size, eval_batch_size, bptt, val_batch_size=val_batch_size)

@@ -27,7 +27,7 @@ from hoexp.task.streams import VAL_SEED, BPTTStream
 @dataclass
 class LMData:
     """Batchified streams: ``train`` [N, B] for training windows, ``val``/``test`` [N, B_eval] for evaluation,
-    ``val_train_layout`` [N, B] for hypergradient windows on validation text."""
+    ``val_train_layout`` [N, B_val] for hypergradient windows on validation text."""
 
     train: Tensor
     val: Tensor
@@ -56,15 +56,16 @@ class LMData:
         )
 
 
-def lm_data(splits, batch_size: int, eval_batch_size: int, bptt: int) -> LMData:
-    """Batchified streams. Training metrics are measured on the first ``len(val)`` training tokens
+def lm_data(splits, batch_size: int, eval_batch_size: int, bptt: int, *, val_batch_size: int = 0) -> LMData:
+    """Batchified streams; hypergradient windows of validation text have ``val_batch_size`` streams
+    (0: ``batch_size``). Training metrics are measured on the first ``len(val)`` training tokens
     (``train_eval``): a full pass over the training text at every evaluation would cost more than
     the training it reports on."""
     data = LMData(
         batchify(splits.train, batch_size),
         batchify(splits.val, eval_batch_size),
         batchify(splits.test, eval_batch_size),
-        batchify(splits.val, batch_size),
+        batchify(splits.val, val_batch_size or batch_size),
         splits.vocab_size,
         bptt,
     )
