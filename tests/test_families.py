@@ -77,6 +77,31 @@ def test_layer_and_unit_rates_are_a_shared_layer_value_plus_scaled_unit_offsets(
     assert float(big["dropout:input/unit"].max()) < 1e3
 
 
+def test_global_dropout_is_one_rate_at_every_site_with_the_summed_hypergradient():
+    model = MLP(4, 3, width=6, depth=1)
+    per_site = Dropout(model.unit_shapes(), "per_layer", 0.3, relaxation="gaussian")
+    fam = Dropout(model.unit_shapes(), "global", 0.3, relaxation="gaussian")
+    raw = fam.init(dict(model.named_parameters()))
+    assert {k: tuple(v.shape) for k, v in raw.items()} == {"dropout:global": ()}
+    assert {k: float(v) for k, v in fam.view(raw).items()} == pytest.approx(
+        {"dropout:input": 0.3, "dropout:hidden0": 0.3}
+    )
+    # the same masks as per_layer at equal rates, so its hypergradient is the sum of the sites'
+    noise = fam.noise(model.dropout_sites(5), torch.Generator().manual_seed(0), torch.zeros(()))
+    x = torch.randn(5, 4)
+    g = torch.autograd.grad(
+        model(x, fam.masks({k: v.requires_grad_() for k, v in raw.items()}, noise)).sum(), list(raw.values())
+    )[0]
+    r = {k: v.requires_grad_() for k, v in per_site.init(dict(model.named_parameters())).items()}
+    gs = torch.autograd.grad(model(x, per_site.masks(r, noise)).sum(), list(r.values()))
+    assert float(g) == pytest.approx(float(sum(gs)), rel=1e-5)
+    assert float(fam.clamp({"dropout:global": torch.tensor(50.0)})["dropout:global"]) == pytest.approx(
+        math.log(0.95 / 0.05)
+    )
+    with pytest.raises(ValueError, match="match no dropout site"):
+        Dropout(model.unit_shapes(), "global", 0.3, include=("nope",)).init(dict(model.named_parameters()))
+
+
 def test_layer_and_weight_decays_are_a_shared_layer_value_plus_scaled_weight_offsets():
     model = MLP(4, 3, width=6, depth=1, bias=False)
     params = dict(model.named_parameters())

@@ -49,6 +49,14 @@ FAMILIES = {
         "hp.dropout.granularity=layer_and_unit",
         "hp.dropout.offset_scale=0.5",
     ],
+    "dropout_gaussian_global": [
+        "hp=[weight_decay,dropout]",
+        "hp.weight_decay.granularity=global",
+        "hp.weight_decay.init=0.05",
+        "hp.dropout.init=0.1",
+        "hp.dropout.relaxation=gaussian",
+        "hp.dropout.granularity=global",
+    ],
     "lr_global": ["hp=lr"],
     "lr_per_layer": ["hp=lr", "hp.lr.granularity=per_layer"],
     "lr_per_step": ["hp=lr", "hp.lr.granularity=per_step"],
@@ -109,9 +117,9 @@ def _setup(overrides):
     return spec, exp, st.inner.params, st.raw, exp.problem.with_noise(FullBatch(exp.data.train), 0)
 
 
-# The hierarchical granularities change only how a family maps raw values to decays and rates, not what a
-# method differentiates: one IFT, one path and one one-step method check them (and `none` runs them).
-HIERARCHICAL = {"wd_layer_and_weight", "dropout_gaussian_layer_and_unit"}
+# The hierarchical and global granularities change only how a family maps raw values to decays and rates, not
+# what a method differentiates: one IFT, one path and one one-step method check them (and `none` runs them).
+HIERARCHICAL = {"wd_layer_and_weight", "dropout_gaussian_layer_and_unit", "dropout_gaussian_global"}
 CELLS = [
     (m, f)
     for m, f in itertools.product(METHODS, FAMILIES)

@@ -110,10 +110,11 @@ def loop(exp: Runnable, state: RunState, io: RunIO, progress: RunProgress) -> No
 def headline(exp: Runnable, state: RunState, io: RunIO, threads: int, resumed: bool) -> str:
     """The run's first console line: what runs, how big, where."""
     s, n_w = exp.settings, sum(v.numel() for v in state.inner.params.values())
+    n_h = sum(v.numel() for v in state.raw.values())
     names = labels(exp)
     return (
         f"hoexp: {names['dataset']} / {names['model']} ({n_w:,} weights) / hp={names['hp']} "
-        f"({sum(v.numel() for v in state.raw.values()):,} hyperparameters) / method={exp.method.name} / "
+        f"({n_h:,} hyperparameter{'s' if n_h != 1 else ''}) / method={exp.method.name} / "
         f"device={exp.device} threads={threads}"
         + (f" processes={io.ctx.world_size}" if io.ctx.active else "")
         + (f" precision={s.precision}" if s.precision != "fp32" else "")

@@ -8,7 +8,8 @@ and variance (Srivastava et al. 2014). Rates ``p = σ(raw)`` stay in (0, 1). The
 drawn once per batch (it travels with the batch), so every HVP and unrolled step of one hypergradient
 sees the same function of ``(w, p)``. Evaluation uses no masks.
 
-Granularity: one rate per site (``per_layer``), per unit (``per_unit``), or per unit as a shared
+Granularity: one rate for every site (``global``: what a grid over "the dropout rate" tunes), one
+rate per site (``per_layer``), per unit (``per_unit``), or per unit as a shared
 layer value plus scaled per-unit offsets (``layer_and_unit``).
 """
 
@@ -25,7 +26,8 @@ from torch import Tensor
 from hoexp.components import BuildContext, PositiveFloat, Range
 from hoexp.hp.base import Params
 
-GRANULARITIES = ("per_layer", "per_unit", "layer_and_unit")
+GRANULARITIES = ("global", "per_layer", "per_unit", "layer_and_unit")
+GLOBAL = "global"  # the one raw rate of granularity=global
 OFFSETS = "/unit"  # suffix of a layer_and_unit site's per-unit offsets
 RELAXATIONS = ("concrete", "gaussian")
 
@@ -96,6 +98,9 @@ class Dropout:
     def init(self, params: Params) -> dict[str, Tensor]:
         ref = next(iter(params.values()))
         raw0 = math.log(self.init_value) - math.log1p(-self.init_value)
+        if self.granularity == "global":
+            self.covered()  # refuses include patterns that match no site
+            return {f"{self.name}:{GLOBAL}": torch.full((), raw0, dtype=ref.dtype, device=ref.device)}
         out = {}
         for s in self.covered():
             shape = () if self.granularity in ("per_layer", "layer_and_unit") else self.sites[s]
@@ -110,6 +115,8 @@ class Dropout:
         units, each unit a small offset around it)."""
         prefix = self.name + ":"
         own = {k[len(prefix) :]: v for k, v in raw.items() if k.startswith(prefix)}
+        if self.granularity == "global":
+            return {s: own[GLOBAL] for s in self.covered()}
         if self.granularity != "layer_and_unit":
             return own
         lo, hi = self._bounds()
@@ -173,7 +180,7 @@ Rate = Annotated[float, Range(gt=0, lt=1)]
 def dropout(
     ctx: BuildContext,
     *,
-    granularity: Literal["per_layer", "per_unit", "layer_and_unit"] = "per_unit",
+    granularity: Literal["global", "per_layer", "per_unit", "layer_and_unit"] = "per_unit",
     init: Rate = 0.2,
     temperature: PositiveFloat = 0.1,
     relaxation: Literal["concrete", "gaussian"] = "concrete",
