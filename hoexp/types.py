@@ -92,6 +92,7 @@ class RunSettings:
     eval_every: int = 1
     histogram_every: int = 10
     reset_inner: bool = False
+    warmup: int = 0  # outer steps of plain training (the method is not called) before the first hypergradient
     outer_objective: str = "val"  # val | train
     max_nonfinite: int = 3
     checkpoint_every: int = 0
@@ -130,6 +131,7 @@ class RunSettings:
             eval_every=run.eval_every,
             histogram_every=run.histogram_every,
             reset_inner=run.reset_inner,
+            warmup=run.warmup,
             outer_objective=run.outer_objective,
             max_nonfinite=run.max_nonfinite,
             checkpoint_every=run.checkpoint_every,

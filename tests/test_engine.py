@@ -12,7 +12,7 @@ from hoexp.dataset.iris import load_iris
 from hoexp.engine import RunIO, start
 from hoexp.hp.weight_decay import WeightDecay
 from hoexp.method.base import inner_scalars, train_inner
-from hoexp.method.implicit import ImplicitMethod
+from hoexp.method.implicit import ImplicitMethod, NoHO
 from hoexp.method.solvers import Neumann
 from hoexp.metrics import MemoryLogger
 from hoexp.model.mlp import MLP
@@ -31,7 +31,7 @@ def _experiment(method=None, **settings):
         method=method or ImplicitMethod(Neumann(5, 0.01), "neumann"),
         inner_opt=build_optimizer("sgd", lr=0.1, momentum=0.9, nesterov=True),
         outer_opt=build_optimizer("adam", lr=0.01),
-        settings=hoexp.RunSettings(outer_steps=3, inner_steps=5, **settings),
+        settings=hoexp.RunSettings(**{"outer_steps": 3, "inner_steps": 5, **settings}),
     )
 
 
@@ -80,6 +80,28 @@ def test_a_method_defined_outside_hoexp_runs_in_the_engine():
     assert summary["status"] == "completed" and summary["hypergradients"] == 3
     assert summary["hp_final"]["moved_fraction"] == 0  # Adam on zero gradients does not move
     assert summary["method"] == "zero" and summary["model"] == "MLP"  # no config: the objects' names
+
+
+class Counting(ImplicitMethod):
+    calls: int = 0
+
+    def __call__(self, st):
+        self.calls += 1
+        return super().__call__(st)
+
+
+def test_warmup_trains_without_hypergradients_then_hands_over_to_the_method():
+    method = Counting(Neumann(5, 0.01), "neumann")
+    mem = MemoryLogger()
+    summary = hoexp.run(_experiment(method, warmup=2, outer_steps=4), _quiet(loggers=[mem]))
+    assert method.calls == 2 and summary["hypergradients"] == 2  # outer steps 3 and 4
+    assert [s for s, _ in mem.series("hypergrad/norm")] == [3, 4]
+    hp_mean = dict(mem.series("hp/mean"))
+    assert hp_mean[1] == hp_mean[2] == pytest.approx(1e-3) != hp_mean[3]  # the rates stay put during the warm-up
+    # the warm-up's weights are those of plain training at the initial hyperparameters
+    plain = MemoryLogger()
+    hoexp.run(_experiment(NoHO(), outer_steps=2), _quiet(loggers=[plain]))
+    assert dict(plain.series("inner/loss"))[2] == dict(mem.series("inner/loss"))[2]
 
 
 def test_start_is_the_set_up_every_caller_shares():

@@ -37,6 +37,7 @@ class RunConfig:
     histogram_every: int = 10  # hyperparameter histograms in TensorBoard every N outer steps
     progress: bool = True  # rich bars on a terminal, plain lines otherwise
     reset_inner: bool = False  # re-initialize the weights before every outer step (Maclaurin-style meta-training)
+    warmup: int = 0  # outer steps of plain training (no hypergradient) before the first hyper-step
     compile: bool = False  # plain training steps through torch.compile (seconds to compile; faster steps)
     checkpoint_every: int = 10  # outer steps between checkpoints (0: none, except on SIGTERM/SIGINT)
     # auto: continue from checkpoint.pt in the run folder if there is one, else start (over); true: continue
@@ -48,7 +49,7 @@ class RunConfig:
     name: str = "run"
 
     def check(self) -> None:
-        _non_negative(self, "outer_steps", "inner_steps", "threads", "seed", "checkpoint_every")
+        _non_negative(self, "outer_steps", "inner_steps", "threads", "seed", "checkpoint_every", "warmup")
         _positive(self, "max_nonfinite")
         _positive(self, "eval_every", "histogram_every")
         if self.outer_objective not in ("val", "train"):

@@ -17,6 +17,7 @@ from hoexp.engine.guards import outer_update
 from hoexp.engine.io import RunIO, final_state, num_weights, outcome, preemption_signals, thread_policy
 from hoexp.engine.state import RunState, reset_inner, restore, snapshot, start
 from hoexp.method.base import take
+from hoexp.method.implicit import NoHO
 from hoexp.progress import RunProgress, make_progress
 from hoexp.types import OuterStep, Runnable
 
@@ -68,6 +69,9 @@ def run(
     return summary
 
 
+PLAIN = NoHO("warmup")  # what an outer step of the warm-up runs: inner_steps of training, no hypergradient
+
+
 def loop(exp: Runnable, state: RunState, io: RunIO, progress: RunProgress) -> None:
     """Outer steps ``state.step + 1 .. outer_steps``, each: train, hypergradient, outer update, log, checkpoint."""
     s = exp.settings
@@ -79,14 +83,15 @@ def loop(exp: Runnable, state: RunState, io: RunIO, progress: RunProgress) -> No
                 state.inner = reset_inner(exp, state)
             # The runner draws the batches, so a method gets values and the stream positions (checkpointed with
             # the run) are the runner's: inner_steps for training, then extra_batches (IFT: its Hessian batch).
-            res = exp.method(
+            method = exp.method if step > s.warmup else PLAIN
+            res = method(
                 OuterStep(
                     exp.task,
                     exp.inner_opt,
                     state.inner,
                     state.raw,
                     take(state.train, s.inner_steps),
-                    take(state.train, exp.method.extra_batches),
+                    take(state.train, method.extra_batches),
                     next(state.val),
                     progress.advance_inner,
                 )
