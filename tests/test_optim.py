@@ -301,8 +301,8 @@ def test_unknown_name_lists_valid():
         build_optimizer("lion", lr=0.1)
     msg = str(info.value)
     assert "unknown optimizer 'lion'" in msg
-    assert "valid: adagrad, adam, adamw, momentum, nesterov, rmsprop, sgd" in msg
-    assert set(OPTIMIZERS) == {"sgd", "momentum", "nesterov", "adam", "adamw", "rmsprop", "adagrad"}
+    assert "valid: adagrad, adam, adamw, momentum, nesterov, rmsprop, sgd, sign_sgd" in msg
+    assert set(OPTIMIZERS) == {"sgd", "momentum", "nesterov", "adam", "adamw", "rmsprop", "adagrad", "sign_sgd"}
 
 
 # ---------------------------------------------------------------- differentiability
@@ -499,3 +499,19 @@ def test_vmap_over_learning_rates():
         single = opt.update(params, gseq[-1], state, lr=lr)[0]
         for k in params:
             torch.testing.assert_close(batched[k][i], single[k], rtol=0, atol=1e-15)
+
+
+def test_sign_sgd_moves_each_coordinate_by_the_bias_corrected_average_of_its_signs():
+    opt = build_optimizer("sign_sgd", lr=0.1, momentum=0.5)
+    p = {"w": torch.zeros(3, dtype=torch.float64)}
+    state = opt.init(p)
+    g1 = {"w": torch.tensor([2.0, -1e-3, 0.0], dtype=torch.float64)}
+    p, state = opt.update(p, g1, state)
+    assert torch.allclose(p["w"], torch.tensor([-0.1, 0.1, 0.0], dtype=torch.float64))  # step 1: lr·sign(g)
+    g2 = {"w": torch.tensor([-1e6, -5.0, 1.0], dtype=torch.float64)}  # a spike moves no further than a sign
+    p, state = opt.update(p, g2, state)
+    m = 0.5 * (0.5 * torch.sign(g1["w"])) + 0.5 * torch.sign(g2["w"])
+    assert torch.allclose(state["sign_avg"]["w"], m)
+    assert torch.allclose(p["w"], torch.tensor([-0.1, 0.1, 0.0], dtype=torch.float64) - 0.1 * m / (1 - 0.5**2))
+    q, _ = opt.update(p, g2, state, lr=0.0)  # per-call override
+    assert torch.equal(q["w"], p["w"])

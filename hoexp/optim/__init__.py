@@ -17,6 +17,7 @@ from hoexp.optim.adam import adam, adamw
 from hoexp.optim.base import Hyper, Optimizer, OptState, Params, hyper, reference_paths, safe_sqrt, set_fast_paths
 from hoexp.optim.rmsprop import rmsprop
 from hoexp.optim.sgd import momentum, nesterov, sgd
+from hoexp.optim.sign import sign_sgd
 
 OPTIMIZERS: dict[str, Callable[..., Optimizer]] = {
     "sgd": sgd,
@@ -26,6 +27,7 @@ OPTIMIZERS: dict[str, Callable[..., Optimizer]] = {
     "adamw": adamw,
     "rmsprop": rmsprop,
     "adagrad": adagrad,
+    "sign_sgd": sign_sgd,
 }
 
 
@@ -56,4 +58,5 @@ __all__ = [
     "safe_sqrt",
     "set_fast_paths",
     "sgd",
+    "sign_sgd",
 ]
