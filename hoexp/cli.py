@@ -327,7 +327,8 @@ def cmd_check(args: list[str]) -> None:
         default=None,
         metavar="NAME[:OVERRIDES]",
         help="--horizon contender, repeatable: a method, then space-separated overrides (as "
-        "compare --ho), e.g. 'forward:method.carry=true method.decay=0.7' (default: {' '.join(DEFAULT_CONTENDERS)})",
+        "compare --ho), e.g. 'forward:method.carry=true method.decay=0.7' "
+        f"(default: {', '.join(DEFAULT_CONTENDERS)})",
     )
     ap.add_argument("--at", default=None, help="--horizon checkpoints, outer steps (default: 0, N/4, N/2, 3N/4)")
     ap.add_argument(
