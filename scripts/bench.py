@@ -112,7 +112,14 @@ PROBLEMS: dict[str, tuple[list[str], list[str], tuple[int, int]]] = {
     # the long-unroll memory section only (not in --only's default): the MNIST preset, T = LONG_T
     "mnist_preset": (["experiment=mnist_per_weight_decay"], ["model.width=64"], (0, 0)),
     "ptb": (
-        ["experiment=ptb_lstm_dropout"],
+        # the preset moved to one Gaussian rate (README): keep the 320,600 per-unit / DropConnect rates measured here
+        [
+            "experiment=ptb_lstm_dropout",
+            "hp.dropout.granularity=per_unit",
+            "hp.dropout.relaxation=concrete",
+            "dataset.val_batch_size=0",
+            "warmup=0",
+        ],
         ["model.embed_dim=24", "model.hidden=24", "dataset.bptt=8", "dataset.eval_batch_size=40"],
         (3, 0),
     ),
