@@ -93,6 +93,7 @@ class RunSettings:
     histogram_every: int = 10
     reset_inner: bool = False
     warmup: int = 0  # outer steps of plain training (the method is not called) before the first hypergradient
+    warmup_until_plateau: bool = False  # and then until an evaluation's validation loss is above the best before it
     outer_objective: str = "val"  # val | train
     max_nonfinite: int = 3
     checkpoint_every: int = 0
@@ -132,6 +133,7 @@ class RunSettings:
             histogram_every=run.histogram_every,
             reset_inner=run.reset_inner,
             warmup=run.warmup,
+            warmup_until_plateau=run.warmup_until_plateau,
             outer_objective=run.outer_objective,
             max_nonfinite=run.max_nonfinite,
             checkpoint_every=run.checkpoint_every,

@@ -104,6 +104,29 @@ def test_warmup_trains_without_hypergradients_then_hands_over_to_the_method():
     assert dict(plain.series("inner/loss"))[2] == dict(mem.series("inner/loss"))[2]
 
 
+def test_warmup_until_plateau_waits_for_the_validation_loss_to_rise():
+    from hoexp.engine.runner import warming_up
+
+    s = hoexp.RunSettings(outer_steps=9, inner_steps=1, warmup=2, warmup_until_plateau=True)
+    evals = [{"step": 0, "val_loss": 9.0}, {"step": 2, "val_loss": 1.0}, {"step": 4, "val_loss": 0.5}]
+    assert warming_up(s, evals, 1) and warming_up(s, evals, 5)  # still improving (step 0's loss does not count)
+    evals.append({"step": 6, "val_loss": 0.7})
+    assert not warming_up(s, evals, 7)  # above the best before it: the model overfits
+    evals.append({"step": 8, "val_loss": 0.4})
+    assert not warming_up(s, evals, 9)  # once started, hyper-steps go on
+    assert warming_up(s, evals, 2)  # the first `warmup` steps are plain regardless
+    assert not warming_up(hoexp.RunSettings(outer_steps=9, inner_steps=1, warmup=2), [], 3)
+    # in a run: hyper-steps start right after the first evaluation above the best one before it
+    mem = MemoryLogger()
+    summary = hoexp.run(
+        _experiment(warmup_until_plateau=True, outer_steps=40, inner_steps=20, eval_every=1), _quiet(loggers=[mem])
+    )
+    val = [v for _, v in mem.series("loss/val")][1:]  # outer steps 1..40
+    rise = next(i + 1 for i, v in enumerate(val) if i > 0 and v > min(val[:i]))
+    assert [s for s, _ in mem.series("hypergrad/norm")] == list(range(rise + 1, 41))
+    assert summary["hypergradients"] == 40 - rise > 0
+
+
 def test_start_is_the_set_up_every_caller_shares():
     exp = _experiment()
     state = start(exp)

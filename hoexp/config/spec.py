@@ -38,6 +38,7 @@ class RunConfig:
     progress: bool = True  # rich bars on a terminal, plain lines otherwise
     reset_inner: bool = False  # re-initialize the weights before every outer step (Maclaurin-style meta-training)
     warmup: int = 0  # outer steps of plain training (no hypergradient) before the first hyper-step
+    warmup_until_plateau: bool = False  # and then until an evaluation's validation loss is above the best so far
     compile: bool = False  # plain training steps through torch.compile (seconds to compile; faster steps)
     checkpoint_every: int = 10  # outer steps between checkpoints (0: none, except on SIGTERM/SIGINT)
     # auto: continue from checkpoint.pt in the run folder if there is one, else start (over); true: continue

@@ -19,7 +19,7 @@ from hoexp.engine.state import RunState, reset_inner, restore, snapshot, start
 from hoexp.method.base import take
 from hoexp.method.implicit import NoHO
 from hoexp.progress import RunProgress, make_progress
-from hoexp.types import OuterStep, Runnable
+from hoexp.types import OuterStep, Runnable, RunSettings
 
 
 def run(
@@ -72,6 +72,18 @@ def run(
 PLAIN = NoHO("warmup")  # what an outer step of the warm-up runs: inner_steps of training, no hypergradient
 
 
+def warming_up(s: RunSettings, evals: list[dict[str, float]], step: int) -> bool:
+    """Whether outer step ``step`` is plain training: within the first ``warmup`` steps or, with
+    ``warmup_until_plateau``, before any evaluation found the validation loss above the best one before it
+    (read from the checkpointed evaluations, so a resumed run decides the same)."""
+    if step <= s.warmup:
+        return True
+    if not s.warmup_until_plateau:
+        return False
+    vals = [e["val_loss"] for e in evals if e.get("step", 0) > 0]
+    return not any(v > min(vals[:i]) for i, v in enumerate(vals) if i > 0)
+
+
 def loop(exp: Runnable, state: RunState, io: RunIO, progress: RunProgress) -> None:
     """Outer steps ``state.step + 1 .. outer_steps``, each: train, hypergradient, outer update, log, checkpoint."""
     s = exp.settings
@@ -83,7 +95,7 @@ def loop(exp: Runnable, state: RunState, io: RunIO, progress: RunProgress) -> No
                 state.inner = reset_inner(exp, state)
             # The runner draws the batches, so a method gets values and the stream positions (checkpointed with
             # the run) are the runner's: inner_steps for training, then extra_batches (IFT: its Hessian batch).
-            method = exp.method if step > s.warmup else PLAIN
+            method = PLAIN if warming_up(s, state.evals, step) else exp.method
             res = method(
                 OuterStep(
                     exp.task,
