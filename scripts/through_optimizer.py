@@ -43,17 +43,19 @@ def main(argv: list[str] | None = None) -> None:
         return sum(task.val_loss(p, lam, b) for b in val) / len(val)
 
     print(f"checkpoint at outer step {ck['step']}; columns: sum over the raw hyperparameters")
-    for steps in map(int, a.steps.split(",")):
-        for d in range(a.draws):
-            stream = task.train_stream(seed=100 + d)
-            batches = [next(stream) for _ in range(steps)]
-            # T1-T2's direction at the checkpoint, on the first batch (α > 0 left out: only the sign matters)
-            wl = {k: v.detach().requires_grad_() for k, v in w.items()}
-            rl = {k: v.detach().requires_grad_() for k, v in raw.items()}
-            v = torch.autograd.grad(lv(wl, rl), list(wl.values()), allow_unused=True)
-            g = torch.autograd.grad(task.train_loss(wl, rl, batches[0]), list(wl.values()), create_graph=True)
-            dot = torch.stack([(gi * vi).sum() for gi, vi in zip(g, v) if vi is not None]).sum()
-            t1t2 = -torch.stack([x.sum() for x in torch.autograd.grad(dot, list(rl.values()))]).sum()
+    horizons = [int(t) for t in a.steps.split(",")]
+    for d in range(a.draws):
+        stream = task.train_stream(seed=100 + d)
+        batches = [next(stream) for _ in range(max(horizons))]  # every horizon reads a prefix of these
+        # T1-T2's direction at the checkpoint, on the first batch (α > 0 left out: only the sign matters); it
+        # does not depend on the horizon
+        wl = {k: v.detach().requires_grad_() for k, v in w.items()}
+        rl = {k: v.detach().requires_grad_() for k, v in raw.items()}
+        v = torch.autograd.grad(lv(wl, rl), list(wl.values()), allow_unused=True)
+        g = torch.autograd.grad(task.train_loss(wl, rl, batches[0]), list(wl.values()), create_graph=True)
+        dot = torch.stack([(gi * vi).sum() for gi, vi in zip(g, v) if vi is not None]).sum()
+        t1t2 = -torch.stack([x.sum() for x in torch.autograd.grad(dot, list(rl.values()))]).sum()
+        for steps in horizons:
             res = unrolled_hypergradient(
                 lambda p, lam, t: task.train_loss(p, lam, batches[t]), lv, exp.inner_opt, w, opt, raw, steps
             )
@@ -61,7 +63,8 @@ def main(argv: list[str] | None = None) -> None:
             fd = []
             for sign in (1, -1):
                 shifted = {k: x + sign * 0.25 for k, x in raw.items()}
-                st, _, _ = train_inner(task, exp.inner_opt, InnerState(w, opt, int(ck["inner_step"])), shifted, batches)
+                start = InnerState(w, opt, int(ck["inner_step"]))
+                st, _, _ = train_inner(task, exp.inner_opt, start, shifted, batches[:steps])
                 with torch.no_grad():
                     fd.append(float(lv(st.params, raw)))
             print(

@@ -8,6 +8,7 @@ State, guards, evaluation and files live beside it (``state.py``, ``guards.py``,
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
@@ -80,8 +81,13 @@ def warming_up(s: RunSettings, evals: list[dict[str, float]], step: int) -> bool
         return True
     if not s.warmup_until_plateau:
         return False
-    vals = [e["val_loss"] for e in evals if e.get("step", 0) > 0]
-    return not any(v > min(vals[:i]) for i, v in enumerate(vals) if i > 0)
+    best = math.inf
+    for e in evals:
+        if e.get("step", 0) > 0:  # step 0's loss is the untrained model's
+            if e["val_loss"] > best:
+                return False
+            best = min(best, e["val_loss"])
+    return True
 
 
 def loop(exp: Runnable, state: RunState, io: RunIO, progress: RunProgress) -> None:
