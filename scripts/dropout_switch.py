@@ -9,6 +9,7 @@ validation loss after 1, 2, 3, 5, 10 and 20 more outer steps (how long a change 
 
     HOEXP_DATA=../shared/data python scripts/dropout_switch.py [--at 0,10,40,60,never] [overrides ...]
     HOEXP_DATA=../shared/data python scripts/dropout_switch.py --branch 40 --rates 0.05,0.07,0.1,0.2,0.5
+    HOEXP_DATA=../shared/data python scripts/dropout_switch.py --experiment ptb_lstm_dropout --to 0.65 --at 20,40
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from hoexp.method.base import train_inner
 
 
 def _setup(overrides: list[str]):
-    spec, _ = compose_spec(["experiment=mnist_dropout", "method=none", *overrides])
+    spec, _ = compose_spec(["method=none", *overrides])
     exp = build(spec)
     st = start(exp)
     return spec, exp, st.inner, st.raw
@@ -91,8 +92,10 @@ def main() -> None:
     ap.add_argument("--branch", type=int, default=None, help="branch at this outer step instead")
     ap.add_argument("--rates", default="0.05,0.07,0.1,0.2,0.3,0.5", help="--branch: rates to continue at")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("overrides", nargs="*", help="Hydra overrides (default preset: experiment=mnist_dropout)")
+    ap.add_argument("--experiment", default="mnist_dropout", help="the preset (e.g. ptb_lstm_dropout)")
+    ap.add_argument("overrides", nargs="*", help="Hydra overrides")
     ns = ap.parse_args()
+    ns.overrides = [f"experiment={ns.experiment}", *ns.overrides]
     torch.set_num_threads(ns.threads)
     try:
         at = [None if a.strip() == "never" else int(a) for a in ns.at.split(",")]

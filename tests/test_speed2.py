@@ -21,7 +21,15 @@ from hoexp.cli import compose_spec
 from hoexp.errors import ConfigError
 from hoexp.method.base import outer_step
 from hoexp.method.curvature import GaussNewtonOperator, HessianOperator, SplitLoss
-from hoexp.method.functional import CompiledIFT, FunctionalOperator, ggn_product, hvp_fwd_rev, hvp_rev_rev, ift_tensors
+from hoexp.method.functional import (
+    CompiledIFT,
+    FunctionalOperator,
+    ggn_product,
+    hvp_fwd_rev,
+    hvp_rev_rev,
+    ift_tensors,
+    linearized_hvp,
+)
 from hoexp.method.ift import ift_hypergradient
 from hoexp.method.implicit import ImplicitMethod
 from hoexp.method.solvers import ConjugateGradient, Exact, FixedPoint, Neumann
@@ -73,14 +81,24 @@ def test_pure_products_equal_the_kept_graph_products():
     vd = tree.unflatten(v, w)
     for fn in (hvp_fwd_rev, hvp_rev_rev):
         torch.testing.assert_close(tree.flatten(fn(split, w, lam, vd).values()), ref_h.matvec(v))
+    grad_w, value, hv = linearized_hvp(split, w, lam)  # one gradient, then products from its pullback
+    torch.testing.assert_close(tree.flatten(grad_w.values()), tree.flatten(g).detach())
+    torch.testing.assert_close(value, split(w, lam))
+    for _ in range(2):  # the kept pullback serves more than one product
+        torch.testing.assert_close(tree.flatten(hv(vd).values()), ref_h.matvec(v))
     torch.testing.assert_close(tree.flatten(ggn_product(split, w, lam, vd).values()), ref_g.matvec(v))
 
 
-@pytest.mark.parametrize("mode", ["fwd_rev", "rev_rev"])
+@pytest.mark.parametrize("mode", ["fwd_rev", "rev_rev", "linearized"])
 def test_batched_dense_hessian_equals_torch_func_hessian(mode):
     split, w, lam = _mlp()
-    fn = hvp_fwd_rev if mode == "fwd_rev" else hvp_rev_rev
-    op = FunctionalOperator(lambda a, b, c: fn(split, a, b, c), w, lam, damping=0.1, chunk=16)  # 56 = 4 chunks
+    if mode == "linearized":
+        hv = linearized_hvp(split, w, lam)[2]
+        product = lambda a, b, c: hv(c)  # noqa: E731
+    else:
+        fn = hvp_fwd_rev if mode == "fwd_rev" else hvp_rev_rev
+        product = lambda a, b, c: fn(split, a, b, c)  # noqa: E731
+    op = FunctionalOperator(product, w, lam, damping=0.1, chunk=16)  # 56 = 4 chunks
     flat = tree.flatten(w.values())
     H = torch.func.hessian(lambda x: split(tree.unflatten(x, w), lam))(flat)
     torch.testing.assert_close(op.dense(), H + 0.1 * torch.eye(len(flat), dtype=H.dtype))

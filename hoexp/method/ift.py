@@ -169,14 +169,16 @@ def ift_hypergradient(
     g = torch.autograd.grad(lt, w_list, create_graph=True, allow_unused=True)
     g_flat = tree.flatten(tree.fill_none(g, w_list))
     merge = g_flat.requires_grad and (mixed == "merged" or (mixed == "auto" and mixed_term_is_deep(g_flat, lam_list)))
-    from hoexp.method.functional import FunctionalOperator, product_for
+    from hoexp.method.functional import FunctionalOperator, hvp_fwd_rev, linearized_hvp
 
     if curvature.name == "hessian" and (hvp == "fwd_rev" or isinstance(solver, Exact)):
-        op: Any = FunctionalOperator(
-            product_for(train_loss, "hessian", "fwd_rev" if hvp == "fwd_rev" else "rev_rev"),
-            tree.detached(w),
-            tree.detached(lam),
-        )
+        w0, lam0 = tree.detached(w), tree.detached(lam)
+        if hvp == "fwd_rev":
+            product: Any = lambda w_, lam_, u: hvp_fwd_rev(train_loss, w_, lam_, u)  # noqa: E731
+        else:  # the batched vjp of the gradient, its forward and backward pass run once
+            hv = linearized_hvp(train_loss, w0, lam0)[2]
+            product = lambda w_, lam_, u: hv(u)  # noqa: E731
+        op: Any = FunctionalOperator(product, w0, lam0)
     else:
         op = curvature.operator(train_loss, w, lam, g_flat, lam_list if merge else None)
     if damping:
