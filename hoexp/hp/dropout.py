@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Annotated, ClassVar, Literal
 
 import torch
@@ -85,6 +86,11 @@ class Dropout:
             raise ValueError(f"dropout temperature must be > 0, got {self.temperature}")
 
     def covered(self) -> list[str]:
+        """The sites ``include`` selects (matched once: every masked training step asks)."""
+        return list(self._covered)
+
+    @cached_property
+    def _covered(self) -> tuple[str, ...]:
         from hoexp.hp.base import select
 
         names = select(list(self.sites), self.include)
@@ -93,7 +99,7 @@ class Dropout:
                 f"dropout include patterns {list(self.include)} match no dropout site; "
                 f"sites are: {', '.join(self.sites)}"
             )
-        return names
+        return tuple(names)
 
     def init(self, params: Params) -> dict[str, Tensor]:
         ref = next(iter(params.values()))
