@@ -28,6 +28,7 @@ from hoexp.method.functional import (
     hvp_fwd_rev,
     hvp_rev_rev,
     ift_tensors,
+    linearized_ggn,
     linearized_hvp,
 )
 from hoexp.method.ift import ift_hypergradient
@@ -87,6 +88,9 @@ def test_pure_products_equal_the_kept_graph_products():
     for _ in range(2):  # the kept pullback serves more than one product
         torch.testing.assert_close(tree.flatten(hv(vd).values()), ref_h.matvec(v))
     torch.testing.assert_close(tree.flatten(ggn_product(split, w, lam, vd).values()), ref_g.matvec(v))
+    gv = linearized_ggn(split, w, lam)
+    for _ in range(2):
+        torch.testing.assert_close(tree.flatten(gv(vd).values()), ref_g.matvec(v))
 
 
 @pytest.mark.parametrize("mode", ["fwd_rev", "rev_rev", "linearized"])

@@ -7,7 +7,10 @@ of ``(w, λ, v)`` with no autograd state crossing the call:
 * :func:`hvp_fwd_rev`: ``H v = ∂/∂ε ∇_w L(w + εv, λ)``, forward-mode ``jvp`` of ``grad``;
 * :func:`hvp_rev_rev`: ``H v = ∇_w ⟨∇_w L(w, λ), v⟩``, ``vjp`` of ``grad``;
 * :func:`ggn_product`: ``G v = Jᵀ H_ℓ J v + ∇²r v`` for a :class:`~hoexp.method.curvature.SplitLoss`
-  (``J v`` by ``jvp``, ``H_ℓ`` by ``jvp`` of the output loss's ``grad``, ``Jᵀ`` by ``vjp``).
+  (``J v`` by ``jvp``, ``H_ℓ`` by ``jvp`` of the output loss's ``grad``, ``Jᵀ`` by ``vjp``);
+* :func:`linearized_hvp` and :func:`linearized_ggn`: the same products for many ``v`` at one point, the
+  forward (and backward) pass run once and its intermediates kept. A solve uses these: the products
+  above recompute the pass every time, and ``torch.compile`` does not merge the K copies in a solve.
 
 :class:`FunctionalOperator` wraps a product as a solver's :class:`LinearOperator`; its ``dense`` is
 ``vmap`` of the product over chunks of the identity's columns (``method=exact``).
@@ -80,6 +83,28 @@ def ggn_product(split: SplitLoss, w: Params, lam: Params, v: Params) -> Params:
         pen = hvp_fwd_rev(lambda w_, lam_: torch.as_tensor(split.penalty(w_, lam_)), w, lam, v)
         out = {k: out[k] + pen[k] for k in out}
     return out
+
+
+def linearized_ggn(split: SplitLoss, w: Params, lam: Params) -> Callable[[Params], Params]:
+    """``v ↦ G v`` (as :func:`ggn_product`) with the forward pass run once for every product:
+    ``J v`` is the ``vjp`` of the linear pullback ``u ↦ Jᵀu`` (no forward-mode pass), ``H_ℓ`` and
+    ``∇²r`` come from the kept pullbacks of their gradients. A product costs about two backward passes."""
+    z, pullback = vjp(lambda w_: split.outputs(w_, lam), w)[:2]
+    transpose = lambda u: pullback(u)[0]  # noqa: E731
+    jacobian = vjp(transpose, torch.zeros_like(z))[1]
+    h_out = vjp(grad(split.output_loss), z)[1]
+    pen = None
+    if isinstance(split.penalty(w, lam), Tensor):
+        pen = linearized_hvp(lambda w_, lam_: torch.as_tensor(split.penalty(w_, lam_)), w, lam)[2]
+
+    def product(v: Params) -> Params:
+        out = transpose(h_out(jacobian(v)[0])[0])
+        if pen is not None:
+            extra = pen(v)
+            out = {k: out[k] + extra[k] for k in out}
+        return out
+
+    return product
 
 
 def product_for(train_loss: Loss, curvature: str, hvp: str) -> Callable[[Params, Params, Params], Params]:
@@ -177,6 +202,10 @@ def ift_tensors(
     if curvature == "hessian" and hvp == "rev_rev":
         g, lt, hv = linearized_hvp(train_loss, w, lam)
         product: Product = lambda _w, _lam, v: hv(v)  # noqa: E731
+    elif curvature == "gauss_newton" and isinstance(train_loss, SplitLoss):
+        g, lt = grad_and_value(train_loss)(w, lam)
+        gv = linearized_ggn(train_loss, w, lam)
+        product = lambda _w, _lam, v: gv(v)  # noqa: E731
     else:
         g, lt = grad_and_value(train_loss)(w, lam)
         product = product_for(train_loss, curvature, hvp)
