@@ -77,6 +77,10 @@ def test_ptb_lstm_dropout_preset_runs(tmp_path):
     # one Gaussian rate for embedding, layer0, output and the DropConnect of both recurrent weights
     assert summary["num_hparams"] == 1 and summary["method"] == "truncated"
     assert summary["hp_final"]["moved_fraction"] > 0
+    # sign descent (lr 0.3): two hyper-steps move the logit by at most 0.6, whatever the hypergradients' size
+    assert "_target_: hoexp.optim.sign_sgd" in text
+    logit = math.log(summary["hp_final"]["mean"] / (1 - summary["hp_final"]["mean"]))
+    assert abs(logit - math.log(0.05 / 0.95)) <= 0.6 + 1e-5
 
 
 @pytest.mark.slow
