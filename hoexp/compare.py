@@ -106,7 +106,9 @@ def _parser() -> argparse.ArgumentParser:
         "family, e.g. 1e-5,...,1e-1 for weight decay, 0.05,0.2,0.35,0.5,0.65 for dropout)",
     )
     ap.add_argument("--grid-key", default=None, help="the key the grid and the search set (default: hp.<family>.init)")
-    ap.add_argument("--search", default="random,tpe", help="black-box searches: random, tpe, both (default) or none")
+    ap.add_argument(
+        "--search", default="random,tpe", help="black-box searches: random, tpe, both (default: random,tpe) or none"
+    )
     ap.add_argument(
         "--space",
         action="append",
@@ -264,9 +266,11 @@ def parse_args(argv: list[str]) -> Plan:
     searches = [s.strip() for s in ns.search.split(",") if s.strip()]
     if searches == ["none"]:
         searches = []
+    elif searches == ["both"]:
+        searches = list(SAMPLERS)
     for s in searches:
         if s not in SAMPLERS:
-            raise ConfigError(f"unknown search '{s}'; choose from: {', '.join(SAMPLERS)} (or none)")
+            raise ConfigError(f"unknown search '{s}'; choose from: {', '.join(SAMPLERS)}, both (or none)")
     space = [parse_dim(t) for t in ns.space]
     if not space:
         values = grid or default_grid

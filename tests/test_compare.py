@@ -367,3 +367,11 @@ def test_compare_end_to_end_on_a_tiny_budget(tmp_path):
     for png in ("best_so_far.png", "val_loss_vs_time.png"):
         assert (out / "report" / png).read_bytes().startswith(b"\x89PNG")
     assert elapsed < 120
+
+
+@pytest.mark.parametrize("value,expected", [("both", ["random", "tpe"]), ("tpe", ["tpe"]), ("none", [])])
+def test_search_names_parse_as_the_help_says(tmp_path, value, expected):
+    from hoexp.compare import parse_args
+
+    plan = parse_args(["--search", value, "--out", str(tmp_path / "out")])
+    assert plan.searches == expected
