@@ -88,7 +88,9 @@ def test_pure_products_equal_the_kept_graph_products():
     for _ in range(2):  # the kept pullback serves more than one product
         torch.testing.assert_close(tree.flatten(hv(vd).values()), ref_h.matvec(v))
     torch.testing.assert_close(tree.flatten(ggn_product(split, w, lam, vd).values()), ref_g.matvec(v))
-    gv = linearized_ggn(split, w, lam)
+    grad_w, value, gv = linearized_ggn(split, w, lam)  # the gradient and loss from the same forward pass
+    torch.testing.assert_close(tree.flatten(grad_w.values()), tree.flatten(g).detach())
+    torch.testing.assert_close(value, split(w, lam))
     for _ in range(2):
         torch.testing.assert_close(tree.flatten(gv(vd).values()), ref_g.matvec(v))
 

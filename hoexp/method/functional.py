@@ -85,17 +85,22 @@ def ggn_product(split: SplitLoss, w: Params, lam: Params, v: Params) -> Params:
     return out
 
 
-def linearized_ggn(split: SplitLoss, w: Params, lam: Params) -> Callable[[Params], Params]:
-    """``v ↦ G v`` (as :func:`ggn_product`) with the forward pass run once for every product:
-    ``J v`` is the ``vjp`` of the linear pullback ``u ↦ Jᵀu`` (no forward-mode pass), ``H_ℓ`` and
-    ``∇²r`` come from the kept pullbacks of their gradients. A product costs about two backward passes."""
+def linearized_ggn(split: SplitLoss, w: Params, lam: Params) -> tuple[Params, Tensor, Callable[[Params], Params]]:
+    """``(∇_w L, L, v ↦ G v)`` (``G`` as in :func:`ggn_product`) with the forward pass run once for the
+    gradient and every product: ``J v`` is the ``vjp`` of the linear pullback ``u ↦ Jᵀu`` (no
+    forward-mode pass), ``H_ℓ`` and ``∇²r`` come from the kept pullbacks of their gradients. A product
+    costs about two backward passes."""
     z, pullback = vjp(lambda w_: split.outputs(w_, lam), w)[:2]
     transpose = lambda u: pullback(u)[0]  # noqa: E731
     jacobian = vjp(transpose, torch.zeros_like(z))[1]
-    h_out = vjp(grad(split.output_loss), z)[1]
+    # torch's stub types vjp's result as a 2-tuple whatever has_aux says: it is 3 here
+    g_out, h_out, value = vjp(grad_and_value(split.output_loss), z, has_aux=True)  # type: ignore[misc]
+    g = transpose(g_out)
+    penalty = split.penalty(w, lam)
     pen = None
-    if isinstance(split.penalty(w, lam), Tensor):
-        pen = linearized_hvp(lambda w_, lam_: torch.as_tensor(split.penalty(w_, lam_)), w, lam)[2]
+    if isinstance(penalty, Tensor):
+        g_pen, penalty, pen = linearized_hvp(lambda w_, lam_: torch.as_tensor(split.penalty(w_, lam_)), w, lam)
+        g = {k: g[k] + g_pen[k] for k in g}
 
     def product(v: Params) -> Params:
         out = transpose(h_out(jacobian(v)[0])[0])
@@ -104,7 +109,7 @@ def linearized_ggn(split: SplitLoss, w: Params, lam: Params) -> Callable[[Params
             out = {k: out[k] + extra[k] for k in out}
         return out
 
-    return product
+    return g, value + penalty, product
 
 
 def product_for(train_loss: Loss, curvature: str, hvp: str) -> Callable[[Params, Params, Params], Params]:
@@ -203,8 +208,7 @@ def ift_tensors(
         g, lt, hv = linearized_hvp(train_loss, w, lam)
         product: Product = lambda _w, _lam, v: hv(v)  # noqa: E731
     elif curvature == "gauss_newton" and isinstance(train_loss, SplitLoss):
-        g, lt = grad_and_value(train_loss)(w, lam)
-        gv = linearized_ggn(train_loss, w, lam)
+        g, lt, gv = linearized_ggn(train_loss, w, lam)
         product = lambda _w, _lam, v: gv(v)  # noqa: E731
     else:
         g, lt = grad_and_value(train_loss)(w, lam)
