@@ -155,13 +155,14 @@ def test_parallel_launcher_runs_jobs_in_worker_processes(tmp_path):
 
 
 def _lock_pid(folder, timeout=200):
-    """The pid of the worker that holds ``folder``'s run lock, once it has logged outer step 1."""
+    """The pid of the worker that holds ``folder``'s run lock, once it has logged outer step 1 and written its
+    checkpoint (the metrics line comes first: a kill between the two would leave nothing to resume)."""
     import time
 
     deadline = time.time() + timeout
     while time.time() < deadline:
         try:
-            if '"step": 1,' in (folder / "metrics.jsonl").read_text():
+            if '"step": 1,' in (folder / "metrics.jsonl").read_text() and (folder / "checkpoint.pt").exists():
                 return int((folder / ".hoexp.lock").read_text().split()[1])
         except (OSError, ValueError, IndexError):
             pass
