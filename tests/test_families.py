@@ -121,6 +121,51 @@ def test_layer_and_weight_decays_are_a_shared_layer_value_plus_scaled_weight_off
     assert float(fam.view(big)[f"weight_decay:{n0}"].max()) == pytest.approx(1.0)
 
 
+@pytest.mark.parametrize("lam_shape", [(3, 4), (), (1, 4)])
+def test_decay_penalty_has_autograds_derivatives_of_every_order_with_fewer_saved_tensors(lam_shape):
+    """``DecayPenalty`` (½ Σ λ w², derivatives written out) against the same expression left to autograd:
+    first and second derivatives (gradcheck, gradgradcheck), forward-over-reverse products batched with
+    ``vmap``, and the tensors a ``create_graph`` gradient keeps (the reason it exists)."""
+    from torch.func import grad, jvp, vmap
+
+    from hoexp.hp.weight_decay import DecayPenalty
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(3, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    lam = torch.rand(lam_shape, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(DecayPenalty.apply, (w, lam))
+    assert torch.autograd.gradgradcheck(DecayPenalty.apply, (w, lam))
+
+    def by_autograd(w, lam):
+        return 0.5 * (lam * w.square()).sum()
+
+    wd, ld = w.detach(), lam.detach()
+    tw, tl = torch.randn(wd.shape, generator=g, dtype=wd.dtype), torch.randn(ld.shape, generator=g, dtype=ld.dtype)
+    for f in (lambda f_: f_, grad):  # the value's and the gradient's tangents (forward over reverse)
+        got = jvp(f(DecayPenalty.apply), (wd, ld), (tw, tl))[1]
+        assert torch.allclose(got, jvp(f(by_autograd), (wd, ld), (tw, tl))[1])
+    vs = torch.randn(5, 3, 4, generator=g, dtype=wd.dtype)
+
+    def hvps(fn):
+        return vmap(lambda v: jvp(grad(fn), (wd, ld), (v, torch.zeros_like(ld)))[1])(vs)
+
+    assert torch.allclose(hvps(DecayPenalty.apply), hvps(by_autograd))
+
+    def saved_bytes(fn):
+        kept: dict[int, int] = {}
+
+        def pack(t):
+            kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            torch.autograd.grad(fn(w, lam), [w], create_graph=True)
+        return sum(kept.values())
+
+    # autograd keeps w² and products of the weights besides the inputs; the written-out form the inputs (and scalars)
+    assert saved_bytes(DecayPenalty.apply) <= (w.nelement() + lam.nelement() + 4) * 8 < saved_bytes(by_autograd)
+
+
 def test_dropout_relaxation_is_validated():
     with pytest.raises(ValueError, match="relaxation"):
         Dropout({"x": (3,)}, relaxation="bernoulli")
