@@ -166,6 +166,31 @@ def test_decay_penalty_has_autograds_derivatives_of_every_order_with_fewer_saved
     assert saved_bytes(DecayPenalty.apply) <= (w.nelement() + lam.nelement() + 4) * 8 < saved_bytes(by_autograd)
 
 
+def test_clamped_exp_matches_autograd_on_clamp_then_exp_bounds_included():
+    """``ClampedExp`` (layer_and_weight's decays) keeps its output and a mask instead of two float tensors;
+    its derivatives are autograd's for ``exp(x.clamp(lo, hi))``, at and beyond the bounds too."""
+    from torch.func import jvp
+
+    from hoexp.hp.weight_decay import ClampedExp
+
+    x = torch.tensor([-3.0, -1.0, -0.2, 0.5, 1.0, 2.0], dtype=torch.float64, requires_grad=True)
+
+    def by_autograd(x):
+        return torch.exp(x.clamp(-1.0, 1.0))
+
+    def fused(x):
+        return ClampedExp.apply(x, -1.0, 1.0)
+
+    assert torch.equal(fused(x), by_autograd(x))
+    for gout in (torch.ones(6, dtype=torch.float64), torch.arange(6.0, dtype=torch.float64)):
+        got = torch.autograd.grad(fused(x), x, gout)[0]
+        assert torch.allclose(got, torch.autograd.grad(by_autograd(x), x, gout)[0])
+    t = torch.randn(6, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    assert torch.allclose(jvp(fused, (x.detach(),), (t,))[1], jvp(by_autograd, (x.detach(),), (t,))[1])
+    inner = torch.tensor([-0.5, 0.3, 0.7], dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(fused, (inner,)) and torch.autograd.gradgradcheck(fused, (inner,))
+
+
 def test_dropout_relaxation_is_validated():
     with pytest.raises(ValueError, match="relaxation"):
         Dropout({"x": (3,)}, relaxation="bernoulli")

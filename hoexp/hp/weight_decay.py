@@ -22,6 +22,35 @@ GRANULARITIES = ("global", "per_layer", "per_weight", "layer_and_weight")
 OFFSETS = "/weight"  # suffix of a layer_and_weight parameter's per-weight offsets
 
 
+class ClampedExp(torch.autograd.Function):
+    """``exp(clamp(x, lo, hi))`` keeping its output and a boolean mask (``clamp`` then ``exp`` keep the
+    input and the output: one float tensor more, per differentiable step of an unroll). Derivative
+    ``y ⊙ [lo < x < hi]``, what autograd gives ``clamp`` with number bounds (zero at the bounds)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: Tensor, lo: float, hi: float) -> Tensor:
+        return torch.exp(x.clamp(lo, hi))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, lo, hi = inputs
+        inside = (x > lo) & (x < hi)
+        ctx.save_for_backward(output, inside)
+        ctx.save_for_forward(output, inside)
+
+    @staticmethod
+    def backward(ctx, g: Tensor) -> tuple[Tensor, None, None]:
+        y, inside = ctx.saved_tensors
+        return g * y * inside, None, None
+
+    @staticmethod
+    def jvp(ctx, dx: Tensor, *_: None) -> Tensor:
+        y, inside = ctx.saved_tensors
+        return dx * y * inside
+
+
 class DecayPenalty(torch.autograd.Function):
     """``½ Σ λ ⊙ w²`` (``λ`` broadcast to ``w``), with the derivatives written out: ``∂/∂w = λ ⊙ w``,
     ``∂/∂λ = ½ w²`` (summed to ``λ``'s shape).
@@ -146,7 +175,7 @@ class WeightDecay:
             return {n: torch.exp(v) for n, v in own.items()}
         lo, hi = math.log(self.min_value), math.log(self.max_value)
         return {
-            n: torch.exp((v + self.offset_scale * own[n + OFFSETS]).clamp(lo, hi))
+            n: ClampedExp.apply(v + self.offset_scale * own[n + OFFSETS], lo, hi)
             for n, v in own.items()
             if not n.endswith(OFFSETS)
         }
