@@ -71,6 +71,18 @@ def linearized_hvp(loss: Loss, w: Params, lam: Params) -> tuple[Params, Tensor, 
     return g, value, lambda v: pullback(v)[0]
 
 
+def linearized_hvp_and_mixed(
+    loss: Loss, w: Params, lam: Params
+) -> tuple[Params, Tensor, Callable[[Params], Params], Callable[[Params], Params]]:
+    """:func:`linearized_hvp` linearized in ``(w, λ)`` together: also ``u ↦ (∂²L/∂λ∂w) u`` (the IFT's mixed
+    term) from the same kept pullback, so the hypergradient needs no further forward and backward pass for
+    it. Where only ``H v`` is used (the solve's products) a compiler drops the ``λ`` half of each pass;
+    eagerly each product also pays it (one more elementwise pass for weight decay)."""
+    # torch's stub types vjp's result as a 2-tuple whatever has_aux says: it is 3 here
+    g, pullback, value = vjp(lambda w_, lam_: grad_and_value(loss)(w_, lam_), w, lam, has_aux=True)  # type: ignore[misc]
+    return g, value, lambda v: pullback(v)[0], lambda u: pullback(u)[1]
+
+
 def ggn_product(split: SplitLoss, w: Params, lam: Params, v: Params) -> Params:
     """``G v = Jᵀ H_ℓ J v + ∇²r v`` (Gauss-Newton; see :mod:`hoexp.method.curvature`) as a pure function."""
     outputs = lambda w_: split.outputs(w_, lam)  # noqa: E731
@@ -204,8 +216,9 @@ def ift_tensors(
     """
     (gv_w, gv_lam), lv = grad_and_value(val_loss, argnums=(0, 1))(w, lam)
     b = tree.flatten(gv_w.values())
+    mixed_of: Callable[[Params], Params] | None = None
     if curvature == "hessian" and hvp == "rev_rev":
-        g, lt, hv = linearized_hvp(train_loss, w, lam)
+        g, lt, hv, mixed_of = linearized_hvp_and_mixed(train_loss, w, lam)
         product: Product = lambda _w, _lam, v: hv(v)  # noqa: E731
     elif curvature == "gauss_newton" and isinstance(train_loss, SplitLoss):
         g, lt, gv = linearized_ggn(train_loss, w, lam)
@@ -216,8 +229,8 @@ def ift_tensors(
     op = FunctionalOperator(product, w, lam, damping, chunk)
     sol = solver.solve_tensors(op, b, x0)  # type: ignore[attr-defined]
     u = tree.unflatten(sol.x, w)
-    # mixed term (∂g/∂λ)ᵀu: one vjp through the gradient, with respect to λ
-    mixed = vjp(lambda lam_: grad(train_loss)(w, lam_), lam)[1](u)[0]
+    # mixed term (∂g/∂λ)ᵀu: from the linearization's pullback, else one vjp through the gradient
+    mixed = mixed_of(u) if mixed_of is not None else vjp(lambda lam_: grad(train_loss)(w, lam_), lam)[1](u)[0]
     hg = {k: gv_lam[k] - mixed[k] for k in lam}
     g_norm = torch.linalg.vector_norm(tree.flatten(g.values()))
     return hg, sol, torch.stack([lt.detach(), lv.detach(), g_norm.to(lt.dtype)])
