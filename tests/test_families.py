@@ -121,35 +121,54 @@ def test_layer_and_weight_decays_are_a_shared_layer_value_plus_scaled_weight_off
     assert float(fam.view(big)[f"weight_decay:{n0}"].max()) == pytest.approx(1.0)
 
 
-@pytest.mark.parametrize("lam_shape", [(3, 4), (), (1, 4)])
-def test_decay_penalty_has_autograds_derivatives_of_every_order_with_fewer_saved_tensors(lam_shape):
-    """``DecayPenalty`` (½ Σ λ w², derivatives written out) against the same expression left to autograd:
-    first and second derivatives (gradcheck, gradgradcheck), forward-over-reverse products batched with
-    ``vmap``, and the tensors a ``create_graph`` gradient keeps (the reason it exists)."""
-    from torch.func import grad, jvp, vmap
+@pytest.mark.parametrize("v_shape", [(), (3, 4), (1, 4)])
+@pytest.mark.parametrize("offsets", [False, True])
+@pytest.mark.parametrize("bounds", [None, (-1.0, 0.5)])
+def test_decay_penalty_has_autograds_derivatives_and_keeps_only_its_inputs(v_shape, offsets, bounds):
+    """``decay_penalty`` (½ Σ exp(clamp(v + s·o)) w², derivatives written out) against the same expression left
+    to autograd: first and second derivatives (gradcheck, gradgradcheck, bounds included), forward-over-reverse
+    products, ``vmap``-batched HVPs and mixed products (method=exact's form), and the tensors a ``create_graph``
+    gradient keeps (the reason it exists: only the inputs and scalars)."""
+    from torch.func import grad, jvp, vjp, vmap
 
-    from hoexp.hp.weight_decay import DecayPenalty
+    from hoexp.hp.decay_penalty import decay_penalty
 
-    g = torch.Generator().manual_seed(0)
-    w = torch.randn(3, 4, generator=g, dtype=torch.float64, requires_grad=True)
-    lam = torch.rand(lam_shape, generator=g, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(DecayPenalty.apply, (w, lam))
-    assert torch.autograd.gradgradcheck(DecayPenalty.apply, (w, lam))
+    gen = torch.Generator().manual_seed(0)
 
-    def by_autograd(w, lam):
-        return 0.5 * (lam * w.square()).sum()
+    def rand(*shape):
+        return torch.randn(shape, generator=gen, dtype=torch.float64)
 
-    wd, ld = w.detach(), lam.detach()
-    tw, tl = torch.randn(wd.shape, generator=g, dtype=wd.dtype), torch.randn(ld.shape, generator=g, dtype=ld.dtype)
-    for f in (lambda f_: f_, grad):  # the value's and the gradient's tangents (forward over reverse)
-        got = jvp(f(DecayPenalty.apply), (wd, ld), (tw, tl))[1]
-        assert torch.allclose(got, jvp(f(by_autograd), (wd, ld), (tw, tl))[1])
-    vs = torch.randn(5, 3, 4, generator=g, dtype=wd.dtype)
+    lo, hi = bounds or (-math.inf, math.inf)
+    s = 0.7
+    w = rand(3, 4).requires_grad_()
+    v = (0.3 * rand(*v_shape)).requires_grad_()
+    o = rand(3, 4).requires_grad_() if offsets else None
+    args = (w, v) + ((o,) if offsets else ())
 
-    def hvps(fn):
-        return vmap(lambda v: jvp(grad(fn), (wd, ld), (v, torch.zeros_like(ld)))[1])(vs)
+    def written(w, v, o=None):
+        return decay_penalty(w, v, o, s, lo, hi)
 
-    assert torch.allclose(hvps(DecayPenalty.apply), hvps(by_autograd))
+    def by_autograd(w, v, o=None):
+        x = v if o is None else v + s * o
+        return 0.5 * (torch.exp(x.clamp(lo, hi)) * w.square()).sum()
+
+    assert torch.allclose(written(*args), by_autograd(*args))
+    assert torch.autograd.gradcheck(written, args) and torch.autograd.gradgradcheck(written, args)
+    prim = tuple(a.detach() for a in args)
+    tang = tuple(rand(*a.shape) for a in prim)
+    assert torch.allclose(jvp(written, prim, tang)[1], jvp(by_autograd, prim, tang)[1])
+    for i in range(len(prim)):  # forward over reverse, every input's gradient
+        got = jvp(grad(written, argnums=i), prim, tang)[1]
+        assert torch.allclose(got, jvp(grad(by_autograd, argnums=i), prim, tang)[1]), i
+    cols = rand(5, 3, 4)
+
+    def batched(fn):  # HVP columns and mixed products, as method=exact and ift_tensors form them
+        hv = vjp(lambda w_: grad(fn)(w_, *prim[1:]), prim[0])[1]
+        mixed = vjp(lambda *h: grad(fn)(prim[0], *h), *prim[1:])[1]
+        return [vmap(lambda u: hv(u)[0])(cols), *vmap(mixed)(cols)]
+
+    for a, b in zip(batched(written), batched(by_autograd), strict=True):
+        assert torch.allclose(a, b)
 
     def saved_bytes(fn):
         kept: dict[int, int] = {}
@@ -159,36 +178,11 @@ def test_decay_penalty_has_autograds_derivatives_of_every_order_with_fewer_saved
             return t
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            torch.autograd.grad(fn(w, lam), [w], create_graph=True)
+            torch.autograd.grad(fn(*args), [w], create_graph=True)
         return sum(kept.values())
 
-    # autograd keeps w² and products of the weights besides the inputs; the written-out form the inputs (and scalars)
-    assert saved_bytes(DecayPenalty.apply) <= (w.nelement() + lam.nelement() + 4) * 8 < saved_bytes(by_autograd)
-
-
-def test_clamped_exp_matches_autograd_on_clamp_then_exp_bounds_included():
-    """``ClampedExp`` (layer_and_weight's decays) keeps its output and a mask instead of two float tensors;
-    its derivatives are autograd's for ``exp(x.clamp(lo, hi))``, at and beyond the bounds too."""
-    from torch.func import jvp
-
-    from hoexp.hp.weight_decay import ClampedExp
-
-    x = torch.tensor([-3.0, -1.0, -0.2, 0.5, 1.0, 2.0], dtype=torch.float64, requires_grad=True)
-
-    def by_autograd(x):
-        return torch.exp(x.clamp(-1.0, 1.0))
-
-    def fused(x):
-        return ClampedExp.apply(x, -1.0, 1.0)
-
-    assert torch.equal(fused(x), by_autograd(x))
-    for gout in (torch.ones(6, dtype=torch.float64), torch.arange(6.0, dtype=torch.float64)):
-        got = torch.autograd.grad(fused(x), x, gout)[0]
-        assert torch.allclose(got, torch.autograd.grad(by_autograd(x), x, gout)[0])
-    t = torch.randn(6, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    assert torch.allclose(jvp(fused, (x.detach(),), (t,))[1], jvp(by_autograd, (x.detach(),), (t,))[1])
-    inner = torch.tensor([-0.5, 0.3, 0.7], dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(fused, (inner,)) and torch.autograd.gradgradcheck(fused, (inner,))
+    inputs = sum(a.nelement() for a in args) * 8
+    assert saved_bytes(written) <= inputs + 64 < saved_bytes(by_autograd)
 
 
 def test_dropout_relaxation_is_validated():
