@@ -566,6 +566,34 @@ def measure_memory(problem: str, row_name: str, args: argparse.Namespace) -> dic
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
+def long_unroll_times(args: argparse.Namespace) -> dict[str, Any]:
+    """The stored-trajectory and the checkpointed unroll of T = LONG_T steps on the MNIST preset, timed in
+    one process over interleaved rounds (one outer step each; the memory rows time a single step apiece)."""
+    global INNER_STEPS
+    saved, INNER_STEPS = INNER_STEPS, LONG_T
+    try:
+        ctx = setup("mnist_preset", False, args.device, args.threads)
+        prob, exp = ctx.exp.problem, ctx.exp
+        fns: dict[str, Callable[[], Any]] = {}
+        for row in method_rows("mnist_preset"):
+            if row.kind != "path":
+                continue
+            method = build_method(spec_for("mnist_preset", False, args.device, args.threads, *row.overrides))
+            fns[row.name] = functools.partial(
+                method_step, method, prob, exp.inner_opt, ctx.state, ctx.raw, ctx.train, next(ctx.val), LONG_T
+            )
+        t = rounds(fns, ctx.device, min_rounds=3, max_rounds=5, budget_s=args.budget, warmup=1)
+        ctx.stack.close()
+    finally:
+        INNER_STEPS = saved
+    med_s = {k: med(v) for k, v in t.items()}
+    return {
+        "outer_step_s": med_s,
+        "rounds": len(t["unrolled"]),
+        "ckpt_time_over_stored": med_s["unrolled-ckpt"] / med_s["unrolled"],
+    }
+
+
 # ------------------------------------------------------------------------------- whole runs
 def whole_run(problem: str, row: MethodRow, args: argparse.Namespace, outer_steps: int) -> dict[str, Any]:
     from rich.console import Console
@@ -906,13 +934,7 @@ def main() -> None:
         peak = {k: m["persistent_bytes"] + m["working_bytes"] for k, m in mem.items() if "error" not in m}
         if "none" in peak:
             long["mem_ratio"] = {k: v / peak["none"] for k, v in peak.items()}
-        if (
-            "unrolled" in mem
-            and "unrolled-ckpt" in mem
-            and "error" not in mem["unrolled"]
-            and "error" not in mem["unrolled-ckpt"]
-        ):
-            long["ckpt_time_over_stored"] = mem["unrolled-ckpt"]["outer_step_s"] / mem["unrolled"]["outer_step_s"]
+        long.update(long_unroll_times(args))
         result["long_unroll"] = long
         log(
             f"  long unroll: memory / plain training {long.get('mem_ratio')}, checkpointed time / stored "
