@@ -90,13 +90,6 @@ class WeightDecay:
             return {self.name: torch.exp(raw[self.name])}
         return {f"{self.name}:{n}": lam for n, lam in self._decays(raw).items()}
 
-    def decays(self, params: Params, raw: Params) -> dict[str, Tensor]:
-        """The decay applied to each covered parameter (broadcastable to it)."""
-        if self.granularity == "global":
-            lam = torch.exp(raw[self.name])
-            return {n: lam for n in self.covered(params)}
-        return self._decays(raw)
-
     def _decays(self, raw: Params) -> dict[str, Tensor]:
         """``exp(raw)`` per covered parameter; ``layer_and_weight``: ``exp(clamp(layer + offset_scale·offset))``
         (a layer's value gets the summed, low-variance hypergradient of its weights)."""
