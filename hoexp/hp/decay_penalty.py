@@ -34,18 +34,33 @@ from torch import Tensor
 __all__ = ["decay_penalty"]
 
 
-def _x(v: Tensor, o: Tensor | None, s: float) -> Tensor:
-    return v if o is None else v + s * o
-
-
-def _lam_mask(v: Tensor, o: Tensor | None, s: float, lo: float, hi: float) -> tuple[Tensor, Tensor]:
-    x = _x(v, o, s)
+def _lam_mask(v: Tensor, o: Tensor | None, s: float, lo: float, hi: float) -> tuple[Tensor, Tensor | None]:
+    """``(λ, m)``; ``m`` is ``None`` (all ones) without finite bounds, so the unclamped forms pay one ``exp``."""
+    x = v if o is None else v + s * o
+    if lo == -math.inf and hi == math.inf:
+        return torch.exp(x), None
     return torch.exp(x.clamp(lo, hi)), ((x > lo) & (x < hi)).to(x.dtype)
+
+
+def _masked(t: Tensor, m: Tensor | None) -> Tensor:
+    return t if m is None else t * m
 
 
 def _to(t: Tensor, ref: Tensor | None) -> Tensor | None:
     """``t`` summed to ``ref``'s shape (the broadcast's adjoint); ``None`` for a missing ``ref``."""
     return None if ref is None else t.sum_to_size(ref.shape)
+
+
+def _first(
+    w: Tensor, v: Tensor, o: Tensor | None, g: Tensor, s: float, lo: float, hi: float, need_x: bool
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """``(g λ w, ∂P/∂v, ∂P/∂o)``; the last two only with ``need_x`` (plain training needs ``∂P/∂w`` alone)."""
+    lam, m = _lam_mask(v, o, s, lo, hi)
+    if not need_x:
+        return g * lam * w, None, None
+    px = _masked(0.5 * g * w.square() * lam, m)
+    po = _to(px, o)
+    return g * lam * w, _to(px, v), None if po is None else s * po
 
 
 class _PenaltyGrad(torch.autograd.Function):
@@ -54,16 +69,14 @@ class _PenaltyGrad(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(w: Tensor, v: Tensor, o: Tensor | None, g: Tensor, s: float, lo: float, hi: float) -> Any:
-        lam, m = _lam_mask(v, o, s, lo, hi)
-        px = 0.5 * g * w.square() * lam * m
-        po = _to(px, o)
-        return g * lam * w, _to(px, v), None if po is None else s * po
+    def forward(w: Tensor, v: Tensor, o: Tensor | None, g: Tensor, s: float, lo: float, hi: float, need_x: bool) -> Any:
+        return _first(w, v, o, g, s, lo, hi, need_x)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
-        w, v, o, g, s, lo, hi = inputs
-        ctx.s, ctx.lo, ctx.hi, ctx.has_o = s, lo, hi, o is not None
+        w, v, o, g, s, lo, hi, _ = inputs
+        ctx.s, ctx.lo, ctx.hi = s, lo, hi
+        ctx.set_materialize_grads(False)  # an HVP sends a cotangent for ∂P/∂w only: no zero tensors for the rest
         ctx.save_for_backward(w, v, o, g)
         ctx.save_for_forward(w, v, o, g)
 
@@ -72,16 +85,29 @@ class _PenaltyGrad(torch.autograd.Function):
         w, v, o, g = ctx.saved_tensors
         s = ctx.s
         lam, m = _lam_mask(v, o, s, ctx.lo, ctx.hi)
-        zero = torch.zeros((), dtype=w.dtype, device=w.device)
-        a_w = zero if a_w is None else a_w
-        c = zero if a_v is None else a_v
+        need_w, need_v, need_o, need_g = ctx.needs_input_grad[:4]
+        c = a_v
         if a_o is not None:
-            c = c + s * a_o
-        gw = g * lam * (a_w + c * w * m)
-        gx = g * lam * m * (a_w * w + 0.5 * c * w.square())
-        gg = (lam * (a_w * w + 0.5 * c * w.square() * m)).sum().reshape(g.shape)
-        go = _to(gx, o)
-        return gw, _to(gx, v), None if go is None else s * go, gg, None, None, None
+            c = s * a_o if c is None else c + s * a_o
+        gw = gv = go = gg = None
+        if a_w is None and c is None:
+            return gw, gv, go, gg, None, None, None, None
+        if need_w:
+            gw = g * lam * (a_w if c is None else _masked(c * w, m) + (0 if a_w is None else a_w))
+        if need_v or need_o:
+            inner = 0.5 * c * w.square() if c is not None else None
+            if a_w is not None:
+                inner = a_w * w if inner is None else inner + a_w * w
+            if inner is not None:
+                gx = _masked(g * lam * inner, m)
+                gv = _to(gx, v) if need_v else None
+                go = s * _to(gx, o) if need_o and o is not None else None  # type: ignore[operator]
+        if need_g:
+            terms = 0 if a_w is None else a_w * w
+            if c is not None:
+                terms = terms + _masked(0.5 * c * w.square(), m)
+            gg = (lam * terms).sum().reshape(g.shape)
+        return gw, gv, go, gg, None, None, None, None
 
     @staticmethod
     def jvp(ctx: Any, dw: Tensor | None, dv: Tensor | None, do: Tensor | None, dg: Tensor | None, *_: Any) -> Any:
@@ -94,14 +120,15 @@ class _PenaltyGrad(torch.autograd.Function):
             dx = dx + s * do
         dw = zero if dw is None else dw
         dg = zero if dg is None else dg
-        d_pw = lam * (dg * w + g * dw + g * m * w * dx)
-        d_px = lam * m * (0.5 * dg * w.square() + g * w * dw + 0.5 * g * w.square() * dx)
+        d_pw = lam * (dg * w + g * dw + g * _masked(w * dx, m))
+        d_px = _masked(lam * (0.5 * dg * w.square() + g * w * dw + 0.5 * g * w.square() * dx), m)
         d_po = _to(d_px, o)
         return d_pw, _to(d_px, v), None if d_po is None else s * d_po
 
 
 class _Penalty(torch.autograd.Function):
-    """``½ Σ λ w²``; backward through :class:`_PenaltyGrad` (so it is differentiable again)."""
+    """``½ Σ λ w²``; backward through :class:`_PenaltyGrad` (so it is differentiable again) when a graph is
+    being built, directly otherwise."""
 
     generate_vmap_rule = True
 
@@ -120,7 +147,9 @@ class _Penalty(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, g: Tensor) -> Any:
         w, v, o = ctx.saved_tensors
-        gw, gv, go = _PenaltyGrad.apply(w, v, o, g, ctx.s, ctx.lo, ctx.hi)
+        need_x = bool(ctx.needs_input_grad[1] or ctx.needs_input_grad[2])
+        args = (w, v, o, g, ctx.s, ctx.lo, ctx.hi, need_x)
+        gw, gv, go = _PenaltyGrad.apply(*args) if torch.is_grad_enabled() else _first(*args)
         return gw, gv, go, None, None, None
 
     @staticmethod
@@ -133,7 +162,7 @@ class _Penalty(torch.autograd.Function):
             out = out + (lam * w * dw).sum()
         dx = dv if do is None else (s * do if dv is None else dv + s * do)
         if dx is not None:
-            out = out + 0.5 * (w.square() * lam * m * dx).sum()
+            out = out + 0.5 * _masked(w.square() * lam * dx, m).sum()
         return out
 
 
