@@ -101,7 +101,7 @@ class _PenaltyGrad(torch.autograd.Function):
             if inner is not None:
                 gx = _masked(g * lam * inner, m)
                 gv = _to(gx, v) if need_v else None
-                go = s * _to(gx, o) if need_o and o is not None else None  # type: ignore[operator]
+                go = s * _to(gx, o) if need_o and o is not None else None
         if need_g:
             terms = 0 if a_w is None else a_w * w
             if c is not None:
