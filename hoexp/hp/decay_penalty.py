@@ -20,7 +20,9 @@ and for the second derivatives, with cotangents ``a_w`` and ``c = a_v + s·a_o``
 
     ∂/∂w = g λ (a_w + c w m)      ∂/∂x = g λ m (a_w w + ½ c w²)      ∂/∂g = Σ λ (a_w w + ½ c w² m)
 
-``o`` may be ``None`` (``x = v``); ``lo, hi = -inf, inf`` for no clamp.
+``o`` may be ``None`` (``x = v``); ``lo, hi = -inf, inf`` for no clamp. A backward that builds no graph (plain
+training) computes only the requested first derivatives, directly; under ``torch.compile`` the penalty is the
+plain expression (see :func:`decay_penalty`).
 """
 
 from __future__ import annotations
