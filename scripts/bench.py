@@ -571,8 +571,8 @@ def long_unroll_times(args: argparse.Namespace) -> dict[str, Any]:
     one process over interleaved rounds (one outer step each; the memory rows time a single step apiece)."""
     global INNER_STEPS
     saved, INNER_STEPS = INNER_STEPS, LONG_T
+    ctx = setup("mnist_preset", False, args.device, args.threads)
     try:
-        ctx = setup("mnist_preset", False, args.device, args.threads)
         prob, exp = ctx.exp.problem, ctx.exp
         fns: dict[str, Callable[[], Any]] = {}
         for row in method_rows("mnist_preset"):
@@ -583,8 +583,8 @@ def long_unroll_times(args: argparse.Namespace) -> dict[str, Any]:
                 method_step, method, prob, exp.inner_opt, ctx.state, ctx.raw, ctx.train, next(ctx.val), LONG_T
             )
         t = rounds(fns, ctx.device, min_rounds=3, max_rounds=5, budget_s=args.budget, warmup=1)
-        ctx.stack.close()
     finally:
+        ctx.stack.close()  # restores the thread count
         INNER_STEPS = saved
     med_s = {k: med(v) for k, v in t.items()}
     return {
