@@ -29,7 +29,7 @@ def test_bench_quick_writes_positive_ratios(tmp_path):
         "--device",
         "cpu",
         "--methods",
-        "neumann,neumann-nores,unrolled",
+        "neumann,neumann-nores,neumann-fused,unrolled",
         "--compile",
         "iris" if COMPILER else "",
         "--out",
@@ -53,13 +53,15 @@ def test_bench_quick_writes_positive_ratios(tmp_path):
         assert all(positive(p["times_ms"][k]) for k in ("step", "grad", "hvp")), name
         assert positive(p["hvp_over_grad"]) and positive(p["step_over_grad"]) and positive(p["val_grad_over_grad"])
         assert positive(p["ift_floor_K_over_grad"]) and positive(p["times_ms"]["grad_create_graph"])
-        assert set(p["methods"]) == {"neumann", "neumann-nores", "unrolled", "none"}
+        assert set(p["methods"]) == {"neumann", "neumann-nores", "neumann-fused", "unrolled", "none"}
         for mname in ("neumann", "neumann-nores"):
             m = p["methods"][mname]
             assert positive(m["hg_over_step"]) and positive(m["hg_over_grad"]) and positive(m["hg_ms"]), (name, mname)
         # unrolled: a difference of two timings (outer step − plain steps), noisy at --quick's few rounds
-        unrolled = p["methods"]["unrolled"]
-        assert math.isfinite(unrolled["hg_over_step"]) and positive(unrolled["outer_step_ms"])
+        for mname in ("unrolled", "neumann-fused"):
+            m = p["methods"][mname]
+            assert math.isfinite(m["hg_over_step"]) and positive(m["outer_step_ms"]), (name, mname)
+        assert p["methods"]["neumann-fused"]["hvps"] == 6
         assert p["methods"]["neumann"]["hvps"] == 6 and p["methods"]["neumann-nores"]["hvps"] == 5
         assert positive(p["methods"]["neumann"]["hg_over_floor"]) and positive(
             p["methods"]["neumann"]["floor_over_grad"]

@@ -41,7 +41,7 @@ def test_help_lists_subcommands(capsys):
         (
             ["method.termz=3"],
             "unknown key 'termz' in method (did you mean 'terms'?); valid keys: alpha, alpha_every, "
-            "compile, curvature, damping, hvp, residual, terms, warm_start",
+            "compile, curvature, damping, fuse_step, hvp, residual, terms, warm_start",
         ),
         (["datset=iris"], "unknown key 'datset' (did you mean 'dataset'?)"),
         (["method.terms=-1"], "method=neumann: terms must be >= 0, got -1"),
@@ -74,11 +74,11 @@ def test_help_lists_subcommands(capsys):
         (["method=cg", "method.damping=-0.1"], "method=cg: damping must be >= 0, got -0.1"),
         (
             ["method=cg", "method.alpha=auto"],
-            "unknown key 'alpha' in method; valid keys: compile, curvature, damping, hvp, iterations",
+            "unknown key 'alpha' in method; valid keys: compile, curvature, damping, fuse_step, hvp, iterations",
         ),
         (
             ["method=exact", "method.warm_start=true"],
-            "unknown key 'warm_start' in method; valid keys: compile, curvature, damping, hvp, max_params",
+            "unknown key 'warm_start' in method; valid keys: compile, curvature, damping, fuse_step, hvp, max_params",
         ),
         (["method=fixed_point", "method.warm_start=true", "method.iterations=0"], "warm_start needs iterations >= 1"),
         (["method.warm_start=maybe"], "method.warm_start: 'maybe' is not a valid bool"),

@@ -18,8 +18,8 @@ import hoexp
 from hoexp import tree
 from hoexp.build import build_method
 from hoexp.cli import compose_spec
-from hoexp.errors import ConfigError
-from hoexp.method.base import outer_step
+from hoexp.errors import ConfigError, HoexpError
+from hoexp.method.base import outer_step, train_inner
 from hoexp.method.curvature import GaussNewtonOperator, HessianOperator, SplitLoss
 from hoexp.method.functional import (
     CompiledIFT,
@@ -274,6 +274,62 @@ def test_compile_with_alpha_auto_is_refused():
         compose_spec(["method=neumann", "method.alpha=auto", "method.compile=true"])
     with pytest.raises(ConfigError, match="method.hvp"):
         compose_spec(["method=cg", "method.hvp=sideways"])
+
+
+# ------------------------------------------------------------------------------ fused last step
+def _counting(problem, monkeypatch):
+    """Count the training-loss evaluations (one per gradient; a plain step's ``step_loss`` calls it) of ``problem``."""
+    calls, fn = {"n": 0}, problem.train_loss
+
+    def counted(*a, **k):
+        calls["n"] += 1
+        return fn(*a, **k)
+
+    monkeypatch.setattr(problem, "train_loss", counted)
+    return calls
+
+
+@pytest.mark.parametrize(
+    "hp",
+    [["hp=weight_decay", "optim/inner=nesterov"], ["hp=dropout", "optim/inner=adam"]],
+    ids=["decay-nesterov", "dropout-adam"],
+)
+def test_a_fused_step_is_the_ift_before_the_last_step_and_plain_training(hp, monkeypatch):
+    """``fuse_step``: the hypergradient is the unfused one at the weights before the last inner step (its
+    Hessian batch the last step's), the inner state is that of plain training, one gradient fewer is taken,
+    and the stream moves by ``inner_steps`` batches (no extra batch)."""
+    base = [*SMALL_MNIST, "dtype=float64", "method=neumann", "method.terms=3", *hp]
+    spec, exp, state, raw, train, val = setup(*base, "method.fuse_step=true")
+    fused = build_method(spec)
+    assert fused.extra_batches == 0
+    calls = _counting(exp.problem, monkeypatch)
+    hg_f, state_f, stats_f = outer_step(fused, exp.problem, exp.inner_opt, state, raw, train, next(val), 3)
+    assert calls["n"] == 3  # 2 plain steps + the IFT's create_graph gradient, which the 3rd step reuses (unfused: 4)
+    after_f = next(train)
+
+    spec, exp, state, raw, train, val = setup(*base)
+    plain = build_method(spec)
+    calls = _counting(exp.problem, monkeypatch)
+    hg_p, _, stats_p = outer_step(plain, exp.problem, exp.inner_opt, state, raw, train, next(val), 2)
+    assert calls["n"] == 3  # unfused: 2 plain steps + the IFT's gradient, on the batch after them
+    for k in hg_p:
+        torch.testing.assert_close(hg_f[k], hg_p[k], rtol=1e-10, atol=1e-14)
+    assert stats_f["solver/hvps"] == stats_p["solver/hvps"]
+
+    spec, exp, state, raw, train, _ = setup(*base)
+    ref, _, _ = train_inner(exp.problem, exp.inner_opt, state, raw, train, 3)
+    assert state_f.step == ref.step == 3
+    torch.testing.assert_close(state_f.params, ref.params, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(state_f.opt_state, ref.opt_state, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(after_f, next(train))  # the same stream position
+
+
+def test_fuse_step_refuses_compile_and_zero_inner_steps():
+    with pytest.raises(ConfigError, match="fuse_step=true takes the last inner step's gradient from the eager IFT"):
+        compose_spec(["method=neumann", "method.fuse_step=true", "method.compile=true"])
+    spec, exp, state, raw, train, val = setup(*SMALL_MNIST, "hp=weight_decay", "method=t1t2", "method.fuse_step=true")
+    with pytest.raises(HoexpError, match="fuse_step=true needs inner_steps >= 1"):
+        outer_step(build_method(spec), exp.problem, exp.inner_opt, state, raw, train, next(val), 0)
 
 
 # ------------------------------------------------------------------------------ checkpointing

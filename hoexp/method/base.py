@@ -150,6 +150,18 @@ def compiled_step(problem: Task, inner_opt: Optimizer) -> Callable[..., Any]:
     return fn
 
 
+def step_from_gradient(
+    problem: Task, inner_opt: Optimizer, state: InnerState, raw: dict[str, Tensor], grad: Tensor, t: int
+) -> InnerState:
+    """One training step (inner step ``t`` of the outer step) from a gradient already computed at
+    ``state.params``: ``grad`` is ``∂L_T/∂w`` flat (a fused IFT's ``create_graph`` gradient). No pass."""
+    grads = tree.unflatten(grad.detach(), state.params)
+    overrides = problem.family.optimizer_overrides(tree.detached(raw), t)
+    with torch.no_grad():
+        params, opt_state = inner_opt.update(state.params, grads, state.opt_state, **overrides)
+    return InnerState(params, opt_state, state.step + 1)
+
+
 def train_inner(
     problem: Task,
     inner_opt: Optimizer,

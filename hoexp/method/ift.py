@@ -110,6 +110,7 @@ class IFTStats:
     hvps: int
     info: str
     solution: Tensor | None = None  # the solve's u (flat, detached): what a warm start carries to the next step
+    train_grad: Tensor | None = None  # ∂L_T/∂w at the point (flat, detached): a fused inner step's gradient
     extra: dict[str, float] = field(default_factory=dict)  # solver scalars to log (solver/alpha, solver/warm_norm)
 
 
@@ -212,6 +213,7 @@ def ift_hypergradient(
         hvps=op.hvps,
         info=result.info,
         solution=result.x.detach(),
+        train_grad=g_flat.detach(),
         extra=extra,
     )
     return hypergrad, stats

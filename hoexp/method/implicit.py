@@ -8,8 +8,8 @@ from typing import Any, ClassVar, Literal
 
 from hoexp import tree
 from hoexp.components import CheckContext, NonNegFloat, NonNegInt, PositiveInt
-from hoexp.errors import ConfigError
-from hoexp.method.base import inner_scalars, scalars, train_inner, with_extra
+from hoexp.errors import ConfigError, HoexpError
+from hoexp.method.base import inner_scalars, scalars, step_from_gradient, train_inner, with_extra
 from hoexp.method.curvature import CURVATURES, Curvature, Hessian, SplitLoss
 from hoexp.method.functional import CompiledIFT, time_hvp_modes
 from hoexp.method.ift import ift_hypergradient
@@ -42,6 +42,11 @@ class ImplicitMethod:
       With an indefinite Hessian the series diverges along negative curvature for any ``α`` and the
       rule re-estimates every step; use ``curvature=gauss_newton`` there.
 
+    ``fuse_step`` (one gradient fewer per outer step): the IFT runs at the weights before the last inner
+    step, on that step's batch, and the step takes its gradient from the IFT's ``create_graph``
+    gradient (the same ``∂L_T/∂w`` at the same point), so no gradient is computed twice and no extra
+    batch is drawn. The hypergradient is then one inner step older; eager only (``compile=false``).
+
     Speed options (same answer up to rounding): ``hvp`` (``rev_rev``: products through the kept
     ``create_graph`` gradient; ``fwd_rev``: ``jvp`` of ``grad``; ``auto``: both timed once at the
     first hypergradient, the faster kept, the ratio logged as ``solver/fwd_rev_over_rev_rev``) and
@@ -52,7 +57,6 @@ class ImplicitMethod:
 
     solver: Solver
     name: str
-    extra_batches: ClassVar[int] = 1  # the Hessian's batch, drawn after the inner steps' (today's stream positions)
     # IFT differentiates at a stationary point of L_T, so it cannot tune families that change only the path (lr,
     # momentum); its inner steps are plain ones (compile=true and mixed precision apply).
     needs_stationary_point: ClassVar[bool] = True
@@ -63,9 +67,15 @@ class ImplicitMethod:
     alpha_every: int = 0  # > 0: α = 1/λ_max, re-estimated every alpha_every outer steps; 0: the solver's α
     hvp: str = "rev_rev"  # rev_rev | fwd_rev | auto
     compile: bool = False
+    fuse_step: bool = False
     _hvp_chosen: str | None = field(default=None, repr=False, compare=False)
     _compiled: dict[int, CompiledIFT] = field(default_factory=dict, repr=False, compare=False)
     carried: dict[str, Any] = field(default_factory=dict, repr=False)  # u, lambda_max, step
+
+    @property
+    def extra_batches(self) -> int:
+        """The Hessian's batch, drawn after the inner steps' (none when fused: it is the last inner step's)."""
+        return 0 if self.fuse_step else 1
 
     @property
     def refuses_data_parallel(self) -> str:
@@ -99,8 +109,13 @@ class ImplicitMethod:
 
     def __call__(self, st: OuterStep) -> OuterResult:
         problem, raw, val_batch = st.task, st.raw, st.val
-        state, _, _ = train_inner(problem, st.inner_opt, st.inner, raw, st.train, None, st.on_step)
-        train_batch = st.extra[0]  # the Hessian's and mixed term's batch: the one after the inner steps
+        if self.fuse_step and not st.train:
+            raise HoexpError("method.fuse_step=true needs inner_steps >= 1 (it fuses the last inner step)")
+        # Fused: the IFT at the weights before the last inner step, on that step's batch, whose create_graph
+        # gradient is also the step's gradient; else at the reached weights, on the batch after them.
+        plain = st.train[:-1] if self.fuse_step else st.train
+        state, _, _ = train_inner(problem, st.inner_opt, st.inner, raw, plain, None, st.on_step)
+        train_batch = st.train[-1] if self.fuse_step else st.extra[0]  # the Hessian's and mixed term's batch
         solver, step = self.solver, int(self.carried.get("step", 0))
         if self.alpha_every:
             lam = self.carried.get("lambda_max") if step % self.alpha_every else None
@@ -149,6 +164,11 @@ class ImplicitMethod:
                 hvp=hvp,
             )
         s.extra.update(hvp_extra)
+        if self.fuse_step:
+            assert s.train_grad is not None, "the eager IFT returns its training gradient"
+            state = step_from_gradient(problem, st.inner_opt, state, raw, s.train_grad, len(plain))
+            if st.on_step is not None:
+                st.on_step()
         diverged = s.residual is not None and s.residual > 1  # worse than u = 0, whose residual is 1
         carried: dict[str, Any] = {}
         if self.warm_start and not diverged:
@@ -233,8 +253,14 @@ def ift(
     warm_start: bool = False,
     auto_alpha: bool = False,
     alpha_every: PositiveInt = 10,
+    fuse_step: bool = False,
 ) -> ImplicitMethod:
     """IFT with any linear ``solver`` (``solver(op, b) -> SolveResult``, e.g. your own under ``_target_``)."""
+    if fuse_step and compile:
+        raise ValueError(
+            "fuse_step=true takes the last inner step's gradient from the eager IFT; set method.compile=false "
+            "or method.fuse_step=false"
+        )
     return ImplicitMethod(
         solver,
         name,
@@ -244,6 +270,7 @@ def ift(
         alpha_every=alpha_every if auto_alpha else 0,
         hvp=hvp,
         compile=compile,
+        fuse_step=fuse_step,
     )
 
 
@@ -258,6 +285,7 @@ def neumann(
     compile: bool = False,
     warm_start: bool = False,
     alpha_every: PositiveInt = 10,
+    fuse_step: bool = False,
     name: str = "neumann",
 ) -> ImplicitMethod:
     """``method=neumann``: ``H⁻¹v ≈ α Σ_{j=0..terms} (I − αH)^j v`` (Lorraine et al. 2020)."""
@@ -272,6 +300,7 @@ def neumann(
         warm_start=warm_start,
         auto_alpha=alpha == "auto",
         alpha_every=alpha_every,
+        fuse_step=fuse_step,
     )
 
 
@@ -284,6 +313,7 @@ def t1t2(
     hvp: HVPMode = "rev_rev",
     compile: bool = False,
     alpha_every: PositiveInt = 10,
+    fuse_step: bool = False,
     name: str = "t1t2",
 ) -> ImplicitMethod:
     """``method=t1t2``: one-step greedy IFT, ``H⁻¹ ≈ αI`` (Luketina et al. 2016): Neumann with 0 terms."""
@@ -296,6 +326,7 @@ def t1t2(
         compile=compile,
         auto_alpha=alpha == "auto",
         alpha_every=alpha_every,
+        fuse_step=fuse_step,
     )
 
 
@@ -310,6 +341,7 @@ def fixed_point(
     compile: bool = False,
     warm_start: bool = False,
     alpha_every: PositiveInt = 10,
+    fuse_step: bool = False,
     name: str = "fixed_point",
 ) -> ImplicitMethod:
     """``method=fixed_point``: ``u ← u − α(Hu − v)`` (Grazzi et al. 2020)."""
@@ -325,6 +357,7 @@ def fixed_point(
         warm_start=warm_start,
         auto_alpha=alpha == "auto",
         alpha_every=alpha_every,
+        fuse_step=fuse_step,
     )
 
 
@@ -337,6 +370,7 @@ def cg(
     hvp: HVPMode = "rev_rev",
     compile: bool = False,
     warm_start: bool = False,
+    fuse_step: bool = False,
     name: str = "cg",
 ) -> ImplicitMethod:
     """``method=cg``: conjugate gradient on ``Hu = v`` (HOAG, Pedregosa 2016)."""
@@ -348,6 +382,7 @@ def cg(
         hvp=hvp,
         compile=compile,
         warm_start=warm_start,
+        fuse_step=fuse_step,
     )
 
 
@@ -358,7 +393,16 @@ def exact(
     damping: NonNegFloat = 0.0,
     hvp: HVPMode = "rev_rev",
     compile: bool = False,
+    fuse_step: bool = False,
     name: str = "exact",
 ) -> ImplicitMethod:
     """``method=exact``: a dense solve; ``O(P²)`` memory, ``O(P³)`` time, refused above ``max_params``."""
-    return ift(Exact(max_params), name=name, curvature=curvature, damping=damping, hvp=hvp, compile=compile)
+    return ift(
+        Exact(max_params),
+        name=name,
+        curvature=curvature,
+        damping=damping,
+        hvp=hvp,
+        compile=compile,
+        fuse_step=fuse_step,
+    )
