@@ -72,6 +72,13 @@ class ImplicitMethod:
     _compiled: dict[int, CompiledIFT] = field(default_factory=dict, repr=False, compare=False)
     carried: dict[str, Any] = field(default_factory=dict, repr=False)  # u, lambda_max, step
 
+    def __post_init__(self) -> None:
+        if self.fuse_step and self.compile:
+            raise ValueError(
+                "fuse_step=true takes the last inner step's gradient from the eager IFT; set method.compile=false "
+                "or method.fuse_step=false"
+            )
+
     @property
     def extra_batches(self) -> int:
         """The Hessian's batch, drawn after the inner steps' (none when fused: it is the last inner step's)."""
@@ -256,11 +263,6 @@ def ift(
     fuse_step: bool = False,
 ) -> ImplicitMethod:
     """IFT with any linear ``solver`` (``solver(op, b) -> SolveResult``, e.g. your own under ``_target_``)."""
-    if fuse_step and compile:
-        raise ValueError(
-            "fuse_step=true takes the last inner step's gradient from the eager IFT; set method.compile=false "
-            "or method.fuse_step=false"
-        )
     return ImplicitMethod(
         solver,
         name,
