@@ -122,6 +122,7 @@ PROBLEMS: dict[str, tuple[list[str], list[str], tuple[int, int]]] = {
             "dataset.val_batch_size=0",
             "warmup=0",
             "optim/outer=adam",
+            "hp.dropout.init=0.05",
         ],
         ["model.embed_dim=24", "model.hidden=24", "dataset.bptt=8", "dataset.eval_batch_size=40"],
         (3, 0),
