@@ -16,10 +16,10 @@ Problems (presets composed in-process with ``compose_spec``):
 
 Methods: ``neumann`` (K=5 terms, with its residual as configured by default, and ``neumann-nores``
 without: K HVPs exactly; ``neumann-fused``: ``method.fuse_step=true``, whose hypergradient takes the last
-inner step's gradient, so it is timed as the outer step minus T plain steps, as a path method), ``cg`` and ``fixed_point`` (5 iterations), ``t1t2``, ``truncated`` (the last
-k=5 of T steps), ``unrolled`` (all T steps), ``forward`` (where the preset's family exceeds
-``method.max_hparams``, as the per-weight and per-unit ones do, a per-layer-decay variant of the
-problem stands in; none on ptb) and ``none``. T (inner steps per hypergradient) is 10 everywhere.
+inner step's gradient, so it is timed as the outer step minus T plain steps, as a path method), ``cg`` and
+``fixed_point`` (5 iterations), ``t1t2``, ``truncated`` (the last k=5 of T steps), ``unrolled`` (all T
+steps), ``forward`` (where the preset's family exceeds ``method.max_hparams``, as the per-weight and
+per-unit ones do, a per-layer-decay variant of the problem stands in; none on ptb) and ``none``. T (inner steps per hypergradient) is 10 everywhere.
 
 Every figure is a ratio of two times (or memories) measured in the same process, so figures move
 less between machines than the milliseconds do. Times are medians over interleaved rounds (the
