@@ -10,8 +10,8 @@ each with the one runtime argument its group receives (:mod:`hoexp.components`):
 5. ``method(...)`` (``method(BuildContext)`` when partial);
 6. ``problem = data.problem(model, family)``;
 7. compatibility from what the objects declare (``moves_optimum``, ``needs_stationary_point``,
-   ``differentiates_steps``, ``refuses_data_parallel``, an optional ``method.check``), so a bad
-   combination fails in one line before training starts.
+   ``pathwise`` / ``needs_pathwise_hp``, ``differentiates_steps``, ``refuses_data_parallel``, an optional
+   ``method.check``), so a bad combination fails in one line before training starts.
 """
 
 from __future__ import annotations
@@ -98,8 +98,9 @@ def check_compatibility(spec: Spec, method: HyperMethod, family: Any, ctx: Check
             check(ctx)
         except ValueError as e:
             raise ConfigError(f"{spec.method.prefix}{e}") from None
+    members = family if isinstance(family, list) else list(getattr(family, "families", (family,)))
+    check_pathwise(name, method, members)
     if getattr(method, "needs_stationary_point", False):
-        members = family if isinstance(family, list) else list(getattr(family, "families", (family,)))
         path_only = [f.name for f in members if f is not None and getattr(f, "moves_optimum", True) is False]
         if path_only:
             first_order = "first-order " if name == "fd" else ""
@@ -116,6 +117,20 @@ def check_compatibility(spec: Spec, method: HyperMethod, family: Any, ctx: Check
         )
     check_precision(spec, method)
     check_distributed(spec, method=method)
+
+
+def check_pathwise(name: str, method: HyperMethod, members: list[Any]) -> None:
+    """A method that differentiates the training loss in the hyperparameters (``needs_pathwise_hp``, assumed of a
+    method that does not say) refuses a family without a pathwise derivative (``pathwise`` false: hard dropout
+    masks). Before a run a partial family is its :class:`Declared` view (``pathwise`` read from its options), or
+    its bare class (unknown: checked when the run builds)."""
+    opaque = [f for f in members if f is not None and getattr(f, "pathwise", True) is False]
+    if opaque and getattr(method, "needs_pathwise_hp", True):
+        setting = f"relaxation={opaque[0].relaxation}" if hasattr(opaque[0], "relaxation") else f"hp={opaque[0].name}"
+        raise ConfigError(
+            f"method={name} cannot tune hp={opaque[0].name}: {setting} has no pathwise derivative; tune it with "
+            "method=pes or method=stn (whole-horizon / best-response), or use relaxation=concrete|gaussian"
+        )
 
 
 def check_precision(spec: Spec, method: HyperMethod) -> None:
@@ -227,12 +242,13 @@ def build(spec: Spec) -> Experiment:
 def preflight(spec: Spec, device: bool = True) -> None:
     """Every check :func:`build` makes that needs no data or model: device (unless ``device`` is false: a
     config printed, not run), the optimizers', method's and model-free families' options (their factories run),
-    and the method's compile / precision / data-parallel compatibility. Run for each job of a sweep before any job starts;
+    the method against what the families declare (:class:`Declared`), and the method's compile / precision /
+    data-parallel compatibility. Run for each job of a sweep before any job starts;
     checks that need the model (family × method, sizes) run when the job builds."""
     if device:
         resolve_device(spec.run.device)
     inner, _ = spec.inner_optim.build(), spec.outer_optim.build()
-    families = [h.build() if not h.partial else declared_type(h.target) for h in spec.hp]  # model-free ones whole
+    families = [h.build() if not h.partial else declared(h) for h in spec.hp]  # model-free ones whole
     if not spec.method.partial:
         check_compatibility(spec, spec.method.build(), families, CheckContext(inner))
 
@@ -247,3 +263,28 @@ def declared_type(factory: Any) -> Any:
     except Exception:  # unresolvable annotations: the capabilities are checked when the run is built
         return None
     return hint if isinstance(hint, type) else None
+
+
+class Declared:
+    """A partial family before its run (:func:`preflight`): its factory's options first, then what the class its
+    factory declares says, a property evaluated on this view. So a capability computed from options (``Dropout.pathwise``
+    from ``relaxation``) is known before the model is built; one that reads anything else raises AttributeError
+    (unknown: checked when the run builds)."""
+
+    def __init__(self, cls: type, component: Any):
+        self._cls, self._component = cls, component
+
+    def __getattr__(self, item: str) -> Any:
+        if item.startswith("_"):
+            raise AttributeError(item)
+        try:
+            return getattr(self._component, item)
+        except AttributeError:
+            attr = getattr(self._cls, item)
+        return attr.__get__(self) if isinstance(attr, property) else attr
+
+
+def declared(component: Any) -> Declared | None:
+    """A partial family's :class:`Declared` view, or None when its factory declares no class."""
+    cls = declared_type(component.target)
+    return None if cls is None else Declared(cls, component)

@@ -57,6 +57,13 @@ FAMILIES = {
         "hp.dropout.relaxation=gaussian",
         "hp.dropout.granularity=global",
     ],
+    "dropout_bernoulli_per_layer": [  # standard dropout: hard masks, no pathwise derivative
+        "hp=[weight_decay,dropout]",
+        "hp.weight_decay.granularity=global",
+        "hp.weight_decay.init=0.05",
+        "hp.dropout.granularity=per_layer",
+        "hp.dropout.relaxation=bernoulli",
+    ],
     "lr_global": ["hp=lr"],
     "lr_per_layer": ["hp=lr", "hp.lr.granularity=per_layer"],
     "lr_per_step": ["hp=lr", "hp.lr.granularity=per_step"],
@@ -94,6 +101,11 @@ PATH_ONLY = {"lr_global", "lr_per_layer", "lr_per_step", "momentum"}
 EXPECTED_REFUSALS = {
     **{(m, f): "cannot tune hp=" for m in IFT for f in PATH_ONLY},
     **{("hd", f): "method=hd adapts one global learning rate" for f in FAMILIES if f != "lr_global"},
+    **{
+        (m, "dropout_bernoulli_per_layer"): "relaxation=bernoulli has no pathwise derivative"
+        for m in METHODS
+        if m not in ("none", "hd")
+    },
 }
 
 

@@ -26,6 +26,10 @@ class HyperFamily(Protocol):
     @property
     def moves_optimum(self) -> bool: ...
 
+    # Optional ``pathwise: bool`` (default true): whether the training loss is differentiable in ``raw`` in a
+    # way that reflects the family's effect; false (hard dropout masks) refuses methods that need it
+    # (``needs_pathwise_hp``, hoexp.build.check_pathwise).
+
     def init(self, params: Params) -> dict[str, Tensor]: ...
 
     def view(self, raw: Params) -> dict[str, Tensor]: ...

@@ -1,12 +1,15 @@
-"""Dropout rates as hyperparameters, made differentiable by relaxed masks.
+"""Dropout rates as hyperparameters: relaxed masks differentiable in the rate, or standard (Bernoulli) masks.
 
 ``relaxation=concrete`` (default): for a unit kept with probability ``q = 1 − p`` the mask is
 ``m = z / q`` with ``z = σ((logit q + log u − log(1 − u)) / τ)``, ``u ~ U(0, 1)`` (Maddison et al. 2017;
 Lorraine et al. 2020): ``P(z > ½) = q`` exactly, ``z → Bernoulli(q)`` as ``τ → 0``, and ``m`` is
 differentiable in ``p``. ``relaxation=gaussian``: ``m = 1 + √(p/(1 − p))·ε``, ``ε ~ N(0, 1)``, the same mean
-and variance (Srivastava et al. 2014). Rates ``p = σ(raw)`` stay in (0, 1). The uniform noise ``u`` is
-drawn once per batch (it travels with the batch), so every HVP and unrolled step of one hypergradient
-sees the same function of ``(w, p)``. Evaluation uses no masks.
+and variance (Srivastava et al. 2014). ``relaxation=bernoulli``: standard dropout, ``m = 1[u < 1 − p] / (1 − p)``,
+exactly ``nn.Dropout``'s masks (the same seed draws the same mask), with no pathwise derivative in ``p``:
+only methods that need none (``pathwise``) tune it. Rates ``p = σ(raw)`` stay in (0, 1). The uniform
+noise ``u`` is drawn once per batch (it travels with the batch), so every HVP and unrolled step of one
+hypergradient sees the same function of ``(w, p)``, and a Bernoulli mask is a deterministic function of
+``(u, p)`` (common random numbers across perturbed rates). Evaluation uses no masks.
 
 Granularity: one rate for every site (``global``: what a grid over "the dropout rate" tunes), one
 rate per site (``per_layer``), per unit (``per_unit``), or per unit as a shared
@@ -30,7 +33,7 @@ from hoexp.hp.base import Params
 GRANULARITIES = ("global", "per_layer", "per_unit", "layer_and_unit")
 GLOBAL = "global"  # the one raw rate of granularity=global
 OFFSETS = "/unit"  # suffix of a layer_and_unit site's per-unit offsets
-RELAXATIONS = ("concrete", "gaussian")
+RELAXATIONS = ("concrete", "gaussian", "bernoulli")
 
 
 def concrete_mask(raw: Tensor, u: Tensor, temperature: float) -> Tensor:
@@ -57,6 +60,21 @@ def gaussian_mask(raw: Tensor, u: Tensor) -> Tensor:
     return 1 + torch.exp(raw / 2) * eps
 
 
+def bernoulli_mask(raw: Tensor, u: Tensor) -> Tensor:
+    """Standard dropout ``m = 1[u < 1 − p] / (1 − p)``, ``p = σ(raw)``: Bernoulli(1 − p) keeps scaled by ``1/(1 − p)``.
+
+    On the CPU ``torch.bernoulli_(q)`` (hence ``F.dropout``) keeps an element iff a float64 uniform from the
+    generator is ``< q``, and ``torch.rand(dtype=float64)`` draws the same uniforms from the same seed. So with
+    float64 ``u`` (:meth:`Dropout.noise`) and ``1 − p`` taken in float64 (exact for a float32 ``p``, as
+    ``F.dropout``'s double ``1 − p``), the mask equals ``nn.Dropout(p)``'s bit for bit. Cost: O(mask size).
+    The mask is piecewise constant in ``p``: its derivative sees only the ``1/(1 − p)`` scale, not which
+    units drop, so no method differentiates through it (``Dropout.pathwise`` is false).
+    """
+    p = torch.sigmoid(raw)
+    keep = u < 1 - p.to(u.dtype)
+    return keep.to(p.dtype) / (1 - p)
+
+
 @dataclass(frozen=True)
 class Dropout:
     sites: Mapping[str, tuple[int, ...]] = field(default_factory=dict)  # unit shape of every model site
@@ -70,7 +88,7 @@ class Dropout:
     moves_optimum: bool = True
     grid: ClassVar[tuple[float, ...]] = (0.05, 0.2, 0.35, 0.5, 0.65)  # hoexp compare's default grid of rates
     log_scale: ClassVar[bool] = False
-    relaxation: str = "concrete"  # concrete | gaussian
+    relaxation: str = "concrete"  # concrete | gaussian | bernoulli
     offset_scale: float = 0.1  # layer_and_unit: raw_j = layer + offset_scale · offset_j
 
     def __post_init__(self):
@@ -84,6 +102,12 @@ class Dropout:
             raise ValueError(f"dropout offset_scale must be > 0, got {self.offset_scale}")
         if not self.temperature > 0:
             raise ValueError(f"dropout temperature must be > 0, got {self.temperature}")
+
+    @property
+    def pathwise(self) -> bool:
+        """Whether the masks are differentiable in the rates (what a method that differentiates the training
+        loss in the hyperparameters needs); hard Bernoulli masks are not."""
+        return self.relaxation != "bernoulli"
 
     def covered(self) -> list[str]:
         """The sites ``include`` selects (matched once: every masked training step asks)."""
@@ -166,17 +190,21 @@ class Dropout:
     ) -> dict[str, Tensor]:
         """Uniform noise in (0, 1) for every covered site, shaped like its mask (``model.dropout_sites(B)``:
         ``[B, units]`` for unit dropout, the weight's shape for DropConnect). Drawn from a CPU generator
-        and then moved, so runs are reproducible across devices."""
+        and then moved, so runs are reproducible across devices. Bernoulli noise stays float64: rounded to
+        float32, ``u < 1 − p`` would differ from ``nn.Dropout``'s draw where ``u`` rounds across ``1 − p``."""
+        dtype = torch.float64 if self.relaxation == "bernoulli" else like.dtype
         out = {}
         for s in self.covered():
             u = torch.rand(mask_shapes[s], generator=generator, dtype=torch.float64)
             # non_blocking: no wait for the device's queue (the source is a fresh host tensor)
-            out[s] = u.clamp(1e-12, 1 - 1e-12).to(like.dtype).to(like.device, non_blocking=True)
+            out[s] = u.clamp(1e-12, 1 - 1e-12).to(dtype).to(like.device, non_blocking=True)
         return out
 
     def masks(self, raw: Params, noise: Mapping[str, Tensor]) -> dict[str, Tensor]:
         if self.relaxation == "gaussian":
             return {s: gaussian_mask(r, noise[s]) for s, r in self._own(raw).items() if s in noise}
+        if self.relaxation == "bernoulli":
+            return {s: bernoulli_mask(r, noise[s]) for s, r in self._own(raw).items() if s in noise}
         return {s: concrete_mask(r, noise[s], self.temperature) for s, r in self._own(raw).items() if s in noise}
 
 
@@ -189,14 +217,14 @@ def dropout(
     granularity: Literal["global", "per_layer", "per_unit", "layer_and_unit"] = "per_unit",
     init: Rate = 0.2,
     temperature: PositiveFloat = 0.1,
-    relaxation: Literal["concrete", "gaussian"] = "concrete",
+    relaxation: Literal["concrete", "gaussian", "bernoulli"] = "concrete",
     offset_scale: PositiveFloat = 0.1,
     include: Sequence[str] = ("*",),
     min: Rate = 1e-4,
     max: Rate = 0.95,
 ) -> Dropout:
     """``hp=dropout``: rates ``p = σ(raw)`` in ``[min, max]`` at the model's dropout sites matching ``include``
-    (``model.unit_shapes()``: site → unit shape), with relaxed masks (module docstring)."""
+    (``model.unit_shapes()``: site → unit shape), with relaxed masks or standard ones (module docstring)."""
     if not min <= init <= max:
         raise ValueError(f"need min <= init <= max; got min={min}, init={init}, max={max}")
     unit_shapes = getattr(ctx.model, "unit_shapes", None)

@@ -9,7 +9,9 @@ differentiate at the end; others (unrolled, forward, reversible) differentiate t
 Capabilities are attributes, never names: ``extra_batches`` (training batches drawn beyond
 ``inner_steps``: the IFT's Hessian batch), ``needs_stationary_point`` (implicit differentiation:
 only families that move the inner optimum), ``differentiates_steps`` (no compiled or mixed-precision
-plain steps).
+plain steps), and optionally ``needs_pathwise_hp`` (the hypergradient differentiates the training loss
+in λ, so a family whose ``pathwise`` is false, hard dropout masks, is refused; a method that does not
+say is taken to need it).
 """
 
 from __future__ import annotations

@@ -125,6 +125,7 @@ class FiniteDifferenceMethod:
     extra_batches: ClassVar[int] = 1  # the mixed term's batch, drawn after the inner steps' (as the IFT methods)
     needs_stationary_point: ClassVar[bool] = True  # the IFT's approximation: refused for lr / momentum
     differentiates_steps: ClassVar[bool] = False  # plain inner steps: compile=true and mixed precision apply
+    needs_pathwise_hp: ClassVar[bool] = True  # the mixed term differences ∇_λ L_T: a derivative of L_T in λ
     refuses_data_parallel: ClassVar[str] = ""
 
     def __call__(self, st: OuterStep) -> OuterResult:

@@ -383,6 +383,7 @@ class ForwardMethod:
     extra_batches: ClassVar[int] = 0
     needs_stationary_point: ClassVar[bool] = False
     differentiates_steps: ClassVar[bool] = True
+    needs_pathwise_hp: ClassVar[bool] = True  # its tangents carry ∂(step)/∂λ, a derivative of ∇_w L_T in λ
     refuses_data_parallel: ClassVar[str] = (
         "pushes tangents with torch.func.jvp/vmap, which cannot all-reduce inside the transform"
     )

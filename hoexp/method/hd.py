@@ -236,6 +236,8 @@ class HDMethod:
     # Its steps follow HD's own rule (the hypergradient of the last step), not inner_opt's: compile=true and mixed
     # precision, which apply to inner_opt's plain steps, are refused.
     differentiates_steps: ClassVar[bool] = True
+    # Its lr hypergradient is a product of two weight gradients (−∇L_t·∇L_{t−1}); no family's λ is differentiated.
+    needs_pathwise_hp: ClassVar[bool] = False
     refuses_data_parallel: ClassVar[str] = (
         "adapts the learning rate inside its own optimizer, on one process's gradients"
     )

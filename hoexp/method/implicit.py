@@ -61,6 +61,7 @@ class ImplicitMethod:
     # momentum); its inner steps are plain ones (compile=true and mixed precision apply).
     needs_stationary_point: ClassVar[bool] = True
     differentiates_steps: ClassVar[bool] = False
+    needs_pathwise_hp: ClassVar[bool] = True  # the mixed term ∂²L_T/∂λ∂w differentiates the training loss in λ
     curvature: Curvature = Hessian()
     damping: float = 0.0
     warm_start: bool = False
@@ -211,6 +212,7 @@ class NoHO:
     extra_batches: ClassVar[int] = 0
     needs_stationary_point: ClassVar[bool] = False
     differentiates_steps: ClassVar[bool] = False
+    needs_pathwise_hp: ClassVar[bool] = False  # it differentiates nothing in λ: it trains any family at a fixed value
     refuses_data_parallel: ClassVar[str] = ""
 
     def __call__(self, s: OuterStep) -> OuterResult:

@@ -426,6 +426,7 @@ class ReversibleMethod:
     extra_batches: ClassVar[int] = 0
     needs_stationary_point: ClassVar[bool] = False
     differentiates_steps: ClassVar[bool] = True
+    needs_pathwise_hp: ClassVar[bool] = True  # the reverse pass differentiates every step's ∇_w L_T in λ
     refuses_data_parallel: ClassVar[str] = "reverses the optimizer in fixed-point arithmetic on one process's gradients"
 
     def rates(self, inner_opt: Optimizer) -> tuple[float, float]:

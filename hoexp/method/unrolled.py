@@ -270,6 +270,7 @@ class UnrolledMethod:
     extra_batches: ClassVar[int] = 0
     needs_stationary_point: ClassVar[bool] = False  # it differentiates the path, so it tunes lr and momentum too
     differentiates_steps: ClassVar[bool] = True  # its steps are differentiated: no compile=true, no mixed precision
+    needs_pathwise_hp: ClassVar[bool] = True  # backpropagation through the steps differentiates ∇_w L_T in λ
     refuses_data_parallel: ClassVar[str] = ""
 
     def __call__(self, st: OuterStep) -> OuterResult:
