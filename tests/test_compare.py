@@ -16,7 +16,7 @@ import pytest
 from hoexp.cli import main
 from hoexp.compare import match_time, objective_value, pick_best
 from hoexp.search import Dim, Pruned, SearchSettings, parse_dim, run_search
-from tests.fake_objective import Sleepy
+from tests.fake_objective import Sleepy, StopsAt
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -105,6 +105,52 @@ def test_an_objective_error_fails_its_trial_and_ends_the_search(tmp_path):
     settings = SearchSettings(sampler="random", space=SPACE, budget_s=60, prune=False)
     with pytest.raises(ValueError, match="boom"):
         run_search(settings, boom, tmp_path / "s")
+
+
+def _journal_trials(folder, name="search"):
+    import optuna
+
+    from hoexp.search import _storage
+
+    return optuna.load_study(study_name=name, storage=_storage(Path(folder) / "journal.log")).get_trials()
+
+
+def test_a_trial_stopped_by_a_signal_stays_running_and_a_continued_search_resumes_it(tmp_path):
+    """Ctrl-C in trial 1: the search stops, trial 1 stays RUNNING (not FAIL); the same search again runs
+    trial 1 first with its number and value (a hoexp trial continues its run from its checkpoint) and does
+    not report its earlier steps twice, then goes on; the clock goes on from where the first start stopped."""
+    settings = SearchSettings(sampler="random", space=SPACE, budget_s=60, seed=0, prune=False, max_trials=4)
+    first = StopsAt(at=1, seconds=0.05)
+    with pytest.raises(KeyboardInterrupt):
+        run_search(settings, first, tmp_path / "s")
+    before = {t.number: t for t in _journal_trials(tmp_path / "s")}
+    assert {n: t.state.name for n, t in before.items()} == {0: "COMPLETE", 1: "RUNNING"}
+    assert sorted(before[1].intermediate_values) == [1, 2]
+    stopped_at = before[1].user_attrs["stopped_s"]
+
+    again = StopsAt(at=-1, seconds=0.05)
+    res = run_search(settings, again, tmp_path / "s")
+    assert again.calls[0] == (1, first.calls[1][1])  # trial 1 again, same value, first
+    assert [t.number for t in res.trials] == [0, 1, 2, 3] and {t.state for t in res.trials} == {"COMPLETE"}
+    assert res.trials[0].end_s == before[0].user_attrs["end_s"]  # the finished trial is kept as it was
+    assert all(t.start_s >= stopped_at for t in res.trials[2:])  # one clock across both starts
+    assert sorted(_journal_trials(tmp_path / "s")[1].intermediate_values) == [1, 2, 3, 4, 5]
+
+
+def test_a_continued_search_draws_new_points_and_counts_the_time_already_spent(tmp_path):
+    """The samplers of a continued study are seeded anew (an unchanged seed would repeat the first start's
+    points), and a search whose budget was spent by its first start asks for no more trials."""
+    settings = SearchSettings(sampler="random", space=SPACE, budget_s=60, seed=0, prune=False, max_trials=3)
+    first = run_search(settings, Sleepy(seconds=0.01), tmp_path / "s")
+    settings.max_trials = 6
+    second = run_search(settings, Sleepy(seconds=0.01), tmp_path / "s")
+    xs = [t.params["x"] for t in second.trials]
+    assert [t.params["x"] for t in first.trials] == xs[:3] and len(set(xs)) == 6
+
+    spent = SearchSettings(sampler="random", space=SPACE, budget_s=0.3, seed=0, prune=False)
+    done = run_search(spent, Sleepy(seconds=0.1), tmp_path / "t")
+    assert done.wall_clock_s >= 0.3
+    assert len(run_search(spent, Sleepy(seconds=0.1), tmp_path / "t").trials) == len(done.trials)
 
 
 def test_pruned_is_a_stop_not_an_error():
