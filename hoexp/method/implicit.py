@@ -209,6 +209,7 @@ class NoHO:
     name: str = "none"
 
     extra_batches: ClassVar[int] = 0
+    returns_hypergradient: ClassVar[bool] = False  # plain training: no hypergradient
     needs_stationary_point: ClassVar[bool] = False
     differentiates_steps: ClassVar[bool] = False
     refuses_data_parallel: ClassVar[str] = ""
