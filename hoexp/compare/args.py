@@ -309,7 +309,11 @@ def parse_args(argv: list[str]) -> Plan:
         raise ConfigError(f"--seeds must be comma-separated integers, got '{ns.seeds}'") from None
     if any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
         raise ConfigError(f"--seeds must be distinct integers >= 0, got '{ns.seeds}'")
-    spec, _ = compose_spec([*base, f"seed={seeds[0]}"])  # the preset itself must be valid
+    # the preset must be valid with the method compare runs first (its own unless --methods / --ho: a preset's
+    # method may refuse what the overrides ask, e.g. t1t2 and hp.dropout.relaxation=bernoulli)
+    methods = [m.strip() for m in ns.methods.split(",")] if ns.methods else []
+    first = next((e.partition(":")[0].strip() for e in [*methods, *ns.ho] if e.strip() != "none"), None)
+    spec, _ = compose_spec([*base, f"seed={seeds[0]}", *([f"method={first}"] if first else [])])
     warmup = _check_numbers(ns, spec.run.outer_steps)
     ho = _ho_contenders(ns, base, spec, seeds[0])
     none_ov = [*base, f"seed={seeds[0]}", "method=none"]
