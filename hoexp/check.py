@@ -27,6 +27,7 @@ from hoexp import tree
 from hoexp.build import Experiment, build
 from hoexp.config import Spec
 from hoexp.engine.state import start
+from hoexp.errors import ConfigError
 from hoexp.method.base import train_inner
 from hoexp.method.forward import forward_hypergradient
 from hoexp.method.ift import ift_hypergradient
@@ -35,6 +36,30 @@ from hoexp.method.unrolled import unrolled_hypergradient
 from hoexp.metrics import write_json_atomic
 
 ITERATIONS = (0, 1, 2, 5, 10, 20, 50, 100)
+REFERENCE_TOL = 1e-3  # a reference whose relative residual ‖Hx − b‖/‖b‖ exceeds this is not converged
+
+
+def check_options(
+    iterations: str, dense_max: int, at: str | None = None, eps: float = 0.05
+) -> tuple[tuple[int, ...], list[int] | None]:
+    """``hoexp check``'s numeric options, each refused in one line outside its meaning: ``--iterations``
+    integers >= 0, ``--dense-max`` >= 0 (0: always the CG reference), ``--at`` outer steps >= 0 (their
+    upper bound, ``outer_steps``, is checked with the config), ``--eps`` finite and > 0."""
+
+    def ints(text: str, flag: str) -> list[int]:
+        try:
+            values = [int(v) for v in text.split(",")]
+        except ValueError:
+            raise ConfigError(f"{flag} must be comma-separated integers, got '{text}'") from None
+        if any(v < 0 for v in values):
+            raise ConfigError(f"{flag} must be integers >= 0, got '{text}'")
+        return values
+
+    if dense_max < 0:
+        raise ConfigError(f"--dense-max must be >= 0 (weights; 0: always the CG reference), got {dense_max}")
+    if not (math.isfinite(eps) and eps > 0):
+        raise ConfigError(f"--eps must be a finite number > 0, got {eps}")
+    return tuple(ints(iterations, "--iterations")), None if at is None else ints(at, "--at")
 
 
 @dataclass
@@ -47,6 +72,7 @@ class Row:
     graph_mib: float
     residual: float | None = None
     info: str = ""
+    against: str = "ift"  # its reference: "ift" (the exact IFT hypergradient) or "path" (the full unroll)
 
 
 class GraphMemory:
@@ -148,7 +174,7 @@ def run_check(
             ref_name = f"exact dense solve ({n_params:,}×{n_params:,} Hessian)"
             ref_solver: Solver = Exact(max_params=dense_max)
         else:
-            ref_name = f"CG, {reference_cg} iterations (model too large for a dense solve)"
+            ref_name = f"CG, {reference_cg} iterations ({n_params:,} weights > --dense-max {dense_max:,})"
             ref_solver = ConjugateGradient(reference_cg, tol=0.0)
         t0 = time.perf_counter()
         ref_hg, ref_stats = ift_hypergradient(tl, vl, state.params, raw, ref_solver)
@@ -159,6 +185,7 @@ def run_check(
             f"inner gradient norm {ref_stats.inner_grad_norm:.3e}",
             highlight=False,
         )
+        ref_problem = _reference_problem(ref_stats.residual, ift_ref, ref_stats.info, n_params, dense_max)
         solvers: list[tuple[str, Callable[[int], Any]]] = [
             ("neumann", lambda k: Neumann(k, alpha)),
             ("fixed_point", lambda k: FixedPoint(k, alpha)),
@@ -175,7 +202,7 @@ def run_check(
         )
         rows.append(Row("t1t2", 0, cos, err, el, mib, None, ""))
     else:
-        ref_name = "(IFT methods do not apply to this family)"
+        ref_name, ref_problem = "(IFT methods do not apply to this family)", None
     # ---- path methods against the full unroll of inner_steps further steps
     T = spec.run.inner_steps
     overrides = problem.family.optimizer_overrides
@@ -187,6 +214,7 @@ def run_check(
         path_loss, vl, exp.inner_opt, state.params, state.opt_state, raw, T, overrides=overrides
     )
     unroll_ref = tree.flatten(full.hypergrad.values())
+    path_problem = None if unroll_ref.norm() > 0 else "is zero: cosines and relative errors against it mean nothing"
     for k in sorted({k for k in iterations if 0 < k <= T} | {T}):
         cos, err, el, mib, _ = _compare(
             lambda: (
@@ -198,7 +226,7 @@ def run_check(
             unroll_ref,
             dev,
         )
-        rows.append(Row("truncated" if k < T else "unrolled", k, cos, err, el, mib))
+        rows.append(Row("truncated" if k < T else "unrolled", k, cos, err, el, mib, against="path"))
     max_fwd = getattr(spec.method, "max_hparams", 64)
     if n_h <= max_fwd:
         cos, err, el, mib, _ = _compare(
@@ -212,9 +240,9 @@ def run_check(
             dev,
             hooks=False,
         )
-        rows.append(Row("forward", T, cos, err, el, mib, info="no graph kept across steps"))
+        rows.append(Row("forward", T, cos, err, el, mib, info="no graph kept across steps", against="path"))
 
-    report = {
+    report: dict[str, Any] = {
         "problem": {
             "dataset": spec.dataset.name,
             "model": spec.model.name,
@@ -227,14 +255,41 @@ def run_check(
             "device": str(dev),
         },
         "ift_reference": ref_name,
+        "ift_reference_problem": ref_problem,  # None: converged
         "path_reference": f"full unroll of {T} steps of {spec.inner_optim.name}",
-        "rows": [asdict(r) for r in rows],
+        "path_reference_problem": path_problem,
     }
+    for r in rows:  # each row against a reference that is not the answer says so
+        row_problem = path_problem if r.against == "path" else ref_problem
+        if row_problem:
+            note = "reference " + row_problem.split(":")[0]  # "reference not converged" / "reference is zero"
+            r.info = f"{r.info}; {note}" if r.info else note
+    report["rows"] = [asdict(r) for r in rows]
     write_json_atomic(out_dir / "check.json", report)
     _plot(rows, out_dir / "check.png", ref_name)
     _table(rows, report, console)
     console.print(f"wrote {out_dir / 'check.json'} and {out_dir / 'check.png'}", highlight=False)
     return report
+
+
+def _reference_problem(residual: float | None, ref: Tensor, info: str, n_params: int, dense_max: int) -> str | None:
+    """Why the IFT reference is not the exact hypergradient, as ``"not converged: ..."`` (a relative residual
+    above :data:`REFERENCE_TOL`) or ``"is zero: ..."`` (cosines and relative errors are then undefined); None
+    when it is."""
+    if not bool(ref.norm() > 0):
+        return "is zero: cosines and relative errors against it mean nothing"
+    if residual is not None and math.isfinite(residual) and residual <= REFERENCE_TOL:
+        return None
+    fix = (
+        f"pass --dense-max {n_params} (or more) for an exact dense solve"
+        if n_params > dense_max
+        else "the Hessian is singular or indefinite here: train longer (inner_steps) toward a minimum"
+    )
+    return (
+        f"not converged: relative residual {residual if residual is not None else math.nan:.3g} > {REFERENCE_TOL:g}"
+        + (f" ({info})" if info else "")
+        + f"; the IFT rows compare with an unconverged reference: {fix}"
+    )
 
 
 def _table(rows: list[Row], report: dict, console: Console) -> None:
@@ -260,6 +315,9 @@ def _table(rows: list[Row], report: dict, console: Console) -> None:
     console.print(
         f"IFT methods vs {report['ift_reference']}; truncated/forward vs {report['path_reference']}", highlight=False
     )
+    for key, what in (("ift_reference_problem", "IFT"), ("path_reference_problem", "truncated/forward")):
+        if report.get(key):
+            console.print(f"{what} reference {report[key]}", highlight=False, markup=False)
 
 
 def _plot(rows: list[Row], path: Path, ref_name: str) -> None:

@@ -296,14 +296,15 @@ def cmd_run(args: list[str]) -> None:
 
 
 def cmd_check(args: list[str]) -> None:
-    import argparse
     import time
 
-    from hoexp.check import ITERATIONS, run_check
+    from hoexp.check import ITERATIONS, check_options, run_check
+    from hoexp.errors import ArgumentParser
     from hoexp.horizon import DEFAULT_CONTENDERS
+    from hoexp.outdir import make_out_dir
     from hoexp.runner import thread_policy
 
-    ap = argparse.ArgumentParser(
+    ap = ArgumentParser(  # errors in one line
         prog="hoexp check",
         description="Hypergradient fidelity of every applicable "
         "method against a reference, on the configured problem (Hydra overrides). "
@@ -345,15 +346,9 @@ def cmd_check(args: list[str]) -> None:
     )
     ap.add_argument("--out", default=None, help="output folder (default: outputs/check/<date>_<time>)")
     ns = ap.parse_intermixed_args(args)  # overrides may follow options (--config-dir adds one at the end)
-    try:
-        iterations = tuple(int(v) for v in ns.iterations.split(","))
-        at = None if ns.at is None else [int(v) for v in ns.at.split(",")]
-    except ValueError:
-        raise ConfigError("--iterations and --at must be comma-separated integers") from None
-    if not ns.eps > 0:
-        raise ConfigError(f"--eps must be > 0, got {ns.eps}")
+    iterations, at = check_options(ns.iterations, ns.dense_max, ns.at, ns.eps)
     spec, _ = compose_spec(ns.overrides)
-    out = Path(ns.out or f"outputs/check/{time.strftime('%Y-%m-%d_%H-%M-%S')}")
+    out = make_out_dir(ns.out or f"outputs/check/{time.strftime('%Y-%m-%d_%H-%M-%S')}")
     from hoexp.build import resolve_device
 
     # Small check problems run fastest on one CPU thread (see runner.thread_policy).

@@ -1,5 +1,7 @@
 """User-facing errors: one line that names the problem and the fix; the CLI prints it and exits 2."""
 
+import argparse
+
 
 class HoexpError(Exception):
     """An error caused by the user's input or environment, not by a bug in hoexp."""
@@ -10,6 +12,14 @@ class HoexpError(Exception):
 class ConfigError(HoexpError):
     """An invalid configuration: unknown option or key, wrong type, out-of-range value,
     or an incompatible combination (method × family, dataset × model)."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors (an unknown option, a value of the wrong type) are one :class:`ConfigError` line
+    naming the command (``hoexp check`` → ``check: ...``), exit 2, like every hoexp error."""
+
+    def error(self, message: str):
+        raise ConfigError(f"{self.prog.removeprefix('hoexp ')}: {message}")
 
 
 class StopRun(Exception):

@@ -38,7 +38,7 @@ from hoexp.build import build, build_method
 from hoexp.config import Spec
 from hoexp.engine.state import start
 from hoexp.errors import ConfigError
-from hoexp.method.base import CarriesState, InnerState, outer_step, train_inner
+from hoexp.method.base import CarriesState, HyperMethod, InnerState, outer_step, train_inner
 from hoexp.metrics import write_json_atomic
 
 MAX_HPARAMS = 32
@@ -147,6 +147,8 @@ def run_horizon(
             f"hp={spec.hp_name} has {n_h:,} here (limit {MAX_HPARAMS}): use a global or per_layer "
             "granularity"
         )
+    methods = _check_contenders(contenders, exp, raw)  # every contender before any truth is computed
+    known = _known_truth(truth_from, spec, eps)
     train, val, state = start_state.train, start_state.val, start_state.inner
     out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -172,17 +174,6 @@ def run_horizon(
         return float(problem.evaluate(st.params, exp.data.val)[0].double())
 
     result = HorizonResult(at=list(at), eps=eps, truth={})
-    known: dict[int, list[float]] = {}
-    if truth_from is not None:
-        try:
-            old = json.loads(Path(truth_from).read_text())
-        except (OSError, ValueError) as e:
-            raise ConfigError(f"--truth {truth_from}: cannot read it ({e}); pass a horizon.json") from None
-        if old.get("fingerprint") != json.loads(json.dumps(_fingerprint(spec, eps))):
-            raise ConfigError(
-                f"--truth {truth_from} was measured on another configuration or --eps; drop --truth to measure it again"
-            )
-        known = {int(k): v for k, v in old.get("truth", {}).items()}
     t0 = time.perf_counter()
     for s in at:
         if s in known:
@@ -192,10 +183,10 @@ def run_horizon(
         console.print(f"hoexp: truth at outer step {s}: {_fmt(result.truth[s])}", highlight=False, soft_wrap=True)
     result.seconds["truth"] = time.perf_counter() - t0
 
-    for contender, cspec in contenders:
+    for (contender, cspec), method in zip(contenders, methods):
         t0 = time.perf_counter()
         try:
-            hgs = _contender_hypergradients(cspec, exp, raw, checkpoints, at)
+            hgs = _contender_hypergradients(method, cspec, exp, raw, checkpoints, at)
         except Exception as e:  # one contender failing (e.g. a refused combination) must not end the check
             result.errors[contender.label] = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e) else ''}"
             console.print(
@@ -224,7 +215,10 @@ def run_horizon(
     }
     write_json_atomic(out_dir / "horizon.json", report)
     _table(result, console)
-    _plot(result, out_dir / "horizon.png")
+    if result.scores:
+        _plot(result, out_dir / "horizon.png")
+    else:
+        console.print("hoexp: no contender gave a hypergradient: no horizon.png", highlight=False)
     console.print(f"hoexp: horizon diagnostic written to {out_dir}", highlight=False, soft_wrap=True)
     return result
 
@@ -240,18 +234,53 @@ def _streams(exp: Any, at: _Checkpoint | None = None) -> tuple[Any, Any]:
     return train, val
 
 
-def _contender_hypergradients(
-    cspec: Spec, exp: Any, raw: dict[str, Tensor], checkpoints: dict[int, _Checkpoint], at: Sequence[int]
-) -> dict[int, Tensor]:
-    """The contender's hypergradient at each checkpoint: from the checkpoint's state for stateless
-    methods; along its own run from step 0 (no outer updates) for methods that carry state."""
+def _known_truth(truth_from: Path | None, spec: Spec, eps: float) -> dict[int, list[float]]:
+    """The truth of an earlier ``horizon.json`` (``--truth``) measured on this configuration and ``eps``."""
+    if truth_from is None:
+        return {}
+    try:
+        old = json.loads(Path(truth_from).read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"--truth {truth_from}: cannot read it ({e}); pass a horizon.json") from None
+    if old.get("fingerprint") != json.loads(json.dumps(_fingerprint(spec, eps))):
+        raise ConfigError(
+            f"--truth {truth_from} was measured on another configuration or --eps; drop --truth to measure it again"
+        )
+    return {int(k): v for k, v in old.get("truth", {}).items()}
+
+
+def _check_contenders(
+    contenders: Sequence[tuple[Contender, Spec]], exp: Any, raw: dict[str, Tensor]
+) -> list[HyperMethod]:
+    """Each contender's method, built and checked against this problem (as a run would check it) and
+    able to give a hypergradient (``returns_hypergradient``); one line naming the contender otherwise."""
     from hoexp.build import check_compatibility
     from hoexp.components import CheckContext
 
-    method = build_method(cspec)
     family = exp.problem.family
-    n_params = sum(p.numel() for p in exp.model.parameters())
-    check_compatibility(cspec, method, family, CheckContext(exp.inner_opt, family, n_params, tree.numel(raw)))
+    ctx = CheckContext(exp.inner_opt, family, sum(p.numel() for p in exp.model.parameters()), tree.numel(raw))
+    methods = []
+    for contender, cspec in contenders:
+        try:
+            method = build_method(cspec)
+            check_compatibility(cspec, method, family, ctx)
+        except (ConfigError, ValueError, TypeError) as e:
+            raise ConfigError(f"--method {contender.label}: {str(e).strip().splitlines()[0]}") from None
+        if not getattr(method, "returns_hypergradient", True):
+            raise ConfigError(
+                f"--method {contender.label}: method={cspec.method.name} gives no hypergradient to compare with "
+                "the truth (it adapts its hyperparameter inside training, or tunes none); choose a hypergradient "
+                f"method, e.g. {', '.join(DEFAULT_CONTENDERS[:4])}"
+            )
+        methods.append(method)
+    return methods
+
+
+def _contender_hypergradients(
+    method: HyperMethod, cspec: Spec, exp: Any, raw: dict[str, Tensor], checkpoints: dict[int, _Checkpoint], at: Sequence[int]
+) -> dict[int, Tensor]:
+    """The contender's hypergradient at each checkpoint: from the checkpoint's state for stateless
+    methods; along its own run from step 0 (no outer updates) for methods that carry state."""
     problem, run = exp.problem, cspec.run
     out: dict[int, Tensor] = {}
     if isinstance(method, CarriesState) and getattr(method, "carries", True):

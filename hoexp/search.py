@@ -7,9 +7,18 @@ has run out, so a search overshoots its budget by at most one trial. Trials run 
 local processes (``spawn``) sharing one study in an Optuna JournalStorage file; with one worker
 they run in this process. The budget's clock starts when every worker is set up (imports, and
 ``objective.prepare()`` if the objective has one), as an HO run's wall time excludes start-up.
-A trial that raises :class:`Pruned` is told ``PRUNED`` (it freed the rest of its time); any other
-exception is told ``FAIL`` and ends the search. The objective is minimized; a trial's ``start_s``
-and ``end_s`` are seconds after the common start.
+A trial that raises :class:`Pruned` is told ``PRUNED`` (it freed the rest of its time); a trial
+stopped by a signal (Ctrl-C, SIGTERM) stays ``RUNNING`` and ends the search; any other exception is
+told ``FAIL`` and ends the search. The objective is minimized; a trial's ``start_s`` and ``end_s`` are
+seconds after the common start.
+
+Continuing: :func:`run_search` on a folder whose journal holds an earlier start of the same study
+continues it. Trials left ``RUNNING`` (stopped by a signal, or by ``kill -9``) are run again with
+their number and values first (a hoexp trial continues its run from its checkpoint), the clock goes on
+from the time the earlier start had spent (its last recorded moment: a trial's end, stop or report),
+and the samplers are seeded anew from the number of trials so far (an unchanged seed would repeat
+the first start's points). Worker processes die with the process that started them (a parent-death
+signal, and a thread that watches the parent), so a killed search leaves no orphans.
 
 Reproducibility: with one worker and a deterministic objective, the same ``seed`` gives the same
 trials. With several workers each gets its own sampler seed (``seed + 7919 * worker``) and the order
@@ -19,9 +28,8 @@ in which trials finish depends on timing.
 from __future__ import annotations
 
 import math
-import multiprocessing
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -36,18 +44,40 @@ __all__ = [
     "Pruned",
     "TrialRecord",
     "SearchResult",
+    "SearchStopped",
     "run_search",
+    "read_search",
     "SAMPLERS",
 ]
 
 SAMPLERS = {"random": "random search", "tpe": "TPE"}  # --search names → labels in reports
 WORKER_SEED_STRIDE = 7919
+RESTART_SEED_STRIDE = 104729  # a continued study's samplers: seeded with this × the trials it already has
 
 
 class Pruned(StopRun):
     """The pruner stopped this trial (its validation loss is hopeless next to the other trials')."""
 
     status = "pruned"
+
+
+class SearchStopped(HoexpError):
+    """A signal stopped the search; its stopped trials stay ``RUNNING`` (a continued search resumes them)."""
+
+    def __init__(self, message: str, exit_code: int = 130):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def _stopped(e: BaseException) -> int | None:
+    """The exit code if ``e`` stopped a trial on a signal (Ctrl-C, SIGTERM to a hoexp run), else None."""
+    if isinstance(e, KeyboardInterrupt):
+        return 130
+    if isinstance(e, SearchStopped):
+        return e.exit_code
+    from hoexp.engine.io import Preempted  # a hoexp run stopped by a signal (its checkpoint saved)
+
+    return e.exit_code if isinstance(e, Preempted) else None
 
 
 @dataclass(frozen=True)
@@ -117,13 +147,20 @@ class TrialContext:
     params: dict[str, float]
     _trial: Any = field(repr=False, default=None)
     attrs: dict[str, Any] = field(default_factory=dict)  # stored with the trial (e.g. its run folder)
+    start: float = 0.0  # the search's common start (time.time()): reports record when they came
+    reported: set[int] = field(default_factory=set)  # steps an earlier start of a resumed trial reported
+    _saved: float = field(repr=False, default=0.0)  # when ``last_s`` was last stored
 
     def report(self, step: int, value: float) -> None:
-        """Report an intermediate value (lower is better); raise :class:`Pruned` if the pruner says so."""
-        if self._trial is None:
+        """Report an intermediate value (lower is better); raise :class:`Pruned` if the pruner says so.
+        A step reported before (by the stopped start of a resumed trial) is not reported again."""
+        if self._trial is None or int(step) in self.reported:
             return
         v = float(value) if math.isfinite(value) else 1e300  # Optuna refuses non-finite intermediates
         self._trial.report(v, int(step))
+        if (now := time.time()) - self._saved >= 1.0:  # the clock a continued search goes on from (≤ 1 write/s)
+            self._trial.set_user_attr("last_s", now - self.start)
+            self._saved = now
         if self._trial.should_prune():
             raise Pruned(f"pruned at step {step} (intermediate value {value:.4g})")
 
@@ -175,10 +212,12 @@ def _storage(path: Path):
     return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
 
 
-def _study(settings: SearchSettings, storage, name: str, worker: int):
+def _study(settings: SearchSettings, storage, name: str, worker: int, restart: int = 0):
+    """The study ``name`` (created, or loaded to continue it) with this worker's sampler and the pruner.
+    ``restart``: the trials the study held when this start began (0 for a new study): it reseeds the samplers."""
     import optuna
 
-    seed = settings.seed + WORKER_SEED_STRIDE * worker
+    seed = settings.seed + WORKER_SEED_STRIDE * worker + RESTART_SEED_STRIDE * restart
     sampler: optuna.samplers.BaseSampler
     if settings.sampler == "tpe":
         sampler = optuna.samplers.TPESampler(
@@ -218,12 +257,54 @@ def _prepare(objective: Callable[[TrialContext], float]) -> None:
         prepare()
 
 
-def _loop(
-    settings: SearchSettings, objective: Callable[[TrialContext], float], study, start: float, worker: int
-) -> None:
-    """Ask, run, tell until the budget (or ``max_trials``) is spent."""
+def _run_trial(study, trial, objective: Callable[[TrialContext], float], ctx: TrialContext, start: float) -> None:
+    """Run one trial and tell Optuna how it ended; a trial stopped by a signal stays RUNNING (re-raised)."""
     from optuna.trial import TrialState
 
+    try:
+        value = float(objective(ctx))
+    except Pruned:
+        _finish(trial, ctx, start)
+        study.tell(trial, state=TrialState.PRUNED)
+        return
+    except BaseException as e:
+        if _stopped(e) is not None:  # left RUNNING: a continued search resumes it
+            trial.set_user_attr("stopped_s", time.time() - start)
+            raise
+        _finish(trial, ctx, start)
+        study.tell(trial, state=TrialState.FAIL)
+        raise
+    _finish(trial, ctx, start)
+    if math.isnan(value):
+        study.tell(trial, state=TrialState.FAIL)
+    else:
+        study.tell(trial, value)  # +inf (a diverged run) is a valid, worst value
+
+
+def _resumed(study, number: int, worker: int, start: float) -> tuple[Any, TrialContext]:
+    """A trial an earlier start left RUNNING, to run again with its number and values."""
+    import optuna
+
+    frozen = next(t for t in study.get_trials(deepcopy=False) if t.number == number)
+    trial = optuna.trial.Trial(study, frozen._trial_id)  # Optuna's handle on a trial that is still running
+    trial.set_user_attr("worker", worker)
+    ctx = TrialContext(number, dict(frozen.params), trial, start=start, reported=set(frozen.intermediate_values))
+    return trial, ctx
+
+
+def _loop(
+    settings: SearchSettings,
+    objective: Callable[[TrialContext], float],
+    study,
+    start: float,
+    worker: int,
+    resume: Sequence[int] = (),
+) -> None:
+    """Run the trials ``resume`` (left RUNNING by an earlier start), then ask, run, tell until the budget
+    (or ``max_trials``) is spent."""
+    for number in resume:
+        trial, ctx = _resumed(study, number, worker, start)
+        _run_trial(study, trial, objective, ctx, start)
     dists = _distributions(settings.space)
     deadline = start + settings.budget_s
     while (now := time.time()) < deadline:
@@ -232,22 +313,7 @@ def _loop(
         trial = study.ask(dists)
         trial.set_user_attr("start_s", now - start)  # when it was decided to start it (ask included)
         trial.set_user_attr("worker", worker)
-        ctx = TrialContext(trial.number, dict(trial.params), trial)
-        try:
-            value = float(objective(ctx))
-        except Pruned:
-            _finish(trial, ctx, start)
-            study.tell(trial, state=TrialState.PRUNED)
-            continue
-        except BaseException:
-            _finish(trial, ctx, start)
-            study.tell(trial, state=TrialState.FAIL)
-            raise
-        _finish(trial, ctx, start)
-        if math.isnan(value):
-            study.tell(trial, state=TrialState.FAIL)
-        else:
-            study.tell(trial, value)  # +inf (a diverged run) is a valid, worst value
+        _run_trial(study, trial, objective, TrialContext(trial.number, dict(trial.params), trial, start=start), start)
 
 
 def _finish(trial, ctx: TrialContext, start: float) -> None:
@@ -256,30 +322,13 @@ def _finish(trial, ctx: TrialContext, start: float) -> None:
         trial.set_user_attr(k, v)
 
 
-def _worker_process(
-    settings: SearchSettings,
-    objective: Callable[[TrialContext], float],
-    storage_path: str,
-    name: str,
-    worker: int,
-    messages,
-    go,
-    start_box,
-) -> None:
-    """A worker process: set up, say ready, wait for the common start, then :func:`_loop`."""
-    import traceback
-
-    try:
-        _quiet_optuna()
-        study = _study(settings, _storage(Path(storage_path)), name, worker)
-        _prepare(objective)
-        messages.put(("ready", worker, ""))
-        go.wait()
-        _loop(settings, objective, study, start_box.value, worker)
-    except BaseException as e:  # noqa: BLE001 - reported to the parent, which raises it
-        kind = "hoexp" if isinstance(e, HoexpError) else "bug"
-        messages.put((kind, worker, str(e) if kind == "hoexp" else traceback.format_exc()))
-        raise SystemExit(1) from None
+def _spent(trials) -> float:
+    """Seconds an earlier start of the study used: its last recorded moment (a trial's end, stop,
+    last report, or start); 0 for a new study."""
+    moments = [
+        float(t.user_attrs[k]) for t in trials for k in ("start_s", "end_s", "stopped_s", "last_s") if k in t.user_attrs
+    ]
+    return max(moments, default=0.0)
 
 
 def run_search(
@@ -287,28 +336,44 @@ def run_search(
 ) -> SearchResult:
     """Run one search into ``folder`` (``journal.log`` holds the Optuna study) and return its trials.
 
-    The budget's clock starts once every worker is set up (imports, ``objective.prepare()``).
-    ``objective`` must be picklable when ``settings.workers > 1`` (a module-level function or class).
+    The budget's clock starts once every worker is set up (imports, ``objective.prepare()``). A journal
+    with an earlier start of the study is continued (see the module doc). ``objective`` must be picklable
+    when ``settings.workers > 1`` (a module-level function or class).
     """
-    import optuna
+    from optuna.trial import TrialState
 
     settings.check()
     _quiet_optuna()
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     journal = folder / "journal.log"
-    study = _study(settings, _storage(journal), name, 0)
+    earlier = _study(settings, _storage(journal), name, 0).get_trials(deepcopy=False)
+    stopped = sorted(t.number for t in earlier if t.state == TrialState.RUNNING)
+    spent = _spent(earlier)
     if settings.workers == 1:
+        study = _study(settings, _storage(journal), name, 0, len(earlier))
         _prepare(objective)
-        start = time.time()
-        _loop(settings, objective, study, start, 0)
+        start = time.time() - spent
+        _loop(settings, objective, study, start, 0, stopped)
     else:
-        start = _run_workers(settings, objective, str(journal), name)
-    stopped = time.time() - start
+        from hoexp.search_workers import run_workers
+
+        start = run_workers(settings, objective, str(journal), name, (len(earlier), stopped), spent)
+    return read_search(settings, folder, name, time.time() - start)
+
+
+def read_search(settings: SearchSettings, folder: str | Path, name: str, stopped_s: float = 0.0) -> SearchResult:
+    """The trials of the search in ``folder`` as its journal holds them (``stopped_s``: the search's
+    clock when it stopped, its wall-clock time if no trial recorded an end)."""
+    import optuna
+
+    journal = Path(folder) / "journal.log"
     study = optuna.load_study(study_name=name, storage=_storage(journal))
     trials = []
     for t in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number):
         ua = dict(t.user_attrs)
+        for k in ("last_s", "stopped_s"):
+            ua.pop(k, None)
         trials.append(
             TrialRecord(
                 number=t.number,
@@ -322,67 +387,5 @@ def run_search(
             )
         )
     ends = [t.end_s for t in trials if t.end_s is not None]
-    wall = max(ends) if ends else stopped  # the search's work, not the workers' exit
+    wall = max(ends) if ends else stopped_s  # the search's work, not the workers' exit
     return SearchResult(settings=settings, trials=trials, wall_clock_s=wall, storage=str(journal))
-
-
-def _run_workers(settings: SearchSettings, objective, journal: str, name: str) -> float:
-    """Start ``settings.workers`` processes, start their common clock once all are ready, wait for
-    them; return the start time. A worker's error is raised here (a HoexpError stays one)."""
-    import queue
-
-    ctx = multiprocessing.get_context("spawn")
-    messages, go, start_box = ctx.Queue(), ctx.Event(), ctx.Value("d", 0.0)
-    procs = [
-        ctx.Process(
-            target=_worker_process, args=(settings, objective, journal, name, w, messages, go, start_box), daemon=True
-        )
-        for w in range(settings.workers)
-    ]
-    for p in procs:
-        p.start()
-    errors: list[tuple[str, int, str]] = []
-    ready = 0
-    try:
-        while ready < len(procs) and not errors:
-            try:
-                kind, w, text = messages.get(timeout=0.5)
-            except queue.Empty:
-                if any(p.exitcode not in (None, 0) for p in procs):
-                    time.sleep(0.5)  # let its message arrive
-                    errors.extend(_drain(messages))
-                    if not errors:
-                        errors.append(("bug", -1, "a search worker died while starting"))
-                continue
-            if kind == "ready":
-                ready += 1
-            else:
-                errors.append((kind, w, text))
-        start_box.value = time.time()
-        go.set()
-        if not errors:
-            for p in procs:
-                p.join()
-            errors.extend(e for e in _drain(messages) if e[0] != "ready")
-    finally:
-        for p in procs:
-            if p.is_alive():
-                p.terminate()
-                p.join()
-    if errors:
-        kind, w, text = errors[0]
-        if kind == "hoexp":
-            raise HoexpError(f"search worker {w}: {text}")
-        raise RuntimeError(f"search worker {w} failed:\n{text}")
-    return start_box.value
-
-
-def _drain(messages) -> list[tuple[str, int, str]]:
-    import queue
-
-    out = []
-    while True:
-        try:
-            out.append(messages.get_nowait())
-        except queue.Empty:
-            return out

@@ -22,3 +22,20 @@ class Sleepy:
             ctx.attrs["reported"] = step
             ctx.report(step, value)
         return 100.0 if ctx.number in self.bad else final
+
+
+class StopsAt(Sleepy):
+    """:class:`Sleepy`, but trial number ``at`` is stopped by Ctrl-C after ``after`` reports (as a run
+    stopped by a signal: the search must leave it RUNNING); records every (number, x) it runs."""
+
+    def __init__(self, at, after=2, **kw):
+        super().__init__(**kw)
+        self.at, self.after, self.calls = at, after, []
+
+    def __call__(self, ctx):
+        self.calls.append((ctx.number, ctx.params["x"]))
+        if ctx.number == self.at:
+            for step in range(1, self.after + 1):
+                ctx.report(step, 1.0)
+            raise KeyboardInterrupt
+        return super().__call__(ctx)

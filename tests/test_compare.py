@@ -5,6 +5,7 @@ the whole command end to end on a tiny Iris problem (every contender, the budget
 import json
 import math
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -14,9 +15,9 @@ from pathlib import Path
 import pytest
 
 from hoexp.cli import main
-from hoexp.compare import match_time, objective_value, pick_best
+from hoexp.compare import match_time, objective_value, parse_args, pick_best
 from hoexp.search import Dim, Pruned, SearchSettings, parse_dim, run_search
-from tests.fake_objective import Sleepy
+from tests.fake_objective import Sleepy, StopsAt
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -105,6 +106,52 @@ def test_an_objective_error_fails_its_trial_and_ends_the_search(tmp_path):
     settings = SearchSettings(sampler="random", space=SPACE, budget_s=60, prune=False)
     with pytest.raises(ValueError, match="boom"):
         run_search(settings, boom, tmp_path / "s")
+
+
+def _journal_trials(folder, name="search"):
+    import optuna
+
+    from hoexp.search import _storage
+
+    return optuna.load_study(study_name=name, storage=_storage(Path(folder) / "journal.log")).get_trials()
+
+
+def test_a_trial_stopped_by_a_signal_stays_running_and_a_continued_search_resumes_it(tmp_path):
+    """Ctrl-C in trial 1: the search stops, trial 1 stays RUNNING (not FAIL); the same search again runs
+    trial 1 first with its number and value (a hoexp trial continues its run from its checkpoint) and does
+    not report its earlier steps twice, then goes on; the clock goes on from where the first start stopped."""
+    settings = SearchSettings(sampler="random", space=SPACE, budget_s=60, seed=0, prune=False, max_trials=4)
+    first = StopsAt(at=1, seconds=0.05)
+    with pytest.raises(KeyboardInterrupt):
+        run_search(settings, first, tmp_path / "s")
+    before = {t.number: t for t in _journal_trials(tmp_path / "s")}
+    assert {n: t.state.name for n, t in before.items()} == {0: "COMPLETE", 1: "RUNNING"}
+    assert sorted(before[1].intermediate_values) == [1, 2]
+    stopped_at = before[1].user_attrs["stopped_s"]
+
+    again = StopsAt(at=-1, seconds=0.05)
+    res = run_search(settings, again, tmp_path / "s")
+    assert again.calls[0] == (1, first.calls[1][1])  # trial 1 again, same value, first
+    assert [t.number for t in res.trials] == [0, 1, 2, 3] and {t.state for t in res.trials} == {"COMPLETE"}
+    assert res.trials[0].end_s == before[0].user_attrs["end_s"]  # the finished trial is kept as it was
+    assert all(t.start_s >= stopped_at for t in res.trials[2:])  # one clock across both starts
+    assert sorted(_journal_trials(tmp_path / "s")[1].intermediate_values) == [1, 2, 3, 4, 5]
+
+
+def test_a_continued_search_draws_new_points_and_counts_the_time_already_spent(tmp_path):
+    """The samplers of a continued study are seeded anew (an unchanged seed would repeat the first start's
+    points), and a search whose budget was spent by its first start asks for no more trials."""
+    settings = SearchSettings(sampler="random", space=SPACE, budget_s=60, seed=0, prune=False, max_trials=3)
+    first = run_search(settings, Sleepy(seconds=0.01), tmp_path / "s")
+    settings.max_trials = 6
+    second = run_search(settings, Sleepy(seconds=0.01), tmp_path / "s")
+    xs = [t.params["x"] for t in second.trials]
+    assert [t.params["x"] for t in first.trials] == xs[:3] and len(set(xs)) == 6
+
+    spent = SearchSettings(sampler="random", space=SPACE, budget_s=0.3, seed=0, prune=False)
+    done = run_search(spent, Sleepy(seconds=0.1), tmp_path / "t")
+    assert done.wall_clock_s >= 0.3
+    assert len(run_search(spent, Sleepy(seconds=0.1), tmp_path / "t").trials) == len(done.trials)
 
 
 def test_pruned_is_a_stop_not_an_error():
@@ -196,10 +243,165 @@ def test_bad_compare_input_is_one_line_and_nothing_runs(tmp_path, monkeypatch, c
     assert not (tmp_path / "out").exists() and not (tmp_path / "outputs").exists()
 
 
+@pytest.mark.parametrize(
+    "args,expected",
+    [
+        (["--budget-s", "nan"], "--budget-s must be > 0"),
+        (["--budget-s", "inf"], "--budget-s must be > 0"),
+        (["--budget-factor", "0"], "--budget-factor must be > 0"),
+        (["--budget-factor", "inf"], "--budget-factor must be > 0"),
+        (["--workers", "-2"], "--workers must be >= 1"),
+        (["--workers", "nan"], "invalid int value: 'nan'"),
+        (["--max-trials", "0"], "--max-trials must be >= 1"),
+        (["--prune-warmup", "-1"], "--prune-warmup must be >= 0"),
+        (["--tpe-startup", "-1"], "--tpe-startup must be >= 0"),
+        (["--grid", "nan"], "--grid: 'nan' is not a finite number"),
+        (["--grid", "1e-3,inf"], "--grid: 'inf' is not a finite number"),
+        (["--grid", "-0.1"], "bad --grid value -0.1 for hp.weight_decay.init"),
+        (["--space", "hp.weight_decay.init=1e-5:inf:log"], "need finite LOW < HIGH"),
+        (["--space", "hp.weight_decay.init=nan:1"], "need finite LOW < HIGH"),
+        (["--seeds", "-1"], "--seeds must be distinct integers >= 0"),
+        (["--seeds", "0,0"], "--seeds must be distinct integers >= 0"),
+        (["resume=true"], "compare continues its own runs"),
+        (["--grid", "none", "--space", "hp.weight_decay.init=1e-5:20"], "search range hp.weight_decay.init=1e-05:20"),
+    ],
+)
+def test_every_numeric_compare_option_is_bounded_in_one_line(tmp_path, monkeypatch, capsys, args, expected):
+    monkeypatch.chdir(tmp_path)
+    err = one_line_error(capsys, ["compare", *args, "--out", str(tmp_path / "out")])
+    assert expected in err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "outputs").exists()
+
+
 def test_out_must_be_new_or_empty(tmp_path, capsys):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "x").write_text("")
     assert "is not an empty folder" in one_line_error(capsys, ["compare", "--out", str(tmp_path / "out")])
+
+
+@pytest.mark.parametrize("where", ["/proc/hoexp-nope/out", "{tmp}/a-file/out"])
+def test_an_unwritable_out_is_one_line_naming_the_folder_before_anything_runs(tmp_path, monkeypatch, capsys, where):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a-file").write_text("")
+    out = where.format(tmp=tmp_path)
+    err = one_line_error(capsys, ["compare", "outer_steps=2", "--grid", "none", "--search", "none", "--out", out])
+    assert f"cannot write the output folder {out}" in err and "choose a writable folder with --out" in err
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_out_holding_another_compare_is_refused_with_the_command_that_continues_it(tmp_path, capsys):
+    """A compare folder keeps its arguments (arguments.json): the same arguments continue it (in any
+    order, --no-plots aside), other ones are refused in one line naming the difference and the command."""
+    from hoexp.compare.args import ARGUMENTS, plan_record
+
+    out = tmp_path / "out"
+    first = ["outer_steps=2", "--grid", "none", "--search", "none", "--seeds", "0,1"]
+    plan = parse_args([*first, "--out", str(out)])
+    assert not plan.continues
+    out.mkdir()
+    (out / ARGUMENTS).write_text(json.dumps(plan_record(plan)))
+    same = parse_args(
+        ["--out", str(out), "--no-plots", "--search", "none", "--seeds", "0,1", "--grid", "none", "outer_steps=2"]
+    )
+    assert same.continues and plan_record(same)["plan"] == plan_record(plan)["plan"]
+    err = one_line_error(capsys, ["compare", *first[:-1], "0,2", "--out", str(out)])
+    assert "holds a compare with other arguments (--seeds: 2 here, 1 there)" in err
+    assert f"continue it with: hoexp compare {' '.join(first)} --out {out}" in err
+
+
+# ------------------------------------------------------------------------- values as overrides
+def _family_values():
+    from hoexp.hp.dropout import Dropout
+    from hoexp.hp.learning_rate import LearningRate, Momentum
+    from hoexp.hp.weight_decay import WeightDecay
+
+    grids = [v for cls in (WeightDecay, LearningRate, Momentum, Dropout) for v in cls.grid]
+    return sorted(set(grids)) + [1e-6, 3.3e-7, 2.5e-05, 1e16, 1.0, 0.0, 123.0, 0.1 + 0.2]
+
+
+def test_every_value_compare_writes_reads_back_as_the_same_number_in_hydra_and_yaml():
+    """A grid or searched value becomes an override: Hydra's grammar (``hoexp run``) and YAML must read
+    the text back as the very number (YAML 1.1 reads ``1e-05``, the old text of 1e-5, as a string)."""
+    import yaml
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from hoexp.compare import format_value
+
+    parser = OverridesParser.create()
+    for v in _family_values():
+        text = format_value(v)
+        assert parser.parse_override(f"k={text}").value() == v, text
+        assert yaml.safe_load(text) == v and not isinstance(yaml.safe_load(text), str), text
+    assert format_value(1e-5) == "1.0e-05" and format_value(0.001) == "0.001" and format_value(2.0) == "2"
+
+
+def _planned_runs(plan):
+    """Every run the compare plan makes, as (Composer, updates) on the path the runs take."""
+    from hoexp.compare.args import _middle
+    from hoexp.compare.trial import Composer, format_value
+
+    seed = {"seed": str(plan.seeds[0])}
+    none = Composer([*plan.base, "method=none"])
+    runs = [(Composer([*plan.base, *ov]), seed) for _, ov in plan.ho] + [(none, seed)]
+    runs += [(none, {**seed, plan.grid_key: format_value(v)}) for v in plan.grid]
+    if plan.searches:
+        for pick in (lambda d: d.low, lambda d: d.high, _middle):
+            runs.append((none, {**seed, **{d.key: format_value(pick(d)) for d in plan.space}}))
+    return runs
+
+
+def _readme_compare_commands():
+    text = (ROOT / "README.md").read_text()
+    lines = [
+        line.split("  #", 1)[0].strip()
+        for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S)
+        for line in block.splitlines()
+        if line.startswith("hoexp compare ")
+    ]
+    inline = [" ".join(c.split()) for c in re.findall(r"`(hoexp compare\s[^`]+)`", text)]
+    lines += [c.replace("--seeds S", "--seeds 1") for c in inline if "..." not in c and "[" not in c]
+    from hoexp.cli import USAGE
+
+    lines += [m.strip() for m in re.findall(r"^\s+(hoexp compare experiment=.*)$", USAGE, flags=re.M)]
+    return list(dict.fromkeys(lines))
+
+
+def test_the_documented_compare_commands_are_found():
+    commands = _readme_compare_commands()
+    assert len(commands) >= 6 and any("mnist_per_weight_decay" in c for c in commands), commands
+
+
+@pytest.mark.slow  # ~4 s each: every run of every command composed
+@pytest.mark.parametrize("command", _readme_compare_commands() + ["SCRIPT", "HELP"])
+def test_every_run_of_each_documented_compare_command_composes_as_it_will_run(tmp_path, monkeypatch, command):
+    """The README's compare commands (its code blocks and its tables'), the --help example and
+    scripts/compare_iris.py: every run each would make (HO, baseline, each grid point, search trials)
+    composes on the path the runs take, not only as an override."""
+    import shlex
+
+    from hoexp.compare.args import _parser
+
+    if command == "SCRIPT":  # the script's own defaults, captured where it calls run_compare
+        import runpy
+
+        import hoexp.compare
+
+        captured = []
+        monkeypatch.setattr(hoexp.compare, "run_compare", lambda plan, console=None: captured.append(plan))
+        monkeypatch.setattr(sys, "argv", ["compare_iris.py", "--out", str(tmp_path / "out")])
+        runpy.run_path(str(ROOT / "scripts" / "compare_iris.py"), run_name="__main__")
+        (plan,) = captured
+    else:
+        if command == "HELP":
+            command = _parser().epilog.removeprefix("example: ")
+        plan = parse_args([*shlex.split(command)[2:], "--out", str(tmp_path / "out")])
+    for composer, updates in _planned_runs(plan):
+        spec, _, _ = composer.spec(updates)  # composed, validated and preflighted as the run will be
+        for key, value in updates.items():  # holding the very number
+            node = spec.raw
+            for part in key.split("."):
+                node = node[part]
+            assert node == float(value), (key, value, node)
 
 
 @pytest.mark.parametrize(

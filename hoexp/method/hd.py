@@ -232,6 +232,7 @@ class HDMethod:
     max_lr: float | None = None
     name: str = "hd"
     extra_batches: ClassVar[int] = 0
+    returns_hypergradient: ClassVar[bool] = False  # its outer step returns None: the lr adapts inside training
     needs_stationary_point: ClassVar[bool] = False
     # Its steps follow HD's own rule (the hypergradient of the last step), not inner_opt's: compile=true and mixed
     # precision, which apply to inner_opt's plain steps, are refused.

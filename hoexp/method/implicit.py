@@ -210,6 +210,7 @@ class NoHO:
     name: str = "none"
 
     extra_batches: ClassVar[int] = 0
+    returns_hypergradient: ClassVar[bool] = False  # plain training: no hypergradient
     needs_stationary_point: ClassVar[bool] = False
     differentiates_steps: ClassVar[bool] = False
     needs_pathwise_hp: ClassVar[bool] = False  # it differentiates nothing in λ: it trains any family at a fixed value

@@ -1,0 +1,197 @@
+"""What ``hoexp compare`` reports: the numbers of each run, the choices made on validation loss
+(:func:`pick_best`), when a search matched an HO run (:func:`match_time`), and ``compare.json``
+(:func:`compare_json`: every contender's runs and mean ± std over seeds)."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hoexp.compare.args import Plan
+from hoexp.compare.trial import format_value, objective_value
+from hoexp.search import SAMPLERS
+
+__all__ = ["Results", "compare_json", "match_time", "numbers", "pick_best"]
+
+
+@dataclass
+class Results:
+    """Every contender's numbers so far (see :func:`numbers`), filled seed by seed."""
+
+    ho: dict[str, list[dict]]  # HO contender → one entry per seed
+    baseline: list[dict] = field(default_factory=list)
+    grid_points: dict[float, list[dict]] = field(default_factory=dict)  # grid value → one entry per seed
+    grid_best: list[dict] = field(default_factory=list)
+    studies: dict[str, list[dict]] = field(default_factory=dict)  # sampler → one study per seed
+    budgets: dict[int, float] = field(default_factory=dict)  # seed → the searches' budget (s)
+
+    @classmethod
+    def empty(cls, plan: Plan) -> Results:
+        return cls(
+            ho={name: [] for name, _ in plan.ho},
+            grid_points={v: [] for v in plan.grid},
+            studies={s: [] for s in plan.searches},
+        )
+
+
+def pick_best(runs: list[dict[str, Any]], objective: str) -> dict[str, Any] | None:
+    """The run with the lowest validation loss (``objective`` block) among completed runs; never test loss."""
+    done = [r for r in runs if r.get("status") == "completed" and math.isfinite(objective_value(r, objective))]
+    return min(done, key=lambda r: objective_value(r, objective)) if done else None
+
+
+def match_time(trials: list[dict[str, Any]], target: float, fixed_s: float) -> dict[str, Any]:
+    """When a search's best-so-far objective first reached ``target`` (trials in trial order, time =
+    their cumulative run time), also in units of one fixed run (``fixed_s``)."""
+    best, cum = math.inf, 0.0
+    worth = lambda t: t / fixed_s if fixed_s > 0 else None  # noqa: E731
+    for n, t in enumerate(trials, 1):
+        cum += float(t.get("wall_time_s") or 0.0)
+        if t.get("state") == "COMPLETE" and t.get("value") is not None:
+            best = min(best, float(t["value"]))
+        if best <= target:
+            return {"matched": True, "trials": n, "time_s": cum, "fixed_runs": worth(cum)}
+    return {
+        "matched": False,
+        "trials": len(trials),
+        "time_s": cum,
+        "fixed_runs": worth(cum),
+        "best_value": best if math.isfinite(best) else None,
+    }
+
+
+def numbers(summary: dict[str, Any], path: Path) -> dict[str, Any]:
+    """What compare.json keeps of a run: its folder, status, seed, wall time and final / best evaluations."""
+    keys = ("val_loss", "val_acc", "test_loss", "test_acc", "step")
+    return {
+        "path": str(path),
+        "status": summary.get("status"),
+        "seed": summary.get("seed"),
+        "wall_time_s": summary.get("wall_time_s"),
+        "hypergradients": summary.get("hypergradients"),
+        "num_hparams": summary.get("num_hparams"),
+        **{b: {k: (summary.get(b) or {}).get(k) for k in keys} for b in ("final", "best")},
+    }
+
+
+def _mean_std(values: list[Any]) -> list[float | None]:
+    vals = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    if not vals:
+        return [None, None]
+    return [statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else None]
+
+
+def _summarize(runs: list[dict[str, Any]], budget_key: str = "wall_time_s") -> dict[str, Any]:
+    """Mean and std over seeds of a contender's numbers (``[mean, std]``; std None for one seed)."""
+    out: dict[str, Any] = {
+        f"{b}_{k}": _mean_std([(r.get(b) or {}).get(k) for r in runs])
+        for b in ("final", "best")
+        for k in ("val_loss", "test_loss")
+    }
+    out["wall_time_s"] = _mean_std([r.get("wall_time_s") for r in runs])
+    out["budget_spent_s"] = _mean_std([r.get(budget_key) for r in runs])
+    out["seeds"] = len(runs)
+    return out
+
+
+def _contenders(plan: Plan, r: Results) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = [
+        {"name": name, "kind": "ho", "overrides": ov, "runs": r.ho[name], "summary": _summarize(r.ho[name])}
+        for name, ov in plan.ho
+    ]
+    out.append(
+        {
+            "name": "baseline",
+            "kind": "baseline",
+            "overrides": ["method=none"],
+            "runs": r.baseline,
+            "summary": _summarize(r.baseline),
+        }
+    )
+    for v, runs in r.grid_points.items():
+        out.append(
+            {
+                "name": f"grid {plan.grid_key}={v:g}",
+                "kind": "grid_point",
+                "value": v,
+                "overrides": ["method=none", f"{plan.grid_key}={format_value(v)}"],
+                "runs": runs,
+                "summary": _summarize(runs),
+            }
+        )
+    if plan.grid:
+        out.append(
+            {
+                "name": "grid (best on val)",
+                "kind": "grid_best",
+                "runs": r.grid_best,
+                "summary": _summarize(r.grid_best, "grid_time_s"),
+            }
+        )
+    for sampler, st in r.studies.items():
+        best_runs = [{**s["best"], "budget_spent_s": s["wall_clock_s"]} for s in st if s["best"] is not None]
+        out.append(
+            {
+                "name": SAMPLERS[sampler],
+                "kind": "search",
+                "sampler": sampler,
+                "studies": st,
+                "summary": _summarize(best_runs, "budget_spent_s"),
+            }
+        )
+    return out
+
+
+def _matches(plan: Plan, r: Results) -> list[dict[str, Any]]:
+    """How long each search took to reach each HO contender's validation loss, in fixed runs' worth."""
+    match = []
+    fixed = {b["seed"]: float(b["wall_time_s"] or 0) for b in r.baseline}
+    for sampler, st in r.studies.items():
+        for s in st:
+            for name, _ in plan.ho:
+                run = next(x for x in r.ho[name] if x["seed"] == s["seed"])
+                target = objective_value(run, plan.objective)
+                match.append(
+                    {
+                        "search": SAMPLERS[sampler],
+                        "ho": name,
+                        "seed": s["seed"],
+                        "target": target,
+                        "budget_s": s["budget_s"],
+                        "fixed_run_s": fixed.get(s["seed"]),
+                        **match_time(s["trials"], target, fixed.get(s["seed"], 0.0)),
+                    }
+                )
+    return match
+
+
+def compare_json(plan: Plan, r: Results, elapsed: float) -> dict[str, Any]:
+    """``compare.json``: the command, the budget rule, every contender's runs and summaries, the matches."""
+    return {
+        "version": 1,
+        "argv": plan.argv,
+        "overrides": plan.base,
+        "seeds": plan.seeds,
+        "objective": plan.objective,
+        "grid": {"key": plan.grid_key, "values": plan.grid},
+        "space": [{"key": d.key, "low": d.low, "high": d.high, "log": d.log} for d in plan.space],
+        "budget": {
+            "factor": plan.budget_factor,
+            "seconds": plan.budget_s,
+            "per_seed": {str(k): v for k, v in r.budgets.items()},
+            "rule": (
+                "--budget-s"
+                if plan.budget_s is not None
+                else f"{plan.budget_factor:g} × the wall time of the slowest HO run of the seed"
+            ),
+        },
+        "workers": plan.workers,
+        "prune": plan.prune,
+        "prune_warmup": plan.prune_warmup,
+        "elapsed_s": elapsed,
+        "contenders": _contenders(plan, r),
+        "match": _matches(plan, r),
+    }
