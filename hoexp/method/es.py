@@ -200,9 +200,7 @@ class ESMethod:
     def refuses_data_parallel(self) -> str:
         """Why this configuration cannot run data-parallel ("" when it can: the loop)."""
         return (
-            "vmaps its particles' training steps, which cannot all-reduce inside torch.func (set method.vectorize=false)"
-            if self.vectorize
-            else ""
+            "vmaps its particles' training steps, which cannot all-reduce inside torch.func" if self.vectorize else ""
         )
 
     @property
