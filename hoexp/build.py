@@ -172,7 +172,7 @@ def check_distributed(spec: Spec, world_size: int = 0, method: HyperMethod | Non
         raise ConfigError(
             f"method={spec.method.name} does not run data-parallel ({world_size} processes): it {why}; "
             "use an IFT method without a dense solve (neumann, cg, fixed_point, t1t2), fd, unrolled, "
-            "truncated or none, or run it in one process"
+            "truncated, pes with method.vectorize=false or none, or run it in one process"
         )
     if spec.run.compile:
         raise ConfigError(

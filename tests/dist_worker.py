@@ -31,6 +31,7 @@ CASES = {
     "fd_terms": ["method=fd", "method.alpha=0.1", "method.terms=2"],
     "cg_gn": ["method=cg_gn"],
     "unrolled": ["method=unrolled"],
+    "pes": ["method=pes", "method.vectorize=false", "method.particles=4", "method.sigma=0.3"],  # particles looped
 }
 
 

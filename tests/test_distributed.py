@@ -23,7 +23,7 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--np
 
 
 def test_two_processes_compute_the_single_process_hypergradient(tmp_path):
-    """Neumann, CG and fd (and Gauss-Newton CG, fd with terms, unrolled): the hypergradient and the weights
+    """Neumann, CG and fd (and Gauss-Newton CG, fd with terms, unrolled, looped PES): the hypergradient and the weights
     after an outer step (3 inner steps, per-unit Gaussian dropout with its noise sharded) of 2 gloo processes,
     each on half of every batch, equal the single-process ones on the whole batch, and are identical on both
     ranks; without averaging the derivatives each rank's would differ."""
