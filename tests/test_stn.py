@@ -33,7 +33,9 @@ def random_response(params, raw, seed=0):
     """A response with non-zero ``V`` (the initial one is flat), so the centre test means something."""
     g = torch.Generator().manual_seed(seed)
     response = init_response(params, list(params), tree.numel(raw), g)
-    return {k: (torch.randn(v.shape, generator=g, dtype=v.dtype) if k.startswith("v:") else v) for k, v in response.items()}
+    return {
+        k: (torch.randn(v.shape, generator=g, dtype=v.dtype) if k.startswith("v:") else v) for k, v in response.items()
+    }
 
 
 @pytest.mark.parametrize("make", [relu_mlp, tiny_lstm], ids=["mlp", "lstm"])
@@ -204,7 +206,11 @@ def test_cli_runs_on_iris_and_mnist_dropout(tmp_path):
     assert r.returncode == 0, r.stderr
     assert json.loads((tmp_path / "iris" / "summary.json").read_text())["hypergradients"] == 2
     r = _cli(
-        "experiment=mnist_dropout", "method=stn", "outer_steps=2", "inner_steps=2", "eval_every=1",
+        "experiment=mnist_dropout",
+        "method=stn",
+        "outer_steps=2",
+        "inner_steps=2",
+        "eval_every=1",
         f"hydra.run.dir={tmp_path / 'mnist'}",
     )
     assert r.returncode == 0, r.stderr

@@ -137,7 +137,11 @@ def _grads(loss: Tensor, inputs: Mapping[str, Tensor]) -> Params:
 
 
 def linearized_loss(
-    task: Task, w0: Mapping[str, Tensor], response: Mapping[str, Tensor], lam: Mapping[str, Tensor], delta: Tensor,
+    task: Task,
+    w0: Mapping[str, Tensor],
+    response: Mapping[str, Tensor],
+    lam: Mapping[str, Tensor],
+    delta: Tensor,
     batch: tuple,
 ) -> Tensor:
     """Δ-STN's response objective: ``ℓ(f(W0) + J_w f(W0)·Δ) + penalty(W0 + Δ, λ̃)``, with the outputs ``f`` and
@@ -149,7 +153,8 @@ def linearized_loss(
     def f(d: Mapping[str, Tensor]) -> Tensor:
         return outputs({**w0, **d}, lam)
 
-    y, dy = jvp(f, (base,), (shifts,))
+    out = jvp(f, (base,), (shifts,))  # (f(W0), J_w f · Δ)
+    y, dy = out[0], out[1]
     return output_loss(y + dy) + penalty({k: (p + shifts[k] if k in shifts else p) for k, p in w0.items()}, lam)
 
 
