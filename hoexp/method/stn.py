@@ -22,6 +22,8 @@ Each outer step, on the batches the engine drew:
      training loss at ``λ̃`` with the model's outputs linearized in the response (``linearize``):
      ``f(W0 + Δ) ≈ f(W0) + J_w f(W0)·Δ`` (one ``jvp``), ``Δ = ŵ(λ̃) − W0``.
 
+   ``antithetic``: odd steps reuse the even steps' ε, negated, so what a non-stationary ``W0`` adds to
+   the response's gradient (``δ · ∇L_T(W0)``, zero-mean but O(1/σ) after the scale) cancels in pairs.
    Dropout masks at ``λ̃`` are the family's (hard 0/1 masks with a Bernoulli relaxation): nothing
    differentiates a mask, so any family that moves the training optimum can be tuned.
 2. The hypergradient ``∇_λ L_V(ŵ(λ), λ)`` at ``λ0`` on the validation batch: the direct term plus
@@ -32,8 +34,15 @@ response's own prediction of the weights there; ``ŵ`` as a function of λ is un
 STN). ``W1``, ``V``, their optimizer state and the last centre are carried (:class:`CarriesState`).
 
 Cost per inner step, in passes over the batch: ``stn`` ≈ 1 (on ``ŵ``) plus O(P + Σ n_p H) to form
-``ŵ``; ``delta`` ≈ 1 plain pass plus a linearized one (forward, ``jvp`` and backward: ≈ 3). The
-hypergradient is one validation gradient. Memory: ``W1`` (P) and ``V`` (Σ n_p · H), with optimizer state.
+``ŵ`` and a second optimizer update; ``delta`` ≈ 1 plain pass plus a linearized one (forward, ``jvp``
+and backward). The hypergradient is one validation gradient. Memory: ``W1`` (P) and ``V`` (Σ n_p · H),
+with their optimizer state. Measured on ``experiment=mnist_dropout`` (CPU time per outer step, one
+thread): ``stn`` 1.5×, ``delta`` 3.4× (2.4× with ``linearize=false``) that of ``method=none``.
+
+Defaults: ``variant=stn`` and ``σ = 1`` (Δ-STN's initial scale on dropout logits). On the MNIST preset
+with near-hard masks (concrete, τ = 10⁻³) the joint step ended below a fixed rate of 0.3 on seeds 0
+and 1, while ``delta`` pushed a hidden rate to ~0.9 within 30 outer steps and its response diverged
+(with and without ``recentre``; at outer lr 0.3 and 0.1).
 """
 
 from __future__ import annotations
@@ -163,8 +172,8 @@ class STN:
     """``method=stn`` (see the module docstring). ``include``: shell patterns of the parameters that get a
     response; ``seed``: the run's (the perturbations of inner step ``t`` are drawn from ``(seed, t)``)."""
 
-    variant: str = "delta"
-    sigma: float = 0.5
+    variant: str = "stn"
+    sigma: float = 1.0
     linearize: bool = True
     recentre: bool = True
     antithetic: bool = True
@@ -275,8 +284,8 @@ class STN:
 def stn(
     ctx: BuildContext,
     *,
-    variant: Literal["delta", "stn"] = "delta",
-    sigma: PositiveFloat = 0.5,
+    variant: Literal["stn", "delta"] = "stn",
+    sigma: PositiveFloat = 1.0,
     linearize: bool = True,
     recentre: bool = True,
     antithetic: bool = True,
@@ -285,8 +294,8 @@ def stn(
     name: str = "stn",
 ) -> STN:
     """``method=stn``: a self-tuning network's structured best response on every parameter matching
-    ``include``, trained at ``λ̃ = λ0 + σε`` in raw space (``sigma``), Δ-STN (``variant=delta``: centred,
-    W0 trained at λ0, the response on ``linearize``d outputs) or STN (``variant=stn``: one joint step)."""
+    ``include``, trained at ``λ̃ = λ0 + σε`` in raw space (``sigma``): STN (``variant=stn``: one joint step)
+    or Δ-STN (``variant=delta``: W0 trained at λ0, the response on ``linearize``d outputs)."""
     names = select(list(ctx.param_names), tuple(include))
     if not names:
         raise ValueError(
