@@ -17,7 +17,7 @@ from hoexp import tree
 from hoexp.cli import compose_spec
 from hoexp.errors import ConfigError
 from hoexp.hp.weight_decay import WeightDecay
-from hoexp.method.base import InnerState
+from hoexp.method.base import InnerState, outer_step
 from hoexp.method.stn import STN, init_response, offset, respond, shift, stn_hypergradient
 from hoexp.optim import build_optimizer
 from hoexp.runner import Preempted, Run
@@ -137,6 +137,23 @@ def test_one_outer_step_on_the_lstm_and_a_reset(variant):
     method.load_state_dict({})  # reset_inner: a fresh response, initialized from (seed, step)
     again = method(st)
     assert torch.equal(tree.flatten(again.hypergrad.values()), tree.flatten(res.hypergrad.values()))
+
+
+@pytest.mark.parametrize("variant", ["stn", "delta"])
+def test_an_outer_step_reads_the_device_a_fixed_number_of_times(variant, monkeypatch):
+    """Perturbations are drawn on the host and moved; the inner steps never wait for the device."""
+    from hoexp.build import build_method
+    from tests.test_host_syncs import SMALL_MNIST, HostSyncs, setup
+
+    counts = []
+    for T in (3, 9):
+        spec, exp, state, raw, train, val = setup(*SMALL_MNIST, "hp=dropout", "method=stn", f"method.variant={variant}")
+        m = build_method(spec)
+        outer_step(m, exp.problem, exp.inner_opt, state, raw, train, next(val), 2)  # warm-up: the response exists
+        with HostSyncs(monkeypatch) as syncs:
+            outer_step(m, exp.problem, exp.inner_opt, state, raw, train, next(val), T)
+        counts.append(syncs.count)
+    assert counts[0] == counts[1] <= 2, counts  # the logged scalars, read together at the end
 
 
 # ------------------------------------------------------------------------------------------ runs
