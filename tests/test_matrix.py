@@ -82,6 +82,7 @@ METHODS = {
     "forward": ["method=forward"],
     "reversible": ["method=reversible"],
     "hd": ["method=hd"],
+    "stn": ["method=stn"],
 }
 BASE = [
     "model.width=5",
@@ -104,8 +105,9 @@ EXPECTED_REFUSALS = {
     **{
         (m, "dropout_bernoulli_per_layer"): "relaxation=bernoulli has no pathwise derivative"
         for m in METHODS
-        if m not in ("none", "hd")
+        if m not in ("none", "hd", "stn")
     },
+    **{("stn", f): "method=stn fits the best response" for f in PATH_ONLY},
 }
 
 
@@ -159,6 +161,9 @@ def test_matrix_cell(method, family):
         return
     if method in IFT:
         _check_ift(method, spec, exp, params, raw, stream, val)
+        return
+    if method == "stn":
+        _check_stn(m, problem, opt, params, raw, stream, val)
         return
     # Path methods: the same 6 batches (and dropout noise) for the method and the reference.
     batches = [next(stream) for _ in range(6)]
@@ -261,6 +266,27 @@ def _check_ift(method, spec, exp, params, raw, stream, val):
         a = torch.cat([hg[k].flatten() for k in hg])
         b = torch.cat([exact[k].flatten() for k in hg])
         assert float((a - b).norm() / b.norm()) < (5e-3 if method in ("neumann", "fixed_point") else 1e-6), method
+
+
+def _check_stn(m, problem, opt, params, raw, stream, val):
+    """STN approximates the best response (its answer is checked on ridge in tests/test_stn.py); here: it trains
+    with every family, and its hypergradient is ``d L_V(ŵ(λ))/dλ`` through the fitted response, the
+    Jacobian of ``ŵ`` formed by ``jacrev``."""
+    from hoexp import tree
+    from hoexp.method.stn import offset, respond
+
+    hg, state, _ = outer_step(m, problem, opt, InnerState(params, opt.init(params)), raw, stream, val, 6)
+    assert all(torch.isfinite(v).all() for v in hg.values()) and float(tree.norm(hg)) > 0
+    response, centre = m.state_dict()["response"], m.state_dict()["centre"]
+    flat = tree.flatten(centre.values())
+
+    def w_hat(x):
+        return tree.flatten(respond(state.params, response, offset(tree.unflatten(x, centre), centre)).values())
+
+    J = torch.func.jacrev(w_hat)(flat)
+    w = tree.flatten(state.params.values()).requires_grad_(True)
+    (gw,) = torch.autograd.grad(problem.val_loss(tree.unflatten(w, state.params), raw, val), w)
+    assert torch.allclose(tree.flatten(hg.values()), gw @ J, rtol=1e-10, atol=1e-14)
 
 
 def spec_overrides(spec):
