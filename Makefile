@@ -36,7 +36,7 @@ venv: install
 	@echo $(VENV)
 
 run: install
-	$(VENV)/bin/hoexp run $(ARGS)
+	HOEXP_DATA=$(HOEXP_DATA) $(VENV)/bin/hoexp run $(ARGS)
 
 # The README's first command on a short configuration (in a scratch folder), then the suite.
 SMOKE_DIR := $(shell mktemp -u -d -t hoexp-smoke-XXXXXX)

@@ -10,17 +10,32 @@
   ``build(spec)``: its objects, an experiment :func:`run` takes.
 """
 
-from typing import Any
+import importlib
+from typing import TYPE_CHECKING, Any
 
-from hoexp.api import hypergradient
-from hoexp.engine import RunIO, run
-from hoexp.types import Experiment, RunSettings
+if TYPE_CHECKING:
+    from hoexp.api import hypergradient
+    from hoexp.engine import RunIO, run
+    from hoexp.types import Experiment, RunSettings
 
 __version__ = "0.1.0"
 __all__ = ["Experiment", "RunIO", "RunSettings", "build", "compose", "hypergradient", "run", "__version__"]
+# Loaded on first use: `import hoexp` (and so the command line's start) does not import torch, so the
+# command installs its signal handlers before the seconds that take (a Ctrl-C then is one line).
+_LAZY = {
+    "hypergradient": "hoexp.api",
+    "RunIO": "hoexp.engine",
+    "run": "hoexp.engine",
+    "Experiment": "hoexp.types",
+    "RunSettings": "hoexp.types",
+}
 
 
 def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
     # compose and build import Hydra / OmegaConf and the data loaders: only when asked for.
     if name == "compose":
         from hoexp.config.compose import compose_spec

@@ -10,23 +10,49 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from hoexp.config.compose import (  # noqa: F401 -- the config API, importable from here as before
-    CONF_DIR,
-    CONF_PKG,
-    compose_spec,
-    conf_dir,
-    config_groups,
-    expand_sweeps,
-    group_options,
-    refuse_removed,
-    validate_job,
-    with_config_dir,
-)
-from hoexp.config.compose import compose as _compose
-from hoexp.errors import ConfigError, HoexpError
+from hoexp import advice
+from hoexp.errors import ConfigError, HoexpError, raise_if_stopped, stop_on_signals
+
+if TYPE_CHECKING:
+    from hoexp.config.compose import (  # noqa: F401 -- the config API, importable from here as before
+        CONF_DIR,
+        CONF_PKG,
+        compose_spec,
+        conf_dir,
+        config_groups,
+        expand_sweeps,
+        group_options,
+        refuse_removed,
+        validate_job,
+        with_config_dir,
+    )
+    from hoexp.config.compose import compose as _compose
+
+# The config API, importable from here as before. It loads torch (seconds), so it is imported when first
+# used, after main() has set up its signal handling: a Ctrl-C or SIGTERM at start-up is then one line.
+CONFIG_API = "CONF_DIR CONF_PKG compose_spec conf_dir config_groups expand_sweeps group_options refuse_removed".split()
+CONFIG_API += ["validate_job", "with_config_dir", "_compose"]
+
+
+def load_config_api() -> None:
+    """Bind the config API's names in this module (names already bound, e.g. by a test's monkeypatch, stay)."""
+    from hoexp.config import compose as module
+
+    for name in CONFIG_API:
+        globals().setdefault(name, getattr(module, name.removeprefix("_")))
+
+
+def __getattr__(name: str) -> Any:
+    if name in CONFIG_API:
+        load_config_api()
+        return globals()[name]
+    raise AttributeError(f"module 'hoexp.cli' has no attribute '{name}'")
+
 
 USAGE = """\
 usage: hoexp <command> [arguments]
@@ -77,9 +103,11 @@ HYDRA_FLAGS_WITH_VALUE = {
 def fail(message: str, code: int = 2, error: BaseException | None = None) -> None:
     """Print ``hoexp: error: <message>`` and exit with ``code``. In a data-parallel run (``error`` given) ranks
     other than 0 print only their own failures (prefixed ``rank R of N:``, and left for rank 0's summary)."""
-    from hoexp import distributed
-
-    if error is not None and distributed.launched().active:
+    distributed = sys.modules.get("hoexp.distributed")  # not imported yet: a signal may have cut torch's import
+    if distributed is None:
+        if error is not None and isinstance(error, KeyboardInterrupt) and os.environ.get("RANK", "0") != "0":
+            sys.exit(code)  # a torchrun job stopped at start-up: rank 0 alone says so
+    elif error is not None and distributed.launched().active:
         message = distributed.prefix() + message
         if not distributed.launched().is_main and not isinstance(error, distributed.PeerLost):
             status = "interrupted" if type(error).__name__ == "Preempted" else "failed"
@@ -117,16 +145,17 @@ def _task(cfg) -> float:
 
     from hoexp import distributed
     from hoexp.config import validate
-    from hoexp.runner import Diverged, run_experiment
+    from hoexp.runner import Diverged, Preempted, run_experiment
 
     try:
         spec = validate(cfg)
         if distributed.launched().active:  # torchrun joined in cmd_run; a multi-task SLURM job joins here
             distributed.init(spec.run.device)
-        if HydraConfig.get().mode == RunMode.MULTIRUN and spec.run.resume == "true":
+        multirun = HydraConfig.get().mode == RunMode.MULTIRUN
+        if multirun and spec.run.resume == "true":
             spec.run.resume = "auto"  # a sweep resumes as a whole: jobs that never started (or checkpointed) start
         out_dir = HydraConfig.get().runtime.output_dir
-        summary = run_experiment(spec, out_dir, config_text=OmegaConf.to_yaml(cfg))
+        summary = run_experiment(spec, out_dir, config_text=OmegaConf.to_yaml(cfg), **advice.resume_advice(multirun))
     except Diverged as e:
         if HydraConfig.get().mode == RunMode.MULTIRUN and os.environ.get("HYDRA_FULL_ERROR") != "1":
             print(f"hoexp: warning: job {HydraConfig.get().job.num} diverged ({e}); the sweep goes on", file=sys.stderr)
@@ -134,11 +163,12 @@ def _task(cfg) -> float:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         fail(str(e), e.exit_code, e)
-    except HoexpError as e:
+    except (HoexpError, Preempted) as e:  # Preempted: stopped by a signal, saved, the line says how to resume
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         fail(str(e), e.exit_code, e)
     except Exception as e:  # a data-parallel rank's own failure ends the job with one line (one process: traceback)
+        raise_if_stopped()  # a failure after a signal whose exception a library swallowed: the stop, in one line
         if not distributed.launched().active or os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         fail(f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}", 1, e)
@@ -168,21 +198,24 @@ def check_output_dir(overrides: list[str], multirun: bool) -> None:
 def claim_output_dir(overrides: list[str], multirun: bool, cfg) -> list[str]:
     """The override that gives this run (sweep) a folder of its own: the configured ``hydra.run.dir``
     (``hydra.sweep.dir``), created now, or that name plus ``-2``, ``-3``, ... when another start took it
-    (runs started in the same second). ``[]`` when the command names its folder. ``cfg``: the first
-    job's config with Hydra's node."""
+    (runs started in the same second). ``[]`` when the command names its folder, which must then be new,
+    empty or hoexp's own (:func:`hoexp.rundir.adopt`; refused before Hydra writes anything into it).
+    ``cfg``: the first job's config with Hydra's node."""
     from omegaconf import OmegaConf
 
     from hoexp import rundir
 
     key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
-    if any(o.lstrip("+~").startswith(key + "=") for o in overrides):
-        return []
     path = str(OmegaConf.select(cfg, key))
     try:
+        if any(o.lstrip("+~").startswith(key + "=") for o in overrides):  # before Hydra writes .hydra/ there
+            rundir.adopt(path or ".", key=key, sweep=multirun)
+            return []
         folder = rundir.claim(path)
     except OSError as e:
         raise ConfigError(
-            f"cannot create the output folder {path} ({e.strerror}); choose another folder with {key}=<path>"
+            f"cannot create the output folder {Path(path).absolute()} ({e.strerror}); choose another folder "
+            f"with {key}=<path>"
         ) from None
     text = str(folder)
     return [f"{key}={text}" if re.fullmatch(r"[\w./:-]+", text) else f"{key}='{text}'"]
@@ -234,14 +267,35 @@ def check_launcher_tasks(cfg, jobs: list[list[str]]) -> None:
             check_distributed(validate(_compose(job)), tasks)
 
 
+def compose_with_hydra(overrides: list[str]):
+    """The first job's config with Hydra's node; an unknown ``hydra/<group>`` option (e.g. a launcher) is one
+    line listing the valid ones, as for hoexp's own groups."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from hoexp.config.compose import explain_composition_error
+
+    try:
+        return _compose(overrides, hydra=True)
+    except (HydraException, OmegaConfBaseException) as e:
+        message = str(e)
+        m = re.search(r"Could not find '(hydra/[^']+)/([^'/]+)'", message)
+        listed = re.search(r"Available options in '[^']+':\n((?:\t.*\n?)+)", message)
+        if m and listed:  # Hydra's own groups (launchers from plugins): the options Hydra lists
+            options = ", ".join(line.strip() for line in listed.group(1).splitlines() if line.strip())
+            raise ConfigError(f"unknown {m.group(1)} '{m.group(2)}'; choose one of: {options}") from None
+        raise ConfigError(explain_composition_error(message, overrides)) from None
+
+
 def check_launcher(cfg) -> None:
     """A SLURM launcher needs SLURM here (submitit looks for ``srun``): else one line, before anything runs."""
     import shutil
 
     target = str(cfg.hydra.launcher.get("_target_", ""))
     if target.endswith("SlurmLauncher") and shutil.which("srun") is None:
+        chosen = cfg.hydra.runtime.choices.get("hydra/launcher") or "slurm"
         raise ConfigError(
-            "hydra/launcher=slurm needs a SLURM cluster (no srun on PATH here); try the same sweep "
+            f"hydra/launcher={chosen} needs a SLURM cluster (no srun on PATH here); try the same sweep "
             "locally with hydra/launcher=submitit_local or hydra/launcher=parallel"
         )
 
@@ -270,6 +324,7 @@ def cmd_run(args: list[str]) -> None:
         printing = bool(flags & {"--cfg", "-c"})
         for job in jobs:
             validate_job(job, device=not printing)  # printing a config runs nothing: a GPU preset prints anywhere
+        raise_if_stopped()  # torch was imported: its C code swallows a signal's exception during the import
         if printing and multirun:
             return print_configs(jobs, args)
         if not printing:
@@ -279,7 +334,7 @@ def cmd_run(args: list[str]) -> None:
                 if multirun
                 else jobs[0]
             )
-            cfg = _compose(first, hydra=True)
+            cfg = compose_with_hydra(first)
             check_launcher(cfg)
             check_launcher_tasks(cfg, jobs)
             args = [
@@ -346,6 +401,7 @@ def cmd_check(args: list[str]) -> None:
     )
     ap.add_argument("--out", default=None, help="output folder (default: outputs/check/<date>_<time>)")
     ns = ap.parse_intermixed_args(args)  # overrides may follow options (--config-dir adds one at the end)
+    refuse_hydra_overrides("check", ns.overrides)
     iterations, at = check_options(ns.iterations, ns.dense_max, ns.at, ns.eps)
     spec, _ = compose_spec(ns.overrides)
     out = make_out_dir(ns.out or f"outputs/check/{time.strftime('%Y-%m-%d_%H-%M-%S')}")
@@ -377,6 +433,17 @@ def cmd_check(args: list[str]) -> None:
             )
         else:
             run_check(spec, out, iterations=iterations, dense_max=ns.dense_max, console=console)
+
+
+def refuse_hydra_overrides(command: str, overrides: list[str]) -> None:
+    """``hoexp <command>`` runs no Hydra job: a ``hydra.*`` override (but --config-dir's search path) would be
+    ignored, so it is refused in one line naming the option that does the job."""
+    for o in overrides:
+        if o.lstrip("+~").startswith("hydra") and not o.startswith("hydra.searchpath="):
+            raise ConfigError(
+                f"hoexp {command} does not take '{o}' (it runs no Hydra job): choose its output folder with "
+                f"--out <folder>"
+            )
 
 
 def cmd_report(args: list[str]) -> None:
@@ -417,12 +484,17 @@ def cmd_compare(args: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    with stop_on_signals():  # until a run installs its own: SIGTERM / Ctrl-C at start-up end with one line
+        _main(list(sys.argv[1:] if argv is None else argv))
+
+
+def _main(argv: list[str]) -> None:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE, end="")
         sys.exit(0 if argv else 2)
     command, rest = argv[0], argv[1:]
     try:
+        load_config_api()
         if command == "run":
             cmd_run(rest)
         elif command == "check":
@@ -441,11 +513,12 @@ def main(argv: list[str] | None = None) -> None:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         fail(str(e), e.exit_code, e)
-    except KeyboardInterrupt:  # Ctrl-C before a run has its own handler (imports, composing, loading data)
+    except KeyboardInterrupt as e:  # a signal while no run had its own handler (imports, composing, loading data)
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
-        print("hoexp: interrupted", file=sys.stderr)
-        sys.exit(130)
+        fail(
+            advice.stopped_outside_a_run(command, getattr(e, "signum", signal.SIGINT)), 128 + getattr(e, "signum", 2), e
+        )
 
 
 if __name__ == "__main__":

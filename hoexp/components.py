@@ -28,12 +28,11 @@ error naming the option).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Annotated, Any
 
-import torch
-
 if TYPE_CHECKING:
+    import torch
     from torch import nn
 
     from hoexp.optim import Optimizer
@@ -70,7 +69,8 @@ class DataContext:
     """What a ``dataset`` factory receives: the run's seed (for seeded splits) and floating dtype."""
 
     seed: int = 0
-    dtype: torch.dtype = torch.float32
+    # torch is imported when a context is made, not with the config checks (the command line starts without it)
+    dtype: torch.dtype = field(default_factory=lambda: __import__("torch").float32)
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import socket
 import sys
 import time
 from collections.abc import Mapping
@@ -52,6 +53,7 @@ from hoexp.types import Batch, noise_of
 
 # Which methods run data-parallel is declared by each method (refuses_data_parallel; hoexp.build.check_distributed).
 STORE_KEY = "hoexp/ended"  # a rank that ends abnormally leaves "<status>\t<message>" here for rank 0
+PROCESS_KEY = "hoexp/process"  # "<host> <pid>" of each rank (a rank killed without a word: dead_peers)
 TIMEOUT_S = float(os.environ.get("HOEXP_DIST_TIMEOUT", "1800"))  # collectives (a slow rank is not a dead one)
 
 
@@ -139,6 +141,7 @@ def init(device: str) -> Context:
             f"rank {ctx.rank} of {ctx.world_size} could not join the process group "
             f"({type(e).__name__}: {_first_line(e)})"
         ) from None
+    _store_set(f"{PROCESS_KEY}/{ctx.rank}", f"{socket.gethostname()} {os.getpid()}")  # for dead_peers()
     return current()
 
 
@@ -299,15 +302,60 @@ def _store() -> Any:
         return None
 
 
-def tell_ended(status: str, message: str) -> None:
-    """Leave ``status`` and ``message`` (one line) for rank 0, which records them in ``summary.json``."""
+def _store_set(key: str, value: str) -> None:
     store = _store()
     if store is None:
         return
     try:
-        store.set(STORE_KEY, f"{status}\t{message}")
+        store.set(key, value)
     except Exception:  # noqa: BLE001 - best effort: the store's host may be gone
         pass
+
+
+def tell_ended(status: str, message: str) -> None:
+    """Leave ``status`` and ``message`` (one line) for rank 0, which records them in ``summary.json``; and that
+    this rank ended knowingly (:func:`dead_peers`)."""
+    _store_set(STORE_KEY, f"{status}\t{message}")
+    _store_set(f"{STORE_KEY}/{launched().rank}", status)
+
+
+def dead_peers(ctx: Context) -> list[tuple[int, int]]:
+    """``(rank, pid)`` of the other ranks on this host whose process is gone without a word (killed: ``kill -9``,
+    out of memory). The launcher then stops the others with SIGTERM, which is not why the job ended.
+    Ranks on other hosts cannot be seen from here (never listed)."""
+    store, host = _store(), socket.gethostname()
+    dead: list[tuple[int, int]] = []
+    if store is None:
+        return []
+    for rank in range(ctx.world_size):
+        if rank == ctx.rank:
+            continue
+        try:
+            if store.check([f"{STORE_KEY}/{rank}"]) or not store.check([f"{PROCESS_KEY}/{rank}"]):
+                continue
+            where, _, pid = store.get(f"{PROCESS_KEY}/{rank}").decode().partition(" ")
+        except Exception:  # noqa: BLE001 - the store is gone: nothing to tell
+            return dead
+        if where == host and not _alive(int(pid)):
+            dead.append((rank, int(pid)))
+    return dead
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (Linux: a zombie, dead but not yet reaped, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            return f.read().rsplit(")", 1)[-1].split()[:1] != ["Z"]
+    except FileNotFoundError:
+        return False
+    except OSError:  # no /proc here
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
 
 
 def why_ended(wait_s: float = 3.0, stop: Any = None) -> tuple[str, str] | None:

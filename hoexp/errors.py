@@ -1,5 +1,7 @@
 """User-facing errors: one line that names the problem and the fix; the CLI prints it and exits 2."""
 
+from __future__ import annotations
+
 import argparse
 
 
@@ -28,6 +30,77 @@ class StopRun(Exception):
     re-raises it. Not a :class:`HoexpError`: nothing went wrong."""
 
     status = "stopped"
+
+
+class Stopped(KeyboardInterrupt):
+    """A stop asked for by a signal (SIGTERM, SIGINT): the command ends with one line and ``exit_code``
+    (128 + the signal's number, the shell's convention). Raised where no run has its own handler (start-up:
+    imports, composing, loading data). Not an ``Exception``, like KeyboardInterrupt: code that catches
+    ``Exception`` (a library's optional import) must not swallow it."""
+
+    def __init__(self, message: str, exit_code: int = 130):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+    @property
+    def signum(self) -> int:
+        return self.exit_code - 128
+
+    @classmethod
+    def by_signal(cls, signum: int) -> Stopped:
+        import signal
+
+        return cls(f"stopped by {signal.Signals(signum).name}", 128 + signum)
+
+
+class stop_on_signals:
+    """While active (in the main thread), SIGTERM and SIGINT raise :class:`Stopped` instead of killing the
+    process silently (SIGTERM) or raising a bare KeyboardInterrupt; a signal the process was started to
+    ignore stays ignored. A run replaces these with its own (it saves a checkpoint), then puts them back.
+
+    ``received``: the first signal seen. Some code swallows every exception (torch's C extension importing
+    numpy does): :func:`raise_if_stopped` raises the stop again where hoexp next looks.
+    """
+
+    def __enter__(self) -> stop_on_signals:
+        import signal
+        import threading
+
+        self.previous: dict = {}
+        self.received = 0
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                if signal.getsignal(sig) in (signal.SIG_DFL, signal.default_int_handler):
+                    self.previous[sig] = signal.signal(sig, self._raise)
+        return self
+
+    def _raise(self, signum, frame):
+        self.received = self.received or signum
+        raise Stopped.by_signal(signum)
+
+    def __exit__(self, *exc: object) -> None:
+        import signal
+
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def received_stop(handlers=None) -> int:
+    """The signal a :class:`stop_on_signals` handler (the current one, or one of ``handlers``) has seen; 0: none."""
+    import signal
+
+    for handler in handlers if handlers is not None else (signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)):
+        owner = getattr(handler, "__self__", None)
+        if isinstance(owner, stop_on_signals) and owner.received:
+            return owner.received
+    return 0
+
+
+def raise_if_stopped() -> None:
+    """Raise :class:`Stopped` for a signal whose exception some code swallowed (see :class:`stop_on_signals`)."""
+    signum = received_stop()
+    if signum:
+        raise Stopped.by_signal(signum)
 
 
 def run_main(main, prog: str | None = None) -> None:

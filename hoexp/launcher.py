@@ -173,11 +173,19 @@ def _load(path: Path) -> Any:
 
 def _end(jobs: list[Job], unfinished: list[Job], sweep_dir: Path, signum: int) -> None:
     """One line for a sweep that did not finish every job, and its exit code (128 + signal, or 1)."""
+    from hoexp import advice
+
     what = "; ".join(f"#{j.num} {j.outcome}" for j in unfinished[:6]) + (" ..." if len(unfinished) > 6 else "")
     why = f"stopped by {signal.Signals(signum).name}: " if signum else ""
+    args = advice.command_line()
+    again = (
+        advice.command(args, f"hydra.sweep.dir={sweep_dir}", "resume=auto")
+        if args is not None
+        else f"the same command plus hydra.sweep.dir={sweep_dir}"
+    )
     print(
-        f"hoexp: error: {why}{len(unfinished)} of {len(jobs)} jobs did not finish ({what}); finish them with the "
-        f"same command plus hydra.sweep.dir={sweep_dir} (each job continues from its checkpoint)",
+        f"hoexp: error: {why}{len(unfinished)} of {len(jobs)} jobs did not finish ({what}); finish them with: "
+        f"{again} (each job continues from its checkpoint)",
         file=sys.stderr,
         flush=True,
     )
@@ -258,5 +266,24 @@ def run_worker(payload: str, result: str) -> None:
     os.replace(tmp, result)
 
 
+def worker_main(payload: str, result: str) -> None:
+    """The worker's entry point: a signal while it starts (before the run's own handler) is one line in its
+    job.log and exit code 128 + signal, which the launcher reports as an interrupted job, not a lost one."""
+    from hoexp.errors import stop_on_signals
+
+    with stop_on_signals():
+        try:
+            run_worker(payload, result)
+        except KeyboardInterrupt as e:
+            signum = int(getattr(e, "signum", signal.SIGINT))
+            print(
+                f"hoexp: error: stopped by {signal.Signals(signum).name} while the job was starting, before any "
+                "outer step",
+                file=sys.stderr,
+                flush=True,
+            )
+            sys.exit(128 + signum)
+
+
 if __name__ == "__main__":
-    run_worker(sys.argv[1], sys.argv[2])
+    worker_main(sys.argv[1], sys.argv[2])

@@ -8,11 +8,12 @@ files stay valid JSON; ``read_jsonl`` / ``read_json`` turn them back.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any, Protocol, runtime_checkable
 
@@ -219,36 +220,57 @@ def _fix_bool_hparams(exp: Any, ssi: Any, keys: list[str]) -> None:
 
 
 class TensorBoardLogger:
-    """Logs to TensorBoard event files in ``log_dir`` (hparams included, same folder)."""
+    """Logs to TensorBoard event files in ``log_dir`` (hparams included, same folder); ``files``: those it opened.
+
+    TensorBoard writes from a thread of its own. A write that fails there (a full disk) is raised by the next
+    call here, as an ``OSError`` naming the event file, and the thread ends without printing a traceback.
+    """
 
     def __init__(self, log_dir: str | os.PathLike[str], *, flush_secs: int = 30, purge_step: int | None = None) -> None:
         """``purge_step``: when resuming, TensorBoard hides events at or after this step from earlier files."""
         from torch.utils.tensorboard import SummaryWriter
 
         self.log_dir = Path(log_dir)
+        before = set(self.log_dir.glob("events.out.tfevents.*"))
         self.writer = SummaryWriter(log_dir=str(self.log_dir), flush_secs=flush_secs, purge_step=purge_step)
+        self.files = sorted(set(self.log_dir.glob("events.out.tfevents.*")) - before)
         self._last_step = 0
+        _quiet_writer_thread(self.writer)
+
+    @contextlib.contextmanager
+    def _named(self) -> Iterator[None]:
+        """An OSError without a file name (a write from TensorBoard's thread) names the event file."""
+        try:
+            yield
+        except OSError as e:
+            if e.filename is None and e.errno is not None:
+                where = str(self.files[-1]) if self.files else str(self.log_dir)
+                raise OSError(e.errno, e.strerror, where) from None
+            raise
 
     def log_scalars(self, step: int, values: Mapping[str, float]) -> None:
         self._last_step = step
-        for tag, v in values.items():
-            self.writer.add_scalar(tag, _float(tag, v), global_step=step)
+        with self._named():
+            for tag, v in values.items():
+                self.writer.add_scalar(tag, _float(tag, v), global_step=step)
 
     def log_histograms(self, step: int, values: Mapping[str, torch.Tensor]) -> None:
         """Non-finite entries are dropped; a tensor with no finite entry is skipped."""
         self._last_step = step
-        for tag, t in values.items():
-            x = t.detach().reshape(-1).to("cpu", torch.float32)
-            x = x[torch.isfinite(x)]
-            if x.numel():
-                self.writer.add_histogram(tag, x, global_step=step)
+        with self._named():
+            for tag, t in values.items():
+                x = t.detach().reshape(-1).to("cpu", torch.float32)
+                x = x[torch.isfinite(x)]
+                if x.numel():
+                    self.writer.add_histogram(tag, x, global_step=step)
 
     def log_text(self, tag: str, text: str) -> None:
         """Text is put in a Markdown code block so that YAML keeps its layout."""
         fence = "```"
         while fence in text:
             fence += "`"
-        self.writer.add_text(tag, f"{fence}\n{text}\n{fence}")
+        with self._named():
+            self.writer.add_text(tag, f"{fence}\n{text}\n{fence}")
 
     def log_hparams(
         self, hparams: Mapping[str, HParamValue], metrics: Mapping[str, float], *, step: int | None = None
@@ -274,10 +296,33 @@ class TensorBoardLogger:
             self.writer.add_scalar(k, v, global_step=at)
 
     def flush(self) -> None:
-        self.writer.flush()
+        with self._named():
+            self.writer.flush()
 
     def close(self) -> None:
-        self.writer.close()
+        with self._named():
+            self.writer.close()
+
+
+def _quiet_writer_thread(writer: Any) -> None:
+    """TensorBoard's writer thread keeps an exception for the next write to raise, then re-raises it, which
+    prints a traceback from the thread; an OSError (a full disk) is then reported once, by that write."""
+    import threading
+
+    worker = getattr(
+        getattr(getattr(getattr(writer, "file_writer", None), "event_writer", None), "_async_writer", None),
+        "_worker",
+        None,
+    )
+    hook = getattr(worker, "_invoke_excepthook", None)
+    if not isinstance(worker, threading.Thread) or hook is None:
+        return
+
+    def quiet(thread: threading.Thread) -> None:
+        if not isinstance(getattr(thread, "exception", None), OSError):
+            hook(thread)
+
+    worker._invoke_excepthook = quiet  # type: ignore[attr-defined]
 
 
 def _line_step(line: str) -> float:

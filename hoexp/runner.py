@@ -9,6 +9,8 @@ any failure, to ``summary.json``, so a run never loses what it already logged.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +21,10 @@ from hoexp.build import Experiment, build
 from hoexp.config import Spec
 from hoexp.engine.guards import Diverged
 from hoexp.engine.io import Preempted, RunIO, preemption_signals, thread_policy
-from hoexp.engine.runner import run
+from hoexp.engine.runner import run, run_summary
+from hoexp.engine.state import restore
 from hoexp.errors import HoexpError
-from hoexp.metrics import MetricLogger, read_json
+from hoexp.metrics import MetricLogger, read_json, write_json_atomic
 
 __all__ = ["Diverged", "Preempted", "Run", "preemption_signals", "run_experiment", "thread_policy"]
 
@@ -32,7 +35,9 @@ def task_config(spec: Spec) -> dict[str, Any]:
 
 
 class Run:
-    """One configured run into ``out_dir``: :meth:`execute` claims the folder, builds and runs (``exp``: what ran)."""
+    """One configured run into ``out_dir``: :meth:`execute` claims the folder, builds and runs (``exp``: what ran).
+
+    ``command``, ``prefix``, ``sweep``: what the advice after a stop says to run (:class:`RunIO`)."""
 
     def __init__(
         self,
@@ -42,18 +47,27 @@ class Run:
         config_text: str = "",
         console: Console | None = None,
         loggers: list[MetricLogger] | None = None,
+        command: Sequence[str] | None = None,
+        prefix: str = "hoexp run",
+        sweep: Sequence[str] | None = None,
     ):
         self.spec, self.out_dir = spec, Path(out_dir)
         self.io = RunIO(
-            self.out_dir, config=task_config(spec), config_text=config_text, console=console, loggers=loggers
+            self.out_dir,
+            config=task_config(spec),
+            config_text=config_text,
+            console=console,
+            loggers=loggers,
+            command=command,
+            prefix=prefix,
+            sweep=sweep,
         )
         self.exp: Experiment | None = None
 
     def execute(self) -> dict[str, Any]:
-        if (
-            not self.io.main
-        ):  # rank 0 owns the folder (created, locked, cleared or resumed) and broadcasts its decisions
+        if not self.io.main:  # rank 0 owns the folder (made, locked, cleared or resumed) and broadcasts its decisions
             return self._execute()
+        made = not self.out_dir.exists()
         try:
             self.out_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -62,14 +76,20 @@ class Run:
                 "choose a writable one with hydra.run.dir=..."
             ) from None
         with rundir.RunLock(self.out_dir):  # one writer per folder
-            return self._execute()
+            rundir.adopt(self.out_dir, hydra_written=True, made=made)  # only a folder it owns (else one line)
+            try:
+                return self._execute()
+            except BaseException:
+                if self.io.status == "created":  # nothing logged (the data did not load, a signal while building)
+                    rundir.discard(self.out_dir)
+                raise
 
     def _execute(self) -> dict[str, Any]:
         io, spec = self.io, self.spec
         ckpt = io.decide_start(spec.run.resume)
         if ckpt is not None and ckpt.get("status") == "completed" and spec.run.outer_steps <= int(ckpt["step"]):
             io.say(f"hoexp: {self.out_dir} already completed; nothing to resume")
-            return distributed.broadcast(read_json(self.out_dir / "summary.json") if io.main else None, io.ctx)
+            return distributed.broadcast(self._completed_summary(ckpt) if io.main else None, io.ctx)
         self.exp = build(spec)
         summary = run(self.exp, io, resume=ckpt)
         if io.ctx.active:  # every rank returns rank 0's summary (the others computed theirs but wrote nothing)
@@ -80,6 +100,28 @@ class Run:
             f"test_loss={f['test_loss']:.4f} test_acc={f['test_acc']:.3f}; best val_loss={b['val_loss']:.4f} "
             f"at step {b['step']} → {self.out_dir / 'summary.json'}"
         )
+        return summary
+
+    def _completed_summary(self, ckpt: dict[str, Any]) -> dict[str, Any]:
+        """``summary.json`` of the completed run in the folder; written again from its checkpoint where it is
+        missing or damaged (a single-process run: a data-parallel one would rebuild on every rank)."""
+        path = self.out_dir / "summary.json"
+        try:
+            return dict(read_json(path))
+        except (OSError, ValueError, TypeError) as e:
+            why = "missing" if isinstance(e, FileNotFoundError) else f"unreadable ({type(e).__name__})"
+        if self.io.ctx.active:
+            raise HoexpError(
+                f"{path} is {why}; write it again from checkpoint.pt with one process: the same command "
+                f"without torchrun (resume=true hydra.run.dir={self.out_dir})"
+            )
+        self.exp = build(self.spec)
+        state = restore(self.exp, ckpt)
+        state.started = time.perf_counter()  # elapsed: the checkpoint's, not this command's
+        self.io.status, self.io.resumes = "completed", list(ckpt.get("resumes") or [])
+        summary = run_summary(self.exp, state, self.io)
+        write_json_atomic(path, summary)
+        self.io.say(f"hoexp: its {path.name} was {why}: written again from checkpoint.pt")
         return summary
 
 

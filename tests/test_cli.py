@@ -334,4 +334,7 @@ def test_ctrl_c_during_start_up_is_one_line(capsys, monkeypatch):
     monkeypatch.setattr(hoexp.cli, "validate_job", interrupted)  # e.g. while torch is imported
     with pytest.raises(SystemExit) as e:
         main(["run", "outer_steps=1"])
-    assert e.value.code == 130 and capsys.readouterr().err == "hoexp: interrupted\n"
+    assert e.value.code == 130 and capsys.readouterr().err == (
+        "hoexp: error: stopped by SIGINT while starting, before any outer step: nothing to resume; start it again "
+        "with the same command\n"
+    )

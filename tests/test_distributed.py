@@ -110,7 +110,15 @@ def test_torchrun_run_writes_one_folder_and_resumes_after_a_kill(tmp_path):
     assert len(folders) == 1, folders  # one run folder for the two processes
     ref = folders[0]
     assert sorted(p.name for p in ref.iterdir()) == sorted(
-        [".hydra", "checkpoint.pt", "final.pt", "metrics.jsonl", "summary.json", *[p.name for p in ref.glob("events*")]]
+        [
+            ".hoexp-run",
+            ".hydra",
+            "checkpoint.pt",
+            "final.pt",
+            "metrics.jsonl",
+            "summary.json",
+            *[p.name for p in ref.glob("events*")],
+        ]
     )
     summary = json.loads((ref / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["world_size"] == 2
@@ -235,7 +243,7 @@ def test_sigterm_to_torchrun_checkpoints_and_says_how_to_resume(tmp_path):
     p.send_signal(signal.SIGTERM)  # torchrun passes it to both ranks
     out, err = p.communicate(timeout=120)
     lines = [ln for ln in err.splitlines() if ln.startswith("hoexp: error:")]
-    assert len(lines) == 1 and "stopped by SIGTERM at outer step" in lines[0], err
+    assert len(lines) == 1 and "stopped by SIGTERM after outer step" in lines[0], err
     assert f"resume=true hydra.run.dir={run}" in lines[0]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "interrupted" and summary["final"]["step"] >= 2

@@ -482,7 +482,14 @@ def test_report_lists_the_jobs_a_sweep_has_not_finished(tmp_path):
             f"hydra.sweep.dir={sweep}",
         ]
     )
-    assert sorted(p.name for p in sweep.iterdir()) == ["0_none", "1_cg", "2_none", "3_cg", "multirun.yaml"]
+    assert sorted(p.name for p in sweep.iterdir()) == [
+        ".hoexp-run",
+        "0_none",
+        "1_cg",
+        "2_none",
+        "3_cg",
+        "multirun.yaml",
+    ]
     shutil.rmtree(sweep / "1_cg")  # never started
     (sweep / "3_cg" / "summary.json").unlink()  # killed
     rep, text = report(tmp_path, sweep)

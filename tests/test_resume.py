@@ -86,7 +86,8 @@ def test_sigterm_checkpoints_explains_and_resumes(tmp_path, reference):
     out, err = p.communicate(timeout=60)
     assert p.returncode == 128 + signal.SIGTERM, err
     last = err.strip().splitlines()[-1]
-    assert last.startswith("hoexp: error: stopped by SIGTERM at outer step ") and "Traceback" not in err
+    assert last.startswith("hoexp: error: stopped by SIGTERM after outer step ") and "Traceback" not in err
+    assert "; everything is saved; resume with: hoexp run outer_steps=8 " in last
     assert f"resume=true hydra.run.dir={tmp_path}" in last
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["status"] == "interrupted" and summary["final"]["step"] >= 3

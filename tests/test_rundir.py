@@ -189,6 +189,7 @@ def test_resume_true_without_checkpoint_names_resume_auto(tmp_path):
 
 
 def test_a_foreign_pt_file_as_checkpoint_is_one_line(tmp_path):
+    rundir.mark(tmp_path, created=False)  # a run's folder whose checkpoint.pt was replaced (elsewhere: not its own)
     torch.save({"state_dict": {"w": torch.zeros(2)}}, tmp_path / "checkpoint.pt")
     with pytest.raises(HoexpError, match="checkpoint.pt is not a hoexp checkpoint .no elapsed_s, evals, "):
         run(tmp_path, "resume=true")
@@ -231,13 +232,13 @@ def test_sigterm_during_step_0_evaluation_does_not_claim_a_checkpoint(tmp_path, 
     monkeypatch.setattr(runner, "evaluate", evaluate_then_sigterm)
     with pytest.raises(Preempted) as e:
         run(tmp_path)
-    assert "checkpoint saved" not in str(e.value) and "before the first checkpoint" in str(e.value)
+    assert "everything is saved" not in str(e.value) and "before its first checkpoint" in str(e.value)
     assert f"resume=auto hydra.run.dir={tmp_path}" in str(e.value) and e.value.exit_code == 128 + signal.SIGTERM
     assert not (tmp_path / "checkpoint.pt").exists()
     assert json.loads((tmp_path / "summary.json").read_text())["status"] == "interrupted"
 
 
 def test_sigterm_after_a_snapshot_saves_and_says_so(tmp_path):
-    with pytest.raises(Preempted, match="at outer step 1; checkpoint saved. Resume with"):
+    with pytest.raises(Preempted, match="after outer step 1; everything is saved; resume with"):
         run(tmp_path, loggers=[StopAt(2)])
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["step"] == 1

@@ -50,7 +50,11 @@ class RunConfig:
     name: str = "run"
 
     def check(self) -> None:
-        _non_negative(self, "outer_steps", "inner_steps", "threads", "seed", "checkpoint_every", "warmup")
+        _non_negative(self, "outer_steps", "threads", "seed", "checkpoint_every", "warmup")
+        if not (isinstance(self.inner_steps, int) and self.inner_steps >= 1):  # 0: every outer step trains nothing
+            raise ConfigError(
+                f"inner_steps must be >= 1 (the training steps between hypergradients), got {self.inner_steps}"
+            )
         _positive(self, "max_nonfinite")
         _positive(self, "eval_every", "histogram_every")
         if self.outer_objective not in ("val", "train"):

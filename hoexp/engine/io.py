@@ -21,10 +21,10 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from hoexp import distributed, rundir, tree
+from hoexp import advice, distributed, rundir, tree
 from hoexp.engine.guards import Diverged
 from hoexp.engine.state import CHECKPOINT_KEYS, to_device
-from hoexp.errors import HoexpError, StopRun
+from hoexp.errors import HoexpError, Stopped, StopRun, received_stop
 from hoexp.metrics import JsonlLogger, MetricLogger, MultiLogger, TensorBoardLogger, write_json_atomic
 from hoexp.resume import check_resume
 
@@ -36,24 +36,33 @@ CHECKPOINT_VERSION = 2  # 2: with the config, the first .hydra/ files and the re
 ADDED_KEYS = {"precision": "fp32"}
 
 
-class Preempted(HoexpError):
-    """SIGTERM or SIGINT: the run saved a checkpoint and stops (exit code 128 + signal number)."""
-
-    def __init__(self, message: str, exit_code: int = 130):
-        super().__init__(message)
-        self.exit_code = exit_code
+class Preempted(Stopped):
+    """SIGTERM or SIGINT during a run: the run saved a checkpoint and stops (exit code 128 + signal number)."""
 
 
 class preemption_signals:
-    """While active, SIGTERM and SIGINT raise :class:`Preempted` in the main thread (restored after)."""
+    """While active, SIGTERM and SIGINT raise :class:`Preempted` in the main thread (restored after).
+
+    ``received``: the first signal seen, also while ignoring. Where code swallowed the exception (torch's C
+    code catches every error of an import it makes), :meth:`check` raises it again. A signal the command
+    received before the run (:class:`hoexp.errors.stop_on_signals`) is raised on entry, as :class:`Stopped`.
+    """
 
     def __enter__(self) -> preemption_signals:
         self.previous = {}
-        self.received: int | None = None  # the first signal seen, also while ignoring
+        self.received: int | None = None
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 self.previous[sig] = signal.signal(sig, self._raise)
+        before = received_stop(self.previous.values())
+        if before:
+            self.__exit__()
+            raise Stopped.by_signal(before)
         return self
+
+    def check(self) -> None:
+        if self.received:
+            raise Preempted(f"stopped by {signal.Signals(self.received).name}", 128 + self.received)
 
     def _raise(self, signum, frame):
         self.received = self.received or signum
@@ -122,8 +131,15 @@ class RunIO:
         config_text: str = "",
         console: Console | None = None,
         loggers: Sequence[MetricLogger] | None = None,
+        command: Sequence[str] | None = None,
+        prefix: str = "hoexp run",
+        sweep: Sequence[str] | None = None,
     ):
         self.out_dir = None if out_dir is None else Path(out_dir)
+        # The advice after a stop (hoexp.advice): ``command``, the overrides that repeat this run with ``prefix``
+        # (None: not known, e.g. a run made in Python); ``sweep``, the arguments of the sweep it is a job of
+        # when that sweep runs in this process (its other jobs then wait for that command).
+        self.command, self.prefix, self.sweep = command, prefix, sweep
         self.config, self.config_text = config or {}, config_text
         self.ctx = distributed.current()
         self.main = self.ctx.is_main
@@ -228,10 +244,9 @@ class RunIO:
         files: list[MetricLogger] = []
         if self.writes:
             assert self.out_dir is not None
-            files = [
-                TensorBoardLogger(self.out_dir, purge_step=None if resumed_at is None else resumed_at + 1),
-                JsonlLogger(self.out_dir / "metrics.jsonl", summarize_histograms=False, keep_until=resumed_at),
-            ]
+            tb = TensorBoardLogger(self.out_dir, purge_step=None if resumed_at is None else resumed_at + 1)
+            rundir.record_events(self.out_dir, [p.name for p in tb.files])  # what a start over may remove
+            files = [tb, JsonlLogger(self.out_dir / "metrics.jsonl", summarize_histograms=False, keep_until=resumed_at)]
         self.logger = MultiLogger([*files, *self.extra_loggers] if self.main else [])
         return self.logger
 
@@ -320,7 +335,7 @@ class RunIO:
         ended = distributed.why_ended(stop=lambda: signals.received is not None) if self.main else None
         if signals.received is not None:
             name = signal.Signals(signals.received).name
-            return Preempted(f"stopped by {name}", 128 + signals.received)
+            return self.peer_died() or Preempted(f"stopped by {name}", 128 + signals.received)
         if ended is None:
             if self.main and not error.reported:
                 return distributed.PeerLost(
@@ -333,6 +348,28 @@ class RunIO:
             return Preempted(message, 128 + signal.SIGTERM if "SIGTERM" in message else 130)
         return distributed.PeerLost(message, reported=True)
 
+    def again(self, resume: str) -> str:
+        """The command that continues (``resume``: true) or starts over (auto) this run in its folder."""
+        settings = (f"resume={resume}", f"hydra.run.dir={self.out_dir}")
+        if self.command is None:
+            return "the same command plus: " + " ".join(settings)
+        job = advice.command(self.command, *settings, prefix=self.prefix)
+        if self.sweep is None:
+            return job
+        return f"{advice.command(self.sweep, 'resume=auto')} (the whole sweep; this job alone: {job})"
+
+    def peer_died(self) -> distributed.PeerLost | None:
+        """On rank 0: a rank on this host that died without a word (``kill -9``, out of memory), after which the
+        launcher (torchrun) stopped the others by SIGTERM: the cause to report instead of that signal."""
+        dead = distributed.dead_peers(self.ctx) if self.ctx.active and self.main else []
+        if not dead:
+            return None
+        rank, pid = dead[0]
+        return distributed.PeerLost(
+            f"rank {rank} of {self.ctx.world_size} (pid {pid}) died without a message (killed? out of memory?) "
+            f"after outer step {self.snapshot_step()}, and the launcher stopped the others"
+        )
+
     def explain(self, error: BaseException) -> BaseException:
         """The exception to raise for ``error``: one line for a signal or a failed write, else ``error``."""
         step, folder = self.snapshot_step(), self.out_dir
@@ -343,14 +380,17 @@ class RunIO:
         if isinstance(error, Preempted):
             if self.checkpointed:
                 return Preempted(
-                    f"{error} at outer step {step}; checkpoint saved. Resume with the same command plus: "
-                    f"resume=true hydra.run.dir={folder}",
+                    f"{error} after outer step {step}; everything is saved; resume with: {self.again('true')}",
                     error.exit_code,
                 )
             return Preempted(
-                f"{error} before the first checkpoint, nothing to resume; to start it over in this folder "
-                f"run the same command plus: resume=auto hydra.run.dir={folder}",
+                f"{error} before its first checkpoint, so there is nothing to resume; start it over in this "
+                f"folder with: {self.again('auto')}",
                 error.exit_code,
+            )
+        if isinstance(error, distributed.PeerLost) and not error.reported and self.checkpointed:
+            return distributed.PeerLost(
+                f"{error}; the run is saved after outer step {step}; resume with: {self.again('true')}"
             )
         if isinstance(error, OSError):
             where = f" ({error.filename})" if error.filename else ""

@@ -15,7 +15,7 @@ from typing import Any
 from hoexp import distributed
 from hoexp.engine.evaluate import labels, log_step, summarize
 from hoexp.engine.guards import outer_update
-from hoexp.engine.io import RunIO, final_state, num_weights, outcome, preemption_signals, thread_policy
+from hoexp.engine.io import Preempted, RunIO, final_state, num_weights, outcome, preemption_signals, thread_policy
 from hoexp.engine.state import RunState, reset_inner, restore, snapshot, start
 from hoexp.method.base import take
 from hoexp.method.implicit import NoHO
@@ -43,12 +43,14 @@ def run(
                     io.logger.log_text("config", io.config_text)
                 log_step(exp, state, io.logger, 0, {}, force_hist=True)
             io.keep(snapshot(exp, state))
+            signals.check()  # a signal whose exception some library swallowed stops the run here
             loop(
                 exp,
                 state,
                 io,
                 progress
                 or make_progress(s.outer_steps, s.inner_steps, console=io.console, enabled=s.progress and io.main),
+                signals.check,
             )
             io.status = "completed"
         except BaseException as e:
@@ -58,6 +60,9 @@ def run(
             signals.ignore()  # a second signal must not interrupt the writing below
             if isinstance(error, distributed.PeerLost):
                 error = io.peer_outcome(error, signals)
+                io.status, io.error = outcome(error)
+            elif isinstance(error, Preempted) and io.ctx.active:  # torchrun's SIGTERM after a rank was killed
+                error = io.peer_died() or error
                 io.status, io.error = outcome(error)
             summary = run_summary(exp, state, io)
             final = (
@@ -90,8 +95,9 @@ def warming_up(s: RunSettings, evals: list[dict[str, float]], step: int) -> bool
     return True
 
 
-def loop(exp: Runnable, state: RunState, io: RunIO, progress: RunProgress) -> None:
-    """Outer steps ``state.step + 1 .. outer_steps``, each: train, hypergradient, outer update, log, checkpoint."""
+def loop(exp: Runnable, state: RunState, io: RunIO, progress: RunProgress, check: Any = None) -> None:
+    """Outer steps ``state.step + 1 .. outer_steps``, each: train, hypergradient, outer update, log, checkpoint;
+    ``check()`` after each (raises for a signal whose exception was swallowed)."""
     s = exp.settings
     with progress:
         for step in range(state.step + 1, s.outer_steps + 1):
@@ -128,6 +134,8 @@ def loop(exp: Runnable, state: RunState, io: RunIO, progress: RunProgress) -> No
             if s.checkpoint_every and step % s.checkpoint_every == 0:
                 io.write_checkpoint()
             progress.end_outer(step, fields)
+            if check is not None:
+                check()
 
 
 def headline(exp: Runnable, state: RunState, io: RunIO, threads: int, resumed: bool) -> str:

@@ -26,6 +26,7 @@ from torch.func import grad_and_value
 
 from hoexp import tree
 from hoexp.errors import HoexpError
+from hoexp.method.compiling import quiet_compile
 from hoexp.optim import Optimizer
 from hoexp.precision import all_finite
 from hoexp.task.base import Task
@@ -138,7 +139,8 @@ def compiled_step(problem: Task, inner_opt: Optimizer) -> Callable[..., Any]:
             if not first[0]:
                 return compiled(*args)
             try:
-                out = compiled(*args)
+                with quiet_compile():  # tracing and kernels happen here: without their known-harmless messages
+                    out = compiled(*args)
             except Exception as e:  # a missing C++ compiler, an unsupported operation, ...
                 raise HoexpError(
                     f"compile=true: torch.compile failed ({type(e).__name__}: "

@@ -28,6 +28,7 @@ disagreement makes every later call take the eager path (``fallback`` says why).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,6 +38,7 @@ from torch import Tensor
 from torch.func import grad, grad_and_value, jvp, vjp, vmap
 
 from hoexp import tree
+from hoexp.method.compiling import quiet_compile
 from hoexp.method.curvature import SplitLoss
 from hoexp.method.solvers import REASONS, AutoStep, Exact, FixedPoint, Neumann, Solver, TensorSolve, series_scalars
 
@@ -337,7 +339,8 @@ class CompiledIFT:
         if x0 is not None and (x0.shape != (tree.numel(w),) or x0.dtype != next(iter(w.values())).dtype):
             x0 = None
         try:
-            hg, sol, host = self._fn()(w, lam, x0, train_args, val_args)
+            with quiet_compile() if self.compile and not self.checked else contextlib.nullcontext():  # first call
+                hg, sol, host = self._fn()(w, lam, x0, train_args, val_args)
         except Exception as e:  # a compile error, no jvp / vmap rule for an operation, ...
             msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
             self.fallback = (

@@ -31,8 +31,9 @@ missing ones) are expanded with Hydra's override parser, through ``hoexp.config.
 
 from __future__ import annotations
 
+import contextlib
 import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -167,6 +168,28 @@ class Report:
     files: list[Path]
 
 
+@contextlib.contextmanager
+def _named(path: Path) -> Iterator[None]:
+    """An OSError while writing ``path`` (a full disk) is one line naming it; the runs are only read."""
+    try:
+        yield
+    except OSError as e:
+        raise HoexpError(
+            f"report: cannot write {path} ({e.strerror or e}); free some space or choose another folder with "
+            "--out <folder> (the runs were only read, nothing of them changed)"
+        ) from None
+
+
+def _writing(path: Path, write: Callable[..., Any], *args: Any) -> Any:
+    """``write(*args)`` (which writes ``path``) under :func:`_named`; a file it left half-written is removed."""
+    try:
+        with _named(path):
+            return write(*args)
+    except HoexpError:
+        path.unlink(missing_ok=True)
+        raise
+
+
 def build_report(
     paths: Sequence[str | Path], out_dir: str | Path, *, console: Console | None = None, plots: bool = True
 ) -> Report:
@@ -181,7 +204,6 @@ def build_report(
         raise HoexpError(
             f"report: cannot create the output folder {out} ({e.strerror}); choose another with --out <folder>"
         ) from None
-    files: list[Path] = []
     pngs: list[Path] = []
     if plots:
         for name, fn in (
@@ -189,17 +211,17 @@ def build_report(
             ("best_so_far.png", plot_best_so_far),
             ("hparams.png", plot_hparams),
         ):
-            if fn(groups, out / name):
+            if _writing(out / name, fn, groups, out / name):
                 pngs.append(out / name)
-    write_csv(groups, out / "report.csv")
-    write_runs_csv(groups, out / "runs.csv")
+    _writing(out / "report.csv", write_csv, groups, out / "report.csv")
+    _writing(out / "runs.csv", write_runs_csv, groups, out / "runs.csv")
     missing = missing_lines(missing_jobs(runs))
-    write_markdown(groups, out / "report.md", [str(p) for p in paths], pngs, missing)
+    _writing(out / "report.md", write_markdown, groups, out / "report.md", [str(p) for p in paths], pngs, missing)
     summary_lines: list[str] = []
     for f, data in _compare_files(paths):
         md, short = compare_lines(data)
         summary_lines += short
-        with open(out / "report.md", "a", encoding="utf-8") as fh:
+        with _named(out / "report.md"), open(out / "report.md", "a", encoding="utf-8") as fh:
             fh.write("\n".join([f"## hoexp compare: `{f}`", "", *md]))
     files = [out / "report.md", out / "report.csv", out / "runs.csv", *pngs]
     print_table(groups, console, title=f"hoexp report: {len(runs)} run(s), {len(groups)} row(s)")
