@@ -73,8 +73,8 @@ commands:
   report    compare finished runs (folders with summary.json, searched recursively): a table, plus
             report.md, report.csv, runs.csv and PNG plots in --out (default outputs/reports/<date>_<time>):
               hoexp report outputs/multirun/2025-01-01/12-00-00 [more folders] [--out DIR] [--no-plots]
-  compare   HO methods against a fixed baseline, a grid, random search and TPE (Optuna) over the
-            family's global value, at an equal wall-clock budget, over seeds; ends with a report:
+  compare   HO methods against a fixed baseline, a grid, random search, TPE and Hyperband (Optuna) over
+            the family's global value, at equal wall-clock budgets, over seeds; ends with a report:
               hoexp compare experiment=iris_per_weight_decay --methods neumann,cg --seeds 0,1,2
             'hoexp compare --help' lists its options (--grid, --budget-factor, --workers, ...).
   version   print the version

@@ -1,4 +1,10 @@
-"""Black-box search on a wall-clock budget: Optuna ask/tell driven by hoexp (random search, TPE).
+"""Black-box search on a wall-clock budget: Optuna ask/tell driven by hoexp (random search, TPE, Hyperband).
+
+The searchers (:data:`SEARCHERS`): ``random`` (Optuna's RandomSampler) and ``tpe`` (Optuna's default
+TPESampler: since Optuna 5 multivariate, with constant liar), both with a MedianPruner unless
+``prune`` is off; ``hyperband``, the multi-fidelity searcher: the same TPE with Optuna's
+HyperbandPruner (successive halving in ``log_η(max/min resource) + 1`` brackets, η =
+``reduction_factor``) over the intermediate values a trial reports, the resource being the step.
 
 :func:`run_search` asks Optuna for a point, calls ``objective(ctx)`` (``ctx`` holds the trial's
 number and values, and ``ctx.report(step, value)`` feeds Optuna's pruner: it raises
@@ -48,9 +54,10 @@ __all__ = [
     "run_search",
     "read_search",
     "SAMPLERS",
+    "SEARCHERS",
+    "Searcher",
 ]
 
-SAMPLERS = {"random": "random search", "tpe": "TPE"}  # --search names → labels in reports
 WORKER_SEED_STRIDE = 7919
 RESTART_SEED_STRIDE = 104729  # a continued study's samplers: seeded with this × the trials it already has
 
@@ -120,15 +127,18 @@ class SearchSettings:
     budget_s: float
     seed: int = 0
     workers: int = 1
-    prune: bool = True
+    prune: bool = True  # random / tpe: a MedianPruner (hyperband always prunes: that is the searcher)
     prune_startup: int = 3  # MedianPruner: completed trials before any pruning
     prune_warmup: int = 0  # MedianPruner: reported steps before a trial can be pruned
     tpe_startup: int = 5  # TPE: random trials before it models (Optuna's default of 10 is long here)
     max_trials: int | None = None  # also stop after this many trials (None: the budget alone)
+    min_resource: int = 1  # Hyperband: the first step a trial reports (hoexp: eval_every)
+    max_resource: int | None = None  # Hyperband: the last step a trial reports (None: the first finished trial's)
+    reduction_factor: int = 3  # Hyperband: η, the fraction 1/η of a rung's trials promoted
 
     def check(self) -> None:
-        if self.sampler not in SAMPLERS:
-            raise ConfigError(f"unknown search '{self.sampler}'; choose from: {', '.join(SAMPLERS)}")
+        if self.sampler not in SEARCHERS:
+            raise ConfigError(f"unknown search '{self.sampler}'; choose from: {', '.join(SEARCHERS)}")
         if not self.space:
             raise ConfigError("the search space is empty")
         if not (math.isfinite(self.budget_s) and self.budget_s > 0):
@@ -137,6 +147,11 @@ class SearchSettings:
             raise ConfigError(f"--workers must be >= 1, got {self.workers}")
         if self.max_trials is not None and self.max_trials < 1:
             raise ConfigError(f"--max-trials must be >= 1, got {self.max_trials}")
+        if not (1 <= self.min_resource <= (self.max_resource or self.min_resource)) or self.reduction_factor < 2:
+            raise ConfigError(
+                f"Hyperband needs 1 <= min_resource <= max_resource and reduction_factor >= 2, got "
+                f"{self.min_resource}, {self.max_resource}, {self.reduction_factor}"
+            )
 
 
 @dataclass
@@ -212,26 +227,71 @@ def _storage(path: Path):
     return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
 
 
+def _random(settings: SearchSettings, seed: int):
+    import optuna
+
+    return optuna.samplers.RandomSampler(seed=seed)
+
+
+def _tpe(settings: SearchSettings, seed: int):
+    """Optuna's default TPE (Optuna 5: multivariate, constant liar), with hoexp's shorter random start-up."""
+    import optuna
+
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=settings.tpe_startup)
+
+
+def _median(settings: SearchSettings):
+    import optuna
+
+    if not settings.prune:
+        return optuna.pruners.NopPruner()
+    return optuna.pruners.MedianPruner(n_startup_trials=settings.prune_startup, n_warmup_steps=settings.prune_warmup)
+
+
+def _hyperband(settings: SearchSettings):
+    """Hyperband over the reported steps: bracket ``s`` first judges a trial at step ``min_resource · η^s``,
+    then at each η-fold step, keeping the best ``1/η`` of the trials that reached that rung (ASHA's rule)."""
+    import optuna
+
+    return optuna.pruners.HyperbandPruner(
+        min_resource=settings.min_resource,
+        max_resource=settings.max_resource if settings.max_resource is not None else "auto",
+        reduction_factor=settings.reduction_factor,
+    )
+
+
+@dataclass(frozen=True)
+class Searcher:
+    """A ``--search`` choice: its label in reports, its sampler ``(settings, seed)`` and its pruner ``(settings)``."""
+
+    label: str
+    sampler: Callable[[SearchSettings, int], Any]
+    pruner: Callable[[SearchSettings], Any]
+    multi_fidelity: bool = False  # it stops trials early by design (--no-prune does not apply)
+
+
+SEARCHERS = {
+    "random": Searcher("random search", _random, _median),
+    "tpe": Searcher("TPE", _tpe, _median),
+    "hyperband": Searcher("Hyperband (TPE)", _tpe, _hyperband, multi_fidelity=True),
+}
+SAMPLERS = {name: s.label for name, s in SEARCHERS.items()}  # --search names → labels in reports
+
+
 def _study(settings: SearchSettings, storage, name: str, worker: int, restart: int = 0):
     """The study ``name`` (created, or loaded to continue it) with this worker's sampler and the pruner.
     ``restart``: the trials the study held when this start began (0 for a new study): it reseeds the samplers."""
     import optuna
 
     seed = settings.seed + WORKER_SEED_STRIDE * worker + RESTART_SEED_STRIDE * restart
-    sampler: optuna.samplers.BaseSampler
-    if settings.sampler == "tpe":
-        sampler = optuna.samplers.TPESampler(
-            seed=seed, n_startup_trials=settings.tpe_startup, constant_liar=settings.workers > 1
-        )
-    else:
-        sampler = optuna.samplers.RandomSampler(seed=seed)
-    pruner = (
-        optuna.pruners.MedianPruner(n_startup_trials=settings.prune_startup, n_warmup_steps=settings.prune_warmup)
-        if settings.prune
-        else optuna.pruners.NopPruner()
-    )
+    searcher = SEARCHERS[settings.sampler]
     return optuna.create_study(
-        study_name=name, storage=storage, sampler=sampler, pruner=pruner, direction="minimize", load_if_exists=True
+        study_name=name,
+        storage=storage,
+        sampler=searcher.sampler(settings, seed),
+        pruner=searcher.pruner(settings),
+        direction="minimize",
+        load_if_exists=True,
     )
 
 
@@ -247,7 +307,7 @@ def _quiet_optuna() -> None:
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # constant_liar
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 
 def _prepare(objective: Callable[[TrialContext], float]) -> None:

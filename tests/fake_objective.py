@@ -39,3 +39,16 @@ class StopsAt(Sleepy):
                 ctx.report(step, 1.0)
             raise KeyboardInterrupt
         return super().__call__(ctx)
+
+
+class Flat(Sleepy):
+    """:class:`Sleepy` whose good trials all report the same curve 1/step and return 0 (whatever x), so a
+    pruner that compares trials at a step has only the ``bad`` ones to stop."""
+
+    def __call__(self, ctx):
+        ctx.attrs["reported"] = 0
+        for step in range(1, self.steps + 1):
+            time.sleep(self.seconds / self.steps)
+            ctx.attrs["reported"] = step
+            ctx.report(step, 100.0 if ctx.number in self.bad else 1.0 / step)
+        return 100.0 if ctx.number in self.bad else 0.0

@@ -58,13 +58,13 @@ def test_without_pruning_the_bad_trial_runs_to_the_end(tmp_path):
     assert [t.state for t in res.trials] == ["COMPLETE"] * 5 and res.trials[4].value == 100.0
 
 
-@pytest.mark.parametrize("sampler", ["random", "tpe"])
+@pytest.mark.parametrize("sampler", ["random", "tpe", "hyperband"])
 def test_search_is_reproducible_with_a_seed(tmp_path, sampler):
-    def points(seed, name):
+    def points(seed, folder):  # one study name: Hyperband assigns brackets by the name and trial number
         settings = SearchSettings(
             sampler=sampler, space=SPACE, budget_s=60, seed=seed, prune=False, max_trials=8, tpe_startup=3
         )
-        res = run_search(settings, Sleepy(seconds=0.0, steps=2), tmp_path / name, name=name)
+        res = run_search(settings, Sleepy(seconds=0.0, steps=2), tmp_path / folder, name="study")
         return [(t.params["x"], t.value) for t in res.trials]
 
     a, b, c = points(0, "a"), points(0, "b"), points(1, "c")

@@ -43,9 +43,9 @@ class Plan:
     seeds: list[int]
     grid_key: str | None
     grid: list[float]
-    searches: list[str]  # random, tpe
+    searches: list[str]  # random, tpe, hyperband
     space: list[Dim]
-    budget_factor: float | None
+    budget_factor: float | None  # the searches run to this × the seed's slowest HO run (the largest of budget_factors)
     budget_s: float | None
     workers: int = 1
     objective: str = "best"
@@ -57,14 +57,15 @@ class Plan:
     plots: bool = True
     argv: list[str] = field(default_factory=list)
     continues: bool = False  # --out holds an earlier start of this compare
+    budget_factors: list[float] = field(default_factory=list)  # the budgets reported (× HO's wall time), ascending
 
 
 def _parser() -> argparse.ArgumentParser:
     ap = ArgumentParser(
         prog="hoexp compare",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="HO methods against a fixed baseline, a grid, random search and TPE over the family's "
-        "global value, at an equal wall-clock budget, over several seeds; ends with hoexp report.",
+        description="HO methods against a fixed baseline, a grid, random search, TPE and Hyperband over the "
+        "family's global value, at equal wall-clock budgets, over several seeds; ends with hoexp report.",
         epilog="example: hoexp compare experiment=iris_per_weight_decay --methods neumann,cg --seeds 0,1,2 "
         "--budget-factor 3",
     )
@@ -87,7 +88,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--grid-key", default=None, help="the key the grid and the search set (default: hp.<family>.init)")
     ap.add_argument(
-        "--search", default="random,tpe", help="black-box searches: random, tpe, both (default: random,tpe) or none"
+        "--search",
+        default="random,tpe",
+        help="black-box searches, comma-separated: random, tpe (Optuna's default TPE), hyperband (TPE with "
+        "Optuna's HyperbandPruner over the logged validation losses); both = random,tpe (the default); or none",
     )
     ap.add_argument(
         "--space",
@@ -100,9 +104,10 @@ def _parser() -> argparse.ArgumentParser:
     budget = ap.add_mutually_exclusive_group()
     budget.add_argument(
         "--budget-factor",
-        type=float,
         default=None,
-        help="search budget = this × the wall time of the slowest HO run of the seed (default 1)",
+        help="search budget = this × the wall time of the slowest HO run of the seed (default 1); a list "
+        "(e.g. 1,3,10) runs each search once to the largest and reports each search's best trial finished "
+        "within each budget",
     )
     budget.add_argument("--budget-s", type=float, default=None, help="search budget in seconds, per search and seed")
     ap.add_argument("--workers", type=int, default=1, help="local worker processes per search (default 1)")
@@ -112,7 +117,9 @@ def _parser() -> argparse.ArgumentParser:
         default="best",
         help="what the grid and the searches minimize: the best (default) or the final validation loss",
     )
-    ap.add_argument("--no-prune", action="store_true", help="no MedianPruner: every trial runs to the end")
+    ap.add_argument(
+        "--no-prune", action="store_true", help="no MedianPruner for random and tpe: their trials run to the end"
+    )
     ap.add_argument(
         "--prune-warmup",
         type=int,
@@ -247,10 +254,12 @@ def _searches(ns: argparse.Namespace) -> list[str]:
     if searches == ["none"]:
         return []
     if searches == ["both"]:
-        return list(SAMPLERS)
+        return ["random", "tpe"]
     for s in searches:
         if s not in SAMPLERS:
             raise ConfigError(f"unknown search '{s}'; choose from: {', '.join(SAMPLERS)}, both (or none)")
+    if len(set(searches)) != len(searches):
+        raise ConfigError(f"--search names a search twice: {ns.search}")
     return searches
 
 
@@ -273,12 +282,30 @@ def _middle(d: Dim) -> float:
     return math.sqrt(d.low * d.high) if d.log else (d.low + d.high) / 2
 
 
+def _budget_factors(text: str | None, budget_s: float | None) -> list[float]:
+    """``--budget-factor``: positive, distinct factors, ascending (default ``[1]``; none with --budget-s)."""
+    if budget_s is not None:
+        return []
+    if text is None:
+        return [1.0]
+    factors = []
+    for v in (t.strip() for t in text.split(",")):
+        try:
+            x = float(v)
+        except ValueError:
+            raise ConfigError(f"--budget-factor: '{v}' is not a number") from None
+        if not (math.isfinite(x) and x > 0):
+            raise ConfigError(f"--budget-factor must be > 0, got {v}")
+        factors.append(x)
+    if len(set(factors)) != len(factors):
+        raise ConfigError(f"--budget-factor has repeated values: {text}")
+    return sorted(factors)
+
+
 def _check_numbers(ns: argparse.Namespace, outer_steps: int) -> int:
     """The numeric options' bounds; returns the pruner's warm-up (default: a quarter of outer_steps)."""
     if ns.budget_s is not None and not (math.isfinite(ns.budget_s) and ns.budget_s > 0):
         raise ConfigError(f"--budget-s must be > 0, got {ns.budget_s:g}")
-    if ns.budget_factor is not None and not (math.isfinite(ns.budget_factor) and ns.budget_factor > 0):
-        raise ConfigError(f"--budget-factor must be > 0, got {ns.budget_factor:g}")
     if ns.workers < 1:
         raise ConfigError(f"--workers must be >= 1, got {ns.workers}")
     if ns.max_trials is not None and ns.max_trials < 1:
@@ -315,6 +342,7 @@ def parse_args(argv: list[str]) -> Plan:
     first = next((e.partition(":")[0].strip() for e in [*methods, *ns.ho] if e.strip() != "none"), None)
     spec, _ = compose_spec([*base, f"seed={seeds[0]}", *([f"method={first}"] if first else [])])
     warmup = _check_numbers(ns, spec.run.outer_steps)
+    factors = _budget_factors(ns.budget_factor, ns.budget_s)
     ho = _ho_contenders(ns, base, spec, seeds[0])
     none_ov = [*base, f"seed={seeds[0]}", "method=none"]
     _check(none_ov, "the baseline (method=none)")
@@ -329,7 +357,6 @@ def parse_args(argv: list[str]) -> Plan:
                 _check([*none_ov, f"{d.key}={format_value(end)}"], f"search range {d.key}={d.low:g}:{d.high:g}")
         sample = [f"{d.key}={format_value(_middle(d))}" for d in space]
         _check([*none_ov, *sample], f"a search trial ({' '.join(sample)})")
-    factor = None if ns.budget_s is not None else (1.0 if ns.budget_factor is None else ns.budget_factor)
     plan = Plan(
         base=base,
         ho=ho,
@@ -338,7 +365,8 @@ def parse_args(argv: list[str]) -> Plan:
         grid=grid,
         searches=searches,
         space=space,
-        budget_factor=factor,
+        budget_factor=max(factors) if factors else None,
+        budget_factors=factors,
         budget_s=ns.budget_s,
         workers=ns.workers,
         objective=ns.objective,
@@ -404,6 +432,8 @@ def _check_out(plan: Plan) -> bool:
     except Exception:  # noqa: BLE001 - damaged: the folder cannot be continued safely
         raise ConfigError(f"--out {out}: {out / ARGUMENTS} is damaged; choose another --out") from None
     mine = plan_record(plan)["plan"]
+    if isinstance(theirs, dict) and "budget_factors" not in theirs:  # a compare from before lists of factors
+        theirs["budget_factors"] = [] if theirs.get("budget_factor") is None else [theirs["budget_factor"]]
     if theirs != mine:
         shown = "; ".join(_difference(k, mine.get(k), theirs.get(k)) for k in mine if mine.get(k) != theirs.get(k))
         raise ConfigError(
@@ -423,6 +453,7 @@ OPTIONS = {
     "searches": "--search",
     "space": "--space/--search-lr",
     "budget_factor": "--budget-factor",
+    "budget_factors": "--budget-factor",
     "budget_s": "--budget-s",
     "workers": "--workers",
     "objective": "--objective",

@@ -23,7 +23,7 @@ from hoexp.compare.output import Results, compare_json, numbers, pick_best
 from hoexp.compare.trial import Composer, RunTrial, finished, format_value, objective_value, run_one
 from hoexp.errors import ConfigError, HoexpError
 from hoexp.metrics import read_json, write_json_atomic
-from hoexp.search import SAMPLERS, SearchResult, SearchSettings, SearchStopped, read_search, run_search
+from hoexp.search import SAMPLERS, SEARCHERS, SearchResult, SearchSettings, SearchStopped, read_search, run_search
 
 __all__ = ["run_compare"]
 
@@ -102,7 +102,7 @@ class _Compare:
         if plan.searches:
             slowest = max(runs[-1]["wall_time_s"] for runs in r.ho.values())
             budget = plan.budget_s if plan.budget_s is not None else plan.budget_factor * slowest
-            r.budgets[seed] = budget
+            r.budgets[seed], r.units[seed] = budget, slowest
             note = "" if plan.budget_s is not None else f" ({plan.budget_factor:g} × {slowest:.1f} s)"
             for sampler in plan.searches:
                 self.search(seed, sampler, budget, note)
@@ -145,6 +145,7 @@ class _Compare:
         """One search of one seed: run (or continue) it, unless an earlier start finished it (then read it)."""
         plan = self.plan
         sdir = self.out / sampler / f"seed{seed}"
+        run = self.none.spec({"seed": str(seed)})[0].run  # the steps a trial reports: Hyperband's resource
         settings = SearchSettings(
             sampler=sampler,
             space=plan.space,
@@ -155,6 +156,8 @@ class _Compare:
             prune_warmup=plan.prune_warmup,
             max_trials=plan.max_trials,
             tpe_startup=plan.tpe_startup,
+            min_resource=min(run.eval_every, max(run.outer_steps, 1)),
+            max_resource=max(run.outer_steps, 1),
         )
         info = {
             "kind": "search",
@@ -164,7 +167,8 @@ class _Compare:
             "seed": seed,
             "budget_s": budget,
             "workers": plan.workers,
-            "prune": plan.prune,
+            "prune": plan.prune or SEARCHERS[sampler].multi_fidelity,
+            "pruner": _pruner_text(settings),
             "space": {d.key: d.describe() for d in plan.space},
         }
         name = f"{sampler}_seed{seed}"
@@ -199,6 +203,7 @@ class _Compare:
                 "wall_time_s": t.attrs.get("wall_time_s"),
                 "status": t.attrs.get("status"),
                 "path": t.attrs.get("run_dir"),
+                **_losses(t.attrs.get("run_dir") if t.state == "COMPLETE" else None),
             }
             trials.append(rec)
             if rec["path"] and Path(rec["path"]).is_dir():  # the outcome, next to the run
@@ -259,6 +264,29 @@ class _Compare:
         )
         error.exit_code = e.exit_code
         return error
+
+
+def _pruner_text(s: SearchSettings) -> str:
+    """How a search stops trials early, in words (study.json, the report)."""
+    if SEARCHERS[s.sampler].multi_fidelity:
+        return (
+            f"Hyperband: steps {s.min_resource}..{s.max_resource}, reduction factor {s.reduction_factor}, "
+            "over the validation losses each trial logs"
+        )
+    if not s.prune:
+        return "none"
+    return f"MedianPruner: after {s.prune_startup} finished trials, from step {s.prune_warmup}"
+
+
+def _losses(run_dir: str | None) -> dict[str, Any]:
+    """A finished trial's final and best validation and test losses (for the per-budget table)."""
+    if run_dir is None:
+        return {}
+    try:
+        n = numbers(read_json(Path(run_dir) / "summary.json"), Path(run_dir))
+    except (OSError, ValueError):
+        return {}
+    return {b: {k: n[b][k] for k in ("val_loss", "test_loss")} for b in ("final", "best")}
 
 
 def _finished_study(sdir: Path) -> bool:

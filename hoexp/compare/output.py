@@ -1,6 +1,13 @@
 """What ``hoexp compare`` reports: the numbers of each run, the choices made on validation loss
-(:func:`pick_best`), when a search matched an HO run (:func:`match_time`), and ``compare.json``
-(:func:`compare_json`: every contender's runs and mean ± std over seeds)."""
+(:func:`pick_best`), each search's best trial finished within each budget (:func:`best_within`), when a
+search matched an HO run (:func:`time_to_match` on the search's clock, :func:`match_time` in trials), and
+``compare.json`` (:func:`compare_json`: every contender's runs and mean ± std over seeds).
+
+Budgets and times are on a search's clock (seconds since its start, which excludes start-up as an HO
+run's wall time does). A search *starts* trials until its budget (the largest ``--budget-factor``) is
+spent, so its last trial may end after it: the main table's search row counts every trial it started.
+The per-budget table and the time to match count only trials *finished* within a budget: what the
+search would have had, stopped then."""
 
 from __future__ import annotations
 
@@ -8,13 +15,13 @@ import math
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from hoexp.compare.args import Plan
 from hoexp.compare.trial import format_value, objective_value
 from hoexp.search import SAMPLERS
 
-__all__ = ["Results", "compare_json", "match_time", "numbers", "pick_best"]
+__all__ = ["Results", "best_within", "compare_json", "match_time", "numbers", "pick_best", "time_to_match"]
 
 
 @dataclass
@@ -27,6 +34,7 @@ class Results:
     grid_best: list[dict] = field(default_factory=list)
     studies: dict[str, list[dict]] = field(default_factory=dict)  # sampler → one study per seed
     budgets: dict[int, float] = field(default_factory=dict)  # seed → the searches' budget (s)
+    units: dict[int, float] = field(default_factory=dict)  # seed → the slowest HO run's wall time (s)
 
     @classmethod
     def empty(cls, plan: Plan) -> Results:
@@ -61,6 +69,35 @@ def match_time(trials: list[dict[str, Any]], target: float, fixed_s: float) -> d
         "fixed_runs": worth(cum),
         "best_value": best if math.isfinite(best) else None,
     }
+
+
+def _finished_value(t: dict[str, Any]) -> float | None:
+    """A trial's objective if it completed with one (a pruned or failed trial has none)."""
+    v = t.get("value")
+    return float(v) if t.get("state") == "COMPLETE" and v is not None and not math.isnan(float(v)) else None
+
+
+def best_within(trials: list[dict[str, Any]], limit_s: float) -> dict[str, Any] | None:
+    """The trial a search would report had it stopped at ``limit_s`` on its clock: the lowest objective
+    among the COMPLETE trials that *finished* by then (``end_s <= limit_s``); None if none did."""
+    done = [
+        t
+        for t in trials
+        if _finished_value(t) is not None and t.get("end_s") is not None and float(t["end_s"]) <= limit_s
+    ]
+    return min(done, key=lambda t: cast(float, _finished_value(t))) if done else None
+
+
+def time_to_match(trials: list[dict[str, Any]], target: float, limit_s: float) -> float | None:
+    """When a search first had a trial finished with objective ``<= target``: the earliest ``end_s``
+    among such COMPLETE trials (workers may finish out of trial order); None if none by ``limit_s``."""
+    ends = [
+        float(t["end_s"])
+        for t in trials
+        if (v := _finished_value(t)) is not None and v <= target and t.get("end_s") is not None
+    ]
+    first = min(ends, default=math.inf)
+    return first if first <= limit_s else None
 
 
 def numbers(summary: dict[str, Any], path: Path) -> dict[str, Any]:
@@ -145,24 +182,91 @@ def _contenders(plan: Plan, r: Results) -> list[dict[str, Any]]:
     return out
 
 
+def _budgets(plan: Plan, r: Results, seed: int) -> list[tuple[float | None, float]]:
+    """``(factor, seconds)`` of each reported budget of ``seed`` (``--budget-s``: one, factor None)."""
+    if plan.budget_s is not None:
+        return [(None, plan.budget_s)]
+    unit = r.units.get(seed, 0.0)
+    return [(f, f * unit) for f in plan.budget_factors]
+
+
+def _within(plan: Plan, r: Results) -> list[dict[str, Any]]:
+    """Per search and budget: each seed's best trial finished within the budget, and mean ± std over seeds
+    of its objective and of its final validation and test losses (test: reported, never chosen on)."""
+    rows = []
+    for sampler, st in r.studies.items():
+        for i in range(len(plan.budget_factors) if plan.budget_s is None else 1):
+            runs = []
+            for s in st:
+                factor, limit = _budgets(plan, r, s["seed"])[i]
+                t = best_within(s["trials"], limit)
+                runs.append(
+                    {
+                        "seed": s["seed"],
+                        "factor": factor,
+                        "budget_s": limit,
+                        "finished": sum(
+                            1 for x in s["trials"] if x.get("end_s") is not None and float(x["end_s"]) <= limit
+                        ),
+                        "trial": None if t is None else t["number"],
+                        "value": None if t is None else t["value"],
+                        "final": None if t is None else t.get("final"),
+                        "best": None if t is None else t.get("best"),
+                    }
+                )
+            summary = {
+                "value": _mean_std([x["value"] for x in runs]),
+                **{
+                    f"{b}_{k}": _mean_std([(x[b] or {}).get(k) for x in runs])
+                    for b in ("final", "best")
+                    for k in ("val_loss", "test_loss")
+                },
+                "seeds_with_a_trial": sum(1 for x in runs if x["trial"] is not None),
+            }
+            rows.append(
+                {
+                    "search": SAMPLERS[sampler],
+                    "sampler": sampler,
+                    "factor": runs[0]["factor"] if runs else None,
+                    "runs": runs,
+                    "summary": summary,
+                }
+            )
+    return rows
+
+
 def _matches(plan: Plan, r: Results) -> list[dict[str, Any]]:
-    """How long each search took to reach each HO contender's validation loss, in fixed runs' worth."""
+    """For each search, HO contender and seed: when the search first had a trial finished with the HO run's
+    objective or lower, on the search's clock (``wall_s``), in the seed's HO wall time (``ho_walls``) and
+    in fixed runs' worth (``fixed_runs``), or not within its budget (``matched`` false); and, in trial
+    order, the trials and cumulative trial time it took (:func:`match_time`: ``trials``, ``trial_time_s``)."""
     match = []
     fixed = {b["seed"]: float(b["wall_time_s"] or 0) for b in r.baseline}
     for sampler, st in r.studies.items():
         for s in st:
+            seed, unit, fixed_s = s["seed"], r.units.get(s["seed"]), fixed.get(s["seed"], 0.0)
             for name, _ in plan.ho:
-                run = next(x for x in r.ho[name] if x["seed"] == s["seed"])
+                run = next(x for x in r.ho[name] if x["seed"] == seed)
                 target = objective_value(run, plan.objective)
+                wall = time_to_match(s["trials"], target, s["budget_s"])
+                order = match_time(s["trials"], target, fixed_s)
                 match.append(
                     {
                         "search": SAMPLERS[sampler],
                         "ho": name,
-                        "seed": s["seed"],
+                        "seed": seed,
                         "target": target,
                         "budget_s": s["budget_s"],
-                        "fixed_run_s": fixed.get(s["seed"]),
-                        **match_time(s["trials"], target, fixed.get(s["seed"], 0.0)),
+                        "budget_factor": plan.budget_factor,
+                        "ho_wall_s": unit,
+                        "fixed_run_s": fixed.get(seed),
+                        "matched": wall is not None,
+                        "wall_s": wall,
+                        "ho_walls": wall / unit if wall is not None and unit else None,
+                        "fixed_runs": wall / fixed_s if wall is not None and fixed_s > 0 else None,
+                        "trials": order["trials"] if order["matched"] else None,
+                        "trial_time_s": order["time_s"] if order["matched"] else None,
+                        "best_value": order.get("best_value"),
                     }
                 )
     return match
@@ -187,11 +291,16 @@ def compare_json(plan: Plan, r: Results, elapsed: float) -> dict[str, Any]:
                 if plan.budget_s is not None
                 else f"{plan.budget_factor:g} × the wall time of the slowest HO run of the seed"
             ),
+            "factors": plan.budget_factors,
+            "ho_wall_s": {str(k): v for k, v in r.units.items()},
+            "convention": "a search starts trials until its budget is spent; per budget, its best trial "
+            "finished within that budget",
         },
         "workers": plan.workers,
         "prune": plan.prune,
         "prune_warmup": plan.prune_warmup,
         "elapsed_s": elapsed,
         "contenders": _contenders(plan, r),
+        "within": _within(plan, r),
         "match": _matches(plan, r),
     }

@@ -15,9 +15,11 @@ multirun folder or a whole ``outputs/`` tree all work). Runs are gathered into *
   ``hoexp compare`` grid is also a row of its own (``grid point``).
 
 So "HO methods vs random search vs TPE at equal budget" reads as rows with a ``tuning`` column
-(``hypergradients``, ``fixed``, ``grid point``, ``grid search``, ``random search``, ``TPE``) and a
+(``hypergradients``, ``fixed``, ``grid point``, ``grid search``, ``random search``, ``TPE``,
+``Hyperband (TPE)``) and a
 ``wall time`` column. Written to ``--out``: ``report.md`` (the table, one table per study and, for a
-``hoexp compare`` folder, its budgets and when each search matched HO, from ``compare.json``),
+``hoexp compare`` folder, its budgets, each contender's best within each budget and when each search
+matched HO, from ``compare.json``: :mod:`hoexp.report.compare`),
 ``report.csv`` (one line per row), ``runs.csv`` (one line per run: every trial of every study, with
 its searched values), ``val_loss_vs_time.png`` (validation loss and best validation loss so far
 against wall time, the trials of a study back to back, so for trials run in parallel the axis is
@@ -32,7 +34,6 @@ missing ones) are expanded with Hydra's override parser, through ``hoexp.config.
 from __future__ import annotations
 
 import contextlib
-import statistics
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,10 +43,11 @@ from rich.console import Console
 
 from hoexp.errors import HoexpError
 from hoexp.metrics import read_json
-from hoexp.report.group import Group, Member, _fmt_value, _short_key, group_runs
+from hoexp.report.compare import compare_lines
+from hoexp.report.group import Group, Member, group_runs
 from hoexp.report.load import METRICS, RunInfo, gather, missing_jobs, missing_lines
 from hoexp.report.plots import best_so_far, plot_best_so_far, plot_hparams, plot_val_loss_vs_time
-from hoexp.report.tables import _md_table, print_table, write_csv, write_markdown, write_runs_csv
+from hoexp.report.tables import print_table, write_csv, write_markdown, write_runs_csv
 
 __all__ = ["RunInfo", "Member", "Group", "Report", "gather", "group_runs", "build_report", "best_so_far", "METRICS"]
 
@@ -63,100 +65,6 @@ def _compare_files(paths: Sequence[str | Path]) -> list[tuple[Path, dict[str, An
             if isinstance(data, dict) and "contenders" in data:
                 out.append((f, data))
     return out
-
-
-def compare_lines(data: dict[str, Any]) -> tuple[list[str], list[str]]:
-    """Markdown lines for a ``compare.json`` (budgets; when each search matched each HO contender)
-    and the short summary lines printed on the console."""
-    obj = data.get("objective", "best")
-    budget = data.get("budget") or {}
-    per_seed = budget.get("per_seed") or {}
-    md = [
-        f"Objective of the grid and the searches: the **{obj}** validation loss (test loss is never used to "
-        f"choose). Search budget per seed: {budget.get('rule', '?')}"
-        + (": " + ", ".join(f"seed {k}: {v:.1f} s" for k, v in per_seed.items()) if per_seed else "")
-        + f"; {data.get('workers', 1)} worker(s) per search; pruning "
-        + ("on (MedianPruner)" if data.get("prune") else "off")
-        + ".",
-        "",
-    ]
-    studies = [(c["name"], s) for c in data.get("contenders", []) if c.get("kind") == "search" for s in c["studies"]]
-    if studies:
-        rows = []
-        for name, s in studies:
-            states = ", ".join(f"{n} {k.lower()}" for k, n in (s.get("states") or {}).items())
-            params = " ".join(f"{_short_key(k)}={_fmt_value(v)}" for k, v in (s.get("best_params") or {}).items())
-            rows.append(
-                [
-                    name,
-                    str(s["seed"]),
-                    f"{s['budget_s']:.1f}",
-                    f"{s['wall_clock_s']:.1f}",
-                    f"{s['trial_time_s']:.1f}",
-                    f"{s['n_trials']} ({states})",
-                    "—" if s.get("best_trial") is None else f"#{s['best_trial']} {params}",
-                ]
-            )
-        md += _md_table(
-            ["search", "seed", "budget (s)", "spent: wall clock (s)", "spent: trial time (s)", "trials", "best trial"],
-            rows,
-        ) + [""]
-    match = data.get("match") or []
-    short: list[str] = []
-    if match:
-        rows = []
-        for m in match:
-            worth = m.get("fixed_runs")
-            worth_text = "—" if worth is None else f"{worth:.2f}"
-            if m["matched"]:
-                rows.append(
-                    [
-                        m["search"],
-                        m["ho"],
-                        str(m["seed"]),
-                        f"{m['target']:.4f}",
-                        "yes",
-                        str(m["trials"]),
-                        f"{m['time_s']:.1f}",
-                        worth_text,
-                    ]
-                )
-            else:
-                rows.append(
-                    [
-                        m["search"],
-                        m["ho"],
-                        str(m["seed"]),
-                        f"{m['target']:.4f}",
-                        f"no, not in its {m['trials']} trials ({worth_text} fixed runs' worth)",
-                        "—",
-                        "—",
-                        "—",
-                    ]
-                )
-        md += [
-            "When each search's best-so-far validation loss first reached the HO run's (same seed), in trials, "
-            "cumulative trial time and fixed runs' worth (that time / the `method=none` baseline run's "
-            "wall time):",
-            "",
-        ]
-        md += _md_table(
-            ["search", "HO", "seed", "HO val loss", "matched", "trials", "trial time (s)", "fixed runs' worth"], rows
-        ) + [""]
-        for key in dict.fromkeys((m["search"], m["ho"]) for m in match):
-            ms = [m for m in match if (m["search"], m["ho"]) == key]
-            hit = [m["fixed_runs"] for m in ms if m["matched"] and m.get("fixed_runs") is not None]
-            text = f"{key[0]} matched {key[1]}'s {obj} validation loss on {len(hit)}/{len(ms)} seed(s)"
-            if hit:
-                mean = statistics.fmean(hit)
-                text += (
-                    f", after {mean:.2f}"
-                    + (f" ± {statistics.stdev(hit):.2f}" if len(hit) > 1 else "")
-                    + " fixed runs' worth of wall time"
-                )
-            short.append(text)
-        md += [f"- {t}" for t in short] + [""]
-    return md, short
 
 
 # ---------------------------------------------------------------------------------------- report

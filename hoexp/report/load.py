@@ -42,6 +42,7 @@ TUNING_ORDER = {
     "random search": 4,
     "quasi-random search": 5,
     "TPE": 6,
+    "Hyperband (TPE)": 7,
 }
 SAMPLERS = {
     "RandomSampler": "random search",
