@@ -277,7 +277,12 @@ def _check_contenders(
 
 
 def _contender_hypergradients(
-    method: HyperMethod, cspec: Spec, exp: Any, raw: dict[str, Tensor], checkpoints: dict[int, _Checkpoint], at: Sequence[int]
+    method: HyperMethod,
+    cspec: Spec,
+    exp: Any,
+    raw: dict[str, Tensor],
+    checkpoints: dict[int, _Checkpoint],
+    at: Sequence[int],
 ) -> dict[int, Tensor]:
     """The contender's hypergradient at each checkpoint: from the checkpoint's state for stateless
     methods; along its own run from step 0 (no outer updates) for methods that carry state."""
