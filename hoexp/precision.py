@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import Tensor
 
 DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -76,7 +75,3 @@ class Precision:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if self.scaled and state:
             self.state = {"scale": float(state["scale"]), "good": int(state["good"])}
-
-
-def all_finite(grads: dict[str, Tensor]) -> bool:
-    return bool(torch.stack([torch.isfinite(g).all() for g in grads.values()]).all()) if grads else True

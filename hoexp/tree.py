@@ -14,6 +14,12 @@ from torch import Tensor
 Tree = dict[str, Tensor]
 
 
+def all_finite(tensors: Iterable[Tensor]) -> bool:
+    """Whether every entry of every tensor is finite (one host sync for all of them)."""
+    flags = [torch.isfinite(t).all() for t in tensors]
+    return bool(torch.stack(flags).all()) if flags else True
+
+
 def flatten(tensors: Iterable[Tensor]) -> Tensor:
     """Concatenate tensors into one 1-D vector (differentiable; one copy)."""
     return torch.cat([t.reshape(-1) for t in tensors])

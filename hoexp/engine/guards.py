@@ -8,12 +8,13 @@ Neumann or fixed-point series whose residual exceeds 1) gets one warning per run
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from hoexp import tree
 from hoexp.engine.state import RunState
 from hoexp.errors import HoexpError
 from hoexp.types import Runnable
@@ -21,11 +22,6 @@ from hoexp.types import Runnable
 
 class Diverged(HoexpError):
     """A loss or hypergradient became NaN or infinite."""
-
-
-def all_finite(tensors: Sequence[Tensor]) -> bool:
-    """Whether every entry is finite (one host sync for all tensors)."""
-    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()) if tensors else True
 
 
 def outer_update(
@@ -41,7 +37,7 @@ def outer_update(
     if hypergrad is None:  # none, hd: no outer update
         return None
     abort = None
-    if all_finite(list(hypergrad.values())):
+    if tree.all_finite(hypergrad.values()):
         with torch.no_grad():
             state.raw, state.outer_state = exp.outer_opt.update(state.raw, dict(hypergrad), state.outer_state)
             state.raw = exp.task.family.clamp(state.raw)

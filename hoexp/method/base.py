@@ -28,7 +28,6 @@ from hoexp import tree
 from hoexp.errors import HoexpError
 from hoexp.method.compiling import quiet_compile
 from hoexp.optim import Optimizer
-from hoexp.precision import all_finite
 from hoexp.task.base import Task
 from hoexp.types import InnerState, OuterResult, OuterStep
 
@@ -202,7 +201,7 @@ def train_inner(
             if scaler is not None:  # fp16: gradients of scale·L, unscaled; an overflowing step is skipped
                 scale = scaler.scale()
                 grads = {k: g / scale for k, g in zip(w.keys(), torch.autograd.grad(loss * scale, list(w.values())))}
-                finite = all_finite(grads)
+                finite = tree.all_finite(grads.values())
                 scaler.update(finite)
                 if not finite:
                     if on_step is not None:
