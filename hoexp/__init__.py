@@ -42,7 +42,7 @@ def __getattr__(name: str) -> Any:
 
         return compose_spec
     if name == "build":
-        from hoexp.build import build
+        from hoexp.config.build import build
 
         return build
     raise AttributeError(f"module 'hoexp' has no attribute '{name}'")

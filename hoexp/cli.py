@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from hoexp import advice
+from hoexp.engine import advice
 from hoexp.errors import ConfigError, HoexpError, raise_if_stopped, stop_on_signals
 
 if TYPE_CHECKING:
@@ -103,7 +103,7 @@ HYDRA_FLAGS_WITH_VALUE = {
 def fail(message: str, code: int = 2, error: BaseException | None = None) -> None:
     """Print ``hoexp: error: <message>`` and exit with ``code``. In a data-parallel run (``error`` given) ranks
     other than 0 print only their own failures (prefixed ``rank R of N:``, and left for rank 0's summary)."""
-    distributed = sys.modules.get("hoexp.distributed")  # not imported yet: a signal may have cut torch's import
+    distributed = sys.modules.get("hoexp.engine.distributed")  # not imported yet: a signal may have cut torch's import
     if distributed is None:
         if error is not None and isinstance(error, KeyboardInterrupt) and os.environ.get("RANK", "0") != "0":
             sys.exit(code)  # a torchrun job stopped at start-up: rank 0 alone says so
@@ -143,9 +143,9 @@ def _task(cfg) -> float:
     from hydra.types import RunMode
     from omegaconf import OmegaConf
 
-    from hoexp import distributed
     from hoexp.config import validate
-    from hoexp.runner import Diverged, Preempted, run_experiment
+    from hoexp.config.run import Diverged, Preempted, run_experiment
+    from hoexp.engine import distributed
 
     try:
         spec = validate(cfg)
@@ -199,11 +199,11 @@ def claim_output_dir(overrides: list[str], multirun: bool, cfg) -> list[str]:
     """The override that gives this run (sweep) a folder of its own: the configured ``hydra.run.dir``
     (``hydra.sweep.dir``), created now, or that name plus ``-2``, ``-3``, ... when another start took it
     (runs started in the same second). ``[]`` when the command names its folder, which must then be new,
-    empty or hoexp's own (:func:`hoexp.rundir.adopt`; refused before Hydra writes anything into it).
+    empty or hoexp's own (:func:`hoexp.engine.rundir.adopt`; refused before Hydra writes anything into it).
     ``cfg``: the first job's config with Hydra's node."""
     from omegaconf import OmegaConf
 
-    from hoexp import rundir
+    from hoexp.engine import rundir
 
     key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
     path = str(OmegaConf.select(cfg, key))
@@ -223,7 +223,7 @@ def claim_output_dir(overrides: list[str], multirun: bool, cfg) -> list[str]:
 
 def launched_ranks() -> int:
     """The number of processes this command was started as (torchrun, or a multi-task SLURM step); 0 for one."""
-    from hoexp import distributed
+    from hoexp.engine import distributed
 
     ctx = distributed.launched()
     return ctx.world_size if ctx.active else 0
@@ -232,7 +232,7 @@ def launched_ranks() -> int:
 def join_job(overrides: list[str], multirun: bool, cfg) -> list[str]:
     """One run on several processes (``torchrun -m hoexp run``): join the process group, then rank 0 claims the
     run folder (:func:`claim_output_dir`) and every rank takes the same; only rank 0 lets Hydra write ``.hydra/``."""
-    from hoexp import distributed
+    from hoexp.engine import distributed
 
     if multirun:
         raise ConfigError(
@@ -257,8 +257,8 @@ def join_job(overrides: list[str], multirun: bool, cfg) -> list[str]:
 def check_launcher_tasks(cfg, jobs: list[list[str]]) -> None:
     """A launcher with several tasks per job (``hydra/launcher=slurm_ddp``) runs each job data-parallel: every
     job's method must support it (refused in one line before anything is submitted)."""
-    from hoexp.build import check_distributed
     from hoexp.config import validate
+    from hoexp.config.build import check_distributed
 
     launcher = cfg.hydra.launcher
     tasks = int(launcher.get("tasks_per_node", 1) or 1) * int(launcher.get("nodes", 1) or 1)
@@ -353,11 +353,11 @@ def cmd_run(args: list[str]) -> None:
 def cmd_check(args: list[str]) -> None:
     import time
 
-    from hoexp.check import ITERATIONS, check_options, run_check
+    from hoexp.config.run import thread_policy
     from hoexp.errors import ArgumentParser
-    from hoexp.horizon import DEFAULT_CONTENDERS
-    from hoexp.outdir import make_out_dir
-    from hoexp.runner import thread_policy
+    from hoexp.tools.check import ITERATIONS, check_options, run_check
+    from hoexp.tools.horizon import DEFAULT_CONTENDERS
+    from hoexp.tools.outdir import make_out_dir
 
     ap = ArgumentParser(  # errors in one line
         prog="hoexp check",
@@ -405,7 +405,7 @@ def cmd_check(args: list[str]) -> None:
     iterations, at = check_options(ns.iterations, ns.dense_max, ns.at, ns.eps)
     spec, _ = compose_spec(ns.overrides)
     out = make_out_dir(ns.out or f"outputs/check/{time.strftime('%Y-%m-%d_%H-%M-%S')}")
-    from hoexp.build import resolve_device
+    from hoexp.config.build import resolve_device
 
     # Small check problems run fastest on one CPU thread (see runner.thread_policy).
     with thread_policy(spec.run.threads, resolve_device(spec.run.device), 0):
@@ -415,7 +415,7 @@ def cmd_check(args: list[str]) -> None:
         if not console.is_terminal:
             console = Console(width=150)  # a wide table in logs and pipes
         if ns.horizon:
-            from hoexp.horizon import parse_contender, run_horizon
+            from hoexp.tools.horizon import parse_contender, run_horizon
 
             base = [o for o in ns.overrides if not o.startswith(("method=", "method."))]
             contenders = []
@@ -452,7 +452,7 @@ def cmd_report(args: list[str]) -> None:
 
     from rich.console import Console
 
-    from hoexp.report import build_report
+    from hoexp.tools.report import build_report
 
     ap = argparse.ArgumentParser(
         prog="hoexp report",
@@ -474,7 +474,7 @@ def cmd_report(args: list[str]) -> None:
 def cmd_compare(args: list[str]) -> None:
     from rich.console import Console
 
-    from hoexp.compare import parse_args, run_compare
+    from hoexp.tools.compare import parse_args, run_compare
 
     plan = parse_args(args)  # every check before anything runs
     console = Console()

@@ -80,7 +80,7 @@ class OuterResult(NamedTuple):
 
 @dataclass(frozen=True)
 class RunSettings:
-    """The loop's settings (today's ``run`` config group, minus what :func:`hoexp.build.build` consumed).
+    """The loop's settings (today's ``run`` config group, minus what :func:`hoexp.config.build.build` consumed).
 
     ``labels`` name the run's parts in the console and ``summary.json`` (method, hp, dataset, model);
     ``hparams`` are logged to TensorBoard's hparams table at the end.
@@ -147,7 +147,7 @@ class RunSettings:
 
 
 class Runnable(Protocol):
-    """What :func:`hoexp.run` reads of an experiment (:class:`Experiment`, or what :func:`hoexp.build.build` returns)."""
+    """What :func:`hoexp.run` reads of an experiment (:class:`Experiment`, or what :func:`hoexp.config.build.build` returns)."""
 
     @property
     def task(self) -> Task: ...
@@ -172,7 +172,7 @@ class Runnable(Protocol):
 class Experiment:
     """Everything one run needs, as plain objects: what :func:`hoexp.run` runs.
 
-    :func:`hoexp.build.build` makes one from a config (its ``Experiment`` has these attributes too);
+    :func:`hoexp.config.build.build` makes one from a config (its ``Experiment`` has these attributes too);
     from Python, build the task, method and optimizers yourself.
     """
 

@@ -86,15 +86,15 @@ from typing import Any
 import torch
 
 from hoexp import tree
-from hoexp.build import build, build_method
 from hoexp.cli import compose_spec
+from hoexp.config.build import build, build_method
+from hoexp.config.run import thread_policy
 from hoexp.engine.state import start
 from hoexp.errors import run_main
 from hoexp.method.base import InnerState, compiled_step, train_inner
 from hoexp.method.base import outer_step as method_step
 from hoexp.method.functional import FunctionalOperator, hvp_fwd_rev
 from hoexp.method.ift import HessianOperator
-from hoexp.runner import thread_policy
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -607,7 +607,7 @@ def long_unroll_times(args: argparse.Namespace) -> dict[str, Any]:
 def whole_run(problem: str, row: MethodRow, args: argparse.Namespace, outer_steps: int) -> dict[str, Any]:
     from rich.console import Console
 
-    from hoexp.runner import run_experiment
+    from hoexp.config.run import run_experiment
 
     spec = spec_for(
         problem,

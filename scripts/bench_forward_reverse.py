@@ -25,13 +25,13 @@ from rich.table import Table
 from torch.func import functional_call
 
 from hoexp import tree
-from hoexp.check import GraphMemory
 from hoexp.dataset.iris import load_iris
 from hoexp.errors import run_main
 from hoexp.method.forward import forward_hypergradient
 from hoexp.method.unrolled import unrolled_hypergradient
 from hoexp.model.mlp import MLP
 from hoexp.optim import build_optimizer
+from hoexp.tools.check import GraphMemory
 
 
 def problem(num_lrs: int):
@@ -125,8 +125,8 @@ def main() -> None:
     console.print(mem)
 
     # Reversible learning against the unrolled graph: Iris reference MLP, T = 100, γ = 0.9.
-    from hoexp.build import build, build_method
     from hoexp.cli import compose_spec
+    from hoexp.config.build import build, build_method
     from hoexp.dataset.base import Splits
     from hoexp.engine.state import start
     from hoexp.method.base import outer_step

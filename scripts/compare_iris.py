@@ -19,7 +19,7 @@ import sys
 def main() -> None:
     from rich.console import Console
 
-    from hoexp.compare import parse_args, run_compare
+    from hoexp.tools.compare import parse_args, run_compare
 
     args = sys.argv[1:]
     defaults = []

@@ -20,8 +20,8 @@ import math
 
 import torch
 
-from hoexp.build import build
 from hoexp.cli import compose_spec
+from hoexp.config.build import build
 from hoexp.engine.state import start
 from hoexp.errors import ConfigError, run_main
 from hoexp.method.base import train_inner

@@ -19,10 +19,10 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from hoexp import rundir
 from hoexp.cli import compose_spec
+from hoexp.config.run import run_experiment
+from hoexp.engine import rundir
 from hoexp.errors import run_main
-from hoexp.runner import run_experiment
 
 DEFAULT_CONFIGS = [
     "none",

@@ -19,11 +19,11 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from hoexp import rundir
 from hoexp.cli import compose_spec
+from hoexp.config.run import run_experiment
+from hoexp.engine import rundir
+from hoexp.engine.metrics import read_jsonl
 from hoexp.errors import run_main
-from hoexp.metrics import read_jsonl
-from hoexp.runner import run_experiment
 
 
 def main() -> None:

@@ -16,7 +16,7 @@ import argparse
 
 import torch
 
-from hoexp.build import build
+from hoexp.config.build import build
 from hoexp.config.compose import compose_spec
 from hoexp.method.base import train_inner
 from hoexp.method.unrolled import unrolled_hypergradient

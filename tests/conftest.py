@@ -34,8 +34,8 @@ def compose():
 
 @pytest.fixture
 def tiny_experiment():
-    """``tiny_experiment(*overrides)`` → a built :class:`~hoexp.build.Experiment` of :data:`TINY` plus overrides."""
-    from hoexp.build import build
+    """``tiny_experiment(*overrides)`` → a built :class:`~hoexp.config.build.Experiment` of :data:`TINY` plus overrides."""
     from hoexp.cli import compose_spec
+    from hoexp.config.build import build
 
     return lambda *overrides: build(compose_spec([*TINY, *overrides])[0])

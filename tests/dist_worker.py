@@ -38,9 +38,9 @@ CASES = {
 def outer_step(name: str, sync: bool = True) -> dict[str, torch.Tensor]:
     """The hypergradient (and weights after the step) of one outer step of 3 inner steps; in a data-parallel
     process on its shards of every batch (``sync=False``: without averaging derivatives over the ranks)."""
-    from hoexp import distributed
-    from hoexp.build import build, build_method
     from hoexp.cli import compose_spec
+    from hoexp.config.build import build, build_method
+    from hoexp.engine import distributed
     from hoexp.method.base import InnerState
     from hoexp.method.base import outer_step as method_step
     from hoexp.task.streams import FullBatch

@@ -12,8 +12,9 @@ from rich.console import Console
 from torch import nn
 
 import hoexp
-from hoexp.build import build, build_method
 from hoexp.cli import compose_spec
+from hoexp.config.build import build, build_method
+from hoexp.config.run import run_experiment
 from hoexp.engine import RunIO
 from hoexp.errors import ConfigError
 from hoexp.hp.dropout import GRANULARITIES, Dropout, bernoulli_mask
@@ -21,7 +22,6 @@ from hoexp.method.implicit import NoHO
 from hoexp.model.lstm import LSTMLanguageModel
 from hoexp.model.mlp import MLP
 from hoexp.optim import build_optimizer
-from hoexp.runner import run_experiment
 from hoexp.task import LanguageModel
 from hoexp.task.language_model import lm_data
 
@@ -191,7 +191,7 @@ def _method_class(path):
 
     import yaml
 
-    from hoexp.build import declared_type
+    from hoexp.config.build import declared_type
 
     module, _, name = yaml.safe_load(path.read_text())["_target_"].rpartition(".")
     target = getattr(importlib.import_module(module), name)
@@ -201,7 +201,7 @@ def _method_class(path):
 def test_the_refusal_reads_every_family_and_the_declared_capabilities():
     from pathlib import Path
 
-    from hoexp.build import check_pathwise
+    from hoexp.config.build import check_pathwise
 
     methods = {p.stem: _method_class(p) for p in (Path(hoexp.__file__).parent / "conf" / "method").glob("*.yaml")}
     assert all("needs_pathwise_hp" in vars(cls) for cls in methods.values()), "every built-in method declares it"

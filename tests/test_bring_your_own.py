@@ -161,8 +161,8 @@ def write_configs(folder: Path) -> Path:
 
 
 def test_own_components_run_from_python(tmp_path, compose):
-    from hoexp.build import build
-    from hoexp.runner import run_experiment
+    from hoexp.config.build import build
+    from hoexp.config.run import run_experiment
 
     conf = write_configs(tmp_path / "conf")
     spec = compose(*OVERRIDES, config_dir=conf)
@@ -224,7 +224,7 @@ def test_own_option_errors_are_one_line_from_the_signature(tmp_path, capsys):
 def test_own_method_matches_truncated_reverse_mode_through_one_step(tmp_path, compose):
     """The method above, run from its YAML, equals hoexp's truncated k=1 (plain SGD) at the same point, for a
     family that moves w* (l1) and one that changes only the path (lr: allowed, it differentiates a step)."""
-    from hoexp.build import build
+    from hoexp.config.build import build
     from hoexp.engine import start
     from hoexp.method.base import outer_step
 
@@ -270,7 +270,7 @@ def test_hoexp_check_reads_your_config_folder_too(tmp_path):
 def test_hoexp_compare_accepts_your_config_folder(tmp_path):
     """hoexp compare plans HO with your method against a grid of your family's value (checked, nothing run)."""
     from hoexp.cli import with_config_dir
-    from hoexp.compare import parse_args
+    from hoexp.tools.compare import parse_args
 
     conf = write_configs(tmp_path / "conf")
     plan = parse_args(

@@ -6,8 +6,8 @@ import json
 import pytest
 from rich.console import Console
 
-from hoexp.check import run_check
 from hoexp.cli import compose_spec, main
+from hoexp.tools.check import run_check
 
 # A tiny tanh MLP with a strong decay, trained long enough that the Hessian is positive definite.
 TINY = [

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from hoexp.cli import main
-from hoexp.metrics import read_jsonl
+from hoexp.engine.metrics import read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from hoexp.cli import main
-from hoexp.compare import match_time, objective_value, parse_args, pick_best
-from hoexp.search import Dim, Pruned, SearchSettings, parse_dim, run_search
+from hoexp.tools.compare import match_time, objective_value, parse_args, pick_best
+from hoexp.tools.search import Dim, Pruned, SearchSettings, parse_dim, run_search
 from tests.fake_objective import Sleepy, StopsAt
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -111,7 +111,7 @@ def test_an_objective_error_fails_its_trial_and_ends_the_search(tmp_path):
 def _journal_trials(folder, name="search"):
     import optuna
 
-    from hoexp.search import _storage
+    from hoexp.tools.search import _storage
 
     return optuna.load_study(study_name=name, storage=_storage(Path(folder) / "journal.log")).get_trials()
 
@@ -292,7 +292,7 @@ def test_an_unwritable_out_is_one_line_naming_the_folder_before_anything_runs(tm
 def test_out_holding_another_compare_is_refused_with_the_command_that_continues_it(tmp_path, capsys):
     """A compare folder keeps its arguments (arguments.json): the same arguments continue it (in any
     order, --no-plots aside), other ones are refused in one line naming the difference and the command."""
-    from hoexp.compare.args import ARGUMENTS, plan_record
+    from hoexp.tools.compare.args import ARGUMENTS, plan_record
 
     out = tmp_path / "out"
     first = ["outer_steps=2", "--grid", "none", "--search", "none", "--seeds", "0,1"]
@@ -325,7 +325,7 @@ def test_every_value_compare_writes_reads_back_as_the_same_number_in_hydra_and_y
     import yaml
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    from hoexp.compare import format_value
+    from hoexp.tools.compare import format_value
 
     parser = OverridesParser.create()
     for v in _family_values():
@@ -337,8 +337,8 @@ def test_every_value_compare_writes_reads_back_as_the_same_number_in_hydra_and_y
 
 def _planned_runs(plan):
     """Every run the compare plan makes, as (Composer, updates) on the path the runs take."""
-    from hoexp.compare.args import _middle
-    from hoexp.compare.trial import Composer, format_value
+    from hoexp.tools.compare.args import _middle
+    from hoexp.tools.compare.trial import Composer, format_value
 
     seed = {"seed": str(plan.seeds[0])}
     none = Composer([*plan.base, "method=none"])
@@ -379,15 +379,15 @@ def test_every_run_of_each_documented_compare_command_composes_as_it_will_run(tm
     composes on the path the runs take, not only as an override."""
     import shlex
 
-    from hoexp.compare.args import _parser
+    from hoexp.tools.compare.args import _parser
 
     if command == "SCRIPT":  # the script's own defaults, captured where it calls run_compare
         import runpy
 
-        import hoexp.compare
+        import hoexp.tools.compare
 
         captured = []
-        monkeypatch.setattr(hoexp.compare, "run_compare", lambda plan, console=None: captured.append(plan))
+        monkeypatch.setattr(hoexp.tools.compare, "run_compare", lambda plan, console=None: captured.append(plan))
         monkeypatch.setattr(sys, "argv", ["compare_iris.py", "--out", str(tmp_path / "out")])
         runpy.run_path(str(ROOT / "scripts" / "compare_iris.py"), run_name="__main__")
         (plan,) = captured
@@ -573,7 +573,7 @@ def test_compare_end_to_end_on_a_tiny_budget(tmp_path):
 
 @pytest.mark.parametrize("value,expected", [("both", ["random", "tpe"]), ("tpe", ["tpe"]), ("none", [])])
 def test_search_names_parse_as_the_help_says(tmp_path, value, expected):
-    from hoexp.compare import parse_args
+    from hoexp.tools.compare import parse_args
 
     plan = parse_args(["--search", value, "--out", str(tmp_path / "out")])
     assert plan.searches == expected
@@ -581,8 +581,8 @@ def test_search_names_parse_as_the_help_says(tmp_path, value, expected):
 
 def test_the_preset_is_checked_with_the_method_compare_runs_not_its_own():
     """mnist_dropout's own method (t1t2) refuses hard masks; with --methods the contender's check is the one made."""
-    from hoexp.compare import parse_args
     from hoexp.errors import ConfigError
+    from hoexp.tools.compare import parse_args
 
     bernoulli = ["experiment=mnist_dropout", "hp.dropout.relaxation=bernoulli"]
     with pytest.raises(ConfigError, match="^method=t1t2 cannot tune hp=dropout: relaxation=bernoulli"):

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from hoexp.compare import parse_args
-from hoexp.compare.args import Plan
-from hoexp.compare.output import Results, best_within, compare_json, time_to_match
-from hoexp.report.compare import compare_lines
-from hoexp.search import SEARCHERS, Dim, SearchSettings, _storage, _study, run_search
+from hoexp.tools.compare import parse_args
+from hoexp.tools.compare.args import Plan
+from hoexp.tools.compare.output import Results, best_within, compare_json, time_to_match
+from hoexp.tools.report.compare import compare_lines
+from hoexp.tools.search import SEARCHERS, Dim, SearchSettings, _storage, _study, run_search
 from tests.fake_objective import Flat
 
 SPACE = [Dim("x", 1e-6, 1.0, log=True)]
@@ -163,7 +163,7 @@ def test_compare_json_reports_each_budget_per_seed_and_the_time_to_match_in_ho_a
 def test_budget_factors_and_search_names_parse(tmp_path):
     from argparse import Namespace
 
-    from hoexp.compare.args import _budget_factors, _searches
+    from hoexp.tools.compare.args import _budget_factors, _searches
 
     plan = parse_args(["--search", "random,tpe,hyperband", "--budget-factor", "10,1,3", "--out", str(tmp_path / "o")])
     assert plan.searches == ["random", "tpe", "hyperband"]
@@ -193,7 +193,7 @@ def test_bad_budgets_and_searches_are_one_line(tmp_path, args, expected):
 def test_a_compare_folder_from_before_lists_of_factors_continues(tmp_path):
     """arguments.json written before --budget-factor took a list has no budget_factors: the same command
     continues it."""
-    from hoexp.compare.args import ARGUMENTS, plan_record
+    from hoexp.tools.compare.args import ARGUMENTS, plan_record
 
     argv = ["outer_steps=2", "--grid", "none", "--search", "none", "--budget-factor", "3"]
     record = plan_record(parse_args([*argv, "--out", str(tmp_path / "o")]))

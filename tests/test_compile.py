@@ -10,12 +10,12 @@ import pytest
 import torch
 from rich.console import Console
 
-from hoexp.build import build
 from hoexp.cli import compose_spec
+from hoexp.config.build import build
+from hoexp.config.run import run_experiment
 from hoexp.engine import start
 from hoexp.errors import ConfigError, HoexpError
 from hoexp.method.base import train_inner
-from hoexp.runner import run_experiment
 
 # torch.compile's CPU backend (inductor) builds C++ kernels; without a compiler compile=true reports
 # a one-line error (tested below) and these comparisons cannot run.

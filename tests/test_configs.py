@@ -10,9 +10,9 @@ import inspect
 import pytest
 import torch
 
-from hoexp.build import build, preflight
 from hoexp.cli import CONF_DIR, _compose, compose_spec, group_options
 from hoexp.config import Component, validate
+from hoexp.config.build import build, preflight
 
 # Options that need another group's option to make sense (the rest compose with the default experiment).
 CONTEXT = {

@@ -1,4 +1,4 @@
-"""Data-parallel HO (hoexp.distributed): N processes compute what one process computes on the concatenated
+"""Data-parallel HO (hoexp.engine.distributed): N processes compute what one process computes on the concatenated
 batch; a torchrun run writes one folder, resumes after a kill, and a failing rank ends it with one line."""
 
 import json

@@ -10,7 +10,7 @@ import json
 import pytest
 
 from hoexp.cli import compose_spec
-from hoexp.runner import run_experiment
+from hoexp.config.run import run_experiment
 
 SHORT = [
     "experiment=mnist_dropout",

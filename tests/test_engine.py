@@ -10,11 +10,11 @@ from rich.console import Console
 import hoexp
 from hoexp.dataset.iris import load_iris
 from hoexp.engine import RunIO, start
+from hoexp.engine.metrics import MemoryLogger
 from hoexp.hp.weight_decay import WeightDecay
 from hoexp.method.base import inner_scalars, train_inner
 from hoexp.method.implicit import ImplicitMethod, NoHO
 from hoexp.method.solvers import Neumann
-from hoexp.metrics import MemoryLogger
 from hoexp.model.mlp import MLP
 from hoexp.optim import build_optimizer
 from hoexp.task import Classification
@@ -105,7 +105,7 @@ def test_warmup_trains_without_hypergradients_then_hands_over_to_the_method():
 
 
 def test_warmup_until_plateau_waits_for_the_validation_loss_to_rise():
-    from hoexp.engine.runner import warming_up
+    from hoexp.engine.loop import warming_up
 
     s = hoexp.RunSettings(outer_steps=9, inner_steps=1, warmup=2, warmup_until_plateau=True)
     evals = [{"step": 0, "val_loss": 9.0}, {"step": 2, "val_loss": 1.0}, {"step": 4, "val_loss": 0.5}]
@@ -140,8 +140,8 @@ def test_start_is_the_set_up_every_caller_shares():
 
 def test_the_engine_on_built_objects_gives_the_configured_run_s_pinned_numbers():
     """``hoexp.run`` on the objects ``build`` makes (no folder) = ``run_experiment`` (tests/test_pinned.py)."""
-    from hoexp.build import build
     from hoexp.cli import compose_spec
+    from hoexp.config.build import build
     from tests.test_pinned import PINNED
 
     spec, _ = compose_spec(["outer_steps=3", "inner_steps=10", "progress=false", "dtype=float64", "seed=0"])

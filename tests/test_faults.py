@@ -13,17 +13,17 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from hoexp import rundir
 from hoexp.cli import compose_spec, main
+from hoexp.config.run import Run
+from hoexp.engine import rundir
 from hoexp.errors import HoexpError
-from hoexp.runner import Run
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["model.width=8", "model.depth=1", "progress=false", "outer_steps=4", "inner_steps=3", "checkpoint_every=1"]
 
 
 class FullAfter:
-    """``open`` for hoexp.rundir: the ``n``-th write of a file named ``name`` writes half its bytes,
+    """``open`` for hoexp.engine.rundir: the ``n``-th write of a file named ``name`` writes half its bytes,
     then fails with ENOSPC (as a disk that fills up during the write)."""
 
     def __init__(self, name, n):
@@ -80,7 +80,7 @@ def test_disk_full_from_the_command_line_is_one_line(tmp_path, monkeypatch, caps
 
 
 def test_disk_full_in_the_metrics_file_names_it(tmp_path, monkeypatch):
-    from hoexp import metrics
+    from hoexp.engine import metrics
 
     real = metrics.JsonlLogger.log_scalars
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hoexp.build import build
 from hoexp.cli import compose_spec
+from hoexp.config.build import build
 from hoexp.engine import start
 from hoexp.method.base import outer_step
 from hoexp.method.hd import HDMethod, hd_init, hd_sgd_step

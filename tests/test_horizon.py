@@ -5,11 +5,11 @@ import json
 import torch
 
 from hoexp import tree
-from hoexp.build import build, build_method
 from hoexp.cli import compose_spec
+from hoexp.config.build import build, build_method
 from hoexp.engine import start
-from hoexp.horizon import agreement, central_differences, parse_contender, run_horizon
 from hoexp.method.base import InnerState, outer_step, train_inner
+from hoexp.tools.horizon import agreement, central_differences, parse_contender, run_horizon
 from tests.problems import Ridge, rel_err
 
 TINY = [

@@ -14,8 +14,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from hoexp import tree
-from hoexp.build import build, build_method
 from hoexp.cli import compose_spec
+from hoexp.config.build import build, build_method
 from hoexp.engine import start
 from hoexp.method.base import outer_step, train_inner
 from hoexp.method.ift import HessianOperator

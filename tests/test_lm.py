@@ -8,9 +8,9 @@ import torch
 from rich.console import Console
 
 from hoexp.cli import compose_spec
+from hoexp.config.run import run_experiment
 from hoexp.dataset.ptb import batchify
 from hoexp.model.lstm import LSTMLanguageModel, lm_loss
-from hoexp.runner import run_experiment
 from hoexp.task import LanguageModel
 from hoexp.task.streams import BPTTStream
 
@@ -104,7 +104,7 @@ def test_mnist_per_weight_decay_preset_runs(tmp_path):
 
 def test_dataset_model_mismatch_is_refused():
     """The model factory receives the loaded data and refuses what it cannot fit: one line when the run is built."""
-    from hoexp.build import build
+    from hoexp.config.build import build
     from hoexp.errors import ConfigError
 
     with pytest.raises(ConfigError, match="model=lstm does not fit dataset=iris: .*model=mlp fits them"):

@@ -13,6 +13,7 @@ from rich.console import Console
 
 from hoexp import tree
 from hoexp.cli import compose_spec
+from hoexp.config.run import Preempted, Run
 from hoexp.hp.composite import Composite
 from hoexp.hp.dropout import Dropout
 from hoexp.hp.weight_decay import WeightDecay
@@ -24,7 +25,6 @@ from hoexp.method.solvers import AutoStep, ConjugateGradient, Damped, Exact, Fix
 from hoexp.model.lstm import LSTMLanguageModel
 from hoexp.model.mlp import MLP
 from hoexp.optim import build_optimizer
-from hoexp.runner import Preempted, Run
 from hoexp.task import Classification, LanguageModel
 from hoexp.task.streams import WithNoise
 from tests.problems import Ridge, rel_err
@@ -327,7 +327,7 @@ def test_auto_alpha_is_re_estimated_every_alpha_every_steps_and_reset():
 
 
 def test_build_wires_the_options():
-    from hoexp.build import build_method
+    from hoexp.config.build import build_method
 
     m = build_method(
         compose_spec(

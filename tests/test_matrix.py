@@ -11,8 +11,8 @@ import itertools
 import pytest
 import torch
 
-from hoexp.build import build, build_method
 from hoexp.cli import compose_spec
+from hoexp.config.build import build, build_method
 from hoexp.engine import start
 from hoexp.errors import ConfigError
 from hoexp.method.base import InnerState, outer_step, train_inner

@@ -1,4 +1,4 @@
-"""Tests for hoexp.metrics and hoexp.progress (fast, CPU only)."""
+"""Tests for hoexp.engine.metrics and hoexp.engine.progress (fast, CPU only)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 import torch
 from rich.console import Console
 
-from hoexp.metrics import (
+from hoexp.engine.metrics import (
     JsonlLogger,
     MemoryLogger,
     MetricLogger,
@@ -23,7 +23,7 @@ from hoexp.metrics import (
     tensor_stats,
     write_json_atomic,
 )
-from hoexp.progress import NullProgress, PlainProgress, RichProgress, RunProgress, format_fields, make_progress
+from hoexp.engine.progress import NullProgress, PlainProgress, RichProgress, RunProgress, format_fields, make_progress
 
 
 def _strict_loads(line: str):

@@ -16,13 +16,13 @@ import torch
 from rich.console import Console
 
 import hoexp.method.es as es
-from hoexp.build import build, build_method
 from hoexp.cli import compose_spec
+from hoexp.config.build import build, build_method
+from hoexp.config.run import Preempted, Run
 from hoexp.errors import ConfigError
 from hoexp.method.base import InnerState, outer_step
 from hoexp.method.es import ESMethod
 from hoexp.optim.sgd import sgd
-from hoexp.runner import Preempted, Run
 from hoexp.task.streams import FullBatch
 from hoexp.types import OuterStep
 

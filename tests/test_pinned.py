@@ -11,8 +11,8 @@ import pytest
 from rich.console import Console
 
 from hoexp.cli import compose_spec
-from hoexp.metrics import MemoryLogger
-from hoexp.runner import run_experiment
+from hoexp.config.run import run_experiment
+from hoexp.engine.metrics import MemoryLogger
 
 # overrides → (final validation loss, final mean hyperparameter, hypergradient norms at outer steps 1-3)
 PINNED = {

@@ -3,15 +3,15 @@
 import pytest
 import torch
 
-from hoexp.build import build, build_method
 from hoexp.cli import compose_spec
+from hoexp.config.build import build, build_method
 from hoexp.engine import start
+from hoexp.engine.precision import Precision
 from hoexp.errors import ConfigError
 from hoexp.method.base import InnerState, outer_step, train_inner
 from hoexp.method.curvature import SplitLoss
 from hoexp.method.ift import ift_hypergradient
 from hoexp.method.solvers import Neumann
-from hoexp.precision import Precision
 from hoexp.task.streams import FullBatch
 
 SMALL = ["model.width=32", "progress=false", "hp.weight_decay.granularity=per_layer", "method.terms=3"]

@@ -73,7 +73,7 @@ COMPARE_LINES = [
 @pytest.mark.parametrize("line", COMPARE_LINES)
 def test_readme_compare_line_validates(line, tmp_path):
     """Every check hoexp compare makes before running anything (its folder: a scratch one)."""
-    from hoexp.compare import parse_args
+    from hoexp.tools.compare import parse_args
 
     words = shlex.split(line)
     args = [a for a in words[words.index("compare") + 1 :] if "<" not in a and a != "..."]

@@ -19,10 +19,10 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from hoexp import rundir
 from hoexp.cli import compose_spec, main
+from hoexp.config.run import Run
+from hoexp.engine import rundir
 from hoexp.errors import ConfigError, HoexpError, Stopped, raise_if_stopped, stop_on_signals
-from hoexp.runner import Run
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = ["model.width=8", "model.depth=1", "progress=false", "checkpoint_every=1"]

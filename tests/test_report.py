@@ -17,8 +17,8 @@ import yaml
 from rich.console import Console
 
 from hoexp.cli import main
-from hoexp.metrics import read_jsonl, write_json_atomic
-from hoexp.report import build_report
+from hoexp.engine.metrics import read_jsonl, write_json_atomic
+from hoexp.tools.report import build_report
 
 ROOT = Path(__file__).resolve().parents[1]
 BASIC = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
@@ -324,7 +324,7 @@ def test_compare_studies_grids_and_their_objective(tmp_path):
 
 
 def test_best_so_far_of_a_study_is_over_finished_trials_at_cumulative_trial_time(tmp_path):
-    from hoexp.report import best_so_far
+    from hoexp.tools.report import best_so_far
 
     compare_study(
         tmp_path / "s",

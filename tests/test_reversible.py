@@ -305,8 +305,8 @@ def test_reversible_learns_lr_schedules_and_momentum_like_unrolled_reverse_mode(
     """Maclaurin et al.'s use: per-layer, per-step learning rates and momentum. The reversible
     hypergradient equals unrolled reverse mode through torch-style momentum SGD (the runner's
     optim/inner=momentum) and central finite differences of the same 8 steps."""
-    from hoexp.build import build, build_method
     from hoexp.cli import compose_spec
+    from hoexp.config.build import build, build_method
     from hoexp.method.base import train_inner
     from hoexp.task.streams import FullBatch
 
@@ -352,7 +352,7 @@ def test_reversible_with_a_learning_rate_is_no_longer_refused(tmp_path):
     from rich.console import Console
 
     from hoexp.cli import compose_spec
-    from hoexp.runner import run_experiment
+    from hoexp.config.run import run_experiment
 
     spec, _ = compose_spec([*LR_BASE, "hp=lr", "hp.lr.granularity=per_step", "method=reversible", "outer_steps=2"])
     summary = run_experiment(spec, tmp_path, console=Console(file=io.StringIO()))

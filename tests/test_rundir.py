@@ -15,10 +15,10 @@ import pytest
 import torch
 from rich.console import Console
 
-from hoexp import rundir
 from hoexp.cli import compose_spec, main
+from hoexp.config.run import Preempted, Run
+from hoexp.engine import rundir
 from hoexp.errors import ConfigError, HoexpError
-from hoexp.runner import Preempted, Run
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["model.width=8", "model.depth=1", "progress=false", "outer_steps=3", "inner_steps=3", "checkpoint_every=1"]
@@ -95,7 +95,7 @@ def test_second_command_on_a_busy_folder_is_one_line(tmp_path):
 def test_a_lock_dies_with_its_process(tmp_path):
     """kill -9 leaves the lock file but not the lock: the folder can be resumed at once."""
     code = (
-        f"from hoexp.rundir import RunLock; import os, signal; RunLock({str(tmp_path)!r}).__enter__(); "
+        f"from hoexp.engine.rundir import RunLock; import os, signal; RunLock({str(tmp_path)!r}).__enter__(); "
         "os.kill(os.getpid(), signal.SIGKILL)"
     )
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, timeout=60)

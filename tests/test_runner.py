@@ -7,12 +7,12 @@ import torch
 from rich.console import Console
 
 from hoexp import engine
-from hoexp.build import build
 from hoexp.cli import compose_spec
+from hoexp.config.build import build
+from hoexp.config.run import run_experiment
+from hoexp.engine.metrics import MemoryLogger
 from hoexp.errors import ConfigError
 from hoexp.method.base import outer_step, train_inner
-from hoexp.metrics import MemoryLogger
-from hoexp.runner import run_experiment
 from hoexp.task.streams import FullBatch
 
 SMALL = ["model.width=8", "model.depth=1", "progress=false", "dtype=float64"]
@@ -60,7 +60,7 @@ def test_same_seed_same_run(tmp_path):
 @pytest.mark.slow
 def test_runner_methods_agree_with_exact_at_the_same_point():
     """Inside the runner's method objects: CG and Neumann against the dense solve, same weights."""
-    from hoexp.build import build_method
+    from hoexp.config.build import build_method
 
     smooth = [
         *SMALL,
@@ -123,8 +123,8 @@ def test_failed_run_still_writes_summary(tmp_path, monkeypatch):
 def test_nonfinite_hypergradients_are_skipped_then_abort(tmp_path, monkeypatch):
     import json
 
+    from hoexp.config.run import Diverged
     from hoexp.method import implicit
-    from hoexp.runner import Diverged
 
     real = implicit.ift_hypergradient
     calls = {"n": 0}
@@ -149,7 +149,7 @@ def test_nonfinite_hypergradients_are_skipped_then_abort(tmp_path, monkeypatch):
 def test_nonfinite_training_loss_stops_the_run(tmp_path):
     import json
 
-    from hoexp.runner import Diverged
+    from hoexp.config.run import Diverged
 
     with pytest.raises(Diverged, match="training loss became nan at outer step 1; lower optim.inner.lr"):
         run(tmp_path, "optim.inner.lr=1e12", "outer_steps=3", "inner_steps=20")
@@ -174,7 +174,7 @@ def test_every_method_runs_in_the_runner(tmp_path, method):
 
 
 def test_unrolled_and_forward_agree_inside_the_runner():
-    from hoexp.build import build_method
+    from hoexp.config.build import build_method
 
     base = [*SMALL, "hp.weight_decay.granularity=per_layer"]
     exp, state, raw, val = start([*base, "method=unrolled"])
@@ -208,7 +208,7 @@ def test_hd_adapts_the_learning_rate_in_the_runner(tmp_path, variant):
 
 def test_reversible_matches_unrolled_inside_the_runner():
     """Same first outer step (momentum buffer starts at zero in both): same hypergradient and weights."""
-    from hoexp.build import build_method
+    from hoexp.config.build import build_method
 
     # γ = 0.75 is exactly representable (reversible learning rounds γ to a multiple of 2^-16).
     base = [*SMALL, "optim/inner=momentum", "optim.inner.lr=0.05", "optim.inner.momentum=0.75"]

@@ -16,8 +16,8 @@ import torch
 
 import hoexp
 from hoexp import tree
-from hoexp.build import build_method
 from hoexp.cli import compose_spec
+from hoexp.config.build import build_method
 from hoexp.errors import ConfigError, HoexpError
 from hoexp.method.base import outer_step, train_inner
 from hoexp.method.curvature import GaussNewtonOperator, HessianOperator, SplitLoss

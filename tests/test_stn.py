@@ -15,12 +15,12 @@ from rich.console import Console
 
 from hoexp import tree
 from hoexp.cli import compose_spec
+from hoexp.config.run import Preempted, Run
 from hoexp.errors import ConfigError
 from hoexp.hp.weight_decay import WeightDecay
 from hoexp.method.base import InnerState, outer_step
 from hoexp.method.stn import STN, init_response, offset, respond, shift, stn_hypergradient
 from hoexp.optim import build_optimizer
-from hoexp.runner import Preempted, Run
 from hoexp.types import OuterStep
 from tests.problems import Ridge, rel_err
 from tests.test_long_horizon_ift import _StopAt, relu_mlp, tiny_lstm
@@ -142,7 +142,7 @@ def test_one_outer_step_on_the_lstm_and_a_reset(variant):
 @pytest.mark.parametrize("variant", ["stn", "delta"])
 def test_an_outer_step_reads_the_device_a_fixed_number_of_times(variant, monkeypatch):
     """Perturbations are drawn on the host and moved; the inner steps never wait for the device."""
-    from hoexp.build import build_method
+    from hoexp.config.build import build_method
     from tests.test_host_syncs import SMALL_MNIST, HostSyncs, setup
 
     counts = []
@@ -188,7 +188,7 @@ def test_resume_mid_run_is_bit_exact_and_needs_the_carried_response(tmp_path, va
 
 
 def _build(*args):
-    from hoexp.build import build
+    from hoexp.config.build import build
 
     return build(compose_spec(list(args))[0])
 

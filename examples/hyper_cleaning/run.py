@@ -26,7 +26,7 @@ from rich.console import Console
 
 from hoexp.cli import compose_spec
 from hoexp.components import DataContext
-from hoexp.runner import run_experiment
+from hoexp.config.run import run_experiment
 
 CONF = Path(__file__).resolve().parent / "conf"
 CONTENDERS = {"corrupted": ["method=none"], "clean": ["method=none", "dataset.keep=clean"], "hyper-cleaning": []}

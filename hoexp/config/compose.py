@@ -185,8 +185,8 @@ def validate_job(overrides: list[str], device: bool = True) -> None:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from hoexp.build import preflight
     from hoexp.config import validate
+    from hoexp.config.build import preflight
 
     refuse_removed(overrides)
     try:

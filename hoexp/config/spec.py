@@ -46,7 +46,7 @@ class RunConfig:
     resume: str = "auto"
     max_nonfinite: int = 3  # non-finite hypergradients in a row (each skips its outer update) before aborting
     outer_objective: str = "val"  # val: validation loss; train: final training loss (Maclaurin et al.'s meta-objective)
-    precision: str = "fp32"  # fp32 | bf16 | fp16: plain inner training steps under autocast (hoexp.precision)
+    precision: str = "fp32"  # fp32 | bf16 | fp16: plain inner training steps under autocast (hoexp.engine.precision)
     name: str = "run"
 
     def check(self) -> None:

@@ -3,7 +3,7 @@ tests and scripts alike. ``state`` (start, reset, snapshot, restore), ``guards``
 warnings), ``evaluate`` (metrics, summary) and ``io`` (folder, loggers, checkpoints, signals) live beside it."""
 
 from hoexp.engine.io import RunIO
-from hoexp.engine.runner import run
+from hoexp.engine.loop import run
 from hoexp.engine.state import RunState, reset_inner, restore, snapshot, start
 
 __all__ = ["RunIO", "RunState", "reset_inner", "restore", "run", "snapshot", "start"]

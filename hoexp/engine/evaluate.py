@@ -15,8 +15,8 @@ from torch import Tensor
 
 from hoexp import tree
 from hoexp.engine.guards import check_train_loss
+from hoexp.engine.metrics import MetricLogger, tensor_stats
 from hoexp.engine.state import RunState, hp_view
-from hoexp.metrics import MetricLogger, tensor_stats
 from hoexp.types import Runnable
 
 

@@ -2,7 +2,7 @@
 ``final.pt``, signals and threads.
 
 :class:`RunIO` with ``out_dir=None`` writes no file (a run made in Python, a test): its metrics go to the
-loggers it is given. In a data-parallel run (:mod:`hoexp.distributed`) rank 0 alone writes and shows
+loggers it is given. In a data-parallel run (:mod:`hoexp.engine.distributed`) rank 0 alone writes and shows
 anything; the other ranks follow its decisions (start or resume) through a broadcast.
 """
 
@@ -21,12 +21,13 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from hoexp import advice, distributed, rundir, tree
+from hoexp import tree
+from hoexp.engine import advice, distributed, rundir
 from hoexp.engine.guards import Diverged
+from hoexp.engine.metrics import JsonlLogger, MetricLogger, MultiLogger, TensorBoardLogger, write_json_atomic
+from hoexp.engine.resume import check_resume
 from hoexp.engine.state import CHECKPOINT_KEYS, to_device
 from hoexp.errors import HoexpError, Stopped, StopRun, received_stop
-from hoexp.metrics import JsonlLogger, MetricLogger, MultiLogger, TensorBoardLogger, write_json_atomic
-from hoexp.resume import check_resume
 
 # Below this many weights a CPU run uses one thread: a Hessian-vector product on the Iris MLP
 # took 42 ms with 2 threads and 4 ms with 1 (DESIGN.md §3), thread start-up dominating the work.
@@ -136,7 +137,7 @@ class RunIO:
         sweep: Sequence[str] | None = None,
     ):
         self.out_dir = None if out_dir is None else Path(out_dir)
-        # The advice after a stop (hoexp.advice): ``command``, the overrides that repeat this run with ``prefix``
+        # The advice after a stop (hoexp.engine.advice): ``command``, the overrides that repeat this run with ``prefix``
         # (None: not known, e.g. a run made in Python); ``sweep``, the arguments of the sweep it is a job of
         # when that sweep runs in this process (its other jobs then wait for that command).
         self.command, self.prefix, self.sweep = command, prefix, sweep
@@ -186,7 +187,7 @@ class RunIO:
 
         A start is refused where an earlier run logged (``resume=false``) and clears what a start
         without checkpoint logged (``resume=auto``); a resume restores ``.hydra/`` as the run first
-        wrote it and refuses a changed configuration (:func:`hoexp.resume.check_resume`).
+        wrote it and refuses a changed configuration (:func:`hoexp.engine.resume.check_resume`).
         """
         folder = self.out_dir
         if folder is None:

@@ -14,7 +14,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from hoexp import distributed, tree
+from hoexp import tree
+from hoexp.engine import distributed
 from hoexp.method.base import CarriesState
 from hoexp.task.base import BatchStream
 from hoexp.types import HParams, InnerState, Params, Runnable

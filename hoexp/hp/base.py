@@ -28,7 +28,7 @@ class HyperFamily(Protocol):
 
     # Optional ``pathwise: bool`` (default true): whether the training loss is differentiable in ``raw`` in a
     # way that reflects the family's effect; false (hard dropout masks) refuses methods that need it
-    # (``needs_pathwise_hp``, hoexp.build.check_pathwise).
+    # (``needs_pathwise_hp``, hoexp.config.build.check_pathwise).
 
     def init(self, params: Params) -> dict[str, Tensor]: ...
 

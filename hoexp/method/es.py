@@ -53,7 +53,7 @@ from torch.func import grad, vmap
 
 from hoexp import tree
 from hoexp.components import BuildContext, PositiveFloat, PositiveInt
-from hoexp.distributed import mean_across_ranks
+from hoexp.engine.distributed import mean_across_ranks
 from hoexp.errors import HoexpError
 from hoexp.method.base import inner_scalars, train_inner
 from hoexp.optim import Optimizer

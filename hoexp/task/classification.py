@@ -38,12 +38,12 @@ class Classification:
     family: HyperFamily
     compile: bool = False  # run.compile: plain training steps through torch.compile (hoexp.method.base)
     compiled: dict = field(default_factory=dict, repr=False)  # inner optimizer → its compiled step
-    # Data-parallel runs (hoexp.distributed.sync): (params, raw) → the same values through a node that
+    # Data-parallel runs (hoexp.engine.distributed.sync): (params, raw) → the same values through a node that
     # averages their gradients over the ranks; applied where a data loss reads them. None: one process.
     sync: Callable[[Mapping[str, Tensor], Mapping[str, Tensor]], tuple[dict, dict]] | None = field(
         default=None, repr=False
     )
-    # Inner training steps in mixed precision (hoexp.precision.Precision: autocast, fp16 loss scaling); None:
+    # Inner training steps in mixed precision (hoexp.engine.precision.Precision: autocast, fp16 loss scaling); None:
     # the run's dtype. Only plain training steps use it (step_loss), never a hypergradient's derivatives.
     precision: Any = field(default=None, repr=False)
     data: Any = field(default=None, repr=False)  # Splits (LMData for LanguageModel)

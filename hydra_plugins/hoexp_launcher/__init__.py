@@ -1,5 +1,5 @@
 """hoexp's local parallel launcher as a Hydra plugin (``hydra/launcher=parallel``). Hydra instantiates
-launchers only from this namespace package; the launcher itself is :mod:`hoexp.launcher`."""
+launchers only from this namespace package; the launcher itself is :mod:`hoexp.config.launcher`."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from hydra.plugins.launcher import Launcher
 
 
 class ParallelLauncher(Launcher):
-    """Runs a sweep's jobs in local worker processes, ``n_jobs`` at a time (see :mod:`hoexp.launcher`)."""
+    """Runs a sweep's jobs in local worker processes, ``n_jobs`` at a time (see :mod:`hoexp.config.launcher`)."""
 
     def __init__(self, n_jobs: int = -1) -> None:
         self.n_jobs = n_jobs
@@ -22,6 +22,6 @@ class ParallelLauncher(Launcher):
         self.config, self.task_function, self.hydra_context = config, task_function, hydra_context
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[Any]:
-        from hoexp.launcher import launch  # imported when used: Hydra imports every plugin at start-up
+        from hoexp.config.launcher import launch  # imported when used: Hydra imports every plugin at start-up
 
         return launch(self, job_overrides, initial_job_idx)

@@ -19,7 +19,7 @@ So "HO methods vs random search vs TPE at equal budget" reads as rows with a ``t
 ``Hyperband (TPE)``) and a
 ``wall time`` column. Written to ``--out``: ``report.md`` (the table, one table per study and, for a
 ``hoexp compare`` folder, its budgets, each contender's best within each budget and when each search
-matched HO, from ``compare.json``: :mod:`hoexp.report.compare`),
+matched HO, from ``compare.json``: :mod:`hoexp.tools.report.compare`),
 ``report.csv`` (one line per row), ``runs.csv`` (one line per run: every trial of every study, with
 its searched values), ``val_loss_vs_time.png`` (validation loss and best validation loss so far
 against wall time, the trials of a study back to back, so for trials run in parallel the axis is
@@ -41,13 +41,13 @@ from typing import Any
 
 from rich.console import Console
 
+from hoexp.engine.metrics import read_json
 from hoexp.errors import HoexpError
-from hoexp.metrics import read_json
-from hoexp.report.compare import compare_lines
-from hoexp.report.group import Group, Member, group_runs
-from hoexp.report.load import METRICS, RunInfo, gather, missing_jobs, missing_lines
-from hoexp.report.plots import best_so_far, plot_best_so_far, plot_hparams, plot_val_loss_vs_time
-from hoexp.report.tables import print_table, write_csv, write_markdown, write_runs_csv
+from hoexp.tools.report.compare import compare_lines
+from hoexp.tools.report.group import Group, Member, group_runs
+from hoexp.tools.report.load import METRICS, RunInfo, gather, missing_jobs, missing_lines
+from hoexp.tools.report.plots import best_so_far, plot_best_so_far, plot_hparams, plot_val_loss_vs_time
+from hoexp.tools.report.tables import print_table, write_csv, write_markdown, write_runs_csv
 
 __all__ = ["RunInfo", "Member", "Group", "Report", "gather", "group_runs", "build_report", "best_so_far", "METRICS"]
 

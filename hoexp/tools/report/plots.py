@@ -6,7 +6,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from hoexp.report.group import Group, Member
+from hoexp.tools.report.group import Group, Member
 
 
 # ----------------------------------------------------------------------------------------- plots

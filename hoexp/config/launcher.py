@@ -1,6 +1,6 @@
 """``hydra/launcher=parallel``: a sweep's jobs in local worker processes, ``n_jobs`` at a time.
 
-Each job runs in a process of its own (``python -m hoexp.launcher``), started with its Hydra job
+Each job runs in a process of its own (``python -m hoexp.config.launcher``), started with its Hydra job
 pickled to a file, writing everything it prints to ``<job folder>/job.log`` (plain progress lines:
 workers never draw bars over each other or over the launcher's lines). The launcher prints one line
 when a job starts and one when it ends, and:
@@ -117,14 +117,14 @@ def _say(text: str) -> None:
 
 
 def _start(job: Job, tmp: Path, payload: tuple) -> None:
-    """The job's worker: ``python -m hoexp.launcher <payload> <result>``, output to ``job.log``."""
+    """The job's worker: ``python -m hoexp.config.launcher <payload> <result>``, output to ``job.log``."""
     job.folder.mkdir(parents=True, exist_ok=True)
     data, job.result = tmp / f"{job.num}.job", tmp / f"{job.num}.ret"
     data.write_bytes(pickle.dumps(payload))
     with open(job.folder / "job.log", "ab") as log:
         # Own session: a Ctrl-C on the terminal reaches the launcher only, which passes it on once.
         job.proc = subprocess.Popen(
-            [sys.executable, "-m", "hoexp.launcher", str(data), str(job.result)],
+            [sys.executable, "-m", "hoexp.config.launcher", str(data), str(job.result)],
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -173,7 +173,7 @@ def _load(path: Path) -> Any:
 
 def _end(jobs: list[Job], unfinished: list[Job], sweep_dir: Path, signum: int) -> None:
     """One line for a sweep that did not finish every job, and its exit code (128 + signal, or 1)."""
-    from hoexp import advice
+    from hoexp.engine import advice
 
     what = "; ".join(f"#{j.num} {j.outcome}" for j in unfinished[:6]) + (" ..." if len(unfinished) > 6 else "")
     why = f"stopped by {signal.Signals(signum).name}: " if signum else ""

@@ -11,9 +11,9 @@ from typing import Any
 
 from rich.console import Console
 
+from hoexp.engine.metrics import read_json, read_jsonl
+from hoexp.engine.resume import RUN_CONTROL_KEYS
 from hoexp.errors import HoexpError
-from hoexp.metrics import read_json, read_jsonl
-from hoexp.resume import RUN_CONTROL_KEYS
 
 # (summary block, key, column title, format)
 METRICS: list[tuple[str, str, str, str]] = [

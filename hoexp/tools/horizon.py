@@ -34,12 +34,12 @@ from rich.table import Table
 from torch import Tensor
 
 from hoexp import tree
-from hoexp.build import build, build_method
 from hoexp.config import Spec
+from hoexp.config.build import build, build_method
+from hoexp.engine.metrics import write_json_atomic
 from hoexp.engine.state import start
 from hoexp.errors import ConfigError
 from hoexp.method.base import CarriesState, HyperMethod, InnerState, outer_step, train_inner
-from hoexp.metrics import write_json_atomic
 
 MAX_HPARAMS = 32
 
@@ -254,8 +254,8 @@ def _check_contenders(
 ) -> list[HyperMethod]:
     """Each contender's method, built and checked against this problem (as a run would check it) and
     able to give a hypergradient (``returns_hypergradient``); one line naming the contender otherwise."""
-    from hoexp.build import check_compatibility
     from hoexp.components import CheckContext
+    from hoexp.config.build import check_compatibility
 
     family = exp.problem.family
     ctx = CheckContext(exp.inner_opt, family, sum(p.numel() for p in exp.model.parameters()), tree.numel(raw))

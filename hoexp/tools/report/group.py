@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hoexp.report.load import IGNORED_KEYS, TUNING_ORDER, RunInfo, _num
+from hoexp.tools.report.load import IGNORED_KEYS, TUNING_ORDER, RunInfo, _num
 
 
 # -------------------------------------------------------------------------------------- grouping

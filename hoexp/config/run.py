@@ -1,8 +1,8 @@
 """``run_experiment(spec, out_dir)``: one configured run into its folder, through the engine (:mod:`hoexp.engine`).
 
-The folder is claimed and locked (:mod:`hoexp.rundir`), a checkpoint there is resumed or refused
-(:mod:`hoexp.resume`), the experiment is built from the validated :class:`~hoexp.config.Spec`
-(:func:`hoexp.build.build`), and :func:`hoexp.engine.run` runs it: everything it measures goes to the
+The folder is claimed and locked (:mod:`hoexp.engine.rundir`), a checkpoint there is resumed or refused
+(:mod:`hoexp.engine.resume`), the experiment is built from the validated :class:`~hoexp.config.Spec`
+(:func:`hoexp.config.build.build`), and :func:`hoexp.engine.run` runs it: everything it measures goes to the
 metric loggers (TensorBoard events and ``metrics.jsonl`` in the run directory) and, at the end or on
 any failure, to ``summary.json``, so a run never loses what it already logged.
 """
@@ -16,15 +16,15 @@ from typing import Any
 
 from rich.console import Console
 
-from hoexp import distributed, rundir
-from hoexp.build import Experiment, build
 from hoexp.config import Spec
+from hoexp.config.build import Experiment, build
+from hoexp.engine import distributed, rundir
 from hoexp.engine.guards import Diverged
 from hoexp.engine.io import Preempted, RunIO, preemption_signals, thread_policy
-from hoexp.engine.runner import run, run_summary
+from hoexp.engine.loop import run, run_summary
+from hoexp.engine.metrics import MetricLogger, read_json, write_json_atomic
 from hoexp.engine.state import restore
 from hoexp.errors import HoexpError
-from hoexp.metrics import MetricLogger, read_json, write_json_atomic
 
 __all__ = ["Diverged", "Preempted", "Run", "preemption_signals", "run_experiment", "thread_policy"]
 

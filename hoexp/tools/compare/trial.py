@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 
-from hoexp.metrics import read_json, write_json_atomic
-from hoexp.search import TrialContext
+from hoexp.engine.metrics import read_json, write_json_atomic
+from hoexp.tools.search import TrialContext
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
@@ -76,8 +76,8 @@ class Composer:
 
         from omegaconf import OmegaConf
 
-        from hoexp.build import preflight
         from hoexp.config import validate
+        from hoexp.config.build import preflight
         from hoexp.config.compose import compose as _compose
 
         if self._cfg is None:
@@ -116,7 +116,7 @@ def run_one(
 ) -> dict[str, Any]:
     """One hoexp run (in this process) into ``folder``; returns its summary (also when it diverged).
     A checkpoint an earlier start left in ``folder`` is continued (``resume=auto``)."""
-    from hoexp.runner import Diverged, run_experiment
+    from hoexp.config.run import Diverged, run_experiment
 
     spec, text, overrides = composer.spec(updates)
     _write_run_files(folder, spec, overrides, trial)

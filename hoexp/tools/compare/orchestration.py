@@ -4,7 +4,7 @@ For each seed: the HO runs, the baseline, the grid points, then each search (its
 HO runs' wall time). Every run is a normal hoexp run folder under the compare folder. The command is
 continued by running it again with the same ``--out``: a run whose ``summary.json`` says it finished is
 kept, a stopped one continues from its checkpoint (``resume=auto`` in its folder), a search continues
-its Optuna study (:mod:`hoexp.search`), and what never started runs. A signal (Ctrl-C, SIGTERM) or a
+its Optuna study (:mod:`hoexp.tools.search`), and what never started runs. A signal (Ctrl-C, SIGTERM) or a
 failed run ends the command with one line that gives that command.
 """
 
@@ -18,12 +18,12 @@ from typing import Any
 
 from rich.console import Console
 
-from hoexp.compare.args import ARGUMENTS, Plan, continue_command, plan_record
-from hoexp.compare.output import Results, compare_json, numbers, pick_best
-from hoexp.compare.trial import Composer, RunTrial, finished, format_value, objective_value, run_one
+from hoexp.engine.metrics import read_json, write_json_atomic
 from hoexp.errors import ConfigError, HoexpError
-from hoexp.metrics import read_json, write_json_atomic
-from hoexp.search import SAMPLERS, SEARCHERS, SearchResult, SearchSettings, SearchStopped, read_search, run_search
+from hoexp.tools.compare.args import ARGUMENTS, Plan, continue_command, plan_record
+from hoexp.tools.compare.output import Results, compare_json, numbers, pick_best
+from hoexp.tools.compare.trial import Composer, RunTrial, finished, format_value, objective_value, run_one
+from hoexp.tools.search import SAMPLERS, SEARCHERS, SearchResult, SearchSettings, SearchStopped, read_search, run_search
 
 __all__ = ["run_compare"]
 
@@ -245,15 +245,15 @@ class _Compare:
         )
 
     def stopped(self, e: BaseException, code: int) -> HoexpError:
-        """The one line for a compare a signal stopped: where, and the command that continues it."""
-        from hoexp.runner import Preempted
-
+        """The one line for a compare a signal stopped: where, and the command that continues it (exit ``code``:
+        128 + the signal's number). Raised after the stop was handled, so an ordinary error, not a ``Stopped``."""
         name = signal.Signals(code - 128).name if 128 < code < 128 + 65 else "a signal"
-        return Preempted(
+        error = HoexpError(
             f"compare stopped by {name} in {self.where}; finished runs are kept, stopped ones continue from "
-            f"their checkpoints: continue with: {continue_command(self.plan.argv, self.out)}",
-            code,
+            f"their checkpoints: continue with: {continue_command(self.plan.argv, self.out)}"
         )
+        error.exit_code = code
+        return error
 
     def failed(self, e: HoexpError) -> HoexpError:
         """A run's error, its advice (for ``hoexp run``: ``hydra.run.dir=...``) replaced by compare's own."""
@@ -299,7 +299,7 @@ def _finished_study(sdir: Path) -> bool:
 
 def _lock(out: Path):
     """One compare at a time in a folder (a second one is refused in one line)."""
-    from hoexp import rundir
+    from hoexp.engine import rundir
 
     lock = rundir.RunLock(out)
     try:
@@ -314,9 +314,9 @@ def _lock(out: Path):
 def run_compare(plan: Plan, console: Console | None = None) -> dict[str, Any]:
     """Run every contender on every seed into ``plan.out`` (continuing an earlier start of the same
     compare there), write compare.json and the report."""
-    from hoexp.outdir import make_out_dir
-    from hoexp.report import build_report
-    from hoexp.runner import Preempted, preemption_signals
+    from hoexp.config.run import Preempted, preemption_signals
+    from hoexp.tools.outdir import make_out_dir
+    from hoexp.tools.report import build_report
 
     c = _Compare(plan, console or Console())
     make_out_dir(c.out)

@@ -12,8 +12,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from hoexp.report.group import Group, _fmt_value, _short_key
-from hoexp.report.load import CSV_METRICS, LOWER_IS_BETTER, METRICS
+from hoexp.tools.report.group import Group, _fmt_value, _short_key
+from hoexp.tools.report.load import CSV_METRICS, LOWER_IS_BETTER, METRICS
 
 
 # ---------------------------------------------------------------------------------------- output

@@ -1,4 +1,4 @@
-"""The local worker processes of a search (:func:`hoexp.search.run_search` with ``workers > 1``).
+"""The local worker processes of a search (:func:`hoexp.tools.search.run_search` with ``workers > 1``).
 
 Each worker (``spawn``) opens the study in the shared JournalStorage file, sets up (imports and
 ``objective.prepare()``), says it is ready, waits for the common start, then runs the search loop. A
@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from hoexp.errors import HoexpError
-from hoexp.search import (
+from hoexp.tools.search import (
     SearchSettings,
     SearchStopped,
     TrialContext,

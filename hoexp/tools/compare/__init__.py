@@ -9,7 +9,7 @@ For each seed (the seed sets the data split and the initialization, shared by ev
    value, so this is a grid over the family's global value. Each point is a row; the *grid search*
    row is the point with the lowest validation loss (``--objective``), per seed.
 4. **Random search and TPE** (``--search``) over ``--space`` (default: the grid's range; ``--search-lr``
-   adds the inner lr), Optuna ask/tell (:mod:`hoexp.search`) with a wall-clock budget of
+   adds the inner lr), Optuna ask/tell (:mod:`hoexp.tools.search`) with a wall-clock budget of
    ``--budget-s`` or ``--budget-factor`` × the slowest HO run of that seed; a MedianPruner stops
    hopeless trials from the validation losses each run logs; ``--workers`` local processes.
 
@@ -20,14 +20,14 @@ reported. Every run is a normal hoexp run folder (summary.json, metrics.jsonl, T
 ``report/`` the ``hoexp report`` of it all. The same command with the same ``--out`` continues an
 interrupted compare.
 
-Parts: :mod:`~hoexp.compare.args` (the command line, validated), :mod:`~hoexp.compare.trial` (one run,
-the search's objective), :mod:`~hoexp.compare.orchestration` (running and continuing it all),
-:mod:`~hoexp.compare.output` (compare.json).
+Parts: :mod:`~hoexp.tools.compare.args` (the command line, validated), :mod:`~hoexp.tools.compare.trial` (one run,
+the search's objective), :mod:`~hoexp.tools.compare.orchestration` (running and continuing it all),
+:mod:`~hoexp.tools.compare.output` (compare.json).
 """
 
-from hoexp.compare.args import Plan, parse_args
-from hoexp.compare.orchestration import run_compare
-from hoexp.compare.output import match_time, pick_best
-from hoexp.compare.trial import format_value, objective_value
+from hoexp.tools.compare.args import Plan, parse_args
+from hoexp.tools.compare.orchestration import run_compare
+from hoexp.tools.compare.output import match_time, pick_best
+from hoexp.tools.compare.trial import format_value, objective_value
 
 __all__ = ["Plan", "format_value", "match_time", "objective_value", "parse_args", "pick_best", "run_compare"]

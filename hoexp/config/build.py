@@ -160,7 +160,7 @@ def check_distributed(spec: Spec, world_size: int = 0, method: HyperMethod | Non
     """A data-parallel run (``torchrun``, a multi-task SLURM job, or ``world_size`` > 1: a sweep for such a
     launcher): only methods whose every derivative goes through the synced losses (``refuses_data_parallel``
     empty). ``method`` None: built here when it needs no runtime context."""
-    from hoexp import distributed
+    from hoexp.engine import distributed
 
     world_size = world_size or distributed.launched().world_size
     if world_size < 2:
@@ -208,7 +208,7 @@ class Experiment:
 
 def build(spec: Spec) -> Experiment:
     """The objects of one run, built in the order of the module docstring."""
-    from hoexp import distributed
+    from hoexp.engine import distributed
 
     device = resolve_device(distributed.device_for(spec.run.device, distributed.current()))
     inner_opt, outer_opt = spec.inner_optim.build(), spec.outer_optim.build()
@@ -231,7 +231,7 @@ def build(spec: Spec) -> Experiment:
     )
     problem.compile = spec.run.compile
     if spec.run.precision != "fp32":
-        from hoexp.precision import Precision
+        from hoexp.engine.precision import Precision
 
         problem.precision = Precision(spec.run.precision, device.type)
     if distributed.current().active:

@@ -20,11 +20,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hoexp.compare.trial import format_value
+from hoexp.engine.metrics import read_json
 from hoexp.errors import ArgumentParser, ConfigError
-from hoexp.horizon import split_overrides
-from hoexp.metrics import read_json
-from hoexp.search import SAMPLERS, Dim, parse_dim
+from hoexp.tools.compare.trial import format_value
+from hoexp.tools.horizon import split_overrides
+from hoexp.tools.search import SAMPLERS, Dim, parse_dim
 
 __all__ = ["ARGUMENTS", "Plan", "continue_command", "parse_args", "plan_record"]
 
@@ -167,7 +167,7 @@ def _check(overrides: list[str], what: str) -> None:
 
 def _declared(spec: Any, family: str | None) -> Any:
     """The class the ``hp.<family>`` factory declares it returns (its ``grid`` and ``log_scale``), or None."""
-    from hoexp.build import declared_type
+    from hoexp.config.build import declared_type
 
     component = next((h for h in spec.hp if h.key == f"hp.{family}"), None)
     return None if component is None else declared_type(component.target)
@@ -419,7 +419,7 @@ def _check_out(plan: Plan) -> bool:
         return False
     if not out.is_dir():
         raise ConfigError(f"--out {out} exists and is not a folder; choose another")
-    from hoexp.rundir import LOCK_NAME
+    from hoexp.engine.rundir import LOCK_NAME
 
     if not any(p.name != LOCK_NAME for p in out.iterdir()):  # empty, or a start stopped before writing anything
         return False

@@ -24,8 +24,9 @@ from rich.table import Table
 from torch import Tensor
 
 from hoexp import tree
-from hoexp.build import Experiment, build
 from hoexp.config import Spec
+from hoexp.config.build import Experiment, build
+from hoexp.engine.metrics import write_json_atomic
 from hoexp.engine.state import start
 from hoexp.errors import ConfigError
 from hoexp.method.base import train_inner
@@ -33,7 +34,6 @@ from hoexp.method.forward import forward_hypergradient
 from hoexp.method.ift import ift_hypergradient
 from hoexp.method.solvers import AutoStep, ConjugateGradient, Exact, FixedPoint, Neumann, Solver
 from hoexp.method.unrolled import unrolled_hypergradient
-from hoexp.metrics import write_json_atomic
 
 ITERATIONS = (0, 1, 2, 5, 10, 20, 50, 100)
 REFERENCE_TOL = 1e-3  # a reference whose relative residual ‖Hx − b‖/‖b‖ exceeds this is not converged

@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
-from hoexp.compare.args import Plan
-from hoexp.compare.trial import format_value, objective_value
-from hoexp.search import SAMPLERS
+from hoexp.tools.compare.args import Plan
+from hoexp.tools.compare.trial import format_value, objective_value
+from hoexp.tools.search import SAMPLERS
 
 __all__ = ["Results", "best_within", "compare_json", "match_time", "numbers", "pick_best", "time_to_match"]
 

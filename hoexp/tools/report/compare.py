@@ -8,8 +8,8 @@ import math
 import statistics
 from typing import Any
 
-from hoexp.report.group import _fmt_value, _short_key
-from hoexp.report.tables import _md_table
+from hoexp.tools.report.group import _fmt_value, _short_key
+from hoexp.tools.report.tables import _md_table
 
 __all__ = ["compare_lines"]
 

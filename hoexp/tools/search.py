@@ -416,7 +416,7 @@ def run_search(
         start = time.time() - spent
         _loop(settings, objective, study, start, 0, stopped)
     else:
-        from hoexp.search_workers import run_workers
+        from hoexp.tools.search_workers import run_workers
 
         start = run_workers(settings, objective, str(journal), name, (len(earlier), stopped), spent)
     return read_search(settings, folder, name, time.time() - start)

@@ -5,7 +5,7 @@ Every rank draws the same global minibatch (the batch streams are seeded alike) 
 (:func:`shard_batch`: ``1/N`` of the examples, with their dropout noise). The losses stay local,
 ``L^r(w, λ)`` on rank ``r``'s shard, and the global loss is their mean, ``L = (1/N) Σ_r L^r`` (equal
 shards, mean losses). What makes every derivative global is :func:`sync`, applied to the weights and
-hyperparameters where a data loss reads them (``Problem.sync``, set by ``hoexp.build``): an autograd
+hyperparameters where a data loss reads them (``Problem.sync``, set by ``hoexp.config.build``): an autograd
 node that is the identity forward and averages its gradient over the ranks backward,
 
     ∂L/∂w = (1/N) Σ_r ∂L^r/∂w        (one all-reduce of the gradient),
@@ -51,7 +51,7 @@ from torch.autograd import Function
 from hoexp.errors import HoexpError
 from hoexp.types import Batch, noise_of
 
-# Which methods run data-parallel is declared by each method (refuses_data_parallel; hoexp.build.check_distributed).
+# Which methods run data-parallel is declared by each method (refuses_data_parallel; hoexp.config.build.check_distributed).
 STORE_KEY = "hoexp/ended"  # a rank that ends abnormally leaves "<status>\t<message>" here for rank 0
 PROCESS_KEY = "hoexp/process"  # "<host> <pid>" of each rank (a rank killed without a word: dead_peers)
 TIMEOUT_S = float(os.environ.get("HOEXP_DIST_TIMEOUT", "1800"))  # collectives (a slow rank is not a dead one)

@@ -1,7 +1,7 @@
 """The bilevel loop: inner training, hypergradient, outer update, evaluation and logging.
 
 One explicit loop (nanoGPT-style) on plain objects: an :class:`~hoexp.types.Experiment` (or what
-:func:`hoexp.build.build` returns) says what to run, a :class:`~hoexp.engine.io.RunIO` where it goes.
+:func:`hoexp.config.build.build` returns) says what to run, a :class:`~hoexp.engine.io.RunIO` where it goes.
 State, guards, evaluation and files live beside it (``state.py``, ``guards.py``, ``evaluate.py``,
 ``io.py``); the loop only says in which order things happen, and why.
 """
@@ -12,14 +12,14 @@ import math
 import time
 from typing import Any
 
-from hoexp import distributed
+from hoexp.engine import distributed
 from hoexp.engine.evaluate import labels, log_step, summarize
 from hoexp.engine.guards import outer_update
 from hoexp.engine.io import Preempted, RunIO, final_state, num_weights, outcome, preemption_signals, thread_policy
+from hoexp.engine.progress import RunProgress, make_progress
 from hoexp.engine.state import RunState, reset_inner, restore, snapshot, start
 from hoexp.method.base import take
 from hoexp.method.implicit import NoHO
-from hoexp.progress import RunProgress, make_progress
 from hoexp.types import OuterStep, Runnable, RunSettings
 
 

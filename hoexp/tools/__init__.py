@@ -1,0 +1,1 @@
+"""The tools on top of the engine: check, horizon, compare, search, report."""
