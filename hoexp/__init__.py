@@ -13,6 +13,13 @@
 from typing import Any
 
 from hoexp.api import hypergradient
+
+# The function, bound after its submodule hoexp/build.py is imported: importing a submodule sets the package's
+# attribute of that name to the module, so a lazy `hoexp.build` was the module once anything had imported it
+# (hoexp.compose does): `hoexp.build(spec)` then raised "'module' object is not callable". A module already in
+# sys.modules is not bound again, so from here on `hoexp.build` stays the function (`from hoexp.build import x`
+# still reads the module).
+from hoexp.build import build
 from hoexp.engine import RunIO, run
 from hoexp.types import Experiment, RunSettings
 
@@ -21,13 +28,9 @@ __all__ = ["Experiment", "RunIO", "RunSettings", "build", "compose", "hypergradi
 
 
 def __getattr__(name: str) -> Any:
-    # compose and build import Hydra / OmegaConf and the data loaders: only when asked for.
+    # compose imports Hydra: only when asked for.
     if name == "compose":
         from hoexp.config.compose import compose_spec
 
         return compose_spec
-    if name == "build":
-        from hoexp.build import build
-
-        return build
     raise AttributeError(f"module 'hoexp' has no attribute '{name}'")
