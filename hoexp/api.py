@@ -61,13 +61,13 @@ def _check_options(method: str, options: Mapping[str, Any]) -> None:
     for key, lowest in bounds.items():
         value = options.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < lowest):
-            raise ValueError(f"{key} must be an integer >= {lowest}, got {value!r}")
+            raise ValueError(f"{key} must be >= {lowest} (an integer), got {value!r}")
     alpha = options.get("alpha")
     if alpha is not None and alpha != "auto" and not _finite_number(alpha, above=0):
-        raise ValueError(f"alpha must be a finite number > 0 or 'auto', got {alpha!r}")
+        raise ValueError(f"alpha must be > 0 and finite, or 'auto', got {alpha!r}")
     tol = options.get("tol")
     if tol is not None and not (_finite_number(tol, above=0) or tol == 0):
-        raise ValueError(f"tol must be a finite number >= 0, got {tol!r}")
+        raise ValueError(f"tol must be >= 0 and finite, got {tol!r}")
 
 
 def _finite_number(x: Any, above: float) -> bool:
@@ -134,7 +134,7 @@ def hypergradient(
     if curvature not in CURVATURES:
         raise ValueError(f"unknown curvature '{curvature}'; valid: {', '.join(CURVATURES)}")
     if not (_finite_number(damping, above=0) or damping == 0):
-        raise ValueError(f"damping must be a finite number >= 0, got {damping!r}")
+        raise ValueError(f"damping must be >= 0 and finite, got {damping!r}")
     if hvp not in HVP_MODES[1:]:
         raise ValueError(f"unknown hvp '{hvp}'; valid: {', '.join(HVP_MODES[1:])}")
     if isinstance(method, str):

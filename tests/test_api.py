@@ -229,14 +229,14 @@ def test_exact_solver_returns_nan_instead_of_crashing_on_a_nan_hessian():
 @pytest.mark.parametrize(
     "method,options,expected",
     [
-        ("cg", {"iterations": 0}, "iterations must be an integer >= 1, got 0"),
-        ("neumann", {"iterations": -1}, "iterations must be an integer >= 0, got -1"),
-        ("neumann", {"alpha": float("nan")}, "alpha must be a finite number > 0 or 'auto', got nan"),
-        ("fixed_point", {"alpha": float("inf")}, "alpha must be a finite number > 0 or 'auto', got inf"),
-        ("cg", {"tol": float("nan")}, "tol must be a finite number >= 0, got nan"),
-        ("exact", {"max_params": 0}, "max_params must be an integer >= 1, got 0"),
-        ("cg", {"damping": float("nan")}, "damping must be a finite number >= 0, got nan"),
-        ("cg", {"damping": float("inf")}, "damping must be a finite number >= 0, got inf"),
+        ("cg", {"iterations": 0}, "iterations must be >= 1 (an integer), got 0"),
+        ("neumann", {"iterations": -1}, "iterations must be >= 0 (an integer), got -1"),
+        ("neumann", {"alpha": float("nan")}, "alpha must be > 0 and finite, or 'auto', got nan"),
+        ("fixed_point", {"alpha": float("inf")}, "alpha must be > 0 and finite, or 'auto', got inf"),
+        ("cg", {"tol": float("nan")}, "tol must be >= 0 and finite, got nan"),
+        ("exact", {"max_params": 0}, "max_params must be >= 1 (an integer), got 0"),
+        ("cg", {"damping": float("nan")}, "damping must be >= 0 and finite, got nan"),
+        ("cg", {"damping": float("inf")}, "damping must be >= 0 and finite, got inf"),
     ],
 )
 def test_named_method_options_keep_the_configs_bounds(method, options, expected):

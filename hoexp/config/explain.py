@@ -165,16 +165,18 @@ def _signature(target: Callable[..., Any], partial: bool) -> tuple[dict[str, ins
 
 
 def _describe(hint: Any) -> str:
-    """A type in words, for a value that fits no member of a union: ``a float > 0``, ``one of: auto``."""
-    if typing.get_origin(hint) is typing.Annotated:
+    """A type in words, for a value that fits no member of a union: ``a number > 0``, ``auto``."""
+    origin = typing.get_origin(hint)
+    if origin is typing.Annotated:
         base, *extras = typing.get_args(hint)
         bounds = [
             b for r in extras if isinstance(r, Range) for b in ((">", r.gt), (">=", r.ge), ("<", r.lt), ("<=", r.le))
         ]
         return " ".join([_describe(base), *(f"{op} {b:g}" for op, b in bounds if b is not None)])
-    if typing.get_origin(hint) is Literal:
-        return "one of: " + ", ".join(map(str, typing.get_args(hint)))
-    return f"a{'n' if getattr(hint, '__name__', 'x')[0] in 'aeiou' else ''} {getattr(hint, '__name__', hint)}"
+    if origin is Literal:
+        return " or ".join(map(str, typing.get_args(hint)))
+    words = {float: "a number", int: "an integer", str: "a string", bool: "true or false"}
+    return words.get(hint, f"a {getattr(hint, '__name__', hint)}")
 
 
 def _takes_kwargs(target: Callable[..., Any]) -> bool:
@@ -211,11 +213,15 @@ def coerce(value: Any, hint: Any, key: str, label: str) -> Any:
             except ConfigError as e:
                 errors.append(e)
         # the most specific message: a range problem of a matching type beats a type mismatch or a choice
+        members = [a for a in args if a is not type(None)]
         ranged = [e for e in errors if " must be " in str(e)]
+        choices = [a for a in members if typing.get_origin(a) is Literal]
+        if ranged and choices:  # a number out of range, where a word would do too: name the word
+            leaf = key.rsplit(".", 1)[-1]
+            raise ConfigError(f"{ranged[0]} (or {' or '.join(f'{leaf}={_describe(c)}' for c in choices)})")
         if ranged or len(errors) == 1:
             raise (ranged or errors)[0]
-        wanted = " or ".join(_describe(a) for a in args if a is not type(None))
-        raise ConfigError(f"{key}={value!r} is not valid; give {wanted}")
+        raise ConfigError(f"{label} must be {' or '.join(_describe(a) for a in members)}, got {value!r}")
     if hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             if not math.isfinite(value):  # no option means anything by NaN or inf: refused before anything runs
