@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from collections.abc import Callable, Mapping
 from typing import Any, cast
 
@@ -41,19 +42,58 @@ def make_solver(method: str, **options: Any) -> Solver:
             f"unknown option(s) {', '.join(sorted(unknown))} for method='{method}'; "
             f"valid: {', '.join(sorted(allowed[method])) or 'none'}"
         )
-    if "iterations" in options and int(options["iterations"]) < 0:
-        raise ValueError(f"iterations must be >= 0, got {options['iterations']}")
+    _check_options(method, options)
     auto = options.get("alpha") == "auto"
     if auto:
         del options["alpha"]
-    elif "alpha" in options and not float(options["alpha"]) > 0:
-        raise ValueError(f"alpha must be > 0 or 'auto', got {options['alpha']}")
     if method == "t1t2":  # H⁻¹ ≈ αI: a Neumann series with no terms
         solver = Neumann(iterations=0, alpha=options.get("alpha", 0.01), residual=options.get("residual", False))
     else:
         cls = {"exact": Exact, "cg": ConjugateGradient, "neumann": Neumann, "fixed_point": FixedPoint}[method]
         solver = cls(**options)
     return AutoStep(solver) if auto else solver
+
+
+def _check_options(method: str, options: Mapping[str, Any]) -> None:
+    """The bounds of the config's factories (:mod:`hoexp.method.implicit`): a ValueError naming the option."""
+    least = 1 if method == "cg" else 0  # CG from u = 0 with no iteration returns u = 0
+    bounds = {"iterations": least, "max_params": 1}
+    for key, lowest in bounds.items():
+        value = options.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < lowest):
+            raise ValueError(f"{key} must be >= {lowest} (an integer), got {value!r}")
+    alpha = options.get("alpha")
+    if alpha is not None and alpha != "auto" and not _finite_number(alpha, above=0):
+        raise ValueError(f"alpha must be > 0 and finite, or 'auto', got {alpha!r}")
+    tol = options.get("tol")
+    if tol is not None and not (_finite_number(tol, above=0) or tol == 0):
+        raise ValueError(f"tol must be >= 0 and finite, got {tol!r}")
+
+
+def _finite_number(x: Any, above: float) -> bool:
+    """Whether ``x`` is a number (a Python or NumPy scalar, a 0-d tensor) that is finite and above ``above``."""
+    if isinstance(x, (bool, str)):
+        return False
+    try:
+        f = float(x)
+    except (TypeError, ValueError, RuntimeError):
+        return False
+    return math.isfinite(f) and f > above
+
+
+def _require_finite(tensors: Mapping[str, Tensor], what: str) -> None:
+    """A ValueError naming the entries of ``params`` or ``hparams`` that hold NaN or inf (one host sync)."""
+    if not tensors:
+        return
+    bad = torch.stack([(~torch.isfinite(t.detach())).sum() for t in tensors.values()]).tolist()
+    named = [
+        f"{what}[{k!r}] has {n:,} of {t.numel():,} entries NaN or inf" for (k, t), n in zip(tensors.items(), bad) if n
+    ]
+    if named:
+        raise ValueError(
+            f"{'; '.join(named)}: the hypergradient needs finite weights and hyperparameters; check what "
+            "produced them (a diverged inner training, a bad initial value)"
+        )
 
 
 def hypergradient(
@@ -93,8 +133,8 @@ def hypergradient(
     """
     if curvature not in CURVATURES:
         raise ValueError(f"unknown curvature '{curvature}'; valid: {', '.join(CURVATURES)}")
-    if not float(damping) >= 0:
-        raise ValueError(f"damping must be >= 0, got {damping}")
+    if not (_finite_number(damping, above=0) or damping == 0):
+        raise ValueError(f"damping must be >= 0 and finite, got {damping!r}")
     if hvp not in HVP_MODES[1:]:
         raise ValueError(f"unknown hvp '{hvp}'; valid: {', '.join(HVP_MODES[1:])}")
     if isinstance(method, str):
@@ -103,6 +143,8 @@ def hypergradient(
         raise ValueError(f"options {', '.join(sorted(options))} apply to a named method, not to a solver object")
     else:
         solver, method = method, type(method).__name__
+    _require_finite(params, "params")
+    _require_finite(hparams, "hparams")
     train_loss, val_loss = _scalar_loss(train_loss, "train_loss"), _scalar_loss(val_loss, "val_loss")
     with torch.enable_grad():  # like torch.func: works inside torch.no_grad() too
         if compile:
@@ -183,11 +225,24 @@ def _check_solve(
     finite = math.isfinite(residual) and all(bool(torch.isfinite(t).all()) for t in answers)
     if finite and residual <= 1:
         return
+    for what, value in (("train_loss", stats.train_loss), ("val_loss", stats.val_loss)):
+        if not math.isfinite(value):  # the inputs were finite: what the loss closes over (data) is not
+            raise ValueError(
+                f"{what}(params, hparams) is {value} at finite params and hparams: the losses must be finite "
+                "there; check the data or constants they use"
+            )
     w = tree.detached(params, requires_grad=True)
     lam = tree.detached(hparams, requires_grad=True)
     names = list(w)
     used = torch.autograd.grad(train_loss(w, lam), list(w.values()), allow_unused=True)
     val = torch.autograd.grad(val_loss(w, lam), list(w.values()), allow_unused=True)
+    for what, grads in (("train_loss", used), ("val_loss", val)):
+        bad = [n for n, gr in zip(names, grads) if gr is not None and not bool(torch.isfinite(gr).all())]
+        if bad:
+            raise ValueError(
+                f"the gradient of {what} with respect to params {bad} is not finite though the loss is: "
+                "the losses must be differentiable at params (e.g. no sqrt or log at 0)"
+            )
     orphans = [n for n, t, v in zip(names, used, val) if t is None and v is not None and bool(v.ne(0).any())]
     if orphans:
         raise ValueError(

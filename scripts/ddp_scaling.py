@@ -23,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+from hoexp.errors import HoexpError, run_main
+
 DEFAULTS = ["experiment=mnist_per_weight_decay", "outer_steps=6", "progress=false"]
 
 
@@ -47,7 +49,7 @@ def _run(procs: int, overrides: list[str], folder: Path) -> dict:
     wall = time.perf_counter() - t0
     if r.returncode != 0:
         tail = r.stderr.strip().splitlines()[-1:] or ["?"]
-        raise SystemExit(f"ddp_scaling: error: the {procs}-process run failed: {tail[0]}")
+        raise HoexpError(f"the {procs}-process run failed: {tail[0]}")
     lines = [json.loads(ln) for ln in (folder / "metrics.jsonl").read_text().splitlines()]
     steps = [ln["time/outer_step_s"] for ln in lines if "time/outer_step_s" in ln]
     return {
@@ -97,4 +99,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main, "ddp_scaling")

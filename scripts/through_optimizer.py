@@ -13,11 +13,13 @@ others (README, "Measured"). Cost: a few ``T``-step unrolls per draw.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import torch
 
 from hoexp.config.build import build
 from hoexp.config.compose import compose_spec
+from hoexp.errors import HoexpError, run_main
 from hoexp.method.base import train_inner
 from hoexp.method.unrolled import unrolled_hypergradient
 from hoexp.types import InnerState
@@ -31,10 +33,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--draws", type=int, default=3)
     ap.add_argument("--val-windows", type=int, default=4, help="validation batches averaged in L_V")
     a = ap.parse_args(argv)
+    checkpoint = Path(a.run_dir) / "checkpoint.pt"
+    if not checkpoint.is_file():
+        raise HoexpError(f"no checkpoint.pt in {a.run_dir}; give the folder of a run that saved one")
     torch.set_num_threads(1)
     exp = build(compose_spec([*a.overrides, "progress=false"])[0])
     task = exp.task
-    ck = torch.load(f"{a.run_dir}/checkpoint.pt", weights_only=False)
+    ck = torch.load(checkpoint, weights_only=False)
     w, opt, raw = ck["params"], ck["opt_state"], ck["raw"]
     vs = task.val_stream(seed=12)
     val = [next(vs) for _ in range(a.val_windows)]
@@ -75,4 +80,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -176,3 +176,141 @@ def test_readme_engine_example_runs():
     scope: dict = {}
     exec(compile(block, "README.md", "exec"), scope)
     assert scope["summary"]["status"] == "completed" and scope["summary"]["hypergradients"] == 3
+
+
+# ------------------------------------------------------------------ issue 28: bad inputs, diverged solvers
+def _ridge_args(ridge):
+    return ridge.train_loss, ridge.val_loss, {"w": ridge.w_star(ridge.raw)}, {"log_decay": ridge.raw}
+
+
+@pytest.mark.parametrize("method", ["exact", "cg", "neumann", "fixed_point", "t1t2"])
+@pytest.mark.parametrize("where", ["params", "hparams"])
+def test_non_finite_inputs_are_named_before_any_solve(method, where):
+    """NaN weights gave "the 'cg' solve diverged (residual 0, converged) ... pass damping > 0", and method="exact" a
+    PyTorch "INTERNAL ASSERT FAILED, please report a bug"; now one line naming the input that is not finite."""
+    train_loss, val_loss, params, hparams = _ridge_args(Ridge.make(d=4))
+    bad = {"params": params, "hparams": hparams}[where]
+    key = next(iter(bad))
+    bad[key] = bad[key].clone()
+    bad[key][1] = float("nan")
+    with pytest.raises(ValueError) as e:
+        hoexp.hypergradient(train_loss, val_loss, params, hparams, method)
+    msg = str(e.value)
+    assert msg.startswith(f"{where}[{key!r}] has 1 of 4 entries NaN or inf") and "\n" not in msg, msg
+    assert "solve diverged" not in msg and "damping" not in msg
+
+
+@pytest.mark.parametrize("method", ["exact", "cg", "neumann"])
+def test_a_loss_that_is_not_finite_at_finite_inputs_is_named(method):
+    """Finite params and hparams, but the training data the loss closes over holds a NaN: the error says the loss
+    is NaN there (not "diverged ... pass damping"; exact no longer reaches LAPACK with NaN)."""
+    ridge = Ridge.make(d=4)
+    args = _ridge_args(ridge)  # w* from the clean data
+    ridge.X[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"^train_loss\(params, hparams\) is nan at finite params and hparams"):
+        hoexp.hypergradient(*args, method)
+
+
+def test_exact_solver_returns_nan_instead_of_crashing_on_a_nan_hessian():
+    """The dense solve with a NaN Hessian (a run whose weights went NaN between evaluations): a NaN answer, which
+    the run skips as a non-finite hypergradient, instead of LAPACK's assert from the least-squares fallback."""
+    from hoexp.method.solvers import Exact
+
+    class NaNOperator:
+        n, hvps = 3, 0
+
+        def dense(self):
+            return torch.full((3, 3), float("nan"), dtype=torch.float64)
+
+    res = Exact()(NaNOperator(), torch.ones(3, dtype=torch.float64))
+    assert torch.isnan(res.x).all() and res.residual != res.residual and "non-finite" in res.info
+
+
+@pytest.mark.parametrize(
+    "method,options,expected",
+    [
+        ("cg", {"iterations": 0}, "iterations must be >= 1 (an integer), got 0"),
+        ("neumann", {"iterations": -1}, "iterations must be >= 0 (an integer), got -1"),
+        ("neumann", {"alpha": float("nan")}, "alpha must be > 0 and finite, or 'auto', got nan"),
+        ("fixed_point", {"alpha": float("inf")}, "alpha must be > 0 and finite, or 'auto', got inf"),
+        ("cg", {"tol": float("nan")}, "tol must be >= 0 and finite, got nan"),
+        ("exact", {"max_params": 0}, "max_params must be >= 1 (an integer), got 0"),
+        ("cg", {"damping": float("nan")}, "damping must be >= 0 and finite, got nan"),
+        ("cg", {"damping": float("inf")}, "damping must be >= 0 and finite, got inf"),
+    ],
+)
+def test_named_method_options_keep_the_configs_bounds(method, options, expected):
+    """The API's options refuse what the config's factories refuse (cg with 0 iterations returned u = 0: a
+    hypergradient without its implicit term)."""
+    with pytest.raises(ValueError) as e:
+        hoexp.hypergradient(*_ridge_args(Ridge.make(d=4)), method, **options)
+    assert str(e.value) == expected
+
+
+def test_hoexp_build_is_the_function_whatever_was_imported():
+    """The README's flow: hoexp.compose(...) imports the build module (once hoexp/build.py, whose import made
+    ``hoexp.build`` the module: TypeError: 'module' object is not callable); ``hoexp.build`` stays the function."""
+    import inspect
+
+    import hoexp.config.build  # noqa: F401 -- the submodule, imported as compose and the CLI import it
+
+    spec, _ = hoexp.compose(["model.width=4", "model.depth=1", "outer_steps=1", "inner_steps=1", "device=cpu"])
+    assert inspect.isfunction(hoexp.build)
+    exp = hoexp.build(spec)
+    assert exp.method.name == "neumann"
+    from hoexp.config.build import preflight  # the module's other names stay importable
+
+    assert callable(preflight)
+
+
+class _Runaway:
+    """A user's solver that diverges: ``u = 1e7·b``, residual ~1e7·‖H‖ (issue 28's run logged 1.8e14 silently)."""
+
+    name = "runaway"
+
+    def __call__(self, op, b, x0=None):
+        from hoexp.method.solvers import SolveResult
+
+        x = 1e7 * b
+        return SolveResult(x, 1, 1, float((op.matvec(x) - b).norm() / b.norm()))
+
+
+class _Messages:
+    def __init__(self):
+        self.lines = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        pass
+
+    def start_outer(self, step):
+        pass
+
+    def advance_inner(self, n=1):
+        pass
+
+    def end_outer(self, step, fields):
+        pass
+
+    def message(self, text):
+        self.lines.append(text)
+
+
+@pytest.mark.parametrize("solver", ["runaway", "exact"])
+def test_a_diverging_solver_of_your_own_is_warned_about_once(solver, tiny_experiment):
+    """A solver whose residual ‖Hu − v‖/‖v‖ exceeds 1 gets one warning during the run (only the named series did);
+    a converged solve none."""
+    from hoexp.method.implicit import ift
+    from hoexp.method.solvers import Exact
+
+    exp = tiny_experiment("outer_steps=3", "inner_steps=5")
+    exp.method = ift(_Runaway() if solver == "runaway" else Exact(), name=solver)
+    messages = _Messages()
+    hoexp.run(exp, progress=messages)
+    warned = [m for m in messages.lines if "residual" in m]
+    if solver == "runaway":
+        assert len(warned) == 1 and "> 1 at outer step 1" in warned[0] and "worse than u = 0" in warned[0], warned
+    else:
+        assert warned == [], warned

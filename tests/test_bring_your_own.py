@@ -294,3 +294,21 @@ def test_hoexp_compare_accepts_your_config_folder(tmp_path):
     )
     assert [name for name, _ in plan.ho] == ["last_step", "jacobi_ift"] and plan.grid_key == "hp.l1.init"
     assert any(o.startswith("hydra.searchpath=") for o in plan.base)
+
+
+def test_a_family_yaml_without_its_header_is_refused_naming_the_header(tmp_path, capsys):
+    """hp/<name>.yaml without '# @package hp.<name>': Hydra puts its keys in hp itself, and the error said the
+    option "names no code" though the file starts with _target_; now it names the header to add (alone and with
+    another family). With the header, as the README shows, it runs."""
+    import pytest
+
+    from hoexp.cli import main
+
+    conf = write_configs(tmp_path / "conf")
+    (conf / "hp" / "l1.yaml").write_text(CONFIGS["hp/l1.yaml"].split("\n", 1)[1])  # the header line left out
+    for hp in ("hp=l1", "hp=[l1,weight_decay]"):
+        with pytest.raises(SystemExit) as e:
+            main(["run", "--config-dir", str(conf), *OVERRIDES, hp])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count("\n") == 1, err
+        assert "hp=l1: its YAML has no package header" in err and "'# @package hp.l1'" in err, err

@@ -46,7 +46,7 @@ def test_help_lists_subcommands(capsys):
         (["datset=iris"], "unknown key 'datset' (did you mean 'dataset'?)"),
         (["method.terms=-1"], "method=neumann: terms must be >= 0, got -1"),
         (["method.alpha=0"], "method=neumann: alpha must be > 0, got 0.0"),
-        (["method=cg", "method.iterations=-2"], "method=cg: iterations must be >= 0, got -2"),
+        (["method=cg", "method.iterations=-2"], "method=cg: iterations must be >= 1, got -2"),
         (["method.terms=abc"], "method.terms: 'abc' is not a valid int"),
         (
             ["hp.weight_decay.granularity=per_unit"],

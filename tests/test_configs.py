@@ -84,3 +84,130 @@ def test_every_launcher_composes_and_names_an_importable_launcher(launcher):
     target = str(cfg.hydra.launcher._target_)
     module, _, name = target.rpartition(".")
     assert callable(getattr(importlib.import_module(module), name)), target
+
+
+# ------------------------------------------------------------------ the bounds of every numeric option
+# A numeric option of a shipped factory declares its bound in its signature (hoexp.components: PositiveInt,
+# NonNegFloat, Annotated[float, Range(...)]), or is listed here with the reason it has none. A new numeric option
+# without either fails test_every_numeric_option_declares_a_bound, so a refactor cannot drop a bound silently.
+UNBOUNDED: dict[tuple[str, str], str] = {}
+GROUPS = ("dataset", "model", "hp", "method", "optim/inner", "optim/outer")
+
+
+def _factory_nodes():
+    """(config key, factory path, YAML node) for each shipped factory (its first option file)."""
+    from omegaconf import OmegaConf
+
+    seen, out = set(), []
+    for group in GROUPS:
+        for option in group_options(group):
+            node = OmegaConf.load(CONF_DIR / group / f"{option}.yaml")
+            target = str(node._target_)
+            if target not in seen:
+                seen.add(target)
+                key = f"hp.{node.name}" if group == "hp" else group.replace("/", ".")
+                out.append((key, target, node))
+    return out
+
+
+def _numeric(hint):
+    """``(is_int, [Range, ...])`` of a numeric annotation (through Optional, unions, tuples and lists), or None."""
+    import typing
+
+    from hoexp.components import Range
+
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Annotated:
+        inner = _numeric(args[0])
+        return None if inner is None else (inner[0], [*inner[1], *(a for a in args[1:] if isinstance(a, Range))])
+    if hint is bool:
+        return None
+    if hint in (int, float):
+        return hint is int, []
+    if origin is typing.Literal:
+        return None
+    found = [n for n in (_numeric(a) for a in args if a is not type(None) and a is not Ellipsis) if n is not None]
+    if not found:
+        return None
+    return all(n[0] for n in found), [r for n in found for r in n[1]]
+
+
+def _numeric_options():
+    from hoexp.config.explain import _signature
+
+    for key, target, node in _factory_nodes():
+        from hoexp.config.explain import _import
+
+        params, hints = _signature(_import(target, key), bool(node.get("_partial_", False)))
+        for name, hint in hints.items():
+            found = _numeric(hint)
+            if found is not None:
+                yield key, target, node, name, params[name].default, found
+
+
+NUMERIC = list(_numeric_options())
+
+
+def _outside(rng, is_int: bool) -> list[float]:
+    """Values just past each bound of ``rng`` (and well past it)."""
+    step = 1 if is_int else 1e-3
+    out: list[float] = []
+    if rng.gt is not None:
+        out += [rng.gt, rng.gt - step, rng.gt - 10]
+    if rng.ge is not None:
+        out += [rng.ge - step, rng.ge - 10]
+    if rng.lt is not None:
+        out += [rng.lt, rng.lt + step, rng.lt + 10]
+    if rng.le is not None:
+        out += [rng.le + step, rng.le + 10]
+    return [int(v) if is_int else float(v) for v in out]
+
+
+def _with(node, name: str, value, default):
+    """The option's YAML with ``name`` set to ``value`` (a list option: its first item)."""
+    from omegaconf import OmegaConf
+
+    node = OmegaConf.create(OmegaConf.to_container(node))
+    if isinstance(default, (tuple, list)):
+        value = list(value) if isinstance(value, (tuple, list)) else [value, *list(default)[1:]]
+    node[name] = value
+    return node
+
+
+def test_every_numeric_option_declares_a_bound():
+    assert len(NUMERIC) >= 50  # every group's numeric options were found
+    missing = [f"{t}: {n}" for _, t, _, n, _, (_, ranges) in NUMERIC if not ranges and (t, n) not in UNBOUNDED]
+    assert not missing, f"numeric options with no declared Range and not in UNBOUNDED: {missing}"
+    known = {(t, n) for _, t, _, n, _, _ in NUMERIC}
+    assert set(UNBOUNDED) <= known and all(UNBOUNDED.values()), "UNBOUNDED names options that are gone, or no reason"
+
+
+@pytest.mark.parametrize(
+    "key,target,node,name,default,numeric", NUMERIC, ids=[f"{t.rsplit('.', 1)[-1]}.{n}" for _, t, _, n, _, _ in NUMERIC]
+)
+def test_every_numeric_option_refuses_what_its_bound_excludes(key, target, node, name, default, numeric):
+    """At validation (before anything runs), in one line naming the option: values past the declared bounds, and
+    NaN and ±inf for every float option. The shipped default is accepted."""
+    from hoexp.config import component
+    from hoexp.errors import ConfigError
+
+    is_int, ranges = numeric
+    component(_with(node, name, default, default) if default is not inspect.Parameter.empty else node, key)
+    bad = [v for r in ranges for v in _outside(r, is_int)]
+    if not is_int:
+        bad += [float("nan"), float("inf"), float("-inf")]
+    assert bad, f"{target}.{name}: nothing to refuse"
+    for value in bad:
+        with pytest.raises(ConfigError) as e:
+            component(_with(node, name, value, default), key)
+        assert name in str(e.value) and "\n" not in str(e.value), (name, value, str(e.value))
+
+
+def test_method_cg_with_no_iteration_is_refused_in_one_line(capsys):
+    """method=cg method.iterations=0 ran to the end with hypergradient 0 at every step; now: exit 2 before it runs."""
+    from hoexp.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["run", "method=cg", "method.iterations=0", "outer_steps=2", "inner_steps=2"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err == "hoexp: error: method=cg: iterations must be >= 1, got 0\n", err

@@ -153,3 +153,26 @@ def test_the_engine_on_built_objects_gives_the_configured_run_s_pinned_numbers()
     assert summary["final"]["val_loss"] == pytest.approx(val, rel=1e-7)
     assert summary["hp_final"]["mean"] == pytest.approx(hp_mean, rel=1e-7)
     assert [v for _, v in mem.series("hypergrad/norm")] == pytest.approx(list(norms), rel=1e-6)
+
+
+def test_automatic_threads_leave_the_cores_other_processes_use(monkeypatch):
+    """threads=0: a large model on the CPU takes the cores not busy when the run starts. It took every core
+    whatever the load: the PTB preset's 3x5-step run spent 590 s instead of 29 s at load 5-6 on 2 cores, nearly all
+    in evaluation, its 2 threads stalling each other (issue 28, item 10)."""
+    from hoexp.engine import io
+    from hoexp.engine.io import auto_threads, thread_policy
+
+    cpu, big = torch.device("cpu"), 2_600_000  # the PTB LSTM's weights
+    assert auto_threads(cpu, big, available=2, load=0.2) == 2  # a quiet machine: every core
+    assert auto_threads(cpu, big, available=2, load=5.9) == 1  # the issue's machine: one
+    assert auto_threads(cpu, big, available=8, load=2.6) == 5
+    assert auto_threads(cpu, big, available=8, load=40.0) == 1
+    assert auto_threads(cpu, 17_280, available=8, load=0.0) == 1  # a small model: one, as before
+    assert auto_threads(torch.device("cuda"), big, available=8, load=40.0) == 8  # the host side of a GPU run
+    before = torch.get_num_threads()
+    monkeypatch.setattr(io, "machine_load", lambda: 99.0)
+    with thread_policy(0, cpu, big) as threads:
+        assert threads == 1 == torch.get_num_threads()
+    with thread_policy(3, cpu, big) as threads:  # an explicit threads=N is kept whatever the load
+        assert threads == 3 == torch.get_num_threads()
+    assert torch.get_num_threads() == before

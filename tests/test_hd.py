@@ -224,3 +224,22 @@ def test_runner_method_keeps_lr_across_outer_steps(variant):
     assert stats2["inner/loss"] == pytest.approx(loss.item(), rel=1e-12)
     for k in p0:
         assert torch.equal(state.params[k], params[k]), k
+
+
+def test_summary_reports_the_adapted_learning_rate(tiny_experiment):
+    """``hp_final`` (and the ``hp/*`` scalars) of a method=hd run show the learning rate HD adapted, not the lr
+    family's initial value (issue 28: summary.json said 0.01 while hd/lr ended at 0.036)."""
+    import hoexp
+    from hoexp.engine.metrics import MemoryLogger
+
+    exp = tiny_experiment("hp=lr", "method=hd", "method.beta=1e-2", "outer_steps=3", "inner_steps=10")
+    logger = MemoryLogger()
+    summary = hoexp.run(exp, hoexp.RunIO(loggers=[logger]))
+    start_lr = exp.inner_opt.defaults["lr"]
+    (_, adapted), *_ = reversed(logger.series("hd/lr"))
+    assert adapted != pytest.approx(start_lr, rel=1e-3)  # HD moved it
+    final = summary["hp_final"]
+    assert final["mean"] == pytest.approx(adapted, rel=1e-12) and final["moved_fraction"] == 1.0, final
+    hp_mean = dict(logger.series("hp/mean"))
+    assert hp_mean[3] == pytest.approx(adapted, rel=1e-12)
+    assert hp_mean[0] == pytest.approx(start_lr, rel=1e-6)  # before any HD step: the start

@@ -198,8 +198,10 @@ def test_make_solver_validates_options():
         make_solver("lbfgs")
     with pytest.raises(ValueError, match="alpha must be > 0"):
         make_solver("neumann", alpha=0.0)
-    with pytest.raises(ValueError, match="iterations must be >= 0"):
+    with pytest.raises(ValueError, match="iterations must be >= 1"):  # CG with no iteration returns u = 0
         make_solver("cg", iterations=-1)
+    with pytest.raises(ValueError, match="iterations must be >= 0"):
+        make_solver("neumann", iterations=-1)
     with pytest.raises(ValueError, match="unknown option"):
         make_solver("exact", alpha=1.0)
 

@@ -1,12 +1,16 @@
-"""Every command the README shows is one that works: each ``hoexp run`` line composes and passes
-every check made before a run (the same validation the CLI does), each script it names exists,
-and each make target it names is in the Makefile."""
+"""Every command and code block the README shows is one that works: each ``hoexp run`` line composes and passes
+every check made before a run (the same validation the CLI does), each ``hoexp check|compare|report`` line passes
+its command's parser and checks (nothing is run), each script it names exists, each make target it names is in the
+Makefile, every Python block runs (the "Bring your own" ones on a ``~/lab`` made of the README's YAML blocks and
+``tests/test_bring_your_own.py``'s components), and every relative link points into the repository."""
 
 import re
 import shlex
+import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from hoexp.cli import expand_sweeps, refuse_removed, split_hydra_args, validate_job
 
@@ -34,12 +38,24 @@ def _env_prefix(line: str) -> tuple[dict[str, str], str]:
     return env, line
 
 
-# Lines about a user's own folders (~/lab) are illustrations; every other run line must validate.
-RUN_LINES = [
-    c
-    for c in readme_commands()
-    if _env_prefix(c)[1].startswith(("hoexp run", "python -m hoexp run")) and "--help" not in c and "~/" not in c
-]
+def _hoexp_words(line: str) -> list[str]:
+    """The words from the hoexp command on (``hoexp run ...``, ``python -m hoexp ...``, ``torchrun ... -m hoexp``)."""
+    words = shlex.split(_env_prefix(line)[1])
+    if words[:1] == ["hoexp"]:
+        return words
+    for i in range(len(words) - 1):
+        if words[i] == "-m" and words[i + 1] == "hoexp" and words[0] in ("python", "torchrun"):
+            return ["hoexp", *words[i + 2 :]]
+    return []
+
+
+def _command(line: str) -> str:
+    words = _hoexp_words(line)
+    return words[1] if len(words) > 1 else ""
+
+
+# ~/lab lines run on a ~/lab made by the test (lab_home).
+RUN_LINES = [c for c in readme_commands() if _command(c) == "run" and "--help" not in c]
 
 
 def test_readme_has_commands():
@@ -48,15 +64,17 @@ def test_readme_has_commands():
 
 
 @pytest.mark.parametrize("line", RUN_LINES)
-def test_readme_run_line_validates(line, monkeypatch):
+def test_readme_run_line_validates(line, monkeypatch, tmp_path):
     from hoexp.cli import with_config_dir
 
-    env, line = _env_prefix(line)
-    if "PYTHONPATH" in env:  # a plugin's code (examples/...), importable as the line makes it
-        monkeypatch.syspath_prepend(str(ROOT / env["PYTHONPATH"]))
+    env, _ = _env_prefix(line)
+    if "~/" in line:
+        lab_home(tmp_path, monkeypatch)
+    if "PYTHONPATH" in env:  # a plugin's code (examples/..., ~/lab), importable as the line makes it
+        monkeypatch.syspath_prepend(str(ROOT / Path(env["PYTHONPATH"]).expanduser()))
     monkeypatch.chdir(ROOT)
-    words = shlex.split(line)
-    args = with_config_dir(words[words.index("run") + 1 :])
+    words = _hoexp_words(line)
+    args = with_config_dir(words[2:])
     overrides, flags = split_hydra_args(args)
     overrides = [o for o in overrides if "<" not in o and o != "..."]  # placeholders: <sweep folder>, ...
     refuse_removed(overrides)  # hydra/* overrides too, which expand_sweeps leaves to Hydra
@@ -65,9 +83,7 @@ def test_readme_run_line_validates(line, monkeypatch):
         validate_job(job)
 
 
-COMPARE_LINES = [
-    c for c in readme_commands() if c.startswith(("hoexp compare", "python -m hoexp compare")) and "--help" not in c
-]
+COMPARE_LINES = [c for c in readme_commands() if _command(c) == "compare" and "--help" not in c]
 
 
 @pytest.mark.parametrize("line", COMPARE_LINES)
@@ -75,18 +91,199 @@ def test_readme_compare_line_validates(line, tmp_path):
     """Every check hoexp compare makes before running anything (its folder: a scratch one)."""
     from hoexp.tools.compare import parse_args
 
-    words = shlex.split(line)
-    args = [a for a in words[words.index("compare") + 1 :] if "<" not in a and a != "..."]
+    args = [a for a in _hoexp_words(line)[2:] if "<" not in a and a != "..."]
     if "--out" in args:
         del args[args.index("--out") : args.index("--out") + 2]
     parse_args([*args, "--out", str(tmp_path / "compare")])
 
 
+CHECK_LINES = [c for c in readme_commands() if _command(c) == "check"]
+REPORT_LINES = [c for c in readme_commands() if _command(c) == "report"]
+
+
+@pytest.mark.parametrize("line", CHECK_LINES)
+def test_readme_check_line_parses_and_validates(line, monkeypatch, tmp_path):
+    """``hoexp check`` as the CLI runs it: its parser, the configuration and every --horizon contender composed and
+    checked; only the measurement itself (run_check / run_horizon) is replaced by a recorder."""
+    import hoexp.tools.check
+    import hoexp.tools.horizon
+    from hoexp.cli import cmd_check
+
+    calls = []
+    monkeypatch.setattr(hoexp.tools.check, "run_check", lambda spec, out, **kw: calls.append(("check", spec, kw)))
+    monkeypatch.setattr(
+        hoexp.tools.horizon, "run_horizon", lambda spec, cs, out, **kw: calls.append(("horizon", spec, cs))
+    )
+    cmd_check([*_hoexp_words(line)[2:], "--out", str(tmp_path / "check")])
+    assert len(calls) == 1 and calls[0][0] == ("horizon" if "--horizon" in line else "check")
+    if "--method" in line:  # every contender the line names was composed
+        assert len(calls[0][2]) == line.count("--method")
+
+
+@pytest.mark.parametrize("line", REPORT_LINES)
+def test_readme_report_line_parses(line, monkeypatch, tmp_path):
+    """``hoexp report``'s parser takes the line (placeholder folders stand for scratch ones); no report is built."""
+    import hoexp.tools.report
+    from hoexp.cli import cmd_report
+
+    calls = []
+    monkeypatch.setattr(hoexp.tools.report, "build_report", lambda paths, out, **kw: calls.append(paths))
+    args = [str(tmp_path) if "<" in a else a for a in _hoexp_words(line)[2:] if not a.startswith("[") and "]" not in a]
+    cmd_report([*args, "--out", str(tmp_path / "report")])
+    assert calls == [[str(tmp_path)]]
+
+
+def test_readme_hoexp_help_and_version_lines_exit_0(capsys):
+    from hoexp.cli import main
+
+    for line in readme_commands():
+        words = _hoexp_words(line)
+        if "--help" in words or "--version" in words:
+            try:
+                main(words[1:])
+            except SystemExit as e:
+                assert e.code in (0, None), line
+            assert capsys.readouterr().out.strip(), line
+
+
+def test_every_readme_command_is_checked():
+    """Each bash line is one of the kinds the tests above check, or a shell line that needs none."""
+    for line in readme_commands():
+        env, rest = _env_prefix(line)
+        words = shlex.split(rest)
+        kinds = {
+            "hoexp": _command(line) in ("run", "check", "compare", "report") or {"--help", "--version"} & set(words),
+            "make": words[0] == "make",
+            "script": words[0] == "python" and words[1].endswith(".py"),
+            "shell": words[0] == "source",
+        }
+        assert any(kinds.values()), f"no test checks this README line: {line}"
+
+
 def test_readme_scripts_and_targets_exist():
     makefile = (ROOT / "Makefile").read_text()
     for line in readme_commands():
-        words = shlex.split(line)
-        if words[0] == "python" and words[1].startswith("scripts/"):
+        words = shlex.split(_env_prefix(line)[1])
+        if words[0] == "python" and words[1].endswith(".py"):
             assert (ROOT / words[1]).is_file(), line
         if words[0] == "make" and len(words) > 1 and "=" not in words[1]:
             assert re.search(rf"^{re.escape(words[1])}:", makefile, flags=re.M), line
+
+
+def test_readme_links_stay_inside_the_repository():
+    """A relative link names a file of the repository (not ../shared/..., which a clone does not have)."""
+    text = (ROOT / "README.md").read_text()
+    links = [u for u in re.findall(r"\]\(([^)#\s]+)", text) if "://" not in u]
+    assert links
+    for url in links:
+        target = (ROOT / url).resolve()
+        assert target.is_relative_to(ROOT) and target.exists(), url
+
+
+# ----------------------------------------------------------------------------------------- Python blocks
+def python_blocks() -> list[str]:
+    return re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
+
+
+def yaml_blocks() -> list[str]:
+    return re.findall(r"```yaml\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
+
+
+def lab_home(tmp: Path, monkeypatch) -> Path:
+    """``~/lab`` as the README's "Bring your own" section has it, in a scratch HOME: ``lab.py`` holds the test's
+    components (tests/test_bring_your_own.py) and the README's own Python class, ``lab/conf`` the README's YAML
+    blocks (each names its file in a comment) and, for the options the README does not show, the test's YAML."""
+    from tests.test_bring_your_own import CONFIGS, MODULE
+
+    lab = tmp / "lab"
+    (lab / "conf").mkdir(parents=True)
+    own = [b for b in python_blocks() if "~/lab/lab.py" in b.splitlines()[0]]
+    assert own, "the README's ~/lab/lab.py block"
+    (lab / "lab.py").write_text(
+        f"from {MODULE} import blobs, jacobi, l1_decay, tiny_net  # noqa: F401\n" + "".join(own)
+    )
+    for rel, text in CONFIGS.items():
+        (lab / "conf" / rel).parent.mkdir(parents=True, exist_ok=True)
+        (lab / "conf" / rel).write_text(text.replace(MODULE, "lab"))
+    written = []
+    for block in yaml_blocks():
+        m = re.search(r"# ~/lab/conf/(\S+\.yaml)", block)
+        if m:
+            (lab / "conf" / m.group(1)).write_text(block)
+            written.append(m.group(1))
+    assert {"model/tiny.yaml", "hp/l1.yaml", "method/last_step.yaml"} <= set(written), written
+    monkeypatch.setenv("HOME", str(tmp))
+    monkeypatch.syspath_prepend(str(lab))
+    monkeypatch.delitem(sys.modules, "lab", raising=False)
+    return lab
+
+
+@pytest.mark.slow
+def test_every_readme_python_block_runs(tmp_path, monkeypatch):
+    """Each block as a user pastes it (in a scratch folder with ~/lab in place): the library example, the loop on
+    objects made in Python, and the bring-your-own flow (compose → build → run, which also runs the README's
+    method class from its YAML)."""
+    import hoexp
+
+    lab_home(tmp_path, monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    blocks = python_blocks()
+    assert len(blocks) >= 4
+    for block in blocks:
+        torch.manual_seed(0)
+        scope: dict = {}
+        exec(compile(block, "README.md", "exec"), scope)
+        if "summary" in scope:
+            assert scope["summary"]["status"] == "completed", block
+    assert (tmp_path / "outputs" / "my_run" / "summary.json").is_file()
+    # The README's LastStep from its YAML, through the loop: its hypergradients moved the family.
+    spec, _ = hoexp.compose(
+        ["model=tiny", "dataset=blobs", "hp=l1", "method=last_step", "outer_steps=2", "inner_steps=5"],
+        config_dir="~/lab/conf",
+    )
+    summary = hoexp.run(hoexp.config.build(spec))
+    assert summary["status"] == "completed" and summary["hypergradients"] == 2 and summary["method"] == "last_step"
+
+
+# ----------------------------------------------------------------------------- scripts without their data
+# Every script that reads the data root, with the arguments that get it there quickly (a new such script must be
+# added here: test_every_data_script_is_listed).
+DATA_SCRIPTS = {
+    "hd_logreg_mnist.py": [],
+    "dropout_mnist.py": [],
+    "dropout_switch.py": [],
+    "lr_schedule_mnist.py": [],
+    "bench.py": ["--quick", "--only", "mnist", "--out", "RUN"],
+    "ddp_scaling.py": ["--procs", "1", "--out", "RUN"],
+    "through_optimizer.py": ["RUN", "experiment=ptb_lstm_dropout"],
+}
+
+
+def test_every_data_script_is_listed():
+    reads = {p.name for p in (ROOT / "scripts").glob("*.py") if re.search(r"mnist|ptb|HOEXP_DATA", p.read_text(), re.I)}
+    assert reads == set(DATA_SCRIPTS)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", sorted(DATA_SCRIPTS))
+def test_script_without_its_data_ends_in_one_line(script, tmp_path):
+    """``HOEXP_DATA=/nonexistent python scripts/<script>``: one line ``<script>: error: ... not found ...``, exit 2
+    (hd_logreg_mnist.py and through_optimizer.py ended in tracebacks, ddp_scaling.py with exit 1)."""
+    import os
+    import subprocess
+
+    (tmp_path / "RUN").mkdir()
+    (tmp_path / "RUN" / "checkpoint.pt").write_bytes(b"")  # through_optimizer.py reads it after the data
+    args = [a.replace("RUN", str(tmp_path / "RUN")) for a in DATA_SCRIPTS[script]]
+    env = {**os.environ, "HOEXP_DATA": str(tmp_path / "nonexistent"), "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / script), *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    last = (r.stderr.strip().splitlines() or [""])[-1]  # after progress lines (bench.py's), if any
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert re.match(r"[\w.]+: error: .*not found under ", last), r.stderr[-2000:]

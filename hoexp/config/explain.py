@@ -12,6 +12,7 @@ import difflib
 import functools
 import importlib
 import inspect
+import math
 import sys
 import types
 import typing
@@ -163,6 +164,21 @@ def _signature(target: Callable[..., Any], partial: bool) -> tuple[dict[str, ins
     return params, hints
 
 
+def _describe(hint: Any) -> str:
+    """A type in words, for a value that fits no member of a union: ``a number > 0``, ``auto``."""
+    origin = typing.get_origin(hint)
+    if origin is typing.Annotated:
+        base, *extras = typing.get_args(hint)
+        bounds = [
+            b for r in extras if isinstance(r, Range) for b in ((">", r.gt), (">=", r.ge), ("<", r.lt), ("<=", r.le))
+        ]
+        return " ".join([_describe(base), *(f"{op} {b:g}" for op, b in bounds if b is not None)])
+    if origin is Literal:
+        return " or ".join(map(str, typing.get_args(hint)))
+    words = {float: "a number", int: "an integer", str: "a string", bool: "true or false"}
+    return words.get(hint, f"a {getattr(hint, '__name__', hint)}")
+
+
 def _takes_kwargs(target: Callable[..., Any]) -> bool:
     return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in inspect.signature(target).parameters.values())
 
@@ -170,7 +186,8 @@ def _takes_kwargs(target: Callable[..., Any]) -> bool:
 def coerce(value: Any, hint: Any, key: str, label: str) -> Any:
     """``value`` as ``hint`` asks (an int where a float is expected becomes a float), or a ConfigError:
     ``method.terms: 'abc' is not a valid int``, ``x='v' is not valid; choose one of: ...``,
-    ``method=neumann: terms must be >= 0, got -1``."""
+    ``method=neumann: terms must be >= 0, got -1``; a float must be finite (NaN and inf are refused whatever the
+    annotation)."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin is typing.Annotated:
         out = coerce(value, args[0], key, label)
@@ -195,11 +212,20 @@ def coerce(value: Any, hint: Any, key: str, label: str) -> Any:
                 return coerce(value, a, key, label)
             except ConfigError as e:
                 errors.append(e)
-        # the most specific message: a range or choice problem of a matching type beats a type mismatch
-        specific = [e for e in errors if "is not a valid" not in str(e)]
-        raise (specific or errors)[0]
+        # the most specific message: a range problem of a matching type beats a type mismatch or a choice
+        members = [a for a in args if a is not type(None)]
+        ranged = [e for e in errors if " must be " in str(e)]
+        choices = [a for a in members if typing.get_origin(a) is Literal]
+        if ranged and choices:  # a number out of range, where a word would do too: name the word
+            leaf = key.rsplit(".", 1)[-1]
+            raise ConfigError(f"{ranged[0]} (or {' or '.join(f'{leaf}={_describe(c)}' for c in choices)})")
+        if ranged or len(errors) == 1:
+            raise (ranged or errors)[0]
+        raise ConfigError(f"{label} must be {' or '.join(_describe(a) for a in members)}, got {value!r}")
     if hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):  # no option means anything by NaN or inf: refused before anything runs
+                raise ConfigError(f"{label} must be a finite number, got {value}")
             return float(value)
     elif hint is int:
         if isinstance(value, int) and not isinstance(value, bool):

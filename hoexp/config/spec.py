@@ -118,6 +118,13 @@ def _families(node: Any) -> list[Component]:
     """``hp`` holds one node per family, each under its own key (``hp.weight_decay``, ``hp.dropout``)."""
     if not isinstance(node, DictConfig) or not node:
         raise ConfigError("choose at least one hp family: hp=<family> or hp=[a,b] ('hoexp run --help' lists them)")
+    if "_target_" in node:  # a family's YAML without its header: Hydra put its keys in hp itself
+        name = str(node.get("name") or str(node._target_).rsplit(".", 1)[-1])
+        raise ConfigError(
+            f"hp={name}: its YAML has no package header, so its keys landed in hp itself; make its first line "
+            f"'# @package hp.{name}' (each family's options live under hp.<name>: hp.{name}.init=..., and "
+            "hp=[a,b] tunes several), as hoexp/conf/hp/*.yaml do"
+        )
     return [component(sub, f"hp.{key!s}") for key, sub in node.items()]
 
 

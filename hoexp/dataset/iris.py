@@ -93,7 +93,7 @@ def iris(
     train_size: PositiveInt = 60,
     val_size: PositiveInt = 60,
     test_size: PositiveInt = 30,
-    split_seed: int | None = None,
+    split_seed: NonNegInt | None = None,
     standardize: bool = True,
     batch_size: NonNegInt = 0,
     val_batch_size: NonNegInt = 0,

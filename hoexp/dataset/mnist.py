@@ -135,6 +135,18 @@ def _read(folder: Path, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
     return ds.data, ds.targets
 
 
+def read_mnist(root: Path, train: bool = True, download: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The uint8 images ``[n, 28, 28]`` and labels of MNIST's training (or test) file under ``<root>/mnist``, the
+    files checked first: missing or corrupt ones are a one-line ``HoexpError``. ``download`` fetches what is missing."""
+    folder = Path(root) / "mnist"
+    if download:
+        _download(folder)
+    if _raw_folder(folder).is_dir():
+        _extract_gz(_raw_folder(folder))
+    _check_files(folder)
+    return _read(folder, train=train)
+
+
 def load_mnist(
     root: Path,
     *,
@@ -158,13 +170,8 @@ def load_mnist(
     Errors (missing or corrupt files, sizes too large) are one-line ``HoexpError``s.
     """
     folder = Path(root) / "mnist"
-    if download:
-        _download(folder)
-    if _raw_folder(folder).is_dir():
-        _extract_gz(_raw_folder(folder))
-    _check_files(folder)
-    x_tr, y_tr = _read(folder, train=True)
-    x_te, y_te = _read(folder, train=False)
+    x_tr, y_tr = read_mnist(root, train=True, download=download)
+    x_te, y_te = read_mnist(root, train=False)
 
     n = len(y_tr)
     if val_size < 1 or (train_size is not None and train_size < 1):
@@ -210,7 +217,7 @@ def mnist(
     download: bool = False,
     val_size: PositiveInt = 1000,
     train_size: PositiveInt | None = None,
-    split_seed: int | None = None,
+    split_seed: NonNegInt | None = None,
     batch_size: NonNegInt = 128,
     val_batch_size: NonNegInt = 0,
 ) -> Splits:

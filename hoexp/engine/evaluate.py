@@ -16,7 +16,7 @@ from torch import Tensor
 from hoexp import tree
 from hoexp.engine.guards import check_train_loss
 from hoexp.engine.metrics import MetricLogger, tensor_stats
-from hoexp.engine.state import RunState, hp_view
+from hoexp.engine.state import RunState, hp_in_use
 from hoexp.types import Runnable
 
 
@@ -50,7 +50,7 @@ def log_step(
             split, what = k.split("_")
             scalars[f"{what}/{split}"] = v
         fields = {"val_loss": metrics["val_loss"], "val_acc": metrics["val_acc"]}
-    values = hp_view(exp.task, state.raw).detach()
+    values = hp_in_use(exp, state)
     if values.numel():
         scalars.update(tensor_stats("hp", values))
         scalars["hp/moved_fraction"] = moved_fraction(values, state.raw0)
@@ -102,7 +102,7 @@ def summarize(exp: Runnable, state: RunState | None, status: str, elapsed: float
         **more,
     }
     if state is not None and state.raw:
-        values = hp_view(exp.task, state.raw).detach()
+        values = hp_in_use(exp, state)
         stats = tensor_stats("hp", values) if values.numel() else {}
         out["hp_final"] = {k.split("/")[-1]: v for k, v in stats.items()}
         out["hp_final"]["moved_fraction"] = moved_fraction(values, state.raw0)

@@ -1,8 +1,9 @@
 """What the loop does with a hypergradient it cannot trust: skip, warn, or stop.
 
 A non-finite hypergradient skips its outer update (the hyperparameters stay where they were); after
-``max_nonfinite`` in a row the run stops as diverged. A solver that reports ``solver/diverging`` (a
-Neumann or fixed-point series whose residual exceeds 1) gets one warning per run.
+``max_nonfinite`` in a row the run stops as diverged. A solve that is worse than ``u = 0`` gets one warning per
+run: a solver that reports ``solver/diverging`` (a Neumann or fixed-point series), or any method whose
+``solver/residual`` ``‖Hu − v‖/‖v‖`` exceeds 1 or is not finite (CG, your own solver).
 """
 
 from __future__ import annotations
@@ -55,10 +56,14 @@ def outer_update(
                 f"{state.nonfinite} non-finite hypergradients in a row (outer step {step}, solver "
                 f"residual {scalars.get('solver/residual')}); lower method.alpha or optim.outer.lr"
             )
-    if scalars.get("solver/diverging") and not state.warned_residual:  # the solver says its series diverges
+    residual = scalars.get("solver/residual")
+    diverging = scalars.get("solver/diverging") or (residual is not None and not residual <= 1)
+    if diverging and not state.warned_residual:  # any solver's, your own included: worse than u = 0
         progress.message(
-            f"hoexp: warning: {exp.method.name} residual ‖Hu−v‖/‖v‖ = {scalars['solver/residual']:.3g} > 1 at "
-            f"outer step {step}: the series diverges; lower method.alpha (it must stay below 2/λ_max(H))"
+            f"hoexp: warning: {exp.method.name} residual ‖Hu−v‖/‖v‖ = "
+            f"{'?' if residual is None else f'{residual:.3g}'} > 1 at outer step {step}: "
+            "the solve is worse than u = 0 (it diverges); for a series lower method.alpha (below 2/λ_max(H)), "
+            "else raise method.damping or use method.curvature=gauss_newton"
         )
         state.warned_residual = True
     return abort

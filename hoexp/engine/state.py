@@ -70,6 +70,15 @@ def hp_view(task: Any, raw: HParams) -> Tensor:
     return tree.flatten(view.values()) if view else torch.zeros(0)
 
 
+def hp_in_use(exp: Runnable, state: RunState) -> Tensor:
+    """The hyperparameters in use as one flat vector: the family's view of ``state.raw``, unless the method adapts
+    them itself and says so with ``method.hp_values(inner_state)`` (HD's learning rate never enters ``raw``; ``None``
+    before the method has started them)."""
+    own = getattr(exp.method, "hp_values", None)
+    values = own(state.inner) if own is not None else None
+    return hp_view(exp.task, state.raw) if values is None else values.detach().reshape(-1)
+
+
 def start(exp: Runnable) -> RunState:
     """The state before the first outer step: the model's weights (cloned), the family's initial
     hyperparameters, fresh optimizer states and the task's streams (in a data-parallel run, this

@@ -28,14 +28,14 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import torch
 from torch import Tensor
 from torch.func import grad, jvp, vmap
 
 from hoexp import tree
-from hoexp.components import CheckContext, PositiveInt
+from hoexp.components import CheckContext, PositiveInt, Range
 from hoexp.errors import ConfigError
 from hoexp.method.unrolled import StepLoss, UnrolledResult, detach_state, path_outputs, path_result
 from hoexp.optim import Optimizer
@@ -438,7 +438,7 @@ def forward(
     max_hparams: PositiveInt = 64,
     strategy: Literal["hessian", "vmap", "loop"] = "hessian",
     carry: bool = False,
-    decay: float = 1.0,
+    decay: Annotated[float, Range(gt=0, le=1)] = 1.0,
     name: str = "forward",
 ) -> ForwardMethod:
     """``method=forward``: one JVP tangent per hyperparameter (refused above ``max_hparams``); ``carry`` keeps the

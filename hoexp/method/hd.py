@@ -39,12 +39,12 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import Tensor
 
-from hoexp.components import CheckContext, NonNegFloat, Probability
+from hoexp.components import CheckContext, NonNegFloat, PositiveFloat, Probability
 from hoexp.errors import ConfigError
 from hoexp.method.base import inner_scalars, train_inner
 from hoexp.optim import Optimizer
 from hoexp.optim.base import add_scaled, add_scaled_div, add_scaled_mul, lerp, safe_sqrt, zeros_like_params
-from hoexp.types import OuterResult, OuterStep
+from hoexp.types import InnerState, OuterResult, OuterStep
 
 __all__ = ["VARIANTS", "HDMethod", "hd_adam_step", "hd_init", "hd_sgd_step", "hd_sgdn_step"]
 
@@ -282,6 +282,12 @@ class HDMethod:
             return float(self.lr0)
         return float(getattr(task.family, "init_value", None) or inner_opt.defaults["lr"])
 
+    def hp_values(self, inner: InnerState) -> Tensor | None:
+        """The learning rate in use (what ``hp_final`` and the ``hp/*`` scalars report): HD adapts it in its own
+        state, never in the lr family's ``raw``; None before the first step."""
+        lr = inner.opt_state.get("hd_lr")
+        return None if lr is None else lr.detach().reshape(1)
+
     def step(self, params: Params, grads: Params, state: State) -> tuple[Params, State]:
         """One HD step of this method's variant (see :func:`hd_sgd_step` and siblings)."""
         clamp = {"min_lr": self.min_lr, "max_lr": self.max_lr}
@@ -322,9 +328,9 @@ def hd(
     *,
     variant: Literal["sgd", "sgdn", "adam"] = "sgd",
     beta: NonNegFloat = 1e-3,
-    lr0: float | None = None,
+    lr0: PositiveFloat | None = None,
     momentum: Probability = 0.9,
-    betas: tuple[float, float] = (0.9, 0.999),
+    betas: tuple[Probability, Probability] = (0.9, 0.999),
     eps: NonNegFloat = 1e-8,
     name: str = "hd",
 ) -> HDMethod:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from hoexp import tree
-from hoexp.components import CheckContext, NonNegFloat, NonNegInt, PositiveInt
+from hoexp.components import CheckContext, NonNegFloat, NonNegInt, PositiveFloat, PositiveInt, Range
 from hoexp.errors import ConfigError, HoexpError
 from hoexp.method.base import inner_scalars, scalars, step_from_gradient, train_inner, with_extra
 from hoexp.method.curvature import CURVATURES, Curvature, Hessian, SplitLoss
@@ -177,7 +177,7 @@ class ImplicitMethod:
             state = step_from_gradient(problem, st.inner_opt, state, raw, s.train_grad, len(plain))
             if st.on_step is not None:
                 st.on_step()
-        diverged = s.residual is not None and s.residual > 1  # worse than u = 0, whose residual is 1
+        diverged = s.residual is not None and not s.residual <= 1  # worse than u = 0 (residual 1), or NaN
         carried: dict[str, Any] = {}
         if self.warm_start and not diverged:
             carried["u"] = s.solution
@@ -282,7 +282,7 @@ def ift(
 def neumann(
     *,
     terms: NonNegInt = 5,
-    alpha: float | str = 0.01,
+    alpha: PositiveFloat | Literal["auto"] = 0.01,
     residual: bool = True,
     curvature: CurvatureName = "hessian",
     damping: NonNegFloat = 0.0,
@@ -311,7 +311,7 @@ def neumann(
 
 def t1t2(
     *,
-    alpha: float | str = 0.01,
+    alpha: PositiveFloat | Literal["auto"] = 0.01,
     residual: bool = False,
     curvature: CurvatureName = "hessian",
     damping: NonNegFloat = 0.0,
@@ -338,7 +338,7 @@ def t1t2(
 def fixed_point(
     *,
     iterations: NonNegInt = 5,
-    alpha: float | str = 0.01,
+    alpha: PositiveFloat | Literal["auto"] = 0.01,
     residual: bool = True,
     curvature: CurvatureName = "hessian",
     damping: NonNegFloat = 0.0,
@@ -368,7 +368,7 @@ def fixed_point(
 
 def cg(
     *,
-    iterations: NonNegInt = 20,
+    iterations: Annotated[int, Range(ge=1)] = 20,  # 0 returns u = 0: the implicit term of the hypergradient is 0
     tol: NonNegFloat = 1e-10,
     curvature: CurvatureName = "hessian",
     damping: NonNegFloat = 0.0,

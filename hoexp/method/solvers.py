@@ -81,9 +81,10 @@ REASONS = ("max iterations", "converged", "non-positive curvature", "singular")
 def _relative_tensor(r: Tensor, b: Tensor) -> Tensor:
     """``‖r‖/‖b‖`` on the device (0 where ``b = 0``): no host sync."""
     b_norm = torch.linalg.vector_norm(b)
-    return torch.where(
+    rel = torch.where(
         b_norm > 0, torch.linalg.vector_norm(r) / torch.where(b_norm > 0, b_norm, 1.0), torch.zeros_like(b_norm)
     )
+    return torch.where(torch.isfinite(b_norm), rel, torch.full_like(rel, math.nan))  # NaN b: not converged
 
 
 def _tracks_mixed(op: LinearOperator) -> TypeGuard[MixedOperator]:
@@ -136,7 +137,10 @@ def series_scalars(residual: float | None) -> dict[str, float]:
 
 
 def _relative(r: Tensor, b_norm: Tensor) -> float:
+    """``‖r‖/‖b‖`` (0 where ``b = 0``; NaN where ``b`` is not finite: that is no converged solve)."""
     r_norm, b = torch.stack([torch.linalg.vector_norm(r), b_norm.to(r.dtype)]).tolist()  # one host sync
+    if not math.isfinite(b):
+        return math.nan
     return r_norm / b if b > 0 else 0.0
 
 
@@ -351,6 +355,8 @@ class Exact:
             )
         H = op.dense()
         H = 0.5 * (H + H.T)  # symmetric up to rounding; symmetrise so LU and lstsq agree
+        if not bool(torch.isfinite(H).all() & torch.isfinite(b).all()):  # LAPACK's lstsq fails on NaN (an assert)
+            return SolveResult(torch.full_like(b, math.nan), 1, op.n, math.nan, "non-finite Hessian or right-hand side")
         info = "lu"
         try:
             x, status = torch.linalg.solve_ex(H, b)

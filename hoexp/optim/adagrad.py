@@ -6,7 +6,7 @@ from typing import cast
 
 import torch
 
-from hoexp.components import PositiveFloat
+from hoexp.components import NonNegFloat, PositiveFloat
 from hoexp.optim.base import (
     Hyper,
     Optimizer,
@@ -29,10 +29,10 @@ __all__ = ["adagrad"]
 
 def adagrad(
     lr: PositiveFloat = 1e-2,
-    lr_decay: float = 0.0,
-    weight_decay: float = 0.0,
-    initial_accumulator_value: float = 0.0,
-    eps: float = 1e-10,
+    lr_decay: NonNegFloat = 0.0,
+    weight_decay: NonNegFloat = 0.0,
+    initial_accumulator_value: NonNegFloat = 0.0,
+    eps: NonNegFloat = 1e-10,
 ) -> Optimizer:
     """Adagrad, exactly as ``torch.optim.Adagrad``.
 

@@ -6,7 +6,7 @@ from typing import cast
 
 import torch
 
-from hoexp.components import PositiveFloat
+from hoexp.components import NonNegFloat, PositiveFloat, Probability
 from hoexp.optim.base import (
     Hyper,
     Optimizer,
@@ -141,9 +141,9 @@ def _adam_multi_tensor(
 
 def adam(
     lr: PositiveFloat = 1e-3,
-    betas: tuple[float, float] = (0.9, 0.999),
+    betas: tuple[Probability, Probability] = (0.9, 0.999),
     eps: PositiveFloat = 1e-8,
-    weight_decay: float = 0.0,
+    weight_decay: NonNegFloat = 0.0,
     amsgrad: bool = False,
 ) -> Optimizer:
     """Adam, exactly as ``torch.optim.Adam`` (coupled L2 weight decay).
@@ -165,9 +165,9 @@ def adam(
 
 def adamw(
     lr: PositiveFloat = 1e-3,
-    betas: tuple[float, float] = (0.9, 0.999),
+    betas: tuple[Probability, Probability] = (0.9, 0.999),
     eps: PositiveFloat = 1e-8,
-    weight_decay: float = 1e-2,
+    weight_decay: NonNegFloat = 1e-2,
     amsgrad: bool = False,
 ) -> Optimizer:
     """AdamW, exactly as ``torch.optim.AdamW`` (decoupled weight decay).

@@ -6,7 +6,7 @@ from typing import cast
 
 import torch
 
-from hoexp.components import PositiveFloat
+from hoexp.components import NonNegFloat, PositiveFloat, Probability
 from hoexp.optim.base import (
     Hyper,
     Optimizer,
@@ -31,10 +31,10 @@ __all__ = ["rmsprop"]
 
 def rmsprop(
     lr: PositiveFloat = 1e-2,
-    alpha: float = 0.99,
-    eps: float = 1e-8,
-    weight_decay: float = 0.0,
-    momentum: float = 0.0,
+    alpha: Probability = 0.99,
+    eps: NonNegFloat = 1e-8,
+    weight_decay: NonNegFloat = 0.0,
+    momentum: Probability = 0.0,
     centered: bool = False,
 ) -> Optimizer:
     """RMSprop, exactly as ``torch.optim.RMSprop``.

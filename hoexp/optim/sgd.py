@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import cast
+from typing import Annotated, cast
 
 import torch
 
-from hoexp.components import NonNegFloat, PositiveFloat
+from hoexp.components import NonNegFloat, PositiveFloat, Probability, Range
 from hoexp.optim.base import (
     Hyper,
     Optimizer,
@@ -27,8 +27,8 @@ __all__ = ["momentum", "nesterov", "sgd"]
 
 def sgd(
     lr: PositiveFloat,
-    momentum: NonNegFloat = 0.0,
-    dampening: NonNegFloat = 0.0,
+    momentum: Probability = 0.0,
+    dampening: Annotated[float, Range(ge=0, le=1)] = 0.0,
     weight_decay: NonNegFloat = 0.0,
     nesterov: bool = False,
     *,
