@@ -208,3 +208,54 @@ def test_contender_overrides_are_space_separated_like_compare_and_commas_before_
         "method=cg",
         "hp.dropout.include=[input,hidden0]",
     ]
+
+
+class _Spy:
+    """A method that carries state and draws one batch beyond its inner steps (as the IFT's Hessian batch): it
+    trains plainly and records the weights each outer step starts from."""
+
+    name = "spy"
+    extra_batches = 1
+    needs_stationary_point = False
+    needs_pathwise_hp = False
+    differentiates_steps = False
+
+    def __init__(self):
+        self.seen: list[dict] = []
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        pass
+
+    def __call__(self, s):
+        from hoexp.types import OuterResult
+
+        self.seen.append({k: v.clone() for k, v in s.inner.params.items()})
+        state, _, _ = train_inner(s.task, s.inner_opt, s.inner, s.raw, s.train)
+        return OuterResult({k: torch.zeros_like(v) for k, v in s.raw.items()}, state, {})
+
+
+def test_a_stateful_contender_trains_on_the_reference_batches_on_minibatched_mnist():
+    """A contender replayed from step 0 (warm start, carried tangents) must follow the trajectory the truth is
+    measured on. Drawing its extra batch from the same stream shifted every later step's batches: on minibatched
+    MNIST its weights differed from the reference's from step 2 on."""
+    from hoexp.tools.horizon import _contender_hypergradients, reference_run
+
+    spec, _ = compose_spec(
+        ["dataset=mnist", "model.width=8", "model.depth=1", "dataset.batch_size=16", "dataset.train_size=256",
+         "hp=weight_decay", "hp.weight_decay.granularity=per_layer", "outer_steps=4", "inner_steps=3",
+         "progress=false"]
+    )  # fmt: skip
+    exp = build(spec)
+    s0 = start(exp)
+    at = [0, 1, 3]
+    checkpoints, _ = reference_run(exp, s0.inner, s0.raw, s0.train, s0.val, 4, 3, at)
+    spy = _Spy()
+    _contender_hypergradients(spy, spec, exp, s0.raw, checkpoints, at)
+    assert len(spy.seen) == 4
+    for step in at:
+        ref = checkpoints[step].state
+        assert ref is not None
+        assert all(torch.equal(spy.seen[step][k], ref.params[k]) for k in ref.params), f"drifted at step {step}"

@@ -92,7 +92,7 @@ DEFAULT_CONTENDERS = ("t1t2", "neumann", "cg", "truncated", "unrolled", "forward
 @dataclass
 class _Checkpoint:
     step: int
-    state: InnerState
+    state: InnerState | None  # weights only at the checkpoints the truth is measured from
     train_stream: dict
     val_stream: dict
 
@@ -152,20 +152,13 @@ def run_horizon(
     train, val, state = start_state.train, start_state.val, start_state.inner
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    # The reference trajectory at the initial hyperparameters, with snapshots at the checkpoints.
-    checkpoints: dict[int, _Checkpoint] = {}
-    for step in range(run.outer_steps):
-        if step in at:
-            checkpoints[step] = _Checkpoint(
-                step, state, copy.deepcopy(train.state_dict()), copy.deepcopy(val.state_dict())
-            )
-        state, _, _ = train_inner(problem, exp.inner_opt, state, raw, train, run.inner_steps)
-        next(val)  # the runner draws one validation batch per outer step
+    checkpoints, state = reference_run(exp, state, raw, train, val, run.outer_steps, run.inner_steps, at)
     base_final = float(problem.evaluate(state.params, exp.data.val)[0])
 
     raw_flat = tree.flatten(raw.values()).detach()
 
     def final_val_loss(ck: _Checkpoint, flat: Tensor) -> float:
+        assert ck.state is not None  # a checkpoint in `at`
         lam = tree.unflatten(flat, raw)
         stream, _ = _streams(exp, ck)
         st, _, _ = train_inner(
@@ -221,6 +214,29 @@ def run_horizon(
         console.print("hoexp: no contender gave a hypergradient: no horizon.png", highlight=False)
     console.print(f"hoexp: horizon diagnostic written to {out_dir}", highlight=False, soft_wrap=True)
     return result
+
+
+def reference_run(
+    exp: Any,
+    state: InnerState,
+    raw: dict[str, Tensor],
+    train: Any,
+    val: Any,
+    outer_steps: int,
+    inner_steps: int,
+    at: Sequence[int],
+) -> tuple[dict[int, _Checkpoint], InnerState]:
+    """The reference trajectory at the hyperparameters ``raw`` (no outer updates), with a snapshot at every outer
+    step (weights at the checkpoints ``at``, the streams' positions at all: a contender that runs from step 0 is
+    put back on them, so it trains on the reference's batches). Returns the snapshots and the final state."""
+    checkpoints: dict[int, _Checkpoint] = {}
+    for step in range(outer_steps):
+        checkpoints[step] = _Checkpoint(
+            step, state if step in at else None, copy.deepcopy(train.state_dict()), copy.deepcopy(val.state_dict())
+        )
+        state, _, _ = train_inner(exp.problem, exp.inner_opt, state, raw, train, inner_steps)
+        next(val)  # the runner draws one validation batch per outer step
+    return checkpoints, state
 
 
 def _streams(exp: Any, at: _Checkpoint | None = None) -> tuple[Any, Any]:
@@ -289,15 +305,19 @@ def _contender_hypergradients(
     problem, run = exp.problem, cspec.run
     out: dict[int, Tensor] = {}
     if isinstance(method, CarriesState) and getattr(method, "carries", True):
-        train, val = _streams(exp)
         state = start(exp).inner  # the start's weights and a fresh optimizer state
         for step in range(max(at) + 1):
+            # Back on the reference's stream positions: a method drawing batches beyond inner_steps (the IFT's
+            # Hessian batch: extra_batches) would otherwise train on batches the reference never saw, and its
+            # trajectory would drift from the one the truth is measured on.
+            train, val = _streams(exp, checkpoints[step])
             hg, state, _ = outer_step(method, problem, exp.inner_opt, state, raw, train, next(val), run.inner_steps)
             if step in at:
                 out[step] = _flat(hg)
         return out
     for s in at:
         ck = checkpoints[s]
+        assert ck.state is not None  # a checkpoint in `at`
         train, val = _streams(exp, ck)
         hg, _, _ = outer_step(method, problem, exp.inner_opt, ck.state, raw, train, next(val), run.inner_steps)
         out[s] = _flat(hg)
