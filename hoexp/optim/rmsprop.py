@@ -6,7 +6,7 @@ from typing import cast
 
 import torch
 
-from hoexp.components import NonNegFloat, PositiveFloat, Probability
+from hoexp.bounds import NonNegFloat, PositiveFloat, Probability
 from hoexp.optim.base import (
     Hyper,
     Optimizer,

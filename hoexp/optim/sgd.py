@@ -6,7 +6,7 @@ from typing import Annotated, cast
 
 import torch
 
-from hoexp.components import NonNegFloat, PositiveFloat, Probability, Range
+from hoexp.bounds import NonNegFloat, PositiveFloat, Probability, Range
 from hoexp.optim.base import (
     Hyper,
     Optimizer,

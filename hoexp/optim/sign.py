@@ -6,7 +6,7 @@ from typing import Annotated
 
 import torch
 
-from hoexp.components import PositiveFloat, Range
+from hoexp.bounds import PositiveFloat, Range
 from hoexp.optim.base import Hyper, Optimizer, OptState, Params, check_grads, hyper, zeros_like_params
 
 __all__ = ["sign_sgd"]
