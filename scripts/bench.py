@@ -114,7 +114,7 @@ PROBLEMS: dict[str, tuple[list[str], list[str], tuple[int, int]]] = {
     # the long-unroll memory section only (not in --only's default): the MNIST preset, T = LONG_T
     "mnist_preset": (["experiment=mnist_per_weight_decay"], ["model.width=64"], (0, 0)),
     "ptb": (
-        # the preset moved to one Gaussian rate (README): keep the 320,600 per-unit / DropConnect rates measured here
+        # the preset moved to one Gaussian rate (docs/results.md): keep the 320,600 per-unit / DropConnect rates measured here
         [
             "experiment=ptb_lstm_dropout",
             "hp.dropout.granularity=per_unit",

@@ -7,7 +7,7 @@ hyperparameter ``λ`` (the family's raw values, summed over coordinates): the T1
 ``−(∂²L_T/∂λ∂w)·∂L_V/∂w``, the hypergradient by reverse mode through ``T`` steps of ``optim/inner``
 (``unrolled``), and central finite differences (``±0.25`` on every raw value, the same batches and noise) of
 the same ``T``-step validation loss. On the PTB preset with Adam the first disagrees in sign with the
-others (README, "Measured"). Cost: a few ``T``-step unrolls per draw.
+others (docs/results.md). Cost: a few ``T``-step unrolls per draw.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """A model, a dataset, a hyperparameter family and a linear solve defined here, outside hoexp, and used with
-``hoexp run --config-dir`` and from Python, as the README's "Bring your own" section shows."""
+``hoexp run --config-dir`` and from Python, as docs/bring-your-own.md shows."""
 
 from __future__ import annotations
 
@@ -299,7 +299,7 @@ def test_hoexp_compare_accepts_your_config_folder(tmp_path):
 def test_a_family_yaml_without_its_header_is_refused_naming_the_header(tmp_path, capsys):
     """hp/<name>.yaml without '# @package hp.<name>': Hydra puts its keys in hp itself, and the error said the
     option "names no code" though the file starts with _target_; now it names the header to add (alone and with
-    another family). With the header, as the README shows, it runs."""
+    another family). With the header, as docs/bring-your-own.md shows, it runs."""
     import pytest
 
     from hoexp.cli import main

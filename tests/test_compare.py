@@ -351,7 +351,8 @@ def _planned_runs(plan):
 
 
 def _readme_compare_commands():
-    text = (ROOT / "README.md").read_text()
+    """From the README and docs/*.md (docs/results.md holds the tables' commands)."""
+    text = "\n".join(p.read_text() for p in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))])
     lines = [
         line.split("  #", 1)[0].strip()
         for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S)
@@ -374,7 +375,7 @@ def test_the_documented_compare_commands_are_found():
 @pytest.mark.slow  # ~4 s each: every run of every command composed
 @pytest.mark.parametrize("command", _readme_compare_commands() + ["SCRIPT", "HELP"])
 def test_every_run_of_each_documented_compare_command_composes_as_it_will_run(tmp_path, monkeypatch, command):
-    """The README's compare commands (its code blocks and its tables'), the --help example and
+    """The README's and docs' compare commands (their code blocks and their tables'), the --help example and
     scripts/compare_iris.py: every run each would make (HO, baseline, each grid point, search trials)
     composes on the path the runs take, not only as an override."""
     import shlex

@@ -1,7 +1,7 @@
 """Efficacy regressions: the presets' hypergradients move hyperparameters the way that pays on MNIST.
 
 On ``experiment=mnist_dropout`` the network overfits at p = 0.05 and fixed rates near 0.5 end far
-better (README, "Measured"). With Gaussian masks the preset's T1-T2 hypergradient raises the rates
+better (docs/results.md). With Gaussian masks the preset's T1-T2 hypergradient raises the rates
 within a few outer steps; with concrete masks at τ = 0.1 the same method leaves them at 0.05.
 """
 

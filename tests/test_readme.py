@@ -1,8 +1,10 @@
-"""Every command and code block the README shows is one that works: each ``hoexp run`` line composes and passes
+"""Every command and code block the README and the docs under docs/ (but the design notes, copied from elsewhere)
+show is one that works: each ``hoexp run`` line composes and passes
 every check made before a run (the same validation the CLI does), each ``hoexp check|compare|report`` line passes
 its command's parser and checks (nothing is run), each script it names exists, each make target it names is in the
-Makefile, every Python block runs (the "Bring your own" ones on a ``~/lab`` made of the README's YAML blocks and
-``tests/test_bring_your_own.py``'s components), and every relative link points into the repository."""
+Makefile, every Python block runs (the "Bring your own" ones on a ``~/lab`` made of the docs' YAML blocks and
+``tests/test_bring_your_own.py``'s components), and every relative link points into the repository (and at a
+heading of the file it names, where it names one)."""
 
 import re
 import shlex
@@ -15,17 +17,29 @@ import torch
 from hoexp.cli import expand_sweeps, refuse_removed, split_hydra_args, validate_job
 
 ROOT = Path(__file__).resolve().parents[1]
+# The README and the docs it links to; docs/DESIGN.md is the project's design notes (math, papers), not commands.
+DOCS = [ROOT / "README.md", *sorted(p for p in (ROOT / "docs").glob("*.md") if p.name != "DESIGN.md")]
 
 
-def readme_commands() -> list[str]:
-    text = (ROOT / "README.md").read_text()
+def doc_commands(doc: Path) -> list[str]:
     lines = []
-    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
+    for block in re.findall(r"```bash\n(.*?)```", doc.read_text(), flags=re.S):
         for line in block.splitlines():
             line = line.split("  #", 1)[0].strip()
             if line and not line.startswith("#"):
                 lines.append(line)
     return lines
+
+
+def readme_commands() -> list[str]:
+    """Every bash line of the README and of docs/*.md."""
+    return [line for doc in DOCS for line in doc_commands(doc)]
+
+
+def _params(lines: list[str]) -> list:
+    """One test per (file, line), named by both."""
+    where = {line: doc.relative_to(ROOT) for doc in reversed(DOCS) for line in doc_commands(doc)}
+    return [pytest.param(line, id=f"{where[line]}: {line}") for line in dict.fromkeys(lines)]
 
 
 def _env_prefix(line: str) -> tuple[dict[str, str], str]:
@@ -60,10 +74,13 @@ RUN_LINES = [c for c in readme_commands() if _command(c) == "run" and "--help" n
 
 def test_readme_has_commands():
     assert len(RUN_LINES) >= 10
-    assert any(c.startswith("make run") for c in readme_commands())
+    readme = doc_commands(ROOT / "README.md")  # the two set-up commands and a run are on the first page
+    assert any(c.startswith("make run") for c in readme) and any(c.startswith("make test") for c in readme)
+    assert any(_command(c) == "run" for c in readme)
+    assert {d.name for d in DOCS} >= {"README.md", "cli.md", "methods.md", "bring-your-own.md", "results.md"}
 
 
-@pytest.mark.parametrize("line", RUN_LINES)
+@pytest.mark.parametrize("line", _params(RUN_LINES))
 def test_readme_run_line_validates(line, monkeypatch, tmp_path):
     from hoexp.cli import with_config_dir
 
@@ -86,7 +103,7 @@ def test_readme_run_line_validates(line, monkeypatch, tmp_path):
 COMPARE_LINES = [c for c in readme_commands() if _command(c) == "compare" and "--help" not in c]
 
 
-@pytest.mark.parametrize("line", COMPARE_LINES)
+@pytest.mark.parametrize("line", _params(COMPARE_LINES))
 def test_readme_compare_line_validates(line, tmp_path):
     """Every check hoexp compare makes before running anything (its folder: a scratch one)."""
     from hoexp.tools.compare import parse_args
@@ -101,7 +118,7 @@ CHECK_LINES = [c for c in readme_commands() if _command(c) == "check"]
 REPORT_LINES = [c for c in readme_commands() if _command(c) == "report"]
 
 
-@pytest.mark.parametrize("line", CHECK_LINES)
+@pytest.mark.parametrize("line", _params(CHECK_LINES))
 def test_readme_check_line_parses_and_validates(line, monkeypatch, tmp_path):
     """``hoexp check`` as the CLI runs it: its parser, the configuration and every --horizon contender composed and
     checked; only the measurement itself (run_check / run_horizon) is replaced by a recorder."""
@@ -120,7 +137,7 @@ def test_readme_check_line_parses_and_validates(line, monkeypatch, tmp_path):
         assert len(calls[0][2]) == line.count("--method")
 
 
-@pytest.mark.parametrize("line", REPORT_LINES)
+@pytest.mark.parametrize("line", _params(REPORT_LINES))
 def test_readme_report_line_parses(line, monkeypatch, tmp_path):
     """``hoexp report``'s parser takes the line (placeholder folders stand for scratch ones); no report is built."""
     import hoexp.tools.report
@@ -157,7 +174,7 @@ def test_every_readme_command_is_checked():
             "script": words[0] == "python" and words[1].endswith(".py"),
             "shell": words[0] == "source",
         }
-        assert any(kinds.values()), f"no test checks this README line: {line}"
+        assert any(kinds.values()), f"no test checks this line of the README or docs/: {line}"
 
 
 def test_readme_scripts_and_targets_exist():
@@ -170,35 +187,46 @@ def test_readme_scripts_and_targets_exist():
             assert re.search(rf"^{re.escape(words[1])}:", makefile, flags=re.M), line
 
 
-def test_readme_links_stay_inside_the_repository():
-    """A relative link names a file of the repository (not ../shared/..., which a clone does not have)."""
-    text = (ROOT / "README.md").read_text()
-    links = [u for u in re.findall(r"\]\(([^)#\s]+)", text) if "://" not in u]
+def _anchors(doc: Path) -> set[str]:
+    """GitHub's heading anchors: lower case, punctuation dropped, spaces to hyphens (outside code blocks)."""
+    text = re.sub(r"```.*?```", "", doc.read_text(), flags=re.S)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in re.findall(r"^#+ (.*)$", text, re.M)}
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda d: str(d.relative_to(ROOT)))
+def test_readme_links_stay_inside_the_repository(doc):
+    """A relative link names a file of the repository (not ../shared/..., which a clone does not have), relative
+    to the file that holds it, and a ``#fragment`` names one of that file's headings."""
+    links = [u for u in re.findall(r"\]\(([^)\s]+)\)", doc.read_text()) if "://" not in u]
     assert links
     for url in links:
-        target = (ROOT / url).resolve()
+        path, _, fragment = url.partition("#")
+        target = (doc.parent / path).resolve() if path else doc
         assert target.is_relative_to(ROOT) and target.exists(), url
+        if fragment and target.suffix == ".md":
+            assert fragment in _anchors(target), f"{doc.name}: {url}"
 
 
 # ----------------------------------------------------------------------------------------- Python blocks
-def python_blocks() -> list[str]:
-    return re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
+def python_blocks(doc: Path | None = None) -> list[str]:
+    """The Python blocks of one file, or of the README and docs/*.md (DOCS)."""
+    return [b for d in ([doc] if doc else DOCS) for b in re.findall(r"```python\n(.*?)```", d.read_text(), flags=re.S)]
 
 
 def yaml_blocks() -> list[str]:
-    return re.findall(r"```yaml\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
+    return [b for d in DOCS for b in re.findall(r"```yaml\n(.*?)```", d.read_text(), flags=re.S)]
 
 
 def lab_home(tmp: Path, monkeypatch) -> Path:
-    """``~/lab`` as the README's "Bring your own" section has it, in a scratch HOME: ``lab.py`` holds the test's
-    components (tests/test_bring_your_own.py) and the README's own Python class, ``lab/conf`` the README's YAML
-    blocks (each names its file in a comment) and, for the options the README does not show, the test's YAML."""
+    """``~/lab`` as docs/bring-your-own.md has it, in a scratch HOME: ``lab.py`` holds the test's
+    components (tests/test_bring_your_own.py) and the docs' own Python class, ``lab/conf`` the docs' YAML
+    blocks (each names its file in a comment) and, for the options the docs do not show, the test's YAML."""
     from tests.test_bring_your_own import CONFIGS, MODULE
 
     lab = tmp / "lab"
     (lab / "conf").mkdir(parents=True)
     own = [b for b in python_blocks() if "~/lab/lab.py" in b.splitlines()[0]]
-    assert own, "the README's ~/lab/lab.py block"
+    assert own, "the docs' ~/lab/lab.py block"
     (lab / "lab.py").write_text(
         f"from {MODULE} import blobs, jacobi, l1_decay, tiny_net  # noqa: F401\n" + "".join(own)
     )
@@ -218,30 +246,40 @@ def lab_home(tmp: Path, monkeypatch) -> Path:
     return lab
 
 
+def test_the_python_blocks_are_found():
+    assert len(python_blocks()) >= 4
+    assert any("hoexp.hypergradient(" in b for b in python_blocks(ROOT / "docs" / "bring-your-own.md"))
+
+
 @pytest.mark.slow
-def test_every_readme_python_block_runs(tmp_path, monkeypatch):
-    """Each block as a user pastes it (in a scratch folder with ~/lab in place): the library example, the loop on
-    objects made in Python, and the bring-your-own flow (compose → build → run, which also runs the README's
-    method class from its YAML)."""
+@pytest.mark.parametrize("doc", DOCS, ids=lambda d: str(d.relative_to(ROOT)))
+def test_every_readme_python_block_runs(doc, tmp_path, monkeypatch):
+    """Each block of each file as a user pastes it (in a scratch folder with ~/lab in place): the library example,
+    the loop on objects made in Python, and the bring-your-own flow (compose → build → run, which also runs the
+    docs' method class from its YAML)."""
     import hoexp
 
+    blocks = python_blocks(doc)
+    if not blocks:
+        pytest.skip(f"{doc.name} has no Python blocks")
     lab_home(tmp_path, monkeypatch)
     monkeypatch.chdir(tmp_path)
-    blocks = python_blocks()
-    assert len(blocks) >= 4
     for block in blocks:
         torch.manual_seed(0)
         scope: dict = {}
-        exec(compile(block, "README.md", "exec"), scope)
+        exec(compile(block, doc.name, "exec"), scope)
         if "summary" in scope:
             assert scope["summary"]["status"] == "completed", block
-    assert (tmp_path / "outputs" / "my_run" / "summary.json").is_file()
-    # The README's LastStep from its YAML, through the loop: its hypergradients moved the family.
+    if any("outputs/my_run" in b for b in blocks):
+        assert (tmp_path / "outputs" / "my_run" / "summary.json").is_file()
+    if not any("class LastStep" in b for b in blocks):
+        return
+    # The docs' LastStep from its YAML, through the loop: its hypergradients moved the family.
     spec, _ = hoexp.compose(
         ["model=tiny", "dataset=blobs", "hp=l1", "method=last_step", "outer_steps=2", "inner_steps=5"],
         config_dir="~/lab/conf",
     )
-    summary = hoexp.run(hoexp.config.build(spec))
+    summary = hoexp.run(hoexp.build(spec))
     assert summary["status"] == "completed" and summary["hypergradients"] == 2 and summary["method"] == "last_step"
 
 

@@ -342,7 +342,7 @@ def test_submitit_local_launcher(tmp_path):
 @pytest.mark.slow
 def test_interrupted_sweep_resumes_with_the_same_command(tmp_path):
     """SIGTERM while job 1 of 3 runs: the same command again finishes job 1 from its checkpoint and runs
-    job 2, which never started (README: hydra.sweep.dir=... resume=true did stop at it)."""
+    job 2, which never started (docs/cli.md: hydra.sweep.dir=... resume=true did stop at it)."""
     import signal
     import time
 

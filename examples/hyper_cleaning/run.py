@@ -1,4 +1,4 @@
-"""Measure data hyper-cleaning against its two baselines, over seeds, from Python (README, "Bring your own").
+"""Measure data hyper-cleaning against its two baselines, over seeds, from Python (docs/bring-your-own.md).
 
     PYTHONPATH=examples/hyper_cleaning python examples/hyper_cleaning/run.py [--seeds 0,1,2] [--outer-steps 60]
 

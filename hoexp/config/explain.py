@@ -88,7 +88,7 @@ def component(node: Any, key: str) -> Component:
         label = node.get("name", "?") if isinstance(node, DictConfig) else node
         raise ConfigError(
             f"{key}={label}: the option names no code; an option's YAML starts with "
-            f"_target_: <module>.<factory> (see README, 'Bring your own')"
+            f"_target_: <module>.<factory> (see docs/bring-your-own.md)"
         )
     target = _import(str(node._target_), key)
     partial = bool(node.get("_partial_", False))
