@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from hoexp.engine import advice
+from hoexp import advice
 from hoexp.errors import ConfigError, HoexpError, raise_if_stopped, stop_on_signals
 
 if TYPE_CHECKING:

@@ -173,7 +173,7 @@ def _load(path: Path) -> Any:
 
 def _end(jobs: list[Job], unfinished: list[Job], sweep_dir: Path, signum: int) -> None:
     """One line for a sweep that did not finish every job, and its exit code (128 + signal, or 1)."""
-    from hoexp.engine import advice
+    from hoexp import advice
 
     what = "; ".join(f"#{j.num} {j.outcome}" for j in unfinished[:6]) + (" ..." if len(unfinished) > 6 else "")
     why = f"stopped by {signal.Signals(signum).name}: " if signum else ""

@@ -23,8 +23,8 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from hoexp import tree
-from hoexp.engine import advice, distributed, rundir
+from hoexp import advice, tree
+from hoexp.engine import distributed, rundir
 from hoexp.engine.guards import Diverged
 from hoexp.engine.metrics import JsonlLogger, MetricLogger, MultiLogger, TensorBoardLogger, write_json_atomic
 from hoexp.engine.resume import check_resume
