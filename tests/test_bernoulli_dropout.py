@@ -29,7 +29,8 @@ TINY = ["model.width=8", "model.depth=2", "progress=false", "device=cpu", "optim
 BERNOULLI = ["hp=dropout", "hp.dropout.relaxation=bernoulli"]
 REFUSAL = (
     r"cannot tune hp=dropout: relaxation=bernoulli has no pathwise derivative; tune it with method=pes or "
-    r"method=stn \(whole-horizon / best-response\), or use relaxation=concrete\|gaussian"
+    r"method=stn \(whole-horizon / best-response\), or use relaxation=straight_through \(the same masks, a "
+    r"surrogate derivative\) or concrete\|gaussian"
 )
 
 

@@ -129,7 +129,8 @@ def check_pathwise(name: str, method: HyperMethod, members: list[Any]) -> None:
         setting = f"relaxation={opaque[0].relaxation}" if hasattr(opaque[0], "relaxation") else f"hp={opaque[0].name}"
         raise ConfigError(
             f"method={name} cannot tune hp={opaque[0].name}: {setting} has no pathwise derivative; tune it with "
-            "method=pes or method=stn (whole-horizon / best-response), or use relaxation=concrete|gaussian"
+            "method=pes or method=stn (whole-horizon / best-response), or use relaxation=straight_through (the same "
+            "masks, a surrogate derivative) or concrete|gaussian"
         )
 
 

@@ -6,7 +6,10 @@ Lorraine et al. 2020): ``P(z > ½) = q`` exactly, ``z → Bernoulli(q)`` as ``τ
 differentiable in ``p``. ``relaxation=gaussian``: ``m = 1 + √(p/(1 − p))·ε``, ``ε ~ N(0, 1)``, the same mean
 and variance (Srivastava et al. 2014). ``relaxation=bernoulli``: standard dropout, ``m = 1[u < 1 − p] / (1 − p)``,
 exactly ``nn.Dropout``'s masks (the same seed draws the same mask), with no pathwise derivative in ``p``:
-only methods that need none (``pathwise``) tune it. Rates ``p = σ(raw)`` stay in (0, 1). The uniform
+only methods that need none (``pathwise``) tune it. ``relaxation=straight_through``: the same ``nn.Dropout``
+masks in the forward pass, and in the backward pass the Gaussian relaxation's derivative
+``∂m/∂logit p = (m − 1)/2`` (a surrogate gradient, biased: the model trained is the standard one, the
+hypergradient is that of the moment-matched Gaussian noise held at the drawn mask). Rates ``p = σ(raw)`` stay in (0, 1). The uniform
 noise ``u`` is drawn once per batch (it travels with the batch), so every HVP and unrolled step of one
 hypergradient sees the same function of ``(w, p)``, and a Bernoulli mask is a deterministic function of
 ``(u, p)`` (common random numbers across perturbed rates). Evaluation uses no masks.
@@ -33,7 +36,7 @@ from hoexp.hp.base import Params
 GRANULARITIES = ("global", "per_layer", "per_unit", "layer_and_unit")
 GLOBAL = "global"  # the one raw rate of granularity=global
 OFFSETS = "/unit"  # suffix of a layer_and_unit site's per-unit offsets
-RELAXATIONS = ("concrete", "gaussian", "bernoulli")
+RELAXATIONS = ("concrete", "gaussian", "bernoulli", "straight_through")
 
 
 def concrete_mask(raw: Tensor, u: Tensor, temperature: float) -> Tensor:
@@ -75,6 +78,18 @@ def bernoulli_mask(raw: Tensor, u: Tensor) -> Tensor:
     return keep.to(p.dtype) / (1 - p)
 
 
+def straight_through_mask(raw: Tensor, u: Tensor) -> Tensor:
+    """Standard dropout's mask ``m`` (:func:`bernoulli_mask`, bit for bit) whose derivative in ``raw = logit p`` is
+    the Gaussian mask's: writing ``m = 1 + s·z`` with ``s = √(p/(1 − p)) = e^{raw/2}`` and the drawn mask's
+    standardized value ``z = (m − 1)/s`` held fixed, ``∂m/∂raw = (s/2)·z = (m − 1)/2`` (what ``1 + s·ε`` gives for
+    ``ε ~ N(0, 1)``). A straight-through surrogate: the forward pass is ``nn.Dropout``'s, the gradient that of the
+    moment-matched Gaussian noise at the same draw (biased for the Bernoulli objective). Cost: O(mask size)."""
+    hard = bernoulli_mask(raw, u).detach()
+    s = torch.exp(raw / 2)
+    z = (hard - 1) / s.detach()
+    return hard + (s - s.detach()) * z  # forward: hard + 0·z = hard exactly
+
+
 @dataclass(frozen=True)
 class Dropout:
     sites: Mapping[str, tuple[int, ...]] = field(default_factory=dict)  # unit shape of every model site
@@ -88,7 +103,7 @@ class Dropout:
     moves_optimum: bool = True
     grid: ClassVar[tuple[float, ...]] = (0.05, 0.2, 0.35, 0.5, 0.65)  # hoexp compare's default grid of rates
     log_scale: ClassVar[bool] = False
-    relaxation: str = "concrete"  # concrete | gaussian | bernoulli
+    relaxation: str = "concrete"  # concrete | gaussian | bernoulli | straight_through
     offset_scale: float = 0.1  # layer_and_unit: raw_j = layer + offset_scale · offset_j
 
     def __post_init__(self):
@@ -192,7 +207,7 @@ class Dropout:
         ``[B, units]`` for unit dropout, the weight's shape for DropConnect). Drawn from a CPU generator
         and then moved, so runs are reproducible across devices. Bernoulli noise stays float64: rounded to
         float32, ``u < 1 − p`` would differ from ``nn.Dropout``'s draw where ``u`` rounds across ``1 − p``."""
-        dtype = torch.float64 if self.relaxation == "bernoulli" else like.dtype
+        dtype = torch.float64 if self.relaxation in ("bernoulli", "straight_through") else like.dtype
         out = {}
         for s in self.covered():
             u = torch.rand(mask_shapes[s], generator=generator, dtype=torch.float64)
@@ -205,6 +220,8 @@ class Dropout:
             return {s: gaussian_mask(r, noise[s]) for s, r in self._own(raw).items() if s in noise}
         if self.relaxation == "bernoulli":
             return {s: bernoulli_mask(r, noise[s]) for s, r in self._own(raw).items() if s in noise}
+        if self.relaxation == "straight_through":
+            return {s: straight_through_mask(r, noise[s]) for s, r in self._own(raw).items() if s in noise}
         return {s: concrete_mask(r, noise[s], self.temperature) for s, r in self._own(raw).items() if s in noise}
 
 
@@ -217,7 +234,7 @@ def dropout(
     granularity: Literal["global", "per_layer", "per_unit", "layer_and_unit"] = "per_unit",
     init: Rate = 0.2,
     temperature: PositiveFloat = 0.1,
-    relaxation: Literal["concrete", "gaussian", "bernoulli"] = "concrete",
+    relaxation: Literal["concrete", "gaussian", "bernoulli", "straight_through"] = "concrete",
     offset_scale: PositiveFloat = 0.1,
     include: Sequence[str] = ("*",),
     min: Rate = 1e-4,
