@@ -16,7 +16,8 @@ import pytest
 
 from hoexp.cli import main
 from hoexp.tools.compare import match_time, objective_value, parse_args, pick_best
-from hoexp.tools.search import Dim, Pruned, SearchSettings, parse_dim, run_search
+from hoexp.tools.search import Dim, Pruned, SearchSettings, parse_dim
+from hoexp.tools.search_workers import run_search
 from tests.fake_objective import Sleepy, StopsAt
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -14,7 +14,8 @@ from hoexp.tools.compare import parse_args
 from hoexp.tools.compare.args import Plan
 from hoexp.tools.compare.output import Results, best_within, compare_json, time_to_match
 from hoexp.tools.report.compare import compare_lines
-from hoexp.tools.search import SEARCHERS, Dim, SearchSettings, _storage, _study, run_search
+from hoexp.tools.search import SEARCHERS, Dim, SearchSettings, _storage, _study
+from hoexp.tools.search_workers import run_search
 from tests.fake_objective import Flat
 
 SPACE = [Dim("x", 1e-6, 1.0, log=True)]

@@ -13,9 +13,10 @@ import torch
 from hoexp.dataset import ptb as ptb_mod
 from hoexp.dataset.base import TextSplits
 from hoexp.dataset.mnist import load_mnist
-from hoexp.dataset.ptb import EOS, OFFICIAL, UNK, URL, batchify, bptt_batch, bptt_windows, download_ptb, load_ptb
+from hoexp.dataset.ptb import EOS, OFFICIAL, UNK, URL, download_ptb, load_ptb
 from hoexp.dataset.root import data_root
 from hoexp.errors import HoexpError
+from hoexp.task.streams import batchify, bptt_batch, bptt_windows
 
 SHARED = data_root()  # $HOEXP_DATA: the shared copy (conftest sets it)
 MNIST_RAW = SHARED / "mnist" / "MNIST" / "raw"

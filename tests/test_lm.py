@@ -9,10 +9,9 @@ from rich.console import Console
 
 from hoexp.cli import compose_spec
 from hoexp.config.run import run_experiment
-from hoexp.dataset.ptb import batchify
 from hoexp.model.lstm import LSTMLanguageModel, lm_loss
 from hoexp.task import LanguageModel
-from hoexp.task.streams import BPTTStream
+from hoexp.task.streams import BPTTStream, batchify
 
 TINY_LSTM = ["model.embed_dim=12", "model.hidden=12", "progress=false"]
 

@@ -10,13 +10,8 @@ import torch.nn.functional as F
 
 from hoexp.hp.weight_decay import WeightDecay
 from hoexp.method.base import InnerState, outer_step
-from hoexp.method.reversible import (
-    InfoBuffer,
-    ReversibleMethod,
-    from_fixed,
-    rational_momentum,
-    reversible_hypergradient,
-)
+from hoexp.method.fixed_point import InfoBuffer, from_fixed, rational_momentum
+from hoexp.method.reversible import ReversibleMethod, reversible_hypergradient
 from hoexp.model.mlp import MLP
 from hoexp.task import Classification
 from tests.problems import Ridge, rel_err

@@ -1,52 +1,18 @@
-"""Dataset containers shared by every loader."""
+"""Dataset containers shared by every loader: the raw token streams of a text corpus, and (defined with the
+task that reads them, named here for loaders and your own datasets) the in-memory splits of a classification
+data set."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-if TYPE_CHECKING:
-    from hoexp.task import Classification
+from hoexp.task.classification import Splits
+from hoexp.task.streams import Split
 
-
-@dataclass
-class Split:
-    """One split held in memory: inputs ``x`` and integer targets ``y``."""
-
-    x: Tensor
-    y: Tensor
-
-    def __len__(self) -> int:
-        return len(self.y)
-
-    def to(self, device: torch.device | str) -> Split:
-        return Split(self.x.to(device), self.y.to(device))
-
-
-@dataclass
-class Splits:
-    """Train / validation / test splits plus what a model needs to know about the data."""
-
-    train: Split
-    val: Split
-    test: Split
-    num_features: int
-    num_classes: int
-    task: str = "classification"
-    batch_size: int = 0  # inner-step minibatch; 0 = full batch
-    val_batch_size: int = 0  # hypergradient validation minibatch; 0 = the whole validation split
-
-    def to(self, device: torch.device | str) -> Splits:
-        return replace(self, train=self.train.to(device), val=self.val.to(device), test=self.test.to(device))
-
-    def problem(self, model: Any, family: Any) -> Classification:
-        """The classification task on these splits: cross-entropy of ``model`` plus ``family``'s penalty."""
-        from hoexp.task import Classification
-
-        return Classification(model, family, data=self, batch_size=self.batch_size, val_batch_size=self.val_batch_size)
+__all__ = ["Split", "Splits", "TextSplits"]
 
 
 @dataclass

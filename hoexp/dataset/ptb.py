@@ -1,6 +1,5 @@
 """Penn Treebank, Mikolov's preprocessing (10k words, ``<unk>``, one sentence a line), as token streams
-for word-level language modelling, plus the sequence-first batching of PyTorch's word_language_model
-example (``batchify``, ``bptt_batch``, ``bptt_windows``).
+for word-level language modelling (batchified sequence first by :func:`hoexp.task.language_model.lm_data`).
 
 Files: ``<root>/ptb/ptb.{train,valid,test}.txt``. The vocabulary comes from the train file alone;
 valid/test words it lacks become ``<unk>``.
@@ -14,9 +13,7 @@ import os
 import tempfile
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -24,9 +21,7 @@ from torch import Tensor
 from hoexp.components import DataContext, NonNegInt, PositiveInt
 from hoexp.dataset.base import TextSplits
 from hoexp.errors import HoexpError
-
-if TYPE_CHECKING:
-    from hoexp.task.language_model import LMData
+from hoexp.task.language_model import LMData, lm_data
 
 EOS, UNK = "<eos>", "<unk>"
 FILES = ("ptb.train.txt", "ptb.valid.txt", "ptb.test.txt")
@@ -188,35 +183,6 @@ def load_ptb(root: Path, *, download: bool = False) -> TextSplits:
     )
 
 
-def batchify(stream: Tensor, batch_size: int) -> Tensor:
-    """``[N, batch_size]`` (sequence first) with column ``j`` = ``stream[j*N:(j+1)*N]``,
-    ``N = len(stream) // batch_size``; the trailing ``len % batch_size`` tokens are dropped. One copy.
-    """
-    if batch_size < 1 or stream.dim() != 1 or len(stream) < batch_size:
-        raise HoexpError(
-            f"cannot batch a stream of {len(stream):,} tokens into {batch_size} columns; "
-            "batch_size must be at least 1 and at most the number of tokens"
-        )
-    n = len(stream) // batch_size
-    return stream[: n * batch_size].view(batch_size, n).t().contiguous()
-
-
-def bptt_batch(source: Tensor, i: int, bptt: int) -> tuple[Tensor, Tensor]:
-    """The window starting at row ``i``: ``(input [T, B], target [T, B])`` with target = input shifted
-    one token ahead, ``T = min(bptt, len(source) - 1 - i)``. Views of ``source``, no copy."""
-    if bptt < 1 or not 0 <= i < len(source) - 1:
-        raise ValueError(f"bptt_batch needs bptt >= 1 and 0 <= i < {len(source) - 1}, got bptt={bptt}, i={i}")
-    t = min(bptt, len(source) - 1 - i)
-    return source[i : i + t], source[i + 1 : i + 1 + t]
-
-
-def bptt_windows(source: Tensor, bptt: int) -> Iterator[tuple[Tensor, Tensor]]:
-    """All consecutive ``bptt_batch`` windows of a batchified ``source`` (rows 0, bptt, 2·bptt, ...);
-    together their targets cover rows 1 .. len-1 once."""
-    for i in range(0, len(source) - 1, bptt):
-        yield bptt_batch(source, i, bptt)
-
-
 def ptb(
     ctx: DataContext,
     *,
@@ -232,7 +198,6 @@ def ptb(
     one random window of ``val_batch_size`` streams (0: ``batch_size``); more streams average the
     validation gradient over more text (``val_batch_size·bptt`` tokens, at that many tokens' cost)."""
     from hoexp.dataset.root import data_root as resolve_root
-    from hoexp.task.language_model import lm_data
 
     splits = load_ptb(resolve_root(data_root), download=download)
     return lm_data(splits, batch_size, eval_batch_size, bptt, val_batch_size=val_batch_size)

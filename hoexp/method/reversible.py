@@ -7,22 +7,8 @@ Inner dynamics (Maclaurin's parameterization), for ``t = 0 … T−1`` with ``g_
 
 The forward pass keeps ``w`` and ``v`` as fixed-point integers (int64, value = int · 2^-R), so the
 position update ``w ± round(α_t v)`` is exactly invertible. The only lossy operation is ``v ← γ v``;
-with ``γ = N/D`` (``D = 2^k``, ``N = round(γ D)``) it is made invertible by Maclaurin's trick::
-
-    forward  v ← γ v :  B ← B·D + (v mod D);  v ← (v div D)·N;  v ← v + (B mod N);  B ← B div N
-    reverse  v ← v / γ:  B ← B·N + (v mod N);  v ← (v div N)·D;  v ← v + (B mod D);  B ← B div D
-
-where ``B`` is one arbitrary-precision natural number per weight (the information buffer). Each
-multiplication grows ``B`` by a factor ``D/N``: ``log2(1/γ)`` bits per weight per step. Precisely,
-from ``B' + 1 ≤ (D/N)(B + 1) + 1`` and ``B_0 = 0``,
-
-    bit_length(B_i) ≤ Σ_t log2(D/N_t) + log2(1/(1 − γ_max)) + 1,
-
-so the per-weight constant over ``T·log2(1/γ)`` is ``log2(1/(1−γ)) + 1`` bits (4.32 at γ = 0.9).
-The price of this order (push, then pop) is that the low ``log2 N`` bits of ``v`` are replaced by
-buffer digits: ``|γ·v − v_new| < N ≤ 2^k`` units, i.e. ``< 2^(k−R)`` in value per multiplication.
-(Multiplying first and dithering with a popped digit would err by < 1 unit but costs ``k`` more
-bits per weight, since pops from the initially empty buffer return no information.)
+with ``γ = N/D`` (``D = 2^k``, ``N = round(γ D)``) Maclaurin's trick makes it invertible, at
+``log2(1/γ)`` bits per weight per step (:mod:`hoexp.method.fixed_point` has the arithmetic and its bounds).
 
 The reverse pass (Maclaurin's Algorithm 2) undoes the steps exactly, recomputing ``g_t`` at the
 bit-identical ``w_t`` (so the rounded integer ``(1−γ_t) g_t`` is the same one the forward pass
@@ -54,10 +40,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, Any, ClassVar
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -65,115 +50,24 @@ from hoexp import tree
 from hoexp.components import CheckContext, Range
 from hoexp.errors import ConfigError
 from hoexp.method.base import scalars
+from hoexp.method.fixed_point import (
+    FixedPointSteps,
+    InfoBuffer,
+    Schedule,
+    TrainLossFn,
+    check_range,
+    div_gamma,
+    fingerprint,
+    from_fixed,
+    mul_gamma,
+    rational_momentum,
+    to_fixed,
+)
 from hoexp.optim import Optimizer
 from hoexp.task.base import Task
 from hoexp.types import InnerState, OuterResult, OuterStep
 
-TrainLossFn = Callable[[dict[str, Tensor], dict[str, Tensor], int], Tensor]
 ValLossFn = Callable[[dict[str, Tensor], dict[str, Tensor]], Tensor]
-
-_LIMIT = 2**62  # every fixed-point integer stays below this (int64 headroom for one addition)
-
-
-class InfoBuffer:
-    """One arbitrary-precision natural number per weight, used as a mixed-radix stack of digits.
-
-    ``push(d, base)``: ``B ← B·base + d`` (``0 ≤ d < base``); ``pop(base)``: ``d = B mod base``,
-    ``B ← B div base``. A pop after the matching push returns the digit and restores ``B``; popping
-    a base-N digit after pushing a base-D one stores ``log2(D/N)`` net bits. Python ints in a numpy
-    object array: each operation is O(P) big-integer operations on the host.
-    """
-
-    def __init__(self, n: int):
-        self._b = np.zeros(n, dtype=object)  # Python int 0s
-
-    def push(self, digits: Tensor, base: int | Tensor) -> None:
-        self._b = self._b * _objects(base) + digits.detach().cpu().numpy().astype(object)
-
-    def pop(self, base: int | Tensor, device: torch.device | str = "cpu") -> Tensor:
-        base = _objects(base)
-        digits = self._b % base
-        self._b = self._b // base
-        return torch.from_numpy(digits.astype(np.int64)).to(device)
-
-    def bit_lengths(self) -> list[int]:
-        """Each weight's number's bit length."""
-        return [int(x).bit_length() for x in self._b]
-
-    def bits_used(self) -> int:
-        """Total size: the sum of the numbers' bit lengths."""
-        return sum(self.bit_lengths())
-
-
-def _objects(base: int | Tensor) -> Any:
-    """A base for :class:`InfoBuffer`: an int, or one per weight as Python ints (an object array)."""
-    return base.detach().cpu().numpy().astype(object) if isinstance(base, Tensor) else base
-
-
-def _check(x: Tensor, what: str, radix_bits: int) -> Tensor:
-    if x.numel() and int(x.abs().max()) >= _LIMIT:
-        raise OverflowError(
-            f"reversible learning: {what} left the fixed-point range |x| < 2^{62 - radix_bits}; "
-            f"lower radix_bits (now {radix_bits}) or the learning rate"
-        )
-    return x
-
-
-def to_fixed(x: Tensor, radix_bits: int) -> Tensor:
-    """``round(x · 2^R)`` as int64 (exact for float64 ``x`` whose last mantissa bit is ≥ 2^-R)."""
-    scaled = torch.round(x.detach().to(torch.float64) * 2.0**radix_bits)
-    if scaled.numel() and not bool(torch.isfinite(scaled).all()):
-        raise OverflowError("reversible learning: non-finite value (the inner loop diverged)")
-    _check(scaled, "a value", radix_bits)
-    return scaled.to(torch.int64)
-
-
-def from_fixed(x: Tensor, radix_bits: int) -> Tensor:
-    """The float64 view ``x · 2^-R`` (exact while ``|x| < 2^53``)."""
-    return x.to(torch.float64) * 2.0**-radix_bits
-
-
-def rational_momentum(gamma: float, momentum_bits: int = 16) -> tuple[int, int]:
-    """``γ ≈ N/D`` with ``D = 2^k``, ``N = round(γ D)``; requires ``0 < N ≤ D`` (γ = 0 is irreversible)."""
-    d = 2**momentum_bits
-    n = round(float(gamma) * d)
-    if not 0 < n <= d:
-        raise ValueError(
-            f"reversible learning needs momentum in (0, 1] (γ = 0 forgets v and cannot be reversed); got {gamma}"
-        )
-    return n, d
-
-
-def rational_momenta(gamma: Tensor, momentum_bits: int = 16) -> tuple[Tensor, int]:
-    """:func:`rational_momentum` of each entry: ``(N as int64, D)``."""
-    d = 2**momentum_bits
-    n = torch.round(gamma.detach().to(torch.float64) * d).to(torch.int64)
-    if n.numel() and not bool(((n > 0) & (n <= d)).all()):
-        raise ValueError(
-            "reversible learning needs momentum in (0, 1] (γ = 0 forgets v and cannot be reversed); "
-            f"got values in [{float(gamma.min())}, {float(gamma.max())}]"
-        )
-    return n, d
-
-
-def _mul_gamma(v: Tensor, n: int | Tensor, d: int, k: int, buf: InfoBuffer) -> Tensor:
-    """``v ← (N/D)·v`` exactly invertibly; ``D = 2^k``."""
-    buf.push(v & (d - 1), d)  # v mod D (non-negative for two's complement)
-    q = v >> k  # floor(v / D)
-    return q * n + buf.pop(n, v.device)
-
-
-def _div_gamma(v: Tensor, n: int | Tensor, d: int, radix_bits: int, buf: InfoBuffer) -> Tensor:
-    """The exact inverse of :func:`_mul_gamma`."""
-    buf.push(torch.remainder(v, n), n)
-    q = torch.div(v, n, rounding_mode="floor")
-    _check(q.to(torch.float64) * d, "the velocity (reverse division by γ)", radix_bits)
-    return q * d + buf.pop(d, v.device)
-
-
-def _fingerprint(x: Tensor) -> tuple[int, int]:
-    """Two overflow-free sums of an int64 tensor; any change in one element changes one of them."""
-    return int((x & 0xFFFFFFFF).sum()), int((x >> 32).sum())
 
 
 def _per_step(x: Tensor | float, steps: int, what: str) -> Tensor:
@@ -212,7 +106,177 @@ class ReversibleResult:
     num_params: int = 0
 
 
-Schedule = Callable[[dict[str, Tensor], int], tuple[Tensor, Tensor]]
+@dataclass
+class _Forward:
+    """What the forward pass leaves for the reverse pass and the result."""
+
+    fingerprints: list[tuple[int, int]] = field(default_factory=list)  # of each step's (1 − γ_t) g_t
+    trajectory: list[tuple[Tensor, Tensor]] | None = None  # each step's fixed-point (w_t, v_t), for tests
+    gammas_used: Tensor = field(default_factory=lambda: torch.zeros(0))  # the rational γ_t applied
+    bits_bound: float = 0.0
+    train_last: float | None = None
+    grad_norm_last: float | None = None
+
+
+@dataclass
+class _Adjoints:
+    """The reverse pass's accumulators: ``dL_V/d`` of ``w``, ``v``, ``λ`` (flat float64 each) and of the
+    per-step ``α_t``, ``γ_t``."""
+
+    dw: Tensor
+    dv: Tensor
+    d_raw: list[Tensor]
+    d_alpha: Tensor
+    d_gamma: Tensor
+
+
+def _start(
+    train_loss: TrainLossFn,
+    params0: Mapping[str, Tensor],
+    raw: Mapping[str, Tensor],
+    lrs: Tensor | float,
+    momenta: Tensor | float,
+    steps: int,
+    radix_bits: int,
+    momentum_bits: int,
+    velocity0: Tensor | None,
+    schedule: Schedule | None,
+) -> tuple[FixedPointSteps, Tensor, Tensor]:
+    """The checked arguments of :func:`reversible_hypergradient` as its passes' :class:`FixedPointSteps` and the
+    fixed-point ``(w_0, v_0)``."""
+    _check_bits(steps, radix_bits, momentum_bits)
+    R = radix_bits
+    like = {name: p.detach() for name, p in params0.items()}
+    device = next(iter(like.values())).device if like else torch.device("cpu")
+    alphas, rationals = None, None
+    if schedule is None:
+        alphas = _per_step(lrs, steps, "lrs")
+        rationals = [rational_momentum(float(g), momentum_bits) for g in _per_step(momenta, steps, "momenta")]
+    raw_leaves = tree.detached(raw, requires_grad=True)
+    s = FixedPointSteps(train_loss, like, raw_leaves, R, momentum_bits, device, schedule, alphas, rationals)
+    P = s.num_params
+    w = to_fixed(tree.flatten(list(like.values())), R) if P else torch.zeros(0, dtype=torch.int64, device=device)
+    v = (
+        to_fixed(velocity0, R).reshape(-1)
+        if velocity0 is not None
+        else torch.zeros(P, dtype=torch.int64, device=device)
+    )
+    if v.numel() != P:
+        raise ValueError(f"velocity0 has {v.numel()} entries, params0 has {P}")
+    return s, w, v
+
+
+def _check_bits(steps: int, radix_bits: int, momentum_bits: int) -> None:
+    if steps < 0:
+        raise ValueError(f"steps must be ≥ 0, got {steps}")
+    if not 8 <= radix_bits <= 56:
+        raise ValueError(f"radix_bits must be in [8, 56], got {radix_bits}")
+    if not 1 <= momentum_bits <= min(radix_bits, 31):
+        raise ValueError(f"momentum_bits must be in [1, min(radix_bits, 31)], got {momentum_bits}")
+
+
+def _forward(
+    s: FixedPointSteps,
+    w: Tensor,
+    v: Tensor,
+    steps: int,
+    buf: InfoBuffer,
+    on_step: Callable[[], None] | None,
+    keep: bool,
+) -> tuple[Tensor, Tensor, _Forward]:
+    """``steps`` exact SGD-momentum steps from fixed-point ``(w, v)``, storing only the lost bits in ``buf``."""
+    R, k, d, P = s.radix_bits, s.momentum_bits, 2**s.momentum_bits, s.num_params
+    rec = _Forward(trajectory=[] if keep else None, gammas_used=torch.zeros(steps, dtype=torch.float64))
+    with torch.enable_grad():
+        for t in range(steps):
+            if rec.trajectory is not None:
+                rec.trajectory.append((w.clone(), v.clone()))
+            alpha, n, gamma, one_minus, _ = s.at(t)
+            rec.gammas_used[t] = float(gamma.mean()) if isinstance(gamma, Tensor) else gamma
+            rec.bits_bound += float(torch.log2(d / n.double()).sum()) if isinstance(n, Tensor) else P * math.log2(d / n)
+            _, loss, g = s.grad_at(w, t)
+            G = to_fixed(one_minus * g.detach(), R)
+            rec.fingerprints.append(fingerprint(G))
+            v = check_range(mul_gamma(v, n, d, k, buf) - G, "the velocity", R)
+            w = check_range(w + check_range(to_fixed(alpha * from_fixed(v, R), R), "α·v", R), "the weights", R)
+            if t == steps - 1:
+                rec.train_last, rec.grad_norm_last = float(loss.detach()), float(torch.linalg.vector_norm(g.detach()))
+            del loss, g
+            if on_step is not None:
+                on_step()
+    return w, v, rec
+
+
+def _outer_gradient(s: FixedPointSteps, val_loss: ValLossFn, w: Tensor, steps: int) -> tuple[Tensor, _Adjoints]:
+    """``L_V(w_T)`` and the adjoints the reverse pass starts from: ``dw = ∂L_V/∂w``, ``dv = 0``, ``dλ = ∂L_V/∂λ``."""
+    raw_list = list(s.raw_leaves.values())
+    with torch.enable_grad():
+        w_leaf = from_fixed(w, s.radix_bits).requires_grad_(True)
+        lv = val_loss(s.params(w_leaf), s.raw_leaves)
+        grads = torch.autograd.grad(lv, [w_leaf, *raw_list], allow_unused=True)
+    return lv, _Adjoints(
+        dw=tree.fill_none(grads[:1], [w_leaf])[0].detach().to(torch.float64),
+        dv=torch.zeros(s.num_params, dtype=torch.float64, device=s.device),
+        d_raw=[x.detach().to(torch.float64) for x in tree.fill_none(grads[1:], raw_list)],
+        d_alpha=torch.zeros(steps, dtype=torch.float64),
+        d_gamma=torch.zeros(steps, dtype=torch.float64),
+    )
+
+
+def _pull_back(
+    s: FixedPointSteps, adj: _Adjoints, g: Tensor, w_leaf: Tensor, one_minus: Any, graph: Any, da: Tensor, dg: Tensor
+) -> None:
+    """``dw −= (1−γ_t) ∇²_w L_T dv``, ``dλ −= (1−γ_t) ∂²L_T/∂λ∂w dv`` (one VJP), and under a schedule
+    ``dλ += (∂α_t/∂λ)ᵀ da + (∂γ_t/∂λ)ᵀ dg``."""
+    raw_list = list(s.raw_leaves.values())
+    if g.requires_grad:
+        vjp = tree.fill_none(
+            torch.autograd.grad(
+                g, [w_leaf, *raw_list], grad_outputs=(one_minus * adj.dv).to(g.dtype), allow_unused=True
+            ),
+            [w_leaf, *raw_list],
+        )
+        adj.dw = adj.dw - vjp[0].detach().to(torch.float64)
+        adj.d_raw = [a - b.detach().to(torch.float64) for a, b in zip(adj.d_raw, vjp[1:])]
+    outs = [(x, dx) for x, dx in zip(graph or (), (da, dg)) if x.requires_grad]
+    if outs and raw_list:  # α_t and γ_t are functions of λ
+        through = tree.fill_none(
+            torch.autograd.grad([x for x, _ in outs], raw_list, [dx for _, dx in outs], allow_unused=True), raw_list
+        )
+        adj.d_raw = [a + b.detach().to(torch.float64) for a, b in zip(adj.d_raw, through)]
+
+
+def _reverse(
+    s: FixedPointSteps, w: Tensor, v: Tensor, steps: int, buf: InfoBuffer, rec: _Forward, adj: _Adjoints
+) -> tuple[Tensor, Tensor, list[bool]]:
+    """Undo each step exactly, accumulating the adjoints in ``adj`` (Maclaurin's Algorithm 2); returns the
+    recovered fixed-point ``(w_0, v_0)`` and, with a stored trajectory, per step whether it was reproduced."""
+    R, d = s.radix_bits, 2**s.momentum_bits
+    exact: list[bool] = [False] * steps if rec.trajectory is not None else []
+    for t in reversed(range(steps)):
+        alpha, n, gamma, one_minus, graph = s.at(t, graph=s.schedule is not None)
+        v_next = from_fixed(v, R)
+        da = adj.dw * v_next  # dL_V/dα_t, per weight
+        adj.d_alpha[t] = da.sum().cpu()
+        adj.dv = adj.dv + alpha * adj.dw
+        w = w - to_fixed(alpha * v_next, R)
+        with torch.enable_grad():
+            w_leaf, _, g = s.grad_at(w, t)
+            G = to_fixed(one_minus * g.detach(), R)
+            if fingerprint(G) != rec.fingerprints[t]:
+                raise RuntimeError(
+                    f"reversible learning: the training gradient at step {t} differs between the forward and "
+                    "reverse pass (non-deterministic train_loss or kernels); exact reversal is impossible"
+                )
+            v = div_gamma(v + G, n, d, R, buf)
+            dg = adj.dv * (from_fixed(v, R) + g.detach())  # dL_V/dγ_t, per weight
+            adj.d_gamma[t] = dg.sum().cpu()
+            _pull_back(s, adj, g, w_leaf, one_minus, graph, da, dg)
+            del g, w_leaf, graph
+        adj.dv = gamma * adj.dv
+        if rec.trajectory is not None:
+            exact[t] = bool(torch.equal(w, rec.trajectory[t][0]) and torch.equal(v, rec.trajectory[t][1]))
+    return w, v, exact
 
 
 def reversible_hypergradient(
@@ -246,157 +310,34 @@ def reversible_hypergradient(
     into ``hyper_raw``, and ``hyper_lrs`` / ``hyper_momenta`` / ``momenta_used`` report per-step sums /
     means over the weights. See the module docstring for the math and cost.
     """
-    if steps < 0:
-        raise ValueError(f"steps must be ≥ 0, got {steps}")
-    if not 8 <= radix_bits <= 56:
-        raise ValueError(f"radix_bits must be in [8, 56], got {radix_bits}")
-    if not 1 <= momentum_bits <= min(radix_bits, 31):
-        raise ValueError(f"momentum_bits must be in [1, min(radix_bits, 31)], got {momentum_bits}")
-    R, k = radix_bits, momentum_bits
-    like = {name: p.detach() for name, p in params0.items()}
-    device = next(iter(like.values())).device if like else torch.device("cpu")
-    P = tree.numel(like)
-    raw_leaves = tree.detached(raw, requires_grad=True)
-    raw_list = list(raw_leaves.values())
-    if schedule is None:
-        alphas = _per_step(lrs, steps, "lrs")
-        rationals = [rational_momentum(float(g), k) for g in _per_step(momenta, steps, "momenta")]
-
-    def at(t: int, graph: bool = False) -> tuple[Any, Any, Any, Any, tuple[Tensor, Tensor] | None]:
-        """Step ``t``'s ``(α, N, γ = N/D, 1 − γ, (α, γ) with their graph to raw or None)``: floats and
-        ints, or per-weight tensors under a schedule (computed the same way forward and in reverse)."""
-        if schedule is None:
-            n, d = rationals[t]
-            return float(alphas[t]), n, n / d, (d - n) / d, None
-        with torch.set_grad_enabled(graph):
-            a, g = (torch.as_tensor(x, dtype=torch.float64, device=device).expand(P) for x in schedule(raw_leaves, t))
-        nt, dt = rational_momenta(g, k)
-        gamma = nt.to(torch.float64) / dt  # exact: N < 2^31, D a power of two
-        return a.detach(), nt, gamma, 1.0 - gamma, ((a, g) if graph else None)
-
-    def view(w_int: Tensor) -> dict[str, Tensor]:
-        return {name: p.detach().to(like[name].dtype) for name, p in tree.unflatten(from_fixed(w_int, R), like).items()}
-
-    def grad_at(w_int: Tensor, t: int) -> tuple[Tensor, Tensor, Tensor]:
-        """(w leaf, L_T, ∇_w L_T with graph) at the float view of ``w_int``; the same code both ways."""
-        w_leaf = from_fixed(w_int, R).requires_grad_(True)
-        params = {name: p.to(like[name].dtype) for name, p in tree.unflatten(w_leaf, like).items()}
-        loss = train_loss(params, raw_leaves, t)
-        (g,) = torch.autograd.grad(loss, w_leaf, create_graph=True, allow_unused=True)
-        return w_leaf, loss, (torch.zeros_like(w_leaf) if g is None else g)
-
-    w = to_fixed(tree.flatten(list(like.values())), R) if P else torch.zeros(0, dtype=torch.int64, device=device)
-    v = (
-        to_fixed(velocity0, R).reshape(-1)
-        if velocity0 is not None
-        else torch.zeros(P, dtype=torch.int64, device=device)
-    )
-    if v.numel() != P:
-        raise ValueError(f"velocity0 has {v.numel()} entries, params0 has {P}")
+    s, w, v = _start(train_loss, params0, raw, lrs, momenta, steps, radix_bits, momentum_bits, velocity0, schedule)
+    R, P = radix_bits, s.num_params
     w0_fixed = w.clone()
     buf = InfoBuffer(P)
-    fingerprints: list[tuple[int, int]] = []
-    trajectory: list[tuple[Tensor, Tensor]] = []
-    train_last = gnorm_last = None
-    gammas_used = torch.zeros(steps, dtype=torch.float64)
-    bits_bound = 0.0
-    d = 2**k
-
-    # ---- forward: T exact steps, storing only the lost bits
-    with torch.enable_grad():
-        for t in range(steps):
-            if return_trajectory_check:
-                trajectory.append((w.clone(), v.clone()))
-            alpha, n, gamma, one_minus, _ = at(t)
-            gammas_used[t] = float(gamma.mean()) if isinstance(gamma, Tensor) else gamma
-            bits_bound += float(torch.log2(d / n.double()).sum()) if isinstance(n, Tensor) else P * math.log2(d / n)
-            _, loss, g = grad_at(w, t)
-            G = to_fixed(one_minus * g.detach(), R)
-            fingerprints.append(_fingerprint(G))
-            v = _check(_mul_gamma(v, n, d, k, buf) - G, "the velocity", R)
-            w = _check(w + _check(to_fixed(alpha * from_fixed(v, R), R), "α·v", R), "the weights", R)
-            if t == steps - 1:
-                train_last, gnorm_last = float(loss.detach()), float(torch.linalg.vector_norm(g.detach()))
-            del loss, g
-            if on_step is not None:
-                on_step()
+    w, v, rec = _forward(s, w, v, steps, buf, on_step, return_trajectory_check)
     bit_lengths = buf.bit_lengths()
-    bits_used, bits_max = sum(bit_lengths), max(bit_lengths, default=0)
     wT, vT = w.clone(), v.clone()
-
-    # ---- outer objective at w_T
-    with torch.enable_grad():
-        w_leaf = from_fixed(w, R).requires_grad_(True)
-        params = {name: p.to(like[name].dtype) for name, p in tree.unflatten(w_leaf, like).items()}
-        lv = val_loss(params, raw_leaves)
-        grads = torch.autograd.grad(lv, [w_leaf, *raw_list], allow_unused=True)
-    dw = tree.fill_none(grads[:1], [w_leaf])[0].detach().to(torch.float64)
-    d_raw = [x.detach().to(torch.float64) for x in tree.fill_none(grads[1:], raw_list)]
-    dv = torch.zeros(P, dtype=torch.float64, device=device)
-    d_alpha = torch.zeros(steps, dtype=torch.float64)
-    d_gamma = torch.zeros(steps, dtype=torch.float64)
-    exact: list[bool] = [False] * steps if return_trajectory_check else []
-
-    # ---- reverse: undo each step exactly, accumulating adjoints (Maclaurin Algorithm 2)
-    for t in reversed(range(steps)):
-        alpha, n, gamma, one_minus, graph = at(t, graph=schedule is not None)
-        v_next = from_fixed(v, R)
-        da = dw * v_next  # dL_V/dα_t, per weight
-        d_alpha[t] = da.sum().cpu()
-        dv = dv + alpha * dw
-        w = w - to_fixed(alpha * v_next, R)
-        with torch.enable_grad():
-            w_leaf, _, g = grad_at(w, t)
-            G = to_fixed(one_minus * g.detach(), R)
-            if _fingerprint(G) != fingerprints[t]:
-                raise RuntimeError(
-                    f"reversible learning: the training gradient at step {t} differs between the forward and "
-                    "reverse pass (non-deterministic train_loss or kernels); exact reversal is impossible"
-                )
-            v = _div_gamma(v + G, n, d, R, buf)
-            dg = dv * (from_fixed(v, R) + g.detach())  # dL_V/dγ_t, per weight
-            d_gamma[t] = dg.sum().cpu()
-            if g.requires_grad:
-                vjp = tree.fill_none(
-                    torch.autograd.grad(
-                        g, [w_leaf, *raw_list], grad_outputs=(one_minus * dv).to(g.dtype), allow_unused=True
-                    ),
-                    [w_leaf, *raw_list],
-                )
-                dw = dw - vjp[0].detach().to(torch.float64)
-                d_raw = [a - b.detach().to(torch.float64) for a, b in zip(d_raw, vjp[1:])]
-            outs = [(x, dx) for x, dx in zip(graph or (), (da, dg)) if x.requires_grad]
-            if outs and raw_list:  # α_t and γ_t are functions of λ
-                through = tree.fill_none(
-                    torch.autograd.grad([x for x, _ in outs], raw_list, [dx for _, dx in outs], allow_unused=True),
-                    raw_list,
-                )
-                d_raw = [a + b.detach().to(torch.float64) for a, b in zip(d_raw, through)]
-            del g, w_leaf, graph
-        dv = gamma * dv
-        if return_trajectory_check:
-            exact[t] = bool(torch.equal(w, trajectory[t][0]) and torch.equal(v, trajectory[t][1]))
-
-    hyper_raw = {name: x.to(r.dtype) for (name, r), x in zip(raw.items(), d_raw)}
+    lv, adj = _outer_gradient(s, val_loss, w, steps)
+    w, v, exact = _reverse(s, w, v, steps, buf, rec, adj)
     return ReversibleResult(
-        params=view(wT),
+        params=s.view(wT),
         velocity=from_fixed(vT, R),
         val_loss=float(lv.detach()),
-        hyper_raw=hyper_raw,
-        hyper_lrs=d_alpha,
-        hyper_momenta=d_gamma,
-        hyper_params0=tree.unflatten(dw, like),
-        params0_recovered=view(w),
+        hyper_raw={name: x.to(r.dtype) for (name, r), x in zip(raw.items(), adj.d_raw)},
+        hyper_lrs=adj.d_alpha,
+        hyper_momenta=adj.d_gamma,
+        hyper_params0=tree.unflatten(adj.dw, s.like),
+        params0_recovered=s.view(w),
         params0_fixed=w0_fixed,
         params0_fixed_recovered=w,
         velocity0_fixed_recovered=v,
-        momenta_used=gammas_used,
-        bits_used=bits_used,
-        bits_max_per_weight=bits_max,
-        bits_bound=bits_bound,
+        momenta_used=rec.gammas_used,
+        bits_used=sum(bit_lengths),
+        bits_max_per_weight=max(bit_lengths, default=0),
+        bits_bound=rec.bits_bound,
         buffer_bits_after_reverse=buf.bits_used(),
-        train_loss_last=train_last,
-        grad_norm_last=gnorm_last,
+        train_loss_last=rec.train_last,
+        grad_norm_last=rec.grad_norm_last,
         trajectory_exact=exact if return_trajectory_check else None,
         num_params=P,
     )

@@ -12,6 +12,7 @@ from hoexp.optim.base import (
     Optimizer,
     OptState,
     Params,
+    Scalar,
     TensorList,
     add_scaled,
     add_scaled_div,
@@ -93,38 +94,7 @@ def rmsprop(
         if fast_path((params, grads, *buffers), values):
             numbers = cast("tuple[float, ...]", values)  # fast_path: all Python numbers
             return _rmsprop_multi_tensor(params, grads, state, *numbers, centered=centered, use_buffer=use_buffer)
-        new_params: Params = {}
-        new_sq: Params = {}
-        new_gavg: Params = {}
-        new_buf: Params = {}
-        for k, p in params.items():
-            g = grads[k]
-            wd = hyper(weight_decay, wd0, k)
-            a = hyper(alpha, alpha0, k)
-            if not is_zero(wd):
-                g = add_scaled(g, wd, p)
-            sq = add_scaled_mul(state["square_avg"][k] * a, 1 - a, g, g)
-            new_sq[k] = sq
-            if centered:
-                gavg = lerp(state["grad_avg"][k], g, 1 - a)
-                new_gavg[k] = gavg
-                avg = safe_sqrt(add_scaled_mul(sq, -1, gavg, gavg))
-            else:
-                avg = safe_sqrt(sq)
-            avg = avg + hyper(eps, eps0, k)
-            lr_k = hyper(lr, lr0, k)
-            if use_buffer:
-                buf = add_scaled_div(state["momentum_buffer"][k] * hyper(momentum, mu0, k), 1, g, avg)
-                new_buf[k] = buf
-                new_params[k] = add_scaled(p, -lr_k, buf)
-            else:
-                new_params[k] = add_scaled_div(p, -lr_k, g, avg)
-        new_state: OptState = {"step": state["step"] + 1, "square_avg": new_sq}
-        if use_buffer:
-            new_state["momentum_buffer"] = new_buf
-        if centered:
-            new_state["grad_avg"] = new_gavg
-        return new_params, new_state
+        return _rmsprop_per_tensor(params, grads, state, values, centered=centered, use_buffer=use_buffer)
 
     return Optimizer(
         "rmsprop",
@@ -132,6 +102,62 @@ def rmsprop(
         update,
         dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum, centered=centered),
     )
+
+
+def _rmsprop_per_tensor(
+    params: Params, grads: Params, state: OptState, values: tuple[Hyper, ...], *, centered: bool, use_buffer: bool
+) -> tuple[Params, OptState]:
+    """The reference path: :func:`_rmsprop_tensor` on each parameter, ``values`` = ``(lr, weight_decay,
+    alpha, eps, momentum)`` (numbers, tensors, or per-parameter mappings)."""
+    out: dict[str, Params] = {"params": {}, "square_avg": {}, "grad_avg": {}, "momentum_buffer": {}}
+    for k, p in params.items():
+        new = _rmsprop_tensor(
+            p,
+            grads[k],
+            state["square_avg"][k],
+            state["grad_avg"][k] if centered else None,
+            state["momentum_buffer"][k] if use_buffer else None,
+            *(hyper(None, v, k) for v in values),
+        )
+        for name, x in zip(out, new):
+            if x is not None:
+                out[name][k] = x
+    new_state: OptState = {"step": state["step"] + 1, "square_avg": out["square_avg"]}
+    if use_buffer:
+        new_state["momentum_buffer"] = out["momentum_buffer"]
+    if centered:
+        new_state["grad_avg"] = out["grad_avg"]
+    return out["params"], new_state
+
+
+def _rmsprop_tensor(
+    p: torch.Tensor,
+    g: torch.Tensor,
+    square_avg: torch.Tensor,
+    grad_avg: torch.Tensor | None,
+    momentum_buffer: torch.Tensor | None,
+    lr: Scalar,
+    wd: Scalar,
+    a: Scalar,
+    eps: Scalar,
+    mu: Scalar,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """One parameter's step: ``(p, square_avg, grad_avg, momentum_buffer)`` after it (``grad_avg`` None
+    unless centered, ``momentum_buffer`` None without momentum)."""
+    if not is_zero(wd):
+        g = add_scaled(g, wd, p)
+    sq = add_scaled_mul(square_avg * a, 1 - a, g, g)
+    gavg = None
+    if grad_avg is not None:
+        gavg = lerp(grad_avg, g, 1 - a)
+        avg = safe_sqrt(add_scaled_mul(sq, -1, gavg, gavg))
+    else:
+        avg = safe_sqrt(sq)
+    avg = avg + eps
+    if momentum_buffer is not None:
+        buf = add_scaled_div(momentum_buffer * mu, 1, g, avg)
+        return add_scaled(p, -lr, buf), sq, gavg, buf
+    return add_scaled_div(p, -lr, g, avg), sq, gavg, None
 
 
 def _rmsprop_multi_tensor(

@@ -88,27 +88,7 @@ def sgd(
         if fast_path((params, grads, *buffers), values):
             numbers = cast("tuple[float, ...]", values)  # fast_path: all Python numbers
             return _sgd_multi_tensor(params, grads, state, *numbers, nesterov=nesterov, use_buffer=use_buffer)
-        new_params: Params = {}
-        new_buf: Params = {}
-        for k, p in params.items():
-            d = grads[k]
-            wd = hyper(weight_decay, wd0, k)
-            if not is_zero(wd):
-                d = add_scaled(d, wd, p)
-            if use_buffer:
-                mu = hyper(momentum, mu0, k)
-                if first:
-                    buf = d.clone()
-                else:
-                    damp = hyper(dampening, damp0, k)
-                    buf = add_scaled(state["momentum_buffer"][k] * mu, 1 - damp, d)
-                new_buf[k] = buf
-                d = add_scaled(d, mu, buf) if nesterov else buf
-            new_params[k] = add_scaled(p, -hyper(lr, lr0, k), d)
-        new_state: OptState = {"step": state["step"] + 1}
-        if use_buffer:
-            new_state["momentum_buffer"] = new_buf
-        return new_params, new_state
+        return _sgd_per_tensor(params, grads, state, values, nesterov=nesterov, use_buffer=use_buffer)
 
     return Optimizer(
         name,
@@ -116,6 +96,34 @@ def sgd(
         update,
         dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov),
     )
+
+
+def _sgd_per_tensor(
+    params: Params, grads: Params, state: OptState, values: tuple[Hyper, ...], *, nesterov: bool, use_buffer: bool
+) -> tuple[Params, OptState]:
+    """The reference path, one parameter at a time; ``values`` = ``(lr, weight_decay)`` plus ``(momentum,
+    dampening)`` with a momentum buffer (numbers, tensors, or per-parameter mappings)."""
+    first = state["step"] == 0
+    new_params: Params = {}
+    new_buf: Params = {}
+    for k, p in params.items():
+        d = grads[k]
+        wd = hyper(None, values[1], k)
+        if not is_zero(wd):
+            d = add_scaled(d, wd, p)
+        if use_buffer:
+            mu = hyper(None, values[2], k)
+            if first:
+                buf = d.clone()
+            else:
+                buf = add_scaled(state["momentum_buffer"][k] * mu, 1 - hyper(None, values[3], k), d)
+            new_buf[k] = buf
+            d = add_scaled(d, mu, buf) if nesterov else buf
+        new_params[k] = add_scaled(p, -hyper(None, values[0], k), d)
+    new_state: OptState = {"step": state["step"] + 1}
+    if use_buffer:
+        new_state["momentum_buffer"] = new_buf
+    return new_params, new_state
 
 
 def _sgd_multi_tensor(

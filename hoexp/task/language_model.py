@@ -17,11 +17,10 @@ import torch
 from torch import Tensor
 from torch.func import functional_call
 
-from hoexp.dataset.ptb import batchify, bptt_batch
 from hoexp.model.lstm import lm_loss
 from hoexp.task.base import BatchStream
 from hoexp.task.classification import Classification
-from hoexp.task.streams import VAL_SEED, BPTTStream
+from hoexp.task.streams import VAL_SEED, BPTTStream, batchify, bptt_batch
 
 
 @dataclass

@@ -1,4 +1,6 @@
-"""Checkpointable batch streams: the whole split, seeded minibatches, BPTT windows, and dropout noise.
+"""Checkpointable batch streams: the whole split, seeded minibatches, BPTT windows, and dropout noise; and
+what they draw from: a :class:`Split` in memory, or a token stream batchified sequence first (the layout of
+PyTorch's word_language_model example: :func:`batchify`, :func:`bptt_batch`, :func:`bptt_windows`).
 
 Each stream is endless and its position is its whole state (``state_dict`` / ``load_state_dict``), so
 a resumed run draws exactly the batches the uninterrupted run would have. Streams yield
@@ -8,17 +10,60 @@ a resumed run draws exactly the batches the uninterrupted run would have. Stream
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from hoexp.dataset.base import Split
-from hoexp.dataset.ptb import bptt_batch
+from hoexp.errors import HoexpError
 from hoexp.task.base import BatchStream
 from hoexp.types import Batch
 
 NoiseFn = Callable[[Tensor, torch.Generator], Mapping[str, Tensor]]  # (inputs, generator) → noise per site
+
+
+@dataclass
+class Split:
+    """One split held in memory: inputs ``x`` and integer targets ``y``."""
+
+    x: Tensor
+    y: Tensor
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def to(self, device: torch.device | str) -> Split:
+        return Split(self.x.to(device), self.y.to(device))
+
+
+def batchify(stream: Tensor, batch_size: int) -> Tensor:
+    """``[N, batch_size]`` (sequence first) with column ``j`` = ``stream[j*N:(j+1)*N]``,
+    ``N = len(stream) // batch_size``; the trailing ``len % batch_size`` tokens are dropped. One copy.
+    """
+    if batch_size < 1 or stream.dim() != 1 or len(stream) < batch_size:
+        raise HoexpError(
+            f"cannot batch a stream of {len(stream):,} tokens into {batch_size} columns; "
+            "batch_size must be at least 1 and at most the number of tokens"
+        )
+    n = len(stream) // batch_size
+    return stream[: n * batch_size].view(batch_size, n).t().contiguous()
+
+
+def bptt_batch(source: Tensor, i: int, bptt: int) -> tuple[Tensor, Tensor]:
+    """The window starting at row ``i``: ``(input [T, B], target [T, B])`` with target = input shifted
+    one token ahead, ``T = min(bptt, len(source) - 1 - i)``. Views of ``source``, no copy."""
+    if bptt < 1 or not 0 <= i < len(source) - 1:
+        raise ValueError(f"bptt_batch needs bptt >= 1 and 0 <= i < {len(source) - 1}, got bptt={bptt}, i={i}")
+    t = min(bptt, len(source) - 1 - i)
+    return source[i : i + t], source[i + 1 : i + 1 + t]
+
+
+def bptt_windows(source: Tensor, bptt: int) -> Iterator[tuple[Tensor, Tensor]]:
+    """All consecutive ``bptt_batch`` windows of a batchified ``source`` (rows 0, bptt, 2·bptt, ...);
+    together their targets cover rows 1 .. len-1 once."""
+    for i in range(0, len(source) - 1, bptt):
+        yield bptt_batch(source, i, bptt)
 
 
 class FullBatch:

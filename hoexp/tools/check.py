@@ -34,6 +34,7 @@ from hoexp.method.forward import forward_hypergradient
 from hoexp.method.ift import ift_hypergradient
 from hoexp.method.solvers import AutoStep, ConjugateGradient, Exact, FixedPoint, Neumann, Solver
 from hoexp.method.unrolled import unrolled_hypergradient
+from hoexp.types import InnerState
 
 ITERATIONS = (0, 1, 2, 5, 10, 20, 50, 100)
 REFERENCE_TOL = 1e-3  # a reference whose relative residual ‖Hx − b‖/‖b‖ exceeds this is not converged
@@ -135,6 +136,128 @@ def _compare(
     return cos, err, elapsed, mem.mib, extra
 
 
+@dataclass
+class _Point:
+    """The configured problem after ``inner_steps`` training steps: the losses on one training batch and the
+    run's validation batch, at the trained state."""
+
+    spec: Spec
+    exp: Experiment
+    state: InnerState
+    raw: dict[str, Tensor]
+    tl: Callable[[Any, Any], Tensor]  # L_T(w, λ) on the training batch
+    vl: Callable[[Any, Any], Tensor]  # L_V(w, λ) on the validation batch
+    path_loss: Callable[[Any, Any, int], Tensor]  # L_T at every unrolled step: the same batch
+
+    @property
+    def device(self) -> torch.device:
+        return self.exp.device
+
+
+def _trained_point(spec: Spec) -> _Point:
+    """Build the run, take its start (weights, hyperparameters, streams) and train ``inner_steps`` steps."""
+    exp: Experiment = build(spec)
+    problem = exp.problem
+    start_state = start(exp)  # the runner's start: weights, hyperparameters, streams
+    raw, batches = start_state.raw, start_state.train
+    state, _, _ = train_inner(problem, exp.inner_opt, start_state.inner, raw, batches, spec.run.inner_steps)
+    # The runner's validation stream: the whole split (classification, val_batch_size 0), a seeded minibatch,
+    # or a BPTT window of validation text (language models).
+    val_batch = next(start_state.val)
+    train_batch = next(batches)
+
+    def tl(w, h):
+        return problem.train_loss(w, h, train_batch)
+
+    def vl(w, h):
+        return problem.val_loss(w, h, val_batch)
+
+    def path_loss(w, h, t):
+        return problem.train_loss(w, h, train_batch)
+
+    return _Point(spec, exp, state, raw, tl, vl, path_loss)
+
+
+def _ift_rows(
+    pt: _Point, alpha: float, iterations: tuple[int, ...], dense_max: int, reference_cg: int, console: Console
+) -> tuple[list[Row], str, str | None]:
+    """The IFT methods (Neumann, fixed-point, CG over ``iterations``; T1-T2) against the exact IFT
+    hypergradient: ``(rows, the reference's name, why it is not the answer or None)``."""
+    tl, vl, w, raw, dev = pt.tl, pt.vl, pt.state.params, pt.raw, pt.device
+    n_params = tree.numel(w)
+    if n_params <= dense_max:
+        ref_name = f"exact dense solve ({n_params:,}×{n_params:,} Hessian)"
+        ref_solver: Solver = Exact(max_params=dense_max)
+    else:
+        ref_name = f"CG, {reference_cg} iterations ({n_params:,} weights > --dense-max {dense_max:,})"
+        ref_solver = ConjugateGradient(reference_cg, tol=0.0)
+    t0 = time.perf_counter()
+    ref_hg, ref_stats = ift_hypergradient(tl, vl, w, raw, ref_solver)
+    ref_time = time.perf_counter() - t0
+    ift_ref = tree.flatten(ref_hg.values())
+    console.print(
+        f"IFT reference: {ref_name}, {ref_time:.1f}s, residual {ref_stats.residual:.2e}, "
+        f"inner gradient norm {ref_stats.inner_grad_norm:.3e}",
+        highlight=False,
+    )
+    ref_problem = _reference_problem(ref_stats.residual, ift_ref, ref_stats.info, n_params, dense_max)
+    solvers: list[tuple[str, Callable[[int], Any]]] = [
+        ("neumann", lambda k: Neumann(k, alpha)),
+        ("fixed_point", lambda k: FixedPoint(k, alpha)),
+        ("cg", lambda k: ConjugateGradient(k, tol=0.0)),
+    ]
+    rows: list[Row] = []
+    for name, make in solvers:
+        for k in iterations:
+            cos, err, el, mib, stats = _compare(lambda: ift_hypergradient(tl, vl, w, raw, make(k)), ift_ref, dev)
+            rows.append(Row(name, k, cos, err, el, mib, stats.residual, stats.info))
+    cos, err, el, mib, stats = _compare(
+        lambda: ift_hypergradient(tl, vl, w, raw, Neumann(0, alpha, residual=False)), ift_ref, dev
+    )
+    rows.append(Row("t1t2", 0, cos, err, el, mib, None, ""))
+    return rows, ref_name, ref_problem
+
+
+def _path_rows(pt: _Point, iterations: tuple[int, ...]) -> tuple[list[Row], str | None]:
+    """The path methods (truncated over ``iterations``, forward mode) against the full unroll of
+    ``inner_steps`` further steps: ``(rows, why the reference is not the answer or None)``."""
+    spec, exp, state, raw, vl, path_loss = pt.spec, pt.exp, pt.state, pt.raw, pt.vl, pt.path_loss
+    T = spec.run.inner_steps
+    overrides = exp.problem.family.optimizer_overrides
+    full = unrolled_hypergradient(
+        path_loss, vl, exp.inner_opt, state.params, state.opt_state, raw, T, overrides=overrides
+    )
+    unroll_ref = tree.flatten(full.hypergrad.values())
+    path_problem = None if unroll_ref.norm() > 0 else "is zero: cosines and relative errors against it mean nothing"
+    rows: list[Row] = []
+    for k in sorted({k for k in iterations if 0 < k <= T} | {T}):
+        cos, err, el, mib, _ = _compare(
+            lambda: (
+                unrolled_hypergradient(
+                    path_loss, vl, exp.inner_opt, state.params, state.opt_state, raw, T, truncate=k, overrides=overrides
+                ).hypergrad,
+                None,
+            ),
+            unroll_ref,
+            pt.device,
+        )
+        rows.append(Row("truncated" if k < T else "unrolled", k, cos, err, el, mib, against="path"))
+    if tree.numel(raw) <= getattr(spec.method, "max_hparams", 64):
+        cos, err, el, mib, _ = _compare(
+            lambda: (
+                forward_hypergradient(
+                    path_loss, vl, exp.inner_opt, state.params, state.opt_state, raw, T, overrides=overrides
+                ).hypergrad,
+                None,
+            ),
+            unroll_ref,
+            pt.device,
+            hooks=False,
+        )
+        rows.append(Row("forward", T, cos, err, el, mib, info="no graph kept across steps", against="path"))
+    return rows, path_problem
+
+
 def run_check(
     spec: Spec,
     out_dir: Path,
@@ -147,129 +270,49 @@ def run_check(
     """Compare every applicable method with a reference; write check.json / check.png into ``out_dir``."""
     console = console or Console()
     out_dir.mkdir(parents=True, exist_ok=True)
-    exp: Experiment = build(spec)
-    problem, dev = exp.problem, exp.device
-    start_state = start(exp)  # the runner's start: weights, hyperparameters, streams
-    params, raw, batches = start_state.inner.params, start_state.raw, start_state.train
-    state, _, _ = train_inner(problem, exp.inner_opt, start_state.inner, raw, batches, spec.run.inner_steps)
-    # The runner's validation stream: the whole split (classification, val_batch_size 0), a seeded minibatch,
-    # or a BPTT window of validation text (language models).
-    val_batch = next(start_state.val)
-    train_batch = next(batches)
-    n_params, n_h = tree.numel(params), tree.numel(raw)
-
-    def tl(w, h):
-        return problem.train_loss(w, h, train_batch)
-
-    def vl(w, h):
-        return problem.val_loss(w, h, val_batch)
-
+    pt = _trained_point(spec)
     alpha = getattr(spec.method, "alpha", 0.01)
     if alpha == "auto":  # 1/λ_max(H) at the trained weights, by power iteration
-        alpha = ift_hypergradient(tl, vl, state.params, raw, AutoStep(Neumann(0)))[1].extra["solver/alpha"]
+        alpha = ift_hypergradient(pt.tl, pt.vl, pt.state.params, pt.raw, AutoStep(Neumann(0)))[1].extra["solver/alpha"]
     rows: list[Row] = []
-    # ---- IFT methods against the exact IFT hypergradient
-    if problem.family.moves_optimum:
-        if n_params <= dense_max:
-            ref_name = f"exact dense solve ({n_params:,}×{n_params:,} Hessian)"
-            ref_solver: Solver = Exact(max_params=dense_max)
-        else:
-            ref_name = f"CG, {reference_cg} iterations ({n_params:,} weights > --dense-max {dense_max:,})"
-            ref_solver = ConjugateGradient(reference_cg, tol=0.0)
-        t0 = time.perf_counter()
-        ref_hg, ref_stats = ift_hypergradient(tl, vl, state.params, raw, ref_solver)
-        ref_time = time.perf_counter() - t0
-        ift_ref = tree.flatten(ref_hg.values())
-        console.print(
-            f"IFT reference: {ref_name}, {ref_time:.1f}s, residual {ref_stats.residual:.2e}, "
-            f"inner gradient norm {ref_stats.inner_grad_norm:.3e}",
-            highlight=False,
-        )
-        ref_problem = _reference_problem(ref_stats.residual, ift_ref, ref_stats.info, n_params, dense_max)
-        solvers: list[tuple[str, Callable[[int], Any]]] = [
-            ("neumann", lambda k: Neumann(k, alpha)),
-            ("fixed_point", lambda k: FixedPoint(k, alpha)),
-            ("cg", lambda k: ConjugateGradient(k, tol=0.0)),
-        ]
-        for name, make in solvers:
-            for k in iterations:
-                cos, err, el, mib, stats = _compare(
-                    lambda: ift_hypergradient(tl, vl, state.params, raw, make(k)), ift_ref, dev
-                )
-                rows.append(Row(name, k, cos, err, el, mib, stats.residual, stats.info))
-        cos, err, el, mib, stats = _compare(
-            lambda: ift_hypergradient(tl, vl, state.params, raw, Neumann(0, alpha, residual=False)), ift_ref, dev
-        )
-        rows.append(Row("t1t2", 0, cos, err, el, mib, None, ""))
-    else:
-        ref_name, ref_problem = "(IFT methods do not apply to this family)", None
-    # ---- path methods against the full unroll of inner_steps further steps
-    T = spec.run.inner_steps
-    overrides = problem.family.optimizer_overrides
-
-    def path_loss(w, h, t):
-        return problem.train_loss(w, h, train_batch)
-
-    full = unrolled_hypergradient(
-        path_loss, vl, exp.inner_opt, state.params, state.opt_state, raw, T, overrides=overrides
-    )
-    unroll_ref = tree.flatten(full.hypergrad.values())
-    path_problem = None if unroll_ref.norm() > 0 else "is zero: cosines and relative errors against it mean nothing"
-    for k in sorted({k for k in iterations if 0 < k <= T} | {T}):
-        cos, err, el, mib, _ = _compare(
-            lambda: (
-                unrolled_hypergradient(
-                    path_loss, vl, exp.inner_opt, state.params, state.opt_state, raw, T, truncate=k, overrides=overrides
-                ).hypergrad,
-                None,
-            ),
-            unroll_ref,
-            dev,
-        )
-        rows.append(Row("truncated" if k < T else "unrolled", k, cos, err, el, mib, against="path"))
-    max_fwd = getattr(spec.method, "max_hparams", 64)
-    if n_h <= max_fwd:
-        cos, err, el, mib, _ = _compare(
-            lambda: (
-                forward_hypergradient(
-                    path_loss, vl, exp.inner_opt, state.params, state.opt_state, raw, T, overrides=overrides
-                ).hypergrad,
-                None,
-            ),
-            unroll_ref,
-            dev,
-            hooks=False,
-        )
-        rows.append(Row("forward", T, cos, err, el, mib, info="no graph kept across steps", against="path"))
-
+    ref_name, ref_problem = "(IFT methods do not apply to this family)", None
+    if pt.exp.problem.family.moves_optimum:
+        rows, ref_name, ref_problem = _ift_rows(pt, alpha, iterations, dense_max, reference_cg, console)
+    path_rows, path_problem = _path_rows(pt, iterations)
+    rows += path_rows
     report: dict[str, Any] = {
         "problem": {
             "dataset": spec.dataset.name,
             "model": spec.model.name,
             "hp": spec.hp_name,
             "granularity": ",".join(str(getattr(h, "granularity", "")) for h in spec.hp),
-            "num_params": n_params,
-            "num_hparams": n_h,
-            "inner_steps": T,
+            "num_params": tree.numel(pt.state.params),
+            "num_hparams": tree.numel(pt.raw),
+            "inner_steps": spec.run.inner_steps,
             "alpha": alpha,
-            "device": str(dev),
+            "device": str(pt.device),
         },
         "ift_reference": ref_name,
         "ift_reference_problem": ref_problem,  # None: converged
-        "path_reference": f"full unroll of {T} steps of {spec.inner_optim.name}",
+        "path_reference": f"full unroll of {spec.run.inner_steps} steps of {spec.inner_optim.name}",
         "path_reference_problem": path_problem,
     }
-    for r in rows:  # each row against a reference that is not the answer says so
-        row_problem = path_problem if r.against == "path" else ref_problem
+    _write(rows, report, out_dir, console)
+    return report
+
+
+def _write(rows: list[Row], report: dict[str, Any], out_dir: Path, console: Console) -> None:
+    """Note on each row whose reference is not the answer, then write check.json, check.png and the table."""
+    for r in rows:
+        row_problem = report["path_reference_problem"] if r.against == "path" else report["ift_reference_problem"]
         if row_problem:
             note = "reference " + row_problem.split(":")[0]  # "reference not converged" / "reference is zero"
             r.info = f"{r.info}; {note}" if r.info else note
     report["rows"] = [asdict(r) for r in rows]
     write_json_atomic(out_dir / "check.json", report)
-    _plot(rows, out_dir / "check.png", ref_name)
+    _plot(rows, out_dir / "check.png", report["ift_reference"])
     _table(rows, report, console)
     console.print(f"wrote {out_dir / 'check.json'} and {out_dir / 'check.png'}", highlight=False)
-    return report
 
 
 def _reference_problem(residual: float | None, ref: Tensor, info: str, n_params: int, dense_max: int) -> str | None:

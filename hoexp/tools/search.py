@@ -6,7 +6,7 @@ TPESampler: since Optuna 5 multivariate, with constant liar), both with a Median
 HyperbandPruner (successive halving in ``log_η(max/min resource) + 1`` brackets, η =
 ``reduction_factor``) over the intermediate values a trial reports, the resource being the step.
 
-:func:`run_search` asks Optuna for a point, calls ``objective(ctx)`` (``ctx`` holds the trial's
+:func:`~hoexp.tools.search_workers.run_search` asks Optuna for a point, calls ``objective(ctx)`` (``ctx`` holds the trial's
 number and values, and ``ctx.report(step, value)`` feeds Optuna's pruner: it raises
 :class:`Pruned` when the trial should stop), tells the result, and starts no trial once the budget
 has run out, so a search overshoots its budget by at most one trial. Trials run in ``workers``
@@ -18,7 +18,7 @@ stopped by a signal (Ctrl-C, SIGTERM) stays ``RUNNING`` and ends the search; any
 told ``FAIL`` and ends the search. The objective is minimized; a trial's ``start_s`` and ``end_s`` are
 seconds after the common start.
 
-Continuing: :func:`run_search` on a folder whose journal holds an earlier start of the same study
+Continuing: ``run_search`` on a folder whose journal holds an earlier start of the same study
 continues it. Trials left ``RUNNING`` (stopped by a signal, or by ``kill -9``) are run again with
 their number and values first (a hoexp trial continues its run from its checkpoint), the clock goes on
 from the time the earlier start had spent (its last recorded moment: a trial's end, stop or report),
@@ -51,7 +51,6 @@ __all__ = [
     "TrialRecord",
     "SearchResult",
     "SearchStopped",
-    "run_search",
     "read_search",
     "SAMPLERS",
     "SEARCHERS",
@@ -380,46 +379,6 @@ def _finish(trial, ctx: TrialContext, start: float) -> None:
     trial.set_user_attr("end_s", time.time() - start)
     for k, v in ctx.attrs.items():
         trial.set_user_attr(k, v)
-
-
-def _spent(trials) -> float:
-    """Seconds an earlier start of the study used: its last recorded moment (a trial's end, stop,
-    last report, or start); 0 for a new study."""
-    moments = [
-        float(t.user_attrs[k]) for t in trials for k in ("start_s", "end_s", "stopped_s", "last_s") if k in t.user_attrs
-    ]
-    return max(moments, default=0.0)
-
-
-def run_search(
-    settings: SearchSettings, objective: Callable[[TrialContext], float], folder: str | Path, name: str = "search"
-) -> SearchResult:
-    """Run one search into ``folder`` (``journal.log`` holds the Optuna study) and return its trials.
-
-    The budget's clock starts once every worker is set up (imports, ``objective.prepare()``). A journal
-    with an earlier start of the study is continued (see the module doc). ``objective`` must be picklable
-    when ``settings.workers > 1`` (a module-level function or class).
-    """
-    from optuna.trial import TrialState
-
-    settings.check()
-    _quiet_optuna()
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    journal = folder / "journal.log"
-    earlier = _study(settings, _storage(journal), name, 0).get_trials(deepcopy=False)
-    stopped = sorted(t.number for t in earlier if t.state == TrialState.RUNNING)
-    spent = _spent(earlier)
-    if settings.workers == 1:
-        study = _study(settings, _storage(journal), name, 0, len(earlier))
-        _prepare(objective)
-        start = time.time() - spent
-        _loop(settings, objective, study, start, 0, stopped)
-    else:
-        from hoexp.tools.search_workers import run_workers
-
-        start = run_workers(settings, objective, str(journal), name, (len(earlier), stopped), spent)
-    return read_search(settings, folder, name, time.time() - start)
 
 
 def read_search(settings: SearchSettings, folder: str | Path, name: str, stopped_s: float = 0.0) -> SearchResult:

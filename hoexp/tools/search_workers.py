@@ -1,4 +1,5 @@
-"""The local worker processes of a search (:func:`hoexp.tools.search.run_search` with ``workers > 1``).
+"""Running a search (:func:`run_search`, the module doc of :mod:`hoexp.tools.search` says how): its trials
+in this process, or in local worker processes with ``workers > 1``.
 
 Each worker (``spawn``) opens the study in the shared JournalStorage file, sets up (imports and
 ``objective.prepare()``), says it is ready, waits for the common start, then runs the search loop. A
@@ -18,6 +19,7 @@ from pathlib import Path
 
 from hoexp.errors import HoexpError
 from hoexp.tools.search import (
+    SearchResult,
     SearchSettings,
     SearchStopped,
     TrialContext,
@@ -27,9 +29,50 @@ from hoexp.tools.search import (
     _stopped,
     _storage,
     _study,
+    read_search,
 )
 
-__all__ = ["die_with_parent", "run_workers"]
+__all__ = ["die_with_parent", "run_search", "run_workers"]
+
+
+def _spent(trials) -> float:
+    """Seconds an earlier start of the study used: its last recorded moment (a trial's end, stop,
+    last report, or start); 0 for a new study."""
+    moments = [
+        float(t.user_attrs[k]) for t in trials for k in ("start_s", "end_s", "stopped_s", "last_s") if k in t.user_attrs
+    ]
+    return max(moments, default=0.0)
+
+
+def run_search(
+    settings: SearchSettings, objective: Callable[[TrialContext], float], folder: str | Path, name: str = "search"
+) -> SearchResult:
+    """Run one search into ``folder`` (``journal.log`` holds the Optuna study) and return its trials.
+
+    The budget's clock starts once every worker is set up (imports, ``objective.prepare()``). A journal
+    with an earlier start of the study is continued (see :mod:`hoexp.tools.search`). ``objective`` must be picklable
+    when ``settings.workers > 1`` (a module-level function or class).
+    """
+    from optuna.trial import TrialState
+
+    settings.check()
+    _quiet_optuna()
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    journal = folder / "journal.log"
+    earlier = _study(settings, _storage(journal), name, 0).get_trials(deepcopy=False)
+    stopped = sorted(t.number for t in earlier if t.state == TrialState.RUNNING)
+    spent = _spent(earlier)
+    if settings.workers == 1:
+        study = _study(settings, _storage(journal), name, 0, len(earlier))
+        _prepare(objective)
+        start = time.time() - spent
+        _loop(settings, objective, study, start, 0, stopped)
+    else:
+        from hoexp.tools.search_workers import run_workers
+
+        start = run_workers(settings, objective, str(journal), name, (len(earlier), stopped), spent)
+    return read_search(settings, folder, name, time.time() - start)
 
 
 def die_with_parent(parent: int, sig: int = signal.SIGTERM) -> None:

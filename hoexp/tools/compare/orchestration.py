@@ -23,7 +23,8 @@ from hoexp.errors import ConfigError, HoexpError
 from hoexp.tools.compare.args import ARGUMENTS, Plan, continue_command, plan_record
 from hoexp.tools.compare.output import Results, compare_json, numbers, pick_best
 from hoexp.tools.compare.trial import Composer, RunTrial, finished, format_value, objective_value, run_one
-from hoexp.tools.search import SAMPLERS, SEARCHERS, SearchResult, SearchSettings, SearchStopped, read_search, run_search
+from hoexp.tools.search import SAMPLERS, SEARCHERS, SearchResult, SearchSettings, SearchStopped, read_search
+from hoexp.tools.search_workers import run_search
 
 __all__ = ["run_compare"]
 
