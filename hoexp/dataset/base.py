@@ -14,13 +14,26 @@ if TYPE_CHECKING:
 
 @dataclass
 class Split:
-    """One split held in memory: inputs ``x`` and integer targets ``y``."""
+    """One split held in memory: inputs ``x`` and integer targets ``y``: labels ``[n]``, or ``[label, index]``
+    rows ``[n, 2]`` (an indexed split, :meth:`indexed`: minibatches carry each example's index along, so a
+    per-example family such as ``hp=example_weights`` reads the weights of exactly the batch's examples)."""
 
     x: Tensor
     y: Tensor
 
     def __len__(self) -> int:
         return len(self.y)
+
+    @property
+    def labels(self) -> Tensor:
+        """The class labels ``[n]`` (the first column of an indexed split's targets)."""
+        return self.y[:, 0] if self.y.dim() == 2 else self.y
+
+    def indexed(self) -> Split:
+        """This split with targets ``[label, index]``; the index is the row number unless it has one already."""
+        if self.y.dim() == 2:
+            return self
+        return Split(self.x, torch.stack([self.y, torch.arange(len(self.y), device=self.y.device)], dim=1))
 
     def to(self, device: torch.device | str) -> Split:
         return Split(self.x.to(device), self.y.to(device))
@@ -42,11 +55,29 @@ class Splits:
     def to(self, device: torch.device | str) -> Splits:
         return replace(self, train=self.train.to(device), val=self.val.to(device), test=self.test.to(device))
 
+    @property
+    def num_indices(self) -> int:
+        """How many example indices the training split has: its rows, or 1 + the largest of its index column."""
+        y = self.train.y
+        return int(y[:, 1].max()) + 1 if y.dim() == 2 and len(y) else len(y)
+
+    def indexed(self) -> Splits:
+        """These splits with an indexed training split (:meth:`Split.indexed`; validation and test keep labels)."""
+        return replace(self, train=self.train.indexed())
+
     def problem(self, model: Any, family: Any) -> Classification:
-        """The classification task on these splits: cross-entropy of ``model`` plus ``family``'s penalty."""
+        """The classification task on these splits: cross-entropy of ``model`` plus ``family``'s penalty; with a
+        family that ``weighs_examples``, each example's loss weighted (on the indexed training split)."""
         from hoexp.task import Classification
 
-        return Classification(model, family, data=self, batch_size=self.batch_size, val_batch_size=self.val_batch_size)
+        if getattr(family, "weighs_examples", False):
+            from hoexp.task.weighted import ExampleWeighted
+
+            return ExampleWeighted(
+                model, family, data=self.indexed(), batch_size=self.batch_size, val_batch_size=self.val_batch_size
+            )
+        plain = replace(self, train=Split(self.train.x, self.train.labels))  # a given index column unused
+        return Classification(model, family, data=plain, batch_size=self.batch_size, val_batch_size=self.val_batch_size)
 
 
 @dataclass
