@@ -38,8 +38,10 @@ class NoisySplits(Splits):
     noisy: Tensor | None = None
 
     def to(self, device: torch.device | str) -> NoisySplits:
-        moved = Splits.to(self, device)
-        return replace(moved, noisy=None if self.noisy is None else self.noisy.to(device))  # type: ignore[return-value]
+        noisy = None if self.noisy is None else self.noisy.to(device)
+        return replace(
+            self, train=self.train.to(device), val=self.val.to(device), test=self.test.to(device), noisy=noisy
+        )
 
 
 def corrupt_labels(y: np.ndarray, ratio: float, rng: np.random.RandomState, num_classes: int) -> np.ndarray:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, cast
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +17,12 @@ from torch import Tensor
 
 from hoexp.dataset.base import Split
 from hoexp.task.classification import Classification
+
+
+class WeighsExamples(Protocol):
+    """A family with ``weighs_examples`` (``hoexp.hp.example_weights``): the weights of a batch's example indices."""
+
+    def example_weights(self, raw: Mapping[str, Tensor], index: Tensor) -> Tensor: ...
 
 
 @dataclass
@@ -36,7 +42,9 @@ class ExampleWeighted(Classification):
         def outputs(w: Mapping[str, Tensor], raw: Mapping[str, Tensor]) -> Tensor:
             w, r = self.synced(w, raw, batch)
             logits = self.logits(w, x, self.masks(r, batch))
-            return torch.cat([logits, self.family.example_weights(raw, index).to(logits.dtype)[:, None]], dim=1)
+            return torch.cat(
+                [logits, cast(WeighsExamples, self.family).example_weights(raw, index).to(logits.dtype)[:, None]], dim=1
+            )
 
         def output_loss(z: Tensor) -> Tensor:
             return (z[:, -1] * F.cross_entropy(z[:, :-1], labels, reduction="none")).mean()
@@ -66,7 +74,7 @@ class ExampleWeighted(Classification):
         if noisy is None:
             return {}
         n = len(noisy)
-        weights = self.family.example_weights(raw, torch.arange(n, device=noisy.device))
+        weights = cast(WeighsExamples, self.family).example_weights(raw, torch.arange(n, device=noisy.device))
         flagged, noisy = weights < 0.5, noisy.to(weights.device)
         tp = (flagged & noisy).sum().to(weights.dtype)
         precision = tp / flagged.sum().clamp_min(1).to(weights.dtype)
