@@ -15,11 +15,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch
 from torch import Tensor
 
-from hoexp.components import BuildContext, NonNegFloat, PositiveFloat
+from hoexp.components import BuildContext, NonNegFloat, PositiveFloat, Range
 from hoexp.hp.base import Params, select
 
 KEY = "example_weight"  # the family's raw hyperparameter: one logit per training example (or index)
@@ -76,7 +77,7 @@ class ExampleWeights:
 def example_weights(
     ctx: BuildContext,
     *,
-    init: float = 0.0,
+    init: Annotated[float, Range(ge=-50, le=50)] = 0.0,  # a logit: σ(±50) is 0 or 1 in float32 already
     bound: PositiveFloat = 8.0,
     l2: NonNegFloat = 0.0,
     include: Sequence[str] = ("*weight",),
