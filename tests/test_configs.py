@@ -7,6 +7,7 @@ optimizers, problem), as lightning-hydra-template's test_configs and torchtune's
 
 import inspect
 
+import numpy as np
 import pytest
 import torch
 
@@ -34,8 +35,17 @@ def _components(spec):
 
 
 @pytest.mark.parametrize("group,option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
-def test_every_option_composes_and_builds(group, option):
+def test_every_option_composes_and_builds(group, option, tmp_path):
     overrides = [*SMALL, *CONTEXT.get((group, option), []), f"{group}={option}"]
+    if (group, option) == ("dataset", "arrays"):  # its file is required: a small one
+        rng = np.random.RandomState(0)
+        arrays = {
+            f"{a}_{s}": rng.randn(9, 4) if a == "X" else np.arange(9) % 3
+            for s in ("train", "val", "test")
+            for a in "Xy"
+        }
+        np.savez(tmp_path / "d.npz", **arrays)
+        overrides.append(f"dataset.path={tmp_path / 'd.npz'}")
     spec, _ = compose_spec(overrides)
     for c in _components(spec):
         assert isinstance(c, Component) and callable(c.target)

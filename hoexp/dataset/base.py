@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from hoexp.task.classification import Splits
+from hoexp.task.splits import Splits
 from hoexp.task.streams import Split
 
 __all__ = ["Split", "Splits", "TextSplits"]

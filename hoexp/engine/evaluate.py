@@ -20,9 +20,13 @@ from hoexp.engine.state import RunState, hp_in_use
 from hoexp.types import Runnable
 
 
-def evaluate(task: Any, params: Mapping[str, Tensor]) -> dict[str, float]:
-    """Data loss and accuracy on every split (plus what the task derives from them: perplexity), one host sync."""
+def evaluate(task: Any, params: Mapping[str, Tensor], raw: Mapping[str, Tensor] | None = None) -> dict[str, float]:
+    """Data loss and accuracy on every split, the task's metrics of the hyperparameters ``raw`` where it has
+    ``hp_metrics`` (per-example weights: the F1 of the flagged noisy labels), and what the task derives from
+    them (perplexity), one host sync."""
     values = task.evaluate_all(params)
+    if raw is not None and hasattr(task, "hp_metrics"):
+        values = {**values, **task.hp_metrics(raw)}
     out = dict(zip(values, torch.stack(list(values.values())).tolist()))
     return {**out, **task.derived_metrics(out)}
 
@@ -43,7 +47,7 @@ def log_step(
     s = exp.settings
     fields: dict[str, float] = {}
     if step == 0 or step % s.eval_every == 0 or step == s.outer_steps:
-        metrics = evaluate(exp.task, state.inner.params)
+        metrics = evaluate(exp.task, state.inner.params, state.raw)
         check_train_loss(metrics, step)
         state.evals.append({"step": step, **metrics})
         for k, v in metrics.items():

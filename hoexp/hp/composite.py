@@ -22,6 +22,19 @@ class Composite:
         keys = [k for f in self.families for k in _override_keys(f)]
         if len(keys) != len(set(keys)):
             raise ValueError(f"two hp families override the same optimizer value ({', '.join(keys)})")
+        if len(self._weighing()) > 1:
+            raise ValueError("two hp families weigh the training examples; keep one of them")
+
+    def _weighing(self) -> list[HyperFamily]:
+        return [f for f in self.families if getattr(f, "weighs_examples", False)]
+
+    @property
+    def weighs_examples(self) -> bool:
+        """Whether one of the families weighs each training example (the task then reads :meth:`example_weights`)."""
+        return bool(self._weighing())
+
+    def example_weights(self, raw: Params, index: Tensor) -> Tensor:
+        return self._weighing()[0].example_weights(raw, index)  # type: ignore[attr-defined]
 
     @property
     def name(self) -> str:

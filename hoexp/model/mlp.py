@@ -71,10 +71,22 @@ def mlp(
     depth: NonNegInt = 2,
     activation: Literal["relu", "tanh", "gelu", "elu", "softplus", "sigmoid"] = "relu",
     bias: bool = False,
+    init: Literal["random", "zeros"] = "random",
 ) -> MLP:
-    """``model=mlp``: an :class:`MLP` sized by ``data`` (``num_features`` inputs, ``num_classes`` outputs)."""
+    """``model=mlp``: an :class:`MLP` sized by ``data`` (``num_features`` inputs, ``num_classes`` outputs).
+    ``init``: PyTorch's random initialization, or ``zeros`` (a linear model, ``depth=0``, started at ``w = 0``
+    as benchopt's bilevel benchmark starts it)."""
     if not hasattr(data, "num_features"):
         raise ValueError(
             "the MLP needs feature inputs and class labels, and this dataset gives token streams (model=lstm fits text)"
         )
-    return MLP(data.num_features, data.num_classes, width, depth, activation, bias)
+    if init == "zeros" and depth:
+        raise ValueError(
+            f"model.init=zeros leaves every hidden unit alike (and a ReLU MLP without gradient); use model.init=random "
+            f"with model.depth={depth}, or model.depth=0 (a linear model)"
+        )
+    model = MLP(data.num_features, data.num_classes, width, depth, activation, bias)
+    if init == "zeros":
+        for p in model.parameters():
+            nn.init.zeros_(p)
+    return model

@@ -9,7 +9,7 @@ batch is a :class:`~hoexp.types.Batch`; dropout noise travels with it (drawn by
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 import torch
@@ -19,29 +19,8 @@ from torch.func import functional_call
 
 from hoexp.hp.base import HyperFamily
 from hoexp.task.base import BatchStream, DropoutModel, like_for_noise
-from hoexp.task.streams import Split, WithNoise, noise_generator, training_stream, validation_stream
+from hoexp.task.streams import WithNoise, noise_generator, training_stream, validation_stream
 from hoexp.types import noise_of
-
-
-@dataclass
-class Splits:
-    """Train / validation / test splits plus what a model needs to know about the data."""
-
-    train: Split
-    val: Split
-    test: Split
-    num_features: int
-    num_classes: int
-    task: str = "classification"
-    batch_size: int = 0  # inner-step minibatch; 0 = full batch
-    val_batch_size: int = 0  # hypergradient validation minibatch; 0 = the whole validation split
-
-    def to(self, device: torch.device | str) -> Splits:
-        return replace(self, train=self.train.to(device), val=self.val.to(device), test=self.test.to(device))
-
-    def problem(self, model: Any, family: Any) -> Classification:
-        """The classification task on these splits: cross-entropy of ``model`` plus ``family``'s penalty."""
-        return Classification(model, family, data=self, batch_size=self.batch_size, val_batch_size=self.val_batch_size)
 
 
 @dataclass
@@ -158,7 +137,7 @@ class Classification:
         return validation_stream(split, seed, self.val_batch_size)
 
     @property
-    def _data(self) -> Splits:
+    def _data(self) -> Any:  # hoexp.task.splits.Splits
         if self.data is None:
             raise ValueError("this task has no data: construct it with data=...")
         return self.data

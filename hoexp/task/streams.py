@@ -25,13 +25,26 @@ NoiseFn = Callable[[Tensor, torch.Generator], Mapping[str, Tensor]]  # (inputs, 
 
 @dataclass
 class Split:
-    """One split held in memory: inputs ``x`` and integer targets ``y``."""
+    """One split held in memory: inputs ``x`` and integer targets ``y``: labels ``[n]``, or ``[label, index]``
+    rows ``[n, 2]`` (an indexed split, :meth:`indexed`: minibatches carry each example's index along, so a
+    per-example family such as ``hp=example_weights`` reads the weights of exactly the batch's examples)."""
 
     x: Tensor
     y: Tensor
 
     def __len__(self) -> int:
         return len(self.y)
+
+    @property
+    def labels(self) -> Tensor:
+        """The class labels ``[n]`` (the first column of an indexed split's targets)."""
+        return self.y[:, 0] if self.y.dim() == 2 else self.y
+
+    def indexed(self) -> Split:
+        """This split with targets ``[label, index]``; the index is the row number unless it has one already."""
+        if self.y.dim() == 2:
+            return self
+        return Split(self.x, torch.stack([self.y, torch.arange(len(self.y), device=self.y.device)], dim=1))
 
     def to(self, device: torch.device | str) -> Split:
         return Split(self.x.to(device), self.y.to(device))
