@@ -229,6 +229,17 @@ def test_saga_table_returns_the_full_sum_once_every_chunk_is_current():
         assert torch.allclose(table.direction(j, w[j], g[j]), full)
 
 
+def test_reset_drops_v_and_the_memory_but_not_the_samplers():
+    """``load_state_dict({})`` (reset_inner: new weights) forgets what belongs to the old weights only."""
+    method = SingleLoop(True, 20, 15, decay=0.5)
+    drive(method, 3, sgd(0.3), 0.3)
+    pos = method.train_side.chunks.pos
+    assert method.v is not None and method.train_side.table.mean is not None
+    method.load_state_dict({})
+    assert method.v is None and method.train_side.table.mean is None and method.val_side.table.memory == {}
+    assert method.train_side.chunks.pos == pos and method.steps == 3
+
+
 def test_chunks_visit_every_chunk_once_per_epoch_and_refuse_a_changing_pool():
     chunks = Chunks(16, seed=0)
     seen = [chunks.draw(40)[:3] for _ in range(6)]
