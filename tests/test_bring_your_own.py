@@ -211,7 +211,7 @@ def test_own_option_errors_are_one_line_from_the_signature(tmp_path, capsys):
         (["dataset.spread=wide"], "dataset.spread: 'wide' is not a valid float"),
         (
             ["method=nope"],
-            "unknown method 'nope'; choose one of: cg, cg_gn, exact, fd, fixed_point, forward, hd, "
+            "unknown method 'nope'; choose one of: amigo, cg, cg_gn, exact, fd, fixed_point, forward, hd, "
             "jacobi_ift, last_step, neumann",
         ),
     ]:

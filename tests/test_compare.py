@@ -216,7 +216,7 @@ def one_line_error(capsys, argv):
 @pytest.mark.parametrize(
     "args,expected",
     [
-        (["--methods", "nope"], "unknown method 'nope'; choose one of: cg, cg_gn, exact"),
+        (["--methods", "nope"], "unknown method 'nope'; choose one of: amigo, cg, cg_gn, exact"),
         (["--methods", "none"], "method 'none' is the baseline"),
         (["--ho", "neumann:method.termz=3"], "unknown key 'termz'"),
         (["--grid", "0.1,abc"], "--grid: 'abc' is not a number"),
