@@ -373,6 +373,12 @@ def test_the_ift_parts_compose_as_nested_nodes_and_shipped_methods_are_ift_with_
     auto = build_method(compose_spec(["method=fixed_point", "method.alpha=auto", "method.iterations=3"])[0])
     assert auto == implicit.ift(solvers.fixed_point(iterations=3, alpha="auto"), name="fixed_point")
     assert (auto.solver, auto.alpha_every) == (FixedPoint(3, 0.01), 10)
+    with pytest.raises(ValueError, match="compile=true takes curvature=hessian or gauss_newton"):
+
+        class Diagonal(Hessian):  # a curvature of one's own: eager only
+            name = "diagonal"
+
+        implicit.ift(solvers.cg(), curvature=Diagonal(), compile=True)
     with pytest.raises(ConfigError, match="unknown key 'method.terms' for method=cg_ggn_mine; valid keys: solver, "):
         compose_spec(["method=cg_ggn_mine", "+method.terms=3"], config_dir=tmp_path)
 

@@ -256,13 +256,18 @@ def ift(
             "compile=true needs a fixed alpha (alpha=auto's power iteration reads the host); set "
             "method.alpha to a number or method.compile=false"
         )
+    curv = CURVATURES[curvature] if isinstance(curvature, str) else curvature
+    if compile and CURVATURES.get(curv.name) != curv:  # the compiled form knows the two pure products
+        raise ValueError(
+            f"compile=true takes curvature=hessian or gauss_newton, not {curv!r}; set method.compile=false"
+        )
     inner = solver.solver if isinstance(solver, AutoStep) else solver
     if warm_start and getattr(inner, "iterations", 1) == 0:  # a series from x0 with no step returns x0
         raise ValueError("warm_start needs iterations >= 1 (0 would return the carried vector unchanged)")
     return ImplicitMethod(
         inner,
         name,
-        curvature=CURVATURES[curvature] if isinstance(curvature, str) else curvature,
+        curvature=curv,
         damping=damping,
         warm_start=warm_start,
         alpha_every=alpha_every if auto else 0,
