@@ -12,14 +12,10 @@ Fast paths (all optional, results unchanged):
   a linear combination of vectors the solver multiplies by ``H`` anyway (CG; Neumann and
   fixed-point iteration with ``residual``), the solver returns ``M x`` as ``SolveResult.mixed`` and
   the IFT saves its separate mixed-term pass;
-* warm starts: every solver takes an optional start ``x0`` (the previous outer step's solution, see
-  ``ImplicitMethod.warm_start``): CG starts from ``r = b − H x0``, fixed-point iteration from
-  ``u₀ = x0``; a Neumann series from ``x0`` is fixed-point iteration from ``x0``; the dense solve
-  ignores it;
-* no host synchronisation inside the Neumann and fixed-point loops; conjugate gradient checks its
-  stopping rules on the host only every ``check_every`` iterations (default: every iteration on
-  CPU, where a check is free, every 8 on accelerators), carrying the same iterates on the device
-  meanwhile (a stopped solve is frozen, so the answer does not depend on ``check_every``).
+* warm starts from ``x0`` (the previous outer step's solution, ``ImplicitMethod.warm_start``): CG from
+  ``r = b − H x0``, fixed-point iteration (and so a Neumann series) from ``u₀ = x0``; the dense solve ignores it;
+* no host synchronisation inside the Neumann and fixed-point loops; CG reads its stopping rules on the host
+  every ``check_every`` iterations (:class:`ConjugateGradient`).
 """
 
 from __future__ import annotations
@@ -451,8 +447,7 @@ class AutoStep:
 
 
 # ------------------------------------------------------------------------------------------- factories
-# The solve node of an IFT method (``hoexp.method.implicit.ift(solver=...)``) under the names users type
-# (``method.terms``, ``method.alpha``, ...): each option's default and bound is written here once.
+# An IFT method's solver node (implicit.ift(solver=...)) under the names users type, the defaults the solvers' own.
 Alpha = PositiveFloat | Literal["auto"]
 
 
@@ -468,30 +463,37 @@ def _series(solver: Neumann | FixedPoint, alpha: float | str) -> Solver:
     return replace(solver, alpha=float(alpha))
 
 
-def neumann(*, terms: NonNegInt = 5, alpha: Alpha = 0.01, residual: bool = True) -> Solver:
+def neumann(
+    *, terms: NonNegInt = Neumann.iterations, alpha: Alpha = Neumann.alpha, residual: bool = Neumann.residual
+) -> Solver:
     """``method=neumann``: ``H⁻¹v ≈ α Σ_{j=0..terms} (I − αH)^j v`` (Lorraine et al. 2020)."""
     return _series(Neumann(terms, residual=residual), alpha)
 
 
-def t1t2(*, alpha: Alpha = 0.01, residual: bool = False) -> Solver:
+def t1t2(*, alpha: Alpha = Neumann.alpha, residual: bool = False) -> Solver:
     """``method=t1t2``: one-step greedy IFT, ``H⁻¹ ≈ αI`` (Luketina et al. 2016): Neumann with 0 terms."""
     return _series(Neumann(0, residual=residual), alpha)
 
 
-def fixed_point(*, iterations: NonNegInt = 5, alpha: Alpha = 0.01, residual: bool = True) -> Solver:
+def fixed_point(
+    *,
+    iterations: NonNegInt = FixedPoint.iterations,
+    alpha: Alpha = FixedPoint.alpha,
+    residual: bool = FixedPoint.residual,
+) -> Solver:
     """``method=fixed_point``: ``u ← u − α(Hu − v)`` (Grazzi et al. 2020)."""
     return _series(FixedPoint(iterations, residual=residual), alpha)
 
 
 def cg(
     *,
-    iterations: Annotated[int, Range(ge=1)] = 20,  # 0 returns u = 0: the implicit term of the hypergradient is 0
-    tol: NonNegFloat = 1e-10,
+    iterations: Annotated[int, Range(ge=1)] = ConjugateGradient.iterations,  # 0 returns u = 0: no implicit term
+    tol: NonNegFloat = ConjugateGradient.tol,
 ) -> Solver:
     """``method=cg``: conjugate gradient on ``Hu = v`` (HOAG, Pedregosa 2016)."""
     return ConjugateGradient(iterations, tol)
 
 
-def exact(*, max_params: PositiveInt = 20_000) -> Solver:
+def exact(*, max_params: PositiveInt = Exact.max_params) -> Solver:
     """``method=exact``: a dense solve; ``O(P²)`` memory, ``O(P³)`` time, refused above ``max_params``."""
     return Exact(max_params)
