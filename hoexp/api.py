@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from typing import Any, cast
 
@@ -13,8 +14,8 @@ from torch import Tensor
 
 from hoexp import tree
 from hoexp.method.curvature import CURVATURES, SplitLoss
-from hoexp.method.functional import HVP_MODES, CompiledIFT
-from hoexp.method.ift import IFTStats, LossFn, ift_hypergradient
+from hoexp.method.functional import HVP_MODES
+from hoexp.method.ift import CompiledIFT, IFTStats, LossFn, ift_hypergradient
 from hoexp.method.solvers import AutoStep, ConjugateGradient, Exact, FixedPoint, Neumann, Solver
 
 IFT_SOLVERS = ("exact", "cg", "neumann", "fixed_point", "t1t2")
@@ -124,13 +125,36 @@ def hypergradient(
     ``hvp``: how Hessian-vector products are formed, ``"rev_rev"`` (a kept ``create_graph`` gradient,
     differentiated again) or ``"fwd_rev"`` (``torch.func.jvp`` of ``torch.func.grad``).
     ``compile=True`` runs the whole hypergradient (products, solver loop, mixed term) as one
-    ``torch.compile``'d pure function (:class:`~hoexp.method.functional.CompiledIFT`, compiled at the
-    first call with a given ``(train_loss, val_loss)`` and options, checked then against the eager
-    path, which it falls back to on a failure or a disagreement; ``alpha="auto"`` always runs eagerly).
-    Returns a dict shaped like ``hparams`` (and an :class:`IFTStats` with ``return_stats=True``).
+    ``torch.compile``'d pure function (:class:`~hoexp.method.ift.CompiledIFT`, compiled at the first call
+    with a given ``(train_loss, val_loss)`` and options and reused by later calls with the same ones, checked
+    then against the eager path, which it falls back to on a failure or a disagreement; ``alpha="auto"``
+    always runs eagerly). Returns a dict shaped like ``hparams`` (and an :class:`IFTStats` with
+    ``return_stats=True``).
 
     >>> hg = hypergradient(train_loss, val_loss, w, {"log_decay": raw}, method="cg", iterations=50)
     """
+    solver, label = _solver(method, options, curvature, damping, hvp)
+    _require_finite(params, "params")
+    _require_finite(hparams, "hparams")
+    with torch.enable_grad():  # like torch.func: works inside torch.no_grad() too
+        if compile:
+            fn = _compiled(train_loss, val_loss, solver, curvature, hvp, float(damping))
+            train_loss, val_loss = fn.train_loss, fn.val_loss
+            hg, stats = fn(params, hparams)
+        else:
+            train_loss, val_loss = _scalar_loss(train_loss, "train_loss"), _scalar_loss(val_loss, "val_loss")
+            curv = CURVATURES[curvature]
+            hg, stats = ift_hypergradient(
+                train_loss, val_loss, params, hparams, solver, curvature=curv, damping=float(damping), hvp=hvp
+            )
+        _check_solve(label, train_loss, val_loss, params, hparams, hg, stats)
+    return (hg, stats) if return_stats else hg
+
+
+def _solver(
+    method: str | Solver, options: dict[str, Any], curvature: str, damping: float, hvp: str
+) -> tuple[Solver, str]:
+    """The solver :func:`hypergradient` runs and its label, after checking the options (a ValueError naming one)."""
     if curvature not in CURVATURES:
         raise ValueError(f"unknown curvature '{curvature}'; valid: {', '.join(CURVATURES)}")
     if not (_finite_number(damping, above=0) or damping == 0):
@@ -138,48 +162,36 @@ def hypergradient(
     if hvp not in HVP_MODES[1:]:
         raise ValueError(f"unknown hvp '{hvp}'; valid: {', '.join(HVP_MODES[1:])}")
     if isinstance(method, str):
-        solver = make_solver(method, **options)
-    elif options:
+        return make_solver(method, **options), method
+    if options:
         raise ValueError(f"options {', '.join(sorted(options))} apply to a named method, not to a solver object")
-    else:
-        solver, method = method, type(method).__name__
-    _require_finite(params, "params")
-    _require_finite(hparams, "hparams")
-    train_loss, val_loss = _scalar_loss(train_loss, "train_loss"), _scalar_loss(val_loss, "val_loss")
-    with torch.enable_grad():  # like torch.func: works inside torch.no_grad() too
-        if compile:
-            key = (train_loss, val_loss, solver, curvature, hvp, float(damping))
-            fn = _COMPILED.get(key)
-            if fn is None:
-                if len(_COMPILED) >= 8:  # a few problems at a time; the oldest goes
-                    _COMPILED.pop(next(iter(_COMPILED)))
-                tl = train_loss
-                fn = _COMPILED[key] = CompiledIFT(
-                    solver,
-                    train_loss,
-                    val_loss,
-                    split=(lambda: cast(SplitLoss, tl)) if curvature == "gauss_newton" else None,
-                    curvature=curvature,
-                    hvp=hvp,
-                    damping=float(damping),
-                )
-            hg, stats = fn(params, hparams)
-        else:
-            hg, stats = ift_hypergradient(
-                train_loss,
-                val_loss,
-                params,
-                hparams,
-                solver,
-                curvature=CURVATURES[curvature],
-                damping=float(damping),
-                hvp=hvp,
-            )
-        _check_solve(method, train_loss, val_loss, params, hparams, hg, stats)
-    return (hg, stats) if return_stats else hg
+    return method, type(method).__name__
 
 
-_COMPILED: dict[tuple, CompiledIFT] = {}  # hypergradient(compile=True)'s compiled functions
+_COMPILED: OrderedDict[tuple, CompiledIFT] = OrderedDict()  # hypergradient(compile=True)'s, most recent last
+MAX_COMPILED = 8  # a few problems at a time; the least recently used goes
+
+
+def _compiled(
+    train_loss: LossFn, val_loss: LossFn, solver: Solver, curvature: str, hvp: str, damping: float
+) -> CompiledIFT:
+    """The compiled IFT of this problem: keyed on what identifies it (the caller's two loss functions, the solver's
+    value, the options), so a second call with the same problem reuses the compiled graph (no new entry, no
+    recompilation); the losses' scalar wrappers are made once, with the entry."""
+    try:
+        key: tuple = (train_loss, val_loss, solver, curvature, hvp, damping)
+        hash(key)
+    except TypeError:  # an unhashable solver (a mutable dataclass) or loss: its identity (the entry keeps it alive)
+        key = (id(train_loss), id(val_loss), id(solver), curvature, hvp, damping)
+    fn = _COMPILED.get(key)
+    if fn is None:
+        tl, vl = _scalar_loss(train_loss, "train_loss"), _scalar_loss(val_loss, "val_loss")
+        split = (lambda: cast(SplitLoss, tl)) if curvature == "gauss_newton" else None
+        fn = _COMPILED[key] = CompiledIFT(solver, tl, vl, split=split, curvature=curvature, hvp=hvp, damping=damping)
+        while len(_COMPILED) > MAX_COMPILED:
+            _COMPILED.popitem(last=False)
+    _COMPILED.move_to_end(key)
+    return fn
 
 
 def _scalar(fn: Callable[..., Any], what: str) -> Callable[..., Any]:

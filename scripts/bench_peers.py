@@ -227,7 +227,7 @@ def hoexp_fns(prob: LogReg, compile_: str) -> tuple[dict[str, Callable[[], torch
     }
     for name, solver in solvers.items():
         if compile_ == "all" or (compile_ == "cg" and name == "CG-10"):
-            from hoexp.method.functional import CompiledIFT
+            from hoexp.method.ift import CompiledIFT
 
             # reverse-over-reverse: measured faster than forward-over-reverse compiled here (4.9 vs 10.6 ms)
             c = CompiledIFT(solver, tl, vl, hvp="rev_rev")

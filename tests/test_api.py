@@ -314,3 +314,34 @@ def test_a_diverging_solver_of_your_own_is_warned_about_once(solver, tiny_experi
         assert len(warned) == 1 and "> 1 at outer step 1" in warned[0] and "worse than u = 0" in warned[0], warned
     else:
         assert warned == [], warned
+
+
+@pytest.mark.slow  # ~20 s on a shared 2-core CPU: importing Dynamo and tracing the solve once
+def test_a_second_compiled_call_on_the_same_problem_reuses_the_compiled_graph(monkeypatch):
+    """``hypergradient(compile=True)`` keys its cache on what identifies the problem (the caller's two losses, the
+    solver, the options): a second call adds no entry and compiles nothing (the cache was keyed on loss wrappers
+    made at every call, so each call compiled anew: 8 entries after one loop, slower than eager). Dynamo traces
+    for real; a counting backend stands in for Inductor (no C++ build), and every graph it is handed is counted."""
+    from hoexp import api
+
+    graphs = []
+
+    def counting(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real(fn, **{**kw, "backend": counting}))
+    monkeypatch.setattr(api, "_COMPILED", type(api._COMPILED)())
+    ridge = Ridge.make(n=30, m=20, d=3, seed=4)
+    w, lam = {"w": ridge.w_star(ridge.raw)}, {"log_decay": ridge.raw}
+    tl = lambda W, H: ridge.train_loss(W, H)  # noqa: E731
+    vl = lambda W, H: ridge.val_loss(W, H)  # noqa: E731
+    first, stats = hoexp.hypergradient(tl, vl, w, lam, method="cg", iterations=3, return_stats=True, compile=True)
+    assert graphs and "eager" not in stats.info  # compiled, and agreed with the eager path
+    compiled = len(graphs)
+    for _ in range(3):
+        again = hoexp.hypergradient(tl, vl, w, lam, method="cg", iterations=3, compile=True)
+        torch.testing.assert_close(again["log_decay"], first["log_decay"], rtol=0, atol=0)
+    assert len(graphs) == compiled and len(api._COMPILED) == 1  # no recompilation, no new entry
+    assert rel_err(first["log_decay"], ridge.exact_hypergradient()) < 1e-8  # CG-3 on 3 unknowns: the exact answer

@@ -36,7 +36,7 @@ def test_help_lists_subcommands(capsys):
             ["method=foo"],
             "unknown method 'foo'; choose one of: amigo, cg, cg_gn, exact, fd, fixed_point, forward, hd, neumann, none, pes, reversible, saba, soba, stn, t1t2, truncated, unrolled",
         ),
-        (["dataset=cifar"], "unknown dataset 'cifar'; choose one of: iris"),
+        (["dataset=cifar"], "unknown dataset 'cifar'; choose one of: arrays, iris, mnist"),
         (["optim/inner=adm"], "unknown optim/inner 'adm'; choose one of: adagrad, adam, adamw"),
         (
             ["method.termz=3"],

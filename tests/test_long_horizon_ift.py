@@ -14,6 +14,7 @@ from rich.console import Console
 from hoexp import tree
 from hoexp.cli import compose_spec
 from hoexp.config.run import Preempted, Run
+from hoexp.errors import ConfigError
 from hoexp.hp.composite import Composite
 from hoexp.hp.dropout import Dropout
 from hoexp.hp.weight_decay import WeightDecay
@@ -348,6 +349,38 @@ def test_build_wires_the_options():
         grad_operator(m.curvature, SplitLoss(*relu_mlp()[0].train_parts(relu_mlp()[3])), relu_mlp()[1], relu_mlp()[2]),
         HessianOperator,
     )
+
+
+def test_the_ift_parts_compose_as_nested_nodes_and_shipped_methods_are_ift_with_a_solver(tmp_path):
+    """docs/methods.md's YAML (``ift`` with a nested solver and curvature node) builds the same method as
+    ``method=cg_gn`` with those options, and each shipped IFT method is ``ift`` with its solver's options beside
+    the IFT's (each default written once: the solver factory's or ``ift``'s); labels are the YAML's ``name:``."""
+    import re
+
+    from hoexp.config.build import build_method
+    from hoexp.method import implicit, solvers
+
+    block = re.search(r"```yaml\n(# method/cg_ggn_mine.yaml\n.*?)```", Path("docs/methods.md").read_text(), re.S)
+    (tmp_path / "method").mkdir()
+    (tmp_path / "method" / "cg_ggn_mine.yaml").write_text(block.group(1))
+    mine = build_method(compose_spec(["method=cg_ggn_mine"], config_dir=tmp_path)[0])
+    shipped = build_method(compose_spec(["method=cg_gn", "method.iterations=10", "method.name=cg_ggn_mine"])[0])
+    assert mine == shipped and mine.solver == ConjugateGradient(10, 1e-10) and mine.curvature == GaussNewton()
+    spec = compose_spec(["method=cg_gn"])[0]
+    assert spec.method.name == build_method(spec).name == "cg_gn"  # was labelled cg
+    for name, solve in [("neumann", solvers.neumann), ("cg", solvers.cg), ("exact", solvers.exact)]:
+        assert build_method(compose_spec([f"method={name}"])[0]) == implicit.ift(solve(), name=name)
+    auto = build_method(compose_spec(["method=fixed_point", "method.alpha=auto", "method.iterations=3"])[0])
+    assert auto == implicit.ift(solvers.fixed_point(iterations=3, alpha="auto"), name="fixed_point")
+    assert (auto.solver, auto.alpha_every) == (FixedPoint(3, 0.01), 10)
+    with pytest.raises(ValueError, match="compile=true takes curvature=hessian or gauss_newton"):
+
+        class Diagonal(Hessian):  # a curvature of one's own: eager only
+            name = "diagonal"
+
+        implicit.ift(solvers.cg(), curvature=Diagonal(), compile=True)
+    with pytest.raises(ConfigError, match="unknown key 'method.terms' for method=cg_ggn_mine; valid keys: solver, "):
+        compose_spec(["method=cg_ggn_mine", "+method.terms=3"], config_dir=tmp_path)
 
 
 def test_library_api_accepts_damping_and_auto_alpha(ridge):

@@ -22,16 +22,14 @@ from hoexp.errors import ConfigError, HoexpError
 from hoexp.method.base import outer_step, train_inner
 from hoexp.method.curvature import GaussNewtonOperator, HessianOperator, SplitLoss
 from hoexp.method.functional import (
-    CompiledIFT,
     FunctionalOperator,
     ggn_product,
     hvp_fwd_rev,
     hvp_rev_rev,
-    ift_tensors,
     linearized_ggn,
     linearized_hvp,
 )
-from hoexp.method.ift import ift_hypergradient
+from hoexp.method.ift import CompiledIFT, ift_hypergradient, ift_tensors
 from hoexp.method.implicit import ImplicitMethod
 from hoexp.method.solvers import ConjugateGradient, Exact, FixedPoint, Neumann
 from hoexp.method.unrolled import unrolled_hypergradient

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -55,6 +55,7 @@ class SplitLoss:
         return self.output_loss(self.outputs(w, lam)) + self.penalty(w, lam)
 
 
+@runtime_checkable
 class Curvature(Protocol):
     """Builds the operator of a solve at ``(w, λ)``. ``w`` and ``lam`` are the leaves ``grad_flat =
     ∂L_T/∂w`` was taken from (with its graph); ``mixed_inputs``: leaves whose mixed map the operator
@@ -214,7 +215,7 @@ class GaussNewtonOperator:
 class Hessian:
     """The exact Hessian ``∂²L_T/∂w²`` (:class:`HessianOperator`, reverse-over-reverse)."""
 
-    name: str = "hessian"
+    name: ClassVar[str] = "hessian"  # a class constant: not an option of the config node
 
     def operator(
         self,
@@ -232,7 +233,7 @@ class GaussNewton:
     """The generalized Gauss-Newton matrix ``Jᵀ H_ℓ J + ∇²r`` (:class:`GaussNewtonOperator`); needs the
     training loss as a :class:`SplitLoss`."""
 
-    name: str = "gauss_newton"
+    name: ClassVar[str] = "gauss_newton"
 
     def operator(
         self,

@@ -15,32 +15,24 @@ of ``(w, λ, v)`` with no autograd state crossing the call:
 :class:`FunctionalOperator` wraps a product as a solver's :class:`LinearOperator`; its ``dense`` is
 ``vmap`` of the product over chunks of the identity's columns (``method=exact``).
 
-:func:`ift_tensors` is the whole IFT hypergradient (validation gradient, solve, mixed term) as one
-pure function with no host sync (the solvers' ``solve_tensors``); :class:`CompiledIFT` runs it through
-``torch.compile`` (products, solver loop and mixed term in one graph). Eager ``torch.func``
+The IFT hypergradient built from these products (:func:`hoexp.method.ift.ift_tensors`) is what
+``torch.compile`` takes whole (:class:`hoexp.method.ift.CompiledIFT`). Eager ``torch.func``
 transforms dispatch through Python (decompositions, interpreter levels) and are slow: a
 forward-over-reverse product took 20× a gradient on the Iris MLP eagerly; compiled, the dispatch
-is gone. Safety: the first compiled call is checked against the eager reference
-(:func:`hoexp.method.ift.ift_hypergradient`, reverse-over-reverse); a compile failure, an operation
-torch cannot differentiate twice in this form (no forward-mode rule, no batching rule), or a
-disagreement makes every later call take the eager path (``fallback`` says why).
+is gone.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from typing import Any
+import time
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 from torch.func import grad, grad_and_value, jvp, vjp, vmap
 
 from hoexp import tree
-from hoexp.method.compiling import quiet_compile
-from hoexp.method.curvature import SplitLoss
-from hoexp.method.solvers import REASONS, AutoStep, Exact, FixedPoint, Neumann, Solver, TensorSolve, series_scalars
+from hoexp.method.curvature import HessianOperator, SplitLoss
 
 Params = dict[str, Tensor]
 Loss = Callable[[Params, Params], Tensor]
@@ -174,10 +166,6 @@ def time_hvp_modes(train_loss: Loss, w: Params, lam: Params, repeats: int = 2) -
     """Seconds of one ``C v`` product in each mode at ``(w, λ)`` (the best of ``repeats`` after a warm-up):
     ``rev_rev`` through a kept ``create_graph`` gradient (:class:`~hoexp.method.curvature.HessianOperator`,
     the graph's cost not counted: a solve pays it once), ``fwd_rev`` by :func:`hvp_fwd_rev`, eagerly."""
-    import time
-
-    from hoexp.method.curvature import HessianOperator
-
     wl = tree.detached(w, requires_grad=True)
     g = torch.autograd.grad(train_loss(wl, lam), list(wl.values()), create_graph=True, allow_unused=True)
     rr = HessianOperator(tree.flatten(tree.fill_none(g, list(wl.values()))), list(wl.values()))
@@ -195,184 +183,3 @@ def time_hvp_modes(train_loss: Loss, w: Params, lam: Params, repeats: int = 2) -
                 best = min(best, time.perf_counter() - t0)
         out[name] = best
     return out
-
-
-def ift_tensors(
-    train_loss: Loss,
-    val_loss: Loss,
-    solver: Solver,
-    w: Params,
-    lam: Params,
-    x0: Tensor | None = None,
-    *,
-    curvature: str = "hessian",
-    hvp: str = "fwd_rev",
-    damping: float = 0.0,
-    chunk: int = 256,
-) -> tuple[Params, TensorSolve, Tensor]:
-    """The IFT hypergradient ``∂L_V/∂λ − (∂²L_T/∂λ∂w) u``, ``C u = ∂L_V/∂w``, as one pure function.
-
-    No host sync and no autograd state crosses the call, so ``torch.compile`` can take it whole.
-    Returns the hypergradient, the solve (tensors) and ``[L_T, L_V, ‖∂L_T/∂w‖]`` (one tensor).
-    ``solver``: Neumann, fixed point, CG or exact (``solve_tensors``); ``x0`` a warm start.
-    """
-    (gv_w, gv_lam), lv = grad_and_value(val_loss, argnums=(0, 1))(w, lam)
-    b = tree.flatten(gv_w.values())
-    mixed_of: Callable[[Params], Params] | None = None
-    if curvature == "hessian" and hvp == "rev_rev":
-        g, lt, hv, mixed_of = linearized_hvp_and_mixed(train_loss, w, lam)
-        product: Product = lambda _w, _lam, v: hv(v)  # noqa: E731
-    elif curvature == "gauss_newton" and isinstance(train_loss, SplitLoss):
-        g, lt, gv = linearized_ggn(train_loss, w, lam)
-        product = lambda _w, _lam, v: gv(v)  # noqa: E731
-    else:
-        g, lt = grad_and_value(train_loss)(w, lam)
-        product = product_for(train_loss, curvature, hvp)
-    op = FunctionalOperator(product, w, lam, damping, chunk)
-    sol = solver.solve_tensors(op, b, x0)  # type: ignore[attr-defined]
-    u = tree.unflatten(sol.x, w)
-    # mixed term (∂g/∂λ)ᵀu: from the linearization's pullback, else one vjp through the gradient
-    mixed = mixed_of(u) if mixed_of is not None else vjp(lambda lam_: grad(train_loss)(w, lam_), lam)[1](u)[0]
-    hg = {k: gv_lam[k] - mixed[k] for k in lam}
-    g_norm = torch.linalg.vector_norm(tree.flatten(g.values()))
-    return hg, sol, torch.stack([lt.detach(), lv.detach(), g_norm.to(lt.dtype)])
-
-
-def supports_tensors(solver: Solver) -> bool:
-    """Whether ``solver`` has a host-sync-free form (``alpha=auto``'s power iteration has not)."""
-    return hasattr(solver, "solve_tensors") and not isinstance(solver, AutoStep)
-
-
-@dataclass
-class CompiledIFT:
-    """:func:`ift_tensors` through ``torch.compile`` for losses ``train_loss(w, λ, *train_args)`` and
-    ``val_loss(w, λ, *val_args)`` (the batches travel as arguments, so one compiled graph serves every
-    outer step: new batches of the same shapes do not recompile).
-
-    ``split(*train_args)`` gives the training loss as a :class:`SplitLoss` (needed for
-    ``curvature=gauss_newton``). The first call compiles (seconds; minutes for an LSTM) and is
-    checked against the eager reverse-over-reverse IFT (:func:`hoexp.method.ift.ift_hypergradient`):
-    relative error above ``rtol``, a compile error or an operation without a forward-mode or batching
-    rule switch this object to the eager path for good (``fallback`` holds the reason, ``stats.info``
-    shows it). ``compile=False`` runs :func:`ift_tensors` eagerly (the reference the tests use).
-    """
-
-    solver: Solver
-    train_loss: Callable[..., Tensor]
-    val_loss: Callable[..., Tensor]
-    split: Callable[..., SplitLoss] | None = None
-    curvature: str = "hessian"
-    hvp: str = "fwd_rev"
-    damping: float = 0.0
-    compile: bool = True
-    verify: bool = True
-    rtol: float = 1e-4
-    fallback: str | None = None
-    checked: bool = False
-    _fns: dict[bool, Callable[..., Any]] = field(default_factory=dict, repr=False)
-
-    def _pure(
-        self, w: Params, lam: Params, x0: Tensor | None, train_args: tuple, val_args: tuple
-    ) -> tuple[Params, TensorSolve, Tensor]:
-        if self.curvature == "gauss_newton":
-            assert self.split is not None, "curvature=gauss_newton needs split"
-            train: Any = self.split(*train_args)
-        else:
-            train = lambda w_, lam_: self.train_loss(w_, lam_, *train_args)  # noqa: E731
-        return ift_tensors(
-            train,
-            lambda w_, lam_: self.val_loss(w_, lam_, *val_args),
-            self.solver,
-            w,
-            lam,
-            x0,
-            curvature=self.curvature,
-            hvp=self.hvp,
-            damping=self.damping,
-        )
-
-    def _fn(self) -> Callable[..., Any]:
-        fn = self._fns.get(self.compile)
-        if fn is None:
-            fn = self._fns[self.compile] = torch.compile(self._pure, dynamic=False) if self.compile else self._pure
-        return fn
-
-    def eager_reference(
-        self, w: Params, lam: Params, x0: Tensor | None, train_args: tuple, val_args: tuple
-    ) -> tuple[Params, Any]:
-        from hoexp.method.curvature import CURVATURES
-        from hoexp.method.ift import ift_hypergradient
-
-        train: Any = (
-            self.split(*train_args)
-            if self.split is not None
-            else (lambda w_, lam_: self.train_loss(w_, lam_, *train_args))
-        )
-        return ift_hypergradient(
-            train,
-            lambda w_, lam_: self.val_loss(w_, lam_, *val_args),
-            w,
-            lam,
-            self.solver,
-            curvature=CURVATURES[self.curvature],
-            damping=self.damping,
-            x0=x0,
-        )
-
-    def __call__(
-        self,
-        params: Mapping[str, Tensor],
-        hparams: Mapping[str, Tensor],
-        x0: Tensor | None = None,
-        train_args: tuple = (),
-        val_args: tuple = (),
-    ) -> tuple[Params, Any]:
-        from hoexp.method.ift import IFTStats
-
-        w, lam = tree.detached(params), tree.detached(hparams)
-        if self.fallback is None and not supports_tensors(self.solver):
-            self.fallback = f"solver {self.solver.name} with alpha=auto has no compiled form"
-        if self.fallback is not None:
-            hg, stats = self.eager_reference(w, lam, x0, train_args, val_args)
-            stats.info = f"{stats.info}; eager: {self.fallback}" if stats.info else f"eager: {self.fallback}"
-            return hg, stats
-        if x0 is not None and (x0.shape != (tree.numel(w),) or x0.dtype != next(iter(w.values())).dtype):
-            x0 = None
-        try:
-            with quiet_compile() if self.compile and not self.checked else contextlib.nullcontext():  # first call
-                hg, sol, host = self._fn()(w, lam, x0, train_args, val_args)
-        except Exception as e:  # a compile error, no jvp / vmap rule for an operation, ...
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            self.fallback = (
-                f"{'compiled' if self.compile else 'functional'} path failed ({type(e).__name__}: {msg[:200]})"
-            )
-            return self(params, hparams, x0, train_args, val_args)
-        if not self.checked and self.verify:
-            self.checked = True
-            ref, _ = self.eager_reference(w, lam, x0, train_args, val_args)
-            err = float(tree.norm({k: hg[k] - ref[k] for k in ref})) / max(float(tree.norm(ref)), 1e-30)
-            if not err <= self.rtol:
-                self.fallback = f"the compiled hypergradient disagreed with the eager one (relative error {err:.1e})"
-                return self(params, hparams, x0, train_args, val_args)
-        if isinstance(self.solver, Exact) and int(sol.reason) == 3:  # singular: eager least squares
-            return self.eager_reference(w, lam, x0, train_args, val_args)
-        extra = [
-            sol.residual if sol.residual is not None else host[0] * 0,
-            torch.as_tensor(sol.iterations, dtype=host.dtype, device=host.device),
-            torch.as_tensor(sol.reason, dtype=host.dtype, device=host.device),
-        ]
-        lt, lv, gn, res, iters, why = torch.cat([host, torch.stack(extra)]).tolist()  # one host read
-        info = REASONS[int(why)] if self.solver.name == "cg" else "lu" if isinstance(self.solver, Exact) else ""
-        stats_res = res if sol.residual is not None else None
-        stats = IFTStats(
-            train_loss=lt,
-            val_loss=lv,
-            inner_grad_norm=gn,
-            residual=stats_res,
-            iterations=int(iters),
-            hvps=sol.hvps,
-            info=info,
-            solution=sol.x,
-            extra=series_scalars(stats_res) if isinstance(self.solver, (Neumann, FixedPoint)) else {},
-        )
-        return hg, stats

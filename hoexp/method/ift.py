@@ -23,22 +23,42 @@ respect to ``λ``. ``mixed="auto"`` merges when ``λ`` acts deep inside the mode
 on the PTB LSTM preset (CPU, Neumann K=5 with residual) merging did not pay: 1,443 against 1,391 ms
 per hypergradient, the extra work in six HVPs costing as much as the pass it saves; so the default
 is ``"separate"``.
+
+The same hypergradient as one pure function (:func:`ift_tensors`: ``torch.func`` products of
+:mod:`hoexp.method.functional`, the solvers' ``solve_tensors``, no host sync) is what
+:class:`CompiledIFT` hands to ``torch.compile``. Both return their figures through one
+:class:`~hoexp.method.solvers.SolveResult` and one :func:`ift_stats`.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
+from torch.func import grad, grad_and_value, vjp
 
 from hoexp import tree
-from hoexp.method.curvature import Curvature, Hessian, HessianOperator  # noqa: F401 (HessianOperator: re-exported)
-from hoexp.method.solvers import Damped, Exact, Solver
+from hoexp.method.compiling import quiet_compile
+from hoexp.method.curvature import CURVATURES, Curvature, Hessian, HessianOperator, SplitLoss
+from hoexp.method.functional import (
+    FunctionalOperator,
+    Product,
+    hvp_fwd_rev,
+    linearized_ggn,
+    linearized_hvp,
+    linearized_hvp_and_mixed,
+    product_for,
+)
+from hoexp.method.solvers import Damped, Exact, LinearOperator, Solver, SolveResult
+
+__all__ = ["CompiledIFT", "HessianOperator", "IFTStats", "ift_hypergradient", "ift_tensors", "validation_gradient"]
 
 LossFn = Callable[[dict[str, Tensor], dict[str, Tensor]], Tensor]
+Params = dict[str, Tensor]
 
 
 # Autograd nodes whose backward is a matrix product or a reduction over a large axis: where the
@@ -114,6 +134,19 @@ class IFTStats:
     extra: dict[str, float] = field(default_factory=dict)  # solver scalars to log (solver/alpha, solver/warm_norm)
 
 
+def ift_stats(result: SolveResult, host: Tensor, hvps: int, train_grad: Tensor | None = None) -> IFTStats:
+    """:class:`IFTStats` of a solve (host or tensor figures) and ``host = [L_T, L_V, ‖∂L_T/∂w‖(, ‖x0‖)]``, all
+    read in one host sync (``‖x0‖``: a warm start's norm, logged as ``solver/warm_norm``)."""
+    res, values = result.read(host)
+    train_value, val_value, grad_norm, *warm = values
+    extra = {**res.extra, **({"solver/warm_norm": warm[0]} if warm else {})}
+    residual = None if res.residual is None else float(res.residual)
+    x = res.x.detach()
+    return IFTStats(
+        train_value, val_value, grad_norm, residual, int(res.iterations), hvps, res.info, x, train_grad, extra
+    )
+
+
 def validation_gradient(
     val_loss: LossFn, w: dict[str, Tensor], lam: dict[str, Tensor]
 ) -> tuple[Tensor, Tensor, list[Tensor]]:
@@ -155,9 +188,7 @@ def ift_hypergradient(
     ``hvp`` (Hessian curvature only): ``"rev_rev"`` differentiates the kept ``create_graph`` gradient
     for every product; ``"fwd_rev"`` runs :func:`~hoexp.method.functional.hvp_fwd_rev` (``jvp`` of
     ``grad``, no kept graph) instead. ``method=exact`` (an :class:`Exact` solver) forms the dense
-    Hessian from batched products either way: ``vmap`` of the pure product over chunks of the
-    identity (:class:`~hoexp.method.functional.FunctionalOperator`; with ``"rev_rev"`` the batched
-    ``vjp`` of the gradient, measured 2.4× faster than batching the kept graph's backward).
+    Hessian from batched products either way (:func:`_operator`).
     """
     if mixed not in ("auto", "merged", "separate"):
         raise ValueError(f"mixed must be 'auto', 'merged' or 'separate', got {mixed!r}")
@@ -170,50 +201,208 @@ def ift_hypergradient(
     g = torch.autograd.grad(lt, w_list, create_graph=True, allow_unused=True)
     g_flat = tree.flatten(tree.fill_none(g, w_list))
     merge = g_flat.requires_grad and (mixed == "merged" or (mixed == "auto" and mixed_term_is_deep(g_flat, lam_list)))
-    from hoexp.method.functional import FunctionalOperator, hvp_fwd_rev, linearized_hvp
-
-    if curvature.name == "hessian" and (hvp == "fwd_rev" or isinstance(solver, Exact)):
-        w0, lam0 = tree.detached(w), tree.detached(lam)
-        if hvp == "fwd_rev":
-            product: Any = lambda w_, lam_, u: hvp_fwd_rev(train_loss, w_, lam_, u)  # noqa: E731
-        else:  # the batched vjp of the gradient, its forward and backward pass run once
-            hv = linearized_hvp(train_loss, w0, lam0)[2]
-            product = lambda w_, lam_, u: hv(u)  # noqa: E731
-        op: Any = FunctionalOperator(product, w0, lam0)
-    else:
-        op = curvature.operator(train_loss, w, lam, g_flat, lam_list if merge else None)
+    op = _operator(train_loss, w, lam, g_flat, solver, curvature, hvp, lam_list if merge else None)
     if damping:
         op = Damped(op, damping)
     if x0 is not None and (x0.shape != v.shape or x0.dtype != v.dtype):
         x0 = None  # carried from another model: start from zero
     result = solver(op, v) if x0 is None else solver(op, v, x0.to(v.device))
 
-    if result.mixed is not None:
-        mixed_terms = list(tree.unflatten(result.mixed.detach(), lam).values())
-    elif g_flat.requires_grad and lam_list:
-        mixed_terms = tree.fill_none(
-            torch.autograd.grad(g_flat, lam_list, result.x.detach(), allow_unused=True), lam_list
-        )
-    else:
-        mixed_terms = [torch.zeros_like(x) for x in lam_list]
+    mixed_terms = _mixed_terms(result, g_flat, lam)
     hypergrad = {k: (d - m).detach() for k, d, m in zip(lam.keys(), direct, mixed_terms)}
     host = [lt.detach(), lv.detach(), torch.linalg.vector_norm(g_flat.detach()).to(lt.dtype)]
     if x0 is not None:
         host.append(torch.linalg.vector_norm(x0).to(device=lt.device, dtype=lt.dtype))
-    train_value, val_value, grad_norm, *warm = torch.stack(host).tolist()  # one host sync for these numbers
-    extra = dict(result.extra)
-    if warm:
-        extra["solver/warm_norm"] = warm[0]
-    stats = IFTStats(
-        train_loss=train_value,
-        val_loss=val_value,
-        inner_grad_norm=grad_norm,
-        residual=result.residual,
-        iterations=result.iterations,
-        hvps=op.hvps,
-        info=result.info,
-        solution=result.x.detach(),
-        train_grad=g_flat.detach(),
-        extra=extra,
-    )
-    return hypergrad, stats
+    return hypergrad, ift_stats(result, torch.stack(host), op.hvps, train_grad=g_flat.detach())
+
+
+def _operator(
+    train_loss: LossFn,
+    w: dict[str, Tensor],
+    lam: dict[str, Tensor],
+    g_flat: Tensor,
+    solver: Solver,
+    curvature: Curvature,
+    hvp: str,
+    mixed_inputs: list[Tensor] | None,
+) -> LinearOperator:
+    """The solve's operator: ``curvature``'s, through the kept ``create_graph`` gradient ``g_flat``; for the
+    Hessian with ``hvp="fwd_rev"`` or a dense solve, a pure product at ``(w, λ)`` instead (a dense solve: ``vmap``
+    over chunks of the identity of the batched ``vjp`` of the gradient, measured 2.4× faster than batching the
+    kept graph's backward)."""
+    if curvature.name != "hessian" or not (hvp == "fwd_rev" or isinstance(solver, Exact)):
+        return curvature.operator(train_loss, w, lam, g_flat, mixed_inputs)
+    w0, lam0 = tree.detached(w), tree.detached(lam)
+    if hvp == "fwd_rev":
+        product: Product = lambda w_, lam_, u: hvp_fwd_rev(train_loss, w_, lam_, u)  # noqa: E731
+    else:  # the batched vjp of the gradient, its forward and backward pass run once
+        hv = linearized_hvp(train_loss, w0, lam0)[2]
+        product = lambda w_, lam_, u: hv(u)  # noqa: E731
+    return FunctionalOperator(product, w0, lam0)
+
+
+def _mixed_terms(result: SolveResult, g_flat: Tensor, lam: dict[str, Tensor]) -> list[Tensor]:
+    """``(∂²L_T/∂λ∂w) u`` per hyperparameter: from the solve (a merged mixed map), else one VJP through ``g_flat``."""
+    lam_list = list(lam.values())
+    if result.mixed is not None:
+        return list(tree.unflatten(result.mixed.detach(), lam).values())
+    if g_flat.requires_grad and lam_list:
+        return tree.fill_none(torch.autograd.grad(g_flat, lam_list, result.x.detach(), allow_unused=True), lam_list)
+    return [torch.zeros_like(x) for x in lam_list]
+
+
+def ift_tensors(
+    train_loss: LossFn,
+    val_loss: LossFn,
+    solver: Solver,
+    w: Params,
+    lam: Params,
+    x0: Tensor | None = None,
+    *,
+    curvature: str = "hessian",
+    hvp: str = "fwd_rev",
+    damping: float = 0.0,
+    chunk: int = 256,
+) -> tuple[Params, SolveResult, Tensor]:
+    """The IFT hypergradient ``∂L_V/∂λ − (∂²L_T/∂λ∂w) u``, ``C u = ∂L_V/∂w``, as one pure function.
+
+    No host sync and no autograd state crosses the call, so ``torch.compile`` can take it whole.
+    Returns the hypergradient, the solve (tensors) and ``[L_T, L_V, ‖∂L_T/∂w‖]`` (one tensor).
+    ``solver``: Neumann, fixed point, CG or exact (``solve_tensors``); ``x0`` a warm start.
+    """
+    (gv_w, gv_lam), lv = grad_and_value(val_loss, argnums=(0, 1))(w, lam)
+    b = tree.flatten(gv_w.values())
+    mixed_of: Callable[[Params], Params] | None = None
+    if curvature == "hessian" and hvp == "rev_rev":
+        g, lt, hv, mixed_of = linearized_hvp_and_mixed(train_loss, w, lam)
+        product: Product = lambda _w, _lam, v: hv(v)  # noqa: E731
+    elif curvature == "gauss_newton" and isinstance(train_loss, SplitLoss):
+        g, lt, gv = linearized_ggn(train_loss, w, lam)
+        product = lambda _w, _lam, v: gv(v)  # noqa: E731
+    else:
+        g, lt = grad_and_value(train_loss)(w, lam)
+        product = product_for(train_loss, curvature, hvp)
+    op = FunctionalOperator(product, w, lam, damping, chunk)
+    sol = solver.solve_tensors(op, b, x0)  # type: ignore[attr-defined]
+    u = tree.unflatten(sol.x, w)
+    # mixed term (∂g/∂λ)ᵀu: from the linearization's pullback, else one vjp through the gradient
+    mixed = mixed_of(u) if mixed_of is not None else vjp(lambda lam_: grad(train_loss)(w, lam_), lam)[1](u)[0]
+    hg = {k: gv_lam[k] - mixed[k] for k in lam}
+    g_norm = torch.linalg.vector_norm(tree.flatten(g.values()))
+    return hg, sol, torch.stack([lt.detach(), lv.detach(), g_norm.to(lt.dtype)])
+
+
+def supports_tensors(solver: Solver) -> bool:
+    """Whether ``solver`` has a host-sync-free form (``alpha=auto``'s power iteration has not)."""
+    return hasattr(solver, "solve_tensors")
+
+
+@dataclass
+class CompiledIFT:
+    """:func:`ift_tensors` through ``torch.compile`` for losses ``train_loss(w, λ, *train_args)`` and
+    ``val_loss(w, λ, *val_args)`` (the batches travel as arguments, so one compiled graph serves every
+    outer step: new batches of the same shapes do not recompile).
+
+    ``split(*train_args)`` gives the training loss as a :class:`SplitLoss` (needed for
+    ``curvature=gauss_newton``). The first call compiles (seconds; minutes for an LSTM) and is
+    checked against the eager reverse-over-reverse IFT (:func:`hoexp.method.ift.ift_hypergradient`):
+    relative error above ``rtol``, a compile error or an operation without a forward-mode or batching
+    rule switch this object to the eager path for good (``fallback`` holds the reason, ``stats.info``
+    shows it). ``compile=False`` runs :func:`ift_tensors` eagerly (the reference the tests use).
+    """
+
+    solver: Solver
+    train_loss: Callable[..., Tensor]
+    val_loss: Callable[..., Tensor]
+    split: Callable[..., SplitLoss] | None = None
+    curvature: str = "hessian"
+    hvp: str = "fwd_rev"
+    damping: float = 0.0
+    compile: bool = True
+    verify: bool = True
+    rtol: float = 1e-4
+    fallback: str | None = None
+    checked: bool = False
+    _fns: dict[bool, Callable[..., Any]] = field(default_factory=dict, repr=False)
+
+    def _pure(
+        self, w: Params, lam: Params, x0: Tensor | None, train_args: tuple, val_args: tuple
+    ) -> tuple[Params, SolveResult, Tensor]:
+        if self.curvature == "gauss_newton":
+            assert self.split is not None, "curvature=gauss_newton needs split"
+            train: Any = self.split(*train_args)
+        else:
+            train = lambda w_, lam_: self.train_loss(w_, lam_, *train_args)  # noqa: E731
+        return ift_tensors(
+            train,
+            lambda w_, lam_: self.val_loss(w_, lam_, *val_args),
+            self.solver,
+            w,
+            lam,
+            x0,
+            curvature=self.curvature,
+            hvp=self.hvp,
+            damping=self.damping,
+        )
+
+    def _fn(self) -> Callable[..., Any]:
+        fn = self._fns.get(self.compile)
+        if fn is None:
+            fn = self._fns[self.compile] = torch.compile(self._pure, dynamic=False) if self.compile else self._pure
+        return fn
+
+    def eager_reference(
+        self, w: Params, lam: Params, x0: Tensor | None, train_args: tuple, val_args: tuple
+    ) -> tuple[Params, Any]:
+        train: Any = (
+            self.split(*train_args)
+            if self.split is not None
+            else (lambda w_, lam_: self.train_loss(w_, lam_, *train_args))
+        )
+        return ift_hypergradient(
+            train,
+            lambda w_, lam_: self.val_loss(w_, lam_, *val_args),
+            w,
+            lam,
+            self.solver,
+            curvature=CURVATURES[self.curvature],
+            damping=self.damping,
+            x0=x0,
+        )
+
+    def __call__(
+        self,
+        params: Mapping[str, Tensor],
+        hparams: Mapping[str, Tensor],
+        x0: Tensor | None = None,
+        train_args: tuple = (),
+        val_args: tuple = (),
+    ) -> tuple[Params, Any]:
+        w, lam = tree.detached(params), tree.detached(hparams)
+        if self.fallback is None and not supports_tensors(self.solver):
+            self.fallback = f"solver {self.solver.name} with alpha=auto has no compiled form"
+        if self.fallback is not None:
+            hg, stats = self.eager_reference(w, lam, x0, train_args, val_args)
+            stats.info = f"{stats.info}; eager: {self.fallback}" if stats.info else f"eager: {self.fallback}"
+            return hg, stats
+        if x0 is not None and (x0.shape != (tree.numel(w),) or x0.dtype != next(iter(w.values())).dtype):
+            x0 = None
+        try:
+            with quiet_compile() if self.compile and not self.checked else contextlib.nullcontext():  # first call
+                hg, sol, host = self._fn()(w, lam, x0, train_args, val_args)
+        except Exception as e:  # a compile error, no jvp / vmap rule for an operation, ...
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            self.fallback = (
+                f"{'compiled' if self.compile else 'functional'} path failed ({type(e).__name__}: {msg[:200]})"
+            )
+            return self(params, hparams, x0, train_args, val_args)
+        if not self.checked and self.verify:
+            self.checked = True
+            ref, _ = self.eager_reference(w, lam, x0, train_args, val_args)
+            err = float(tree.norm({k: hg[k] - ref[k] for k in ref})) / max(float(tree.norm(ref)), 1e-30)
+            if not err <= self.rtol:
+                self.fallback = f"the compiled hypergradient disagreed with the eager one (relative error {err:.1e})"
+                return self(params, hparams, x0, train_args, val_args)
+        if isinstance(self.solver, Exact) and int(sol.reason) == 3:  # singular: lstsq
+            return self.eager_reference(w, lam, x0, train_args, val_args)
+        return hg, ift_stats(sol, host, sol.hvps)

@@ -2,19 +2,26 @@
 
 from __future__ import annotations
 
-import math
+import inspect
+import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal
+
+from torch import Tensor
 
 from hoexp import tree
-from hoexp.components import CheckContext, NonNegFloat, NonNegInt, PositiveFloat, PositiveInt, Range
+from hoexp.components import CheckContext, NonNegFloat, PositiveInt
 from hoexp.errors import ConfigError, HoexpError
+from hoexp.method import solvers
 from hoexp.method.base import inner_scalars, scalars, step_from_gradient, train_inner, with_extra
 from hoexp.method.curvature import CURVATURES, Curvature, Hessian, SplitLoss
-from hoexp.method.functional import CompiledIFT, time_hvp_modes
-from hoexp.method.ift import ift_hypergradient
-from hoexp.method.solvers import AutoStep, ConjugateGradient, Exact, FixedPoint, Neumann, Solver
+from hoexp.method.functional import time_hvp_modes
+from hoexp.method.ift import CompiledIFT, IFTStats, ift_hypergradient
+from hoexp.method.solvers import AutoStep, Exact, FixedPoint, Neumann, Solver
 from hoexp.types import OuterResult, OuterStep
+
+Params = dict[str, Tensor]
 
 
 @dataclass
@@ -51,7 +58,7 @@ class ImplicitMethod:
     ``create_graph`` gradient; ``fwd_rev``: ``jvp`` of ``grad``; ``auto``: both timed once at the
     first hypergradient, the faster kept, the ratio logged as ``solver/fwd_rev_over_rev_rev``) and
     ``compile`` (the whole hypergradient as one ``torch.compile``'d pure function,
-    :class:`~hoexp.method.functional.CompiledIFT`: compiled once per run, checked once against the
+    :class:`~hoexp.method.ift.CompiledIFT`: compiled once per run, checked once against the
     eager path, which it falls back to on a failure or a disagreement).
     """
 
@@ -116,65 +123,25 @@ class ImplicitMethod:
         self.carried = dict(state)
 
     def __call__(self, st: OuterStep) -> OuterResult:
-        problem, raw, val_batch = st.task, st.raw, st.val
         if self.fuse_step and not st.train:
             raise HoexpError("method.fuse_step=true needs inner_steps >= 1 (it fuses the last inner step)")
         # Fused: the IFT at the weights before the last inner step, on that step's batch, whose create_graph
         # gradient is also the step's gradient; else at the reached weights, on the batch after them.
         plain = st.train[:-1] if self.fuse_step else st.train
-        state, _, _ = train_inner(problem, st.inner_opt, st.inner, raw, plain, None, st.on_step)
+        state, _, _ = train_inner(st.task, st.inner_opt, st.inner, st.raw, plain, None, st.on_step)
         train_batch = st.train[-1] if self.fuse_step else st.extra[0]  # the Hessian's and mixed term's batch
-        solver, step = self.solver, int(self.carried.get("step", 0))
+        step = int(self.carried.get("step", 0))
+        solver = self.solver
         if self.alpha_every:
             lam = self.carried.get("lambda_max") if step % self.alpha_every else None
-            # build.py gives alpha_every only to Neumann / fixed point (T1-T2 is a Neumann): AutoStep needs an α
+            # ift() gives alpha_every only to Neumann / fixed point (T1-T2 is a Neumann): AutoStep needs an α
             assert isinstance(solver, (Neumann, FixedPoint)), f"alpha=auto needs an α to set, not {solver.name}"
             solver = AutoStep(solver, lam, seed=step)
         x0 = self.carried.get("u") if self.warm_start else None
-        hvp_extra: dict[str, float] = {}
-        hvp = self.hvp
-        if hvp == "auto":
-            if self._hvp_chosen is None:
-                t = time_hvp_modes(lambda w, lam: problem.train_loss(w, lam, train_batch), state.params, raw)
-                self._hvp_chosen = "fwd_rev" if t["fwd_rev"] < t["rev_rev"] else "rev_rev"
-                hvp_extra["solver/fwd_rev_over_rev_rev"] = t["fwd_rev"] / t["rev_rev"]
-            hvp = self._hvp_chosen
-        if self.compile:
-            fn = self._compiled.get(id(problem))
-            if fn is None:
-                fn = self._compiled[id(problem)] = CompiledIFT(
-                    solver,
-                    problem.train_loss,
-                    problem.val_loss,
-                    split=lambda batch: SplitLoss(*problem.train_parts(batch)),
-                    curvature=self.curvature.name,
-                    hvp="rev_rev" if hvp == "auto" else hvp,
-                    damping=self.damping,
-                )
-            hg, s = fn(state.params, raw, x0, (train_batch,), (val_batch,))
-        else:
-            # Gauss-Newton needs the loss split at the model's outputs; the Hessian needs only L_T itself (so a
-            # task that overrides train_loss alone, e.g. a per-example weighted loss, works with it).
-            train_loss = (
-                SplitLoss(*problem.train_parts(train_batch))
-                if self.curvature.name == "gauss_newton"
-                else lambda w, lam: problem.train_loss(w, lam, train_batch)
-            )
-            hg, s = ift_hypergradient(
-                train_loss,
-                lambda w, lam: problem.val_loss(w, lam, val_batch),
-                state.params,
-                raw,
-                solver,
-                curvature=self.curvature,
-                damping=self.damping,
-                x0=x0,
-                hvp=hvp,
-            )
-        s.extra.update(hvp_extra)
+        hg, s = self._hypergradient(st.task, state.params, st.raw, train_batch, st.val, solver, x0)
         if self.fuse_step:
             assert s.train_grad is not None, "the eager IFT returns its training gradient"
-            state = step_from_gradient(problem, st.inner_opt, state, raw, s.train_grad, len(plain))
+            state = step_from_gradient(st.task, st.inner_opt, state, st.raw, s.train_grad, len(plain))
             if st.on_step is not None:
                 st.on_step()
         diverged = s.residual is not None and not s.residual <= 1  # worse than u = 0 (residual 1), or NaN
@@ -184,23 +151,58 @@ class ImplicitMethod:
         if self.alpha_every:  # after a diverged series α is stale: estimate again next step
             carried.update(step=step + 1, lambda_max=None if diverged else s.extra["solver/lambda_max"])
         self.carried = carried
-        return OuterResult(
-            hg,
-            state,
-            with_extra(
-                scalars(
-                    **{
-                        "inner/grad_norm": s.inner_grad_norm,
-                        "inner/loss": s.train_loss,
-                        "hypergrad/norm": tree.norm(hg),
-                        "solver/residual": s.residual,
-                        "solver/iterations": s.iterations,
-                        "solver/hvps": s.hvps,
-                    }
-                ),
-                s.extra,
-            ),
-        )
+        named = {"inner/grad_norm": s.inner_grad_norm, "inner/loss": s.train_loss, "hypergrad/norm": tree.norm(hg)}
+        solve = {"solver/residual": s.residual, "solver/iterations": s.iterations, "solver/hvps": s.hvps}
+        return OuterResult(hg, state, with_extra(scalars(**named, **solve), s.extra))
+
+    def _hypergradient(
+        self, task: Any, params: Params, raw: Params, train_batch: Any, val_batch: Any, solver: Solver, x0: Any
+    ) -> tuple[Params, IFTStats]:
+        """The IFT at ``params``: compiled (one :class:`CompiledIFT` per task) or eager, ``hvp=auto`` timed once."""
+        extra: dict[str, float] = {}
+        hvp = self.hvp
+        if hvp == "auto":
+            if self._hvp_chosen is None:
+                t = time_hvp_modes(lambda w, lam: task.train_loss(w, lam, train_batch), params, raw)
+                self._hvp_chosen = "fwd_rev" if t["fwd_rev"] < t["rev_rev"] else "rev_rev"
+                extra["solver/fwd_rev_over_rev_rev"] = t["fwd_rev"] / t["rev_rev"]
+            hvp = self._hvp_chosen
+        gauss_newton = self.curvature.name == "gauss_newton"
+        if self.compile:
+            fn = self._compiled.get(id(task))
+            if fn is None:
+                fn = self._compiled[id(task)] = CompiledIFT(
+                    solver,
+                    task.train_loss,
+                    task.val_loss,
+                    split=lambda batch: SplitLoss(*task.train_parts(batch)),
+                    curvature=self.curvature.name,
+                    hvp=hvp,
+                    damping=self.damping,
+                )
+            hg, s = fn(params, raw, x0, (train_batch,), (val_batch,))
+        else:
+            # Gauss-Newton needs the loss split at the model's outputs; the Hessian needs only L_T itself (so a
+            # task that overrides train_loss alone, e.g. a per-example weighted loss, works with it).
+            train_loss = (
+                SplitLoss(*task.train_parts(train_batch))
+                if gauss_newton
+                else lambda w, lam: task.train_loss(w, lam, train_batch)
+            )
+            val_loss = lambda w, lam: task.val_loss(w, lam, val_batch)  # noqa: E731
+            hg, s = ift_hypergradient(
+                train_loss,
+                val_loss,
+                params,
+                raw,
+                solver,
+                curvature=self.curvature,
+                damping=self.damping,
+                x0=x0,
+                hvp=hvp,
+            )
+        s.extra.update(extra)
+        return hg, s
 
 
 @dataclass
@@ -222,192 +224,85 @@ class NoHO:
 
 
 # ------------------------------------------------------------------------------------------- factories
-# conf/method/{neumann,cg,fixed_point,exact,t1t2}.yaml name these: one ImplicitMethod, a different solve.
-# The keys shared by all (hoexp.method.ift, hoexp.method.functional):
-#   curvature: hessian | gauss_newton (Jᵀ H_ℓ J + penalty Hessian: PSD, for non-convex nets)
-#   damping: μ ≥ 0, solve with C + μI
-#   hvp: rev_rev (a kept create_graph gradient differentiated again), fwd_rev (jvp of grad), or auto (both
-#   timed once at the first hypergradient, the faster kept)
-#   compile: the hypergradient as one torch.compile'd pure function, checked once against the eager one
-#   warm_start (neumann, cg, fixed_point): start each solve from the previous outer step's solution
-#   alpha: a step > 0, or auto: 1/λ_max of the (damped) operator by power iteration, re-estimated every
-#   alpha_every outer steps (neumann, fixed_point, t1t2)
 CurvatureName = Literal["hessian", "gauss_newton"]
 HVPMode = Literal["rev_rev", "fwd_rev", "auto"]
-
-
-def _alpha(alpha: float | str, compile: bool) -> float:
-    """A series step: a number > 0 (returned), or ``auto`` (0.01 stands in until the method sets ``α``)."""
-    if alpha == "auto":
-        if compile:
-            raise ValueError(
-                "compile=true needs a fixed alpha (alpha=auto's power iteration reads the host); set "
-                "method.alpha to a number or method.compile=false"
-            )
-        return 0.01
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
-        raise ValueError(f"alpha must be a number > 0 or auto, got {alpha!r}")
-    if not (alpha > 0 and math.isfinite(alpha)):
-        raise ValueError(f"alpha must be > 0, got {float(alpha)} (or alpha=auto: 1/λ_max by power iteration)")
-    return float(alpha)
 
 
 def ift(
     solver: Solver,
     *,
+    curvature: CurvatureName | Curvature = "hessian",
+    damping: NonNegFloat = 0.0,
+    hvp: HVPMode = "rev_rev",
+    compile: bool = False,
+    warm_start: bool = False,
+    alpha_every: PositiveInt = 10,
+    fuse_step: bool = False,
     name: str = "ift",
-    curvature: CurvatureName = "hessian",
-    damping: NonNegFloat = 0.0,
-    hvp: HVPMode = "rev_rev",
-    compile: bool = False,
-    warm_start: bool = False,
-    auto_alpha: bool = False,
-    alpha_every: PositiveInt = 10,
-    fuse_step: bool = False,
 ) -> ImplicitMethod:
-    """IFT with any linear ``solver`` (``solver(op, b) -> SolveResult``, e.g. your own under ``_target_``)."""
-    return ImplicitMethod(
-        solver,
-        name,
-        curvature=CURVATURES[curvature],
-        damping=damping,
-        warm_start=warm_start,
-        alpha_every=alpha_every if auto_alpha else 0,
-        hvp=hvp,
-        compile=compile,
-        fuse_step=fuse_step,
-    )
-
-
-def neumann(
-    *,
-    terms: NonNegInt = 5,
-    alpha: PositiveFloat | Literal["auto"] = 0.01,
-    residual: bool = True,
-    curvature: CurvatureName = "hessian",
-    damping: NonNegFloat = 0.0,
-    hvp: HVPMode = "rev_rev",
-    compile: bool = False,
-    warm_start: bool = False,
-    alpha_every: PositiveInt = 10,
-    fuse_step: bool = False,
-    name: str = "neumann",
-) -> ImplicitMethod:
-    """``method=neumann``: ``H⁻¹v ≈ α Σ_{j=0..terms} (I − αH)^j v`` (Lorraine et al. 2020)."""
-    solver = Neumann(terms, _alpha(alpha, compile), residual)
-    return ift(
-        solver,
-        name=name,
-        curvature=curvature,
-        damping=damping,
-        hvp=hvp,
-        compile=compile,
-        warm_start=warm_start,
-        auto_alpha=alpha == "auto",
-        alpha_every=alpha_every,
-        fuse_step=fuse_step,
-    )
-
-
-def t1t2(
-    *,
-    alpha: PositiveFloat | Literal["auto"] = 0.01,
-    residual: bool = False,
-    curvature: CurvatureName = "hessian",
-    damping: NonNegFloat = 0.0,
-    hvp: HVPMode = "rev_rev",
-    compile: bool = False,
-    alpha_every: PositiveInt = 10,
-    fuse_step: bool = False,
-    name: str = "t1t2",
-) -> ImplicitMethod:
-    """``method=t1t2``: one-step greedy IFT, ``H⁻¹ ≈ αI`` (Luketina et al. 2016): Neumann with 0 terms."""
-    return ift(
-        Neumann(0, _alpha(alpha, compile), residual),
-        name=name,
-        curvature=curvature,
-        damping=damping,
-        hvp=hvp,
-        compile=compile,
-        auto_alpha=alpha == "auto",
-        alpha_every=alpha_every,
-        fuse_step=fuse_step,
-    )
-
-
-def fixed_point(
-    *,
-    iterations: NonNegInt = 5,
-    alpha: PositiveFloat | Literal["auto"] = 0.01,
-    residual: bool = True,
-    curvature: CurvatureName = "hessian",
-    damping: NonNegFloat = 0.0,
-    hvp: HVPMode = "rev_rev",
-    compile: bool = False,
-    warm_start: bool = False,
-    alpha_every: PositiveInt = 10,
-    fuse_step: bool = False,
-    name: str = "fixed_point",
-) -> ImplicitMethod:
-    """``method=fixed_point``: ``u ← u − α(Hu − v)`` (Grazzi et al. 2020)."""
-    if warm_start and iterations == 0:
+    """The IFT method, its parts nested: ``solver`` (``solver(op, b) -> SolveResult``: a ``_target_`` node such as
+    ``hoexp.method.solvers.cg``, or your own), ``curvature`` (``hessian``, ``gauss_newton``, or a node of your own:
+    :class:`~hoexp.method.curvature.Curvature`), ``damping`` ``μ ≥ 0`` (solve with ``C + μI``) and ``hvp``, the
+    product mode (``rev_rev``: through a kept ``create_graph`` gradient; ``fwd_rev``: ``jvp`` of ``grad``; ``auto``:
+    both timed once at the first hypergradient, the faster kept). ``compile``: the hypergradient as one
+    ``torch.compile``'d pure function, checked once against the eager one. ``warm_start``: start each solve from the
+    previous outer step's solution. A solver with ``alpha=auto`` (:class:`AutoStep`) re-estimates ``α = 1/λ_max``
+    every ``alpha_every`` outer steps. ``fuse_step``: the IFT before the last inner step, which reuses its gradient.
+    The shipped methods (``method=neumann``, ``cg``, ...) are this factory with their solver's options beside its
+    own (:func:`_with_solver`)."""
+    auto = isinstance(solver, AutoStep)
+    if auto and compile:
+        raise ValueError(
+            "compile=true needs a fixed alpha (alpha=auto's power iteration reads the host); set "
+            "method.alpha to a number or method.compile=false"
+        )
+    curv = CURVATURES[curvature] if isinstance(curvature, str) else curvature
+    if compile and CURVATURES.get(curv.name) != curv:  # the compiled form knows the two pure products
+        raise ValueError(
+            f"compile=true takes curvature=hessian or gauss_newton, not {curv!r}; set method.compile=false"
+        )
+    inner = solver.solver if isinstance(solver, AutoStep) else solver
+    if warm_start and getattr(inner, "iterations", 1) == 0:  # a series from x0 with no step returns x0
         raise ValueError("warm_start needs iterations >= 1 (0 would return the carried vector unchanged)")
-    return ift(
-        FixedPoint(iterations, _alpha(alpha, compile), residual),
-        name=name,
-        curvature=curvature,
+    return ImplicitMethod(
+        inner,
+        name,
+        curvature=curv,
         damping=damping,
-        hvp=hvp,
-        compile=compile,
         warm_start=warm_start,
-        auto_alpha=alpha == "auto",
-        alpha_every=alpha_every,
-        fuse_step=fuse_step,
-    )
-
-
-def cg(
-    *,
-    iterations: Annotated[int, Range(ge=1)] = 20,  # 0 returns u = 0: the implicit term of the hypergradient is 0
-    tol: NonNegFloat = 1e-10,
-    curvature: CurvatureName = "hessian",
-    damping: NonNegFloat = 0.0,
-    hvp: HVPMode = "rev_rev",
-    compile: bool = False,
-    warm_start: bool = False,
-    fuse_step: bool = False,
-    name: str = "cg",
-) -> ImplicitMethod:
-    """``method=cg``: conjugate gradient on ``Hu = v`` (HOAG, Pedregosa 2016)."""
-    return ift(
-        ConjugateGradient(iterations, tol),
-        name=name,
-        curvature=curvature,
-        damping=damping,
-        hvp=hvp,
-        compile=compile,
-        warm_start=warm_start,
-        fuse_step=fuse_step,
-    )
-
-
-def exact(
-    *,
-    max_params: PositiveInt = 20_000,
-    curvature: CurvatureName = "hessian",
-    damping: NonNegFloat = 0.0,
-    hvp: HVPMode = "rev_rev",
-    compile: bool = False,
-    fuse_step: bool = False,
-    name: str = "exact",
-) -> ImplicitMethod:
-    """``method=exact``: a dense solve; ``O(P²)`` memory, ``O(P³)`` time, refused above ``max_params``."""
-    return ift(
-        Exact(max_params),
-        name=name,
-        curvature=curvature,
-        damping=damping,
+        alpha_every=alpha_every if auto else 0,
         hvp=hvp,
         compile=compile,
         fuse_step=fuse_step,
     )
+
+
+def _with_solver(solve: Callable[..., Solver], name: str) -> Callable[..., ImplicitMethod]:
+    """``method=<name>``: :func:`ift` with the solver ``solve(**its options)``, the solver's options and the IFT's
+    side by side in one signature (``method.terms=…`` next to ``method.damping=…``, as users type them), each
+    default written once: the solver's in ``solve``, the IFT's in :func:`ift` (torchopt's ``solve_cg(**kw)``)."""
+    own = typing.get_type_hints(solve, include_extras=True)
+    hints = typing.get_type_hints(ift, include_extras=True)
+    solver_params = [p.replace(annotation=own[p.name]) for p in inspect.signature(solve).parameters.values()]
+    hints["curvature"] = CurvatureName  # a preset names its curvature (a node passes unchecked, as for ift)
+    ift_params = [
+        p.replace(annotation=hints[p.name], default=name if p.name == "name" else p.default)
+        for p in inspect.signature(ift).parameters.values()
+        if p.name != "solver"
+    ]
+    keys = {p.name for p in solver_params}
+
+    def factory(**options: Any) -> ImplicitMethod:
+        return ift(solve(**{k: options.pop(k) for k in keys & set(options)}), **options)
+
+    factory.__signature__ = inspect.Signature(solver_params + ift_params, return_annotation=ImplicitMethod)  # type: ignore[attr-defined]
+    factory.__name__ = factory.__qualname__ = name
+    factory.__doc__ = solve.__doc__
+    return factory
+
+
+neumann = _with_solver(solvers.neumann, "neumann")
+t1t2 = _with_solver(solvers.t1t2, "t1t2")
+fixed_point = _with_solver(solvers.fixed_point, "fixed_point")
+cg = _with_solver(solvers.cg, "cg")
+exact = _with_solver(solvers.exact, "exact")

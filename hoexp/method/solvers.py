@@ -12,14 +12,10 @@ Fast paths (all optional, results unchanged):
   a linear combination of vectors the solver multiplies by ``H`` anyway (CG; Neumann and
   fixed-point iteration with ``residual``), the solver returns ``M x`` as ``SolveResult.mixed`` and
   the IFT saves its separate mixed-term pass;
-* warm starts: every solver takes an optional start ``x0`` (the previous outer step's solution, see
-  ``ImplicitMethod.warm_start``): CG starts from ``r = b − H x0``, fixed-point iteration from
-  ``u₀ = x0``; a Neumann series from ``x0`` is fixed-point iteration from ``x0``; the dense solve
-  ignores it;
-* no host synchronisation inside the Neumann and fixed-point loops; conjugate gradient checks its
-  stopping rules on the host only every ``check_every`` iterations (default: every iteration on
-  CPU, where a check is free, every 8 on accelerators), carrying the same iterates on the device
-  meanwhile (a stopped solve is frozen, so the answer does not depend on ``check_every``).
+* warm starts from ``x0`` (the previous outer step's solution, ``ImplicitMethod.warm_start``): CG from
+  ``r = b − H x0``, fixed-point iteration (and so a Neumann series) from ``u₀ = x0``; the dense solve ignores it;
+* no host synchronisation inside the Neumann and fixed-point loops; CG reads its stopping rules on the host
+  every ``check_every`` iterations (:class:`ConjugateGradient`).
 """
 
 from __future__ import annotations
@@ -27,10 +23,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Protocol, TypeGuard, cast
+from typing import Annotated, Literal, Protocol, TypeGuard, cast
 
 import torch
 from torch import Tensor
+
+from hoexp.bounds import NonNegFloat, NonNegInt, PositiveFloat, PositiveInt, Range
 
 
 class LinearOperator(Protocol):
@@ -52,27 +50,37 @@ class MixedOperator(LinearOperator, Protocol):
 
 @dataclass
 class SolveResult:
+    """A solve's answer ``x`` and what it measured. From ``solver(op, b)`` the figures are host numbers; from
+    ``solver.solve_tensors(op, b)`` (no host sync: what a compiled hypergradient returns) ``residual``,
+    ``iterations`` and ``reason`` are 0-d tensors until :meth:`read` reads them in one host sync."""
+
     x: Tensor
-    iterations: int
+    iterations: int | Tensor
     hvps: int
-    residual: float | None  # ‖H x − b‖ / ‖b‖ (None when not computed)
+    residual: float | Tensor | None  # ‖H x − b‖ / ‖b‖ (None when not computed)
     info: str = ""
     mixed: Tensor | None = None  # M x, when the operator tracks a mixed map and the solver could form it
     extra: dict[str, float] = field(default_factory=dict)  # solver scalars to log (e.g. solver/alpha)
+    reason: int | Tensor | None = None  # a tensor solve's stopping rule (an index into REASONS), read into info
+    series: bool = False  # a Neumann / fixed-point series: read() adds solver/diverging
 
-
-@dataclass
-class TensorSolve:
-    """A solve with every figure left on the device (:meth:`Neumann.solve_tensors` and siblings): what a
-    compiled hypergradient returns, read on the host once afterwards. ``residual``: ``‖Hx − b‖/‖b‖`` as
-    a 0-d tensor (None when not computed); ``iterations`` and ``reason`` (0 max iterations, 1
-    converged, 2 non-positive curvature, 3 singular) as 0-d tensors or ints."""
-
-    x: Tensor
-    residual: Tensor | None
-    iterations: Tensor | int
-    reason: Tensor | int
-    hvps: int
+    def read(self, *more: Tensor) -> tuple[SolveResult, list[float]]:
+        """This result with host figures (``info`` from ``reason``), and the values of ``more`` (flattened), read
+        together in one host sync."""
+        names = [f for f in ("residual", "iterations", "reason") if isinstance(getattr(self, f), Tensor)]
+        n = sum(t.numel() for t in more)
+        flat = [t.reshape(-1).to(self.x.dtype) for t in (*more, *(getattr(self, f) for f in names))]
+        values = torch.cat(flat).tolist() if flat else []
+        if not names:
+            return self, values
+        host = dict(zip(names, values[n:]))
+        residual, reason = host.get("residual", self.residual), host.get("reason", self.reason)
+        info = self.info or ("" if reason is None else REASONS[int(reason)])
+        extra = {**self.extra, **(series_scalars(residual) if self.series else {})}
+        iterations = int(host.get("iterations", self.iterations))
+        return replace(self, iterations=iterations, residual=residual, info=info, extra=extra, reason=reason), values[
+            :n
+        ]
 
 
 REASONS = ("max iterations", "converged", "non-positive curvature", "singular")
@@ -172,14 +180,13 @@ class Neumann:
             x, self.iterations, self.iterations + self.residual, res, mixed=m_total, extra=series_scalars(res)
         )
 
-    def solve_tensors(self, op: LinearOperator, b: Tensor, x0: Tensor | None = None) -> TensorSolve:
+    def solve_tensors(self, op: LinearOperator, b: Tensor, x0: Tensor | None = None) -> SolveResult:
         """The same solve with no host sync (for a compiled hypergradient); no mixed map."""
         if x0 is not None:
             return FixedPoint(self.iterations, self.alpha, self.residual).solve_tensors(op, b, x0)
         x, r, _ = self._iterate(op, b, mixed=False)
-        return TensorSolve(
-            x, None if r is None else _relative_tensor(r, b), self.iterations, 0, self.iterations + self.residual
-        )
+        res = None if r is None else _relative_tensor(r, b)
+        return SolveResult(x, self.iterations, self.iterations + self.residual, res, series=True)
 
     def _iterate(
         self, op: LinearOperator, b: Tensor, mixed: bool | None = None
@@ -231,12 +238,11 @@ class FixedPoint:
             u, self.iterations, self.iterations + self.residual, res, mixed=mixed, extra=series_scalars(res)
         )
 
-    def solve_tensors(self, op: LinearOperator, b: Tensor, x0: Tensor | None = None) -> TensorSolve:
+    def solve_tensors(self, op: LinearOperator, b: Tensor, x0: Tensor | None = None) -> SolveResult:
         """The same solve with no host sync (for a compiled hypergradient); no mixed map."""
         u, r, _ = self._iterate(op, b, x0, False)
-        return TensorSolve(
-            u, None if r is None else _relative_tensor(r, b), self.iterations, 0, self.iterations + self.residual
-        )
+        res = None if r is None else _relative_tensor(r, b)
+        return SolveResult(u, self.iterations, self.iterations + self.residual, res, series=True)
 
     def _iterate(
         self, op: LinearOperator, b: Tensor, x0: Tensor | None, mixed: bool
@@ -289,11 +295,11 @@ class ConjugateGradient:
         iterations, why = torch.stack([counted, reason.long()]).tolist()
         return SolveResult(x, iterations, hvps, _relative(r, torch.linalg.vector_norm(b)), REASONS[why], mixed=m_x)
 
-    def solve_tensors(self, op: LinearOperator, b: Tensor, x0: Tensor | None = None) -> TensorSolve:
+    def solve_tensors(self, op: LinearOperator, b: Tensor, x0: Tensor | None = None) -> SolveResult:
         """All ``iterations`` with the stopping rules on the device and no host sync at all (a stopped
         solve is frozen, so the answer equals :meth:`__call__`'s); no mixed map."""
         x, r, _, hvps, counted, reason = self._iterate(op, b, self.iterations + 1, x0, False)
-        return TensorSolve(x, _relative_tensor(r, b), counted, reason, hvps)
+        return SolveResult(x, counted, hvps, _relative_tensor(r, b), reason=reason)
 
     def _iterate(
         self, op: LinearOperator, b: Tensor, every: int, x0: Tensor | None, mixed: bool
@@ -340,8 +346,7 @@ class Exact:
     """Dense solve: form ``H`` (``n`` HVPs, batched) and solve with LU, ``O(n³)`` time, ``O(n²)`` memory.
 
     A singular ``H`` falls back to least squares (the minimum-norm solution); a start ``x0`` is
-    ignored. Refuses above
-    ``max_params`` so a large model does not silently allocate gigabytes.
+    ignored. Refuses above ``max_params`` so a large model does not silently allocate gigabytes.
     """
 
     max_params: int = 20_000
@@ -368,7 +373,7 @@ class Exact:
         res = _relative(H @ x - b, torch.linalg.vector_norm(b))
         return SolveResult(x, 1, op.n, res, info)
 
-    def solve_tensors(self, op: LinearOperator, b: Tensor, x0: Tensor | None = None) -> TensorSolve:
+    def solve_tensors(self, op: LinearOperator, b: Tensor, x0: Tensor | None = None) -> SolveResult:
         """LU on the device, no host sync: ``reason`` 3 when ``H`` is singular (then :meth:`__call__`'s
         least squares is the answer: the caller falls back to it)."""
         if op.n > self.max_params:
@@ -377,7 +382,7 @@ class Exact:
         H = 0.5 * (H + H.T)
         x, status = torch.linalg.solve_ex(H, b)
         singular = (status != 0) | ~torch.isfinite(x).all()
-        return TensorSolve(x, _relative_tensor(H @ x - b, b), 1, torch.where(singular, 3, 1), op.n)
+        return SolveResult(x, 1, op.n, _relative_tensor(H @ x - b, b), "lu", reason=torch.where(singular, 3, 1))
 
 
 def power_iteration(
@@ -439,3 +444,56 @@ class AutoStep:
         result = replace(self.solver, alpha=alpha)(op, b, x0)
         result.extra.update({"solver/alpha": alpha, "solver/lambda_max": lam})
         return result
+
+
+# ------------------------------------------------------------------------------------------- factories
+# An IFT method's solver node (implicit.ift(solver=...)) under the names users type, the defaults the solvers' own.
+Alpha = PositiveFloat | Literal["auto"]
+
+
+def _series(solver: Neumann | FixedPoint, alpha: float | str) -> Solver:
+    """``solver`` with step ``alpha``, or with ``alpha=auto`` an :class:`AutoStep` around it (``1/λ_max``, the IFT
+    method re-estimating it every ``alpha_every`` outer steps; 0.01 stands in until then)."""
+    if alpha == "auto":
+        return AutoStep(replace(solver, alpha=0.01))
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+        raise ValueError(f"alpha must be a number > 0 or auto, got {alpha!r}")
+    if not (alpha > 0 and math.isfinite(alpha)):
+        raise ValueError(f"alpha must be > 0, got {float(alpha)} (or alpha=auto: 1/λ_max by power iteration)")
+    return replace(solver, alpha=float(alpha))
+
+
+def neumann(
+    *, terms: NonNegInt = Neumann.iterations, alpha: Alpha = Neumann.alpha, residual: bool = Neumann.residual
+) -> Solver:
+    """``method=neumann``: ``H⁻¹v ≈ α Σ_{j=0..terms} (I − αH)^j v`` (Lorraine et al. 2020)."""
+    return _series(Neumann(terms, residual=residual), alpha)
+
+
+def t1t2(*, alpha: Alpha = Neumann.alpha, residual: bool = False) -> Solver:
+    """``method=t1t2``: one-step greedy IFT, ``H⁻¹ ≈ αI`` (Luketina et al. 2016): Neumann with 0 terms."""
+    return _series(Neumann(0, residual=residual), alpha)
+
+
+def fixed_point(
+    *,
+    iterations: NonNegInt = FixedPoint.iterations,
+    alpha: Alpha = FixedPoint.alpha,
+    residual: bool = FixedPoint.residual,
+) -> Solver:
+    """``method=fixed_point``: ``u ← u − α(Hu − v)`` (Grazzi et al. 2020)."""
+    return _series(FixedPoint(iterations, residual=residual), alpha)
+
+
+def cg(
+    *,
+    iterations: Annotated[int, Range(ge=1)] = ConjugateGradient.iterations,  # 0 returns u = 0: no implicit term
+    tol: NonNegFloat = ConjugateGradient.tol,
+) -> Solver:
+    """``method=cg``: conjugate gradient on ``Hu = v`` (HOAG, Pedregosa 2016)."""
+    return ConjugateGradient(iterations, tol)
+
+
+def exact(*, max_params: PositiveInt = Exact.max_params) -> Solver:
+    """``method=exact``: a dense solve; ``O(P²)`` memory, ``O(P³)`` time, refused above ``max_params``."""
+    return Exact(max_params)
