@@ -206,3 +206,4 @@ class Experiment:
     settings: RunSettings
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     spec: Any = None  # the config it was built from, if any (checked on resume)
+    runtime: Any = None  # hoexp.engine.runtime.Runtime (precision, compile, process group); None: eager, one process
