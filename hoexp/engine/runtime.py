@@ -209,3 +209,7 @@ class SyncedTask:
             return outputs(*self._synced(w, raw, batch))
 
         return synced_outputs, output_loss, penalty
+
+    def mean_across_ranks(self, x: Tensor) -> Tensor:
+        """The mean of ``x`` over the ranks (differentiable): what a method averages itself (PES's particle losses)."""
+        return distributed.mean_across_ranks(x)

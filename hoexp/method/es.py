@@ -53,7 +53,6 @@ from torch.func import grad, vmap
 
 from hoexp import tree
 from hoexp.components import BuildContext, PositiveFloat, PositiveInt
-from hoexp.engine.distributed import mean_across_ranks
 from hoexp.errors import HoexpError
 from hoexp.method.base import inner_scalars, train_inner
 from hoexp.optim import Optimizer
@@ -153,7 +152,8 @@ def particle_losses(task: Task, params: Tree, raws: dict[str, Tensor], batch: tu
                     for i in range(n)
                 ]
             )
-    return mean_across_ranks(losses)
+    mean = getattr(task, "mean_across_ranks", None)  # the task as a data-parallel run presents it (engine.runtime)
+    return losses if mean is None else mean(losses)
 
 
 def es_estimate(losses: Tensor, directions: Mapping[str, Tensor], sigma: float) -> dict[str, Tensor]:
