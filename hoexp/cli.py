@@ -9,9 +9,9 @@ Set ``HYDRA_FULL_ERROR=1`` to see full tracebacks.
 from __future__ import annotations
 
 import os
-import re
 import signal
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from hoexp.config.compose import (  # noqa: F401 -- the config API, importable from here as before
         CONF_DIR,
         CONF_PKG,
+        Job,
         compose_spec,
         conf_dir,
         config_groups,
@@ -31,7 +32,7 @@ if TYPE_CHECKING:
         validate_job,
         with_config_dir,
     )
-    from hoexp.config.compose import compose as _compose
+    from hoexp.config.compose import compose as _compose  # noqa: F401 -- importable from here as before
 
 # The config API, importable from here as before. It loads torch (seconds), so it is imported when first
 # used, after main() has set up its signal handling: a Ctrl-C or SIGTERM at start-up is then one line.
@@ -133,8 +134,28 @@ def split_hydra_args(args: list[str]) -> tuple[list[str], set[str]]:
 
 
 # ------------------------------------------------------------------------------------- commands
-def _task(cfg) -> float:
-    """The Hydra job: validate, run, return the best validation loss (for sweepers).
+class HydraTask:
+    """The Hydra job function (:func:`run_job`) with the jobs this process composed, validated and built before
+    launching (by their own overrides), so a job it runs is not composed, validated or built again. A launcher
+    that pickles it for a process of its own (``hydra/launcher=parallel``, submitit) sends it without them: there
+    each job validates its config itself."""
+
+    def __init__(self, jobs: Sequence[Job] = ()):
+        self.jobs = {job.key: job for job in jobs}
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"jobs": {}}
+
+    def __call__(self, cfg) -> float:
+        from hydra.core.hydra_config import HydraConfig
+
+        from hoexp.config.compose import job_key
+
+        return run_job(cfg, self.jobs.get(job_key(HydraConfig.get().overrides.task)))
+
+
+def run_job(cfg, job: Job | None = None) -> float:
+    """The Hydra job: run ``job`` (None: validate ``cfg`` first), return the best validation loss (for sweepers).
 
     A run that diverges inside a sweep reports ``inf`` and lets the sweep go on (its summary.json
     says ``diverged``); any other error, or a divergence in a single run, ends with one line, exit 2.
@@ -147,15 +168,20 @@ def _task(cfg) -> float:
     from hoexp.config.run import Diverged, Preempted, run_experiment
     from hoexp.engine import distributed
 
+    launched, ctx = distributed.launched(), distributed.Context()  # the job's processes: read once, handed down
     try:
-        spec = validate(cfg)
-        if distributed.launched().active:  # torchrun joined in cmd_run; a multi-task SLURM job joins here
-            distributed.init(spec.run.device)
+        spec = job.spec if job is not None else validate(cfg)
+        if launched.active:  # torchrun joined in cmd_run; a multi-task SLURM job joins here
+            ctx = distributed.init(spec.run.device)
         multirun = HydraConfig.get().mode == RunMode.MULTIRUN
         if multirun and spec.run.resume == "true":
             spec.run.resume = "auto"  # a sweep resumes as a whole: jobs that never started (or checkpointed) start
         out_dir = HydraConfig.get().runtime.output_dir
-        summary = run_experiment(spec, out_dir, config_text=OmegaConf.to_yaml(cfg), **advice.resume_advice(multirun))
+        prebuilt = job.prebuilt if job is not None else None
+        text = OmegaConf.to_yaml(cfg)
+        summary = run_experiment(
+            spec, out_dir, config_text=text, dist=ctx, prebuilt=prebuilt, **advice.resume_advice(multirun)
+        )
     except Diverged as e:
         if HydraConfig.get().mode == RunMode.MULTIRUN and os.environ.get("HYDRA_FULL_ERROR") != "1":
             print(f"hoexp: warning: job {HydraConfig.get().job.num} diverged ({e}); the sweep goes on", file=sys.stderr)
@@ -169,195 +195,63 @@ def _task(cfg) -> float:
         fail(str(e), e.exit_code, e)
     except Exception as e:  # a data-parallel rank's own failure ends the job with one line (one process: traceback)
         raise_if_stopped()  # a failure after a signal whose exception a library swallowed: the stop, in one line
-        if not distributed.launched().active or os.environ.get("HYDRA_FULL_ERROR") == "1":
+        if not launched.active or os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         fail(f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}", 1, e)
     finally:
-        distributed.finish(distributed.current())
+        distributed.finish(ctx)
     return float(summary["best"].get("val_loss", float("nan")))
 
 
-def check_output_dir(overrides: list[str], multirun: bool) -> None:
-    """The run (or sweep) folder must be creatable: its nearest existing ancestor a writable folder."""
-    key = "hydra.sweep.dir=" if multirun else "hydra.run.dir="
-    given = [o.split("=", 1)[1] for o in overrides if o.startswith(key)]
-    target = Path(given[-1] if given else "outputs").expanduser().absolute()
-    probe = target
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir():
-        raise ConfigError(
-            f"cannot create the output folder {target}: {probe} is a file; choose another folder with {key}<path>"
-        )
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise ConfigError(
-            f"cannot write to {probe} (for the output folder {target}); choose a writable folder with {key}<path>"
-        )
-
-
-def claim_output_dir(overrides: list[str], multirun: bool, cfg) -> list[str]:
-    """The override that gives this run (sweep) a folder of its own: the configured ``hydra.run.dir``
-    (``hydra.sweep.dir``), created now, or that name plus ``-2``, ``-3``, ... when another start took it
-    (runs started in the same second). ``[]`` when the command names its folder, which must then be new,
-    empty or hoexp's own (:func:`hoexp.engine.rundir.adopt`; refused before Hydra writes anything into it).
-    ``cfg``: the first job's config with Hydra's node."""
-    from omegaconf import OmegaConf
-
-    from hoexp.engine import rundir
-
-    key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
-    path = str(OmegaConf.select(cfg, key))
-    try:
-        if any(o.lstrip("+~").startswith(key + "=") for o in overrides):  # before Hydra writes .hydra/ there
-            rundir.adopt(path or ".", key=key, sweep=multirun)
-            return []
-        folder = rundir.claim(path)
-    except OSError as e:
-        raise ConfigError(
-            f"cannot create the output folder {Path(path).absolute()} ({e.strerror}); choose another folder "
-            f"with {key}=<path>"
-        ) from None
-    text = str(folder)
-    return [f"{key}={text}" if re.fullmatch(r"[\w./:-]+", text) else f"{key}='{text}'"]
-
-
-def launched_ranks() -> int:
-    """The number of processes this command was started as (torchrun, or a multi-task SLURM step); 0 for one."""
-    from hoexp.engine import distributed
-
-    ctx = distributed.launched()
-    return ctx.world_size if ctx.active else 0
-
-
-def join_job(overrides: list[str], multirun: bool, cfg) -> list[str]:
-    """One run on several processes (``torchrun -m hoexp run``): join the process group, then rank 0 claims the
-    run folder (:func:`claim_output_dir`) and every rank takes the same; only rank 0 lets Hydra write ``.hydra/``."""
-    from hoexp.engine import distributed
-
-    if multirun:
-        raise ConfigError(
-            f"hoexp run -m under torchrun ({launched_ranks()} processes) would run every job of the "
-            "sweep on all of them; run one job per torchrun, or sweep with hydra/launcher=slurm_ddp "
-            "(one task per GPU per job)"
-        )
-    ctx = distributed.init(str(cfg.device))
-    claim: list[str] | str = []
-    if ctx.is_main:
-        try:
-            claim = claim_output_dir(overrides, multirun, cfg)
-        except ConfigError as e:
-            distributed.broadcast(str(e), ctx)
-            raise
-    claim = distributed.broadcast(claim, ctx)
-    if isinstance(claim, str):  # rank 0 could not create the folder (and says so)
-        raise distributed.PeerLost(claim, reported=True)
-    return [*claim, *([] if ctx.is_main else ["hydra.output_subdir=null"])]
-
-
-def check_launcher_tasks(cfg, jobs: list[list[str]]) -> None:
-    """A launcher with several tasks per job (``hydra/launcher=slurm_ddp``) runs each job data-parallel: every
-    job's method must support it (refused in one line before anything is submitted)."""
-    from hoexp.config import validate
-    from hoexp.config.build import check_distributed
-
-    launcher = cfg.hydra.launcher
-    tasks = int(launcher.get("tasks_per_node", 1) or 1) * int(launcher.get("nodes", 1) or 1)
-    if tasks > 1:
-        for job in jobs:
-            check_distributed(validate(_compose(job)), tasks)
-
-
-def compose_with_hydra(overrides: list[str]):
-    """The first job's config with Hydra's node; an unknown ``hydra/<group>`` option (e.g. a launcher) is one
-    line listing the valid ones, as for hoexp's own groups."""
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    from hoexp.config.compose import explain_composition_error
-
-    try:
-        return _compose(overrides, hydra=True)
-    except (HydraException, OmegaConfBaseException) as e:
-        message = str(e)
-        m = re.search(r"Could not find '(hydra/[^']+)/([^'/]+)'", message)
-        listed = re.search(r"Available options in '[^']+':\n((?:\t.*\n?)+)", message)
-        if m and listed:  # Hydra's own groups (launchers from plugins): the options Hydra lists
-            options = ", ".join(line.strip() for line in listed.group(1).splitlines() if line.strip())
-            raise ConfigError(f"unknown {m.group(1)} '{m.group(2)}'; choose one of: {options}") from None
-        raise ConfigError(explain_composition_error(message, overrides)) from None
-
-
-def check_launcher(cfg) -> None:
-    """A SLURM launcher needs SLURM here (submitit looks for ``srun``): else one line, before anything runs."""
-    import shutil
-
-    target = str(cfg.hydra.launcher.get("_target_", ""))
-    if target.endswith("SlurmLauncher") and shutil.which("srun") is None:
-        chosen = cfg.hydra.runtime.choices.get("hydra/launcher") or "slurm"
-        raise ConfigError(
-            f"hydra/launcher={chosen} needs a SLURM cluster (no srun on PATH here); try the same sweep "
-            "locally with hydra/launcher=submitit_local or hydra/launcher=parallel"
-        )
-
-
-def print_configs(jobs: list[list[str]], args: list[str]) -> None:
-    """``--cfg job|hydra|all`` for a sweep (Hydra prints one config only): each job's config in turn."""
-    from omegaconf import OmegaConf
-
-    which = next((args[i + 1] for i, a in enumerate(args[:-1]) if a in ("--cfg", "-c")), "job")
-    for i, job in enumerate(jobs):
-        cfg = _compose(job, hydra=which != "job")
-        node = cfg.hydra if which == "hydra" else cfg
-        print(f"# job {i}: {' '.join(job)}\n{OmegaConf.to_yaml(node, resolve='--resolve' in args)}")
-
-
 def cmd_run(args: list[str]) -> None:
+    """``hoexp run``: every job composed, validated and checked once (:class:`Job`), then Hydra runs them."""
     import hydra
+
+    from hoexp.config.job import (
+        check_launcher,
+        check_launcher_tasks,
+        check_output_dir,
+        claim_output_dir,
+        join_job,
+        launched_ranks,
+        print_configs,
+    )
 
     args = with_config_dir(args)
     overrides, flags = split_hydra_args(args)
     refuse_removed(overrides)
+    prepared: list[Job] = []
     if not flags & {"--help", "-h", "--hydra-help", "--info", "-i", "--shell-completion", "-sc"}:
         multirun = bool(flags & {"-m", "--multirun"})
         search = [o for o in overrides if o.startswith("hydra.searchpath=")]
         jobs = [[*search, *j] for j in expand_sweeps(overrides)] if multirun else [overrides]
         printing = bool(flags & {"--cfg", "-c"})
-        for job in jobs:
-            validate_job(job, device=not printing)  # printing a config runs nothing: a GPU preset prints anywhere
+        ranks = launched_ranks()
+        # The first job's config keeps Hydra's node (launcher, output folder): the sweep's Hydra overrides first.
+        hydra_overrides = [o for o in overrides if o.lstrip("+~").startswith("hydra") and o not in search]
+        for i, job in enumerate(jobs):  # printing a config runs nothing: a GPU preset prints anywhere
+            first = None if printing or i else (hydra_overrides if multirun else [])
+            prepared.append(validate_job(job, device=not printing, world_size=max(ranks, 1), hydra=first))
         raise_if_stopped()  # torch was imported: its C code swallows a signal's exception during the import
         if printing and multirun:
             return print_configs(jobs, args)
         if not printing:
             check_output_dir(overrides, multirun)
-            first = (
-                [*(o for o in overrides if o.lstrip("+~").startswith("hydra") and o not in search), *jobs[0]]
-                if multirun
-                else jobs[0]
-            )
-            cfg = compose_with_hydra(first)
+            cfg = prepared[0].cfg
             check_launcher(cfg)
-            check_launcher_tasks(cfg, jobs)
-            args = [
-                *args,
-                *(
-                    join_job(overrides, multirun, cfg)
-                    if launched_ranks()
-                    else claim_output_dir(overrides, multirun, cfg)
-                ),
-            ]
+            check_launcher_tasks(cfg, prepared)
+            claim = join_job(overrides, multirun, cfg) if ranks else claim_output_dir(overrides, multirun, cfg)
+            args = [*args, *claim]
     sys.argv = ["hoexp run", *args]
     conf_dir()
-    hydra.main(config_path=CONF_PKG, config_name="config", version_base="1.3")(_task)()
+    hydra.main(config_path=CONF_PKG, config_name="config", version_base="1.3")(HydraTask(prepared))()
 
 
-def cmd_check(args: list[str]) -> None:
-    import time
-
-    from hoexp.config.run import thread_policy
+def check_arguments() -> Any:
+    """``hoexp check``'s argument parser (errors in one line)."""
     from hoexp.errors import ArgumentParser
-    from hoexp.tools.check import ITERATIONS, check_options, run_check
+    from hoexp.tools.check import ITERATIONS
     from hoexp.tools.horizon import DEFAULT_CONTENDERS
-    from hoexp.tools.outdir import make_out_dir
 
     ap = ArgumentParser(  # errors in one line
         prog="hoexp check",
@@ -400,7 +294,18 @@ def cmd_check(args: list[str]) -> None:
         help="--horizon: reuse the truth of an earlier horizon.json measured on the same configuration (any methods)",
     )
     ap.add_argument("--out", default=None, help="output folder (default: outputs/check/<date>_<time>)")
-    ns = ap.parse_intermixed_args(args)  # overrides may follow options (--config-dir adds one at the end)
+    return ap
+
+
+def cmd_check(args: list[str]) -> None:
+    import time
+
+    from hoexp.config.run import thread_policy
+    from hoexp.tools.check import check_options, run_check
+    from hoexp.tools.horizon import DEFAULT_CONTENDERS
+    from hoexp.tools.outdir import make_out_dir
+
+    ns = check_arguments().parse_intermixed_args(args)  # overrides may follow options (--config-dir adds one)
     refuse_hydra_overrides("check", ns.overrides)
     iterations, at = check_options(ns.iterations, ns.dense_max, ns.at, ns.eps)
     spec, _ = compose_spec(ns.overrides)

@@ -47,11 +47,33 @@ class InnerState(NamedTuple):
     step: int = 0
 
 
+class Stepper(Protocol):
+    """One plain training step as the run executes it (eager or ``torch.compile``'d, under autocast, fp16-scaled:
+    :meth:`hoexp.engine.runtime.Runtime.step`; the default, :func:`hoexp.method.base.eager_step`).
+
+    Returns the new weights and optimizer state, the loss, and ``‖∇_w L_T‖`` (None unless ``norm``, or where
+    the step was skipped: an fp16 overflow leaves the weights and state as they were)."""
+
+    def __call__(
+        self,
+        task: Task,
+        inner_opt: Optimizer,
+        params: Params,
+        opt_state: dict[str, Any],
+        raw: HParams,
+        batch: tuple,
+        overrides: dict[str, Any],
+        norm: bool = True,
+        /,
+    ) -> tuple[Params, dict[str, Any], Tensor, Tensor | None]: ...
+
+
 class OuterStep(NamedTuple):
     """Everything one hypergradient step gets, as values; the engine drew the batches.
 
     ``train``: the ``inner_steps`` training batches; ``extra``: ``method.extra_batches`` more from the
-    same stream (IFT: the batch of the Hessian and mixed term); ``val``: the outer objective's batch.
+    same stream (IFT: the batch of the Hessian and mixed term); ``val``: the outer objective's batch;
+    ``step``: the run's plain training step, which ``train_inner`` takes (None: eager, in the run's dtype).
     """
 
     task: Task
@@ -62,6 +84,7 @@ class OuterStep(NamedTuple):
     extra: Sequence[tuple]
     val: tuple
     on_step: Callable[[], None] | None = None
+    step: Stepper | None = None
 
     @property
     def inner_steps(self) -> int:
@@ -183,3 +206,4 @@ class Experiment:
     settings: RunSettings
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     spec: Any = None  # the config it was built from, if any (checked on resume)
+    runtime: Any = None  # hoexp.engine.runtime.Runtime (precision, compile, process group); None: eager, one process

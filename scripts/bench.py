@@ -89,9 +89,10 @@ from hoexp import tree
 from hoexp.cli import compose_spec
 from hoexp.config.build import build, build_method
 from hoexp.config.run import thread_policy
+from hoexp.engine.runtime import Runtime
 from hoexp.engine.state import start
 from hoexp.errors import run_main
-from hoexp.method.base import InnerState, compiled_step, train_inner
+from hoexp.method.base import InnerState, train_inner
 from hoexp.method.base import outer_step as method_step
 from hoexp.method.functional import FunctionalOperator, hvp_fwd_rev
 from hoexp.method.ift import HessianOperator
@@ -337,7 +338,7 @@ def time_problem(problem: str, args: argparse.Namespace, log: Callable[[str], No
         "hvp_fwd_rev": functools.partial(fr_op.matvec, v),
     }
     if problem in args.compile.split(","):  # compile=true's training step, timed beside the eager one
-        fn = compiled_step(prob, exp.inner_opt)
+        fn = Runtime(compile=True).compiled_step(prob, exp.inner_opt)
         raw = tree.detached(ctx.raw)
         overrides = prob.family.optimizer_overrides(raw, 0)
         t0 = time.perf_counter()

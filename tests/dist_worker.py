@@ -46,10 +46,9 @@ def outer_step(name: str, sync: bool = True) -> dict[str, torch.Tensor]:
     from hoexp.task.streams import FullBatch
 
     spec = compose_spec([*BASE, *CASES[name]])[0]
-    exp = build(spec)
     ctx = distributed.current()
-    if not sync:
-        exp.problem.sync = None
+    exp = build(spec, ctx)
+    task = exp.runtime.task(exp.problem) if sync else exp.problem  # synced: derivatives averaged over the ranks
     params = {k: v.detach().clone() for k, v in exp.model.named_parameters()}
     raw = exp.problem.family.init(params)
     stream = exp.problem.with_noise(FullBatch(exp.data.train), 0)
@@ -58,14 +57,7 @@ def outer_step(name: str, sync: bool = True) -> dict[str, torch.Tensor]:
         stream = distributed.ShardedStream(stream, 0, exp.problem.model, ctx)
         val = distributed.shard_batch(val, 0, exp.problem.model, ctx)
     hg, state, _ = method_step(
-        build_method(spec),
-        exp.problem,
-        exp.inner_opt,
-        InnerState(params, exp.inner_opt.init(params)),
-        raw,
-        stream,
-        val,
-        3,
+        build_method(spec), task, exp.inner_opt, InnerState(params, exp.inner_opt.init(params)), raw, stream, val, 3
     )
     return {**{f"hg/{k}": v for k, v in hg.items()}, **{f"w/{k}": v for k, v in state.params.items()}}
 

@@ -9,11 +9,7 @@ PKG = Path(__file__).resolve().parents[1] / "hoexp"
 PROBLEM = ("task", "method", "hp", "optim", "model", "dataset")
 OUTER = ("hoexp.engine", "hoexp.config", "hoexp.tools", "hoexp.cli", "hoexp.api")
 # Known exceptions, each with its reason; the list may only shrink.
-ALLOWED = {
-    # PES averages its particles' validation losses over data-parallel ranks; the run's distributed context
-    # is to be handed down through the engine's runtime instead (issue 27, engine/runtime.py).
-    ("hoexp.method.es", "hoexp.engine.distributed")
-}
+ALLOWED: set[tuple[str, str]] = set()
 
 
 # Known import cycles, each with its reason; the set may only shrink.

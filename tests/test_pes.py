@@ -233,11 +233,11 @@ def test_particles_restart_with_the_inner_run_and_refusals():
         assert "\n" not in str(e.value)
 
 
-def test_data_parallel_needs_the_loop(monkeypatch):
-    monkeypatch.setenv("RANK", "0")
-    monkeypatch.setenv("WORLD_SIZE", "2")
+def test_data_parallel_needs_the_loop():
+    from hoexp.engine.distributed import Context
+
     with pytest.raises(ConfigError, match="method=pes does not run data-parallel .*method.vectorize=false") as e:
-        build(compose_spec(["method=pes", "model.width=8"])[0])
+        build(compose_spec(["method=pes", "model.width=8"])[0], Context(rank=0, world_size=2))  # 2 processes
     assert "\n" not in str(e.value)
 
 

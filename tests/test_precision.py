@@ -39,8 +39,9 @@ def test_bf16_inner_steps_train_and_leave_the_hypergradient_in_fp32():
         return out
 
     problem.logits = recording
+    inner = InnerState(params, exp.inner_opt.init(params))
     hg, state, stats = outer_step(
-        build_method(spec), problem, exp.inner_opt, InnerState(params, exp.inner_opt.init(params)), raw, stream, val, 40
+        build_method(spec), problem, exp.inner_opt, inner, raw, stream, val, 40, step=exp.runtime.step()
     )
     inner, hyper = calls[:40], calls[40:]
     assert all(c == (True, torch.bfloat16) for c in inner)  # the 40 training steps: autocast, bf16 logits
@@ -50,7 +51,7 @@ def test_bf16_inner_steps_train_and_leave_the_hypergradient_in_fp32():
         h.dtype == torch.float32 for h in hg.values()
     )
     # The hypergradient is the float32 one at the weights the bf16 steps reached.
-    problem.logits, problem.precision = logits, None
+    problem.logits = logits
     batch = next(problem.with_noise(FullBatch(exp.data.train), 0))  # full batch: the method's Hessian batch
     ref, _ = ift_hypergradient(
         SplitLoss(*problem.train_parts(batch)),
@@ -65,18 +66,19 @@ def test_bf16_inner_steps_train_and_leave_the_hypergradient_in_fp32():
 def test_fp16_scales_the_loss_and_skips_overflowing_steps():
     spec, exp, params, raw = _setup("precision=fp16")
     problem = exp.problem
-    problem.precision = Precision("fp16", "cpu", init_scale=2.0**40, growth_interval=3)  # overflows fp16
+    precision = exp.runtime.precision = Precision("fp16", "cpu", init_scale=2.0**40, growth_interval=3)  # overflows
+    step = exp.runtime.step()
     stream = problem.with_noise(FullBatch(exp.data.train), 0)
     state = InnerState(params, exp.inner_opt.init(params))
-    state, _, _ = train_inner(problem, exp.inner_opt, state, raw, stream, 1)
+    state, _, _ = train_inner(problem, exp.inner_opt, state, raw, stream, 1, step=step)
     assert all(torch.equal(state.params[k], params[k]) for k in params)  # skipped
-    assert problem.precision.state == {"scale": 2.0**39, "good": 0}
+    assert precision.state == {"scale": 2.0**39, "good": 0}
     before = float(problem.train_loss(params, raw, next(stream)))
-    state, loss, _ = train_inner(problem, exp.inner_opt, state, raw, stream, 60)
-    assert problem.precision.scale() < 2.0**39 and float(loss) < 0.8 * before
-    good = dict(problem.precision.state)
-    problem.precision.load_state_dict(problem.precision.state_dict())
-    assert problem.precision.state == good
+    state, loss, _ = train_inner(problem, exp.inner_opt, state, raw, stream, 60, step=step)
+    assert precision.scale() < 2.0**39 and float(loss) < 0.8 * before
+    good = dict(precision.state)
+    precision.load_state_dict(precision.state_dict())
+    assert precision.state == good
 
 
 def test_precision_is_refused_where_it_cannot_apply():

@@ -11,11 +11,14 @@ each with the one runtime argument its group receives (:mod:`hoexp.components`):
 6. ``problem = data.problem(model, family)``;
 7. compatibility from what the objects declare (``moves_optimum``, ``needs_stationary_point``,
    ``pathwise`` / ``needs_pathwise_hp``, ``differentiates_steps``, ``refuses_data_parallel``, an optional
-   ``method.check``), so a bad combination fails in one line before training starts.
+   ``method.check``), so a bad combination fails in one line before training starts;
+8. the run's :class:`~hoexp.engine.runtime.Runtime` (device, the process group's context handed in,
+   precision, compile): the task is left as its factory made it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +27,9 @@ from torch import nn
 
 from hoexp.components import BuildContext, CheckContext, DataContext
 from hoexp.config import Spec
+from hoexp.engine import distributed
+from hoexp.engine.precision import Precision
+from hoexp.engine.runtime import Runtime
 from hoexp.errors import ConfigError
 from hoexp.hp.base import HyperFamily
 from hoexp.hp.composite import Composite
@@ -67,11 +73,22 @@ def build_model(spec: Spec, data: Any) -> nn.Module:
     return model.to(getattr(torch, spec.run.dtype))
 
 
-def build_family(spec: Spec, ctx: BuildContext) -> HyperFamily:
-    """The tuned family (a :class:`Composite` when ``hp`` names several)."""
+@dataclass
+class Prebuilt:
+    """What :func:`preflight` built from a spec without data or model, for :func:`build` to use rather than build
+    again: the optimizers, the model-free families (None where partial) and the method (None where partial)."""
+
+    inner_opt: Optimizer
+    outer_opt: Optimizer
+    families: list[Any]
+    method: HyperMethod | None
+
+
+def build_family(spec: Spec, ctx: BuildContext, prebuilt: Sequence[Any] = ()) -> HyperFamily:
+    """The tuned family (a :class:`Composite` when ``hp`` names several); ``prebuilt``: the model-free ones."""
     families: list[HyperFamily] = []
-    for h in spec.hp:
-        families.append(h.build(ctx))
+    for i, h in enumerate(spec.hp):
+        families.append(prebuilt[i] if i < len(prebuilt) and prebuilt[i] is not None else h.build(ctx))
         ctx = replace(ctx, families=tuple(families))
     return families[0] if len(families) == 1 else Composite(tuple(families))
 
@@ -84,13 +101,10 @@ def build_method(spec: Spec, ctx: BuildContext | None = None) -> HyperMethod:
     return spec.method.build(ctx) if ctx is not None else build(spec).method
 
 
-def make_optimizer(component: Any) -> Optimizer:
-    return component.build()
-
-
-def check_compatibility(spec: Spec, method: HyperMethod, family: Any, ctx: CheckContext) -> None:
+def check_compatibility(spec: Spec, method: HyperMethod, family: Any, ctx: CheckContext, world_size: int = 1) -> None:
     """What the objects declare, enforced before anything runs; refusals name what works. ``family``: the built
-    family, or (before a run, :func:`preflight`) the classes the hp factories declare they return."""
+    family, or (before a run, :func:`preflight`) the classes the hp factories declare they return; ``world_size``:
+    the processes the run is to have (data-parallel above 1)."""
     name = getattr(method, "name", spec.method.name)
     check = getattr(method, "check", None)  # method-specific limits (dense solve size, tangents, optimizer)
     if check is not None:
@@ -116,7 +130,7 @@ def check_compatibility(spec: Spec, method: HyperMethod, family: Any, ctx: Check
             "fixed_point, exact, t1t2), fd or none"
         )
     check_precision(spec, method)
-    check_distributed(spec, method=method)
+    check_distributed(spec, world_size, method=method)
 
 
 def check_pathwise(name: str, method: HyperMethod, members: list[Any]) -> None:
@@ -157,13 +171,10 @@ def check_precision(spec: Spec, method: HyperMethod) -> None:
         )
 
 
-def check_distributed(spec: Spec, world_size: int = 0, method: HyperMethod | None = None) -> None:
-    """A data-parallel run (``torchrun``, a multi-task SLURM job, or ``world_size`` > 1: a sweep for such a
+def check_distributed(spec: Spec, world_size: int, method: HyperMethod | None = None) -> None:
+    """A data-parallel run (``world_size`` > 1: ``torchrun``, a multi-task SLURM job, or a sweep for such a
     launcher): only methods whose every derivative goes through the synced losses (``refuses_data_parallel``
     empty). ``method`` None: built here when it needs no runtime context."""
-    from hoexp.engine import distributed
-
-    world_size = world_size or distributed.launched().world_size
     if world_size < 2:
         return
     if method is None and not spec.method.partial:
@@ -200,6 +211,7 @@ class Experiment:
     inner_opt: Optimizer
     outer_opt: Optimizer
     settings: RunSettings  # the loop's settings, from spec.run (what hoexp.run reads)
+    runtime: Runtime  # how this process runs it: device, process group, precision, compile cache
 
     @property
     def task(self) -> Task:
@@ -207,51 +219,55 @@ class Experiment:
         return self.problem
 
 
-def build(spec: Spec) -> Experiment:
-    """The objects of one run, built in the order of the module docstring."""
-    from hoexp.engine import distributed
-
-    device = resolve_device(distributed.device_for(spec.run.device, distributed.current()))
-    inner_opt, outer_opt = spec.inner_optim.build(), spec.outer_optim.build()
+def build(spec: Spec, dist: distributed.Context | None = None, prebuilt: Prebuilt | None = None) -> Experiment:
+    """The objects of one run, built in the order of the module docstring. ``dist``: the process group's context
+    (None: one process); ``prebuilt``: what :func:`preflight` built for this spec (None: built here)."""
+    dist = dist if dist is not None else distributed.Context()
+    device = resolve_device(distributed.device_for(spec.run.device, dist))
+    pre = prebuilt if prebuilt is not None else Prebuilt(spec.inner_optim.build(), spec.outer_optim.build(), [], None)
+    inner_opt, outer_opt, method = pre.inner_opt, pre.outer_opt, pre.method
     data = build_data(spec).to(device)
     model = build_model(spec, data).to(device)
     params = dict(model.named_parameters())
     ctx = BuildContext(model, inner_opt, spec.run.inner_steps, spec.run.seed, data)
     try:
-        family = build_family(spec, ctx)
+        family = build_family(spec, ctx, pre.families)
         raw = family.init(params)  # checks that `include` matches something
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    method = build_method(spec, replace(ctx, families=tuple(getattr(family, "families", (family,)))))
+    if method is None or spec.method.partial:
+        method = build_method(spec, replace(ctx, families=tuple(getattr(family, "families", (family,)))))
     problem: Classification = data.problem(model, family)
     check_compatibility(
         spec,
         method,
         family,
         CheckContext(inner_opt, family, sum(p.numel() for p in params.values()), sum(v.numel() for v in raw.values())),
+        dist.world_size,
     )
-    problem.compile = spec.run.compile
-    if spec.run.precision != "fp32":
-        from hoexp.engine.precision import Precision
-
-        problem.precision = Precision(spec.run.precision, device.type)
-    if distributed.current().active:
-        problem.sync = distributed.sync
-    return Experiment(spec, device, data, model, problem, method, inner_opt, outer_opt, RunSettings.from_spec(spec))
+    precision = Precision(spec.run.precision, device.type) if spec.run.precision != "fp32" else None
+    runtime = Runtime(device, dist, precision, spec.run.compile)
+    settings = RunSettings.from_spec(spec)
+    return Experiment(spec, device, data, model, problem, method, inner_opt, outer_opt, settings, runtime)
 
 
-def preflight(spec: Spec, device: bool = True) -> None:
+def preflight(spec: Spec, device: bool = True, world_size: int = 1) -> Prebuilt:
     """Every check :func:`build` makes that needs no data or model: device (unless ``device`` is false: a
     config printed, not run), the optimizers', method's and model-free families' options (their factories run),
     the method against what the families declare (:class:`Declared`), and the method's compile / precision /
-    data-parallel compatibility. Run for each job of a sweep before any job starts;
-    checks that need the model (family × method, sizes) run when the job builds."""
+    data-parallel compatibility (``world_size`` processes). Run for each job of a sweep before any job starts;
+    checks that need the model (family × method, sizes) run when the job builds. Returns what it built, for
+    :func:`build` (a partial family or method needs the model: built there)."""
     if device:
         resolve_device(spec.run.device)
-    inner, _ = spec.inner_optim.build(), spec.outer_optim.build()
+    inner, outer = spec.inner_optim.build(), spec.outer_optim.build()
     families = [h.build() if not h.partial else declared(h) for h in spec.hp]  # model-free ones whole
-    if not spec.method.partial:
-        check_compatibility(spec, spec.method.build(), families, CheckContext(inner))
+    prebuilt = [None if h.partial else f for h, f in zip(spec.hp, families)]
+    if spec.method.partial:
+        return Prebuilt(inner, outer, prebuilt, None)
+    method = spec.method.build()
+    check_compatibility(spec, method, families, CheckContext(inner), world_size)
+    return Prebuilt(inner, outer, prebuilt, method)
 
 
 def declared_type(factory: Any) -> Any:

@@ -1,5 +1,6 @@
 """Composing configs: hoexp's config groups (shipped in the package) plus the users' (``--config-dir``), one job's
-config, and the checks every job of a command passes before anything runs (``validate_job``).
+config, and the checks every job of a command passes before anything runs (``validate_job``: composed once,
+validated once, its method built once, and handed on as a :class:`Job`).
 
 ``compose_spec(overrides, config_dir=None)`` is the in-process entry point for scripts and tests: the checked
 :class:`~hoexp.config.Spec` of ``hoexp run <overrides>`` and its YAML.
@@ -12,7 +13,9 @@ import itertools
 import os
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from hoexp.errors import ConfigError, HoexpError
 
@@ -179,32 +182,79 @@ def _valid_keys(parent: str, overrides: list[str]) -> list[str]:
     return sorted(str(k) for k in keys)
 
 
-def validate_job(overrides: list[str], device: bool = True) -> None:
-    """Compose one job's config and check it completely (``device``: also that the device exists here);
-    raise ConfigError with one line."""
+@dataclass
+class Job:
+    """One job of a command, composed, validated and checked once (:func:`validate_job`): its overrides, its
+    config (with Hydra's node where asked for), the checked :class:`~hoexp.config.Spec`, and what
+    :func:`~hoexp.config.build.preflight` built (:class:`~hoexp.config.build.Prebuilt`: optimizers, method)."""
+
+    overrides: list[str]
+    cfg: Any
+    spec: Any
+    prebuilt: Any = None
+
+    @property
+    def key(self) -> tuple[str, ...]:
+        """The job's own overrides (without Hydra's), as :func:`job_key` writes them."""
+        return job_key(self.overrides)
+
+
+def job_key(overrides: Sequence[str]) -> tuple[str, ...]:
+    """A job's own overrides (without Hydra's) written one way: ours and those Hydra's sweeper hands a job
+    (``hydra.overrides.task``: ``progress=False`` for ``progress=false``) compare equal."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    own = [o for o in overrides if not o.lstrip("+~").startswith("hydra")]
+    return tuple(
+        f"{o.get_key_element()}={o.get_value_element_as_str()}" for o in OverridesParser.create().parse_overrides(own)
+    )
+
+
+def compose_job(overrides: list[str], hydra: bool = False):
+    """:func:`compose`, its errors in one line: an unknown option of hoexp's groups or Hydra's (a launcher) lists
+    the valid ones, an unknown key the keys."""
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        return compose(overrides, hydra=hydra)
+    except (HydraException, OmegaConfBaseException) as e:
+        message = str(e)
+        m = re.search(r"Could not find '(hydra/[^']+)/([^'/]+)'", message)
+        listed = re.search(r"Available options in '[^']+':\n((?:\t.*\n?)+)", message)
+        if m and listed:  # Hydra's own groups (launchers from plugins): the options Hydra lists
+            options = ", ".join(line.strip() for line in listed.group(1).splitlines() if line.strip())
+            raise ConfigError(f"unknown {m.group(1)} '{m.group(2)}'; choose one of: {options}") from None
+        raise ConfigError(explain_composition_error(message, overrides)) from None
+
+
+def validate_job(
+    overrides: list[str], device: bool = True, world_size: int = 1, hydra: Sequence[str] | None = None
+) -> Job:
+    """Compose one job's config (once) and check it completely (``device``: also that the device exists here;
+    ``world_size``: the processes it is to run on); raise ConfigError with one line. ``hydra``: overrides of
+    Hydra's own node, composed in front of the job's; given (even empty), the config keeps Hydra's node."""
+    from omegaconf import OmegaConf
 
     from hoexp.config import validate
     from hoexp.config.build import preflight
 
     refuse_removed(overrides)
-    try:
-        cfg = compose(overrides)
-    except (HydraException, OmegaConfBaseException) as e:
-        raise ConfigError(explain_composition_error(str(e), overrides)) from None
-    preflight(validate(cfg), device=device)
+    cfg = compose_job([*(hydra or ()), *overrides], hydra=hydra is not None)
+    job_cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]) if "hydra" in cfg else cfg
+    spec = validate(job_cfg)
+    return Job(list(overrides), cfg, spec, preflight(spec, device=device, world_size=world_size))
 
 
 def compose_spec(overrides: list[str], config_dir: str | os.PathLike | None = None):
-    """Compose and validate a config in-process (for scripts and tests): the checked Spec and the YAML.
-    ``config_dir``: a folder of your own config groups (``hoexp run --config-dir``)."""
+    """Compose and validate a config in-process (for scripts and tests): the checked Spec and the YAML, checked as
+    ``hoexp run`` checks it in this process's job (data-parallel under torchrun). ``config_dir``: a folder of your
+    own config groups (``hoexp run --config-dir``)."""
     from omegaconf import OmegaConf
 
-    from hoexp.config import validate
+    from hoexp.engine import distributed
 
     if config_dir is not None:
         overrides = with_config_dir([*overrides, "--config-dir", str(config_dir)])
-    validate_job(overrides)
-    cfg = compose(overrides)
-    return validate(cfg), OmegaConf.to_yaml(cfg)
+    job = validate_job(overrides, world_size=distributed.launched().world_size)
+    return job.spec, OmegaConf.to_yaml(job.cfg)

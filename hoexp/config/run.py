@@ -17,7 +17,7 @@ from typing import Any
 from rich.console import Console
 
 from hoexp.config import Spec
-from hoexp.config.build import Experiment, build
+from hoexp.config.build import Experiment, Prebuilt, build
 from hoexp.engine import distributed, rundir
 from hoexp.engine.guards import Diverged
 from hoexp.engine.io import Preempted, RunIO, preemption_signals, thread_policy
@@ -26,6 +26,7 @@ from hoexp.engine.metrics import MetricLogger, read_json, write_json_atomic
 from hoexp.engine.state import restore
 from hoexp.errors import HoexpError
 
+FINAL = ("val_loss", "test_loss", "test_acc")  # the final numbers the run's last line shows, where the task has them
 __all__ = ["Diverged", "Preempted", "Run", "preemption_signals", "run_experiment", "thread_policy"]
 
 
@@ -37,7 +38,8 @@ def task_config(spec: Spec) -> dict[str, Any]:
 class Run:
     """One configured run into ``out_dir``: :meth:`execute` claims the folder, builds and runs (``exp``: what ran).
 
-    ``command``, ``prefix``, ``sweep``: what the advice after a stop says to run (:class:`RunIO`)."""
+    ``command``, ``prefix``, ``sweep``: what the advice after a stop says to run (:class:`RunIO`); ``dist``: the
+    process group's context, handed down once (None: one process); ``prebuilt``: what preflight built for ``spec``."""
 
     def __init__(
         self,
@@ -50,8 +52,12 @@ class Run:
         command: Sequence[str] | None = None,
         prefix: str = "hoexp run",
         sweep: Sequence[str] | None = None,
+        dist: distributed.Context | None = None,
+        prebuilt: Prebuilt | None = None,
     ):
         self.spec, self.out_dir = spec, Path(out_dir)
+        self.dist = dist if dist is not None else distributed.Context()
+        self.prebuilt = prebuilt  # what preflight built for this spec (None: build builds everything)
         self.io = RunIO(
             self.out_dir,
             config=task_config(spec),
@@ -61,6 +67,7 @@ class Run:
             command=command,
             prefix=prefix,
             sweep=sweep,
+            ctx=self.dist,
         )
         self.exp: Experiment | None = None
 
@@ -90,14 +97,14 @@ class Run:
         if ckpt is not None and ckpt.get("status") == "completed" and spec.run.outer_steps <= int(ckpt["step"]):
             io.say(f"hoexp: {self.out_dir} already completed; nothing to resume")
             return distributed.broadcast(self._completed_summary(ckpt) if io.main else None, io.ctx)
-        self.exp = build(spec)
+        self.exp = build(spec, self.dist, self.prebuilt)
         summary = run(self.exp, io, resume=ckpt)
         if io.ctx.active:  # every rank returns rank 0's summary (the others computed theirs but wrote nothing)
             summary = distributed.broadcast(summary, io.ctx)
         f, b = summary["final"], summary["best"]
+        final = " ".join(f"{k}={f[k]:{'.3f' if k.endswith('_acc') else '.4f'}}" for k in FINAL if k in f)
         io.say(
-            f"hoexp: done in {summary['wall_time_s']:.1f}s: final val_loss={f['val_loss']:.4f} "
-            f"test_loss={f['test_loss']:.4f} test_acc={f['test_acc']:.3f}; best val_loss={b['val_loss']:.4f} "
+            f"hoexp: done in {summary['wall_time_s']:.1f}s: final {final}; best val_loss={b['val_loss']:.4f} "
             f"at step {b['step']} → {self.out_dir / 'summary.json'}"
         )
         return summary
@@ -115,7 +122,7 @@ class Run:
                 f"{path} is {why}; write it again from checkpoint.pt with one process: the same command "
                 f"without torchrun (resume=true hydra.run.dir={self.out_dir})"
             )
-        self.exp = build(self.spec)
+        self.exp = build(self.spec, self.dist, self.prebuilt)
         state = restore(self.exp, ckpt)
         state.started = time.perf_counter()  # elapsed: the checkpoint's, not this command's
         self.io.status, self.io.resumes = "completed", list(ckpt.get("resumes") or [])

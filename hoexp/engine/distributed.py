@@ -5,7 +5,7 @@ Every rank draws the same global minibatch (the batch streams are seeded alike) 
 (:func:`shard_batch`: ``1/N`` of the examples, with their dropout noise). The losses stay local,
 ``L^r(w, λ)`` on rank ``r``'s shard, and the global loss is their mean, ``L = (1/N) Σ_r L^r`` (equal
 shards, mean losses). What makes every derivative global is :func:`sync`, applied to the weights and
-hyperparameters where a data loss reads them (``Problem.sync``, set by ``hoexp.config.build``): an autograd
+hyperparameters where a loss reads them (``hoexp.engine.runtime.SyncedTask``, the task as methods see it): an autograd
 node that is the identity forward and averages its gradient over the ranks backward,
 
     ∂L/∂w = (1/N) Σ_r ∂L^r/∂w        (one all-reduce of the gradient),

@@ -1,7 +1,8 @@
 """Evaluation and the numbers logged after each outer step; the run's summary.
 
-One host sync per evaluation: the task returns its metrics as 0-d tensors (train/val/test loss and
-accuracy), read together.
+One host sync per evaluation: the task returns its metrics as 0-d tensors, named ``<split>_<what>``, read
+together. The engine needs only ``train_loss`` (divergence) and ``val_loss`` (the best step); everything else
+(a classifier's accuracies, a test split) is logged as the task names it.
 """
 
 from __future__ import annotations
@@ -21,9 +22,9 @@ from hoexp.types import Runnable
 
 
 def evaluate(task: Any, params: Mapping[str, Tensor], raw: Mapping[str, Tensor] | None = None) -> dict[str, float]:
-    """Data loss and accuracy on every split, the task's metrics of the hyperparameters ``raw`` where it has
-    ``hp_metrics`` (per-example weights: the F1 of the flagged noisy labels), and what the task derives from
-    them (perplexity), one host sync."""
+    """The task's metrics on its splits, its metrics of the hyperparameters ``raw`` where it has ``hp_metrics``
+    (per-example weights: the F1 of the flagged noisy labels), and what it derives from them (perplexity), one
+    host sync."""
     values = task.evaluate_all(params)
     if raw is not None and hasattr(task, "hp_metrics"):
         values = {**values, **task.hp_metrics(raw)}
@@ -51,9 +52,9 @@ def log_step(
         check_train_loss(metrics, step)
         state.evals.append({"step": step, **metrics})
         for k, v in metrics.items():
-            split, what = k.split("_")
-            scalars[f"{what}/{split}"] = v
-        fields = {"val_loss": metrics["val_loss"], "val_acc": metrics["val_acc"]}
+            split, _, what = k.partition("_")  # val_loss → loss/val; a name without a split stays as it is
+            scalars[f"{what}/{split}" if what else k] = v
+        fields = {k: metrics[k] for k in ("val_loss", "val_acc") if k in metrics}
     values = hp_in_use(exp, state)
     if values.numel():
         scalars.update(tensor_stats("hp", values))

@@ -149,7 +149,8 @@ def save(obj: Any, path: Path) -> None:
 class RunIO:
     """The run folder ``out_dir`` (None: no files) and what goes to it; the console; the run's status.
 
-    ``config``: the composed config without Hydra's node, stored in checkpoints and compared on resume.
+    ``config``: the composed config without Hydra's node, stored in checkpoints and compared on resume;
+    ``ctx``: the process group's context (None: one process).
     """
 
     def __init__(
@@ -163,6 +164,7 @@ class RunIO:
         command: Sequence[str] | None = None,
         prefix: str = "hoexp run",
         sweep: Sequence[str] | None = None,
+        ctx: distributed.Context | None = None,
     ):
         self.out_dir = None if out_dir is None else Path(out_dir)
         # The advice after a stop (hoexp.engine.advice): ``command``, the overrides that repeat this run with ``prefix``
@@ -170,7 +172,7 @@ class RunIO:
         # when that sweep runs in this process (its other jobs then wait for that command).
         self.command, self.prefix, self.sweep = command, prefix, sweep
         self.config, self.config_text = config or {}, config_text
-        self.ctx = distributed.current()
+        self.ctx = ctx if ctx is not None else distributed.Context()  # the process group's, handed in
         self.main = self.ctx.is_main
         self.console = (console or Console(stderr=True)) if self.main else Console(stderr=True, quiet=True)
         self.extra_loggers = list(loggers or []) if self.main else []

@@ -17,6 +17,7 @@ from hoexp.engine.evaluate import labels, log_step, summarize
 from hoexp.engine.guards import outer_update
 from hoexp.engine.io import Preempted, RunIO, final_state, num_weights, outcome, preemption_signals, thread_policy
 from hoexp.engine.progress import RunProgress, make_progress
+from hoexp.engine.runtime import runtime_of
 from hoexp.engine.state import RunState, reset_inner, restore, snapshot, start
 from hoexp.method.base import take
 from hoexp.method.implicit import NoHO
@@ -29,7 +30,8 @@ def run(
     """Run ``exp`` from its start (or from the checkpoint ``resume``) to ``exp.settings.outer_steps``; returns the
     summary (also written to ``summary.json`` when ``io`` has a folder). Raises what ended the run early
     (:class:`~hoexp.engine.guards.Diverged`, :class:`~hoexp.engine.io.Preempted`, ...) after writing it down."""
-    io = io if io is not None else RunIO()
+    runtime = runtime_of(exp)
+    io = io if io is not None else RunIO(ctx=runtime.dist)
     s, state, error, failed_write = exp.settings, None, None, None
     with thread_policy(s.threads, exp.device, num_weights(exp.task)) as threads, preemption_signals() as signals:
         io.open_loggers(None if resume is None else int(resume["step"]))
@@ -98,7 +100,8 @@ def warming_up(s: RunSettings, evals: list[dict[str, float]], step: int) -> bool
 def loop(exp: Runnable, state: RunState, io: RunIO, progress: RunProgress, check: Any = None) -> None:
     """Outer steps ``state.step + 1 .. outer_steps``, each: train, hypergradient, outer update, log, checkpoint;
     ``check()`` after each (raises for a signal whose exception was swallowed)."""
-    s = exp.settings
+    s, runtime = exp.settings, runtime_of(exp)
+    task, plain_step = runtime.task(exp.task), runtime.step()  # the losses as this run computes them, its step
     with progress:
         for step in range(state.step + 1, s.outer_steps + 1):
             progress.start_outer(step)
@@ -110,7 +113,7 @@ def loop(exp: Runnable, state: RunState, io: RunIO, progress: RunProgress, check
             method = PLAIN if warming_up(s, state.evals, step) else exp.method
             res = method(
                 OuterStep(
-                    exp.task,
+                    task,
                     exp.inner_opt,
                     state.inner,
                     state.raw,
@@ -118,6 +121,7 @@ def loop(exp: Runnable, state: RunState, io: RunIO, progress: RunProgress, check
                     take(state.train, method.extra_batches),
                     next(state.val),
                     progress.advance_inner,
+                    plain_step,
                 )
             )
             state.inner, scalars = res.inner, dict(res.scalars)

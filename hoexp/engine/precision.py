@@ -1,6 +1,6 @@
 """Mixed precision for the inner training steps: ``precision=bf16|fp16|fp32``.
 
-Plain training steps (``hoexp.method.base.train_inner`` and the compiled step) compute the training
+Plain training steps (the run's step, ``hoexp.engine.runtime.Runtime.step``, eager or compiled) compute the training
 loss under ``torch.autocast`` (matrix products in bfloat16 / float16, reductions and the loss in
 float32); the weights, their gradients and the optimizer state stay in the run's float32. Everything
 else stays in float32 too: the hypergradient's gradients, Hessian-vector products, solves, mixed

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from hoexp import tree
-from hoexp.engine import distributed
+from hoexp.engine.runtime import runtime_of
 from hoexp.method.base import CarriesState
 from hoexp.task.base import BatchStream
 from hoexp.types import HParams, InnerState, Params, Runnable
@@ -89,11 +89,7 @@ def start(exp: Runnable) -> RunState:
     raw0 = hp_view(task, raw).detach().clone()
     initial = {k: v.clone() for k, v in params.items()}
     inner, outer_state = InnerState(params, exp.inner_opt.init(params)), exp.outer_opt.init(raw)
-    train, val = task.train_stream(s.seed), task.val_stream(s.seed, s.outer_objective)
-    ctx = distributed.current()
-    if ctx.active:  # every rank draws the global batches and keeps its shard
-        train = distributed.ShardedStream(train, task.batch_dim, task.model, ctx)
-        val = distributed.ShardedStream(val, task.batch_dim, task.model, ctx)
+    train, val = runtime_of(exp).streams(task, s.seed, s.outer_objective)
     return RunState(0, inner, raw, outer_state, train, val, initial, raw0)
 
 
@@ -108,7 +104,6 @@ def reset_inner(exp: Runnable, state: RunState) -> InnerState:
 
 def snapshot(exp: Runnable, state: RunState) -> dict[str, Any]:
     """References to everything a checkpoint holds after ``state.step`` (no copies)."""
-    precision = getattr(exp.task, "precision", None)
     return {
         "step": state.step,
         "params": state.inner.params,
@@ -125,7 +120,7 @@ def snapshot(exp: Runnable, state: RunState) -> dict[str, Any]:
         "raw0": state.raw0,
         "torch_rng": torch.get_rng_state(),
         "method_state": exp.method.state_dict() if isinstance(exp.method, CarriesState) else {},
-        "precision_state": precision.state_dict() if precision else {},
+        "precision_state": runtime_of(exp).state_dict(),
     }
 
 
@@ -156,7 +151,5 @@ def restore(exp: Runnable, ckpt: dict[str, Any]) -> RunState:
     torch.set_rng_state(ckpt["torch_rng"])
     if isinstance(exp.method, CarriesState):
         exp.method.load_state_dict(to_device(ckpt.get("method_state", {}), dev))
-    precision = getattr(exp.task, "precision", None)
-    if precision is not None:  # fp16's loss scale
-        precision.load_state_dict(ckpt.get("precision_state", {}))
+    runtime_of(exp).load_state_dict(ckpt.get("precision_state", {}))  # fp16's loss scale
     return state

@@ -16,7 +16,6 @@ say is taken to need it).
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Protocol, runtime_checkable
 
@@ -25,11 +24,9 @@ from torch import Tensor
 from torch.func import grad_and_value
 
 from hoexp import tree
-from hoexp.errors import HoexpError
-from hoexp.method.compiling import quiet_compile
 from hoexp.optim import Optimizer
 from hoexp.task.base import Task
-from hoexp.types import InnerState, OuterResult, OuterStep
+from hoexp.types import InnerState, OuterResult, OuterStep, Stepper
 
 
 class HyperMethod(Protocol):
@@ -67,12 +64,14 @@ def outer_step(
     val: tuple,
     inner_steps: int,
     on_step: Callable[[], None] | None = None,
+    step: Stepper | None = None,
 ) -> OuterResult:
     """One outer step of ``method`` on the next ``inner_steps + method.extra_batches`` batches of ``stream``
-    (what the engine does; for scripts and tests that hold a stream)."""
+    (what the engine does; for scripts and tests that hold a stream). ``step``: the plain training step
+    (:attr:`OuterStep.step`; None: eager)."""
     train = take(stream, inner_steps)
     extra = take(stream, method.extra_batches)
-    return method(OuterStep(task, inner_opt, inner, raw, train, extra, val, on_step))
+    return method(OuterStep(task, inner_opt, inner, raw, train, extra, val, on_step, step))
 
 
 def scalars(**tagged: Any) -> dict[str, float]:
@@ -111,46 +110,41 @@ def plain_step(
     raw: dict[str, Tensor],
     batch: tuple,
     overrides: dict[str, Any],
+    *,
+    loss: Callable[..., Tensor] | None = None,
 ) -> tuple[dict[str, Tensor], dict[str, Any], Tensor, Tensor]:
     """One training step as a pure function: ``g = ∇_w L_T(w, λ; batch)``, ``w, s ← update(w, g, s)``.
 
     Returns the new weights and optimizer state, the loss and ``‖g‖``. This is what ``run.compile``
     hands to ``torch.compile`` (``torch.func.grad_and_value``: no autograd state crosses the call).
+    ``loss``: the training loss to differentiate (default ``problem.train_loss``; the run's under autocast).
     """
-    grads, loss = grad_and_value(lambda w: problem.step_loss(w, raw, batch))(params)
+    loss_fn = problem.train_loss if loss is None else loss
+    grads, value = grad_and_value(lambda w: loss_fn(w, raw, batch))(params)
     new_params, new_state = inner_opt.update(params, grads, opt_state, **overrides)
-    return new_params, new_state, loss, tree.norm(grads)
+    return new_params, new_state, value, tree.norm(grads)
 
 
-def compiled_step(problem: Task, inner_opt: Optimizer) -> Callable[..., Any]:
-    """:func:`plain_step` for ``(problem, inner_opt)`` through ``torch.compile``, made once per pair
-    (``problem.compiled`` holds it: the problem owns its compiled code, nothing global).
-
-    The first call compiles (seconds to a minute); a failure there is reported as one line.
-    """
-    key = (inner_opt.name, inner_opt.init, inner_opt.update)  # its functions: `defaults` is a dict
-    fn = problem.compiled.get(key)
-    if fn is None:
-        compiled = torch.compile(functools.partial(plain_step, problem, inner_opt))
-        first = [True]
-
-        def fn(*args: Any) -> Any:
-            if not first[0]:
-                return compiled(*args)
-            try:
-                with quiet_compile():  # tracing and kernels happen here: without their known-harmless messages
-                    out = compiled(*args)
-            except Exception as e:  # a missing C++ compiler, an unsupported operation, ...
-                raise HoexpError(
-                    f"compile=true: torch.compile failed ({type(e).__name__}: "
-                    f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}); run with "
-                    "compile=false"
-                ) from e
-            first[0] = False
-            return out
-
-        problem.compiled[key] = fn
-    return fn
+def eager_step(
+    problem: Task,
+    inner_opt: Optimizer,
+    params: dict[str, Tensor],
+    opt_state: dict[str, Any],
+    raw: dict[str, Tensor],
+    batch: tuple,
+    overrides: dict[str, Any],
+    norm: bool = True,
+    *,
+    loss: Callable[..., Tensor] | None = None,
+) -> tuple[dict[str, Tensor], dict[str, Any], Tensor, Tensor | None]:
+    """The default :class:`~hoexp.types.Stepper`: one plain training step, eager (one forward and backward pass).
+    Returns the new weights and optimizer state, the loss and ``‖g‖`` (None unless ``norm``)."""
+    w = tree.detached(params, requires_grad=True)
+    value = (problem.train_loss if loss is None else loss)(w, raw, batch)
+    grads = dict(zip(w.keys(), torch.autograd.grad(value, list(w.values()))))
+    with torch.no_grad():
+        params, opt_state = inner_opt.update(params, grads, opt_state, **overrides)
+    return params, opt_state, value, (tree.norm(grads) if norm else None)
 
 
 def step_from_gradient(
@@ -173,13 +167,14 @@ def train_inner(
     batches: Iterable[tuple],
     steps: int | None = None,
     on_step: Callable[[], None] | None = None,
+    step: Stepper | None = None,
 ) -> tuple[InnerState, Tensor | None, Tensor | None]:
     """``steps`` plain (non-differentiable) training steps at fixed hyperparameters, on the next batches of
     ``batches`` (a stream, or a sequence: ``steps`` None takes all of it).
 
     Returns the new state and the last step's training loss and gradient norm (0-d tensors,
-    not synced to the host). Cost: one forward and backward pass per step. With
-    ``problem.compile`` each step is :func:`plain_step` compiled by ``torch.compile``.
+    not synced to the host). Cost: one forward and backward pass per step. ``step``: the run's plain
+    step (``OuterStep.step``: compiled, mixed precision); None: :func:`eager_step`.
     """
     if steps is None:
         batches = list(batches)
@@ -187,32 +182,14 @@ def train_inner(
     it = iter(batches)
     raw = tree.detached(raw)
     params, opt_state = state.params, state.opt_state
-    step_fn = compiled_step(problem, inner_opt) if problem.compile else None
-    scaler = problem.precision if problem.precision is not None and problem.precision.scaled else None
+    step_fn = eager_step if step is None else step
     loss = gnorm = None
     for t in range(steps):
-        batch = next(it)
         overrides = problem.family.optimizer_overrides(raw, t)
-        if step_fn is not None:
-            params, opt_state, loss, gnorm = step_fn(params, opt_state, raw, batch, overrides)
-        else:
-            w = tree.detached(params, requires_grad=True)
-            loss = problem.step_loss(w, raw, batch)
-            if scaler is not None:  # fp16: gradients of scale·L, unscaled; an overflowing step is skipped
-                scale = scaler.scale()
-                grads = {k: g / scale for k, g in zip(w.keys(), torch.autograd.grad(loss * scale, list(w.values())))}
-                finite = tree.all_finite(grads.values())
-                scaler.update(finite)
-                if not finite:
-                    if on_step is not None:
-                        on_step()
-                    continue
-            else:
-                grads = dict(zip(w.keys(), torch.autograd.grad(loss, list(w.values()))))
-            with torch.no_grad():
-                params, opt_state = inner_opt.update(params, grads, opt_state, **overrides)
-            if t == steps - 1:  # only the last step's norm is returned
-                gnorm = tree.norm(grads)
+        last = t == steps - 1  # only the last step's norm is returned
+        params, opt_state, loss, norm = step_fn(problem, inner_opt, params, opt_state, raw, next(it), overrides, last)
+        if last:
+            gnorm = norm
         if on_step is not None:
             on_step()
     return InnerState(params, opt_state, state.step + steps), (None if loss is None else loss.detach()), gnorm

@@ -53,12 +53,11 @@ from torch.func import grad, vmap
 
 from hoexp import tree
 from hoexp.components import BuildContext, PositiveFloat, PositiveInt
-from hoexp.engine.distributed import mean_across_ranks
 from hoexp.errors import HoexpError
 from hoexp.method.base import inner_scalars, train_inner
 from hoexp.optim import Optimizer
 from hoexp.task.base import Task
-from hoexp.types import InnerState, OuterResult, OuterStep
+from hoexp.types import InnerState, OuterResult, OuterStep, Stepper
 
 VARIANTS = ("pes", "nres", "tes")
 PERTURBATION_SEED = 2_000_029  # offset of the perturbations' generator from the run's seed (hoexp.task.streams')
@@ -125,14 +124,15 @@ def looped_training(
     rest: dict[str, Any],
     raws: dict[str, Tensor],
     batches: Sequence[tuple],
+    step: Stepper | None = None,
 ) -> tuple[Tree, Tree, dict[str, Any]]:
     """:func:`vmapped_training` one particle at a time, each by :func:`~hoexp.method.base.train_inner` (the
-    central run's plain steps: compiled, mixed-precision or data-parallel where the run is)."""
+    central run's plain steps ``step``: compiled, mixed-precision or data-parallel where the run is)."""
     n = next(iter(raws.values())).shape[0]
     out_w, out_s = [], []
     for i in range(n):
         start = InnerState(_map(lambda t: t[i], params), {**_map(lambda t: t[i], opt_state), **rest})
-        state, _, _ = train_inner(task, inner_opt, start, {k: v[i] for k, v in raws.items()}, batches)
+        state, _, _ = train_inner(task, inner_opt, start, {k: v[i] for k, v in raws.items()}, batches, None, None, step)
         tensors, new_rest = _split_state(state.opt_state)
         out_w.append(state.params)
         out_s.append(tensors)
@@ -152,7 +152,8 @@ def particle_losses(task: Task, params: Tree, raws: dict[str, Tensor], batch: tu
                     for i in range(n)
                 ]
             )
-    return mean_across_ranks(losses)
+    mean = getattr(task, "mean_across_ranks", None)  # the task as a data-parallel run presents it (engine.runtime)
+    return losses if mean is None else mean(losses)
 
 
 def es_estimate(losses: Tensor, directions: Mapping[str, Tensor], sigma: float) -> dict[str, Tensor]:
@@ -244,7 +245,7 @@ class ESMethod:
     def _train(self, st: OuterStep, particles: dict[str, Any], raws: dict[str, Tensor]) -> tuple[Tree, Tree, dict]:
         args = (st.task, st.inner_opt, particles["params"], particles["opt"], dict(particles["rest"]), raws, st.train)
         if not self.vectorize:
-            return looped_training(*args)
+            return looped_training(*args, st.step)
         if self._vmap_checked:
             return vmapped_training(*args)
         try:  # the first call: an operation vmap cannot batch is reported in one line
@@ -258,7 +259,7 @@ class ESMethod:
         return out
 
     def __call__(self, st: OuterStep) -> OuterResult:
-        central, loss, gnorm = train_inner(st.task, st.inner_opt, st.inner, st.raw, st.train, None, st.on_step)
+        central, loss, gnorm = train_inner(st.task, st.inner_opt, st.inner, st.raw, st.train, None, st.on_step, st.step)
         fresh = self.variant == "tes" or "params" not in self.carried
         particles = self._start(st) if fresh else self.carried
         if self.variant == "nres":

@@ -130,7 +130,7 @@ class FiniteDifferenceMethod:
 
     def __call__(self, st: OuterStep) -> OuterResult:
         problem, batch, val_batch = st.task, st.extra[0], st.val
-        state, loss, gnorm = train_inner(problem, st.inner_opt, st.inner, st.raw, st.train, None, st.on_step)
+        state, loss, gnorm = train_inner(problem, st.inner_opt, st.inner, st.raw, st.train, None, st.on_step, st.step)
         hg, s = fd_hypergradient(
             lambda w, lam: problem.train_loss(w, lam, batch),
             lambda w, lam: problem.val_loss(w, lam, val_batch),

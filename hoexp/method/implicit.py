@@ -128,7 +128,7 @@ class ImplicitMethod:
         # Fused: the IFT at the weights before the last inner step, on that step's batch, whose create_graph
         # gradient is also the step's gradient; else at the reached weights, on the batch after them.
         plain = st.train[:-1] if self.fuse_step else st.train
-        state, _, _ = train_inner(st.task, st.inner_opt, st.inner, st.raw, plain, None, st.on_step)
+        state, _, _ = train_inner(st.task, st.inner_opt, st.inner, st.raw, plain, None, st.on_step, st.step)
         train_batch = st.train[-1] if self.fuse_step else st.extra[0]  # the Hessian's and mixed term's batch
         step = int(self.carried.get("step", 0))
         solver = self.solver
@@ -219,7 +219,7 @@ class NoHO:
     refuses_data_parallel: ClassVar[str] = ""
 
     def __call__(self, s: OuterStep) -> OuterResult:
-        state, loss, gnorm = train_inner(s.task, s.inner_opt, s.inner, s.raw, s.train, None, s.on_step)
+        state, loss, gnorm = train_inner(s.task, s.inner_opt, s.inner, s.raw, s.train, None, s.on_step, s.step)
         return OuterResult(None, state, inner_scalars(loss, gnorm))
 
 

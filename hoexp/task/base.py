@@ -47,14 +47,9 @@ class Task(Protocol):
 
     model: nn.Module
     family: HyperFamily
-    compile: bool
-    compiled: dict
-    precision: Any
     batch_dim: int
 
     def train_loss(self, params: Mapping[str, Tensor], raw: Mapping[str, Tensor], batch: tuple) -> Tensor: ...
-
-    def step_loss(self, params: Mapping[str, Tensor], raw: Mapping[str, Tensor], batch: tuple) -> Tensor: ...
 
     def val_loss(self, params: Mapping[str, Tensor], raw: Mapping[str, Tensor], batch: tuple) -> Tensor: ...
 

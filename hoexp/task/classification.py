@@ -35,33 +35,12 @@ class Classification:
 
     model: nn.Module
     family: HyperFamily
-    compile: bool = False  # run.compile: plain training steps through torch.compile (hoexp.method.base)
-    compiled: dict = field(default_factory=dict, repr=False)  # inner optimizer → its compiled step
-    # Data-parallel runs (hoexp.engine.distributed.sync): (params, raw) → the same values through a node that
-    # averages their gradients over the ranks; applied where a data loss reads them. None: one process.
-    sync: Callable[[Mapping[str, Tensor], Mapping[str, Tensor]], tuple[dict, dict]] | None = field(
-        default=None, repr=False
-    )
-    # Inner training steps in mixed precision (hoexp.engine.precision.Precision: autocast, fp16 loss scaling); None:
-    # the run's dtype. Only plain training steps use it (step_loss), never a hypergradient's derivatives.
-    precision: Any = field(default=None, repr=False)
     data: Any = field(default=None, repr=False)  # Splits (LMData for LanguageModel)
     batch_size: int = 0
     val_batch_size: int = 0
     batch_dim = 0  # the examples' dimension of a batch's inputs and targets (data-parallel shards split it)
 
     # ------------------------------------------------------------------------------ losses
-    def synced(
-        self, params: Mapping[str, Tensor], raw: Mapping[str, Tensor], batch: tuple | None = None
-    ) -> tuple[Mapping[str, Tensor], Mapping[str, Tensor]]:
-        """``(params, raw)`` as the data loss of ``batch`` should read them: through ``sync`` in a data-parallel
-        run (``raw`` only where the batch's masks read it; ``batch`` None: never)."""
-        if self.sync is None:
-            return params, raw
-        reads_raw = batch is not None and noise_of(batch) is not None and hasattr(self.family, "masks")
-        w, r = self.sync(params, raw if reads_raw else {})
-        return w, (r if reads_raw else raw)
-
     def batch_size_of(self, x: Tensor) -> int:
         """Examples in a batch's input (the dimension dropout masks are drawn over)."""
         return x.shape[0]
@@ -88,15 +67,7 @@ class Classification:
         return self.family.masks(raw, noise)
 
     def train_loss(self, params: Mapping[str, Tensor], raw: Mapping[str, Tensor], batch: tuple) -> Tensor:
-        w, r = self.synced(params, raw, batch)  # the penalty is the same on every rank: its gradient needs no mean
-        return self.data_loss(w, batch, self.masks(r, batch)) + self.family.penalty(params, raw)
-
-    def step_loss(self, params: Mapping[str, Tensor], raw: Mapping[str, Tensor], batch: tuple) -> Tensor:
-        """The training loss of a plain training step: :meth:`train_loss`, under autocast with ``precision``."""
-        if self.precision is None:
-            return self.train_loss(params, raw, batch)
-        with self.precision.autocast():
-            return self.train_loss(params, raw, batch).float()
+        return self.data_loss(params, batch, self.masks(raw, batch)) + self.family.penalty(params, raw)
 
     def train_parts(self, batch: tuple) -> tuple[Callable, Callable, Callable]:
         """``train_loss(·, ·, batch)`` split as ``(outputs(w, raw), output_loss(z), penalty(w, raw))``:
@@ -104,13 +75,12 @@ class Classification:
         outputs; ``hoexp.method.curvature.SplitLoss``)."""
 
         def outputs(w: Mapping[str, Tensor], raw: Mapping[str, Tensor]) -> Tensor:
-            w, raw = self.synced(w, raw, batch)
             return self.logits(w, batch[0], self.masks(raw, batch))
 
         return outputs, lambda z: self.output_loss(z, batch[1]), self.family.penalty
 
     def val_loss(self, params: Mapping[str, Tensor], raw: Mapping[str, Tensor], batch: tuple) -> Tensor:
-        return self.data_loss(self.synced(params, raw)[0], batch)  # L_V reads no hyperparameter
+        return self.data_loss(params, batch)  # L_V reads no hyperparameter
 
     # ------------------------------------------------------------------------------ data
     def draws_noise(self) -> bool:

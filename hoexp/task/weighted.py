@@ -40,8 +40,7 @@ class ExampleWeighted(Classification):
         labels, index = y[:, 0], y[:, 1]
 
         def outputs(w: Mapping[str, Tensor], raw: Mapping[str, Tensor]) -> Tensor:
-            w, r = self.synced(w, raw, batch)
-            logits = self.logits(w, x, self.masks(r, batch))
+            logits = self.logits(w, x, self.masks(raw, batch))
             return torch.cat(
                 [logits, cast(WeighsExamples, self.family).example_weights(raw, index).to(logits.dtype)[:, None]], dim=1
             )

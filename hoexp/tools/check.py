@@ -160,7 +160,9 @@ def _trained_point(spec: Spec) -> _Point:
     problem = exp.problem
     start_state = start(exp)  # the runner's start: weights, hyperparameters, streams
     raw, batches = start_state.raw, start_state.train
-    state, _, _ = train_inner(problem, exp.inner_opt, start_state.inner, raw, batches, spec.run.inner_steps)
+    state, _, _ = train_inner(
+        problem, exp.inner_opt, start_state.inner, raw, batches, spec.run.inner_steps, step=exp.runtime.step()
+    )
     # The runner's validation stream: the whole split (classification, val_batch_size 0), a seeded minibatch,
     # or a BPTT window of validation text (language models).
     val_batch = next(start_state.val)

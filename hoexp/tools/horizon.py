@@ -156,13 +156,14 @@ def run_horizon(
     base_final = float(problem.evaluate(state.params, exp.data.val)[0])
 
     raw_flat = tree.flatten(raw.values()).detach()
+    plain = exp.runtime.step()
 
     def final_val_loss(ck: _Checkpoint, flat: Tensor) -> float:
         assert ck.state is not None  # a checkpoint in `at`
         lam = tree.unflatten(flat, raw)
         stream, _ = _streams(exp, ck)
         st, _, _ = train_inner(
-            problem, exp.inner_opt, ck.state, lam, stream, (run.outer_steps - ck.step) * run.inner_steps
+            problem, exp.inner_opt, ck.state, lam, stream, (run.outer_steps - ck.step) * run.inner_steps, step=plain
         )
         return float(problem.evaluate(st.params, exp.data.val)[0].double())
 
@@ -234,7 +235,7 @@ def reference_run(
         checkpoints[step] = _Checkpoint(
             step, state if step in at else None, copy.deepcopy(train.state_dict()), copy.deepcopy(val.state_dict())
         )
-        state, _, _ = train_inner(exp.problem, exp.inner_opt, state, raw, train, inner_steps)
+        state, _, _ = train_inner(exp.problem, exp.inner_opt, state, raw, train, inner_steps, step=exp.runtime.step())
         next(val)  # the runner draws one validation batch per outer step
     return checkpoints, state
 
@@ -302,7 +303,7 @@ def _contender_hypergradients(
 ) -> dict[int, Tensor]:
     """The contender's hypergradient at each checkpoint: from the checkpoint's state for stateless
     methods; along its own run from step 0 (no outer updates) for methods that carry state."""
-    problem, run = exp.problem, cspec.run
+    problem, run, plain = exp.problem, cspec.run, exp.runtime.step()
     out: dict[int, Tensor] = {}
     if isinstance(method, CarriesState) and getattr(method, "carries", True):
         state = start(exp).inner  # the start's weights and a fresh optimizer state
@@ -311,7 +312,9 @@ def _contender_hypergradients(
             # Hessian batch: extra_batches) would otherwise train on batches the reference never saw, and its
             # trajectory would drift from the one the truth is measured on.
             train, val = _streams(exp, checkpoints[step])
-            hg, state, _ = outer_step(method, problem, exp.inner_opt, state, raw, train, next(val), run.inner_steps)
+            hg, state, _ = outer_step(
+                method, problem, exp.inner_opt, state, raw, train, next(val), run.inner_steps, step=plain
+            )
             if step in at:
                 out[step] = _flat(hg)
         return out
@@ -319,7 +322,9 @@ def _contender_hypergradients(
         ck = checkpoints[s]
         assert ck.state is not None  # a checkpoint in `at`
         train, val = _streams(exp, ck)
-        hg, _, _ = outer_step(method, problem, exp.inner_opt, ck.state, raw, train, next(val), run.inner_steps)
+        hg, _, _ = outer_step(
+            method, problem, exp.inner_opt, ck.state, raw, train, next(val), run.inner_steps, step=plain
+        )
         out[s] = _flat(hg)
     return out
 
