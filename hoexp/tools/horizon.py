@@ -13,7 +13,8 @@ noise for every perturbed λ: the batch streams are restored from the checkpoint
   with hard (Bernoulli) masks is piecewise constant in λ and noisy;
 * with ``smoothing`` (``--smooth σ``), the gradient of the Gaussian-smoothed objective
   ``E_ε L_V(w_{N·T}(λ + σε))`` (the objective ES methods estimate), from antithetic pairs of whole
-  remaining runs, with its standard error per coordinate.
+  remaining runs, with its standard error per coordinate (plain, or with the central differences as a
+  linear control variate, unbiased whatever they are: whichever estimate has the smaller error).
 
 Each method's hypergradient at ``s`` (the one its outer step starting at ``s`` returns, from the
 reference's weights at ``s``) is compared with both: cosine, the fraction of coordinates whose sign
@@ -37,7 +38,6 @@ training runs to the last checkpoint). Output: a rich table, ``horizon.json``, `
 from __future__ import annotations
 
 import copy
-import json
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -57,7 +57,15 @@ from hoexp.engine.state import start
 from hoexp.errors import ConfigError
 from hoexp.method.base import CarriesState, HyperMethod, InnerState, outer_step, train_inner
 from hoexp.tools import horizon_report
-from hoexp.tools.horizon_truth import SMOOTH_SEED, Smoothing, central_differences, resolved_sign, smoothed_gradient
+from hoexp.tools.horizon_truth import (
+    SMOOTH_SEED,
+    SmoothedGradient,
+    Smoothing,
+    antithetic_differences,
+    central_differences,
+    resolved_sign,
+    smoothed_estimate,
+)
 
 __all__ = [
     "Contender",
@@ -143,12 +151,6 @@ class HorizonResult:
     smoothed_scores: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
-def _fingerprint(spec: Spec, eps: float) -> dict:
-    """What the truth depends on: the whole configuration except the method (and where it is written)."""
-    raw = {k: v for k, v in spec.raw.items() if k not in ("method", "name", "hydra")}
-    return {"config": raw, "eps": eps}
-
-
 def run_horizon(
     spec: Spec,
     contenders: Sequence[tuple[Contender, Spec]],
@@ -173,7 +175,7 @@ def run_horizon(
     raw = start_state.raw
     _check_size(spec, raw)
     prepared = _prepare_contenders(contenders, spec, exp, raw)  # every contender before any truth is computed
-    known = _known_truth(truth_from, spec, eps, smoothing)
+    known = horizon_report.known_truth(truth_from, spec, eps, smoothing)
     out_dir.mkdir(parents=True, exist_ok=True)
     run = spec.run
     checkpoints, state = reference_run(
@@ -186,7 +188,7 @@ def run_horizon(
     for p in prepared:
         _run_contender(result, p, raw, checkpoints, console)
 
-    write_json_atomic(out_dir / "horizon.json", _report(result, spec, raw, base_final))
+    write_json_atomic(out_dir / "horizon.json", horizon_report.to_json(result, spec, raw, base_final))
     horizon_report.table(result, console)
     if result.scores:
         horizon_report.plot(result, out_dir / "horizon.png")
@@ -250,7 +252,7 @@ def _measure_truths(
         if sm is not None and s in known["smoothed"]:
             result.smoothed[s], result.smoothed_stderr[s] = known["smoothed"][s], known["smoothed_stderr"][s]
         elif sm is not None:
-            g = smoothed_gradient(f, x, sm.sigma, sm.pairs, torch.Generator().manual_seed(SMOOTH_SEED + sm.seed))
+            g = _smoothed_truth(f, x, sm, torch.tensor(result.truth[s], dtype=torch.float64))
             result.smoothed[s], result.smoothed_stderr[s] = g.grad.tolist(), g.stderr.tolist()
         if sm is not None:
             msg += f"; smoothed (σ = {sm.sigma:g}): {horizon_report.fmt(result.smoothed[s])}"
@@ -258,6 +260,16 @@ def _measure_truths(
         if measured:  # a reused truth is in horizon.json already
             console.print(msg, highlight=False, soft_wrap=True)
     result.seconds["truth"] = time.perf_counter() - t0
+
+
+def _smoothed_truth(f: Callable[[Tensor], float], x: Tensor, sm: Smoothing, slope: Tensor) -> SmoothedGradient:
+    """The smoothed gradient from ``sm.pairs`` antithetic pairs, plain or with the central differences ``slope`` as
+    a linear control variate (both unbiased, from the same runs): whichever has the smaller standard error."""
+    directions, diffs = antithetic_differences(
+        f, x, sm.sigma, sm.pairs, torch.Generator().manual_seed(SMOOTH_SEED + sm.seed)
+    )
+    plain, cv = smoothed_estimate(directions, diffs), smoothed_estimate(directions, diffs, slope)
+    return cv if float(cv.stderr.norm()) < float(plain.stderr.norm()) else plain
 
 
 def _run_contender(
@@ -277,32 +289,6 @@ def _run_contender(
     result.scores[label] = _score(hgs, result.truth)
     if result.smoothing is not None:
         result.smoothed_scores[label] = _score(hgs, result.smoothed, result.smoothed_stderr)
-
-
-def _report(result: HorizonResult, spec: Spec, raw: dict[str, Tensor], base_final: float) -> dict[str, Any]:
-    """``horizon.json``: the truths, every contender's hypergradients and scores, and what they were measured on."""
-
-    def keyed(d: dict[int, Any]) -> dict[str, Any]:
-        return {str(k): v for k, v in d.items()}
-
-    sm = result.smoothing
-    return {
-        "at": result.at,
-        "eps": result.eps,
-        "num_hparams": tree.numel(raw),
-        "base_final_val_loss": base_final,
-        "fingerprint": _fingerprint(spec, result.eps),
-        "truth": keyed(result.truth),
-        "smoothing": None if sm is None else {"sigma": sm.sigma, "pairs": sm.pairs, "seed": sm.seed},
-        "smoothed_truth": keyed(result.smoothed),
-        "smoothed_stderr": keyed(result.smoothed_stderr),
-        "hypergradients": {m: keyed(d) for m, d in result.hypergradients.items()},
-        "scores": result.scores,
-        "smoothed_scores": result.smoothed_scores,
-        "errors": result.errors,
-        "seconds": result.seconds,
-        "hp_layout": {k: list(v.shape) for k, v in raw.items()},
-    }
 
 
 def reference_run(
@@ -337,30 +323,6 @@ def _streams(exp: Any, at: _Checkpoint | None = None) -> tuple[Any, Any]:
         train.load_state_dict(copy.deepcopy(at.train_stream))
         val.load_state_dict(copy.deepcopy(at.val_stream))
     return train, val
-
-
-def _known_truth(
-    truth_from: Path | None, spec: Spec, eps: float, smoothing: Smoothing | None = None
-) -> dict[str, dict[int, list[float]]]:
-    """The truths of an earlier ``horizon.json`` (``--truth``) measured on this configuration and ``eps``:
-    ``truth`` (±ε), and ``smoothed`` with its ``smoothed_stderr`` when it was measured with ``smoothing``."""
-    none: dict[str, dict[int, list[float]]] = {"truth": {}, "smoothed": {}, "smoothed_stderr": {}}
-    if truth_from is None:
-        return none
-    try:
-        old = json.loads(Path(truth_from).read_text())
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"--truth {truth_from}: cannot read it ({e}); pass a horizon.json") from None
-    if old.get("fingerprint") != json.loads(json.dumps(_fingerprint(spec, eps))):
-        raise ConfigError(
-            f"--truth {truth_from} was measured on another configuration or --eps; drop --truth to measure it again"
-        )
-    out = {"truth": {int(k): v for k, v in old.get("truth", {}).items()}, "smoothed": {}, "smoothed_stderr": {}}
-    sm = None if smoothing is None else {"sigma": smoothing.sigma, "pairs": smoothing.pairs, "seed": smoothing.seed}
-    if sm is not None and old.get("smoothing") == sm:
-        for key, name in (("smoothed", "smoothed_truth"), ("smoothed_stderr", "smoothed_stderr")):
-            out[key] = {int(k): v for k, v in old.get(name, {}).items()}
-    return out
 
 
 def _prepare_contenders(

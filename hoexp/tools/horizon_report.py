@@ -1,18 +1,82 @@
-"""What ``hoexp check --horizon`` shows: the table (stdout) and ``horizon.png``."""
+"""What ``hoexp check --horizon`` writes and reads: ``horizon.json`` (and an earlier one's truths: ``--truth``), the table
+(stdout) and ``horizon.png``."""
 
 from __future__ import annotations
 
+import json
 import math
 import textwrap
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.table import Table
+from torch import Tensor
+
+from hoexp import tree
+from hoexp.config import Spec
+from hoexp.errors import ConfigError
 
 if TYPE_CHECKING:
     from hoexp.tools.horizon import HorizonResult
+    from hoexp.tools.horizon_truth import Smoothing
+
+
+def fingerprint(spec: Spec, eps: float) -> dict:
+    """What the truth depends on: the whole configuration except the method (and where it is written)."""
+    raw = {k: v for k, v in spec.raw.items() if k not in ("method", "name", "hydra")}
+    return {"config": raw, "eps": eps}
+
+
+def to_json(result: HorizonResult, spec: Spec, raw: dict[str, Tensor], base_final: float) -> dict[str, Any]:
+    """``horizon.json``: the truths, every contender's hypergradients and scores, and what they were measured on."""
+
+    def keyed(d: dict[int, Any]) -> dict[str, Any]:
+        return {str(k): v for k, v in d.items()}
+
+    sm = result.smoothing
+    return {
+        "at": result.at,
+        "eps": result.eps,
+        "num_hparams": tree.numel(raw),
+        "base_final_val_loss": base_final,
+        "fingerprint": fingerprint(spec, result.eps),
+        "truth": keyed(result.truth),
+        "smoothing": None if sm is None else {"sigma": sm.sigma, "pairs": sm.pairs, "seed": sm.seed},
+        "smoothed_truth": keyed(result.smoothed),
+        "smoothed_stderr": keyed(result.smoothed_stderr),
+        "hypergradients": {m: keyed(d) for m, d in result.hypergradients.items()},
+        "scores": result.scores,
+        "smoothed_scores": result.smoothed_scores,
+        "errors": result.errors,
+        "seconds": result.seconds,
+        "hp_layout": {k: list(v.shape) for k, v in raw.items()},
+    }
+
+
+def known_truth(
+    truth_from: Path | None, spec: Spec, eps: float, smoothing: Smoothing | None = None
+) -> dict[str, dict[int, list[float]]]:
+    """The truths of an earlier ``horizon.json`` (``--truth``) measured on this configuration and ``eps``:
+    ``truth`` (±ε), and ``smoothed`` with its ``smoothed_stderr`` when it was measured with ``smoothing``."""
+    none: dict[str, dict[int, list[float]]] = {"truth": {}, "smoothed": {}, "smoothed_stderr": {}}
+    if truth_from is None:
+        return none
+    try:
+        old = json.loads(Path(truth_from).read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"--truth {truth_from}: cannot read it ({e}); pass a horizon.json") from None
+    if old.get("fingerprint") != json.loads(json.dumps(fingerprint(spec, eps))):
+        raise ConfigError(
+            f"--truth {truth_from} was measured on another configuration or --eps; drop --truth to measure it again"
+        )
+    out = {"truth": {int(k): v for k, v in old.get("truth", {}).items()}, "smoothed": {}, "smoothed_stderr": {}}
+    sm = None if smoothing is None else {"sigma": smoothing.sigma, "pairs": smoothing.pairs, "seed": smoothing.seed}
+    if sm is not None and old.get("smoothing") == sm:
+        for key, name in (("smoothed", "smoothed_truth"), ("smoothed_stderr", "smoothed_stderr")):
+            out[key] = {int(k): v for k, v in old.get(name, {}).items()}
+    return out
 
 
 def fmt(v: Sequence[float]) -> str:

@@ -12,7 +12,11 @@
 
   unbiased for ``∇f_σ`` whatever ``f`` (discontinuous included), with the standard error of the mean per
   coordinate ``sd_j(ĝ_j) / √M``. For a quadratic ``f`` the smoothed gradient is the exact one. Cost: ``2M``
-  calls.
+  calls. With a ``baseline`` slope ``d`` (a linear control variate: the diagnostic passes its central
+  differences), ``ĝ_j = d + ε_j ((f(x + σε_j) − f(x − σε_j)) / 2σ − ε_jᵀd)``: still unbiased for any fixed
+  ``d`` (``E[ε εᵀ] = I``), and where ``f`` is close to linear with slope ``d`` the cross terms
+  ``ε_i ε_k g_k`` that dominate the plain estimate's variance cancel (a slope far from the smoothed
+  gradient adds variance instead: the diagnostic keeps whichever of the two has the smaller error).
 """
 
 from __future__ import annotations
@@ -63,18 +67,39 @@ class SmoothedGradient:
     stderr: Tensor
 
 
-def smoothed_gradient(
+def antithetic_differences(
     f: Callable[[Tensor], float], x: Tensor, sigma: float, pairs: int, generator: torch.Generator
-) -> SmoothedGradient:
-    """``∇_x E_ε f(x + σε)`` from ``pairs`` antithetic pairs (module docstring; ``2·pairs`` calls of ``f``),
-    directions ``ε ~ N(0, I)`` drawn in float64 from ``generator``."""
+) -> tuple[Tensor, Tensor]:
+    """The directions ``ε_j ~ N(0, I)`` (``[pairs, dim]``, float64 from ``generator``) and the differences
+    ``(f(x + σε_j) − f(x − σε_j)) / 2σ`` (``[pairs]``). Cost: ``2·pairs`` calls of ``f``."""
     flat = x.reshape(-1)
-    per_pair = torch.empty(pairs, flat.numel(), dtype=torch.float64)
-    for j in range(pairs):
-        e = torch.randn(flat.shape, generator=generator, dtype=torch.float64)
+    directions = torch.randn((pairs, flat.numel()), generator=generator, dtype=torch.float64)
+    diffs = torch.empty(pairs, dtype=torch.float64)
+    for j, e in enumerate(directions):
         step = (sigma * e).to(flat.dtype).reshape(x.shape)
-        per_pair[j] = e * (f(x + step) - f(x - step)) / (2 * sigma)
-    return SmoothedGradient(per_pair.mean(0), per_pair.std(0) / math.sqrt(pairs))
+        diffs[j] = (f(x + step) - f(x - step)) / (2 * sigma)
+    return directions, diffs
+
+
+def smoothed_estimate(directions: Tensor, diffs: Tensor, baseline: Tensor | None = None) -> SmoothedGradient:
+    """``ĝ = mean_j ĝ_j`` and its standard error from :func:`antithetic_differences` (module docstring),
+    ``ĝ_j = d + ε_j (Δ_j − ε_jᵀd)`` with the control variate's slope ``d = baseline`` (0 without)."""
+    d = torch.zeros(directions.shape[1], dtype=torch.float64) if baseline is None else baseline.reshape(-1).double()
+    per_pair = d + directions * (diffs - directions @ d).unsqueeze(1)
+    return SmoothedGradient(per_pair.mean(0), per_pair.std(0) / math.sqrt(directions.shape[0]))
+
+
+def smoothed_gradient(
+    f: Callable[[Tensor], float],
+    x: Tensor,
+    sigma: float,
+    pairs: int,
+    generator: torch.Generator,
+    baseline: Tensor | None = None,
+) -> SmoothedGradient:
+    """``∇_x E_ε f(x + σε)`` from ``pairs`` antithetic pairs (module docstring; ``2·pairs`` calls of ``f``);
+    ``baseline``: the control variate's slope."""
+    return smoothed_estimate(*antithetic_differences(f, x, sigma, pairs, generator), baseline)
 
 
 def resolved_sign(hg: Tensor, truth: Tensor, stderr: Tensor, z: float = 2.0) -> tuple[float, int]:
