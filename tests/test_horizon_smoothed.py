@@ -151,3 +151,31 @@ def test_stn_contender_is_the_exact_hypergradient_where_the_best_response_is_exa
     for s, tol in ((0, 0.02), (1, 0.01)):
         hg, truth = res.hypergradients["stn:method.sigma=0.1"][s][0], res.truth[s][0]
         assert abs(hg - truth) < tol * abs(truth), (s, hg, truth)
+
+
+@pytest.mark.slow
+def test_a_contender_may_model_the_hyperparameters_its_own_way_but_change_nothing_else(tmp_path):
+    """t1t2 cannot take Bernoulli masks; on the Gaussian relaxation of the same rates it runs against the Bernoulli
+    reference (its own problem: the reference's weights, batches and noise). A contender changing the model or
+    the data is refused in one line naming it."""
+    from hoexp.errors import ConfigError
+
+    base = TINY + ["hp=dropout", "hp.dropout.granularity=per_layer", "hp.dropout.relaxation=bernoulli",
+                   "outer_steps=2", "inner_steps=2"]  # fmt: skip
+    res = _horizon(base, ["t1t2:hp.dropout.relaxation=gaussian"], tmp_path, at=[1])
+    assert not res.errors and len(res.hypergradients["t1t2:hp.dropout.relaxation=gaussian"][1]) == 2
+    with pytest.raises(ConfigError, match=r"--method t1t2:model.width=3 .*change only method.\* and hp.\*"):
+        _horizon(base, ["t1t2:model.width=3 hp.dropout.relaxation=gaussian"], tmp_path, at=[1])
+    with pytest.raises(ConfigError, match="hyperparameters .* differ from the reference"):
+        _horizon(base, ["t1t2:hp.dropout.relaxation=gaussian hp.dropout.granularity=global"], tmp_path, at=[1])
+
+
+def test_cli_refuses_bad_smoothing_in_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, "-m", "hoexp", "check", "--horizon", "--smooth", "0", "--out", str(tmp_path)],
+                       capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert p.returncode == 2 and p.stderr.strip().splitlines() == [
+        "hoexp: error: --smooth must be a finite perturbation scale > 0 (raw units), got 0.0"
+    ]
