@@ -288,6 +288,21 @@ def check_arguments() -> Any:
         help="--horizon finite-difference step on the raw hyperparameters (default 0.05)",
     )
     ap.add_argument(
+        "--smooth",
+        type=float,
+        default=None,
+        metavar="SIGMA",
+        help="--horizon: also the Gaussian-smoothed truth, the gradient of E L_V(λ + σε) (what ES estimates; "
+        "use it with Bernoulli dropout), σ on the raw hyperparameters",
+    )
+    ap.add_argument(
+        "--smooth-pairs",
+        type=int,
+        default=32,
+        metavar="M",
+        help="--horizon --smooth: antithetic pairs of remaining runs per checkpoint (default 32)",
+    )
+    ap.add_argument(
         "--truth",
         default=None,
         metavar="HORIZON_JSON",
@@ -302,13 +317,16 @@ def cmd_check(args: list[str]) -> None:
 
     from hoexp.config.run import thread_policy
     from hoexp.tools.check import check_options, run_check
-    from hoexp.tools.horizon import DEFAULT_CONTENDERS
+    from hoexp.tools.horizon import DEFAULT_CONTENDERS, Smoothing
     from hoexp.tools.outdir import make_out_dir
 
     ns = check_arguments().parse_intermixed_args(args)  # overrides may follow options (--config-dir adds one)
     refuse_hydra_overrides("check", ns.overrides)
     iterations, at = check_options(ns.iterations, ns.dense_max, ns.at, ns.eps)
-    spec, _ = compose_spec(ns.overrides)
+    smoothing = None if ns.smooth is None else Smoothing(ns.smooth, ns.smooth_pairs)
+    base = [o for o in ns.overrides if not o.startswith(("method=", "method."))]
+    # --horizon: the reference run tunes nothing (method=none), so a family no default method takes (Bernoulli) runs
+    spec, _ = compose_spec(base + ["method=none"] if ns.horizon else ns.overrides)
     out = make_out_dir(ns.out or f"outputs/check/{time.strftime('%Y-%m-%d_%H-%M-%S')}")
     from hoexp.config.build import resolve_device
 
@@ -322,7 +340,6 @@ def cmd_check(args: list[str]) -> None:
         if ns.horizon:
             from hoexp.tools.horizon import parse_contender, run_horizon
 
-            base = [o for o in ns.overrides if not o.startswith(("method=", "method."))]
             contenders = []
             for text in ns.method or DEFAULT_CONTENDERS:
                 c = parse_contender(text)
@@ -335,6 +352,7 @@ def cmd_check(args: list[str]) -> None:
                 eps=ns.eps,
                 console=console,
                 truth_from=None if ns.truth is None else Path(ns.truth),
+                smoothing=smoothing,
             )
         else:
             run_check(spec, out, iterations=iterations, dense_max=ns.dense_max, console=console)

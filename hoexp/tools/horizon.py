@@ -5,22 +5,39 @@ the hyperparameters, applied from outer step ``s`` on, is the *long-horizon trut
 
     g*_s = d/dλ  L_V( w_{N·T}(λ) ),   λ used for every training step after outer step s,
 
-measured by central finite differences over the whole remaining run with common random numbers
-(the same minibatches and dropout noise for ``λ ± ε e_i``: the batch streams are restored from the
-checkpoint at ``s``). Each method's hypergradient at ``s`` (the one its outer step starting at ``s``
-returns; methods that carry state across outer steps run from step 0) is compared with it:
-cosine, the fraction of coordinates whose sign agrees, and the relative error. Hyperparameters stay
-at their initial values throughout (no outer updates), so every method sees one trajectory.
+measured over the whole remaining run with common random numbers (the same minibatches and dropout
+noise for every perturbed λ: the batch streams are restored from the checkpoint at ``s``), in two ways
+(:mod:`hoexp.tools.horizon_truth`):
+
+* central finite differences ``±ε e_i`` (always): the derivative of this one draw of the noise, which
+  with hard (Bernoulli) masks is piecewise constant in λ and noisy;
+* with ``smoothing`` (``--smooth σ``), the gradient of the Gaussian-smoothed objective
+  ``E_ε L_V(w_{N·T}(λ + σε))`` (the objective ES methods estimate), from antithetic pairs of whole
+  remaining runs, with its standard error per coordinate (plain, or with the central differences as a
+  linear control variate, unbiased whatever they are: whichever estimate has the smaller error).
+
+Each method's hypergradient at ``s`` (the one its outer step starting at ``s`` returns, from the
+reference's weights at ``s``) is compared with both: cosine, the fraction of coordinates whose sign
+agrees (against the smoothed truth also over the coordinates it resolves, ``|g*| > 2 SE``), and the
+relative error. Hyperparameters stay at their initial values throughout (no outer updates), so every
+method sees one trajectory. Methods that carry state across outer steps run from step 0 on the
+reference's batches and report the estimate their outer step ``s`` returns, as a run would use it:
+PES / NRES (``method=pes``) one draw of their particles' estimate, unbiased for the gradient of the
+smoothed validation loss at the end of truncation ``s`` with λ perturbed since step 0 (their particles
+persist from step 0: ``s + 1`` truncations to reach it); STN (``method=stn``) the gradient through its
+best response fitted since step 0 (its weights train at perturbed λ, so they leave the reference's
+trajectory, as in a run). A contender's overrides may change how it models the hyperparameters
+(``hp.*``, e.g. ``t1t2:hp.dropout.relaxation=gaussian`` against a Bernoulli reference: it then runs
+on its own problem, with the reference's weights, batches and noise, and the same hyperparameter layout).
 
 Cost: ``2·H`` remaining runs per checkpoint for ``H`` hyperparameters (use global or per-layer
-granularity), plus one run per stateful method. Output: a rich table, ``horizon.json``, ``horizon.png``.
+granularity), ``2·pairs`` more with smoothing, plus one run per stateful method (PES: ``particles + 1``
+training runs to the last checkpoint). Output: a rich table, ``horizon.json``, ``horizon.png``.
 """
 
 from __future__ import annotations
 
 import copy
-import json
-import math
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -30,7 +47,6 @@ from typing import Any
 
 import torch
 from rich.console import Console
-from rich.table import Table
 from torch import Tensor
 
 from hoexp import tree
@@ -40,18 +56,30 @@ from hoexp.engine.metrics import write_json_atomic
 from hoexp.engine.state import start
 from hoexp.errors import ConfigError
 from hoexp.method.base import CarriesState, HyperMethod, InnerState, outer_step, train_inner
+from hoexp.tools import horizon_report
+from hoexp.tools.horizon_truth import (
+    SMOOTH_SEED,
+    SmoothedGradient,
+    Smoothing,
+    antithetic_differences,
+    central_differences,
+    resolved_sign,
+    smoothed_estimate,
+)
+
+__all__ = [
+    "Contender",
+    "HorizonResult",
+    "Smoothing",
+    "agreement",
+    "central_differences",
+    "parse_contender",
+    "reference_run",
+    "run_horizon",
+]
 
 MAX_HPARAMS = 32
-
-
-def central_differences(f: Callable[[Tensor], float], x: Tensor, eps: float) -> Tensor:
-    """``(f(x + ε e_i) − f(x − ε e_i)) / 2ε`` for every coordinate of the flat vector ``x`` (2·dim calls)."""
-    out = torch.zeros(x.numel(), dtype=torch.float64)
-    for i in range(x.numel()):
-        e = torch.zeros_like(x)
-        e.view(-1)[i] = eps
-        out[i] = (f(x + e) - f(x - e)) / (2 * eps)
-    return out
+OWN_PROBLEM_KEYS = ("hp",)  # what a contender may change beside method.*: how it models the hyperparameters
 
 
 def agreement(hg: Tensor, truth: Tensor) -> dict[str, float]:
@@ -98,6 +126,17 @@ class _Checkpoint:
 
 
 @dataclass
+class _Prepared:
+    """A contender ready to run: its method and the experiment it runs on (the reference's, or its own when its
+    overrides change how the hyperparameters are modelled)."""
+
+    contender: Contender
+    spec: Spec
+    method: HyperMethod
+    exp: Any
+
+
+@dataclass
 class HorizonResult:
     at: list[int]
     eps: float
@@ -106,12 +145,10 @@ class HorizonResult:
     scores: dict[str, dict[str, float]] = field(default_factory=dict)
     errors: dict[str, str] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
-
-
-def _fingerprint(spec: Spec, eps: float) -> dict:
-    """What the truth depends on: the whole configuration except the method (and where it is written)."""
-    raw = {k: v for k, v in spec.raw.items() if k not in ("method", "name", "hydra")}
-    return {"config": raw, "eps": eps}
+    smoothing: Smoothing | None = None
+    smoothed: dict[int, list[float]] = field(default_factory=dict)  # ∇ E L_V(λ + σε), per checkpoint
+    smoothed_stderr: dict[int, list[float]] = field(default_factory=dict)
+    smoothed_scores: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 def run_horizon(
@@ -123,23 +160,53 @@ def run_horizon(
     eps: float = 0.05,
     console: Console | None = None,
     truth_from: Path | None = None,
+    smoothing: Smoothing | None = None,
 ) -> HorizonResult:
-    """The long-horizon truth at the checkpoints ``at`` (outer steps) and every contender against it.
+    """The long-horizon truths at the checkpoints ``at`` (outer steps) and every contender against them.
 
-    ``truth_from``: a previous ``horizon.json`` whose truth is reused for the checkpoints it has, when
-    it was measured on the same configuration (all but the method) and ``eps``; the rest is measured.
+    ``truth_from``: a previous ``horizon.json`` whose truths are reused for the checkpoints it has, when
+    it was measured on the same configuration (all but the method) and ``eps`` (the smoothed one also
+    needs the same ``smoothing``); the rest is measured. ``smoothing``: also the smoothed truth.
     """
     console = console or Console(stderr=True)
-    run = spec.run
-    at = sorted(
-        set(at if at is not None else [0, run.outer_steps // 4, run.outer_steps // 2, 3 * run.outer_steps // 4])
-    )
-    if not at or at[0] < 0 or at[-1] >= run.outer_steps:
-        raise ConfigError(f"--at must list outer steps in [0, outer_steps={run.outer_steps}), got {at}")
+    at = _checkpoint_steps(at, spec.run.outer_steps)
     exp = build(spec)
-    problem = exp.problem
     start_state = start(exp)  # the runner's start: weights, hyperparameters, streams
     raw = start_state.raw
+    _check_size(spec, raw)
+    prepared = _prepare_contenders(contenders, spec, exp, raw)  # every contender before any truth is computed
+    known = horizon_report.known_truth(truth_from, spec, eps, smoothing)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    run = spec.run
+    checkpoints, state = reference_run(
+        exp, start_state.inner, raw, start_state.train, start_state.val, run.outer_steps, run.inner_steps, at
+    )
+    base_final = float(exp.problem.evaluate(state.params, exp.data.val)[0])
+
+    result = HorizonResult(at=list(at), eps=eps, truth={}, smoothing=smoothing)
+    _measure_truths(result, exp, raw, checkpoints, known, console)
+    for p in prepared:
+        _run_contender(result, p, raw, checkpoints, console)
+
+    write_json_atomic(out_dir / "horizon.json", horizon_report.to_json(result, spec, raw, base_final))
+    horizon_report.table(result, console)
+    if result.scores:
+        horizon_report.plot(result, out_dir / "horizon.png")
+    else:
+        console.print("hoexp: no contender gave a hypergradient: no horizon.png", highlight=False)
+    console.print(f"hoexp: horizon diagnostic written to {out_dir}", highlight=False, soft_wrap=True)
+    return result
+
+
+def _checkpoint_steps(at: Sequence[int] | None, outer_steps: int) -> list[int]:
+    """``at`` sorted (default: 0, N/4, N/2, 3N/4), each an outer step in ``[0, outer_steps)``."""
+    steps = sorted(set(at if at is not None else [0, outer_steps // 4, outer_steps // 2, 3 * outer_steps // 4]))
+    if not steps or steps[0] < 0 or steps[-1] >= outer_steps:
+        raise ConfigError(f"--at must list outer steps in [0, outer_steps={outer_steps}), got {steps}")
+    return steps
+
+
+def _check_size(spec: Spec, raw: dict[str, Tensor]) -> None:
     n_h = tree.numel(raw)
     if n_h > MAX_HPARAMS:
         raise ConfigError(
@@ -147,74 +214,82 @@ def run_horizon(
             f"hp={spec.hp_name} has {n_h:,} here (limit {MAX_HPARAMS}): use a global or per_layer "
             "granularity"
         )
-    methods = _check_contenders(contenders, exp, raw)  # every contender before any truth is computed
-    known = _known_truth(truth_from, spec, eps)
-    train, val, state = start_state.train, start_state.val, start_state.inner
-    out_dir.mkdir(parents=True, exist_ok=True)
 
-    checkpoints, state = reference_run(exp, state, raw, train, val, run.outer_steps, run.inner_steps, at)
-    base_final = float(problem.evaluate(state.params, exp.data.val)[0])
 
-    raw_flat = tree.flatten(raw.values()).detach()
-    plain = exp.runtime.step()
+def final_loss(exp: Any, ck: _Checkpoint, raw: dict[str, Tensor]) -> Callable[[Tensor], float]:
+    """``λ ↦ L_V(w_{N·T}(λ))`` (flat ``λ``, float64 loss on the whole validation split): the remaining run from
+    checkpoint ``ck`` on the batches and noise it had there (restored for every call: common random numbers)."""
+    state = ck.state
+    assert state is not None  # a checkpoint in `at`
+    run = exp.spec.run
 
-    def final_val_loss(ck: _Checkpoint, flat: Tensor) -> float:
-        assert ck.state is not None  # a checkpoint in `at`
-        lam = tree.unflatten(flat, raw)
+    def f(flat: Tensor) -> float:
         stream, _ = _streams(exp, ck)
-        st, _, _ = train_inner(
-            problem, exp.inner_opt, ck.state, lam, stream, (run.outer_steps - ck.step) * run.inner_steps, step=plain
-        )
-        return float(problem.evaluate(st.params, exp.data.val)[0].double())
+        steps = (run.outer_steps - ck.step) * run.inner_steps
+        lam = tree.unflatten(flat, raw)
+        st, _, _ = train_inner(exp.problem, exp.inner_opt, state, lam, stream, steps, step=exp.runtime.step())
+        return float(exp.problem.evaluate(st.params, exp.data.val)[0].double())
 
-    result = HorizonResult(at=list(at), eps=eps, truth={})
+    return f
+
+
+def _measure_truths(
+    result: HorizonResult,
+    exp: Any,
+    raw: dict[str, Tensor],
+    checkpoints: dict[int, _Checkpoint],
+    known: dict[str, dict[int, list[float]]],
+    console: Console,
+) -> None:
+    """The ±ε truth and (with ``result.smoothing``) the smoothed one at every checkpoint, reusing ``known``."""
+    x = tree.flatten(raw.values()).detach()
+    sm = result.smoothing
     t0 = time.perf_counter()
-    for s in at:
-        if s in known:
-            result.truth[s] = known[s]
-            continue
-        result.truth[s] = central_differences(lambda x: final_val_loss(checkpoints[s], x), raw_flat, eps).tolist()
-        console.print(f"hoexp: truth at outer step {s}: {_fmt(result.truth[s])}", highlight=False, soft_wrap=True)
+    for s in result.at:
+        f = final_loss(exp, checkpoints[s], raw)
+        measured = s not in known["truth"] or (sm is not None and s not in known["smoothed"])
+        result.truth[s] = known["truth"][s] if s in known["truth"] else central_differences(f, x, result.eps).tolist()
+        msg = f"hoexp: truth at outer step {s}: {horizon_report.fmt(result.truth[s])}"
+        if sm is not None and s in known["smoothed"]:
+            result.smoothed[s], result.smoothed_stderr[s] = known["smoothed"][s], known["smoothed_stderr"][s]
+        elif sm is not None:
+            g = _smoothed_truth(f, x, sm, torch.tensor(result.truth[s], dtype=torch.float64))
+            result.smoothed[s], result.smoothed_stderr[s] = g.grad.tolist(), g.stderr.tolist()
+        if sm is not None:
+            msg += f"; smoothed (σ = {sm.sigma:g}): {horizon_report.fmt(result.smoothed[s])}"
+            msg += f" ± {horizon_report.fmt(result.smoothed_stderr[s])}"
+        if measured:  # a reused truth is in horizon.json already
+            console.print(msg, highlight=False, soft_wrap=True)
     result.seconds["truth"] = time.perf_counter() - t0
 
-    for (contender, cspec), method in zip(contenders, methods):
-        t0 = time.perf_counter()
-        try:
-            hgs = _contender_hypergradients(method, cspec, exp, raw, checkpoints, at)
-        except Exception as e:  # one contender failing (e.g. a refused combination) must not end the check
-            result.errors[contender.label] = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e) else ''}"
-            console.print(
-                f"hoexp: {contender.label}: {result.errors[contender.label]}",
-                highlight=False,
-                soft_wrap=True,
-                markup=False,
-            )
-            continue
-        result.seconds[contender.label] = time.perf_counter() - t0
-        result.hypergradients[contender.label] = {s: hg.tolist() for s, hg in hgs.items()}
-        result.scores[contender.label] = _score(hgs, result.truth)
 
-    report = {
-        "at": result.at,
-        "eps": eps,
-        "num_hparams": n_h,
-        "base_final_val_loss": base_final,
-        "fingerprint": _fingerprint(spec, eps),
-        "truth": {str(k): v for k, v in result.truth.items()},
-        "hypergradients": {m: {str(k): v for k, v in d.items()} for m, d in result.hypergradients.items()},
-        "scores": result.scores,
-        "errors": result.errors,
-        "seconds": result.seconds,
-        "hp_layout": {k: list(v.shape) for k, v in raw.items()},
-    }
-    write_json_atomic(out_dir / "horizon.json", report)
-    _table(result, console)
-    if result.scores:
-        _plot(result, out_dir / "horizon.png")
-    else:
-        console.print("hoexp: no contender gave a hypergradient: no horizon.png", highlight=False)
-    console.print(f"hoexp: horizon diagnostic written to {out_dir}", highlight=False, soft_wrap=True)
-    return result
+def _smoothed_truth(f: Callable[[Tensor], float], x: Tensor, sm: Smoothing, slope: Tensor) -> SmoothedGradient:
+    """The smoothed gradient from ``sm.pairs`` antithetic pairs, plain or with the central differences ``slope`` as
+    a linear control variate (both unbiased, from the same runs): whichever has the smaller standard error."""
+    directions, diffs = antithetic_differences(
+        f, x, sm.sigma, sm.pairs, torch.Generator().manual_seed(SMOOTH_SEED + sm.seed)
+    )
+    plain, cv = smoothed_estimate(directions, diffs), smoothed_estimate(directions, diffs, slope)
+    return cv if float(cv.stderr.norm()) < float(plain.stderr.norm()) else plain
+
+
+def _run_contender(
+    result: HorizonResult, p: _Prepared, raw: dict[str, Tensor], checkpoints: dict[int, _Checkpoint], console: Console
+) -> None:
+    """One contender's hypergradients at the checkpoints and their scores, or the one line saying why none."""
+    label = p.contender.label
+    t0 = time.perf_counter()
+    try:
+        hgs = _contender_hypergradients(p.method, p.spec, p.exp, raw, checkpoints, result.at)
+    except Exception as e:  # one contender failing (e.g. a refused combination) must not end the check
+        result.errors[label] = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e) else ''}"
+        console.print(f"hoexp: {label}: {result.errors[label]}", highlight=False, soft_wrap=True, markup=False)
+        return
+    result.seconds[label] = time.perf_counter() - t0
+    result.hypergradients[label] = {s: hg.tolist() for s, hg in hgs.items()}
+    result.scores[label] = _score(hgs, result.truth)
+    if result.smoothing is not None:
+        result.smoothed_scores[label] = _score(hgs, result.smoothed, result.smoothed_stderr)
 
 
 def reference_run(
@@ -251,36 +326,26 @@ def _streams(exp: Any, at: _Checkpoint | None = None) -> tuple[Any, Any]:
     return train, val
 
 
-def _known_truth(truth_from: Path | None, spec: Spec, eps: float) -> dict[int, list[float]]:
-    """The truth of an earlier ``horizon.json`` (``--truth``) measured on this configuration and ``eps``."""
-    if truth_from is None:
-        return {}
-    try:
-        old = json.loads(Path(truth_from).read_text())
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"--truth {truth_from}: cannot read it ({e}); pass a horizon.json") from None
-    if old.get("fingerprint") != json.loads(json.dumps(_fingerprint(spec, eps))):
-        raise ConfigError(
-            f"--truth {truth_from} was measured on another configuration or --eps; drop --truth to measure it again"
-        )
-    return {int(k): v for k, v in old.get("truth", {}).items()}
-
-
-def _check_contenders(
-    contenders: Sequence[tuple[Contender, Spec]], exp: Any, raw: dict[str, Tensor]
-) -> list[HyperMethod]:
-    """Each contender's method, built and checked against this problem (as a run would check it) and
-    able to give a hypergradient (``returns_hypergradient``); one line naming the contender otherwise."""
+def _prepare_contenders(
+    contenders: Sequence[tuple[Contender, Spec]], spec: Spec, exp: Any, raw: dict[str, Tensor]
+) -> list[_Prepared]:
+    """Each contender's method, built and checked against its problem (as a run would check it) and able to give
+    a hypergradient (``returns_hypergradient``); one line naming the contender otherwise. A contender whose
+    overrides change ``hp.*`` gets its own experiment (:func:`_own_experiment`)."""
     from hoexp.components import CheckContext
     from hoexp.config.build import check_compatibility
 
     family = exp.problem.family
     ctx = CheckContext(exp.inner_opt, family, sum(p.numel() for p in exp.model.parameters()), tree.numel(raw))
-    methods = []
+    out = []
     for contender, cspec in contenders:
         try:
-            method = build_method(cspec)
-            check_compatibility(cspec, method, family, ctx)
+            if _differences(spec, cspec):
+                cexp = _own_experiment(spec, cspec, raw)
+                method = cexp.method
+            else:
+                cexp, method = exp, build_method(cspec)
+                check_compatibility(cspec, method, family, ctx)
         except (ConfigError, ValueError, TypeError) as e:
             raise ConfigError(f"--method {contender.label}: {str(e).strip().splitlines()[0]}") from None
         if not getattr(method, "returns_hypergradient", True):
@@ -289,8 +354,34 @@ def _check_contenders(
                 "the truth (it adapts its hyperparameter inside training, or tunes none); choose a hypergradient "
                 f"method, e.g. {', '.join(DEFAULT_CONTENDERS[:4])}"
             )
-        methods.append(method)
-    return methods
+        out.append(_Prepared(contender, cspec, method, cexp))
+    return out
+
+
+def _differences(spec: Spec, cspec: Spec) -> list[str]:
+    """The top-level config keys where a contender's configuration differs from the reference's (but the method)."""
+    skip = ("method", "name", "hydra")
+    keys = (set(spec.raw) | set(cspec.raw)) - set(skip)
+    return sorted(k for k in keys if spec.raw.get(k) != cspec.raw.get(k))
+
+
+def _own_experiment(spec: Spec, cspec: Spec, raw: dict[str, Tensor]) -> Any:
+    """The experiment of a contender that models the hyperparameters its own way (``hp.*``: a relaxation, a
+    temperature), checked to change nothing else and to have the reference's hyperparameter layout."""
+    other = [k for k in _differences(spec, cspec) if k not in OWN_PROBLEM_KEYS]
+    if other:
+        raise ConfigError(
+            f"its overrides change {', '.join(other)}: a contender may change only method.* and hp.* (how it "
+            "models the hyperparameters); put the rest in the reference's overrides"
+        )
+    cexp = build(cspec)
+    layout = {k: tuple(v.shape) for k, v in start(cexp).raw.items()}
+    if layout != {k: tuple(v.shape) for k, v in raw.items()}:
+        raise ConfigError(
+            f"its hyperparameters {layout} differ from the reference's { ({k: tuple(v.shape) for k, v in raw.items()}) }"
+            "; change only options that keep them (relaxation, temperature)"
+        )
+    return cexp
 
 
 def _contender_hypergradients(
@@ -302,11 +393,14 @@ def _contender_hypergradients(
     at: Sequence[int],
 ) -> dict[int, Tensor]:
     """The contender's hypergradient at each checkpoint: from the checkpoint's state for stateless
-    methods; along its own run from step 0 (no outer updates) for methods that carry state."""
+    methods; along its own run from step 0 (no outer updates) for methods that carry state. ``exp``: the
+    experiment the contender runs on (the reference's, or its own with the same model, data and streams)."""
     problem, run, plain = exp.problem, cspec.run, exp.runtime.step()
     out: dict[int, Tensor] = {}
     if isinstance(method, CarriesState) and getattr(method, "carries", True):
-        state = start(exp).inner  # the start's weights and a fresh optimizer state
+        state = start(
+            exp
+        ).inner  # the start's weights (the reference's: same model and seed) and a fresh optimizer state
         for step in range(max(at) + 1):
             # Back on the reference's stream positions: a method drawing batches beyond inner_steps (the IFT's
             # Hessian batch: extra_batches) would otherwise train on batches the reference never saw, and its
@@ -336,7 +430,12 @@ def _flat(hg: dict[str, Tensor] | None) -> Tensor:
     return tree.flatten(hg.values()).detach().double()
 
 
-def _score(hgs: dict[int, Tensor], truth: dict[int, list[float]]) -> dict[str, float]:
+def _score(
+    hgs: dict[int, Tensor], truth: dict[int, list[float]], stderr: dict[int, list[float]] | None = None
+) -> dict[str, float]:
+    """Mean cosine and relative error over the checkpoints, sign agreement pooled over checkpoints and coordinates,
+    and per checkpoint; with the truth's ``stderr`` also the sign agreement over the coordinates it resolves
+    (``sign_resolved``, over ``resolved`` of them: ``|g*| > 2 SE``)."""
     per = {s: agreement(hg, torch.tensor(truth[s], dtype=torch.float64)) for s, hg in hgs.items()}
     pooled_sign = torch.cat(
         [(torch.sign(hg) == torch.sign(torch.tensor(truth[s], dtype=torch.float64))).double() for s, hg in hgs.items()]
@@ -348,67 +447,12 @@ def _score(hgs: dict[int, Tensor], truth: dict[int, list[float]]) -> dict[str, f
     }
     out.update({f"cosine@{s}": p["cosine"] for s, p in per.items()})
     out.update({f"sign@{s}": p["sign"] for s, p in per.items()})
+    if stderr is not None:
+
+        def pooled(d: dict[int, list[float]]) -> Tensor:
+            return torch.cat([torch.tensor(d[s], dtype=torch.float64) for s in hgs])
+
+        hg = torch.cat([hgs[s].reshape(-1) for s in hgs])
+        out["sign_resolved"], n = resolved_sign(hg, pooled(truth), pooled(stderr))
+        out["resolved"] = float(n)
     return out
-
-
-def _fmt(v: Sequence[float]) -> str:
-    return "[" + ", ".join(f"{x:+.3g}" for x in v[:8]) + (", ..." if len(v) > 8 else "") + "]"
-
-
-def _table(result: HorizonResult, console: Console) -> None:
-    table = Table(
-        title=f"hypergradient vs long-horizon truth (central differences, ε = {result.eps:g}, checkpoints {result.at})"
-    )
-    table.add_column("method")
-    table.add_column("sign agreement", justify="right")
-    table.add_column("cosine (mean)", justify="right")
-    for s in result.at:
-        table.add_column(f"cos@{s}", justify="right")
-    table.add_column("rel. error", justify="right")
-    table.add_column("time s", justify="right")
-    for label, sc in result.scores.items():
-        table.add_row(
-            label,
-            f"{sc['sign']:.2f}",
-            f"{sc['cosine']:+.3f}",
-            *[f"{sc[f'cosine@{s}']:+.2f}" for s in result.at],
-            f"{sc['rel_error']:.3g}",
-            f"{result.seconds.get(label, math.nan):.1f}",
-        )
-    for label, err in result.errors.items():
-        table.add_row(label, "-", "-", *["-" for _ in result.at], "-", err[:60])
-    console.print(table)
-
-
-def _short(label: str) -> str:
-    """A contender's label for plots: without the ``method.`` prefixes, wrapped."""
-    import textwrap
-
-    return "\n".join(textwrap.wrap(label.replace("method.", ""), 28, break_on_hyphens=False)) or label
-
-
-def _plot(result: HorizonResult, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    labels = list(result.scores)
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 1.5 + 0.45 * max(len(labels), 4)), layout="constrained")
-    for label in labels:
-        sc = result.scores[label]
-        ax1.plot(result.at, [sc[f"cosine@{s}"] for s in result.at], marker="o", label=_short(label))
-    ax1.axhline(0, color="grey", lw=0.5)
-    ax1.set_xlabel("outer step of the checkpoint")
-    ax1.set_ylabel("cosine with the long-horizon truth")
-    ax1.set_ylim(-1.05, 1.05)
-    ax1.set_title(f"long-horizon truth: central differences, ε = {result.eps:g}", fontsize=9)
-    ax2.barh(range(len(labels)), [result.scores[m]["sign"] for m in labels])
-    ax2.set_yticks(range(len(labels)), [_short(m) for m in labels], fontsize=7)
-    ax2.invert_yaxis()
-    ax2.set_xlim(0, 1)
-    ax2.axvline(0.5, color="grey", lw=0.5)
-    ax2.set_xlabel("sign agreement (all checkpoints and coordinates)")
-    fig.legend(loc="outside lower center", ncol=min(len(labels), 3), fontsize=7)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
