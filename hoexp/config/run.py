@@ -88,7 +88,7 @@ class Run:
         io, spec = self.io, self.spec
         ckpt = io.decide_start(spec.run.resume)
         done = finished(ckpt, spec)
-        if done is not None:
+        if ckpt is not None and done is not None:
             io.say(f"hoexp: {self.out_dir} already {done}; nothing to resume")
             return distributed.broadcast(self._completed_summary(ckpt) if io.main else None, io.ctx)
         self.exp = build(spec)
