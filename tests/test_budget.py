@@ -121,3 +121,15 @@ def test_the_clock_waits_for_the_gpu(monkeypatch):
     assert synced == []
     budget.synced_clock(torch.device("cuda", 0))
     assert synced == [torch.device("cuda", 0)]
+
+
+@pytest.mark.slow
+def test_every_rank_stops_at_the_same_step(tmp_path):
+    """Data-parallel: ranks' clocks differ; the run stops on every rank once any rank's solver time is spent."""
+    import torch.multiprocessing as mp
+
+    from tests import dist_worker
+
+    mp.spawn(dist_worker.budget_worker, args=(2, str(tmp_path)), nprocs=2)
+    decided = [torch.load(tmp_path / f"budget{r}.pt") for r in range(2)]
+    assert decided == [[True, False], [True, False]]
