@@ -131,7 +131,7 @@ def test_a_preset_setting_one_methods_keys_in_its_body_names_where_they_go(tmp_p
     )
     validate_job(with_config_dir(["experiment=mine", "--config-dir", str(tmp_path)]), device=False)
     with pytest.raises(
-        ConfigError, match=r"unknown key 'method.iterations'.*experiment_method/mine/<that method>.yaml"
+        ConfigError, match=r"unknown key 'method.iterations'.*experiment_method/<preset>/<that method>.yaml"
     ):
         validate_job(
             with_config_dir(["experiment=mine", "method=neumann", "--config-dir", str(tmp_path)]), device=False

@@ -49,6 +49,8 @@ def user_config_dirs(overrides: list[str]) -> list[Path]:
 def refuse_clashes(folders: list[Path]) -> None:
     """One line for a config file (``model/x.yaml``) found in two ``--config-dir`` folders, or in one and hoexp's own:
     Hydra would take the first on its search path (hoexp's own first) and ignore the other without a word."""
+    if not folders:
+        return
     seen = {str(p.relative_to(conf_dir())): "hoexp's own configs" for p in conf_dir().rglob("*.yaml")}
     for folder in folders:
         for p in sorted(folder.rglob("*.yaml")):
@@ -212,25 +214,7 @@ def validate_job(overrides: list[str], device: bool = True) -> None:
         cfg = compose(overrides)
     except (HydraException, OmegaConfBaseException) as e:
         raise ConfigError(explain_composition_error(str(e), overrides)) from None
-    try:
-        spec = validate(cfg)
-    except ConfigError as e:
-        raise ConfigError(preset_method_hint(str(e), overrides)) from None
-    preflight(spec, device=device)
-
-
-def preset_method_hint(message: str, overrides: list[str]) -> str:
-    """``message`` plus, for a method key the chosen method does not take under ``experiment=<preset>``, where a
-    preset's options for one method belong: ``experiment_method/<preset>/<method>.yaml``, loaded only with that
-    method (hoexp's own presets do so; a user's preset that sets ``method.<key>`` in its body breaks ``method=<other>``)."""
-    preset = next((o.partition("=")[2] for o in reversed(overrides) if o.lstrip("+~").startswith("experiment=")), "")
-    m = re.match(r"unknown key 'method\.[^']+' for method=(\w+)", message)
-    if not m or not preset or preset == "null":
-        return message
-    return (
-        f"{message} (if experiment={preset} sets it for another method, move its method.* keys to "
-        f"experiment_method/{preset}/<that method>.yaml, '# @package method': they then apply with that method only)"
-    )
+    preflight(validate(cfg), device=device)
 
 
 def compose_spec(overrides: list[str], config_dir: str | os.PathLike | None = None):

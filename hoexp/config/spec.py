@@ -151,6 +151,21 @@ def _families(node: Any) -> list[Component]:
     return [component(sub, f"hp.{key!s}") for key, sub in node.items()]
 
 
+def _method(node: Any) -> Component:
+    """``cfg.method`` checked; a key the chosen method does not take also says where a preset's options for one
+    method belong: ``experiment_method/<preset>/<method>.yaml`` (loaded only with that method; hoexp/conf/config.yaml)."""
+    try:
+        return component(node, "method")
+    except ConfigError as e:
+        if not str(e).startswith("unknown key 'method."):
+            raise
+        raise ConfigError(
+            f"{e} (if your experiment preset sets it for another method, move its method.* keys to "
+            "experiment_method/<preset>/<that method>.yaml, headed '# @package method': they then apply with that "
+            "method only)"
+        ) from None
+
+
 def validate(cfg: DictConfig) -> Spec:
     """Turn a composed Hydra config into a checked :class:`Spec`, or raise :class:`ConfigError`."""
     top = {k: v for k, v in cfg.items() if k not in GROUP_KEYS and k != "hydra"}
@@ -176,7 +191,7 @@ def validate(cfg: DictConfig) -> Spec:
         dataset=component(cfg.get("dataset"), "dataset"),
         model=component(cfg.get("model"), "model"),
         hp=_families(cfg.get("hp")),
-        method=component(cfg.get("method"), "method"),
+        method=_method(cfg.get("method")),
         inner_optim=component(optim.inner, "optim.inner"),
         outer_optim=component(optim.outer, "optim.outer"),
         raw=cast(dict, OmegaConf.to_container(cfg, resolve=True)),  # a DictConfig's container is a dict

@@ -99,7 +99,7 @@ def warming_up(s: RunSettings, evals: list[dict[str, float]], step: int) -> bool
 def loop(exp: Runnable, state: RunState, io: RunIO, progress: RunProgress, check: Any = None) -> None:
     """Outer steps ``state.step + 1 .. outer_steps``, each: train, hypergradient, outer update, log, checkpoint;
     ``check()`` after each (raises for a signal whose exception was swallowed)."""
-    s, last = exp.settings, False
+    s = exp.settings
     with progress:
         for step in range(state.step + 1, s.outer_steps + 1):
             progress.start_outer(step)
@@ -141,7 +141,7 @@ def loop(exp: Runnable, state: RunState, io: RunIO, progress: RunProgress, check
                 check()
             if last:
                 break
-    if last:  # after the bars are gone, whether or not they are shown
+    if state.step < s.outer_steps:  # the loop ended early: only the budget does that (after the bars are gone)
         io.say(budget_line(s, state.solver_s, state.step))
 
 
