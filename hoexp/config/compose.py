@@ -67,7 +67,7 @@ def with_config_dir(args: list[str]) -> list[str]:
     """``--config-dir DIR`` (``-cd DIR``, ``--config-dir=DIR``; repeatable) → the override
     ``hydra.searchpath=[file://DIR,...]``: the folders' options (``DIR/model/x.yaml``, ...) join hoexp's own, for
     validation and for Hydra alike. A name in two places is refused (:func:`refuse_clashes`)."""
-    out, dirs, folders = [], [], []
+    out, dirs, folders = [], [], list[Path]()
     it = iter(args)
     for a in it:
         flag, eq, value = a.partition("=")
