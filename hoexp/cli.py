@@ -386,12 +386,18 @@ def cmd_report(args: list[str]) -> None:
     ap.add_argument("paths", nargs="+", metavar="PATH")
     ap.add_argument("--out", default=None, help="output folder (default: outputs/reports/<date>_<time>)")
     ap.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    ap.add_argument(
+        "--x",
+        choices=("elapsed", "solver"),
+        default="elapsed",
+        help="the plots' time axis: wall time (default), or solver time (training and hypergradients only)",
+    )
     ns = ap.parse_intermixed_args(args)  # overrides may follow options (--config-dir adds one at the end)
     console = Console()
     if not console.is_terminal:
         console = Console(width=200)  # a wide table in logs and pipes
     out = Path(ns.out or f"outputs/reports/{time.strftime('%Y-%m-%d_%H-%M-%S')}")
-    build_report(ns.paths, out, console=console, plots=not ns.no_plots)
+    build_report(ns.paths, out, console=console, plots=not ns.no_plots, x=ns.x)
 
 
 def cmd_compare(args: list[str]) -> None:

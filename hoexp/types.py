@@ -124,6 +124,7 @@ class RunSettings:
     progress: bool = False
     precision: str = "fp32"
     resume: str = "false"  # false | true | auto
+    max_time: float | None = None  # seconds of solver time (time/solver_s) after which the run ends; None: no budget
     labels: Mapping[str, str] = field(default_factory=dict)
     hparams: Mapping[str, Any] = field(default_factory=dict)
 
@@ -164,6 +165,7 @@ class RunSettings:
             progress=run.progress,
             precision=run.precision,
             resume=run.resume,
+            max_time=run.max_time,
             labels=labels,
             hparams=hparams,
         )

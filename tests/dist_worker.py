@@ -72,3 +72,18 @@ def worker(rank: int, world: int, folder: str, names: list[str]) -> None:
         torch.save(out, f"{folder}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
+
+
+def budget_worker(rank: int, world: int, folder: str) -> None:
+    """Each rank's own solver time (rank 0 under the budget, rank 1 over it): what budget_spent decides on each."""
+    from hoexp.engine.budget import budget_spent
+    from hoexp.engine.distributed import Context
+    from hoexp.types import RunSettings
+
+    dist.init_process_group("gloo", init_method=f"file://{folder}/store", rank=rank, world_size=world)
+    try:
+        s, ctx = RunSettings(outer_steps=10, inner_steps=1, max_time=1.0), Context(rank, world, rank)
+        decided = [budget_spent(s, solver_s, 3, ctx) for solver_s in ((0.5, 2.0)[rank], 0.5)]
+        torch.save(decided, f"{folder}/budget{rank}.pt")
+    finally:
+        dist.destroy_process_group()

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import ClassVar
 
+import pytest
 import torch
 from rich.console import Console
 from torch import Tensor, nn
@@ -294,6 +295,38 @@ def test_hoexp_compare_accepts_your_config_folder(tmp_path):
     )
     assert [name for name, _ in plan.ho] == ["last_step", "jacobi_ift"] and plan.grid_key == "hp.l1.init"
     assert any(o.startswith("hydra.searchpath=") for o in plan.base)
+
+
+def test_config_dirs_side_by_side_and_clashes_refused(tmp_path, monkeypatch):
+    """--config-dir repeats: the example's folder and yours (your method with its preset), or yours split in two;
+    one option name in two folders, or in a folder and hoexp's own, is refused in one line (Hydra would silently
+    take the first)."""
+    from hoexp.cli import validate_job, with_config_dir
+    from hoexp.config.compose import compose
+    from hoexp.errors import ConfigError
+
+    write_configs(tmp_path / "conf")
+    (tmp_path / "a").mkdir()
+    (tmp_path / "conf" / "dataset").rename(tmp_path / "a" / "dataset")
+    (tmp_path / "conf" / "model").rename(tmp_path / "a" / "model")
+    dirs = ["--config-dir", str(tmp_path / "a"), f"--config-dir={tmp_path / 'conf'}", "-cd", str(tmp_path / "a")]
+    args = with_config_dir([*dirs, *OVERRIDES])
+    assert args[-1] == f"hydra.searchpath=[file://{tmp_path / 'a'},file://{tmp_path / 'conf'}]"
+    validate_job(args)
+    assert compose(args).method.solver.iterations == 10 and compose(args).model.hidden == 8
+    example = ROOT / "examples" / "hyper_cleaning"
+    monkeypatch.syspath_prepend(str(example))
+    both = with_config_dir(["-cd", str(example / "conf"), "-cd", str(tmp_path / "conf"), "experiment=hyper_cleaning"])
+    validate_job([*both, "method=jacobi_ift"], device=False)
+    assert compose([*both, "method=jacobi_ift"]).dataset.name == "corrupted_mnist"
+
+    (tmp_path / "b" / "model").mkdir(parents=True)
+    (tmp_path / "b" / "model" / "tiny.yaml").write_text("_target_: x.y\n")
+    with pytest.raises(ConfigError, match=rf"--config-dir {tmp_path / 'b'}: model/tiny.yaml is also in --config-dir "):
+        with_config_dir(["-cd", str(tmp_path / "a"), "-cd", str(tmp_path / "b")])
+    (tmp_path / "b" / "model" / "tiny.yaml").rename(tmp_path / "b" / "model" / "mlp.yaml")
+    with pytest.raises(ConfigError, match=r"model/mlp.yaml is also in hoexp's own configs, and only one can be used"):
+        with_config_dir(["-cd", str(tmp_path / "b")])
 
 
 def test_a_family_yaml_without_its_header_is_refused_naming_the_header(tmp_path, capsys):

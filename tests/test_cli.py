@@ -108,6 +108,16 @@ def test_error_from_a_subprocess_has_no_traceback():
     assert "Traceback" not in r.stderr + r.stdout
 
 
+@pytest.mark.slow
+def test_max_time_ends_a_run_with_exit_0_and_a_line_saying_so(tmp_path):
+    run_dir = tmp_path / "run"
+    r = hoexp("run", "outer_steps=50", "inner_steps=2", "model.width=8", "max_time=0.001", f"hydra.run.dir={run_dir}")
+    assert r.returncode == 0, r.stderr
+    assert "max_time=0.001s of solver time spent" in r.stderr and "at outer step 1 of 50" in r.stderr
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["stopped_by"] == "max_time" and summary["final"]["step"] == 1
+
+
 def _scalar_tags(run_dir):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -141,8 +151,10 @@ def test_short_run_writes_tensorboard_metrics_and_summary(tmp_path):
             "hp/min",
             "hp/max",
             "time/elapsed_s",
+            "time/solver_s",
         ):
             assert key in ln, key
+        assert 0 < ln["time/solver_s"] <= ln["time/elapsed_s"]
         assert ln["solver/hvps"] == 6  # 5 Neumann terms + the residual
         assert ln["hypergrad/norm"] > 0
     assert lines[-1]["time/elapsed_s"] > lines[1]["time/elapsed_s"]
@@ -156,6 +168,7 @@ def test_short_run_writes_tensorboard_metrics_and_summary(tmp_path):
     assert summary["best"]["val_loss"] == pytest.approx(min(ln["loss/val"] for ln in lines))
     assert summary["num_hparams"] == 17_280 and summary["num_params"] == 17_280
     assert summary["hypergradients"] == 3 and summary["wall_time_s"] > 0
+    assert summary["solver_time_s"] == lines[-1]["time/solver_s"] and "stopped_by" not in summary
     assert 0 < summary["hp_final"]["moved_fraction"] <= 1
 
     acc = _scalar_tags(run_dir)
@@ -163,7 +176,15 @@ def test_short_run_writes_tensorboard_metrics_and_summary(tmp_path):
     val = acc.Scalars("loss/val")
     assert [e.step for e in val] == [0, 1, 2, 3]
     assert val[-1].value == pytest.approx(lines[-1]["loss/val"], rel=1e-6)
-    for tag in ("hypergrad/norm", "solver/residual", "inner/grad_norm", "hp/mean", "acc/test", "time/elapsed_s"):
+    for tag in (
+        "hypergrad/norm",
+        "solver/residual",
+        "inner/grad_norm",
+        "hp/mean",
+        "acc/test",
+        "time/elapsed_s",
+        "time/solver_s",
+    ):
         assert tag in tags["scalars"], tag
     assert "hp/values" in tags["histograms"]
     assert [e.step for e in acc.Histograms("hp/values")] == [0, 2, 3]

@@ -292,7 +292,7 @@ def test_an_unwritable_out_is_one_line_naming_the_folder_before_anything_runs(tm
 
 def test_out_holding_another_compare_is_refused_with_the_command_that_continues_it(tmp_path, capsys):
     """A compare folder keeps its arguments (arguments.json): the same arguments continue it (in any
-    order, --no-plots aside), other ones are refused in one line naming the difference and the command."""
+    order, --no-plots and --x aside), other ones are refused in one line naming the difference and the command."""
     from hoexp.tools.compare.args import ARGUMENTS, plan_record
 
     out = tmp_path / "out"
@@ -303,8 +303,10 @@ def test_out_holding_another_compare_is_refused_with_the_command_that_continues_
     (out / ARGUMENTS).write_text(json.dumps(plan_record(plan)))
     same = parse_args(
         ["--out", str(out), "--no-plots", "--search", "none", "--seeds", "0,1", "--grid", "none", "outer_steps=2"]
+        + ["--x", "solver"]  # the report's time axis: any
     )
     assert same.continues and plan_record(same)["plan"] == plan_record(plan)["plan"]
+    assert (plan.x, same.x) == ("elapsed", "solver")
     err = one_line_error(capsys, ["compare", *first[:-1], "0,2", "--out", str(out)])
     assert "holds a compare with other arguments (--seeds: 2 here, 1 there)" in err
     assert f"continue it with: hoexp compare {' '.join(first)} --out {out}" in err

@@ -58,7 +58,7 @@ def test_every_option_composes_and_builds(group, option, tmp_path):
 
 def test_every_yaml_names_its_code():
     for path in sorted(CONF_DIR.glob("*/**/*.yaml")):
-        if path.parts[-2] in ("experiment", "launcher"):
+        if path.parts[-2] in ("experiment", "launcher") or "experiment_method" in path.parts:  # presets, not factories
             continue
         text = path.read_text()
         assert "\n_target_: " in f"\n{text}", f"{path.relative_to(CONF_DIR)} has no _target_"
@@ -83,6 +83,59 @@ def test_every_preset_composes_and_builds(preset):
     exp = build(spec)
     assert exp.device == torch.device("cpu")
     assert sum(v.numel() for v in exp.problem.family.init(dict(exp.model.named_parameters())).values()) > 0
+
+
+@pytest.mark.parametrize("method", ["neumann", "cg", "none"])
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_preset_composes_with_another_method(preset, method):
+    """experiment=<preset> method=<other>: a preset's options for its own method (experiment_method/<preset>/) do
+    not follow the override (mnist_hyper_cleaning's CG options once broke method=neumann)."""
+    spec = validate(_compose([f"experiment={preset}", f"method={method}"]))
+    preflight(spec, device=False)
+    assert spec.method.name == method
+
+
+PRESET_METHOD_FILES = sorted((CONF_DIR / "experiment_method").glob("*/*.yaml"))
+
+
+@pytest.mark.parametrize("path", PRESET_METHOD_FILES, ids=[f"{p.parent.name}/{p.stem}" for p in PRESET_METHOD_FILES])
+def test_preset_method_options_apply_with_their_method_only(path):
+    """experiment_method/<preset>/<method>.yaml: its keys reach method=<method> under experiment=<preset> (and a
+    command-line method.<key> still wins), and no other method sees them."""
+    from omegaconf import OmegaConf
+
+    preset, method = path.parent.name, path.stem
+    assert preset in PRESETS and method in group_options("method")
+    keys = OmegaConf.to_container(OmegaConf.load(path))
+    assert keys
+    cfg = _compose([f"experiment={preset}", f"method={method}"])
+    assert {k: cfg.method[k] for k in keys} == keys
+    default = _compose([f"method={method}"])  # the method's own defaults differ where the preset sets a key
+    assert any(default.method.get(k) != v for k, v in keys.items())
+    key, value = next(iter(keys.items()))
+    new = (not value) if isinstance(value, bool) else value + 1
+    assert _compose([f"experiment={preset}", f"method={method}", f"method.{key}={new}"]).method[key] == new
+    other = "neumann" if method != "neumann" else "cg"
+    assert validate(_compose([f"experiment={preset}", f"method={other}"])).method.name == other
+
+
+def test_a_preset_setting_one_methods_keys_in_its_body_names_where_they_go(tmp_path):
+    """A user's preset with method.<key> in its body: method=<other> is refused in one line naming
+    experiment_method/<preset>/<method>.yaml."""
+    from hoexp.cli import validate_job, with_config_dir
+    from hoexp.errors import ConfigError
+
+    (tmp_path / "experiment").mkdir()
+    (tmp_path / "experiment" / "mine.yaml").write_text(
+        "# @package _global_\ndefaults:\n  - override /method: cg\nmethod: {iterations: 3}\n"
+    )
+    validate_job(with_config_dir(["experiment=mine", "--config-dir", str(tmp_path)]), device=False)
+    with pytest.raises(
+        ConfigError, match=r"unknown key 'method.iterations'.*experiment_method/<preset>/<that method>.yaml"
+    ):
+        validate_job(
+            with_config_dir(["experiment=mine", "method=neumann", "--config-dir", str(tmp_path)]), device=False
+        )
 
 
 @pytest.mark.parametrize("launcher", group_options("hydra/launcher"))

@@ -87,8 +87,8 @@ def test_readme_run_line_validates(line, monkeypatch, tmp_path):
     env, _ = _env_prefix(line)
     if "~/" in line:
         lab_home(tmp_path, monkeypatch)
-    if "PYTHONPATH" in env:  # a plugin's code (examples/..., ~/lab), importable as the line makes it
-        monkeypatch.syspath_prepend(str(ROOT / Path(env["PYTHONPATH"]).expanduser()))
+    for part in env.get("PYTHONPATH", "").split(":") if "PYTHONPATH" in env else []:
+        monkeypatch.syspath_prepend(str(ROOT / Path(part).expanduser()))  # a plugin's code (examples/..., ~/lab)
     monkeypatch.chdir(ROOT)
     words = _hoexp_words(line)
     args = with_config_dir(words[2:])

@@ -54,6 +54,7 @@ def make_run(
         "final": {"step": 3, "val_loss": final, "val_acc": acc - 0.05, "test_loss": test + 0.1, "test_acc": acc - 0.1},
         "best": {"step": 2, "val_loss": best, "val_acc": acc, "test_loss": test, "test_acc": acc},
         "wall_time_s": wall,
+        "solver_time_s": wall / 4,  # training and hypergradients: a quarter of the wall time here
         "hypergradients": hypergradients,
         "num_hparams": num_hparams,
         "num_params": 17_280,
@@ -67,7 +68,8 @@ def make_run(
     vals = [1.1, best, final]  # the lowest is `best`
     with open(folder / "metrics.jsonl", "w") as f:
         for step, v in enumerate(vals):
-            f.write(json.dumps({"step": step, "loss/val": v, "time/elapsed_s": wall * (step + 1) / len(vals)}) + "\n")
+            t = wall * (step + 1) / len(vals)
+            f.write(json.dumps({"step": step, "loss/val": v, "time/elapsed_s": t, "time/solver_s": t / 4}) + "\n")
     cfg = {
         "seed": seed,
         "outer_steps": 3,
@@ -338,6 +340,35 @@ def test_best_so_far_of_a_study_is_over_finished_trials_at_cumulative_trial_time
     rep, _ = report(tmp_path, tmp_path / "s")
     (member,) = rep.groups[0].members
     assert best_so_far(member) == [(1.0, 0.40), (1.5, 0.40), (3.5, 0.30)]
+
+
+def test_time_axis_solver_plots_against_solver_time(tmp_path, capsys):
+    """--x solver: a run's curve on time/solver_s, a study's trials at their cumulative solver time; the plots are
+    written; runs from before solver time was logged have no curve on that axis."""
+    from hoexp.tools.report import best_so_far
+
+    make_run(tmp_path / "r", method="cg", best=0.2, final=0.3, wall=3.0)
+    compare_study(
+        tmp_path / "s",
+        "random",
+        trials=[{"init": 1e-3, "best": 0.4, "wall": 1.0}, {"init": 1e-4, "best": 0.3, "wall": 2.0}],
+    )
+    rep, _ = report(tmp_path, tmp_path / "r", tmp_path / "s")
+    run = next(m for g in rep.groups for m in g.members if not m.is_study)
+    study = next(m for g in rep.groups for m in g.members if m.is_study)
+    assert run.curve("solver") == [(0.25, 1.1), (0.5, 0.2), (0.75, 0.3)]
+    assert run.curve() == [(1.0, 1.1), (2.0, 0.2), (3.0, 0.3)]
+    assert best_so_far(run, "solver") == [(0.25, 1.1), (0.5, 0.2), (0.75, 0.2)]
+    assert best_so_far(study, "solver") == [(0.25, 0.4), (0.75, 0.3)]
+    assert [t for t, _ in study.curve("solver")] == [1 / 12, 1 / 6, 0.25, 0.25 + 1 / 6, 0.25 + 1 / 3, 0.75]
+    main(["report", str(tmp_path / "r"), str(tmp_path / "s"), "--out", str(tmp_path / "out"), "--x", "solver"])
+    assert {"val_loss_vs_time.png", "best_so_far.png"} <= {p.name for p in (tmp_path / "out").iterdir()}
+    (tmp_path / "r" / "metrics.jsonl").write_text('{"step": 0, "loss/val": 1.0, "time/elapsed_s": 0.5}\n')
+    rep, _ = report(tmp_path, tmp_path / "r")
+    assert rep.groups[0].members[0].curve("solver") == [] and rep.groups[0].members[0].curve() == [(0.5, 1.0)]
+    with pytest.raises(SystemExit) as e:
+        main(["report", str(tmp_path / "r"), "--x", "wall"])
+    assert e.value.code == 2 and "--x: invalid choice: 'wall'" in capsys.readouterr().err
 
 
 def test_report_command_errors_are_one_line(tmp_path, capsys):

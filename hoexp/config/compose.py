@@ -49,10 +49,28 @@ def user_config_dirs(overrides: list[str]) -> list[Path]:
     return dirs
 
 
+def refuse_clashes(folders: list[Path]) -> None:
+    """One line for a config file (``model/x.yaml``) found in two ``--config-dir`` folders, or in one and hoexp's own:
+    Hydra would take the first on its search path (hoexp's own first) and ignore the other without a word."""
+    if not folders:
+        return
+    seen = {str(p.relative_to(conf_dir())): "hoexp's own configs" for p in conf_dir().rglob("*.yaml")}
+    for folder in folders:
+        for p in sorted(folder.rglob("*.yaml")):
+            rel = str(p.relative_to(folder))
+            if rel in seen:
+                raise ConfigError(
+                    f"--config-dir {folder}: {rel} is also in {seen[rel]}, and only one can be used; rename one "
+                    f"(options of a group must have distinct names across hoexp's configs and your --config-dir folders)"
+                )
+            seen[rel] = f"--config-dir {folder}"
+
+
 def with_config_dir(args: list[str]) -> list[str]:
-    """``--config-dir DIR`` (``-cd DIR``, ``--config-dir=DIR``) → the override ``hydra.searchpath=[file://DIR]``:
-    the folder's options (``DIR/model/x.yaml``, ...) join hoexp's own, for validation and for Hydra alike."""
-    out, dirs = [], []
+    """``--config-dir DIR`` (``-cd DIR``, ``--config-dir=DIR``; repeatable) → the override
+    ``hydra.searchpath=[file://DIR,...]``: the folders' options (``DIR/model/x.yaml``, ...) join hoexp's own, for
+    validation and for Hydra alike. A name in two places is refused (:func:`refuse_clashes`)."""
+    out, dirs, folders = [], [], list[Path]()
     it = iter(args)
     for a in it:
         flag, eq, value = a.partition("=")
@@ -64,9 +82,12 @@ def with_config_dir(args: list[str]) -> list[str]:
                     f"--config-dir {value or '(missing)'}: no such folder; give the folder that holds "
                     "your config groups (e.g. DIR/model/my_model.yaml)"
                 )
-            dirs.append(f"file://{folder}")
+            if folder.resolve() not in [f.resolve() for f in folders]:  # the same folder twice: once
+                folders.append(folder)
+                dirs.append(f"file://{folder}")
         else:
             out.append(a)
+    refuse_clashes(folders)
     return [*out, f"hydra.searchpath=[{','.join(dirs)}]"] if dirs else out
 
 

@@ -94,8 +94,9 @@ class Run:
     def _execute(self) -> dict[str, Any]:
         io, spec = self.io, self.spec
         ckpt = io.decide_start(spec.run.resume)
-        if ckpt is not None and ckpt.get("status") == "completed" and spec.run.outer_steps <= int(ckpt["step"]):
-            io.say(f"hoexp: {self.out_dir} already completed; nothing to resume")
+        done = finished(ckpt, spec)
+        if ckpt is not None and done is not None:
+            io.say(f"hoexp: {self.out_dir} already {done}; nothing to resume")
             return distributed.broadcast(self._completed_summary(ckpt) if io.main else None, io.ctx)
         self.exp = build(spec, self.dist, self.prebuilt)
         summary = run(self.exp, io, resume=ckpt)
@@ -130,6 +131,19 @@ class Run:
         write_json_atomic(path, summary)
         self.io.say(f"hoexp: its {path.name} was {why}: written again from checkpoint.pt")
         return summary
+
+
+def finished(ckpt: dict[str, Any] | None, spec: Spec) -> str | None:
+    """How the completed run in ``ckpt`` ended, where resuming it with ``spec`` would run nothing: its outer steps
+    all done, or its time budget ``max_time`` spent (a larger one continues it); ``None``: resume (or start)."""
+    if ckpt is None or ckpt.get("status") != "completed":
+        return None
+    if spec.run.outer_steps <= int(ckpt["step"]):
+        return "completed"
+    spent, budget = float(ckpt.get("solver_s", 0.0)), spec.run.max_time
+    if budget is not None and spent >= budget:
+        return f"stopped by max_time={budget:g}s ({spent:.1f}s of solver time spent): raise max_time to continue it"
+    return None
 
 
 def run_experiment(spec: Spec, out_dir: str | Path, **kwargs: Any) -> dict[str, Any]:

@@ -47,6 +47,9 @@ class RunConfig:
     max_nonfinite: int = 3  # non-finite hypergradients in a row (each skips its outer update) before aborting
     outer_objective: str = "val"  # val: validation loss; train: final training loss (Maclaurin et al.'s meta-objective)
     precision: str = "fp32"  # fp32 | bf16 | fp16: plain inner training steps under autocast (hoexp.engine.precision)
+    # A budget of solver time (training and hypergradients): seconds, or "HH:MM:SS" / "MM:SS"; None: no budget.
+    # The run ends at the first outer step that reaches it, as completed (summary.json: stopped_by max_time).
+    max_time: Any = None
     name: str = "run"
 
     def check(self) -> None:
@@ -64,6 +67,7 @@ class RunConfig:
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got '{self.device}'")
         _choice("precision", self.precision, ("fp32", "bf16", "fp16"))
+        self.max_time = parse_max_time(self.max_time)
         self.resume = self.resume.lower()  # YAML booleans arrive as 'True' / 'False'
         _choice("resume", self.resume, RESUME_MODES)
         if not NAME.fullmatch(self.name) or self.name in (".", ".."):
@@ -89,6 +93,25 @@ class Spec:
     @property
     def hp_name(self) -> str:
         return "+".join(h.name for h in self.hp)
+
+
+def parse_max_time(value: Any) -> float | None:
+    """``max_time`` in seconds: a number, ``"HH:MM:SS"`` or ``"MM:SS"`` (``None``: no budget); else ConfigError."""
+    if value is None:
+        return None
+    seconds: float = math.nan
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        seconds = float(value)
+    elif isinstance(value, str) and re.fullmatch(r"(\d+:){1,2}\d+(\.\d*)?", value.strip()):
+        *big, last = value.strip().split(":")
+        if all(int(p) < 60 for p in big[1:]) and float(last) < 60:
+            seconds = sum(int(p) * 60 ** (len(big) - i) for i, p in enumerate(big)) + float(last)
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise ConfigError(
+            f"max_time={value!r} is not a time budget; give seconds (max_time=600), HH:MM:SS or MM:SS "
+            "(max_time=1:30:00, max_time=05:00), or max_time=null for none"
+        )
+    return seconds
 
 
 def _positive(obj: Any, *names: str) -> None:
@@ -128,6 +151,21 @@ def _families(node: Any) -> list[Component]:
     return [component(sub, f"hp.{key!s}") for key, sub in node.items()]
 
 
+def _method(node: Any) -> Component:
+    """``cfg.method`` checked; a key the chosen method does not take also says where a preset's options for one
+    method belong: ``experiment_method/<preset>/<method>.yaml`` (loaded only with that method; hoexp/conf/config.yaml)."""
+    try:
+        return component(node, "method")
+    except ConfigError as e:
+        if not str(e).startswith("unknown key 'method."):
+            raise
+        raise ConfigError(
+            f"{e} (if your experiment preset sets it for another method, move its method.* keys to "
+            "experiment_method/<preset>/<that method>.yaml, headed '# @package method': they then apply with that "
+            "method only)"
+        ) from None
+
+
 def validate(cfg: DictConfig) -> Spec:
     """Turn a composed Hydra config into a checked :class:`Spec`, or raise :class:`ConfigError`."""
     top = {k: v for k, v in cfg.items() if k not in GROUP_KEYS and k != "hydra"}
@@ -153,7 +191,7 @@ def validate(cfg: DictConfig) -> Spec:
         dataset=component(cfg.get("dataset"), "dataset"),
         model=component(cfg.get("model"), "model"),
         hp=_families(cfg.get("hp")),
-        method=component(cfg.get("method"), "method"),
+        method=_method(cfg.get("method")),
         inner_optim=component(optim.inner, "optim.inner"),
         outer_optim=component(optim.outer, "optim.outer"),
         raw=cast(dict, OmegaConf.to_container(cfg, resolve=True)),  # a DictConfig's container is a dict

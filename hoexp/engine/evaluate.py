@@ -41,13 +41,21 @@ def moved_fraction(values: Tensor, raw0: Tensor | None) -> float:
 
 
 def log_step(
-    exp: Runnable, state: RunState, logger: MetricLogger, step: int, scalars: dict[str, float], force_hist: bool = False
+    exp: Runnable,
+    state: RunState,
+    logger: MetricLogger,
+    step: int,
+    scalars: dict[str, float],
+    force_hist: bool = False,
+    last: bool = False,
 ) -> dict[str, float]:
-    """Evaluate (every ``eval_every`` steps, and at the first and last), add the hyperparameters' statistics
-    and histograms, log everything for ``step``; returns the fields the progress display shows."""
+    """Evaluate (every ``eval_every`` steps, and at the first and last: ``outer_steps``, or ``last`` where the time
+    budget ends the run), add the hyperparameters' statistics and histograms, log everything for ``step``; returns
+    the fields the progress display shows."""
     s = exp.settings
     fields: dict[str, float] = {}
-    if step == 0 or step % s.eval_every == 0 or step == s.outer_steps:
+    last = last or step == s.outer_steps
+    if step == 0 or step % s.eval_every == 0 or last:
         metrics = evaluate(exp.task, state.inner.params, state.raw)
         check_train_loss(metrics, step)
         state.evals.append({"step": step, **metrics})
@@ -59,11 +67,12 @@ def log_step(
     if values.numel():
         scalars.update(tensor_stats("hp", values))
         scalars["hp/moved_fraction"] = moved_fraction(values, state.raw0)
-        if force_hist or step % s.histogram_every == 0 or step == s.outer_steps:
+        if force_hist or step % s.histogram_every == 0 or last:
             logger.log_histograms(step, {"hp/values": values, "hp/log10_values": torch.log10(values)})
     if "hypergrad/norm" in scalars:
         fields["hg_norm"] = scalars["hypergrad/norm"]
     scalars["time/elapsed_s"] = state.elapsed()
+    scalars["time/solver_s"] = state.solver_s  # training and hypergradients only (hoexp.engine.budget)
     logger.log_scalars(step, scalars)
     logger.flush()
     return fields

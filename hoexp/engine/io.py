@@ -36,7 +36,7 @@ from hoexp.errors import HoexpError, Stopped, StopRun, received_stop
 SMALL_MODEL_PARAMS = 1_000_000
 CHECKPOINT_VERSION = 2  # 2: with the config, the first .hydra/ files and the resumes
 # Top-level config keys added after checkpoints were first written, with the value that reproduces older runs.
-ADDED_KEYS = {"precision": "fp32"}
+ADDED_KEYS = {"precision": "fp32", "max_time": None}
 
 
 class Preempted(Stopped):

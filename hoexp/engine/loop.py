@@ -13,6 +13,7 @@ import time
 from typing import Any
 
 from hoexp.engine import distributed
+from hoexp.engine.budget import budget_line, budget_spent, stopped_by, synced_clock
 from hoexp.engine.evaluate import labels, log_step, summarize
 from hoexp.engine.guards import outer_update
 from hoexp.engine.io import Preempted, RunIO, final_state, num_weights, outcome, preemption_signals, thread_policy
@@ -105,7 +106,7 @@ def loop(exp: Runnable, state: RunState, io: RunIO, progress: RunProgress, check
     with progress:
         for step in range(state.step + 1, s.outer_steps + 1):
             progress.start_outer(step)
-            t0 = time.perf_counter()
+            t0 = synced_clock(exp.device)
             if s.reset_inner and step > 1:  # every outer step trains from the same initialization (meta-training)
                 state.inner = reset_inner(exp, state)
             # The runner draws the batches, so a method gets values and the stream positions (checkpointed with
@@ -129,17 +130,23 @@ def loop(exp: Runnable, state: RunState, io: RunIO, progress: RunProgress, check
                 scalars["inner/loss"] = distributed.mean_floats([scalars["inner/loss"]], io.ctx)[0]
             # A non-finite hypergradient skips the update; too many in a row end the run, once this step is logged.
             abort = outer_update(exp, state, res.hypergrad, scalars, step, progress)
-            scalars["time/outer_step_s"] = time.perf_counter() - t0
-            fields = log_step(exp, state, io.logger, step, scalars)
+            scalars["time/outer_step_s"] = synced_clock(exp.device) - t0
+            state.solver_s += scalars["time/outer_step_s"]
+            last = budget_spent(s, state.solver_s, step, io.ctx)  # then evaluated, saved and summarized as the end
+            fields = log_step(exp, state, io.logger, step, scalars, last=last)
             if abort is not None:
                 raise abort
             state.step = step
             io.keep(snapshot(exp, state))  # references only: what a checkpoint written on a signal holds
-            if s.checkpoint_every and step % s.checkpoint_every == 0:
+            if s.checkpoint_every and step % s.checkpoint_every == 0 and not last:  # the last: written at the end
                 io.write_checkpoint()
             progress.end_outer(step, fields)
             if check is not None:
                 check()
+            if last:
+                break
+    if state.step < s.outer_steps:  # the loop ended early: only the budget does that (after the bars are gone)
+        io.say(budget_line(s, state.solver_s, state.step))
 
 
 def headline(exp: Runnable, state: RunState, io: RunIO, threads: int, resumed: bool) -> str:
@@ -162,6 +169,12 @@ def run_summary(exp: Runnable, state: RunState | None, io: RunIO) -> dict[str, A
     """``summary.json`` of the run as it stands (status and error from ``io``)."""
     elapsed = state.elapsed() if state is not None else time.perf_counter() - io.started
     out = summarize(exp, state, io.status, elapsed, world_size=io.ctx.world_size, precision=exp.settings.precision)
+    if state is not None:
+        out["solver_time_s"] = state.solver_s
+        if exp.settings.max_time is not None:
+            out["max_time_s"] = exp.settings.max_time
+        if stopped_by(exp.settings, state.step, io.status):
+            out["stopped_by"] = stopped_by(exp.settings, state.step, io.status)
     if io.resumes:
         out["resumes"] = io.resumes
     if io.error:

@@ -27,9 +27,9 @@ RUN_CONTROL_KEYS = frozenset(
         "dataset.download",
     }
 )
-# Also allowed to change on resume: outer_steps (extend or finish a run early), device (a requeued job
+# Also allowed to change on resume: outer_steps and max_time (extend or finish a run early), device (a requeued job
 # may land on another kind of node; results then differ in the last bits, as between any two devices).
-RESUMABLE_KEYS = RUN_CONTROL_KEYS | {"outer_steps", "device"}
+RESUMABLE_KEYS = RUN_CONTROL_KEYS | {"outer_steps", "max_time", "device"}
 
 
 def flatten(node: Any, prefix: str = "") -> dict[str, Any]:

@@ -55,6 +55,7 @@ class Plan:
     tpe_startup: int = 5
     out: Path = Path("outputs/compare")
     plots: bool = True
+    x: str = "elapsed"  # the report's time axis: elapsed (wall) or solver time
     argv: list[str] = field(default_factory=list)
     continues: bool = False  # --out holds an earlier start of this compare
     budget_factors: list[float] = field(default_factory=list)  # the budgets reported (× HO's wall time), ascending
@@ -135,6 +136,13 @@ def _parser() -> argparse.ArgumentParser:
         "continues an interrupted compare (finished runs kept, stopped ones resumed)",
     )
     ap.add_argument("--no-plots", action="store_true", help="no PNG plots in the report")
+    ap.add_argument(
+        "--x",
+        choices=("elapsed", "solver"),
+        default="elapsed",
+        help="the report plots' time axis: wall time (default) or solver time (training and hypergradients); "
+        "the budgets stay in wall time",
+    )
     return ap
 
 
@@ -376,6 +384,7 @@ def parse_args(argv: list[str]) -> Plan:
         tpe_startup=ns.tpe_startup,
         out=Path(ns.out or f"outputs/compare/{time.strftime('%Y-%m-%d_%H-%M-%S')}"),
         plots=not ns.no_plots,
+        x=ns.x,
         argv=_without_out(list(argv)),
     )
     plan.continues = _check_out(plan)
@@ -400,9 +409,9 @@ def _without_out(argv: list[str]) -> list[str]:
 
 def plan_record(plan: Plan) -> dict[str, Any]:
     """What must match for a compare to continue in a folder: every option that changes a run or a
-    choice (not --out, not --no-plots), and the command line it came from."""
+    choice (not --out, --no-plots, --x), and the command line it came from."""
     fields = asdict(plan)
-    for k in ("out", "plots", "argv", "continues"):
+    for k in ("out", "plots", "x", "argv", "continues"):
         fields.pop(k)
     return {"version": 1, "argv": plan.argv, "plan": json.loads(json.dumps(fields))}
 

@@ -345,7 +345,7 @@ def run_compare(plan: Plan, console: Console | None = None) -> dict[str, Any]:
         data = compare_json(plan, c.results, time.time() - started)
         write_json_atomic(c.out / "compare.json", data)
         c.say(f"hoexp compare: wrote {c.out / 'compare.json'}; the report:")
-        build_report([c.out], c.out / "report", console=c.console, plots=plan.plots)
+        build_report([c.out], c.out / "report", console=c.console, plots=plan.plots, x=plan.x)
     finally:
         lock.__exit__()
     return data

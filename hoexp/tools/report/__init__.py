@@ -25,7 +25,8 @@ its searched values), ``val_loss_vs_time.png`` (validation loss and best validat
 against wall time, the trials of a study back to back, so for trials run in parallel the axis is
 compute time), ``best_so_far.png`` (one panel: each contender's best validation loss so far against
 wall time; runs from their metrics.jsonl, studies as the best objective of their finished trials
-over cumulative trial time) and ``hparams.png`` (final hyperparameter histograms, log10).
+over cumulative trial time; ``--x solver``: both against solver time, ``time/solver_s``, training and
+hypergradients without evaluation or logging) and ``hparams.png`` (final hyperparameter histograms, log10).
 
 The YAML files Hydra writes are read as plain YAML; only the jobs a sweep should have (to list the
 missing ones) are expanded with Hydra's override parser, through ``hoexp.config.compose.expand_sweeps``.
@@ -45,7 +46,7 @@ from hoexp.engine.metrics import read_json
 from hoexp.errors import HoexpError
 from hoexp.tools.report.compare import compare_lines
 from hoexp.tools.report.group import Group, Member, group_runs
-from hoexp.tools.report.load import METRICS, RunInfo, gather, missing_jobs, missing_lines
+from hoexp.tools.report.load import METRICS, TIME_AXES, RunInfo, gather, missing_jobs, missing_lines
 from hoexp.tools.report.plots import best_so_far, plot_best_so_far, plot_hparams, plot_val_loss_vs_time
 from hoexp.tools.report.tables import print_table, write_csv, write_markdown, write_runs_csv
 
@@ -99,9 +100,17 @@ def _writing(path: Path, write: Callable[..., Any], *args: Any) -> Any:
 
 
 def build_report(
-    paths: Sequence[str | Path], out_dir: str | Path, *, console: Console | None = None, plots: bool = True
+    paths: Sequence[str | Path],
+    out_dir: str | Path,
+    *,
+    console: Console | None = None,
+    plots: bool = True,
+    x: str = "elapsed",
 ) -> Report:
-    """Gather the runs under ``paths``, print the table and write the report files into ``out_dir``."""
+    """Gather the runs under ``paths``, print the table and write the report files into ``out_dir``; the plots'
+    time axis ``x``: ``elapsed`` (wall time) or ``solver`` (training and hypergradients, ``time/solver_s``)."""
+    if x not in TIME_AXES:
+        raise HoexpError(f"report: --x {x!r} is not a time axis; choose one of: {', '.join(TIME_AXES)}")
     console = console or Console()
     runs = gather(paths, console=console)
     groups = group_runs(runs)
@@ -119,7 +128,7 @@ def build_report(
             ("best_so_far.png", plot_best_so_far),
             ("hparams.png", plot_hparams),
         ):
-            if _writing(out / name, fn, groups, out / name):
+            if _writing(out / name, fn, groups, out / name, *([x] if fn is not plot_hparams else [])):
                 pngs.append(out / name)
     _writing(out / "report.csv", write_csv, groups, out / "report.csv")
     _writing(out / "runs.csv", write_runs_csv, groups, out / "runs.csv")

@@ -43,15 +43,16 @@ class Member:
     def metric(self, block: str, key: str) -> float:
         return self.best.metric(block, key)
 
-    def curve(self) -> list[tuple[float, float]]:
-        """Validation loss against wall time; a study's trials back to back (each offset by the
-        wall time of the trials before it)."""
+    def curve(self, x: str = "elapsed") -> list[tuple[float, float]]:
+        """Validation loss against wall time (``x="solver"``: solver time); a study's trials back to back (each
+        offset by the time of the trials before it)."""
         out: list[tuple[float, float]] = []
         offset = 0.0
         for r in self.runs:
-            pts = r.curve()
+            pts = r.curve(x)
             out.extend((offset + t, v) for t, v in pts)
-            offset += r.wall_time_s if math.isfinite(r.wall_time_s) else (pts[-1][0] if pts else 0.0)
+            spent = r.time_s(x)
+            offset += spent if math.isfinite(spent) else (pts[-1][0] if pts else 0.0)
         return out
 
 

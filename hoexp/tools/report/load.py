@@ -30,6 +30,12 @@ CSV_METRICS: list[tuple[str, str]] = [
     for b in ("best", "final")
     for k in ("step", "val_loss", "val_acc", "test_loss", "test_acc", "train_loss", "train_acc")
 ]
+# The time axes of the plots (hoexp report --x, hoexp compare --x): metrics.jsonl key, summary.json key, label.
+# solver: training and hypergradients only (hoexp.engine.budget), the axis benchmarks compare on.
+TIME_AXES = {
+    "elapsed": ("time/elapsed_s", "wall_time_s", "wall time (s)"),
+    "solver": ("time/solver_s", "solver_time_s", "solver time (s)"),
+}
 LOWER_IS_BETTER = {"val_loss", "test_loss", "train_loss"}
 # Config keys that never split runs into different rows (seed: rows aggregate over seeds; the others
 # change how a run is executed or stored, not what it computes).
@@ -131,6 +137,10 @@ class RunInfo:
     def wall_time_s(self) -> float:
         return _num(self.summary.get("wall_time_s"))
 
+    def time_s(self, x: str = "elapsed") -> float:
+        """The run's time on the axis ``x`` (:data:`TIME_AXES`): wall time, or solver time (NaN where not logged)."""
+        return _num(self.summary.get(TIME_AXES[x][1]))
+
     @property
     def hypergradients(self) -> int:
         return int(self.summary.get("hypergradients", 0) or 0)
@@ -148,17 +158,15 @@ class RunInfo:
         v = self.metric(str(self.study_info.get("objective") or "best"), "val_loss")
         return v if math.isfinite(v) else math.inf
 
-    def curve(self) -> list[tuple[float, float]]:
-        """``(time/elapsed_s, loss/val)`` from ``metrics.jsonl`` (empty if missing)."""
+    def curve(self, x: str = "elapsed") -> list[tuple[float, float]]:
+        """``(time, loss/val)`` from ``metrics.jsonl``, time on the axis ``x``: ``time/elapsed_s`` or
+        ``time/solver_s`` (:data:`TIME_AXES`; empty if missing, e.g. runs from before solver time was logged)."""
+        key = TIME_AXES[x][0]
         try:
             lines = read_jsonl(self.path / "metrics.jsonl")
         except (OSError, ValueError):
             return []
-        return [
-            (_num(ln["time/elapsed_s"]), _num(ln["loss/val"]))
-            for ln in lines
-            if "time/elapsed_s" in ln and "loss/val" in ln
-        ]
+        return [(_num(ln[key]), _num(ln["loss/val"])) for ln in lines if key in ln and "loss/val" in ln]
 
     def final_hparams(self) -> dict[str, Any]:
         """Final constrained hyperparameters by family (``final.pt``), as flat float64 numpy arrays."""

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from hoexp.tools.report.group import Group, Member
+from hoexp.tools.report.load import TIME_AXES
 
 
 # ----------------------------------------------------------------------------------------- plots
@@ -17,15 +18,15 @@ def _colors(n: int) -> list:
     return [cmap(i % cmap.N) for i in range(n)]
 
 
-def plot_val_loss_vs_time(groups: list[Group], path: Path) -> bool:
-    """Left: validation loss against wall time for every run (a study's trials back to back, dots
-    where a trial starts); right: the best validation loss so far. One colour per row."""
+def plot_val_loss_vs_time(groups: list[Group], path: Path, x: str = "elapsed") -> bool:
+    """Left: validation loss against wall time (``x="solver"``: solver time) for every run (a study's trials back
+    to back, dots where a trial starts); right: the best validation loss so far. One colour per row."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    curves = [(g, m, m.curve()) for g in groups for m in g.members]
+    curves = [(g, m, m.curve(x)) for g in groups for m in g.members]
     if not any(c for _, _, c in curves):
         return False
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 4.8))
@@ -45,10 +46,11 @@ def plot_val_loss_vs_time(groups: list[Group], path: Path) -> bool:
         if m.is_study:  # mark where each trial starts (its first evaluation)
             offset, starts = 0.0, []
             for r in m.runs:
-                rp = [(t, v) for t, v in r.curve() if math.isfinite(t) and math.isfinite(v)]
+                rp = [(t, v) for t, v in r.curve(x) if math.isfinite(t) and math.isfinite(v)]
                 if rp:
                     starts.append((offset + rp[0][0], rp[0][1]))
-                offset += r.wall_time_s if math.isfinite(r.wall_time_s) else (rp[-1][0] if rp else 0.0)
+                spent = r.time_s(x)
+                offset += spent if math.isfinite(spent) else (rp[-1][0] if rp else 0.0)
             if starts:
                 ax.scatter(*zip(*starts), color=c, s=8, zorder=3)
         run_min, best = [], math.inf
@@ -65,7 +67,7 @@ def plot_val_loss_vs_time(groups: list[Group], path: Path) -> bool:
     ax.set_title("validation loss (studies: trials back to back)")
     bx.set_title("best validation loss so far (dot: end of run / study)")
     for a in (ax, bx):
-        a.set_xlabel("wall time (s)")
+        a.set_xlabel(TIME_AXES[x][2])
         a.set_ylabel("validation loss")
         a.grid(alpha=0.3)
     _save_with_legend(fig, bx, path)
@@ -91,35 +93,36 @@ def _save_with_legend(fig: Any, ax: Any, path: Path) -> None:
     plt.close(fig)
 
 
-def best_so_far(member: Member) -> list[tuple[float, float]]:
-    """``(wall time, best validation loss so far)``: a run's running minimum over its evaluations;
-    a study's best objective over its finished trials, at the cumulative run time of its trials."""
+def best_so_far(member: Member, x: str = "elapsed") -> list[tuple[float, float]]:
+    """``(wall time, best validation loss so far)`` (``x="solver"``: solver time): a run's running minimum over its
+    evaluations; a study's best objective over its finished trials, at the cumulative run time of its trials."""
     if not member.is_study:
         out, best = [], math.inf
-        for t, v in member.curve():
+        for t, v in member.curve(x):
             if math.isfinite(t) and math.isfinite(v):
                 best = min(best, v)
                 out.append((t, best))
         return out
     out, best, cum = [], math.inf, 0.0
     for r in member.runs:
-        cum += r.wall_time_s if math.isfinite(r.wall_time_s) else 0.0
+        spent = r.time_s(x)
+        cum += spent if math.isfinite(spent) else 0.0
         best = min(best, r.objective)
         if math.isfinite(best):
             out.append((cum, best))
     return out
 
 
-def plot_best_so_far(groups: list[Group], path: Path) -> bool:
-    """One panel: every contender's best validation loss so far against wall time, one line per
-    seed (study), one colour per row; grid points are left to their ``grid search`` row."""
+def plot_best_so_far(groups: list[Group], path: Path, x: str = "elapsed") -> bool:
+    """One panel: every contender's best validation loss so far against wall time (``x="solver"``: solver time),
+    one line per seed (study), one colour per row; grid points are left to their ``grid search`` row."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     shown = [g for g in groups if g.tuning != "grid point"]
-    curves = [(g, m, best_so_far(m)) for g in shown for m in g.members]
+    curves = [(g, m, best_so_far(m, x)) for g in shown for m in g.members]
     if not any(c for _, _, c in curves):
         return False
     fig, ax = plt.subplots(figsize=(8, 5))
@@ -138,7 +141,7 @@ def plot_best_so_far(groups: list[Group], path: Path) -> bool:
         )
         ends.append(vs[-1])
     _zoom_on_ends(ax, ends, min_span=0.05, above=3)  # where the contenders end up
-    ax.set_xlabel("wall time (s); searches: cumulative trial time")
+    ax.set_xlabel(f"{TIME_AXES[x][2]}; searches: cumulative trial time")
     ax.set_ylabel("best validation loss so far")
     ax.set_title("best validation loss so far (dots: a search's finished trials)")
     ax.grid(alpha=0.3)
