@@ -41,7 +41,7 @@ import copy
 import re
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +57,7 @@ from hoexp.engine.state import start
 from hoexp.errors import ConfigError
 from hoexp.method.base import CarriesState, HyperMethod, InnerState, outer_step, train_inner
 from hoexp.tools import horizon_report
+from hoexp.tools.horizon_report import HorizonResult
 from hoexp.tools.horizon_truth import (
     SMOOTH_SEED,
     SmoothedGradient,
@@ -134,21 +135,6 @@ class _Prepared:
     spec: Spec
     method: HyperMethod
     exp: Any
-
-
-@dataclass
-class HorizonResult:
-    at: list[int]
-    eps: float
-    truth: dict[int, list[float]]
-    hypergradients: dict[str, dict[int, list[float]]] = field(default_factory=dict)
-    scores: dict[str, dict[str, float]] = field(default_factory=dict)
-    errors: dict[str, str] = field(default_factory=dict)
-    seconds: dict[str, float] = field(default_factory=dict)
-    smoothing: Smoothing | None = None
-    smoothed: dict[int, list[float]] = field(default_factory=dict)  # ∇ E L_V(λ + σε), per checkpoint
-    smoothed_stderr: dict[int, list[float]] = field(default_factory=dict)
-    smoothed_scores: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 def run_horizon(

@@ -7,8 +7,9 @@ import json
 import math
 import textwrap
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
@@ -17,10 +18,22 @@ from torch import Tensor
 from hoexp import tree
 from hoexp.config import Spec
 from hoexp.errors import ConfigError
+from hoexp.tools.horizon_truth import Smoothing
 
-if TYPE_CHECKING:
-    from hoexp.tools.horizon import HorizonResult
-    from hoexp.tools.horizon_truth import Smoothing
+
+@dataclass
+class HorizonResult:
+    at: list[int]
+    eps: float
+    truth: dict[int, list[float]]
+    hypergradients: dict[str, dict[int, list[float]]] = field(default_factory=dict)
+    scores: dict[str, dict[str, float]] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+    smoothing: Smoothing | None = None
+    smoothed: dict[int, list[float]] = field(default_factory=dict)  # ∇ E L_V(λ + σε), per checkpoint
+    smoothed_stderr: dict[int, list[float]] = field(default_factory=dict)
+    smoothed_scores: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 def fingerprint(spec: Spec, eps: float) -> dict:

@@ -102,6 +102,12 @@ def _parser() -> argparse.ArgumentParser:
         help="a searched range (repeatable; default: the grid key over the grid's range)",
     )
     ap.add_argument("--search-lr", action="store_true", help="also search optim.inner.lr in [lr/10, 10 lr] (log)")
+    _budget_and_output_arguments(ap)
+    return ap
+
+
+def _budget_and_output_arguments(ap: argparse.ArgumentParser) -> None:
+    """The budget, pruning, output and report options of ``hoexp compare``."""
     budget = ap.add_mutually_exclusive_group()
     budget.add_argument(
         "--budget-factor",
@@ -143,7 +149,6 @@ def _parser() -> argparse.ArgumentParser:
         help="the report plots' time axis: wall time (default) or solver time (training and hypergradients); "
         "the budgets stay in wall time",
     )
-    return ap
 
 
 def _floats(text: str, what: str) -> list[float]:
