@@ -97,11 +97,11 @@ def f1_flagged(weights_raw: Sequence[float], noisy: Sequence[bool]) -> float:
     return 2 * tp / (flagged + actual) if flagged + actual else 1.0
 
 
-def error_at(curve: Sequence[tuple[float, float]], t: float) -> float:
+def error_at(curve: Sequence[tuple[float, float]], t: float, end: float | None = None) -> float:
     """Test error of the last evaluation at solver time ≤ ``t`` (what the solver held at ``t``); NaN when the run
-    ended before ``t`` (its last evaluation came earlier than ``t`` and the budget was below it)."""
+    ended before ``t`` (``end``: its solver time when it stopped, by default its last evaluation's)."""
     before = [e for s, e in curve if s <= t]
-    return before[-1] if before and curve[-1][0] >= t else math.nan
+    return before[-1] if before and (curve[-1][0] if end is None else end) >= t else math.nan
 
 
 def time_to(curve: Sequence[tuple[float, float]], threshold: float) -> float:
@@ -156,36 +156,54 @@ def fmt(m: float, s: float, digits: int = 3) -> str:
 
 
 def summary_table(
-    curves: dict[tuple[int, str], list[dict]], times: Sequence[float], thresholds: Sequence[float], ref: str
+    curves: dict[tuple[int, str], list[dict]],
+    times: Sequence[float],
+    thresholds: Sequence[float],
+    ref: str,
+    ends: dict[tuple[int, str], float] | None = None,
 ) -> str:
     """Markdown: per solver, test error at each of ``times`` and final (mean ± std over seeds), final F1 and the
-    times to each threshold; then the ratio of each solver's time to a threshold over ``ref``'s (per seed, mean)."""
+    times to each threshold; then the ratio of each solver's time to a threshold over ``ref``'s (per seed, mean).
+    ``ends``: each run's solver time when it stopped, where later than its last evaluation."""
     solvers = list(dict.fromkeys(name for _, name in curves))
     seeds = sorted({seed for seed, _ in curves})
+    ends = ends or {}
     head = [f"{t:g} s" for t in times] + ["final", "final s", "F1 flagged"] + [f"time to {h:g}" for h in thresholds]
     lines = ["| solver | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
     for name in solvers:
-        runs = [[(p["solver_s"], p["test_error"]) for p in curves[s, name]] for s in seeds if (s, name) in curves]
-        last = [curves[s, name][-1] for s in seeds if (s, name) in curves]
-        cells = [fmt(*mean_std([error_at(c, t) for c in runs])) for t in times]
+        done = [s for s in seeds if (s, name) in curves]
+        runs = [_pts(curves[s, name]) for s in done]
+        last = [curves[s, name][-1] for s in done]
+        cells = [fmt(*mean_std([error_at(c, t, ends.get((s, name))) for s, c in zip(done, runs)])) for t in times]
         cells += [fmt(*mean_std([p["test_error"] for p in last])), fmt(*mean_std([p["solver_s"] for p in last]), 1)]
         cells += [fmt(*mean_std([p["f1"] for p in last]))]
-        cells += [fmt(*mean_std([time_to(c, h) for c in runs]), 1) + " s" for h in thresholds]
+        cells += [reached([time_to(c, h) for c in runs]) for h in thresholds]
         lines.append(f"| {name} (n={len(runs)}) | " + " | ".join(cells) + " |")
     lines += ["", f"Time to reach a test error, ratio to {ref} (per seed, then mean; < 1: faster than {ref}):", ""]
     for h in thresholds:
         for name in solvers:
             if name == ref:
                 continue
-            pairs = [(s, name) in curves and (s, ref) in curves for s in seeds]
-            r = [
-                time_to(_pts(curves[s, name]), h) / time_to(_pts(curves[s, ref]), h)
-                for s, ok in zip(seeds, pairs, strict=True)
-                if ok
-            ]
-            shown = ", ".join(f"{x:.2f}" for x in r)
-            lines.append(f"- {h:g}: {name} / {ref} = {fmt(*mean_std(r), 2)} (seeds: {shown})")
+            both = [s for s in seeds if (s, name) in curves and (s, ref) in curves]
+            times = [(time_to(_pts(curves[s, name]), h), time_to(_pts(curves[s, ref]), h)) for s in both]
+            ratios = [a / b if math.isfinite(a) and math.isfinite(b) else math.nan for a, b in times]
+            shown = ", ".join(
+                f"{s}: {x:.2f}" if math.isfinite(x) else f"{s}: {name if math.isinf(a) else ref} never"
+                for s, x, (a, _) in zip(both, ratios, times, strict=True)
+            )
+            finite = [x for x in ratios if math.isfinite(x)]
+            stat = fmt(*mean_std(finite), 2)
+            lines.append(f"- {h:g}: {name} / {ref} = {stat} over {len(finite)} of {len(both)} seeds ({shown})")
     return "\n".join(lines)
+
+
+def reached(times: Sequence[float]) -> str:
+    """Mean ± std of the finite times, and how many runs reached at all when not every one did."""
+    finite = [t for t in times if math.isfinite(t)]
+    if not finite:
+        return "never"
+    cell = fmt(*mean_std(finite), 1) + " s"
+    return cell if len(finite) == len(times) else f"{cell} ({len(finite)} of {len(times)})"
 
 
 def _pts(curve: list[dict]) -> list[tuple[float, float]]:
@@ -275,15 +293,18 @@ def worker(benchmark: Path, data: Path, solver: str, params: dict, budget: float
     def callback() -> bool:
         jax.block_until_ready((s.inner_var, s.outer_var))
         clock["solver_s"] += time.perf_counter() - clock["t0"]
+        clock["cpu_s"] += time.process_time() - clock["c0"]
         lam = np.asarray(s.outer_var)
-        point = {"solver_s": clock["solver_s"], **problem["metrics"](s.inner_var, s.outer_var)}
+        point = {"solver_s": clock["solver_s"], "cpu_s": clock["cpu_s"]}
+        point |= problem["metrics"](s.inner_var, s.outer_var)
         point["f1"] = f1_flagged(lam.tolist(), arrays["noisy_train"].tolist())
         curve.append(point)
         go = clock["solver_s"] < budget and bool(np.isfinite(lam).all())
-        clock["t0"] = time.perf_counter()
+        clock["t0"], clock["c0"] = time.perf_counter(), time.process_time()
         return go
 
-    clock["t0"] = time.perf_counter()
+    clock["cpu_s"] = 0.0  # the process's CPU time over the same intervals: how much of the wall time it ran
+    clock["t0"], clock["c0"] = time.perf_counter(), time.process_time()
     s.run(callback)
     return curve
 
@@ -395,15 +416,34 @@ def read_curves(path: Path) -> dict[tuple[int, str], list[dict]]:
     return curves
 
 
+def run_details(out: Path, run: dict) -> tuple[float | None, str]:
+    """A run's solver time at its stop (hoexp: every logged outer step's, also past its last evaluation) and a
+    line: its load, and for benchopt the share of the timed wall clock the process spent on the CPU."""
+    base, end, share = out / "runs" / run["tag"], None, ""
+    if (base / "metrics.jsonl").is_file():
+        rows = [json.loads(line) for line in (base / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        end = sum(r.get("time/outer_step_s", 0.0) for r in rows)
+    elif base.with_suffix(".json").is_file():
+        last = json.loads(base.with_suffix(".json").read_text())[-1]
+        end = last["solver_s"]
+        share = f", CPU {last['cpu_s'] / last['solver_s']:.0%} of it" if "cpu_s" in last else ""
+    load = f"load {run['load_start']:.1f} → {run['load_end']:.1f}"
+    return end, f"- {run['tag']}: {load}, stopped at {end or math.nan:.1f} s of solver time{share}"
+
+
 def summarize(out: Path, args: argparse.Namespace) -> None:
-    """``summary.md`` and ``curves.png`` from ``curves.csv`` and ``runs.json``."""
+    """``summary.md`` and ``curves.png`` from ``curves.csv``, ``runs.json`` and the runs' own files."""
     curves = read_curves(out / "curves.csv")
     meta = json.loads((out / "runs.json").read_text())
+    details = {(r["seed"], r["solver"]): run_details(out, r) for r in meta["runs"]}
+    ends = {k: end for k, (end, _) in details.items() if end is not None}
+    table = summary_table(curves, (5, 15, 60), (0.16, 0.155), "benchopt-saba", ends)
     loads = [r[k] for r in meta["runs"] for k in ("load_start", "load_end")]
-    table = summary_table(curves, (5, 15, 60), (0.16, 0.155), "benchopt-saba")
     note = f"1-minute load average during the runs: {min(loads):.1f}-{max(loads):.1f} (2 cores)" if loads else ""
-    (out / "summary.md").write_text(f"{table}\n\n{note}\nbenchmark_bilevel commit {meta.get('benchmark_commit')}\n")
-    print(table + "\n" + note)
+    runs = "\n".join(line for _, line in details.values())
+    text = f"{table}\n\n{note}; benchmark_bilevel commit {meta.get('benchmark_commit')}\n\n{runs}\n"
+    (out / "summary.md").write_text(text)
+    print(text)
     plot(curves, out / "curves.png")
 
 

@@ -23,6 +23,7 @@ def test_error_at_takes_the_last_evaluation_reached_and_nan_past_the_run():
     assert bb.error_at(CURVE, 5.0) == 0.16  # held since 4 s
     assert bb.error_at(CURVE, 8.0) == 0.154
     assert math.isnan(bb.error_at(CURVE, 9.0))  # the run stopped at 8 s
+    assert bb.error_at(CURVE, 9.0, end=9.5) == 0.154  # it ran to 9.5 s, past its last evaluation
 
 
 def test_time_to_is_the_first_crossing_or_inf():
@@ -59,9 +60,14 @@ def test_summary_table_reports_errors_at_times_and_time_ratios():
     pts = lambda c: [{"solver_s": s, "test_error": e, "val_error": e, "val_loss": 1.0, "f1": 0.9} for s, e in c]  # noqa: E731
     slow = [(s * 2, e) for s, e in CURVE]
     curves = {(32, "ref"): pts(CURVE), (32, "other"): pts(slow)}
-    table = bb.summary_table(curves, (5,), (0.16,), "ref")
-    assert "| ref (n=1) | 0.160 ± 0.000 | 0.154 ± 0.000 | 8.0 ± 0.0 | 0.900 ± 0.000 | 4.0 ± 0.0 s |" in table
-    assert "- 0.16: other / ref = 2.00 ± 0.00 (seeds: 2.00)" in table
+    curves |= {(33, "ref"): pts(CURVE[:3]), (33, "other"): pts(slow)}  # ref never reaches 0.155 on seed 33
+    table = bb.summary_table(curves, (5,), (0.16, 0.155), "ref")
+    row = (
+        "| ref (n=2) | 0.160 ± 0.000 | 0.157 ± 0.004 | 6.0 ± 2.8 | 0.900 ± 0.000 | 4.0 ± 0.0 s | 6.0 ± 0.0 s (1 of 2) |"
+    )
+    assert row in table
+    assert "- 0.16: other / ref = 2.00 ± 0.00 over 2 of 2 seeds (32: 2.00, 33: 2.00)" in table
+    assert "- 0.155: other / ref = 2.00 ± 0.00 over 1 of 2 seeds (32: 2.00, 33: ref never)" in table
 
 
 def test_every_hoexp_solver_composes_on_arrays(compose, tmp_path):
