@@ -146,13 +146,15 @@ def test_arrays_missing_file_names_the_format(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ hp=example_weights
-def tiny_problem(n: int = 6, d: int = 3, classes: int = 3) -> tuple[ExampleWeighted, dict, dict, tuple, tuple]:
+def tiny_problem(
+    n: int = 6, d: int = 3, classes: int = 3, drop: float = 0.0
+) -> tuple[ExampleWeighted, dict, dict, tuple, tuple]:
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(n, d, generator=g, dtype=torch.float64), torch.randint(0, classes, (n,), generator=g)
     xv, yv = torch.randn(8, d, generator=g, dtype=torch.float64), torch.randint(0, classes, (8,), generator=g)
     data = Splits(Split(x, y), Split(xv, yv), Split(xv, yv), d, classes)
     model = nn.Linear(d, classes, bias=False).double()
-    family = ExampleWeights(n, l2=0.3)
+    family = ExampleWeights(n, l2=0.3, drop=drop)
     task = data.problem(model, family)
     assert isinstance(task, ExampleWeighted)
     raw = {KEY: torch.randn(n, generator=g, dtype=torch.float64)}
@@ -229,6 +231,48 @@ def test_flagged_f1():
     p, r = 2 / 3, 2 / 3  # flagged {0,2,5} ∩ noisy {0,1,5} = {0,5}
     assert math.isclose(float(m["flagged_precision"]), p) and math.isclose(float(m["flagged_recall"]), r)
     assert math.isclose(float(m["flagged_f1"]), 2 * p * r / (p + r))
+
+
+# ------------------------------------------------------------------------ the searchable proxy: hp.example_weights.drop
+def test_drop_masks_the_largest_losses_of_the_batch():
+    losses = torch.tensor([0.3, 2.0, 0.1, 5.0, 1.0])
+    assert ExampleWeights(5, drop=0.4).loss_mask(losses).tolist() == [1.0, 0.0, 1.0, 0.0, 1.0]  # ⌊0.4·5⌋ = 2
+    assert ExampleWeights(5, drop=0.59).loss_mask(losses).tolist() == [1.0, 0.0, 1.0, 0.0, 1.0]  # ⌊2.95⌋ = 2
+    assert ExampleWeights(5, drop=0.6).loss_mask(losses).tolist() == [1.0, 0.0, 1.0, 0.0, 0.0]
+    assert ExampleWeights(5, drop=0.19).loss_mask(losses).tolist() == [1.0] * 5  # ⌊0.95⌋ = 0: nothing dropped
+    assert ExampleWeights(5).loss_mask(losses).tolist() == [1.0] * 5
+    both = Composite((ExampleWeights(5, drop=0.2), WeightDecay("global", 0.1)))  # the composite asks its weigher
+    assert both.loss_mask(losses).tolist() == [1.0, 1.0, 1.0, 0.0, 1.0]
+
+
+def test_drop_weighs_zero_the_batchs_highest_losses_and_holds_the_mask_constant():
+    """``L_T = mean_i σ(λ_i)·1[i kept]·CE_i + ridge`` over the whole batch, on the full split and on a minibatch
+    (whose own largest losses drop); the gradient in ``w`` is that of the same sum with the mask fixed."""
+    task, params, raw, train, _ = tiny_problem(drop=0.5)
+    x, y = train
+    ridge = lambda p: 0.5 * 0.3 * (p["weight"] ** 2).sum()  # noqa: E731
+    ce = lambda p, rows: torch.nn.functional.cross_entropy(task.logits(p, x[rows]), y[rows, 0], reduction="none")  # noqa: E731
+    for rows in (torch.arange(6), torch.tensor([4, 1, 0, 2])):
+        losses = ce(params, rows)
+        keep = losses < losses.sort().values[len(rows) - len(rows) // 2]  # all but the ⌊b/2⌋ largest
+        assert int(keep.sum()) == len(rows) - len(rows) // 2
+
+        def fixed(p, keep=keep, rows=rows):
+            return (torch.sigmoid(raw[KEY][rows]) * keep * ce(p, rows)).mean() + ridge(p)
+
+        batch = (x[rows], y[rows])
+        assert torch.allclose(task.train_loss(params, raw, batch), fixed(params))
+        g = torch.func.grad(lambda p: task.train_loss(p, raw, batch))(params)
+        assert torch.allclose(g["weight"], torch.func.grad(fixed)(params)["weight"])
+    full = tiny_problem()[0].train_loss(params, raw, train)
+    assert task.train_loss(params, raw, train) < full  # three of six losses left out
+
+
+def test_drop_is_a_method_none_option_and_refuses_one(compose):
+    spec = compose("experiment=mnist_hyper_cleaning", "method=none", "hp.example_weights.drop=0.6")
+    assert spec.method.name == "none"
+    with pytest.raises(HoexpError, match="drop"):
+        compose("experiment=mnist_hyper_cleaning", "method=none", "hp.example_weights.drop=1")
 
 
 # --------------------------------------------------------------------------------- experiment=mnist_hyper_cleaning

@@ -36,6 +36,9 @@ class Composite:
     def example_weights(self, raw: Params, index: Tensor) -> Tensor:
         return self._weighing()[0].example_weights(raw, index)  # type: ignore[attr-defined]
 
+    def loss_mask(self, losses: Tensor) -> Tensor:
+        return self._weighing()[0].loss_mask(losses)  # type: ignore[attr-defined]
+
     @property
     def name(self) -> str:
         return "+".join(f.name for f in self.families)

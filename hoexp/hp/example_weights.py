@@ -5,6 +5,12 @@ weight ``σ(λ_i)`` in the training loss, which the task computes from each exam
 
     L_T(w, λ) = mean_i σ(λ_{idx(i)}) · CE(f_w(x_i), y_i) + ½·l2·Σ_{w ∈ include} ‖w‖²
 
+A searchable proxy of the ``n`` weights (``drop``, for ``method=none`` and ``hoexp compare --space``): the
+``⌊drop·b⌋`` examples of each batch of ``b`` with the largest training loss under the current model weigh 0 (the
+small-loss trick: noisy labels fit last), ``a_i = σ(λ_i)·1[CE_i below the batch's top drop-fraction]``, the mean
+still over all ``b``. The mask is a constant of ``w`` and ``λ`` (its derivative is 0 almost everywhere), so a
+tuned method differentiates the kept examples' weights only.
+
 ``l2`` is a fixed, untuned ridge (benchopt's bilevel benchmark writes it ``reg·‖w‖²``: ``l2 = 2·reg``); with a
 linear model it makes the inner problem strongly convex, so implicit differentiation holds at every ``λ``.
 A task weighs its examples when its family says ``weighs_examples`` (:class:`hoexp.task.weighted.ExampleWeighted`);
@@ -35,6 +41,7 @@ class ExampleWeights:
     bound: float = 8.0
     l2: float = 0.0
     include: tuple[str, ...] = ("*weight",)
+    drop: float = 0.0  # the fraction of each batch's highest-loss examples weighed 0 (the searchable proxy)
     name: str = "example_weights"
     moves_optimum: bool = True  # the weights change the training loss, so w* moves: IFT applies
     weighs_examples: bool = True  # capability: the task reads example_weights(raw, index) per example
@@ -48,6 +55,15 @@ class ExampleWeights:
     def example_weights(self, raw: Params, index: Tensor) -> Tensor:
         """``σ(λ[index])``: the weights of a batch's examples, from their indices (a gather: O(batch))."""
         return torch.sigmoid(raw[KEY][index])
+
+    def loss_mask(self, losses: Tensor) -> Tensor:
+        """``1`` per example, ``0`` for the ``⌊drop·b⌋`` largest of a batch's ``b`` losses (ties: the lower index
+        kept first, as ``topk`` picks); the losses are detached. Cost: one ``topk``, O(b log b)."""
+        k = int(self.drop * len(losses))
+        keep = torch.ones_like(losses)
+        if k == 0:
+            return keep
+        return keep.index_fill(0, losses.detach().topk(k).indices, 0.0)
 
     def view(self, raw: Params) -> dict[str, Tensor]:
         return {KEY: torch.sigmoid(raw[KEY])}
@@ -81,6 +97,7 @@ def example_weights(
     bound: PositiveFloat = 8.0,
     l2: NonNegFloat = 0.0,
     include: Sequence[str] = ("*weight",),
+    drop: Annotated[float, Range(ge=0, lt=1)] = 0.0,
 ) -> ExampleWeights:
     """``hp=example_weights``: one weight per example index of the data's training split (``ctx.data``:
     a dataset with ``num_indices``, as every :class:`~hoexp.dataset.base.Splits` has)."""
@@ -90,4 +107,4 @@ def example_weights(
             "hp=example_weights weighs the examples of a classification dataset (iris, mnist, mnist_cleaning, "
             f"arrays); {type(ctx.data).__name__} has no training examples to weigh"
         )
-    return ExampleWeights(int(n), float(init), float(bound), float(l2), tuple(include))
+    return ExampleWeights(int(n), float(init), float(bound), float(l2), tuple(include), float(drop))

@@ -24,6 +24,8 @@ class WeighsExamples(Protocol):
 
     def example_weights(self, raw: Mapping[str, Tensor], index: Tensor) -> Tensor: ...
 
+    def loss_mask(self, losses: Tensor) -> Tensor: ...
+
 
 @dataclass
 class ExampleWeighted(Classification):
@@ -31,7 +33,8 @@ class ExampleWeighted(Classification):
 
     def train_parts(self, batch: tuple) -> tuple[Callable, Callable, Callable]:
         """``L_T = output_loss(outputs(w, λ)) + penalty``, the weights riding as one more output column:
-        ``outputs = [logits | a(λ)]`` and ``output_loss(z) = mean(z[:, -1] · CE(z[:, :-1], y))``. The column does
+        ``outputs = [logits | a(λ)]`` and ``output_loss(z) = mean(z[:, -1] · m · CE(z[:, :-1], y))``, ``m`` the
+        family's ``loss_mask`` of the detached losses (1 unless it drops the highest-loss examples). The column does
         not depend on ``w``, so a Gauss-Newton product ``Jᵀ H_ℓ J`` sees the weighted cross-entropy's curvature
         in the logits (PSD for weights > 0), and the mixed term ``∂²L_T/∂λ∂w`` stays exact."""
         x, y = batch[0], batch[1]
@@ -41,12 +44,13 @@ class ExampleWeighted(Classification):
 
         def outputs(w: Mapping[str, Tensor], raw: Mapping[str, Tensor]) -> Tensor:
             logits = self.logits(w, x, self.masks(raw, batch))
-            return torch.cat(
-                [logits, cast(WeighsExamples, self.family).example_weights(raw, index).to(logits.dtype)[:, None]], dim=1
-            )
+            return torch.cat([logits, family.example_weights(raw, index).to(logits.dtype)[:, None]], dim=1)
+
+        family = cast(WeighsExamples, self.family)
 
         def output_loss(z: Tensor) -> Tensor:
-            return (z[:, -1] * F.cross_entropy(z[:, :-1], labels, reduction="none")).mean()
+            ce = F.cross_entropy(z[:, :-1], labels, reduction="none")
+            return (z[:, -1] * family.loss_mask(ce.detach()) * ce).mean()
 
         return outputs, output_loss, self.family.penalty
 
