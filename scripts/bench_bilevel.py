@@ -567,4 +567,9 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:  # the JAX venv's workers run this file without hoexp installed
+        from hoexp.errors import run_main
+    except ImportError:
+        main()
+    else:
+        run_main(main)  # bad input or missing data: one line, its exit code

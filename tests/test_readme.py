@@ -294,6 +294,7 @@ DATA_SCRIPTS = {
     "bench.py": ["--quick", "--only", "mnist", "--out", "RUN"],
     "ddp_scaling.py": ["--procs", "1", "--out", "RUN"],
     "through_optimizer.py": ["RUN", "experiment=ptb_lstm_dropout"],
+    "bench_bilevel.py": ["--seeds", "32", "--budget", "1", "--solvers", "hoexp-cg", "--out", "RUN"],
 }
 
 
