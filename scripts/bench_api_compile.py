@@ -17,6 +17,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -36,7 +37,7 @@ def main(argv: list[str] | None = None) -> dict:
     w, lam = {"w": prob.w}, {"lam": prob.lam}
     tl = lambda W, H: prob.train_loss(W["w"], H["lam"])  # noqa: E731
     vl = lambda W, H: prob.val_loss(W["w"], H["lam"])  # noqa: E731
-    cases = {
+    cases: dict[str, dict[str, Any]] = {
         "Neumann-10": dict(method="neumann", iterations=K, alpha=prob.alpha, residual=False),
         "CG-10": dict(method="cg", iterations=K, tol=0.0),
     }

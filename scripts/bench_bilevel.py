@@ -186,11 +186,11 @@ def summary_table(
             if name == ref:
                 continue
             both = [s for s in seeds if (s, name) in curves and (s, ref) in curves]
-            times = [(time_to(_pts(curves[s, name]), h), time_to(_pts(curves[s, ref]), h)) for s in both]
-            ratios = [a / b if math.isfinite(a) and math.isfinite(b) else math.nan for a, b in times]
+            pairs = [(time_to(_pts(curves[s, name]), h), time_to(_pts(curves[s, ref]), h)) for s in both]
+            ratios = [a / b if math.isfinite(a) and math.isfinite(b) else math.nan for a, b in pairs]
             shown = ", ".join(
                 f"{s}: {x:.2f}" if math.isfinite(x) else f"{s}: {name if math.isinf(a) else ref} never"
-                for s, x, (a, _) in zip(both, ratios, times, strict=True)
+                for s, x, (a, _) in zip(both, ratios, pairs, strict=True)
             )
             finite = [x for x in ratios if math.isfinite(x)]
             stat = fmt(*mean_std(finite), 2)
@@ -282,7 +282,7 @@ def check_data(npz: Path, raw: Path, seed: int, ratio: float) -> dict:
     x_train, x_val, y_train, y_val = train_test_split(x, y, test_size=n_val, train_size=n_train, random_state=rng)
     clean = y_train.copy()
     corrupted = rng.rand(n_train) < ratio
-    y_train[corrupted] = rng.randint(0, 10, np.sum(corrupted))
+    y_train[corrupted] = rng.randint(0, 10, int(np.sum(corrupted)))
     scaler = StandardScaler()
     xs = {
         "X_train": scaler.fit_transform(x_train),
