@@ -3,7 +3,6 @@
 
 import io
 import itertools
-import json
 import math
 from pathlib import Path
 
@@ -29,6 +28,8 @@ from hoexp.optim import build_optimizer
 from hoexp.task import Classification, LanguageModel
 from hoexp.task.streams import WithNoise
 from tests.problems import Ridge, rel_err
+from tests.stopping import StopAt as _StopAt
+from tests.stopping import metrics as _metrics
 
 D = torch.float64
 
@@ -144,32 +145,6 @@ def test_warm_cg_tracks_the_mixed_term_from_its_start(ridge):
             mixed="merged",
         )[0]
         assert rel_err(merged["log_decay"], sep["log_decay"]) < 1e-12
-
-
-class _StopAt:
-    """A metric logger that raises Preempted (as SIGTERM does) when step ``at`` is logged."""
-
-    def __init__(self, at):
-        self.at = at
-
-    def log_scalars(self, step, values):
-        if step == self.at:
-            raise Preempted("stopped by test", 143)
-
-    def log_histograms(self, step, values): ...
-
-    def log_text(self, tag, text): ...
-
-    def log_hparams(self, hparams, metrics): ...
-
-    def flush(self): ...
-
-    def close(self): ...
-
-
-def _metrics(run_dir):
-    lines = [json.loads(ln) for ln in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in ln.items() if not k.startswith("time/")} for ln in lines]
 
 
 def test_warm_start_vector_survives_checkpoint_and_resume(tmp_path):

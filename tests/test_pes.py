@@ -25,6 +25,7 @@ from hoexp.method.es import ESMethod
 from hoexp.optim.sgd import sgd
 from hoexp.task.streams import FullBatch
 from hoexp.types import OuterStep
+from tests.stopping import StopAt, metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 D = torch.float64
@@ -242,32 +243,6 @@ def test_data_parallel_needs_the_loop():
 
 
 # ------------------------------------------------------------------------------------------------ resume
-class StopAt:
-    """A metric logger that raises Preempted (as SIGTERM does) when step ``at`` is logged."""
-
-    def __init__(self, at):
-        self.at = at
-
-    def log_scalars(self, step, values):
-        if step == self.at:
-            raise Preempted("stopped by test", 143)
-
-    def log_histograms(self, step, values): ...
-
-    def log_text(self, tag, text): ...
-
-    def log_hparams(self, hparams, metrics): ...
-
-    def flush(self): ...
-
-    def close(self): ...
-
-
-def metrics(run_dir):
-    lines = [json.loads(ln) for ln in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in ln.items() if not k.startswith("time/")} for ln in lines]
-
-
 @pytest.mark.parametrize("variant", ["pes", pytest.param("nres", marks=pytest.mark.slow)])
 def test_checkpoint_and_resume_mid_run_is_bit_exact(tmp_path, variant):
     args = [

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import io
 import json
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -26,6 +25,7 @@ from hoexp.method.single_loop import SingleLoop
 from hoexp.optim import Optimizer
 from hoexp.optim.sgd import sgd
 from hoexp.types import Batch, InnerState, OuterStep
+from tests.stopping import StopAt, metrics
 
 D = torch.float64
 
@@ -252,32 +252,6 @@ def test_chunks_visit_every_chunk_once_per_epoch_and_refuse_a_changing_pool():
 # ------------------------------------------------------------------------------------------ the runner
 QUIET = dict(console=Console(file=io.StringIO()))
 SMALL = ["model.width=8", "progress=false", "outer_steps=4", "inner_steps=2", "checkpoint_every=1"]
-
-
-class StopAt:
-    """A metric logger that raises Preempted (as SIGTERM does) when step ``at`` is logged."""
-
-    def __init__(self, at):
-        self.at = at
-
-    def log_scalars(self, step, values):
-        if step == self.at:
-            raise Preempted("stopped by test", 143)
-
-    def log_histograms(self, step, values): ...
-
-    def log_text(self, tag, text): ...
-
-    def log_hparams(self, hparams, metrics): ...
-
-    def flush(self): ...
-
-    def close(self): ...
-
-
-def metrics(run_dir):
-    lines = [json.loads(ln) for ln in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in ln.items() if not k.startswith("time/")} for ln in lines]
 
 
 @pytest.mark.parametrize(
