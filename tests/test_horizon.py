@@ -251,9 +251,9 @@ def test_a_stateful_contender_trains_on_the_reference_batches_on_minibatched_mni
     exp = build(spec)
     s0 = start(exp)
     at = [0, 1, 3]
-    checkpoints, _ = reference_run(exp, s0.inner, s0.raw, s0.train, s0.val, 4, 3, at)
+    checkpoints, _ = reference_run(exp, s0, at)
     spy = _Spy()
-    _contender_hypergradients(spy, spec, exp, s0.raw, checkpoints, at)
+    _contender_hypergradients(spy, exp, s0.raw, checkpoints, at)
     assert len(spy.seen) == 4
     for step in at:
         ref = checkpoints[step].state
