@@ -56,7 +56,7 @@ from hoexp.engine.metrics import write_json_atomic
 from hoexp.engine.state import RunState, start
 from hoexp.engine.step import PLAIN, advance
 from hoexp.errors import ConfigError
-from hoexp.method.base import CarriesState, HyperMethod, InnerState, train_inner
+from hoexp.method.base import CarriesState, HyperMethod, InnerState
 from hoexp.tools import horizon_report
 from hoexp.tools.horizon_report import HorizonResult
 from hoexp.tools.horizon_truth import (
@@ -201,16 +201,16 @@ def _check_size(spec: Spec, raw: dict[str, Tensor]) -> None:
 
 def final_loss(exp: Any, ck: _Checkpoint, raw: dict[str, Tensor]) -> Callable[[Tensor], float]:
     """``λ ↦ L_V(w_{N·T}(λ))`` (flat ``λ``, float64 loss on the whole validation split): the remaining run from
-    checkpoint ``ck`` on the batches and noise it had there (restored for every call: common random numbers)."""
+    checkpoint ``ck``, the engine's plain outer steps (a per-step schedule restarts at each), on the batches and
+    noise it had there (restored for every call: common random numbers)."""
     state = ck.state
     assert state is not None  # a checkpoint in `at`
-    run = exp.spec.run
 
     def f(flat: Tensor) -> float:
-        stream, _ = _streams(exp, ck)
-        steps = (run.outer_steps - ck.step) * run.inner_steps
-        lam = tree.unflatten(flat, raw)
-        st, _, _ = train_inner(exp.problem, exp.inner_opt, state, lam, stream, steps, step=exp.runtime.step())
+        train, val = _streams(exp, ck)
+        lam, st = tree.unflatten(flat, raw), state
+        for _ in range(ck.step, exp.settings.outer_steps):
+            st = advance(exp, PLAIN, st, lam, train, val).inner
         return float(exp.problem.evaluate(st.params, exp.data.val)[0].double())
 
     return f
