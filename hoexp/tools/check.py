@@ -25,7 +25,7 @@ from torch import Tensor
 
 from hoexp import tree
 from hoexp.config import Spec
-from hoexp.config.build import Experiment, build
+from hoexp.config.build import Experiment, Prebuilt, build
 from hoexp.engine.metrics import write_json_atomic
 from hoexp.engine.state import start
 from hoexp.engine.step import PLAIN, draw
@@ -154,10 +154,10 @@ class _Point:
         return self.exp.device
 
 
-def _trained_point(spec: Spec) -> _Point:
+def _trained_point(spec: Spec, prebuilt: Prebuilt | None = None) -> _Point:
     """Build the run, take its start (weights, hyperparameters, streams) and its first outer step of plain training
     (``inner_steps`` steps); the losses are on the next training batch and that step's validation batch."""
-    exp: Experiment = build(spec)
+    exp: Experiment = build(spec, prebuilt=prebuilt)
     problem = exp.problem
     start_state = start(exp)  # the runner's start: weights, hyperparameters, streams
     raw = start_state.raw
@@ -266,11 +266,13 @@ def run_check(
     dense_max: int = 20_000,
     reference_cg: int = 2000,
     console: Console | None = None,
+    prebuilt: Prebuilt | None = None,
 ) -> dict[str, Any]:
-    """Compare every applicable method with a reference; write check.json / check.png into ``out_dir``."""
+    """Compare every applicable method with a reference; write check.json / check.png into ``out_dir``.
+    ``prebuilt``: what the checks of ``spec`` built (:func:`~hoexp.config.build.preflight`), not built again."""
     console = console or Console()
     out_dir.mkdir(parents=True, exist_ok=True)
-    pt = _trained_point(spec)
+    pt = _trained_point(spec, prebuilt)
     alpha = getattr(spec.method, "alpha", 0.01)
     if alpha == "auto":  # 1/λ_max(H) at the trained weights, by power iteration
         alpha = ift_hypergradient(pt.tl, pt.vl, pt.state.params, pt.raw, AutoStep(Neumann(0)))[1].extra["solver/alpha"]

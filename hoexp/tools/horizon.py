@@ -51,7 +51,7 @@ from torch import Tensor
 
 from hoexp import tree
 from hoexp.config import Spec
-from hoexp.config.build import build, build_method
+from hoexp.config.build import Prebuilt, build, build_method
 from hoexp.engine.metrics import write_json_atomic
 from hoexp.engine.state import RunState, start
 from hoexp.engine.step import PLAIN, advance
@@ -147,16 +147,18 @@ def run_horizon(
     console: Console | None = None,
     truth_from: Path | None = None,
     smoothing: Smoothing | None = None,
+    prebuilt: Prebuilt | None = None,
 ) -> HorizonResult:
     """The long-horizon truths at the checkpoints ``at`` (outer steps) and every contender against them.
 
     ``truth_from``: a previous ``horizon.json`` whose truths are reused for the checkpoints it has, when
     it was measured on the same configuration (all but the method) and ``eps`` (the smoothed one also
-    needs the same ``smoothing``); the rest is measured. ``smoothing``: also the smoothed truth.
+    needs the same ``smoothing``); the rest is measured. ``smoothing``: also the smoothed truth. ``prebuilt``: what
+    the checks of ``spec`` built (:func:`~hoexp.config.build.preflight`), not built again.
     """
     console = console or Console(stderr=True)
     at = _checkpoint_steps(at, spec.run.outer_steps)
-    exp = build(spec)
+    exp = build(spec, prebuilt=prebuilt)
     start_state = start(exp)  # the runner's start: weights, hyperparameters, streams
     raw = start_state.raw
     _check_size(spec, raw)
