@@ -14,8 +14,8 @@ from torch import Tensor
 
 from hoexp import tree
 from hoexp.method.curvature import CURVATURES, SplitLoss
-from hoexp.method.functional import HVP_MODES
 from hoexp.method.ift import CompiledIFT, IFTStats, LossFn, ift_hypergradient
+from hoexp.method.products import PRODUCT_MODES
 from hoexp.method.solvers import AutoStep, ConjugateGradient, Exact, FixedPoint, Neumann, Solver
 
 IFT_SOLVERS = ("exact", "cg", "neumann", "fixed_point", "t1t2")
@@ -159,8 +159,9 @@ def _solver(
         raise ValueError(f"unknown curvature '{curvature}'; valid: {', '.join(CURVATURES)}")
     if not (_finite_number(damping, above=0) or damping == 0):
         raise ValueError(f"damping must be >= 0 and finite, got {damping!r}")
-    if hvp not in HVP_MODES[1:]:
-        raise ValueError(f"unknown hvp '{hvp}'; valid: {', '.join(HVP_MODES[1:])}")
+    fixed = sorted(k for k, mode in PRODUCT_MODES.items() if not getattr(mode, "timed", False))  # auto: a run's
+    if hvp not in fixed:
+        raise ValueError(f"unknown hvp '{hvp}'; valid: {', '.join(fixed)}")
     if isinstance(method, str):
         return make_solver(method, **options), method
     if options:

@@ -47,6 +47,8 @@ def test_every_option_composes_and_builds(group, option, tmp_path):
         np.savez(tmp_path / "d.npz", **arrays)
         overrides.append(f"dataset.path={tmp_path / 'd.npz'}")
     spec, _ = compose_spec(overrides)
+    labelled = {"dataset": spec.dataset, "model": spec.model, "hp": spec.hp[0], "method": spec.method}
+    assert {**labelled, "optim/inner": spec.inner_optim, "optim/outer": spec.outer_optim}[group].name == option
     for c in _components(spec):
         assert isinstance(c, Component) and callable(c.target)
         params = inspect.signature(c.target).parameters
@@ -136,6 +138,69 @@ def test_a_preset_setting_one_methods_keys_in_its_body_names_where_they_go(tmp_p
         validate_job(
             with_config_dir(["experiment=mine", "method=neumann", "--config-dir", str(tmp_path)]), device=False
         )
+
+
+LABELLED_GROUPS = ("dataset", "model", "method", "optim/inner", "optim/outer")
+
+
+def test_no_option_repeats_its_file_name_as_its_label():
+    """An option's label defaults to its YAML file's name (hoexp/conf/config.yaml): a ``name:`` that repeats it is
+    one more thing to keep in step with the file (``method=cg_gn`` was once labelled cg)."""
+    for group in LABELLED_GROUPS:
+        for path in sorted((CONF_DIR / group).glob("*.yaml")):
+            assert f"\nname: {path.stem}\n" not in f"\n{path.read_text()}", f"{group}/{path.name} repeats its name"
+
+
+def test_labels_come_from_the_file_name_unless_name_says_otherwise(tmp_path):
+    """A --config-dir option without ``name:`` is labelled by its file name (in the spec, the built method, the run
+    name and an experiment's ``${method.name}``); its own ``name:``, or ``method.name=x``, wins."""
+    from hoexp.config.build import build_method
+
+    for group, text in {
+        "method/mine.yaml": "_target_: hoexp.method.implicit.cg\niterations: 3\n",
+        "method/renamed.yaml": "_target_: hoexp.method.implicit.cg\nname: other\n",
+        "model/small.yaml": "_target_: hoexp.model.mlp.mlp\n_partial_: true\nwidth: 8\n",
+        "experiment/mine_preset.yaml": "# @package _global_\nname: preset_${method.name}\n",
+    }.items():
+        (tmp_path / group).parent.mkdir(exist_ok=True)
+        (tmp_path / group).write_text(text)
+    spec = compose_spec(["method=mine", "model=small"], config_dir=tmp_path)[0]
+    assert (spec.method.name, build_method(spec).name, spec.run.name, spec.model.name) == (
+        "mine",
+        "mine",
+        "mine",
+        "small",
+    )
+    assert compose_spec(["method=mine", "experiment=mine_preset"], config_dir=tmp_path)[0].run.name == "preset_mine"
+    assert compose_spec(["method=renamed"], config_dir=tmp_path)[0].method.name == "other"
+    spec = compose_spec(["method=mine", "method.name=x", "optim/inner=adam"], config_dir=tmp_path)[0]
+    assert (spec.method.name, build_method(spec).name, spec.run.name, spec.inner_optim.name) == ("x", "x", "x", "adam")
+    assert compose_spec(["method=cg_gn"])[0].method.name == "cg_gn"
+
+
+def test_labels_resolve_in_hydras_own_jobs():
+    """A config Hydra composes for its jobs (``hoexp run``, any launcher) leaves the label an interpolation of the
+    choice, resolved inside the job (Hydra sets its config there): the sweep folder ``0_cg_gn``."""
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.core.utils import setup_globals
+    from omegaconf import OmegaConf, open_dict
+
+    GlobalHydra.instance().clear()
+    with initialize_config_module(config_module="hoexp.conf", version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["method=cg_gn", "model=linear"], return_hydra_config=True)
+    assert OmegaConf.to_container(cfg.method)["name"] == "${hydra:runtime.choices.method}"  # left for the job
+    with open_dict(cfg):
+        cfg.hydra.job.num = 0
+    setup_globals()
+    before = HydraConfig.instance().cfg
+    HydraConfig.instance().set_config(cfg)  # as hydra.core.utils.run_job does for each job
+    try:
+        assert OmegaConf.select(cfg, "hydra.sweep.subdir") == "0_cg_gn"
+        assert (cfg.method.name, cfg.model.name, cfg.optim.outer.name) == ("cg_gn", "linear", "adam")
+    finally:
+        HydraConfig.instance().cfg = before
 
 
 @pytest.mark.parametrize("launcher", group_options("hydra/launcher"))

@@ -231,7 +231,8 @@ def test_the_ift_modules_import_each_other_without_a_cycle():
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1] / "hoexp"
-    mods = {f"hoexp.method.{m}": root / "method" / f"{m}.py" for m in ("ift", "implicit", "functional", "solvers")}
+    names = ("ift", "implicit", "functional", "products", "solvers")
+    mods = {f"hoexp.method.{m}": root / "method" / f"{m}.py" for m in names}
     mods |= {"hoexp.method.curvature": root / "method" / "curvature.py", "hoexp.api": root / "api.py"}
     edges = {}
     for name, path in mods.items():

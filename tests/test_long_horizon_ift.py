@@ -329,7 +329,7 @@ def test_build_wires_the_options():
 def test_the_ift_parts_compose_as_nested_nodes_and_shipped_methods_are_ift_with_a_solver(tmp_path):
     """docs/methods.md's YAML (``ift`` with a nested solver and curvature node) builds the same method as
     ``method=cg_gn`` with those options, and each shipped IFT method is ``ift`` with its solver's options beside
-    the IFT's (each default written once: the solver factory's or ``ift``'s); labels are the YAML's ``name:``."""
+    the IFT's (each default written once: the solver factory's or ``ift``'s); labels are the YAML file's name."""
     import re
 
     from hoexp.config.build import build_method

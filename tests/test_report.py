@@ -94,6 +94,25 @@ def make_run(
     return summary
 
 
+def test_a_label_left_to_the_file_name_is_read_from_hydras_choices(tmp_path):
+    """Hydra saves an option's default label unresolved (``${hydra:runtime.choices.method}``, hoexp/conf/config.yaml):
+    the report reads the choice from .hydra/hydra.yaml, so two methods alike but for their file's name stay apart."""
+    from hoexp.tools.report.load import load_run
+
+    for i, label in enumerate(["mine", "yours"]):
+        folder = tmp_path / f"{i}_{label}"
+        make_run(folder, method=label, num=i)
+        cfg = yaml.safe_load((folder / ".hydra" / "config.yaml").read_text())
+        cfg["method"]["name"] = "${hydra:runtime.choices.method}"
+        (folder / ".hydra" / "config.yaml").write_text(yaml.safe_dump(cfg))
+        hydra = yaml.safe_load((folder / ".hydra" / "hydra.yaml").read_text())
+        hydra["hydra"]["runtime"] = {"choices": {"method": label, "optim/inner": "sgd"}}
+        (folder / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump(hydra))
+        assert load_run(folder).config["method.name"] == label
+    rep, _ = report(tmp_path, tmp_path)
+    assert sorted(g.label for g in rep.groups) == ["mine", "yours"]
+
+
 def optuna(sampler):
     return {
         "_target_": OPTUNA,

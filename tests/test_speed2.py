@@ -253,7 +253,7 @@ def test_the_runner_s_hvp_modes_and_compiled_path_agree(method, monkeypatch):
     _, ref = _run_ift(base)
     _, fwd = _run_ift([*base, "method.hvp=fwd_rev"])
     m, auto = _run_ift([*base, "method.hvp=auto"])
-    assert isinstance(m, ImplicitMethod) and m._hvp_chosen in ("fwd_rev", "rev_rev")
+    assert isinstance(m, ImplicitMethod) and m.hvp.chosen.name in ("fwd_rev", "rev_rev")
     assert "solver/fwd_rev_over_rev_rev" in auto[0][1] and "solver/fwd_rev_over_rev_rev" not in auto[1][1]
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)  # the pure function, run eagerly: no C++ here
     m, comp = _run_ift([*base, "method.compile=true"])

@@ -177,14 +177,35 @@ def explain_composition_error(message: str, overrides: list[str]) -> str:
 
 
 def compose(overrides: list[str], hydra: bool = False):
-    """The composed config of one job (with Hydra's own node when ``hydra``)."""
+    """The composed config of one job (with Hydra's own node when ``hydra``), its options' labels filled in
+    (:func:`fill_labels`)."""
     from hydra import compose, initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import open_dict
 
     conf_dir()
     GlobalHydra.instance().clear()
     with initialize_config_module(config_module=CONF_PKG.removeprefix("pkg://"), version_base="1.3"):
-        return compose(config_name="config", overrides=overrides, return_hydra_config=hydra)
+        cfg = compose(config_name="config", overrides=overrides, return_hydra_config=True)
+    fill_labels(cfg)
+    if not hydra:
+        with open_dict(cfg):
+            del cfg["hydra"]
+    return cfg
+
+
+def fill_labels(cfg) -> None:
+    """Each option's ``name`` that config.yaml defaults to its YAML file's name (``${hydra:runtime.choices.method}``)
+    set to that name, in place: a config composed here has no Hydra job around it to resolve the interpolation
+    (Hydra's own jobs do), and ``name: mnist_dropout_${method.name}`` must resolve. A ``name`` the option's YAML or
+    an override sets stays."""
+    from omegaconf import DictConfig, OmegaConf
+
+    for group, choice in cfg.hydra.runtime.choices.items():
+        node = OmegaConf.select(cfg, str(group).replace("/", "."), default=None)
+        label = node._get_node("name") if isinstance(node, DictConfig) and "name" in node else None
+        if isinstance(choice, str) and label is not None and label._value() == f"${{hydra:runtime.choices.{group}}}":
+            node.name = choice
 
 
 def _valid_keys(parent: str, overrides: list[str]) -> list[str]:

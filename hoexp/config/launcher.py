@@ -102,10 +102,14 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
 
 
 def _job_config(context: Any, config: Any, overrides: list[str], num: int) -> Any:
-    """The job's config as Hydra's launchers make it (``hydra.job.num`` set: it names the job's folder)."""
+    """The job's config as Hydra's launchers make it (``hydra.job.num`` set: it names the job's folder), its
+    options' labels filled in (the folder's name is read here, outside a Hydra job)."""
     from omegaconf import open_dict
 
+    from hoexp.config.compose import fill_labels
+
     cfg = context.config_loader.load_sweep_config(config, overrides)
+    fill_labels(cfg)
     with open_dict(cfg):
         cfg.hydra.job.id = f"{cfg.hydra.job.name}_{num}"
         cfg.hydra.job.num = num

@@ -13,7 +13,8 @@ of ``(w, λ, v)`` with no autograd state crossing the call:
   above recompute the pass every time, and ``torch.compile`` does not merge the K copies in a solve.
 
 :class:`FunctionalOperator` wraps a product as a solver's :class:`LinearOperator`; its ``dense`` is
-``vmap`` of the product over chunks of the identity's columns (``method=exact``).
+``vmap`` of the product over chunks of the identity's columns (``method=exact``). Which Hessian product a solve
+runs is its product mode (:mod:`hoexp.method.products`).
 
 The IFT hypergradient built from these products (:func:`hoexp.method.ift.ift_tensors`) is what
 ``torch.compile`` takes whole (:class:`hoexp.method.ift.CompiledIFT`). Eager ``torch.func``
@@ -24,7 +25,6 @@ is gone.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 
 import torch
@@ -32,12 +32,11 @@ from torch import Tensor
 from torch.func import grad, grad_and_value, jvp, vjp, vmap
 
 from hoexp import tree
-from hoexp.method.curvature import HessianOperator, SplitLoss
+from hoexp.method.curvature import SplitLoss
 
 Params = dict[str, Tensor]
 Loss = Callable[[Params, Params], Tensor]
 Product = Callable[[Params, Params, Params], Params]
-HVP_MODES = ("auto", "fwd_rev", "rev_rev")
 
 
 def _loss_grad(loss: Loss, lam: Params) -> Callable[[Params], Params]:
@@ -118,19 +117,6 @@ def linearized_ggn(split: SplitLoss, w: Params, lam: Params) -> tuple[Params, Te
     return g, value + penalty, product
 
 
-def product_for(train_loss: Loss, curvature: str, hvp: str) -> Callable[[Params, Params, Params], Params]:
-    """The pure product ``(w, λ, v) ↦ C v`` of ``curvature`` (``hessian``: ``hvp`` picks the mode)."""
-    if curvature == "gauss_newton":
-        if not isinstance(train_loss, SplitLoss):
-            raise TypeError(
-                "curvature=gauss_newton needs the training loss as a SplitLoss(outputs, output_loss, "
-                "penalty) (hoexp.method.curvature)"
-            )
-        return lambda w, lam, v: ggn_product(train_loss, w, lam, v)
-    fn = hvp_rev_rev if hvp == "rev_rev" else hvp_fwd_rev
-    return lambda w, lam, v: fn(train_loss, w, lam, v)
-
-
 class FunctionalOperator:
     """A pure product at a fixed ``(w, λ)`` as a :class:`LinearOperator` on flat vectors.
 
@@ -160,26 +146,3 @@ class FunctionalOperator:
         rows = [vmap(self._apply)(eye[s : s + self.chunk]) for s in range(0, self.n, self.chunk)]
         self.hvps += self.n
         return torch.cat(rows, dim=0)
-
-
-def time_hvp_modes(train_loss: Loss, w: Params, lam: Params, repeats: int = 2) -> dict[str, float]:
-    """Seconds of one ``C v`` product in each mode at ``(w, λ)`` (the best of ``repeats`` after a warm-up):
-    ``rev_rev`` through a kept ``create_graph`` gradient (:class:`~hoexp.method.curvature.HessianOperator`,
-    the graph's cost not counted: a solve pays it once), ``fwd_rev`` by :func:`hvp_fwd_rev`, eagerly."""
-    wl = tree.detached(w, requires_grad=True)
-    g = torch.autograd.grad(train_loss(wl, lam), list(wl.values()), create_graph=True, allow_unused=True)
-    rr = HessianOperator(tree.flatten(tree.fill_none(g, list(wl.values()))), list(wl.values()))
-    fr = FunctionalOperator(
-        lambda w_, lam_, v_: hvp_fwd_rev(train_loss, w_, lam_, v_), tree.detached(w), tree.detached(lam)
-    )
-    v = torch.randn(rr.n, generator=torch.Generator().manual_seed(0), dtype=rr.grad_flat.dtype).to(rr.grad_flat.device)
-    out = {}
-    for name, op in (("rev_rev", rr), ("fwd_rev", fr)):
-        best = float("inf")
-        for i in range(repeats + 1):
-            t0 = time.perf_counter()
-            float(op.matvec(v)[0])  # the read waits for an accelerator
-            if i:
-                best = min(best, time.perf_counter() - t0)
-        out[name] = best
-    return out

@@ -44,16 +44,9 @@ from torch.func import grad, grad_and_value, vjp
 from hoexp import tree
 from hoexp.method.compiling import quiet_compile
 from hoexp.method.curvature import CURVATURES, Curvature, Hessian, HessianOperator, SplitLoss
-from hoexp.method.functional import (
-    FunctionalOperator,
-    Product,
-    hvp_fwd_rev,
-    linearized_ggn,
-    linearized_hvp,
-    linearized_hvp_and_mixed,
-    product_for,
-)
-from hoexp.method.solvers import Damped, Exact, LinearOperator, Solver, SolveResult
+from hoexp.method.functional import FunctionalOperator, Product, linearized_ggn
+from hoexp.method.products import ProductMode, product_mode
+from hoexp.method.solvers import Damped, Exact, Solver, SolveResult
 
 __all__ = ["CompiledIFT", "HessianOperator", "IFTStats", "ift_hypergradient", "ift_tensors", "validation_gradient"]
 
@@ -170,7 +163,7 @@ def ift_hypergradient(
     curvature: Curvature = Hessian(),
     damping: float = 0.0,
     x0: Tensor | None = None,
-    hvp: str = "rev_rev",
+    hvp: str | ProductMode = "rev_rev",
 ) -> tuple[dict[str, Tensor], IFTStats]:
     """``dL_V/dλ`` at ``params`` (taken as the inner optimum) by the implicit function theorem.
 
@@ -185,23 +178,29 @@ def ift_hypergradient(
     solves with ``C + μI`` instead; ``x0``: the solver's start (a warm start; ignored when its shape
     or dtype does not match ``∂L_V/∂w``'s). ``stats.solution`` is the solve's ``u``.
 
-    ``hvp`` (Hessian curvature only): ``"rev_rev"`` differentiates the kept ``create_graph`` gradient
-    for every product; ``"fwd_rev"`` runs :func:`~hoexp.method.functional.hvp_fwd_rev` (``jvp`` of
-    ``grad``, no kept graph) instead. ``method=exact`` (an :class:`Exact` solver) forms the dense
-    Hessian from batched products either way (:func:`_operator`).
+    ``hvp`` (Hessian curvature only): the product mode (:mod:`hoexp.method.products`), or its spelling:
+    ``"rev_rev"`` differentiates the kept ``create_graph`` gradient for every product; ``"fwd_rev"`` runs
+    :func:`~hoexp.method.functional.hvp_fwd_rev` (``jvp`` of ``grad``, no kept graph) instead; ``"auto"`` times
+    both here once (its ratio in ``stats.extra``). ``method=exact`` (an :class:`Exact` solver) forms the dense
+    Hessian from batched products either way.
     """
     if mixed not in ("auto", "merged", "separate"):
         raise ValueError(f"mixed must be 'auto', 'merged' or 'separate', got {mixed!r}")
     w = tree.detached(params, requires_grad=True)
     lam = tree.detached(hparams, requires_grad=True)
     w_list, lam_list = list(w.values()), list(lam.values())
+    mode, timed = product_mode(hvp).resolve(train_loss, w, lam)
     lv, v, direct = validation_gradient(val_loss, w, lam)
 
     lt = train_loss(w, lam)
     g = torch.autograd.grad(lt, w_list, create_graph=True, allow_unused=True)
     g_flat = tree.flatten(tree.fill_none(g, w_list))
     merge = g_flat.requires_grad and (mixed == "merged" or (mixed == "auto" and mixed_term_is_deep(g_flat, lam_list)))
-    op = _operator(train_loss, w, lam, g_flat, solver, curvature, hvp, lam_list if merge else None)
+    mixed_inputs = lam_list if merge else None
+    if curvature.name == "hessian":  # the Hessian's products are the product mode's
+        op = mode.operator(train_loss, w, lam, g_flat, mixed_inputs, dense=isinstance(solver, Exact))
+    else:
+        op = curvature.operator(train_loss, w, lam, g_flat, mixed_inputs)
     if damping:
         op = Damped(op, damping)
     if x0 is not None and (x0.shape != v.shape or x0.dtype != v.dtype):
@@ -213,32 +212,9 @@ def ift_hypergradient(
     host = [lt.detach(), lv.detach(), torch.linalg.vector_norm(g_flat.detach()).to(lt.dtype)]
     if x0 is not None:
         host.append(torch.linalg.vector_norm(x0).to(device=lt.device, dtype=lt.dtype))
-    return hypergrad, ift_stats(result, torch.stack(host), op.hvps, train_grad=g_flat.detach())
-
-
-def _operator(
-    train_loss: LossFn,
-    w: dict[str, Tensor],
-    lam: dict[str, Tensor],
-    g_flat: Tensor,
-    solver: Solver,
-    curvature: Curvature,
-    hvp: str,
-    mixed_inputs: list[Tensor] | None,
-) -> LinearOperator:
-    """The solve's operator: ``curvature``'s, through the kept ``create_graph`` gradient ``g_flat``; for the
-    Hessian with ``hvp="fwd_rev"`` or a dense solve, a pure product at ``(w, λ)`` instead (a dense solve: ``vmap``
-    over chunks of the identity of the batched ``vjp`` of the gradient, measured 2.4× faster than batching the
-    kept graph's backward)."""
-    if curvature.name != "hessian" or not (hvp == "fwd_rev" or isinstance(solver, Exact)):
-        return curvature.operator(train_loss, w, lam, g_flat, mixed_inputs)
-    w0, lam0 = tree.detached(w), tree.detached(lam)
-    if hvp == "fwd_rev":
-        product: Product = lambda w_, lam_, u: hvp_fwd_rev(train_loss, w_, lam_, u)  # noqa: E731
-    else:  # the batched vjp of the gradient, its forward and backward pass run once
-        hv = linearized_hvp(train_loss, w0, lam0)[2]
-        product = lambda w_, lam_, u: hv(u)  # noqa: E731
-    return FunctionalOperator(product, w0, lam0)
+    stats = ift_stats(result, torch.stack(host), op.hvps, train_grad=g_flat.detach())
+    stats.extra.update(timed)
+    return hypergrad, stats
 
 
 def _mixed_terms(result: SolveResult, g_flat: Tensor, lam: dict[str, Tensor]) -> list[Tensor]:
@@ -260,7 +236,7 @@ def ift_tensors(
     x0: Tensor | None = None,
     *,
     curvature: str = "hessian",
-    hvp: str = "fwd_rev",
+    hvp: str | ProductMode = "fwd_rev",
     damping: float = 0.0,
     chunk: int = 256,
 ) -> tuple[Params, SolveResult, Tensor]:
@@ -268,20 +244,22 @@ def ift_tensors(
 
     No host sync and no autograd state crosses the call, so ``torch.compile`` can take it whole.
     Returns the hypergradient, the solve (tensors) and ``[L_T, L_V, ‖∂L_T/∂w‖]`` (one tensor).
-    ``solver``: Neumann, fixed point, CG or exact (``solve_tensors``); ``x0`` a warm start.
+    ``solver``: Neumann, fixed point, CG or exact (``solve_tensors``); ``x0`` a warm start; ``hvp``: the Hessian's
+    product mode (:meth:`~hoexp.method.products.ProductMode.linearize`; ``auto`` once it has chosen).
     """
     (gv_w, gv_lam), lv = grad_and_value(val_loss, argnums=(0, 1))(w, lam)
     b = tree.flatten(gv_w.values())
     mixed_of: Callable[[Params], Params] | None = None
-    if curvature == "hessian" and hvp == "rev_rev":
-        g, lt, hv, mixed_of = linearized_hvp_and_mixed(train_loss, w, lam)
-        product: Product = lambda _w, _lam, v: hv(v)  # noqa: E731
-    elif curvature == "gauss_newton" and isinstance(train_loss, SplitLoss):
+    if curvature == "gauss_newton":
+        if not isinstance(train_loss, SplitLoss):
+            raise TypeError(
+                "curvature=gauss_newton needs the training loss as a SplitLoss(outputs, output_loss, "
+                "penalty) (hoexp.method.curvature)"
+            )
         g, lt, gv = linearized_ggn(train_loss, w, lam)
-        product = lambda _w, _lam, v: gv(v)  # noqa: E731
+        product: Product = lambda _w, _lam, v: gv(v)  # noqa: E731
     else:
-        g, lt = grad_and_value(train_loss)(w, lam)
-        product = product_for(train_loss, curvature, hvp)
+        g, lt, product, mixed_of = product_mode(hvp).linearize(train_loss, w, lam)
     op = FunctionalOperator(product, w, lam, damping, chunk)
     sol = solver.solve_tensors(op, b, x0)  # type: ignore[attr-defined]
     u = tree.unflatten(sol.x, w)
@@ -316,7 +294,7 @@ class CompiledIFT:
     val_loss: Callable[..., Tensor]
     split: Callable[..., SplitLoss] | None = None
     curvature: str = "hessian"
-    hvp: str = "fwd_rev"
+    hvp: str | ProductMode = "fwd_rev"
     damping: float = 0.0
     compile: bool = True
     verify: bool = True
@@ -324,6 +302,9 @@ class CompiledIFT:
     fallback: str | None = None
     checked: bool = False
     _fns: dict[bool, Callable[..., Any]] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        self.hvp = product_mode(self.hvp)  # made here, not inside the compiled function
 
     def _pure(
         self, w: Params, lam: Params, x0: Tensor | None, train_args: tuple, val_args: tuple

@@ -16,8 +16,8 @@ from hoexp.errors import ConfigError, HoexpError
 from hoexp.method import solvers
 from hoexp.method.base import inner_scalars, scalars, step_from_gradient, train_inner, with_extra
 from hoexp.method.curvature import CURVATURES, Curvature, Hessian, SplitLoss
-from hoexp.method.functional import time_hvp_modes
 from hoexp.method.ift import CompiledIFT, IFTStats, ift_hypergradient
+from hoexp.method.products import PRODUCT_MODES, ProductMode, RevRev
 from hoexp.method.solvers import AutoStep, Exact, FixedPoint, Neumann, Solver
 from hoexp.types import OuterResult, OuterStep
 
@@ -54,9 +54,10 @@ class ImplicitMethod:
     gradient (the same ``∂L_T/∂w`` at the same point), so no gradient is computed twice and no extra
     batch is drawn. The hypergradient is then one inner step older; eager only (``compile=false``).
 
-    Speed options (same answer up to rounding): ``hvp`` (``rev_rev``: products through the kept
-    ``create_graph`` gradient; ``fwd_rev``: ``jvp`` of ``grad``; ``auto``: both timed once at the
-    first hypergradient, the faster kept, the ratio logged as ``solver/fwd_rev_over_rev_rev``) and
+    Speed options (same answer up to rounding): ``hvp``, the product mode (:mod:`hoexp.method.products`:
+    ``rev_rev``, products through the kept ``create_graph`` gradient; ``fwd_rev``, ``jvp`` of ``grad``; ``auto``,
+    both timed once at the first hypergradient, the faster kept, the ratio logged as
+    ``solver/fwd_rev_over_rev_rev``) and
     ``compile`` (the whole hypergradient as one ``torch.compile``'d pure function,
     :class:`~hoexp.method.ift.CompiledIFT`: compiled once per run, checked once against the
     eager path, which it falls back to on a failure or a disagreement).
@@ -73,10 +74,9 @@ class ImplicitMethod:
     damping: float = 0.0
     warm_start: bool = False
     alpha_every: int = 0  # > 0: α = 1/λ_max, re-estimated every alpha_every outer steps; 0: the solver's α
-    hvp: str = "rev_rev"  # rev_rev | fwd_rev | auto
+    hvp: ProductMode = RevRev()  # how H v is formed (hoexp.method.products)
     compile: bool = False
     fuse_step: bool = False
-    _hvp_chosen: str | None = field(default=None, repr=False, compare=False)
     _compiled: dict[int, CompiledIFT] = field(default_factory=dict, repr=False, compare=False)
     carried: dict[str, Any] = field(default_factory=dict, repr=False)  # u, lambda_max, step
 
@@ -158,15 +158,9 @@ class ImplicitMethod:
     def _hypergradient(
         self, task: Any, params: Params, raw: Params, train_batch: Any, val_batch: Any, solver: Solver, x0: Any
     ) -> tuple[Params, IFTStats]:
-        """The IFT at ``params``: compiled (one :class:`CompiledIFT` per task) or eager, ``hvp=auto`` timed once."""
-        extra: dict[str, float] = {}
-        hvp = self.hvp
-        if hvp == "auto":
-            if self._hvp_chosen is None:
-                t = time_hvp_modes(lambda w, lam: task.train_loss(w, lam, train_batch), params, raw)
-                self._hvp_chosen = "fwd_rev" if t["fwd_rev"] < t["rev_rev"] else "rev_rev"
-                extra["solver/fwd_rev_over_rev_rev"] = t["fwd_rev"] / t["rev_rev"]
-            hvp = self._hvp_chosen
+        """The IFT at ``params``: compiled (one :class:`CompiledIFT` per task) or eager, with the product mode
+        ``hvp`` resolves to here (``auto``: timed at the first call; what it logs then joins the stats)."""
+        hvp, extra = self.hvp.resolve(lambda w, lam: task.train_loss(w, lam, train_batch), params, raw)
         gauss_newton = self.curvature.name == "gauss_newton"
         if self.compile:
             fn = self._compiled.get(id(task))
@@ -225,7 +219,7 @@ class NoHO:
 
 # ------------------------------------------------------------------------------------------- factories
 CurvatureName = Literal["hessian", "gauss_newton"]
-HVPMode = Literal["rev_rev", "fwd_rev", "auto"]
+HVPMode = Literal["rev_rev", "fwd_rev", "auto"]  # the spellings of hoexp.method.products.PRODUCT_MODES
 
 
 def ift(
@@ -233,7 +227,7 @@ def ift(
     *,
     curvature: CurvatureName | Curvature = "hessian",
     damping: NonNegFloat = 0.0,
-    hvp: HVPMode = "rev_rev",
+    hvp: HVPMode | ProductMode = "rev_rev",
     compile: bool = False,
     warm_start: bool = False,
     alpha_every: PositiveInt = 10,
@@ -244,7 +238,8 @@ def ift(
     ``hoexp.method.solvers.cg``, or your own), ``curvature`` (``hessian``, ``gauss_newton``, or a node of your own:
     :class:`~hoexp.method.curvature.Curvature`), ``damping`` ``μ ≥ 0`` (solve with ``C + μI``) and ``hvp``, the
     product mode (``rev_rev``: through a kept ``create_graph`` gradient; ``fwd_rev``: ``jvp`` of ``grad``; ``auto``:
-    both timed once at the first hypergradient, the faster kept). ``compile``: the hypergradient as one
+    both timed once at the first hypergradient, the faster kept; or a node of your own:
+    :class:`~hoexp.method.products.ProductMode`). ``compile``: the hypergradient as one
     ``torch.compile``'d pure function, checked once against the eager one. ``warm_start``: start each solve from the
     previous outer step's solution. A solver with ``alpha=auto`` (:class:`AutoStep`) re-estimates ``α = 1/λ_max``
     every ``alpha_every`` outer steps. ``fuse_step``: the IFT before the last inner step, which reuses its gradient.
@@ -257,6 +252,7 @@ def ift(
             "method.alpha to a number or method.compile=false"
         )
     curv = CURVATURES[curvature] if isinstance(curvature, str) else curvature
+    mode = PRODUCT_MODES[hvp]() if isinstance(hvp, str) else hvp
     if compile and CURVATURES.get(curv.name) != curv:  # the compiled form knows the two pure products
         raise ValueError(
             f"compile=true takes curvature=hessian or gauss_newton, not {curv!r}; set method.compile=false"
@@ -271,7 +267,7 @@ def ift(
         damping=damping,
         warm_start=warm_start,
         alpha_every=alpha_every if auto else 0,
-        hvp=hvp,
+        hvp=mode,
         compile=compile,
         fuse_step=fuse_step,
     )
@@ -285,6 +281,7 @@ def _with_solver(solve: Callable[..., Solver], name: str) -> Callable[..., Impli
     hints = typing.get_type_hints(ift, include_extras=True)
     solver_params = [p.replace(annotation=own[p.name]) for p in inspect.signature(solve).parameters.values()]
     hints["curvature"] = CurvatureName  # a preset names its curvature (a node passes unchecked, as for ift)
+    hints["hvp"] = HVPMode  # and its product mode
     ift_params = [
         p.replace(annotation=hints[p.name], default=name if p.name == "name" else p.default)
         for p in inspect.signature(ift).parameters.values()

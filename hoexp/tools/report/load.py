@@ -83,6 +83,17 @@ def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: node}
 
 
+def _labelled(config: dict[str, Any], hydra: dict[str, Any]) -> dict[str, Any]:
+    """``config`` with each label that config.yaml defaults to the option's file name
+    (``${hydra:runtime.choices.method}``, saved unresolved by Hydra) replaced by the choice ``hydra.yaml`` records."""
+    choices = (hydra.get("runtime") or {}).get("choices") or {}
+    prefix = "${hydra:runtime.choices."
+    return {
+        k: choices.get(v[len(prefix) : -1], v) if isinstance(v, str) and v.startswith(prefix) and v.endswith("}") else v
+        for k, v in config.items()
+    }
+
+
 def _num(v: Any) -> float:
     try:
         return float(v)
@@ -238,7 +249,7 @@ def load_run(path: Path) -> RunInfo:
     cfg = _yaml(path / ".hydra" / "config.yaml")
     hydra_file = _yaml(path / ".hydra" / "hydra.yaml")
     hydra = hydra_file.get("hydra", {}) if isinstance(hydra_file, dict) else {}
-    info = RunInfo(path=path, summary=summary, config=_flatten(cfg) if isinstance(cfg, dict) else {})
+    info = RunInfo(path=path, summary=summary, config=_labelled(_flatten(cfg) if isinstance(cfg, dict) else {}, hydra))
     if info.config:  # .hydra/ keeps the config a run started with; a resume may have extended it
         for resume in summary.get("resumes") or []:
             info.config.update({k: v[1] for k, v in (resume.get("changes") or {}).items()})
