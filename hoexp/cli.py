@@ -326,7 +326,11 @@ def cmd_check(args: list[str]) -> None:
     smoothing = None if ns.smooth is None else Smoothing(ns.smooth, ns.smooth_pairs)
     base = [o for o in ns.overrides if not o.startswith(("method=", "method."))]
     # --horizon: the reference run tunes nothing (method=none), so a family no default method takes (Bernoulli) runs
-    spec, _ = compose_spec(base + ["method=none"] if ns.horizon else ns.overrides)
+    from hoexp.engine.distributed import launched
+
+    # Composed, validated and checked as `hoexp run` does; the tool's build takes what the checks built.
+    job = validate_job(base + ["method=none"] if ns.horizon else ns.overrides, world_size=launched().world_size)
+    spec = job.spec
     out = make_out_dir(ns.out or f"outputs/check/{time.strftime('%Y-%m-%d_%H-%M-%S')}")
     from hoexp.config.build import resolve_device
 
@@ -353,9 +357,10 @@ def cmd_check(args: list[str]) -> None:
                 console=console,
                 truth_from=None if ns.truth is None else Path(ns.truth),
                 smoothing=smoothing,
+                prebuilt=job.prebuilt,
             )
         else:
-            run_check(spec, out, iterations=iterations, dense_max=ns.dense_max, console=console)
+            run_check(spec, out, iterations=iterations, dense_max=ns.dense_max, console=console, prebuilt=job.prebuilt)
 
 
 def refuse_hydra_overrides(command: str, overrides: list[str]) -> None:

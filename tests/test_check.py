@@ -54,6 +54,19 @@ def test_check_command_line(tmp_path, capsys):
     assert (tmp_path / "check.json").exists()
 
 
+def test_check_composes_validates_and_builds_its_run_once(tmp_path, monkeypatch):
+    """``hoexp check`` takes the config → checks → build path of ``hoexp run``: the build takes what the checks
+    built (the optimizers and the method were built twice)."""
+    from collections import Counter
+
+    from tests.counting import BUILT, count_composes_and_builds
+
+    counts = count_composes_and_builds(monkeypatch)
+    main(["check", "model.width=4", "inner_steps=2", "method=neumann", "--iterations", "0", "--out", str(tmp_path)])
+    assert (tmp_path / "check.json").exists()
+    assert counts == Counter({"compose": 1, "validate": 1, **{f"build {k}": 1 for k in BUILT}}), counts
+
+
 def test_check_runs_on_the_language_model(tmp_path):
     """dataset=ptb: the validation batch is a BPTT window (it was an AttributeError on the token stream)."""
     spec, _ = compose_spec(

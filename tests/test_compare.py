@@ -353,6 +353,22 @@ def _planned_runs(plan):
     return runs
 
 
+def test_each_compare_run_is_validated_and_built_once_from_one_compose(tmp_path, monkeypatch):
+    """Every run of a compare (HO, baseline, grid point, search trial) goes through ``Composer`` and ``run_one``: the
+    config is composed once per Composer, and each run validated once and each component built once (the run
+    takes what the checks before it built)."""
+    from collections import Counter
+
+    from hoexp.tools.compare.trial import Composer, run_one
+    from tests.counting import BUILT, count_composes_and_builds
+
+    counts = count_composes_and_builds(monkeypatch)
+    composer = Composer(["model.width=4", "outer_steps=1", "inner_steps=1", "progress=false", "method=cg"])
+    for seed in (0, 1):
+        assert run_one(composer, {"seed": str(seed)}, tmp_path / str(seed))["status"] == "completed"
+    assert counts == Counter({"compose": 1, "validate": 2, **{f"build {k}": 2 for k in BUILT}}), counts
+
+
 def _readme_compare_commands():
     """From the README and docs/*.md (docs/results.md holds the tables' commands)."""
     text = "\n".join(p.read_text() for p in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))])

@@ -1,8 +1,10 @@
 """Long-horizon hypergradients: the horizon diagnostic's truth and carried forward mode (RTHO)."""
 
+import io
 import json
 
 import torch
+from rich.console import Console
 
 from hoexp import tree
 from hoexp.cli import compose_spec
@@ -251,11 +253,28 @@ def test_a_stateful_contender_trains_on_the_reference_batches_on_minibatched_mni
     exp = build(spec)
     s0 = start(exp)
     at = [0, 1, 3]
-    checkpoints, _ = reference_run(exp, s0.inner, s0.raw, s0.train, s0.val, 4, 3, at)
+    checkpoints, _ = reference_run(exp, s0, at)
     spy = _Spy()
-    _contender_hypergradients(spy, spec, exp, s0.raw, checkpoints, at)
+    _contender_hypergradients(spy, exp, s0.raw, checkpoints, at)
     assert len(spy.seen) == 4
     for step in at:
         ref = checkpoints[step].state
         assert ref is not None
         assert all(torch.equal(spy.seen[step][k], ref.params[k]) for k in ref.params), f"drifted at step {step}"
+
+
+def test_the_truth_differentiates_the_rest_of_the_run_as_the_engine_takes_it(tmp_path):
+    """The truth's remaining run is the engine's outer steps, so a per-step learning rate restarts its schedule at
+    every outer step, as in the reference run and in a real one. From checkpoint 0 the truth is then what forward
+    mode carried since step 0 gives at the last outer step (same λ, batches and validation split). Trained as one
+    stretch of N·T steps instead, every step after the first T took the schedule's last rate: 58% off here."""
+    base = TINY[:6] + ["hp=lr", "hp.lr.granularity=per_step", "dataset.batch_size=16", "outer_steps=3", "inner_steps=2"]
+    spec, _ = compose_spec(base + ["method=none"])
+    carried = parse_contender("forward:method.carry=true")
+    quiet = Console(file=io.StringIO())
+    res = run_horizon(
+        spec, [(carried, compose_spec(base + carried.overrides)[0])], tmp_path, at=[0, 2], eps=1e-5, console=quiet
+    )
+    hg = torch.tensor(res.hypergradients[carried.label][2], dtype=torch.float64)
+    truth = torch.tensor(res.truth[0], dtype=torch.float64)
+    assert rel_err(hg, truth) < 1e-6, (hg, truth)

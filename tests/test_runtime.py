@@ -25,6 +25,7 @@ from hoexp.method.implicit import ImplicitMethod
 from hoexp.method.solvers import Neumann
 from hoexp.optim import build_optimizer
 from hoexp.task.streams import FullBatch
+from tests.counting import BUILT, count_composes_and_builds
 
 D = torch.float64
 
@@ -111,42 +112,10 @@ def test_the_task_is_left_as_its_factory_made_it():
     assert Runtime().step() is eager_step
 
 
-def _count_composes_and_builds(monkeypatch) -> Counter[str]:
-    import hoexp.cli
-    import hoexp.config
-    import hoexp.config.compose as composing
-    from hoexp.config.explain import Component
-
-    counts: Counter[str] = Counter()
-
-    def counted(name, fn):
-        def call(*args, **kwargs):
-            counts[name] += 1
-            return fn(*args, **kwargs)
-
-        return call
-
-    compose = composing.compose
-    monkeypatch.setattr(composing, "compose", counted("compose", compose))
-    monkeypatch.setattr(hoexp.cli, "_compose", counted("compose", compose), raising=False)
-    monkeypatch.setattr(hoexp.config, "validate", counted("validate", hoexp.config.validate))
-    build = Component.build
-
-    def counted_build(self, *runtime):
-        counts[f"build {self.key}"] += 1
-        return build(self, *runtime)
-
-    monkeypatch.setattr(Component, "build", counted_build)
-    return counts
-
-
-BUILT = ("optim.inner", "optim.outer", "hp.weight_decay", "method", "dataset", "model")
-
-
 def test_one_run_composes_validates_and_builds_its_job_once(tmp_path, monkeypatch):
     import hoexp.cli
 
-    counts = _count_composes_and_builds(monkeypatch)
+    counts = count_composes_and_builds(monkeypatch)
     overrides = ["model.width=4", "outer_steps=1", "inner_steps=1", "progress=false", f"hydra.run.dir={tmp_path}"]
     hoexp.cli.main(["run", *overrides])
     assert json.loads((tmp_path / "summary.json").read_text())["status"] == "completed"
@@ -158,7 +127,7 @@ def test_one_run_composes_validates_and_builds_its_job_once(tmp_path, monkeypatc
 def test_each_job_of_a_sweep_in_this_process_is_composed_validated_and_built_once(tmp_path, monkeypatch):
     import hoexp.cli
 
-    counts = _count_composes_and_builds(monkeypatch)
+    counts = count_composes_and_builds(monkeypatch)
     overrides = ["model.width=4", "outer_steps=1", "inner_steps=1", "progress=false", f"hydra.sweep.dir={tmp_path}"]
     hoexp.cli.main(["run", "-m", "seed=0,1", "method=none,cg", *overrides])
     summaries = [json.loads(p.read_text()) for p in tmp_path.glob("*/summary.json")]

@@ -2,8 +2,9 @@
 
 One explicit loop (nanoGPT-style) on plain objects: an :class:`~hoexp.types.Experiment` (or what
 :func:`hoexp.config.build.build` returns) says what to run, a :class:`~hoexp.engine.io.RunIO` where it goes.
-State, guards, evaluation and files live beside it (``state.py``, ``guards.py``, ``evaluate.py``,
-``io.py``); the loop only says in which order things happen, and why.
+State, guards, evaluation, files and how one outer step draws its batches and calls the method live beside it
+(``state.py``, ``guards.py``, ``evaluate.py``, ``io.py``, ``step.py``); the loop only says in which order things
+happen, and why.
 """
 
 from __future__ import annotations
@@ -20,9 +21,8 @@ from hoexp.engine.io import Preempted, RunIO, final_state, num_weights, outcome,
 from hoexp.engine.progress import RunProgress, make_progress
 from hoexp.engine.runtime import runtime_of
 from hoexp.engine.state import RunState, reset_inner, restore, snapshot, start
-from hoexp.method.base import take
-from hoexp.method.implicit import NoHO
-from hoexp.types import OuterStep, Runnable, RunSettings
+from hoexp.engine.step import PLAIN, advance
+from hoexp.types import Runnable, RunSettings
 
 
 def run(
@@ -78,9 +78,6 @@ def run(
     return summary
 
 
-PLAIN = NoHO("warmup")  # what an outer step of the warm-up runs: inner_steps of training, no hypergradient
-
-
 def warming_up(s: RunSettings, evals: list[dict[str, float]], step: int) -> bool:
     """Whether outer step ``step`` is plain training: within the first ``warmup`` steps or, with
     ``warmup_until_plateau``, before any evaluation found the validation loss above the best one before it
@@ -109,21 +106,9 @@ def loop(exp: Runnable, state: RunState, io: RunIO, progress: RunProgress, check
             t0 = synced_clock(exp.device)
             if s.reset_inner and step > 1:  # every outer step trains from the same initialization (meta-training)
                 state.inner = reset_inner(exp, state)
-            # The runner draws the batches, so a method gets values and the stream positions (checkpointed with
-            # the run) are the runner's: inner_steps for training, then extra_batches (IFT: its Hessian batch).
             method = PLAIN if warming_up(s, state.evals, step) else exp.method
-            res = method(
-                OuterStep(
-                    task,
-                    exp.inner_opt,
-                    state.inner,
-                    state.raw,
-                    take(state.train, s.inner_steps),
-                    take(state.train, method.extra_batches),
-                    next(state.val),
-                    progress.advance_inner,
-                    plain_step,
-                )
+            res = advance(
+                exp, method, state.inner, state.raw, state.train, state.val, progress.advance_inner, task, plain_step
             )
             state.inner, scalars = res.inner, dict(res.scalars)
             if io.ctx.active and "inner/loss" in scalars:  # each rank's is its shard's: log the global mean

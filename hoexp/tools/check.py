@@ -25,11 +25,11 @@ from torch import Tensor
 
 from hoexp import tree
 from hoexp.config import Spec
-from hoexp.config.build import Experiment, build
+from hoexp.config.build import Experiment, Prebuilt, build
 from hoexp.engine.metrics import write_json_atomic
 from hoexp.engine.state import start
+from hoexp.engine.step import PLAIN, draw
 from hoexp.errors import ConfigError
-from hoexp.method.base import train_inner
 from hoexp.method.forward import forward_hypergradient
 from hoexp.method.ift import ift_hypergradient
 from hoexp.method.solvers import AutoStep, ConjugateGradient, Exact, FixedPoint, Neumann, Solver
@@ -154,19 +154,17 @@ class _Point:
         return self.exp.device
 
 
-def _trained_point(spec: Spec) -> _Point:
-    """Build the run, take its start (weights, hyperparameters, streams) and train ``inner_steps`` steps."""
-    exp: Experiment = build(spec)
+def _trained_point(spec: Spec, prebuilt: Prebuilt | None = None) -> _Point:
+    """Build the run, take its start (weights, hyperparameters, streams) and its first outer step of plain training
+    (``inner_steps`` steps); the losses are on the next training batch and that step's validation batch."""
+    exp: Experiment = build(spec, prebuilt=prebuilt)
     problem = exp.problem
     start_state = start(exp)  # the runner's start: weights, hyperparameters, streams
-    raw, batches = start_state.raw, start_state.train
-    state, _, _ = train_inner(
-        problem, exp.inner_opt, start_state.inner, raw, batches, spec.run.inner_steps, step=exp.runtime.step()
-    )
-    # The runner's validation stream: the whole split (classification, val_batch_size 0), a seeded minibatch,
-    # or a BPTT window of validation text (language models).
-    val_batch = next(start_state.val)
-    train_batch = next(batches)
+    raw = start_state.raw
+    # The engine's outer step; its validation batch is the run's: the whole split (classification,
+    # val_batch_size 0), a seeded minibatch, or a BPTT window of validation text (language models).
+    step = draw(exp, PLAIN, start_state.inner, raw, start_state.train, start_state.val)
+    state, val_batch, train_batch = PLAIN(step).inner, step.val, next(start_state.train)
 
     def tl(w, h):
         return problem.train_loss(w, h, train_batch)
@@ -268,11 +266,13 @@ def run_check(
     dense_max: int = 20_000,
     reference_cg: int = 2000,
     console: Console | None = None,
+    prebuilt: Prebuilt | None = None,
 ) -> dict[str, Any]:
-    """Compare every applicable method with a reference; write check.json / check.png into ``out_dir``."""
+    """Compare every applicable method with a reference; write check.json / check.png into ``out_dir``.
+    ``prebuilt``: what the checks of ``spec`` built (:func:`~hoexp.config.build.preflight`), not built again."""
     console = console or Console()
     out_dir.mkdir(parents=True, exist_ok=True)
-    pt = _trained_point(spec)
+    pt = _trained_point(spec, prebuilt)
     alpha = getattr(spec.method, "alpha", 0.01)
     if alpha == "auto":  # 1/λ_max(H) at the trained weights, by power iteration
         alpha = ift_hypergradient(pt.tl, pt.vl, pt.state.params, pt.raw, AutoStep(Neumann(0)))[1].extra["solver/alpha"]

@@ -51,11 +51,12 @@ from torch import Tensor
 
 from hoexp import tree
 from hoexp.config import Spec
-from hoexp.config.build import build, build_method
+from hoexp.config.build import Prebuilt, build, build_method
 from hoexp.engine.metrics import write_json_atomic
-from hoexp.engine.state import start
+from hoexp.engine.state import RunState, start
+from hoexp.engine.step import PLAIN, advance
 from hoexp.errors import ConfigError
-from hoexp.method.base import CarriesState, HyperMethod, InnerState, outer_step, train_inner
+from hoexp.method.base import CarriesState, HyperMethod, InnerState
 from hoexp.tools import horizon_report
 from hoexp.tools.horizon_report import HorizonResult
 from hoexp.tools.horizon_truth import (
@@ -132,7 +133,6 @@ class _Prepared:
     overrides change how the hyperparameters are modelled)."""
 
     contender: Contender
-    spec: Spec
     method: HyperMethod
     exp: Any
 
@@ -147,26 +147,25 @@ def run_horizon(
     console: Console | None = None,
     truth_from: Path | None = None,
     smoothing: Smoothing | None = None,
+    prebuilt: Prebuilt | None = None,
 ) -> HorizonResult:
     """The long-horizon truths at the checkpoints ``at`` (outer steps) and every contender against them.
 
     ``truth_from``: a previous ``horizon.json`` whose truths are reused for the checkpoints it has, when
     it was measured on the same configuration (all but the method) and ``eps`` (the smoothed one also
-    needs the same ``smoothing``); the rest is measured. ``smoothing``: also the smoothed truth.
+    needs the same ``smoothing``); the rest is measured. ``smoothing``: also the smoothed truth. ``prebuilt``: what
+    the checks of ``spec`` built (:func:`~hoexp.config.build.preflight`), not built again.
     """
     console = console or Console(stderr=True)
     at = _checkpoint_steps(at, spec.run.outer_steps)
-    exp = build(spec)
+    exp = build(spec, prebuilt=prebuilt)
     start_state = start(exp)  # the runner's start: weights, hyperparameters, streams
     raw = start_state.raw
     _check_size(spec, raw)
     prepared = _prepare_contenders(contenders, spec, exp, raw)  # every contender before any truth is computed
     known = horizon_report.known_truth(truth_from, spec, eps, smoothing)
     out_dir.mkdir(parents=True, exist_ok=True)
-    run = spec.run
-    checkpoints, state = reference_run(
-        exp, start_state.inner, raw, start_state.train, start_state.val, run.outer_steps, run.inner_steps, at
-    )
+    checkpoints, state = reference_run(exp, start_state, at)
     base_final = float(exp.problem.evaluate(state.params, exp.data.val)[0])
 
     result = HorizonResult(at=list(at), eps=eps, truth={}, smoothing=smoothing)
@@ -204,16 +203,16 @@ def _check_size(spec: Spec, raw: dict[str, Tensor]) -> None:
 
 def final_loss(exp: Any, ck: _Checkpoint, raw: dict[str, Tensor]) -> Callable[[Tensor], float]:
     """``λ ↦ L_V(w_{N·T}(λ))`` (flat ``λ``, float64 loss on the whole validation split): the remaining run from
-    checkpoint ``ck`` on the batches and noise it had there (restored for every call: common random numbers)."""
+    checkpoint ``ck``, the engine's plain outer steps (a per-step schedule restarts at each), on the batches and
+    noise it had there (restored for every call: common random numbers)."""
     state = ck.state
     assert state is not None  # a checkpoint in `at`
-    run = exp.spec.run
 
     def f(flat: Tensor) -> float:
-        stream, _ = _streams(exp, ck)
-        steps = (run.outer_steps - ck.step) * run.inner_steps
-        lam = tree.unflatten(flat, raw)
-        st, _, _ = train_inner(exp.problem, exp.inner_opt, state, lam, stream, steps, step=exp.runtime.step())
+        train, val = _streams(exp, ck)
+        lam, st = tree.unflatten(flat, raw), state
+        for _ in range(ck.step, exp.settings.outer_steps):
+            st = advance(exp, PLAIN, st, lam, train, val).inner
         return float(exp.problem.evaluate(st.params, exp.data.val)[0].double())
 
     return f
@@ -266,7 +265,7 @@ def _run_contender(
     label = p.contender.label
     t0 = time.perf_counter()
     try:
-        hgs = _contender_hypergradients(p.method, p.spec, p.exp, raw, checkpoints, result.at)
+        hgs = _contender_hypergradients(p.method, p.exp, raw, checkpoints, result.at)
     except Exception as e:  # one contender failing (e.g. a refused combination) must not end the check
         result.errors[label] = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e) else ''}"
         console.print(f"hoexp: {label}: {result.errors[label]}", highlight=False, soft_wrap=True, markup=False)
@@ -278,26 +277,18 @@ def _run_contender(
         result.smoothed_scores[label] = _score(hgs, result.smoothed, result.smoothed_stderr)
 
 
-def reference_run(
-    exp: Any,
-    state: InnerState,
-    raw: dict[str, Tensor],
-    train: Any,
-    val: Any,
-    outer_steps: int,
-    inner_steps: int,
-    at: Sequence[int],
-) -> tuple[dict[int, _Checkpoint], InnerState]:
-    """The reference trajectory at the hyperparameters ``raw`` (no outer updates), with a snapshot at every outer
-    step (weights at the checkpoints ``at``, the streams' positions at all: a contender that runs from step 0 is
-    put back on them, so it trains on the reference's batches). Returns the snapshots and the final state."""
+def reference_run(exp: Any, start: RunState, at: Sequence[int]) -> tuple[dict[int, _Checkpoint], InnerState]:
+    """The reference trajectory from the run's ``start`` at its hyperparameters (the engine's plain outer steps, no
+    outer updates), with a snapshot before every outer step (weights at the checkpoints ``at``, the streams'
+    positions at all: a contender that runs from step 0 is put back on them, so it trains on the reference's
+    batches). Returns the snapshots and the final state."""
     checkpoints: dict[int, _Checkpoint] = {}
-    for step in range(outer_steps):
+    state, train, val = start.inner, start.train, start.val
+    for step in range(exp.settings.outer_steps):
         checkpoints[step] = _Checkpoint(
             step, state if step in at else None, copy.deepcopy(train.state_dict()), copy.deepcopy(val.state_dict())
         )
-        state, _, _ = train_inner(exp.problem, exp.inner_opt, state, raw, train, inner_steps, step=exp.runtime.step())
-        next(val)  # the runner draws one validation batch per outer step
+        state = advance(exp, PLAIN, state, start.raw, train, val).inner
     return checkpoints, state
 
 
@@ -340,7 +331,7 @@ def _prepare_contenders(
                 "the truth (it adapts its hyperparameter inside training, or tunes none); choose a hypergradient "
                 f"method, e.g. {', '.join(DEFAULT_CONTENDERS[:4])}"
             )
-        out.append(_Prepared(contender, cspec, method, cexp))
+        out.append(_Prepared(contender, method, cexp))
     return out
 
 
@@ -371,41 +362,27 @@ def _own_experiment(spec: Spec, cspec: Spec, raw: dict[str, Tensor]) -> Any:
 
 
 def _contender_hypergradients(
-    method: HyperMethod,
-    cspec: Spec,
-    exp: Any,
-    raw: dict[str, Tensor],
-    checkpoints: dict[int, _Checkpoint],
-    at: Sequence[int],
+    method: HyperMethod, exp: Any, raw: dict[str, Tensor], checkpoints: dict[int, _Checkpoint], at: Sequence[int]
 ) -> dict[int, Tensor]:
-    """The contender's hypergradient at each checkpoint: from the checkpoint's state for stateless
-    methods; along its own run from step 0 (no outer updates) for methods that carry state. ``exp``: the
-    experiment the contender runs on (the reference's, or its own with the same model, data and streams)."""
-    problem, run, plain = exp.problem, cspec.run, exp.runtime.step()
+    """The contender's hypergradient at each checkpoint (the engine's outer step, :func:`~hoexp.engine.step.advance`):
+    from the checkpoint's state for stateless methods; along its own run from step 0 (no outer updates) for methods
+    that carry state. ``exp``: the experiment the contender runs on (the reference's, or its own with the same model,
+    data and streams)."""
     out: dict[int, Tensor] = {}
     if isinstance(method, CarriesState) and getattr(method, "carries", True):
-        state = start(
-            exp
-        ).inner  # the start's weights (the reference's: same model and seed) and a fresh optimizer state
+        state = start(exp).inner  # the start's weights (the reference's: same model and seed), a fresh optimizer state
         for step in range(max(at) + 1):
             # Back on the reference's stream positions: a method drawing batches beyond inner_steps (the IFT's
             # Hessian batch: extra_batches) would otherwise train on batches the reference never saw, and its
             # trajectory would drift from the one the truth is measured on.
-            train, val = _streams(exp, checkpoints[step])
-            hg, state, _ = outer_step(
-                method, problem, exp.inner_opt, state, raw, train, next(val), run.inner_steps, step=plain
-            )
+            hg, state, _ = advance(exp, method, state, raw, *_streams(exp, checkpoints[step]))
             if step in at:
                 out[step] = _flat(hg)
         return out
     for s in at:
         ck = checkpoints[s]
         assert ck.state is not None  # a checkpoint in `at`
-        train, val = _streams(exp, ck)
-        hg, _, _ = outer_step(
-            method, problem, exp.inner_opt, ck.state, raw, train, next(val), run.inner_steps, step=plain
-        )
-        out[s] = _flat(hg)
+        out[s] = _flat(advance(exp, method, ck.state, raw, *_streams(exp, ck)).hypergrad)
     return out
 
 

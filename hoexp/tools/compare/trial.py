@@ -24,6 +24,8 @@ from hoexp.tools.search import TrialContext
 if TYPE_CHECKING:
     from omegaconf import DictConfig
 
+    from hoexp.config.compose import Job
+
 __all__ = ["Composer", "PruneLogger", "RunTrial", "format_value", "objective_value", "run_one"]
 
 # A run whose summary.json says one of these is finished: a continued compare keeps it.
@@ -70,14 +72,16 @@ class Composer:
 
             raise ConfigError(explain_composition_error(str(e), [f"{key}={text}"])) from None
 
-    def spec(self, updates: dict[str, str]):
-        """``(spec, config_text, overrides)`` with ``updates`` ({key: value as text}) applied."""
+    def job(self, updates: dict[str, str]) -> Job:
+        """The run with ``updates`` ({key: value as text}) applied: its overrides, config, checked spec and what
+        :func:`~hoexp.config.build.preflight` built (the run's build takes it rather than build it again)."""
         import copy
 
         from omegaconf import OmegaConf
 
         from hoexp.config import validate
         from hoexp.config.build import preflight
+        from hoexp.config.compose import Job
         from hoexp.config.compose import compose as _compose
 
         if self._cfg is None:
@@ -86,8 +90,14 @@ class Composer:
         for k, v in updates.items():
             OmegaConf.update(cfg, k, self.value(k, v), merge=False)
         spec = validate(cfg)
-        preflight(spec)
-        return spec, OmegaConf.to_yaml(cfg), [*self.overrides, *(f"{k}={v}" for k, v in updates.items())]
+        return Job([*self.overrides, *(f"{k}={v}" for k, v in updates.items())], cfg, spec, preflight(spec))
+
+    def spec(self, updates: dict[str, str]):
+        """``(spec, config_text, overrides)`` of :meth:`job`."""
+        from omegaconf import OmegaConf
+
+        job = self.job(updates)
+        return job.spec, OmegaConf.to_yaml(job.cfg), job.overrides
 
 
 def _write_run_files(folder: Path, spec, overrides: list[str], trial: dict[str, Any] | None = None) -> None:
@@ -116,13 +126,20 @@ def run_one(
 ) -> dict[str, Any]:
     """One hoexp run (in this process) into ``folder``; returns its summary (also when it diverged).
     A checkpoint an earlier start left in ``folder`` is continued (``resume=auto``)."""
+    from omegaconf import OmegaConf
+
     from hoexp.config.run import Diverged, run_experiment
 
-    spec, text, overrides = composer.spec(updates)
-    _write_run_files(folder, spec, overrides, trial)
+    job = composer.job(updates)
+    _write_run_files(folder, job.spec, job.overrides, trial)
     try:
         return run_experiment(
-            spec, folder, config_text=text, console=Console(file=io.StringIO()), loggers=list(loggers)
+            job.spec,
+            folder,
+            config_text=OmegaConf.to_yaml(job.cfg),
+            console=Console(file=io.StringIO()),
+            loggers=list(loggers),
+            prebuilt=job.prebuilt,  # what the checks built: the run builds the rest, not these again
         )
     except Diverged:
         return read_json(folder / "summary.json")
