@@ -1,6 +1,6 @@
 """When does dropout help? Fixed-rate runs of a preset that switch the rate part-way through.
 
-Trains the preset (default ``experiment=mnist_dropout``, one rate per layer, ``method=none``) at rate
+Trains the preset (default ``experiment=mnist_dropout_gaussian``, one rate per layer, ``method=none``) at rate
 ``--from`` for the first ``k`` outer steps and at ``--to`` afterwards, for every ``k`` of ``--at``
 (``never``: ``--from`` throughout), all on the same batches and dropout noise. Prints the validation
 loss every ``--every`` outer steps and the final test loss. With ``--branch S``: trains at ``--from``
@@ -92,7 +92,7 @@ def main() -> None:
     ap.add_argument("--branch", type=int, default=None, help="branch at this outer step instead")
     ap.add_argument("--rates", default="0.05,0.07,0.1,0.2,0.3,0.5", help="--branch: rates to continue at")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--experiment", default="mnist_dropout", help="the preset (e.g. ptb_lstm_dropout)")
+    ap.add_argument("--experiment", default="mnist_dropout_gaussian", help="the preset (e.g. ptb_lstm_dropout)")
     ap.add_argument("overrides", nargs="*", help="Hydra overrides")
     ns = ap.parse_args()
     ns.overrides = [f"experiment={ns.experiment}", *ns.overrides]

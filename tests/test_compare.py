@@ -600,11 +600,12 @@ def test_search_names_parse_as_the_help_says(tmp_path, value, expected):
 
 
 def test_the_preset_is_checked_with_the_method_compare_runs_not_its_own():
-    """mnist_dropout's own method (t1t2) refuses hard masks; with --methods the contender's check is the one made."""
+    """mnist_dropout_gaussian's own method (t1t2) refuses hard masks; with --methods the contender's check is the one
+    made."""
     from hoexp.errors import ConfigError
     from hoexp.tools.compare import parse_args
 
-    bernoulli = ["experiment=mnist_dropout", "hp.dropout.relaxation=bernoulli"]
+    bernoulli = ["experiment=mnist_dropout_gaussian", "hp.dropout.relaxation=bernoulli"]
     with pytest.raises(ConfigError, match="^method=t1t2 cannot tune hp=dropout: relaxation=bernoulli"):
         parse_args(bernoulli)
     with pytest.raises(ConfigError, match="^method=unrolled cannot tune hp=dropout: relaxation=bernoulli"):

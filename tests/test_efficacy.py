@@ -1,8 +1,10 @@
 """Efficacy regressions: the presets' hypergradients move hyperparameters the way that pays on MNIST.
 
-On ``experiment=mnist_dropout`` the network overfits at p = 0.05 and fixed rates near 0.5 end far
-better (docs/results.md). With Gaussian masks the preset's T1-T2 hypergradient raises the rates
-within a few outer steps; with concrete masks at τ = 0.1 the same method leaves them at 0.05.
+On the MNIST dropout presets the network overfits at p = 0.05 and fixed rates near 0.4-0.5 end far
+better (docs/results.md). ``experiment=mnist_dropout_gaussian``: with Gaussian masks the preset's T1-T2
+hypergradient raises the rates within a few outer steps; with concrete masks at τ = 0.1 the same method
+leaves them at 0.05. ``experiment=mnist_dropout`` (standard dropout, STN from p = 0.5): the whole run ends
+below the fixed start.
 """
 
 import json
@@ -13,7 +15,7 @@ from hoexp.cli import compose_spec
 from hoexp.config.run import run_experiment
 
 SHORT = [
-    "experiment=mnist_dropout",
+    "experiment=mnist_dropout_gaussian",
     "outer_steps=12",
     "eval_every=12",
     "progress=false",
@@ -22,11 +24,14 @@ SHORT = [
 ]
 
 
-def _mean_rates(tmp_path, overrides):
-    spec, _ = compose_spec([*SHORT, *overrides])
+def _rows(tmp_path, overrides):
+    spec, _ = compose_spec(overrides)
     run_experiment(spec, tmp_path)
-    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    return [r["hp/mean"] for r in rows if "hp/mean" in r]
+    return [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+
+
+def _mean_rates(tmp_path, overrides):
+    return [r["hp/mean"] for r in _rows(tmp_path, [*SHORT, *overrides]) if "hp/mean" in r]
 
 
 @pytest.mark.slow
@@ -37,3 +42,26 @@ def test_mnist_dropout_preset_raises_the_rates_and_concrete_masks_do_not(tmp_pat
     assert gaussian[-1] > 0.25, gaussian  # measured 0.36 after 12 outer steps
     assert all(b >= a - 0.02 for a, b in zip(gaussian, gaussian[1:], strict=False)), gaussian  # it climbs
     assert abs(concrete[-1] - 0.05) < 0.02, concrete  # measured 0.053
+
+
+@pytest.mark.slow
+def test_mnist_dropout_preset_stn_on_seed_0_moves_the_rates_and_stays_near_the_fixed_start(tmp_path):
+    """The whole preset (100 × 30 steps, standard dropout, STN from p = 0.5) against ``method=none`` at its start,
+    on the mean of the last three evaluations (steps 80-100; one final value is ±0.02 noise). Seed 0 is one of
+    the 2 of 8 measured seeds on which STN ends above the fixed start (validation 0.188 against 0.169, test 0.197
+    against 0.192; over seeds 0-4 and 10-14 it ends at 0.93-0.97× the best of the 7-rate grid, docs/results.md):
+    this guards the run against divergence (the response ran away at σ = 0.5 before ``response_clip``), collapsed
+    or frozen rates, and a drift from those figures."""
+    run = ["experiment=mnist_dropout", "seed=0", "threads=1", "progress=false"]
+
+    def tail(rows, key):
+        values = [r[key] for r in rows if key in r][-3:]
+        assert len(values) == 3 and all(v == v for v in values), values  # finite: no NaN
+        return sum(values) / 3
+
+    stn = _rows(tmp_path / "stn", run)
+    fixed = _rows(tmp_path / "fixed", [*run, "method=none"])
+    last = [r for r in stn if "hp/min" in r][-1]
+    assert 0.05 < last["hp/max"] < 0.9 and last["hp/max"] - last["hp/min"] > 0.05, last  # per-layer, none collapsed
+    assert tail(stn, "loss/val") < 1.2 * tail(fixed, "loss/val")  # measured 1.11×
+    assert tail(stn, "loss/test") < 1.1 * tail(fixed, "loss/test")  # measured 1.03×

@@ -125,6 +125,33 @@ def test_hypergradient_approaches_the_exact_ridge_answer_as_sigma_shrinks(varian
 
 
 @pytest.mark.parametrize("variant", ["stn", "delta"])
+def test_response_clip_bounds_each_step_of_the_response_and_a_loose_one_changes_nothing(variant):
+    """``response_clip=c``: one plain-SGD step moves the response by at most ``lr·c`` (the logged norm is the one
+    before the clip); a clip above every step's norm gives the unclipped run bit for bit."""
+    task = GlobalRidge(Ridge.make(d=4))
+    r0, opt = torch.tensor(-1.0, dtype=D), build_optimizer("sgd", lr=0.05)
+
+    def one_step(clip, steps=1):
+        w0 = {"w": task.w_star(r0).reshape(1, -1) + 0.1}
+        st = OuterStep(task, opt, InnerState(w0, opt.init(w0)), {"weight_decay": r0}, [None] * steps, [], None)
+        method = STN(variant, 0.3, response_clip=clip)
+        res = method(st)
+        return method.carried["response"], res.scalars["stn/response_grad_max"]
+
+    fresh = init_response({"w": torch.zeros(1, 4, dtype=D)}, ["w"], 1, STN(variant, 0.3).generator(0, 1))
+    free, norm = one_step(None)
+    assert norm > 1e-3  # the clip below must bind
+    clipped, norm_clipped = one_step(norm / 100)
+    assert norm_clipped == norm  # logged before the clip
+    moved = tree.norm({k: clipped[k] - fresh[k] for k in fresh})
+    assert float(moved) <= 0.05 * norm / 100 * (1 + 1e-9) and float(moved) > 0
+    assert float(tree.norm({k: free[k] - fresh[k] for k in fresh})) > 10 * float(moved)
+    loose, _ = one_step(1e9, steps=6)
+    free6, _ = one_step(None, steps=6)
+    assert all(torch.equal(loose[k], free6[k]) for k in free6)
+
+
+@pytest.mark.parametrize("variant", ["stn", "delta"])
 def test_one_outer_step_on_the_lstm_and_a_reset(variant):
     problem, w, raw, batch = tiny_lstm()
     opt = build_optimizer("adam", lr=1e-2)

@@ -180,6 +180,7 @@ class STN:
     antithetic: bool = True
     include: tuple[str, ...] = ("*",)
     max_hparams: int = 20_000
+    response_clip: float | None = None
     seed: int = 0
     name: str = "stn"
     carried: dict[str, Any] = field(default_factory=dict, repr=False)  # response, response_opt, centre
@@ -234,8 +235,9 @@ class STN:
 
     def _step(
         self, st: OuterStep, state: InnerState, response: Params, resp_opt: dict[str, Any], batch: tuple, t: int
-    ) -> tuple[InnerState, Params, dict[str, Any], Tensor]:
-        """One training step (module docstring, 1.) at inner step ``t`` of this outer step."""
+    ) -> tuple[InnerState, Params, dict[str, Any], Tensor, Tensor]:
+        """One training step (module docstring, 1.) at inner step ``t`` of this outer step; also returns the norm
+        of the response's scaled gradient (before ``response_clip``)."""
         task, opt, raw = st.task, st.inner_opt, tree.detached(st.raw)
         # antithetic: the odd steps reuse the even steps' ε, negated (what the weights' noise adds to the fit cancels)
         pair, odd = divmod(state.step, 2) if self.antithetic else (state.step, 0)
@@ -261,24 +263,33 @@ class STN:
             grads = _grads(fit, resp)
         with torch.no_grad():
             scale = 1.0 / self.sigma**2  # the fit's speed independent of σ (module docstring)
-            response, resp_opt = opt.update(response, {k: grads[k] * scale for k in resp}, resp_opt)
-        return InnerState(params, opt_state, state.step + 1), response, resp_opt, loss.detach()
+            g_resp = {k: grads[k] * scale for k in resp}
+            norm = tree.norm(g_resp)
+            if self.response_clip is not None:
+                # The response (V δ) ⊙ W1 is bilinear: at σ < 1 its scaled gradient can grow over a few steps
+                # and throw V to ~1e6 in one (MNIST preset, Bernoulli masks, σ = 0.5: seed 2's norm rose 1 → 12
+                # over 5 outer steps, then NaN; σ = 0.3: 3 of 5 seeds).
+                factor = torch.clamp(self.response_clip / (norm + 1e-12), max=1.0)  # no host read
+                g_resp = {k: g * factor for k, g in g_resp.items()}
+            response, resp_opt = opt.update(response, g_resp, resp_opt)
+        return InnerState(params, opt_state, state.step + 1), response, resp_opt, loss.detach(), norm
 
     def __call__(self, st: OuterStep) -> OuterResult:
         params, response, resp_opt = self._start(st)
-        state, loss = st.inner._replace(params=params), None
+        state, loss, grad_max = st.inner._replace(params=params), None, None
         for t, batch in enumerate(st.train):
-            state, response, resp_opt, loss = self._step(st, state, response, resp_opt, batch, t)
+            state, response, resp_opt, loss, norm = self._step(st, state, response, resp_opt, batch, t)
+            grad_max = norm if grad_max is None else torch.maximum(grad_max, norm)
             if st.on_step is not None:
                 st.on_step()
         hg, val_loss = stn_hypergradient(st.task, state.params, response, st.raw, st.val)
         self.carried = {"response": response, "response_opt": resp_opt, "centre": tree.detached(st.raw)}
         scale = tree.norm({k: v for k, v in response.items() if k.startswith(V)})
-        values = [hg_norm := tree.norm(hg), val_loss, scale, *([] if loss is None else [loss])]
+        values = [hg_norm := tree.norm(hg), val_loss, scale, *([] if loss is None else [loss, grad_max])]
         host = torch.stack([v.to(hg_norm.dtype) for v in values]).tolist()  # one host read
         scalars = {"hypergrad/norm": host[0], "stn/val_loss": host[1], "stn/response_v_norm": host[2]}
-        if loss is not None:
-            scalars["inner/loss"] = host[3]
+        if loss is not None:  # the largest scaled gradient of the response this step (before the clip)
+            scalars["inner/loss"], scalars["stn/response_grad_max"] = host[3], host[4]
         return OuterResult(hg, state, scalars)
 
 
@@ -292,11 +303,13 @@ def stn(
     antithetic: bool = True,
     include: Sequence[str] = ("*",),
     max_hparams: PositiveInt = 20_000,
+    response_clip: PositiveFloat | None = None,
     name: str = "stn",
 ) -> STN:
     """``method=stn``: a self-tuning network's structured best response on every parameter matching
     ``include``, trained at ``λ̃ = λ0 + σε`` in raw space (``sigma``): STN (``variant=stn``: one joint step)
-    or Δ-STN (``variant=delta``: W0 trained at λ0, the response on ``linearize``d outputs)."""
+    or Δ-STN (``variant=delta``: W0 trained at λ0, the response on ``linearize``d outputs). ``response_clip``:
+    the largest L2 norm of the response's (``1/σ²``-scaled) gradient in one step (``None``: unclipped)."""
     names = select(list(ctx.param_names), tuple(include))
     if not names:
         raise ValueError(
@@ -310,6 +323,7 @@ def stn(
         antithetic=antithetic,
         include=tuple(include),
         max_hparams=max_hparams,
+        response_clip=response_clip,
         seed=ctx.seed,
         name=name,
     )
