@@ -250,9 +250,7 @@ class SingleLoop:
         vs = list(tree.unflatten(v, params).values())
         train, lt = train_flat(lambda w, lam: task.train_loss(w, lam, batch), params, raw, vs)  # [g | Hv | ∂²_λw v]
         val, lv = val_flat(lambda w, lam: task.val_loss(w, lam, vbatch), params, raw)  # [∇_w L_V | ∇_λ L_V]
-        if (
-            last
-        ):  # the minibatch residual ‖Hv + ∇_w L_V‖/‖∇_w L_V‖ before variance reduction: how far v is from its target
+        if last:  # logged: the minibatch residual ‖Hv + ∇_w L_V‖/‖∇_w L_V‖ before variance reduction
             aw = val[:n]
             tiny = torch.finfo(lt.dtype).tiny
             residual = torch.linalg.vector_norm(train[n : 2 * n] + aw) / torch.linalg.vector_norm(aw).clamp_min(tiny)
