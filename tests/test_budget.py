@@ -4,6 +4,9 @@ that spends the budget, and a resume that either has nothing to do or continues 
 
 import io
 import json
+import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -133,3 +136,39 @@ def test_every_rank_stops_at_the_same_step(tmp_path):
     mp.spawn(dist_worker.budget_worker, args=(2, str(tmp_path)), nprocs=2)
     decided = [torch.load(tmp_path / f"budget{r}.pt") for r in range(2)]
     assert decided == [[True, False], [True, False]]
+
+
+# Run in a fresh interpreter (this one has imported torch._dynamo through other tests): the modules present when
+# outer step 1 starts, and those imported from then until outer step 2 starts.
+_FIRST_STEP_IMPORTS = """
+import json, sys
+from hoexp.cli import compose_spec
+from hoexp.config.build import build
+from hoexp.engine.loop import run
+
+class Record:
+    seen = {}
+    def __enter__(self): return self
+    def __exit__(self, *exc): pass
+    def start_outer(self, step): self.seen[step] = set(sys.modules)
+    def advance_inner(self, n=1): pass
+    def end_outer(self, step, fields): pass
+    def message(self, text): pass
+
+spec = compose_spec(["progress=false", "threads=1", "outer_steps=2", "inner_steps=2", *sys.argv[1:]])[0]
+run(build(spec), progress=Record())
+print(json.dumps({"before": "torch._dynamo" in Record.seen[1], "new": sorted(Record.seen[2] - Record.seen[1])}))
+"""
+
+
+@pytest.mark.slow
+def test_outer_step_one_imports_nothing():
+    """torch.func's first gradient imports torch._dynamo lazily (~900 modules, seconds): the run imports it before
+    its clock starts, so outer step 1's ``time/outer_step_s`` is a step's, not torch's start-up."""
+    overrides = ["method=saba", "dataset.batch_size=0", "dataset.val_batch_size=0"]  # iris: no torchvision
+    out = subprocess.run(
+        [sys.executable, "-c", _FIRST_STEP_IMPORTS, *overrides],
+        capture_output=True, text=True, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["before"] and got["new"] == []

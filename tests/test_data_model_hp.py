@@ -78,3 +78,24 @@ def test_weight_decay_clamp_and_errors(params):
         WeightDecay(include=("nothing*",)).init(params)
     with pytest.raises(ValueError, match="granularity"):
         WeightDecay("per_unit")
+
+
+@pytest.mark.parametrize("depth,bias", [(0, False), (2, True)])
+def test_mlp_functional_forward_is_functional_call(depth, bias):
+    """``MLP.functional_forward(params, x, masks)`` (what Classification.logits calls) computes what
+    ``functional_call`` does, bit for bit, dropout masks included; absent names fall back to the module's own."""
+    from torch.func import functional_call
+
+    torch.manual_seed(0)
+    model = MLP(4, 3, width=5, depth=depth, activation="tanh", bias=bias)
+    params = {k: torch.randn_like(p) for k, p in model.named_parameters()}
+    x = torch.randn(7, 4)
+    masks = {k: torch.bernoulli(torch.full(s, 0.7)) for k, s in model.dropout_sites(7).items()}
+    assert torch.equal(model.functional_forward(params, x), functional_call(model, params, (x,)))
+    got = model.functional_forward(params, x, masks)
+    assert torch.equal(got, functional_call(model, params, (x,), {"masks": masks}))
+    first = "layers.0.weight"
+    partial = {k: p for k, p in params.items() if k != first}
+    assert torch.equal(model.functional_forward(partial, x), functional_call(model, partial, (x,)))
+    assert not torch.equal(model.functional_forward(partial, x), model.functional_forward(params, x))
+    assert torch.equal(model(x), functional_call(model, dict(model.named_parameters()), (x,)))

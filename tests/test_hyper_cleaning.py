@@ -223,6 +223,29 @@ def test_weighted_loss_is_the_weighted_mean_and_minibatches_read_their_own_weigh
     )
 
 
+@pytest.mark.parametrize("drop", [0.0, 0.5])
+def test_train_loss_is_train_parts_loss_with_its_derivatives(drop):
+    """``train_loss`` (no weights column) and ``output_loss(outputs(w, λ)) + penalty`` of ``train_parts`` (the
+    column a Gauss-Newton product needs) are one function: value, gradient and the mixed term ``∂²L/∂λ∂w v``."""
+    task, params, raw, train, _ = tiny_problem(drop=drop)
+    outputs, output_loss, penalty = task.train_parts(train)
+    v = {"weight": torch.randn(params["weight"].shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)}
+
+    def mixed(loss):  # ∂/∂λ ⟨∇_w L, v⟩
+        return torch.func.grad(lambda lam: (torch.func.grad(loss)(params, lam)["weight"] * v["weight"]).sum())(raw)[KEY]
+
+    def direct(p, lam):
+        return task.train_loss(p, lam, train)
+
+    def parts(p, lam):
+        return output_loss(outputs(p, lam)) + penalty(p, lam)
+
+    assert torch.allclose(direct(params, raw), parts(params, raw), rtol=1e-14, atol=0)
+    gd, gp = torch.func.grad(direct)(params, raw)["weight"], torch.func.grad(parts)(params, raw)["weight"]
+    assert torch.allclose(gd, gp, rtol=1e-13, atol=1e-15)
+    assert torch.allclose(mixed(direct), mixed(parts), rtol=1e-12, atol=1e-15) and mixed(direct).abs().max() > 1e-3
+
+
 def test_flagged_f1():
     task, params, raw, _, _ = tiny_problem()
     task.data.noisy = torch.tensor([True, True, False, False, False, True])

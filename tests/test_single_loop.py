@@ -182,6 +182,56 @@ def test_soba_on_an_iris_mlp_converges_to_the_dense_ift_hypergradient():
     assert err(got, exact) < 1e-9 * float(exact.norm()) and float(exact.norm()) > 1e-3
 
 
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["model.width=5", "model.depth=1", "model.activation=tanh", "dtype=float64"],  # per-weight decay
+        ["model.width=5", "model.depth=1", "model.activation=tanh", "hp=example_weights", "hp.example_weights.l2=0.4"],
+    ],
+    ids=["iris_mlp_weight_decay_f64", "iris_mlp_example_weights_f32"],
+)
+def test_derivatives_are_torch_funcs_bit_for_bit(overrides):
+    """The minibatch derivatives (plain autograd on fresh leaves, for speed) are torch.func's definitions, exactly:
+    ``vjp`` of ``grad_and_value`` for ``(∇_w L_T, ∇²_ww L_T v, ∇²_λw L_T v)``, ``grad_and_value`` in both arguments
+    for the validation gradients, the gradient's pullback for the Hessian-vector product."""
+    from torch.func import grad, grad_and_value, vjp
+
+    from hoexp.engine.state import start
+    from hoexp.method.single_loop import hvp, train_flat, train_products, val_flat, val_gradients
+
+    exp = build(compose_spec([*overrides, "method=soba", "method.batch_size=0"])[0])
+    st = start(exp)
+    train, val, task = next(st.train), next(st.val), exp.task
+    w, raw = tree.detached(st.inner.params), tree.detached(st.raw)
+    gen = torch.Generator().manual_seed(0)
+    v = {k: torch.randn(p.shape, generator=gen, dtype=p.dtype) for k, p in w.items()}
+    raw = {k: r + 0.1 * torch.randn(r.shape, generator=gen, dtype=r.dtype) for k, r in raw.items()}  # not uniform
+
+    def lt(w_, lam):
+        return task.train_loss(w_, lam, train)
+
+    def lv(w_, lam):
+        return task.val_loss(w_, lam, val)
+
+    g0, pullback, l0 = vjp(lambda w_, lam_: grad_and_value(lambda p: lt(p, lam_))(w_), w, raw, has_aux=True)
+    hv0, cv0 = pullback(v)
+    (aw0, alam0), lv0 = grad_and_value(lv, argnums=(0, 1))(w, raw)
+    hu0 = vjp(lambda w_: grad(lambda p: lt(p, raw))(w_), w)[1](v)[0]
+
+    def same(a, b):
+        return all(torch.equal(a[k], b[k]) for k in b) and list(a) == list(b)
+
+    g, hv, cv, value = train_products(lt, w, raw, v)
+    assert same(g, g0) and same(hv, hv0) and same(cv, cv0) and torch.equal(value, l0)
+    flat, value = train_flat(lt, w, raw, list(v.values()))
+    assert torch.equal(flat, tree.flatten([*g0.values(), *hv0.values(), *cv0.values()])) and torch.equal(value, l0)
+    aw, alam, value = val_gradients(lv, w, raw)
+    assert same(aw, aw0) and same(alam, alam0) and torch.equal(value, lv0)
+    assert torch.equal(val_flat(lv, w, raw)[0], tree.flatten([*aw0.values(), *alam0.values()]))
+    assert same(hvp(lt, w, raw)(v), hu0)
+    assert float(tree.norm(cv0)) > 0 and float(tree.norm(hv0)) > 0  # the mixed term is there to compare
+
+
 @pytest.mark.parametrize("solver", ["gd", "cg"])
 def test_amigo_solves_the_linear_system_and_converges_to_the_bilevel_solution(solver):
     w = torch.linspace(1, -1, TASK.d, dtype=D)

@@ -19,7 +19,7 @@ from hoexp.engine.evaluate import labels, log_step, summarize
 from hoexp.engine.guards import outer_update
 from hoexp.engine.io import Preempted, RunIO, final_state, num_weights, outcome, preemption_signals, thread_policy
 from hoexp.engine.progress import RunProgress, make_progress
-from hoexp.engine.runtime import runtime_of
+from hoexp.engine.runtime import preload_lazy_imports, runtime_of
 from hoexp.engine.state import RunState, reset_inner, restore, snapshot, start
 from hoexp.engine.step import PLAIN, advance
 from hoexp.types import Runnable, RunSettings
@@ -38,6 +38,7 @@ def run(
         io.open_loggers(None if resume is None else int(resume["step"]))
         try:
             io.status = "running"
+            preload_lazy_imports()  # not in outer step 1's solver time
             state = restore(exp, resume) if resume is not None else start(exp)
             state.started = io.started  # wall time counts from the command's start (folder, build included)
             io.say(headline(exp, state, io, threads, resumed=resume is not None))

@@ -172,6 +172,14 @@ class Runtime:
             self.precision.load_state_dict(state)
 
 
+def preload_lazy_imports() -> None:
+    """Import what torch imports on first use inside a step, before the run's clock starts. ``torch.func``'s
+    ``grad``/``vjp`` touch ``torch._dynamo`` (through torch's lazy module attribute) at their first call: ~900
+    modules, 1-5 s, which ``time/outer_step_s`` would otherwise count in outer step 1 (where nothing else, e.g.
+    torchvision for MNIST, imported it already)."""
+    import torch._dynamo  # noqa: F401
+
+
 def runtime_of(exp: Any) -> Runtime:
     """The experiment's runtime; an experiment made in Python without one runs eagerly in one process."""
     runtime = getattr(exp, "runtime", None)

@@ -32,6 +32,7 @@ class Chunks:
     def __init__(self, size: int, seed: int):
         self.size, self.generator = size, torch.Generator().manual_seed(seed)
         self.order = torch.empty(0, dtype=torch.long)
+        self.sequence: list[int] = []  # the order as Python ints (read without a tensor index per draw)
         self.pos, self.n = 0, 0
 
     def count(self, n: int) -> int:
@@ -47,7 +48,8 @@ class Chunks:
         self.n = n
         if self.pos >= len(self.order):
             self.order, self.pos = torch.randperm(self.count(n), generator=self.generator), 0
-        j = int(self.order[self.pos])
+            self.sequence = self.order.tolist()
+        j = self.sequence[self.pos]
         self.pos += 1
         start, stop = j * self.size, min((j + 1) * self.size, n)
         return j, start, stop, (stop - start) / n
@@ -58,6 +60,7 @@ class Chunks:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.generator.set_state(state["rng"].cpu())
         self.order, self.pos, self.n = state["order"].cpu().clone(), int(state["pos"]), int(state["n"])
+        self.sequence = self.order.tolist()
 
 
 def pool_size(batch: tuple, batch_dim: int = 0) -> int:

@@ -30,13 +30,12 @@ vector of ``2P + H`` numbers per training chunk and ``P + H`` per validation chu
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
-from torch.func import grad, grad_and_value, vjp
 
 from hoexp import tree
 from hoexp.components import BuildContext, CheckContext, NonNegFloat, NonNegInt, PositiveFloat, PositiveInt
@@ -50,34 +49,80 @@ LossFn = Callable[[Params, Params], Tensor]
 
 
 # ------------------------------------------------------------------------------ minibatch derivatives (pure)
+# torch.autograd.grad on fresh leaves rather than torch.func's grad/vjp: the same passes, bit for bit
+# (tests/test_single_loop.py checks them against torch.func), without the transforms' per-call wrapping, which cost
+# ~3x the passes themselves on benchopt's hyper-cleaning problem (a 784x10 linear model, minibatches of 64).
+
+
+def _grad(outputs: Tensor | Sequence[Tensor], inputs: list[Tensor], cotangents: Sequence[Tensor] | None = None,
+          create_graph: bool = False, retain_graph: bool | None = None) -> list[Tensor]:  # fmt: skip
+    """``Σ_i cotangent_iᵀ ∂output_i/∂input`` for each input (zeros for inputs the outputs do not read)."""
+    outs = [outputs] if isinstance(outputs, Tensor) else list(outputs)
+    keep = [i for i, o in enumerate(outs) if o.requires_grad]
+    if not keep:
+        return [torch.zeros_like(x) for x in inputs]
+    cots = None if cotangents is None else [c for i, c in enumerate(cotangents) if i in keep]
+    got = torch.autograd.grad(
+        [outs[i] for i in keep], inputs, cots, create_graph=create_graph, retain_graph=retain_graph, allow_unused=True
+    )
+    return tree.fill_none(got, inputs)
+
+
+def _products(loss: LossFn, w: Params, lam: Params, v: Sequence[Tensor]) -> tuple[list[Tensor], list[Tensor], Tensor]:
+    """``(∇_w L_T, [∇²_ww L_T v, ∇²_λw L_T v], L_T)`` as lists in the order of ``w``'s then ``λ``'s keys."""
+    wl, ll = tree.detached(w, requires_grad=True), tree.detached(lam, requires_grad=True)
+    with torch.enable_grad():
+        value = loss(wl, ll)
+        g = _grad(value, list(wl.values()), create_graph=True)
+        second = _grad(g, [*wl.values(), *ll.values()], v)
+    return [x.detach() for x in g], second, value.detach()
+
+
 def train_products(loss: LossFn, w: Params, lam: Params, v: Params) -> tuple[Params, Params, Params, Tensor]:
     """``(∇_w L_T, ∇²_ww L_T v, ∇²_λw L_T v, L_T)`` at ``(w, λ)``: the gradient and its vector-Jacobian product in
-    ``(w, λ)`` with cotangent ``v`` (``torch.func.vjp`` of ``torch.func.grad``; one double-backward pass)."""
-    out: Any = vjp(lambda w_, lam_: grad_and_value(lambda p: loss(p, lam_))(w_), w, lam, has_aux=True)
-    g, pullback, value = out
-    hv, cv = pullback(v)
-    return g, hv, cv, value
+    ``(w, λ)`` with cotangent ``v`` (one double-backward pass)."""
+    g, second, value = _products(loss, w, lam, list(v.values()))
+    n = len(w)
+    return dict(zip(w, g)), dict(zip(w, second[:n])), dict(zip(lam, second[n:])), value
+
+
+def train_flat(loss: LossFn, w: Params, lam: Params, v: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+    """:func:`train_products` as one flat vector ``[∇_w L_T | ∇²_ww L_T v | ∇²_λw L_T v]`` (``2P + H``) and ``L_T``."""
+    g, second, value = _products(loss, w, lam, v)
+    return tree.flatten([*g, *second]), value
 
 
 def hvp(loss: LossFn, w: Params, lam: Params) -> Callable[[Params], Params]:
-    """``u ↦ ∇²_ww L_T(w, λ) u`` (the gradient's pullback, linearized once and reused for every ``u``)."""
-    out: Any = vjp(lambda w_: grad(lambda p: loss(p, lam))(w_), w)
-    pullback = out[1]
-    return lambda u: pullback(u)[0]
+    """``u ↦ ∇²_ww L_T(w, λ) u`` (the gradient's graph, built once and reused for every ``u``)."""
+    wl = tree.detached(w, requires_grad=True)
+    with torch.enable_grad():
+        g = _grad(loss(wl, lam), list(wl.values()), create_graph=True)
+
+    def product(u: Params) -> Params:
+        with torch.enable_grad():
+            return dict(zip(wl, _grad(g, list(wl.values()), list(u.values()), retain_graph=True)))
+
+    return product
+
+
+def val_flat(loss: LossFn, w: Params, lam: Params) -> tuple[Tensor, Tensor]:
+    """``([∇_w L_V | ∇_λ L_V], L_V)`` at ``(w, λ)``, flat (``P + H``; zeros where ``L_V`` does not read ``λ``);
+    one backward pass."""
+    wl, ll = tree.detached(w, requires_grad=True), tree.detached(lam, requires_grad=True)
+    with torch.enable_grad():
+        value = loss(wl, ll)
+        return tree.flatten(_grad(value, [*wl.values(), *ll.values()])), value.detach()
 
 
 def val_gradients(loss: LossFn, w: Params, lam: Params) -> tuple[Params, Params, Tensor]:
     """``(∇_w L_V, ∇_λ L_V, L_V)`` at ``(w, λ)`` (zeros where ``L_V`` does not read ``λ``); one backward pass."""
-    (gw, glam), value = grad_and_value(loss, argnums=(0, 1))(w, lam)
+    flat, value = val_flat(loss, w, lam)
+    gw, glam = split(flat, w, lam)
     return gw, glam, value
 
 
-def flat(*trees: Mapping[str, Tensor]) -> Tensor:
-    return torch.cat([tree.flatten(t.values()) for t in trees])
-
-
 def split(vector: Tensor, *like: Mapping[str, Tensor]) -> list[Params]:
-    """The inverse of :func:`flat`: ``vector`` cut into trees shaped like ``like``."""
+    """``vector`` cut into trees shaped like ``like`` (views), in order."""
     out, i = [], 0
     for t in like:
         n = tree.numel(t)
@@ -101,11 +146,9 @@ class Sampler:
         j, start, stop, weight = self.chunks.draw(pool_size(batch, batch_dim))
         return chunk(batch, start, stop, batch_dim), j, weight
 
-    def reduce(self, j: int, weight: float, *parts: Params) -> list[Params]:
-        """``parts`` (SAGA directions of them with a table; as given without)."""
-        if self.table is None:
-            return list(parts)
-        return split(self.table.direction(j, weight, flat(*parts)), *parts)
+    def reduce(self, j: int, weight: float, vector: Tensor) -> Tensor:
+        """The SAGA direction of the flat ``vector`` of chunk ``j`` with a table; ``vector`` itself without."""
+        return vector if self.table is None else self.table.direction(j, weight, vector)
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -193,52 +236,62 @@ class SingleLoop:
         self.train_side.load_state_dict(state.get("train", {}), memory=bool(state))
         self.val_side.load_state_dict(state.get("val", {}), memory=bool(state))
 
-    def joint_step(self, st: OuterStep, t: int, inner: InnerState, v: Params, rates: tuple[float | None, float]) -> Any:
-        """One step of ``(w, v)`` on training batch ``t`` and a validation minibatch; returns the new inner state
-        and ``v``, this step's ``D_λ`` (scaled by the decay) and ``(L_T, ‖D_w‖, L_V, residual)`` as 0-d tensors."""
-        task, raw = st.task, tree.detached(st.raw)
+    def joint_step(
+        self, st: OuterStep, t: int, inner: InnerState, v: Tensor, raw: Params, rates: tuple[float | None, float],
+        last: bool,
+    ) -> tuple[InnerState, Tensor, Tensor, tuple[Tensor, ...] | None]:  # fmt: skip
+        """One step of ``(w, v)`` on training batch ``t`` and a validation minibatch (``v`` and ``D_λ`` flat); returns
+        the new inner state and ``v``, this step's ``D_λ`` (scaled by the decay) and, for the outer step's ``last``
+        joint step (what is logged), ``(L_T, ‖D_w‖, L_V, residual)`` as 0-d tensors."""
+        task, n = st.task, v.numel()
         batch, j, wj = self.train_side.draw(st.train[t], task.batch_dim)
         vbatch, jv, wjv = self.val_side.draw(st.val, task.batch_dim)
         params = tree.detached(inner.params)
-        g, hv, cv, lt = train_products(lambda w, lam: task.train_loss(w, lam, batch), params, raw, v)
-        aw, alam, lv = val_gradients(lambda w, lam: task.val_loss(w, lam, vbatch), params, raw)
-        # the minibatch residual ‖Hv + ∇_w L_V‖/‖∇_w L_V‖ before variance reduction: how far v is from its target
-        residual = tree.norm({k: hv[k] + aw[k] for k in hv}) / tree.norm(aw).clamp_min(torch.finfo(lt.dtype).tiny)
-        g, hv, cv = self.train_side.reduce(j, wj, g, hv, cv)
-        aw, alam = self.val_side.reduce(jv, wjv, aw, alam)
+        vs = list(tree.unflatten(v, params).values())
+        train, lt = train_flat(lambda w, lam: task.train_loss(w, lam, batch), params, raw, vs)  # [g | Hv | ∂²_λw v]
+        val, lv = val_flat(lambda w, lam: task.val_loss(w, lam, vbatch), params, raw)  # [∇_w L_V | ∇_λ L_V]
+        if last:  # logged: the minibatch residual ‖Hv + ∇_w L_V‖/‖∇_w L_V‖ before variance reduction
+            aw = val[:n]
+            tiny = torch.finfo(lt.dtype).tiny
+            residual = torch.linalg.vector_norm(train[n : 2 * n] + aw) / torch.linalg.vector_norm(aw).clamp_min(tiny)
+        train, val = self.train_side.reduce(j, wj, train), self.val_side.reduce(jv, wjv, val)
+        g, hv, cv, aw, alam = train[:n], train[n : 2 * n], train[2 * n :], val[:n], val[n:]
         scale = (self.steps + 1) ** -self.decay if self.decay else 1.0
         rho, v_step = rates
         overrides = task.family.optimizer_overrides(raw, t)
         if self.decay and rho is not None:
             overrides = {**overrides, "lr": rho * scale}
         with torch.no_grad():
-            new_params, opt_state = st.inner_opt.update(inner.params, g, inner.opt_state, **overrides)
-            v = {k: v[k] - (v_step * scale) * (hv[k] + aw[k]) for k in v}
-            d_lam = {k: scale * (cv[k] + alam[k]) for k in cv}
+            grads = tree.unflatten(g, params)
+            new_params, opt_state = st.inner_opt.update(inner.params, grads, inner.opt_state, **overrides)
+            v = v - (v_step * scale) * (hv + aw)
+            d_lam = scale * (cv + alam) if scale != 1.0 else cv + alam
         self.steps += 1
-        return InnerState(new_params, opt_state, inner.step + 1), v, d_lam, (lt, tree.norm(g), lv, residual)
+        stats = (lt, torch.linalg.vector_norm(g), lv, residual) if last else None
+        return InnerState(new_params, opt_state, inner.step + 1), v, d_lam, stats
 
     def __call__(self, st: OuterStep) -> OuterResult:
-        params = st.inner.params
-        flat_v = self.v if self.v is not None and self.v.numel() == tree.numel(params) else None
+        params, raw = st.inner.params, tree.detached(st.raw)
+        n = tree.numel(params)
         v = (
-            tree.unflatten(flat_v, params)
-            if flat_v is not None
-            else {k: torch.zeros_like(p) for k, p in params.items()}
+            self.v
+            if self.v is not None and self.v.numel() == n
+            else tree.flatten(map(torch.zeros_like, params.values()))
         )
         rates = step_lr(st.inner_opt, self.v_lr)
-        inner, total, last = st.inner, None, None
-        for t in range(len(st.train)):
-            inner, v, d_lam, last = self.joint_step(st, t, inner, v, rates)
-            total = d_lam if total is None else {k: total[k] + d_lam[k] for k in total}
+        inner, total, last, steps = st.inner, None, None, len(st.train)
+        for t in range(steps):
+            inner, v, d_lam, stats = self.joint_step(st, t, inner, v, raw, rates, last=t == steps - 1)
+            total = d_lam if total is None else total + d_lam
+            last = stats if stats is not None else last
             if st.on_step is not None:
                 st.on_step()
         if total is None or last is None:
             return OuterResult(None, inner, {})
-        hypergrad = {k: x / len(st.train) for k, x in total.items()}
-        self.v = tree.flatten(v.values())
+        mean = total / steps
+        hypergrad, self.v = tree.unflatten(mean, raw), v
         lt, gnorm, lv, residual = last
-        values = torch.stack([lt, gnorm, lv, residual, tree.norm(hypergrad), torch.linalg.vector_norm(self.v)])
+        values = torch.stack([lt, gnorm, lv, residual, torch.linalg.vector_norm(mean), torch.linalg.vector_norm(v)])
         lt_, gnorm_, lv_, res_, hnorm, vnorm = values.tolist()  # one host sync
         return OuterResult(
             hypergrad,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Literal
 
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hoexp.components import NonNegInt, PositiveInt
@@ -55,13 +56,28 @@ class MLP(nn.Module):
         return {k: (batch_size, *v) for k, v in self.unit_shapes().items()}
 
     def forward(self, x: Tensor, masks: Mapping[str, Tensor] | None = None) -> Tensor:
+        return self.functional_forward({}, x, masks)
+
+    def functional_forward(
+        self, params: Mapping[str, Tensor], x: Tensor, masks: Mapping[str, Tensor] | None = None
+    ) -> Tensor:
+        """:meth:`forward` with the parameters ``params`` (by name; the module's own where absent): what
+        ``functional_call(self, params, (x,))`` computes, as a pure function, without swapping the module's
+        parameters in and out on every call (most of a small model's forward time)."""
         if masks and "input" in masks:
             x = x * masks["input"]
-        for i, layer in enumerate(self.layers[:-1]):
-            x = self.activation(layer(x))
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            assert isinstance(layer, nn.Linear)
+            weight = params.get(f"layers.{i}.weight", layer.weight)
+            bias = params.get(f"layers.{i}.bias", layer.bias) if layer.bias is not None else None
+            x = F.linear(x, weight, bias)
+            if i == last:
+                return x
+            x = self.activation(x)
             if masks and f"hidden{i}" in masks:
                 x = x * masks[f"hidden{i}"]
-        return self.layers[-1](x)
+        raise AssertionError("an MLP has an output layer")
 
 
 def mlp(

@@ -46,6 +46,11 @@ class Classification:
         return x.shape[0]
 
     def logits(self, params: Mapping[str, Tensor], x: Tensor, masks: Mapping[str, Tensor] | None = None) -> Tensor:
+        """``f_w(x)``: the model's ``functional_forward(params, x, masks)`` where it has one (a pure function, the
+        same numbers), else ``functional_call``."""
+        pure = getattr(self.model, "functional_forward", None)
+        if pure is not None:
+            return pure(params, x, masks)
         if masks:
             return functional_call(self.model, dict(params), (x,), {"masks": masks})
         return functional_call(self.model, dict(params), (x,))

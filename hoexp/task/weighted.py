@@ -55,8 +55,16 @@ class ExampleWeighted(Classification):
         return outputs, output_loss, self.family.penalty
 
     def train_loss(self, params: Mapping[str, Tensor], raw: Mapping[str, Tensor], batch: tuple) -> Tensor:
-        outputs, output_loss, penalty = self.train_parts(batch)
-        return output_loss(outputs(params, raw)) + penalty(params, raw)
+        """``train_parts``' loss without its weights column (the same numbers in fewer operations: no concatenation
+        and slices to differentiate through, twice over in a second-order method's passes)."""
+        x, y = batch[0], batch[1]
+        if y.dim() != 2:
+            raise ValueError("per-example weights need an indexed training split (Splits.indexed())")
+        family = cast(WeighsExamples, self.family)
+        logits = self.logits(params, x, self.masks(raw, batch))
+        ce = F.cross_entropy(logits, y[:, 0], reduction="none")
+        weights = family.example_weights(raw, y[:, 1]).to(logits.dtype)
+        return (weights * family.loss_mask(ce.detach()) * ce).mean() + self.family.penalty(params, raw)
 
     @torch.no_grad()
     def evaluate(self, params: Mapping[str, Tensor], split: Any) -> tuple[Tensor, Tensor]:
