@@ -276,16 +276,21 @@ class STN:
 
     def __call__(self, st: OuterStep) -> OuterResult:
         params, response, resp_opt = self._start(st)
-        state, loss, grad_max = st.inner._replace(params=params), None, None
+        state, loss, norms = st.inner._replace(params=params), None, []
         for t, batch in enumerate(st.train):
             state, response, resp_opt, loss, norm = self._step(st, state, response, resp_opt, batch, t)
-            grad_max = norm if grad_max is None else torch.maximum(grad_max, norm)
+            norms.append(norm)
             if st.on_step is not None:
                 st.on_step()
         hg, val_loss = stn_hypergradient(st.task, state.params, response, st.raw, st.val)
         self.carried = {"response": response, "response_opt": resp_opt, "centre": tree.detached(st.raw)}
         scale = tree.norm({k: v for k, v in response.items() if k.startswith(V)})
-        values = [hg_norm := tree.norm(hg), val_loss, scale, *([] if loss is None else [loss, grad_max])]
+        values = [
+            hg_norm := tree.norm(hg),
+            val_loss,
+            scale,
+            *([] if loss is None else [loss, torch.stack(norms).max()]),
+        ]
         host = torch.stack([v.to(hg_norm.dtype) for v in values]).tolist()  # one host read
         scalars = {"hypergrad/norm": host[0], "stn/val_loss": host[1], "stn/response_v_norm": host[2]}
         if loss is not None:  # the largest scaled gradient of the response this step (before the clip)
