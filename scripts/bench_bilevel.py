@@ -81,6 +81,9 @@ HOEXP = {
     "hoexp-cg": ["experiment=mnist_hyper_cleaning", "dataset=arrays", "eval_every=1"],
     "hoexp-saba": PROBLEM
     + ["method=saba", "optim.inner.lr=0.01", "optim.outer.lr=100", "inner_steps=1", "eval_every=512"],
+    "hoexp-saba-compiled": PROBLEM
+    + ["method=saba", "optim.inner.lr=0.01", "optim.outer.lr=100", "inner_steps=1", "eval_every=512"]
+    + ["method.compile=true"],
     "hoexp-amigo": PROBLEM
     + ["method=amigo", "optim.inner.lr=0.001", "optim.outer.lr=100", "inner_steps=10", "eval_every=51"],
 }
@@ -472,6 +475,8 @@ def run_details(out: Path, run: dict) -> tuple[float | None, str]:
     if (base / "metrics.jsonl").is_file():
         rows = [json.loads(line) for line in (base / "metrics.jsonl").read_text().splitlines() if line.strip()]
         end = sum(r.get("time/outer_step_s", 0.0) for r in rows)
+        compiling = sum(r.get("time/compile_s", 0.0) for r in rows)
+        share = f", compile warm-up {compiling:.1f} s (not solver time)" if compiling else ""
     elif base.with_suffix(".json").is_file():
         last = json.loads(base.with_suffix(".json").read_text())[-1]
         end = last["solver_s"]
