@@ -353,6 +353,25 @@ def test_compiled_saba_takes_the_eager_steps_and_reports_its_warm_up():
     assert first.scalars["time/compile_s"] > 0 and "time/compile_s" not in second.scalars
 
 
+def test_amigo_takes_its_inner_steps_with_the_runs_plain_step():
+    """AmIGO's inner steps are plain ones (``differentiates_steps`` false: compile=true and mixed precision apply),
+    so they go through the run's step (``OuterStep.step``), not always the eager one."""
+    from hoexp.method.base import eager_step
+
+    calls = []
+
+    def step(*args, **kwargs):
+        calls.append(1)
+        return eager_step(*args, **kwargs)
+
+    params = {"w": torch.zeros(TASK.d, dtype=D)}
+    inner = InnerState(params, sgd(0.3).init(params))
+    train, val = Batch(TASK.X, TASK.y), Batch(TASK.Xv, TASK.yv)
+    st = OuterStep(TASK, sgd(0.3), inner, {"lam": torch.zeros(TASK.d, dtype=D)}, [train] * 3, [], val, step=step)
+    AmIGO("gd", 2, 8, 10)(st)
+    assert len(calls) == 3
+
+
 # ------------------------------------------------------------------------------------------ the runner
 QUIET = dict(console=Console(file=io.StringIO()))
 SMALL = ["model.width=8", "progress=false", "outer_steps=4", "inner_steps=2", "checkpoint_every=1"]
