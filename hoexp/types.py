@@ -91,6 +91,11 @@ class OuterStep(NamedTuple):
         return len(self.train)
 
 
+# A method's ``OuterResult.scalars`` key for the seconds it spent compiling (warm-up) within the outer step: the
+# engine logs it and keeps it out of ``time/outer_step_s`` and the solver time (hoexp.engine.budget).
+COMPILE_S = "time/compile_s"
+
+
 class OuterResult(NamedTuple):
     """What one outer step returns: the hypergradient (``None``: no outer update, as ``none`` and
     ``hd``), the new inner state, and host scalars under their final TensorBoard tags

@@ -98,6 +98,31 @@ def test_without_budget_or_within_it_the_run_goes_to_outer_steps(tmp_path, monke
     assert summary["final"]["step"] == 6 and "stopped_by" not in summary and summary["solver_time_s"] == 3.0
 
 
+def test_a_methods_compile_warm_up_is_logged_apart_and_left_out_of_solver_time(tmp_path, monkeypatch):
+    """A method that reports ``time/compile_s`` (method.compile=true's first call) has it taken off its outer step's
+    time: outer step 1 spends 0.5 s of which 0.25 s compiling, so solver time reads 0.25, 0.75, 1.25 and the budget
+    of 1.2 s ends the run at step 3, not 2; the compile seconds are in that step's metrics, the summary
+    (``compile_time_s``) and the checkpoint."""
+    from hoexp.types import COMPILE_S
+
+    monkeypatch.setattr(loop, "synced_clock", StepClock(0.5))
+    real, calls = loop.advance, []
+
+    def advance(*args, **kwargs):
+        res = real(*args, **kwargs)
+        calls.append(1)
+        return res._replace(scalars={**res.scalars, COMPILE_S: 0.25}) if len(calls) == 1 else res
+
+    monkeypatch.setattr(loop, "advance", advance)
+    summary = _run(tmp_path, "max_time=1.2")
+    lines = _metrics(tmp_path)
+    assert [ln["time/solver_s"] for ln in lines] == [0.0, 0.25, 0.75, 1.25]
+    assert [ln.get("time/compile_s") for ln in lines] == [None, 0.25, None, None]
+    assert summary["solver_time_s"] == 1.25 and summary["compile_time_s"] == 0.25
+    ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert ckpt["compile_s"] == 0.25
+
+
 def test_solver_time_leaves_out_evaluation(tmp_path, monkeypatch):
     """Real clocks: a slow evaluation (0.2 s each, 7 of them) shows in elapsed, not in solver time."""
     from hoexp.engine import evaluate as ev

@@ -114,3 +114,31 @@ def test_compile_is_refused_for_methods_without_plain_steps(method):
         ConfigError, match=f"compile=true compiles plain training steps, and method={method} takes none"
     ):
         compose_spec([f"method={method}", "compile=true", *extra])
+
+
+SABA = ["method=saba", "dataset.batch_size=0", "dataset.val_batch_size=0", "method.batch_size=16"]
+SABA += ["method.val_batch_size=16", "optim/inner=sgd", "optim.inner.lr=0.05", "model.width=8", "threads=1"]
+
+
+@pytest.mark.slow
+@needs_compiler
+def test_saba_with_method_compile_takes_the_eager_runs_steps_and_logs_its_compile_apart(tmp_path):
+    """``method=saba method.compile=true`` (inductor) on Iris, chunks of 16 (tails of 12 and 8): the same run as
+    eager to float32 rounding; its compile warm-up is logged at outer step 1 as ``time/compile_s``, summed in
+    ``compile_time_s`` and not in ``time/outer_step_s``."""
+    args = [*SABA, "outer_steps=20", "inner_steps=2", "progress=false"]
+    quiet = {"console": Console(file=io.StringIO())}
+    eager = run_experiment(compose_spec(args)[0], tmp_path / "eager", **quiet)
+    compiled = run_experiment(compose_spec([*args, "method.compile=true"])[0], tmp_path / "compiled", **quiet)
+    assert compiled["final"]["val_loss"] == pytest.approx(eager["final"]["val_loss"], rel=1e-5)
+    assert compiled["hp_final"] == pytest.approx(eager["hp_final"], rel=1e-4, abs=1e-6)
+    lines = [json.loads(ln) for ln in (tmp_path / "compiled" / "metrics.jsonl").read_text().splitlines()]
+    first = lines[1]
+    assert first["step"] == 1 and first["time/compile_s"] > 1.0 > first["time/outer_step_s"]
+    assert compiled["compile_time_s"] == pytest.approx(sum(ln.get("time/compile_s", 0.0) for ln in lines))
+    assert "compile_time_s" not in eager
+
+
+def test_method_compile_is_what_compile_true_points_single_loop_methods_to():
+    with pytest.raises(ConfigError, match=r"method=saba takes none .*; method.compile=true compiles its minibatch"):
+        build(compose_spec([*SABA, "compile=true"])[0])

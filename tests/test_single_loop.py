@@ -20,8 +20,9 @@ from hoexp.config.run import Preempted, Run
 from hoexp.errors import ConfigError, HoexpError
 from hoexp.method.amigo import AmIGO, cg_steps
 from hoexp.method.base import outer_step
-from hoexp.method.minibatch import Chunks, SagaTable
-from hoexp.method.single_loop import SingleLoop
+from hoexp.method.compiled_derivatives import CompiledDerivatives
+from hoexp.method.minibatch import Chunks, SagaTable, chunk
+from hoexp.method.single_loop import SingleLoop, train_flat, val_flat
 from hoexp.optim import Optimizer
 from hoexp.optim.sgd import sgd
 from hoexp.types import Batch, InnerState, OuterStep
@@ -297,6 +298,78 @@ def test_chunks_visit_every_chunk_once_per_epoch_and_refuse_a_changing_pool():
     assert chunks.draw(40)[3] in (16 / 40, 8 / 40)
     with pytest.raises(HoexpError, match="dataset.batch_size=0"):
         chunks.draw(32)
+
+
+# ---------------------------------------------------------------------------------------- method.compile=true
+def test_compiled_derivatives_are_the_eager_ones_and_one_graph_serves_every_chunk_size():
+    """The derivatives through dynamo (``torch.func`` traced; the eager backend, so no C++ compiler here) against
+    ``train_flat`` / ``val_flat`` on chunks of 7 of the 40 training and 30 validation examples (tails of 5 and 2):
+    equal to float64 rounding, one compiled frame for every size pair, each pair's first call reported as
+    warm-up."""
+    from torch._dynamo.testing import CompileCounter
+
+    counter = CompileCounter()
+    fn = CompiledDerivatives(TASK.train_loss, TASK.val_loss, backend=counter)
+    gen = torch.Generator().manual_seed(1)
+    w, lam = {"w": torch.randn(TASK.d, generator=gen, dtype=D)}, {"lam": torch.randn(TASK.d, generator=gen, dtype=D)}
+    v = [torch.randn(TASK.d, generator=gen, dtype=D)]
+    train, val = Batch(TASK.X, TASK.y), Batch(TASK.Xv, TASK.yv)
+    warm_ups = []
+    for (a, b), (c, e) in [((0, 7), (7, 14)), ((35, 40), (7, 14)), ((7, 14), (28, 30)), ((35, 40), (28, 30)),
+                           ((14, 21), (0, 7))]:  # fmt: skip
+        batch, vbatch = chunk(train, a, b), chunk(val, c, e)
+        (flat_t, lt, flat_v, lv), warm_up = fn(w, lam, v, batch, vbatch)
+        ref_t, ref_lt = train_flat(lambda p, q: TASK.train_loss(p, q, batch), w, lam, v)
+        ref_v, ref_lv = val_flat(lambda p, q: TASK.val_loss(p, q, vbatch), w, lam)
+        for got, ref in ((flat_t, ref_t), (lt, ref_lt), (flat_v, ref_v), (lv, ref_lv)):
+            torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-14)
+        warm_ups.append(warm_up)
+    assert counter.frame_count == 1  # no recompile for the tails (the example axis is dynamic)
+    assert fn.warm == {(7, 7), (5, 7), (7, 2), (5, 2)}
+    assert all(t > 0 for t in warm_ups[:4]) and warm_ups[4] == 0.0
+
+
+def test_compiled_saba_takes_the_eager_steps_and_reports_its_warm_up():
+    """SABA with ``compile=True`` (dynamo, eager backend) over 40 joint steps on chunks of 7 (tails included):
+    every hypergradient and the final weights equal the eager run's to float64 rounding; the warm-up seconds are
+    reported as ``time/compile_s`` by the first step (SOBA on chunks that divide both splits: one pair of sizes)
+    and not after, and nothing recompiles."""
+    from torch._dynamo.testing import CompileCounter
+
+    counter = CompileCounter()
+    compiled = SingleLoop(True, 7, 7, decay=0.0, compile=True, compile_backend=counter)
+    eager = SingleLoop(True, 7, 7, decay=0.0)
+    inner_c, lam_c, hg_c = drive(compiled, 40, sgd(0.3), 0.3)
+    inner_e, lam_e, hg_e = drive(eager, 40, sgd(0.3), 0.3)
+    torch.testing.assert_close(hg_c, hg_e, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(inner_c.params["w"], inner_e.params["w"], rtol=1e-10, atol=1e-12)
+    assert counter.frame_count == 1 and float(hg_c.abs().max()) > 0
+    params = {"w": torch.zeros(TASK.d, dtype=D)}
+    inner = InnerState(params, sgd(0.3).init(params))
+    fresh = SingleLoop(False, 8, 10, decay=0.5, compile=True, compile_backend=CompileCounter())  # one size pair
+    step = OuterStep(TASK, sgd(0.3), inner, {"lam": torch.zeros(TASK.d, dtype=D)}, [Batch(TASK.X, TASK.y)], [],
+                     Batch(TASK.Xv, TASK.yv))  # fmt: skip
+    first, second = fresh(step), fresh(step._replace(inner=fresh(step).inner))
+    assert first.scalars["time/compile_s"] > 0 and "time/compile_s" not in second.scalars
+
+
+def test_amigo_takes_its_inner_steps_with_the_runs_plain_step():
+    """AmIGO's inner steps are plain ones (``differentiates_steps`` false: compile=true and mixed precision apply),
+    so they go through the run's step (``OuterStep.step``), not always the eager one."""
+    from hoexp.method.base import eager_step
+
+    calls = []
+
+    def step(*args, **kwargs):
+        calls.append(1)
+        return eager_step(*args, **kwargs)
+
+    params = {"w": torch.zeros(TASK.d, dtype=D)}
+    inner = InnerState(params, sgd(0.3).init(params))
+    train, val = Batch(TASK.X, TASK.y), Batch(TASK.Xv, TASK.yv)
+    st = OuterStep(TASK, sgd(0.3), inner, {"lam": torch.zeros(TASK.d, dtype=D)}, [train] * 3, [], val, step=step)
+    AmIGO("gd", 2, 8, 10)(st)
+    assert len(calls) == 3
 
 
 # ------------------------------------------------------------------------------------------ the runner

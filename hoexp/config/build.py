@@ -128,6 +128,7 @@ def check_compatibility(spec: Spec, method: HyperMethod, family: Any, ctx: Check
             f"compile=true compiles plain training steps, and method={name} takes none (it "
             "differentiates its steps); drop compile=true, or use an IFT method (neumann, cg, "
             "fixed_point, exact, t1t2), fd or none"
+            + ("; method.compile=true compiles its minibatch derivatives" if hasattr(method, "compile") else "")
         )
     check_precision(spec, method)
     check_distributed(spec, world_size, method=method)

@@ -4,7 +4,10 @@ Solver time (``time/solver_s``) is the wall time of the outer steps alone: inner
 the outer update, each step timed between two device synchronizations (CUDA runs asynchronously: without them a
 step's kernels would be charged to whatever synchronizes next, an evaluation). Evaluation, logging, histograms and
 checkpoints are not counted, so two runs that evaluate at different rates spend the same solver time on the same
-work; this is what benchmarks compare (benchopt's time axis excludes its objective evaluations too).
+work; this is what benchmarks compare (benchopt's time axis excludes its objective evaluations too). A method's
+compile warm-up (``method.compile=true`` of soba/saba: ``time/compile_s``, the first call of its compiled function)
+is not counted either, but logged apart and summed in ``summary.json``'s ``compile_time_s``, as benchopt runs its
+JAX solvers' jit warm-up before the clock starts.
 
 ``max_time`` is a budget of solver time: the run ends after the first outer step at which the budget is spent,
 evaluated, checkpointed and summarized as a completed run (``summary.json``: ``stopped_by: max_time``, exit 0).

@@ -59,6 +59,7 @@ class RunState:
     warned_residual: bool = False
     elapsed_before: float = 0.0  # wall time of earlier runs of this run (resumes)
     solver_s: float = 0.0  # time in training and hypergradients so far, resumes included (hoexp.engine.budget)
+    compile_s: float = 0.0  # a method's compile warm-up so far (time/compile_s), kept out of solver_s
     started: float = field(default_factory=time.perf_counter)
 
     def elapsed(self) -> float:
@@ -119,6 +120,7 @@ def snapshot(exp: Runnable, state: RunState) -> dict[str, Any]:
         "nonfinite": state.nonfinite,
         "elapsed_s": state.elapsed(),
         "solver_s": state.solver_s,
+        "compile_s": state.compile_s,
         "raw0": state.raw0,
         "torch_rng": torch.get_rng_state(),
         "method_state": exp.method.state_dict() if isinstance(exp.method, CarriesState) else {},
@@ -151,6 +153,7 @@ def restore(exp: Runnable, ckpt: dict[str, Any]) -> RunState:
     state.hypergradients, state.nonfinite = int(ckpt["hypergradients"]), int(ckpt["nonfinite"])
     state.elapsed_before = float(ckpt["elapsed_s"])
     state.solver_s = float(ckpt.get("solver_s", 0.0))  # checkpoints before it counted from 0
+    state.compile_s = float(ckpt.get("compile_s", 0.0))
     torch.set_rng_state(ckpt["torch_rng"])
     if isinstance(exp.method, CarriesState):
         exp.method.load_state_dict(to_device(ckpt.get("method_state", {}), dev))

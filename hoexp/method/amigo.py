@@ -116,7 +116,7 @@ class AmIGO:
     def __call__(self, st: OuterStep) -> OuterResult:
         task = st.task
         train, extra = self._batches(st)
-        inner, loss, gnorm = train_inner(task, st.inner_opt, st.inner, st.raw, train, None, st.on_step)
+        inner, loss, gnorm = train_inner(task, st.inner_opt, st.inner, st.raw, train, None, st.on_step, st.step)
         w, raw = tree.detached(inner.params), tree.detached(st.raw)
         vbatch = self.val_side.draw(st.val, task.batch_dim)[0]
         aw, alam, lv = val_gradients(lambda w_, lam: task.val_loss(w_, lam, vbatch), w, raw)

@@ -40,9 +40,10 @@ from torch import Tensor
 from hoexp import tree
 from hoexp.components import BuildContext, CheckContext, NonNegFloat, NonNegInt, PositiveFloat, PositiveInt
 from hoexp.method.base import scalars
+from hoexp.method.compiled_derivatives import CompiledDerivatives
 from hoexp.method.minibatch import TRAIN_CHUNK_SEED, VAL_CHUNK_SEED, Chunks, SagaTable, chunk, pool_size
 from hoexp.optim import Optimizer
-from hoexp.types import InnerState, OuterResult, OuterStep
+from hoexp.types import COMPILE_S, InnerState, OuterResult, OuterStep
 
 Params = dict[str, Tensor]
 LossFn = Callable[[Params, Params], Tensor]
@@ -197,15 +198,21 @@ class SingleLoop:
     decay: float = 0.5
     seed: int = 0
     name: str = "soba"
+    compile: bool = False  # the minibatch derivatives through torch.compile (hoexp.method.compiled_derivatives)
+    compile_backend: Any = field(default="inductor", repr=False)  # torch.compile's backend (tests: a counter)
     v: Tensor | None = field(default=None, repr=False)  # flat, the paper's sign: v → −H⁻¹∇_w L_V
     steps: int = field(default=0, repr=False)  # joint steps taken (the decay's k)
     train_side: Sampler = field(init=False, repr=False)
     val_side: Sampler = field(init=False, repr=False)
+    _compiled: dict[int, CompiledDerivatives] = field(default_factory=dict, repr=False, compare=False)
+    _compile_s: float = field(default=0.0, repr=False)  # this outer step's warm-up seconds (compile=true)
 
     extra_batches: ClassVar[int] = 0
     needs_stationary_point: ClassVar[bool] = True  # implicit differentiation at the joint fixed point: not lr/momentum
     needs_pathwise_hp: ClassVar[bool] = True  # differentiates ∇_w L_T in λ
-    differentiates_steps: ClassVar[bool] = True  # its steps are its own torch.func passes (no compile, no autocast)
+    differentiates_steps: ClassVar[bool] = (
+        True  # its own passes: not run.compile's plain steps (method.compile), no autocast
+    )
     refuses_data_parallel: ClassVar[str] = "takes its minibatch derivatives with torch.func on one process's batches"
 
     def __post_init__(self) -> None:
@@ -248,8 +255,7 @@ class SingleLoop:
         vbatch, jv, wjv = self.val_side.draw(st.val, task.batch_dim)
         params = tree.detached(inner.params)
         vs = list(tree.unflatten(v, params).values())
-        train, lt = train_flat(lambda w, lam: task.train_loss(w, lam, batch), params, raw, vs)  # [g | Hv | ∂²_λw v]
-        val, lv = val_flat(lambda w, lam: task.val_loss(w, lam, vbatch), params, raw)  # [∇_w L_V | ∇_λ L_V]
+        train, lt, val, lv = self.derivatives(task, params, raw, vs, batch, vbatch)
         if last:  # logged: the minibatch residual ‖Hv + ∇_w L_V‖/‖∇_w L_V‖ before variance reduction
             aw = val[:n]
             tiny = torch.finfo(lt.dtype).tiny
@@ -270,7 +276,25 @@ class SingleLoop:
         stats = (lt, torch.linalg.vector_norm(g), lv, residual) if last else None
         return InnerState(new_params, opt_state, inner.step + 1), v, d_lam, stats
 
+    def derivatives(
+        self, task: Any, params: Params, raw: Params, vs: list[Tensor], batch: tuple, vbatch: tuple
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``([g | Hv | ∂²_λw v], L_T, [∇_w L_V | ∇_λ L_V], L_V)`` on the two minibatches: eager autograd, or with
+        ``compile`` one compiled graph per task (its warm-up seconds added to ``_compile_s``)."""
+        if not self.compile:
+            train, lt = train_flat(lambda w, lam: task.train_loss(w, lam, batch), params, raw, vs)
+            val, lv = val_flat(lambda w, lam: task.val_loss(w, lam, vbatch), params, raw)
+            return train, lt, val, lv
+        fn = self._compiled.get(id(task))
+        if fn is None:
+            fn = CompiledDerivatives(task.train_loss, task.val_loss, task.batch_dim, self.compile_backend)
+            self._compiled[id(task)] = fn
+        (train, lt, val, lv), warm_up = fn(params, raw, vs, batch, vbatch)
+        self._compile_s += warm_up
+        return train, lt, val, lv
+
     def __call__(self, st: OuterStep) -> OuterResult:
+        self._compile_s = 0.0
         params, raw = st.inner.params, tree.detached(st.raw)
         n = tree.numel(params)
         v = (
@@ -305,6 +329,7 @@ class SingleLoop:
                     "solver/v_norm": vnorm,
                     "solver/val_loss": lv_,
                     "solver/step_scale": (self.steps) ** -self.decay if self.decay else 1.0,
+                    COMPILE_S: self._compile_s or None,  # the engine keeps it out of time/outer_step_s
                 }
             ),
         )
@@ -317,11 +342,13 @@ def soba(
     val_batch_size: NonNegInt = 64,
     v_lr: PositiveFloat | None = None,
     decay: NonNegFloat = 0.5,
+    compile: bool = False,
     name: str = "soba",
 ) -> SingleLoop:
     """``method=soba``: SOBA (module doc); ``batch_size`` / ``val_batch_size`` 0 use the engine's batches whole,
-    ``v_lr`` null takes optim/inner's lr, ``decay`` the exponent of the steps' ``(k+1)^−decay``."""
-    return SingleLoop(False, batch_size, val_batch_size, v_lr, decay, seed=ctx.seed, name=name)
+    ``v_lr`` null takes optim/inner's lr, ``decay`` the exponent of the steps' ``(k+1)^−decay``, ``compile`` the
+    minibatch derivatives through ``torch.compile`` (:mod:`hoexp.method.compiled_derivatives`)."""
+    return SingleLoop(False, batch_size, val_batch_size, v_lr, decay, seed=ctx.seed, name=name, compile=compile)
 
 
 def saba(
@@ -331,6 +358,7 @@ def saba(
     val_batch_size: PositiveInt = 64,
     v_lr: PositiveFloat | None = None,
     decay: NonNegFloat = 0.0,
+    compile: bool = False,
     name: str = "saba",
 ) -> SingleLoop:
     """``method=saba``: SOBA with SAGA variance reduction over fixed chunks of the training and validation splits
@@ -341,4 +369,4 @@ def saba(
             f"SABA's memory is over fixed chunks of the whole split, and dataset.{given[0]} hands it other "
             f"minibatches every step: set dataset.{given[0]}=0 (method.{given[0]} sets SABA's minibatch)"
         )
-    return SingleLoop(True, batch_size, val_batch_size, v_lr, decay, seed=ctx.seed, name=name)
+    return SingleLoop(True, batch_size, val_batch_size, v_lr, decay, seed=ctx.seed, name=name, compile=compile)
