@@ -110,3 +110,25 @@ def test_the_config_spells_a_mode_or_names_one(tmp_path):
     )
     node = build_method(compose_spec(["method=cg_fwd", "method.name=cg"], config_dir=tmp_path)[0])
     assert node == spelled
+
+
+class ProductCurvature:
+    """A curvature of one's own that asks for the product mode's operator (``uses_product_mode``), named neither
+    ``hessian`` nor anything the IFT knows; its own ``operator`` must not be called."""
+
+    name = "mine"
+    uses_product_mode = True
+
+    def operator(self, *args, **kw):
+        raise AssertionError("the IFT should have used the product mode's operator")
+
+
+def test_a_curvature_says_what_it_needs_by_attribute_not_by_name():
+    split, w, lam = _mlp()
+    solver = ConjugateGradient(30, 1e-14)
+    ref, _ = ift_hypergradient(split, split, w, lam, solver)
+    mode = Counting()
+    hg, _ = ift_hypergradient(split, split, w, lam, solver, curvature=ProductCurvature(), hvp=mode)
+    assert mode.calls == 1
+    for k in ref:
+        torch.testing.assert_close(hg[k], ref[k], rtol=1e-12, atol=0)

@@ -59,7 +59,10 @@ class SplitLoss:
 class Curvature(Protocol):
     """Builds the operator of a solve at ``(w, λ)``. ``w`` and ``lam`` are the leaves ``grad_flat =
     ∂L_T/∂w`` was taken from (with its graph); ``mixed_inputs``: leaves whose mixed map the operator
-    may track (see :class:`HessianOperator`), ignored by operators that cannot."""
+    may track (see :class:`HessianOperator`), ignored by operators that cannot. Two optional class
+    attributes say what it needs (both ``False`` when absent): ``uses_product_mode`` (its products are the
+    IFT's product mode's: ``hvp=rev_rev|fwd_rev|auto``) and ``needs_split_loss`` (the training loss as a
+    :class:`SplitLoss`)."""
 
     @property
     def name(self) -> str: ...
@@ -216,6 +219,7 @@ class Hessian:
     """The exact Hessian ``∂²L_T/∂w²`` (:class:`HessianOperator`, reverse-over-reverse)."""
 
     name: ClassVar[str] = "hessian"  # a class constant: not an option of the config node
+    uses_product_mode: ClassVar[bool] = True  # the IFT builds its operator from the product mode (hvp=...)
 
     def operator(
         self,
@@ -234,6 +238,7 @@ class GaussNewton:
     training loss as a :class:`SplitLoss`."""
 
     name: ClassVar[str] = "gauss_newton"
+    needs_split_loss: ClassVar[bool] = True
 
     def operator(
         self,

@@ -197,7 +197,7 @@ def ift_hypergradient(
     g_flat = tree.flatten(tree.fill_none(g, w_list))
     merge = g_flat.requires_grad and (mixed == "merged" or (mixed == "auto" and mixed_term_is_deep(g_flat, lam_list)))
     mixed_inputs = lam_list if merge else None
-    if curvature.name == "hessian":  # the Hessian's products are the product mode's
+    if getattr(curvature, "uses_product_mode", False):  # the Hessian's products are the product mode's
         op = mode.operator(train_loss, w, lam, g_flat, mixed_inputs, dense=isinstance(solver, Exact))
     else:
         op = curvature.operator(train_loss, w, lam, g_flat, mixed_inputs)

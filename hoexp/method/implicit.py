@@ -161,7 +161,7 @@ class ImplicitMethod:
         """The IFT at ``params``: compiled (one :class:`CompiledIFT` per task) or eager, with the product mode
         ``hvp`` resolves to here (``auto``: timed at the first call; what it logs then joins the stats)."""
         hvp, extra = self.hvp.resolve(lambda w, lam: task.train_loss(w, lam, train_batch), params, raw)
-        gauss_newton = self.curvature.name == "gauss_newton"
+        split = getattr(self.curvature, "needs_split_loss", False)
         if self.compile:
             fn = self._compiled.get(id(task))
             if fn is None:
@@ -180,7 +180,7 @@ class ImplicitMethod:
             # task that overrides train_loss alone, e.g. a per-example weighted loss, works with it).
             train_loss = (
                 SplitLoss(*task.train_parts(train_batch))
-                if gauss_newton
+                if split
                 else lambda w, lam: task.train_loss(w, lam, train_batch)
             )
             val_loss = lambda w, lam: task.val_loss(w, lam, val_batch)  # noqa: E731
