@@ -119,6 +119,7 @@ class RunSettings:
     seed: int = 0
     eval_every: int = 1
     histogram_every: int = 10
+    log_every: int = 1  # outer steps between logged scalars; evaluations, the first and the last step always log
     reset_inner: bool = False
     warmup: int = 0  # outer steps of plain training (the method is not called) before the first hypergradient
     warmup_until_plateau: bool = False  # and then until an evaluation's validation loss is above the best before it
@@ -160,6 +161,7 @@ class RunSettings:
             seed=run.seed,
             eval_every=run.eval_every,
             histogram_every=run.histogram_every,
+            log_every=run.log_every,
             reset_inner=run.reset_inner,
             warmup=run.warmup,
             warmup_until_plateau=run.warmup_until_plateau,

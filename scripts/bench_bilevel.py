@@ -30,7 +30,9 @@ returns, and the callback ends the run once the solver time passes the budget. T
 is the cumulative sum of ``time/outer_step_s`` in ``metrics.jsonl`` (training steps, hypergradient, outer update;
 evaluation and logging excluded; the run's start-up excluded), read at each evaluation. The script watches the
 file and sends the run SIGINT once that sum passes the budget (hoexp then saves and exits non-zero with "stopped
-by SIGINT": expected here). ``hoexp-cg`` is ``experiment=mnist_hyper_cleaning`` as shipped (warm-started CG);
+by SIGINT": expected here). ``hoexp-cg`` is ``experiment=mnist_hyper_cleaning method=cg`` (warm-started CG
+in its double loop; figures measured before 2026-12-07 ran it with Adam on λ at lr 1: ``optim/outer=adam
+optim.outer.lr=1``);
 ``hoexp-saba`` is ``method=saba`` with the benchmark's SABA steps (ρ = 0.01, γ = ρ / 1e-4 = 100, minibatches of
 64, one joint step per outer step); ``hoexp-saba-compiled`` the same with ``method.compile=true`` (its minibatch
 derivatives in one ``torch.compile``'d graph; the compile warm-up, cold: each run gets an empty inductor cache, is
@@ -81,7 +83,7 @@ BENCHOPT = {
 PROBLEM = ["dataset=arrays", "model=linear", "hp=example_weights", "hp.example_weights.init=-2.0"]
 PROBLEM += ["hp.example_weights.l2=0.4", "optim/inner=sgd", "optim/outer=sgd"]
 HOEXP = {
-    "hoexp-cg": ["experiment=mnist_hyper_cleaning", "dataset=arrays", "eval_every=1"],
+    "hoexp-cg": ["experiment=mnist_hyper_cleaning", "method=cg", "dataset=arrays", "eval_every=1"],
     "hoexp-saba": PROBLEM
     + ["method=saba", "optim.inner.lr=0.01", "optim.outer.lr=100", "inner_steps=1", "eval_every=512"],
     "hoexp-amigo": PROBLEM

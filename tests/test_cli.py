@@ -54,6 +54,7 @@ def test_help_lists_subcommands(capsys):
         ),
         (["hp.weight_decay.include=[nothing]"], "match no parameter"),
         (["device=tpu"], "device must be auto, cpu, cuda or cuda:N"),
+        (["log_every=0"], "log_every must be > 0, got 0"),
         (["dataset.train_size=100", "dataset.val_size=60"], "but Iris has 150 examples"),
         (["optim.inner.lr=-1"], "lr must be > 0"),
         (["+foo=1"], "unknown top-level key(s) foo"),

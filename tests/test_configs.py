@@ -111,23 +111,34 @@ PRESET_METHOD_FILES = sorted((CONF_DIR / "experiment_method").glob("*/*.yaml"))
 
 @pytest.mark.parametrize("path", PRESET_METHOD_FILES, ids=[f"{p.parent.name}/{p.stem}" for p in PRESET_METHOD_FILES])
 def test_preset_method_options_apply_with_their_method_only(path):
-    """experiment_method/<preset>/<method>.yaml: its keys reach method=<method> under experiment=<preset> (and a
-    command-line method.<key> still wins), and no other method sees them."""
+    """experiment_method/<preset>/<method>.yaml (``# @package method``, or ``_global_`` for the method's own steps
+    and step sizes): its keys reach method=<method> under experiment=<preset>, a command-line override still wins,
+    and no other method sees them."""
     from omegaconf import OmegaConf
 
     preset, method = path.parent.name, path.stem
     assert preset in PRESETS and method in group_options("method")
-    keys = OmegaConf.to_container(OmegaConf.load(path))
+    body = OmegaConf.to_container(OmegaConf.load(path))
+    is_global = "# @package _global_" in path.read_text().splitlines()[0]
+    keys = _dotted(body if is_global else {"method": body})
     assert keys
     cfg = _compose([f"experiment={preset}", f"method={method}"])
-    assert {k: cfg.method[k] for k in keys} == keys
-    default = _compose([f"method={method}"])  # the method's own defaults differ where the preset sets a key
-    assert any(default.method.get(k) != v for k, v in keys.items())
+    assert {k: OmegaConf.select(cfg, k) for k in keys} == keys
+    other = "neumann" if method != "neumann" else "cg"
+    elsewhere = _compose([f"experiment={preset}", f"method={other}"])
+    assert all(OmegaConf.select(elsewhere, k) != v for k, v in keys.items()), "another method sees them"
+    assert validate(elsewhere).method.name == other
     key, value = next(iter(keys.items()))
     new = (not value) if isinstance(value, bool) else value + 1
-    assert _compose([f"experiment={preset}", f"method={method}", f"method.{key}={new}"]).method[key] == new
-    other = "neumann" if method != "neumann" else "cg"
-    assert validate(_compose([f"experiment={preset}", f"method={other}"])).method.name == other
+    assert OmegaConf.select(_compose([f"experiment={preset}", f"method={method}", f"{key}={new}"]), key) == new
+
+
+def _dotted(tree: dict, prefix: str = "") -> dict:
+    """{"a": {"b": 1}} → {"a.b": 1}."""
+    out: dict = {}
+    for k, v in tree.items():
+        out.update(_dotted(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
 
 
 def test_a_preset_setting_one_methods_keys_in_its_body_names_where_they_go(tmp_path):

@@ -90,6 +90,21 @@ class Counting(ImplicitMethod):
         return super().__call__(st)
 
 
+def test_log_every_writes_every_kth_step_and_every_evaluation_and_changes_nothing_else():
+    """log_every=4 over 10 outer steps (evaluations every 3, histograms every 5): scalars at steps 0, 3, 4, 5, 6, 8,
+    9, 10 (the last), each with the values the run logs at that step with log_every=1, and the same summary."""
+    every, sparse = MemoryLogger(), MemoryLogger()
+    full = hoexp.run(_experiment(outer_steps=10, eval_every=3, histogram_every=5), _quiet(loggers=[every]))
+    few = hoexp.run(_experiment(outer_steps=10, eval_every=3, histogram_every=5, log_every=4), _quiet(loggers=[sparse]))
+    assert [s for s, _ in sparse.scalars] == [0, 3, 4, 5, 6, 8, 9, 10]
+    logged = dict(every.scalars)
+    for step, values in sparse.scalars:
+        same = {k: v for k, v in values.items() if not k.startswith("time/")}  # clocks differ between two runs
+        assert same == {k: v for k, v in logged[step].items() if not k.startswith("time/")}, step
+    assert [s for s, _ in sparse.histograms] == [s for s, _ in every.histograms] == [0, 5, 10]
+    assert {k: v for k, v in few.items() if "time" not in k} == {k: v for k, v in full.items() if "time" not in k}
+
+
 def test_warmup_trains_without_hypergradients_then_hands_over_to_the_method():
     method = Counting(Neumann(5, 0.01), "neumann")
     mem = MemoryLogger()

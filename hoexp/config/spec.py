@@ -35,6 +35,7 @@ class RunConfig:
     threads: int = 0  # CPU threads; 0 = auto (1 for small models, where more threads only add overhead)
     eval_every: int = 1  # evaluate train/val/test every N outer steps (and at the last)
     histogram_every: int = 10  # hyperparameter histograms in TensorBoard every N outer steps
+    log_every: int = 1  # scalars (metrics.jsonl, TensorBoard) every N outer steps, and at every evaluation
     progress: bool = True  # rich bars on a terminal, plain lines otherwise
     reset_inner: bool = False  # re-initialize the weights before every outer step (Maclaurin-style meta-training)
     warmup: int = 0  # outer steps of plain training (no hypergradient) before the first hyper-step
@@ -59,7 +60,7 @@ class RunConfig:
                 f"inner_steps must be >= 1 (the training steps between hypergradients), got {self.inner_steps}"
             )
         _positive(self, "max_nonfinite")
-        _positive(self, "eval_every", "histogram_every")
+        _positive(self, "eval_every", "histogram_every", "log_every")
         if self.outer_objective not in ("val", "train"):
             raise ConfigError(f"outer_objective must be val or train, got '{self.outer_objective}'")
         if self.dtype not in ("float32", "float64"):

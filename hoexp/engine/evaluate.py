@@ -50,12 +50,15 @@ def log_step(
     last: bool = False,
 ) -> dict[str, float]:
     """Evaluate (every ``eval_every`` steps, and at the first and last: ``outer_steps``, or ``last`` where the time
-    budget ends the run), add the hyperparameters' statistics and histograms, log everything for ``step``; returns
-    the fields the progress display shows."""
+    budget ends the run), add the hyperparameters' statistics and histograms, log everything for ``step`` (where it
+    evaluates, or every ``log_every`` steps); returns the fields the progress display shows."""
     s = exp.settings
     fields: dict[str, float] = {}
     last = last or step == s.outer_steps
-    if step == 0 or step % s.eval_every == 0 or last:
+    evaluates = step == 0 or step % s.eval_every == 0 or last
+    if not (evaluates or force_hist or step % s.log_every == 0 or step % s.histogram_every == 0):  # nothing to write
+        return {"hg_norm": scalars["hypergrad/norm"]} if "hypergrad/norm" in scalars else fields
+    if evaluates:
         metrics = evaluate(exp.task, state.inner.params, state.raw)
         check_train_loss(metrics, step)
         state.evals.append({"step": step, **metrics})

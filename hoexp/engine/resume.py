@@ -22,6 +22,7 @@ RUN_CONTROL_KEYS = frozenset(
         "threads",
         "checkpoint_every",
         "histogram_every",
+        "log_every",
         "name",
         "dataset.data_root",
         "dataset.download",
