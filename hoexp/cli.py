@@ -347,7 +347,7 @@ def cmd_check(args: list[str]) -> None:
             contenders = []
             for text in ns.method or DEFAULT_CONTENDERS:
                 c = parse_contender(text)
-                contenders.append((c, compose_spec(base + c.overrides)[0]))
+                contenders.append((c, validate_job(base + c.overrides, world_size=launched().world_size)))
             run_horizon(
                 spec,
                 contenders,

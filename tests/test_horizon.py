@@ -201,6 +201,24 @@ def test_horizon_cli_refuses_many_hyperparameters_and_foreign_truth(tmp_path):
     assert foreign.returncode == 2 and "another configuration" in foreign.stderr
 
 
+def test_horizon_builds_each_contender_once(tmp_path, monkeypatch):
+    """``hoexp check --horizon``: each contender composed, validated and checked once, and its method built once
+    (the checks' build is reused; it was built a second time for the measurement), a contender with its own
+    ``hp.*`` (its own experiment) included."""
+    from hoexp.cli import main
+    from tests.counting import count_composes_and_builds
+
+    counts = count_composes_and_builds(monkeypatch)
+    small = ["model.width=4", "hp.weight_decay.granularity=global", "outer_steps=1", "inner_steps=2", "dtype=float64"]
+    contenders = ["--method", "t1t2", "--method", "neumann:hp.weight_decay.init=0.05"]
+    main(["check", "--horizon", *small, *contenders, "--at", "0", "--out", str(tmp_path)])
+    assert (tmp_path / "horizon.json").exists()
+    assert counts["compose"] == counts["validate"] == 3  # the reference (method=none) and two contenders
+    built_once = ("method", "optim.inner", "optim.outer", "hp.weight_decay")  # by each of the three checks
+    assert all(counts[f"build {k}"] == 3 for k in built_once), counts
+    assert counts["build model"] == counts["build dataset"] == 2, counts  # the reference's, the own experiment's
+
+
 def test_contender_overrides_are_space_separated_like_compare_and_commas_before_a_key_still_split():
     assert parse_contender("neumann").overrides == ["method=neumann"]
     want = ["method=forward", "method.carry=true", "method.decay=0.7"]

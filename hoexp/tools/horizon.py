@@ -52,6 +52,7 @@ from torch import Tensor
 from hoexp import tree
 from hoexp.config import Spec
 from hoexp.config.build import Prebuilt, build, build_method
+from hoexp.config.compose import Job
 from hoexp.engine.metrics import write_json_atomic
 from hoexp.engine.state import RunState, start
 from hoexp.engine.step import PLAIN, advance
@@ -139,7 +140,7 @@ class _Prepared:
 
 def run_horizon(
     spec: Spec,
-    contenders: Sequence[tuple[Contender, Spec]],
+    contenders: Sequence[tuple[Contender, Spec | Job]],
     out_dir: Path,
     *,
     at: Sequence[int] | None = None,
@@ -150,6 +151,7 @@ def run_horizon(
     prebuilt: Prebuilt | None = None,
 ) -> HorizonResult:
     """The long-horizon truths at the checkpoints ``at`` (outer steps) and every contender against them.
+    A contender's configuration is its :class:`Spec`, or its checked :class:`Job` (whose checks' build is reused).
 
     ``truth_from``: a previous ``horizon.json`` whose truths are reused for the checkpoints it has, when
     it was measured on the same configuration (all but the method) and ``eps`` (the smoothed one also
@@ -304,7 +306,7 @@ def _streams(exp: Any, at: _Checkpoint | None = None) -> tuple[Any, Any]:
 
 
 def _prepare_contenders(
-    contenders: Sequence[tuple[Contender, Spec]], spec: Spec, exp: Any, raw: dict[str, Tensor]
+    contenders: Sequence[tuple[Contender, Spec | Job]], spec: Spec, exp: Any, raw: dict[str, Tensor]
 ) -> list[_Prepared]:
     """Each contender's method, built and checked against its problem (as a run would check it) and able to give
     a hypergradient (``returns_hypergradient``); one line naming the contender otherwise. A contender whose
@@ -315,13 +317,14 @@ def _prepare_contenders(
     family = exp.problem.family
     ctx = CheckContext(exp.inner_opt, family, sum(p.numel() for p in exp.model.parameters()), tree.numel(raw))
     out = []
-    for contender, cspec in contenders:
+    for contender, job in contenders:
+        cspec, pre = (job.spec, job.prebuilt) if isinstance(job, Job) else (job, None)
         try:
             if _differences(spec, cspec):
-                cexp = _own_experiment(spec, cspec, raw)
+                cexp = _own_experiment(spec, cspec, raw, pre)
                 method = cexp.method
             else:
-                cexp, method = exp, build_method(cspec)
+                cexp, method = exp, (pre.method if pre is not None and pre.method is not None else build_method(cspec))
                 check_compatibility(cspec, method, family, ctx)
         except (ConfigError, ValueError, TypeError) as e:
             raise ConfigError(f"--method {contender.label}: {str(e).strip().splitlines()[0]}") from None
@@ -342,7 +345,7 @@ def _differences(spec: Spec, cspec: Spec) -> list[str]:
     return sorted(k for k in keys if spec.raw.get(k) != cspec.raw.get(k))
 
 
-def _own_experiment(spec: Spec, cspec: Spec, raw: dict[str, Tensor]) -> Any:
+def _own_experiment(spec: Spec, cspec: Spec, raw: dict[str, Tensor], prebuilt: Prebuilt | None = None) -> Any:
     """The experiment of a contender that models the hyperparameters its own way (``hp.*``: a relaxation, a
     temperature), checked to change nothing else and to have the reference's hyperparameter layout."""
     other = [k for k in _differences(spec, cspec) if k not in OWN_PROBLEM_KEYS]
@@ -351,7 +354,7 @@ def _own_experiment(spec: Spec, cspec: Spec, raw: dict[str, Tensor]) -> Any:
             f"its overrides change {', '.join(other)}: a contender may change only method.* and hp.* (how it "
             "models the hyperparameters); put the rest in the reference's overrides"
         )
-    cexp = build(cspec)
+    cexp = build(cspec, prebuilt=prebuilt)
     layout = {k: tuple(v.shape) for k, v in start(cexp).raw.items()}
     if layout != {k: tuple(v.shape) for k, v in raw.items()}:
         raise ConfigError(
