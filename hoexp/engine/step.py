@@ -3,7 +3,7 @@
 The loop (:func:`hoexp.engine.loop.loop`) and the tools that replay a run (``hoexp check``, ``--horizon``)
 step through here, so a method sees the same batches in both: ``inner_steps`` training batches, then
 ``method.extra_batches`` more from the same stream (the IFT's Hessian batch), then one batch of the outer
-objective. The engine draws them, so a method gets values and the streams' positions (checkpointed with the
+objective (that order written once, :func:`hoexp.method.base.draw_step`). The engine draws them, so a method gets values and the streams' positions (checkpointed with the
 run) are the engine's.
 """
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 from hoexp.engine.runtime import runtime_of
-from hoexp.method.base import HyperMethod, take
+from hoexp.method.base import HyperMethod, draw_step
 from hoexp.method.implicit import NoHO
 from hoexp.task.base import Task
 from hoexp.types import HParams, InnerState, OuterResult, OuterStep, Runnable, Stepper
@@ -36,19 +36,9 @@ def draw(
     ``step``: the run's task and plain step, made once per run by the loop (None: the runtime's,
     :meth:`~hoexp.engine.runtime.Runtime.task` and :meth:`~hoexp.engine.runtime.Runtime.step`)."""
     runtime = runtime_of(exp)
-    batches = take(train, exp.settings.inner_steps)
-    extra = take(train, method.extra_batches)
-    return OuterStep(
-        runtime.task(exp.task) if task is None else task,
-        exp.inner_opt,
-        inner,
-        raw,
-        batches,
-        extra,
-        next(val),
-        on_step,
-        runtime.step() if step is None else step,
-    )
+    task = runtime.task(exp.task) if task is None else task
+    step = runtime.step() if step is None else step
+    return draw_step(method, task, exp.inner_opt, inner, raw, train, val, exp.settings.inner_steps, on_step, step)
 
 
 def advance(

@@ -69,9 +69,27 @@ def outer_step(
     """One outer step of ``method`` on the next ``inner_steps + method.extra_batches`` batches of ``stream``
     (what the engine does; for scripts and tests that hold a stream). ``step``: the plain training step
     (:attr:`OuterStep.step`; None: eager)."""
+    return method(draw_step(method, task, inner_opt, inner, raw, stream, iter((val,)), inner_steps, on_step, step))
+
+
+def draw_step(
+    method: HyperMethod,
+    task: Task,
+    inner_opt: Optimizer,
+    inner: InnerState,
+    raw: dict[str, Tensor],
+    stream: Iterator[tuple],
+    val: Iterator[tuple],
+    inner_steps: int,
+    on_step: Callable[[], None] | None = None,
+    step: Stepper | None = None,
+) -> OuterStep:
+    """The :class:`OuterStep` ``method`` gets: the next ``inner_steps`` batches of ``stream`` to train on, then
+    ``method.extra_batches`` more (the IFT's Hessian batch), then the next of ``val``, in that order (the one
+    place that order is written: the engine's loop, its tools and :func:`outer_step` draw through here)."""
     train = take(stream, inner_steps)
     extra = take(stream, method.extra_batches)
-    return method(OuterStep(task, inner_opt, inner, raw, train, extra, val, on_step, step))
+    return OuterStep(task, inner_opt, inner, raw, train, extra, next(val), on_step, step)
 
 
 def scalars(**tagged: Any) -> dict[str, float]:
