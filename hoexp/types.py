@@ -68,12 +68,27 @@ class Stepper(Protocol):
     ) -> tuple[Params, dict[str, Any], Tensor, Tensor | None]: ...
 
 
+class Ranks(Protocol):
+    """The processes a method spreads its own work over (``spreads_over_ranks``: ES particles), handed down by the
+    engine: this process's ``rank`` of ``size``, and ``gather(x)``: every rank's ``x`` (the same shape on each)
+    concatenated along dimension 0 in rank order, on every rank."""
+
+    @property
+    def rank(self) -> int: ...
+
+    @property
+    def size(self) -> int: ...
+
+    def gather(self, x: Tensor) -> Tensor: ...
+
+
 class OuterStep(NamedTuple):
     """Everything one hypergradient step gets, as values; the engine drew the batches.
 
     ``train``: the ``inner_steps`` training batches; ``extra``: ``method.extra_batches`` more from the
     same stream (IFT: the batch of the Hessian and mixed term); ``val``: the outer objective's batch;
-    ``step``: the run's plain training step, which ``train_inner`` takes (None: eager, in the run's dtype).
+    ``step``: the run's plain training step, which ``train_inner`` takes (None: eager, in the run's dtype);
+    ``ranks``: the processes a method that ``spreads_over_ranks`` shares its work with (None: one process).
     """
 
     task: Task
@@ -85,6 +100,7 @@ class OuterStep(NamedTuple):
     val: tuple
     on_step: Callable[[], None] | None = None
     step: Stepper | None = None
+    ranks: Ranks | None = None
 
     @property
     def inner_steps(self) -> int:

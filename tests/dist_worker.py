@@ -31,7 +31,18 @@ CASES = {
     "fd_terms": ["method=fd", "method.alpha=0.1", "method.terms=2"],
     "cg_gn": ["method=cg_gn"],
     "unrolled": ["method=unrolled"],
-    "pes": ["method=pes", "method.vectorize=false", "method.particles=4", "method.sigma=0.3"],  # particles looped
+    "pes": ["method=pes", "method.vectorize=false", "method.particles=4", "method.sigma=0.3", "method.spread=false"],
+}
+# ES particles spread over the ranks (each rank trains its share on whole batches; all gathered)
+SPREAD = {
+    "pes_vmap": ["method=pes", "method.particles=4", "method.sigma=0.3"],
+    "nres_loop": [
+        "method=pes",
+        "method.variant=nres",
+        "method.particles=4",
+        "method.sigma=0.3",
+        "method.vectorize=false",
+    ],
 }
 
 
@@ -60,6 +71,53 @@ def outer_step(name: str, sync: bool = True) -> dict[str, torch.Tensor]:
         build_method(spec), task, exp.inner_opt, InnerState(params, exp.inner_opt.init(params)), raw, stream, val, 3
     )
     return {**{f"hg/{k}": v for k, v in hg.items()}, **{f"w/{k}": v for k, v in state.params.items()}}
+
+
+def spread_steps(name: str) -> dict:
+    """Two outer steps (3 inner steps each, the particles carried) of an ES method whose particles are spread over
+    this process's ranks (one process: all of them): the hypergradients, the central and the particles' weights,
+    and how many particles this rank trained."""
+    from hoexp.cli import compose_spec
+    from hoexp.config.build import build
+    from hoexp.engine import distributed
+    from hoexp.method import es
+    from hoexp.method.base import InnerState
+    from hoexp.method.base import outer_step as method_step
+    from hoexp.task.streams import FullBatch
+
+    spec = compose_spec([*BASE, *SPREAD[name]])[0]
+    exp = build(spec, distributed.current())
+    assert exp.runtime.spread and not exp.runtime.data_parallel
+    trained: list[int] = []
+    for fn in ("vmapped_training", "looped_training"):
+        real = getattr(es, fn)
+
+        def counted(*args, real=real, **kwargs):
+            trained.append(next(iter(args[5].values())).shape[0])  # raws: [particles on this rank, ...]
+            return real(*args, **kwargs)
+
+        setattr(es, fn, counted)
+    params = {k: v.detach().clone() for k, v in exp.model.named_parameters()}
+    raw = exp.problem.family.init(params)
+    stream = exp.problem.with_noise(FullBatch(exp.data.train), 0)
+    val, inner = (exp.data.val.x, exp.data.val.y), InnerState(params, exp.inner_opt.init(params))
+    task, ranks, out = exp.runtime.task(exp.problem), exp.runtime.ranks(), {}
+    for step in (1, 2):
+        hg, inner, _ = method_step(exp.method, task, exp.inner_opt, inner, raw, stream, val, 3, ranks=ranks)
+        out |= {f"hg{step}/{k}": v for k, v in hg.items()}
+    out |= {f"w/{k}": v for k, v in inner.params.items()}
+    out |= {f"particles/{k}": v for k, v in exp.method.state_dict()["params"].items()}
+    return {**out, "trained": torch.tensor(trained)}
+
+
+def spread_worker(rank: int, world: int, folder: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{folder}/store", rank=rank, world_size=world)
+    try:
+        torch.save({n: spread_steps(n) for n in SPREAD}, f"{folder}/spread{rank}.pt")
+    finally:
+        dist.destroy_process_group()
 
 
 def worker(rank: int, world: int, folder: str, names: list[str]) -> None:

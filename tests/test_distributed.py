@@ -42,6 +42,35 @@ def test_two_processes_compute_the_single_process_hypergradient(tmp_path):
     assert max(float((unsynced[k] - ref[k]).abs().max()) for k in ref if k.startswith("hg/")) > 1e-6
 
 
+def test_es_particles_spread_over_two_processes_give_the_single_process_estimate(tmp_path):
+    """PES (vmapped) and NRES (looped) with method.spread (the default): each of 2 gloo processes trains 2 of the 4
+    particles on whole batches and all-gathers them; over two outer steps (particles carried) the hypergradients,
+    the central weights and every particle's weights equal one process's, which trains all 4, and are identical on
+    both ranks (so rank 0's checkpoint holds the whole population)."""
+    mp.spawn(dist_worker.spread_worker, args=(2, str(tmp_path)), nprocs=2)
+    ranks = [torch.load(tmp_path / f"spread{r}.pt") for r in range(2)]
+    for name in dist_worker.SPREAD:
+        ref = dist_worker.spread_steps(name)
+        assert ref["trained"].tolist() == [4, 4] and all(r[name]["trained"].tolist() == [2, 2] for r in ranks)
+        for key, value in ref.items():
+            if key == "trained":
+                continue
+            assert torch.equal(ranks[0][name][key], ranks[1][name][key]), (name, key)
+            err = float((ranks[0][name][key] - value).abs().max())
+            assert err <= 1e-10 * max(1.0, float(value.abs().max())), (name, key, err)
+        assert all(float(v.abs().max()) > 1e-6 for k, v in ref.items() if k.startswith("hg2/")), name
+
+
+def test_spread_particles_must_divide_evenly_over_the_ranks():
+    from hoexp.config.build import build
+    from hoexp.engine.distributed import Context
+
+    spec = compose_spec([*dist_worker.BASE, "method=pes", "method.particles=6"])[0]
+    with pytest.raises(ConfigError, match=r"method=pes with 4 processes: method.particles=6 cannot be spread evenly"):
+        build(spec, Context(0, 4, 0))
+    build(compose_spec([*dist_worker.BASE, "method=pes", "method.particles=8"])[0], Context(0, 4, 0))
+
+
 def test_unsupported_methods_and_options_are_refused_in_one_line(monkeypatch):
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "2")
@@ -100,6 +129,25 @@ def _wait_gone(pid, timeout=30):
 
 
 @pytest.mark.slow
+def test_torchrun_pes_spread_over_two_ranks_resumes_to_the_single_process_run(tmp_path):
+    """`torchrun` with 2 processes, PES on Bernoulli dropout spread over them: 2 outer steps, then resumed to 3,
+    end where one process's 3 outer steps end (final losses and rates equal): rank 0's checkpoint holds every
+    particle, and the streams are whole batches on every rank."""
+    args = ["hp=dropout", "hp.dropout.relaxation=bernoulli", "method=pes", "method.particles=4", "inner_steps=20"]
+    args += ["model.width=16", "progress=false", "dtype=float64", "checkpoint_every=1"]
+    run, one = tmp_path / "run", tmp_path / "one"
+    for extra in (["outer_steps=2"], ["outer_steps=3", "resume=true"]):
+        cmd = [*TORCHRUN, "-m", "hoexp", "run", *args, *extra, f"hydra.run.dir={run}"]
+        r = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+    cmd = [sys.executable, "-m", "hoexp", "run", *args, "outer_steps=3", f"hydra.run.dir={one}"]
+    r = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    spread, single = (json.loads((d / "summary.json").read_text()) for d in (run, one))
+    assert spread["world_size"] == 2 and spread["resumes"] and spread["final"]["step"] == 3
+    assert spread["final"] == single["final"] and spread["hp_final"] == single["hp_final"]
+
+
 def test_torchrun_run_writes_one_folder_and_resumes_after_a_kill(tmp_path):
     ref_cwd = tmp_path / "ref"
     ref_cwd.mkdir()

@@ -234,12 +234,15 @@ def test_particles_restart_with_the_inner_run_and_refusals():
         assert "\n" not in str(e.value)
 
 
-def test_data_parallel_needs_the_loop():
+def test_data_parallel_needs_the_loop_and_spread_particles_need_not():
     from hoexp.engine.distributed import Context
 
+    data_parallel = compose_spec(["method=pes", "model.width=8", "method.spread=false"])[0]
     with pytest.raises(ConfigError, match="method=pes does not run data-parallel .*method.vectorize=false") as e:
-        build(compose_spec(["method=pes", "model.width=8"])[0], Context(rank=0, world_size=2))  # 2 processes
+        build(data_parallel, Context(rank=0, world_size=2))  # 2 processes
     assert "\n" not in str(e.value)
+    exp = build(compose_spec(["method=pes", "model.width=8"])[0], Context(rank=0, world_size=2))  # spread: vmapped
+    assert exp.runtime.spread and not exp.runtime.data_parallel
 
 
 # ------------------------------------------------------------------------------------------------ resume

@@ -175,17 +175,23 @@ def check_precision(spec: Spec, method: HyperMethod) -> None:
 def check_distributed(spec: Spec, world_size: int, method: HyperMethod | None = None) -> None:
     """A data-parallel run (``world_size`` > 1: ``torchrun``, a multi-task SLURM job, or a sweep for such a
     launcher): only methods whose every derivative goes through the synced losses (``refuses_data_parallel``
-    empty). ``method`` None: built here when it needs no runtime context."""
+    empty), or that spread their own work over the ranks (``spreads_over_ranks``: ES particles; ``refuses_ranks``
+    says why not for this many). ``method`` None: built here when it needs no runtime context."""
     if world_size < 2:
         return
     if method is None and not spec.method.partial:
         method = spec.method.build()
+    if getattr(method, "spreads_over_ranks", False):  # its own work over the ranks (ES particles), not the data
+        why = method.refuses_ranks(world_size)  # type: ignore[union-attr]
+        if why:
+            raise ConfigError(f"method={spec.method.name} with {world_size} processes: {why}")
+        return
     why = getattr(method, "refuses_data_parallel", "") if method is not None else ""
     if why:
         raise ConfigError(
             f"method={spec.method.name} does not run data-parallel ({world_size} processes): it {why}; "
             "use an IFT method without a dense solve (neumann, cg, fixed_point, t1t2), fd, unrolled, "
-            "truncated, pes with method.vectorize=false or none, or run it in one process"
+            "truncated, pes (spread over the ranks, or method.vectorize=false) or none, or run it in one process"
         )
     if spec.run.compile:
         raise ConfigError(
@@ -247,7 +253,7 @@ def build(spec: Spec, dist: distributed.Context | None = None, prebuilt: Prebuil
         dist.world_size,
     )
     precision = Precision(spec.run.precision, device.type) if spec.run.precision != "fp32" else None
-    runtime = Runtime(device, dist, precision, spec.run.compile)
+    runtime = Runtime(device, dist, precision, spec.run.compile, bool(getattr(method, "spreads_over_ranks", False)))
     settings = RunSettings.from_spec(spec)
     return Experiment(spec, device, data, model, problem, method, inner_opt, outer_opt, settings, runtime)
 

@@ -227,6 +227,29 @@ def sync(params: Mapping[str, Tensor], raw: Mapping[str, Tensor]) -> tuple[dict[
     return p_out, r_out
 
 
+# ------------------------------------------------------------------------------ a method's own work
+@dataclass
+class Gatherer:
+    """:class:`hoexp.types.Ranks` over the process group: a method that spreads its work over the ranks (ES
+    particles) gathers what each computed. ``gather``: one all-gather (a lost peer is :class:`PeerLost`)."""
+
+    ctx: Context
+
+    @property
+    def rank(self) -> int:
+        return self.ctx.rank
+
+    @property
+    def size(self) -> int:
+        return self.ctx.world_size
+
+    def gather(self, x: Tensor) -> Tensor:
+        """Every rank's ``x`` concatenated along dimension 0, in rank order."""
+        parts = [torch.empty_like(x) for _ in range(self.size)]
+        _collective(dist.all_gather, parts, x.contiguous())
+        return torch.cat(parts)
+
+
 # ----------------------------------------------------------------------------------- batch shards
 def shard_batch(batch: tuple, batch_dim: int, model: Any, ctx: Context) -> tuple:
     """Rank ``ctx.rank``'s shard of a global batch ``(x, y[, noise])``: ``1/N`` of its examples along

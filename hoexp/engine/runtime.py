@@ -9,6 +9,8 @@ handed to it, never read from the process group again:
   autocast with ``precision=bf16|fp16``, fp16 with dynamic loss scaling);
 * :meth:`Runtime.task`: the task whose losses average their derivatives over the ranks (data-parallel);
 * :meth:`Runtime.streams`: the task's streams, each rank keeping its shard of every global batch;
+* :meth:`Runtime.ranks`: for a method that spreads its own work over the processes instead (``spread``: ES
+  particles), the ranks to share it with; then every rank draws whole batches and the task is not synced;
 * :meth:`Runtime.state_dict`: fp16's loss scale (checkpointed under ``precision_state``).
 """
 
@@ -43,6 +45,7 @@ class Runtime:
     dist: distributed.Context = field(default_factory=distributed.Context)
     precision: Precision | None = None  # None: plain steps in the run's dtype
     compile: bool = False  # plain training steps through torch.compile
+    spread: bool = False  # the method spreads its own work over the ranks (not data-parallel): Runtime.ranks
     compiled: dict = field(default_factory=dict, repr=False)  # (id(task), inner optimizer) → (task, compiled step)
 
     # ----------------------------------------------------------------------------- the plain step
@@ -149,16 +152,25 @@ class Runtime:
         return fn
 
     # ----------------------------------------------------------------------------- data-parallel
+    @property
+    def data_parallel(self) -> bool:
+        """Several processes, each on its shard of every batch (unless the method spreads its own work)."""
+        return self.dist.active and not self.spread
+
     def task(self, task: Task) -> Task:
         """``task`` as the methods see it: in a data-parallel run, its losses read ``(params, raw)`` through
         :func:`~hoexp.engine.distributed.sync` (their derivatives are the mean over the ranks)."""
-        return SyncedTask(task) if self.dist.active else task
+        return SyncedTask(task) if self.data_parallel else task
+
+    def ranks(self) -> distributed.Gatherer | None:
+        """The ranks a method that spreads its work shares it with (:class:`~hoexp.types.Ranks`); None otherwise."""
+        return distributed.Gatherer(self.dist) if self.dist.active and self.spread else None
 
     def streams(self, task: Task, seed: int, outer_objective: str) -> tuple[BatchStream, BatchStream]:
         """The training and outer-objective streams; in a data-parallel run every rank draws the global batches
         and keeps its shard."""
         train, val = task.train_stream(seed), task.val_stream(seed, outer_objective)
-        if self.dist.active:
+        if self.data_parallel:
             train = distributed.ShardedStream(train, task.batch_dim, task.model, self.dist)
             val = distributed.ShardedStream(val, task.batch_dim, task.model, self.dist)
         return train, val

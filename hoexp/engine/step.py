@@ -38,7 +38,8 @@ def draw(
     runtime = runtime_of(exp)
     task = runtime.task(exp.task) if task is None else task
     step = runtime.step() if step is None else step
-    return draw_step(method, task, exp.inner_opt, inner, raw, train, val, exp.settings.inner_steps, on_step, step)
+    inner_steps, ranks = exp.settings.inner_steps, runtime.ranks()
+    return draw_step(method, task, exp.inner_opt, inner, raw, train, val, inner_steps, on_step, step, ranks)
 
 
 def advance(

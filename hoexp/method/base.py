@@ -26,7 +26,7 @@ from torch.func import grad_and_value
 from hoexp import tree
 from hoexp.optim import Optimizer
 from hoexp.task.base import Task
-from hoexp.types import InnerState, OuterResult, OuterStep, Stepper
+from hoexp.types import InnerState, OuterResult, OuterStep, Ranks, Stepper
 
 
 class HyperMethod(Protocol):
@@ -65,11 +65,13 @@ def outer_step(
     inner_steps: int,
     on_step: Callable[[], None] | None = None,
     step: Stepper | None = None,
+    ranks: Ranks | None = None,
 ) -> OuterResult:
     """One outer step of ``method`` on the next ``inner_steps + method.extra_batches`` batches of ``stream``
     (what the engine does; for scripts and tests that hold a stream). ``step``: the plain training step
-    (:attr:`OuterStep.step`; None: eager)."""
-    return method(draw_step(method, task, inner_opt, inner, raw, stream, iter((val,)), inner_steps, on_step, step))
+    (:attr:`OuterStep.step`; None: eager); ``ranks``: :attr:`OuterStep.ranks`."""
+    val_stream = iter((val,))
+    return method(draw_step(method, task, inner_opt, inner, raw, stream, val_stream, inner_steps, on_step, step, ranks))
 
 
 def draw_step(
@@ -83,13 +85,14 @@ def draw_step(
     inner_steps: int,
     on_step: Callable[[], None] | None = None,
     step: Stepper | None = None,
+    ranks: Ranks | None = None,
 ) -> OuterStep:
     """The :class:`OuterStep` ``method`` gets: the next ``inner_steps`` batches of ``stream`` to train on, then
     ``method.extra_batches`` more (the IFT's Hessian batch), then the next of ``val``, in that order (the one
     place that order is written: the engine's loop, its tools and :func:`outer_step` draw through here)."""
     train = take(stream, inner_steps)
     extra = take(stream, method.extra_batches)
-    return OuterStep(task, inner_opt, inner, raw, train, extra, next(val), on_step, step)
+    return OuterStep(task, inner_opt, inner, raw, train, extra, next(val), on_step, step, ranks)
 
 
 def scalars(**tagged: Any) -> dict[str, float]:

@@ -37,8 +37,14 @@ Cost per outer step: ``(N + 1)·K`` training steps and ``N`` validation losses; 
 weights and optimizer state. ``vectorize``: the particles' steps as one ``torch.func.vmap`` over stacked
 weights, optimizer states and ``λ``\\s (in the run's dtype: ``precision`` and ``compile`` apply to the
 central run only); else a loop of plain training steps (:func:`~hoexp.method.base.train_inner`, which
-``precision``, ``compile`` and data-parallel runs apply to). Data-parallel runs (loop only): every rank
-trains every particle on its shard, gradients and validation losses averaged over the ranks.
+``precision``, ``compile`` and data-parallel runs apply to).
+
+Several processes (``torchrun``): with ``spread`` (the default) the particles are spread over the ranks: each
+draws every perturbation (one generator, seeded alike), trains the central run and its ``N / ranks`` particles on
+whole batches, and all-gathers their weights, optimizer states and losses, so every rank holds the whole population
+(rank 0 checkpoints it) and computes the same estimate as one process, at ``1 / ranks`` of the particles' cost
+each. ``spread=false``: data-parallel instead (loop only), every rank training every particle on its shard,
+gradients and validation losses averaged over the ranks.
 """
 
 from __future__ import annotations
@@ -57,7 +63,7 @@ from hoexp.errors import HoexpError
 from hoexp.method.base import inner_scalars, train_inner
 from hoexp.optim import Optimizer
 from hoexp.task.base import Task
-from hoexp.types import InnerState, OuterResult, OuterStep, Stepper
+from hoexp.types import InnerState, OuterResult, OuterStep, Ranks, Stepper
 
 VARIANTS = ("pes", "nres", "tes")
 PERTURBATION_SEED = 2_000_029  # offset of the perturbations' generator from the run's seed (hoexp.task.streams')
@@ -156,6 +162,12 @@ def particle_losses(task: Task, params: Tree, raws: dict[str, Tensor], batch: tu
     return losses if mean is None else mean(losses)
 
 
+def _share(n: int, ranks: Ranks) -> slice:
+    """Rank ``ranks.rank``'s particles of ``n``: a contiguous ``n / ranks.size`` of them."""
+    size = n // ranks.size
+    return slice(ranks.rank * size, (ranks.rank + 1) * size)
+
+
 def es_estimate(losses: Tensor, directions: Mapping[str, Tensor], sigma: float) -> dict[str, Tensor]:
     """``ĝ = 1/(Nσ) Σ_i v_i L_i`` for the ``N`` particles' losses and directions ``v_i`` (dimension 0)."""
     n = losses.shape[0]
@@ -167,7 +179,8 @@ def es_estimate(losses: Tensor, directions: Mapping[str, Tensor], sigma: float) 
 class ESMethod:
     """``method=pes`` (module doc): ``variant`` pes | nres | tes, ``particles`` N (pairs ``±ε`` with
     ``antithetic``), perturbation scale ``sigma`` on the raw hyperparameters, ``vectorize`` (vmap or loop),
-    ``seed`` of the perturbations' generator (the run's)."""
+    ``seed`` of the perturbations' generator (the run's), ``spread`` the particles over the ranks of a
+    multi-process run (else data-parallel)."""
 
     variant: str = "pes"
     particles: int = 8
@@ -176,6 +189,7 @@ class ESMethod:
     vectorize: bool = True
     seed: int = 0
     name: str = "pes"
+    spread: bool = True
     carried: dict[str, Any] = field(default_factory=dict, repr=False)  # the particles (see state_dict)
     _generator: torch.Generator = field(init=False, repr=False)
     _vmap_checked: bool = field(default=False, init=False, repr=False)
@@ -198,11 +212,25 @@ class ESMethod:
         self._generator = torch.Generator().manual_seed(self.seed + PERTURBATION_SEED)
 
     @property
+    def spreads_over_ranks(self) -> bool:
+        """Whether several processes share the particles (``spread``) rather than each batch (data-parallel)."""
+        return self.spread
+
+    def refuses_ranks(self, size: int) -> str:
+        """Why the particles cannot be spread over ``size`` ranks ("" when they can)."""
+        if self.particles % size:
+            return (
+                f"method.particles={self.particles} cannot be spread evenly over them; use a multiple of {size}, or "
+                "method.spread=false (data-parallel)"
+            )
+        return ""
+
+    @property
     def refuses_data_parallel(self) -> str:
-        """Why this configuration cannot run data-parallel ("" when it can: the loop)."""
-        return (
-            "vmaps its particles' training steps, which cannot all-reduce inside torch.func" if self.vectorize else ""
-        )
+        """Why this configuration cannot run data-parallel ("" when it can: the loop, or spread over the ranks)."""
+        if self.vectorize and not self.spread:
+            return "vmaps its particles' training steps, which cannot all-reduce inside torch.func"
+        return ""
 
     @property
     def carries(self) -> bool:
@@ -243,6 +271,27 @@ class ESMethod:
         return {"params": _tile(st.inner.params, n), "opt": _tile(tensors, n), "rest": rest, "noise": noise}
 
     def _train(self, st: OuterStep, particles: dict[str, Any], raws: dict[str, Tensor]) -> tuple[Tree, Tree, dict]:
+        """The particles' ``K`` training steps; spread over ``st.ranks``: this rank's share, then all of them."""
+        ranks = st.ranks if self.spread and st.ranks is not None and st.ranks.size > 1 else None
+        if ranks is None:
+            return self._train_share(st, particles, raws)
+        mine = _share(self.particles, ranks)
+        share = {**particles, **{k: _map(lambda t: t[mine], particles[k]) for k in ("params", "opt")}}
+        params, opt, rest = self._train_share(st, share, {k: v[mine] for k, v in raws.items()})
+        return _map(ranks.gather, params), _map(ranks.gather, opt), rest
+
+    def _losses(self, st: OuterStep, params: Tree, raws: dict[str, Tensor]) -> Tensor:
+        """Every particle's validation loss; spread over ``st.ranks``: each rank's share, gathered."""
+        ranks = st.ranks if self.spread and st.ranks is not None and st.ranks.size > 1 else None
+        if ranks is None:
+            return particle_losses(st.task, params, raws, st.val, self.vectorize)
+        mine = _share(self.particles, ranks)
+        share = _map(lambda t: t[mine], params), {k: v[mine] for k, v in raws.items()}
+        return ranks.gather(particle_losses(st.task, *share, st.val, self.vectorize))
+
+    def _train_share(
+        self, st: OuterStep, particles: dict[str, Any], raws: dict[str, Tensor]
+    ) -> tuple[Tree, Tree, dict]:
         args = (st.task, st.inner_opt, particles["params"], particles["opt"], dict(particles["rest"]), raws, st.train)
         if not self.vectorize:
             return looped_training(*args, st.step)
@@ -273,7 +322,7 @@ class ESMethod:
             )
         raws = {k: v.detach().unsqueeze(0) + self.sigma * perturbation[k] for k, v in st.raw.items()}
         params, opt, rest = self._train(st, particles, raws)
-        losses = particle_losses(st.task, params, raws, st.val, self.vectorize)
+        losses = self._losses(st, params, raws)
         hg = es_estimate(losses, directions, self.sigma)
         self.carried = (
             {} if self.variant == "tes" else {"params": params, "opt": opt, "rest": rest, "noise": directions}
@@ -307,9 +356,11 @@ def pes(
     sigma: PositiveFloat = 0.1,
     antithetic: bool = True,
     vectorize: bool = True,
+    spread: bool = True,
     name: str = "pes",
 ) -> ESMethod:
     """``method=pes``: ES over truncations of ``inner_steps``: PES, noise-reuse ES or truncated ES (``variant``)
     with ``particles`` perturbed copies of the inner run (``±σε`` pairs with ``antithetic``), vmapped or looped
-    (``vectorize``); the perturbations are seeded from the run's seed."""
-    return ESMethod(variant, particles, sigma, antithetic, vectorize, seed=ctx.seed, name=name)
+    (``vectorize``), spread over the ranks of a multi-process run (``spread``; else data-parallel); the
+    perturbations are seeded from the run's seed."""
+    return ESMethod(variant, particles, sigma, antithetic, vectorize, seed=ctx.seed, name=name, spread=spread)
