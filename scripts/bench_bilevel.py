@@ -27,7 +27,7 @@ returns, and the callback ends the run once the solver time passes the budget. T
 ``strategy='callback'`` timing, without its runner.
 
 **hoexp side**: ``python -m hoexp run`` on ``dataset=arrays`` with one thread, ``progress=false``. Its solver time
-is the cumulative sum of ``time/outer_step_s`` in ``metrics.jsonl`` (training steps, hypergradient, outer update;
+is the run's ``time/solver_s`` (the cumulative sum of ``time/outer_step_s``) in ``metrics.jsonl`` (training steps, hypergradient, outer update;
 evaluation and logging excluded; the run's start-up excluded), read at each evaluation. The script watches the
 file and sends the run SIGINT once that sum passes the budget (hoexp then saves and exits non-zero with "stopped
 by SIGINT": expected here). ``hoexp-cg`` is ``experiment=mnist_hyper_cleaning method=cg`` (warm-started CG
@@ -127,9 +127,11 @@ def cumulative(steps: Iterable[tuple[int, float]]) -> dict[int, float]:
 
 def hoexp_curve(rows: Iterable[dict]) -> list[dict]:
     """Evaluations of a hoexp ``metrics.jsonl`` (its parsed lines) as ``{solver_s, test_error, val_error, val_loss,
-    f1}``, solver time from ``cumulative`` of ``time/outer_step_s``."""
+    f1}``, solver time the run's ``time/solver_s`` where logged, else from ``cumulative`` of ``time/outer_step_s``
+    (equal: both leave out compile warm-ups; only the first is right when ``log_every`` skips steps)."""
     rows = list(rows)
     clock = cumulative((r["step"], r["time/outer_step_s"]) for r in rows if "time/outer_step_s" in r)
+    clock |= {r["step"]: r["time/solver_s"] for r in rows if "time/solver_s" in r}
     out = []
     for r in rows:
         if "error/test" in r and r["step"] in clock:

@@ -42,6 +42,9 @@ def test_hoexp_curve_sums_outer_step_times_and_skips_steps_without_evaluation():
     curve = bb.hoexp_curve(rows)
     assert [p["solver_s"] for p in curve] == [0.0, 2.0]
     assert curve[1]["test_error"] == 0.2 and curve[1]["val_error"] == pytest.approx(0.25) and curve[1]["f1"] == 0.9
+    # log_every skips steps: the run's own cumulative solver time, where logged, is the clock
+    sparse = [rows[0], {"step": 4, "time/outer_step_s": 0.1, "time/solver_s": 2.6, "error/test": 0.1}]
+    assert [p["solver_s"] for p in bb.hoexp_curve(sparse)] == [0.0, 2.6]
 
 
 def test_f1_flags_negative_raw_weights():
