@@ -270,9 +270,13 @@ class ESMethod:
         )
         return {"params": _tile(st.inner.params, n), "opt": _tile(tensors, n), "rest": rest, "noise": noise}
 
+    def _sharing(self, st: OuterStep) -> Ranks | None:
+        """The ranks this step's particles are spread over; None: this process trains them all."""
+        return st.ranks if self.spread and st.ranks is not None and st.ranks.size > 1 else None
+
     def _train(self, st: OuterStep, particles: dict[str, Any], raws: dict[str, Tensor]) -> tuple[Tree, Tree, dict]:
         """The particles' ``K`` training steps; spread over ``st.ranks``: this rank's share, then all of them."""
-        ranks = st.ranks if self.spread and st.ranks is not None and st.ranks.size > 1 else None
+        ranks = self._sharing(st)
         if ranks is None:
             return self._train_share(st, particles, raws)
         mine = _share(self.particles, ranks)
@@ -282,7 +286,7 @@ class ESMethod:
 
     def _losses(self, st: OuterStep, params: Tree, raws: dict[str, Tensor]) -> Tensor:
         """Every particle's validation loss; spread over ``st.ranks``: each rank's share, gathered."""
-        ranks = st.ranks if self.spread and st.ranks is not None and st.ranks.size > 1 else None
+        ranks = self._sharing(st)
         if ranks is None:
             return particle_losses(st.task, params, raws, st.val, self.vectorize)
         mine = _share(self.particles, ranks)
