@@ -207,12 +207,31 @@ if os.environ.get("RANK") == "1":
     implicit.train_inner = failing
 """
 
+# Rank 0 busy outside any collective when rank 1 fails (here: asleep), so torchrun's SIGTERM reaches it before it
+# sees the peer gone: it must still report rank 1's failure, not the signal (a race CI once lost).
+SITE_BUSY_RANK0 = """
+import os, time
+if os.environ.get("RANK") == "0":
+    import hoexp.method.base as base
+    import hoexp.method.implicit as implicit
+    calls = [0]
+    original = base.train_inner
+    def slow(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 2:
+            time.sleep(60)
+        return original(*args, **kwargs)
+    base.train_inner = slow
+    implicit.train_inner = slow
+"""
+
 
 @pytest.mark.slow
-def test_a_failing_rank_ends_the_job_with_one_line(tmp_path):
+@pytest.mark.parametrize("site_code", [SITE, SITE + SITE_BUSY_RANK0], ids=["in-collective", "rank0-busy"])
+def test_a_failing_rank_ends_the_job_with_one_line(tmp_path, site_code):
     site = tmp_path / "site"
     site.mkdir()
-    (site / "sitecustomize.py").write_text(SITE)
+    (site / "sitecustomize.py").write_text(site_code)
     env = _env()
     env["PYTHONPATH"] = os.pathsep.join([str(site), env["PYTHONPATH"]])
     run = tmp_path / "run"

@@ -366,7 +366,7 @@ class RunIO:
         ended = distributed.why_ended(stop=lambda: signals.received is not None) if self.main else None
         if signals.received is not None:
             name = signal.Signals(signals.received).name
-            return self.peer_died() or Preempted(f"stopped by {name}", 128 + signals.received)
+            return self.peer_cause(ended) or Preempted(f"stopped by {name}", 128 + signals.received)
         if ended is None:
             if self.main and not error.reported:
                 return distributed.PeerLost(
@@ -388,6 +388,18 @@ class RunIO:
         if self.sweep is None:
             return job
         return f"{advice.command(self.sweep, 'resume=auto')} (the whole sweep; this job alone: {job})"
+
+    def peer_cause(self, ended: tuple[str, str] | None = None) -> distributed.PeerLost | None:
+        """On rank 0, after the launcher's SIGTERM: the other rank's end that caused it, to report instead of
+        that signal: a rank that died without a word (:meth:`peer_died`), or one that failed and said so
+        (``ended``, else read from the store now; it is written before that rank exits, so before the SIGTERM)."""
+        if not (self.ctx.active and self.main):
+            return None
+        if ended is None:
+            ended = distributed.why_ended(wait_s=0.0)
+        if ended is not None and ended[0] == "failed":
+            return distributed.PeerLost(ended[1], reported=True)
+        return self.peer_died()
 
     def peer_died(self) -> distributed.PeerLost | None:
         """On rank 0: a rank on this host that died without a word (``kill -9``, out of memory), after which the

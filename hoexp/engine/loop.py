@@ -65,8 +65,8 @@ def run(
             if isinstance(error, distributed.PeerLost):
                 error = io.peer_outcome(error, signals)
                 io.status, io.error = outcome(error)
-            elif isinstance(error, Preempted) and io.ctx.active:  # torchrun's SIGTERM after a rank was killed
-                error = io.peer_died() or error
+            elif isinstance(error, Preempted) and io.ctx.active:  # torchrun's SIGTERM after a rank failed or died
+                error = io.peer_cause() or error
                 io.status, io.error = outcome(error)
             summary = run_summary(exp, state, io)
             final = (
