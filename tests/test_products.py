@@ -13,7 +13,7 @@ from hoexp.config.build import build_method
 from hoexp.method import implicit, products, solvers
 from hoexp.method.ift import ift_hypergradient, ift_tensors
 from hoexp.method.products import Auto, FwdRev, ProductMode, RevRev
-from hoexp.method.solvers import ConjugateGradient, Exact
+from hoexp.method.solvers import ConjugateGradient, Exact, FixedPoint, Neumann
 from tests.test_speed2 import _mlp
 
 
@@ -96,6 +96,21 @@ def test_a_mode_of_one_s_own_is_used_as_given():
         torch.testing.assert_close(hg[k], ref[k], rtol=1e-12, atol=0)
         torch.testing.assert_close(pure[k], ref[k], rtol=1e-9, atol=1e-14)
     assert implicit.ift(solvers.cg(), hvp=mine).hvp is mine
+
+
+@pytest.mark.parametrize("solver", [Neumann(10, 0.05), FixedPoint(10, 0.05), ConjugateGradient(10, 1e-14)], ids=str)
+def test_the_pure_ift_is_the_eager_ift_bit_for_bit(solver):
+    """The function ``torch.compile`` takes (:func:`ift_tensors`, reverse-over-reverse) run eagerly does the eager IFT's
+    arithmetic exactly in float64: its hypergradient and solve are bit-identical, so a compiled run differs from an
+    eager one only by what the compiler fuses. (The eager default keeps autograd's graph for speed: the pure form's
+    joint pullback also computes the λ half of every product.)"""
+    split, w, lam = _mlp()
+    ref, stats = ift_hypergradient(split, split, w, lam, solver)
+    pure, sol, host = ift_tensors(split, split, solver, w, lam, hvp="rev_rev")
+    for k in ref:
+        assert torch.equal(pure[k], ref[k]), k
+    assert torch.equal(sol.x, stats.solution)
+    assert float(host[0]) == stats.train_loss and float(host[1]) == stats.val_loss
 
 
 def test_the_config_spells_a_mode_or_names_one(tmp_path):
