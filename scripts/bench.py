@@ -11,7 +11,7 @@ Problems (presets composed in-process with ``compose_spec``):
 * ``mnist``: ``experiment=mnist_per_weight_decay model.width=1280 model.depth=1
   hp.weight_decay.granularity=per_weight``, a 784→1280→10 MLP,
   1,017,610 weights and 1,016,320 per-weight decays (more than a million hyperparameters);
-* ``ptb``: ``experiment=ptb_lstm_dropout``, the small shared PTB language model (2-layer, 200-unit tied
+* ``ptb``: ``experiment=ptb_lstm_dropout_gaussian``, the small shared PTB language model (2-layer, 200-unit tied
   LSTM) with per-unit dropout and per-weight DropConnect (320,600 rates), Adam inside.
 
 Methods: ``neumann`` (K=5 terms, with its residual as configured by default, and ``neumann-nores``
@@ -117,7 +117,7 @@ PROBLEMS: dict[str, tuple[list[str], list[str], tuple[int, int]]] = {
     "ptb": (
         # the preset moved to one Gaussian rate (docs/results.md): keep the 320,600 per-unit / DropConnect rates measured here
         [
-            "experiment=ptb_lstm_dropout",
+            "experiment=ptb_lstm_dropout_gaussian",
             "hp.dropout.granularity=per_unit",
             "hp.dropout.relaxation=concrete",
             "dataset.val_batch_size=0",

@@ -9,7 +9,7 @@ validation loss after 1, 2, 3, 5, 10 and 20 more outer steps (how long a change 
 
     HOEXP_DATA=../shared/data python scripts/dropout_switch.py [--at 0,10,40,60,never] [overrides ...]
     HOEXP_DATA=../shared/data python scripts/dropout_switch.py --branch 40 --rates 0.05,0.07,0.1,0.2,0.5
-    HOEXP_DATA=../shared/data python scripts/dropout_switch.py --experiment ptb_lstm_dropout --to 0.65 --at 20,40
+    HOEXP_DATA=../shared/data python scripts/dropout_switch.py --experiment ptb_lstm_dropout_gaussian --to 0.65 --at 20,40
 """
 
 from __future__ import annotations
@@ -92,7 +92,9 @@ def main() -> None:
     ap.add_argument("--branch", type=int, default=None, help="branch at this outer step instead")
     ap.add_argument("--rates", default="0.05,0.07,0.1,0.2,0.3,0.5", help="--branch: rates to continue at")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--experiment", default="mnist_dropout_gaussian", help="the preset (e.g. ptb_lstm_dropout)")
+    ap.add_argument(
+        "--experiment", default="mnist_dropout_gaussian", help="the preset (e.g. ptb_lstm_dropout_gaussian)"
+    )
     ap.add_argument("overrides", nargs="*", help="Hydra overrides")
     ns = ap.parse_args()
     ns.overrides = [f"experiment={ns.experiment}", *ns.overrides]

@@ -71,7 +71,7 @@ def test_check_runs_on_the_language_model(tmp_path):
     """dataset=ptb: the validation batch is a BPTT window (it was an AttributeError on the token stream)."""
     spec, _ = compose_spec(
         [
-            "experiment=ptb_lstm_dropout",
+            "experiment=ptb_lstm_dropout_gaussian",
             "model.embed_dim=4",
             "model.hidden=4",
             "dataset.bptt=3",

@@ -56,7 +56,12 @@ CASES = {
     "iris lr schedule": ["hp=lr", "hp.lr.granularity=per_step", "optim/inner=momentum", "method=unrolled"],
     "iris dropout": ["hp=dropout"],
     "mnist minibatches": [*SMALL_MNIST, "hp=weight_decay", "optim/inner=adamw"],
-    "ptb lstm dropout": ["experiment=ptb_lstm_dropout", "model.embed_dim=8", "model.hidden=8", "dataset.bptt=4"],
+    "ptb lstm dropout": [
+        "experiment=ptb_lstm_dropout_gaussian",
+        "model.embed_dim=8",
+        "model.hidden=8",
+        "dataset.bptt=4",
+    ],
 }
 
 

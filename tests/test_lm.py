@@ -65,16 +65,21 @@ def test_hypergradient_validation_windows_have_val_batch_size_streams():
 
 
 @pytest.mark.slow
-def test_ptb_lstm_dropout_preset_runs(tmp_path):
+@pytest.mark.parametrize(
+    "preset, method, relaxation",
+    [("ptb_lstm_dropout", "stn", "bernoulli"), ("ptb_lstm_dropout_gaussian", "truncated", "gaussian")],
+)
+def test_ptb_lstm_dropout_preset_runs(tmp_path, preset, method, relaxation):
     spec, text = compose_spec(
-        ["experiment=ptb_lstm_dropout", *TINY_LSTM, "outer_steps=3", "inner_steps=12", "warmup=1", "eval_every=3"]
+        [f"experiment={preset}", *TINY_LSTM, "outer_steps=3", "inner_steps=12", "warmup=1", "eval_every=3"]
     )
     summary = run_experiment(spec, tmp_path, config_text=text, console=Console(file=io.StringIO()))
     assert summary["status"] == "completed" and summary["hypergradients"] == 2  # outer steps 2 and 3
     f = summary["final"]
     assert f["val_ppl"] == pytest.approx(math.exp(f["val_loss"]), rel=1e-6) and f["val_ppl"] < 6100  # < vocab
-    # one Gaussian rate for embedding, layer0, output and the DropConnect of both recurrent weights
-    assert summary["num_hparams"] == 1 and summary["method"] == "truncated"
+    # one rate for embedding, layer0, output and the DropConnect of both recurrent weights
+    assert summary["num_hparams"] == 1 and summary["method"] == method
+    assert f"relaxation: {relaxation}" in text
     assert summary["hp_final"]["moved_fraction"] > 0
     # sign descent (lr 0.3): two hyper-steps move the logit by at most 0.6, whatever the hypergradients' size
     assert "_target_: hoexp.optim.sign_sgd" in text

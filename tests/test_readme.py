@@ -293,7 +293,7 @@ DATA_SCRIPTS = {
     "lr_schedule_mnist.py": [],
     "bench.py": ["--quick", "--only", "mnist", "--out", "RUN"],
     "ddp_scaling.py": ["--procs", "1", "--out", "RUN"],
-    "through_optimizer.py": ["RUN", "experiment=ptb_lstm_dropout"],
+    "through_optimizer.py": ["RUN", "experiment=ptb_lstm_dropout_gaussian"],
     "bench_bilevel.py": ["--seeds", "32", "--budget", "1", "--solvers", "hoexp-cg", "--out", "RUN"],
 }
 
