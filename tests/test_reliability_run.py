@@ -23,6 +23,7 @@ from hoexp.cli import compose_spec, main
 from hoexp.config.run import Run
 from hoexp.engine import rundir
 from hoexp.errors import ConfigError, HoexpError, Stopped, raise_if_stopped, stop_on_signals
+from tests import stopping
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = ["model.width=8", "model.depth=1", "progress=false", "checkpoint_every=1"]
@@ -37,14 +38,17 @@ def env():
     }
 
 
-def hoexp(*args, cwd=ROOT):
+def hoexp(*args, cwd=ROOT, slow_steps=None):
+    """``python -m hoexp *args``; with ``slow_steps`` (a folder for its site code), each outer step takes 0.5 s
+    more, so that a test's signal always finds the run still going."""
+    environ = env() if slow_steps is None else stopping.slow_steps(env(), slow_steps)
     return subprocess.Popen(
         [sys.executable, "-m", "hoexp", *args],
         cwd=cwd,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env=env(),
+        env=environ,
     )
 
 
@@ -225,7 +229,7 @@ def test_the_advice_after_a_stopped_run_resumes_it(tmp_path):
     """SIGINT mid-run: exit 130, 'stopped by SIGINT after outer step N; everything is saved; resume with:
     <command>'; that command continues the run from step N (was: exit 1 / 'at outer step N; checkpoint saved')."""
     folder = tmp_path / "run"
-    p = hoexp("run", *BASE, "outer_steps=20", "inner_steps=30", f"hydra.run.dir={folder}")
+    p = hoexp("run", *BASE, "outer_steps=20", "inner_steps=30", f"hydra.run.dir={folder}", slow_steps=tmp_path / "site")
     _wait_for(folder / "metrics.jsonl", '"step": 1,', p)
     p.send_signal(signal.SIGINT)
     _, err = p.communicate(timeout=120)
@@ -250,7 +254,9 @@ def test_the_advice_after_a_stopped_parallel_sweep_resumes_each_job(tmp_path):
     """SIGTERM to a parallel sweep: each stopped job's advice resumes that job in its folder (was: a whole new
     sweep from scratch, exit 0), and the sweep's advice finishes the rest, resuming, not restarting."""
     sweep = tmp_path / "sweep"
-    p = hoexp(*_sweep(sweep, "hydra/launcher=parallel", "hydra.launcher.n_jobs=2"), cwd=tmp_path)
+    p = hoexp(
+        *_sweep(sweep, "hydra/launcher=parallel", "hydra.launcher.n_jobs=2"), cwd=tmp_path, slow_steps=tmp_path / "site"
+    )
     for job in ("0_neumann", "1_neumann"):
         _wait_for(sweep / job / "metrics.jsonl", '"step": 1,', p)
     p.send_signal(signal.SIGTERM)
@@ -293,7 +299,7 @@ def test_the_advice_after_a_stopped_in_process_sweep_finishes_it(tmp_path):
     """The basic launcher stops the whole sweep with the job: its line names the sweep's command (which
     finishes every job) and the job's own; both resume."""
     sweep = tmp_path / "sweep"
-    p = hoexp(*_sweep(sweep), cwd=tmp_path)
+    p = hoexp(*_sweep(sweep), cwd=tmp_path, slow_steps=tmp_path / "site")
     _wait_for(sweep / "0_neumann" / "metrics.jsonl", '"step": 1,', p)
     p.send_signal(signal.SIGTERM)
     _, err = p.communicate(timeout=200)

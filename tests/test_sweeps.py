@@ -12,6 +12,7 @@ import pytest
 
 from hoexp.cli import group_options, validate_job
 from hoexp.errors import ConfigError
+from tests import stopping
 
 ROOT = Path(__file__).resolve().parents[1]
 BLACKBOX = ["iris_blackbox_wd", "iris_blackbox_wd_lr", "iris_blackbox_wd_dropout_lr"]
@@ -198,6 +199,7 @@ def test_parallel_sweep_survives_a_killed_worker_and_reports_it(tmp_path):
     import signal
 
     env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    env = stopping.slow_steps(env, tmp_path.parent / f"{tmp_path.name}-site")  # job 0 is still running at the kill
     args = [*PARALLEL, "outer_steps=6", f"hydra.sweep.dir={tmp_path}"]
     p = subprocess.Popen(
         [sys.executable, "-m", "hoexp", *args],
@@ -246,6 +248,38 @@ def test_sigterm_to_a_parallel_sweep_stops_its_workers(tmp_path):
     assert not any(_alive(w) for w in workers)
     s = summaries(tmp_path)
     assert sorted(s) == ["0_neumann", "1_neumann"] and all(v["status"] == "interrupted" for v in s.values())
+
+
+# In each worker (its first argument is its job's payload, ``<n>.job``): SIGTERM to itself as its interpreter exits,
+# after the job's result is written (where the default handler is back): what CI once saw when a stop came late.
+SIGTERM_AT_EXIT = """
+import atexit, os, signal, sys
+if sys.argv[1:2] and sys.argv[1].endswith(".job"):
+    atexit.register(lambda: os.kill(os.getpid(), signal.SIGTERM))
+"""
+
+
+@pytest.mark.slow
+def test_a_stop_that_reaches_a_worker_after_its_job_is_done_leaves_it_done(tmp_path):
+    """A job whose result is written is done, whatever ends its worker after (was: 'lost (worker killed by
+    SIGTERM)' and exit 1 for a sweep whose every job had finished)."""
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    env = stopping.with_site(env, tmp_path / "site", SIGTERM_AT_EXIT)
+    args = [a for a in PARALLEL if not a.startswith("seed=")]
+    r = subprocess.run(
+        [sys.executable, "-m", "hoexp", *args, "seed=0,1", "outer_steps=2", f"hydra.sweep.dir={tmp_path / 's'}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert r.returncode == 0 and "lost" not in r.stderr, r.stderr
+    ends = sorted(
+        ln.split(" in ")[0] for ln in r.stderr.splitlines() if ln.startswith("hoexp: job #") and "(" not in ln
+    )
+    assert ends == ["hoexp: job #0 done", "hoexp: job #1 done"], r.stderr
+    s = summaries(tmp_path / "s")
+    assert sorted(s) == ["0_neumann", "1_neumann"] and all(v["status"] == "completed" for v in s.values())
 
 
 @pytest.mark.slow
@@ -357,6 +391,7 @@ def test_interrupted_sweep_resumes_with_the_same_command(tmp_path):
         f"hydra.sweep.dir={tmp_path}",
     ]
     env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    env = stopping.slow_steps(env, tmp_path.parent / f"{tmp_path.name}-site")  # job 1 is still running at the signal
     p = subprocess.Popen(
         [sys.executable, "-m", "hoexp", *args],
         cwd=ROOT,

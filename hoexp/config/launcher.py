@@ -150,7 +150,8 @@ def _finish(job: Job) -> None:
     assert job.proc is not None
     code = job.proc.returncode
     last = _last_line(job.folder / "job.log").removeprefix("hoexp: ")
-    job.ret = _load(job.result) if code == 0 else None
+    # A worker whose result is written finished its job, whatever ended its process after (a late signal).
+    job.ret = _load(job.result)
     failed = job.ret is not None and str(getattr(job.ret.status, "name", "")) == "FAILED"
     if job.ret is not None and not failed:
         job.outcome = "done"
@@ -268,6 +269,10 @@ def run_worker(payload: str, result: str) -> None:
     tmp = Path(result + ".tmp")
     tmp.write_bytes(data)
     os.replace(tmp, result)
+    # The job is done: a stop arriving now has nothing to stop, and would kill the exiting interpreter (which
+    # puts back the default handlers) so that the launcher could not tell the done job from a lost one.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def worker_main(payload: str, result: str) -> None:
