@@ -12,13 +12,19 @@ from pathlib import Path
 
 import pytest
 
+from tests import stopping
+
 ROOT = Path(__file__).resolve().parents[1]
 ARGS = ["outer_steps=8", "inner_steps=150", "checkpoint_every=1", "progress=false", "method.terms=3"]
 TIME_KEYS = ("time/elapsed_s", "time/outer_step_s", "time/solver_s")
 
 
-def start(run_dir, *extra):
+def start(run_dir, *extra, slow=False):
+    """The run in ``run_dir``; ``slow``: each outer step 0.5 s longer (same numbers), so that a test's signal finds
+    it still running."""
     env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    if slow:
+        env = stopping.slow_steps(env, Path(run_dir).parent / f"{Path(run_dir).name}-site")
     return subprocess.Popen(
         [sys.executable, "-m", "hoexp", "run", *ARGS, *extra, f"hydra.run.dir={run_dir}"],
         cwd=ROOT,
@@ -66,7 +72,7 @@ def check_same(run_dir, reference):
 @pytest.mark.slow
 def test_sigkill_then_resume_matches_the_uninterrupted_run(tmp_path, reference):
     kill_at = random.Random().randint(2, 6)
-    p = start(tmp_path)
+    p = start(tmp_path, slow=True)
     assert wait_for_step(tmp_path, kill_at, p), "the run ended before it could be killed"
     p.send_signal(signal.SIGKILL)
     p.wait(timeout=60)
@@ -80,7 +86,7 @@ def test_sigkill_then_resume_matches_the_uninterrupted_run(tmp_path, reference):
 
 @pytest.mark.slow
 def test_sigterm_checkpoints_explains_and_resumes(tmp_path, reference):
-    p = start(tmp_path)
+    p = start(tmp_path, slow=True)
     assert wait_for_step(tmp_path, 3, p)
     p.send_signal(signal.SIGTERM)
     out, err = p.communicate(timeout=60)
