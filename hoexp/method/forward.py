@@ -37,41 +37,49 @@ from torch.func import grad, jvp, vmap
 from hoexp import tree
 from hoexp.components import CheckContext, PositiveInt, Range
 from hoexp.errors import ConfigError
-from hoexp.method.unrolled import StepLoss, UnrolledResult, detach_state, path_outputs, path_result
+from hoexp.method.unrolled import StepLoss, Unroll, UnrolledResult, detach_state, grad_norm, path_outputs, path_result
 from hoexp.optim import Optimizer
+from hoexp.tree import Tree
 from hoexp.types import OuterResult, OuterStep
 
 
 def _split_state(state: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """Tensor-valued parts of an optimizer state (which get tangents) and the rest (step counters)."""
     tensors = {k: v for k, v in state.items() if isinstance(v, (Tensor, dict))}
-    rest = {k: v for k, v in state.items() if k not in tensors}
-    return tensors, rest
+    return tensors, {k: v for k, v in state.items() if k not in tensors}
 
 
-def _update_fn(
-    optimizer: Optimizer,
-    overrides: Callable[[dict[str, Tensor], int], dict[str, Any]] | None,
-    rest: dict[str, Any],
-    t: int,
-    captured: dict[str, Any],
-) -> Callable[..., Any]:
-    """Step ``t``'s optimizer update as a function of ``(w, g, state tensors, λ)`` → ``(w', state tensors')``,
-    the form every strategy differentiates; the non-tensor rest of the new state lands in ``captured``."""
+def _map(f: Callable[[Tensor], Tensor], x: Any) -> Any:
+    """``f`` applied to every tensor of nested dicts and tuples of tensors."""
+    if isinstance(x, Tensor):
+        return f(x)
+    if isinstance(x, tuple):
+        return tuple(_map(f, v) for v in x)
+    return {k: _map(f, v) for k, v in x.items()}
+
+
+def _cat(parts: list[Any]) -> Any:
+    if len(parts) == 1:
+        return parts[0]
+    if isinstance(parts[0], Tensor):
+        return torch.cat(parts)
+    return {k: _cat([p[k] for p in parts]) for k in parts[0]}
+
+
+def _update_fn(u: Unroll, rest: dict[str, Any], t: int, whole_step: bool = False) -> tuple[Callable[..., Any], dict]:
+    """Step ``t``'s optimizer update as a function of ``(w, g, state tensors, λ)`` → ``(w', state tensors')``, the
+    form every strategy differentiates (``whole_step``: of ``(w, state tensors, λ)``, ``g`` by ``torch.func.grad``),
+    and the dict where the non-tensor rest of the new state lands (``"rest"``)."""
+    captured: dict[str, Any] = {}
 
     def update(w_, g_, s_, h_):
-        kwargs = overrides(h_, t) if overrides is not None else {}
-        new_w, new_state = optimizer.update(w_, g_, {**s_, **rest}, **kwargs)
+        new_w, new_state = u.update(w_, g_, {**s_, **rest}, h_, t)
         new_tensors, captured["rest"] = _split_state(new_state)
         return new_w, new_tensors
 
-    return update
-
-
-def _zeros_like(x: Any) -> Any:
-    if isinstance(x, Tensor):
-        return torch.zeros_like(x)
-    return {k: _zeros_like(v) for k, v in x.items()}
+    if whole_step:
+        return lambda w_, s_, h_: update(w_, grad(lambda p: u.train_loss(p, h_, t))(w_), s_, h_), captured
+    return update, captured
 
 
 def forward_hypergradient(
@@ -103,13 +111,14 @@ def forward_hypergradient(
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
-    args = (train_loss, val_loss, optimizer, params, opt_state, hparams, steps)
     if tangents is not None and (strategy == "loop" or not tree.numel(hparams)):
         raise ValueError("carried tangents need a batched strategy (hessian or vmap) and hyperparameters")
+    u = Unroll(train_loss, val_loss, optimizer, params, opt_state, hparams, steps, overrides, on_step)
     if strategy != "loop" and tree.numel(hparams):  # no hyperparameters: nothing to batch
-        impl = _forward_hessian if strategy == "hessian" else _forward_vectorized
         try:
-            return impl(*args, overrides=overrides, on_step=on_step, chunk_size=chunk_size, tangents=tangents)
+            if strategy == "hessian":
+                return _forward_hessian(u, tangents)
+            return _forward_vectorized(u, chunk_size, tangents)
         except (RuntimeError, NotImplementedError) as e:  # pragma: no cover - depends on the model's ops
             warnings.warn(
                 f"forward mode: vmap over hyperparameter directions failed ({e}); "
@@ -117,113 +126,67 @@ def forward_hypergradient(
                 RuntimeWarning,
                 stacklevel=2,
             )
-    return _forward_loop(*args, overrides=overrides, on_step=on_step)
+    return _forward_loop(u)
 
 
 STRATEGIES = ("hessian", "vmap", "loop")
 
 
-def _forward_loop(
-    train_loss: StepLoss,
-    val_loss: Callable[[dict[str, Tensor], dict[str, Tensor]], Tensor],
-    optimizer: Optimizer,
-    params: Mapping[str, Tensor],
-    opt_state: dict[str, Any],
-    hparams: Mapping[str, Tensor],
-    steps: int,
-    *,
-    overrides: Callable[[dict[str, Tensor], int], dict[str, Any]] | None = None,
-    on_step: Callable[[], None] | None = None,
-) -> UnrolledResult:
-    """The reference: one ``jvp`` per hyperparameter direction, in a Python loop."""
-    lam = tree.detached(hparams)
+def _start(u: Unroll) -> tuple[Tree, Tensor, Tree, dict[str, Any], dict[str, Any]]:
+    """Detached copies: ``(λ, the unit basis [H, H] of its flattened entries, w, optimizer tensors, the rest)``."""
+    lam = tree.detached(u.hparams)
     lam_flat = tree.flatten(lam.values())
-    n_h = lam_flat.numel()
-    basis = torch.eye(n_h, dtype=lam_flat.dtype, device=lam_flat.device)
-    directions = [tree.unflatten(basis[i], lam) for i in range(n_h)]
-
-    w = tree.detached(params)
-    tensors, rest = _split_state(detach_state(opt_state))
-    tangents = [(_zeros_like(w), _zeros_like(tensors)) for _ in range(n_h)]
-    for t in range(steps):
-        captured: dict[str, Any] = {}
-        update = _update_fn(optimizer, overrides, rest, t, captured)
-
-        def step(w_, s_, h_):
-            return update(w_, grad(lambda p: train_loss(p, h_, t))(w_), s_, h_)
-
-        if n_h == 0:
-            w_next, s_next = step(w, tensors, lam)
-        new_tangents = []
-        for (tw, ts), d in zip(tangents, directions):
-            # The primal outputs are the same for every direction (one plain step's worth of work).
-            # torch's stub types jvp's result as a 2- or 3-tuple (has_aux) with no overloads: it is 2 here
-            (w_next, s_next), tangent = jvp(step, (w, tensors, lam), (tw, ts, d))  # type: ignore[misc]
-            new_tangents.append(tangent)
-        w, tensors, tangents, rest = w_next, s_next, new_tangents, captured["rest"]
-        if on_step is not None:
-            on_step()
-    hg_flat = [jvp(val_loss, (w, lam), (tw, d))[1] for (tw, _), d in zip(tangents, directions)]
-    hg_vector = torch.stack(hg_flat) if hg_flat else lam_flat.new_zeros(0)
-    return _result(train_loss, val_loss, w, tensors, rest, lam, hg_vector, steps)
+    basis = torch.eye(lam_flat.numel(), dtype=lam_flat.dtype, device=lam_flat.device)
+    return lam, basis, tree.detached(u.params), *_split_state(detach_state(u.opt_state))
 
 
-def _result(
-    train_loss: StepLoss,
-    val_loss: Callable[[dict[str, Tensor], dict[str, Tensor]], Tensor],
-    w: dict[str, Tensor],
-    tensors: dict[str, Any],
-    rest: dict[str, Any],
-    lam: dict[str, Tensor],
-    hg_vector: Tensor,
-    steps: int,
-    tangents: Any = None,
-) -> UnrolledResult:
+def _forward_loop(u: Unroll) -> UnrolledResult:
+    """The reference: one ``jvp`` per hyperparameter direction, in a Python loop."""
+    lam, basis, w, tensors, rest = _start(u)
+    directions = [tree.unflatten(basis[i], lam) for i in range(len(basis))]
+    tangents = [(_map(torch.zeros_like, w), _map(torch.zeros_like, tensors)) for _ in directions]
+    for t in range(u.steps):
+        step, captured = _update_fn(u, rest, t, whole_step=True)
+        pushed = [jvp(step, (w, tensors, lam), (tw, ts, d)) for (tw, ts), d in zip(tangents, directions)]
+        # The primal outputs are the same for every direction (one plain step's worth of work).
+        (w, tensors), tangents = (pushed[-1][0] if pushed else step(w, tensors, lam)), [p[1] for p in pushed]
+        rest = captured["rest"]
+        u.stepped()
+    hg = [jvp(u.val_loss, (w, lam), (tw, d))[1] for (tw, _), d in zip(tangents, directions)]
+    return _result(u, w, tensors, rest, lam, torch.stack(hg) if hg else basis.new_zeros(0))
+
+
+def _result(u: Unroll, w: Tree, tensors: Any, rest: Any, lam: Tree, hg: Tensor, tangents: Any = None) -> UnrolledResult:
     # Training loss and gradient norm at w_T on the last batch, for logging (one gradient).
-    loss_value = gnorm = None
-    if steps:
+    loss = gnorm = None
+    if u.steps:
         wg = tree.detached(w, requires_grad=True)
-        loss = train_loss(wg, lam, steps - 1)
-        gs = torch.autograd.grad(loss, list(wg.values()))
-        loss_value = loss.detach()
-        gnorm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in gs]))
-    lv = val_loss(w, lam)
-    hg = tree.unflatten(hg_vector, lam)
-    return UnrolledResult(
-        hypergrad={k: v.detach().clone() for k, v in hg.items()},
-        params=tree.detached(w),
-        opt_state={**detach_state(tensors), **rest},
-        val_loss=float(lv.detach()),
-        last_train_loss=None if loss_value is None else float(loss_value),
-        last_grad_norm=None if gnorm is None else float(gnorm),
-        tangents=tangents,
-    )
+        loss = u.train_loss(wg, lam, u.steps - 1)
+        gnorm = grad_norm(torch.autograd.grad(loss, list(wg.values())))
+    lv = u.val_loss(w, lam)
+    hypergrad = {k: v.detach().clone() for k, v in tree.unflatten(hg, lam).items()}
+    return UnrolledResult.of(hypergrad, w, {**detach_state(tensors), **rest}, lv, loss, gnorm, tangents)
+
+
+def _batched_start(u: Unroll, tangents: tuple[dict[str, Tensor], Any] | None) -> tuple[Any, ...]:
+    """:func:`_start` and the batched starting tangents: ``(λ, H, directions [H, ...] (the unit basis, shaped like
+    ``λ``), w, optimizer tensors, the rest of the state, ẇ, ṡ)`` (``ẇ = ṡ = 0`` unless ``tangents`` are given)."""
+    lam, basis, w, tensors, rest = _start(u)
+    n_h = len(basis)
+    sizes = [v.numel() for v in lam.values()]
+    directions = {k: d.reshape(n_h, *v.shape) for (k, v), d in zip(lam.items(), torch.split(basis, sizes, dim=1))}
+    if tangents is None:
+        tangents = _map(lambda v: torch.zeros(n_h, *v.shape, dtype=v.dtype, device=v.device), (w, tensors))
+    return lam, n_h, directions, w, tensors, rest, *tangents
 
 
 def _forward_vectorized(
-    train_loss: StepLoss,
-    val_loss: Callable[[dict[str, Tensor], dict[str, Tensor]], Tensor],
-    optimizer: Optimizer,
-    params: Mapping[str, Tensor],
-    opt_state: dict[str, Any],
-    hparams: Mapping[str, Tensor],
-    steps: int,
-    *,
-    overrides: Callable[[dict[str, Tensor], int], dict[str, Any]] | None = None,
-    on_step: Callable[[], None] | None = None,
-    chunk_size: int | None = None,
-    tangents: tuple[dict[str, Tensor], Any] | None = None,
+    u: Unroll, chunk_size: int | None, tangents: tuple[dict[str, Tensor], Any] | None
 ) -> UnrolledResult:
     """All directions at once: the tangents are batched ``[H, ...]`` pytrees, one ``vmap``-ed ``jvp`` a step."""
-    lam, lam_flat, n_h, directions, w, tensors, rest, tangent_w, tangent_s = _batched_start(
-        params, opt_state, hparams, tangents
-    )
-    for t in range(steps):
-        captured: dict[str, Any] = {}
-        update = _update_fn(optimizer, overrides, rest, t, captured)
-
-        def step(w_, s_, h_):
-            return update(w_, grad(lambda p: train_loss(p, h_, t))(w_), s_, h_)
+    lam, n_h, directions, w, tensors, rest, tangent_w, tangent_s = _batched_start(u, tangents)
+    for t in range(u.steps):
+        step, captured = _update_fn(u, rest, t, whole_step=True)
 
         def push(tw, ts, d):
             return jvp(step, (w, tensors, lam), (tw, ts, d))
@@ -236,128 +199,65 @@ def _forward_vectorized(
             sl = slice(lo, lo + (chunk_size or n_h))
             # torch's stub allows no None inside an out_dims tuple; vmap documents and supports it
             batched = vmap(push, out_dims=(None, 0))  # type: ignore[arg-type]
-            pieces.append(batched(_index(tangent_w, sl), _index(tangent_s, sl), _index(directions, sl)))
-        (w_next, s_next) = pieces[0][0]
+            pieces.append(batched(*(_map(lambda v: v[sl], x) for x in (tangent_w, tangent_s, directions))))
+        (w, tensors), rest = pieces[0][0], captured["rest"]
         tangent_w, tangent_s = _cat([p[1][0] for p in pieces]), _cat([p[1][1] for p in pieces])
-        w, tensors, rest = w_next, s_next, captured["rest"]
-        if on_step is not None:
-            on_step()
-    hg_vector = vmap(lambda tw, d: jvp(val_loss, (w, lam), (tw, d))[1], chunk_size=chunk_size)(tangent_w, directions)
-    return _result(train_loss, val_loss, w, tensors, rest, lam, hg_vector, steps, (tangent_w, tangent_s))
+        u.stepped()
+    hg = vmap(lambda tw, d: jvp(u.val_loss, (w, lam), (tw, d))[1], chunk_size=chunk_size)(tangent_w, directions)
+    return _result(u, w, tensors, rest, lam, hg, (tangent_w, tangent_s))
 
 
-def _forward_hessian(
-    train_loss: StepLoss,
-    val_loss: Callable[[dict[str, Tensor], dict[str, Tensor]], Tensor],
-    optimizer: Optimizer,
-    params: Mapping[str, Tensor],
-    opt_state: dict[str, Any],
-    hparams: Mapping[str, Tensor],
-    steps: int,
-    *,
-    overrides: Callable[[dict[str, Tensor], int], dict[str, Any]] | None = None,
-    on_step: Callable[[], None] | None = None,
-    chunk_size: int | None = None,
-    tangents: tuple[dict[str, Tensor], Any] | None = None,
-) -> UnrolledResult:
+def _forward_hessian(u: Unroll, tangents: tuple[dict[str, Tensor], Any] | None) -> UnrolledResult:
     """Tangents of the gradient from reverse passes through the joint Hessian of ``L_T`` (module doc).
 
     Cost per step: one ``create_graph`` gradient of ``L_T`` in ``(w, λ)``, ``H`` backward passes
     through it (HVPs), and ``vmap(jvp(update))`` over the directions (elementwise).
     """
-    lam, lam_flat, n_h, directions, w, tensors, rest, tangent_w, tangent_s = _batched_start(
-        params, opt_state, hparams, tangents
-    )
+    lam, n_h, directions, w, tensors, rest, tangent_w, tangent_s = _batched_start(u, tangents)
     w_keys, lam_keys = list(w), list(lam)
-    for t in range(steps):
-        w_req = tree.detached(w, requires_grad=True)
-        lam_req = tree.detached(lam, requires_grad=True)
-        inputs = list(w_req.values()) + list(lam_req.values())
-        g_all = torch.autograd.grad(train_loss(w_req, lam_req, t), inputs, create_graph=True, allow_unused=True)
+    for t in range(u.steps):
+        w_req, lam_req = tree.detached(w, requires_grad=True), tree.detached(lam, requires_grad=True)
+        w_list = list(w_req.values())
+        g_all = torch.autograd.grad(
+            u.train_loss(w_req, lam_req, t), w_list + list(lam_req.values()), create_graph=True, allow_unused=True
+        )
         g = {k: (x.detach() if x is not None else torch.zeros_like(w[k])) for k, x in zip(w_keys, g_all)}
         # Outputs that depend on w (the others contribute nothing to ġ), with their tangents as output gradients.
         pieces = [(x, tangent_w[k]) for k, x in zip(w_keys, g_all) if x is not None and x.requires_grad]
         pieces += [
             (x, directions[k]) for k, x in zip(lam_keys, g_all[len(w_keys) :]) if x is not None and x.requires_grad
         ]
-        w_list = list(w_req.values())
         tangent_g = {k: torch.zeros_like(v) for k, v in tangent_w.items()}
-        if pieces:
-            outs = [x for x, _ in pieces]
-            for h in range(n_h):  # one HVP of the joint Hessian per direction
-                dg = torch.autograd.grad(
-                    outs, w_list, [tx[h] for _, tx in pieces], retain_graph=h < n_h - 1, allow_unused=True
-                )
-                for k, x in zip(w_keys, dg):
-                    if x is not None:
-                        tangent_g[k][h] = x
-        del g_all, pieces, w_req, lam_req
-        captured: dict[str, Any] = {}
-        update = _update_fn(optimizer, overrides, rest, t, captured)
+        outs = [x for x, _ in pieces]
+        for h in range(n_h if pieces else 0):  # one HVP of the joint Hessian per direction
+            dg = torch.autograd.grad(
+                outs, w_list, [tx[h] for _, tx in pieces], retain_graph=h < n_h - 1, allow_unused=True
+            )
+            for k, x in zip(w_keys, dg):
+                if x is not None:
+                    tangent_g[k][h] = x
+        del g_all, pieces, outs, w_req, lam_req
+        update, captured = _update_fn(u, rest, t)
 
         def push(tw, tg, ts, d):
             return jvp(update, (w, g, tensors, lam), (tw, tg, ts, d))
 
         # torch's stub allows no None inside an out_dims tuple; vmap documents and supports it
-        (w_next, s_next), (tangent_w, tangent_s) = vmap(push, out_dims=(None, 0))(  # type: ignore[arg-type]
+        (w, tensors), (tangent_w, tangent_s) = vmap(push, out_dims=(None, 0))(  # type: ignore[arg-type]
             tangent_w, tangent_g, tangent_s, directions
         )
-        w, tensors, rest = w_next, s_next, captured["rest"]
-        if on_step is not None:
-            on_step()
+        rest = captured["rest"]
+        u.stepped()
     # dL_V/dλ_h = ⟨∇_w L_V, ẇ_h⟩ + ⟨∇_λ L_V, λ̇_h⟩: one gradient for all directions.
     w_req, lam_req = tree.detached(w, requires_grad=True), tree.detached(lam, requires_grad=True)
-    gv = torch.autograd.grad(val_loss(w_req, lam_req), list(w_req.values()) + list(lam_req.values()), allow_unused=True)
-    hg_vector = lam_flat.new_zeros(n_h)
+    gv = torch.autograd.grad(
+        u.val_loss(w_req, lam_req), list(w_req.values()) + list(lam_req.values()), allow_unused=True
+    )
+    hg = next(iter(directions.values())).new_zeros(n_h)
     for x, tx in zip(gv, list(tangent_w.values()) + list(directions.values())):
         if x is not None:
-            hg_vector = hg_vector + (tx.reshape(n_h, -1) @ x.reshape(-1).to(tx.dtype))
-    return _result(train_loss, val_loss, w, tensors, rest, lam, hg_vector, steps, (tangent_w, tangent_s))
-
-
-def _batched_start(
-    params: Mapping[str, Tensor],
-    opt_state: dict[str, Any],
-    hparams: Mapping[str, Tensor],
-    tangents: tuple[dict[str, Tensor], Any] | None = None,
-) -> tuple[Any, ...]:
-    """Detached copies and the batched starting tangents: ``(λ, λ_flat, H, directions [H, ...] (the unit
-    basis, shaped like ``λ``), w, optimizer tensors, the rest of the state, ẇ, ṡ)`` (``ẇ = ṡ = 0``
-    unless ``tangents`` are given)."""
-    lam = tree.detached(hparams)
-    lam_flat = tree.flatten(lam.values())
-    n_h = lam_flat.numel()
-    w = tree.detached(params)
-    tensors, rest = _split_state(detach_state(opt_state))
-    basis = torch.eye(n_h, dtype=lam_flat.dtype, device=lam_flat.device)
-    directions = {
-        k: d.reshape(n_h, *v.shape)
-        for (k, v), d in zip(lam.items(), torch.split(basis, [v.numel() for v in lam.values()], dim=1))
-    }
-    if tangents is not None:
-        return lam, lam_flat, n_h, directions, w, tensors, rest, tangents[0], tangents[1]
-    tangent_w = {k: torch.zeros(n_h, *v.shape, dtype=v.dtype, device=v.device) for k, v in w.items()}
-    return lam, lam_flat, n_h, directions, w, tensors, rest, tangent_w, _batched_zeros(tensors, n_h)
-
-
-def _index(x: Any, sl: slice) -> Any:
-    if isinstance(x, Tensor):
-        return x[sl]
-    return {k: _index(v, sl) for k, v in x.items()}
-
-
-def _cat(parts: list[Any]) -> Any:
-    if len(parts) == 1:
-        return parts[0]
-    if isinstance(parts[0], Tensor):
-        return torch.cat(parts)
-    return {k: _cat([p[k] for p in parts]) for k in parts[0]}
-
-
-def _batched_zeros(x: Any, n: int) -> Any:
-    if isinstance(x, Tensor):
-        return torch.zeros(n, *x.shape, dtype=x.dtype, device=x.device)
-    return {k: _batched_zeros(v, n) for k, v in x.items()}
+            hg = hg + (tx.reshape(n_h, -1) @ x.reshape(-1).to(tx.dtype))
+    return _result(u, w, tensors, rest, lam, hg, (tangent_w, tangent_s))
 
 
 @dataclass
@@ -401,7 +301,7 @@ class ForwardMethod:
     def __call__(self, st: OuterStep) -> OuterResult:
         start = None
         if self.carry and self.tangents is not None:
-            start = self.tangents if self.decay == 1 else _scale(self.tangents, self.decay)
+            start = self.tangents if self.decay == 1 else _map(lambda v: v * self.decay, self.tangents)
         res = path_result(forward_hypergradient, st, strategy=self.strategy, tangents=start)
         out = path_outputs(res, st)
         if not self.carry:
@@ -423,14 +323,6 @@ class ForwardMethod:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.tangents = (state["tangent_w"], state["tangent_s"]) if state else None
-
-
-def _scale(x: Any, c: float) -> Any:
-    if isinstance(x, Tensor):
-        return x * c
-    if isinstance(x, tuple):
-        return tuple(_scale(v, c) for v in x)
-    return {k: _scale(v, c) for k, v in x.items()}
 
 
 def forward(

@@ -18,7 +18,7 @@ steps; the hypergradient is the stored-trajectory one up to rounding.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -29,6 +29,7 @@ from hoexp import tree
 from hoexp.components import NonNegInt, PositiveInt
 from hoexp.method.base import scalars
 from hoexp.optim import Optimizer
+from hoexp.tree import Tree
 from hoexp.types import InnerState, OuterResult, OuterStep
 
 StepLoss = Callable[[dict[str, Tensor], dict[str, Tensor], int], Tensor]
@@ -52,6 +53,52 @@ class UnrolledResult:
     last_train_loss: float | None
     last_grad_norm: float | None
     tangents: Any = None  # forward mode: (ẇ, ṡ) batched over the directions, for carrying them on
+
+    @staticmethod
+    def of(
+        hg: Tree, w: Tree, state: Any, lv: Tensor, loss: Tensor | None, gnorm: Tensor | None, tangents: Any = None
+    ) -> UnrolledResult:
+        """Detached copies of the end of a path: ``λ``'s hypergradient, ``w_T``, ``s_T``, ``L_V(w_T)``,
+        the last training loss and gradient norm (``None`` without steps)."""
+        return UnrolledResult(
+            {k: g.detach() for k, g in hg.items()},
+            tree.detached(w),
+            detach_state(state),
+            float(lv.detach()),
+            None if loss is None else float(loss.detach()),
+            None if gnorm is None else float(gnorm),
+            tangents,
+        )
+
+
+def grad_norm(grads: Iterable[Tensor]) -> Tensor:
+    """``‖∇_w L_T‖`` over all the tensors of a gradient (detached)."""
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.detach()) for g in grads]))
+
+
+@dataclass(frozen=True)
+class Unroll:
+    """The arguments of a path that reverse and forward mode share (see :func:`unrolled_hypergradient`)."""
+
+    train_loss: StepLoss
+    val_loss: Callable[[dict[str, Tensor], dict[str, Tensor]], Tensor]
+    optimizer: Optimizer
+    params: Mapping[str, Tensor]
+    opt_state: dict[str, Any]
+    hparams: Mapping[str, Tensor]
+    steps: int
+    overrides: Callable[[dict[str, Tensor], int], dict[str, Any]] | None = None
+    on_step: Callable[[], None] | None = None
+
+    def update(self, w: dict[str, Tensor], grads: Any, state: Any, lam: dict[str, Tensor], t: int) -> Any:
+        """Step ``t``'s optimizer update ``(w', s')``; ``grads``: a dict, or the tensors in ``w``'s order."""
+        kwargs = self.overrides(lam, t) if self.overrides is not None else {}
+        grads = grads if isinstance(grads, Mapping) else dict(zip(w.keys(), grads))
+        return self.optimizer.update(w, grads, state, **kwargs)
+
+    def stepped(self) -> None:
+        if self.on_step is not None:
+            self.on_step()
 
 
 def unrolled_hypergradient(
@@ -77,54 +124,31 @@ def unrolled_hypergradient(
     ``c``-th step's weights and optimizer state and re-runs the segments in the backward pass (see the
     module doc).
     """
+    u = Unroll(train_loss, val_loss, optimizer, params, opt_state, hparams, steps, overrides, on_step)
+    first = 0 if truncate is None else max(steps - truncate, 0)
     if checkpoint_every > 0:
-        return _checkpointed(
-            train_loss,
-            val_loss,
-            optimizer,
-            params,
-            opt_state,
-            hparams,
-            steps,
-            truncate=truncate,
-            overrides=overrides,
-            on_step=on_step,
-            every=checkpoint_every,
-        )
-    lam = tree.detached(hparams, requires_grad=True)
-    lam_const = tree.detached(hparams)
-    first_graph_step = 0 if truncate is None else max(steps - truncate, 0)
-    w = tree.detached(params)
-    state = detach_state(opt_state)
+        return _checkpointed(u, first, checkpoint_every)
+    lam, lam_const = tree.detached(hparams, requires_grad=True), tree.detached(hparams)
+    w, state = tree.detached(params), detach_state(opt_state)
     loss = gnorm = None
     for t in range(steps):
-        differentiable = t >= first_graph_step
+        differentiable = t >= first
         h = lam if differentiable else lam_const
-        if t == first_graph_step:
-            w = tree.detached(w, requires_grad=True)  # the graph starts here (w is a constant leaf)
-        elif not differentiable:
+        if t <= first:  # the graph starts at step `first` (w a constant leaf)
             w = tree.detached(w, requires_grad=True)
         loss = train_loss(w, h, t)
         grads = torch.autograd.grad(loss, list(w.values()), create_graph=differentiable)
-        kwargs = overrides(h, t) if overrides is not None else {}
         if differentiable:
-            w, state = optimizer.update(w, dict(zip(w.keys(), grads)), state, **kwargs)
+            w, state = u.update(w, grads, state, h, t)
         else:
             with torch.no_grad():
-                w, state = optimizer.update(tree.detached(w), dict(zip(w.keys(), grads)), state, **kwargs)
-        gnorm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.detach()) for g in grads]))
-        if on_step is not None:
-            on_step()
+                w, state = u.update(tree.detached(w), grads, state, h, t)
+        gnorm = grad_norm(grads)
+        u.stepped()
     lv = val_loss(w, lam)
     grads_lam = torch.autograd.grad(lv, list(lam.values()), allow_unused=True)
-    hg = {k: g.detach() for k, g in zip(lam.keys(), tree.fill_none(grads_lam, list(lam.values())))}
-    return UnrolledResult(
-        hypergrad=hg,
-        params=tree.detached(w),
-        opt_state=detach_state(state),
-        val_loss=float(lv.detach()),
-        last_train_loss=None if loss is None else float(loss.detach()),
-        last_grad_norm=None if gnorm is None else float(gnorm),
+    return UnrolledResult.of(
+        dict(zip(lam.keys(), tree.fill_none(grads_lam, list(lam.values())))), w, state, lv, loss, gnorm
     )
 
 
@@ -146,42 +170,24 @@ def _with_leaves(state: Any, leaves: Iterator[Tensor]) -> Any:
     return state
 
 
-def _checkpointed(
-    train_loss: StepLoss,
-    val_loss: Callable[[dict[str, Tensor], dict[str, Tensor]], Tensor],
-    optimizer: Optimizer,
-    params: Mapping[str, Tensor],
-    opt_state: dict[str, Any],
-    hparams: Mapping[str, Tensor],
-    steps: int,
-    *,
-    truncate: int | None,
-    overrides: Callable[[dict[str, Tensor], int], dict[str, Any]] | None,
-    on_step: Callable[[], None] | None,
-    every: int,
-) -> UnrolledResult:
-    """:func:`unrolled_hypergradient` with gradient checkpointing every ``every`` differentiable steps."""
-    lam = tree.detached(hparams, requires_grad=True)
-    lam_const = tree.detached(hparams)
-    first = 0 if truncate is None else max(steps - truncate, 0)
-    w, state = tree.detached(params), detach_state(opt_state)
+def _checkpointed(u: Unroll, first: int, every: int) -> UnrolledResult:
+    """:func:`unrolled_hypergradient` from step ``first`` on, with gradient checkpointing every ``every`` steps."""
+    lam, lam_const = tree.detached(u.hparams, requires_grad=True), tree.detached(u.hparams)
+    w, state = tree.detached(u.params), detach_state(u.opt_state)
     starts: dict[int, tuple[dict[str, Tensor], Any]] = {}
     loss = gnorm = None
-    for t in range(steps):  # forward: plain steps, keeping the segments' starts
+    for t in range(u.steps):  # forward: plain steps, keeping the segments' starts
         if t >= first and (t - first) % every == 0:
             starts[t] = (w, state)
         wr = tree.detached(w, requires_grad=True)
-        loss = train_loss(wr, lam_const, t)
+        loss = u.train_loss(wr, lam_const, t)
         grads = torch.autograd.grad(loss, list(wr.values()))
         with torch.no_grad():
-            w, state = optimizer.update(
-                w, dict(zip(w.keys(), grads)), state, **(overrides(lam_const, t) if overrides is not None else {})
-            )
-        gnorm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
-        if on_step is not None:
-            on_step()
+            w, state = u.update(w, grads, state, lam_const, t)
+        gnorm = grad_norm(grads)
+        u.stepped()
     w_end = tree.detached(w, requires_grad=True)
-    lv = val_loss(w_end, lam)
+    lv = u.val_loss(w_end, lam)
     lam_list = list(lam.values())
     out = tree.fill_none(
         torch.autograd.grad(lv, list(w_end.values()) + lam_list, allow_unused=True), list(w_end.values()) + lam_list
@@ -193,10 +199,9 @@ def _checkpointed(
         w0 = tree.detached(starts[t0][0], requires_grad=True)
         s_leaves = [x.detach().requires_grad_(x.is_floating_point()) for x in _state_leaves(starts[t0][1])]
         ws, s = w0, _with_leaves(starts[t0][1], iter(s_leaves))
-        for t in range(t0, min(t0 + every, steps)):
-            g = torch.autograd.grad(train_loss(ws, lam, t), list(ws.values()), create_graph=True)
-            ws, s = optimizer.update(
-                ws, dict(zip(ws.keys(), g)), s, **(overrides(lam, t) if overrides is not None else {})
+        for t in range(t0, min(t0 + every, u.steps)):
+            ws, s = u.update(
+                ws, torch.autograd.grad(u.train_loss(ws, lam, t), list(ws.values()), create_graph=True), s, lam, t
             )
         pairs = [
             (o, a)
@@ -214,14 +219,7 @@ def _checkpointed(
         adj_w = [g if g is not None else torch.zeros_like(x) for g, x in zip(grads_in[: len(w0)], w0.values())]
         adj_s = grads_in[len(w0) : len(w0) + len(s_leaves)]
         hg = [h if g is None else h + g for h, g in zip(hg, grads_in[len(w0) + len(s_leaves) :])]
-    return UnrolledResult(
-        hypergrad={k: g.detach() for k, g in zip(lam.keys(), hg)},
-        params=tree.detached(w),
-        opt_state=detach_state(state),
-        val_loss=float(lv.detach()),
-        last_train_loss=None if loss is None else float(loss.detach()),
-        last_grad_norm=None if gnorm is None else float(gnorm),
-    )
+    return UnrolledResult.of(dict(zip(lam.keys(), hg)), w, state, lv, loss, gnorm)
 
 
 def path_result(hypergradient_fn: Callable[..., UnrolledResult], st: OuterStep, **options: Any) -> UnrolledResult:
