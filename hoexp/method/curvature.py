@@ -34,6 +34,7 @@ from torch import Tensor
 
 from hoexp import tree
 from hoexp.method.solvers import LinearOperator
+from hoexp.tree import Tree
 
 Params = Mapping[str, Tensor]
 
@@ -69,9 +70,9 @@ class Curvature(Protocol):
 
     def operator(
         self,
-        train_loss: Callable[[dict[str, Tensor], dict[str, Tensor]], Tensor],
-        w: dict[str, Tensor],
-        lam: dict[str, Tensor],
+        train_loss: Callable[[Tree, Tree], Tensor],
+        w: Tree,
+        lam: Tree,
         grad_flat: Tensor,
         mixed_inputs: list[Tensor] | None,
     ) -> LinearOperator: ...
@@ -106,12 +107,10 @@ class HessianOperator:
         """``(H v, M v)`` from one backward pass (``M v`` flat, ordered like ``mixed_inputs``)."""
         self.hvps += 1
         inputs = self.params + self.mixed_inputs
-        if not self.grad_flat.requires_grad:
-            out = [torch.zeros_like(x) for x in inputs]
-        else:
-            out = tree.fill_none(
-                torch.autograd.grad(self.grad_flat, inputs, v, retain_graph=True, allow_unused=True), inputs
-            )
+        grads: list[Tensor | None] = [None] * len(inputs)  # the loss is linear in w: zero curvature
+        if self.grad_flat.requires_grad:
+            grads = list(torch.autograd.grad(self.grad_flat, inputs, v, retain_graph=True, allow_unused=True))
+        out = tree.fill_none(grads, inputs)
         k = len(self.params)
         return tree.flatten(out[:k]), tree.flatten(out[k:])
 
@@ -222,12 +221,7 @@ class Hessian:
     uses_product_mode: ClassVar[bool] = True  # the IFT builds its operator from the product mode (hvp=...)
 
     def operator(
-        self,
-        train_loss: Any,
-        w: dict[str, Tensor],
-        lam: dict[str, Tensor],
-        grad_flat: Tensor,
-        mixed_inputs: list[Tensor] | None,
+        self, train_loss: Any, w: Tree, lam: Tree, grad_flat: Tensor, mixed_inputs: list[Tensor] | None
     ) -> LinearOperator:
         return HessianOperator(grad_flat, list(w.values()), mixed_inputs)
 
@@ -241,12 +235,7 @@ class GaussNewton:
     needs_split_loss: ClassVar[bool] = True
 
     def operator(
-        self,
-        train_loss: Any,
-        w: dict[str, Tensor],
-        lam: dict[str, Tensor],
-        grad_flat: Tensor,
-        mixed_inputs: list[Tensor] | None,
+        self, train_loss: Any, w: Tree, lam: Tree, grad_flat: Tensor, mixed_inputs: list[Tensor] | None
     ) -> LinearOperator:
         if not isinstance(train_loss, SplitLoss):
             raise TypeError(

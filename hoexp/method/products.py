@@ -39,6 +39,7 @@ from hoexp.method.functional import (
     linearized_hvp_and_mixed,
 )
 from hoexp.method.solvers import LinearOperator
+from hoexp.tree import Tree
 
 # (∇_w L, L, (w, λ, v) ↦ H v, u ↦ (∂²L/∂λ∂w) u or None: the mixed term then takes one vjp of its own)
 Linearized = tuple[Params, Tensor, Product, Callable[[Params], Params] | None]
@@ -56,13 +57,7 @@ class ProductMode(Protocol):
         ...
 
     def operator(
-        self,
-        train_loss: Loss,
-        w: dict[str, Tensor],
-        lam: dict[str, Tensor],
-        grad_flat: Tensor,
-        mixed_inputs: list[Tensor] | None,
-        dense: bool,
+        self, train_loss: Loss, w: Tree, lam: Tree, grad_flat: Tensor, mixed_inputs: list[Tensor] | None, dense: bool
     ) -> LinearOperator:
         """The eager solve's operator ``v ↦ H v``; ``w``, ``lam``: the leaves ``grad_flat = ∂L_T/∂w`` (with its
         graph) was taken from; ``mixed_inputs``: leaves whose mixed map it may track; ``dense``: the solve forms
@@ -84,13 +79,7 @@ class RevRev:
         return self, {}
 
     def operator(
-        self,
-        train_loss: Loss,
-        w: dict[str, Tensor],
-        lam: dict[str, Tensor],
-        grad_flat: Tensor,
-        mixed_inputs: list[Tensor] | None,
-        dense: bool,
+        self, train_loss: Loss, w: Tree, lam: Tree, grad_flat: Tensor, mixed_inputs: list[Tensor] | None, dense: bool
     ) -> LinearOperator:
         if not dense:
             return HessianOperator(grad_flat, list(w.values()), mixed_inputs)
@@ -113,13 +102,7 @@ class FwdRev:
         return self, {}
 
     def operator(
-        self,
-        train_loss: Loss,
-        w: dict[str, Tensor],
-        lam: dict[str, Tensor],
-        grad_flat: Tensor,
-        mixed_inputs: list[Tensor] | None,
-        dense: bool,
+        self, train_loss: Loss, w: Tree, lam: Tree, grad_flat: Tensor, mixed_inputs: list[Tensor] | None, dense: bool
     ) -> LinearOperator:
         return FunctionalOperator(self._product(train_loss), tree.detached(w), tree.detached(lam))
 
@@ -152,13 +135,7 @@ class Auto:
         return self.chosen, {f"solver/{fwd.name}_over_{rev.name}": t_fwd / t_rev}
 
     def operator(
-        self,
-        train_loss: Loss,
-        w: dict[str, Tensor],
-        lam: dict[str, Tensor],
-        grad_flat: Tensor,
-        mixed_inputs: list[Tensor] | None,
-        dense: bool,
+        self, train_loss: Loss, w: Tree, lam: Tree, grad_flat: Tensor, mixed_inputs: list[Tensor] | None, dense: bool
     ) -> LinearOperator:
         return self.resolve(train_loss, w, lam)[0].operator(train_loss, w, lam, grad_flat, mixed_inputs, dense)
 
