@@ -42,6 +42,8 @@ from hoexp.optim import Optimizer
 from hoexp.tree import Tree
 from hoexp.types import OuterResult, OuterStep
 
+Tangents = tuple[Tree, Any]  # (ẇ, ṡ), batched [H, ...] over the hyperparameter directions
+
 
 def _split_state(state: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """Tensor-valued parts of an optimizer state (which get tangents) and the rest (step counters)."""
@@ -95,7 +97,7 @@ def forward_hypergradient(
     on_step: Callable[[], None] | None = None,
     strategy: str = "hessian",
     chunk_size: int | None = None,
-    tangents: tuple[dict[str, Tensor], Any] | None = None,
+    tangents: Tangents | None = None,
 ) -> UnrolledResult:
     """``dL_V(w_T)/dλ`` by forward mode: one tangent per scalar hyperparameter, carried for ``steps`` steps.
 
@@ -168,7 +170,7 @@ def _result(u: Unroll, w: Tree, tensors: Any, rest: Any, lam: Tree, hg: Tensor, 
     return UnrolledResult.of(hypergrad, w, {**detach_state(tensors), **rest}, lv, loss, gnorm, tangents)
 
 
-def _batched_start(u: Unroll, tangents: tuple[dict[str, Tensor], Any] | None) -> tuple[Any, ...]:
+def _batched_start(u: Unroll, tangents: Tangents | None) -> tuple[Any, ...]:
     """:func:`_start` and the batched starting tangents: ``(λ, H, directions [H, ...] (the unit basis, shaped like
     ``λ``), w, optimizer tensors, the rest of the state, ẇ, ṡ)`` (``ẇ = ṡ = 0`` unless ``tangents`` are given)."""
     lam, basis, w, tensors, rest = _start(u)
@@ -180,9 +182,7 @@ def _batched_start(u: Unroll, tangents: tuple[dict[str, Tensor], Any] | None) ->
     return lam, n_h, directions, w, tensors, rest, *tangents
 
 
-def _forward_vectorized(
-    u: Unroll, chunk_size: int | None, tangents: tuple[dict[str, Tensor], Any] | None
-) -> UnrolledResult:
+def _forward_vectorized(u: Unroll, chunk_size: int | None, tangents: Tangents | None) -> UnrolledResult:
     """All directions at once: the tangents are batched ``[H, ...]`` pytrees, one ``vmap``-ed ``jvp`` a step."""
     lam, n_h, directions, w, tensors, rest, tangent_w, tangent_s = _batched_start(u, tangents)
     for t in range(u.steps):
@@ -207,7 +207,7 @@ def _forward_vectorized(
     return _result(u, w, tensors, rest, lam, hg, (tangent_w, tangent_s))
 
 
-def _forward_hessian(u: Unroll, tangents: tuple[dict[str, Tensor], Any] | None) -> UnrolledResult:
+def _forward_hessian(u: Unroll, tangents: Tangents | None) -> UnrolledResult:
     """Tangents of the gradient from reverse passes through the joint Hessian of ``L_T`` (module doc).
 
     Cost per step: one ``create_graph`` gradient of ``L_T`` in ``(w, λ)``, ``H`` backward passes
@@ -223,10 +223,8 @@ def _forward_hessian(u: Unroll, tangents: tuple[dict[str, Tensor], Any] | None) 
         )
         g = {k: (x.detach() if x is not None else torch.zeros_like(w[k])) for k, x in zip(w_keys, g_all)}
         # Outputs that depend on w (the others contribute nothing to ġ), with their tangents as output gradients.
-        pieces = [(x, tangent_w[k]) for k, x in zip(w_keys, g_all) if x is not None and x.requires_grad]
-        pieces += [
-            (x, directions[k]) for k, x in zip(lam_keys, g_all[len(w_keys) :]) if x is not None and x.requires_grad
-        ]
+        out_tangents = [tangent_w[k] for k in w_keys] + [directions[k] for k in lam_keys]
+        pieces = [(x, tx) for x, tx in zip(g_all, out_tangents) if x is not None and x.requires_grad]
         tangent_g = {k: torch.zeros_like(v) for k, v in tangent_w.items()}
         outs = [x for x, _ in pieces]
         for h in range(n_h if pieces else 0):  # one HVP of the joint Hessian per direction
@@ -250,9 +248,8 @@ def _forward_hessian(u: Unroll, tangents: tuple[dict[str, Tensor], Any] | None) 
         u.stepped()
     # dL_V/dλ_h = ⟨∇_w L_V, ẇ_h⟩ + ⟨∇_λ L_V, λ̇_h⟩: one gradient for all directions.
     w_req, lam_req = tree.detached(w, requires_grad=True), tree.detached(lam, requires_grad=True)
-    gv = torch.autograd.grad(
-        u.val_loss(w_req, lam_req), list(w_req.values()) + list(lam_req.values()), allow_unused=True
-    )
+    ends = list(w_req.values()) + list(lam_req.values())
+    gv = torch.autograd.grad(u.val_loss(w_req, lam_req), ends, allow_unused=True)
     hg = next(iter(directions.values())).new_zeros(n_h)
     for x, tx in zip(gv, list(tangent_w.values()) + list(directions.values())):
         if x is not None:
@@ -278,7 +275,7 @@ class ForwardMethod:
     strategy: str = "hessian"
     carry: bool = False
     decay: float = 1.0
-    tangents: tuple[dict[str, Tensor], Any] | None = field(default=None, repr=False)
+    tangents: Tangents | None = field(default=None, repr=False)
 
     extra_batches: ClassVar[int] = 0
     needs_stationary_point: ClassVar[bool] = False
@@ -304,10 +301,9 @@ class ForwardMethod:
             start = self.tangents if self.decay == 1 else _map(lambda v: v * self.decay, self.tangents)
         res = path_result(forward_hypergradient, st, strategy=self.strategy, tangents=start)
         out = path_outputs(res, st)
-        if not self.carry:
-            return out
-        self.tangents = res.tangents
-        if res.tangents is None:
+        if self.carry:
+            self.tangents = res.tangents
+        if not self.carry or res.tangents is None:
             return out
         return out._replace(scalars={**out.scalars, "forward/tangent_norm": float(tree.norm(res.tangents[0]))})
 

@@ -189,9 +189,8 @@ def _checkpointed(u: Unroll, first: int, every: int) -> UnrolledResult:
     w_end = tree.detached(w, requires_grad=True)
     lv = u.val_loss(w_end, lam)
     lam_list = list(lam.values())
-    out = tree.fill_none(
-        torch.autograd.grad(lv, list(w_end.values()) + lam_list, allow_unused=True), list(w_end.values()) + lam_list
-    )
+    ends = list(w_end.values()) + lam_list
+    out = tree.fill_none(torch.autograd.grad(lv, ends, allow_unused=True), ends)
     adj_w: list[Tensor | None] = list(out[: len(w_end)])
     hg = out[len(w_end) :]
     adj_s: list[Tensor | None] = [None] * len(_state_leaves(state))
@@ -203,11 +202,8 @@ def _checkpointed(u: Unroll, first: int, every: int) -> UnrolledResult:
             ws, s = u.update(
                 ws, torch.autograd.grad(u.train_loss(ws, lam, t), list(ws.values()), create_graph=True), s, lam, t
             )
-        pairs = [
-            (o, a)
-            for o, a in zip(list(ws.values()) + _state_leaves(s), adj_w + adj_s)
-            if a is not None and o.requires_grad
-        ]
+        outs = list(ws.values()) + _state_leaves(s)
+        pairs = [(o, a) for o, a in zip(outs, adj_w + adj_s) if a is not None and o.requires_grad]
         inputs = list(w0.values()) + s_leaves + lam_list
         differentiable = [x for x in inputs if x.requires_grad]
         got = iter(
