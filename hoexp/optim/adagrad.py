@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from typing import cast
-
 import torch
+from torch import Tensor
 
 from hoexp.bounds import NonNegFloat, PositiveFloat
 from hoexp.optim.base import (
@@ -12,15 +11,15 @@ from hoexp.optim.base import (
     Optimizer,
     OptState,
     Params,
+    Scalar,
     TensorList,
     add_scaled,
     add_scaled_div,
     add_scaled_mul,
-    check_grads,
+    apply,
     check_nonneg,
-    fast_path,
-    hyper,
     is_zero,
+    resolve,
     safe_sqrt,
 )
 
@@ -46,17 +45,17 @@ def adagrad(
     ``sqrt`` is :func:`safe_sqrt`. Cost: O(n) flops per step, n extra memory.
     ``update`` overrides: ``lr``, ``weight_decay``, ``lr_decay``, ``eps``.
     """
-    check_nonneg(
+    defaults = dict(
         lr=lr,
         lr_decay=lr_decay,
         weight_decay=weight_decay,
         initial_accumulator_value=initial_accumulator_value,
         eps=eps,
     )
-    lr0, decay0, wd0, init_acc, eps0 = lr, lr_decay, weight_decay, initial_accumulator_value, eps
+    check_nonneg(**defaults)
 
     def init(params: Params) -> OptState:
-        return {"step": 0, "sum": {k: torch.full_like(p, init_acc) for k, p in params.items()}}
+        return {"step": 0, "sum": {k: torch.full_like(p, initial_accumulator_value) for k, p in params.items()}}
 
     def update(
         params: Params,
@@ -67,53 +66,30 @@ def adagrad(
         lr_decay: Hyper | None = None,
         eps: Hyper | None = None,
     ) -> tuple[Params, OptState]:
-        check_grads(params, grads)
-        step = state["step"] + 1
-        values = tuple(
-            d if o is None else o for o, d in ((lr, lr0), (weight_decay, wd0), (lr_decay, decay0), (eps, eps0))
-        )
-        if fast_path((params, grads, state["sum"]), values):
-            numbers = cast("tuple[float, ...]", values)  # fast_path: all Python numbers
-            return _adagrad_multi_tensor(params, grads, state, step, *numbers)
-        new_params: Params = {}
-        new_sum: Params = {}
-        for k, p in params.items():
-            g = grads[k]
-            wd = hyper(weight_decay, wd0, k)
-            if not is_zero(wd):
-                g = add_scaled(g, wd, p)
-            clr = hyper(lr, lr0, k) / (1 + (step - 1) * hyper(lr_decay, decay0, k))
-            s = add_scaled_mul(state["sum"][k], 1, g, g)
-            new_sum[k] = s
-            std = safe_sqrt(s) + hyper(eps, eps0, k)
-            new_params[k] = add_scaled_div(p, -clr, g, std)
-        return new_params, {"step": step, "sum": new_sum}
+        values = resolve(defaults, lr=lr, weight_decay=weight_decay, lr_decay=lr_decay, eps=eps, t=state["step"] + 1)
+        return apply(_adagrad_one, _adagrad_many, params, grads, state, {"sum": state["sum"]}, values)
 
-    return Optimizer(
-        "adagrad",
-        init,
-        update,
-        dict(
-            lr=lr,
-            lr_decay=lr_decay,
-            weight_decay=weight_decay,
-            initial_accumulator_value=initial_accumulator_value,
-            eps=eps,
-        ),
-    )
+    return Optimizer("adagrad", init, update, dict(defaults))
 
 
-def _adagrad_multi_tensor(
-    params: Params, grads: Params, state: OptState, step: int, lr: float, wd: float, lr_decay: float, eps: float
-) -> tuple[Params, OptState]:
-    """The Adagrad update for all tensors at once (``torch._foreach_*``), same operations as the loop."""
-    keys = list(params)
-    p = [params[k] for k in keys]
-    g: TensorList = [grads[k] for k in keys]
-    if wd != 0:
-        g = torch._foreach_add(g, p, alpha=wd)
-    s = torch._foreach_addcmul([state["sum"][k] for k in keys], g, g, value=1)
+def _adagrad_one(
+    p: Tensor, g: Tensor, s: Tensor, *, lr: Scalar, weight_decay: Scalar, lr_decay: Scalar, eps: Scalar, t: int
+) -> tuple[Tensor, Tensor]:
+    """The reference path, one parameter at a time: ``(p, sum)`` after the step."""
+    if not is_zero(weight_decay):
+        g = add_scaled(g, weight_decay, p)
+    clr = lr / (1 + (t - 1) * lr_decay)
+    s = add_scaled_mul(s, 1, g, g)
+    return add_scaled_div(p, -clr, g, safe_sqrt(s) + eps), s
+
+
+def _adagrad_many(
+    p: TensorList, g: TensorList, s: TensorList, *, lr: float, weight_decay: float, lr_decay: float, eps: float, t: int
+) -> tuple[TensorList, TensorList]:
+    """:func:`_adagrad_one` for all tensors at once (``torch._foreach_*``), the same operations."""
+    if weight_decay != 0:
+        g = torch._foreach_add(g, p, alpha=weight_decay)
+    s = torch._foreach_addcmul(s, g, g, value=1)
     std = torch._foreach_sqrt(s)
     torch._foreach_add_(std, eps)
-    clr = lr / (1 + (step - 1) * lr_decay)
-    return dict(zip(keys, torch._foreach_addcdiv(p, g, std, value=-clr))), {"step": step, "sum": dict(zip(keys, s))}
+    return torch._foreach_addcdiv(p, g, std, value=-(lr / (1 + (t - 1) * lr_decay))), s

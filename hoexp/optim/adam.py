@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import cast
+from functools import partial
 
 import torch
+from torch import Tensor
 
 from hoexp.bounds import NonNegFloat, PositiveFloat, Probability
 from hoexp.optim.base import (
@@ -12,16 +13,16 @@ from hoexp.optim.base import (
     Optimizer,
     OptState,
     Params,
+    Scalar,
     TensorList,
     add_scaled,
     add_scaled_div,
     add_scaled_mul,
-    check_grads,
+    apply,
     check_nonneg,
-    fast_path,
-    hyper,
     is_zero,
     lerp,
+    resolve,
     safe_sqrt,
     zeros_like_params,
 )
@@ -36,7 +37,9 @@ def _adam_like(
     for i, beta in enumerate(betas):
         if isinstance(beta, (int, float)) and not 0.0 <= beta < 1.0:
             raise ValueError(f"Invalid beta parameter at index {i}: {beta}")
-    lr0, (b10, b20), eps0, wd0 = lr, betas, eps, weight_decay
+    defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad)
+    factory = dict(defaults, beta1=betas[0], beta2=betas[1])
+    one, many = partial(_adam_one, decoupled=decoupled), partial(_adam_many, decoupled=decoupled)
 
     def init(params: Params) -> OptState:
         state: OptState = {"step": 0, "exp_avg": zeros_like_params(params), "exp_avg_sq": zeros_like_params(params)}
@@ -54,89 +57,78 @@ def _adam_like(
         beta2: Hyper | None = None,
         eps: Hyper | None = None,
     ) -> tuple[Params, OptState]:
-        check_grads(params, grads)
-        step = state["step"] + 1
-        values = tuple(
-            d if o is None else o for o, d in ((lr, lr0), (weight_decay, wd0), (beta1, b10), (beta2, b20), (eps, eps0))
+        values = resolve(
+            factory, lr=lr, weight_decay=weight_decay, beta1=beta1, beta2=beta2, eps=eps, t=state["step"] + 1
         )
-        buffers = [state["exp_avg"], state["exp_avg_sq"]] + ([state["max_exp_avg_sq"]] if amsgrad else [])
-        if fast_path((params, grads, *buffers), values):
-            numbers = cast("tuple[float, ...]", values)  # fast_path: all Python numbers
-            return _adam_multi_tensor(params, grads, state, step, *numbers, amsgrad=amsgrad, decoupled=decoupled)
-        new_params: Params = {}
-        new_m: Params = {}
-        new_v: Params = {}
-        new_vmax: Params = {}
-        for k, p in params.items():
-            g = grads[k]
-            lr_k = hyper(lr, lr0, k)
-            wd = hyper(weight_decay, wd0, k)
-            b1 = hyper(beta1, b10, k)
-            b2 = hyper(beta2, b20, k)
-            if not is_zero(wd):
-                if decoupled:
-                    p = p * (1 - lr_k * wd)
-                else:
-                    g = add_scaled(g, wd, p)
-            m = lerp(state["exp_avg"][k], g, 1 - b1)
-            v = add_scaled_mul(state["exp_avg_sq"][k] * b2, 1 - b2, g, g)
-            new_m[k], new_v[k] = m, v
-            if amsgrad:
-                v = torch.maximum(state["max_exp_avg_sq"][k], v)
-                new_vmax[k] = v
-            bias_correction1 = 1 - b1**step
-            bias_correction2 = 1 - b2**step
-            step_size = lr_k / bias_correction1
-            denom = safe_sqrt(v) / bias_correction2**0.5 + hyper(eps, eps0, k)
-            new_params[k] = add_scaled_div(p, -step_size, m, denom)
-        new_state: OptState = {"step": step, "exp_avg": new_m, "exp_avg_sq": new_v}
-        if amsgrad:
-            new_state["max_exp_avg_sq"] = new_vmax
-        return new_params, new_state
+        buffers = {n: state[n] if n != "max_exp_avg_sq" or amsgrad else None for n in _BUFFERS}
+        return apply(one, many, params, grads, state, buffers, values)
 
-    return Optimizer(
-        name, init, update, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad)
-    )
+    return Optimizer(name, init, update, defaults)
 
 
-def _adam_multi_tensor(
-    params: Params,
-    grads: Params,
-    state: OptState,
-    step: int,
-    lr: float,
-    wd: float,
-    b1: float,
-    b2: float,
-    eps: float,
+_BUFFERS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+
+
+def _adam_one(
+    p: Tensor,
+    g: Tensor,
+    m: Tensor,
+    v: Tensor,
+    vmax: Tensor | None,
     *,
-    amsgrad: bool,
+    lr: Scalar,
+    weight_decay: Scalar,
+    beta1: Scalar,
+    beta2: Scalar,
+    eps: Scalar,
+    t: int,
     decoupled: bool,
-) -> tuple[Params, OptState]:
-    """The Adam/AdamW update for all tensors at once (``torch._foreach_*``), same operations as the loop.
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """The reference path, one parameter at a time: ``(p, exp_avg, exp_avg_sq, max_exp_avg_sq)`` after the step."""
+    if not is_zero(weight_decay):
+        if decoupled:
+            p = p * (1 - lr * weight_decay)
+        else:
+            g = add_scaled(g, weight_decay, p)
+    m = lerp(m, g, 1 - beta1)
+    v = add_scaled_mul(v * beta2, 1 - beta2, g, g)
+    vmax = None if vmax is None else torch.maximum(vmax, v)
+    denom = safe_sqrt(v if vmax is None else vmax) / (1 - beta2**t) ** 0.5 + eps
+    return add_scaled_div(p, -(lr / (1 - beta1**t)), m, denom), m, v, vmax
+
+
+def _adam_many(
+    p: TensorList,
+    g: TensorList,
+    m: TensorList,
+    v: TensorList,
+    vmax: TensorList | None,
+    *,
+    lr: float,
+    weight_decay: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    t: int,
+    decoupled: bool,
+) -> tuple[TensorList, TensorList, TensorList, TensorList | None]:
+    """:func:`_adam_one` for all tensors at once (``torch._foreach_*``), the same operations.
 
     ``√v`` is a plain square root here: ``v`` is a sum of squares, never negative.
     """
-    keys = list(params)
-    p: TensorList = [params[k] for k in keys]
-    g: TensorList = [grads[k] for k in keys]
-    if wd != 0:
+    if weight_decay != 0:
         if decoupled:
-            p = torch._foreach_mul(p, 1 - lr * wd)
+            p = torch._foreach_mul(p, 1 - lr * weight_decay)
         else:
-            g = torch._foreach_add(g, p, alpha=wd)
-    m = torch._foreach_lerp([state["exp_avg"][k] for k in keys], g, 1 - b1)
-    v = torch._foreach_mul([state["exp_avg_sq"][k] for k in keys], b2)
-    torch._foreach_addcmul_(v, g, g, value=1 - b2)
-    new_state: OptState = {"step": step, "exp_avg": dict(zip(keys, m)), "exp_avg_sq": dict(zip(keys, v))}
-    if amsgrad:
-        v = torch._foreach_maximum([state["max_exp_avg_sq"][k] for k in keys], v)
-        new_state["max_exp_avg_sq"] = dict(zip(keys, v))
-    denom = torch._foreach_sqrt(v)
-    torch._foreach_div_(denom, (1 - b2**step) ** 0.5)
+            g = torch._foreach_add(g, p, alpha=weight_decay)
+    m = torch._foreach_lerp(m, g, 1 - beta1)
+    v = torch._foreach_mul(v, beta2)
+    torch._foreach_addcmul_(v, g, g, value=1 - beta2)
+    vmax = None if vmax is None else torch._foreach_maximum(vmax, v)
+    denom = torch._foreach_sqrt(v if vmax is None else vmax)
+    torch._foreach_div_(denom, (1 - beta2**t) ** 0.5)
     torch._foreach_add_(denom, eps)
-    new_p = torch._foreach_addcdiv(p, m, denom, value=-(lr / (1 - b1**step)))
-    return dict(zip(keys, new_p)), new_state
+    return torch._foreach_addcdiv(p, m, denom, value=-(lr / (1 - beta1**t))), m, v, vmax
 
 
 def adam(

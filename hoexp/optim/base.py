@@ -27,7 +27,7 @@ arithmetic. :func:`reference_paths` turns it off (tests compare the two).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any, NamedTuple, TypeGuard
 
@@ -48,6 +48,7 @@ __all__ = [
     "set_fast_paths",
     "add_scaled_div",
     "add_scaled_mul",
+    "apply",
     "Hyper",
     "OptState",
     "Optimizer",
@@ -59,6 +60,7 @@ __all__ = [
     "hyper",
     "is_zero",
     "lerp",
+    "resolve",
     "safe_sqrt",
     "zeros_like_params",
 ]
@@ -213,3 +215,42 @@ def fast_path(trees: Iterable[Mapping[str, torch.Tensor]], values: Iterable[Any]
             if grad_mode and t.requires_grad:
                 return False
     return not empty
+
+
+def resolve(defaults: Mapping[str, Any], **overrides: Hyper | None) -> dict[str, Any]:
+    """The effective hyperparameters: each override, or the factory's value in ``defaults`` where it is None
+    (values never None, such as the step number, pass through)."""
+    return {k: defaults[k] if v is None else v for k, v in overrides.items()}
+
+
+def apply(
+    one: Callable[..., Sequence[torch.Tensor | None]],
+    many: Callable[..., Sequence[TensorList | None]],
+    params: Params,
+    grads: Params,
+    state: OptState,
+    buffers: Mapping[str, Params | None],
+    values: Mapping[str, Any],
+) -> tuple[Params, OptState]:
+    """One optimizer step: ``(new_params, new_state)``, the state's ``step`` one higher.
+
+    ``buffers`` are the state's per-parameter trees the step reads (None: not kept), in state order; ``values``
+    its hyperparameters. On the :func:`fast_path`, ``many(p, g, *buffers, **values)`` runs once on lists of
+    tensors; otherwise ``one`` runs the same on each parameter's tensors and values (:func:`hyper`). Both return
+    the new parameters, then the new buffers in order (None for those not kept).
+    """
+    check_grads(params, grads)
+    keys, trees = list(params), list(buffers.values())
+    if fast_path((params, grads, *(t for t in trees if t is not None)), values.values()):
+        cols = (None if t is None else [t[k] for k in keys] for t in trees)
+        new = many([params[k] for k in keys], [grads[k] for k in keys], *cols, **values)
+        out: list[Params] = [{} if x is None else dict(zip(keys, x)) for x in new]
+    else:
+        out = [{} for _ in range(len(trees) + 1)]
+        for k in keys:
+            bufs = (None if t is None else t[k] for t in trees)
+            for o, x in zip(out, one(params[k], grads[k], *bufs, **{n: hyper(None, v, k) for n, v in values.items()})):
+                if x is not None:
+                    o[k] = x
+    kept = {n: o for (n, t), o in zip(buffers.items(), out[1:]) if t is not None}
+    return out[0], {"step": state["step"] + 1, **kept}

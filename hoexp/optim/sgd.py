@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Annotated, cast
+from functools import partial
+from typing import Annotated
 
 import torch
+from torch import Tensor
 
 from hoexp.bounds import NonNegFloat, PositiveFloat, Probability, Range
 from hoexp.optim.base import (
@@ -12,13 +14,13 @@ from hoexp.optim.base import (
     Optimizer,
     OptState,
     Params,
+    Scalar,
     TensorList,
     add_scaled,
-    check_grads,
+    apply,
     check_nonneg,
-    fast_path,
-    hyper,
     is_zero,
+    resolve,
     zeros_like_params,
 )
 
@@ -56,8 +58,9 @@ def sgd(
     check_nonneg(lr=lr, momentum=momentum, weight_decay=weight_decay)
     if nesterov and (momentum <= 0 or dampening != 0):
         raise ValueError("Nesterov momentum requires a momentum and zero dampening")
-    lr0, mu0, damp0, wd0 = lr, momentum, dampening, weight_decay
+    defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov)
     use_buffer = not is_zero(momentum)
+    one, many = partial(_sgd_one, nesterov=nesterov), partial(_sgd_many, nesterov=nesterov)
 
     def init(params: Params) -> OptState:
         state: OptState = {"step": 0}
@@ -74,86 +77,66 @@ def sgd(
         dampening: Hyper | None = None,
         weight_decay: Hyper | None = None,
     ) -> tuple[Params, OptState]:
-        check_grads(params, grads)
         if not use_buffer and (momentum is not None or dampening is not None):
             raise ValueError(
                 f"optimizer '{name}' was built with momentum=0 (no momentum buffer); "
                 "build it with momentum > 0 to override momentum/dampening"
             )
-        first = state["step"] == 0
-        values: tuple[Hyper, ...] = (lr0 if lr is None else lr, wd0 if weight_decay is None else weight_decay)
+        values = resolve(defaults, lr=lr, weight_decay=weight_decay, t=state["step"] + 1)
         if use_buffer:
-            values += (mu0 if momentum is None else momentum, damp0 if dampening is None else dampening)
-        buffers = () if not use_buffer or first else (state["momentum_buffer"],)
-        if fast_path((params, grads, *buffers), values):
-            numbers = cast("tuple[float, ...]", values)  # fast_path: all Python numbers
-            return _sgd_multi_tensor(params, grads, state, *numbers, nesterov=nesterov, use_buffer=use_buffer)
-        return _sgd_per_tensor(params, grads, state, values, nesterov=nesterov, use_buffer=use_buffer)
+            values.update(resolve(defaults, momentum=momentum, dampening=dampening))
+        # the buffer is not read at step 1 (it starts as a copy of d): params stand in for it
+        buf = None if not use_buffer else params if values["t"] == 1 else state["momentum_buffer"]
+        return apply(one, many, params, grads, state, {"momentum_buffer": buf}, values)
 
-    return Optimizer(
-        name,
-        init,
-        update,
-        dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov),
-    )
+    return Optimizer(name, init, update, dict(defaults))
 
 
-def _sgd_per_tensor(
-    params: Params, grads: Params, state: OptState, values: tuple[Hyper, ...], *, nesterov: bool, use_buffer: bool
-) -> tuple[Params, OptState]:
-    """The reference path, one parameter at a time; ``values`` = ``(lr, weight_decay)`` plus ``(momentum,
-    dampening)`` with a momentum buffer (numbers, tensors, or per-parameter mappings)."""
-    first = state["step"] == 0
-    new_params: Params = {}
-    new_buf: Params = {}
-    for k, p in params.items():
-        d = grads[k]
-        wd = hyper(None, values[1], k)
-        if not is_zero(wd):
-            d = add_scaled(d, wd, p)
-        if use_buffer:
-            mu = hyper(None, values[2], k)
-            if first:
-                buf = d.clone()
-            else:
-                buf = add_scaled(state["momentum_buffer"][k] * mu, 1 - hyper(None, values[3], k), d)
-            new_buf[k] = buf
-            d = add_scaled(d, mu, buf) if nesterov else buf
-        new_params[k] = add_scaled(p, -hyper(None, values[0], k), d)
-    new_state: OptState = {"step": state["step"] + 1}
-    if use_buffer:
-        new_state["momentum_buffer"] = new_buf
-    return new_params, new_state
-
-
-def _sgd_multi_tensor(
-    params: Params,
-    grads: Params,
-    state: OptState,
-    lr: float,
-    wd: float,
-    mu: float = 0.0,
-    damp: float = 0.0,
+def _sgd_one(
+    p: Tensor,
+    d: Tensor,
+    buf: Tensor | None,
     *,
+    lr: Scalar,
+    weight_decay: Scalar,
+    t: int,
+    momentum: Scalar = 0.0,
+    dampening: Scalar = 0.0,
     nesterov: bool,
-    use_buffer: bool,
-) -> tuple[Params, OptState]:
-    """The SGD update for all tensors at once (``torch._foreach_*``), same operations as the loop above."""
-    keys = list(params)
-    p = [params[k] for k in keys]
-    d: TensorList = [grads[k] for k in keys]
-    if wd != 0:
-        d = torch._foreach_add(d, p, alpha=wd)
-    new_state: OptState = {"step": state["step"] + 1}
-    if use_buffer:
-        if state["step"] == 0:
-            buf: TensorList = [x.clone() for x in d]
+) -> tuple[Tensor, Tensor | None]:
+    """The reference path, one parameter at a time: ``(p, momentum_buffer)`` after the step (the buffer None
+    without momentum)."""
+    if not is_zero(weight_decay):
+        d = add_scaled(d, weight_decay, p)
+    if buf is not None:
+        buf = d.clone() if t == 1 else add_scaled(buf * momentum, 1 - dampening, d)
+        d = add_scaled(d, momentum, buf) if nesterov else buf
+    return add_scaled(p, -lr, d), buf
+
+
+def _sgd_many(
+    p: TensorList,
+    d: TensorList,
+    buf: TensorList | None,
+    *,
+    lr: float,
+    weight_decay: float,
+    t: int,
+    momentum: float = 0.0,
+    dampening: float = 0.0,
+    nesterov: bool,
+) -> tuple[TensorList, TensorList | None]:
+    """:func:`_sgd_one` for all tensors at once (``torch._foreach_*``), the same operations."""
+    if weight_decay != 0:
+        d = torch._foreach_add(d, p, alpha=weight_decay)
+    if buf is not None:
+        if t == 1:
+            buf = [x.clone() for x in d]
         else:
-            buf = torch._foreach_mul([state["momentum_buffer"][k] for k in keys], mu)
-            torch._foreach_add_(buf, d, alpha=1 - damp)
-        new_state["momentum_buffer"] = dict(zip(keys, buf))
-        d = torch._foreach_add(d, buf, alpha=mu) if nesterov else buf
-    return dict(zip(keys, torch._foreach_add(p, d, alpha=-lr))), new_state
+            buf = torch._foreach_mul(buf, momentum)
+            torch._foreach_add_(buf, d, alpha=1 - dampening)
+        d = torch._foreach_add(d, buf, alpha=momentum) if nesterov else buf
+    return torch._foreach_add(p, d, alpha=-lr), buf
 
 
 def momentum(lr: float, momentum: float = 0.9, dampening: float = 0.0, weight_decay: float = 0.0) -> Optimizer:
