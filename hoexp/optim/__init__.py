@@ -20,14 +20,7 @@ from hoexp.optim.sgd import momentum, nesterov, sgd
 from hoexp.optim.sign import sign_sgd
 
 OPTIMIZERS: dict[str, Callable[..., Optimizer]] = {
-    "sgd": sgd,
-    "momentum": momentum,
-    "nesterov": nesterov,
-    "adam": adam,
-    "adamw": adamw,
-    "rmsprop": rmsprop,
-    "adagrad": adagrad,
-    "sign_sgd": sign_sgd,
+    f.__name__: f for f in (sgd, momentum, nesterov, adam, adamw, rmsprop, adagrad, sign_sgd)
 }
 
 

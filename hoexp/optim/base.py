@@ -5,23 +5,20 @@ An :class:`Optimizer` is a pair of pure functions::
     state = opt.init(params)
     new_params, new_state = opt.update(params, grads, state, **overrides)
 
-Everything is out-of-place and built from differentiable torch ops, so an update
-can sit inside an unrolled (reverse-mode) hypergradient computation, inside
-``torch.func.jvp`` / ``torch.func.vmap``, or drive an outer loop over
-hyperparameters.
+Everything is out-of-place and built from differentiable torch ops, so an update can sit inside an unrolled
+(reverse-mode) hypergradient computation, inside ``torch.func.jvp`` / ``torch.func.vmap``, or drive an outer loop
+over hyperparameters.
 
-Overrides: every scalar hyperparameter accepted by ``update`` may be ``None``
-(use the value given to the factory), a Python number, a 0-d tensor (possibly
-requiring grad), or a ``dict[str, Tensor]`` keyed by parameter name whose values
-broadcast against that parameter (per-layer / per-element hyperparameters).
+Overrides: every scalar hyperparameter accepted by ``update`` may be ``None`` (use the value given to the factory),
+a Python number, a 0-d tensor (possibly requiring grad), or a ``dict[str, Tensor]`` keyed by parameter name whose
+values broadcast against that parameter (per-layer / per-element hyperparameters).
 
-Fast path: when nothing is being differentiated (no input requires grad, or grad mode is off; no
-``torch.func`` transform or forward-AD level is active) and every hyperparameter is a Python number,
-``update`` runs a multi-tensor path (``torch._foreach_*``: one call per operation for all tensors,
-results computed in place into freshly allocated outputs, so inputs are still never modified). It
-computes the same operations as the per-tensor reference path (same fused kernels, same rounding);
-it exists for plain training steps, where the reference path's many temporaries cost more than the
-arithmetic. :func:`reference_paths` turns it off (tests compare the two).
+Fast path: when nothing is being differentiated (no input requires grad, or grad mode is off; no ``torch.func``
+transform or forward-AD level is active) and every hyperparameter is a Python number, ``update`` runs a multi-tensor
+path (``torch._foreach_*``: one call per operation for all tensors, results computed in place into freshly allocated
+outputs, so inputs are still never modified). It computes the same operations as the per-tensor reference path (same
+fused kernels, same rounding); it exists for plain training steps, where the reference path's many temporaries cost
+more than the arithmetic. :func:`reference_paths` turns it off (tests compare the two).
 """
 
 from __future__ import annotations
@@ -80,21 +77,17 @@ class Optimizer(NamedTuple):
 def safe_sqrt(x: torch.Tensor) -> torch.Tensor:
     """``sqrt(x)`` with derivative 0 (instead of +inf) where ``x <= 0``.
 
-    Forward value equals ``torch.sqrt(x)`` for ``x >= 0`` (0 for ``x < 0``
-    instead of NaN). Uses the double-``where`` trick so neither branch produces
-    inf/NaN in the backward or forward-mode pass; this keeps unrolled
-    hypergradients finite when a gradient entry is exactly 0 (e.g. dead ReLUs).
+    Forward value equals ``torch.sqrt(x)`` for ``x >= 0`` (0 for ``x < 0`` instead of NaN). Uses the double-``where``
+    trick so neither branch produces inf/NaN in the backward or forward-mode pass; this keeps unrolled hypergradients
+    finite when a gradient entry is exactly 0 (e.g. dead ReLUs).
     """
     pos = x > 0
     return torch.where(pos, torch.sqrt(torch.where(pos, x, 1.0)), 0.0)
 
 
 def hyper(override: Hyper | None, default: Hyper, name: str) -> Scalar:
-    """Value of a hyperparameter for parameter ``name``.
-
-    ``override`` wins over ``default`` unless it is None; a mapping is indexed by
-    the parameter name (a missing name is an error, never a silent fallback).
-    """
+    """Value of a hyperparameter for parameter ``name``: ``override`` wins over ``default`` unless it is None; a
+    mapping is indexed by the parameter name (a missing name is an error, never a silent fallback)."""
     value = default if override is None else override
     if isinstance(value, Mapping):
         try:
@@ -112,24 +105,21 @@ def _is_number(value: object) -> TypeGuard[float]:
 
 
 def is_zero(value: Scalar) -> bool:
-    """True only for a Python number equal to 0 (tensors are never treated as a
-    structural zero, so their gradient path is kept)."""
+    """True only for a Python number equal to 0 (tensors are never a structural zero: their gradient path is kept)."""
     return _is_number(value) and value == 0
 
 
 def lerp(start: torch.Tensor, end: torch.Tensor, weight: Scalar) -> torch.Tensor:
-    """``start + weight * (end - start)``; uses ``torch.lerp`` for Python-number
-    weights (bitwise-identical to torch.optim), plain arithmetic otherwise (any
-    tensor weight dtype/shape that broadcasts)."""
+    """``start + weight * (end - start)``; uses ``torch.lerp`` for Python-number weights (bitwise-identical to
+    torch.optim), plain arithmetic otherwise (any tensor weight dtype/shape that broadcasts)."""
     if _is_number(weight):
         return torch.lerp(start, end, weight)
     return start + weight * (end - start)
 
 
-# The three helpers below compute ``x + a * (...)`` with torch's fused kernels when
-# ``a`` is a Python number (so results round exactly like torch.optim, which uses
-# ``add(alpha=)``, ``addcmul`` and ``addcdiv``), and with plain broadcasting
-# arithmetic when ``a`` is a tensor (differentiable w.r.t. ``a``).
+# The three helpers below compute ``x + a * (...)`` with torch's fused kernels when ``a`` is a Python number (so
+# results round exactly like torch.optim, which uses ``add(alpha=)``, ``addcmul`` and ``addcdiv``), and with plain
+# broadcasting arithmetic when ``a`` is a tensor (differentiable w.r.t. ``a``).
 
 
 def add_scaled(x: torch.Tensor, a: Scalar, y: torch.Tensor) -> torch.Tensor:
@@ -207,14 +197,8 @@ def fast_path(trees: Iterable[Mapping[str, torch.Tensor]], values: Iterable[Any]
         return False
     if torch._C._functorch.peek_interpreter_stack() is not None or _forward_ad._current_level >= 0:
         return False
-    empty = True
-    grad_mode = torch.is_grad_enabled()
-    for tree in trees:
-        for t in tree.values():
-            empty = False
-            if grad_mode and t.requires_grad:
-                return False
-    return not empty
+    tensors = [t for tree in trees for t in tree.values()]
+    return bool(tensors) and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
 
 
 def resolve(defaults: Mapping[str, Any], **overrides: Hyper | None) -> dict[str, Any]:
