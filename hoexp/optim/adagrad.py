@@ -67,7 +67,7 @@ def adagrad(
         eps: Hyper | None = None,
     ) -> tuple[Params, OptState]:
         values = resolve(defaults, lr=lr, weight_decay=weight_decay, lr_decay=lr_decay, eps=eps, t=state["step"] + 1)
-        return apply(_adagrad_one, _adagrad_many, params, grads, state, {"sum": state["sum"]}, values)
+        return apply(_adagrad_one, _adagrad_many, params, grads, state, {"sum": True}, values)
 
     return Optimizer("adagrad", init, update, dict(defaults))
 

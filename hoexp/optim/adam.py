@@ -20,11 +20,11 @@ from hoexp.optim.base import (
     add_scaled_mul,
     apply,
     check_nonneg,
+    init_state,
     is_zero,
     lerp,
     resolve,
     safe_sqrt,
-    zeros_like_params,
 )
 
 __all__ = ["adam", "adamw"]
@@ -39,13 +39,8 @@ def _adam_like(
             raise ValueError(f"Invalid beta parameter at index {i}: {beta}")
     defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad)
     factory = dict(defaults, beta1=betas[0], beta2=betas[1])
+    kept = {"exp_avg": True, "exp_avg_sq": True, "max_exp_avg_sq": amsgrad}
     one, many = partial(_adam_one, decoupled=decoupled), partial(_adam_many, decoupled=decoupled)
-
-    def init(params: Params) -> OptState:
-        state: OptState = {"step": 0, "exp_avg": zeros_like_params(params), "exp_avg_sq": zeros_like_params(params)}
-        if amsgrad:
-            state["max_exp_avg_sq"] = zeros_like_params(params)
-        return state
 
     def update(
         params: Params,
@@ -60,13 +55,9 @@ def _adam_like(
         values = resolve(
             factory, lr=lr, weight_decay=weight_decay, beta1=beta1, beta2=beta2, eps=eps, t=state["step"] + 1
         )
-        buffers = {n: state[n] if n != "max_exp_avg_sq" or amsgrad else None for n in _BUFFERS}
-        return apply(one, many, params, grads, state, buffers, values)
+        return apply(one, many, params, grads, state, kept, values)
 
-    return Optimizer(name, init, update, defaults)
-
-
-_BUFFERS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+    return Optimizer(name, partial(init_state, kept=kept), update, defaults)
 
 
 def _adam_one(
@@ -148,9 +139,8 @@ def adam(
         denom = sqrt(vhat) / sqrt(1 - b2^t) + eps
         p = p - (lr / (1 - b1^t)) * m / denom
 
-    ``sqrt`` is :func:`safe_sqrt` (zero derivative at 0). Cost: O(n) flops per
-    step, 2n (3n with amsgrad) extra memory. ``update`` overrides: ``lr``,
-    ``weight_decay``, ``beta1``, ``beta2``, ``eps``.
+    ``sqrt`` is :func:`safe_sqrt` (zero derivative at 0). Cost: O(n) flops per step, 2n (3n with amsgrad) extra
+    memory. ``update`` overrides: ``lr``, ``weight_decay``, ``beta1``, ``beta2``, ``eps``.
     """
     return _adam_like("adam", lr, betas, eps, weight_decay, amsgrad, decoupled=False)
 
@@ -164,8 +154,7 @@ def adamw(
 ) -> Optimizer:
     """AdamW, exactly as ``torch.optim.AdamW`` (decoupled weight decay).
 
-    Same as :func:`adam` except the decay is applied to the parameter before the
-    Adam step, ``p = p * (1 - lr * wd)``, and not added to the gradient.
-    Cost: O(n) flops per step, 2n (3n with amsgrad) extra memory.
+    Same as :func:`adam` except the decay is applied to the parameter before the Adam step, ``p = p * (1 - lr * wd)``,
+    and not added to the gradient. Cost: O(n) flops per step, 2n (3n with amsgrad) extra memory.
     """
     return _adam_like("adamw", lr, betas, eps, weight_decay, amsgrad, decoupled=True)

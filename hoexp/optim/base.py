@@ -55,6 +55,7 @@ __all__ = [
     "check_grads",
     "check_nonneg",
     "hyper",
+    "init_state",
     "is_zero",
     "lerp",
     "resolve",
@@ -148,6 +149,11 @@ def zeros_like_params(params: Mapping[str, torch.Tensor]) -> dict[str, torch.Ten
     return {k: torch.zeros_like(p) for k, p in params.items()}
 
 
+def init_state(params: Params, kept: Mapping[str, bool]) -> OptState:
+    """A step-0 state: a zero buffer like each parameter (:func:`zeros_like_params`) for each name kept."""
+    return {"step": 0, **{n: zeros_like_params(params) for n, on in kept.items() if on}}
+
+
 def check_grads(params: Params, grads: Params) -> None:
     """Raise ValueError if some parameter has no gradient entry."""
     missing = [k for k in params if k not in grads]
@@ -213,18 +219,18 @@ def apply(
     params: Params,
     grads: Params,
     state: OptState,
-    buffers: Mapping[str, Params | None],
+    kept: Mapping[str, bool],
     values: Mapping[str, Any],
 ) -> tuple[Params, OptState]:
     """One optimizer step: ``(new_params, new_state)``, the state's ``step`` one higher.
 
-    ``buffers`` are the state's per-parameter trees the step reads (None: not kept), in state order; ``values``
-    its hyperparameters. On the :func:`fast_path`, ``many(p, g, *buffers, **values)`` runs once on lists of
-    tensors; otherwise ``one`` runs the same on each parameter's tensors and values (:func:`hyper`). Both return
-    the new parameters, then the new buffers in order (None for those not kept).
+    ``kept`` names the state's buffers in order and says whether each is kept (one not kept is passed as None and
+    left out of the new state); ``values`` are the hyperparameters. On the :func:`fast_path`, ``many(p, g, *buffers,
+    **values)`` runs once on lists of tensors; otherwise ``one`` runs the same on each parameter's tensors and values
+    (:func:`hyper`). Both return the new parameters, then the new buffers in order (None for those not kept).
     """
     check_grads(params, grads)
-    keys, trees = list(params), list(buffers.values())
+    keys, trees = list(params), [state[n] if on else None for n, on in kept.items()]
     if fast_path((params, grads, *(t for t in trees if t is not None)), values.values()):
         cols = (None if t is None else [t[k] for k in keys] for t in trees)
         new = many([params[k] for k in keys], [grads[k] for k in keys], *cols, **values)
@@ -236,5 +242,4 @@ def apply(
             for o, x in zip(out, one(params[k], grads[k], *bufs, **{n: hyper(None, v, k) for n, v in values.items()})):
                 if x is not None:
                     o[k] = x
-    kept = {n: o for (n, t), o in zip(buffers.items(), out[1:]) if t is not None}
-    return out[0], {"step": state["step"] + 1, **kept}
+    return out[0], {"step": state["step"] + 1, **{n: o for (n, on), o in zip(kept.items(), out[1:]) if on}}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from torch import Tensor
 
@@ -18,11 +20,11 @@ from hoexp.optim.base import (
     add_scaled_mul,
     apply,
     check_nonneg,
+    init_state,
     is_zero,
     lerp,
     resolve,
     safe_sqrt,
-    zeros_like_params,
 )
 
 __all__ = ["rmsprop"]
@@ -47,22 +49,14 @@ def rmsprop(
         buf = mu * buf + g / avg;  p = p - lr * buf    (momentum buffer enabled)
         p   = p - lr * g / avg                          (otherwise)
 
-    ``sqrt`` is :func:`safe_sqrt`. The momentum buffer exists iff ``momentum != 0``
-    at construction (overriding ``momentum`` requires it). Cost: O(n) flops per
-    step; n extra memory, +n centered, +n momentum. ``update`` overrides:
-    ``lr``, ``weight_decay``, ``momentum``, ``alpha``, ``eps``.
+    ``sqrt`` is :func:`safe_sqrt`. The momentum buffer exists iff ``momentum != 0`` at construction (overriding
+    ``momentum`` requires it). Cost: O(n) flops per step; n extra memory, +n centered, +n momentum. ``update``
+    overrides: ``lr``, ``weight_decay``, ``momentum``, ``alpha``, ``eps``.
     """
     check_nonneg(lr=lr, eps=eps, momentum=momentum, weight_decay=weight_decay, alpha=alpha)
     defaults = dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum, centered=centered)
     use_buffer = not is_zero(momentum)
-
-    def init(params: Params) -> OptState:
-        state: OptState = {"step": 0, "square_avg": zeros_like_params(params)}
-        if use_buffer:
-            state["momentum_buffer"] = zeros_like_params(params)
-        if centered:
-            state["grad_avg"] = zeros_like_params(params)
-        return state
+    kept = {"square_avg": True, "momentum_buffer": use_buffer, "grad_avg": centered}
 
     def update(
         params: Params,
@@ -80,14 +74,9 @@ def rmsprop(
                 "build it with momentum > 0 to override momentum"
             )
         values = resolve(defaults, lr=lr, weight_decay=weight_decay, alpha=alpha, eps=eps, momentum=momentum)
-        buffers = {
-            "square_avg": state["square_avg"],
-            "momentum_buffer": state["momentum_buffer"] if use_buffer else None,
-            "grad_avg": state["grad_avg"] if centered else None,
-        }
-        return apply(_rmsprop_one, _rmsprop_many, params, grads, state, buffers, values)
+        return apply(_rmsprop_one, _rmsprop_many, params, grads, state, kept, values)
 
-    return Optimizer("rmsprop", init, update, dict(defaults))
+    return Optimizer("rmsprop", partial(init_state, kept=kept), update, dict(defaults))
 
 
 def _rmsprop_one(

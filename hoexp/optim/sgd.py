@@ -19,9 +19,9 @@ from hoexp.optim.base import (
     add_scaled,
     apply,
     check_nonneg,
+    init_state,
     is_zero,
     resolve,
-    zeros_like_params,
 )
 
 __all__ = ["momentum", "nesterov", "sgd"]
@@ -46,27 +46,18 @@ def sgd(
         d   = d + mu * buf  (nesterov)  or  d = buf
         p   = p - lr * d
 
-    The momentum buffer (``state["momentum_buffer"]``) exists iff ``momentum != 0``
-    at construction; overriding ``momentum`` in ``update`` requires it.
-    Cost: O(n) flops per step; memory O(n) extra for the buffer (none without
-    momentum).
-
-    ``update(params, grads, state, lr=None, momentum=None, dampening=None,
-    weight_decay=None)`` accepts per-call overrides (number, 0-d tensor, or
-    per-parameter dict).
+    The momentum buffer (``state["momentum_buffer"]``) exists iff ``momentum != 0`` at construction; overriding
+    ``momentum`` in ``update`` requires it. Cost: O(n) flops per step; memory O(n) extra for the buffer (none without
+    momentum). ``update(params, grads, state, lr=None, momentum=None, dampening=None, weight_decay=None)`` accepts
+    per-call overrides (number, 0-d tensor, or per-parameter dict).
     """
     check_nonneg(lr=lr, momentum=momentum, weight_decay=weight_decay)
     if nesterov and (momentum <= 0 or dampening != 0):
         raise ValueError("Nesterov momentum requires a momentum and zero dampening")
     defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov)
     use_buffer = not is_zero(momentum)
+    kept = {"momentum_buffer": use_buffer}
     one, many = partial(_sgd_one, nesterov=nesterov), partial(_sgd_many, nesterov=nesterov)
-
-    def init(params: Params) -> OptState:
-        state: OptState = {"step": 0}
-        if use_buffer:
-            state["momentum_buffer"] = zeros_like_params(params)
-        return state
 
     def update(
         params: Params,
@@ -85,11 +76,11 @@ def sgd(
         values = resolve(defaults, lr=lr, weight_decay=weight_decay, t=state["step"] + 1)
         if use_buffer:
             values.update(resolve(defaults, momentum=momentum, dampening=dampening))
-        # the buffer is not read at step 1 (it starts as a copy of d): params stand in for it
-        buf = None if not use_buffer else params if values["t"] == 1 else state["momentum_buffer"]
-        return apply(one, many, params, grads, state, {"momentum_buffer": buf}, values)
+        if values["t"] == 1:  # the buffer is not read at step 1 (it starts as a copy of d): params stand in for it
+            state = {**state, "momentum_buffer": params}
+        return apply(one, many, params, grads, state, kept, values)
 
-    return Optimizer(name, init, update, dict(defaults))
+    return Optimizer(name, partial(init_state, kept=kept), update, dict(defaults))
 
 
 def _sgd_one(
@@ -104,8 +95,7 @@ def _sgd_one(
     dampening: Scalar = 0.0,
     nesterov: bool,
 ) -> tuple[Tensor, Tensor | None]:
-    """The reference path, one parameter at a time: ``(p, momentum_buffer)`` after the step (the buffer None
-    without momentum)."""
+    """The reference path, one parameter: ``(p, momentum_buffer)`` after the step (None without momentum)."""
     if not is_zero(weight_decay):
         d = add_scaled(d, weight_decay, p)
     if buf is not None:
