@@ -45,13 +45,8 @@ def adagrad(
     ``sqrt`` is :func:`safe_sqrt`. Cost: O(n) flops per step, n extra memory.
     ``update`` overrides: ``lr``, ``weight_decay``, ``lr_decay``, ``eps``.
     """
-    defaults = dict(
-        lr=lr,
-        lr_decay=lr_decay,
-        weight_decay=weight_decay,
-        initial_accumulator_value=initial_accumulator_value,
-        eps=eps,
-    )
+    defaults = dict(lr=lr, lr_decay=lr_decay, weight_decay=weight_decay)
+    defaults.update(initial_accumulator_value=initial_accumulator_value, eps=eps)
     check_nonneg(**defaults)
 
     def init(params: Params) -> OptState:

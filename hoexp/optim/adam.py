@@ -103,10 +103,8 @@ def _adam_many(
     t: int,
     decoupled: bool,
 ) -> tuple[TensorList, TensorList, TensorList, TensorList | None]:
-    """:func:`_adam_one` for all tensors at once (``torch._foreach_*``), the same operations.
-
-    ``√v`` is a plain square root here: ``v`` is a sum of squares, never negative.
-    """
+    """:func:`_adam_one` for all tensors at once (``torch._foreach_*``), the same operations; ``√v`` is a plain square
+    root here: ``v`` is a sum of squares, never negative."""
     if weight_decay != 0:
         if decoupled:
             p = torch._foreach_mul(p, 1 - lr * weight_decay)

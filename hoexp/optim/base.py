@@ -37,6 +37,8 @@ Scalar = float | torch.Tensor
 Hyper = float | torch.Tensor | Mapping[str, float | torch.Tensor]
 # The tensor lists that torch._foreach_* take (lists or tuples) and return (tuples, per torch's stubs).
 TensorList = list[torch.Tensor] | tuple[torch.Tensor, ...]
+# An optimizer's step on one parameter's tensors or on lists of them (see apply).
+Step = Callable[..., Sequence[Any]]
 
 __all__ = [
     "add_scaled",
@@ -214,13 +216,7 @@ def resolve(defaults: Mapping[str, Any], **overrides: Hyper | None) -> dict[str,
 
 
 def apply(
-    one: Callable[..., Sequence[torch.Tensor | None]],
-    many: Callable[..., Sequence[TensorList | None]],
-    params: Params,
-    grads: Params,
-    state: OptState,
-    kept: Mapping[str, bool],
-    values: Mapping[str, Any],
+    one: Step, many: Step, params: Params, grads: Params, state: OptState, kept: dict[str, bool], values: dict[str, Any]
 ) -> tuple[Params, OptState]:
     """One optimizer step: ``(new_params, new_state)``, the state's ``step`` one higher.
 

@@ -121,10 +121,8 @@ def _rmsprop_many(
     eps: float,
     momentum: float,
 ) -> tuple[TensorList, TensorList, TensorList | None, TensorList | None]:
-    """:func:`_rmsprop_one` for all tensors at once (``torch._foreach_*``), the same operations.
-
-    The centered variance ``s − ḡ²`` is clamped at 0 before the square root, as :func:`safe_sqrt` does.
-    """
+    """:func:`_rmsprop_one` for all tensors at once (``torch._foreach_*``), the same operations; the centered
+    variance ``s − ḡ²`` is clamped at 0 before the square root, as :func:`safe_sqrt` does."""
     if weight_decay != 0:
         g = torch._foreach_add(g, p, alpha=weight_decay)
     sq = torch._foreach_mul(sq, alpha)
