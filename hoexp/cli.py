@@ -84,21 +84,9 @@ Runs write TensorBoard events, metrics.jsonl and summary.json under outputs/;
 view them with: tensorboard --logdir outputs
 """
 
-HYDRA_FLAGS_WITH_VALUE = {
-    "--cfg",
-    "-c",
-    "--package",
-    "-p",
-    "--config-path",
-    "-cp",
-    "--config-name",
-    "-cn",
-    "--config-dir",
-    "-cd",
-    "--info",
-    "-i",
-    "--experimental-rerun",
-}
+HYDRA_FLAGS_WITH_VALUE = set(
+    "--cfg -c --package -p --config-path -cp --config-name -cn --config-dir -cd --info -i --experimental-rerun".split()
+)
 
 
 def fail(message: str, code: int = 2, error: BaseException | None = None) -> None:
@@ -336,11 +324,7 @@ def cmd_check(args: list[str]) -> None:
 
     # Small check problems run fastest on one CPU thread (see runner.thread_policy).
     with thread_policy(spec.run.threads, resolve_device(spec.run.device), 0):
-        from rich.console import Console
-
-        console = Console()
-        if not console.is_terminal:
-            console = Console(width=150)  # a wide table in logs and pipes
+        console = wide_console(150)
         if ns.horizon:
             from hoexp.tools.horizon import parse_contender, run_horizon
 
@@ -363,6 +347,14 @@ def cmd_check(args: list[str]) -> None:
             run_check(spec, out, iterations=iterations, dense_max=ns.dense_max, console=console, prebuilt=job.prebuilt)
 
 
+def wide_console(width: int) -> Any:
+    """A rich console; in logs and pipes ``width`` columns wide (for a wide table)."""
+    from rich.console import Console
+
+    console = Console()
+    return console if console.is_terminal else Console(width=width)
+
+
 def refuse_hydra_overrides(command: str, overrides: list[str]) -> None:
     """``hoexp <command>`` runs no Hydra job: a ``hydra.*`` override (but --config-dir's search path) would be
     ignored, so it is refused in one line naming the option that does the job."""
@@ -377,8 +369,6 @@ def refuse_hydra_overrides(command: str, overrides: list[str]) -> None:
 def cmd_report(args: list[str]) -> None:
     import argparse
     import time
-
-    from rich.console import Console
 
     from hoexp.tools.report import build_report
 
@@ -398,23 +388,15 @@ def cmd_report(args: list[str]) -> None:
         help="the plots' time axis: wall time (default), or solver time (training and hypergradients only)",
     )
     ns = ap.parse_intermixed_args(args)  # overrides may follow options (--config-dir adds one at the end)
-    console = Console()
-    if not console.is_terminal:
-        console = Console(width=200)  # a wide table in logs and pipes
     out = Path(ns.out or f"outputs/reports/{time.strftime('%Y-%m-%d_%H-%M-%S')}")
-    build_report(ns.paths, out, console=console, plots=not ns.no_plots, x=ns.x)
+    build_report(ns.paths, out, console=wide_console(200), plots=not ns.no_plots, x=ns.x)
 
 
 def cmd_compare(args: list[str]) -> None:
-    from rich.console import Console
-
     from hoexp.tools.compare import parse_args, run_compare
 
     plan = parse_args(args)  # every check before anything runs
-    console = Console()
-    if not console.is_terminal:
-        console = Console(width=240)  # a wide table in logs and pipes
-    run_compare(plan, console=console)
+    run_compare(plan, console=wide_console(240))
 
 
 def main(argv: list[str] | None = None) -> None:
