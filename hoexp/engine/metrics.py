@@ -19,22 +19,12 @@ from typing import IO, Any, Protocol, runtime_checkable
 
 import torch
 
-__all__ = [
-    "HParamValue",
-    "MetricLogger",
-    "TensorBoardLogger",
-    "JsonlLogger",
-    "MemoryLogger",
-    "MultiLogger",
-    "write_json_atomic",
-    "read_json",
-    "read_jsonl",
-    "tensor_stats",
-]
+__all__ = ["HParamValue", "MetricLogger", "TensorBoardLogger", "JsonlLogger", "MemoryLogger", "MultiLogger"]
+__all__ += ["write_json_atomic", "read_json", "read_jsonl", "tensor_stats"]
 
 HParamValue = float | int | str | bool
 
-_NONFINITE_TO_STR = {math.inf: "inf", -math.inf: "-inf"}
+_NONFINITE_TO_STR: dict[float, float | str] = {math.inf: "inf", -math.inf: "-inf"}
 _STR_TO_NONFINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
 
 
@@ -66,20 +56,14 @@ class MetricLogger(Protocol):
 # --------------------------------------------------------------------------- JSON
 
 
-def _encode_float(x: float) -> float | str:
-    if math.isnan(x):
-        return "nan"
-    return _NONFINITE_TO_STR.get(x, x)
-
-
 def _to_json_value(obj: Any) -> Any:
     """Recursively make ``obj`` JSON-serializable with non-finite floats as strings."""
-    if isinstance(obj, bool) or obj is None or isinstance(obj, str):
+    if isinstance(obj, (bool, str, type(None))):
         return obj
     if isinstance(obj, int):
         return int(obj)
     if isinstance(obj, float):
-        return _encode_float(float(obj))
+        return "nan" if math.isnan(obj) else _NONFINITE_TO_STR.get(float(obj), float(obj))
     if isinstance(obj, Mapping):
         return {str(k): _to_json_value(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
@@ -118,21 +102,15 @@ def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> None:
         os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are meant to be shared
         os.replace(tmp, path)
     except BaseException:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        except FileNotFoundError:
-            pass
         raise
-    try:  # make the rename itself durable; best effort (not possible everywhere)
+    with contextlib.suppress(OSError):  # make the rename itself durable; best effort (not possible everywhere)
         dfd = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dfd)
-    except OSError:
-        pass
-    finally:
-        os.close(dfd)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
 
 
 def read_json(path: str | os.PathLike[str]) -> Any:
