@@ -194,21 +194,15 @@ class Neumann:
         """``(x, r = b − Hx or None, M x or None)``; no host sync."""
         # With the residual every term j = 0..K is multiplied by H, so M x = α Σ_j M term_j comes free.
         mixed = self.residual and _tracks_mixed(op) if mixed is None else mixed
-        term = b
-        total = b.clone()
-        m_total = None
-        for _ in range(self.iterations):
+        term, total, m_total = b, b.clone(), None
+        for j in range(self.iterations + self.residual):  # with the residual, one more term: b − Hx = (I − αH)^{K+1} b
             hv, mv = _matvec(op, term, mixed)
             if mv is not None:
                 m_total = mv if m_total is None else m_total.add_(mv)
             term = torch.add(term, hv, alpha=-self.alpha)
-            total.add_(term)
-        r = None
-        if self.residual:  # b − Hx = (I − αH)^{K+1} b
-            hv, mv = _matvec(op, term, mixed)
-            if mv is not None:
-                m_total = mv if m_total is None else m_total.add_(mv)
-            r = torch.add(term, hv, alpha=-self.alpha)
+            if j < self.iterations:
+                total.add_(term)
+        r = term if self.residual else None
         return total.mul_(self.alpha), r, None if m_total is None else m_total.mul_(self.alpha)
 
 
