@@ -224,36 +224,18 @@ def _path_rows(pt: _Point, iterations: tuple[int, ...]) -> tuple[list[Row], str 
     spec, exp, state, raw, vl, path_loss = pt.spec, pt.exp, pt.state, pt.raw, pt.vl, pt.path_loss
     T = spec.run.inner_steps
     overrides = exp.problem.family.optimizer_overrides
-    full = unrolled_hypergradient(
-        path_loss, vl, exp.inner_opt, state.params, state.opt_state, raw, T, overrides=overrides
-    )
+    path = (path_loss, vl, exp.inner_opt, state.params, state.opt_state, raw, T)  # the path methods' arguments
+    full = unrolled_hypergradient(*path, overrides=overrides)
     unroll_ref = tree.flatten(full.hypergrad.values())
     path_problem = None if unroll_ref.norm() > 0 else "is zero: cosines and relative errors against it mean nothing"
     rows: list[Row] = []
     for k in sorted({k for k in iterations if 0 < k <= T} | {T}):
-        cos, err, el, mib, _ = _compare(
-            lambda: (
-                unrolled_hypergradient(
-                    path_loss, vl, exp.inner_opt, state.params, state.opt_state, raw, T, truncate=k, overrides=overrides
-                ).hypergrad,
-                None,
-            ),
-            unroll_ref,
-            pt.device,
-        )
+        truncated = lambda: (unrolled_hypergradient(*path, truncate=k, overrides=overrides).hypergrad, None)  # noqa: E731
+        cos, err, el, mib, _ = _compare(truncated, unroll_ref, pt.device)
         rows.append(Row("truncated" if k < T else "unrolled", k, cos, err, el, mib, against="path"))
     if tree.numel(raw) <= getattr(spec.method, "max_hparams", 64):
-        cos, err, el, mib, _ = _compare(
-            lambda: (
-                forward_hypergradient(
-                    path_loss, vl, exp.inner_opt, state.params, state.opt_state, raw, T, overrides=overrides
-                ).hypergrad,
-                None,
-            ),
-            unroll_ref,
-            pt.device,
-            hooks=False,
-        )
+        forward = lambda: (forward_hypergradient(*path, overrides=overrides).hypergrad, None)  # noqa: E731
+        cos, err, el, mib, _ = _compare(forward, unroll_ref, pt.device, hooks=False)
         rows.append(Row("forward", T, cos, err, el, mib, info="no graph kept across steps", against="path"))
     return rows, path_problem
 
