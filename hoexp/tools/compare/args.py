@@ -151,16 +151,21 @@ def _budget_and_output_arguments(ap: argparse.ArgumentParser) -> None:
     )
 
 
-def _floats(text: str, what: str) -> list[float]:
+def _floats(text: str, what: str, positive: bool = False) -> list[float]:
+    """Comma-separated distinct finite numbers (``positive``: each > 0)."""
     out = []
     for v in (t.strip() for t in text.split(",")):
         try:
             x = float(v)
         except ValueError:
             raise ConfigError(f"{what}: '{v}' is not a number") from None
+        if positive and not (math.isfinite(x) and x > 0):
+            raise ConfigError(f"{what} must be > 0, got {v}")
         if not math.isfinite(x):
             raise ConfigError(f"{what}: '{v}' is not a finite number")
         out.append(x)
+    if len(set(out)) != len(out):
+        raise ConfigError(f"{what} has repeated values: {text}")
     return out
 
 
@@ -257,8 +262,6 @@ def _grid(ns: argparse.Namespace, spec: Any) -> tuple[str, list[float], list[flo
         grid = []
     else:
         grid = _floats(ns.grid, "--grid")
-        if len(set(grid)) != len(grid):
-            raise ConfigError(f"--grid has repeated values: {ns.grid}")
     return key, grid, default_grid, declared
 
 
@@ -299,20 +302,7 @@ def _budget_factors(text: str | None, budget_s: float | None) -> list[float]:
     """``--budget-factor``: positive, distinct factors, ascending (default ``[1]``; none with --budget-s)."""
     if budget_s is not None:
         return []
-    if text is None:
-        return [1.0]
-    factors = []
-    for v in (t.strip() for t in text.split(",")):
-        try:
-            x = float(v)
-        except ValueError:
-            raise ConfigError(f"--budget-factor: '{v}' is not a number") from None
-        if not (math.isfinite(x) and x > 0):
-            raise ConfigError(f"--budget-factor must be > 0, got {v}")
-        factors.append(x)
-    if len(set(factors)) != len(factors):
-        raise ConfigError(f"--budget-factor has repeated values: {text}")
-    return sorted(factors)
+    return [1.0] if text is None else sorted(_floats(text, "--budget-factor", positive=True))
 
 
 def _check_numbers(ns: argparse.Namespace, outer_steps: int) -> int:
