@@ -416,9 +416,7 @@ class RunIO:
     def explain(self, error: BaseException) -> BaseException:
         """The exception to raise for ``error``: one line for a signal or a failed write, else ``error``."""
         step, folder = self.snapshot_step(), self.out_dir
-        if (
-            not self.main or folder is None
-        ):  # rank 0 explains (what to resume, where); the others report the bare reason
+        if not self.main or folder is None:  # rank 0 explains (what to resume, where); the others: the bare reason
             return error
         if isinstance(error, Preempted):
             if self.checkpointed:
@@ -448,11 +446,8 @@ class RunIO:
 
 def final_state(family: Any, raw: dict, params: dict) -> dict[str, Any]:
     """``final.pt``: weights and hyperparameters (raw and constrained), loadable with ``weights_only=True``."""
-    return {
-        "params": {k: v.detach().cpu() for k, v in params.items()},
-        "raw_hparams": {k: v.detach().cpu() for k, v in raw.items()},
-        "hparams": {k: v.detach().cpu() for k, v in family.view(raw).items()},
-    }
+    trees = {"params": params, "raw_hparams": raw, "hparams": family.view(raw)}
+    return {name: {k: v.detach().cpu() for k, v in t.items()} for name, t in trees.items()}
 
 
 def num_weights(task: Any) -> int:
