@@ -34,6 +34,7 @@ for rank 0's ``summary.json``; the other ranks then see their next collective fa
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import socket
@@ -327,12 +328,9 @@ def _store() -> Any:
 
 def _store_set(key: str, value: str) -> None:
     store = _store()
-    if store is None:
-        return
-    try:
-        store.set(key, value)
-    except Exception:  # noqa: BLE001 - best effort: the store's host may be gone
-        pass
+    if store is not None:
+        with contextlib.suppress(Exception):  # best effort: the store's host may be gone
+            store.set(key, value)
 
 
 def tell_ended(status: str, message: str) -> None:
@@ -401,10 +399,8 @@ def why_ended(wait_s: float = 3.0, stop: Any = None) -> tuple[str, str] | None:
 def finish(ctx: Context) -> None:
     """Leave the process group (at the end of a run)."""
     if ctx.active and dist.is_initialized():
-        try:
+        with contextlib.suppress(Exception):  # a peer already gone
             dist.destroy_process_group()
-        except Exception:  # noqa: BLE001 - a peer already gone
-            pass
 
 
 def quiet_failure(e: BaseException) -> bool:
@@ -421,8 +417,7 @@ def quiet_failure(e: BaseException) -> bool:
         return False
     if isinstance(e, PeerLost | ConfigError | KeyboardInterrupt):
         return True
-    name = type(e).__name__
-    return name in ("Diverged", "Preempted")
+    return type(e).__name__ in ("Diverged", "Preempted")
 
 
 def prefix() -> str:
