@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import functools
 import math
 import time
 from collections.abc import Sequence
@@ -40,49 +41,21 @@ def _bests(groups: list[Group]) -> dict[int, set[int]]:
 
 def table_rows(groups: list[Group], sep: str = " ± ") -> tuple[list[str], list[list[str]]]:
     """The report's table as text cells (rich and Markdown render the same rows)."""
-    header = [
-        "method",
-        "tuning",
-        "family",
-        "#hp",
-        "runs",
-        *(m[2] for m in METRICS),
-        "wall time (s)",
-        "hypergradients",
-        "best trial",
-    ]
+    header = ["method", "tuning", "family", "#hp", "runs", *(m[2] for m in METRICS)]
+    header += ["wall time (s)", "hypergradients", "best trial"]
     rows = []
     for g in groups:
         metrics = [_fmt(*g.mean_std(g.values(b, k)), spec, sep) for b, k, _, spec in METRICS]
-        nh = sorted({r.num_hparams for r in g.runs})
-        rows.append(
-            [
-                g.label,
-                g.tuning,
-                g.first.family,
-                "/".join(f"{n:,}" for n in nh),
-                g.count,
-                *metrics,
-                _fmt(*g.mean_std([m.wall_time_s for m in g.members]), ".1f", sep),
-                _fmt(*g.mean_std([float(m.hypergradients) for m in g.members]), ".0f", sep),
-                g.best_params,
-            ]
-        )
+        nh = "/".join(f"{n:,}" for n in sorted({r.num_hparams for r in g.runs}))
+        wall = _fmt(*g.mean_std([m.wall_time_s for m in g.members]), ".1f", sep)
+        hypergradients = _fmt(*g.mean_std([float(m.hypergradients) for m in g.members]), ".0f", sep)
+        rows.append([g.label, g.tuning, g.first.family, nh, g.count, *metrics, wall, hypergradients, g.best_params])
     return header, rows
 
 
 # Console columns left out, in this order, until the table fits the terminal (report.md has them all).
-NARROW_DROPS = (
-    "hypergradients",
-    "test acc (final)",
-    "test acc @best val",
-    "val loss (final)",
-    "#hp",
-    "family",
-    "wall time (s)",
-    "tuning",
-    "test loss (final)",
-)
+NARROW_DROPS: tuple[str, ...] = ("hypergradients", "test acc (final)", "test acc @best val", "val loss (final)")
+NARROW_DROPS += ("#hp", "family", "wall time (s)", "tuning", "test loss (final)")
 
 
 def print_table(groups: list[Group], console: Console, title: str = "hoexp report") -> None:
@@ -98,23 +71,16 @@ def print_table(groups: list[Group], console: Console, title: str = "hoexp repor
         keep.remove(header.index(name))
         dropped.append(name)
     console.print(_console_table(groups, header, rows, keep, title))
+    say = functools.partial(console.print, markup=False, highlight=False, soft_wrap=True)
     if dropped:
-        console.print(
-            f"  (left out at this width: {', '.join(dropped)}; report.md has every column)",
-            markup=False,
-            highlight=False,
-            soft_wrap=True,
-        )
+        say(f"  (left out at this width: {', '.join(dropped)}; report.md has every column)")
     for g in groups:
         for m in g.members:
             if m.is_study:
                 params = " ".join(f"{_short_key(k)}={_fmt_value(v)}" for k, v in m.best.params.items())
-                console.print(
+                say(
                     f"  {g.tuning} ({g.label}): best of {len(m.runs)} trials: #{m.best.trial} {params} "
-                    f"(val loss {m.best.metric('best', 'val_loss'):.4f}) in {m.study}",
-                    markup=False,
-                    highlight=False,
-                    soft_wrap=True,
+                    f"(val loss {m.best.metric('best', 'val_loss'):.4f}) in {m.study}"
                 )
 
 
@@ -124,19 +90,15 @@ def _table_width(header: list[str], rows: list[list[str]], keep: list[int]) -> i
     from rich.cells import cell_len
 
     def lines(i: int, text: str) -> list[str]:
-        if i == 2:
-            return text.split(" + ")
-        if i >= 5:
-            return (
-                text.replace(" (", "\n(")
-                .replace(" @", "\n@")
-                .replace("hypergradients", "hyper-\ngradients")
-                .split("\n")
-            )
-        return [text]
+        return text.split(" + ") if i == 2 else _split_header(text).split("\n") if i >= 5 else [text]
 
     widths = [max(cell_len(ln) for cell in [header[i], *(r[i] for r in rows)] for ln in lines(i, cell)) for i in keep]
     return sum(widths) + 3 * len(keep) + 1
+
+
+def _split_header(text: str) -> str:
+    """A metric column's header (or cell) on several lines: before ``(`` and ``@``, ``hypergradients`` hyphenated."""
+    return text.replace(" (", "\n(").replace(" @", "\n@").replace("hypergradients", "hyper-\ngradients")
 
 
 def _console_table(groups: list[Group], header: list[str], rows: list[list[str]], keep: list[int], title: str) -> Table:
@@ -144,11 +106,8 @@ def _console_table(groups: list[Group], header: list[str], rows: list[list[str]]
     bests = _bests(groups)
     table = Table(title=title, title_justify="left", header_style="bold")
     for i in keep:
-        h = header[i]
-        if i >= 5:
-            h = h.replace(" (", "\n(").replace(" @", "\n@").replace("hypergradients", "hyper-\ngradients")
         table.add_column(
-            h,
+            _split_header(header[i]) if i >= 5 else header[i],
             justify="right" if i == 3 or i >= 5 else "left",
             no_wrap=i not in (0, 2),
             min_width=min(24, max(len(r[0]) for r in rows)) if i == 0 and rows else None,
@@ -256,45 +215,20 @@ def write_csv(groups: list[Group], path: Path) -> None:
     with open(path, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         cols = [f"{b}_{k}" for b, k in CSV_METRICS if k != "step"]
-        w.writerow(
-            [
-                "label",
-                "tuning",
-                "method",
-                "family",
-                "num_hparams",
-                "members",
-                "runs",
-                "count",
-                *(c for col in cols for c in (col, f"{col}_std")),
-                "wall_time_s",
-                "wall_time_s_std",
-                "hypergradients",
-                "best_params",
-                "folders",
-            ]
-        )
+        head = ["label", "tuning", "method", "family", "num_hparams", "members", "runs", "count"]
+        stat_cols = [c for col in [*cols, "wall_time_s"] for c in (col, f"{col}_std")]
+        w.writerow([*head, *stat_cols, "hypergradients", "best_params", "folders"])
         for g in groups:
             stats: list[str] = []
             for b, k in CSV_METRICS:
                 if k != "step":
                     stats.extend(map(_csv_num, g.mean_std(g.values(b, k))))
+            stats.extend(map(_csv_num, g.mean_std([m.wall_time_s for m in g.members])))
+            first = g.first
             w.writerow(
-                [
-                    g.label,
-                    g.tuning,
-                    g.first.method,
-                    g.first.family,
-                    g.first.num_hparams,
-                    len(g.members),
-                    len(g.runs),
-                    g.count,
-                    *stats,
-                    *map(_csv_num, g.mean_std([m.wall_time_s for m in g.members])),
-                    _csv_num(g.mean_std([float(m.hypergradients) for m in g.members])[0]),
-                    g.best_params,
-                    ";".join(str(m.study or m.best.path) for m in g.members),
-                ]
+                [g.label, g.tuning, first.method, first.family, first.num_hparams, len(g.members), len(g.runs), g.count]
+                + [*stats, _csv_num(g.mean_std([float(m.hypergradients) for m in g.members])[0]), g.best_params]
+                + [";".join(str(m.study or m.best.path) for m in g.members)]
             )
 
 
@@ -303,44 +237,16 @@ def write_runs_csv(groups: list[Group], path: Path) -> None:
     keys = sorted({k for g in groups for k in g.searched})
     with open(path, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
-        w.writerow(
-            [
-                "label",
-                "tuning",
-                "study",
-                "trial",
-                "best_of_study",
-                "seed",
-                "method",
-                "family",
-                "num_hparams",
-                "status",
-                *(f"param:{k}" for k in keys),
-                *(f"{b}_{k}" for b, k in CSV_METRICS),
-                "wall_time_s",
-                "hypergradients",
-                "path",
-            ]
-        )
+        head = ["label", "tuning", "study", "trial", "best_of_study", "seed", "method", "family", "num_hparams"]
+        metrics = [f"{b}_{k}" for b, k in CSV_METRICS]
+        w.writerow([*head, "status", *(f"param:{k}" for k in keys), *metrics, "wall_time_s", "hypergradients", "path"])
         for g in groups:
             for m in g.members:
                 for r in m.runs:
+                    trial = "" if r.trial is None else r.trial
                     w.writerow(
-                        [
-                            g.label,
-                            g.tuning,
-                            m.study or "",
-                            "" if r.trial is None else r.trial,
-                            int(m.is_study and r is m.best),
-                            r.seed,
-                            r.method,
-                            r.family,
-                            r.num_hparams,
-                            r.status,
-                            *(r.params.get(k, "") for k in keys),
-                            *(_csv_num(r.metric(b, k)) for b, k in CSV_METRICS),
-                            _csv_num(r.wall_time_s),
-                            r.hypergradients,
-                            r.path,
-                        ]
+                        [g.label, g.tuning, m.study or "", trial, int(m.is_study and r is m.best), r.seed, r.method]
+                        + [r.family, r.num_hparams, r.status, *(r.params.get(k, "") for k in keys)]
+                        + [*(_csv_num(r.metric(b, k)) for b, k in CSV_METRICS), _csv_num(r.wall_time_s)]
+                        + [r.hypergradients, r.path]
                     )
