@@ -130,51 +130,6 @@ class _Adjoints:
     d_gamma: Tensor
 
 
-def _start(
-    train_loss: TrainLossFn,
-    params0: Mapping[str, Tensor],
-    raw: Mapping[str, Tensor],
-    lrs: Tensor | float,
-    momenta: Tensor | float,
-    steps: int,
-    radix_bits: int,
-    momentum_bits: int,
-    velocity0: Tensor | None,
-    schedule: Schedule | None,
-) -> tuple[FixedPointSteps, Tensor, Tensor]:
-    """The checked arguments of :func:`reversible_hypergradient` as its passes' :class:`FixedPointSteps` and the
-    fixed-point ``(w_0, v_0)``."""
-    _check_bits(steps, radix_bits, momentum_bits)
-    R = radix_bits
-    like = {name: p.detach() for name, p in params0.items()}
-    device = next(iter(like.values())).device if like else torch.device("cpu")
-    alphas, rationals = None, None
-    if schedule is None:
-        alphas = _per_step(lrs, steps, "lrs")
-        rationals = [rational_momentum(float(g), momentum_bits) for g in _per_step(momenta, steps, "momenta")]
-    raw_leaves = tree.detached(raw, requires_grad=True)
-    s = FixedPointSteps(train_loss, like, raw_leaves, R, momentum_bits, device, schedule, alphas, rationals)
-    P = s.num_params
-    w = to_fixed(tree.flatten(list(like.values())), R) if P else torch.zeros(0, dtype=torch.int64, device=device)
-    v = (
-        to_fixed(velocity0, R).reshape(-1)
-        if velocity0 is not None
-        else torch.zeros(P, dtype=torch.int64, device=device)
-    )
-    if v.numel() != P:
-        raise ValueError(f"velocity0 has {v.numel()} entries, params0 has {P}")
-    return s, w, v
-
-
-def _check_bits(steps: int, radix_bits: int, momentum_bits: int) -> None:
-    if steps < 0:
-        raise ValueError(f"steps must be ≥ 0, got {steps}")
-    if not 8 <= radix_bits <= 56:
-        raise ValueError(f"radix_bits must be in [8, 56], got {radix_bits}")
-    if not 1 <= momentum_bits <= min(radix_bits, 31):
-        raise ValueError(f"momentum_bits must be in [1, min(radix_bits, 31)], got {momentum_bits}")
-
-
 def _forward(
     s: FixedPointSteps,
     w: Tensor,
@@ -310,8 +265,25 @@ def reversible_hypergradient(
     into ``hyper_raw``, and ``hyper_lrs`` / ``hyper_momenta`` / ``momenta_used`` report per-step sums /
     means over the weights. See the module docstring for the math and cost.
     """
-    s, w, v = _start(train_loss, params0, raw, lrs, momenta, steps, radix_bits, momentum_bits, velocity0, schedule)
-    R, P = radix_bits, s.num_params
+    if steps < 0:
+        raise ValueError(f"steps must be ≥ 0, got {steps}")
+    if not 8 <= radix_bits <= 56:
+        raise ValueError(f"radix_bits must be in [8, 56], got {radix_bits}")
+    if not 1 <= momentum_bits <= min(radix_bits, 31):
+        raise ValueError(f"momentum_bits must be in [1, min(radix_bits, 31)], got {momentum_bits}")
+    R, like = radix_bits, tree.detached(params0)
+    device = next(iter(like.values())).device if like else torch.device("cpu")
+    alphas, rationals = None, None
+    if schedule is None:
+        alphas = _per_step(lrs, steps, "lrs")
+        rationals = [rational_momentum(float(g), momentum_bits) for g in _per_step(momenta, steps, "momenta")]
+    raw_leaves = tree.detached(raw, requires_grad=True)
+    s = FixedPointSteps(train_loss, like, raw_leaves, R, momentum_bits, device, schedule, alphas, rationals)
+    P = s.num_params
+    w = to_fixed(tree.flatten(list(like.values())), R) if P else torch.zeros(0, dtype=torch.int64, device=device)
+    v = torch.zeros(P, dtype=torch.int64, device=device) if velocity0 is None else to_fixed(velocity0, R).reshape(-1)
+    if v.numel() != P:
+        raise ValueError(f"velocity0 has {v.numel()} entries, params0 has {P}")
     w0_fixed = w.clone()
     buf = InfoBuffer(P)
     w, v, rec = _forward(s, w, v, steps, buf, on_step, return_trajectory_check)
