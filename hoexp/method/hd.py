@@ -110,6 +110,11 @@ def _check_keys(state: State, variant: str) -> None:
         raise KeyError(f"HD state for variant '{variant}' lacks {', '.join(missing)}; start it with hd_init")
 
 
+def _advanced(state: State, alpha: Lr, h: Lr, dirs: Params, **buffers: Params) -> State:
+    """``state`` one HD step on: ``α``, ``h``, the step count, the direction and the variant's buffers replaced."""
+    return {**state, "hd_lr": alpha, "hd_h": h, "hd_step": state["hd_step"] + 1, "hd_dir": dirs, **buffers}
+
+
 def hd_sgd_step(
     params: Params,
     grads: Params,
@@ -127,7 +132,7 @@ def hd_sgd_step(
     _check_keys(state, "sgd")
     alpha, h = _hyper_step(grads, state, beta, min_lr, max_lr)
     new_params = {k: add_scaled(p, -alpha, grads[k]) for k, p in params.items()}
-    return new_params, {**state, "hd_lr": alpha, "hd_h": h, "hd_step": state["hd_step"] + 1, "hd_dir": dict(grads)}
+    return new_params, _advanced(state, alpha, h, dict(grads))
 
 
 def hd_sgdn_step(
@@ -156,14 +161,7 @@ def hd_sgdn_step(
         bufs[k] = add_scaled(state["hd_momentum_buffer"][k] * momentum, 1.0, g)
         dirs[k] = add_scaled(g, momentum, bufs[k])
         new_params[k] = add_scaled(p, -alpha, dirs[k])
-    return new_params, {
-        **state,
-        "hd_lr": alpha,
-        "hd_h": h,
-        "hd_step": state["hd_step"] + 1,
-        "hd_dir": dirs,
-        "hd_momentum_buffer": bufs,
-    }
+    return new_params, _advanced(state, alpha, h, dirs, hd_momentum_buffer=bufs)
 
 
 def hd_adam_step(
@@ -198,15 +196,7 @@ def hd_adam_step(
         denom = safe_sqrt(v) / bc2**0.5 + eps  # √v̂ + ε
         new_params[k] = add_scaled_div(p, -(alpha / bc1), m, denom)
         ms[k], vs[k], dirs[k] = m, v, (m / bc1) / denom
-    return new_params, {
-        **state,
-        "hd_lr": alpha,
-        "hd_h": h,
-        "hd_step": t,
-        "hd_dir": dirs,
-        "hd_exp_avg": ms,
-        "hd_exp_avg_sq": vs,
-    }
+    return new_params, _advanced(state, alpha, h, dirs, hd_exp_avg=ms, hd_exp_avg_sq=vs)
 
 
 @dataclass
