@@ -76,6 +76,11 @@ def _map(fn: Callable[[Tensor], Tensor], x: Tree) -> Tree:
     return fn(x) if isinstance(x, Tensor) else {k: _map(fn, v) for k, v in x.items()}
 
 
+def _pick(x: Tree, index: int | slice) -> Tree:
+    """Particle(s) ``index`` of a stacked tree."""
+    return _map(lambda t: t[index], x)
+
+
 def _stack(xs: Sequence[Tree]) -> Tree:
     """Trees of the same structure stacked along a new dimension 0."""
     if isinstance(xs[0], Tensor):
@@ -137,8 +142,8 @@ def looped_training(
     n = next(iter(raws.values())).shape[0]
     out_w, out_s = [], []
     for i in range(n):
-        start = InnerState(_map(lambda t: t[i], params), {**_map(lambda t: t[i], opt_state), **rest})
-        state, _, _ = train_inner(task, inner_opt, start, {k: v[i] for k, v in raws.items()}, batches, None, None, step)
+        start = InnerState(_pick(params, i), {**_pick(opt_state, i), **rest})
+        state, _, _ = train_inner(task, inner_opt, start, _pick(raws, i), batches, None, None, step)
         tensors, new_rest = _split_state(state.opt_state)
         out_w.append(state.params)
         out_s.append(tensors)
@@ -152,12 +157,7 @@ def particle_losses(task: Task, params: Tree, raws: dict[str, Tensor], batch: tu
             losses = vmap(lambda w, r: task.val_loss(w, r, batch))(params, raws)
         else:
             n = next(iter(raws.values())).shape[0]
-            losses = torch.stack(
-                [
-                    task.val_loss(_map(lambda t: t[i], params), {k: v[i] for k, v in raws.items()}, batch)
-                    for i in range(n)
-                ]
-            )
+            losses = torch.stack([task.val_loss(_pick(params, i), _pick(raws, i), batch) for i in range(n)])
     mean = getattr(task, "mean_across_ranks", None)  # the task as a data-parallel run presents it (engine.runtime)
     return losses if mean is None else mean(losses)
 
@@ -280,8 +280,8 @@ class ESMethod:
         if ranks is None:
             return self._train_share(st, particles, raws)
         mine = _share(self.particles, ranks)
-        share = {**particles, **{k: _map(lambda t: t[mine], particles[k]) for k in ("params", "opt")}}
-        params, opt, rest = self._train_share(st, share, {k: v[mine] for k, v in raws.items()})
+        share = {**particles, "params": _pick(particles["params"], mine), "opt": _pick(particles["opt"], mine)}
+        params, opt, rest = self._train_share(st, share, _pick(raws, mine))
         return _map(ranks.gather, params), _map(ranks.gather, opt), rest
 
     def _losses(self, st: OuterStep, params: Tree, raws: dict[str, Tensor]) -> Tensor:
@@ -290,8 +290,7 @@ class ESMethod:
         if ranks is None:
             return particle_losses(st.task, params, raws, st.val, self.vectorize)
         mine = _share(self.particles, ranks)
-        share = _map(lambda t: t[mine], params), {k: v[mine] for k, v in raws.items()}
-        return ranks.gather(particle_losses(st.task, *share, st.val, self.vectorize))
+        return ranks.gather(particle_losses(st.task, _pick(params, mine), _pick(raws, mine), st.val, self.vectorize))
 
     def _train_share(
         self, st: OuterStep, particles: dict[str, Any], raws: dict[str, Tensor]
