@@ -37,11 +37,6 @@ from hoexp.method.solvers import Neumann
 from hoexp.types import OuterResult, OuterStep
 
 
-def _step(v: Tensor, eps: float) -> Tensor:
-    """``eps/‖v‖`` as a 0-d tensor (no host sync); ``v = 0`` gives a finite step and a zero difference."""
-    return eps / torch.linalg.vector_norm(v).clamp_min(torch.finfo(v.dtype).tiny)
-
-
 def _grads(loss: LossFn, w: Mapping[str, Tensor], lam: Mapping[str, Tensor], wrt: str) -> Tensor:
     """The flat gradient of ``loss(w, lam)`` with respect to ``w`` (``wrt="w"``) or ``lam``."""
     w_ = tree.detached(w, requires_grad=wrt == "w")
@@ -52,21 +47,29 @@ def _grads(loss: LossFn, w: Mapping[str, Tensor], lam: Mapping[str, Tensor], wrt
     return tree.flatten(tree.fill_none(grads, inputs))
 
 
+def _central(
+    loss: LossFn, w: Mapping[str, Tensor], lam: Mapping[str, Tensor], u: Tensor, eps: float, wrt: str
+) -> Tensor:
+    """``[∇ L(w + εu) − ∇ L(w − εu)] / 2ε`` (flat, the gradient with respect to ``wrt``), ``ε = eps/‖u‖`` a 0-d tensor
+    (no host sync; ``u = 0`` gives a finite step and a zero difference). Two gradients."""
+    h = eps / torch.linalg.vector_norm(u).clamp_min(torch.finfo(u.dtype).tiny)
+    flat = tree.flatten(w.values()).detach()
+    plus = _grads(loss, tree.unflatten(flat + h * u, w), lam, wrt)
+    minus = _grads(loss, tree.unflatten(flat - h * u, w), lam, wrt)
+    return (plus - minus) / (2 * h)
+
+
 class FiniteDifferenceHessian:
     """``v ↦ H v ≈ [∇_w L_T(w + εv) − ∇_w L_T(w − εv)] / 2ε`` with ``ε = eps/‖v‖`` (two gradients)."""
 
     def __init__(self, train_loss: LossFn, w: Mapping[str, Tensor], lam: Mapping[str, Tensor], eps: float):
         self.train_loss, self.w, self.lam, self.eps = train_loss, w, lam, eps
-        self.flat = tree.flatten(w.values()).detach()
-        self.n = self.flat.numel()
+        self.n = tree.numel(w)
         self.hvps = 0
 
     def matvec(self, v: Tensor) -> Tensor:
         self.hvps += 1
-        h = _step(v, self.eps)
-        plus = _grads(self.train_loss, tree.unflatten(self.flat + h * v, self.w), self.lam, "w")
-        minus = _grads(self.train_loss, tree.unflatten(self.flat - h * v, self.w), self.lam, "w")
-        return (plus - minus) / (2 * h)
+        return _central(self.train_loss, self.w, self.lam, v, self.eps, "w")
 
     def dense(self) -> Tensor:
         raise NotImplementedError("a finite-difference Hessian has no dense form here")
@@ -102,11 +105,7 @@ def fd_hypergradient(
         hvps = op.hvps
     else:
         u = alpha * v
-    h = _step(u, eps)
-    flat = tree.flatten(w.values()).detach()
-    plus = _grads(train_loss, tree.unflatten(flat + h * u, params), hparams, "lam")
-    minus = _grads(train_loss, tree.unflatten(flat - h * u, params), hparams, "lam")
-    mixed = tree.unflatten((plus - minus) / (2 * h), hparams)
+    mixed = tree.unflatten(_central(train_loss, params, hparams, u, eps, "lam"), hparams)
     hypergrad = {k: (d - mixed[k]).detach() for k, d in zip(lam.keys(), direct)}
     val_value, u_norm = torch.stack([lv.detach(), torch.linalg.vector_norm(u).to(lv.dtype)]).tolist()
     return hypergrad, FDStats(val_value, eps, u_norm, hvps)
