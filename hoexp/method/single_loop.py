@@ -210,9 +210,8 @@ class SingleLoop:
     extra_batches: ClassVar[int] = 0
     needs_stationary_point: ClassVar[bool] = True  # implicit differentiation at the joint fixed point: not lr/momentum
     needs_pathwise_hp: ClassVar[bool] = True  # differentiates ∇_w L_T in λ
-    differentiates_steps: ClassVar[bool] = (
-        True  # its own passes: not run.compile's plain steps (method.compile), no autocast
-    )
+    # its own passes: not run.compile's plain steps (method.compile), no autocast
+    differentiates_steps: ClassVar[bool] = True
     refuses_data_parallel: ClassVar[str] = "takes its minibatch derivatives with torch.func on one process's batches"
 
     def __post_init__(self) -> None:
