@@ -309,13 +309,9 @@ class CompiledIFT:
     def _pure(
         self, w: Params, lam: Params, x0: Tensor | None, train_args: tuple, val_args: tuple
     ) -> tuple[Params, SolveResult, Tensor]:
-        if self.curvature == "gauss_newton":
-            assert self.split is not None, "curvature=gauss_newton needs split"
-            train: Any = self.split(*train_args)
-        else:
-            train = lambda w_, lam_: self.train_loss(w_, lam_, *train_args)  # noqa: E731
+        assert self.split is not None or self.curvature != "gauss_newton", "curvature=gauss_newton needs split"
         return ift_tensors(
-            train,
+            self._train(train_args, self.curvature == "gauss_newton"),
             lambda w_, lam_: self.val_loss(w_, lam_, *val_args),
             self.solver,
             w,
@@ -326,6 +322,13 @@ class CompiledIFT:
             damping=self.damping,
         )
 
+    def _train(self, train_args: tuple, split: bool) -> Any:
+        """The training loss on ``train_args``: ``split(*train_args)`` (a :class:`SplitLoss`) when ``split`` and
+        there is one, else ``train_loss`` closed over them."""
+        if split and self.split is not None:
+            return self.split(*train_args)
+        return lambda w_, lam_: self.train_loss(w_, lam_, *train_args)
+
     def _fn(self) -> Callable[..., Any]:
         fn = self._fns.get(self.compile)
         if fn is None:
@@ -335,13 +338,8 @@ class CompiledIFT:
     def eager_reference(
         self, w: Params, lam: Params, x0: Tensor | None, train_args: tuple, val_args: tuple
     ) -> tuple[Params, Any]:
-        train: Any = (
-            self.split(*train_args)
-            if self.split is not None
-            else (lambda w_, lam_: self.train_loss(w_, lam_, *train_args))
-        )
         return ift_hypergradient(
-            train,
+            self._train(train_args, True),
             lambda w_, lam_: self.val_loss(w_, lam_, *val_args),
             w,
             lam,
