@@ -218,8 +218,6 @@ class HDMethod:
     momentum: float = 0.9
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
-    min_lr: float | None = None
-    max_lr: float | None = None
     name: str = "hd"
     extra_batches: ClassVar[int] = 0
     returns_hypergradient: ClassVar[bool] = False  # its outer step returns None: the lr adapts inside training
@@ -244,8 +242,6 @@ class HDMethod:
             raise ValueError(f"betas must be in [0, 1), got {self.betas}")
         if not self.eps >= 0:
             raise ValueError(f"eps must be >= 0, got {self.eps}")
-        if self.min_lr is not None and self.max_lr is not None and self.min_lr > self.max_lr:
-            raise ValueError(f"min_lr={self.min_lr} exceeds max_lr={self.max_lr}")
 
     def check(self, ctx: CheckContext) -> None:
         """HD adapts one global learning rate: the family must be exactly that, and ``lr0`` known."""
@@ -280,12 +276,11 @@ class HDMethod:
 
     def step(self, params: Params, grads: Params, state: State) -> tuple[Params, State]:
         """One HD step of this method's variant (see :func:`hd_sgd_step` and siblings)."""
-        clamp = {"min_lr": self.min_lr, "max_lr": self.max_lr}
         if self.variant == "sgd":
-            return hd_sgd_step(params, grads, state, self.beta, **clamp)
+            return hd_sgd_step(params, grads, state, self.beta)
         if self.variant == "sgdn":
-            return hd_sgdn_step(params, grads, state, self.beta, self.momentum, **clamp)
-        return hd_adam_step(params, grads, state, self.beta, self.betas, self.eps, **clamp)
+            return hd_sgdn_step(params, grads, state, self.beta, self.momentum)
+        return hd_adam_step(params, grads, state, self.beta, self.betas, self.eps)
 
     def optimizer(self) -> Optimizer:
         """This method's update rule as an :class:`~hoexp.optim.Optimizer` (its HD state in ``hd_`` keys; the
