@@ -16,7 +16,7 @@ say is taken to need it).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -103,10 +103,6 @@ def scalars(**tagged: Any) -> dict[str, float]:
 def inner_scalars(loss: Tensor | float | None, gnorm: Tensor | float | None) -> dict[str, float]:
     """``inner/grad_norm`` and ``inner/loss`` of the last training step (two host reads where present)."""
     return scalars(**{"inner/grad_norm": gnorm, "inner/loss": loss})
-
-
-def with_extra(base: Mapping[str, float], extra: Mapping[str, float]) -> dict[str, float]:
-    return {**base, **{k: float(v) for k, v in extra.items()}}
 
 
 @runtime_checkable

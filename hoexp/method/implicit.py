@@ -14,7 +14,7 @@ from hoexp import tree
 from hoexp.components import CheckContext, NonNegFloat, PositiveInt
 from hoexp.errors import ConfigError, HoexpError
 from hoexp.method import solvers
-from hoexp.method.base import inner_scalars, scalars, step_from_gradient, train_inner, with_extra
+from hoexp.method.base import inner_scalars, scalars, step_from_gradient, train_inner
 from hoexp.method.curvature import CURVATURES, Curvature, Hessian, SplitLoss
 from hoexp.method.ift import CompiledIFT, IFTStats, ift_hypergradient
 from hoexp.method.products import PRODUCT_MODES, ProductMode, RevRev
@@ -54,13 +54,9 @@ class ImplicitMethod:
     gradient (the same ``∂L_T/∂w`` at the same point), so no gradient is computed twice and no extra
     batch is drawn. The hypergradient is then one inner step older; eager only (``compile=false``).
 
-    Speed options (same answer up to rounding): ``hvp``, the product mode (:mod:`hoexp.method.products`:
-    ``rev_rev``, products through the kept ``create_graph`` gradient; ``fwd_rev``, ``jvp`` of ``grad``; ``auto``,
-    both timed once at the first hypergradient, the faster kept, the ratio logged as
-    ``solver/fwd_rev_over_rev_rev``) and
-    ``compile`` (the whole hypergradient as one ``torch.compile``'d pure function,
-    :class:`~hoexp.method.ift.CompiledIFT`: compiled once per run, checked once against the
-    eager path, which it falls back to on a failure or a disagreement).
+    Speed options (same answer up to rounding), as :func:`ift` has them: ``hvp`` (``auto`` logs its timing ratio as
+    ``solver/fwd_rev_over_rev_rev``) and ``compile`` (:class:`~hoexp.method.ift.CompiledIFT`: compiled once per run,
+    checked once against the eager path, which it falls back to on a failure or a disagreement).
     """
 
     solver: Solver
@@ -153,7 +149,7 @@ class ImplicitMethod:
         self.carried = carried
         named = {"inner/grad_norm": s.inner_grad_norm, "inner/loss": s.train_loss, "hypergrad/norm": tree.norm(hg)}
         solve = {"solver/residual": s.residual, "solver/iterations": s.iterations, "solver/hvps": s.hvps}
-        return OuterResult(hg, state, with_extra(scalars(**named, **solve), s.extra))
+        return OuterResult(hg, state, {**scalars(**named, **solve), **{k: float(v) for k, v in s.extra.items()}})
 
     def _hypergradient(
         self, task: Any, params: Params, raw: Params, train_batch: Any, val_batch: Any, solver: Solver, x0: Any
