@@ -30,7 +30,7 @@ vector of ``2P + H`` numbers per training chunk and ``P + H`` per validation chu
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -118,18 +118,8 @@ def val_flat(loss: LossFn, w: Params, lam: Params) -> tuple[Tensor, Tensor]:
 def val_gradients(loss: LossFn, w: Params, lam: Params) -> tuple[Params, Params, Tensor]:
     """``(∇_w L_V, ∇_λ L_V, L_V)`` at ``(w, λ)`` (zeros where ``L_V`` does not read ``λ``); one backward pass."""
     flat, value = val_flat(loss, w, lam)
-    gw, glam = split(flat, w, lam)
-    return gw, glam, value
-
-
-def split(vector: Tensor, *like: Mapping[str, Tensor]) -> list[Params]:
-    """``vector`` cut into trees shaped like ``like`` (views), in order."""
-    out, i = [], 0
-    for t in like:
-        n = tree.numel(t)
-        out.append(tree.unflatten(vector[i : i + n], t))
-        i += n
-    return out
+    n = tree.numel(w)
+    return tree.unflatten(flat[:n], w), tree.unflatten(flat[n:], lam), value
 
 
 class Sampler:
