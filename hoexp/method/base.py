@@ -16,7 +16,7 @@ say is taken to need it).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -103,6 +103,20 @@ def scalars(**tagged: Any) -> dict[str, float]:
 def inner_scalars(loss: Tensor | float | None, gnorm: Tensor | float | None) -> dict[str, float]:
     """``inner/grad_norm`` and ``inner/loss`` of the last training step (two host reads where present)."""
     return scalars(**{"inner/grad_norm": gnorm, "inner/loss": loss})
+
+
+def gradients(outputs: Tensor | Sequence[Tensor], inputs: list[Tensor], cotangents: Sequence[Tensor] | None = None,
+              create_graph: bool = False, retain_graph: bool | None = None) -> list[Tensor]:  # fmt: skip
+    """``Σ_i cotangent_iᵀ ∂output_i/∂input`` for each input (zeros for inputs the outputs do not read)."""
+    outs = [outputs] if isinstance(outputs, Tensor) else list(outputs)
+    keep = [i for i, o in enumerate(outs) if o.requires_grad]
+    if not keep:
+        return [torch.zeros_like(x) for x in inputs]
+    cots = None if cotangents is None else [c for i, c in enumerate(cotangents) if i in keep]
+    got = torch.autograd.grad(
+        [outs[i] for i in keep], inputs, cots, create_graph=create_graph, retain_graph=retain_graph, allow_unused=True
+    )
+    return tree.fill_none(got, inputs)
 
 
 @runtime_checkable

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from hoexp import tree
 from hoexp.components import NonNegInt, PositiveFloat
-from hoexp.method.base import scalars, train_inner
+from hoexp.method.base import gradients, scalars, train_inner
 from hoexp.method.ift import LossFn, validation_gradient
 from hoexp.method.solvers import Neumann
 from hoexp.types import OuterResult, OuterStep
@@ -42,9 +42,7 @@ def _grads(loss: LossFn, w: Mapping[str, Tensor], lam: Mapping[str, Tensor], wrt
     w_ = tree.detached(w, requires_grad=wrt == "w")
     lam_ = tree.detached(lam, requires_grad=wrt == "lam")
     inputs = list((w_ if wrt == "w" else lam_).values())
-    out = loss(w_, lam_)
-    grads = torch.autograd.grad(out, inputs, allow_unused=True) if out.requires_grad else [None] * len(inputs)
-    return tree.flatten(tree.fill_none(grads, inputs))
+    return tree.flatten(gradients(loss(w_, lam_), inputs))
 
 
 def _central(

@@ -39,7 +39,7 @@ from torch import Tensor
 
 from hoexp import tree
 from hoexp.components import BuildContext, CheckContext, NonNegFloat, NonNegInt, PositiveFloat, PositiveInt
-from hoexp.method.base import scalars
+from hoexp.method.base import gradients, scalars
 from hoexp.method.compiled_derivatives import CompiledDerivatives
 from hoexp.method.minibatch import TRAIN_CHUNK_SEED, VAL_CHUNK_SEED, Chunks, SagaTable, chunk, pool_size
 from hoexp.optim import Optimizer
@@ -55,27 +55,13 @@ LossFn = Callable[[Params, Params], Tensor]
 # ~3x the passes themselves on benchopt's hyper-cleaning problem (a 784x10 linear model, minibatches of 64).
 
 
-def _grad(outputs: Tensor | Sequence[Tensor], inputs: list[Tensor], cotangents: Sequence[Tensor] | None = None,
-          create_graph: bool = False, retain_graph: bool | None = None) -> list[Tensor]:  # fmt: skip
-    """``Σ_i cotangent_iᵀ ∂output_i/∂input`` for each input (zeros for inputs the outputs do not read)."""
-    outs = [outputs] if isinstance(outputs, Tensor) else list(outputs)
-    keep = [i for i, o in enumerate(outs) if o.requires_grad]
-    if not keep:
-        return [torch.zeros_like(x) for x in inputs]
-    cots = None if cotangents is None else [c for i, c in enumerate(cotangents) if i in keep]
-    got = torch.autograd.grad(
-        [outs[i] for i in keep], inputs, cots, create_graph=create_graph, retain_graph=retain_graph, allow_unused=True
-    )
-    return tree.fill_none(got, inputs)
-
-
 def _products(loss: LossFn, w: Params, lam: Params, v: Sequence[Tensor]) -> tuple[list[Tensor], list[Tensor], Tensor]:
     """``(∇_w L_T, [∇²_ww L_T v, ∇²_λw L_T v], L_T)`` as lists in the order of ``w``'s then ``λ``'s keys."""
     wl, ll = tree.detached(w, requires_grad=True), tree.detached(lam, requires_grad=True)
     with torch.enable_grad():
         value = loss(wl, ll)
-        g = _grad(value, list(wl.values()), create_graph=True)
-        second = _grad(g, [*wl.values(), *ll.values()], v)
+        g = gradients(value, list(wl.values()), create_graph=True)
+        second = gradients(g, [*wl.values(), *ll.values()], v)
     return [x.detach() for x in g], second, value.detach()
 
 
@@ -97,11 +83,11 @@ def hvp(loss: LossFn, w: Params, lam: Params) -> Callable[[Params], Params]:
     """``u ↦ ∇²_ww L_T(w, λ) u`` (the gradient's graph, built once and reused for every ``u``)."""
     wl = tree.detached(w, requires_grad=True)
     with torch.enable_grad():
-        g = _grad(loss(wl, lam), list(wl.values()), create_graph=True)
+        g = gradients(loss(wl, lam), list(wl.values()), create_graph=True)
 
     def product(u: Params) -> Params:
         with torch.enable_grad():
-            return dict(zip(wl, _grad(g, list(wl.values()), list(u.values()), retain_graph=True)))
+            return dict(zip(wl, gradients(g, list(wl.values()), list(u.values()), retain_graph=True)))
 
     return product
 
@@ -112,7 +98,7 @@ def val_flat(loss: LossFn, w: Params, lam: Params) -> tuple[Tensor, Tensor]:
     wl, ll = tree.detached(w, requires_grad=True), tree.detached(lam, requires_grad=True)
     with torch.enable_grad():
         value = loss(wl, ll)
-        return tree.flatten(_grad(value, [*wl.values(), *ll.values()])), value.detach()
+        return tree.flatten(gradients(value, [*wl.values(), *ll.values()])), value.detach()
 
 
 def val_gradients(loss: LossFn, w: Params, lam: Params) -> tuple[Params, Params, Tensor]:

@@ -61,6 +61,7 @@ from hoexp import tree
 from hoexp.components import BuildContext, CheckContext, PositiveFloat, PositiveInt
 from hoexp.errors import ConfigError
 from hoexp.hp.base import select
+from hoexp.method.base import gradients
 from hoexp.task.base import Task
 from hoexp.types import InnerState, OuterResult, OuterStep
 
@@ -136,9 +137,7 @@ def stn_hypergradient(
     lam = tree.detached(raw, requires_grad=True)
     w = respond(tree.detached(params), tree.detached(response), offset(lam, tree.detached(raw)))
     loss = task.val_loss(w, lam, batch)
-    inputs = list(lam.values())
-    grads = torch.autograd.grad(loss, inputs, allow_unused=True) if loss.requires_grad else [None] * len(inputs)
-    return dict(zip(lam, tree.fill_none(grads, inputs))), loss.detach()
+    return dict(zip(lam, gradients(loss, list(lam.values())))), loss.detach()
 
 
 def _grads(loss: Tensor, inputs: Mapping[str, Tensor]) -> Params:
