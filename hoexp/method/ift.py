@@ -270,11 +270,6 @@ def ift_tensors(
     return hg, sol, torch.stack([lt.detach(), lv.detach(), g_norm.to(lt.dtype)])
 
 
-def supports_tensors(solver: Solver) -> bool:
-    """Whether ``solver`` has a host-sync-free form (``alpha=auto``'s power iteration has not)."""
-    return hasattr(solver, "solve_tensors")
-
-
 @dataclass
 class CompiledIFT:
     """:func:`ift_tensors` through ``torch.compile`` for losses ``train_loss(w, λ, *train_args)`` and
@@ -358,7 +353,7 @@ class CompiledIFT:
         val_args: tuple = (),
     ) -> tuple[Params, Any]:
         w, lam = tree.detached(params), tree.detached(hparams)
-        if self.fallback is None and not supports_tensors(self.solver):
+        if self.fallback is None and not hasattr(self.solver, "solve_tensors"):  # no host-sync-free form
             self.fallback = f"solver {self.solver.name} with alpha=auto has no compiled form"
         if self.fallback is not None:
             hg, stats = self.eager_reference(w, lam, x0, train_args, val_args)
