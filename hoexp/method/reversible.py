@@ -49,7 +49,7 @@ from torch import Tensor
 from hoexp import tree
 from hoexp.components import CheckContext, Range
 from hoexp.errors import ConfigError
-from hoexp.method.base import scalars
+from hoexp.method.base import gradients, scalars
 from hoexp.method.fixed_point import (
     FixedPointSteps,
     InfoBuffer,
@@ -185,19 +185,12 @@ def _pull_back(
     ``dλ += (∂α_t/∂λ)ᵀ da + (∂γ_t/∂λ)ᵀ dg``."""
     raw_list = list(s.raw_leaves.values())
     if g.requires_grad:
-        vjp = tree.fill_none(
-            torch.autograd.grad(
-                g, [w_leaf, *raw_list], grad_outputs=(one_minus * adj.dv).to(g.dtype), allow_unused=True
-            ),
-            [w_leaf, *raw_list],
-        )
+        vjp = gradients(g, [w_leaf, *raw_list], [(one_minus * adj.dv).to(g.dtype)])
         adj.dw = adj.dw - vjp[0].detach().to(torch.float64)
         adj.d_raw = [a - b.detach().to(torch.float64) for a, b in zip(adj.d_raw, vjp[1:])]
     outs = [(x, dx) for x, dx in zip(graph or (), (da, dg)) if x.requires_grad]
     if outs and raw_list:  # α_t and γ_t are functions of λ
-        through = tree.fill_none(
-            torch.autograd.grad([x for x, _ in outs], raw_list, [dx for _, dx in outs], allow_unused=True), raw_list
-        )
+        through = gradients([x for x, _ in outs], raw_list, [dx for _, dx in outs])
         adj.d_raw = [a + b.detach().to(torch.float64) for a, b in zip(adj.d_raw, through)]
 
 
