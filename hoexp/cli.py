@@ -13,7 +13,7 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from hoexp import advice
 from hoexp.errors import ConfigError, HoexpError, raise_if_stopped, stop_on_signals
@@ -89,7 +89,7 @@ HYDRA_FLAGS_WITH_VALUE = set(
 )
 
 
-def fail(message: str, code: int = 2, error: BaseException | None = None) -> None:
+def fail(message: str, code: int = 2, error: BaseException | None = None) -> NoReturn:
     """Print ``hoexp: error: <message>`` and exit with ``code``. In a data-parallel run (``error`` given) ranks
     other than 0 print only their own failures (prefixed ``rank R of N:``, and left for rank 0's summary)."""
     distributed = sys.modules.get("hoexp.engine.distributed")  # not imported yet: a signal may have cut torch's import
@@ -170,16 +170,12 @@ def run_job(cfg, job: Job | None = None) -> float:
         summary = run_experiment(
             spec, out_dir, config_text=text, dist=ctx, prebuilt=prebuilt, **advice.resume_advice(multirun)
         )
-    except Diverged as e:
-        if HydraConfig.get().mode == RunMode.MULTIRUN and os.environ.get("HYDRA_FULL_ERROR") != "1":
-            print(f"hoexp: warning: job {HydraConfig.get().job.num} diverged ({e}); the sweep goes on", file=sys.stderr)
-            return float("inf")
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
-        fail(str(e), e.exit_code, e)
     except (HoexpError, Preempted) as e:  # Preempted: stopped by a signal, saved, the line says how to resume
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
+        if isinstance(e, Diverged) and HydraConfig.get().mode == RunMode.MULTIRUN:
+            print(f"hoexp: warning: job {HydraConfig.get().job.num} diverged ({e}); the sweep goes on", file=sys.stderr)
+            return float("inf")
         fail(str(e), e.exit_code, e)
     except Exception as e:  # a data-parallel rank's own failure ends the job with one line (one process: traceback)
         raise_if_stopped()  # a failure after a signal whose exception a library swallowed: the stop, in one line
@@ -303,9 +299,11 @@ def check_arguments() -> Any:
 def cmd_check(args: list[str]) -> None:
     import time
 
+    from hoexp.config.build import resolve_device
     from hoexp.config.run import thread_policy
+    from hoexp.engine.distributed import launched
     from hoexp.tools.check import check_options, run_check
-    from hoexp.tools.horizon import DEFAULT_CONTENDERS, Smoothing
+    from hoexp.tools.horizon import DEFAULT_CONTENDERS, Smoothing, parse_contender, run_horizon
     from hoexp.tools.outdir import make_out_dir
 
     ns = check_arguments().parse_intermixed_args(args)  # overrides may follow options (--config-dir adds one)
@@ -313,38 +311,33 @@ def cmd_check(args: list[str]) -> None:
     iterations, at = check_options(ns.iterations, ns.dense_max, ns.at, ns.eps)
     smoothing = None if ns.smooth is None else Smoothing(ns.smooth, ns.smooth_pairs)
     base = [o for o in ns.overrides if not o.startswith(("method=", "method."))]
-    # --horizon: the reference run tunes nothing (method=none), so a family no default method takes (Bernoulli) runs
-    from hoexp.engine.distributed import launched
-
+    world = launched().world_size
     # Composed, validated and checked as `hoexp run` does; the tool's build takes what the checks built.
-    job = validate_job(base + ["method=none"] if ns.horizon else ns.overrides, world_size=launched().world_size)
+    # --horizon: the reference run tunes nothing (method=none), so a family no default method takes (Bernoulli) runs
+    job = validate_job(base + ["method=none"] if ns.horizon else ns.overrides, world_size=world)
     spec = job.spec
     out = make_out_dir(ns.out or f"outputs/check/{time.strftime('%Y-%m-%d_%H-%M-%S')}")
-    from hoexp.config.build import resolve_device
-
     # Small check problems run fastest on one CPU thread (see runner.thread_policy).
     with thread_policy(spec.run.threads, resolve_device(spec.run.device), 0):
         console = wide_console(150)
-        if ns.horizon:
-            from hoexp.tools.horizon import parse_contender, run_horizon
-
-            contenders = []
-            for text in ns.method or DEFAULT_CONTENDERS:
-                c = parse_contender(text)
-                contenders.append((c, validate_job(base + c.overrides, world_size=launched().world_size)))
-            run_horizon(
-                spec,
-                contenders,
-                out,
-                at=at,
-                eps=ns.eps,
-                console=console,
-                truth_from=None if ns.truth is None else Path(ns.truth),
-                smoothing=smoothing,
-                prebuilt=job.prebuilt,
-            )
-        else:
+        if not ns.horizon:
             run_check(spec, out, iterations=iterations, dense_max=ns.dense_max, console=console, prebuilt=job.prebuilt)
+            return
+        contenders = []
+        for text in ns.method or DEFAULT_CONTENDERS:
+            c = parse_contender(text)
+            contenders.append((c, validate_job(base + c.overrides, world_size=world)))
+        run_horizon(
+            spec,
+            contenders,
+            out,
+            at=at,
+            eps=ns.eps,
+            console=console,
+            truth_from=None if ns.truth is None else Path(ns.truth),
+            smoothing=smoothing,
+            prebuilt=job.prebuilt,
+        )
 
 
 def wide_console(width: int) -> Any:
@@ -425,16 +418,13 @@ def _main(argv: list[str]) -> None:
             print(f"hoexp {__version__}")
         else:
             fail(f"unknown command '{command}'; commands: run, check, report, compare, version (see 'hoexp --help')")
-    except HoexpError as e:
+    except (HoexpError, KeyboardInterrupt) as e:  # KeyboardInterrupt: a signal while no run had its own handler
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
-        fail(str(e), e.exit_code, e)
-    except KeyboardInterrupt as e:  # a signal while no run had its own handler (imports, composing, loading data)
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
-        fail(
-            advice.stopped_outside_a_run(command, getattr(e, "signum", signal.SIGINT)), 128 + getattr(e, "signum", 2), e
-        )
+        if isinstance(e, HoexpError):
+            fail(str(e), e.exit_code, e)
+        signum = getattr(e, "signum", signal.SIGINT)
+        fail(advice.stopped_outside_a_run(command, signum), 128 + signum, e)
 
 
 if __name__ == "__main__":
