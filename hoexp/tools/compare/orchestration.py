@@ -232,20 +232,15 @@ class _Compare:
                 "trials": trials,
             }
         )
-        found = (
-            ""
-            if best is None
-            else f"; best #{best.number} "
-            + " ".join(f"{k}={v:.3g}" for k, v in best.params.items())
-            + f", val {best.value:.4f}"
-        )
+        tally = ", ".join(f"{states.count(s)} {s.lower()}" for s in sorted(set(states)))
+        found = ""
+        if best is not None:
+            found = f"; best #{best.number} {' '.join(f'{k}={v:.3g}' for k, v in best.params.items())}, val {best.value:.4f}"
         self.say(
-            f"  seed {seed}  {SAMPLERS[sampler]}: {len(trials)} trials ("
-            + ", ".join(f"{states.count(s)} {s.lower()}" for s in sorted(set(states)))
-            + f") in {result.wall_clock_s:.1f} s{found}"
+            f"  seed {seed}  {SAMPLERS[sampler]}: {len(trials)} trials ({tally}) in {result.wall_clock_s:.1f} s{found}"
         )
 
-    def stopped(self, e: BaseException, code: int) -> HoexpError:
+    def stopped(self, code: int) -> HoexpError:
         """The one line for a compare a signal stopped: where, and the command that continues it (exit ``code``:
         128 + the signal's number). Raised after the stop was handled, so an ordinary error, not a ``Stopped``."""
         name = signal.Signals(code - 128).name if 128 < code < 128 + 65 else "a signal"
@@ -337,9 +332,9 @@ def run_compare(plan: Plan, console: Console | None = None) -> dict[str, Any]:
                 for seed in plan.seeds:
                     c.seed(seed)
         except (Preempted, SearchStopped) as e:
-            raise c.stopped(e, e.exit_code) from None
-        except KeyboardInterrupt as e:
-            raise c.stopped(e, 128 + signal.SIGINT) from None
+            raise c.stopped(e.exit_code) from None
+        except KeyboardInterrupt:
+            raise c.stopped(128 + signal.SIGINT) from None
         except HoexpError as e:
             raise c.failed(e) from None
         data = compare_json(plan, c.results, time.time() - started)

@@ -121,13 +121,18 @@ def _mean_std(values: list[Any]) -> list[float | None]:
     return [statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else None]
 
 
-def _summarize(runs: list[dict[str, Any]], budget_key: str = "wall_time_s") -> dict[str, Any]:
-    """Mean and std over seeds of a contender's numbers (``[mean, std]``; std None for one seed)."""
-    out: dict[str, Any] = {
+def _loss_stats(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """``final_val_loss``, ..., ``best_test_loss``: each ``[mean, std]`` over the runs (std None for one run)."""
+    return {
         f"{b}_{k}": _mean_std([(r.get(b) or {}).get(k) for r in runs])
         for b in ("final", "best")
         for k in ("val_loss", "test_loss")
     }
+
+
+def _summarize(runs: list[dict[str, Any]], budget_key: str = "wall_time_s") -> dict[str, Any]:
+    """Mean and std over seeds of a contender's numbers (``[mean, std]``; std None for one seed)."""
+    out: dict[str, Any] = _loss_stats(runs)
     out["wall_time_s"] = _mean_std([r.get("wall_time_s") for r in runs])
     out["budget_spent_s"] = _mean_std([r.get(budget_key) for r in runs])
     out["seeds"] = len(runs)
@@ -199,28 +204,23 @@ def _within(plan: Plan, r: Results) -> list[dict[str, Any]]:
             runs = []
             for s in st:
                 factor, limit = _budgets(plan, r, s["seed"])[i]
-                t = best_within(s["trials"], limit)
+                t = best_within(s["trials"], limit) or {}  # {}: no trial finished by then
+                finished = sum(1 for x in s["trials"] if x.get("end_s") is not None and float(x["end_s"]) <= limit)
                 runs.append(
                     {
                         "seed": s["seed"],
                         "factor": factor,
                         "budget_s": limit,
-                        "finished": sum(
-                            1 for x in s["trials"] if x.get("end_s") is not None and float(x["end_s"]) <= limit
-                        ),
-                        "trial": None if t is None else t["number"],
-                        "value": None if t is None else t["value"],
-                        "final": None if t is None else t.get("final"),
-                        "best": None if t is None else t.get("best"),
+                        "finished": finished,
+                        "trial": t.get("number"),
+                        "value": t.get("value"),
+                        "final": t.get("final"),
+                        "best": t.get("best"),
                     }
                 )
             summary = {
                 "value": _mean_std([x["value"] for x in runs]),
-                **{
-                    f"{b}_{k}": _mean_std([(x[b] or {}).get(k) for x in runs])
-                    for b in ("final", "best")
-                    for k in ("val_loss", "test_loss")
-                },
+                **_loss_stats(runs),
                 "seeds_with_a_trial": sum(1 for x in runs if x["trial"] is not None),
             }
             rows.append(
