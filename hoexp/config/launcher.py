@@ -163,10 +163,8 @@ def _finish(job: Job) -> None:
         job.outcome = f"interrupted: {last}"
     else:
         job.outcome = f"failed (exit {code}): {last}"
-    if job.outcome == "done":
-        _say(f"job #{job.num} " + (last if last.startswith("done") else f"done: {last}"))
-    else:
-        _say(f"job #{job.num} {job.outcome}")
+    done = last if last.startswith("done") else f"done: {last}"
+    _say(f"job #{job.num} {done if job.outcome == 'done' else job.outcome}")
 
 
 def _load(path: Path) -> Any:
@@ -188,11 +186,9 @@ def _end(jobs: list[Job], unfinished: list[Job], sweep_dir: Path, signum: int) -
         if args is not None
         else f"the same command plus hydra.sweep.dir={sweep_dir}"
     )
-    print(
-        f"hoexp: error: {why}{len(unfinished)} of {len(jobs)} jobs did not finish ({what}); finish them with: "
-        f"{again} (each job continues from its checkpoint)",
-        file=sys.stderr,
-        flush=True,
+    _say(
+        f"error: {why}{len(unfinished)} of {len(jobs)} jobs did not finish ({what}); finish them with: "
+        f"{again} (each job continues from its checkpoint)"
     )
     sys.exit(128 + signum if signum else 1)
 
@@ -285,12 +281,7 @@ def worker_main(payload: str, result: str) -> None:
             run_worker(payload, result)
         except KeyboardInterrupt as e:
             signum = int(getattr(e, "signum", signal.SIGINT))
-            print(
-                f"hoexp: error: stopped by {signal.Signals(signum).name} while the job was starting, before any "
-                "outer step",
-                file=sys.stderr,
-                flush=True,
-            )
+            _say(f"error: stopped by {signal.Signals(signum).name} while the job was starting, before any outer step")
             sys.exit(128 + signum)
 
 
