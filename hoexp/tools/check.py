@@ -34,6 +34,7 @@ from hoexp.method.forward import forward_hypergradient
 from hoexp.method.ift import ift_hypergradient
 from hoexp.method.solvers import AutoStep, ConjugateGradient, Exact, FixedPoint, Neumann, Solver
 from hoexp.method.unrolled import unrolled_hypergradient
+from hoexp.tools.outdir import pyplot
 from hoexp.types import InnerState
 
 ITERATIONS = (0, 1, 2, 5, 10, 20, 50, 100)
@@ -120,8 +121,6 @@ class GraphMemory:
 def _compare(
     fn: Callable[[], tuple[dict[str, Tensor], Any]], reference: Tensor, device: torch.device, hooks: bool = True
 ) -> tuple[float, float, float, float, Any]:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
     # torch.func transforms (forward mode) refuse saved-tensor hooks; they keep no graph between steps.
     with GraphMemory(device, hooks) as mem:
         t0 = time.perf_counter()
@@ -348,10 +347,7 @@ def _table(rows: list[Row], report: dict, console: Console) -> None:
 
 
 def _plot(rows: list[Row], path: Path, ref_name: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
     for method in ("neumann", "fixed_point", "cg", "truncated"):

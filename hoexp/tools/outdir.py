@@ -1,15 +1,16 @@
-"""The output folder of a command that takes ``--out`` (``check``, ``compare``): made before any work
-starts, or refused in one line that names the folder and the fix."""
+"""The output of the tools: the folder of a command that takes ``--out`` (``check``, ``compare``), made before
+any work starts or refused in one line that names the folder and the fix; and matplotlib for their plots."""
 
 from __future__ import annotations
 
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from hoexp.errors import ConfigError
 
-__all__ = ["make_out_dir"]
+__all__ = ["make_out_dir", "pyplot"]
 
 
 def make_out_dir(path: str | os.PathLike[str], flag: str = "--out") -> Path:
@@ -28,3 +29,13 @@ def make_out_dir(path: str | os.PathLike[str], flag: str = "--out") -> Path:
             + f"); choose a writable folder with {flag} <path>"
         ) from None
     return path
+
+
+def pyplot() -> Any:
+    """matplotlib's pyplot on the Agg backend: plots are written to files, no display needed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt

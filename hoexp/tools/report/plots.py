@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from hoexp.tools.outdir import pyplot
 from hoexp.tools.report.group import Group, Member
 from hoexp.tools.report.load import TIME_AXES
 
@@ -21,10 +22,7 @@ def _colors(n: int) -> list:
 def plot_val_loss_vs_time(groups: list[Group], path: Path, x: str = "elapsed") -> bool:
     """Left: validation loss against wall time (``x="solver"``: solver time) for every run (a study's trials back
     to back, dots where a trial starts); right: the best validation loss so far. One colour per row."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     curves = [(g, m, m.curve(x)) for g in groups for m in g.members]
     if not any(c for _, _, c in curves):
@@ -116,10 +114,7 @@ def best_so_far(member: Member, x: str = "elapsed") -> list[tuple[float, float]]
 def plot_best_so_far(groups: list[Group], path: Path, x: str = "elapsed") -> bool:
     """One panel: every contender's best validation loss so far against wall time (``x="solver"``: solver time),
     one line per seed (study), one colour per row; grid points are left to their ``grid search`` row."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     shown = [g for g in groups if g.tuning != "grid point"]
     curves = [(g, m, best_so_far(m, x)) for g in shown for m in g.members]
@@ -152,11 +147,9 @@ def plot_best_so_far(groups: list[Group], path: Path, x: str = "elapsed") -> boo
 def plot_hparams(groups: list[Group], path: Path, max_panels: int = 24) -> bool:
     """Histograms of the final hyperparameters (log10), one panel per row and family. A study shows
     the values its trials tried (grey) and its best trial's (coloured)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
+
+    plt = pyplot()
 
     panels = []
     colors = dict(zip(map(id, groups), _colors(len(groups))))
