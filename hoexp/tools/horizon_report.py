@@ -7,7 +7,7 @@ import json
 import math
 import textwrap
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ from hoexp import tree
 from hoexp.config import Spec
 from hoexp.errors import ConfigError
 from hoexp.tools.horizon_truth import Smoothing
+from hoexp.tools.outdir import pyplot
 
 
 @dataclass
@@ -56,7 +57,7 @@ def to_json(result: HorizonResult, spec: Spec, raw: dict[str, Tensor], base_fina
         "base_final_val_loss": base_final,
         "fingerprint": fingerprint(spec, result.eps),
         "truth": keyed(result.truth),
-        "smoothing": None if sm is None else {"sigma": sm.sigma, "pairs": sm.pairs, "seed": sm.seed},
+        "smoothing": None if sm is None else asdict(sm),
         "smoothed_truth": keyed(result.smoothed),
         "smoothed_stderr": keyed(result.smoothed_stderr),
         "hypergradients": {m: keyed(d) for m, d in result.hypergradients.items()},
@@ -85,8 +86,7 @@ def known_truth(
             f"--truth {truth_from} was measured on another configuration or --eps; drop --truth to measure it again"
         )
     out = {"truth": {int(k): v for k, v in old.get("truth", {}).items()}, "smoothed": {}, "smoothed_stderr": {}}
-    sm = None if smoothing is None else {"sigma": smoothing.sigma, "pairs": smoothing.pairs, "seed": smoothing.seed}
-    if sm is not None and old.get("smoothing") == sm:
+    if smoothing is not None and old.get("smoothing") == asdict(smoothing):
         for key, name in (("smoothed", "smoothed_truth"), ("smoothed_stderr", "smoothed_stderr")):
             out[key] = {int(k): v for k, v in old.get(name, {}).items()}
     return out
@@ -109,17 +109,12 @@ def table(result: HorizonResult, console: Console) -> None:
     """One row per contender: sign agreement and cosines with the ±ε truth, and with the smoothed one (its
     sign agreement also over the coordinates it resolves, ``|g*| > 2 SE``) where it was measured."""
     smoothed = result.smoothing is not None
+    numbers = ["sign ±ε", "cos ±ε (mean)", *(f"cos@{s}" for s in result.at), "rel. error"]
+    numbers += ["sign σ", "sign σ (resolved)", "cos σ (mean)", "time s"] if smoothed else ["time s"]
     t = Table(title=_title(result))
     t.add_column("method")
-    t.add_column("sign ±ε", justify="right")
-    t.add_column("cos ±ε (mean)", justify="right")
-    for s in result.at:
-        t.add_column(f"cos@{s}", justify="right")
-    t.add_column("rel. error", justify="right")
-    if smoothed:
-        for col in ("sign σ", "sign σ (resolved)", "cos σ (mean)"):
-            t.add_column(col, justify="right")
-    t.add_column("time s", justify="right")
+    for col in numbers:
+        t.add_column(col, justify="right")
     for label, sc in result.scores.items():
         extra = []
         if smoothed:
@@ -136,8 +131,7 @@ def table(result: HorizonResult, console: Console) -> None:
             f"{result.seconds.get(label, math.nan):.1f}",
         )
     for label, err in result.errors.items():
-        blanks = 4 + len(result.at) + (3 if smoothed else 0)
-        t.add_row(label, *["-"] * blanks, err[:60])
+        t.add_row(label, *["-"] * len(numbers), err[:60])
     console.print(t)
 
 
@@ -148,10 +142,7 @@ def _short(label: str) -> str:
 
 def plot(result: HorizonResult, path: Path) -> None:
     """Cosine per checkpoint (solid: ±ε truth; dashed: smoothed truth) and pooled sign agreement (bars)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     labels = list(result.scores)
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 1.5 + 0.45 * max(len(labels), 4)), layout="constrained")
