@@ -77,8 +77,9 @@ class NullProgress:
         pass
 
 
-class PlainProgress:
-    """One log line per outer step, e.g. ``[outer 12/100] val_loss=0.4213 elapsed=3.2s``.
+class PlainProgress(NullProgress):
+    """One log line per outer step, e.g. ``[outer 12/100] val_loss=0.4213 elapsed=3.2s`` (no bars: the inner steps
+    show nothing).
 
     Every step is printed when ``total_outer <= 50``; otherwise about 50 lines over
     the run, plus the last step (also printed on exit if the run stopped early).
@@ -86,7 +87,6 @@ class PlainProgress:
 
     def __init__(self, total_outer: int, total_inner: int, console: Console) -> None:
         self.total_outer = total_outer
-        self.total_inner = total_inner
         self.console = console
         self.every = max(1, math.ceil(total_outer / _MAX_PLAIN_LINES))
         self._t0 = time.monotonic()
@@ -104,20 +104,10 @@ class PlainProgress:
     def _print(self, text: str) -> None:
         self.console.print(text, markup=False, highlight=False, soft_wrap=True)
 
-    def start_outer(self, step: int) -> None:
-        pass
-
-    def advance_inner(self, n: int = 1) -> None:
-        pass
-
     def end_outer(self, step: int, fields: Mapping[str, float]) -> None:
-        done = step
-        parts = [f"[outer {done}/{self.total_outer}]"]
-        if fields:
-            parts.append(format_fields(fields))
-        parts.append(f"elapsed={time.monotonic() - self._t0:.1f}s")
-        line = " ".join(parts)
-        if done % self.every == 0 or done >= self.total_outer:
+        elapsed = f"elapsed={time.monotonic() - self._t0:.1f}s"
+        line = " ".join(p for p in (f"[outer {step}/{self.total_outer}]", format_fields(fields), elapsed) if p)
+        if step % self.every == 0 or step >= self.total_outer:
             self._print(line)
             self._pending = None
         else:
