@@ -98,8 +98,7 @@ def summarize(exp: Runnable, state: RunState | None, status: str, elapsed: float
     evals = state.evals if state is not None else []
     final = dict(evals[-1]) if evals else {}
     best = dict(min(evals, key=lambda e: e["val_loss"] if math.isfinite(e["val_loss"]) else math.inf)) if evals else {}
-    s = exp.settings if exp is not None else None
-    names = labels(exp) if exp is not None else {}
+    s, names = exp.settings, labels(exp)
     out: dict[str, Any] = {
         "status": status,
         "final": final,
@@ -112,10 +111,10 @@ def summarize(exp: Runnable, state: RunState | None, status: str, elapsed: float
         "hp": names.get("hp"),
         "dataset": names.get("dataset"),
         "model": names.get("model"),
-        "seed": s.seed if s is not None else None,
-        "outer_steps": s.outer_steps if s is not None else None,
-        "inner_steps": s.inner_steps if s is not None else None,
-        "device": str(exp.device) if exp is not None else None,
+        "seed": s.seed,
+        "outer_steps": s.outer_steps,
+        "inner_steps": s.inner_steps,
+        "device": str(exp.device),
         **more,
     }
     if state is not None and state.raw:
