@@ -19,6 +19,8 @@ from typing import IO, Any, Protocol, runtime_checkable
 
 import torch
 
+from hoexp.engine.rundir import write_atomic
+
 __all__ = ["HParamValue", "MetricLogger", "TensorBoardLogger", "JsonlLogger", "MemoryLogger", "MultiLogger"]
 __all__ += ["write_json_atomic", "read_json", "read_jsonl", "tensor_stats"]
 
@@ -333,13 +335,7 @@ class JsonlLogger:
                 for ln in path.read_text(encoding="utf-8").splitlines(keepends=True)
                 if ln.strip() and _line_step(ln) <= keep_until
             ]
-            tmp = path.with_suffix(".jsonl.tmp")
-            try:
-                tmp.write_text("".join(kept), encoding="utf-8")
-                os.replace(tmp, path)
-            except BaseException:
-                tmp.unlink(missing_ok=True)
-                raise
+            write_atomic(path, "".join(kept).encode("utf-8"))
         self.path = path
         self.summarize_histograms = summarize_histograms
         self._f: IO[str] | None = open(path, "a", encoding="utf-8")

@@ -201,7 +201,7 @@ def logged_files(folder: str | os.PathLike[str]) -> list[Path]:
     if data is None:
         return []
     names = [*RUN_FILES, *(str(n) for n in data.get("events", []) if "/" not in str(n))]
-    # write_atomic's, write_json_atomic's and a metrics.jsonl rewrite's temporary files (a kill mid-write)
+    # write_atomic's and write_json_atomic's temporary files, and <name>.tmp (older hoexp's metrics.jsonl rewrite)
     patterns = [glob.escape(n) + t for n in names for t in ("", ".tmp")] + [
         f".{glob.escape(n)}{t}" for n in names for t in (".tmp", ".*.tmp")
     ]
