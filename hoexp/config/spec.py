@@ -54,13 +54,12 @@ class RunConfig:
     name: str = "run"
 
     def check(self) -> None:
-        _non_negative(self, "outer_steps", "threads", "seed", "checkpoint_every", "warmup")
+        _zero_bound(self, ">=", "outer_steps", "threads", "seed", "checkpoint_every", "warmup")
         if not (isinstance(self.inner_steps, int) and self.inner_steps >= 1):  # 0: every outer step trains nothing
             raise ConfigError(
                 f"inner_steps must be >= 1 (the training steps between hypergradients), got {self.inner_steps}"
             )
-        _positive(self, "max_nonfinite")
-        _positive(self, "eval_every", "histogram_every", "log_every")
+        _zero_bound(self, ">", "max_nonfinite", "eval_every", "histogram_every", "log_every")
         if self.outer_objective not in ("val", "train"):
             raise ConfigError(f"outer_objective must be val or train, got '{self.outer_objective}'")
         if self.dtype not in ("float32", "float64"):
@@ -115,18 +114,12 @@ def parse_max_time(value: Any) -> float | None:
     return seconds
 
 
-def _positive(obj: Any, *names: str) -> None:
+def _zero_bound(obj: Any, op: str, *names: str) -> None:
+    """Each attribute in ``names`` a finite number ``> 0`` (``op`` ``">"``) or ``>= 0`` (``op`` ``">="``)."""
     for n in names:
         v = getattr(obj, n)
-        if not (isinstance(v, (int, float)) and v > 0 and math.isfinite(v)):
-            raise ConfigError(f"{n} must be > 0, got {v}")
-
-
-def _non_negative(obj: Any, *names: str) -> None:
-    for n in names:
-        v = getattr(obj, n)
-        if not (isinstance(v, (int, float)) and v >= 0 and math.isfinite(v)):
-            raise ConfigError(f"{n} must be >= 0, got {v}")
+        if not (isinstance(v, (int, float)) and (v > 0 if op == ">" else v >= 0) and math.isfinite(v)):
+            raise ConfigError(f"{n} must be {op} 0, got {v}")
 
 
 def _choice(key: str, value: str, valid) -> None:
