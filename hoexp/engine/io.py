@@ -65,11 +65,11 @@ class preemption_signals:
 
     def check(self) -> None:
         if self.received:
-            raise Preempted(f"stopped by {signal.Signals(self.received).name}", 128 + self.received)
+            raise Preempted.by_signal(self.received)
 
     def _raise(self, signum, frame):
         self.received = self.received or signum
-        raise Preempted(f"stopped by {signal.Signals(signum).name}", 128 + signum)
+        raise Preempted.by_signal(signum)
 
     def _record(self, signum, frame):
         self.received = self.received or signum
@@ -365,8 +365,7 @@ class RunIO:
         every rank; another may see it first), else that rank's own report (failed / interrupted) from the store."""
         ended = distributed.why_ended(stop=lambda: signals.received is not None) if self.main else None
         if signals.received is not None:
-            name = signal.Signals(signals.received).name
-            return self.peer_cause(ended) or Preempted(f"stopped by {name}", 128 + signals.received)
+            return self.peer_cause(ended) or Preempted.by_signal(signals.received)
         if ended is None:
             if self.main and not error.reported:
                 return distributed.PeerLost(
@@ -420,15 +419,11 @@ class RunIO:
             return error
         if isinstance(error, Preempted):
             if self.checkpointed:
-                return Preempted(
-                    f"{error} after outer step {step}; everything is saved; resume with: {self.again('true')}",
-                    error.exit_code,
-                )
-            return Preempted(
-                f"{error} before its first checkpoint, so there is nothing to resume; start it over in this "
-                f"folder with: {self.again('auto')}",
-                error.exit_code,
-            )
+                what = f"after outer step {step}; everything is saved; resume with: {self.again('true')}"
+            else:
+                what = "before its first checkpoint, so there is nothing to resume; start it over in this folder with: "
+                what += self.again("auto")
+            return Preempted(f"{error} {what}", error.exit_code)
         if isinstance(error, distributed.PeerLost) and not error.reported and self.checkpointed:
             return distributed.PeerLost(
                 f"{error}; the run is saved after outer step {step}; resume with: {self.again('true')}"
