@@ -355,11 +355,11 @@ def _own_experiment(spec: Spec, cspec: Spec, raw: dict[str, Tensor], prebuilt: P
             "models the hyperparameters); put the rest in the reference's overrides"
         )
     cexp = build(cspec, prebuilt=prebuilt)
-    layout = {k: tuple(v.shape) for k, v in start(cexp).raw.items()}
-    if layout != {k: tuple(v.shape) for k, v in raw.items()}:
+    layout, reference = ({k: tuple(v.shape) for k, v in r.items()} for r in (start(cexp).raw, raw))
+    if layout != reference:
         raise ConfigError(
-            f"its hyperparameters {layout} differ from the reference's { ({k: tuple(v.shape) for k, v in raw.items()}) }"
-            "; change only options that keep them (relaxation, temperature)"
+            f"its hyperparameters {layout} differ from the reference's {reference}; change only options that keep "
+            "them (relaxation, temperature)"
         )
     return cexp
 
@@ -402,10 +402,9 @@ def _score(
     """Mean cosine and relative error over the checkpoints, sign agreement pooled over checkpoints and coordinates,
     and per checkpoint; with the truth's ``stderr`` also the sign agreement over the coordinates it resolves
     (``sign_resolved``, over ``resolved`` of them: ``|g*| > 2 SE``)."""
-    per = {s: agreement(hg, torch.tensor(truth[s], dtype=torch.float64)) for s, hg in hgs.items()}
-    pooled_sign = torch.cat(
-        [(torch.sign(hg) == torch.sign(torch.tensor(truth[s], dtype=torch.float64))).double() for s, hg in hgs.items()]
-    ).mean()
+    g = {s: torch.tensor(truth[s], dtype=torch.float64) for s in hgs}
+    per = {s: agreement(hg, g[s]) for s, hg in hgs.items()}
+    pooled_sign = torch.cat([(torch.sign(hg) == torch.sign(g[s])).double() for s, hg in hgs.items()]).mean()
     out = {
         "cosine": sum(p["cosine"] for p in per.values()) / len(per),
         "sign": float(pooled_sign),
@@ -414,11 +413,8 @@ def _score(
     out.update({f"cosine@{s}": p["cosine"] for s, p in per.items()})
     out.update({f"sign@{s}": p["sign"] for s, p in per.items()})
     if stderr is not None:
-
-        def pooled(d: dict[int, list[float]]) -> Tensor:
-            return torch.cat([torch.tensor(d[s], dtype=torch.float64) for s in hgs])
-
         hg = torch.cat([hgs[s].reshape(-1) for s in hgs])
-        out["sign_resolved"], n = resolved_sign(hg, pooled(truth), pooled(stderr))
+        se = torch.cat([torch.tensor(stderr[s], dtype=torch.float64) for s in hgs])
+        out["sign_resolved"], n = resolved_sign(hg, torch.cat([g[s] for s in hgs]), se)
         out["resolved"] = float(n)
     return out
