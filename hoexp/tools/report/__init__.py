@@ -35,6 +35,7 @@ missing ones) are expanded with Hydra's override parser, through ``hoexp.config.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -142,11 +143,8 @@ def build_report(
             fh.write("\n".join([f"## hoexp compare: `{f}`", "", *md]))
     files = [out / "report.md", out / "report.csv", out / "runs.csv", *pngs]
     print_table(groups, console, title=f"hoexp report: {len(runs)} run(s), {len(groups)} row(s)")
-    for text in summary_lines:
-        console.print(f"  {text}", markup=False, highlight=False, soft_wrap=True)
-    for text in missing:
-        console.print(f"hoexp report: {text}", markup=False, highlight=False, soft_wrap=True)
-    console.print(
-        f"hoexp report: wrote {', '.join(f.name for f in files)} → {out}", markup=False, highlight=False, soft_wrap=True
-    )
+    say = functools.partial(console.print, markup=False, highlight=False, soft_wrap=True)
+    for text in [*(f"  {t}" for t in summary_lines), *(f"hoexp report: {t}" for t in missing)]:
+        say(text)
+    say(f"hoexp report: wrote {', '.join(f.name for f in files)} → {out}")
     return Report(runs=runs, groups=groups, out_dir=out, files=files)
