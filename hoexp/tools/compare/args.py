@@ -210,16 +210,14 @@ def _refuse_overrides(overrides: list[str]) -> None:
             )
 
 
-def _ho_contenders(ns: argparse.Namespace, base: list[str], spec: Any, seed: int) -> list[tuple[str, list[str]]]:
-    """``(name, overrides)`` per HO contender of ``--methods`` and ``--ho``, each run validated."""
+def _ho_contenders(entries: list[str], base: list[str], spec: Any, seed: int) -> list[tuple[str, list[str]]]:
+    """``(name, overrides)`` per HO contender (``entries``: of ``--methods`` and ``--ho``; none: the preset's
+    method), each run validated."""
     from hoexp.config.compose import group_options
 
-    methods = [m.strip() for m in ns.methods.split(",")] if ns.methods else []
-    if not methods and not ns.ho:
-        methods = [spec.method.name]
     valid = [m for m in group_options("method", base) if m != "none"]
     ho: list[tuple[str, list[str]]] = []
-    for entry in [*methods, *ns.ho]:
+    for entry in entries or [spec.method.name]:
         method, _, opts = entry.partition(":")
         method = method.strip()
         if method == "none":
@@ -342,11 +340,12 @@ def parse_args(argv: list[str]) -> Plan:
     # the preset must be valid with the method compare runs first (its own unless --methods / --ho: a preset's
     # method may refuse what the overrides ask, e.g. t1t2 and hp.dropout.relaxation=bernoulli)
     methods = [m.strip() for m in ns.methods.split(",")] if ns.methods else []
-    first = next((e.partition(":")[0].strip() for e in [*methods, *ns.ho] if e.strip() != "none"), None)
+    entries = [*methods, *ns.ho]  # the HO contenders (none: the preset's method)
+    first = next((e.partition(":")[0].strip() for e in entries if e.strip() != "none"), None)
     spec, _ = compose_spec([*base, f"seed={seeds[0]}", *([f"method={first}"] if first else [])])
     warmup = _check_numbers(ns, spec.run.outer_steps)
     factors = _budget_factors(ns.budget_factor, ns.budget_s)
-    ho = _ho_contenders(ns, base, spec, seeds[0])
+    ho = _ho_contenders(entries, base, spec, seeds[0])
     none_ov = [*base, f"seed={seeds[0]}", "method=none"]
     _check(none_ov, "the baseline (method=none)")
     key, grid, default_grid, declared = _grid(ns, spec)
