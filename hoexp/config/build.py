@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from hoexp import tree
 from hoexp.components import BuildContext, CheckContext, DataContext
 from hoexp.config import Spec
 from hoexp.engine import distributed
@@ -246,11 +247,7 @@ def build(spec: Spec, dist: distributed.Context | None = None, prebuilt: Prebuil
         method = build_method(spec, replace(ctx, families=tuple(getattr(family, "families", (family,)))))
     problem: Classification = data.problem(model, family)
     check_compatibility(
-        spec,
-        method,
-        family,
-        CheckContext(inner_opt, family, sum(p.numel() for p in params.values()), sum(v.numel() for v in raw.values())),
-        dist.world_size,
+        spec, method, family, CheckContext(inner_opt, family, tree.numel(params), tree.numel(raw)), dist.world_size
     )
     precision = Precision(spec.run.precision, device.type) if spec.run.precision != "fp32" else None
     runtime = Runtime(device, dist, precision, spec.run.compile, bool(getattr(method, "spreads_over_ranks", False)))

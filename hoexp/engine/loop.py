@@ -13,6 +13,7 @@ import math
 import time
 from typing import Any
 
+from hoexp import tree
 from hoexp.engine import distributed
 from hoexp.engine.budget import budget_line, budget_spent, stopped_by, synced_clock
 from hoexp.engine.evaluate import labels, log_step, summarize
@@ -48,14 +49,10 @@ def run(
                 log_step(exp, state, io.logger, 0, {}, force_hist=True)
             io.keep(snapshot(exp, state))
             signals.check()  # a signal whose exception some library swallowed stops the run here
-            loop(
-                exp,
-                state,
-                io,
-                progress
-                or make_progress(s.outer_steps, s.inner_steps, console=io.console, enabled=s.progress and io.main),
-                signals.check,
+            bars = progress or make_progress(
+                s.outer_steps, s.inner_steps, console=io.console, enabled=s.progress and io.main
             )
+            loop(exp, state, io, bars, signals.check)
             io.status = "completed"
         except BaseException as e:
             error = e
@@ -139,8 +136,7 @@ def loop(exp: Runnable, state: RunState, io: RunIO, progress: RunProgress, check
 
 def headline(exp: Runnable, state: RunState, io: RunIO, threads: int, resumed: bool) -> str:
     """The run's first console line: what runs, how big, where."""
-    s, n_w = exp.settings, sum(v.numel() for v in state.inner.params.values())
-    n_h = sum(v.numel() for v in state.raw.values())
+    s, n_w, n_h = exp.settings, tree.numel(state.inner.params), tree.numel(state.raw)
     names = labels(exp)
     return (
         f"hoexp: {names['dataset']} / {names['model']} ({n_w:,} weights) / hp={names['hp']} "
@@ -163,8 +159,8 @@ def run_summary(exp: Runnable, state: RunState | None, io: RunIO) -> dict[str, A
             out["compile_time_s"] = state.compile_s  # outside solver_time_s (a method's torch.compile warm-up)
         if exp.settings.max_time is not None:
             out["max_time_s"] = exp.settings.max_time
-        if stopped_by(exp.settings, state.step, io.status):
-            out["stopped_by"] = stopped_by(exp.settings, state.step, io.status)
+        if why := stopped_by(exp.settings, state.step, io.status):
+            out["stopped_by"] = why
     if io.resumes:
         out["resumes"] = io.resumes
     if io.error:
