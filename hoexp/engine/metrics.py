@@ -180,23 +180,17 @@ def _fix_bool_hparams(exp: Any, ssi: Any, keys: list[str]) -> None:
         return
     from tensorboard.plugins.hparams import api_pb2, plugin_data_pb2
 
-    def edit(summary: Any, fn: Any) -> None:
+    for summary in (exp, ssi):
         pd = summary.value[0].metadata.plugin_data
         data = plugin_data_pb2.HParamsPluginData.FromString(pd.content)
-        fn(data)
+        if summary is exp:  # the experiment: each hparam's declared type
+            for info in data.experiment.hparam_infos:
+                if info.name in keys:
+                    info.type = api_pb2.DataType.Value("DATA_TYPE_BOOL")
+        else:  # the session start: each hparam's value
+            for k in keys:
+                data.session_start_info.hparams[k].bool_value = bool(data.session_start_info.hparams[k].number_value)
         pd.content = data.SerializeToString()
-
-    def fix_exp(data: Any) -> None:
-        for info in data.experiment.hparam_infos:
-            if info.name in keys:
-                info.type = api_pb2.DataType.Value("DATA_TYPE_BOOL")
-
-    def fix_ssi(data: Any) -> None:
-        for k in keys:
-            data.session_start_info.hparams[k].bool_value = bool(data.session_start_info.hparams[k].number_value)
-
-    edit(exp, fix_exp)
-    edit(ssi, fix_ssi)
 
 
 class TensorBoardLogger:
