@@ -36,7 +36,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
@@ -206,17 +206,6 @@ class SearchResult:
     def best(self) -> TrialRecord | None:
         done = [t for t in self.trials if t.state == "COMPLETE" and t.value is not None and not math.isnan(t.value)]
         return min(done, key=lambda t: cast(float, t.value)) if done else None  # done: values are floats
-
-    def to_json(self) -> dict[str, Any]:
-        s = asdict(self.settings)
-        s["space"] = [asdict(d) for d in self.settings.space]
-        return {
-            "settings": s,
-            "wall_clock_s": self.wall_clock_s,
-            "storage": self.storage,
-            "best_trial": None if self.best is None else self.best.number,
-            "trials": [{**asdict(t), "duration_s": t.duration_s} for t in self.trials],
-        }
 
 
 # ---------------------------------------------------------------------------------------- optuna
