@@ -66,12 +66,10 @@ class Component:
     def build(self, *runtime: Any) -> Any:
         """``target(*runtime, **options)`` (``runtime`` only for a partial); a ``ValueError`` or
         ``TypeError`` from the factory becomes a one-line ConfigError naming this option."""
-        kwargs = {
-            k: v.build()
-            if isinstance(v, Component) and not v.partial
-            else (functools.partial(v.build) if isinstance(v, Component) else v)
-            for k, v in self.options.items()
-        }
+        kwargs = dict(self.options)
+        for k, v in self.options.items():
+            if isinstance(v, Component):  # a nested factory: built now, or handed over to be called later
+                kwargs[k] = functools.partial(v.build) if v.partial else v.build()
         if "name" in self.defaults or _takes_kwargs(self.target):
             kwargs.setdefault("name", self.name)
         try:
@@ -113,14 +111,8 @@ def component(node: Any, key: str) -> Component:
         plain = OmegaConf.to_container(value, resolve=True) if isinstance(value, (DictConfig, ListConfig)) else value
         options[k] = coerce(plain, hints.get(k, Any), f"{key}.{k}", prefix + k)
     defaults = {p: v.default for p, v in params.items() if v.default is not inspect.Parameter.empty}
-    missing = [
-        p
-        for p, v in params.items()
-        if v.default is inspect.Parameter.empty
-        and p not in options
-        and v.kind is not inspect.Parameter.VAR_KEYWORD
-        and p != "name"
-    ]
+    required = [p for p, v in params.items() if p not in defaults and v.kind is not inspect.Parameter.VAR_KEYWORD]
+    missing = [p for p in required if p not in options and p != "name"]
     if missing:
         raise ConfigError(f"{prefix}missing option(s) {', '.join(missing)} (the factory {node._target_} needs them)")
     return Component(key, name, target, options, partial, defaults)
