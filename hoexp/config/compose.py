@@ -41,11 +41,8 @@ def user_config_dirs(overrides: list[str]) -> list[Path]:
     for o in overrides:
         key, _, value = o.lstrip("+~").partition("=")
         if key == "hydra.searchpath":
-            dirs += [
-                Path(v.strip().strip("'\"").removeprefix("file://"))
-                for v in value.strip("[]").split(",")
-                if v.strip().strip("'\"").startswith("file://")
-            ]
+            entries = [v.strip().strip("'\"") for v in value.strip("[]").split(",")]
+            dirs += [Path(v.removeprefix("file://")) for v in entries if v.startswith("file://")]
     return dirs
 
 
