@@ -203,26 +203,14 @@ def _label(groups: list[Group]) -> None:
     labels = [g.label for g in groups]
     for i, g in enumerate(groups):
         cfg = g.first.config
-        parts = []
-        for k in sorted(cfg):
-            if (
-                k in IGNORED_KEYS
-                or k in g.searched
-                or k == "method.name"
-                or k.endswith(".granularity")
-                or k.startswith("hydra.")
-            ):
-                continue
-            for j, h in enumerate(groups):
-                if (
-                    j != i
-                    and h.label == g.label
-                    and k in h.first.config
-                    and k not in h.searched
-                    and h.first.config[k] != cfg[k]
-                ):
-                    parts.append(f"{_short_key(k)}={_fmt_value(cfg[k])}")
-                    break
+        same_method = [h for j, h in enumerate(groups) if j != i and h.label == g.label]
+        skip = {*IGNORED_KEYS, *g.searched, "method.name"}
+        parts = [
+            f"{_short_key(k)}={_fmt_value(cfg[k])}"
+            for k in sorted(cfg)
+            if not (k in skip or k.endswith(".granularity") or k.startswith("hydra."))
+            and any(k in h.first.config and k not in h.searched and h.first.config[k] != cfg[k] for h in same_method)
+        ]
         if parts:
             labels[i] = f"{g.label} ({', '.join(parts)})"
     for g, label in zip(groups, labels):
