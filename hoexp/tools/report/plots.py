@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from pathlib import Path
 from typing import Any
@@ -51,10 +52,7 @@ def plot_val_loss_vs_time(groups: list[Group], path: Path, x: str = "elapsed") -
                 offset += spent if math.isfinite(spent) else (rp[-1][0] if rp else 0.0)
             if starts:
                 ax.scatter(*zip(*starts), color=c, s=8, zorder=3)
-        run_min, best = [], math.inf
-        for v in vs:
-            best = min(best, v)
-            run_min.append(best)
+        run_min = list(itertools.accumulate(vs, min))
         finals.append(run_min[-1])
         top = max(top, run_min[0])
         bx.step(ts, run_min, where="post", color=c, lw=1.6, label=label)
@@ -174,13 +172,14 @@ def plot_hparams(groups: list[Group], path: Path, max_panels: int = 24) -> bool:
     for ax, (g, fam, values, tried_values) in zip(axes.flat, panels):
         c = colors[id(g)]
         logv = np.log10(np.clip(values[np.isfinite(values)], 1e-300, None))
-        allv = logv if tried_values is None else np.concatenate([logv, np.log10(np.clip(tried_values, 1e-300, None))])
+        logt = None if tried_values is None else np.log10(np.clip(tried_values, 1e-300, None))
+        allv = logv if logt is None else np.concatenate([logv, logt])
         lo, hi = (float(allv.min()), float(allv.max())) if allv.size else (0.0, 1.0)
         if hi - lo < 1e-6:
             lo, hi = lo - 0.5, hi + 0.5
         bins = np.linspace(lo, hi, 41)
-        if tried_values is not None:
-            ax.hist(np.log10(np.clip(tried_values, 1e-300, None)), bins=bins, color="0.75", label="trials")
+        if logt is not None:
+            ax.hist(logt, bins=bins, color="0.75", label="trials")
         if logv.size <= 8:  # a few values (global / per-layer): lines are clearer than bars
             for x in logv:
                 ax.axvline(x, color=c, lw=2)
