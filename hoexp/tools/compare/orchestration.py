@@ -67,13 +67,10 @@ class _Compare:
 
         if all(finished(f) is not None for f in self.fixed_folders()):
             return
+        one_step = {"seed": str(self.plan.seeds[0]), "outer_steps": "1", "checkpoint_every": "0"}
         with tempfile.TemporaryDirectory(prefix="hoexp-compare-warmup-") as tmp:
             for i, c in enumerate([*self.ho_composers.values(), self.none]):
-                run_one(
-                    c,
-                    {"seed": str(self.plan.seeds[0]), "outer_steps": "1", "checkpoint_every": "0"},
-                    Path(tmp) / str(i),
-                )
+                run_one(c, one_step, Path(tmp) / str(i))
 
     def run(
         self, composer: Composer, updates: dict[str, str], folder: Path, what: str, seed: int, **kw: Any
