@@ -283,11 +283,9 @@ def _quiet_writer_thread(writer: Any) -> None:
     prints a traceback from the thread; an OSError (a full disk) is then reported once, by that write."""
     import threading
 
-    worker = getattr(
-        getattr(getattr(getattr(writer, "file_writer", None), "event_writer", None), "_async_writer", None),
-        "_worker",
-        None,
-    )
+    worker = writer  # writer.file_writer.event_writer._async_writer._worker, where each exists
+    for name in ("file_writer", "event_writer", "_async_writer", "_worker"):
+        worker = getattr(worker, name, None)
     hook = getattr(worker, "_invoke_excepthook", None)
     if not isinstance(worker, threading.Thread) or hook is None:
         return
