@@ -218,14 +218,11 @@ def sync(params: Mapping[str, Tensor], raw: Mapping[str, Tensor]) -> tuple[dict[
     """``(params, raw)`` through one :class:`_SyncGrad` node: derivatives of a loss of the result are the
     mean over the ranks of the ranks' derivatives. Without autograd (``torch.no_grad``, nothing that
     requires a gradient) or in a one-process run the inputs come back as they are."""
-    keys = [("p", k) for k in params] + [("r", k) for k in raw]
     tensors = [*params.values(), *raw.values()]
     if not current().active or not torch.is_grad_enabled() or not any(t.requires_grad for t in tensors):
         return dict(params), dict(raw)
     outs = _SyncGrad.apply(*tensors)
-    p_out = {k: t for (kind, k), t in zip(keys, outs) if kind == "p"}
-    r_out = {k: t for (kind, k), t in zip(keys, outs) if kind == "r"}
-    return p_out, r_out
+    return dict(zip(params, outs[: len(params)])), dict(zip(raw, outs[len(params) :]))
 
 
 # ------------------------------------------------------------------------------ a method's own work
