@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 
 from hoexp.cli import compose_spec
 from hoexp.errors import ConfigError
-from tests import dist_worker
+from tests import dist_worker, stopping
 from tests.test_resume import wait_for_step
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -229,11 +229,7 @@ if os.environ.get("RANK") == "0":
 @pytest.mark.slow
 @pytest.mark.parametrize("site_code", [SITE, SITE + SITE_BUSY_RANK0], ids=["in-collective", "rank0-busy"])
 def test_a_failing_rank_ends_the_job_with_one_line(tmp_path, site_code):
-    site = tmp_path / "site"
-    site.mkdir()
-    (site / "sitecustomize.py").write_text(site_code)
-    env = _env()
-    env["PYTHONPATH"] = os.pathsep.join([str(site), env["PYTHONPATH"]])
+    env = stopping.with_site(_env(), tmp_path / "site", site_code)
     run = tmp_path / "run"
     p = torchrun(tmp_path, f"hydra.run.dir={run}", env=env)
     out, err = p.communicate(timeout=600)
