@@ -134,7 +134,9 @@ def test_saba_with_method_compile_takes_the_eager_runs_steps_and_logs_its_compil
     assert compiled["hp_final"] == pytest.approx(eager["hp_final"], rel=1e-4, abs=1e-6)
     lines = [json.loads(ln) for ln in (tmp_path / "compiled" / "metrics.jsonl").read_text().splitlines()]
     first = lines[1]
-    assert first["step"] == 1 and first["time/compile_s"] > 1.0 > first["time/outer_step_s"]
+    # Relative, not absolute: dynamo traces anew each run, but inductor's on-disk cache may already hold the graph
+    # (CI measured a 0.84 s warm-up), and a step of 2 tiny Iris inner steps takes milliseconds either way.
+    assert first["step"] == 1 and 0 < first["time/outer_step_s"] < first["time/compile_s"]
     assert compiled["compile_time_s"] == pytest.approx(sum(ln.get("time/compile_s", 0.0) for ln in lines))
     assert "compile_time_s" not in eager
 
