@@ -86,6 +86,44 @@ class stop_on_signals:
                 signal.signal(sig, handler)
 
 
+class signals_deferred:
+    """SIGTERM and SIGINT held back for the length of a block (in the main thread; elsewhere it does nothing): a
+    signal that arrives is only noted, and when the block ends the handler that was in place gets it (a run's
+    stop is raised there; the default ends the process). For writes that a stop must not cut in half, such as
+    an Optuna journal append under its file lock (a stop inside it left the lock half-taken and the trial
+    ``FAIL`` where it should have stayed running, to be resumed)."""
+
+    def __enter__(self) -> signals_deferred:
+        import signal
+        import threading
+
+        self.previous: dict = {}
+        self.received: list[int] = []
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                if signal.getsignal(sig) != signal.SIG_IGN:  # one the process ignores stays ignored
+                    self.previous[sig] = signal.signal(sig, self._note)
+        return self
+
+    def _note(self, signum, frame) -> None:
+        self.received.append(signum)
+
+    def __exit__(self, *exc: object) -> None:
+        import os
+        import signal
+
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        if not self.received:
+            return
+        signum = self.received[0]
+        handler = self.previous[signum]
+        if callable(handler):
+            handler(signum, None)  # e.g. a run's stop: raised here, after the block
+        elif handler in (signal.SIG_DFL, None):
+            os.kill(os.getpid(), signum)  # what the signal would have done, now that the write is whole
+
+
 def received_stop(handlers=None) -> int:
     """The signal a :class:`stop_on_signals` handler (the current one, or one of ``handlers``) has seen; 0: none."""
     import signal

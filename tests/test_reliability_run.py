@@ -22,7 +22,8 @@ from rich.console import Console
 from hoexp.cli import compose_spec, main
 from hoexp.config.run import Run
 from hoexp.engine import rundir
-from hoexp.errors import ConfigError, HoexpError, Stopped, raise_if_stopped, stop_on_signals
+from hoexp.errors import ConfigError, HoexpError, Stopped, raise_if_stopped, signals_deferred, stop_on_signals
+from hoexp.tools.search import TrialContext
 from tests import stopping
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -183,6 +184,50 @@ def test_a_swallowed_signal_is_raised_again():
             raise_if_stopped()
     assert e.value.exit_code == 128 + signal.SIGTERM and str(e.value) == "stopped by SIGTERM"
     assert isinstance(e.value, KeyboardInterrupt) and not isinstance(e.value, Exception)
+
+
+def test_a_signal_in_a_deferred_block_reaches_the_handler_once_the_block_is_done():
+    written = []
+    with stop_on_signals():
+        with pytest.raises(Stopped) as e, signals_deferred():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.2)  # the handler would have run by now
+            written.append("whole")
+        assert signal.getsignal(signal.SIGTERM) != signal.SIG_DFL  # the handler in place before is back
+    assert written == ["whole"] and e.value.exit_code == 128 + signal.SIGTERM
+
+
+def test_a_deferred_signal_with_no_handler_ends_the_process_after_the_block():
+    code = "import os, signal, time\nfrom hoexp.errors import signals_deferred\nwith signals_deferred():\n"
+    code += "    os.kill(os.getpid(), signal.SIGTERM); time.sleep(0.2); print('whole', flush=True)\nprint('after')\n"
+    p = subprocess.run([sys.executable, "-c", code], env=env(), capture_output=True, text=True, timeout=60)
+    assert p.returncode == -signal.SIGTERM and p.stdout == "whole\n", p.stderr
+
+
+def test_a_stop_while_a_trial_reports_to_optuna_comes_after_the_journal_writes():
+    """Was (a search worker's parent killed with kill -9, under load): the SIGTERM raised the run's stop inside
+    Optuna's journal file lock; the lock's clean-up failed (FileNotFoundError on its .rename file), and the
+    trial ended FAIL instead of staying running for the continued search to resume."""
+
+    class Journal:  # stands for Optuna's trial: its writes go through a file lock
+        def __init__(self):
+            self.writes = []
+
+        def report(self, value, step):
+            os.kill(os.getpid(), signal.SIGTERM)  # the parent-death signal, mid-write
+            time.sleep(0.2)
+            self.writes.append(("report", step))
+
+        def set_user_attr(self, key, value):
+            self.writes.append(key)
+
+        def should_prune(self):
+            return False
+
+    journal = Journal()
+    with stop_on_signals(), pytest.raises(Stopped):
+        TrialContext(0, {}, journal, start=time.time()).report(3, 0.5)
+    assert journal.writes == [("report", 3), "last_s"]
 
 
 @pytest.mark.slow

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
-from hoexp.errors import ConfigError, HoexpError, StopRun
+from hoexp.errors import ConfigError, HoexpError, StopRun, signals_deferred
 
 __all__ = [
     "Dim",
@@ -171,11 +171,13 @@ class TrialContext:
         if self._trial is None or int(step) in self.reported:
             return
         v = float(value) if math.isfinite(value) else 1e300  # Optuna refuses non-finite intermediates
-        self._trial.report(v, int(step))
-        if (now := time.time()) - self._saved >= 1.0:  # the clock a continued search goes on from (≤ 1 write/s)
-            self._trial.set_user_attr("last_s", now - self.start)
-            self._saved = now
-        if self._trial.should_prune():
+        with signals_deferred():  # a run's stop waits until Optuna's journal writes are whole
+            self._trial.report(v, int(step))
+            if (now := time.time()) - self._saved >= 1.0:  # the clock a continued search goes on from (≤ 1 write/s)
+                self._trial.set_user_attr("last_s", now - self.start)
+                self._saved = now
+            prune = self._trial.should_prune()
+        if prune:
             raise Pruned(f"pruned at step {step} (intermediate value {value:.4g})")
 
 
