@@ -1,7 +1,6 @@
 """Shared fixtures: the data root, seeding and one thread for every test, composing configs, tiny experiments."""
 
 import os
-import signal
 from pathlib import Path
 
 import pytest
@@ -10,12 +9,6 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 # Tests and CI read the small real datasets shipped beside the repository.
 os.environ.setdefault("HOEXP_DATA", str(ROOT.parent / "shared" / "data"))
-
-# A suite started in the background of a shell without job control (`cmd &` in a script) inherits SIGINT ignored,
-# and so would every run it starts, which keeps ignoring it, as hoexp does for a signal it was started to ignore.
-# The tests that Ctrl-C a run check what a user in the foreground gets: their runs start with SIGINT's default.
-if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
-    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # A small, exact version of the default experiment (Iris, 4→8→3 MLP, float64) for tests that need a built run.
 TINY = ["model.width=8", "model.depth=1", "dtype=float64", "progress=false", "device=cpu"]
