@@ -101,7 +101,9 @@ class signals_deferred:
         self.received: list[int] = []
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
-                if signal.getsignal(sig) != signal.SIG_IGN:  # one the process ignores stays ignored
+                # One the process ignores stays ignored; one whose handler is not Python's (None) could not be
+                # put back by signal.signal, so it is left as it is.
+                if signal.getsignal(sig) not in (signal.SIG_IGN, None):
                     self.previous[sig] = signal.signal(sig, self._note)
         return self
 
@@ -120,7 +122,7 @@ class signals_deferred:
         handler = self.previous[signum]
         if callable(handler):
             handler(signum, None)  # e.g. a run's stop: raised here, after the block
-        elif handler in (signal.SIG_DFL, None):
+        elif handler == signal.SIG_DFL:
             os.kill(os.getpid(), signum)  # what the signal would have done, now that the write is whole
 
 
