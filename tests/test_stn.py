@@ -160,8 +160,9 @@ def test_one_outer_step_on_the_lstm_and_a_reset(variant):
     res = method(st)
     assert set(res.hypergrad) == set(raw) and all(torch.isfinite(v).all() for v in res.hypergrad.values())
     assert float(tree.norm(res.hypergrad)) > 0 and res.inner.step == 3
-    assert set(method.state_dict()) == {"response", "response_opt", "centre"}
+    assert set(method.state_dict()) == {"response", "response_opt", "centre", "calls"}
     method.load_state_dict({})  # reset_inner: a fresh response, initialized from (seed, step)
+    assert method.carried == {} and method.calls == 1  # the steps run are counted over the run (method.hold)
     again = method(st)
     assert torch.equal(tree.flatten(again.hypergrad.values()), tree.flatten(res.hypergrad.values()))
 
@@ -201,7 +202,7 @@ def test_resume_mid_run_is_bit_exact_and_needs_the_carried_response(tmp_path, va
     with pytest.raises(Preempted):
         Run(compose_spec(args)[0], tmp_path / "cut", loggers=[_StopAt(3)], **quiet).execute()
     ckpt = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
-    assert ckpt["step"] == 2 and set(ckpt["method_state"]) == {"response", "response_opt", "centre"}
+    assert ckpt["step"] == 2 and set(ckpt["method_state"]) == {"response", "response_opt", "centre", "calls"}
     Run(compose_spec([*args, "resume=true"])[0], tmp_path / "cut", **quiet).execute()
     assert _metrics(tmp_path / "cut") == _metrics(tmp_path / "ref")  # bit for bit
     # Without the carried response the resumed run departs from the reference.
@@ -212,6 +213,25 @@ def test_resume_mid_run_is_bit_exact_and_needs_the_carried_response(tmp_path, va
     Run(compose_spec([*args, "resume=true"])[0], tmp_path / "cold", **quiet).execute()
     assert _metrics(tmp_path / "cold")[:3] == _metrics(tmp_path / "ref")[:3]
     assert _metrics(tmp_path / "cold")[3] != _metrics(tmp_path / "ref")[3]
+
+
+def test_hold_fits_the_response_with_the_rates_held_then_tunes_and_resumes_holding_the_same_steps(tmp_path):
+    """``method.hold=3``: outer steps 1-3 train W0 and the response but leave λ where it started (no outer update,
+    the hypergradient logged); step 4 moves it. A run cut at step 2 and resumed holds step 3 as well."""
+    args = [*IRIS, "hp=dropout", "method.hold=3"]
+    quiet = dict(console=Console(file=io.StringIO()))
+    summary = Run(compose_spec(args)[0], tmp_path / "ref", **quiet).execute()
+    rows = [r for r in _metrics(tmp_path / "ref") if "hp/mean" in r]
+    start = rows[0]["hp/mean"]
+    assert [r["hp/mean"] for r in rows if 1 <= r["step"] <= 3] == [start] * 3
+    assert all(r["hypergrad/norm"] > 0 for r in rows if 1 <= r["step"] <= 3)  # computed and logged while held
+    assert [r for r in rows if r["step"] == 4][0]["hp/mean"] != start
+    assert summary["hypergradients"] == 2  # steps 4 and 5
+    with pytest.raises(Preempted):
+        Run(compose_spec(args)[0], tmp_path / "cut", loggers=[_StopAt(3)], **quiet).execute()
+    assert torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)["method_state"]["calls"] == 2
+    Run(compose_spec([*args, "resume=true"])[0], tmp_path / "cut", **quiet).execute()
+    assert _metrics(tmp_path / "cut") == _metrics(tmp_path / "ref")
 
 
 def _build(*args):

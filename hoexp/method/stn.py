@@ -29,6 +29,11 @@ Each outer step, on the batches the engine drew:
 2. The hypergradient ``∇_λ L_V(ŵ(λ), λ)`` at ``λ0`` on the validation batch: the direct term plus
    ``∂L_V/∂w · ∂ŵ/∂λ`` with ``∂ŵ_p/∂λ = V_p ⊙_rows W1_p``. It never differentiates a training step.
 
+``hold``: the first ``hold`` outer steps the method runs (counted over the run) fit the response with λ held (no outer update; the
+hypergradient is still logged). A response starts flat (``V = 0``), so the first hypergradients after a
+warm-up go through a response fitted on a few dozen perturbed steps; STN's authors train it for a while
+before the first hyper-step for the same reason.
+
 ``recentre``: at the next outer step, once the outer optimizer moved ``λ0``, ``W0 ← ŵ(λ0_new)`` (the
 response's own prediction of the weights there; ``ŵ`` as a function of λ is unchanged: the uncentred
 STN). ``W1``, ``V``, their optimizer state and the last centre are carried (:class:`CarriesState`).
@@ -58,7 +63,7 @@ from torch import Tensor
 from torch.func import jvp
 
 from hoexp import tree
-from hoexp.components import BuildContext, CheckContext, PositiveFloat, PositiveInt
+from hoexp.components import BuildContext, CheckContext, NonNegInt, PositiveFloat, PositiveInt
 from hoexp.errors import ConfigError
 from hoexp.hp.base import select
 from hoexp.method.base import gradients
@@ -180,9 +185,11 @@ class STN:
     include: tuple[str, ...] = ("*",)
     max_hparams: int = 20_000
     response_clip: float | None = None
+    hold: int = 0
     seed: int = 0
     name: str = "stn"
     carried: dict[str, Any] = field(default_factory=dict, repr=False)  # response, response_opt, centre
+    calls: int = field(default=0, repr=False)  # outer steps run (for hold), over the run: a reset keeps it
 
     extra_batches: ClassVar[int] = 0
     # The response fits w*(λ) on L_T: a family that moves only the optimization path (lr, momentum) does not move it.
@@ -209,10 +216,12 @@ class STN:
             )
 
     def state_dict(self) -> dict[str, Any]:
-        return dict(self.carried)
+        return {**self.carried, "calls": self.calls}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.carried = dict(state)
+        """A checkpoint's state, or ``{}`` (``reset_inner``: a fresh response; the count of steps run is kept)."""
+        self.carried = {k: v for k, v in state.items() if k != "calls"}
+        self.calls = int(state.get("calls", self.calls))
 
     def generator(self, step: int, stream: int = 0) -> torch.Generator:
         """The generator of inner step ``step`` of the run: its perturbation (``stream`` 0) or a response's
@@ -283,6 +292,7 @@ class STN:
                 st.on_step()
         hg, val_loss = stn_hypergradient(st.task, state.params, response, st.raw, st.val)
         self.carried = {"response": response, "response_opt": resp_opt, "centre": tree.detached(st.raw)}
+        self.calls += 1  # checkpointed with the response: a resumed run holds the same steps
         scale = tree.norm({k: v for k, v in response.items() if k.startswith(V)})
         values = [
             hg_norm := tree.norm(hg),
@@ -294,7 +304,7 @@ class STN:
         scalars = {"hypergrad/norm": host[0], "stn/val_loss": host[1], "stn/response_v_norm": host[2]}
         if loss is not None:  # the largest scaled gradient of the response this step (before the clip)
             scalars["inner/loss"], scalars["stn/response_grad_max"] = host[3], host[4]
-        return OuterResult(hg, state, scalars)
+        return OuterResult(None if self.calls <= self.hold else hg, state, scalars)
 
 
 def stn(
@@ -308,12 +318,14 @@ def stn(
     include: Sequence[str] = ("*",),
     max_hparams: PositiveInt = 20_000,
     response_clip: PositiveFloat | None = None,
+    hold: NonNegInt = 0,
     name: str = "stn",
 ) -> STN:
     """``method=stn``: a self-tuning network's structured best response on every parameter matching
     ``include``, trained at ``λ̃ = λ0 + σε`` in raw space (``sigma``): STN (``variant=stn``: one joint step)
     or Δ-STN (``variant=delta``: W0 trained at λ0, the response on ``linearize``d outputs). ``response_clip``:
-    the largest L2 norm of the response's (``1/σ²``-scaled) gradient in one step (``None``: unclipped)."""
+    the largest L2 norm of the response's (``1/σ²``-scaled) gradient in one step (``None``: unclipped); ``hold``:
+    outer steps that fit the response before the first outer update."""
     names = select(list(ctx.param_names), tuple(include))
     if not names:
         raise ValueError(
@@ -328,6 +340,7 @@ def stn(
         include=tuple(include),
         max_hparams=max_hparams,
         response_clip=response_clip,
+        hold=hold,
         seed=ctx.seed,
         name=name,
     )
