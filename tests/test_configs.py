@@ -119,6 +119,11 @@ def test_preset_method_options_apply_with_their_method_only(path):
     preset, method = path.parent.name, path.stem
     assert preset in PRESETS and method in group_options("method")
     body = OmegaConf.to_container(OmegaConf.load(path))
+    for include in body.pop("defaults", []):  # another preset's options, taken whole ("/experiment_method/P/M@_here_")
+        body = {
+            **OmegaConf.to_container(OmegaConf.load(CONF_DIR / f"{include.split('@')[0].lstrip('/')}.yaml")),
+            **body,
+        }
     is_global = "# @package _global_" in path.read_text().splitlines()[0]
     keys = _dotted(body if is_global else {"method": body})
     assert keys
