@@ -139,51 +139,25 @@ def _summarize(runs: list[dict[str, Any]], budget_key: str = "wall_time_s") -> d
     return out
 
 
+def _contender(name: str, kind: str, summary: dict[str, Any], **fields: Any) -> dict[str, Any]:
+    """One entry of compare.json's ``contenders``: its name and kind, ``fields``, then its ``summary``."""
+    return {"name": name, "kind": kind, **fields, "summary": summary}
+
+
 def _contenders(plan: Plan, r: Results) -> list[dict[str, Any]]:
-    out: list[dict[str, Any]] = [
-        {"name": name, "kind": "ho", "overrides": ov, "runs": r.ho[name], "summary": _summarize(r.ho[name])}
-        for name, ov in plan.ho
-    ]
-    out.append(
-        {
-            "name": "baseline",
-            "kind": "baseline",
-            "overrides": ["method=none"],
-            "runs": r.baseline,
-            "summary": _summarize(r.baseline),
-        }
-    )
+    out = [_contender(name, "ho", _summarize(r.ho[name]), overrides=ov, runs=r.ho[name]) for name, ov in plan.ho]
+    out.append(_contender("baseline", "baseline", _summarize(r.baseline), overrides=["method=none"], runs=r.baseline))
     for v, runs in r.grid_points.items():
-        out.append(
-            {
-                "name": f"grid {plan.grid_key}={v:g}",
-                "kind": "grid_point",
-                "value": v,
-                "overrides": ["method=none", f"{plan.grid_key}={format_value(v)}"],
-                "runs": runs,
-                "summary": _summarize(runs),
-            }
-        )
+        overrides = ["method=none", f"{plan.grid_key}={format_value(v)}"]
+        name = f"grid {plan.grid_key}={v:g}"
+        out.append(_contender(name, "grid_point", _summarize(runs), value=v, overrides=overrides, runs=runs))
     if plan.grid:
-        out.append(
-            {
-                "name": "grid (best on val)",
-                "kind": "grid_best",
-                "runs": r.grid_best,
-                "summary": _summarize(r.grid_best, "grid_time_s"),
-            }
-        )
+        summary = _summarize(r.grid_best, "grid_time_s")
+        out.append(_contender("grid (best on val)", "grid_best", summary, runs=r.grid_best))
     for sampler, st in r.studies.items():
         best_runs = [{**s["best"], "budget_spent_s": s["wall_clock_s"]} for s in st if s["best"] is not None]
-        out.append(
-            {
-                "name": SAMPLERS[sampler],
-                "kind": "search",
-                "sampler": sampler,
-                "studies": st,
-                "summary": _summarize(best_runs, "budget_spent_s"),
-            }
-        )
+        summary = _summarize(best_runs, "budget_spent_s")
+        out.append(_contender(SAMPLERS[sampler], "search", summary, sampler=sampler, studies=st))
     return out
 
 
