@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,21 @@ def _colors(n: int) -> list:
     return [cmap(i % cmap.N) for i in range(n)]
 
 
+def _styled(
+    groups: list[Group], curves: list[tuple[Group, Member, list[tuple[float, float]]]]
+) -> Iterator[tuple[Member, tuple[float, ...], tuple[float, ...], Any, str | None]]:
+    """Each curve ``(row, member, points)`` with finite points, as ``(member, times, values, colour, label)``: one
+    colour per row, the row's legend label on its first curve only."""
+    colors = dict(zip(map(id, groups), _colors(len(groups))))
+    labelled: set[int] = set()
+    for g, m, pts in curves:
+        pts = [(t, v) for t, v in pts if math.isfinite(t) and math.isfinite(v)]
+        if pts:
+            ts, vs = zip(*pts)
+            yield m, ts, vs, colors[id(g)], None if id(g) in labelled else f"{g.label} [{g.tuning}]"
+            labelled.add(id(g))
+
+
 def plot_val_loss_vs_time(groups: list[Group], path: Path, x: str = "elapsed") -> bool:
     """Left: validation loss against wall time (``x="solver"``: solver time) for every run (a study's trials back
     to back, dots where a trial starts); right: the best validation loss so far. One colour per row."""
@@ -29,18 +45,9 @@ def plot_val_loss_vs_time(groups: list[Group], path: Path, x: str = "elapsed") -
     if not any(c for _, _, c in curves):
         return False
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 4.8))
-    colors = dict(zip(map(id, groups), _colors(len(groups))))
-    labelled: set[int] = set()
     finals: list[float] = []
     top = -math.inf
-    for g, m, pts in curves:
-        pts = [(t, v) for t, v in pts if math.isfinite(t) and math.isfinite(v)]
-        if not pts:
-            continue
-        c = colors[id(g)]
-        label = None if id(g) in labelled else f"{g.label} [{g.tuning}]"
-        labelled.add(id(g))
-        ts, vs = zip(*pts)
+    for m, ts, vs, c, label in _styled(groups, curves):
         ax.plot(ts, vs, color=c, lw=1.0, alpha=0.8, label=label)
         if m.is_study:  # mark where each trial starts (its first evaluation)
             offset, starts = 0.0, []
@@ -119,16 +126,8 @@ def plot_best_so_far(groups: list[Group], path: Path, x: str = "elapsed") -> boo
     if not any(c for _, _, c in curves):
         return False
     fig, ax = plt.subplots(figsize=(8, 5))
-    colors = dict(zip(map(id, shown), _colors(len(shown))))
-    labelled: set[int] = set()
     ends = []
-    for g, m, pts in curves:
-        if not pts:
-            continue
-        c = colors[id(g)]
-        label = None if id(g) in labelled else f"{g.label} [{g.tuning}]"
-        labelled.add(id(g))
-        ts, vs = zip(*pts)
+    for m, ts, vs, c, label in _styled(shown, curves):
         ax.step(
             ts, vs, where="post", color=c, lw=1.6, alpha=0.85, label=label, marker="o" if m.is_study else None, ms=3
         )
