@@ -219,11 +219,8 @@ def write_csv(groups: list[Group], path: Path) -> None:
         stat_cols = [c for col in [*cols, "wall_time_s"] for c in (col, f"{col}_std")]
         w.writerow([*head, *stat_cols, "hypergradients", "best_params", "folders"])
         for g in groups:
-            stats: list[str] = []
-            for b, k in CSV_METRICS:
-                if k != "step":
-                    stats.extend(map(_csv_num, g.mean_std(g.values(b, k))))
-            stats.extend(map(_csv_num, g.mean_std([m.wall_time_s for m in g.members])))
+            values = [*(g.values(b, k) for b, k in CSV_METRICS if k != "step"), [m.wall_time_s for m in g.members]]
+            stats = [_csv_num(x) for v in values for x in g.mean_std(v)]
             first = g.first
             w.writerow(
                 [g.label, g.tuning, first.method, first.family, first.num_hparams, len(g.members), len(g.runs), g.count]
