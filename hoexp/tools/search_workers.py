@@ -139,22 +139,11 @@ def run_workers(
 
     ctx = multiprocessing.get_context("spawn")
     messages, go, start_box = ctx.Queue(), ctx.Event(), ctx.Value("d", 0.0)
-    n, stopped = settings.workers, restart[1]
+    n, stopped, parent = settings.workers, restart[1], os.getpid()
     procs = [
         ctx.Process(
             target=_worker_process,
-            args=(
-                settings,
-                objective,
-                journal,
-                name,
-                w,
-                (restart[0], stopped[w::n]),
-                os.getpid(),
-                messages,
-                go,
-                start_box,
-            ),
+            args=(settings, objective, journal, name, w, (restart[0], stopped[w::n]), parent, messages, go, start_box),
             daemon=True,
         )
         for w in range(n)
