@@ -381,9 +381,7 @@ def read_search(settings: SearchSettings, folder: str | Path, name: str, stopped
     study = optuna.load_study(study_name=name, storage=_storage(journal))
     trials = []
     for t in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number):
-        ua = dict(t.user_attrs)
-        for k in ("last_s", "stopped_s"):
-            ua.pop(k, None)
+        ua = {k: v for k, v in t.user_attrs.items() if k not in ("last_s", "stopped_s")}
         trials.append(
             TrialRecord(
                 number=t.number,
