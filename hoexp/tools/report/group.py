@@ -172,11 +172,9 @@ def group_runs(runs: Sequence[RunInfo]) -> list[Group]:
 
     groups: dict[tuple, Group] = {}
     for key, tuning, m, searched in members:
-        g = groups.get(key)
-        if g is None:
-            groups[key] = Group(label=m.best.method, tuning=tuning, members=[m], searched=searched)
-        else:
-            g.members.append(m)
+        if key not in groups:
+            groups[key] = Group(label=m.best.method, tuning=tuning, members=[], searched=searched)
+        groups[key].members.append(m)
     out = list(groups.values())
     for g in out:
         g.members.sort(key=lambda m: (str(m.best.seed), str(m.best.path)))
