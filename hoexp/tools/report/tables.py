@@ -183,20 +183,18 @@ def write_markdown(
                 "wall time (s)",
                 "status",
             ]
-            tr = []
-            for r in m.runs:
-                mark = " ★" if r is m.best else ""
-                tr.append(
-                    [
-                        f"{r.trial}{mark}",
-                        *(_fmt_value(r.params.get(k, "")) for k in g.searched),
-                        _fmt(r.metric("best", "val_loss"), math.nan, ".4f"),
-                        _fmt(r.metric("best", "test_loss"), math.nan, ".4f"),
-                        _fmt(r.metric("best", "test_acc"), math.nan, ".3f"),
-                        _fmt(r.wall_time_s, math.nan, ".1f"),
-                        r.status,
-                    ]
-                )
+            tr = [
+                [
+                    f"{r.trial}{' ★' if r is m.best else ''}",
+                    *(_fmt_value(r.params.get(k, "")) for k in g.searched),
+                    _fmt(r.metric("best", "val_loss"), math.nan, ".4f"),
+                    _fmt(r.metric("best", "test_loss"), math.nan, ".4f"),
+                    _fmt(r.metric("best", "test_acc"), math.nan, ".3f"),
+                    _fmt(r.wall_time_s, math.nan, ".1f"),
+                    r.status,
+                ]
+                for r in m.runs
+            ]
             lines += [*_md_table(th, tr), ""]
     if plots:
         lines += ["## Plots", ""]
