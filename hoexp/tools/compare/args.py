@@ -404,9 +404,7 @@ def _without_out(argv: list[str]) -> list[str]:
 def plan_record(plan: Plan) -> dict[str, Any]:
     """What must match for a compare to continue in a folder: every option that changes a run or a
     choice (not --out, --no-plots, --x), and the command line it came from."""
-    fields = asdict(plan)
-    for k in ("out", "plots", "x", "argv", "continues"):
-        fields.pop(k)
+    fields = {k: v for k, v in asdict(plan).items() if k not in ("out", "plots", "x", "argv", "continues")}
     return {"version": 1, "argv": plan.argv, "plan": json.loads(json.dumps(fields))}
 
 
