@@ -65,13 +65,11 @@ class Runtime:
         """This run's plain training step (:class:`hoexp.types.Stepper`)."""
         if self.compile:
             return self._compiled_step
-        if self.precision is not None and self.precision.scaled:
-            return self._scaled_step
         if self.precision is not None and self.precision.dtype is not None:
-            return self._autocast_step
+            return self._precision_step
         return eager_step
 
-    def _autocast_step(
+    def _precision_step(
         self,
         task: Task,
         inner_opt: Optimizer,
@@ -82,24 +80,15 @@ class Runtime:
         overrides: dict[str, Any],
         norm: bool = True,
     ) -> tuple[Params, dict[str, Any], Tensor, Tensor | None]:
-        return eager_step(task, inner_opt, params, opt_state, raw, batch, overrides, norm, loss=self.step_loss(task))
-
-    def _scaled_step(
-        self,
-        task: Task,
-        inner_opt: Optimizer,
-        params: Params,
-        opt_state: dict[str, Any],
-        raw: Params,
-        batch: tuple,
-        overrides: dict[str, Any],
-        norm: bool = True,
-    ) -> tuple[Params, dict[str, Any], Tensor, Tensor | None]:
-        """fp16: gradients of ``scale · L``, unscaled; a step whose gradients are not finite is skipped (the weights
-        and state come back unchanged) and halves the scale (:class:`~hoexp.engine.precision.Precision`)."""
+        """The step under autocast; fp16: gradients of ``scale · L``, unscaled, and a step whose gradients are not
+        finite is skipped (the weights and state come back unchanged) and halves the scale
+        (:class:`~hoexp.engine.precision.Precision`)."""
         assert self.precision is not None
+        step_loss = self.step_loss(task)
+        if not self.precision.scaled:
+            return eager_step(task, inner_opt, params, opt_state, raw, batch, overrides, norm, loss=step_loss)
         w = tree.detached(params, requires_grad=True)
-        loss = self.step_loss(task)(w, raw, batch)
+        loss = step_loss(w, raw, batch)
         scale = self.precision.scale()
         grads = {k: g / scale for k, g in zip(w.keys(), torch.autograd.grad(loss * scale, list(w.values())))}
         finite = tree.all_finite(grads.values())
