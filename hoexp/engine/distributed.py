@@ -38,7 +38,6 @@ import contextlib
 import datetime
 import os
 import socket
-import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -421,7 +420,3 @@ def prefix() -> str:
     """``rank R of N: `` for a message printed by a rank other than 0."""
     ctx = launched()
     return f"rank {ctx.rank} of {ctx.world_size}: " if ctx.active and not ctx.is_main else ""
-
-
-def err(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
