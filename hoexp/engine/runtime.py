@@ -63,13 +63,11 @@ class Runtime:
 
     def step(self) -> Stepper:
         """This run's plain training step (:class:`hoexp.types.Stepper`)."""
-        if self.compile:
-            return self._compiled_step
-        if self.precision is not None and self.precision.dtype is not None:
-            return self._precision_step
+        if self.compile or (self.precision is not None and self.precision.dtype is not None):
+            return self._configured_step
         return eager_step
 
-    def _precision_step(
+    def _configured_step(
         self,
         task: Task,
         inner_opt: Optimizer,
@@ -80,9 +78,11 @@ class Runtime:
         overrides: dict[str, Any],
         norm: bool = True,
     ) -> tuple[Params, dict[str, Any], Tensor, Tensor | None]:
-        """The step under autocast; fp16: gradients of ``scale · L``, unscaled, and a step whose gradients are not
-        finite is skipped (the weights and state come back unchanged) and halves the scale
-        (:class:`~hoexp.engine.precision.Precision`)."""
+        """The compiled step (it computes ``‖g‖`` at every step, in its graph), or the step under autocast; fp16:
+        gradients of ``scale · L``, unscaled, and a step whose gradients are not finite is skipped (the weights and
+        state come back unchanged) and halves the scale (:class:`~hoexp.engine.precision.Precision`)."""
+        if self.compile:
+            return self.compiled_step(task, inner_opt)(params, opt_state, raw, batch, overrides)
         assert self.precision is not None
         step_loss = self.step_loss(task)
         if not self.precision.scaled:
@@ -98,20 +98,6 @@ class Runtime:
         with torch.no_grad():
             params, opt_state = inner_opt.update(params, grads, opt_state, **overrides)
         return params, opt_state, loss, tree.norm(grads) if norm else None
-
-    def _compiled_step(
-        self,
-        task: Task,
-        inner_opt: Optimizer,
-        params: Params,
-        opt_state: dict[str, Any],
-        raw: Params,
-        batch: tuple,
-        overrides: dict[str, Any],
-        norm: bool = True,
-    ) -> tuple[Params, dict[str, Any], Tensor, Tensor | None]:
-        """The compiled step computes ``‖g‖`` at every step (in its graph)."""
-        return self.compiled_step(task, inner_opt)(params, opt_state, raw, batch, overrides)
 
     def compiled_step(self, task: Task, inner_opt: Optimizer) -> Callable[..., Any]:
         """:func:`~hoexp.method.base.plain_step` for ``(task, inner_opt)`` through ``torch.compile``, made once per
