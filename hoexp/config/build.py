@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
@@ -39,10 +39,6 @@ from hoexp.optim import Optimizer
 from hoexp.task import Classification, Task
 from hoexp.types import RunSettings
 
-if TYPE_CHECKING:
-    from hoexp.dataset.base import Splits
-    from hoexp.task.language_model import LMData
-
 # Methods whose hypergradient differentiates the optimization path: what a refusal recommends instead.
 PATH_METHODS = "unrolled, truncated, forward"
 
@@ -54,10 +50,6 @@ def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device={name} but CUDA is not available here; use device=auto or device=cpu")
     return torch.device(name)
-
-
-def build_data(spec: Spec) -> Splits | LMData:
-    return spec.dataset.build(DataContext(spec.run.seed, getattr(torch, spec.run.dtype)))
 
 
 def build_model(spec: Spec, data: Any) -> nn.Module:
@@ -234,7 +226,7 @@ def build(spec: Spec, dist: distributed.Context | None = None, prebuilt: Prebuil
     device = resolve_device(distributed.device_for(spec.run.device, dist))
     pre = prebuilt if prebuilt is not None else Prebuilt(spec.inner_optim.build(), spec.outer_optim.build(), [], None)
     inner_opt, outer_opt, method = pre.inner_opt, pre.outer_opt, pre.method
-    data = build_data(spec).to(device)
+    data = spec.dataset.build(DataContext(spec.run.seed, getattr(torch, spec.run.dtype))).to(device)
     model = build_model(spec, data).to(device)
     params = dict(model.named_parameters())
     ctx = BuildContext(model, inner_opt, spec.run.inner_steps, spec.run.seed, data)
