@@ -16,17 +16,7 @@ from hoexp.errors import HoexpError
 
 # How a run is executed, shown and stored, not what it computes.
 RUN_CONTROL_KEYS = frozenset(
-    {
-        "resume",
-        "progress",
-        "threads",
-        "checkpoint_every",
-        "histogram_every",
-        "log_every",
-        "name",
-        "dataset.data_root",
-        "dataset.download",
-    }
+    "resume progress threads checkpoint_every histogram_every log_every name dataset.data_root dataset.download".split()
 )
 # Also allowed to change on resume: outer_steps and max_time (extend or finish a run early), device (a requeued job
 # may land on another kind of node; results then differ in the last bits, as between any two devices).

@@ -22,22 +22,8 @@ from hoexp.types import HParams, InnerState, Params, Runnable
 
 # Top-level checkpoint keys every checkpoint has (older ones may lack method_state / precision_state).
 CHECKPOINT_KEYS = frozenset(
-    {
-        "step",
-        "params",
-        "opt_state",
-        "inner_step",
-        "raw",
-        "outer_state",
-        "train_stream",
-        "val_stream",
-        "evals",
-        "hypergradients",
-        "nonfinite",
-        "elapsed_s",
-        "raw0",
-        "torch_rng",
-    }
+    "step params opt_state inner_step raw outer_state train_stream val_stream evals hypergradients nonfinite "
+    "elapsed_s raw0 torch_rng".split()
 )
 
 
