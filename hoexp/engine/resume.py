@@ -49,12 +49,9 @@ def check_resume(old: Mapping[str, Any], new: Mapping[str, Any], folder: Any, st
     :class:`HoexpError` naming the differing keys. ``step``: the checkpoint's outer step."""
     changes = config_changes(old, new)
     refused = {k: v for k, v in changes.items() if k not in RESUMABLE_KEYS}
-    swapped = {k[: -len(".name")] for k in refused if k.endswith(".name")}  # another option of a group:
-    refused = {
-        k: v
-        for k, v in refused.items()  # name it, not each of its keys
-        if not any(k.startswith(g + ".") and k != g + ".name" for g in swapped)
-    }
+    # Another option of a group: name it, not each of its keys.
+    swapped = {k[: -len(".name")] for k in refused if k.endswith(".name")}
+    refused = {k: v for k, v in refused.items() if not any(k.startswith(g + ".") and k != g + ".name" for g in swapped)}
     if refused:
         shown = ", ".join(f"{k} ({_show(a)} → {_show(b)})" for k, (a, b) in list(refused.items())[:6])
         more = f" and {len(refused) - 6} more" if len(refused) > 6 else ""
