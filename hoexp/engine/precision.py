@@ -15,7 +15,6 @@ it. Deciding to skip reads one flag on the host per step. The scale is checkpoin
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,14 +45,9 @@ class Precision:
     def scaled(self) -> bool:
         return self.name == "fp16"
 
-    @contextlib.contextmanager
-    def autocast(self) -> Iterator[None]:
+    def autocast(self) -> contextlib.AbstractContextManager:
         dtype = self.dtype
-        if dtype is None:
-            yield
-            return
-        with torch.autocast(self.device_type, dtype=dtype):
-            yield
+        return contextlib.nullcontext() if dtype is None else torch.autocast(self.device_type, dtype=dtype)
 
     def scale(self) -> float:
         return float(self.state.get("scale", 1.0)) if self.scaled else 1.0
