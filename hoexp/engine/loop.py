@@ -66,9 +66,7 @@ def run(
                 error = io.peer_cause() or error
                 io.status, io.error = outcome(error)
             summary = run_summary(exp, state, io)
-            final = (
-                None if state is None or not state.raw else final_state(exp.task.family, state.raw, state.inner.params)
-            )
+            final = final_state(exp.task.family, state.raw, state.inner.params) if state and state.raw else None
             failed_write = io.finish(summary, final, dict(s.hparams), s.checkpoint_every)
     failure = error if error is not None else failed_write
     if failure is not None:
