@@ -130,12 +130,9 @@ def init(device: str) -> Context:
         torch.cuda.set_device(ctx.local_rank % torch.cuda.device_count())
     try:
         timeout = datetime.timedelta(seconds=TIMEOUT_S)
-        if cuda:  # device_id: NCCL binds the communicator to this rank's GPU at once
-            dist.init_process_group(
-                "nccl", timeout=timeout, device_id=torch.device("cuda", torch.cuda.current_device())
-            )
-        else:
-            dist.init_process_group("gloo", timeout=timeout)
+        # device_id: NCCL binds the communicator to this rank's GPU at once (gloo, on the CPU: None, its default)
+        device_id = torch.device("cuda", torch.cuda.current_device()) if cuda else None
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout, device_id=device_id)
     except Exception as e:  # noqa: BLE001 - a rendezvous that fails (port taken, a rank missing)
         raise HoexpError(
             f"rank {ctx.rank} of {ctx.world_size} could not join the process group "
