@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from hoexp import advice, tree
+from hoexp import advice
 from hoexp.engine import distributed, rundir
 from hoexp.engine.guards import Diverged
 from hoexp.engine.metrics import JsonlLogger, MetricLogger, MultiLogger, TensorBoardLogger, write_json_atomic
@@ -443,7 +443,3 @@ def final_state(family: Any, raw: dict, params: dict) -> dict[str, Any]:
     """``final.pt``: weights and hyperparameters (raw and constrained), loadable with ``weights_only=True``."""
     trees = {"params": params, "raw_hparams": raw, "hparams": family.view(raw)}
     return {name: {k: v.detach().cpu() for k, v in t.items()} for name, t in trees.items()}
-
-
-def num_weights(task: Any) -> int:
-    return tree.numel(dict(task.model.named_parameters()))

@@ -18,7 +18,7 @@ from hoexp.engine import distributed
 from hoexp.engine.budget import budget_line, budget_spent, stopped_by, synced_clock
 from hoexp.engine.evaluate import labels, log_step, summarize
 from hoexp.engine.guards import outer_update
-from hoexp.engine.io import Preempted, RunIO, final_state, num_weights, outcome, preemption_signals, thread_policy
+from hoexp.engine.io import Preempted, RunIO, final_state, outcome, preemption_signals, thread_policy
 from hoexp.engine.progress import RunProgress, make_progress
 from hoexp.engine.runtime import preload_lazy_imports, runtime_of
 from hoexp.engine.state import RunState, reset_inner, restore, snapshot, start
@@ -35,7 +35,8 @@ def run(
     runtime = runtime_of(exp)
     io = io if io is not None else RunIO(ctx=runtime.dist)
     s, state, error, failed_write = exp.settings, None, None, None
-    with thread_policy(s.threads, exp.device, num_weights(exp.task)) as threads, preemption_signals() as signals:
+    weights = tree.numel(dict(exp.task.model.named_parameters()))
+    with thread_policy(s.threads, exp.device, weights) as threads, preemption_signals() as signals:
         io.open_loggers(None if resume is None else int(resume["step"]))
         try:
             io.status = "running"
