@@ -408,9 +408,7 @@ def quiet_failure(e: BaseException) -> bool:
         return True
     if ctx.is_main:
         return False
-    if isinstance(e, PeerLost | ConfigError | KeyboardInterrupt):
-        return True
-    return type(e).__name__ in ("Diverged", "Preempted")
+    return isinstance(e, PeerLost | ConfigError | KeyboardInterrupt) or type(e).__name__ in ("Diverged", "Preempted")
 
 
 def prefix() -> str:
