@@ -222,9 +222,6 @@ def coerce(value: Any, hint: Any, key: str, label: str) -> Any:
     elif hint is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
-    elif hint is bool or hint is str:
-        if isinstance(value, hint):
-            return value
     elif origin in (list, tuple, Sequence, typing.Sequence) or hint in (list, tuple):
         if isinstance(value, (list, tuple)):
             if origin is tuple and args and args[-1] is not Ellipsis and len(args) != len(value):
