@@ -215,11 +215,8 @@ def clear(folder: str | os.PathLike[str]) -> list[Path]:
         p.unlink(missing_ok=True)
     data = marker(folder)
     if data is not None and data.get("events"):  # the marker names only event files that are there
-        mark(
-            folder,
-            created=bool(data.get("created")),
-            events=[n for n in data["events"] if (Path(folder) / n).is_file()],
-        )
+        kept = [n for n in data["events"] if (Path(folder) / n).is_file()]
+        mark(folder, created=bool(data.get("created")), events=kept)
     return files
 
 
