@@ -167,7 +167,7 @@ class RunIO:
         ctx: distributed.Context | None = None,
     ):
         self.out_dir = None if out_dir is None else Path(out_dir)
-        # The advice after a stop (hoexp.engine.advice): ``command``, the overrides that repeat this run with ``prefix``
+        # The advice after a stop (hoexp.advice): ``command``, the overrides that repeat this run with ``prefix``
         # (None: not known, e.g. a run made in Python); ``sweep``, the arguments of the sweep it is a job of
         # when that sweep runs in this process (its other jobs then wait for that command).
         self.command, self.prefix, self.sweep = command, prefix, sweep
