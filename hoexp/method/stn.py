@@ -29,10 +29,10 @@ Each outer step, on the batches the engine drew:
 2. The hypergradient ``∇_λ L_V(ŵ(λ), λ)`` at ``λ0`` on the validation batch: the direct term plus
    ``∂L_V/∂w · ∂ŵ/∂λ`` with ``∂ŵ_p/∂λ = V_p ⊙_rows W1_p``. It never differentiates a training step.
 
-``hold``: the first ``hold`` outer steps the method runs (counted over the run) fit the response with λ held (no outer update; the
-hypergradient is still logged). A response starts flat (``V = 0``), so the first hypergradients after a
-warm-up go through a response fitted on a few dozen perturbed steps; STN's authors train it for a while
-before the first hyper-step for the same reason.
+``hold``: the first ``hold`` outer steps the method runs (counted over the run) fit the response with λ
+held (no outer update; the hypergradient is still logged). A response starts flat (``V = 0``), so the first
+hypergradients after a warm-up go through a response fitted on a few dozen perturbed steps; STN's authors
+train it for a while before the first hyper-step for the same reason.
 
 ``recentre``: at the next outer step, once the outer optimizer moved ``λ0``, ``W0 ← ŵ(λ0_new)`` (the
 response's own prediction of the weights there; ``ŵ`` as a function of λ is unchanged: the uncentred
